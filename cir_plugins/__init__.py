@@ -1,0 +1,49 @@
+"""cir_plugins: scale the positives and negatives of any Composed Image Retrieval model.
+
+Public names resolve lazily (PEP 562), so ``import cir_plugins`` stays cheap and a submodule is
+imported only when one of its names is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_WHERE = {
+    "BankMismatchError": "errors",
+    "CIRModel": "protocol",
+    "CIRPluginsError": "errors",
+    "ImageStore": "data.images",
+    "NegativeBank": "negatives.bank",
+    "Stage1Config": "training.config",
+    "Stage1Trainer": "training.stage1",
+    "Stage2Config": "training.config",
+    "Stage2Trainer": "training.stage2",
+    "Split": "data.split",
+    "Triplet": "data.triplet",
+    "TripletAugmenter": "positives.augmenter",
+    "bank_contrastive_loss": "negatives.loss",
+    "check_model": "protocol",
+    "evaluate": "evaluation",
+    "load_cirr": "data.cirr",
+    "load_fashioniq": "data.fashioniq",
+    "retrieval_metrics": "metrics",
+    "wrap_model": "protocol",
+    "write_cirr_submission": "evaluation",
+}
+
+__all__ = sorted(["__version__", *_WHERE])
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,0 +1,47 @@
+import importlib
+
+import pytest
+
+import cir_plugins as cp
+from cir_plugins.errors import CIRPluginsError, ConfigError, DataError, explain
+
+
+def test_every_public_name_resolves():
+    assert cp.__all__ == sorted(cp.__all__)
+    for name in cp.__all__:
+        assert getattr(cp, name) is not None, name
+
+
+def test_unknown_attribute_is_attribute_error():
+    with pytest.raises(AttributeError):
+        cp.no_such_name  # noqa: B018
+
+
+def test_errors_subclass_builtins_and_explain():
+    message = explain("temperature must be positive", got=-1.0, expected="> 0", fix="pass 0.02")
+    assert message == "temperature must be positive; got -1.0; expected > 0. Fix: pass 0.02."
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, CIRPluginsError)
+
+
+def test_triplet_validates_and_is_immutable():
+    t = cp.Triplet("a", ["make it red"], "b", members=["a", "b"], meta={"target_soft": {"b": 1.0}})
+    assert t.texts == ("make it red",) and t.text == "make it red" and t.members == ("a", "b")
+    with pytest.raises(Exception):
+        t.reference = "c"
+    with pytest.raises(TypeError):
+        t.meta["x"] = 1
+    with pytest.raises(DataError, match="empty"):
+        cp.Triplet("a", ["  "], "b")
+    with pytest.raises(DataError, match="source"):
+        cp.Triplet("a", ["x"], "b", source="made-up")
+    assert cp.Triplet("a", "one text", None).texts == ("one text",)
+
+
+def test_cli_lists_every_command(capsys):
+    cli = importlib.import_module("cir_plugins.cli")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
