@@ -18,8 +18,8 @@ def test_unknown_attribute_is_attribute_error():
 
 
 def test_errors_subclass_builtins_and_explain():
-    message = explain("temperature must be positive", got=-1.0, expected="> 0", fix="pass 0.02")
-    assert message == "temperature must be positive; got -1.0; expected > 0. Fix: pass 0.02."
+    message = explain("temperature must be positive", got=-1.0, expected=0.0, fix="pass 0.02")
+    assert message == "temperature must be positive; got -1.0; expected 0.0. Fix: pass 0.02."
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, CIRPluginsError)
 
 

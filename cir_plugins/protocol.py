@@ -1,0 +1,458 @@
+"""The model protocol: what a CIR model must offer, how to wrap one, and how to check it.
+
+A model meets :class:`CIRModel` when it has two methods:
+
+* ``encode_image(images (N, C, H, W)) -> (N, D)`` or ``(N, T, D)``: the target side, frozen in stage 2;
+* ``compose_query(reference, texts: list[str]) -> (B, D)``: the composed query.
+
+Optionally ``encode_reference(images (B, C, H, W)) -> Tensor``: frozen reference-side features that
+``compose_query`` consumes. When present, ``compose_query`` receives ``encode_reference(images)``
+(see :func:`reference_input`) and stage 2 computes it once per image id. An optional attribute
+``similarity`` ("dot" or "max_token") says how a query meets a gallery row; "dot" by default.
+
+Nothing here subclasses anything: :func:`wrap_model` adapts any object in one call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ModelProtocolError, explain
+
+__all__ = [
+    "CIRModel",
+    "SIMILARITIES",
+    "CheckReport",
+    "ParameterSplit",
+    "WrappedModel",
+    "check_model",
+    "parameter_split",
+    "reference_input",
+    "similarity_of",
+    "target_fingerprint",
+    "wrap_model",
+]
+
+logger = logging.getLogger(__name__)
+
+SIMILARITIES = ("dot", "max_token")
+
+
+@runtime_checkable
+class CIRModel(Protocol):
+    """Structural type of a CIR model (users never subclass it)."""
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images (N, C, H, W) -> target embeddings (N, D) or multi-vector (N, T, D)."""
+        ...
+
+    def compose_query(self, reference: Any, texts: list[str]) -> Tensor:
+        """reference features or images for B queries, B texts -> query embeddings (B, D)."""
+        ...
+
+
+def _conforms(model: Any) -> bool:
+    return callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))
+
+
+def similarity_of(model: Any) -> str:
+    """The similarity a model declares (attribute ``similarity``), "dot" when it declares none."""
+    similarity = getattr(model, "similarity", "dot")
+    if similarity not in SIMILARITIES:
+        raise ConfigError(explain(f"{type(model).__name__}.similarity is unknown", got=similarity,
+                                  expected=SIMILARITIES, fix="use 'dot' for (N, D) embeddings or 'max_token' for (N, T, D)"))
+    return similarity
+
+
+def reference_input(model: Any, images: Tensor) -> Any:
+    """What ``compose_query`` receives for these reference images: ``encode_reference(images)``
+    when the model has it, else the images themselves."""
+    encode_reference = getattr(model, "encode_reference", None)
+    return encode_reference(images) if callable(encode_reference) else images
+
+
+# --------------------------------------------------------------------------------------------------
+# wrapping
+
+TrainableSpec = Sequence[str] | Callable[[str, nn.Parameter], bool] | Iterable[nn.Parameter] | None
+
+
+class WrappedModel(nn.Module):
+    """A model adapted to :class:`CIRModel`; every other attribute is forwarded to the wrapped model.
+
+    The wrapped model is the submodule ``model``, so parameter names carry a ``model.`` prefix.
+    Build it with :func:`wrap_model`.
+    """
+
+    def __init__(self, model: Any, *, compose_query, encode_image, encode_reference, similarity: str,
+                 trainable: TrainableSpec) -> None:
+        super().__init__()
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            self.__dict__["model"] = model
+        self.__dict__["_methods"] = {
+            "compose_query": self._resolve(model, "compose_query", compose_query, required=True),
+            "encode_image": self._resolve(model, "encode_image", encode_image, required=True),
+            "encode_reference": self._resolve(model, "encode_reference", encode_reference, required=False),
+        }
+        self.__dict__["similarity"] = similarity
+        self.__dict__["trainable_spec"] = trainable
+
+    @staticmethod
+    def _resolve(model: Any, role: str, spec: Any, *, required: bool):
+        if spec is None:
+            spec = role if callable(getattr(model, role, None)) else None
+        if spec is None:
+            if required:
+                raise ModelProtocolError(explain(
+                    f"{type(model).__name__} has no method {role!r} and none was given",
+                    expected=f"wrap_model(model, {role}='method_name' or a callable)",
+                    fix=f"name the method that plays {role}, or pass a function"))
+            return None
+        if isinstance(spec, str):
+            method = getattr(model, spec, None)
+            if not callable(method):
+                raise ModelProtocolError(explain(f"{role}={spec!r} does not name a method of {type(model).__name__}",
+                                                 got=spec, fix="pass an existing method name or a callable"))
+            return method
+        if callable(spec):
+            return spec
+        raise ModelProtocolError(explain(f"{role} must be a method name or a callable", got=type(spec).__name__))
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self._methods["encode_image"](images)
+
+    def compose_query(self, reference: Any, texts: list[str]) -> Tensor:
+        return self._methods["compose_query"](reference, texts)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        if name == "encode_reference":
+            method = self.__dict__["_methods"]["encode_reference"]
+            if method is None:
+                raise AttributeError(f"{type(self.model).__name__} has no encode_reference")
+            return method
+        if name.startswith("__") or name in ("model", "_methods"):
+            raise AttributeError(name)
+        model = self.__dict__["model"] if "model" in self.__dict__ else self._modules["model"]
+        return getattr(model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_reference=None,
+               similarity: str | None = None, trainable: TrainableSpec = None) -> Any:
+    """Adapt ``model`` to :class:`CIRModel`.
+
+    Args:
+        model: any object, usually an ``nn.Module``.
+        compose_query, encode_image, encode_reference: a method name of ``model`` or a callable taking
+            the protocol method's arguments; default: the model's method of that name, if any.
+        similarity: "dot" (single-vector targets) or "max_token" (multi-vector targets); default: the
+            model's ``similarity`` attribute, else "dot".
+        trainable: which parameters stage 2 trains: parameter-name prefixes (relative to ``model``),
+            a predicate ``(name, parameter) -> bool``, or the parameters themselves. Default: found by
+            a probe (:func:`parameter_split`).
+
+    A model that already conforms and needs no override is returned as is.
+    """
+    if similarity is not None and similarity not in SIMILARITIES:
+        raise ConfigError(explain("similarity is unknown", got=similarity, expected=SIMILARITIES))
+    overrides = (compose_query, encode_image, encode_reference, similarity, trainable)
+    if _conforms(model) and all(value is None for value in overrides):
+        similarity_of(model)  # validates a declared similarity
+        return model
+    declared = getattr(model, "similarity", None)
+    return WrappedModel(model, compose_query=compose_query, encode_image=encode_image,
+                        encode_reference=encode_reference,
+                        similarity=similarity or (declared if declared in SIMILARITIES else "dot"),
+                        trainable=trainable)
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainable / frozen split
+
+
+@dataclass(frozen=True)
+class ParameterSplit:
+    """Parameter names of a model, by role in stage 2.
+
+    query: trained in stage 2 (reached by compose_query, not by encode_image / encode_reference).
+    target: frozen in stage 2 (reached by encode_image or encode_reference).
+    unused: reached by neither probe (or frozen by the user beforehand); left frozen.
+    """
+
+    query: tuple[str, ...]
+    target: tuple[str, ...]
+    unused: tuple[str, ...] = ()
+    how: str = "probe"
+
+    def apply(self, model: nn.Module) -> list[nn.Parameter]:
+        """Set requires_grad: True on the query side, False elsewhere. Returns the query parameters."""
+        query = set(self.query)
+        trainable = []
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in query)
+            if name in query:
+                trainable.append(parameter)
+        return trainable
+
+    def counts(self, model: nn.Module) -> dict[str, int]:
+        """Number of scalar parameters in each role."""
+        sizes = {name: p.numel() for name, p in model.named_parameters()}
+        return {role: sum(sizes[n] for n in getattr(self, role)) for role in ("query", "target", "unused")}
+
+
+def _named_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
+    return list(model.named_parameters()) if isinstance(model, nn.Module) else []
+
+
+def _split_from_override(model: WrappedModel, spec: TrainableSpec) -> ParameterSplit:
+    named = _named_parameters(model)
+    if callable(spec) and not isinstance(spec, (list, tuple, set)):
+        chosen = {name for name, parameter in named if spec(name.removeprefix("model."), parameter)}
+    else:
+        items = list(spec)
+        if items and all(isinstance(item, str) for item in items):
+            def matches(name: str) -> bool:
+                short = name.removeprefix("model.")
+                return any(n in (pattern, f"model.{pattern}") or n.startswith(pattern.rstrip(".") + ".")
+                           for pattern in items for n in (name, short))
+            chosen = {name for name, _ in named if matches(name)}
+            unmatched = [p for p in items if not any(
+                n.removeprefix("model.") == p or n.removeprefix("model.").startswith(p.rstrip(".") + ".") or n == p
+                for n, _ in named)]
+            if unmatched:
+                raise ConfigError(explain("trainable names match no parameter", got=unmatched,
+                                          expected=sorted({n.removeprefix("model.").split(".")[0] for n, _ in named}),
+                                          fix="use prefixes of the model's parameter names"))
+        elif all(isinstance(item, nn.Parameter) for item in items):
+            ids = {id(item) for item in items}
+            chosen = {name for name, parameter in named if id(parameter) in ids}
+            if len(chosen) != len(ids):
+                raise ConfigError(explain("some trainable parameters do not belong to the model",
+                                          got=f"{len(ids) - len(chosen)} foreign parameters",
+                                          fix="pass parameters of the wrapped model"))
+        else:
+            raise ConfigError(explain("trainable must be names, a predicate or parameters",
+                                      got=[type(item).__name__ for item in items[:3]]))
+    if not chosen:
+        raise ConfigError(explain("the trainable override selects no parameter", got=spec,
+                                  fix="check the names or the predicate"))
+    query = tuple(name for name, _ in named if name in chosen)
+    target = tuple(name for name, _ in named if name not in chosen)
+    return ParameterSplit(query=query, target=target, how="override")
+
+
+def _reached(output: Any, named: list[tuple[str, nn.Parameter]]) -> set[str]:
+    tensors = [t for t in (output if isinstance(output, (tuple, list)) else [output]) if torch.is_tensor(t)]
+    tensors = [t for t in tensors if t.requires_grad]
+    if not tensors or not named:
+        return set()
+    total = sum(t.float().sum() for t in tensors)
+    grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    return {name for (name, _), grad in zip(named, grads) if grad is not None}
+
+
+def parameter_split(model: Any, reference_images: Tensor, texts: list[str], target_images: Tensor) -> ParameterSplit:
+    """Find which parameters stage 2 trains (the query side) and which it freezes (the target side).
+
+    With a ``trainable`` override given to :func:`wrap_model`, the override decides. Otherwise a probe
+    runs each method once in eval mode and follows the gradient: parameters ``encode_image`` or
+    ``encode_reference`` reach are the target side; the others ``compose_query`` reaches are the
+    query side. Parameters with ``requires_grad=False`` beforehand count as unused (never trained).
+    Model modes, parameter flags, ``.grad`` and the RNG are left as they were.
+
+    Args:
+        reference_images: (B, C, H, W) a few reference images.
+        texts: B modification texts.
+        target_images: (N, C, H, W) a few target images.
+    """
+    spec = getattr(model, "trainable_spec", None) if isinstance(model, WrappedModel) else None
+    if spec is not None:
+        return _split_from_override(model, spec)
+    named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
+    frozen_before = tuple(n for n, p in _named_parameters(model) if not p.requires_grad)
+    modules = [m for m in model.modules()] if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            target = _reached(model.encode_image(target_images), named)
+            reference = reference_input(model, reference_images)
+            if reference is not reference_images:
+                target |= _reached(reference, named)
+                reference = reference.detach() if torch.is_tensor(reference) else reference
+            composed = _reached(model.compose_query(reference, list(texts)), named)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+    names = [n for n, _ in named]
+    query = tuple(n for n in names if n in composed and n not in target)
+    target_names = tuple(n for n in names if n in target)
+    unused = tuple(n for n in names if n not in composed and n not in target) + frozen_before
+    return ParameterSplit(query=query, target=target_names, unused=unused)
+
+
+def target_fingerprint(model: nn.Module, split: ParameterSplit) -> str:
+    """A hash of the target-side weights (names, shapes, dtypes, values) and of the buffers of the
+    modules that hold them (e.g. batch-norm statistics). Two models give the same fingerprint only
+    if their target side would embed images identically."""
+    digest = hashlib.blake2b(digest_size=16)
+    params = dict(model.named_parameters())
+    owners = {name.rsplit(".", 1)[0] for name in split.target if "." in name}
+    buffers = [(n, b) for n, b in model.named_buffers() if "." in n and n.rsplit(".", 1)[0] in owners]
+    for name, tensor in sorted([(n, params[n]) for n in split.target] + buffers, key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): 0-dim buffers too
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the dry run
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_model` found. ``ok`` is True when ``problems`` is empty."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    image_shape: tuple[int, ...] | None = None
+    reference_shape: tuple[int, ...] | None = None
+    query_shape: tuple[int, ...] | None = None
+    similarity: str | None = None
+    trainable_parameters: int = 0
+    frozen_parameters: int = 0
+    split: ParameterSplit | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_failed(self) -> "CheckReport":
+        if self.problems:
+            raise ModelProtocolError("check_model found problems:\n- " + "\n- ".join(self.problems))
+        return self
+
+    def __str__(self) -> str:
+        lines = [f"check_model: {'OK' if self.ok else f'{len(self.problems)} problem(s)'}",
+                 f"  encode_image -> {self.image_shape}, compose_query -> {self.query_shape}, "
+                 f"reference features -> {self.reference_shape}, similarity {self.similarity!r}",
+                 f"  trainable (query side) parameters: {self.trainable_parameters:,}; "
+                 f"frozen (target side and unused): {self.frozen_parameters:,}"]
+        lines += [f"  PROBLEM: {p}" for p in self.problems] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_tensor(report: CheckReport, what: str, value: Any, *, ranks: tuple[int, ...], batch: int,
+                  fix: str) -> Tensor | None:
+    if not torch.is_tensor(value):
+        report.problems.append(f"{what} returned {type(value).__name__}, expected a torch.Tensor. Fix: {fix}.")
+        return None
+    if not value.is_floating_point():
+        report.problems.append(f"{what} returned dtype {value.dtype}, expected a floating-point tensor. "
+                               "Fix: return embeddings, not token ids or indices.")
+    if value.dim() not in ranks:
+        report.problems.append(f"{what} returned shape {tuple(value.shape)} (rank {value.dim()}), expected rank "
+                               f"{' or '.join(map(str, ranks))}. Fix: {fix}.")
+    elif value.shape[0] != batch:
+        report.problems.append(f"{what} returned {value.shape[0]} rows for a batch of {batch}. "
+                               "Fix: return one embedding per input (check for a squeeze or a pooled batch).")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
+        report.problems.append(f"{what} returned {bad} NaN/inf values. Fix: check the inputs' normalisation, "
+                               "the dtype (fp16 overflow) and the weights.")
+    return value
+
+
+def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Tensor) -> CheckReport:
+    """Dry-run a model on a few inputs and name every problem in words a user can act on.
+
+    Args:
+        reference: (B, C, H, W) reference images.
+        texts: B modification texts.
+        targets: (N, C, H, W) target images.
+
+    Returns a :class:`CheckReport` (call ``.raise_if_failed()`` to turn problems into an error). It
+    checks types, dtypes, ranks, batch sizes, finiteness, devices, the query/gallery dimension match,
+    the similarity against the target rank, that the query is differentiable, and that stage 2 would
+    train at least one parameter (with the trainable and frozen counts).
+    """
+    report = CheckReport()
+    if not _conforms(model):
+        missing = [m for m in ("encode_image", "compose_query") if not callable(getattr(model, m, None))]
+        report.problems.append(f"{type(model).__name__} lacks {', '.join(missing)}. "
+                               "Fix: cp.wrap_model(model, compose_query=..., encode_image=...).")
+        return report
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ModelProtocolError(explain("check_model needs non-empty text strings", got=texts[:3]))
+    if reference.shape[0] != len(texts):
+        raise ModelProtocolError(explain("check_model got different numbers of references and texts",
+                                         got=(reference.shape[0], len(texts)), fix="pass one text per reference"))
+    try:
+        report.similarity = similarity_of(model)
+    except ConfigError as error:
+        report.problems.append(str(error))
+    was_training = model.training if isinstance(model, nn.Module) else None
+    try:
+        if isinstance(model, nn.Module):
+            model.eval()  # no dropout noise, no batch-norm statistics updated by a dry run
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            image = _check_tensor(report, "encode_image", model.encode_image(targets), ranks=(2, 3),
+                                  batch=targets.shape[0], fix="return (N, D), or (N, T, D) for multi-vector targets")
+            ref = reference_input(model, reference)
+            if ref is not reference:
+                report.reference_shape = tuple(ref.shape) if torch.is_tensor(ref) else None
+                report.notes.append("encode_reference present: stage 2 caches it once per image id")
+            query = _check_tensor(report, "compose_query", model.compose_query(ref, texts), ranks=(2,),
+                                  batch=len(texts), fix="return one (B, D) embedding per query")
+    except Exception as error:  # the user's code raised: say where, keep the original as the cause
+        raise ModelProtocolError(f"check_model: the model raised {type(error).__name__}: {error}") from error
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    if image is not None:
+        report.image_shape = tuple(image.shape)
+    if query is not None:
+        report.query_shape = tuple(query.shape)
+    if image is not None and query is not None and image.dim() in (2, 3) and query.dim() == 2:
+        if image.shape[-1] != query.shape[-1]:
+            report.problems.append(f"the query dimension {query.shape[-1]} differs from the image dimension "
+                                   f"{image.shape[-1]}. Fix: project both into the same embedding space.")
+        if image.device != query.device:
+            report.problems.append(f"encode_image returns on {image.device} but compose_query on {query.device}. "
+                                   "Fix: keep the model on one device.")
+        if report.similarity == "dot" and image.dim() == 3:
+            report.problems.append(f"encode_image returns multi-vector {tuple(image.shape)} but similarity is 'dot'. "
+                                   "Fix: wrap_model(model, similarity='max_token').")
+        if report.similarity == "max_token" and image.dim() == 2:
+            report.problems.append(f"similarity is 'max_token' but encode_image returns {tuple(image.shape)}. "
+                                   "Fix: return (N, T, D) tokens or use similarity='dot'.")
+        if not query.requires_grad:
+            report.problems.append("compose_query's output does not require grad, so nothing can be trained. "
+                                   "Fix: remove torch.no_grad()/detach() from the query path.")
+    if isinstance(model, nn.Module) and not report.problems:
+        split = parameter_split(model, reference, texts, targets)
+        counts = split.counts(model)
+        report.split = split
+        report.trainable_parameters = counts["query"]
+        report.frozen_parameters = counts["target"] + counts["unused"]
+        if not split.query:
+            report.problems.append("no parameter is on the query side: everything compose_query reaches is also "
+                                   "reached by encode_image. Fix: pass trainable=... to wrap_model.")
+    return report
