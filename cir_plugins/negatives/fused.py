@@ -1,0 +1,496 @@
+"""Fused Triton kernel for the bank contrastive loss with dot similarity (forward and backward).
+
+The loss for query ``q_i`` with positive row ``y_i`` over a bank ``b_1..b_N`` is
+``L_i = logsumexp_j(s_ij / tau) - s_iy / tau`` with ``s_ij = q_i . b_j`` and excluded
+``(i, j)`` pairs removed from the logsumexp. Everything the backward needs is a softmax
+expectation over the bank:
+
+* ``dL_i/dq_i   = (E_p[b] - b_y) / tau``
+* ``dL_i/dtau   = (s_iy - E_p[s]) / tau**2``
+
+so one pass over the bank gives the loss *and* both gradients. The kernel streams the bank once:
+each program owns a block of queries, one split of the bank rows and one chunk of the embedding
+columns, and keeps an online (flash-attention style) running state per query:
+
+* ``m``  running max of the logits (B,)
+* ``z``  sum of ``exp(l - m)`` (B,)
+* ``t``  sum of ``exp(l - m) * s`` (B,)          -> ``E_p[s]`` for the temperature gradient
+* ``w``  sum of ``exp(l - m) * b_j`` (B, D chunk) -> ``E_p[b]`` for the query gradient
+
+The per-split partials are combined in torch (a (S, B, D) reduction, tiny next to the bank).
+Parallelism comes from splitting N (B is small, N is huge). Row offsets are computed in int64 so
+banks with more than 2**31 elements work. The target logit is gathered in torch (B dot products).
+
+Precision: logits and all accumulators are float32. For a bf16/fp16 bank and a float32 query the
+query is split into ``hi + lo`` halves in the bank's dtype and both are multiplied (likewise the
+softmax weights in the ``w`` update), which keeps the products as exact as a float32 matmul over
+the same bank values while still running on the half-precision tensor cores (``precision="exact"``,
+the default). ``precision="fast"`` rounds the query and the weights once to the bank's dtype (half
+the tensor-core work). A float32 bank is multiplied in IEEE float32.
+
+Public entry points (called by :mod:`cir_plugins.negatives.loss` on CUDA):
+
+* :func:`fused_available` ``(query, bank) -> bool``
+* :func:`fused_dot_bank_loss` ``(query, bank, target_rows, temperature, exclude_rows) -> 0-dim loss``
+* :func:`fused_dot_bank_partials` the combined softmax statistics, reused by the sharded loss in
+  :mod:`cir_plugins.negatives.distributed`.
+
+Set the environment variable ``CIR_PLUGINS_DISABLE_FUSED=1`` to make :func:`fused_available`
+return False (the chunked PyTorch path is then used).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, DeviceError, DTypeError, ShapeError, explain
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BankStats",
+    "fused_available",
+    "fused_dot_bank_loss",
+    "fused_dot_bank_partials",
+    "triton_importable",
+]
+
+_BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRECISIONS = ("exact", "fast")
+
+try:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def triton_importable() -> bool:
+    """True when ``triton`` imported cleanly in this process."""
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_available(query: torch.Tensor, bank: torch.Tensor) -> bool:
+    """Whether :func:`fused_dot_bank_loss` can run on these tensors.
+
+    True when both are CUDA tensors on the same device, triton is importable, ``query`` is
+    (B, D) and ``bank`` is (N, D) with the same D, the bank is float32/bf16/fp16 and the query
+    is a float of those dtypes, and ``CIR_PLUGINS_DISABLE_FUSED`` is not set. Never raises.
+    """
+    if os.environ.get("CIR_PLUGINS_DISABLE_FUSED", "0") not in ("", "0"):
+        return False
+    if triton is None:
+        return False
+    if not (isinstance(query, torch.Tensor) and isinstance(bank, torch.Tensor)):
+        return False
+    if not (query.is_cuda and bank.is_cuda and query.device == bank.device):
+        return False
+    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+        return False
+    if bank.dtype not in _BANK_DTYPES or query.dtype not in _BANK_DTYPES:
+        return False
+    return query.shape[0] > 0 and bank.shape[0] > 0 and query.shape[1] > 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with float32 accumulation; UPCAST multiplies exactly in float32 (interpreter)."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _bank_partials_kernel(
+        qh_ptr,  # (B, D) query, bank dtype (hi half when SPLIT_Q)
+        ql_ptr,  # (B, D) query lo half (only read when SPLIT_Q)
+        bank_ptr,  # (N, D) contiguous
+        excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)
+        tau_ptr,  # 0-dim float32
+        m_out,  # (S, B) float32
+        z_out,  # (S, B) float32
+        t_out,  # (S, B) float32
+        w_out,  # (S, B, D) float32
+        B,
+        N,
+        D,
+        tiles_per_split,
+        K: tl.constexpr,
+        SPLIT_Q: tl.constexpr,
+        SPLIT_P: tl.constexpr,
+        NEED_W: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        NUM_DV: tl.constexpr,
+    ):
+        # program id 0 enumerates (query block, column chunk) fastest so programs that read the
+        # same bank rows run side by side and share them through L2; id 1 is the bank split.
+        pid0 = tl.program_id(0)
+        split = tl.program_id(1)
+        qblock = pid0 // NUM_DV
+        dv = pid0 % NUM_DV
+
+        offs_b = qblock * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
+        b_ok = offs_b < B
+        offs_b64 = offs_b.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_dv = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < D
+
+        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+
+        m_i = tl.full((BLOCK_B,), -1.0e30, tl.float32)
+        z_i = tl.zeros((BLOCK_B,), tl.float32)
+        t_i = tl.zeros((BLOCK_B,), tl.float32)
+        w_acc = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
+
+        # int64 row arithmetic: split * tiles * BLOCK_N * D exceeds 2**31 for big banks
+        split_start = split.to(tl.int64) * tiles_per_split * BLOCK_N
+        for tile in range(0, tiles_per_split):
+            offs_n = split_start + tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
+            n_ok = offs_n < N
+            # s = q @ bank_tile^T over D in BLOCK_K chunks: (BLOCK_B, BLOCK_K) x (BLOCK_K, BLOCK_N)
+            s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < D
+                b_tile = tl.load(
+                    bank_ptr + offs_n[None, :] * D + kk[:, None],
+                    mask=n_ok[None, :] & k_ok[:, None],
+                    other=0.0,
+                )  # (BLOCK_K, BLOCK_N): the bank tile, transposed by addressing
+                q_mask = b_ok[:, None] & k_ok[None, :]
+                qh = tl.load(qh_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
+                s += _mm(qh, b_tile, IEEE, UPCAST)
+                if SPLIT_Q:
+                    ql = tl.load(ql_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
+                    s += _mm(ql, b_tile, IEEE, UPCAST)
+
+            keep = n_ok[None, :] & b_ok[:, None]  # (BLOCK_B, BLOCK_N)
+            for k in tl.static_range(K):
+                ex = tl.load(excl_ptr + offs_b64 * K + k, mask=b_ok, other=-1)  # (BLOCK_B,)
+                keep = keep & (offs_n[None, :] != ex[:, None])
+            logits = tl.where(keep, s * inv_tau, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(logits - m_new[:, None])  # 0 where masked
+            z_i = z_i * alpha + tl.sum(p, axis=1)
+            t_i = t_i * alpha + tl.sum(p * s, axis=1)
+            if NEED_W:
+                bv = tl.load(
+                    bank_ptr + offs_n[:, None] * D + offs_dv[None, :],
+                    mask=n_ok[:, None] & dv_ok[None, :],
+                    other=0.0,
+                )  # (BLOCK_N, BLOCK_DV)
+                # w += p @ bank_tile[:, chunk]: (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK_DV)
+                if IEEE:
+                    w_acc = w_acc * alpha[:, None] + _mm(p, bv, IEEE, UPCAST)
+                else:
+                    p_hi = p.to(bv.dtype)
+                    w_acc = w_acc * alpha[:, None] + _mm(p_hi, bv, IEEE, UPCAST)
+                    if SPLIT_P:
+                        p_lo = (p - p_hi.to(tl.float32)).to(bv.dtype)
+                        w_acc += _mm(p_lo, bv, IEEE, UPCAST)
+            m_i = m_new
+
+        out_b = split.to(tl.int64) * B + offs_b64  # (BLOCK_B,) index into (S, B)
+        if dv == 0:
+            tl.store(m_out + out_b, m_i, mask=b_ok)
+            tl.store(z_out + out_b, z_i, mask=b_ok)
+            tl.store(t_out + out_b, t_i, mask=b_ok)
+        if NEED_W:
+            tl.store(
+                w_out + out_b[:, None] * D + offs_dv[None, :],
+                w_acc,
+                mask=b_ok[:, None] & dv_ok[None, :],
+            )
+
+
+@dataclass
+class BankStats:
+    """Softmax statistics of ``s / tau`` over (a shard of) the bank, per query.
+
+    Fields (B queries, D dims), all float32:
+        m: (B,) max logit (``-1e30`` when every row is excluded or the bank is empty).
+        z: (B,) ``sum_j exp(l_j - m)``.
+        t: (B,) ``sum_j exp(l_j - m) * s_j`` (raw similarities, not divided by tau).
+        w: (B, D) ``sum_j exp(l_j - m) * b_j``, or None when not requested.
+    """
+
+    m: torch.Tensor
+    z: torch.Tensor
+    t: torch.Tensor
+    w: torch.Tensor | None
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x - 1).bit_length())
+
+
+def _config(b: int, n: int, d: int, device: torch.device) -> dict:
+    """Tile sizes and the number of bank splits."""
+    if _interpreting() or device.type != "cuda":
+        # the interpreter runs numpy per program: small tiles, few programs
+        block_b, block_n, block_k = 16, 32, 32
+        block_dv = min(64, max(16, _pow2(d)))
+        target_programs = 4
+        num_warps = 4
+    else:
+        block_b = 64 if b > 32 else (32 if b > 16 else 16)
+        block_n, block_k = 64, 64
+        block_dv = min(256, max(16, _pow2(d)))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target_programs = 4 * sms
+        num_warps = 8
+    num_qb = triton.cdiv(b, block_b)
+    num_dv = triton.cdiv(d, block_dv)
+    tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(tiles, triton.cdiv(target_programs, num_qb * num_dv)))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    return dict(
+        BLOCK_B=block_b,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_DV=block_dv,
+        NUM_DV=num_dv,
+        num_qb=num_qb,
+        splits=splits,
+        tiles_per_split=tiles_per_split,
+        num_warps=num_warps,
+    )
+
+
+def _check_inputs(query, bank, temperature, exclude_rows, precision) -> None:
+    if triton is None:
+        raise ConfigError(
+            explain(
+                "the fused bank loss needs triton, which did not import",
+                got=_TRITON_ERROR,
+                fix="install triton (it ships with CUDA builds of torch) or use the chunked path",
+            )
+        )
+    if precision not in _PRECISIONS:
+        raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS))
+    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+        raise ShapeError(
+            explain(
+                "fused dot loss needs query (B, D) and bank (N, D) with the same D",
+                got=f"query {tuple(query.shape)}, bank {tuple(bank.shape)}",
+                expected="(B, D) and (N, D)",
+                fix="use similarity='max_token' through bank_contrastive_loss for (N, T, D) banks",
+            )
+        )
+    if bank.dtype not in _BANK_DTYPES or query.dtype not in _BANK_DTYPES:
+        raise DTypeError(
+            explain(
+                "fused dot loss dtypes",
+                got=f"query {query.dtype}, bank {bank.dtype}",
+                expected="float32, bfloat16 or float16",
+                fix="cast the bank with .to(torch.bfloat16)",
+            )
+        )
+    if query.device != bank.device or temperature.device != bank.device:
+        raise DeviceError(
+            explain(
+                "query, bank and temperature must share a device",
+                got=f"{query.device}, {bank.device}, {temperature.device}",
+                fix="move them with .to(bank.device)",
+            )
+        )
+    if exclude_rows is not None and (exclude_rows.dim() != 2 or exclude_rows.shape[0] != query.shape[0]):
+        raise ShapeError(
+            explain("exclude_rows must be (B, K)", got=tuple(exclude_rows.shape), expected=f"({query.shape[0]}, K)")
+        )
+
+
+def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str):
+    """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None."""
+    bsz, dim = query.shape
+    n = bank.shape[0]
+    bank = bank.contiguous()
+    cfg = _config(bsz, n, dim, bank.device)
+    ieee = bank.dtype == torch.float32
+    q32 = query.detach().float()
+    qh = q32.to(bank.dtype).contiguous()  # (B, D) in the bank's dtype
+    split_q = (not ieee) and precision == "exact" and query.dtype == torch.float32
+    ql = (q32 - qh.float()).to(bank.dtype).contiguous() if split_q else qh  # (B, D) rounding residue
+    split_p = (not ieee) and precision == "exact"
+    if exclude_rows is not None and exclude_rows.shape[1] > 0:
+        excl = exclude_rows.to(device=bank.device, dtype=torch.int64).contiguous()
+        k = int(excl.shape[1])
+    else:
+        excl = torch.full((1,), -1, dtype=torch.int64, device=bank.device)
+        k = 0
+    tau = temperature.detach().reshape(()).float().contiguous()
+    s = cfg["splits"]
+    m = torch.empty((s, bsz), dtype=torch.float32, device=bank.device)
+    z = torch.empty_like(m)
+    t = torch.empty_like(m)
+    w = torch.empty((s, bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
+    grid = (cfg["num_qb"] * cfg["NUM_DV"], s)
+    _bank_partials_kernel[grid](
+        qh,
+        ql,
+        bank,
+        excl,
+        tau,
+        m,
+        z,
+        t,
+        w,
+        bsz,
+        n,
+        dim,
+        cfg["tiles_per_split"],
+        K=k,
+        SPLIT_Q=split_q,
+        SPLIT_P=split_p,
+        NEED_W=need_w,
+        IEEE=ieee,
+        # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
+        UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
+        BLOCK_B=cfg["BLOCK_B"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_DV=cfg["BLOCK_DV"],
+        NUM_DV=cfg["NUM_DV"],
+        num_warps=cfg["num_warps"],
+    )
+    return m, z, t, (w if need_w else None)
+
+
+def _combine(m, z, t, w) -> BankStats:
+    """Merge per-split partials (S, B) / (S, B, D) into one BankStats over all splits."""
+    m_all = m.max(dim=0).values  # (B,)
+    scale = torch.exp(m - m_all)  # (S, B); empty splits carry m=-1e30 -> 0
+    z_all = (z * scale).sum(0)
+    t_all = (t * scale).sum(0)
+    w_all = None if w is None else torch.einsum("sb,sbd->bd", scale, w)  # (B, D)
+    return BankStats(m=m_all, z=z_all, t=t_all, w=w_all)
+
+
+def fused_dot_bank_partials(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: torch.Tensor,
+    exclude_rows: torch.Tensor | None = None,
+    *,
+    need_w: bool = True,
+    precision: str = "exact",
+) -> BankStats:
+    """Softmax statistics of ``query @ bank.T / temperature`` in one pass over the bank.
+
+    Args:
+        query: (B, D) float32/bf16/fp16.
+        bank: (N, D) float32/bf16/fp16 (made contiguous).
+        temperature: 0-dim (or 1-element) float tensor, > 0.
+        exclude_rows: (B, K) int64 rows of ``bank`` to leave out for each query, -1 = padding.
+        need_w: also accumulate ``w = sum_j exp(l_j - m) b_j`` (B, D) for the query gradient.
+        precision: "exact" (float32-grade products over a half bank) or "fast".
+
+    Returns:
+        :class:`BankStats` with no autograd history.
+    """
+    _check_inputs(query, bank, temperature, exclude_rows, precision)
+    with torch.no_grad():
+        return _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
+
+
+class _FusedDotBankLoss(torch.autograd.Function):
+    """Mean bank loss; the backward reuses the softmax expectations of the single forward pass."""
+
+    @staticmethod
+    def forward(ctx, query, temperature, bank, target_rows, exclude_rows, precision):
+        need_w = query.requires_grad
+        stats = _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
+        tau = temperature.detach().reshape(()).float()
+        target_vecs = bank.index_select(0, target_rows).float()  # (B, D) positive rows
+        s_y = (query.detach().float() * target_vecs).sum(-1)  # (B,) target similarities
+        per_query = stats.m + torch.log(stats.z) - s_y / tau  # (B,) logsumexp - target logit
+        ctx.save_for_backward(
+            stats.w if stats.w is not None else torch.empty(0, device=bank.device),
+            stats.z,
+            stats.t,
+            s_y,
+            target_vecs,
+            tau,
+        )
+        ctx.query_dtype = query.dtype
+        ctx.tau_shape = temperature.shape
+        ctx.need_w = need_w
+        return per_query.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, z, t, s_y, target_vecs, tau = ctx.saved_tensors
+        bsz = z.shape[0]
+        g = grad_out.float() / bsz
+        grad_q = grad_tau = None
+        if ctx.needs_input_grad[0] and ctx.need_w:
+            expected_b = w / z[:, None]  # (B, D) E_p[b]
+            grad_q = ((expected_b - target_vecs) * (g / tau)).to(ctx.query_dtype)
+        if ctx.needs_input_grad[1]:
+            expected_s = t / z  # (B,) E_p[s]
+            grad_tau = (g * (s_y - expected_s).sum() / (tau * tau)).reshape(ctx.tau_shape)
+        return grad_q, grad_tau, None, None, None, None
+
+
+def fused_dot_bank_loss(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    target_rows: torch.Tensor,
+    temperature: torch.Tensor,
+    exclude_rows: torch.Tensor | None = None,
+    *,
+    precision: str = "exact",
+) -> torch.Tensor:
+    """Mean over queries of ``-log softmax(query @ bank.T / temperature)[target]``, fused.
+
+    Args:
+        query: (B, D) float32/bf16/fp16, may require grad.
+        bank: (N, D) float32/bf16/fp16; never receives a gradient.
+        target_rows: (B,) int64 positive row per query.
+        temperature: 0-dim float32 tensor, may require grad.
+        exclude_rows: (B, K) int64 rows masked out of each query's softmax, -1 padding; or None.
+        precision: "exact" (default) or "fast" (query and weights rounded once to a half bank's
+            dtype; about 2x fewer tensor-core operations).
+
+    Returns:
+        0-dim float32 loss, differentiable in ``query`` and ``temperature``. Arguments are
+        assumed validated by :func:`cir_plugins.negatives.loss.bank_contrastive_loss`; only the
+        checks the kernel itself relies on are repeated here.
+    """
+    _check_inputs(query, bank, temperature, exclude_rows, precision)
+    if target_rows.dim() != 1 or target_rows.shape[0] != query.shape[0]:
+        raise ShapeError(
+            explain("target_rows must be (B,)", got=tuple(target_rows.shape), expected=f"({query.shape[0]},)")
+        )
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=bank.device)
+    if not math.prod(temperature.shape) == 1:
+        raise ShapeError(explain("temperature must be a scalar tensor", got=tuple(temperature.shape), expected="()"))
+    target_rows = target_rows.to(device=bank.device, dtype=torch.int64)
+    return _FusedDotBankLoss.apply(query, temperature, bank.detach(), target_rows, exclude_rows, precision)
