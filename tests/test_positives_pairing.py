@@ -1,0 +1,139 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cir_plugins.errors import ConfigError, NonFiniteError, ShapeError
+from cir_plugins.positives.pairing import pair_images, parse_rank_window, select_partners
+
+
+def brute_force_windows(emb, window, groups=None, duplicates=None):
+    """Full sort of every row (the plain reference): list of window row lists per query."""
+    x = emb.double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    full = x @ x.T  # (N, N), fine at test sizes
+    n = len(x)
+    windows = []
+    for i in range(n):
+        cands = [j for j in range(n) if j != i
+                 and (groups is None or groups[j] == groups[i])
+                 and (duplicates is None or duplicates[j] != duplicates[i])]
+        ranked = sorted(cands, key=lambda j: (-full[i, j], j))  # cosine desc, ties by index
+        m = len(ranked)
+        a, b = window
+        if a < 0:
+            a, b = 0, m
+        elif isinstance(a, float):
+            a, b = math.floor(a * m), math.floor(b * m)
+        windows.append(ranked[min(a, m):min(b, m)])
+    return windows
+
+
+CASES = [
+    dict(window=(3, 11)),
+    dict(window=(0, 1)),
+    dict(window=(0.25, 0.6)),
+    dict(window=(-1, 0)),
+    dict(window=(40, 1000)),  # clipped past the end
+    dict(window=(2, 7), groups=True),
+    dict(window=(0.1, 0.5), groups=True, duplicates=True),
+    dict(window=(5, 9), duplicates=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_drawn_partners_lie_in_brute_force_window(case, chunk_size):
+    n, d = 53, 6
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    groups = [["a", "b", "c"][i % 3] for i in range(n)] if case.get("groups") else None
+    duplicates = [str(i // 4 if i < 20 else i) for i in range(n)] if case.get("duplicates") else None
+    windows = brute_force_windows(emb, case["window"], groups, duplicates)
+    picks = select_partners(emb, rank_window=case["window"], partners_per_image=3, seed=5, groups=groups,
+                            duplicates=duplicates, chunk_size=chunk_size)
+    assert len(picks) == n
+    for i, (row, window) in enumerate(zip(picks, windows)):
+        assert len(row) == min(3, len(window))
+        assert len(set(row)) == len(row)
+        assert set(row) <= set(window), (i, row, window)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_full_draw_equals_window_exactly(case):
+    n, d = 41, 5
+    gen = torch.Generator().manual_seed(2)
+    emb = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    groups = [["x", "y"][i % 2] for i in range(n)] if case.get("groups") else None
+    duplicates = [str(i // 3 if i < 12 else i) for i in range(n)] if case.get("duplicates") else None
+    windows = brute_force_windows(emb, case["window"], groups, duplicates)
+    size = max(len(w) for w in windows)
+    picks = select_partners(emb, rank_window=case["window"], partners_per_image=max(size, 1), seed=3,
+                            groups=groups, duplicates=duplicates, chunk_size=9)
+    for row, window in zip(picks, windows):
+        assert sorted(row) == sorted(window)
+
+
+def test_exact_ties_follow_index_rule():
+    # entries +-0.5 after normalisation: every cosine is exact, so ties are real
+    gen = torch.Generator().manual_seed(4)
+    emb = (torch.randint(0, 2, (37, 4), generator=gen) * 2 - 1).double()
+    for window in [(1, 4), (3, 9), (0, 2)]:
+        windows = brute_force_windows(emb, window)
+        picks = select_partners(emb, rank_window=window, partners_per_image=10, seed=0, chunk_size=5)
+        for row, expected in zip(picks, windows):
+            assert sorted(row) == sorted(expected)
+
+
+def test_deterministic_and_chunk_independent_and_seed_sensitive():
+    emb = torch.randn(97, 8)
+    a = select_partners(emb, rank_window=(5, 40), partners_per_image=2, seed=11, chunk_size=10)
+    b = select_partners(emb, rank_window=(5, 40), partners_per_image=2, seed=11, chunk_size=33)
+    c = select_partners(emb, rank_window=(5, 40), partners_per_image=2, seed=12, chunk_size=10)
+    assert a == b
+    assert a != c
+
+
+def test_query_rows_subset_matches_full_run_rows():
+    emb = torch.randn(30, 4)
+    rows = [3, 17, 29]
+    sub = select_partners(emb, rank_window=(2, 9), partners_per_image=1, query_rows=rows, seed=0)
+    windows = brute_force_windows(emb, (2, 9))
+    for r, picks in zip(rows, sub):
+        assert set(picks) <= set(windows[r]) and len(picks) == 1
+
+
+def test_pair_images_maps_ids_and_uses_encoder():
+    ids = [f"img{i}" for i in range(23)]
+    images = {i: torch.randn(3, 4, 4) for i in ids}
+    calls = []
+
+    def encoder(batch):
+        calls.append(batch.shape[0])
+        return batch.flatten(1)[:, :10]  # (n, 10)
+
+    result = pair_images(encoder, ids, images, rank_window=(0.0, 0.5), seed=0, batch_size=8,
+                         duplicates={i: ("dup" if i in ("img0", "img1") else i) for i in ids})
+    assert calls == [8, 8, 7]
+    assert set(result.partners) == set(ids)
+    assert "img1" not in result.partners["img0"] and "img0" not in result.partners["img1"]
+    for qid, partners in result.partners.items():
+        assert len(partners) == 1 and partners[0] != qid and partners[0] in images
+
+
+def test_bad_windows_and_inputs_are_clear_errors():
+    for bad in [(5, 5), (0.5, 0.2), (1, 0.5), (0.2, 1.5), "x,y", (1,), (True, 3)]:
+        with pytest.raises(ConfigError):
+            parse_rank_window(bad)
+    assert parse_rank_window("10000,15000").start == 10000
+    assert parse_rank_window("0.2,0.3").is_fraction
+    assert parse_rank_window((-1, 0)).is_any
+    with pytest.raises(ShapeError):
+        select_partners(torch.randn(5), rank_window=(0, 2))
+    bad = torch.randn(5, 3)
+    bad[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError):
+        select_partners(bad, rank_window=(0, 2))
+    with pytest.raises(ConfigError):
+        select_partners(torch.randn(5, 3), rank_window=(0, 2), partners_per_image=0)
