@@ -1,0 +1,365 @@
+"""Images on disk as a lazy ``Mapping[str, Tensor]``, plus the preprocessing CIR models use.
+
+:class:`ImageStore` maps an image id (file name without extension) to a preprocessed float tensor
+``(C, H, W)``, reading the file only when asked. Paths are resolved under the store's root and
+may not leave it (``../``, absolute paths, symlinks pointing outside raise
+:class:`~cir_plugins.errors.UnsafePathError`).
+
+Preprocessing (``transform=``) is a name with a size, or any callable ``PIL.Image (RGB) -> Tensor``:
+
+- ``"clip"``: resize the shorter side to ``size`` (bicubic), centre-crop ``size x size``,
+  scale to [0, 1], normalise with CLIP's mean / std.
+- ``"targetpad"``: CLIP4Cir's padding: if the aspect ratio (long / short side) exceeds
+  ``target_ratio`` (1.25), pad the shorter side with black, centred, until the ratio equals
+  ``target_ratio``; then as ``"clip"``.
+- ``"squarepad"``: pad the shorter side to a square, centred; then as ``"clip"``.
+- ``"none"``: no resize, [0, 1] floats, no normalisation.
+
+Every image is converted to RGB first: grayscale ("L", "1"), palette ("P", with or without
+transparency), "LA", "RGBA" (alpha dropped, as PIL's ``convert("RGB")`` does), "CMYK", and 16/32-bit integer images ("I;16", "I", scaled from
+their full range to 8 bits) and float images ("F", assumed in [0, 1] if its max <= 1 else [0, 255]).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from ..errors import ConfigError, ImageLoadError, ShapeError, UnsafePathError, explain
+
+__all__ = [
+    "ImageStore",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "TRANSFORM_NAMES",
+    "DEFAULT_MAX_PIXELS",
+    "make_transform",
+    "to_rgb",
+    "resolve_under_root",
+    "ClipTransform",
+]
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRANSFORM_NAMES = ("clip", "targetpad", "squarepad", "none")
+#: Default decompression-bomb limit (pixels). PIL's own default is ~89M; we state ours explicitly.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def resolve_under_root(root: Path, relative: str, *, what: str) -> Path:
+    """Resolve ``relative`` under ``root``; refuse anything that would leave it.
+
+    Args:
+        root: the dataset root (already resolved).
+        relative: a path from an annotation file ("./train/34/x.png", "images/x.jpg").
+        what: a short description for the error ("image 'x' in file ...").
+    Raises:
+        UnsafePathError: absolute path, a ``..`` component, or a symlink resolving outside root.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise UnsafePathError(explain(f"{what}: the image path is empty or not a string", got=relative,
+                                      expected="a path relative to the dataset root",
+                                      fix="fix the annotation file"))
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
+        raise UnsafePathError(explain(f"{what}: absolute image paths are not allowed", got=relative,
+                                      expected=f"a path relative to {str(root)!r}",
+                                      fix="make the path relative to the dataset root"))
+    parts = relative.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise UnsafePathError(explain(f"{what}: the image path climbs out with '..'", got=relative,
+                                      expected=f"a path inside {str(root)!r}",
+                                      fix="remove the '..' components or move the image under the root"))
+    candidate = root / relative
+    resolved = candidate.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(explain(f"{what}: the image path resolves outside the dataset root "
+                                      "(a symlink leading out)", got=f"{relative} -> {resolved}",
+                                      expected=f"a file inside {str(root)!r}",
+                                      fix="copy the image under the root instead of linking out"))
+    return resolved
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (see module docstring for the rules)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image.convert("I") if mode != "I" else image, dtype=np.int64)
+        top = 65535 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+        if mode == "I" and array.max(initial=0) > 65535:
+            top = int(array.max())
+        array = np.clip(array, 0, top) * (255.0 / top)
+        return Image.fromarray(np.round(array).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array) * scale, 0, 255)
+        return Image.fromarray(np.round(array).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
+
+
+def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
+    """Pad the shorter side (black, centred) so that long/short <= target_ratio."""
+    w, h = image.size
+    long_side, short_side = max(w, h), min(w, h)
+    if short_side == 0 or long_side / short_side <= target_ratio:
+        return image
+    new_short = int(round(long_side / target_ratio))
+    new_w, new_h = (w, new_short) if w >= h else (new_short, h)
+    canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
+    canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
+    return canvas
+
+
+class ClipTransform:
+    """Picklable PIL (RGB) -> tensor (3, size, size) transform (see module docstring).
+
+    Args:
+        kind: one of TRANSFORM_NAMES.
+        size: output side in pixels (ignored for "none").
+        target_ratio: for "targetpad", the largest aspect ratio kept without padding.
+        mean, std: normalisation constants (CLIP's by default).
+    """
+
+    def __init__(self, kind: str = "clip", size: int = 224, *, target_ratio: float = 1.25,
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> None:
+        if kind not in TRANSFORM_NAMES:
+            raise ConfigError(explain("unknown transform name", got=kind, expected=TRANSFORM_NAMES,
+                                      fix="pick one of the names or pass a callable PIL -> tensor"))
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(explain("transform size must be a positive int", got=size, fix="e.g. size=224"))
+        if not (isinstance(target_ratio, (int, float)) and target_ratio >= 1.0):
+            raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
+        self.kind, self.size, self.target_ratio = kind, size, float(target_ratio)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"ClipTransform(kind={self.kind!r}, size={self.size}, target_ratio={self.target_ratio})"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        if self.kind == "none":
+            return _pil_to_tensor(image)
+        if self.kind == "targetpad":
+            image = _pad_to_ratio(image, self.target_ratio)
+        elif self.kind == "squarepad":
+            image = _pad_to_ratio(image, 1.0)
+        w, h = image.size
+        scale = self.size / min(w, h)
+        new_w, new_h = max(self.size, int(round(w * scale))), max(self.size, int(round(h * scale)))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        tensor = _pil_to_tensor(image)  # (3, size, size)
+        return (tensor - self.mean) / self.std
+
+
+def make_transform(transform: str | Callable | None, size: int = 224, **kwargs) -> Callable:
+    """Name ("clip", "targetpad", "squarepad", "none") + size, a callable, or None ("none")."""
+    if transform is None:
+        return ClipTransform("none")
+    if isinstance(transform, str):
+        return ClipTransform(transform, size, **kwargs)
+    if callable(transform):
+        return transform
+    raise ConfigError(explain("transform must be a name or a callable PIL -> tensor", got=type(transform).__name__,
+                              expected=TRANSFORM_NAMES, fix="pass e.g. transform='clip', size=224"))
+
+
+class ImageStore(Mapping):
+    """Lazy ``Mapping[str, Tensor]``: image id -> preprocessed float tensor ``(C, H, W)``.
+
+    Args:
+        root: directory that every path is relative to (paths may not leave it).
+        paths: image id -> path relative to root (e.g. ``{"dev-0-0-img0": "./dev/dev-0-0-img0.png"}``).
+        transform: a name in TRANSFORM_NAMES (with ``size``) or a callable PIL (RGB) -> Tensor.
+        size: output size for named transforms.
+        max_pixels: decompression-bomb limit; an image with more pixels raises ImageLoadError.
+            None disables the check (only for trusted data).
+        on_error: "error" (default) raises ImageLoadError for any unreadable image. "skip" makes
+            ``.batch(ids, on_error=...)`` / :meth:`readable_ids` drop the unreadable ids (logged);
+            ``store[id]`` always raises, because a Mapping cannot return "nothing".
+        check_paths: resolve every path at construction (raises UnsafePathError early). Cheap; on
+            by default.
+
+    Picklable (DataLoader workers): it holds only paths and the transform.
+    """
+
+    def __init__(self, root: str | os.PathLike, paths: Mapping[str, str], transform: str | Callable | None = "clip",
+                 *, size: int = 224, max_pixels: int | None = DEFAULT_MAX_PIXELS, on_error: str = "error",
+                 check_paths: bool = True, source: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ImageLoadError(explain("the image root is not a directory", got=str(root),
+                                         fix="pass the dataset root that holds the images"))
+        if not isinstance(paths, Mapping):
+            raise ConfigError(explain("paths must be a mapping image id -> relative path", got=type(paths).__name__,
+                                      fix="pass a dict"))
+        if on_error not in ("error", "skip"):
+            raise ConfigError(explain("on_error must be 'error' or 'skip'", got=on_error, expected=("error", "skip")))
+        if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
+        self._rel: dict[str, str] = {}
+        self._abs: dict[str, Path] = {}
+        where = f" in {source}" if source else ""
+        for image_id, rel in paths.items():
+            if not isinstance(image_id, str) or not image_id:
+                raise ConfigError(explain("image ids must be non-empty strings", got=image_id))
+            self._rel[image_id] = rel
+            if check_paths:
+                self._abs[image_id] = resolve_under_root(self.root, rel, what=f"image {image_id!r}{where}")
+        self.check_paths = check_paths
+        self.transform_spec = transform
+        self.size = size
+        self.transform = make_transform(transform, size)
+        self.max_pixels = max_pixels
+        self.on_error = on_error
+
+    # -- Mapping ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rel)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rel)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._rel
+
+    def __getitem__(self, image_id: str) -> torch.Tensor:
+        """The preprocessed tensor (C, H, W) of ``image_id``."""
+        tensor = self.transform(self.load_pil(image_id))
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+            raise ShapeError(explain(f"the transform returned something that is not a (C, H, W) tensor for {image_id!r}",
+                                     got=getattr(tensor, "shape", type(tensor).__name__), expected="(C, H, W) tensor",
+                                     fix="make the transform return a 3-d float tensor"))
+        return tensor
+
+    def __repr__(self) -> str:
+        return f"ImageStore(root={str(self.root)!r}, images={len(self)}, transform={self.transform!r})"
+
+    # -- extras ------------------------------------------------------------------------------
+    @property
+    def ids(self) -> list[str]:
+        """Every image id, in the order given."""
+        return list(self._rel)
+
+    def path_of(self, image_id: str) -> Path:
+        """Absolute path of ``image_id`` (checked to be under the root)."""
+        if image_id not in self._rel:
+            raise KeyError(image_id)
+        if image_id not in self._abs:
+            self._abs[image_id] = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
+        return self._abs[image_id]
+
+    def load_pil(self, image_id: str) -> Image.Image:
+        """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
+        path = self.path_of(image_id)
+        fix_file = "re-download or replace the file, or drop this id from the split"
+        if not path.is_file():
+            raise ImageLoadError(explain(f"image {image_id!r} is missing", got=str(path),
+                                         expected="an existing image file", fix=fix_file))
+        if path.stat().st_size == 0:
+            raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
+                                         fix=fix_file))
+        previous_limit, previous_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # we check the limit ourselves, with our message
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            with Image.open(path) as image:
+                w, h = image.size
+                if self.max_pixels is not None and w * h > self.max_pixels:
+                    raise ImageLoadError(explain(f"image {image_id!r} is larger than the pixel limit "
+                                                 "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels at {path}",
+                                                 expected=f"at most max_pixels={self.max_pixels}",
+                                                 fix="raise ImageStore(max_pixels=...) if the file is trusted"))
+                image.load()
+                return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
+        except ImageLoadError:
+            raise
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            raise ImageLoadError(explain(f"image {image_id!r} cannot be decoded (corrupt or truncated)",
+                                         got=f"{path}: {type(error).__name__}: {error}", fix=fix_file)) from error
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous_limit, previous_truncated
+
+    def readable_ids(self, ids: Iterable[str] | None = None) -> list[str]:
+        """The ids (all by default) whose image decodes; unreadable ones are logged and dropped."""
+        kept = []
+        for image_id in (self.ids if ids is None else ids):
+            try:
+                self.load_pil(image_id)
+            except ImageLoadError as error:
+                logger.warning("skipping unreadable image: %s", error)
+                continue
+            kept.append(image_id)
+        return kept
+
+    def batch(self, ids: Sequence[str], *, on_error: str | None = None) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Stack the tensors of ``ids`` into ``(n, C, H, W)``.
+
+        With ``on_error="skip"`` (argument or the store's setting) unreadable images are dropped
+        and the result is ``(tensor (m, C, H, W), kept_ids)``; with "error" it is the tensor alone.
+        """
+        mode = self.on_error if on_error is None else on_error
+        if mode not in ("error", "skip"):
+            raise ConfigError(explain("on_error must be 'error' or 'skip'", got=mode, expected=("error", "skip")))
+        tensors, kept = [], []
+        for image_id in ids:
+            if image_id not in self._rel:
+                raise KeyError(image_id)
+            if mode == "skip":
+                try:
+                    tensors.append(self[image_id])
+                except ImageLoadError as error:
+                    logger.warning("skipping unreadable image: %s", error)
+                    continue
+            else:
+                tensors.append(self[image_id])
+            kept.append(image_id)
+        if not tensors:
+            stacked = torch.empty(0)
+        else:
+            stacked = torch.stack(tensors)  # (n, C, H, W)
+        return (stacked, kept) if mode == "skip" else stacked
+
+    def with_transform(self, transform: str | Callable | None, *, size: int | None = None) -> "ImageStore":
+        """A copy of this store with another transform (paths are not re-checked)."""
+        clone = object.__new__(ImageStore)
+        clone.__dict__.update(self.__dict__)
+        clone._rel, clone._abs = dict(self._rel), dict(self._abs)
+        clone.transform_spec = transform
+        clone.size = self.size if size is None else size
+        clone.transform = make_transform(transform, clone.size)
+        return clone
+
+    def subset(self, ids: Iterable[str]) -> "ImageStore":
+        """A store over only ``ids`` (same root and transform)."""
+        clone = self.with_transform(self.transform_spec, size=self.size)
+        clone.transform = self.transform
+        wanted = list(ids)
+        for image_id in wanted:
+            if image_id not in self._rel:
+                raise KeyError(image_id)
+        clone._rel = {i: self._rel[i] for i in wanted}
+        clone._abs = {i: self._abs[i] for i in wanted if i in self._abs}
+        return clone

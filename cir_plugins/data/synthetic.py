@@ -1,0 +1,723 @@
+"""The embedded synthetic CIR world: small rendered scenes, written in the CIRR on-disk layout.
+
+Regenerate (or create) it with::
+
+    python -m cir_plugins.data.synthetic --root DIR [--seed 0] [--quick] [--image-size 40]
+
+or from Python with ``make_world(root, seed=0, size="default")``. Every loader and metric runs on it
+exactly as on CIRR: ``load_cirr(root, "train" | "val" | "test")`` reads it (the ``test`` split
+HAS targets, so it can be evaluated locally).
+
+World statistics (defaults):
+
+- Objects: a scene holds 1-3 objects (``min_objects``/``max_objects``), each in its own cell of a
+  3 x 3 grid. Attributes: shape (6: circle, square, triangle, star, diamond, cross), colour
+  (7: red, green, blue, yellow, purple, orange, cyan), size (2: small, large), position
+  (9 cells: rows top/middle/bottom x columns left/centre/right). 84 object kinds per cell;
+  every image in the world is a distinct scene (no scene repeats inside or across splits, so
+  train / val / test are disjoint).
+- Rendering: PIL, ``image_size`` x ``image_size`` RGB (40 px by default) on a grey background;
+  each object's centre is jittered by up to ``position_jitter`` of a cell, each colour channel by up
+  to ``color_jitter`` levels, and Gaussian pixel noise of std ``pixel_noise`` is added, so the
+  attributes are not trivially separable. Rendering is seeded per image id (order-independent).
+- Edit types (6): recolour, reshape, resize, move, add, remove. An annotated triplet applies one
+  edit, or two with probability ``two_edit_rate`` (0.3).
+- Phrasing: human-style, CIRR-like, describing the change rather than the target, relative and
+  partial: 4-6 templates per edit type ("make the circle blue", "change the red square into a
+  triangle", "remove the small star", "add a green circle at the bottom right", "move it to the
+  left", "shrink the star", ...), objects named by the shortest description that singles them out
+  (sometimes "it", sometimes over-specified), two edits joined 4 ways ("and", ", then", "; ",
+  ". also"), random capitalisation and trailing full stops. Deliberately unlike the augmenter's
+  templates ("{T} instead of {R}", "Unlike {R}, I want {T}", "{T}").
+- Groups: each query has a CIRR-style ``img_set`` of 6 images: reference, target and 4 near
+  variants (2 images one edit away from the reference, 2 one edit away from the target), in a
+  seeded random order; Recall_subset ranks the 5 members other than the reference.
+  ``target_soft`` is ``{target: 1.0}``.
+- Counts (``size="default"``): train 1000 annotated triplets (6000 group images) plus 6000
+  unlabelled images (12000 train images); val 500 queries + 1000 distractors (4000 images);
+  test 500 queries + 2000 distractors (5000 images). ``size="quick"``: train 120 + 300, val 40 + 60,
+  test 40 + 60. Custom counts: a dict of :class:`WorldConfig` fields or a WorldConfig.
+
+Files under ``root``:
+
+- ``cirr/captions/cap.rc2.{train,val,test}.json`` and ``cirr/image_splits/split.rc2.{split}.json``
+  exactly as CIRR rc2 (image paths ``./{split}/{bucket}/{name}.png``).
+- ``synthetic/scenes.json``: ``{image_id: {"objects": [{"shape", "color", "size", "row", "col"}],
+  "caption": str}}``, the exact scene description (what an ideal captioner would say).
+- ``synthetic/world.json``: the completion marker (parameters + statistics), written last and
+  atomically; ``synthetic/GENERATING`` exists while a generation runs, so a killed run is never
+  taken for a complete world.
+
+:class:`SyntheticCaptioner` reads ``scenes.json`` and returns the exact caption, or a noisy one
+(attributes dropped or swapped at rate ``noise``), deterministic per (seed, image id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import ConfigError, DataError, explain
+
+__all__ = [
+    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
+    "WorldConfig", "make_world", "describe_scene", "render_scene", "SyntheticCaptioner",
+    "load_scenes", "position_name", "main",
+]
+
+logger = logging.getLogger(__name__)
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
+COLOR_RGB = {
+    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 215), "yellow": (235, 210, 45),
+    "purple": (135, 55, 175), "orange": (240, 135, 30), "cyan": (40, 200, 210),
+}
+SIZES = ("small", "large")
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "centre", "right")
+#: position name of cell (row, col), row-major: "top left", "top", "top right", "left", "centre", ...
+POSITIONS = tuple(
+    ("centre" if (r, c) == (1, 1) else (ROWS[r] if c == 1 else (COLS[c] if r == 1 else f"{ROWS[r]} {COLS[c]}")))
+    for r in range(3) for c in range(3)
+)
+EDIT_TYPES = ("recolour", "reshape", "resize", "move", "add", "remove")
+BACKGROUND = (190, 190, 190)
+WORLD_FORMAT = 1
+
+
+def position_name(row: int, col: int) -> str:
+    """Name of cell (row, col): "top left", "top", ..., "centre", ..., "bottom right"."""
+    return POSITIONS[row * 3 + col]
+
+
+def _position_phrase(row: int, col: int) -> str:
+    name = position_name(row, col)
+    if name == "centre":
+        return "in the centre"
+    if name in ("left", "right"):
+        return f"on the {name}"
+    return f"at the {name}"
+
+
+def _object_phrase(obj: Mapping[str, Any]) -> str:
+    words = [obj[k] for k in ("size", "color") if obj.get(k)]
+    noun = obj.get("shape") or "shape"
+    text = " ".join(words + [noun])
+    article = "an" if text[0] in "aeiou" else "a"
+    phrase = f"{article} {text}"
+    if obj.get("row") is not None and obj.get("col") is not None:
+        phrase += " " + _position_phrase(obj["row"], obj["col"])
+    return phrase
+
+
+def describe_scene(objects: Sequence[Mapping[str, Any]]) -> str:
+    """The exact caption of a scene, objects in reading order (row, then column).
+
+    Example: ``"a large red circle at the top left and a small blue square in the centre"``.
+    Missing attributes (``None`` or absent keys) are left out, so a noisy captioner can describe a
+    partial scene; a missing position drops the location phrase.
+    """
+    if not objects:
+        return "an empty grey picture"
+    ordered = sorted(objects, key=lambda o: (o.get("row") if o.get("row") is not None else 9,
+                                             o.get("col") if o.get("col") is not None else 9))
+    parts = [_object_phrase(o) for o in ordered]
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class WorldConfig:
+    """Parameters of a synthetic world (all of them go into the completion marker)."""
+
+    n_train_triplets: int = 1000      # annotated train queries (each brings a 6-image group)
+    n_train_unlabelled: int = 6000    # extra train images in no triplet (raw material for generation)
+    n_val_queries: int = 500          # val queries (6-image groups)
+    n_val_distractors: int = 1000     # extra random val gallery images
+    n_test_queries: int = 500         # test queries (6-image groups), with targets
+    n_test_distractors: int = 2000    # extra random test gallery images
+    image_size: int = 40              # rendered side in pixels
+    min_objects: int = 1              # fewest objects in a scene
+    max_objects: int = 3              # most objects in a scene (<= 9)
+    two_edit_rate: float = 0.3        # probability that a query applies two edits instead of one
+    position_jitter: float = 0.12     # max object-centre shift, as a fraction of a grid cell
+    color_jitter: int = 25            # max per-channel colour shift (0-255 levels)
+    pixel_noise: float = 10.0         # std of the Gaussian pixel noise (0-255 levels)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigError(explain(f"WorldConfig.{f.name} must be a non-negative int", got=value))
+            elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(explain(f"WorldConfig.{f.name} must be a non-negative number", got=value))
+        if not 1 <= self.min_objects <= self.max_objects <= 9:
+            raise ConfigError(explain("need 1 <= min_objects <= max_objects <= 9",
+                                      got=(self.min_objects, self.max_objects), fix="e.g. 1 and 3"))
+        if self.max_objects - self.min_objects < 1:
+            raise ConfigError(explain("add/remove edits need max_objects > min_objects",
+                                      got=(self.min_objects, self.max_objects), fix="e.g. min 1, max 3"))
+        if self.image_size < 12:
+            raise ConfigError(explain("image_size is too small to draw shapes", got=self.image_size,
+                                      expected=">= 12", fix="e.g. 40"))
+        if self.two_edit_rate > 1 or self.position_jitter > 0.5:
+            raise ConfigError(explain("two_edit_rate must be in [0, 1] and position_jitter in [0, 0.5]",
+                                      got=(self.two_edit_rate, self.position_jitter)))
+        if self.n_train_triplets + self.n_val_queries + self.n_test_queries == 0:
+            raise ConfigError(explain("a world needs at least one query", got=0, fix="set n_*_queries"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "WorldConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(explain("unknown WorldConfig fields", got=unknown, expected=sorted(known)))
+        return cls(**dict(data))
+
+
+PRESETS = {
+    "default": {},
+    "quick": dict(n_train_triplets=120, n_train_unlabelled=300, n_val_queries=40, n_val_distractors=60,
+                  n_test_queries=40, n_test_distractors=60),
+}
+
+
+def _config_of(size: str | Mapping[str, Any] | WorldConfig, image_size: int | None) -> WorldConfig:
+    if isinstance(size, WorldConfig):
+        config = size
+    elif isinstance(size, str):
+        if size not in PRESETS:
+            raise ConfigError(explain("unknown world size", got=size, expected=tuple(PRESETS),
+                                      fix="pass 'default', 'quick', a dict of counts or a WorldConfig"))
+        config = WorldConfig(**PRESETS[size])
+    elif isinstance(size, Mapping):
+        config = WorldConfig.from_dict(size)
+    else:
+        raise ConfigError(explain("size must be a preset name, a dict or a WorldConfig", got=type(size).__name__))
+    if image_size is not None:
+        config = WorldConfig.from_dict({**config.to_dict(), "image_size": image_size})
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# scenes and edits (a scene is a list of object dicts; one object per cell)
+
+
+def _signature(scene: Sequence[Mapping[str, Any]]) -> tuple:
+    return tuple(sorted((o["row"], o["col"], o["shape"], o["color"], o["size"]) for o in scene))
+
+
+def _random_object(rng: random.Random, row: int, col: int) -> dict:
+    return {"shape": rng.choice(SHAPES), "color": rng.choice(COLORS), "size": rng.choice(SIZES),
+            "row": row, "col": col}
+
+
+def _random_scene(rng: random.Random, config: WorldConfig) -> list[dict]:
+    count = rng.randint(config.min_objects, config.max_objects)
+    cells = rng.sample(range(9), count)
+    return [_random_object(rng, c // 3, c % 3) for c in cells]
+
+
+def _free_cells(scene: Sequence[Mapping[str, Any]]) -> list[int]:
+    used = {o["row"] * 3 + o["col"] for o in scene}
+    return [c for c in range(9) if c not in used]
+
+
+def _refer(scene: Sequence[Mapping[str, Any]], index: int, rng: random.Random, *, allow_it: bool = True) -> str:
+    """How a person names object ``index``: the shortest description that singles it out."""
+    obj = scene[index]
+    if allow_it and len(scene) == 1 and rng.random() < 0.35:
+        return "it"
+    options = [("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape")]
+    for keys in options:
+        matches = [o for o in scene if all(o[k] == obj[k] for k in keys)]
+        if len(matches) == 1:
+            if keys == ("shape",) and rng.random() < 0.3:  # people often over-specify
+                keys = ("color", "shape")
+            return "the " + " ".join(obj[k] for k in keys)
+    return f"the {obj['color']} {obj['shape']} {_position_phrase(obj['row'], obj['col'])}"
+
+
+def _pick(rng: random.Random, options: Sequence[str]) -> str:
+    return options[rng.randrange(len(options))]
+
+
+def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig) -> tuple[list[dict], str] | None:
+    """Apply one edit of ``kind``; returns (new scene, human phrase) or None if not applicable."""
+    new = [dict(o) for o in scene]
+    if kind == "add":
+        free = _free_cells(scene)
+        if len(scene) >= config.max_objects or not free:
+            return None
+        cell = rng.choice(free)
+        obj = _random_object(rng, cell // 3, cell % 3)
+        new.append(obj)
+        where = _position_phrase(obj["row"], obj["col"])
+        phrase = _pick(rng, [
+            f"add a {obj['color']} {obj['shape']} {where}",
+            f"add a {obj['size']} {obj['color']} {obj['shape']} {where}",
+            f"there should also be a {obj['size']} {obj['color']} {obj['shape']} {where}",
+            f"put a {obj['color']} {obj['shape']} {where}",
+            f"include another object, a {obj['color']} {obj['shape']} {where}",
+        ])
+        return new, phrase
+    if not scene:
+        return None
+    index = rng.randrange(len(scene))
+    obj, ref = new[index], _refer(scene, index, rng)
+    if kind == "remove":
+        if len(scene) <= config.min_objects:
+            return None
+        del new[index]
+        ref = _refer(scene, index, rng, allow_it=False)
+        phrase = _pick(rng, [f"remove {ref}", f"take away {ref}", f"get rid of {ref}",
+                             f"no {ref[4:]}", f"delete {ref} and keep the rest"])
+        return new, phrase
+    if kind == "recolour":
+        color = rng.choice([c for c in COLORS if c != obj["color"]])
+        obj["color"] = color
+        phrase = _pick(rng, [f"make {ref} {color}", f"change {ref} to {color}", f"{ref} should be {color}",
+                             f"paint {ref} {color}", f"{color} instead of {scene[index]['color']}",
+                             f"same but {ref} is {color}"])
+        return new, phrase
+    if kind == "reshape":
+        shape = rng.choice([s for s in SHAPES if s != obj["shape"]])
+        obj["shape"] = shape
+        article = "an" if shape[0] in "aeiou" else "a"
+        phrase = _pick(rng, [f"change {ref} into {article} {shape}", f"turn {ref} into {article} {shape}",
+                             f"replace {ref} with {article} {shape}", f"make {ref} {article} {shape}",
+                             f"{article} {shape} instead"])
+        return new, phrase
+    if kind == "resize":
+        bigger = obj["size"] == "small"
+        obj["size"] = "large" if bigger else "small"
+        if bigger:
+            options = [f"make {ref} bigger", f"enlarge {ref}", f"{ref} should be larger", f"make {ref} large"]
+        else:
+            options = [f"make {ref} smaller", f"shrink {ref}", f"{ref} should be smaller", f"make {ref} small"]
+        return new, _pick(rng, options)
+    if kind == "move":
+        free = _free_cells(scene)
+        if not free:
+            return None
+        cell = rng.choice(free)
+        row, col = cell // 3, cell % 3
+        d_row, d_col = row - obj["row"], col - obj["col"]
+        obj["row"], obj["col"] = row, col
+        if d_row == 0 or d_col == 0:
+            direction = ("left" if d_col < 0 else "right") if d_row == 0 else ("up" if d_row < 0 else "down")
+            far = abs(d_row) + abs(d_col) == 2
+            to = f"to the {direction}" if direction in ("left", "right") else direction
+            options = [f"move {ref} {to}", f"shift {ref} {'all the way ' if far else ''}{to}",
+                       f"{ref} goes further {direction}" if direction in ("left", "right") else f"move {ref} {to} a bit"]
+        else:
+            where, name = _position_phrase(row, col), position_name(row, col)
+            to = "to the centre" if name == "centre" else f"to the {name}"
+            options = [f"move {ref} {to}", f"put {ref} {where}", f"{ref} should be {where}",
+                       f"place {ref} {where} instead", f"{ref} goes {to} corner" if " " in name else f"move {ref} {to}"]
+        return new, _pick(rng, options)
+    raise ConfigError(explain("unknown edit type", got=kind, expected=EDIT_TYPES))
+
+
+def _style(text: str, rng: random.Random) -> str:
+    """Human noise: capitalised first letter sometimes, a full stop sometimes."""
+    if rng.random() < 0.4:
+        text = text[0].upper() + text[1:]
+    if rng.random() < 0.3:
+        text += "."
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+
+
+def _seed_of(*parts: Any) -> int:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            angle = -np.pi / 2 + k * np.pi / 5
+            radius = r if k % 2 == 0 else r * 0.45
+            points.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
+        return points
+    if shape == "cross":
+        t = r * 0.35
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
+                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
+                (cx - r, cy - t), (cx - t, cy - t)]
+    return None
+
+
+def render_scene(objects: Sequence[Mapping[str, Any]], *, image_size: int = 40, seed: int = 0,
+                 position_jitter: float = 0.12, color_jitter: int = 25, pixel_noise: float = 10.0) -> Image.Image:
+    """Draw a scene as an RGB PIL image (image_size x image_size), jittered and noised by ``seed``."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = image_size / 3.0
+    for obj in objects:
+        cx = (obj["col"] + 0.5 + rng.uniform(-position_jitter, position_jitter)) * cell
+        cy = (obj["row"] + 0.5 + rng.uniform(-position_jitter, position_jitter)) * cell
+        r = cell * (0.46 if obj["size"] == "large" else 0.27)
+        base = np.array(COLOR_RGB[obj["color"]])
+        fill = tuple(int(v) for v in np.clip(base + rng.integers(-color_jitter, color_jitter + 1, 3), 0, 255))
+        points = _shape_points(obj["shape"], cx, cy, r)
+        if obj["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj["shape"] == "square":
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        else:
+            draw.polygon(points, fill=fill)
+    if pixel_noise > 0:
+        array = np.asarray(image, dtype=np.float32)  # (H, W, 3)
+        array = array + rng.normal(0.0, pixel_noise, array.shape).astype(np.float32)
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "RGB")
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# world generation
+
+
+class _Builder:
+    def __init__(self, config: WorldConfig, seed: int) -> None:
+        self.config, self.seed = config, seed
+        self.rng = random.Random(seed)
+        self.used: set[tuple] = set()
+        self.scenes: dict[str, dict] = {}
+        self.edit_counts = {k: 0 for k in EDIT_TYPES}
+
+    def fresh_scene(self) -> list[dict]:
+        for _ in range(10_000):
+            scene = _random_scene(self.rng, self.config)
+            if _signature(scene) not in self.used:
+                return scene
+        raise ConfigError(explain("could not draw a new distinct scene: the world is too large for its "
+                                  "attribute space", got=len(self.used), fix="reduce the counts or raise max_objects"))
+
+    def add(self, name: str, scene: list[dict]) -> str:
+        self.used.add(_signature(scene))
+        self.scenes[name] = {"objects": [dict(o) for o in scene], "caption": describe_scene(scene)}
+        return name
+
+    def one_edit(self, scene: list[dict], avoid: set[tuple], kinds: Sequence[str] = EDIT_TYPES):
+        for _ in range(200):
+            kind = self.rng.choice(kinds)
+            result = _edit(scene, kind, self.rng, self.config)
+            if result is not None and _signature(result[0]) not in self.used and _signature(result[0]) not in avoid:
+                return kind, result[0], result[1]
+        return None
+
+    def query(self, split: str, index: int) -> dict | None:
+        """A reference, a target one or two edits away, and 4 near variants; None if stuck."""
+        cfg, rng = self.config, self.rng
+        reference = self.fresh_scene()
+        sig_ref = _signature(reference)
+        n_edits = 2 if rng.random() < cfg.two_edit_rate else 1
+        scene, phrases, kinds = reference, [], []
+        for _ in range(n_edits):
+            step = self.one_edit(scene, {sig_ref})
+            if step is None:
+                return None
+            kinds.append(step[0])
+            scene, phrase = step[1], step[2]
+            phrases.append(phrase)
+        target, sig_target = scene, _signature(scene)
+        if len(phrases) == 1:
+            caption = phrases[0]
+        else:
+            joiner = _pick(rng, [" and ", ", then ", "; ", ". also "])
+            caption = phrases[0] + joiner + phrases[1]
+        caption = _style(caption, rng)
+        variants, taken = [], {sig_ref, sig_target}
+        for source in (reference, reference, target, target):
+            step = self.one_edit(source, taken)
+            if step is None:
+                return None
+            variants.append(step[1])
+            taken.add(_signature(step[1]))
+        base = f"syn-{split}-{index:05d}"
+        names = [f"{base}-img{k}" for k in range(6)]
+        order = list(range(6))
+        rng.shuffle(order)  # member k holds scene order[k]; scene 0 = reference, 1 = target
+        scenes = [reference, target] + variants
+        for name, which in zip(names, order):
+            self.add(name, scenes[which])
+        for kind in kinds:
+            self.edit_counts[kind] += 1
+        ref_name, target_name = names[order.index(0)], names[order.index(1)]
+        return {"pairid": None, "reference": ref_name, "target_hard": target_name,
+                "target_soft": {target_name: 1.0}, "caption": caption,
+                "img_set": {"id": None, "members": names, "reference_rank": order.index(0),
+                            "target_rank": order.index(1)}}
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _marker_path(root: Path) -> Path:
+    return root / "synthetic" / "world.json"
+
+
+def _is_complete(root: Path, params: Mapping[str, Any]) -> bool:
+    marker = _marker_path(root)
+    if not marker.is_file() or (root / "synthetic" / "GENERATING").exists():
+        return False
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            return json.load(handle).get("params") == json.loads(json.dumps(params))
+    except (OSError, ValueError):
+        return False
+
+
+_OURS = ("cirr", "synthetic", "train", "val", "test")
+
+
+def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[str, Any] | WorldConfig = "default",
+               image_size: int | None = None, overwrite: bool = False, show_progress: bool = False,
+               workers: int | None = None) -> Path:
+    """Generate (or reuse) the synthetic world under ``root``; returns ``root`` as a Path.
+
+    Args:
+        root: directory to write into (created if needed).
+        seed: the world's seed; the same seed and parameters give byte-identical files.
+        size: "default", "quick", a dict of WorldConfig fields, or a WorldConfig.
+        image_size: overrides ``WorldConfig.image_size`` when given (40 by default).
+        overwrite: regenerate even when a complete world with these parameters exists.
+        show_progress: a tqdm bar over the images being rendered.
+        workers: processes that render images (default: the CPU count); worlds of at most 2000
+            images render in-process. The files do not depend on it.
+
+    A complete world with the same parameters is reused (nothing is written). Otherwise the old
+    world's files (only ``cirr/``, ``synthetic/``, ``train/``, ``val/``, ``test/``) are removed and
+    a new one is written; a root holding other files that is not a world raises ConfigError
+    unless ``overwrite=True``.
+    """
+    config = _config_of(size, image_size)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(explain("seed must be an int", got=seed))
+    root = Path(root)
+    params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
+    if not overwrite and _is_complete(root, params):
+        logger.info("synthetic world at %s is up to date (seed %d)", root, seed)
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    existing = [p.name for p in root.iterdir()]
+    foreign = [n for n in existing if n not in _OURS]
+    is_world = (root / "synthetic").is_dir()
+    if existing and not is_world and not overwrite:
+        raise ConfigError(explain("the root is not empty and holds no synthetic world", got=sorted(existing)[:10],
+                                  fix="pick an empty directory or pass overwrite=True"))
+    if foreign:
+        logger.info("leaving unrelated entries in %s untouched: %s", root, foreign[:10])
+    (root / "synthetic").mkdir(exist_ok=True)
+    generating = root / "synthetic" / "GENERATING"
+    generating.write_text(json.dumps(params))
+    marker = _marker_path(root)
+    if marker.exists():
+        marker.unlink()
+    for name in ("cirr", "train", "val", "test"):
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+    _generate(root, config, seed, show_progress, workers)
+    generating.unlink()
+    return root
+
+
+def _render_chunk(task: tuple[list[tuple[str, list[dict], int]], dict]) -> int:
+    """Render and save one chunk of (path, objects, seed) jobs; returns how many were written."""
+    jobs, style = task
+    for path, objects, image_seed in jobs:
+        render_scene(objects, seed=image_seed, **style).save(path, format="PNG", compress_level=1)
+    return len(jobs)
+
+
+def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, workers: int | None) -> None:
+    from tqdm.auto import tqdm
+
+    builder = _Builder(config, seed)
+    plan = [("train", config.n_train_triplets, config.n_train_unlabelled),
+            ("val", config.n_val_queries, config.n_val_distractors),
+            ("test", config.n_test_queries, config.n_test_distractors)]
+    annotations: dict[str, list[dict]] = {}
+    image_lists: dict[str, list[str]] = {}
+    pair_id, set_id = 0, 0
+    for split, n_queries, n_extra in plan:
+        records, names = [], []
+        index = 0
+        while len(records) < n_queries:
+            record = builder.query(split, index)
+            index += 1
+            if record is None:
+                continue
+            record["pairid"], record["img_set"]["id"] = pair_id, set_id
+            pair_id += 1
+            set_id += 1
+            records.append(record)
+            names.extend(record["img_set"]["members"])
+        prefix = "u" if split == "train" else "x"
+        for k in range(n_extra):
+            names.append(builder.add(f"syn-{split}-{prefix}{k:05d}", builder.fresh_scene()))
+        annotations[split] = records
+        image_lists[split] = names
+    # render every image (seeded per id, so order and worker count do not change a byte)
+    total = sum(len(v) for v in image_lists.values())
+    paths: dict[str, dict[str, str]] = {}
+    jobs: list[tuple[str, list[dict], int]] = []
+    for split, names in image_lists.items():
+        paths[split] = {}
+        for k, name in enumerate(names):
+            rel = f"./{split}/{k // 1000}/{name}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            paths[split][name] = rel
+            jobs.append((str(root / rel), builder.scenes[name]["objects"], _seed_of(seed, name)))
+    style = dict(image_size=config.image_size, position_jitter=config.position_jitter,
+                 color_jitter=config.color_jitter, pixel_noise=config.pixel_noise)
+    chunks = [(jobs[i:i + 500], style) for i in range(0, len(jobs), 500)]
+    n_workers = min(workers if workers is not None else (os.cpu_count() or 1), len(chunks))
+    bar = tqdm(total=total, desc="render synthetic world", disable=not show_progress)
+    if n_workers > 1 and total > 2000:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(n_workers) as pool:
+            for done in pool.imap_unordered(_render_chunk, chunks):
+                bar.update(done)
+    else:
+        for chunk in chunks:
+            bar.update(_render_chunk(chunk))
+    bar.close()
+    (root / "cirr" / "captions").mkdir(parents=True, exist_ok=True)
+    (root / "cirr" / "image_splits").mkdir(parents=True, exist_ok=True)
+    for split in annotations:
+        _atomic_write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", annotations[split])
+        _atomic_write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths[split])
+    _atomic_write_json(root / "synthetic" / "scenes.json", builder.scenes)
+    stats = {
+        "images": {s: len(v) for s, v in image_lists.items()},
+        "queries": {s: len(v) for s, v in annotations.items()},
+        "edit_counts": builder.edit_counts,
+        "objects_per_image": {str(n): sum(1 for s in builder.scenes.values() if len(s["objects"]) == n)
+                              for n in range(config.min_objects, config.max_objects + 1)},
+    }
+    params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
+    _atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
+    logger.info("synthetic world written to %s: %s", root, stats)
+
+
+def load_scenes(root: str | os.PathLike) -> dict[str, dict]:
+    """``{image_id: {"objects": [...], "caption": str}}`` from ``{root}/synthetic/scenes.json``."""
+    path = Path(root) / "synthetic" / "scenes.json"
+    if not path.is_file():
+        raise DataError(explain("no synthetic world here (scenes.json missing)", got=str(path),
+                                fix="run make_world(root) or `python -m cir_plugins.data.synthetic --root DIR`"))
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class SyntheticCaptioner:
+    """A captioner for the synthetic world (the captioner seam: ``(image_ids, images) -> captions``).
+
+    Returns each image's exact scene caption from ``scenes.json``; with ``noise > 0`` every attribute
+    (shape, colour, size, position) of every object is, with probability ``noise``, dropped or
+    swapped for another value (half each), mimicking an imperfect MLLM. Deterministic per
+    (seed, image id); ``images`` is ignored (the scene is known).
+    """
+
+    def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0) -> None:
+        if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+            raise ConfigError(explain("noise must be a probability in [0, 1]", got=noise))
+        self.root, self.noise, self.seed = Path(root), float(noise), int(seed)
+        self.scenes = load_scenes(root)
+        self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed})"
+
+    def caption_of(self, image_id: str) -> str:
+        if image_id not in self.scenes:
+            raise DataError(explain("image id is not in the synthetic world", got=image_id,
+                                    fix="caption only ids of this world's splits"))
+        scene = self.scenes[image_id]
+        if self.noise == 0.0:
+            return scene["caption"]
+        rng = random.Random(_seed_of("captioner", self.seed, image_id))
+        noisy = []
+        for obj in scene["objects"]:
+            obj = dict(obj)
+            for key, vocab in (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", None)):
+                if rng.random() >= self.noise:
+                    continue
+                drop = rng.random() < 0.5
+                if key == "position":
+                    if drop:
+                        obj["row"] = obj["col"] = None
+                    else:
+                        cell = rng.choice([c for c in range(9) if c != obj["row"] * 3 + obj["col"]])
+                        obj["row"], obj["col"] = cell // 3, cell % 3
+                elif drop:
+                    obj[key] = None
+                else:
+                    obj[key] = rng.choice([v for v in vocab if v != obj[key]])
+            noisy.append(obj)
+        return describe_scene(noisy)
+
+    def __call__(self, image_ids: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
+        if images is not None and len(images) != len(image_ids):
+            raise ConfigError(explain("image_ids and images differ in length", got=(len(image_ids), len(images))))
+        return [self.caption_of(i) for i in image_ids]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cir_plugins.data.synthetic",
+                                     description="(re)generate the embedded synthetic CIR world")
+    parser.add_argument("--root", required=True, help="directory to write the world into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the small preset (seconds)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = make_world(args.root, seed=args.seed, size="quick" if args.quick else "default",
+                      image_size=args.image_size, overwrite=args.overwrite, show_progress=True)
+    stats = json.loads(_marker_path(root).read_text())["stats"]
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
