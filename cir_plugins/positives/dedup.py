@@ -1,0 +1,159 @@
+"""Group duplicate images: every image id maps to a group id.
+
+Exact duplicates are images whose *decoded* pixels are identical (the file bytes may differ:
+another encoder, metadata, a re-save): each image is decoded to RGB and hashed with blake2b over
+its mode, size and raw bytes. One pass, linear in the number of images.
+
+Optional near-duplicates: rows whose embedding cosine is at least ``near_duplicate_threshold``
+are merged (union-find) into one group. Scores are computed ``chunk_size`` rows at a time; the
+N x N matrix is never held.
+
+The group id is the first id of the group in input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError, ShapeError, explain
+
+__all__ = ["pixel_hash", "find_duplicates", "near_duplicate_groups", "image_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+def pixel_hash(image: Any) -> str:
+    """blake2b hex digest of a PIL image's decoded RGB pixels (mode, size and bytes)."""
+    rgb = image.convert("RGB") if getattr(image, "mode", None) != "RGB" else image
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(rgb.mode.encode())
+    digest.update(f"{rgb.size[0]}x{rgb.size[1]}".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def image_loader(source: Any) -> Callable[[str], Any]:
+    """id -> PIL image from an object with ``load_pil``, a Mapping id -> PIL image, or a callable."""
+    load_pil = getattr(source, "load_pil", None)
+    if callable(load_pil):
+        return load_pil
+    if isinstance(source, Mapping):
+        def from_mapping(image_id: str) -> Any:
+            if image_id not in source:
+                raise DataError(explain("no image for this id", got=image_id,
+                                        fix="pass a mapping that covers every id"))
+            return source[image_id]
+        return from_mapping
+    if callable(source):
+        return source
+    raise ConfigError(explain("cannot get PIL images from this object", got=type(source).__name__,
+                              expected="an ImageStore (load_pil), a Mapping id -> PIL.Image, or a callable id -> PIL.Image"))
+
+
+class _UnionFind:
+    """Union-find over 0..n-1 whose root is always the smallest index of its set."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:
+            lo, hi = (rx, ry) if rx < ry else (ry, rx)
+            self.parent[hi] = lo
+
+
+def near_duplicate_groups(
+    embeddings: torch.Tensor,
+    threshold: float,
+    *,
+    start_groups: Sequence[int] | None = None,
+    chunk_size: int = 1024,
+    show_progress: bool = False,
+) -> list[int]:
+    """Row -> representative row (the smallest row of its group) by cosine >= ``threshold``.
+
+    Args:
+        embeddings: (N, D) float, L2-normalised here.
+        threshold: cosine in (-1, 1]; pairs at or above it are merged (transitively).
+        start_groups: optional row -> representative row of groups already known (exact duplicates).
+    """
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise ShapeError(explain("near-duplicate embeddings must be (N, D)",
+                                 got=getattr(embeddings, "shape", type(embeddings).__name__)))
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 < threshold <= 1.0:
+        raise ConfigError(explain("near_duplicate_threshold must be a cosine in (-1, 1]", got=threshold,
+                                  fix="pass e.g. 0.98, or None to merge only exact duplicates"))
+    n = embeddings.shape[0]
+    uf = _UnionFind(n)
+    if start_groups is not None:
+        for row, rep in enumerate(start_groups):
+            uf.union(row, rep)
+    emb = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    emb_t = emb.t().contiguous()  # (D, N)
+    for start in tqdm(range(0, n, chunk_size), desc="dedup: near duplicates", disable=not show_progress):
+        block = emb[start:start + chunk_size] @ emb_t  # (c, D) @ (D, N) -> (c, N) cosines
+        rows, cols = torch.nonzero(block >= threshold, as_tuple=True)
+        for r, c in zip((rows + start).tolist(), cols.tolist()):
+            if c > r:  # each unordered pair once; the diagonal is skipped
+                uf.union(r, c)
+    return [uf.find(i) for i in range(n)]
+
+
+def find_duplicates(
+    image_ids: Sequence[str],
+    images: Any,
+    *,
+    embeddings: torch.Tensor | None = None,
+    near_duplicate_threshold: float | None = None,
+    chunk_size: int = 1024,
+    show_progress: bool = True,
+) -> dict[str, str]:
+    """Map every id to its duplicate-group id (the first id of its group in input order).
+
+    Args:
+        image_ids: ids, unique.
+        images: an ImageStore (its ``load_pil`` is used), a Mapping id -> PIL.Image, or a callable
+            id -> PIL.Image.
+        embeddings: (N, D) rows aligned with ``image_ids``; needed only for near duplicates.
+        near_duplicate_threshold: None (exact duplicates only) or a cosine; pairs at or above it
+            also merge.
+    """
+    ids = list(image_ids)
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        repeats = [i for i in ids if i in seen or seen.add(i)]
+        raise DataError(explain("image_ids contain repeats", got=repeats[:5], fix="pass each id once"))
+    load = image_loader(images)
+    first_of_hash: dict[str, int] = {}
+    rep = []
+    for row, image_id in enumerate(tqdm(ids, desc="dedup: hashing pixels", disable=not show_progress)):
+        key = pixel_hash(load(image_id))
+        rep.append(first_of_hash.setdefault(key, row))
+    if near_duplicate_threshold is not None:
+        if embeddings is None:
+            raise ConfigError(explain("near_duplicate_threshold needs embeddings",
+                                      fix="pass embeddings (N, D) aligned with image_ids, or drop the threshold"))
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(ids):
+            raise ShapeError(explain("embeddings must be (N, D) with N = len(image_ids)",
+                                     got=tuple(embeddings.shape), expected=f"({len(ids)}, D)"))
+        rep = near_duplicate_groups(embeddings, near_duplicate_threshold, start_groups=rep,
+                                    chunk_size=chunk_size, show_progress=show_progress)
+    groups = {image_id: ids[r] for image_id, r in zip(ids, rep)}
+    merged = len(ids) - len(set(rep))
+    if merged:
+        logger.info("dedup: %d images fall into %d groups (%d merged)", len(ids), len(set(rep)), merged)
+    return groups
