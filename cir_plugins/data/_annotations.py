@@ -1,0 +1,102 @@
+"""Shared helpers of the annotation loaders: strict JSON reading and per-record validation.
+
+Every problem becomes an :class:`~cir_plugins.errors.AnnotationError` that names the file and the
+record index / field (or, for malformed JSON, the line, column and character offset).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import AnnotationError, ConfigError, explain
+
+__all__ = ["read_json", "RecordChecker", "BadRecord", "ON_BAD_RECORD"]
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_RECORD = ("error", "skip")
+
+
+def _no_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        result: dict = {}
+        for key, value in pairs:
+            if key in result:
+                raise AnnotationError(explain(f"{path}: the key {key!r} appears twice in one JSON object",
+                                              got=key, fix="keep one entry per key"))
+            result[key] = value
+        return result
+    return hook
+
+
+def read_json(path: Path, *, available: list[str] | None = None) -> Any:
+    """Parse ``path``; AnnotationError naming the file (and position) for any failure."""
+    if not path.is_file():
+        hint = f" (splits present here: {available})" if available is not None else ""
+        raise AnnotationError(explain(f"annotation file not found{hint}", got=str(path),
+                                      fix="check the dataset root, the split name and the official layout"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise AnnotationError(explain(f"{path} is not UTF-8 text", got=f"byte {error.start}",
+                                      fix="re-download the annotation file")) from error
+    except OSError as error:
+        raise AnnotationError(explain(f"{path} cannot be read", got=str(error), fix="check permissions")) from error
+    if not text.strip():
+        raise AnnotationError(explain(f"{path} is empty", got=f"{len(text)} characters",
+                                      fix="re-download the annotation file"))
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
+    except json.JSONDecodeError as error:
+        raise AnnotationError(explain(f"{path} is malformed or truncated JSON at line {error.lineno} column "
+                                      f"{error.colno} (character {error.pos})", got=error.msg,
+                                      fix="re-download the file; it may have been cut short")) from error
+    except RecursionError as error:
+        raise AnnotationError(explain(f"{path} nests too deeply to be an annotation file", got="RecursionError",
+                                      fix="re-download the annotation file")) from error
+
+
+class BadRecord(Exception):
+    """Internal: one record failed validation (turned into AnnotationError or a counted skip)."""
+
+
+class RecordChecker:
+    """Validate records of one file; raise or count skips per ``on_bad_record``."""
+
+    def __init__(self, path: Path, on_bad_record: str) -> None:
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ConfigError(explain("on_bad_record must be 'error' or 'skip'", got=on_bad_record,
+                                      expected=ON_BAD_RECORD))
+        self.path, self.mode = path, on_bad_record
+        self.skipped: list[dict] = []
+
+    def fail(self, index: int, field: str, problem: str, got: Any = None, expected: Any = None,
+             fix: str = "fix or remove this record, or load with on_bad_record='skip'") -> None:
+        """Raise AnnotationError (mode "error") or raise BadRecord after recording the skip."""
+        shown = got
+        if got is not None and not isinstance(got, (str, int, float, bool)):
+            shown = repr(got)
+            if len(shown) > 120:
+                shown = shown[:117] + "..."
+        message = explain(f"{self.path}, record {index}, field {field!r}: {problem}", got=shown,
+                          expected=expected, fix=fix)
+        if self.mode == "error":
+            raise AnnotationError(message)
+        logger.warning("skipping a bad record: %s", message)
+        self.skipped.append({"file": str(self.path), "index": index, "field": field, "problem": problem})
+        raise BadRecord(message)
+
+    @staticmethod
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    @staticmethod
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    @staticmethod
+    def is_name(value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())

@@ -1,0 +1,165 @@
+"""CIRR (rc2) loader, also used for the synthetic world (same layout).
+
+On-disk layout under ``root``::
+
+    cirr/captions/cap.rc2.{split}.json       list of {"pairid": int, "reference": name,
+                                              "target_hard": name, "target_soft": {name: float},
+                                              "caption": str, "img_set": {"id": int,
+                                              "members": [names], "reference_rank": int,
+                                              "target_rank": int}}
+                                              (test1 records have no target fields)
+    cirr/image_splits/split.rc2.{split}.json {name: "./train/34/name.png", ...} relative to root
+
+Any split name present on disk loads ("train", "val", "test1", or the synthetic world's "test").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import AnnotationError, explain
+from ._annotations import BadRecord, RecordChecker, read_json
+from .images import DEFAULT_MAX_PIXELS, ImageStore
+from .split import Split
+from .triplet import Triplet
+
+__all__ = ["load_cirr", "cirr_splits"]
+
+logger = logging.getLogger(__name__)
+
+
+def cirr_splits(root: str | os.PathLike) -> list[str]:
+    """Split names that have a captions file under ``root/cirr/captions``."""
+    folder = Path(root) / "cirr" / "captions"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[len("cap.rc2."):-len(".json")] for p in folder.glob("cap.rc2.*.json"))
+
+
+def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable | None = "clip", size: int = 224,
+              on_bad_record: str = "error", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Split:
+    """Load one CIRR split (ids only; images lazily through an ImageStore).
+
+    Args:
+        root: dataset root (holds ``cirr/`` and the image folders).
+        split: split name as on disk ("train", "val", "test1"; "train"/"val"/"test" for the
+            synthetic world).
+        transform, size, max_pixels: passed to :class:`ImageStore`.
+        on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops bad
+            records (logged, counted in ``split.info["skipped"]``). File-level problems (missing,
+            malformed or truncated JSON, wrong top-level type, unsafe image paths) always raise.
+
+    Returns:
+        Split with one Triplet per caption record: ``texts = (caption,)``, ``target`` (None where the
+        file has no targets), ``pair_id``, ``members`` (img_set.members) and ``meta`` with
+        ``target_soft``, ``img_set_id``, ``reference_rank``, ``target_rank``, ``caption`` (raw).
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise AnnotationError(explain("the CIRR root is not a directory", got=str(root),
+                                      fix="pass the folder that holds cirr/captions and cirr/image_splits"))
+    available = cirr_splits(root_path)
+    captions_path = root_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
+    splits_path = root_path / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+    image_paths = read_json(splits_path, available=available)
+    if not isinstance(image_paths, dict):
+        raise AnnotationError(explain(f"{splits_path} must hold a JSON object {{name: relative path}}",
+                                      got=type(image_paths).__name__, fix="use the official split.rc2 file"))
+    for name, rel in image_paths.items():
+        if not isinstance(rel, str) or not rel.strip():
+            raise AnnotationError(explain(f"{splits_path}, image {name!r}: the path must be a non-empty string",
+                                          got=rel, fix="fix the image_splits file"))
+        if not name.strip():
+            raise AnnotationError(explain(f"{splits_path}: an image name is empty", got=name,
+                                          fix="fix the image_splits file"))
+    records = read_json(captions_path, available=available)
+    if not isinstance(records, list):
+        raise AnnotationError(explain(f"{captions_path} must hold a JSON list of records",
+                                      got=type(records).__name__, fix="use the official cap.rc2 file"))
+    checker = RecordChecker(captions_path, on_bad_record)
+    gallery = set(image_paths)
+    triplets: list[Triplet] = []
+    seen_pairs: dict[int, int] = {}
+    with_target: bool | None = None
+    for index, record in enumerate(records):
+        try:
+            triplet = _parse_record(record, index, checker, gallery, seen_pairs, with_target)
+        except BadRecord:
+            continue
+        with_target = triplet.target is not None if with_target is None else with_target
+        seen_pairs[triplet.pair_id] = index
+        triplets.append(triplet)
+    store = ImageStore(root_path, image_paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path))
+    dataset = "synthetic" if (root_path / "synthetic" / "scenes.json").is_file() else "cirr"
+    info: dict[str, Any] = {"records": len(records), "skipped": len(checker.skipped),
+                            "skipped_records": checker.skipped, "has_targets": bool(with_target)}
+    if checker.skipped:
+        logger.warning("%s: skipped %d of %d records", captions_path, len(checker.skipped), len(records))
+    return Split(dataset=dataset, split=split, triplets=triplets, gallery_ids=list(image_paths), images=store,
+                 category=None, root=str(root_path), protocol="cirr", info=info)
+
+
+def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[str], seen_pairs: dict[int, int],
+                  with_target: bool | None) -> Triplet:
+    if not isinstance(record, dict):
+        checker.fail(index, "<record>", "a record must be a JSON object", got=type(record).__name__)
+    for key in ("pairid", "reference", "caption", "img_set"):
+        if key not in record:
+            checker.fail(index, key, "required field is missing", got=sorted(record)[:10], expected=f"a {key!r} field")
+    pair_id = record["pairid"]
+    if not checker.is_int(pair_id):
+        checker.fail(index, "pairid", "must be an int", got=pair_id)
+    if pair_id in seen_pairs:
+        checker.fail(index, "pairid", f"duplicate pair id (first at record {seen_pairs[pair_id]})", got=pair_id,
+                     fix="pair ids must be unique; remove the duplicate")
+    reference = record["reference"]
+    if not checker.is_name(reference):
+        checker.fail(index, "reference", "must be a non-empty image name", got=reference)
+    if reference not in gallery:
+        checker.fail(index, "reference", "names an image not in the split's image list", got=reference,
+                     fix="check that the captions and image_splits files are of the same split")
+    caption = record["caption"]
+    if not isinstance(caption, str):
+        checker.fail(index, "caption", "must be a string", got=caption)
+    if not caption.strip():
+        checker.fail(index, "caption", "is empty or whitespace", got=caption)
+    target = record.get("target_hard")
+    has_target = "target_hard" in record
+    if has_target:
+        if not checker.is_name(target):
+            checker.fail(index, "target_hard", "must be a non-empty image name", got=target)
+        if target not in gallery:
+            checker.fail(index, "target_hard", "names an image not in the split's image list", got=target,
+                         fix="check that the captions and image_splits files are of the same split")
+    if with_target is not None and has_target != with_target:
+        checker.fail(index, "target_hard", "some records have a target and others do not",
+                     got="present" if has_target else "missing",
+                     expected="present" if with_target else "missing")
+    target_soft = record.get("target_soft", {})
+    if not isinstance(target_soft, dict) or not all(checker.is_number(v) for v in target_soft.values()):
+        checker.fail(index, "target_soft", "must be an object {name: number}", got=target_soft)
+    img_set = record["img_set"]
+    if not isinstance(img_set, dict):
+        checker.fail(index, "img_set", "must be an object with 'members'", got=img_set)
+    members = img_set.get("members")
+    if not isinstance(members, list) or not members or not all(checker.is_name(m) for m in members):
+        checker.fail(index, "img_set.members", "must be a non-empty list of image names", got=members)
+    if len(set(members)) != len(members):
+        checker.fail(index, "img_set.members", "lists an image twice", got=members)
+    missing = [m for m in members if m not in gallery]
+    if missing:
+        checker.fail(index, "img_set.members", "names images not in the split's image list", got=missing)
+    if reference not in members:
+        checker.fail(index, "img_set.members", "does not contain the reference", got=members,
+                     expected=f"a list including {reference!r}")
+    meta: dict[str, Any] = {"target_soft": dict(target_soft), "caption": caption}
+    for key in ("id", "reference_rank", "target_rank"):
+        if key in img_set:
+            if not checker.is_int(img_set[key]):
+                checker.fail(index, f"img_set.{key}", "must be an int", got=img_set[key])
+            meta["img_set_id" if key == "id" else key] = img_set[key]
+    return Triplet(reference=reference, texts=(caption.strip(),), target=target if has_target else None,
+                   source="annotated", pair_id=pair_id, members=tuple(members), meta=meta)

@@ -1,0 +1,136 @@
+"""Builders of tiny FashionIQ and CIRR trees in the exact on-disk formats, for tests and examples.
+
+They reproduce the real files' quirks that loaders must cope with:
+
+- FashionIQ: captions with leading spaces, trailing punctuation (".", "?", ","), a typo or two,
+  images stored as ``.jpg`` for most names and ``.png`` for some, non-square images of varied
+  aspect ratio (some grayscale / RGBA), a test split without "target".
+- CIRR: nested image paths ``./train/34/name.png``, ``./dev/name.png``, ``./test1/name.png``;
+  captions with leading spaces and trailing full stops; ``target_soft`` values of 1.0, 0.5 and
+  -1.0; 6-member ``img_set`` groups; a test1 split without target fields.
+
+Each builder returns the root as a Path; the trees are small enough (tens of images) for
+per-test use (``tmp_path``). Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["build_fashioniq_tree", "build_cirr_tree", "write_image"]
+
+CATEGORIES = ("dress", "shirt", "toptee")
+_FIQ_CAPTIONS = [
+    (" is red and shorter.", "has no sleeves"), ("is more colorfull", " has a v-neck?"),
+    ("is darker, ", "is longer and has a belt."), ("  has stripes", "is solid blue"),
+    ("is sleevless and white.", " more fitted,"), ("has a floral print?", "is less formal"),
+]
+_CIRR_CAPTIONS = [
+    " Change the dog to a cat.", "remove the people and make the sky darker", "The same animal but on grass.",
+    " show two of them instead of one", "Zoom out and add a tree", "make it black and white.",
+]
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> None:
+    """Write a random image of ``size`` (width, height) in ``mode`` at ``path`` (format from suffix)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def build_fashioniq_tree(root: str | os.PathLike, *, n_images: int = 8, n_triplets: int = 5,
+                         categories=CATEGORIES, splits=("train", "val", "test"), seed: int = 0) -> Path:
+    """A tiny FashionIQ tree: per category and split ``n_images`` images and ``n_triplets`` records.
+
+    Image names are ``B0{category}_{split}{k:02d}`` (e.g. "B0dress_val03");
+    every third image is a ``.png`` (the rest ``.jpg``); sizes vary (e.g. 24x40, 40x24, 30x30);
+    one image per split is grayscale and one RGBA (stored as PNG). The ``test`` split has no
+    "target" fields.
+    """
+    root = Path(root)
+    rng = random.Random(seed)
+    sizes = [(24, 40), (40, 24), (30, 30), (20, 44), (36, 28)]
+    for category in categories:
+        for split in splits:
+            names = [f"B0{category}_{split}{k:02d}" for k in range(n_images)]
+            _dump(root / "image_splits" / f"split.{category}.{split}.json", names)
+            for k, name in enumerate(names):
+                suffix = ".png" if k % 3 == 2 else ".jpg"
+                mode = "L" if k == 0 else ("RGBA" if k == 2 else "RGB")
+                write_image(root / "images" / f"{name}{suffix}", sizes[k % len(sizes)],
+                            seed=rng.randrange(1 << 30), mode=mode)
+            records = []
+            for t in range(n_triplets):
+                candidate, target = rng.sample(names, 2)
+                c0, c1 = _FIQ_CAPTIONS[(t + len(split)) % len(_FIQ_CAPTIONS)]
+                record = {"candidate": candidate, "captions": [c0, c1]}
+                if split != "test":
+                    record = {"target": target, **record}
+                records.append(record)
+            _dump(root / "captions" / f"cap.{category}.{split}.json", records)
+    return root
+
+
+def build_cirr_tree(root: str | os.PathLike, *, n_images: int = 12, n_triplets: int = 4, seed: int = 0,
+                    splits=("train", "val", "test1")) -> Path:
+    """A tiny CIRR (rc2) tree: per split ``n_images`` images (>= 6) and ``n_triplets`` records.
+
+    Image folders: train -> ``./train/{k % 3 + 30}/name.png`` (nested), val -> ``./dev/name.png``,
+    test1 -> ``./test1/name.png``. Names look like "train-10108-0-img0". Records carry
+    ``target_soft`` with 1.0 / 0.5 / -1.0 values and 6-member img_sets that include reference and
+    target; test1 records have no ``target_hard`` / ``target_soft`` / ``target_rank``.
+    """
+    if n_images < 6:
+        raise ValueError("build_cirr_tree needs n_images >= 6 (one img_set)")
+    root = Path(root)
+    rng = random.Random(seed)
+    folder = {"train": "train", "val": "dev", "test1": "test1"}
+    pair_id = 100
+    for split in splits:
+        prefix = folder.get(split, split)
+        names = [f"{prefix}-{1000 + k // 2}-{k % 2}-img{k % 2}" for k in range(n_images)]
+        paths = {}
+        for k, name in enumerate(names):
+            rel = f"./{prefix}/{k % 3 + 30}/{name}.png" if split == "train" else f"./{prefix}/{name}.png"
+            paths[name] = rel
+            write_image(root / rel, (28 + 4 * (k % 3), 24), seed=rng.randrange(1 << 30))
+        _dump(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
+        records = []
+        for t in range(n_triplets):
+            members = rng.sample(names, 6)
+            reference, target = members[0], members[1]
+            rng.shuffle(members)
+            record = {"pairid": pair_id, "reference": reference,
+                      "caption": _CIRR_CAPTIONS[(t + pair_id) % len(_CIRR_CAPTIONS)],
+                      "img_set": {"id": 500 + t, "members": members,
+                                  "reference_rank": members.index(reference)}}
+            if split != "test1":
+                others = [m for m in members if m not in (reference, target)]
+                record["target_hard"] = target
+                record["target_soft"] = {target: 1.0, others[0]: 0.5, others[1]: -1.0}
+                record["img_set"]["target_rank"] = members.index(target)
+            records.append(record)
+            pair_id += 1
+        _dump(root / "cirr" / "captions" / f"cap.rc2.{split}.json", records)
+    return root
