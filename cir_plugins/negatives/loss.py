@@ -191,9 +191,13 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
 # pieces shared by the paths
 # --------------------------------------------------------------------------------------------
 
-def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes``."""
-    return max(_MIN_CHUNK, budget_bytes // (4 * max(1, batch) * max(1, tokens)))
+def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: Optional[int] = None) -> int:
+    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes``.
+
+    ``budget_bytes`` defaults to the module's CHUNK_BUDGET_BYTES (read at call time).
+    """
+    budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(_MIN_CHUNK, budget // (4 * max(1, batch) * max(1, tokens)))
 
 
 def select_path(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot",
