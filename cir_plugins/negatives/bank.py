@@ -1,0 +1,473 @@
+"""The static negative bank of stage 2: every gallery image encoded once by the frozen target side.
+
+A :class:`NegativeBank` holds one L2-normalised row per de-duplicated image (ids that are
+duplicates share a row), resident on its device in a compact dtype (bf16 on CUDA, float32 on CPU
+by default). It remembers a fingerprint of the target-side weights that made it, so a bank built
+by another model, or by changed weights, is refused (:class:`~cir_plugins.errors.BankMismatchError`)
+instead of silently training against stale negatives.
+
+Shapes: N rows, D embedding dim, T tokens per image for multi-vector banks ("max_token").
+
+File format (``.save`` / ``.load``): one safetensors file with a single tensor ``embeddings``
+((N, D) or (N, T, D)) and string metadata: ``format`` ("cir_plugins.bank"), ``version``,
+``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of each id, same order),
+``dtype``, ``similarity``, ``shape`` (JSON list) and ``fingerprint``.
+
+Building can resume: with ``cache_dir=`` every finished chunk of rows is written atomically as a
+shard ``rows-<start>-<end>.safetensors``; a build that was killed picks the finished shards up
+(after checking they were made by the same weights for the same ids) and encodes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .. import protocol
+from ..errors import BankMismatchError, ConfigError, DataError, NonFiniteError, ShapeError, explain
+
+__all__ = ["NegativeBank", "exclusion_rows", "atomic_write_bytes", "probe_split"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cir_plugins.bank"
+VERSION = "1"
+PROBE_TEXT = "a probe text"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: ``path.tmp-<pid>`` in the same folder, fsync, replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _model_device(model: Any) -> torch.device:
+    for parameter in (model.parameters() if hasattr(model, "parameters") else ()):
+        return parameter.device
+    return torch.device("cpu")
+
+
+def probe_split(model: Any, sample: Tensor) -> protocol.ParameterSplit:
+    """The model's parameter split, probed with ``sample`` ((n, C, H, W) images) and a fixed text.
+
+    Every parameter is counted by what it reaches, whatever its ``requires_grad`` flag now (flags are
+    restored), so a model frozen for stage 2 fingerprints the same as before freezing.
+    """
+    params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    flags = [p.requires_grad for _, p in params]
+    try:
+        for _, p in params:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        return protocol.parameter_split(model, sample, [PROBE_TEXT] * sample.shape[0], sample)
+    finally:
+        for (_, p), flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class _IdDataset(Dataset):
+    """Index -> (index, image tensor (C, H, W)) over a list of ids of an image mapping."""
+
+    def __init__(self, ids: Sequence[str], images: Mapping[str, Tensor]) -> None:
+        self.ids = list(ids)
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        return index, self.images[self.ids[index]]
+
+
+def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(explain("unknown bank dtype", got=dtype, expected=sorted(_DTYPES)))
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ConfigError(explain("unsupported bank dtype", got=dtype, expected=sorted(_DTYPES)))
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+class NegativeBank:
+    """Every gallery image, encoded once: ``embeddings`` (N, D) or (N, T, D), one row per group.
+
+    Build with :meth:`build`, persist with :meth:`save` / :meth:`load`. ``ids`` lists every image id
+    the bank covers (duplicates included); ``row_of(id)`` gives its row.
+    """
+
+    def __init__(self, embeddings: Tensor, ids: Sequence[str], rows: Sequence[int], *,
+                 similarity: str, fingerprint: str) -> None:
+        """Low-level constructor; prefer :meth:`build` or :meth:`load`.
+
+        Args:
+            embeddings: (N, D) or (N, T, D), L2-normalised along the last dim.
+            ids: every covered image id, unique.
+            rows: the row of each id (same length as ``ids``), each in [0, N); every row used.
+            similarity: "dot" for (N, D), "max_token" for (N, T, D).
+            fingerprint: protocol.target_fingerprint of the weights that made it.
+        """
+        if not torch.is_tensor(embeddings) or embeddings.dim() not in (2, 3):
+            raise ShapeError(explain("bank embeddings must be (N, D) or (N, T, D)",
+                                     got=getattr(embeddings, "shape", type(embeddings).__name__)))
+        expected_dim = {"dot": 2, "max_token": 3}.get(similarity)
+        if expected_dim is None:
+            raise ConfigError(explain("unknown bank similarity", got=similarity, expected=protocol.SIMILARITIES))
+        if embeddings.dim() != expected_dim:
+            raise ShapeError(explain(f"similarity {similarity!r} needs {expected_dim}-d bank embeddings",
+                                     got=tuple(embeddings.shape),
+                                     fix="use 'dot' for (N, D) and 'max_token' for (N, T, D)"))
+        ids = [str(i) for i in ids]
+        rows = [int(r) for r in rows]
+        if len(ids) != len(rows):
+            raise DataError(explain("ids and rows differ in length", got=(len(ids), len(rows))))
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise DataError(explain("bank ids must be unique", got=dupes))
+        n = embeddings.shape[0]
+        if rows and (min(rows) < 0 or max(rows) >= n):
+            raise DataError(explain("bank rows out of range", got=(min(rows), max(rows)), expected=f"[0, {n})"))
+        if set(rows) != set(range(n)):
+            raise DataError(explain("every bank row must be the row of at least one id",
+                                    got=f"{len(set(rows))} rows used", expected=n))
+        self.embeddings = embeddings
+        self.ids = ids
+        self._row_of = dict(zip(ids, rows))
+        self.similarity = similarity
+        self.fingerprint = str(fingerprint)
+
+    # ---------------------------------------------------------------------------------------- views
+    def __len__(self) -> int:
+        """Number of rows N (de-duplicated images)."""
+        return int(self.embeddings.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"NegativeBank(rows={len(self)}, ids={len(self.ids)}, shape={tuple(self.embeddings.shape)}, "
+                f"dtype={self.embeddings.dtype}, device={self.embeddings.device}, similarity={self.similarity!r})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row_of
+
+    def row_of(self, image_id: str) -> int:
+        """The bank row of ``image_id`` (duplicates share one). Unknown id -> DataError naming it."""
+        try:
+            return self._row_of[image_id]
+        except KeyError:
+            raise DataError(explain("image id is not in the negative bank", got=image_id,
+                                    expected=f"one of the bank's {len(self.ids)} ids",
+                                    fix="build the bank over the split that holds this image")) from None
+
+    def rows_of(self, image_ids: Iterable[str]) -> Tensor:
+        """(n,) int64 rows of ``image_ids`` on the bank's device. Unknown ids -> DataError naming them."""
+        image_ids = list(image_ids)
+        missing = [i for i in image_ids if i not in self._row_of]
+        if missing:
+            raise DataError(explain(f"{len(missing)} image ids are not in the negative bank", got=missing[:10],
+                                    fix="build the bank over the split that holds these images"))
+        return torch.tensor([self._row_of[i] for i in image_ids], dtype=torch.long, device=self.device)
+
+    def to(self, device: Any = None, dtype: Any = None) -> "NegativeBank":
+        """A bank with the embeddings on ``device`` (and in ``dtype``); self when nothing changes."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = _resolve_dtype(dtype, device) if dtype is not None else self.dtype
+        if device == self.device and dtype == self.dtype:
+            return self
+        moved = self.embeddings.to(device=device, dtype=dtype)
+        return NegativeBank(moved, self.ids, [self._row_of[i] for i in self.ids],
+                            similarity=self.similarity, fingerprint=self.fingerprint)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata (all strings)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "ids": json.dumps(self.ids),
+            "rows": json.dumps([self._row_of[i] for i in self.ids]),
+            "dtype": _dtype_name(self.dtype),
+            "similarity": self.similarity,
+            "shape": json.dumps(list(self.embeddings.shape)),
+            "fingerprint": self.fingerprint,
+        }
+
+    # ---------------------------------------------------------------------------------------- checks
+    def check_compatible(self, model: Any, *, sample: Tensor | None = None,
+                         split: protocol.ParameterSplit | None = None) -> None:
+        """Refuse a model whose target side did not make this bank (BankMismatchError).
+
+        Checks, each named in the error: the similarity kind; the embedding shape (when ``sample``
+        images (n, C, H, W) are given, they are encoded once); the fingerprint of the target-side
+        weights (``split`` defaults to :func:`probe_split` on ``sample``, which is then required).
+        """
+        problems = []
+        model_similarity = protocol.similarity_of(model)
+        if model_similarity != self.similarity:
+            problems.append(f"similarity: bank {self.similarity!r}, model {model_similarity!r}")
+        if sample is not None:
+            with torch.no_grad():
+                out = model.encode_image(sample.to(_model_device(model)))
+            if tuple(out.shape[1:]) != tuple(self.embeddings.shape[1:]):
+                problems.append(f"embedding shape: bank rows {tuple(self.embeddings.shape[1:])}, "
+                                f"model encode_image gives {tuple(out.shape[1:])}")
+        if split is None:
+            if sample is None:
+                raise ConfigError(explain("check_compatible needs sample images or a parameter split",
+                                          fix="pass sample=(n, C, H, W) images or split=parameter_split(...)"))
+            split = probe_split(model, sample)
+        fingerprint = protocol.target_fingerprint(model, split)
+        if fingerprint != self.fingerprint:
+            problems.append(f"fingerprint of the target-side weights: bank {self.fingerprint}, model {fingerprint}")
+        if problems:
+            raise BankMismatchError(explain(
+                "the negative bank was not built by this model's target side: " + "; ".join(problems),
+                fix="rebuild the bank with this model (cir-plugins build-bank), or load the matching weights"))
+
+    # ---------------------------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, model: Any, image_ids: Sequence[str], images: Mapping[str, Tensor], *,
+              groups: Mapping[str, str] | None = None, batch_size: int = 64, device: Any = None,
+              dtype: Any = None, num_workers: int = 0, show_progress: bool = True,
+              cache_dir: str | os.PathLike | None = None, split: protocol.ParameterSplit | None = None,
+              ) -> "NegativeBank":
+        """Encode every image once with ``model.encode_image`` (no_grad, eval mode).
+
+        Args:
+            model: a CIR model (its target side makes the rows).
+            image_ids: the ids to cover, unique.
+            images: id -> preprocessed image (C, H, W).
+            groups: id -> duplicate-group id (from positives.dedup); ids of one group share a row,
+                encoded once from the group's first id. Ids absent from ``groups`` are their own group.
+            batch_size: images per encoder call.
+            device: where the encoder runs and the bank lives; default the model's device.
+            dtype: bank dtype; default bf16 on CUDA, float32 elsewhere.
+            num_workers: DataLoader workers reading images.
+            show_progress: a tqdm bar.
+            cache_dir: a folder for resumable partial shards (see the module doc); None: no cache.
+            split: the model's parameter split (default: probed on the first image).
+
+        Returns: a bank with embeddings (N, D) or (N, T, D), N = number of groups.
+        """
+        image_ids = list(image_ids)
+        if not image_ids:
+            raise DataError(explain("no image ids to build a bank from", got=0, fix="pass the gallery's ids"))
+        bad = [i for i in image_ids if not isinstance(i, str) or not i]
+        if bad:
+            raise DataError(explain("image ids must be non-empty strings", got=bad[:5]))
+        if len(set(image_ids)) != len(image_ids):
+            seen, dupes = set(), []
+            for i in image_ids:
+                if i in seen:
+                    dupes.append(i)
+                seen.add(i)
+            raise DataError(explain("image ids repeat", got=dupes[:5], fix="pass each id once; use groups= for duplicates"))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(explain("batch_size must be a positive int", got=batch_size))
+        device = torch.device(device) if device is not None else _model_device(model)
+        dtype = _resolve_dtype(dtype, device)
+        similarity = protocol.similarity_of(model)
+        groups = dict(groups or {})
+
+        # one representative (the first id met) per group; row r <-> representatives[r]
+        row_of_group: dict[str, int] = {}
+        representatives: list[str] = []
+        rows: list[int] = []
+        for image_id in image_ids:
+            group = groups.get(image_id, f"\0{image_id}")
+            if group not in row_of_group:
+                row_of_group[group] = len(representatives)
+                representatives.append(image_id)
+            rows.append(row_of_group[group])
+        missing = [i for i in representatives if i not in images]
+        if missing:
+            raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:10],
+                                    fix="pass an image mapping that covers every id"))
+
+        if split is None:
+            split = probe_split(model, images[representatives[0]].unsqueeze(0).to(device))
+        fingerprint = protocol.target_fingerprint(model, split)
+
+        shards = _ShardCache(cache_dir, representatives, fingerprint) if cache_dir is not None else None
+        done = shards.load(device) if shards is not None else {}
+
+        todo = [r for r in range(len(representatives)) if r not in done]
+        out: dict[int, Tensor] = dict(done)
+        use_cuda = device.type == "cuda"
+        autocast_dtype = dtype if (use_cuda and dtype in (torch.bfloat16, torch.float16)) else None
+        modules = list(model.modules()) if hasattr(model, "modules") else []
+        modes = [m.training for m in modules]
+        loader = DataLoader(_IdDataset([representatives[r] for r in todo], images), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers, pin_memory=use_cuda)
+        try:
+            for m in modules:
+                m.training = False
+            pending: list[tuple[int, Tensor]] = []
+            with torch.no_grad():
+                for positions, batch in tqdm(loader, desc="build bank", disable=not show_progress,
+                                             total=len(loader), unit="batch"):
+                    batch = batch.to(device, non_blocking=True)
+                    if autocast_dtype is not None:
+                        with torch.autocast(device.type, dtype=autocast_dtype):
+                            emb = model.encode_image(batch)
+                    else:
+                        emb = model.encode_image(batch)
+                    if not torch.is_tensor(emb) or emb.dim() != (2 if similarity == "dot" else 3) \
+                            or emb.shape[0] != batch.shape[0]:
+                        raise ShapeError(explain(
+                            "encode_image returned a tensor of the wrong shape",
+                            got=getattr(emb, "shape", type(emb).__name__),
+                            expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
+                            fix="match the model's similarity attribute to its encode_image output"))
+                    if not torch.isfinite(emb).all():
+                        raise NonFiniteError(explain("encode_image returned NaN or inf",
+                                                     got=[representatives[todo[p]] for p in positions.tolist()][:5]))
+                    emb = F.normalize(emb.float(), dim=-1).to(dtype)  # (b, D) or (b, T, D), unit rows
+                    for p, row_emb in zip(positions.tolist(), emb):
+                        out[todo[p]] = row_emb
+                        pending.append((todo[p], row_emb))
+                    if shards is not None:
+                        shards.write(pending)
+                        pending = []
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+        embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
+        bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint)
+        logger.info("built %r from %d ids (%d re-used from the shard cache)", bank, len(image_ids), len(done))
+        return bank
+
+    # ---------------------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (tensor ``embeddings`` + string metadata), atomically."""
+        data = save({"embeddings": self.embeddings.detach().to("cpu").contiguous()}, metadata=self.metadata())
+        atomic_write_bytes(path, data)
+        logger.info("saved %r to %s", self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: Any = "cpu", dtype: Any = None) -> "NegativeBank":
+        """Read a bank written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(explain("no negative bank at this path", got=str(path),
+                                    fix="build one with NegativeBank.build(...).save(path) or cir-plugins build-bank"))
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            tensors = load_file(str(path), device=str(torch.device(device)))
+        except Exception as error:  # safetensors raises its own error types on corrupt files
+            raise DataError(explain("the bank file is not a readable safetensors file", got=f"{path}: {error}",
+                                    fix="rebuild the bank")) from error
+        if meta.get("format") != FORMAT or "embeddings" not in tensors:
+            raise DataError(explain("the file is not a cir_plugins negative bank", got=meta.get("format"),
+                                    expected=FORMAT))
+        try:
+            ids = json.loads(meta["ids"])
+            rows = json.loads(meta["rows"])
+            shape = json.loads(meta["shape"])
+        except (KeyError, ValueError) as error:
+            raise DataError(explain("the bank metadata is incomplete or corrupt", got=str(error),
+                                    fix="rebuild the bank")) from error
+        embeddings = tensors["embeddings"]
+        if list(embeddings.shape) != shape or _dtype_name(embeddings.dtype) != meta.get("dtype"):
+            raise DataError(explain("the bank tensor disagrees with its metadata",
+                                    got=(list(embeddings.shape), str(embeddings.dtype)),
+                                    expected=(shape, meta.get("dtype")), fix="rebuild the bank"))
+        if dtype is not None:
+            embeddings = embeddings.to(_resolve_dtype(dtype, embeddings.device))
+        return cls(embeddings, ids, rows, similarity=meta["similarity"], fingerprint=meta["fingerprint"])
+
+
+class _ShardCache:
+    """Finished chunks of bank rows on disk, so a killed build resumes.
+
+    Each shard ``rows-<first>-<count>-<hash>.safetensors`` holds ``rows`` (k,) and ``embeddings``;
+    metadata names the fingerprint and a hash of the representative ids, so shards of another model
+    or another id list are ignored (and logged).
+    """
+
+    _NAME = re.compile(r"^rows-(\d+)-(\d+)-([0-9a-f]+)\.safetensors$")
+
+    def __init__(self, folder: str | os.PathLike, representatives: Sequence[str], fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.ids_hash = hashlib.blake2b("\n".join(representatives).encode(), digest_size=8).hexdigest()
+
+    def load(self, device: torch.device) -> dict[int, Tensor]:
+        done: dict[int, Tensor] = {}
+        for path in sorted(self.folder.iterdir()):
+            if not self._NAME.match(path.name):
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    meta = handle.metadata() or {}
+                if meta.get("fingerprint") != self.fingerprint or meta.get("ids_hash") != self.ids_hash:
+                    logger.warning("ignoring bank shard %s: made by other weights or for other ids", path)
+                    continue
+                tensors = load_file(str(path), device=str(device))
+            except Exception as error:  # a torn file cannot exist (atomic writes) but a foreign one may
+                logger.warning("ignoring unreadable bank shard %s: %s", path, error)
+                continue
+            for row, emb in zip(tensors["rows"].tolist(), tensors["embeddings"]):
+                done[int(row)] = emb
+        if done:
+            logger.info("bank cache %s: %d rows already encoded", self.folder, len(done))
+        return done
+
+    def write(self, items: list[tuple[int, Tensor]]) -> None:
+        if not items:
+            return
+        rows = torch.tensor([r for r, _ in items], dtype=torch.long)
+        embeddings = torch.stack([e.detach().to("cpu") for _, e in items]).contiguous()
+        name = f"rows-{int(rows[0]):09d}-{len(items):06d}-{self.ids_hash}.safetensors"
+        atomic_write_bytes(self.folder / name, save({"rows": rows, "embeddings": embeddings},
+                                                    metadata={"fingerprint": self.fingerprint,
+                                                              "ids_hash": self.ids_hash}))
+
+
+def exclusion_rows(bank: NegativeBank, triplets: Sequence[Any]) -> Tensor:
+    """(B, 1) int64 rows to mask out of each query's softmax, -1 where nothing is masked.
+
+    The masked row is the reference's row (shared by its duplicates). It is never the target's row:
+    when the reference and the target are duplicates of each other the reference row IS the
+    positive, so it is left in (and counted as the positive). A reference not in the bank masks
+    nothing. Returned on the bank's device.
+    """
+    rows = []
+    for triplet in triplets:
+        ref_row = bank._row_of.get(triplet.reference, -1)
+        target_row = bank._row_of.get(triplet.target, -2) if triplet.target is not None else -2
+        rows.append(ref_row if ref_row != target_row else -1)
+    return torch.tensor(rows, dtype=torch.long, device=bank.device).reshape(len(rows), 1)  # (B, 1)
