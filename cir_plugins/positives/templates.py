@@ -1,0 +1,180 @@
+"""Modification texts from the reference caption R and the target caption T, by templates.
+
+The method's three templates are ``"{target} instead of {reference}"``, ``"Unlike {reference}, I
+want {target}"`` and ``"{target}"``. Presets: ``"cirr"`` (the first two), ``"fashioniq"``
+(``"{target}"`` only) and ``"all"``. Any other template string may use the placeholders
+``{reference}`` and ``{target}`` (write ``{{`` / ``}}`` for literal braces); unknown placeholders
+are an error. Captions are substituted as values, so braces inside a caption stay as they are.
+
+A generated triplet keeps every candidate text; one is drawn per training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError, DataError, explain
+
+__all__ = ["PRESETS", "FALLBACKS", "resolve_templates", "validate_template", "fill_template", "TextMaker",
+           "word_count"]
+
+logger = logging.getLogger(__name__)
+
+INSTEAD = "{target} instead of {reference}"
+UNLIKE = "Unlike {reference}, I want {target}"
+TARGET = "{target}"
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cirr": (INSTEAD, UNLIKE),
+    "fashioniq": (TARGET,),
+    "all": (INSTEAD, UNLIKE, TARGET),
+}
+PLACEHOLDERS = ("reference", "target")
+FALLBACKS = ("target", "truncate", "error")
+
+
+def word_count(text: str) -> int:
+    """The default token count: whitespace-separated words."""
+    return len(text.split())
+
+
+def validate_template(template: str) -> str:
+    """Return ``template`` if it only uses {reference}/{target}; else raise ConfigError."""
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigError(explain("a template must be a non-empty string", got=template,
+                                  fix="write e.g. '{target} instead of {reference}'"))
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ConfigError(explain(f"the template is not a valid format string ({error})", got=template,
+                                  fix="balance the braces; write {{ and }} for literal braces")) from None
+    for name, spec, conv in fields:
+        if name not in PLACEHOLDERS or spec or conv:
+            raise ConfigError(explain("the template uses an unknown placeholder", got=f"{{{name}}} in {template!r}",
+                                      expected=[f"{{{p}}}" for p in PLACEHOLDERS],
+                                      fix="use only {reference} and {target} (no format specs)"))
+    if not fields:
+        raise ConfigError(explain("the template has no placeholder, so its text would carry no modification",
+                                  got=template, expected="at least one of {reference}, {target}"))
+    return template
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset name, one template string, or a sequence of templates (and/or preset names) -> templates."""
+    if isinstance(templates, str):
+        if templates in PRESETS:
+            return PRESETS[templates]
+        if "{" not in templates:
+            raise ConfigError(explain("unknown template preset", got=templates, expected=sorted(PRESETS),
+                                      fix="name a preset or give a template with {reference}/{target}"))
+        return (validate_template(templates),)
+    if not isinstance(templates, (list, tuple)) or not templates:
+        raise ConfigError(explain("templates must be a preset name or a non-empty list of template strings",
+                                  got=templates, expected=sorted(PRESETS)))
+    out: list[str] = []
+    for item in templates:
+        for template in resolve_templates(item):
+            if template not in out:
+                out.append(template)
+    return tuple(out)
+
+
+def _check_caption(caption: Any, role: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(explain(f"the {role} caption is empty or not a string", got=caption,
+                                fix="caption the image again or drop it"))
+    return caption.strip()
+
+
+def fill_template(template: str, reference: str, target: str) -> str:
+    """Fill one validated template with the two (non-empty) captions."""
+    validate_template(template)
+    return template.format(reference=_check_caption(reference, "reference"), target=_check_caption(target, "target"))
+
+
+def _counter(count_tokens: Any) -> Callable[[str], int]:
+    if count_tokens is None:
+        return word_count
+    encode = getattr(count_tokens, "encode", None)
+    if callable(encode):  # a tokenizer: its own token count, special tokens included
+        return lambda text: len(encode(text))
+    if callable(count_tokens):
+        return count_tokens
+    raise ConfigError(explain("count_tokens must be a callable text -> int or a tokenizer with .encode",
+                              got=type(count_tokens).__name__))
+
+
+@dataclass
+class TextMaker:
+    """Turn (reference caption, target caption) into the candidate texts of one triplet.
+
+    Fields:
+        templates: preset name or template strings (see :func:`resolve_templates`).
+        max_tokens: longest allowed text, in ``count_tokens`` units; None = no limit.
+        count_tokens: callable text -> int, or a tokenizer (``len(tokenizer.encode(text))``);
+            default whitespace word count.
+        fallback: what to do with a text over ``max_tokens``: "target" (use the target caption
+            alone, cut to the limit if it is still too long), "truncate" (drop trailing words until
+            it fits) or "error" (raise DataError).
+        rewrite: optional hook text -> text (e.g. an LLM restyling), applied to each filled text
+            before the length check; off by default.
+    """
+
+    templates: Any = "cirr"
+    max_tokens: int | None = None
+    count_tokens: Any = None
+    fallback: str = "target"
+    rewrite: Callable[[str], str] | None = None
+
+    def __post_init__(self) -> None:
+        self.templates = resolve_templates(self.templates)
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise ConfigError(explain("max_tokens must be None or an int >= 1", got=self.max_tokens))
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(explain("unknown fallback policy", got=self.fallback, expected=FALLBACKS))
+        if self.rewrite is not None and not callable(self.rewrite):
+            raise ConfigError(explain("rewrite must be a callable text -> text", got=type(self.rewrite).__name__))
+        self._count = _counter(self.count_tokens)
+        self.fallbacks_used = 0  # how many texts the length policy replaced or cut
+
+    def _truncate(self, text: str) -> str:
+        words = text.split()
+        while len(words) > 1 and self._count(" ".join(words)) > self.max_tokens:
+            words.pop()
+        text = " ".join(words)
+        while len(text) > 1 and self._count(text) > self.max_tokens:  # one word still too long: cut characters
+            text = text[:-1]
+        return text
+
+    def _fit(self, text: str, target: str) -> str:
+        if self.max_tokens is None or self._count(text) <= self.max_tokens:
+            return text
+        if self.fallback == "error":
+            raise DataError(explain("a generated text is longer than max_tokens",
+                                    got=f"{self._count(text)} tokens: {text[:80]!r}", expected=f"<= {self.max_tokens}",
+                                    fix="raise max_tokens, shorten the captions, or use fallback='target'"))
+        self.fallbacks_used += 1
+        if self.fallback == "truncate":
+            return self._truncate(text)
+        return target if self._count(target) <= self.max_tokens else self._truncate(target)
+
+    def __call__(self, reference: str, target: str) -> list[tuple[str, str]]:
+        """Return ``[(template, text), ...]``: one per template, identical texts kept once."""
+        reference = _check_caption(reference, "reference")
+        target = _check_caption(target, "target")
+        out: list[tuple[str, str]] = []
+        for template in self.templates:
+            text = template.format(reference=reference, target=target)
+            if self.rewrite is not None:
+                rewritten = self.rewrite(text)
+                if not isinstance(rewritten, str) or not rewritten.strip():
+                    raise DataError(explain("the rewrite hook returned an empty or non-string text",
+                                            got=rewritten, fix="make the hook return the text it received or a rewrite"))
+                text = rewritten.strip()
+            text = self._fit(text, target)
+            if all(text != seen for _, seen in out):
+                out.append((template, text))
+        return out
