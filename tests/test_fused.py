@@ -1,0 +1,297 @@
+"""The fused Triton bank loss equals the full-logits reference, in value and gradients.
+
+The kernel is run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``). That variable
+must be set before triton is imported and must not leak into other tests, so the interpreter
+cases run in one subprocess (module-scoped fixture) that prints JSON; the tests here check it.
+Sizes are odd and small (the interpreter runs numpy per program). A real-GPU variant is marked
+``gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from cir_plugins.negatives import fused, loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each case: bank dtype, query dtype, B, N, D, K exclusions per query, precision, which grads.
+CASES = {
+    "fp32_bank": dict(bank="float32", query="float32", B=5, N=203, D=40, K=3, precision="exact"),
+    "bf16_bank": dict(bank="bfloat16", query="float32", B=5, N=203, D=40, K=3, precision="exact"),
+    "fp16_bank": dict(bank="float16", query="float32", B=5, N=203, D=40, K=3, precision="exact"),
+    "bf16_query_bf16_bank": dict(bank="bfloat16", query="bfloat16", B=5, N=203, D=40, K=3, precision="exact"),
+    # two query blocks (BLOCK_B=16), two column chunks (BLOCK_DV=64), several bank splits
+    "fp32_multi_block": dict(bank="float32", query="float32", B=19, N=203, D=70, K=4, precision="exact"),
+    "bf16_fast": dict(bank="bfloat16", query="float32", B=5, N=203, D=40, K=3, precision="fast"),
+    "fp32_no_exclusions_tau_only": dict(bank="float32", query="float32", B=5, N=203, D=40, K=0,
+                                        precision="exact", query_grad=False),
+    # a bank smaller than one tile with every row but the target excluded for query 0
+    "fp32_all_but_target_excluded": dict(bank="float32", query="float32", B=3, N=7, D=24, K=6,
+                                         precision="exact", exclude_all_but_target=True),
+}
+
+# Relative tolerance per case: 1e-5 for float32 banks; 1e-3 for half banks. A bf16 *query* gets
+# its gradient back in bf16, whose own rounding is 2**-9, so that case's gradients get 4e-3.
+# "fast" rounds the query and softmax weights to bf16 once: checked only for sanity.
+TOL = {
+    "fp32_bank": (1e-5, 1e-5),
+    "bf16_bank": (1e-3, 1e-3),
+    "fp16_bank": (1e-3, 1e-3),
+    "bf16_query_bf16_bank": (1e-3, 4e-3),
+    "fp32_multi_block": (1e-5, 1e-5),
+    "bf16_fast": (2e-2, 5e-2),
+    "fp32_no_exclusions_tau_only": (1e-5, 1e-5),
+    "fp32_all_but_target_excluded": (1e-5, 1e-5),
+}
+
+_SCRIPT = textwrap.dedent(
+    r"""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+    import torch.nn.functional as F
+    from cir_plugins.negatives.fused import fused_dot_bank_loss
+    from cir_plugins.negatives.loss import naive_bank_contrastive_loss
+
+    cases = json.loads(sys.argv[1])
+    out = {}
+    for name, c in cases.items():
+        g = torch.Generator().manual_seed(1234)
+        B, N, D, K = c["B"], c["N"], c["D"], c["K"]
+        bank = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(getattr(torch, c["bank"]))
+        q0 = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(getattr(torch, c["query"]))
+        target = torch.randint(0, N, (B,), generator=g)
+        if K:
+            excl = torch.randint(0, N, (B, K), generator=g)
+            excl[excl == target[:, None]] = -1       # never the target
+            excl[0, K // 2:] = -1                     # padding
+            if K > 1:
+                excl[1, 1] = excl[1, 0]               # a duplicate
+            if c.get("exclude_all_but_target"):
+                others = [r for r in range(N) if r != int(target[0])][:K]
+                excl[0] = torch.tensor(others + [-1] * (K - len(others)))
+        else:
+            excl = None
+        want_q = c.get("query_grad", True)
+        bank_before = bank.clone()
+
+        q = q0.clone().requires_grad_(want_q)
+        tau = torch.tensor(0.05, requires_grad=True)
+        val = fused_dot_bank_loss(q, bank, target, tau, excl, precision=c["precision"])
+        val.backward()
+        gq = q.grad.double() if want_q else None
+
+        # reference: full float64 logits over the same bank values
+        qr = q0.double().requires_grad_(True)
+        taur = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        ref = naive_bank_contrastive_loss(qr, bank, target, taur, exclude_rows=excl)
+        ref.backward()
+
+        def rel(a, b):
+            return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+        out[name] = {
+            "loss": float(val), "ref": float(ref),
+            "loss_rel": abs(float(val) - float(ref)) / max(abs(float(ref)), 1e-30),
+            "dq_rel": rel(gq, qr.grad) if want_q else None,
+            "dq_dtype": str(q.grad.dtype) if want_q else None,
+            "dtau_rel": rel(tau.grad.double(), taur.grad),
+            "dtau_shape": list(tau.grad.shape),
+            "bank_unchanged": bool(torch.equal(bank, bank_before)),
+            "loss_dtype": str(val.dtype),
+        }
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+# The default run covers the sizes the issue names; the rest run with -m slow.
+CORE = ("fp32_bank", "bf16_bank", "fp32_all_but_target_excluded")
+EXTRA = tuple(sorted(set(CASES) - set(CORE)))
+
+
+def _run_interpreted(names):
+    """Run the named cases once through the Triton interpreter in a fresh process."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps({n: CASES[n] for n in names})],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return _run_interpreted(CORE)
+
+
+@pytest.fixture(scope="module")
+def interpreted_extra():
+    return _run_interpreted(EXTRA)
+
+
+def test_interpreter_env_does_not_leak():
+    # the subprocess sets it; this process must run the compiled (or no) triton path
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _check_case(r, name):
+    loss_tol, grad_tol = TOL[name]
+    assert r["loss_rel"] <= loss_tol, r
+    if r["dq_rel"] is not None:
+        assert r["dq_rel"] <= grad_tol, r
+        assert r["dq_dtype"] == "torch." + CASES[name]["query"]
+    assert r["dtau_rel"] <= grad_tol, r
+    assert r["dtau_shape"] == []
+    assert r["bank_unchanged"]
+    assert r["loss_dtype"] == "torch.float32"
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_fused_matches_reference(interpreted, name):
+    _check_case(interpreted[name], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXTRA)
+def test_fused_matches_reference_more_dtypes(interpreted_extra, name):
+    _check_case(interpreted_extra[name], name)
+
+
+def test_all_but_target_excluded_gives_zero_for_that_query(interpreted):
+    # query 0 has only its target left: its term is log(1) = 0, so the mean is below the others'
+    r = interpreted["fp32_all_but_target_excluded"]
+    assert r["loss_rel"] <= 1e-5
+    assert r["ref"] >= 0.0
+
+
+# ---------------------------------------------------------------- availability and dispatch
+
+
+def test_fused_available_false_on_cpu():
+    q = torch.randn(3, 8)
+    b = torch.randn(10, 8)
+    assert fused.fused_available(q, b) is False
+
+
+def test_fused_available_false_when_disabled(monkeypatch):
+    monkeypatch.setenv("CIR_PLUGINS_DISABLE_FUSED", "1")
+    assert fused.fused_available(torch.randn(3, 8), torch.randn(10, 8)) is False
+
+
+def test_select_path_picks_fused_when_available(monkeypatch):
+    fake_q = mock.Mock(is_cuda=True, shape=(4, 8))
+    fake_b = mock.Mock(is_cuda=True, shape=(100, 8))
+    monkeypatch.setattr(fused, "fused_available", lambda q, b: True)
+    assert loss.select_path(fake_q, fake_b, "dot") == "fused"
+    monkeypatch.setattr(fused, "fused_available", lambda q, b: False)
+    assert loss.select_path(fake_q, fake_b, "dot") != "fused"
+    # multi-vector banks and a forced chunk size never take the fused path
+    monkeypatch.setattr(fused, "fused_available", lambda q, b: True)
+    assert loss.select_path(fake_q, fake_b, "max_token") != "fused"
+    assert loss.select_path(fake_q, fake_b, "dot", chunk_size=64) == "chunked"
+
+
+def test_bank_loss_calls_fused_with_validated_arguments(monkeypatch):
+    calls = []
+
+    def recorder(query, bank, target_rows, temperature, exclude_rows):
+        calls.append((query, bank, target_rows, temperature, exclude_rows))
+        return loss.naive_bank_contrastive_loss(query, bank, target_rows, temperature, exclude_rows=exclude_rows)
+
+    monkeypatch.setattr(loss, "select_path", lambda *a, **k: "fused")
+    monkeypatch.setattr(fused, "fused_dot_bank_loss", recorder)
+    q = torch.randn(3, 8, requires_grad=True)
+    bank = torch.randn(11, 8)
+    target = torch.tensor([0, 5, 10])
+    excl = torch.tensor([[1, -1], [2, 3], [-1, -1]])
+    out = loss.bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
+    assert len(calls) == 1
+    _, _, t_rows, tau, ex = calls[0]
+    assert t_rows.dtype == torch.int64 and torch.equal(ex, excl)
+    assert tau.dim() == 0 and tau.dtype == torch.float32 and abs(float(tau) - 0.1) < 1e-7
+    ref = loss.naive_bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
+    assert torch.allclose(out, ref)
+
+
+def test_bad_inputs_raise_clear_errors():
+    from cir_plugins.errors import ConfigError, ShapeError
+
+    with pytest.raises(ShapeError, match="same D"):
+        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 3), torch.tensor([0, 1]), torch.tensor(0.1))
+    with pytest.raises(ConfigError, match="precision"):
+        fused.fused_dot_bank_loss(
+            torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1), precision="turbo"
+        )
+    with pytest.raises(ShapeError, match="target_rows"):
+        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0]), torch.tensor(0.1))
+
+
+# ---------------------------------------------------------------- real GPU
+
+
+def _gpu_case(n, d, b, dtype, k=2, precision="exact", seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bank = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1).to(dtype)
+    q0 = torch.nn.functional.normalize(torch.randn(b, d, device="cuda", generator=g), dim=-1)
+    target = torch.randint(0, n, (b,), device="cuda", generator=g)
+    excl = torch.randint(0, n, (b, k), device="cuda", generator=g)
+    excl[excl == target[:, None]] = -1
+    return bank, q0, target, excl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("b,n,d", [(5, 203, 40), (256, 100_003, 768), (33, 4097, 257)])
+def test_fused_matches_reference_gpu(dtype, tol, b, n, d):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    bank, q0, target, excl = _gpu_case(n, d, b, dtype)
+    q = q0.clone().requires_grad_()
+    tau = torch.tensor(0.05, device="cuda", requires_grad=True)
+    val = fused.fused_dot_bank_loss(q, bank, target, tau, excl)
+    val.backward()
+    qr = q0.double().requires_grad_()
+    taur = torch.tensor(0.05, device="cuda", dtype=torch.float64, requires_grad=True)
+    ref = loss.naive_bank_contrastive_loss(qr, bank, target, taur, exclude_rows=excl)
+    ref.backward()
+    assert abs(float(val) - float(ref)) <= tol * abs(float(ref))
+    assert float((q.grad.double() - qr.grad).abs().max()) <= tol * float(qr.grad.abs().max())
+    assert abs(float(tau.grad) - float(taur.grad)) <= tol * abs(float(taur.grad))
+
+
+@pytest.mark.gpu
+def test_fused_handles_more_than_2_pow_31_elements_gpu():
+    """N * D > 2**31: row offsets must be computed in int64."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    n, d, b = 9_000_000, 256, 8  # 2.3e9 elements, 4.6 GB in bf16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 8e9:
+        pytest.skip("needs 8 GB of free GPU memory")
+    bank, q0, target, excl = _gpu_case(n, d, b, torch.bfloat16)
+    target[-1] = n - 1  # a positive in the last rows, past 2**31 elements
+    q = q0.clone().requires_grad_()
+    tau = torch.tensor(0.05, device="cuda", requires_grad=True)
+    val = fused.fused_dot_bank_loss(q, bank, target, tau, excl)
+    val.backward()
+    ref = loss.bank_contrastive_loss(q0, bank, target, 0.05, exclude_rows=excl, chunk_size=1 << 20)
+    assert abs(float(val) - float(ref)) <= 1e-3 * abs(float(ref))
+    assert torch.isfinite(q.grad).all()
