@@ -1,0 +1,216 @@
+"""CLIP4Cir (Baldrati et al.) on ``transformers.CLIPModel``: a self-contained model file.
+
+This file deliberately does not import ``cir_plugins``: it is the kind of model a user already has.
+``wrap.py`` next to it is the whole integration (a few lines).
+
+Shapes: B queries, N images, D = CLIP projection dim, C/H/W image channels and size.
+
+- ``encode_image(images (N, C, H, W)) -> (N, D)``: L2-normalised CLIP image features (the target side).
+- ``encode_reference(images (B, C, H, W)) -> (B, D)``: raw (unnormalised) CLIP image features of the
+  reference, exactly what the fusion consumes; frozen in stage 2, so they can be cached per image.
+- ``compose_query(reference (B, D), texts: list[str]) -> (B, D)``: fusion of the reference features and
+  the text features, L2-normalised. Fusion is either the Combiner or the element-wise sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Combiner", "CLIP4Cir", "FUSIONS", "features_of", "preprocess_settings"]
+
+FUSIONS = ("combiner", "sum")
+
+
+def features_of(output) -> torch.Tensor:
+    """The projected features from ``get_image_features`` / ``get_text_features``.
+
+    transformers 4.x returns the (N, D) tensor itself; 5.x returns an output object whose
+    ``pooler_output`` holds the projected (N, D) features. Anything else is an error.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    if isinstance(output, (tuple, list)) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+        return output[1]  # return_dict=False tuple: (last_hidden_state, pooler_output, ...)
+    raise TypeError(f"CLIP feature call returned {type(output).__name__}; expected a tensor (transformers 4.x) "
+                    "or an output with .pooler_output (5.x). Fix: check the installed transformers version.")
+
+
+class Combiner(nn.Module):
+    """CLIP4Cir's Combiner.
+
+    Each input -> Linear(D, P) + ReLU + Dropout(0.5); concat (text first) (B, 2P) ->
+    Linear(2P, H) + ReLU + Dropout(0.5) -> Linear(H, D); a gate lambda = sigmoid(MLP(concat)) (B, 1);
+    output = mlp + lambda * text + (1 - lambda) * image, L2-normalised (B, D). P = 4D, H = 8D by default.
+    """
+
+    def __init__(self, dim: int, projection_dim: int | None = None, hidden_dim: int | None = None,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        projection_dim = projection_dim or 4 * dim
+        hidden_dim = hidden_dim or 8 * dim
+        self.text_projection = nn.Linear(dim, projection_dim)
+        self.image_projection = nn.Linear(dim, projection_dim)
+        self.dropout_text = nn.Dropout(dropout)
+        self.dropout_image = nn.Dropout(dropout)
+        self.combiner_layer = nn.Linear(2 * projection_dim, hidden_dim)
+        self.dropout_combined = nn.Dropout(dropout)
+        self.output_layer = nn.Linear(hidden_dim, dim)
+        self.gate = nn.Sequential(nn.Linear(2 * projection_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden_dim, 1), nn.Sigmoid())
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """image_features (B, D), text_features (B, D) -> normalised (B, D)."""
+        text_projected = self.dropout_text(F.relu(self.text_projection(text_features)))  # (B, P)
+        image_projected = self.dropout_image(F.relu(self.image_projection(image_features)))  # (B, P)
+        joint = torch.cat([text_projected, image_projected], dim=-1)  # (B, 2P), text first
+        mlp = self.output_layer(self.dropout_combined(F.relu(self.combiner_layer(joint))))  # (B, D)
+        gate = self.gate(joint)  # (B, 1)
+        return F.normalize(mlp + gate * text_features + (1 - gate) * image_features, dim=-1)
+
+
+def preprocess_settings(processor) -> dict:
+    """Image size, mean and std from a CLIP image processor (or a processor that holds one).
+
+    Returns {"size": int, "mean": [3 floats], "std": [3 floats]} for a targetpad transform.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    crop = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None)
+    if isinstance(crop, int):
+        size = crop
+    else:  # a dict (transformers 4.x) or a SizeDict (5.x)
+        get = crop.get if isinstance(crop, dict) else (lambda key: getattr(crop, key, None))
+        size = get("height") or get("shortest_edge") or get("width")
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"cannot read an image size from {type(image_processor).__name__} (crop_size/size = {crop!r}); "
+                         "expected a positive int. Fix: pass a CLIP image processor.")
+    return {"size": int(size), "mean": [float(v) for v in image_processor.image_mean],
+            "std": [float(v) for v in image_processor.image_std]}
+
+
+class CLIP4Cir(nn.Module):
+    """CLIP4Cir: CLIP image and text towers plus a fusion ("combiner" or "sum").
+
+    Args:
+        clip: a ``transformers.CLIPModel``.
+        tokenizer: its tokenizer (any fast or slow HF tokenizer).
+        fusion: "combiner" (the Combiner, stage-2 of CLIP4Cir's own training) or "sum"
+            (normalize(image + text), the variant CLIP4Cir uses when fine-tuning CLIP and the SPN release uses).
+        max_length: text truncation length; default the tokenizer's limit capped at the text tower's
+            position embeddings.
+        preprocess: {"size", "mean", "std"} for the targetpad transform (from ``preprocess_settings``).
+    """
+
+    similarity = "dot"
+
+    def __init__(self, clip, tokenizer, *, fusion: str = "combiner", max_length: int | None = None,
+                 preprocess: dict | None = None) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}. Fix: pick one.")
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.fusion = fusion
+        dim = int(clip.config.projection_dim)
+        self.combiner = Combiner(dim)
+        positions = int(clip.config.text_config.max_position_embeddings)
+        limit = getattr(tokenizer, "model_max_length", None) or positions
+        self.max_length = int(min(max_length or limit, limit, positions))
+        self.preprocess = dict(preprocess) if preprocess else None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, fusion: str = "combiner", combiner_path: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "CLIP4Cir":
+        """Load CLIP, its tokenizer and image processor from a hub name or a local directory.
+
+        ``combiner_path``: an optional safetensors file with Combiner weights (saved by ``save_combiner``).
+        ``trust_remote_code`` is never set: only transformers' own CLIP code runs.
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        clip = CLIPModel.from_pretrained(name_or_path, **({"dtype": torch_dtype} if torch_dtype else {}))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        model = cls(clip, tokenizer, fusion=fusion, preprocess=preprocess_settings(processor), **kwargs)
+        if combiner_path:
+            model.load_combiner(combiner_path)
+        logger.info("loaded CLIP4Cir(%s, fusion=%s, dim=%d)", name_or_path, fusion, model.dim)
+        return model
+
+    def save_combiner(self, path: str) -> None:
+        """Write the Combiner's weights as safetensors (atomically by safetensors' own write)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.combiner.state_dict().items()}, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def load_combiner(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.combiner.load_state_dict(load_file(path))
+
+    @property
+    def dim(self) -> int:
+        return int(self.clip.config.projection_dim)
+
+    # ---------------------------------------------------------------- features
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, H, W) preprocessed -> raw projected CLIP image features (N, D)."""
+        dtype = next(self.clip.vision_model.parameters()).dtype
+        return features_of(self.clip.get_image_features(pixel_values=images.to(dtype)))
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """texts -> input_ids / attention_mask (B, L), truncated at ``max_length``, on the model's device."""
+        device = self.clip.text_projection.weight.device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """texts (B strings) -> raw projected CLIP text features (B, D)."""
+        return features_of(self.clip.get_text_features(**self.tokenize(texts)))
+
+    # ---------------------------------------------------------------- CIR protocol
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Target side: images (N, C, H, W) -> L2-normalised (N, D)."""
+        return F.normalize(self.image_features(images), dim=-1)
+
+    def encode_reference(self, images: torch.Tensor) -> torch.Tensor:
+        """Reference side, frozen in stage 2: images (B, C, H, W) -> raw image features (B, D)."""
+        return self.image_features(images)
+
+    def compose_query(self, reference: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """reference features (B, D) from ``encode_reference`` + B texts -> normalised query (B, D)."""
+        if reference.dim() != 2 or reference.shape[0] != len(texts):
+            raise ValueError(f"compose_query got reference of shape {tuple(reference.shape)} and {len(texts)} texts; "
+                             "expected (B, D) features from encode_reference and B texts.")
+        text = self.text_features(texts)  # (B, D)
+        image = reference.to(text.dtype)
+        if self.fusion == "sum":
+            return F.normalize(image + text, dim=-1)
+        return self.combiner(image, text)
+
+    def forward(self, reference_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Full query from pixels: (B, C, H, W) + B texts -> (B, D)."""
+        return self.compose_query(self.encode_reference(reference_images), texts)
+
+    # ---------------------------------------------------------------- parameter groups
+    def text_tower_parameters(self):
+        """Names of the text tower's parameters (text encoder + text projection): what stage 2 trains."""
+        return [name for name, _ in self.named_parameters()
+                if name.startswith("clip.text_model.") or name.startswith("clip.text_projection.")]
