@@ -408,10 +408,13 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         report.similarity = similarity_of(model)
     except ConfigError as error:
         report.problems.append(str(error))
-    was_training = model.training if isinstance(model, nn.Module) else None
+    # each module's own mode, restored one by one: model.train(flag) would also flip submodules that
+    # were deliberately in eval mode (a frozen batch-norm backbone inside a wrapper in train mode)
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
     try:
-        if isinstance(model, nn.Module):
-            model.eval()  # no dropout noise, no batch-norm statistics updated by a dry run
+        for m in modules:
+            m.training = False  # no dropout noise, no batch-norm statistics updated by a dry run
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             image = _check_tensor(report, "encode_image", model.encode_image(targets), ranks=(2, 3),
                                   batch=targets.shape[0], fix="return (N, D), or (N, T, D) for multi-vector targets")
@@ -424,8 +427,8 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
     except Exception as error:  # the user's code raised: say where, keep the original as the cause
         raise ModelProtocolError(f"check_model: the model raised {type(error).__name__}: {error}") from error
     finally:
-        if was_training is not None:
-            model.train(was_training)
+        for m, mode in zip(modules, modes):
+            m.training = mode
     if image is not None:
         report.image_shape = tuple(image.shape)
     if query is not None:
