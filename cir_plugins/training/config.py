@@ -1,0 +1,155 @@
+"""Training configurations: dataclasses with a comment per field, validated, JSON round-trip.
+
+Optimiser defaults follow the method's release: AdamW, lr 2e-5, betas (0.9, 0.999). The weight
+decay is 0.01: torch's AdamW default, which the CLIP4Cir fine-tuning code (and the per-model SPN
+forks built on it) keep, since they pass no weight_decay. No schedule by default (the release uses
+none); ``schedule="cosine"`` uses transformers' ``get_cosine_schedule_with_warmup``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, explain
+
+__all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES"]
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+SCHEDULES = ("constant", "cosine")
+# fields that may differ between a checkpoint and the run that resumes it
+RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir")
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by both stages (see Stage1Config / Stage2Config for the stage defaults)."""
+
+    # passes over the (sampled) training triplets
+    epochs: int = 3
+    # triplets per optimiser micro-batch (the global batch under torchrun; each rank takes a slice)
+    batch_size: int = 32
+    # AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR)
+    lr: float = 2e-5
+    # AdamW decoupled weight decay; 0.01 = torch's default, kept by the CLIP4Cir / SPN code
+    weight_decay: float = 0.01
+    # AdamW betas (torch defaults)
+    betas: tuple[float, float] = (0.9, 0.999)
+    # AdamW epsilon (torch default)
+    eps: float = 1e-8
+    # softmax temperature tau (logits = similarity / tau); the initial value when learnable
+    temperature: float = 0.02
+    # learn tau as a log-temperature parameter (BLIP4CIR / SPRC style)
+    learn_temperature: bool = False
+    # a learnable tau is clamped to [min, max]
+    temperature_range: tuple[float, float] = (1e-3, 1.0)
+    # "constant" (no schedule, the release) or "cosine" (linear warmup then cosine decay to 0)
+    schedule: str = "constant"
+    # optimiser steps of linear warmup (used by "cosine"; with "constant" it is a linear warmup too)
+    warmup_steps: int = 0
+    # mixed precision: "auto" (bf16 on CUDA when supported, else off), "bf16", "fp16" (GradScaler), "off"
+    amp: str = "auto"
+    # micro-batches whose gradients are summed per optimiser step
+    grad_accum_steps: int = 1
+    # clip the global gradient norm to this value; None = no clipping
+    max_grad_norm: float | None = None
+    # seed for the sampler, text choice, and torch's RNG (dropout)
+    seed: int = 0
+    # metric (a key of the evaluate callback's dict) that picks the 'best' checkpoint; None = last epoch
+    select_metric: str | None = "Rmean"
+    # "max" (recall-like) or "min" (loss-like)
+    select_mode: str = "max"
+    # share of annotated triplets in each epoch when generated ones are mixed in; None = natural mix
+    annotated_fraction: float | None = None
+    # micro-batches per epoch; None = derived: ceil(number of triplets / batch_size)
+    steps_per_epoch: int | None = None
+    # also write the 'last' checkpoint every N optimiser steps (mid-epoch); None = only per epoch
+    checkpoint_every: int | None = None
+    # where checkpoints go ({output_dir}/checkpoints/{last,best}); None = no checkpoints
+    output_dir: str | None = None
+    # triplets whose target is not in the bank / images: False = DataError naming them, True = drop (logged)
+    skip_missing: bool = False
+    # tqdm bar with loss and throughput
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        self.temperature_range = tuple(self.temperature_range)
+
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if allow_none and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(explain(f"{type(self).__name__}.{name} must be a positive int"
+                                          + (" or None" if allow_none else ""), got=value))
+
+        for name in ("epochs", "batch_size", "grad_accum_steps"):
+            positive_int(name)
+        for name in ("steps_per_epoch", "checkpoint_every"):
+            positive_int(name, allow_none=True)
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(explain("warmup_steps must be an int >= 0", got=self.warmup_steps))
+        for name in ("lr", "temperature", "eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(explain(f"{name} must be a finite number > 0", got=value))
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(explain("weight_decay must be >= 0", got=self.weight_decay))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(explain("betas must be two numbers in [0, 1)", got=self.betas))
+        low, high = (self.temperature_range + (None, None))[:2] if len(self.temperature_range) == 2 else (None, None)
+        if low is None or not (0 < low <= high):
+            raise ConfigError(explain("temperature_range must be (min, max) with 0 < min <= max",
+                                      got=self.temperature_range))
+        if self.learn_temperature and not (low <= self.temperature <= high):
+            raise ConfigError(explain("the initial temperature lies outside temperature_range",
+                                      got=self.temperature, expected=self.temperature_range))
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(explain("unknown schedule", got=self.schedule, expected=SCHEDULES))
+        if self.amp not in AMP_MODES:
+            raise ConfigError(explain("unknown amp mode", got=self.amp, expected=AMP_MODES))
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and self.max_grad_norm > 0):
+            raise ConfigError(explain("max_grad_norm must be > 0 or None", got=self.max_grad_norm))
+        if not isinstance(self.seed, int):
+            raise ConfigError(explain("seed must be an int", got=self.seed))
+        if self.select_mode not in ("max", "min"):
+            raise ConfigError(explain("select_mode must be 'max' or 'min'", got=self.select_mode))
+        if self.annotated_fraction is not None and not (0.0 <= self.annotated_fraction <= 1.0):
+            raise ConfigError(explain("annotated_fraction must be in [0, 1] or None", got=self.annotated_fraction))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are a ConfigError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(explain(f"unknown {cls.__name__} fields", got=unknown, expected=sorted(names)))
+        return cls(**data)
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    """Stage 2: the query side against the static bank; the target side frozen."""
+
+    # mask each query's reference row (and its duplicates) out of the softmax; False = the release
+    mask_reference: bool = True
+    # cache encode_reference once per reference id, so a step never runs the vision tower
+    cache_reference: bool = True
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    """Stage 1: in-batch negatives; both towers trainable unless the trainer gets ``trainable=``."""
+
+    # in-batch: a batch's targets that are the same image (or duplicates) count once, never as negatives
+    mask_duplicates: bool = True
+    temperature: float = 0.01

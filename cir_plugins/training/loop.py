@@ -1,0 +1,524 @@
+"""The one training loop both stages share; they differ only in where negatives come from.
+
+A step: take the micro-batch's slice for this rank, build the queries
+(``normalize(compose_query(reference, texts))``, the reference from a per-id cache or the images),
+ask the negative source for ``(bank, target_rows, exclude_rows)``, and call
+``bank_contrastive_loss``. Two sources:
+
+- :class:`BankNegatives` (stage 2): the static bank, every row a candidate; the reference row masked.
+- :class:`InBatchNegatives` (stage 1): the batch's target embeddings computed with gradient, one row
+  per distinct target (duplicates of a target in the batch are one row, so never its negatives).
+
+Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or nccl): every rank holds
+the whole bank and takes a contiguous slice of each global micro-batch. Its loss is the slice's
+mean scaled by ``n_local * world / B``; gradients are summed across ranks and divided by ``world``,
+which equals the gradient of the global batch mean (same result as one process to float rounding).
+Only rank 0 evaluates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import protocol
+from ..data.triplet import Triplet
+from ..errors import CheckpointError, ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
+from ..negatives.loss import bank_contrastive_loss
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .sampler import EpochSampler
+
+__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images"]
+
+logger = logging.getLogger(__name__)
+
+TEMPERATURE_NAME = "__temperature__.log_tau"
+
+
+def stack_images(images: Mapping[str, Tensor], ids: Sequence[str], device: torch.device) -> Tensor:
+    """(n, C, H, W) images of ``ids`` on ``device``."""
+    return torch.stack([images[i] for i in ids]).to(device, non_blocking=True)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ReferenceCache:
+    """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device.
+
+    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row.
+    """
+
+    def __init__(self, model: Any, ids: Sequence[str], images: Mapping[str, Tensor], device: torch.device,
+                 *, batch_size: int = 64, show_progress: bool = True) -> None:
+        ids = list(dict.fromkeys(ids))
+        modules = list(model.modules()) if isinstance(model, nn.Module) else []
+        modes = [m.training for m in modules]
+        chunks = []
+        try:
+            for m in modules:
+                m.training = False
+            with torch.no_grad():
+                for start in tqdm(range(0, len(ids), batch_size), desc="cache references",
+                                  disable=not show_progress, unit="batch"):
+                    out = model.encode_reference(stack_images(images, ids[start:start + batch_size], device))
+                    if not torch.is_tensor(out) or out.shape[0] != len(ids[start:start + batch_size]):
+                        raise ModelProtocolError(explain(
+                            "encode_reference must return one tensor with a row per image to be cached",
+                            got=type(out).__name__ if not torch.is_tensor(out) else tuple(out.shape),
+                            fix="return a (B, ...) tensor, or set cache_reference=False"))
+                    chunks.append(out.detach())
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+        self.features = torch.cat(chunks)  # (R, ...) one row per reference id
+        self.rows = {image_id: row for row, image_id in enumerate(ids)}
+
+    def __call__(self, ids: Sequence[str]) -> Tensor:
+        index = torch.tensor([self.rows[i] for i in ids], dtype=torch.long, device=self.features.device)
+        return self.features.index_select(0, index)  # (b, ...)
+
+
+class BankNegatives:
+    """Stage 2: every query against the whole static bank (N, D) or (N, T, D)."""
+
+    def __init__(self, bank: Any, *, mask_reference: bool = True) -> None:
+        self.bank = bank
+        self.mask_reference = mask_reference
+        self.similarity = bank.similarity
+
+    def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        from ..negatives.bank import exclusion_rows
+
+        target_rows = self.bank.rows_of([t.target for t in triplets])  # (b,)
+        exclude = exclusion_rows(self.bank, triplets) if self.mask_reference else None  # (b, 1)
+        return self.bank.embeddings, target_rows, exclude
+
+
+class InBatchNegatives:
+    """Stage 1: the batch's targets, encoded with gradient; one row per distinct target group."""
+
+    def __init__(self, *, groups: Mapping[str, str] | None = None, mask_duplicates: bool = True,
+                 similarity: str = "dot") -> None:
+        self.groups = dict(groups or {})
+        self.mask_duplicates = mask_duplicates
+        self.similarity = similarity
+
+    def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.mask_duplicates:
+            # one row per duplicate group: a target's duplicates are its positive, never a negative
+            row_of_group: dict[str, int] = {}
+            encode_ids: list[str] = []
+            rows = []
+            for t in triplets:
+                group = self.groups.get(t.target, t.target)
+                if group not in row_of_group:
+                    row_of_group[group] = len(encode_ids)
+                    encode_ids.append(t.target)
+                rows.append(row_of_group[group])
+        else:
+            encode_ids = [t.target for t in triplets]
+            rows = list(range(len(triplets)))
+        targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
+        targets = F.normalize(targets, dim=-1)
+        return targets, torch.tensor(rows, dtype=torch.long, device=device), None
+
+
+class Trainer:
+    """The shared loop. Subclasses (Stage1Trainer, Stage2Trainer) choose the trainable parameters,
+    the reference source and the negative source in ``_setup``."""
+
+    stage = "train"
+
+    def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
+                 config: TrainConfig, evaluate: Callable[[Any], dict] | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(explain("config must be a training config dataclass", got=type(config).__name__,
+                                      expected="Stage1Config or Stage2Config"))
+        if not (callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))):
+            raise ModelProtocolError(explain("the model does not meet the CIR protocol", got=type(model).__name__,
+                                             fix="wrap it with cir_plugins.wrap_model(model, ...)"))
+        if evaluate is not None and not callable(evaluate):
+            raise ConfigError(explain("evaluate must be a callable(model) -> dict", got=type(evaluate).__name__))
+        self.model = model
+        self.images = images
+        self.config = config
+        self.evaluate = evaluate
+        self.rank, self.world = _distributed()
+        self.triplets = self._check_triplets(list(triplets))
+        self.device = self._device()
+        self.history: list[dict[str, Any]] = []
+        self.log_tau: nn.Parameter | None = None
+        self.reference_cache: ReferenceCache | None = None
+        self.negatives: Any = None
+        self.trainable: list[tuple[str, nn.Parameter]] = []
+        self._setup()
+        self._build_optimizer()
+        self.sampler = EpochSampler(self.triplets, config.batch_size, seed=config.seed,
+                                    annotated_fraction=config.annotated_fraction,
+                                    steps_per_epoch=config.steps_per_epoch)
+        self.scheduler = self._build_scheduler()
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self._epoch = 0
+        self._micro = 0
+        self._global_step = 0
+        self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
+        self._best: float | None = None
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _device(self) -> torch.device:
+        for parameter in self.model.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+    def _missing(self, triplet: Triplet) -> str | None:
+        """Why this triplet cannot be trained on, or None."""
+        if triplet.target is None:
+            return "no target"
+        if triplet.reference not in self.images:
+            return "reference image missing"
+        return None
+
+    def _check_triplets(self, triplets: list[Triplet]) -> list[Triplet]:
+        if not triplets:
+            raise DataError(explain("no training triplets", got=0, fix="pass the split's triplets"))
+        bad = [(t, why) for t in triplets if (why := self._missing(t))]
+        if bad:
+            named = [f"{t.reference}->{t.target} ({why})" for t, why in bad[:10]]
+            if not self.config.skip_missing:
+                raise DataError(explain(f"{len(bad)} training triplets cannot be used", got=named,
+                                        fix="fix the data, rebuild the bank over these images, or set skip_missing=True"))
+            logger.warning("skipping %d triplets that cannot be used, e.g. %s", len(bad), named[:3])
+            dropped = {id(t) for t, _ in bad}
+            triplets = [t for t in triplets if id(t) not in dropped]
+            if not triplets:
+                raise DataError(explain("every training triplet was skipped", got=named))
+        return triplets
+
+    def _setup(self) -> None:  # pragma: no cover - subclasses implement it
+        raise NotImplementedError
+
+    def _build_optimizer(self) -> None:
+        config = self.config
+        groups = [{"params": [p for _, p in self.trainable], "weight_decay": config.weight_decay}]
+        if config.learn_temperature:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(config.temperature), device=self.device))
+            groups.append({"params": [self.log_tau], "weight_decay": 0.0})
+        if not self.trainable:
+            raise ConfigError(explain(f"{self.stage}: no parameter to train", got=0,
+                                      fix="check the model's query side or the trainable= override"))
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+    def _optimizer_steps_per_epoch(self) -> int:
+        return -(-len(self.sampler) // self.config.grad_accum_steps)
+
+    def _build_scheduler(self):
+        config = self.config
+        if config.schedule == "cosine":
+            from transformers import get_cosine_schedule_with_warmup
+
+            total = config.epochs * self._optimizer_steps_per_epoch()
+            return get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, total)
+        if config.warmup_steps:
+            from transformers import get_constant_schedule_with_warmup
+
+            return get_constant_schedule_with_warmup(self.optimizer, config.warmup_steps)
+        return None
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp = self.config.amp
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return None
+        if amp == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError(explain("fp16 autocast needs a CUDA device", got=str(self.device),
+                                      fix="use amp='bf16' or 'off' on CPU"))
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+
+    # ------------------------------------------------------------------------------------ pieces
+    def temperature(self) -> Tensor:
+        """0-dim float32 tau: learned (exp of the log-temperature) or fixed."""
+        if self.log_tau is not None:
+            return self.log_tau.exp()
+        return torch.tensor(self.config.temperature, dtype=torch.float32, device=self.device)
+
+    def _reference(self, ids: Sequence[str]) -> Any:
+        if self.reference_cache is not None:
+            return self.reference_cache(ids)
+        return protocol.reference_input(self.model, stack_images(self.images, ids, self.device))
+
+    def _loss(self, triplets: Sequence[Triplet], texts: list[str]) -> Tensor:
+        reference = self._reference([t.reference for t in triplets])
+        query = self.model.compose_query(reference, texts)
+        if not torch.is_tensor(query) or query.dim() != 2 or query.shape[0] != len(triplets):
+            raise ShapeError(explain("compose_query must return (B, D)",
+                                     got=getattr(query, "shape", type(query).__name__),
+                                     expected=f"({len(triplets)}, D)"))
+        query = F.normalize(query, dim=-1)  # (b, D) unit queries
+        bank, target_rows, exclude = self.negatives(self.model, triplets, self.images, self.device)
+        return bank_contrastive_loss(query, bank, target_rows, self.temperature(), exclude_rows=exclude,
+                                     similarity=self.negatives.similarity)
+
+    def _train_mode(self) -> None:
+        self.model.train()
+
+    def _named_state(self) -> dict[str, Tensor]:
+        weights = {name: p.detach() for name, p in self.trainable}
+        if self.log_tau is not None:
+            weights[TEMPERATURE_NAME] = self.log_tau.detach()
+        return weights
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint_root(self) -> Path | None:
+        return Path(self.config.output_dir) / "checkpoints" if self.config.output_dir else None
+
+    def _save(self, name: str) -> None:
+        root = self._checkpoint_root()
+        if root is None or self.rank != 0:
+            return
+        state = {
+            "stage": self.stage,
+            "config": self.config.to_dict(),
+            "trainable": [name for name, _ in self.trainable],
+            "epoch": self._epoch,
+            "micro": self._micro,
+            "global_step": self._global_step,
+            "epoch_stats": dict(self._epoch_stats),
+            "history": self.history,
+            "best": self._best,
+            "rng": capture_rng(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
+                        state=state)
+
+    def _resume(self) -> bool:
+        root = self._checkpoint_root()
+        if root is None:
+            raise ConfigError(explain("resume needs config.output_dir", got=None,
+                                      fix="set output_dir to the folder of the run to continue"))
+        try:
+            checkpoint = load_checkpoint(root, "last", device=self.device)
+        except CheckpointError:
+            if not (root / "last").exists():
+                logger.info("no checkpoint under %s: starting from scratch", root)
+                return False
+            raise
+        state = checkpoint.state
+        saved = dict(state["config"])
+        now = self.config.to_dict()
+        differ = sorted(k for k in set(saved) | set(now)
+                        if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if state.get("stage") != self.stage or differ:
+            raise CheckpointError(explain("the checkpoint was written with another configuration",
+                                          got={k: (saved.get(k), now.get(k)) for k in differ} or state.get("stage"),
+                                          fix="resume with the same config (only epochs and checkpointing may change)"))
+        names = [name for name, _ in self.trainable]
+        if state["trainable"] != names:
+            raise CheckpointError(explain("the checkpoint trains other parameters than this model",
+                                          got=len(state["trainable"]), expected=len(names)))
+        with torch.no_grad():
+            for name, parameter in self.trainable:
+                parameter.copy_(checkpoint.weights[name])
+            if self.log_tau is not None:
+                self.log_tau.copy_(checkpoint.weights[TEMPERATURE_NAME])
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self._epoch, self._micro, self._global_step = state["epoch"], state["micro"], state["global_step"]
+        self._epoch_stats = dict(state["epoch_stats"])
+        self.history = list(state["history"])
+        self._best = state["best"]
+        restore_rng(state["rng"])
+        logger.info("resumed from %s at epoch %d, micro-batch %d", checkpoint.path, self._epoch + 1, self._micro)
+        return True
+
+    def load_weights(self, name: str = "best") -> None:
+        """Load the trainable weights (and temperature) of checkpoint ``name`` into the model."""
+        root = self._checkpoint_root()
+        if root is None:
+            raise ConfigError(explain("no output_dir: there are no checkpoints", got=None))
+        checkpoint = load_checkpoint(root, name, device=self.device)
+        with torch.no_grad():
+            for parameter_name, parameter in self.trainable:
+                parameter.copy_(checkpoint.weights[parameter_name])
+            if self.log_tau is not None:
+                self.log_tau.copy_(checkpoint.weights[TEMPERATURE_NAME])
+
+    # ------------------------------------------------------------------------------------ the loop
+    def _sync_gradients(self) -> None:
+        if self.world == 1:
+            return
+        params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.world)
+
+    def _optimizer_step(self) -> None:
+        self._sync_gradients()
+        params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.log_tau is not None:
+            low, high = self.config.temperature_range
+            with torch.no_grad():
+                self.log_tau.clamp_(math.log(low), math.log(high))
+        self._global_step += 1
+
+    def _micro_batch(self, samples: list) -> float:
+        """Forward + backward of one global micro-batch; returns its mean loss (all ranks)."""
+        total = len(samples)
+        start, stop = total * self.rank // self.world, total * (self.rank + 1) // self.world
+        local = samples[start:stop]
+        accum = self.config.grad_accum_steps
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        if local:
+            triplets = [self.triplets[s.index] for s in local]
+            texts = [self.triplets[s.index].texts[s.text_index] for s in local]
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    loss = self._loss(triplets, texts)
+            else:
+                loss = self._loss(triplets, texts)
+            loss_sum = loss.detach().to(torch.float64) * len(local)
+            # the slice's mean, weighted so that summing over ranks / world gives the global mean
+            scaled = loss * (len(local) * self.world / total) / accum
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            if bool(torch.isfinite(loss.detach())):
+                scaled.backward()
+        if self.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        return float(loss_sum) / total
+
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (continuing the last checkpoint with ``resume=True``).
+
+        Returns the history: one dict per epoch with ``epoch``, ``steps`` (optimiser steps),
+        ``micro_batches``, ``loss`` (mean), ``time`` (s), ``samples_per_s``, ``temperature``, ``lr``
+        and ``metrics`` (the evaluate callback's dict, empty without one).
+        """
+        config = self.config
+        resumed = self._resume() if resume else False
+        if not resumed:
+            torch.manual_seed(config.seed)
+            random.seed(config.seed)
+            np.random.seed(config.seed % 2**32)
+        accum = config.grad_accum_steps
+        while self._epoch < config.epochs:
+            epoch = self._epoch
+            plan = self.sampler.epoch_plan(epoch)
+            self._train_mode()
+            bar = tqdm(total=len(plan), initial=self._micro, desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
+                       disable=not config.show_progress or self.rank != 0, unit="batch")
+            started = time.perf_counter()
+            time_before = self._epoch_stats["time"]
+            for micro in range(self._micro, len(plan)):
+                samples = plan[micro]
+                try:
+                    loss = self._micro_batch(samples)
+                except NonFiniteError as error:
+                    raise NonFiniteError(explain(
+                        f"{self.stage}: non-finite loss at epoch {epoch + 1}, micro-batch {micro + 1}, "
+                        f"optimiser step {self._global_step + 1} ({error})",
+                        fix="lower the learning rate, check the temperature and data; the last good checkpoint is kept"
+                    )) from error
+                if not math.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteError(explain(
+                        f"{self.stage}: non-finite loss at epoch {epoch + 1}, micro-batch {micro + 1}, "
+                        f"optimiser step {self._global_step + 1}", got=loss,
+                        fix="lower the learning rate, check the temperature and data; the last good checkpoint is kept"))
+                stats = self._epoch_stats
+                stats["loss_sum"] += loss
+                stats["micro_batches"] += 1
+                stats["samples"] += len(samples)
+                self._micro = micro + 1
+                if self._micro % accum == 0 or self._micro == len(plan):
+                    self._optimizer_step()
+                    stats["steps"] += 1
+                    stats["time"] = time_before + time.perf_counter() - started
+                    if (config.checkpoint_every and self._global_step % config.checkpoint_every == 0
+                            and self._micro < len(plan)):
+                        self._save("last")
+                elapsed = time_before + time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss_sum'] / stats['micro_batches']:.4f}",
+                                samples_per_s=f"{stats['samples'] / max(elapsed, 1e-9):.1f}")
+            bar.close()
+            stats = self._epoch_stats
+            stats["time"] = time_before + time.perf_counter() - started
+            entry = {
+                "epoch": epoch + 1,
+                "steps": stats["steps"],
+                "micro_batches": stats["micro_batches"],
+                "loss": stats["loss_sum"] / max(stats["micro_batches"], 1),
+                "time": stats["time"],
+                "samples_per_s": stats["samples"] / max(stats["time"], 1e-9),
+                "temperature": float(self.temperature().detach()),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "metrics": {},
+            }
+            improved = False
+            if self.evaluate is not None and self.rank == 0:
+                self.model.eval()
+                with torch.no_grad():
+                    metrics = dict(self.evaluate(self.model))
+                self._train_mode()
+                entry["metrics"] = metrics
+                if config.select_metric is not None:
+                    if config.select_metric not in metrics:
+                        raise ConfigError(explain("select_metric is not among the evaluate callback's metrics",
+                                                  got=config.select_metric, expected=sorted(metrics),
+                                                  fix="set config.select_metric to one of them, or None"))
+                    value = float(metrics[config.select_metric])
+                    better = (self._best is None or (value > self._best if config.select_mode == "max"
+                                                     else value < self._best))
+                    if better:
+                        self._best, improved = value, True
+            logger.info("%s epoch %d: %s", self.stage, epoch + 1,
+                        {k: v for k, v in entry.items() if k != "metrics"} | entry["metrics"])
+            self.history.append(entry)
+            self._epoch, self._micro = epoch + 1, 0
+            self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
+            self._save("last")
+            if improved:
+                self._save("best")
+            if self.world > 1:
+                dist.barrier()
+        return self.history

@@ -1,0 +1,86 @@
+"""Stage 1: contrastive fine-tuning with in-batch negatives (the base models' own recipe).
+
+Used for baselines and for the zero-shot variant (training on generated triplets only). Both
+towers are trainable by default; ``trainable=`` narrows it (e.g. CLIP4Cir's Combiner-only stage:
+``trainable=["combiner"]``). The loop, checkpoints and resume are those of stage 2
+(:mod:`cir_plugins.training.loop`); only the negatives differ: the batch's target embeddings,
+computed with gradient, one row per distinct target (duplicates within a batch are never each
+other's negatives).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .. import protocol
+from ..data.triplet import Triplet
+from ..errors import ConfigError, explain
+from .config import Stage1Config
+from .loop import InBatchNegatives, Trainer
+
+__all__ = ["Stage1Trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Stage1Trainer(Trainer):
+    """In-batch contrastive training of ``model`` on ``triplets``.
+
+    Args:
+        model: a CIR model.
+        triplets: training triplets (targets required).
+        images: id -> (C, H, W) images of references and targets.
+        config: :class:`Stage1Config`.
+        evaluate: optional ``callable(model) -> dict`` per epoch.
+        groups: id -> duplicate-group id; targets of one group in a batch are one row.
+        trainable: parameter-name prefixes, a predicate ``(name, parameter) -> bool``, or None (every
+            parameter that requires grad).
+    """
+
+    stage = "stage1"
+
+    def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
+                 config: Stage1Config | None = None, evaluate: Callable[[Any], dict] | None = None,
+                 groups: Mapping[str, str] | None = None,
+                 trainable: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None) -> None:
+        config = Stage1Config() if config is None else config
+        if not isinstance(config, Stage1Config):
+            raise ConfigError(explain("Stage1Trainer needs a Stage1Config", got=type(config).__name__))
+        self._groups = groups
+        self._trainable_spec = trainable
+        super().__init__(model, triplets, images, config=config, evaluate=evaluate)
+        if self.world > 1:
+            raise ConfigError(explain("Stage1Trainer runs in one process: in-batch negatives across ranks are not "
+                                      "gathered", got=f"world size {self.world}",
+                                      fix="run stage 1 without torchrun, or use Stage2Trainer under torchrun"))
+
+    def _missing(self, triplet: Triplet) -> str | None:
+        why = super()._missing(triplet)
+        if why is None and triplet.target not in self.images:
+            return "target image missing"
+        return why
+
+    def _setup(self) -> None:
+        spec = self._trainable_spec
+        named = list(self.model.named_parameters())
+        if spec is None:
+            chosen = {n for n, p in named if p.requires_grad}
+        elif callable(spec) and not isinstance(spec, (list, tuple)):
+            chosen = {n for n, p in named if spec(n, p)}
+        else:
+            prefixes = [str(s).rstrip(".") for s in spec]
+            chosen = {n for n, _ in named if any(n == s or n.startswith(s + ".") for s in prefixes)}
+            unmatched = [s for s in prefixes if not any(n == s or n.startswith(s + ".") for n, _ in named)]
+            if unmatched:
+                raise ConfigError(explain("trainable names match no parameter", got=unmatched,
+                                          expected=sorted({n.split(".")[0] for n, _ in named})))
+        for name, p in named:
+            p.requires_grad_(name in chosen)
+        self.trainable = [(n, p) for n, p in named if n in chosen]
+        self.negatives = InBatchNegatives(groups=self._groups, mask_duplicates=self.config.mask_duplicates,
+                                          similarity=protocol.similarity_of(self.model))
+        logger.info("stage 1: training %d parameter tensors (%d scalars)", len(self.trainable),
+                    sum(p.numel() for _, p in self.trainable))

@@ -1,0 +1,117 @@
+"""Stage 2: the query side against a static bank of every gallery image; the target side frozen.
+
+Typical use::
+
+    bank = cp.NegativeBank.build(model, split.gallery_ids, split.images, groups=groups)
+    trainer = cp.Stage2Trainer(model, bank, split.triplets, split.images,
+                               config=cp.Stage2Config(epochs=3, batch_size=256, output_dir="runs/s2"),
+                               evaluate=lambda m: cp.evaluate(m, val_split))
+    history = trainer.fit()
+
+What the trainer does at construction: probes the model's parameter split
+(:func:`cir_plugins.protocol.parameter_split`), refuses a bank the model did not build
+(``bank.check_compatible``: similarity, embedding shape, target-side fingerprint), freezes the
+target side (``requires_grad=False``), and, when the model has ``encode_reference``, caches it
+once per reference id so a step never runs the vision tower. Each step: queries
+``normalize(compose_query(cached_reference, texts))`` against every bank row with
+``bank_contrastive_loss``; the query's reference row is masked (``mask_reference=False`` keeps it,
+as the method's release does). See :mod:`cir_plugins.training.loop` for the loop itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import protocol
+from ..data.triplet import Triplet
+from ..errors import ConfigError, explain
+from ..negatives.bank import NegativeBank, probe_split
+from .config import Stage2Config
+from .loop import BankNegatives, ReferenceCache, Trainer, stack_images
+
+__all__ = ["Stage2Trainer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Stage2Trainer(Trainer):
+    """Fine-tune the query side of ``model`` against ``bank`` on ``triplets``.
+
+    Args:
+        model: a CIR model (see :mod:`cir_plugins.protocol`), usually the stage-1 checkpoint.
+        bank: a :class:`NegativeBank` built by this model's target side (else BankMismatchError).
+        triplets: training triplets; every target must be in the bank (else DataError naming them,
+            or dropped with ``config.skip_missing``).
+        images: id -> (C, H, W) reference images (only references are read, once each when cached).
+        config: :class:`Stage2Config`.
+        evaluate: optional ``callable(model) -> dict`` run after each epoch (eval mode, no_grad);
+            ``config.select_metric`` picks the 'best' checkpoint.
+    """
+
+    stage = "stage2"
+
+    def __init__(self, model: Any, bank: NegativeBank, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
+                 *, config: Stage2Config | None = None, evaluate: Callable[[Any], dict] | None = None) -> None:
+        if not isinstance(bank, NegativeBank):
+            raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
+                                      fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
+        config = Stage2Config() if config is None else config
+        if not isinstance(config, Stage2Config):
+            raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
+        self.bank = bank
+        super().__init__(model, triplets, images, config=config, evaluate=evaluate)
+
+    def _missing(self, triplet: Triplet) -> str | None:
+        why = super()._missing(triplet)
+        if why is None and triplet.target not in self.bank:
+            return "target not in the bank"
+        return why
+
+    def _setup(self) -> None:
+        model, config = self.model, self.config
+        if self.bank.device != self.device:
+            logger.info("moving the bank from %s to the model's device %s", self.bank.device, self.device)
+            self.bank = self.bank.to(self.device)
+        probe = self.triplets[:2]
+        reference_images = stack_images(self.images, [t.reference for t in probe], self.device)
+        fingerprint_split = probe_split(model, reference_images)
+        self.bank.check_compatible(model, sample=reference_images, split=fingerprint_split)
+        split = protocol.parameter_split(model, reference_images, [t.texts[0] for t in probe], reference_images)
+        self.split = split
+        if not split.query:
+            raise ConfigError(explain("the model has no query-side parameter to train in stage 2",
+                                      got=f"{len(split.target)} target-side, {len(split.unused)} unused",
+                                      fix="check compose_query, or pass trainable= to wrap_model"))
+        query = set(split.query)
+        self.trainable = [(name, p) for name, p in model.named_parameters() if name in query]
+        split.apply(model)  # requires_grad: True on the query side, False elsewhere
+        for name, p in model.named_parameters():
+            if name not in query:
+                p.grad = None
+        self._frozen_modules = self._find_frozen_modules(set(split.target))
+        if config.cache_reference and callable(getattr(model, "encode_reference", None)):
+            self.reference_cache = ReferenceCache(model, [t.reference for t in self.triplets], self.images,
+                                                  self.device, batch_size=max(config.batch_size, 64),
+                                                  show_progress=config.show_progress)
+        self.negatives = BankNegatives(self.bank, mask_reference=config.mask_reference)
+        counts = split.counts(model)
+        logger.info("stage 2: training %d query-side scalars, %d frozen target-side; bank %r",
+                    counts["query"], counts["target"], self.bank)
+
+    def _find_frozen_modules(self, target: set[str]) -> list[torch.nn.Module]:
+        """Modules whose parameters are all target-side: kept in eval mode (no dropout, no BN updates)."""
+        frozen = []
+        for prefix, module in self.model.named_modules():
+            names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+            if names and all(n in target for n in names):
+                frozen.append(module)
+        return frozen
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for module in self._frozen_modules:
+            module.eval()
