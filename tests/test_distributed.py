@@ -1,0 +1,213 @@
+"""Sharded bank loss and sharded retrieval equal their single-process versions (gloo, 2 CPU ranks).
+
+One ``torch.multiprocessing.spawn`` of two ranks runs every scenario (process start-up dominates)
+and writes its measurements to JSON; the tests below check them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cir_plugins.errors import ConfigError
+from cir_plugins.negatives.distributed import shard_rows, sharded_bank_contrastive_loss
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, seed):
+    """Sharded vs single-process loss of this rank's queries; returns relative errors."""
+    from cir_plugins.negatives.loss import naive_bank_contrastive_loss
+
+    g = torch.Generator().manual_seed(seed)  # same bank on every rank
+    shape = (n, d) if similarity == "dot" else (n, t, d)
+    bank = torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).to(bdtype)
+    # each rank has its own queries (different batch sizes), drawn from a per-rank stream
+    gq = torch.Generator().manual_seed(seed * 100 + rank)
+    b = bsizes[rank]
+    q0 = torch.nn.functional.normalize(torch.randn(b, d, generator=gq, dtype=torch.float64), dim=-1).to(qdtype)
+    target = torch.randint(0, n, (b,), generator=gq)
+    excl = None
+    if k:
+        excl = torch.randint(0, n, (b, k), generator=gq)
+        excl[excl == target[:, None]] = -1
+        excl[0, 0] = -1
+    start, stop = shard_rows(n, rank, world)
+
+    q = q0.clone().requires_grad_()
+    tau = torch.tensor(0.07, dtype=torch.float64 if qdtype == torch.float64 else torch.float32, requires_grad=True)
+    val = sharded_bank_contrastive_loss(q, bank[start:stop], start, n, target, tau, exclude_rows=excl,
+                                        similarity=similarity, chunk_size=4)
+    val.backward()
+
+    qr = q0.double().requires_grad_()
+    taur = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    ref = naive_bank_contrastive_loss(qr, bank, target, taur, exclude_rows=excl, similarity=similarity)
+    ref.backward()
+    return {
+        "loss": float(val),
+        "ref": float(ref),
+        "loss_rel": abs(float(val) - float(ref)) / abs(float(ref)),
+        "dq_rel": _rel(q.grad, qr.grad),
+        "dtau_rel": _rel(tau.grad, taur.grad),
+        "dq_dtype": str(q.grad.dtype),
+    }
+
+
+def _retrieval_case(rank, world, *, similarity, n, q, d, t, seed):
+    """Sharded vs single-process metrics and top-k on integer-valued embeddings (exact scores, ties)."""
+    from cir_plugins.metrics import retrieval_metrics, topk_rows
+    from cir_plugins.negatives.distributed import sharded_retrieval_metrics, sharded_topk
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, d) if similarity == "dot" else (n, t, d)
+    # small integers / 4: every product and sum is exact in float32, and equal scores occur
+    gallery = torch.randint(-2, 3, shape, generator=g).float() / 4
+    query = torch.randint(-2, 3, (q, d), generator=g).float() / 4
+    target = torch.randint(0, n, (q,), generator=g)
+    excl = torch.randint(0, n, (q, 2), generator=g)
+    excl[excl == target[:, None]] = -1
+    subset = torch.randint(0, n, (q, 5), generator=g)
+    subset[:, 0] = target
+    subset[1, 3] = -1
+    start, stop = shard_rows(n, rank, world)
+    local = gallery[start:stop]
+    got = sharded_retrieval_metrics(query, local, start, n, target, ks=(1, 3, 5, 10), exclude_rows=excl,
+                                    subset_rows=subset, similarity=similarity, chunk_size=5)
+    want = retrieval_metrics(query, gallery, target, ks=(1, 3, 5, 10), exclude_rows=excl, subset_rows=subset,
+                             similarity=similarity)
+    ts, tr = sharded_topk(query, local, start, n, 7, exclude_rows=excl, similarity=similarity, chunk_size=5)
+    ws, wr = topk_rows(query, gallery, 7, exclude_rows=excl, similarity=similarity)
+    # a plain reference for recall, independent of metrics.py: full score matrix and sorting
+    if similarity == "dot":
+        full = query @ gallery.T
+    else:
+        full = torch.einsum("qd,ntd->qnt", query, gallery).amax(2)
+    full[torch.arange(q)[:, None].expand_as(excl)[excl >= 0], excl[excl >= 0]] = float("-inf")
+    ranks = []
+    for i in range(q):
+        keyed = sorted(range(n), key=lambda j: (-float(full[i, j]), j))
+        ranks.append(keyed.index(int(target[i])))
+    plain = {f"R@{k}": 100.0 * sum(r < k for r in ranks) / q for k in (1, 3, 5, 10)}
+    return {
+        "got": got,
+        "want": want,
+        "plain": plain,
+        "topk_equal": bool(torch.equal(tr, wr) and torch.equal(ts, ws)),
+        "topk_rows": tr.tolist(),
+    }
+
+
+def _layout_error_case(rank, world):
+    """Shards that overlap must be refused on every rank with a ConfigError."""
+    bank = torch.randn(10, 4)
+    try:
+        sharded_bank_contrastive_loss(torch.randn(2, 4), bank[:6], 0, 10, torch.tensor([0, 1]), 0.1)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {
+            "dot_f64": _loss_case(rank, world, similarity="dot", qdtype=torch.float64, bdtype=torch.float64,
+                                  n=23, d=6, t=1, bsizes=(3, 4), k=3, seed=1),
+            "max_token_f64": _loss_case(rank, world, similarity="max_token", qdtype=torch.float64,
+                                        bdtype=torch.float64, n=17, d=5, t=3, bsizes=(4, 2), k=2, seed=2),
+            "dot_f32_bf16_bank": _loss_case(rank, world, similarity="dot", qdtype=torch.float32,
+                                            bdtype=torch.bfloat16, n=29, d=8, t=1, bsizes=(5, 5), k=0, seed=3),
+            "retrieval_dot": _retrieval_case(rank, world, similarity="dot", n=31, q=9, d=4, t=1, seed=4),
+            "retrieval_max_token": _retrieval_case(rank, world, similarity="max_token", n=19, q=7, d=3, t=2,
+                                                   seed=5),
+            "layout_error": _layout_error_case(rank, world),
+        }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case,tol", [("dot_f64", 1e-12), ("max_token_f64", 1e-12), ("dot_f32_bf16_bank", 1e-5)])
+def test_sharded_loss_equals_single_process(results, case, tol):
+    for rank in range(WORLD):
+        r = results[rank][case]
+        assert r["loss_rel"] <= tol, (rank, r)
+        assert r["dq_rel"] <= tol, (rank, r)
+        assert r["dtau_rel"] <= tol, (rank, r)
+    # the two ranks had different queries, so different losses: the test is not trivially equal
+    assert results[0][case]["ref"] != results[1][case]["ref"]
+
+
+def test_sharded_loss_keeps_query_dtype(results):
+    assert results[0]["dot_f32_bf16_bank"]["dq_dtype"] == "torch.float32"
+    assert results[0]["dot_f64"]["dq_dtype"] == "torch.float64"
+
+
+@pytest.mark.parametrize("case", ["retrieval_dot", "retrieval_max_token"])
+def test_sharded_retrieval_equals_single_process(results, case):
+    for rank in range(WORLD):
+        r = results[rank][case]
+        assert r["got"] == r["want"], (rank, r)
+        for k, v in r["plain"].items():
+            assert r["got"][k] == pytest.approx(v)
+        assert set(r["got"]) == {"R@1", "R@3", "R@5", "R@10", "Rs@1", "Rs@2", "Rs@3", "Rmean"}
+        assert r["topk_equal"], rank
+    assert results[0][case]["topk_rows"] == results[1][case]["topk_rows"]
+
+
+def test_overlapping_shards_are_refused_on_every_rank(results):
+    for rank in range(WORLD):
+        msg = results[rank]["layout_error"]
+        assert msg is not None and "tile the rows" in msg and "shard_rows" in msg
+
+
+@pytest.mark.parametrize("n,world", [(0, 3), (1, 2), (10, 3), (23, 2), (1000, 7)])
+def test_shard_rows_tiles_the_bank(n, world):
+    spans = [shard_rows(n, r, world) for r in range(world)]
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 == b0
+    sizes = [b - a for a, b in spans]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_rows_bad_arguments():
+    with pytest.raises(ConfigError, match="rank"):
+        shard_rows(10, 2, 2)
+    with pytest.raises(ConfigError, match="int"):
+        shard_rows(10.0, 0, 2)
+
+
+def test_sharded_loss_without_process_group_explains():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ConfigError, match="init_process_group"):
+        sharded_bank_contrastive_loss(torch.randn(2, 4), torch.randn(5, 4), 0, 5, torch.tensor([0, 1]), 0.1)
