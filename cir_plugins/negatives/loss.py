@@ -343,7 +343,7 @@ class ChunkedBankLoss(torch.autograd.Function):
             stop = min(start + chunk_size, bank.shape[0])
             chunk = bank[start:stop].to(cdtype)  # (C, D) or (C, T, D)
             sims, token_scores, arg = _scores(query, chunk, similarity)  # (B, C)
-            logits = sims * inv_tau  # (B, C)
+            logits = sims * inv_tau  # (B, C); the only new (B, C) block besides the scores
             if exclude_rows is not None:
                 qi, col = exclusion_mask_for_chunk(exclude_rows, start, stop)
                 logits[qi, col] = neg_inf
@@ -351,10 +351,8 @@ class ChunkedBankLoss(torch.autograd.Function):
             # a row whose candidates so far are all masked keeps max -inf: shift by 0 instead
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             rescale = torch.exp(run_max - safe_max)  # (B,) factor for everything accumulated so far
-            weights = torch.exp(logits - safe_max[:, None])  # (B, C), 0 where masked
+            weights = logits.sub_(safe_max[:, None]).exp_()  # (B, C) in place, 0 where masked
             run_sum = run_sum * rescale + weights.sum(dim=1)
-            if need_tau:
-                run_sims = run_sims * rescale + (weights * sims).sum(dim=1)
             if need_q:
                 if similarity == "dot":
                     weighted = weights @ chunk  # (B, C) @ (C, D) -> (B, D)
@@ -364,6 +362,8 @@ class ChunkedBankLoss(torch.autograd.Function):
                     spread = token_scores.zero_().scatter_(2, arg.unsqueeze(2), weights.unsqueeze(2))
                     weighted = spread.view(batch, c * t) @ chunk.reshape(c * t, dim)  # (B, C*T) @ (C*T, D)
                 run_rows = run_rows * rescale[:, None] + weighted
+            if need_tau:
+                run_sims = run_sims * rescale + sims.mul_(weights).sum(dim=1)  # sims no longer needed
             run_max = new_max
 
         if not bool(torch.isfinite(run_max).all()):
