@@ -1,0 +1,208 @@
+"""The synthetic CIR world: layout, determinism, caching, edits and groups, captioner."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cir_plugins as cp
+from cir_plugins.data import synthetic as syn
+from cir_plugins.errors import ConfigError
+
+TINY = dict(n_train_triplets=12, n_train_unlabelled=20, n_val_queries=6, n_val_distractors=8,
+            n_test_queries=6, n_test_distractors=10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return syn.make_world(tmp_path_factory.mktemp("world") / "w", seed=3, size=TINY, image_size=36)
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_world_loads_as_cirr_with_targets_everywhere(world):
+    for split, n_q, n_extra in [("train", 12, 20), ("val", 6, 8), ("test", 6, 10)]:
+        loaded = cp.load_cirr(world, split, transform="none")
+        assert loaded.dataset == "synthetic" and loaded.protocol == "cirr"
+        assert len(loaded.triplets) == n_q and len(loaded.gallery_ids) == 6 * n_q + n_extra
+        assert all(t.target is not None and len(t.members) == 6 for t in loaded.triplets)
+        assert all(t.reference in t.members and t.target in t.members for t in loaded.triplets)
+        image = loaded.images[loaded.gallery_ids[0]]
+        assert image.shape == (3, 36, 36)
+    assert syn.load_scenes(world).keys() >= set(cp.load_cirr(world, "test").gallery_ids)
+
+
+def test_unlabelled_train_images_and_disjoint_scenes(world):
+    train = cp.load_cirr(world, "train")
+    in_triplets = {m for t in train.triplets for m in t.members}
+    unlabelled = [i for i in train.gallery_ids if i not in in_triplets]
+    assert len(unlabelled) == 20
+    scenes = syn.load_scenes(world)
+    signatures = [syn._signature(s["objects"]) for s in scenes.values()]
+    assert len(signatures) == len(set(signatures))  # no scene twice, so splits are disjoint
+    split_of = {}
+    for split in ("train", "val", "test"):
+        for image_id in cp.load_cirr(world, split).gallery_ids:
+            assert image_id not in split_of
+            split_of[image_id] = split
+
+
+def edit_distance_is_one(a, b):
+    """True if scene b is exactly one edit (recolour/reshape/resize/move/add/remove) from scene a."""
+    key = lambda o: (o["shape"], o["color"], o["size"], o["row"], o["col"])  # noqa: E731
+    sa, sb = {key(o) for o in a}, {key(o) for o in b}
+    only_a, only_b = sa - sb, sb - sa
+    if len(a) == len(b) + 1:
+        return len(only_a) == 1 and not only_b  # remove
+    if len(b) == len(a) + 1:
+        return len(only_b) == 1 and not only_a  # add
+    if len(a) != len(b) or len(only_a) != 1 or len(only_b) != 1:
+        return False
+    (x,), (y,) = only_a, only_b
+    changed = sum(p != q for p, q in zip(x[:3], y[:3]))
+    moved = x[3:] != y[3:]
+    return (changed == 1 and not moved) or (changed == 0 and moved)
+
+
+def test_targets_and_near_variants_follow_the_edits(world):
+    scenes = syn.load_scenes(world)
+    for split in ("train", "val", "test"):
+        for t in cp.load_cirr(world, split).triplets:
+            ref, target = scenes[t.reference]["objects"], scenes[t.target]["objects"]
+            variants = [m for m in t.members if m not in (t.reference, t.target)]
+            assert len(variants) == 4
+            near_ref = sum(edit_distance_is_one(ref, scenes[v]["objects"]) for v in variants)
+            near_target = sum(edit_distance_is_one(target, scenes[v]["objects"]) for v in variants)
+            assert near_ref >= 2 and near_target >= 2
+            assert all(edit_distance_is_one(ref, scenes[v]["objects"]) or
+                       edit_distance_is_one(target, scenes[v]["objects"]) for v in variants)
+            one = edit_distance_is_one(ref, target)
+            assert one or t.meta["caption"].count(" ") >= 3  # two edits: a longer, joined caption
+            assert t.meta["target_soft"] == {t.target: 1.0}
+            assert scenes[t.reference]["caption"] == syn.describe_scene(ref)
+
+
+def test_captions_are_varied_human_style_not_templates(world):
+    scenes = syn.load_scenes(world)
+    triplets = [t for s in ("train", "val", "test") for t in cp.load_cirr(world, s).triplets]
+    captions = [t.texts[0] for t in triplets]
+    assert len(set(captions)) >= 0.9 * len(captions)
+    for t in triplets:  # CIRR-style: the change, never the augmenter's full target description
+        lowered = t.texts[0].lower()
+        assert scenes[t.target]["caption"] not in lowered and scenes[t.reference]["caption"] not in lowered
+        assert not lowered.startswith("unlike")
+    first_words = {c.split()[0].lower() for c in captions}
+    assert len(first_words) >= 5  # many different openings (make, change, remove, add, move, ...)
+
+
+def test_rendered_pixels_match_the_scene(world):
+    scenes = syn.load_scenes(world)
+    paths = json.loads((world / "cirr/image_splits/split.rc2.val.json").read_text())
+    checked = 0
+    for image_id, rel in paths.items():
+        array = np.asarray(Image.open(world / rel), dtype=np.float64)
+        assert array.shape == (36, 36, 3)
+        for obj in scenes[image_id]["objects"]:
+            if obj["size"] != "large" or obj["shape"] in ("triangle", "star"):
+                continue
+            cy, cx = int((obj["row"] + 0.5) * 12), int((obj["col"] + 0.5) * 12)
+            patch = array[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
+            assert np.abs(patch - np.array(syn.COLOR_RGB[obj["color"]])).max() < 45, (image_id, obj)
+            checked += 1
+    assert checked > 5
+
+
+def test_deterministic_cached_and_regenerated(tmp_path):
+    a = syn.make_world(tmp_path / "a", seed=1, size=TINY)
+    b = syn.make_world(tmp_path / "b", seed=1, size=TINY)
+    assert _digest(a) == _digest(b)
+    marker = a / "synthetic/world.json"
+    stamp = marker.stat().st_mtime_ns
+    syn.make_world(a, seed=1, size=TINY)  # same parameters: reused, nothing rewritten
+    assert marker.stat().st_mtime_ns == stamp
+    syn.make_world(a, seed=2, size=TINY)  # other parameters: regenerated
+    assert json.loads(marker.read_text())["params"]["seed"] == 2 and _digest(a) != _digest(b)
+    # a killed generation (GENERATING left behind) is never taken for a complete world
+    syn.make_world(b, seed=1, size=TINY)
+    (b / "synthetic/GENERATING").write_text("{}")
+    stamp_b = (b / "synthetic/world.json").stat().st_mtime_ns
+    syn.make_world(b, seed=1, size=TINY)
+    assert not (b / "synthetic/GENERATING").exists()
+    assert (b / "synthetic/world.json").stat().st_mtime_ns != stamp_b
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="overwrite=True"):
+        syn.make_world(foreign, size=TINY)
+    assert (foreign / "mine.txt").read_text() == "keep me"
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        syn.make_world("/tmp/never", size="huge")
+    with pytest.raises(ConfigError):
+        syn.WorldConfig(min_objects=2, max_objects=2)
+    with pytest.raises(ConfigError):
+        syn.WorldConfig.from_dict({"n_train": 3})
+    assert syn.WorldConfig.from_dict(syn.WorldConfig().to_dict()) == syn.WorldConfig()
+
+
+def test_vocabularies_and_describe_scene():
+    assert len(syn.SHAPES) >= 4 and len(syn.COLORS) >= 6 and syn.SIZES == ("small", "large")
+    assert len(syn.POSITIONS) == 9 and syn.POSITIONS[4] == "centre" and syn.POSITIONS[0] == "top left"
+    objects = [{"shape": "square", "color": "blue", "size": "small", "row": 1, "col": 1},
+               {"shape": "circle", "color": "red", "size": "large", "row": 0, "col": 0}]
+    assert syn.describe_scene(objects) == "a large red circle at the top left and a small blue square in the centre"
+    partial = [{"shape": None, "color": "green", "size": None, "row": None, "col": None}]
+    assert syn.describe_scene(partial) == "a green shape"
+
+
+def test_captioner_exact_and_noisy(world):
+    scenes = syn.load_scenes(world)
+    ids = sorted(scenes)[:40]
+    exact = syn.SyntheticCaptioner(world)
+    assert exact(ids, [None] * len(ids)) == [scenes[i]["caption"] for i in ids]
+    assert isinstance(exact.name, str) and "noise=0" in exact.name
+    noisy = syn.SyntheticCaptioner(world, noise=0.5, seed=7)
+    first = noisy(ids, [None] * len(ids))
+    assert first == syn.SyntheticCaptioner(world, noise=0.5, seed=7)(ids[::-1], [None] * len(ids))[::-1]
+    assert sum(a != b for a, b in zip(first, exact(ids))) > len(ids) // 2
+    assert first != syn.SyntheticCaptioner(world, noise=0.5, seed=8)(ids)
+    assert noisy.name != exact.name
+    with pytest.raises(ConfigError):
+        syn.SyntheticCaptioner(world, noise=1.5)
+
+
+def test_docstring_documents_the_statistics():
+    doc = syn.__doc__
+    assert "python -m cir_plugins.data.synthetic --root DIR" in doc
+    d = syn.WorldConfig()
+    numbers = re.search(r"train (\d+) annotated triplets \((\d+) group images\) plus (\d+)\s+unlabelled images "
+                        r"\((\d+) train images\); val (\d+) queries \+ (\d+) distractors \((\d+) images\);\s+"
+                        r"test (\d+) queries \+ (\d+) distractors \((\d+) images\)", doc)
+    assert numbers, "the Counts paragraph must state the default counts"
+    got = [int(x) for x in numbers.groups()]
+    assert got == [d.n_train_triplets, 6 * d.n_train_triplets, d.n_train_unlabelled,
+                   6 * d.n_train_triplets + d.n_train_unlabelled, d.n_val_queries, d.n_val_distractors,
+                   6 * d.n_val_queries + d.n_val_distractors, d.n_test_queries, d.n_test_distractors,
+                   6 * d.n_test_queries + d.n_test_distractors]
+    assert f"({len(syn.SHAPES)}: {', '.join(syn.SHAPES)})" in doc and f"({len(syn.COLORS)}: {', '.join(syn.COLORS)})" in doc
+    for edit in syn.EDIT_TYPES:
+        assert edit in doc
+
+
+@pytest.mark.slow
+def test_command_line_quick_world(tmp_path):
+    assert syn.main(["--root", str(tmp_path / "q"), "--quick", "--seed", "4"]) == 0
+    stats = json.loads((tmp_path / "q/synthetic/world.json").read_text())["stats"]
+    assert stats["queries"] == {"train": 120, "val": 40, "test": 40}
