@@ -244,6 +244,32 @@ def test_bad_inputs_raise_clear_errors():
         fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0]), torch.tensor(0.1))
 
 
+# ---------------------------------------------------------------- benchmark smoke run
+
+
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bank_loss_gpu.py"), "--smoke", "--device", "cpu", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    methods = {(r["kind"], r["method"]) for r in data["rows"]}
+    assert {("single", "naive_fp32"), ("single", "naive_bf16"), ("single", "chunked"), ("single", "fused"),
+            ("multi", "chunked")} <= methods
+    for r in data["rows"]:
+        if r["method"].startswith("fused"):
+            assert r["note"].startswith("skipped")  # no CUDA here
+        else:
+            assert r["ms"] > 0 and r["floor_ms"] > 0
+            # every path computes the same loss as the library's chunked path (bf16 logits: loosely)
+            assert r["rel_vs_chunked"] <= (2e-2 if r["method"] == "naive_bf16" else 1e-5), r
+    assert "naive_fp32" in proc.stdout and "floor" in proc.stdout
+
+
 # ---------------------------------------------------------------- real GPU
 
 

@@ -1,0 +1,316 @@
+"""GPU benchmark of the bank loss (forward + backward): naive fp32, naive bf16, chunked, fused.
+
+One command runs the whole table on one GPU (aimed at under 5 minutes; configurations that
+cannot fit in memory are skipped with a note, and a --max-seconds budget skips the rest):
+
+    python benchmarks/bank_loss_gpu.py --out benchmarks/bank_loss_gpu.json
+
+CPU smoke run (tiny sizes, fused rows skipped: they need CUDA), used by the tests:
+
+    python benchmarks/bank_loss_gpu.py --smoke --device cpu --out /tmp/bank_loss_gpu_smoke.json
+
+Methods (query float32, requires grad; learnable temperature; 2 exclusions per query):
+  naive_fp32  full (B, N) float32 logits over a float32 copy of the bank, F.cross_entropy
+  naive_bf16  full (B, N) bf16 logits over the bf16 bank, F.cross_entropy
+  chunked     cir_plugins bank_contrastive_loss with chunk_size forced (the PyTorch fallback)
+  fused       cir_plugins.negatives.fused.fused_dot_bank_loss (Triton), precision="exact"
+  fused_fast  the same kernel, precision="fast" (query and softmax weights rounded to bf16)
+Multi-vector rows (bank (N, T, D), max over T) run naive_fp32, naive_bf16 and chunked.
+
+Columns: ms (median of CUDA-event timed iterations after warm-up), floor_ms = max(FLOPs / peak
+matmul rate, bank bytes / peak bandwidth) with FLOPs = 2 matmuls (logits and the query gradient)
+of 2*B*N*T*D each and bank bytes = N*T*D*2 (bf16 read once), x_floor = ms / floor_ms, extra_GB =
+torch.cuda.max_memory_allocated delta over the inputs during one forward + backward, rel_vs_chunked
+= |loss - chunked loss| / chunked loss. Peaks: --peak-tflops / --peak-gbps; default: the H200
+figures of the issue (740 TFLOP/s bf16, 4200 GB/s) on an H200, measured on the device otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cir_plugins.negatives import loss as L  # noqa: E402
+
+H200_TFLOPS = 740.0
+H200_GBPS = 4200.0
+DOT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast")
+MULTI_METHODS = ("naive_fp32", "naive_bf16", "chunked")
+
+
+def full_grid():
+    """(kind, N, B, D, T) for the full GPU table."""
+    grid = []
+    for n in (100_000, 1_000_000, 10_000_000):
+        for d in (256, 768):
+            for b in (32, 256, 1024):
+                grid.append(("single", n, b, d, 1))
+    for n in (100_000, 1_000_000):
+        for b in (32, 256):
+            grid.append(("multi", n, b, 256, 32))
+    return grid
+
+
+def smoke_grid():
+    return [("single", 1003, 5, 40, 1), ("single", 4099, 17, 64, 1), ("multi", 301, 5, 16, 4)]
+
+
+def make_bank(n, t, d, device, dtype, seed=0):
+    """Unit rows (N, D) or (N, T, D) in ``dtype``, generated in slices to avoid a float32 copy."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (n, d) if t == 1 else (n, t, d)
+    bank = torch.empty(shape, device=device, dtype=dtype)
+    step = max(1, (1 << 26) // (t * d))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        part = torch.randn((e - s, *shape[1:]), device=device, generator=g)
+        bank[s:e] = F.normalize(part, dim=-1).to(dtype)
+    return bank
+
+
+def naive_loss(query, bank, target, tau, excl, similarity, dtype):
+    """Full logits in ``dtype``: (B, D) @ (D, N) or max over T of (B, D) @ (D, N*T)."""
+    q = query.to(dtype)
+    if similarity == "dot":
+        sims = q @ bank.T  # (B, N)
+    else:
+        n, t, d = bank.shape
+        sims = (q @ bank.reshape(n * t, d).T).view(q.shape[0], n, t).amax(2)  # (B, N*T) -> (B, N)
+    logits = sims / tau.to(dtype)
+    rows = torch.arange(q.shape[0], device=q.device)[:, None].expand_as(excl)
+    keep = excl >= 0
+    logits = logits.index_put((rows[keep], excl[keep]), torch.tensor(float("-inf"), dtype=dtype, device=q.device))
+    return F.cross_entropy(logits, target)
+
+
+def estimate_bytes(method, n, b, d, t):
+    """Rough peak extra bytes, used only to skip configurations that cannot fit."""
+    if method == "naive_fp32":
+        return n * t * d * 4 + 4 * b * n * t * 4
+    if method == "naive_bf16":
+        return 5 * b * n * t * 2 + 2 * b * n * 4
+    return 256 << 20
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(stop)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def measure_peaks(device):
+    """(TFLOP/s of a bf16 matmul, GB/s of a device copy counting read + write), measured."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    timer = Timer(device)
+    for _ in range(3):
+        a @ a
+    ms = min(timer(lambda: a @ a) for _ in range(10))
+    tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    x = torch.empty(1 << 29, device=device, dtype=torch.uint8)  # 512 MB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ms = min(timer(lambda: y.copy_(x)) for _ in range(10))
+    gbps = 2 * x.numel() / (ms * 1e-3) / 1e9
+    del a, x, y
+    return tflops, gbps
+
+
+def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
+    similarity = "dot" if kind == "single" else "max_token"
+    key = (n, d, t)
+    if bank_cache.get("key") != key:
+        bank_cache.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        bank_cache["bank"] = make_bank(n, t, d, device, torch.bfloat16)
+        bank_cache["key"] = key
+    bank = bank_cache["bank"]
+    g = torch.Generator(device=device).manual_seed(1)
+    query0 = F.normalize(torch.randn(b, d, device=device, generator=g), dim=-1)
+    target = torch.randint(0, n, (b,), device=device, generator=g)
+    excl = torch.randint(0, n, (b, 2), device=device, generator=g)
+    excl[excl == target[:, None]] = -1
+    flops = 2 * (2 * b * n * t * d)
+    floor_ms = max(flops / (args.peak_tflops * 1e12), n * t * d * 2 / (args.peak_gbps * 1e9)) * 1e3
+    rows = []
+    for method in methods:
+        row = dict(kind=kind, N=n, B=b, D=d, T=t, method=method, floor_ms=floor_ms)
+        if time.perf_counter() - args.t_start > args.max_seconds:
+            row["note"] = f"skipped: time budget {args.max_seconds}s spent"
+            rows.append(row)
+            continue
+        if method.startswith("fused"):
+            from cir_plugins.negatives import fused
+
+            if similarity != "dot":
+                row["note"] = "skipped: no fused max_token kernel"
+                rows.append(row)
+                continue
+            if not fused.fused_available(query0, bank):
+                row["note"] = "skipped: fused needs a CUDA device and triton"
+                rows.append(row)
+                continue
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            need = estimate_bytes(method, n, b, d, t)
+            if need > 0.85 * free:
+                row["note"] = f"skipped: needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+                rows.append(row)
+                continue
+        inputs = bank.float() if method == "naive_fp32" else bank
+        query = query0.clone().requires_grad_(True)
+        tau = torch.tensor(0.05, device=device, requires_grad=True)
+        box = {}
+
+        def step():
+            if method == "naive_fp32":
+                out = naive_loss(query, inputs, target, tau, excl, similarity, torch.float32)
+            elif method == "naive_bf16":
+                out = naive_loss(query, inputs, target, tau, excl, similarity, torch.bfloat16)
+            elif method == "chunked":
+                chunk = L.default_chunk_size(b, t)
+                out = L.bank_contrastive_loss(query, inputs, target, tau, exclude_rows=excl, similarity=similarity,
+                                              chunk_size=chunk)
+            else:
+                from cir_plugins.negatives import fused
+
+                out = fused.fused_dot_bank_loss(query, inputs, target, tau, excl,
+                                                precision="fast" if method == "fused_fast" else "exact")
+            out.backward()
+            query.grad = None
+            tau.grad = None
+            box["loss"] = out.detach()
+
+        try:
+            for _ in range(args.warmup):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+            times = []
+            t0 = time.perf_counter()
+            while len(times) < args.min_iters or (time.perf_counter() - t0 < args.min_seconds and len(times) < 50):
+                times.append(timer(step))
+            row["ms"] = statistics.median(times)
+            row["iters"] = len(times)
+            row["x_floor"] = row["ms"] / floor_ms
+            row["loss"] = float(box["loss"])
+        except torch.OutOfMemoryError:
+            row["note"] = "skipped: out of memory"
+        finally:
+            del inputs, query, tau, box
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    ref = next((r.get("loss") for r in rows if r["method"] == "chunked" and "loss" in r), None)
+    for r in rows:
+        if ref is not None and "loss" in r:
+            r["rel_vs_chunked"] = abs(r["loss"] - ref) / abs(ref)
+    return rows
+
+
+def fmt(v, spec):
+    return "-".rjust(int(spec.split(".")[0])) if v is None else format(v, spec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (runs on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 matmul peak for the floor")
+    p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth for the floor")
+    p.add_argument("--max-seconds", type=float, default=270.0, help="skip what is left after this")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-iters", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=0.2)
+    p.add_argument("--methods", default=None, help="comma list; default all")
+    p.add_argument("--out", default="benchmarks/bank_loss_gpu.json")
+    args = p.parse_args(argv)
+    args.t_start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --device cpu --smoke", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak_source = "flags"
+    if args.peak_tflops is None or args.peak_gbps is None:
+        if device.type == "cuda" and "H200" not in name:
+            tf, gb = measure_peaks(device)
+            peak_source = "measured on this device"
+        else:
+            tf, gb = H200_TFLOPS, H200_GBPS
+            peak_source = "H200 figures from the issue"
+        args.peak_tflops = args.peak_tflops or tf
+        args.peak_gbps = args.peak_gbps or gb
+    if args.smoke:
+        args.warmup, args.min_iters, args.min_seconds = 1, 1, 0.0
+    grid = smoke_grid() if args.smoke else full_grid()
+    pick = set(args.methods.split(",")) if args.methods else None
+    timer = Timer(device)
+    rows, cache = [], {}
+    for kind, n, b, d, t in grid:
+        methods = [m for m in (DOT_METHODS if kind == "single" else MULTI_METHODS) if pick is None or m in pick]
+        rows.extend(run_config(kind, n, b, d, t, methods, device, args, timer, cache))
+    cache.clear()
+
+    head = f"{'kind':6} {'N':>9} {'B':>5} {'D':>4} {'T':>3} {'method':11} {'ms':>9} {'floor':>7} {'x_floor':>7} " \
+           f"{'extra_GB':>8} {'rel_vs_ch':>9}  note"
+    print(f"device: {name}; peaks {args.peak_tflops:.0f} TFLOP/s, {args.peak_gbps:.0f} GB/s ({peak_source})")
+    print(head)
+    for r in rows:
+        print(f"{r['kind']:6} {r['N']:>9} {r['B']:>5} {r['D']:>4} {r['T']:>3} {r['method']:11} "
+              f"{fmt(r.get('ms'), '9.3f')} {r['floor_ms']:7.3f} {fmt(r.get('x_floor'), '7.2f')} "
+              f"{fmt(r.get('extra_GB'), '8.3f')} {fmt(r.get('rel_vs_chunked'), '9.1e')}  {r.get('note', '')}")
+    out = dict(
+        benchmark="bank_loss_gpu",
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+        device=name,
+        torch=torch.__version__,
+        peak_tflops=args.peak_tflops,
+        peak_gbps=args.peak_gbps,
+        peak_source=peak_source,
+        seconds=time.perf_counter() - args.t_start,
+        rows=rows,
+    )
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({out['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
