@@ -297,3 +297,65 @@ def test_submit_cirr_on_fixture_tree(tmp_path):
     path_r, path_s = submit_cirr(PixelModel(), split, tmp_path / "out", show_progress=False)
     recall = json.loads(path_r.read_text())
     assert set(recall) - {"version", "metric"} == {str(t.pair_id) for t in split.triplets}
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+class PixelModel(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(3, dim)
+
+    def encode_image(self, images):
+        return self.proj(images.mean(dim=(2, 3)))  # (N, 3, H, W) -> (N, 3) -> (N, dim)
+
+    def compose_query(self, reference, texts):
+        return self.encode_image(reference) + 0.01 * torch.tensor([[float(len(t))] for t in texts])
+
+
+def build(dim=4):
+    return PixelModel(dim)
+'''
+
+
+def _run(configure, run, argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+def test_command_line_evaluate_and_submit(tmp_path, capsys):
+    from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
+    from cir_plugins.evaluation_command import configure_evaluate, configure_submit, run_evaluate, run_submit
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(FACTORY)
+    cirr = build_cirr_tree(tmp_path / "cirr", n_images=56, n_triplets=3, splits=("val", "test1"))
+    common = ["--model", f"{factory}:build", "--factory-kwargs", '{"dim": 5}', "--image-size", "8", "--no-progress"]
+    out = tmp_path / "result.json"
+    assert _run(configure_evaluate, run_evaluate,
+                common + ["--root", str(cirr), "--dataset", "cirr", "--split", "val", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean"}
+    assert result["protocol"]["reference_removed"] is True
+    assert "Rmean" in capsys.readouterr().out
+    fiq = build_fashioniq_tree(tmp_path / "fiq", n_images=12, splits=("val",))
+    assert _run(configure_evaluate, run_evaluate,
+                common + ["--root", str(fiq), "--dataset", "fashioniq", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"dress", "shirt", "toptee", "Avg R@10", "Avg R@50", "Rmean"}
+    assert result["protocol"]["reference_removed"] is False
+    assert _run(configure_submit, run_submit, common + ["--root", str(cirr), "--out-dir", str(tmp_path / "sub")]) == 0
+    assert (tmp_path / "sub" / "recall_submission_cirr.json").is_file()
+    assert (tmp_path / "sub" / "recall_subset_submission_cirr.json").is_file()
+    with pytest.raises(cp.errors.ConfigError):
+        _run(configure_evaluate, run_evaluate, common + ["--root", str(cirr), "--dataset", "cirr",
+                                                         "--factory-kwargs", "[1]"])
