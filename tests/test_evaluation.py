@@ -359,3 +359,33 @@ def test_command_line_evaluate_and_submit(tmp_path, capsys):
     with pytest.raises(cp.errors.ConfigError):
         _run(configure_evaluate, run_evaluate, common + ["--root", str(cirr), "--dataset", "cirr",
                                                          "--factory-kwargs", "[1]"])
+
+
+def test_structured_reference_features_are_encoded_per_batch():
+    gallery, weights, queries = closed_form_world()
+
+    class DictReference(TableModel):
+        def encode_reference(self, images):
+            self.encoded_references += images.shape[0]
+            return {"index": images[:, 0, 0, 0].long()}  # not a tensor: cannot be cached by row
+
+        def compose_query(self, reference, texts):
+            assert isinstance(reference, dict) and reference["index"].shape[0] == len(texts)
+            return super().compose_query(reference["index"], texts)
+
+    model = DictReference(gallery, weights[:4])
+    result = evaluate(model, make_split(60, queries[:4]), batch_size=3, show_progress=False)
+    assert result["R@1"] == 25.0 and result["Rmean"] == 50.0
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    gallery, query, queries = random_world(11, tokens=3)
+    model = TableModel(gallery, query, similarity="max_token")
+    split = make_split(len(gallery), queries)
+    on_cpu = evaluate(model, split, show_progress=False)
+    model.gallery_table, model.query_table = model.gallery_table.cuda(), model.query_table.cuda()
+    model.cuda()
+    split.images = {k: v.cuda() for k, v in split.images.items()}
+    on_gpu = evaluate(model, split, show_progress=False)
+    assert {k: v for k, v in on_gpu.items() if k != "protocol"} == {k: v for k, v in on_cpu.items() if k != "protocol"}
