@@ -1,0 +1,202 @@
+"""The SPRC-style BLIP-2 example (examples/blip2_sprc): loaded by path from a tiny saved checkpoint,
+checked against transformers' own retrieval head, wrapped in <= 10 lines, trained in stage 2
+without ever running the vision tower, and run end to end (augment -> stage 2 -> evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cir_plugins as cp
+from cir_plugins.protocol import parameter_split
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "blip2_sprc"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from examples.blip2_sprc import run as blip2_run  # noqa: E402
+from examples.blip2_sprc.model import SPRCRetriever, make_tiny_checkpoint  # noqa: E402
+from examples.blip2_sprc.wrap import load  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("blip2_tiny"), blip2_run.WORLD_WORDS)
+
+
+@pytest.fixture()
+def model(checkpoint):
+    return load(str(checkpoint))
+
+
+def _images(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"img{k}": torch.randn(3, 32, 32, generator=g) for k in range(n)}
+
+
+def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
+    code = (EXAMPLE / "wrap.py").read_text()
+    assert len(code.strip().splitlines()) <= 10
+    readme = (EXAMPLE / "README.md").read_text()
+    assert code.strip() in readme
+    assert "import cir_plugins" not in (EXAMPLE / "model.py").read_text()
+
+
+def test_loads_by_path_and_passes_check_model(model, checkpoint):
+    assert isinstance(model.model, SPRCRetriever)
+    assert model.similarity == "max_token"
+    imgs = _images(3)
+    x = torch.stack(list(imgs.values()))
+    report = cp.check_model(model, x[:2], ["make it red", "add a small blue star at the top"], x)
+    assert report.ok, str(report)
+    assert report.image_shape == (3, 32, 256)  # (N, 32 query tokens, 256)
+    assert report.query_shape == (2, 256)
+    assert report.reference_shape == (2, 17, 32)  # frozen vision features: 16 patches + CLS
+    # the stage-2 split: a copy of the Q-Former (with its text embeddings) + text projection
+    split = parameter_split(model, x[:2], ["make it red", "add a star"], x)
+    roots = {".".join(n.split(".")[1:3]) if n.startswith("model.blip.") else n.split(".")[1] for n in split.query}
+    assert roots == {"query_qformer", "query_embeddings", "blip.text_projection"}
+    target_roots = {".".join(n.split(".")[1:3]) for n in split.target}
+    assert target_roots == {"blip.vision_model", "blip.qformer", "blip.query_tokens", "blip.vision_projection"}
+    # the copy starts equal to the original but is a separate tensor
+    for (name, a), (_, b) in zip(model.blip.qformer.named_parameters(), model.query_qformer.named_parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+
+
+def test_gallery_tokens_match_transformers_retrieval_head(model):
+    """image_tokens == Blip2ForImageTextRetrieval's own ITC image embeddings (32 x 256 per image)."""
+    x = torch.stack(list(_images(5).values()))
+    batch = model.tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.image_tokens(x)
+        theirs = model.blip(pixel_values=x, input_ids=batch["input_ids"][:1].expand(5, -1),
+                            attention_mask=batch["attention_mask"][:1].expand(5, -1),
+                            use_image_text_matching_head=False).image_embeds
+    assert ours.shape == (5, 32, 256)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_query_takes_the_sprc_route(model):
+    """Fusion pass: cross-attention + query FFN; prompt+text pass: text FFN only (query_length=0)."""
+    calls: dict[str, int] = {}
+
+    def counter(name):
+        def hook(*_):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    handles = []
+    for i, layer in enumerate(model.query_qformer.encoder.layer):
+        for part in ("crossattention", "intermediate_query", "intermediate"):
+            handles.append(getattr(layer, part).register_forward_hook(counter(f"{i}.{part}")))
+    handles.append(model.blip.qformer.register_forward_hook(counter("target_qformer")))
+    handles.append(model.blip.vision_model.register_forward_hook(counter("vision")))
+    features = torch.randn(2, 17, 32)
+    try:
+        model.compose_query(features, ["make it red", "move the star to the left"])
+    finally:
+        for h in handles:
+            h.remove()
+    n_layers = len(model.query_qformer.encoder.layer)
+    expected = {}
+    for i in range(n_layers):
+        expected.update({f"{i}.crossattention": 1, f"{i}.intermediate_query": 1, f"{i}.intermediate": 2})
+    assert calls == expected  # no target Q-Former, no vision tower
+
+
+def test_query_is_per_example_with_padding_and_uses_both_inputs(model):
+    features = torch.randn(3, 17, 32, dtype=torch.float32)
+    texts = ["red", "make the large circle a small blue star", "add a cube"]
+    with torch.no_grad():
+        batched = model.compose_query(features, texts)
+        alone = torch.cat([model.compose_query(features[i:i + 1], [texts[i]]) for i in range(3)])
+        other_text = model.compose_query(features, ["green"] * 3)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)  # padding is masked out
+    torch.testing.assert_close(batched.norm(dim=-1), torch.ones(3))
+    assert (batched - other_text).abs().amax(-1).min() > 1e-4
+    # the reference reaches every query (a random tiny model reads it weakly, so test the gradient)
+    features.requires_grad_(True)
+    query = model.compose_query(features, texts)
+    (grad,) = torch.autograd.grad(query.sum(), features)
+    assert (grad.abs().flatten(1).amax(1) > 0).all()
+
+
+def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower(model):
+    imgs = _images(13)
+    ids = list(imgs)
+    triplets = [cp.Triplet(ids[k], (f"make it {c}",), ids[(k + 3) % 13])
+                for k, c in zip(range(13), ["red", "blue", "green"] * 5)]
+    bank = cp.NegativeBank.build(model, ids, imgs, batch_size=5, show_progress=False)
+    assert tuple(bank.embeddings.shape) == (13, 32, 256)
+    assert bank.similarity == "max_token"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bank_before = bank.embeddings.clone()
+    config = cp.Stage2Config(epochs=1, batch_size=5, lr=1e-3, temperature=0.05, learn_temperature=True,
+                             show_progress=False, select_metric=None)
+    trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
+    vision_calls = []
+    handle = model.blip.vision_model.register_forward_hook(lambda *_: vision_calls.append(1))
+    try:
+        history = trainer.fit()
+    finally:
+        handle.remove()
+    assert vision_calls == []  # every step composed from the cached vision features
+    assert history[-1]["steps"] >= 2
+    assert history[-1]["temperature"] != pytest.approx(0.05, abs=1e-9)  # the learnable tau moved
+    assert torch.equal(bank.embeddings, bank_before)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = [n for n in before if n.startswith(("model.blip.vision_model", "model.blip.qformer",
+                                                 "model.blip.query_tokens", "model.blip.vision_projection"))]
+    assert frozen and not changed & set(frozen)
+    assert any(n.startswith("model.query_qformer") for n in changed)
+    assert any(n.startswith("model.blip.text_projection") for n in changed)
+
+
+@pytest.mark.slow
+def test_one_augment_stage2_evaluate_cycle(checkpoint, tmp_path):
+    args = argparse.Namespace(
+        model=str(checkpoint), world=str(tmp_path / "world"), world_size="tiny", data=None, out=str(tmp_path / "run"),
+        epochs=1, batch_size=16, lr=1e-4, steps_per_epoch=3, seed=0, progress=False)
+    results = blip2_run.cycle(args)
+    assert results["bank_shape"] == [168, 32, 256]  # every train image of the tiny world, 32 tokens
+    assert results["triplets"]["total"] > results["triplets"]["annotated"] == 24  # generated positives added
+    for when in ("before", "after"):
+        assert set(results[when]) >= {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rmean"}
+        assert all(0.0 <= v <= 100.0 for v in results[when].values())
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert (tmp_path / "run" / "bank.safetensors").is_file()
+
+
+def _readme_commands() -> list[str]:
+    readme = (EXAMPLE / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()
+            and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path):
+    commands = _readme_commands()
+    assert any("tiny-checkpoint" in c for c in commands) and any(" cycle " in c for c in commands)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert list(tmp_path.glob("runs/*/results.json"))
