@@ -321,3 +321,34 @@ def test_fused_handles_more_than_2_pow_31_elements_gpu():
     ref = loss.bank_contrastive_loss(q0, bank, target, 0.05, exclude_rows=excl, chunk_size=1 << 20)
     assert abs(float(val) - float(ref)) <= 1e-3 * abs(float(ref))
     assert torch.isfinite(q.grad).all()
+
+
+# ---------------------------------------------------------------- the other GPU benchmarks run on CPU
+
+
+def _run_script(args, tmp_path):
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_smoke_runs_on_cpu(tmp_path):
+    data = _run_script([str(REPO / "benchmarks" / "retrieval_gpu.py"), "--smoke", "--device", "cpu"], tmp_path)
+    by = {r["method"]: r for r in data["rows"]}
+    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "retrieval_metrics", "bare_bf16_topk"}
+    assert all(r["ms"] > 0 for r in by.values())
+    assert by["topk_rows_big_chunk"]["same_rows_as_default"] is True
+    assert 0.0 <= by["retrieval_metrics"]["metrics"]["R@50"] <= 100.0
+
+
+@pytest.mark.slow
+def test_bank_build_benchmark_runs_on_cpu(tmp_path):
+    data = _run_script([str(REPO / "benchmarks" / "bank_build.py"), "--preset", "tiny", "--device", "cpu",
+                        "--images", "32", "--batch-size", "16", "--rounds", "1"], tmp_path)
+    assert {r["method"] for r in data["rows"]} == {"build", "bare_host", "bare_device"}
+    assert all(r["images_per_s"] > 0 for r in data["rows"])

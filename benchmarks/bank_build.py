@@ -1,0 +1,161 @@
+"""Bank building at the speed of the encoder: NegativeBank.build vs the bare encoder forward.
+
+A CLIP ViT image tower is built from a transformers config (random weights: no download),
+saved with save_pretrained into a temporary folder and loaded back by path. The same images (a
+dict id -> (3, H, W) float tensor, in host memory as a dataset would give them) are encoded by
+
+  build        cp.NegativeBank.build(model, ids, images, batch_size, device, dtype, num_workers)
+  bare_host    the encoder alone, batches stacked from the same dict and copied to the device
+  bare_device  the encoder alone on batches already on the device (the encoder's ceiling)
+
+all under no_grad (bf16 autocast on CUDA, as build does). Reports images/s and build / bare.
+
+    python benchmarks/bank_build.py --preset tiny --device cpu --out benchmarks/bank_build_cpu.json
+    python benchmarks/bank_build.py --preset vitb16 --device cuda --out benchmarks/bank_build_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
+
+PRESETS = {
+    # hidden, layers, heads, image, patch, projection
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                 image_size=64, patch_size=16, projection_dim=64),
+    "vitb16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   image_size=224, patch_size=16, projection_dim=512),
+}
+
+
+class TowerModel(nn.Module):
+    """Target side: a CLIP vision tower + projection; query side: a bag of hashed words added to it."""
+
+    similarity = "dot"
+
+    def __init__(self, tower: nn.Module, dim: int, buckets: int = 997) -> None:
+        super().__init__()
+        self.tower = tower
+        self.words = nn.EmbeddingBag(buckets, dim, mode="mean")
+        self.buckets = buckets
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) -> (N, D) projected image embeddings."""
+        return self.tower(pixel_values=images).image_embeds
+
+    def compose_query(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """reference (B, 3, H, W), B texts -> (B, D)."""
+        ids, offsets = [], []
+        for text in texts:
+            offsets.append(len(ids))
+            ids.extend(hash(w) % self.buckets for w in (text.split() or [""]))
+        dev = reference.device
+        text = self.words(torch.tensor(ids, device=dev), torch.tensor(offsets, device=dev))  # (B, D)
+        return F.normalize(self.encode_image(reference).detach() + text, dim=-1)
+
+
+def load_tower(preset: str, folder: str) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**PRESETS[preset])).save_pretrained(folder)
+    return CLIPVisionModelWithProjection.from_pretrained(folder)  # by path, safetensors
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int, default=None, help="default 512 (tiny) / 8192 (vitb16)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (tiny) / 256 (vitb16)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/bank_build.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    n = args.images or (512 if args.preset == "tiny" else 8192)
+    bs = args.batch_size or (64 if args.preset == "tiny" else 256)
+    size = PRESETS[args.preset]["image_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tower = load_tower(args.preset, tmp)
+    model = TowerModel(tower, PRESETS[args.preset]["projection_dim"]).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [f"img{i:06d}" for i in range(n)]
+    images = {i: torch.randn(3, size, size, generator=g) for i in ids}  # host memory, like a dataset
+    use_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if use_cuda else torch.float32
+
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    def bare(from_host: bool):
+        on_device = None if from_host else torch.stack([images[i] for i in ids]).to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            for s in range(0, n, bs):
+                if from_host:
+                    batch = torch.stack([images[i] for i in ids[s:s + bs]])
+                    batch = batch.pin_memory().to(device, non_blocking=True) if use_cuda else batch
+                else:
+                    batch = on_device[s:s + bs]
+                model.encode_image(batch)
+        sync()
+
+    def build():
+        NegativeBank.build(model, ids, images, batch_size=bs, device=device, dtype=dtype,
+                           num_workers=args.num_workers, show_progress=False)
+        sync()
+
+    runs = {"bare_device": lambda: bare(False), "bare_host": lambda: bare(True), "build": build}
+    # warm-up: allocator, cuDNN/cuBLAS heuristics, the build's parameter probe
+    for fn in runs.values():
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(args.rounds):  # interleaved rounds: shared-machine load hits every method alike
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    best_bare = n / statistics.median(times["bare_device"])
+    for name in runs:
+        med = statistics.median(times[name])
+        rows.append(dict(method=name, seconds=med, images_per_s=n / med, vs_bare_device=(n / med) / best_bare))
+    dev_name = torch.cuda.get_device_name(device) if use_cuda else (platform.processor() or "cpu")
+    print(f"device: {dev_name}; preset {args.preset}; {n} images {size}x{size}; batch {bs}; "
+          f"workers {args.num_workers}; median of {args.rounds} rounds")
+    print(f"{'method':12} {'seconds':>9} {'images/s':>10} {'vs bare_device':>15}")
+    for r in rows:
+        print(f"{r['method']:12} {r['seconds']:9.3f} {r['images_per_s']:10.1f} {r['vs_bare_device']:15.2f}")
+    out = dict(benchmark="bank_build", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join([os.path.basename(sys.executable), *sys.argv]), device=dev_name,
+               preset=args.preset, images=n, batch_size=bs, num_workers=args.num_workers,
+               threads=torch.get_num_threads(), rows=rows, raw_seconds=times)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

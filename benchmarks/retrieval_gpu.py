@@ -1,0 +1,149 @@
+"""Retrieval evaluation on the GPU: 4k queries x 1M gallery, top-50 (goal: under 60 ms).
+
+Times the library's chunked evaluation functions on one device:
+
+  topk_rows            cir_plugins.metrics.topk_rows(query, gallery, 50) (default chunking)
+  topk_rows_big_chunk  the same with chunk_size=--big-chunk gallery rows per step
+  retrieval_metrics    cir_plugins.metrics.retrieval_metrics(ks=(1, 5, 10, 50)) with one excluded row per query
+  bare_bf16_topk       a plain loop in this script, for scale: bf16 (Q, C) score blocks, torch.topk per
+                       block, merge of the running top-k (no tie rule); what the hardware does unaided
+
+    python benchmarks/retrieval_gpu.py --out benchmarks/retrieval_gpu.json
+    python benchmarks/retrieval_gpu.py --smoke --device cpu --out /tmp/retrieval_smoke.json
+
+Embeddings are unit rows stored in bf16 (as banks are). Time = median of CUDA-event timed runs after
+one warm-up; peak extra memory from torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from cir_plugins import metrics  # noqa: E402
+
+
+def bare_topk(query, gallery, k, chunk):
+    """Running top-k over bf16 score blocks. query (Q, D), gallery (G, D) -> (Q, k) scores, rows."""
+    q = query.to(gallery.dtype)
+    best_s = torch.full((q.shape[0], k), float("-inf"), device=q.device)
+    best_r = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=q.device)
+    for s in range(0, gallery.shape[0], chunk):
+        sc = (q @ gallery[s:s + chunk].T).float()  # (Q, D) @ (D, C) -> (Q, C)
+        v, i = sc.topk(min(k, sc.shape[1]), dim=1)
+        cat_s = torch.cat([best_s, v], 1)
+        cat_r = torch.cat([best_r, i + s], 1)
+        top = cat_s.topk(k, dim=1)
+        best_s, best_r = top.values, cat_r.gather(1, top.indices)
+    return best_s, best_r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
+    p.add_argument("--queries", type=int, default=4096)
+    p.add_argument("--gallery", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--big-chunk", type=int, default=65536)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--goal-ms", type=float, default=60.0)
+    p.add_argument("--out", default="benchmarks/retrieval_gpu.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.queries, args.gallery, args.dim, args.big_chunk, args.iters = 64, 5003, 32, 1024, 1
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    gallery = torch.empty(args.gallery, args.dim, device=device, dtype=torch.bfloat16)
+    for s in range(0, args.gallery, 1 << 18):  # unit rows, generated in slices
+        e = min(args.gallery, s + (1 << 18))
+        gallery[s:e] = F.normalize(torch.randn(e - s, args.dim, device=device, generator=g), dim=-1).to(torch.bfloat16)
+    target = torch.randint(0, args.gallery, (args.queries,), device=device, generator=g)
+    # queries near their targets, so the recalls are not all zero
+    query = F.normalize(gallery[target].float() + 0.5 * torch.randn(args.queries, args.dim, device=device,
+                                                                     generator=g) / args.dim**0.5, dim=-1)
+    excl = (target[:, None] + 1) % args.gallery  # one removed candidate per query (CIRR's reference)
+
+    runs = {
+        "topk_rows": lambda: metrics.topk_rows(query, gallery, args.k),
+        "topk_rows_big_chunk": lambda: metrics.topk_rows(query, gallery, args.k, chunk_size=args.big_chunk),
+        "retrieval_metrics": lambda: metrics.retrieval_metrics(query, gallery, target, ks=(1, 5, 10, 50),
+                                                               exclude_rows=excl),
+        "bare_bf16_topk": lambda: bare_topk(query, gallery, args.k, args.big_chunk),
+    }
+    rows, results = [], {}
+    for name, fn in runs.items():
+        row = dict(method=name, Q=args.queries, G=args.gallery, D=args.dim, k=args.k)
+        try:
+            results[name] = fn()  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.iters):
+                if cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    torch.cuda.synchronize()
+                    times.append(a.elapsed_time(b))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0) * 1e3)
+            row["ms"] = statistics.median(times)
+            row["meets_goal"] = row["ms"] < args.goal_ms
+            if cuda:
+                row["extra_GB"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        rows.append(row)
+    # the library's two top-k settings must agree exactly; the bare loop on rows up to bf16 ties
+    if "topk_rows" in results and "topk_rows_big_chunk" in results:
+        agree = bool(torch.equal(results["topk_rows"][1], results["topk_rows_big_chunk"][1]))
+        for r in rows:
+            if r["method"] == "topk_rows_big_chunk":
+                r["same_rows_as_default"] = agree
+    if "retrieval_metrics" in results:
+        for r in rows:
+            if r["method"] == "retrieval_metrics":
+                r["metrics"] = results["retrieval_metrics"]
+    name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
+    print(f"device: {name}; {args.queries} queries x {args.gallery} gallery, D={args.dim}, top-{args.k}; "
+          f"goal {args.goal_ms} ms")
+    print(f"{'method':22} {'ms':>10} {'goal':>5} {'extra_GB':>9}")
+    for r in rows:
+        ms = f"{r['ms']:10.2f}" if "ms" in r else f"{'-':>10}"
+        eg = f"{r['extra_GB']:9.3f}" if "extra_GB" in r else f"{'-':>9}"
+        print(f"{r['method']:22} {ms} {('yes' if r.get('meets_goal') else 'no'):>5} {eg}  {r.get('note', '')}")
+    out = dict(benchmark="retrieval_gpu", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join([os.path.basename(sys.executable), *sys.argv]), device=name,
+               torch=torch.__version__, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
