@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -127,6 +128,30 @@ def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
     canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
     canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
     return canvas
+
+
+class _OwnPixelLimit:
+    """While any store is decoding, PIL's global bomb limit is off (each store checks its own
+    ``max_pixels`` first, with our message) and truncated files are refused; the previous global
+    settings come back when the last decoding thread leaves (reference-counted, thread-safe)."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: tuple = ()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if _OwnPixelLimit._depth == 0:
+                _OwnPixelLimit._saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+                Image.MAX_IMAGE_PIXELS = None
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+            _OwnPixelLimit._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            _OwnPixelLimit._depth -= 1
+            if _OwnPixelLimit._depth == 0:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _OwnPixelLimit._saved
 
 
 class ClipTransform:
@@ -281,11 +306,8 @@ class ImageStore(Mapping):
         if path.stat().st_size == 0:
             raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
                                          fix=fix_file))
-        previous_limit, previous_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
         try:
-            Image.MAX_IMAGE_PIXELS = None  # we check the limit ourselves, with our message
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            with Image.open(path) as image:
+            with _OwnPixelLimit(), Image.open(path) as image:
                 w, h = image.size
                 if self.max_pixels is not None and w * h > self.max_pixels:
                     raise ImageLoadError(explain(f"image {image_id!r} is larger than the pixel limit "
@@ -299,8 +321,6 @@ class ImageStore(Mapping):
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             raise ImageLoadError(explain(f"image {image_id!r} cannot be decoded (corrupt or truncated)",
                                          got=f"{path}: {type(error).__name__}: {error}", fix=fix_file)) from error
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = previous_limit, previous_truncated
 
     def readable_ids(self, ids: Iterable[str] | None = None) -> list[str]:
         """The ids (all by default) whose image decodes; unreadable ones are logged and dropped."""

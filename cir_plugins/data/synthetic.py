@@ -23,7 +23,7 @@ World statistics (defaults):
 - Edit types (6): recolour, reshape, resize, move, add, remove. An annotated triplet applies one
   edit, or two with probability ``two_edit_rate`` (0.3).
 - Phrasing: human-style, CIRR-like, describing the change rather than the target, relative and
-  partial: 4-6 templates per edit type ("make the circle blue", "change the red square into a
+  partial: 3-6 templates per edit type ("make the circle blue", "change the red square into a
   triangle", "remove the small star", "add a green circle at the bottom right", "move it to the
   left", "shrink the star", ...), objects named by the shortest description that singles them out
   (sometimes "it", sometimes over-specified), two edits joined 4 ways ("and", ", then", "; ",
