@@ -137,3 +137,14 @@ def test_bad_windows_and_inputs_are_clear_errors():
         select_partners(bad, rank_window=(0, 2))
     with pytest.raises(ConfigError):
         select_partners(torch.randn(5, 3), rank_window=(0, 2), partners_per_image=0)
+
+
+def test_vectorised_draw_keys_match_scalar_reference():
+    from cir_plugins.positives.pairing import _key, _keys
+
+    q = torch.tensor([0, 5, 99999, 31])
+    js = torch.randint(0, 100000, (4, 13))
+    for seed in (0, 7, 2**31 + 5):
+        got = _keys(seed, q, 100003, js)
+        want = torch.tensor([[_key(seed, int(q[r]), 100003, int(j)) for j in js[r]] for r in range(4)])
+        assert torch.equal(got, want)

@@ -6,23 +6,28 @@ to the query, best first. Rank 0 is the most similar candidate. Partners are dra
 without replacement, from the ranks ``[a, b)`` of that ranking.
 
 Never materialises the N x N similarity matrix: query rows are processed ``chunk_size`` at a
-time; each chunk holds one ``(chunk, N)`` score block, finds the two rank boundaries with
-``torch.topk`` and keeps only window membership.
+time; each chunk holds one ``(chunk, N)`` score block. ``torch.topk`` takes the top ``b`` of each
+row; the ``a``-th largest of those marks the window's upper edge; only the window's indices are
+kept. Rows where equal scores straddle a boundary go through an exact (chunk, N) mask path.
 
 Tie rule: candidates with equal cosine are ordered by their position in the input (earlier
-first). The draw is a function of ``seed`` and of the input order only (not of ``chunk_size``):
-one ``(Q, partners_per_image)`` block of uniform numbers is drawn up front from a generator seeded
-with ``seed``; query q's t-th partner is the ``floor(u[q, t] * remaining)``-th still-undrawn
-window member, window members listed in input order.
+first).
+
+Draw rule: query q's partners are the ``partners_per_image`` window members j with the smallest
+key ``splitmix64(seed * 2**40 + q * N + j)`` (a bijective hash, so keys never tie). This is a
+uniform draw without replacement that depends only on ``seed``, the query's row, the candidates'
+rows and the window, never on ``chunk_size`` or on topk's internal order.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -142,6 +147,73 @@ def _in_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _key(seed: int, q: int, n: int, j: int) -> int:
+    """splitmix64(seed * 2**40 + q * n + j) as a signed int64 (the draw key of candidate j for query q)."""
+    z = (int(seed) * (1 << 40) + q * n + j + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >= (1 << 63) else z
+
+
+def _keys(seed: int, q: torch.Tensor, n: int, js: torch.Tensor) -> torch.Tensor:
+    """Vectorised :func:`_key`: queries ``q`` (r,) and candidate rows ``js`` (r, w) -> (r, w) int64."""
+    base = (np.asarray(q.cpu().numpy(), dtype=np.int64).astype(np.uint64) * np.uint64(n)
+            + np.uint64((int(seed) * (1 << 40) + 0x9E3779B97F4A7C15) & _MASK64))  # (r,)
+    with np.errstate(over="ignore"):
+        z = js.cpu().numpy().astype(np.uint64) + base[:, None]  # (r, w), wraps mod 2**64
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy(z.view(np.int64)).to(js.device)
+
+
+def _draw(seed: int, q: torch.Tensor, n: int, js: torch.Tensor, valid: torch.Tensor, k: int) -> list[list[int]]:
+    """Per row r: the (up to) k entries of ``js[r]`` where ``valid[r]`` with the smallest keys.
+
+    q (r,), js (r, w) candidate rows, valid (r, w) bool. Returns row lists in ascending key order.
+    """
+    if js.shape[1] == 0:
+        return [[] for _ in range(js.shape[0])]
+    keys = _keys(seed, q, n, js).masked_fill(~valid, torch.iinfo(torch.int64).max)  # (r, w)
+    take = min(k, js.shape[1])
+    order = torch.topk(keys, take, dim=1, largest=False, sorted=True).indices  # (r, take)
+    picked = torch.gather(js, 1, order).tolist()
+    counts = valid.sum(1).tolist()
+    return [row[:min(take, cnt)] for row, cnt in zip(picked, counts)]
+
+
+def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int, k: int) -> list[list[int]]:
+    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row.
+
+    Fast path: top-b by ``torch.topk``; the a-th largest of those is the upper edge. Exact when no
+    equal scores straddle either boundary; rows where they do use the (r, N) mask path.
+    q (r,) are the rows' global indices (for the draw keys).
+    """
+    n = block.shape[1]
+    values, indices = torch.topk(block, b, dim=1, sorted=False)  # (r, b) each
+    low = values.min(dim=1).values  # (r,) b-th largest score
+    straddle = (block == low[:, None]).sum(1) > 1  # (r,) ties at the b boundary
+    if a > 0:
+        high = torch.topk(values, a, dim=1, sorted=False).values.min(dim=1).values  # (r,) a-th largest
+        straddle |= (values == high[:, None]).sum(1) > 1
+        inside = values < high[:, None]  # (r, b): ranks >= a
+    else:
+        inside = torch.ones_like(values, dtype=torch.bool)
+    out = _draw(seed, q, n, indices, inside, k)
+    if bool(straddle.any()):
+        tied = torch.nonzero(straddle).squeeze(1)
+        sub = block[tied]  # (t, N)
+        k_b = torch.full((tied.numel(),), b, dtype=torch.int64, device=block.device)
+        exact = _in_top(sub, k_b) & ~_in_top(sub, torch.full_like(k_b, a))  # (t, N): rank in [a, b)
+        all_rows = torch.arange(n, device=block.device).expand(tied.numel(), n)  # (t, N)
+        for t, picks in zip(tied.tolist(), _draw(seed, q[tied], n, all_rows, exact, k)):
+            out[t] = picks
+    return out
+
 def select_partners(
     embeddings: torch.Tensor,
     *,
@@ -151,7 +223,7 @@ def select_partners(
     groups: Sequence[Any] | None = None,
     duplicates: Sequence[Any] | None = None,
     query_rows: Sequence[int] | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     normalize: bool = True,
     show_progress: bool = False,
 ) -> list[list[int]]:
@@ -202,9 +274,12 @@ def select_partners(
         raise ConfigError(explain("query_rows out of range", got=(int(rows_all.min()), int(rows_all.max())),
                                   expected=f"0 <= row < {n}"))
     q = rows_all.numel()
-    generator = torch.Generator().manual_seed(int(seed))
-    # one uniform per (query, partner slot), drawn up front so chunking cannot change the draw
-    uniforms = torch.rand(q, partners_per_image, generator=generator, dtype=torch.float64)
+    # candidates per row, counted from labels (no pass over the scores): same group, not a duplicate
+    group_list = group_codes.tolist() if group_codes is not None else [0] * n
+    dup_list = dup_codes.tolist() if dup_codes is not None else list(range(n))
+    group_size = Counter(group_list)
+    same_both = Counter(zip(group_list, dup_list))
+    candidate_count = [group_size[g] - same_both[(g, d)] for g, d in zip(group_list, dup_list)]
     result: list[list[int]] = []
     bar = tqdm(total=q, desc="pairing: rank windows", unit="img", disable=not show_progress)
     for start in range(0, q, chunk_size):
@@ -219,31 +294,21 @@ def select_partners(
                 members = dup_members.get(int(dup_codes[r]))
                 if members is not None:
                     scores[i, members] = float("-inf")
-        candidates = torch.isfinite(scores).sum(1).tolist()  # M per query row
+        candidates = [candidate_count[r] for r in rows.tolist()]  # M per query row
         bounds = [window.resolve(m) for m in candidates]
-        a = torch.tensor([ab[0] for ab in bounds], dtype=torch.int64, device=device)
-        b = torch.tensor([ab[1] for ab in bounds], dtype=torch.int64, device=device)
-        in_window = _in_top(scores, b) & ~_in_top(scores, a)  # (c, N): rank in [a, b)
+        by_bounds: dict[tuple[int, int], list[int]] = {}
+        for i, ab in enumerate(bounds):
+            by_bounds.setdefault(ab, []).append(i)
+        picks: list[list[int]] = [[] for _ in range(c)]
+        for (a, b), members in by_bounds.items():
+            if b <= a:
+                continue  # empty window
+            local = torch.tensor(members, dtype=torch.int64, device=device)
+            block = scores if len(members) == c else scores[local]  # (r, N)
+            for i, row_picks in zip(members, _windows_for_block(block, a, b, rows[local], seed, partners_per_image)):
+                picks[i] = row_picks
         del scores
-        remaining = in_window.sum(1)  # (c,)
-        picks = torch.full((c, partners_per_image), -1, dtype=torch.int64, device=device)
-        u = uniforms[start:start + c].to(device)
-        for t in range(partners_per_image):
-            alive = remaining > 0
-            if not bool(alive.any()):
-                break
-            # position (0-based) among the still-undrawn window members, in input order
-            pos = torch.floor(u[:, t] * remaining.to(torch.float64)).to(torch.int64)
-            pos = torch.minimum(pos, (remaining - 1).clamp(min=0))
-            running = torch.cumsum(in_window, dim=1, dtype=torch.int32)  # (c, N)
-            chosen = torch.argmax((running > pos[:, None].to(torch.int32)).to(torch.int8), dim=1)  # first index past pos
-            chosen = torch.where(alive, chosen, torch.full_like(chosen, -1))
-            picks[:, t] = chosen
-            live = torch.nonzero(alive).squeeze(1)
-            in_window[live, chosen[live]] = False
-            remaining = remaining - alive.to(remaining.dtype)
-        for row_picks in picks.tolist():
-            result.append([p for p in row_picks if p >= 0])
+        result.extend(picks)
         bar.update(c)
     bar.close()
     empty = sum(1 for r in result if not r)
