@@ -424,7 +424,7 @@ class _FusedDotBankLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, temperature, bank, target_rows, exclude_rows, precision):
-        need_w = query.requires_grad
+        need_w = bool(ctx.needs_input_grad[0])  # False under no_grad or for a frozen query
         stats = _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
         tau = temperature.detach().reshape(()).float()
         target_vecs = bank.index_select(0, target_rows).float()  # (B, D) positive rows
