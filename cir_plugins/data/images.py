@@ -113,8 +113,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
-    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
+    array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
 
 
 def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
@@ -174,8 +174,10 @@ class ClipTransform:
         if not (isinstance(target_ratio, (int, float)) and target_ratio >= 1.0):
             raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
         self.kind, self.size, self.target_ratio = kind, size, float(target_ratio)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(v) for v in std)
+        self._mean_np = np.asarray(self.mean, dtype=np.float32)
+        self._inv_std_np = (1.0 / np.asarray(self.std, dtype=np.float64)).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"ClipTransform(kind={self.kind!r}, size={self.size}, target_ratio={self.target_ratio})"
@@ -195,8 +197,10 @@ class ClipTransform:
             image = image.resize((new_w, new_h), Image.BICUBIC)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        tensor = _pil_to_tensor(image)  # (3, size, size)
-        return (tensor - self.mean) / self.std
+        # numpy (single-threaded, no per-op thread-pool overhead): (H, W, 3) uint8 -> normalised float32
+        array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+        array = (array - self._mean_np) * self._inv_std_np  # (H, W, 3), broadcast over the channel axis
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, size, size)
 
 
 def make_transform(transform: str | Callable | None, size: int = 224, **kwargs) -> Callable:
