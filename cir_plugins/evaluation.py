@@ -176,9 +176,12 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
                                 fix="de-duplicate split.gallery_ids"))
     device = torch.device(device) if device is not None else _model_device(model)
     similarity = _similarity(model)
-    was_training = getattr(model, "training", None)
-    if callable(getattr(model, "eval", None)):
-        model.eval()
+    # each module's own mode, restored one by one (model.train(flag) would also flip submodules that
+    # were deliberately left in eval mode, e.g. a frozen batch-norm backbone inside a wrapper)
+    modules = list(model.modules()) if callable(getattr(model, "modules", None)) else []
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = False
     try:
         with torch.no_grad():
             gallery = embed_images(model.encode_image, split.images, gallery_ids, batch_size=batch_size,
@@ -191,8 +194,8 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
                                          fix="set model.similarity ('dot' for (N, D), 'max_token' for (N, T, D))"))
             query = _compose_all(model, split.images, triplets, batch_size, device, show_progress)
     finally:
-        if was_training is not None and callable(getattr(model, "train", None)):
-            model.train(was_training)
+        for m, mode in zip(modules, modes):
+            m.training = mode
     if query.dim() != 2 or query.shape[0] != len(triplets) or query.shape[1] != gallery.shape[-1]:
         raise ShapeError(explain("compose_query must return (B, D) with the gallery's D", got=tuple(query.shape),
                                  expected=f"({len(triplets)}, {gallery.shape[-1]})", fix="check the model's output"))

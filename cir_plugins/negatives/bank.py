@@ -237,8 +237,18 @@ class NegativeBank:
         if model_similarity != self.similarity:
             problems.append(f"similarity: bank {self.similarity!r}, model {model_similarity!r}")
         if sample is not None:
-            with torch.no_grad():
-                out = model.encode_image(sample.to(_model_device(model)))
+            # eval mode for this probe only: a batch-norm layer in train mode would update its
+            # statistics (the target side this check fingerprints) even under no_grad
+            modules = list(model.modules()) if hasattr(model, "modules") else []
+            modes = [m.training for m in modules]
+            try:
+                for m in modules:
+                    m.training = False
+                with torch.no_grad():
+                    out = model.encode_image(sample.to(_model_device(model)))
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.training = mode
             if tuple(out.shape[1:]) != tuple(self.embeddings.shape[1:]):
                 problems.append(f"embedding shape: bank rows {tuple(self.embeddings.shape[1:])}, "
                                 f"model encode_image gives {tuple(out.shape[1:])}")
