@@ -111,6 +111,12 @@ class BankNegatives:
         exclude = exclusion_rows(self.bank, triplets) if self.mask_reference else None  # (b, 1)
         return self.bank.embeddings, target_rows, exclude
 
+    def loss(self, query: Tensor, bank: Tensor, target_rows: Tensor, exclude: Tensor | None,
+             temperature: Tensor) -> Tensor:
+        """The static bank never receives a gradient: the exact, chunked bank loss."""
+        return bank_contrastive_loss(query, bank, target_rows, temperature, exclude_rows=exclude,
+                                     similarity=self.similarity)
+
 
 class InBatchNegatives:
     """Stage 1: the batch's targets, encoded with gradient; one row per distinct target group."""
@@ -140,6 +146,20 @@ class InBatchNegatives:
         targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
         targets = F.normalize(targets, dim=-1)
         return targets, torch.tensor(rows, dtype=torch.long, device=device), None
+
+    def loss(self, query: Tensor, targets: Tensor, target_rows: Tensor, exclude: Tensor | None,
+             temperature: Tensor) -> Tensor:
+        """Cross-entropy over the batch's u distinct targets, differentiable in both towers.
+
+        query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u). The (b, u) matrix is
+        small (u <= b), so no chunking is needed.
+        """
+        if self.similarity == "max_token":
+            # (b, D) x (u, T, D) -> (b, u, T), best token per target
+            logits = torch.einsum("bd,utd->but", query, targets.to(query.dtype)).amax(dim=-1)
+        else:
+            logits = query @ targets.to(query.dtype).T  # (b, D) @ (D, u) -> (b, u)
+        return F.cross_entropy(logits.float() / temperature, target_rows)
 
 
 class Trainer:
@@ -276,8 +296,7 @@ class Trainer:
                                      expected=f"({len(triplets)}, D)"))
         query = F.normalize(query, dim=-1)  # (b, D) unit queries
         bank, target_rows, exclude = self.negatives(self.model, triplets, self.images, self.device)
-        return bank_contrastive_loss(query, bank, target_rows, self.temperature(), exclude_rows=exclude,
-                                     similarity=self.negatives.similarity)
+        return self.negatives.loss(query, bank, target_rows, exclude, self.temperature())
 
     def _train_mode(self) -> None:
         self.model.train()
