@@ -176,3 +176,14 @@ def test_readme_commands_run_as_written(tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert list(tmp_path.glob("runs/*/results.json"))
+
+
+def test_init_command_builds_a_checkpoint_from_a_timm_name_and_a_text_path(checkpoint, tmp_path, capsys):
+    code = tirg_run.main(["init", str(tmp_path / "fresh"), "--image-model", "test_resnet",
+                          "--text-model", str(checkpoint / "text"), "--embed-dim", "24"])
+    assert code == 0 and "written" in capsys.readouterr().out
+    fresh = TimmTIRG.from_pretrained(tmp_path / "fresh")
+    assert fresh.embed_dim == 24 and fresh.image_backbone.num_features == 96
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert fresh.compose(fresh.image_features(x), TEXTS[:2]).shape == (2, 24)

@@ -79,7 +79,8 @@ def cycle(args: argparse.Namespace) -> dict:
     if captioner is not None:
         augmenter = cp.TripletAugmenter(captioner, model.image_tokens, templates="cirr", rank_window=(0.25, 0.75),
                                         partners_per_image=1, seed=args.seed, show_progress=args.progress)
-        triplets = augmenter.augment(list(train.gallery_ids), train.images, annotated=train.triplets)
+        generated = augmenter.augment(list(train.gallery_ids), train.images)
+        triplets += [t for t in generated if t.source == "generated"]  # "plus": appended to the annotated
     logger.info("training triplets: %d annotated + %d generated", len(train.triplets),
                 len(triplets) - len(train.triplets))
 
