@@ -1,0 +1,509 @@
+"""Captioners (images -> captions) and the resumable caption cache.
+
+A captioner is any callable ``captioner(image_ids: list[str], images: list[PIL.Image.Image]) ->
+list[str]`` with a ``name: str`` attribute; the name keys the cache. Provided here:
+
+- :class:`HFCaptioner`: any image-to-text model in transformers (LLaVA, BLIP / BLIP-2, Qwen2-VL,
+  ...), loaded with ``AutoProcessor`` and ``AutoModelForImageTextToText``, greedy decoding.
+- :class:`PrecomputedCaptioner`: captions made elsewhere, read from JSON or JSONL.
+- the synthetic world's captioner (``cir_plugins.data.synthetic``) meets the same protocol.
+
+:func:`caption_images` runs a captioner over ids with a :class:`CaptionCache`: a JSONL file, one
+``{"id", "caption", "captioner"}`` line per caption, flushed and fsync'ed after every batch. A
+re-run skips ids already in the cache; a run killed half way loses at most the batch in flight; a
+torn last line (killed mid-write) is ignored, counted and cut off before the next append.
+
+One cache file holds one captioner's captions: opening it with another captioner name is a
+ConfigError (the augmenter names its cache file after the captioner, so they never collide).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
+
+__all__ = ["HFCaptioner", "PrecomputedCaptioner", "CaptionCache", "CaptionRun", "caption_images",
+           "check_captioner", "pil_source", "default_prompt", "clean_caption", "cache_file_name"]
+
+logger = logging.getLogger(__name__)
+
+FASHION_PROMPT = "please briefly describe the {category} in {k} words"
+GENERAL_PROMPT = "please briefly describe the image in {k} words"
+_QUOTES = " \t\r\n\"'`\u201c\u201d\u2018\u2019"
+
+
+def default_prompt(domain: str = "general") -> str:
+    """The method's prompt template for ``domain`` ("fashion" or "general")."""
+    if domain == "fashion":
+        return FASHION_PROMPT
+    if domain == "general":
+        return GENERAL_PROMPT
+    raise ConfigError(explain("unknown caption domain", got=domain, expected=["fashion", "general"]))
+
+
+def check_captioner(captioner: Any) -> Any:
+    """Raise ModelProtocolError unless ``captioner`` is callable with a non-empty ``name``."""
+    name = getattr(captioner, "name", None)
+    if not callable(captioner) or not isinstance(name, str) or not name:
+        raise ModelProtocolError(explain(
+            "a captioner must be callable (image_ids, images) -> captions and have a non-empty str `name`",
+            got=f"{type(captioner).__name__} (name={name!r})",
+            fix="use HFCaptioner / PrecomputedCaptioner or give your callable a `name` attribute"))
+    return captioner
+
+
+def _strip_prefix(text: str, prefix: str) -> str:
+    """``text`` without a leading copy of ``prefix``, comparing case-insensitively and ignoring whitespace."""
+    want = [c.lower() for c in prefix if not c.isspace()]
+    if not want:
+        return text
+    matched, position = 0, 0
+    while position < len(text) and matched < len(want):
+        char = text[position]
+        if not char.isspace():
+            if char.lower() != want[matched]:
+                return text
+            matched += 1
+        position += 1
+    return text[position:] if matched == len(want) else text
+
+
+def clean_caption(text: str, *prompts: str | None) -> str:
+    """Strip whitespace/quotes and a leading copy of each prompt text (case and spacing ignored).
+
+    Models that echo their input (encoder-decoder or BLIP-style decoders) start the decoded text
+    with the prompt; ``prompts`` are tried in order (e.g. the chat-rendered text, then the plain
+    prompt).
+    """
+    text = text.strip(_QUOTES)
+    for prompt in prompts:
+        if prompt:
+            text = _strip_prefix(text, prompt).strip(_QUOTES)
+    return text.strip(_QUOTES + ":.,;-").strip(_QUOTES)
+
+
+def _tensor_to_pil(tensor: torch.Tensor) -> Any:
+    """(C, H, W) float tensor -> RGB PIL image, min-max scaled per image to [0, 255].
+
+    The preprocessing (normalisation) of a tensor mapping is unknown here, so colours are only
+    approximately recovered; pass an ImageStore (it has ``load_pil``) for exact pixels.
+    """
+    from PIL import Image
+
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+        raise DataError(explain("cannot turn this image into a PIL image", got=getattr(tensor, "shape", type(tensor)),
+                                expected="a (C, H, W) tensor with C in {1, 3}, or a PIL image"))
+    x = tensor.detach().float().cpu()
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    array = (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (C,H,W) -> (H,W,C)
+    return Image.fromarray(array, "RGB")
+
+
+def pil_source(images: Any) -> Callable[[str], Any]:
+    """id -> RGB PIL image from an ImageStore (``load_pil``), a Mapping id -> PIL or tensor, or a callable.
+
+    Tensors are converted back with a per-image min-max scaling (see :func:`_tensor_to_pil`).
+    """
+    load_pil = getattr(images, "load_pil", None)
+    if callable(load_pil):
+        return load_pil
+    if isinstance(images, Mapping):
+        def load(image_id: str) -> Any:
+            if image_id not in images:
+                raise DataError(explain("no image for this id", got=image_id, fix="pass images covering every id"))
+            value = images[image_id]
+            if isinstance(value, torch.Tensor):
+                return _tensor_to_pil(value)
+            return value.convert("RGB") if hasattr(value, "convert") else value
+        return load
+    if callable(images):
+        return images
+    raise ConfigError(explain("cannot get PIL images from this object", got=type(images).__name__,
+                              expected="an ImageStore, a Mapping id -> PIL/tensor, or a callable id -> PIL"))
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ConfigError(explain("unknown dtype", got=dtype, expected=sorted(table) + ["auto"]))
+    return table[dtype]
+
+
+def _image_text_model_class() -> Any:
+    """The transformers auto class for image-to-text generation that this install has."""
+    import transformers
+
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ConfigError(explain("this transformers install has no image-to-text auto class",
+                              got=transformers.__version__,
+                              expected="AutoModelForImageTextToText or AutoModelForVision2Seq",
+                              fix="upgrade transformers"))
+
+
+class HFCaptioner:
+    """Caption images with a transformers image-to-text model.
+
+    Args:
+        model: hub name or local path (loaded with ``AutoProcessor`` and
+            ``AutoModelForImageTextToText``), or an already-loaded model (then pass ``processor``).
+        processor: an already-loaded processor (only with a loaded model).
+        domain: "general" or "fashion"; picks the default prompt.
+        prompt: template with optional ``{category}`` and ``{k}``; default the method's prompt.
+        k: the word count put into the prompt.
+        category: for "fashion": one category for every image, or a Mapping id -> category.
+        device, dtype: where and in which dtype to run ("float16", "bfloat16", torch dtypes, "auto").
+        max_new_tokens: generation length; decoding is greedy (``do_sample=False``, one beam)
+            unless ``generate_kwargs`` says otherwise.
+        batch_size: images per ``generate`` call (images with the same prompt share a call).
+        use_chat_template: None = use the processor's chat template when it has one.
+        skip_empty: an empty caption is a DataError naming the id (False) or returned as "" and
+            counted in ``skipped`` (True).
+        trust_remote_code: passed to ``from_pretrained``; off by default.
+
+    Attributes:
+        name: "hf:<model>:<hash of prompt and decoding settings>" (keys the caption cache).
+        generate_calls: number of ``generate`` calls so far; images_captioned; skipped.
+
+    Shapes: ``pixel_values`` (n, C, H, W) as the processor makes them; generated ids (n, L).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        processor: Any = None,
+        domain: str = "general",
+        prompt: str | None = None,
+        k: int = 10,
+        category: str | Mapping[str, str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: Any = None,
+        max_new_tokens: int = 30,
+        batch_size: int = 8,
+        use_chat_template: bool | None = None,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        skip_empty: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.prompt_template = prompt if prompt is not None else default_prompt(domain)
+        if not isinstance(self.prompt_template, str) or not self.prompt_template.strip():
+            raise ConfigError(explain("prompt must be a non-empty string", got=prompt))
+        if domain == "fashion" and "{category}" in self.prompt_template and category is None:
+            raise ConfigError(explain("the fashion prompt needs a category", got=None,
+                                      fix="pass category='dress' or a mapping id -> category"))
+        for value, what in ((k, "k"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        self.k, self.category, self.max_new_tokens, self.batch_size = k, category, max_new_tokens, batch_size
+        self.device = torch.device(device)
+        self.skip_empty = skip_empty
+        self.generate_kwargs = {"do_sample": False, "num_beams": 1, **dict(generate_kwargs or {})}
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoProcessor
+
+            source = str(model)
+            self.processor = processor or AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if dtype is not None:
+                load_kwargs["dtype"] = _resolve_dtype(dtype)
+            self.model = _image_text_model_class().from_pretrained(source, **load_kwargs)
+        else:
+            if processor is None:
+                raise ConfigError(explain("a loaded model needs its processor", fix="pass processor=..."))
+            source = type(model).__name__
+            self.model, self.processor = model, processor
+            if dtype is not None and dtype != "auto":
+                self.model = self.model.to(_resolve_dtype(dtype))
+        self.model = self.model.to(self.device).eval()
+        self.use_chat_template = (getattr(self.processor, "chat_template", None) is not None
+                                  if use_chat_template is None else bool(use_chat_template))
+        settings = json.dumps([self.prompt_template, k, max_new_tokens, self.use_chat_template,
+                               sorted((str(a), str(b)) for a, b in self.generate_kwargs.items())])
+        self.name = f"hf:{source}:{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"
+        self.generate_calls = 0
+        self.images_captioned = 0
+        self.skipped = 0
+
+    def prompt_for(self, image_id: str) -> str:
+        """The plain prompt text for one image."""
+        category = self.category
+        if isinstance(category, Mapping):
+            if image_id not in category:
+                raise DataError(explain("no category for this image", got=image_id,
+                                        fix="give every image id a category"))
+            category = category[image_id]
+        return self.prompt_template.format(category=category or "image", k=self.k)
+
+    def _model_text(self, prompt: str) -> str:
+        if not self.use_chat_template:
+            return prompt
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _generate(self, prompt: str, images: list[Any]) -> list[str]:
+        text = self._model_text(prompt)
+        inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+        inputs = {key: (value.to(self.device) if isinstance(value, torch.Tensor) else value)
+                  for key, value in inputs.items()}
+        model_dtype = getattr(self.model, "dtype", None)
+        if "pixel_values" in inputs and model_dtype is not None and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
+        self.generate_calls += 1
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences  # (n, L)
+        prompt_ids = inputs.get("input_ids")
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        captions = []
+        for row in range(sequences.shape[0]):
+            ids = sequences[row]
+            if (prompt_ids is not None and ids.shape[0] >= prompt_ids.shape[1]
+                    and torch.equal(ids[:prompt_ids.shape[1]], prompt_ids[row])):
+                ids = ids[prompt_ids.shape[1]:]  # decoder-only: keep only the new tokens
+            decoded = tokenizer.decode(ids, skip_special_tokens=True)
+            captions.append(clean_caption(decoded, *dict.fromkeys([text, prompt])))
+        return captions
+
+    def __call__(self, image_ids: list[str], images: list[Any]) -> list[str]:
+        if len(image_ids) != len(images):
+            raise DataError(explain("image_ids and images differ in length", got=(len(image_ids), len(images))))
+        out: list[str | None] = [None] * len(image_ids)
+        by_prompt: dict[str, list[int]] = {}
+        for position, image_id in enumerate(image_ids):
+            by_prompt.setdefault(self.prompt_for(image_id), []).append(position)
+        for prompt, positions in by_prompt.items():  # one prompt per call: no prompt padding
+            for start in range(0, len(positions), self.batch_size):
+                chunk = positions[start:start + self.batch_size]
+                rgb = [images[p].convert("RGB") for p in chunk]
+                for p, caption in zip(chunk, self._generate(prompt, rgb)):
+                    if not caption.strip():
+                        if not self.skip_empty:
+                            raise DataError(explain(f"{self.name} produced an empty caption for image {image_ids[p]!r}",
+                                                    got=caption, fix="raise max_new_tokens, change the prompt, "
+                                                    "or pass skip_empty=True to skip (and count) such images"))
+                        self.skipped += 1
+                    out[p] = caption
+        self.images_captioned += len(image_ids)
+        return [c or "" for c in out]
+
+
+def _read_caption_file(path: Path) -> dict[str, str]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    captions: dict[str, str] = {}
+    if stripped.startswith("{") and not path.suffix == ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and not {"id", "caption"} <= set(data):
+            for key, value in data.items():
+                if not isinstance(value, str):
+                    raise AnnotationError(explain(f"{path}: caption of {key!r} is not a string", got=value))
+                captions[str(key)] = value
+            return captions
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AnnotationError(explain(f"{path}:{number}: not a JSON line ({error.msg})", got=line[:80],
+                                          expected='{"id": ..., "caption": ...}')) from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not isinstance(record.get("caption"), str):
+            raise AnnotationError(explain(f"{path}:{number}: a record needs string 'id' and 'caption'", got=line[:80]))
+        captions[record["id"]] = record["caption"]
+    return captions
+
+
+class PrecomputedCaptioner:
+    """Captions made elsewhere: a JSON object ``{id: caption}`` or JSONL ``{"id", "caption"}`` lines.
+
+    A requested id missing from the file is a DataError naming it.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(explain("the captions file does not exist", got=str(self.path),
+                                      fix="give a JSON {id: caption} or JSONL file"))
+        self.captions = _read_caption_file(self.path)
+        self.name = f"file:{self.path.name}"
+
+    def __call__(self, image_ids: list[str], images: list[Any]) -> list[str]:
+        missing = [i for i in image_ids if i not in self.captions]
+        if missing:
+            raise DataError(explain(f"{self.path} has no caption for image {missing[0]!r}"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                                    got=missing[:5], fix="caption those images or drop them from the run"))
+        return [self.captions[i] for i in image_ids]
+
+
+def cache_file_name(captioner_name: str) -> str:
+    """A file name for one captioner's cache: readable slug + short hash of the exact name."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", captioner_name)[:60].strip("_") or "captioner"
+    return f"captions-{slug}-{hashlib.blake2b(captioner_name.encode(), digest_size=4).hexdigest()}.jsonl"
+
+
+class CaptionCache:
+    """Append-only JSONL caption cache for one captioner.
+
+    Each line: ``{"id": str, "caption": str, "captioner": str}``. Opening reads every complete
+    line; a torn last line (no newline, unparsable) is counted in ``torn_lines`` and cut off so the
+    next append starts clean. A malformed line elsewhere is an AnnotationError; a line written by
+    another captioner is a ConfigError.
+    """
+
+    def __init__(self, path: str | os.PathLike, captioner_name: str) -> None:
+        self.path = Path(path)
+        self.captioner_name = captioner_name
+        self.captions: dict[str, str] = {}
+        self.torn_lines = 0
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good_end = 0
+        lines = data.split(b"\n")
+        for number, raw in enumerate(lines, start=1):
+            is_last = number == len(lines)
+            if is_last and not raw:
+                break  # file ends with a newline
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                valid = (isinstance(record, dict) and isinstance(record.get("id"), str)
+                         and isinstance(record.get("caption"), str) and isinstance(record.get("captioner"), str))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                valid = False
+            if is_last:
+                # no trailing newline: the write was cut short, even if it happens to parse
+                self.torn_lines += 1
+                logger.warning("caption cache %s: ignoring a torn last line (%d bytes)", self.path, len(raw))
+                break
+            if not valid:
+                raise AnnotationError(explain(f"{self.path}:{number}: malformed caption cache line", got=raw[:80],
+                                              expected='{"id", "caption", "captioner"}',
+                                              fix="delete the line or the cache file"))
+            if record["captioner"] != self.captioner_name:
+                raise ConfigError(explain(f"{self.path} holds captions of another captioner",
+                                          got=record["captioner"], expected=self.captioner_name,
+                                          fix="use a separate cache file per captioner (see cache_file_name)"))
+            self.captions[record["id"]] = record["caption"]
+            good_end += len(raw) + 1
+        if self.torn_lines:
+            with open(self.path, "r+b") as handle:  # cut the torn tail so appends start on a fresh line
+                handle.truncate(good_end)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def append(self, items: Sequence[tuple[str, str]]) -> None:
+        """Append (id, caption) records as lines, then flush and fsync."""
+        if not items:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = "".join(json.dumps({"id": i, "caption": c, "captioner": self.captioner_name}, ensure_ascii=False)
+                          + "\n" for i, c in items)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        for image_id, caption in items:
+            self.captions[image_id] = caption
+
+
+@dataclass
+class CaptionRun:
+    """What :func:`caption_images` did: captions by id, and counts."""
+
+    captions: dict[str, str]
+    cached: int = 0
+    new: int = 0
+    skipped: list[str] = field(default_factory=list)
+    torn_lines: int = 0
+
+
+def caption_images(
+    captioner: Any,
+    image_ids: Sequence[str],
+    images: Any,
+    *,
+    cache_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    skip_empty: bool = False,
+    show_progress: bool = True,
+) -> CaptionRun:
+    """Caption ``image_ids``, reusing and extending a cache.
+
+    Args:
+        captioner: the captioner protocol (callable with ``name``).
+        images: an ImageStore (``load_pil``), a Mapping id -> PIL image or (C, H, W) tensor, or a
+            callable id -> PIL image; images are loaded only for ids not yet cached.
+        cache_path: JSONL cache (see :class:`CaptionCache`); None = no cache.
+        skip_empty: an empty/whitespace caption is a DataError naming the id (False), or skipped,
+            counted in ``skipped`` and not cached (True).
+    """
+    check_captioner(captioner)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(explain("batch_size must be an int >= 1", got=batch_size))
+    ids = list(dict.fromkeys(image_ids))
+    cache = CaptionCache(cache_path, captioner.name) if cache_path is not None else None
+    known = cache.captions if cache is not None else {}
+    todo = [i for i in ids if i not in known]
+    run = CaptionRun(captions={}, cached=len(ids) - len(todo), torn_lines=cache.torn_lines if cache else 0)
+    load = pil_source(images)
+    bar = tqdm(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", disable=not show_progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        captions = captioner(batch, [load(i) for i in batch])
+        if not isinstance(captions, (list, tuple)) or len(captions) != len(batch):
+            raise ModelProtocolError(explain(f"captioner {captioner.name} returned the wrong number of captions",
+                                             got=len(captions) if isinstance(captions, (list, tuple)) else type(captions),
+                                             expected=len(batch)))
+        keep = []
+        for image_id, caption in zip(batch, captions):
+            if not isinstance(caption, str) or not caption.strip():
+                if not skip_empty:
+                    raise DataError(explain(f"captioner {captioner.name} gave an empty caption for image {image_id!r}",
+                                            got=caption, fix="fix the captioner or pass skip_empty=True"))
+                run.skipped.append(image_id)
+                continue
+            keep.append((image_id, caption.strip()))
+        if cache is not None:
+            cache.append(keep)
+        run.captions.update(keep)
+        run.new += len(keep)
+        bar.update(len(batch))
+    bar.close()
+    for image_id in ids:
+        if image_id in known:
+            run.captions.setdefault(image_id, known[image_id])
+    run.captions = {i: run.captions[i] for i in ids if i in run.captions}
+    if run.skipped:
+        logger.warning("captioning: skipped %d images with empty captions", len(run.skipped))
+    return run
