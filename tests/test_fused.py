@@ -38,6 +38,10 @@ CASES = {
     # a bank smaller than one tile with every row but the target excluded for query 0
     "fp32_all_but_target_excluded": dict(bank="float32", query="float32", B=3, N=7, D=24, K=6,
                                          precision="exact", exclude_all_but_target=True),
+    # multi-vector banks (N, T, D), score = max over the T tokens
+    "max_token_bf16": dict(bank="bfloat16", query="float32", B=5, N=37, D=24, K=2, precision="exact", T=3),
+    "max_token_fp32_multi_block": dict(bank="float32", query="float32", B=17, N=45, D=70, K=2,
+                                       precision="exact", T=4),
 }
 
 # Relative tolerance per case: 1e-5 for float32 banks; 1e-3 for half banks. A bf16 *query* gets
@@ -52,6 +56,8 @@ TOL = {
     "bf16_fast": (2e-2, 5e-2),
     "fp32_no_exclusions_tau_only": (1e-5, 1e-5),
     "fp32_all_but_target_excluded": (1e-5, 1e-5),
+    "max_token_bf16": (1e-3, 1e-3),
+    "max_token_fp32_multi_block": (1e-5, 1e-5),
 }
 
 _SCRIPT = textwrap.dedent(
@@ -60,7 +66,7 @@ _SCRIPT = textwrap.dedent(
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
     import torch.nn.functional as F
-    from cir_plugins.negatives.fused import fused_dot_bank_loss
+    from cir_plugins.negatives.fused import fused_dot_bank_loss, fused_max_token_bank_loss
     from cir_plugins.negatives.loss import naive_bank_contrastive_loss
 
     cases = json.loads(sys.argv[1])
@@ -68,7 +74,10 @@ _SCRIPT = textwrap.dedent(
     for name, c in cases.items():
         g = torch.Generator().manual_seed(1234)
         B, N, D, K = c["B"], c["N"], c["D"], c["K"]
-        bank = F.normalize(torch.randn(N, D, generator=g), dim=-1).to(getattr(torch, c["bank"]))
+        T = c.get("T", 1)
+        similarity = "max_token" if T > 1 else "dot"
+        shape = (N, T, D) if T > 1 else (N, D)
+        bank = F.normalize(torch.randn(*shape, generator=g), dim=-1).to(getattr(torch, c["bank"]))
         q0 = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(getattr(torch, c["query"]))
         target = torch.randint(0, N, (B,), generator=g)
         if K:
@@ -87,22 +96,23 @@ _SCRIPT = textwrap.dedent(
 
         q = q0.clone().requires_grad_(want_q)
         tau = torch.tensor(0.05, requires_grad=True)
-        val = fused_dot_bank_loss(q, bank, target, tau, excl, precision=c["precision"])
+        fn = fused_max_token_bank_loss if T > 1 else fused_dot_bank_loss
+        val = fn(q, bank, target, tau, excl, precision=c["precision"])
         val.backward()
         gq = q.grad.double() if want_q else None
 
         # reference: full float64 logits over the same bank values
         qr = q0.double().requires_grad_(True)
         taur = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-        ref = naive_bank_contrastive_loss(qr, bank, target, taur, exclude_rows=excl)
+        ref = naive_bank_contrastive_loss(qr, bank, target, taur, exclude_rows=excl, similarity=similarity)
         ref.backward()
 
         def rel(a, b):
             return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
         out[name] = {
-            "loss": float(val), "ref": float(ref),
-            "loss_rel": abs(float(val) - float(ref)) / max(abs(float(ref)), 1e-30),
+            "loss": float(val.detach()), "ref": float(ref.detach()),
+            "loss_rel": abs(float(val.detach()) - float(ref.detach())) / max(abs(float(ref.detach())), 1e-30),
             "dq_rel": rel(gq, qr.grad) if want_q else None,
             "dq_dtype": str(q.grad.dtype) if want_q else None,
             "dtau_rel": rel(tau.grad.double(), taur.grad),
@@ -124,13 +134,17 @@ _SCRIPT = textwrap.dedent(
             m, z, t, w = st
             return torch.cat([(m + torch.log(z))[:, None], (t / z)[:, None], w / z[:, None]], 1).double()
         out["partials"] = {"rel": float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())}
+        bank3 = F.normalize(torch.randn(29, 3, 24, generator=g), dim=-1).to(torch.bfloat16)
+        a = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=True)
+        b = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=False, chunk_size=8)
+        out["partials"]["rel_max_token"] = float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())
     print("RESULT " + json.dumps(out))
     """
 )
 
 
 # The default run covers the sizes the issue names; the rest run with -m slow.
-CORE = ("fp32_bank", "bf16_bank", "fp32_all_but_target_excluded")
+CORE = ("fp32_bank", "bf16_bank", "fp32_all_but_target_excluded", "max_token_bf16")
 EXTRA = tuple(sorted(set(CASES) - set(CORE)))
 
 
@@ -192,6 +206,7 @@ def test_fused_matches_reference_more_dtypes(interpreted_extra, name):
 def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
     # distributed.local_bank_stats takes the kernel on CUDA; it must equal its PyTorch loop
     assert interpreted["partials"]["rel"] <= 1e-5
+    assert interpreted["partials"]["rel_max_token"] <= 1e-5
 
 
 # ---------------------------------------------------------------- availability and dispatch
@@ -201,6 +216,7 @@ def test_fused_available_false_on_cpu():
     q = torch.randn(3, 8)
     b = torch.randn(10, 8)
     assert fused.fused_available(q, b) is False
+    assert fused.fused_available(q, torch.randn(10, 2, 8), "max_token") is False
 
 
 def test_fused_available_false_when_disabled(monkeypatch):
@@ -211,13 +227,13 @@ def test_fused_available_false_when_disabled(monkeypatch):
 def test_select_path_picks_fused_when_available(monkeypatch):
     fake_q = mock.Mock(is_cuda=True, shape=(4, 8))
     fake_b = mock.Mock(is_cuda=True, shape=(100, 8))
-    monkeypatch.setattr(fused, "fused_available", lambda q, b: True)
+    monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": True)
     assert loss.select_path(fake_q, fake_b, "dot") == "fused"
-    monkeypatch.setattr(fused, "fused_available", lambda q, b: False)
+    monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": False)
     assert loss.select_path(fake_q, fake_b, "dot") != "fused"
     # multi-vector banks and a forced chunk size never take the fused path
-    monkeypatch.setattr(fused, "fused_available", lambda q, b: True)
-    assert loss.select_path(fake_q, fake_b, "max_token") != "fused"
+    monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": True)
+    assert loss.select_path(fake_q, fake_b, "max_token") != "fused"  # loss.py routes only dot to the kernel
     assert loss.select_path(fake_q, fake_b, "dot", chunk_size=64) == "chunked"
 
 
@@ -313,6 +329,28 @@ def test_fused_matches_reference_gpu(dtype, tol, b, n, d):
     assert abs(float(val) - float(ref)) <= tol * abs(float(ref))
     assert float((q.grad.double() - qr.grad).abs().max()) <= tol * float(qr.grad.abs().max())
     assert abs(float(tau.grad) - float(taur.grad)) <= tol * abs(float(taur.grad))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
+def test_fused_max_token_matches_reference_gpu(dtype, tol):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, t, d, b = 20_011, 32, 256, 33
+    bank = torch.nn.functional.normalize(torch.randn(n, t, d, device="cuda", generator=g), dim=-1).to(dtype)
+    q0 = torch.nn.functional.normalize(torch.randn(b, d, device="cuda", generator=g), dim=-1)
+    target = torch.randint(0, n, (b,), device="cuda", generator=g)
+    q = q0.clone().requires_grad_()
+    tau = torch.tensor(0.05, device="cuda", requires_grad=True)
+    val = fused.fused_max_token_bank_loss(q, bank, target, tau)
+    val.backward()
+    qr = q0.double().requires_grad_()
+    taur = torch.tensor(0.05, device="cuda", dtype=torch.float64, requires_grad=True)
+    ref = loss.naive_bank_contrastive_loss(qr, bank, target, taur, similarity="max_token")
+    ref.backward()
+    assert abs(float(val) - float(ref)) <= tol * abs(float(ref))
+    assert float((q.grad.double() - qr.grad).abs().max()) <= tol * float(qr.grad.abs().max())
 
 
 @pytest.mark.gpu

@@ -232,10 +232,10 @@ def local_bank_stats(
     tau = temperature.detach().to(cdtype)
     if use_fused is None:
         use_fused = False
-        if similarity == "dot" and cdtype == torch.float32 and n > 0:
+        if cdtype == torch.float32 and n > 0:
             from . import fused  # noqa: PLC0415 - triton is optional
 
-            use_fused = fused.fused_available(query, local_bank)
+            use_fused = fused.fused_available(query, local_bank, similarity)
     if use_fused:
         from . import fused  # noqa: PLC0415
 

@@ -28,10 +28,16 @@ the same bank values while still running on the half-precision tensor cores (``p
 the default). ``precision="fast"`` rounds the query and the weights once to the bank's dtype (half
 the tensor-core work). A float32 bank is multiplied in IEEE float32.
 
+Multi-vector banks (N, T, D), score = max over the T tokens: the same kernel loops over the
+tokens of each bank tile, keeps the best score and the winning token per (query, row), and adds
+each row's winning token to ``w`` (one masked product per token), so the batch is never looped
+over in Python.
+
 Public entry points (called by :mod:`cir_plugins.negatives.loss` on CUDA):
 
-* :func:`fused_available` ``(query, bank) -> bool``
+* :func:`fused_available` ``(query, bank, similarity="dot") -> bool``
 * :func:`fused_dot_bank_loss` ``(query, bank, target_rows, temperature, exclude_rows) -> 0-dim loss``
+* :func:`fused_max_token_bank_loss` the same for (N, T, D) banks
 * :func:`fused_dot_bank_partials` the combined softmax statistics, reused by the sharded loss in
   :mod:`cir_plugins.negatives.distributed`.
 
@@ -57,6 +63,7 @@ __all__ = [
     "fused_available",
     "fused_dot_bank_loss",
     "fused_dot_bank_partials",
+    "fused_max_token_bank_loss",
     "triton_importable",
 ]
 
@@ -83,12 +90,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def fused_available(query: torch.Tensor, bank: torch.Tensor) -> bool:
-    """Whether :func:`fused_dot_bank_loss` can run on these tensors.
+def fused_available(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot") -> bool:
+    """Whether the fused kernel can run on these tensors.
 
     True when both are CUDA tensors on the same device, triton is importable, ``query`` is
-    (B, D) and ``bank`` is (N, D) with the same D, the bank is float32/bf16/fp16 and the query
-    is a float of those dtypes, and ``CIR_PLUGINS_DISABLE_FUSED`` is not set. Never raises.
+    (B, D) and ``bank`` is (N, D) for ``similarity="dot"`` (or (N, T, D) for ``"max_token"``) with
+    the same D, bank and query are float32/bf16/fp16, and ``CIR_PLUGINS_DISABLE_FUSED`` is not
+    set. Never raises.
     """
     if os.environ.get("CIR_PLUGINS_DISABLE_FUSED", "0") not in ("", "0"):
         return False
@@ -98,11 +106,12 @@ def fused_available(query: torch.Tensor, bank: torch.Tensor) -> bool:
         return False
     if not (query.is_cuda and bank.is_cuda and query.device == bank.device):
         return False
-    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+    want = {"dot": 2, "max_token": 3}.get(similarity)
+    if query.dim() != 2 or bank.dim() != want or query.shape[1] != bank.shape[-1]:
         return False
     if bank.dtype not in _BANK_DTYPES or query.dtype not in _BANK_DTYPES:
         return False
-    return query.shape[0] > 0 and bank.shape[0] > 0 and query.shape[1] > 0
+    return query.shape[0] > 0 and bank.shape[0] > 0 and query.shape[1] > 0 and bank.numel() > 0
 
 
 if triton is not None:
@@ -118,10 +127,51 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
+    def _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, offs_k,
+                     SPLIT_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_B, BLOCK_N) float32 q @ v^T for the vectors starting at bank_ptr + row_off (int64)."""
+        s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < D
+            b_tile = tl.load(
+                bank_ptr + row_off[None, :] + kk[:, None],
+                mask=n_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )  # (BLOCK_K, BLOCK_N): the bank tile, transposed by addressing
+            q_mask = b_ok[:, None] & k_ok[None, :]
+            qh = tl.load(qh_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
+            s += _mm(qh, b_tile, IEEE, UPCAST)  # (BLOCK_B, BLOCK_K) x (BLOCK_K, BLOCK_N)
+            if SPLIT_Q:
+                ql = tl.load(ql_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
+                s += _mm(ql, b_tile, IEEE, UPCAST)
+        return s
+
+    @triton.jit
+    def _weighted_sum(p, bank_ptr, row_off, n_ok, offs_dv, dv_ok,
+                      SPLIT_P: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """(BLOCK_B, BLOCK_DV) float32 p @ v[:, chunk] for the vectors at bank_ptr + row_off."""
+        bv = tl.load(
+            bank_ptr + row_off[:, None] + offs_dv[None, :],
+            mask=n_ok[:, None] & dv_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
+        if IEEE:
+            acc = _mm(p, bv, IEEE, UPCAST)  # (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK_DV)
+        else:
+            p_hi = p.to(bv.dtype)
+            acc = _mm(p_hi, bv, IEEE, UPCAST)
+            if SPLIT_P:
+                p_lo = (p - p_hi.to(tl.float32)).to(bv.dtype)  # rounding residue of the weights
+                acc += _mm(p_lo, bv, IEEE, UPCAST)
+        return acc
+
+    @triton.jit
     def _bank_partials_kernel(
         qh_ptr,  # (B, D) query, bank dtype (hi half when SPLIT_Q)
         ql_ptr,  # (B, D) query lo half (only read when SPLIT_Q)
-        bank_ptr,  # (N, D) contiguous
+        bank_ptr,  # (N, D), or (N, T, D) when MULTI; contiguous
         excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)
         tau_ptr,  # 0-dim float32
         m_out,  # (S, B) float32
@@ -131,8 +181,10 @@ if triton is not None:
         B,
         N,
         D,
+        T,
         tiles_per_split,
         K: tl.constexpr,
+        MULTI: tl.constexpr,
         SPLIT_Q: tl.constexpr,
         SPLIT_P: tl.constexpr,
         NEED_W: tl.constexpr,
@@ -170,22 +222,20 @@ if triton is not None:
         for tile in range(0, tiles_per_split):
             offs_n = split_start + tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
             n_ok = offs_n < N
-            # s = q @ bank_tile^T over D in BLOCK_K chunks: (BLOCK_B, BLOCK_K) x (BLOCK_K, BLOCK_N)
-            s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                kk = k0 + offs_k
-                k_ok = kk < D
-                b_tile = tl.load(
-                    bank_ptr + offs_n[None, :] * D + kk[:, None],
-                    mask=n_ok[None, :] & k_ok[:, None],
-                    other=0.0,
-                )  # (BLOCK_K, BLOCK_N): the bank tile, transposed by addressing
-                q_mask = b_ok[:, None] & k_ok[None, :]
-                qh = tl.load(qh_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
-                s += _mm(qh, b_tile, IEEE, UPCAST)
-                if SPLIT_Q:
-                    ql = tl.load(ql_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
-                    s += _mm(ql, b_tile, IEEE, UPCAST)
+            row_off = offs_n * T * D  # (BLOCK_N,) int64 element offset of each row
+            if MULTI:
+                # s = max over the T tokens of q . v_t, remembering the winning token
+                s = tl.full((BLOCK_B, BLOCK_N), float("-inf"), tl.float32)
+                best_t = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
+                for tok in range(0, T):
+                    s_t = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off + tok * D, n_ok, offs_b64, b_ok, D, offs_k,
+                                       SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                    better = s_t > s
+                    s = tl.where(better, s_t, s)
+                    best_t = tl.where(better, tok, best_t)
+            else:
+                s = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, offs_k,
+                                 SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
 
             keep = n_ok[None, :] & b_ok[:, None]  # (BLOCK_B, BLOCK_N)
             for k in tl.static_range(K):
@@ -199,20 +249,16 @@ if triton is not None:
             z_i = z_i * alpha + tl.sum(p, axis=1)
             t_i = t_i * alpha + tl.sum(p * s, axis=1)
             if NEED_W:
-                bv = tl.load(
-                    bank_ptr + offs_n[:, None] * D + offs_dv[None, :],
-                    mask=n_ok[:, None] & dv_ok[None, :],
-                    other=0.0,
-                )  # (BLOCK_N, BLOCK_DV)
-                # w += p @ bank_tile[:, chunk]: (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK_DV)
-                if IEEE:
-                    w_acc = w_acc * alpha[:, None] + _mm(p, bv, IEEE, UPCAST)
+                if MULTI:
+                    # each (query, row) pair weights only its winning token: one product per token
+                    w_new = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
+                    for tok in range(0, T):
+                        p_t = tl.where(best_t == tok, p, 0.0)
+                        w_new += _weighted_sum(p_t, bank_ptr, row_off + tok * D, n_ok, offs_dv, dv_ok,
+                                               SPLIT_P, IEEE, UPCAST)
                 else:
-                    p_hi = p.to(bv.dtype)
-                    w_acc = w_acc * alpha[:, None] + _mm(p_hi, bv, IEEE, UPCAST)
-                    if SPLIT_P:
-                        p_lo = (p - p_hi.to(tl.float32)).to(bv.dtype)
-                        w_acc += _mm(p_lo, bv, IEEE, UPCAST)
+                    w_new = _weighted_sum(p, bank_ptr, row_off, n_ok, offs_dv, dv_ok, SPLIT_P, IEEE, UPCAST)
+                w_acc = w_acc * alpha[:, None] + w_new
             m_i = m_new
 
         out_b = split.to(tl.int64) * B + offs_b64  # (BLOCK_B,) index into (S, B)
@@ -283,7 +329,7 @@ def _config(b: int, n: int, d: int, device: torch.device) -> dict:
     )
 
 
-def _check_inputs(query, bank, temperature, exclude_rows, precision) -> None:
+def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity="dot") -> None:
     if triton is None:
         raise ConfigError(
             explain(
@@ -294,13 +340,17 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision) -> None:
         )
     if precision not in _PRECISIONS:
         raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS))
-    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+    want = {"dot": 2, "max_token": 3}.get(similarity)
+    if want is None:
+        raise ConfigError(explain("unknown similarity", got=similarity, expected="'dot' or 'max_token'"))
+    if query.dim() != 2 or bank.dim() != want or query.shape[1] != bank.shape[-1]:
+        layout = "(N, D)" if similarity == "dot" else "(N, T, D)"
         raise ShapeError(
             explain(
-                "fused dot loss needs query (B, D) and bank (N, D) with the same D",
+                f"fused {similarity} loss needs query (B, D) and bank {layout} with the same D",
                 got=f"query {tuple(query.shape)}, bank {tuple(bank.shape)}",
-                expected="(B, D) and (N, D)",
-                fix="use similarity='max_token' through bank_contrastive_loss for (N, T, D) banks",
+                expected=f"(B, D) and {layout}",
+                fix="use similarity='dot' for (N, D) banks and 'max_token' for (N, T, D) banks",
             )
         )
     if bank.dtype not in _BANK_DTYPES or query.dtype not in _BANK_DTYPES:
@@ -327,9 +377,14 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision) -> None:
 
 
 def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str):
-    """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None."""
+    """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None.
+
+    bank (N, D) for dot similarity, (N, T, D) for max over tokens.
+    """
     bsz, dim = query.shape
     n = bank.shape[0]
+    multi = bank.dim() == 3
+    tokens = bank.shape[1] if multi else 1
     bank = bank.contiguous()
     cfg = _config(bsz, n, dim, bank.device)
     ieee = bank.dtype == torch.float32
@@ -364,8 +419,10 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         bsz,
         n,
         dim,
+        tokens,
         cfg["tiles_per_split"],
         K=k,
+        MULTI=multi,
         SPLIT_Q=split_q,
         SPLIT_P=split_p,
         NEED_W=need_w,
@@ -401,11 +458,12 @@ def fused_dot_bank_partials(
     need_w: bool = True,
     precision: str = "exact",
 ) -> BankStats:
-    """Softmax statistics of ``query @ bank.T / temperature`` in one pass over the bank.
+    """Softmax statistics of ``sim(query, bank) / temperature`` in one pass over the bank.
 
     Args:
         query: (B, D) float32/bf16/fp16.
-        bank: (N, D) float32/bf16/fp16 (made contiguous).
+        bank: (N, D) float32/bf16/fp16 for dot similarity, or (N, T, D) for the max over the T
+            tokens (then ``w`` sums each row's winning token); made contiguous.
         temperature: 0-dim (or 1-element) float tensor, > 0.
         exclude_rows: (B, K) int64 rows of ``bank`` to leave out for each query, -1 = padding.
         need_w: also accumulate ``w = sum_j exp(l_j - m) b_j`` (B, D) for the query gradient.
@@ -414,12 +472,12 @@ def fused_dot_bank_partials(
     Returns:
         :class:`BankStats` with no autograd history.
     """
-    _check_inputs(query, bank, temperature, exclude_rows, precision)
+    _check_inputs(query, bank, temperature, exclude_rows, precision, "dot" if bank.dim() == 2 else "max_token")
     with torch.no_grad():
         return _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
 
 
-class _FusedDotBankLoss(torch.autograd.Function):
+class _FusedBankLoss(torch.autograd.Function):
     """Mean bank loss; the backward reuses the softmax expectations of the single forward pass."""
 
     @staticmethod
@@ -427,8 +485,15 @@ class _FusedDotBankLoss(torch.autograd.Function):
         need_w = bool(ctx.needs_input_grad[0])  # False under no_grad or for a frozen query
         stats = _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
         tau = temperature.detach().reshape(()).float()
-        target_vecs = bank.index_select(0, target_rows).float()  # (B, D) positive rows
-        s_y = (query.detach().float() * target_vecs).sum(-1)  # (B,) target similarities
+        q32 = query.detach().float()
+        rows = bank.index_select(0, target_rows).float()  # (B, D) or (B, T, D) positive rows
+        if rows.dim() == 2:
+            target_vecs = rows
+            s_y = (q32 * rows).sum(-1)  # (B,) target similarities
+        else:
+            tok = torch.einsum("bd,btd->bt", q32, rows)  # (B, T) token similarities
+            s_y, arg = tok.max(dim=1)
+            target_vecs = rows[torch.arange(rows.shape[0], device=rows.device), arg]  # (B, D) winning tokens
         per_query = stats.m + torch.log(stats.z) - s_y / tau  # (B,) logsumexp - target logit
         ctx.save_for_backward(
             stats.w if stats.w is not None else torch.empty(0, device=bank.device),
@@ -483,14 +548,36 @@ def fused_dot_bank_loss(
         assumed validated by :func:`cir_plugins.negatives.loss.bank_contrastive_loss`; only the
         checks the kernel itself relies on are repeated here.
     """
-    _check_inputs(query, bank, temperature, exclude_rows, precision)
+    return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "dot")
+
+
+def fused_max_token_bank_loss(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    target_rows: torch.Tensor,
+    temperature: torch.Tensor,
+    exclude_rows: torch.Tensor | None = None,
+    *,
+    precision: str = "exact",
+) -> torch.Tensor:
+    """:func:`fused_dot_bank_loss` for multi-vector banks: score = max over T of ``q . b_t``.
+
+    bank (N, T, D) float32/bf16/fp16; the query gradient flows through each row's winning token,
+    as autograd through ``amax`` does (ties aside). Vectorised over the batch, one pass over the
+    bank. Returns the 0-dim mean loss.
+    """
+    return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "max_token")
+
+
+def _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, similarity):
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=bank.device)
+    _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
     if target_rows.dim() != 1 or target_rows.shape[0] != query.shape[0]:
         raise ShapeError(
             explain("target_rows must be (B,)", got=tuple(target_rows.shape), expected=f"({query.shape[0]},)")
         )
-    if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=bank.device)
     if not math.prod(temperature.shape) == 1:
         raise ShapeError(explain("temperature must be a scalar tensor", got=tuple(temperature.shape), expected="()"))
     target_rows = target_rows.to(device=bank.device, dtype=torch.int64)
-    return _FusedDotBankLoss.apply(query, temperature, bank.detach(), target_rows, exclude_rows, precision)
+    return _FusedBankLoss.apply(query, temperature, bank.detach(), target_rows, exclude_rows, precision)
