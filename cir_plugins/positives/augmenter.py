@@ -1,0 +1,257 @@
+"""The triplet augmenter: de-duplicate, pair, caption, template -> generated triplets.
+
+    augmenter = cp.TripletAugmenter(captioner, model, templates="cirr", rank_window=(10000, 15000))
+    generated = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
+    print(augmenter.last_summary)
+
+Steps (timed in ``last_summary["seconds"]``):
+1. embed every image with the pair encoder (``pair_encoder.encode_image`` when it has one, else
+   the callable itself), images (n, C, H, W) -> (n, D) or (n, T, D) (tokens are mean-pooled);
+2. de-duplicate: decoded-pixel hash, plus embedding cosine >= ``near_duplicate_threshold``
+   when set; each group is represented by its first id (input order) and only representatives
+   are paired, so a group is one candidate row and never its own partner;
+3. pair: for each query (every representative, or with ``refer_only`` the representatives of the
+   annotated references) draw ``partners_per_image`` partners from the rank window;
+4. caption the images that occur in a pair (cached, resumable), as PIL images from
+   ``images.load_pil(id)`` when the mapping has it (an ImageStore), else converted back from the
+   tensor with a per-image min-max scaling (approximate colours: prefer an ImageStore);
+5. template: every triplet keeps all its candidate texts. A pair whose two captions are equal
+   carries no modification: it is skipped and counted. ``max_triplets`` then subsamples (seeded),
+   keeping output order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..data.triplet import Triplet
+from ..errors import ConfigError, DataError, ModelProtocolError, explain
+from .captioners import cache_file_name, caption_images, check_captioner, pil_source
+from .dedup import find_duplicates
+from .pairing import embed_images, parse_rank_window, select_partners
+from .templates import TextMaker
+
+__all__ = ["TripletAugmenter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _encoder_of(pair_encoder: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    encode = getattr(pair_encoder, "encode_image", None)
+    if callable(encode):
+        return encode
+    if callable(pair_encoder):
+        return pair_encoder
+    raise ModelProtocolError(explain("pair_encoder must be a callable images (n,C,H,W) -> (n,D) or have encode_image",
+                                     got=type(pair_encoder).__name__, fix="pass your CIR model or a function"))
+
+
+class TripletAugmenter:
+    """Generate (reference, texts, target) triplets from unlabelled training images.
+
+    Args:
+        captioner: callable (image_ids, PIL images) -> captions, with a ``name`` (see captioners.py).
+        pair_encoder: a model with ``encode_image`` or a callable images (n, C, H, W) -> (n, D).
+        templates: preset ("cirr", "fashioniq", "all") or template strings.
+        rank_window: (a, b) ranks or fractions of N (see pairing.parse_rank_window); a < 0 = any.
+        partners_per_image: partners drawn per query image.
+        seed: seeds the partner draw and the ``max_triplets`` subsample.
+        dedup: merge pixel-identical images before pairing.
+        near_duplicate_threshold: also merge images whose pair-encoder cosine is >= this (None: off).
+        refer_only: only references of the ``annotated`` triplets get partners ("refer").
+        max_triplets: keep at most this many generated triplets (seeded subsample), None = all.
+        cache_dir: folder for the caption cache (one JSONL file per captioner name); None = no cache.
+        batch_size: images per pair-encoder call; caption_batch_size: images per captioner call
+            (and per cache flush).
+        max_tokens, count_tokens, fallback, rewrite: text length policy and rewrite hook (TextMaker).
+        skip_empty: skip (and count) images whose caption is empty instead of raising.
+        chunk_size: query rows per similarity block in pairing.
+        show_progress: tqdm bars.
+    """
+
+    def __init__(
+        self,
+        captioner: Any,
+        pair_encoder: Any,
+        *,
+        templates: Any = "cirr",
+        rank_window: Any = (10000, 15000),
+        partners_per_image: int = 1,
+        seed: int = 0,
+        dedup: bool = True,
+        near_duplicate_threshold: float | None = None,
+        refer_only: bool = False,
+        max_triplets: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        caption_batch_size: int = 16,
+        max_tokens: int | None = None,
+        count_tokens: Any = None,
+        fallback: str = "target",
+        rewrite: Callable[[str], str] | None = None,
+        skip_empty: bool = False,
+        chunk_size: int = 256,
+        show_progress: bool = True,
+    ) -> None:
+        self.captioner = check_captioner(captioner)
+        self.encoder = _encoder_of(pair_encoder)
+        self.text_maker = TextMaker(templates, max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback,
+                                    rewrite=rewrite)
+        self.rank_window = parse_rank_window(rank_window)
+        for value, what in ((partners_per_image, "partners_per_image"), (batch_size, "batch_size"),
+                            (caption_batch_size, "caption_batch_size"), (chunk_size, "chunk_size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        if max_triplets is not None and (isinstance(max_triplets, bool) or not isinstance(max_triplets, int)
+                                         or max_triplets < 1):
+            raise ConfigError(explain("max_triplets must be None or an int >= 1", got=max_triplets))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(explain("seed must be an int >= 0", got=seed))
+        self.partners_per_image, self.seed, self.dedup = partners_per_image, seed, bool(dedup)
+        self.near_duplicate_threshold, self.refer_only, self.max_triplets = near_duplicate_threshold, refer_only, max_triplets
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.batch_size, self.caption_batch_size, self.chunk_size = batch_size, caption_batch_size, chunk_size
+        self.skip_empty, self.show_progress = skip_empty, show_progress
+        self.last_summary: dict[str, Any] = {}
+        self.last_groups: dict[str, str] = {}
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The caption cache file for this captioner (None without ``cache_dir``)."""
+        return self.cache_dir / cache_file_name(self.captioner.name) if self.cache_dir is not None else None
+
+    def augment(
+        self,
+        image_ids: Sequence[str],
+        images: Mapping[str, torch.Tensor],
+        annotated: Sequence[Triplet] | None = None,
+        *,
+        groups: Mapping[str, Any] | None = None,
+    ) -> list[Triplet]:
+        """Generated triplets for ``image_ids`` (source="generated").
+
+        Args:
+            image_ids: the training images (all of them, not only annotated references), unique.
+            images: id -> (C, H, W) tensor (an ImageStore or any Mapping).
+            annotated: the annotated triplets; needed with ``refer_only``.
+            groups: optional id -> label; partners must share the query's label (FashionIQ
+                category), ranks counted within the label.
+
+        Each triplet's ``meta``: reference_caption, target_caption, templates (one per text),
+        rank_window, seed, captioner.
+        """
+        timings: dict[str, float] = {}
+        ids = list(image_ids)
+        if not ids:
+            raise DataError(explain("no image ids to augment", got=0, fix="pass the training split's image ids"))
+        if len(set(ids)) != len(ids):
+            raise DataError(explain("image_ids contain repeats", fix="pass each id once"))
+        missing = [i for i in ids if i not in images]
+        if missing:
+            raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
+                                    fix="pass an images mapping covering every id"))
+        if self.refer_only and annotated is None:
+            raise ConfigError(explain("refer_only needs the annotated triplets", fix="pass annotated=split.triplets"))
+        if groups is not None:
+            lacking = [i for i in ids if i not in groups]
+            if lacking:
+                raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
+
+        clock = time.perf_counter()
+        embeddings = embed_images(self.encoder, ids, images, batch_size=self.batch_size,
+                                  show_progress=self.show_progress)  # (N, D)
+        timings["embed"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        load = pil_source(images)
+        if self.dedup:
+            dup = find_duplicates(ids, load, embeddings=embeddings, near_duplicate_threshold=self.near_duplicate_threshold,
+                                  show_progress=self.show_progress)
+        else:
+            dup = {i: i for i in ids}
+        self.last_groups = dup
+        timings["dedup"] = time.perf_counter() - clock
+        reps = [i for i in ids if dup[i] == i]
+        row_of = {i: r for r, i in enumerate(ids)}
+        sizes: dict[str, int] = {}
+        for gid in dup.values():
+            sizes[gid] = sizes.get(gid, 0) + 1
+
+        if self.refer_only:
+            refs = {t.reference for t in annotated}
+            unknown = sorted(refs - set(ids))
+            if unknown:
+                logger.info("refer_only: %d annotated references are not among image_ids (ignored)", len(unknown))
+            wanted = {dup[r] for r in refs if r in dup}
+            queries = [r for r in reps if r in wanted]
+        else:
+            queries = reps
+        rep_row = {i: k for k, i in enumerate(reps)}
+
+        clock = time.perf_counter()
+        picks = select_partners(
+            embeddings[[row_of[i] for i in reps]], rank_window=self.rank_window,
+            partners_per_image=self.partners_per_image, seed=self.seed,
+            groups=[groups[i] for i in reps] if groups is not None else None,
+            query_rows=[rep_row[q] for q in queries], chunk_size=self.chunk_size, show_progress=self.show_progress)
+        pairs = [(q, reps[p]) for q, row in zip(queries, picks) for p in row]
+        timings["pair"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        needed = list(dict.fromkeys(i for pair in pairs for i in pair))
+        run = caption_images(self.captioner, needed, load, cache_path=self.cache_path,
+                             batch_size=self.caption_batch_size, skip_empty=self.skip_empty,
+                             show_progress=self.show_progress)
+        timings["caption"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        self.text_maker.fallbacks_used = 0
+        triplets: list[Triplet] = []
+        same_caption = no_caption = 0
+        window = (self.rank_window.start, self.rank_window.stop) if not self.rank_window.is_any else (-1, -1)
+        for reference, target in pairs:
+            r_cap, t_cap = run.captions.get(reference), run.captions.get(target)
+            if r_cap is None or t_cap is None:
+                no_caption += 1
+                continue
+            if " ".join(r_cap.split()).lower() == " ".join(t_cap.split()).lower():
+                same_caption += 1  # the text would carry no modification
+                continue
+            made = self.text_maker(r_cap, t_cap)
+            triplets.append(Triplet(
+                reference=reference, texts=tuple(text for _, text in made), target=target, source="generated",
+                meta={"reference_caption": r_cap, "target_caption": t_cap,
+                      "templates": [template for template, _ in made], "rank_window": list(window),
+                      "seed": self.seed, "captioner": self.captioner.name}))
+        before_subsample = len(triplets)
+        if self.max_triplets is not None and len(triplets) > self.max_triplets:
+            keep = sorted(random.Random(self.seed).sample(range(len(triplets)), self.max_triplets))
+            triplets = [triplets[k] for k in keep]
+        timings["template"] = time.perf_counter() - clock
+
+        self.last_summary = {
+            "images": len(ids),
+            "unique_images": len(reps),
+            "duplicate_groups": sum(1 for s in sizes.values() if s > 1),
+            "duplicates_merged": len(ids) - len(reps),
+            "queries": len(queries),
+            "empty_windows": sum(1 for row in picks if not row),
+            "pairs": len(pairs),
+            "captions": {"needed": len(needed), "new": run.new, "cached": run.cached, "skipped": len(run.skipped),
+                         "torn_cache_lines": run.torn_lines},
+            "skipped_same_caption": same_caption,
+            "skipped_no_caption": no_caption,
+            "text_fallbacks": self.text_maker.fallbacks_used,
+            "triplets_before_subsample": before_subsample,
+            "triplets": len(triplets),
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+        }
+        logger.info("augment: %s", self.last_summary)
+        return triplets
