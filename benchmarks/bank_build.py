@@ -85,9 +85,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (tiny) / 256 (vitb16)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--out", default="benchmarks/bank_build.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = args.images or (512 if args.preset == "tiny" else 8192)
     bs = args.batch_size or (64 if args.preset == "tiny" else 256)
     size = PRESETS[args.preset]["image_size"]

@@ -194,6 +194,20 @@ def _local_rows(rows: torch.Tensor, row_offset: int, n_local: int) -> torch.Tens
     return torch.where((rows >= 0) & (local >= 0) & (local < n_local), local, torch.full_like(rows, -1))
 
 
+def _chunk_exclusions(exclude_local: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(Q, width) bool mask of the excluded rows inside the chunk [start, start + width).
+
+    exclude_local (Q, K) local rows, -1 = none. Built with a scatter (no host sync, unlike
+    ``nonzero``), into one spare column that collects every out-of-chunk entry.
+    """
+    col = exclude_local - start  # (Q, K) column inside the chunk
+    inside = (exclude_local >= 0) & (col >= 0) & (col < width)
+    col = torch.where(inside, col, torch.full_like(col, width))  # out of chunk -> the spare column
+    mask = torch.zeros(exclude_local.shape[0], width + 1, dtype=torch.bool, device=exclude_local.device)
+    mask.scatter_(1, col, True)
+    return mask[:, :width]
+
+
 # --------------------------------------------------------------------------------------------
 # local softmax statistics
 # --------------------------------------------------------------------------------------------
@@ -260,10 +274,7 @@ def local_bank_stats(
             s, arg = tok.max(dim=2)  # (Bq, C) best token score and its index
         logits = s / tau
         if exclude_local is not None:
-            col = exclude_local - start  # (Bq, K) column inside the chunk
-            hit = (exclude_local >= 0) & (col >= 0) & (col < c)
-            qi, ki = hit.nonzero(as_tuple=True)
-            logits[qi, col[qi, ki]] = float("-inf")
+            logits = logits.masked_fill(_chunk_exclusions(exclude_local, start, c), float("-inf"))
         m_new = torch.maximum(m, logits.max(dim=1).values)
         alpha = torch.exp(m - m_new)  # (Bq,) rescales the running sums
         p = torch.exp(logits - m_new[:, None])  # (Bq, C), 0 where excluded
@@ -475,10 +486,7 @@ def _sharded_target_ranks(query, local, row_offset, target_rows, exclude_rows, s
         )
         beats &= rows[None, :] != target_rows[:, None]  # the target never beats itself
         if ex_local is not None:
-            col = ex_local - start
-            hit = (ex_local >= 0) & (col >= 0) & (col < stop - start)
-            qi, ki = hit.nonzero(as_tuple=True)
-            beats[qi, col[qi, ki]] = False  # removed candidates are not counted
+            beats &= ~_chunk_exclusions(ex_local, start, stop - start)  # removed candidates are not counted
         counts += beats.sum(1)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
     return counts
