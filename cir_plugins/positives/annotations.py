@@ -1,0 +1,184 @@
+"""Write and read generated triplets in the CIRR and FashionIQ annotation schemas.
+
+CIRR (``cap.rc2.*.json`` shape), one record per triplet::
+
+    {"pairid": int, "reference": id, "target_hard": id, "target_soft": {target: 1.0},
+     "caption": texts[0], "img_set": {"id": -1, "members": [reference, target],
+     "reference_rank": 0, "target_rank": 1},
+     "source": "generated", "captions": [every candidate text],
+     "reference_caption": str, "target_caption": str, "templates": [...]}
+
+FashionIQ (``cap.{category}.*.json`` shape)::
+
+    {"candidate": id, "target": id, "captions": [c0, c1], "source": "generated",
+     "texts": [every candidate text], "reference_caption": ..., "target_caption": ..., "templates": [...]}
+
+The FashionIQ loader expects exactly two ``captions``; a triplet with one candidate text is written
+with ``captions = [t, t]`` (and with three or more, the first two), so ``load_fashioniq`` can read
+the file; the exact candidate texts are in ``texts``, which :func:`read_generated_fashioniq` uses.
+The dataset loaders ignore the extra fields. Files are written atomically (temp file in the same
+folder, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..data.triplet import Triplet
+from ..errors import AnnotationError, ConfigError, explain
+
+__all__ = ["write_generated_cirr", "read_generated_cirr", "write_generated_fashioniq", "read_generated_fashioniq",
+           "atomic_write_json"]
+
+logger = logging.getLogger(__name__)
+
+_META_KEYS = ("reference_caption", "target_caption", "templates")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (``path.tmp-<pid>``, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def _check_generated(triplets: Sequence[Triplet]) -> None:
+    for index, triplet in enumerate(triplets):
+        if not isinstance(triplet, Triplet) or triplet.target is None:
+            raise ConfigError(explain(f"triplet {index} cannot be written: it needs a reference and a target",
+                                      got=triplet, fix="pass the augmenter's Triplets"))
+
+
+def _extra(triplet: Triplet) -> dict[str, Any]:
+    return {key: (list(triplet.meta[key]) if key == "templates" else triplet.meta[key])
+            for key in _META_KEYS if key in triplet.meta}
+
+
+def write_generated_cirr(triplets: Sequence[Triplet], path: str | os.PathLike, *, first_pair_id: int = 0) -> Path:
+    """Write triplets as a CIRR ``cap.rc2`` list; pair ids count up from ``first_pair_id``."""
+    _check_generated(triplets)
+    records = []
+    for offset, t in enumerate(triplets):
+        records.append({
+            "pairid": first_pair_id + offset,
+            "reference": t.reference,
+            "target_hard": t.target,
+            "target_soft": {t.target: 1.0},
+            "caption": t.texts[0],
+            "img_set": {"id": -1, "members": [t.reference, t.target], "reference_rank": 0, "target_rank": 1},
+            "source": t.source,
+            "captions": list(t.texts),
+            **_extra(t),
+        })
+    logger.info("writing %d generated CIRR records to %s", len(records), path)
+    return atomic_write_json(path, records)
+
+
+def write_generated_fashioniq(triplets: Sequence[Triplet], path: str | os.PathLike) -> Path:
+    """Write triplets as a FashionIQ ``cap.{category}`` list (see the module notes on ``captions``)."""
+    _check_generated(triplets)
+    records = []
+    for t in triplets:
+        texts = list(t.texts)
+        records.append({
+            "candidate": t.reference,
+            "target": t.target,
+            "captions": [texts[0], texts[1] if len(texts) > 1 else texts[0]],
+            "source": t.source,
+            "texts": texts,
+            **_extra(t),
+        })
+    logger.info("writing %d generated FashionIQ records to %s", len(records), path)
+    return atomic_write_json(path, records)
+
+
+def _read_list(path: str | os.PathLike) -> tuple[Path, list]:
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(explain("the annotation file does not exist", got=str(path)))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AnnotationError(explain(f"{path} is not valid JSON ({error.msg} at line {error.lineno})",
+                                      fix="re-write the file")) from None
+    if not isinstance(data, list):
+        raise AnnotationError(explain(f"{path} must hold a JSON list of records", got=type(data).__name__))
+    return path, data
+
+
+def _texts(path: Path, index: int, record: dict, key: str) -> tuple[str, ...]:
+    texts = record.get(key)
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise AnnotationError(explain(f"{path}, record {index}: {key!r} must be a non-empty list of non-empty strings",
+                                      got=texts))
+    return tuple(texts)
+
+
+def _name(path: Path, index: int, record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value:
+        raise AnnotationError(explain(f"{path}, record {index}: {key!r} must be a non-empty image id", got=value))
+    return value
+
+
+def _meta(record: dict) -> dict[str, Any]:
+    meta = {key: record[key] for key in _META_KEYS if key in record}
+    if "templates" in meta:
+        meta["templates"] = tuple(meta["templates"])
+    return meta
+
+
+def read_generated_cirr(path: str | os.PathLike) -> list[Triplet]:
+    """Read a file written by :func:`write_generated_cirr` (or any cap.rc2 list) into Triplets.
+
+    texts = ``captions`` when present, else ``(caption,)``; source = the record's ``source``
+    (default "annotated").
+    """
+    path, records = _read_list(path)
+    out = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
+        texts = _texts(path, index, record, "captions") if "captions" in record else (
+            _texts(path, index, {"caption": [record.get("caption")]}, "caption"))
+        img_set = record.get("img_set") or {}
+        out.append(Triplet(reference=_name(path, index, record, "reference"), texts=texts,
+                           target=_name(path, index, record, "target_hard"), source=record.get("source", "annotated"),
+                           pair_id=record.get("pairid"), members=tuple(img_set.get("members", ())),
+                           meta=_meta(record)))
+    return out
+
+
+def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
+    """Read a file written by :func:`write_generated_fashioniq` into Triplets (texts = ``texts``,
+    else ``captions``)."""
+    path, records = _read_list(path)
+    out = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
+        texts = _texts(path, index, record, "texts" if "texts" in record else "captions")
+        out.append(Triplet(reference=_name(path, index, record, "candidate"), texts=texts,
+                           target=_name(path, index, record, "target"), source=record.get("source", "annotated"),
+                           meta=_meta(record)))
+    return out
