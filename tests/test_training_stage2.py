@@ -166,3 +166,26 @@ def test_stage2_lowers_loss_and_raises_recall_over_stage1():
     after = recall_at(model, bank, val, images, k=5)
     assert history[-1]["loss"] < history[0]["loss"]
     assert after >= before + 20.0, (before, after)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """2 micro-batches of 8 accumulated == 1 batch of 16 (same samples in the same order)."""
+    results = []
+    for batch_size, accum in ((16, 1), (8, 2)):
+        model, bank, images, train, _ = setup(n_train=64)
+        Stage2Trainer(model, bank, train, images,
+                      config=config(batch_size=batch_size, grad_accum_steps=accum, max_grad_norm=0.5)).fit()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=1e-6, rtol=0), name
+
+
+def test_bf16_autocast_on_cpu_runs_and_learns():
+    model, bank, images, train, _ = setup()
+    trainer = Stage2Trainer(model, bank, train, images, config=config(amp="bf16", epochs=2))
+    assert trainer.amp_dtype == torch.bfloat16
+    history = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[1]["loss"] < history[0]["loss"]
+    with pytest.raises(ConfigError, match="fp16"):
+        Stage2Trainer(model, bank, train, images, config=config(amp="fp16"))
