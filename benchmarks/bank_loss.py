@@ -174,7 +174,7 @@ def main() -> int:
         nv, lb = summary.get("naive"), summary.get("library")
 
         def cell(x, key, fmt):
-            return format(x[key], fmt) if x else "err"
+            return format(x[key], fmt) if x else "-"  # not requested, or every run failed (see JSON)
 
         t_ratio = f"{lb['median_s'] / nv['median_s']:.2f}" if nv and lb else "-"
         m_ratio = f"{lb['peak_extra_mb'] / nv['peak_extra_mb']:.3f}" if nv and lb and nv["peak_extra_mb"] else "-"

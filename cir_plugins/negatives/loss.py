@@ -66,7 +66,7 @@ FULL_PATH_MAX_ELEMENTS = 1 << 20
 # Bytes of one chunk's (B, chunk, T) float32 score block in the chunked path. Chosen with
 # benchmarks/bank_loss.py on the 2-core dev CPU (see benchmarks/RESULTS.md): big enough that the
 # matrix products dominate the per-chunk overhead, small enough to stay far below the full logits.
-CHUNK_BUDGET_BYTES = 8 << 20
+CHUNK_BUDGET_BYTES = 16 << 20
 _MIN_CHUNK = 64
 
 Temperature = Union[float, torch.Tensor]
