@@ -1,6 +1,6 @@
 """Data and evaluation benchmark: world generation, image loading, evaluate(), and trivial baselines.
 
-Prints a table and writes JSON (default benchmarks/results/data_eval.json).
+Prints a table and writes JSON (default benchmarks/data_eval_cpu.json).
 
     python benchmarks/bench_data_eval.py [--world DIR] [--full] [--out PATH]
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -60,9 +61,19 @@ class TextOnlyModel(torch.nn.Module):
         return out
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (render workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+LAST_CPU = [0.0]
+
+
 def timed(fn):
-    start = time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     value = fn()
+    LAST_CPU[0] = cpu_seconds() - cpu
     return value, time.perf_counter() - start
 
 
@@ -70,7 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world", default=None, help="where to build / reuse the quick world")
     parser.add_argument("--full", action="store_true", help="also generate and evaluate the default-size world")
-    parser.add_argument("--out", default="benchmarks/results/data_eval.json")
+    parser.add_argument("--out", default="benchmarks/data_eval_cpu.json")
     args = parser.parse_args()
     rows = []
     base = Path(args.world) if args.world else Path(tempfile.mkdtemp()) / "worlds"
@@ -82,28 +93,32 @@ def main() -> int:
             _, seconds = timed(lambda: synthetic.make_world(root, size=size, overwrite=(attempt == "generate")))
             n = sum(json.loads((root / "synthetic/world.json").read_text())["stats"]["images"].values())
             rows.append({"what": f"make_world {size} ({attempt})", "items": n, "seconds": seconds,
-                         "per_second": n / seconds})
+                         "per_second": n / seconds, "cpu_seconds": LAST_CPU[0]})
         worlds[size] = root
     root = worlds[sizes[-1]]
     split = cp.load_cirr(root, "val", transform="clip", size=224)
     ids = split.gallery_ids[:256]
     _, seconds = timed(lambda: split.images.batch(ids))
     rows.append({"what": "ImageStore.batch clip@224", "items": len(ids), "seconds": seconds,
-                 "per_second": len(ids) / seconds})
+                 "per_second": len(ids) / seconds, "cpu_seconds": LAST_CPU[0]})
     raw = cp.load_cirr(root, "val", transform="none")
     for name, model in [("image-only pixels", PixelModel()), ("text-only words", TextOnlyModel(3 * 20 * 20))]:
         result, seconds = timed(lambda: cp.evaluate(model, raw, show_progress=False, batch_size=256))
         rows.append({"what": f"evaluate val, {name}", "items": len(raw.gallery_ids), "seconds": seconds,
-                     "per_second": len(raw.gallery_ids) / seconds,
+                     "per_second": len(raw.gallery_ids) / seconds, "cpu_seconds": LAST_CPU[0],
                      "metrics": {k: round(v, 2) for k, v in result.items() if isinstance(v, float)}})
-    print(f"{'what':42s} {'items':>7s} {'seconds':>8s} {'items/s':>9s}  metrics")
+    load = os.getloadavg()[0]
+    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'what':42s} {'items':>7s} {'seconds':>8s} {'cpu s':>8s} {'items/s':>9s}  metrics")
     for row in rows:
         metrics = row.get("metrics", "")
-        print(f"{row['what']:42s} {row['items']:7d} {row['seconds']:8.2f} {row['per_second']:9.0f}  {metrics}")
+        print(f"{row['what']:42s} {row['items']:7d} {row['seconds']:8.2f} {row['cpu_seconds']:8.2f} "
+              f"{row['per_second']:9.0f}  {metrics}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "world": str(root)}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "world": str(root),
+            "load_average_1min": os.getloadavg()[0]}
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, out)
