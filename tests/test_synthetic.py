@@ -206,3 +206,12 @@ def test_command_line_quick_world(tmp_path):
     assert syn.main(["--root", str(tmp_path / "q"), "--quick", "--seed", "4"]) == 0
     stats = json.loads((tmp_path / "q/synthetic/world.json").read_text())["stats"]
     assert stats["queries"] == {"train": 120, "val": 40, "test": 40}
+
+
+def test_command_line_config_overrides(tmp_path):
+    tiny = json.dumps({**TINY, "pixel_noise": 3.0})
+    assert syn.main(["--root", str(tmp_path / "t"), "--config", tiny]) == 0
+    params = json.loads((tmp_path / "t/synthetic/world.json").read_text())["params"]
+    assert params["pixel_noise"] == 3.0 and params["n_val_queries"] == TINY["n_val_queries"]
+    with pytest.raises(ConfigError):
+        syn.main(["--root", str(tmp_path / "u"), "--config", "[1]"])

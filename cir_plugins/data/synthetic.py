@@ -2,7 +2,7 @@
 
 Regenerate (or create) it with::
 
-    python -m cir_plugins.data.synthetic --root DIR [--seed 0] [--quick] [--image-size 40]
+    python -m cir_plugins.data.synthetic --root DIR [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
 or from Python with ``make_world(root, seed=0, size="default")``. Every loader and metric runs on it
 exactly as on CIRR: ``load_cirr(root, "train" | "val" | "test")`` reads it (the ``test`` split
@@ -709,11 +709,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the small preset (seconds)")
     parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--config", default=None,
+                        help='JSON object of WorldConfig fields overriding the preset, e.g. \'{"pixel_noise": 16}\'')
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = make_world(args.root, seed=args.seed, size="quick" if args.quick else "default",
-                      image_size=args.image_size, overwrite=args.overwrite, show_progress=True)
+    size: Any = "quick" if args.quick else "default"
+    if args.config:
+        try:
+            overrides = json.loads(args.config)
+        except json.JSONDecodeError as error:
+            raise ConfigError(explain("--config is not valid JSON", got=args.config,
+                                      fix='pass a JSON object such as \'{"n_val_queries": 200}\'')) from error
+        if not isinstance(overrides, dict):
+            raise ConfigError(explain("--config must be a JSON object", got=args.config))
+        size = {**PRESETS[size], **overrides}
+    root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
+                      show_progress=True)
     stats = json.loads(_marker_path(root).read_text())["stats"]
     print(json.dumps(stats, indent=1))
     return 0
