@@ -15,7 +15,8 @@ Methods (query float32, requires grad; learnable temperature; 2 exclusions per q
   chunked     cir_plugins bank_contrastive_loss with chunk_size forced (the PyTorch fallback)
   fused       cir_plugins.negatives.fused.fused_dot_bank_loss (Triton), precision="exact"
   fused_fast  the same kernel, precision="fast" (query and softmax weights rounded to bf16)
-Multi-vector rows (bank (N, T, D), max over T) run naive_fp32, naive_bf16 and chunked.
+Multi-vector rows (bank (N, T, D), max over T) run the same methods; their fused rows use
+fused_max_token_bank_loss.
 
 Columns: ms (median of CUDA-event timed iterations after warm-up), floor_ms = max(FLOPs / peak
 matmul rate, bank bytes / peak bandwidth) with FLOPs = 2 matmuls (logits and the query gradient)
@@ -47,7 +48,7 @@ from cir_plugins.negatives import loss as L  # noqa: E402
 H200_TFLOPS = 740.0
 H200_GBPS = 4200.0
 DOT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast")
-MULTI_METHODS = ("naive_fp32", "naive_bf16", "chunked")
+MULTI_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast")
 
 
 def full_grid():
@@ -166,11 +167,7 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
         if method.startswith("fused"):
             from cir_plugins.negatives import fused
 
-            if similarity != "dot":
-                row["note"] = "skipped: no fused max_token kernel"
-                rows.append(row)
-                continue
-            if not fused.fused_available(query0, bank):
+            if not fused.fused_available(query0, bank, similarity):
                 row["note"] = "skipped: fused needs a CUDA device and triton"
                 rows.append(row)
                 continue
@@ -198,8 +195,8 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
             else:
                 from cir_plugins.negatives import fused
 
-                out = fused.fused_dot_bank_loss(query, inputs, target, tau, excl,
-                                                precision="fast" if method == "fused_fast" else "exact")
+                fn = fused.fused_dot_bank_loss if similarity == "dot" else fused.fused_max_token_bank_loss
+                out = fn(query, inputs, target, tau, excl, precision="fast" if method == "fused_fast" else "exact")
             out.backward()
             query.grad = None
             tau.grad = None

@@ -287,7 +287,7 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     methods = {(r["kind"], r["method"]) for r in data["rows"]}
     assert {("single", "naive_fp32"), ("single", "naive_bf16"), ("single", "chunked"), ("single", "fused"),
-            ("multi", "chunked")} <= methods
+            ("multi", "chunked"), ("multi", "fused")} <= methods
     for r in data["rows"]:
         if r["method"].startswith("fused"):
             assert r["note"].startswith("skipped")  # no CUDA here

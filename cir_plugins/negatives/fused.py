@@ -117,14 +117,15 @@ def fused_available(query: torch.Tensor, bank: torch.Tensor, similarity: str = "
 if triton is not None:
 
     @triton.jit
-    def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b with float32 accumulation; UPCAST multiplies exactly in float32 (interpreter)."""
+    def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b, accumulated in float32 (in place on the tensor cores); UPCAST multiplies the
+        exact float32 values of the operands (the interpreter mis-multiplies bf16)."""
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:
-            return tl.dot(a, b, input_precision="ieee")
+            return tl.dot(a, b, acc, input_precision="ieee")
         else:
-            return tl.dot(a, b)
+            return tl.dot(a, b, acc)
 
     @triton.jit
     def _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, offs_k,
@@ -142,29 +143,29 @@ if triton is not None:
             )  # (BLOCK_K, BLOCK_N): the bank tile, transposed by addressing
             q_mask = b_ok[:, None] & k_ok[None, :]
             qh = tl.load(qh_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
-            s += _mm(qh, b_tile, IEEE, UPCAST)  # (BLOCK_B, BLOCK_K) x (BLOCK_K, BLOCK_N)
+            s = _mm(qh, b_tile, s, IEEE, UPCAST)  # (BLOCK_B, BLOCK_K) x (BLOCK_K, BLOCK_N)
             if SPLIT_Q:
                 ql = tl.load(ql_ptr + offs_b64[:, None] * D + kk[None, :], mask=q_mask, other=0.0)
-                s += _mm(ql, b_tile, IEEE, UPCAST)
+                s = _mm(ql, b_tile, s, IEEE, UPCAST)
         return s
 
     @triton.jit
-    def _weighted_sum(p, bank_ptr, row_off, n_ok, offs_dv, dv_ok,
+    def _weighted_sum(acc, p, bank_ptr, row_off, n_ok, offs_dv, dv_ok,
                       SPLIT_P: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """(BLOCK_B, BLOCK_DV) float32 p @ v[:, chunk] for the vectors at bank_ptr + row_off."""
+        """acc (BLOCK_B, BLOCK_DV) + p @ v[:, chunk] for the vectors at bank_ptr + row_off."""
         bv = tl.load(
             bank_ptr + row_off[:, None] + offs_dv[None, :],
             mask=n_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
         if IEEE:
-            acc = _mm(p, bv, IEEE, UPCAST)  # (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK_DV)
+            acc = _mm(p, bv, acc, IEEE, UPCAST)  # (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK_DV)
         else:
             p_hi = p.to(bv.dtype)
-            acc = _mm(p_hi, bv, IEEE, UPCAST)
+            acc = _mm(p_hi, bv, acc, IEEE, UPCAST)
             if SPLIT_P:
                 p_lo = (p - p_hi.to(tl.float32)).to(bv.dtype)  # rounding residue of the weights
-                acc += _mm(p_lo, bv, IEEE, UPCAST)
+                acc = _mm(p_lo, bv, acc, IEEE, UPCAST)
         return acc
 
     @triton.jit
@@ -249,16 +250,15 @@ if triton is not None:
             z_i = z_i * alpha + tl.sum(p, axis=1)
             t_i = t_i * alpha + tl.sum(p * s, axis=1)
             if NEED_W:
+                w_acc = w_acc * alpha[:, None]  # rescale to the new running max, then accumulate in place
                 if MULTI:
                     # each (query, row) pair weights only its winning token: one product per token
-                    w_new = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
                     for tok in range(0, T):
                         p_t = tl.where(best_t == tok, p, 0.0)
-                        w_new += _weighted_sum(p_t, bank_ptr, row_off + tok * D, n_ok, offs_dv, dv_ok,
-                                               SPLIT_P, IEEE, UPCAST)
+                        w_acc = _weighted_sum(w_acc, p_t, bank_ptr, row_off + tok * D, n_ok, offs_dv, dv_ok,
+                                              SPLIT_P, IEEE, UPCAST)
                 else:
-                    w_new = _weighted_sum(p, bank_ptr, row_off, n_ok, offs_dv, dv_ok, SPLIT_P, IEEE, UPCAST)
-                w_acc = w_acc * alpha[:, None] + w_new
+                    w_acc = _weighted_sum(w_acc, p, bank_ptr, row_off, n_ok, offs_dv, dv_ok, SPLIT_P, IEEE, UPCAST)
             m_i = m_new
 
         out_b = split.to(tl.int64) * B + offs_b64  # (BLOCK_B,) index into (S, B)
