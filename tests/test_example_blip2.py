@@ -200,3 +200,16 @@ def test_readme_commands_run_as_written(tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     assert list(tmp_path.glob("runs/*/results.json"))
+
+
+def test_bad_inputs_get_clear_errors(model):
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    config = Blip2Config(vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=16, patch_size=8),
+                         qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, encoder_hidden_size=16, vocab_size=40))
+    with pytest.raises(ValueError, match="use_qformer_text_input"):  # an image-only Q-Former has no text FFN
+        SPRCRetriever(Blip2ForImageTextRetrieval(config), model.tokenizer)
+    with pytest.raises(ValueError, match=r"\(B, P, Dv\) and B texts"):
+        model.compose_query(torch.randn(2, 17, 32), ["only one text"])

@@ -187,3 +187,10 @@ def test_init_command_builds_a_checkpoint_from_a_timm_name_and_a_text_path(check
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert fresh.compose(fresh.image_features(x), TEXTS[:2]).shape == (2, 24)
+
+
+def test_bad_inputs_get_clear_errors(model):
+    with pytest.raises(ValueError, match="text_pooling"):
+        TimmTIRG(model.image_backbone, model.text_encoder, model.tokenizer, text_pooling="max")
+    with pytest.raises(ValueError, match=r"\(B, D\) and B texts"):
+        model.compose_query(torch.randn(2, 48), ["only one text"])
