@@ -56,7 +56,7 @@ TRANSFORM_NAMES = ("clip", "targetpad", "squarepad", "none")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-def resolve_under_root(root: Path, relative: str, *, what: str) -> Path:
+def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | None = None) -> Path:
     """Resolve ``relative`` under ``root``; refuse anything that would leave it.
 
     Args:
@@ -80,8 +80,17 @@ def resolve_under_root(root: Path, relative: str, *, what: str) -> Path:
                                       expected=f"a path inside {str(root)!r}",
                                       fix="remove the '..' components or move the image under the root"))
     candidate = root / relative
-    resolved = candidate.resolve()
-    if resolved != root and root not in resolved.parents:
+    if parents is None:
+        resolved = candidate.resolve()
+    else:  # resolve each folder once (many images share one), then only the file itself
+        folder = parents.get(candidate.parent)
+        if folder is None:
+            folder = parents[candidate.parent] = candidate.parent.resolve()
+        resolved = folder / candidate.name
+        if resolved.is_symlink():
+            resolved = resolved.resolve()
+    root_text, resolved_text = str(root), str(resolved)
+    if resolved_text != root_text and not resolved_text.startswith(root_text.rstrip(os.sep) + os.sep):
         raise UnsafePathError(explain(f"{what}: the image path resolves outside the dataset root "
                                       "(a symlink leading out)", got=f"{relative} -> {resolved}",
                                       expected=f"a file inside {str(root)!r}",
@@ -251,12 +260,14 @@ class ImageStore(Mapping):
         self._rel: dict[str, str] = {}
         self._abs: dict[str, Path] = {}
         where = f" in {source}" if source else ""
+        parents: dict = {}
         for image_id, rel in paths.items():
             if not isinstance(image_id, str) or not image_id:
                 raise ConfigError(explain("image ids must be non-empty strings", got=image_id))
             self._rel[image_id] = rel
             if check_paths:
-                self._abs[image_id] = resolve_under_root(self.root, rel, what=f"image {image_id!r}{where}")
+                self._abs[image_id] = resolve_under_root(self.root, rel, what=f"image {image_id!r}{where}",
+                                                         parents=parents)
         self.check_paths = check_paths
         self.transform_spec = transform
         self.size = size
