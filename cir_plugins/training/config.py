@@ -1,8 +1,9 @@
 """Training configurations: dataclasses with a comment per field, validated, JSON round-trip.
 
-Optimiser defaults follow the method's release: AdamW, lr 2e-5, betas (0.9, 0.999). The weight
-decay is 0.01: torch's AdamW default, which the CLIP4Cir fine-tuning code (and the per-model SPN
-forks built on it) keep, since they pass no weight_decay. No schedule by default (the release uses
+Optimiser defaults follow the CLIP4Cir fine-tuning code that the method's CLIP4Cir fork keeps:
+AdamW, lr 2e-5, betas (0.9, 0.999), eps 1e-7, and no weight_decay argument, i.e. torch's AdamW
+default of 0.01 (stated here as the default). The BLIP-based forks use weight_decay 0.05 and
+betas (0.9, 0.98): set them for those models. No schedule by default (the release uses
 none); ``schedule="cosine"`` uses transformers' ``get_cosine_schedule_with_warmup``.
 """
 
@@ -33,12 +34,12 @@ class TrainConfig:
     batch_size: int = 32
     # AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR)
     lr: float = 2e-5
-    # AdamW decoupled weight decay; 0.01 = torch's default, kept by the CLIP4Cir / SPN code
+    # AdamW decoupled weight decay; 0.01 = torch's default, left in place by the CLIP4Cir / SPN code
     weight_decay: float = 0.01
     # AdamW betas (torch defaults)
     betas: tuple[float, float] = (0.9, 0.999)
-    # AdamW epsilon (torch default)
-    eps: float = 1e-8
+    # AdamW epsilon (1e-7 as in the CLIP4Cir / SPN fine-tuning code)
+    eps: float = 1e-7
     # softmax temperature tau (logits = similarity / tau); the initial value when learnable
     temperature: float = 0.02
     # learn tau as a log-temperature parameter (BLIP4CIR / SPRC style)
