@@ -200,10 +200,12 @@ def cirr_records(draw):
     return records
 
 
-def _write_cirr(root: Path, records, text=None):
+def _write_cirr(root: Path, records, text=None, splits_text=None):
     (root / "cirr/captions").mkdir(parents=True, exist_ok=True)
     (root / "cirr/image_splits").mkdir(parents=True, exist_ok=True)
-    (root / "cirr/image_splits/split.rc2.val.json").write_text(json.dumps({n: f"./dev/{n}.png" for n in NAMES}))
+    if splits_text is None:
+        splits_text = json.dumps({n: f"./dev/{n}.png" for n in NAMES})
+    (root / "cirr/image_splits/split.rc2.val.json").write_text(splits_text)
     (root / "cirr/captions/cap.rc2.val.json").write_text(text if text is not None else json.dumps(records))
 
 
@@ -235,10 +237,18 @@ WRONG = {
 @SETTINGS
 @given(cirr_records(), st.data())
 def test_property_cirr_corruptions_raise_annotation_error(records, data):
-    kind = data.draw(st.sampled_from(["truncate", "wrong_type", "delete", "duplicate", "not_object"]))
+    kind = data.draw(st.sampled_from(["truncate", "wrong_type", "delete", "duplicate", "not_object",
+                                      "splits_truncate", "splits_wrong_type"]))
     index = data.draw(st.integers(0, len(records) - 1))
-    text = None
-    if kind == "truncate":
+    text = splits_text = None
+    if kind == "splits_truncate":
+        full = json.dumps({n: f"./dev/{n}.png" for n in NAMES})
+        splits_text = full[: data.draw(st.integers(0, len(full) - 1))]
+    elif kind == "splits_wrong_type":
+        value = data.draw(st.one_of(st.none(), st.integers(), st.just(""), st.lists(st.text(), max_size=2)))
+        whole = data.draw(st.booleans())
+        splits_text = json.dumps(NAMES if whole else {**{n: f"./dev/{n}.png" for n in NAMES}, NAMES[0]: value})
+    elif kind == "truncate":
         full = json.dumps(records)
         text = full[: data.draw(st.integers(0, len(full) - 1))]
     elif kind == "wrong_type":
@@ -251,10 +261,10 @@ def test_property_cirr_corruptions_raise_annotation_error(records, data):
     else:
         records[index] = data.draw(st.one_of(st.none(), st.integers(), st.text(), st.lists(st.integers())))
     with tempfile.TemporaryDirectory() as tmp:
-        _write_cirr(Path(tmp), records, text)
+        _write_cirr(Path(tmp), records, text, splits_text)
         with pytest.raises(AnnotationError):
             load_cirr(tmp, "val")
-        if kind != "truncate":  # record-level problems can be skipped instead, and are counted
+        if kind not in ("truncate", "splits_truncate", "splits_wrong_type"):  # record-level problems can be skipped instead, and are counted
             split = load_cirr(tmp, "val", on_bad_record="skip")
             assert split.info["skipped"] == 1 and len(split.triplets) == len(records) - 1
 
