@@ -52,7 +52,8 @@ class TrainConfig:
     warmup_steps: int = 0
     # mixed precision: "auto" (bf16 on CUDA when supported, else off), "bf16", "fp16" (GradScaler), "off"
     amp: str = "auto"
-    # micro-batches whose gradients are summed per optimiser step
+    # micro-batches whose gradients are averaged per optimiser step (each loss / grad_accum_steps; an
+    # epoch's last, shorter group keeps that divisor)
     grad_accum_steps: int = 1
     # clip the global gradient norm to this value; None = no clipping
     max_grad_norm: float | None = None
