@@ -360,9 +360,11 @@ class NegativeBank:
                             got=getattr(emb, "shape", type(emb).__name__),
                             expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
                             fix="match the model's similarity attribute to its encode_image output"))
-                    if not torch.isfinite(emb).all():
-                        raise NonFiniteError(explain("encode_image returned NaN or inf",
-                                                     got=[representatives[todo[p]] for p in positions.tolist()][:5]))
+                    finite = torch.isfinite(emb.reshape(emb.shape[0], -1)).all(dim=1)  # (b,) per image
+                    if not bool(finite.all()):
+                        bad = [representatives[todo[p]] for p, ok in zip(positions.tolist(), finite.tolist()) if not ok]
+                        raise NonFiniteError(explain(f"encode_image returned NaN or inf for {len(bad)} images",
+                                                     got=bad[:10], fix="check these images and the model's weights"))
                     emb = F.normalize(emb.float(), dim=-1).to(dtype)  # (b, D) or (b, T, D), unit rows
                     for p, row_emb in zip(positions.tolist(), emb):
                         out[todo[p]] = row_emb
