@@ -182,3 +182,19 @@ def test_resumable_build_reuses_finished_shards(world, tmp_path):
     NegativeBank.build(other, ids, images, batch_size=4, show_progress=False, cache_dir=tmp_path / "shards",
                        split=other_split)
     assert sum(calls2) == 23
+
+
+def test_to_and_load_with_dtype(world, tmp_path):
+    images, _, _ = world
+    bank = NegativeBank.build(make_model(), list(images), images, show_progress=False)
+    assert bank.to("cpu") is bank
+    half = bank.to(dtype=torch.bfloat16)
+    assert half.embeddings.dtype == torch.bfloat16 and half.ids == bank.ids and half.fingerprint == bank.fingerprint
+    assert torch.allclose(half.embeddings.float(), bank.embeddings, atol=1e-2)
+    bank.save(tmp_path / "b.safetensors")
+    assert NegativeBank.load(tmp_path / "b.safetensors", dtype="bfloat16").embeddings.dtype == torch.bfloat16
+    with pytest.raises(DataError, match="no negative bank"):
+        NegativeBank.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
+    with pytest.raises(DataError, match="not a readable safetensors"):
+        NegativeBank.load(tmp_path / "junk.safetensors")

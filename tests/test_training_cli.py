@@ -31,7 +31,7 @@ def main(argv):
 
 @pytest.fixture()
 def tree(tmp_path):
-    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("train",))
+    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("train", "val"))
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
                        "from test_training_toy import make_model\n"
@@ -58,6 +58,13 @@ def test_build_bank_then_stage2_then_resume(tree, tmp_path, capsys):
     assert main([*args, "--epochs", "2", "--resume"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+    # with a validation split, cir_plugins.evaluate runs per epoch and 'best' follows Rmean
+    val_out = tmp_path / "run-val"
+    args = [a if a != str(out) else str(val_out) for a in args]
+    assert main([*args, "--epochs", "2", "--val-split", "val"]) == 0
+    history = json.loads((val_out / "history.json").read_text())
+    assert all("Rmean" in h["metrics"] and 0 <= h["metrics"]["Rmean"] <= 100 for h in history)
+    assert (val_out / "checkpoints" / "best" / "state.json").is_file()
     assert "epoch 2: loss" in capsys.readouterr().out
 
 
