@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = ["SPECIAL_TOKENS", "words_of", "build_tokenizer", "tiny_clip_config", "save_tiny_clip",
-           "pretrain_tiny_clip", "is_saved_clip"]
+           "pretrain_tiny_clip", "pretrain_on_world", "is_saved_clip"]
 
 # id 0..3; eos must not be id 2 (transformers' CLIP treats eos_token_id == 2 as a legacy argmax pooling)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -67,7 +67,7 @@ def build_tokenizer(vocabulary: Sequence[str], *, max_length: int = 32):
                                    pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
 
 
-def tiny_clip_config(vocab_size: int, *, image_size: int = 36, patch_size: int = 6, width: int = 64,
+def tiny_clip_config(vocab_size: int, *, image_size: int = 36, patch_size: int = 12, width: int = 64,
                      layers: int = 2, heads: int = 4, projection_dim: int = 64, max_length: int = 32):
     """A small ``CLIPConfig``: ViT (image_size / patch_size)^2 patches, ``layers`` blocks of ``width`` each side."""
     from transformers import CLIPConfig
@@ -174,7 +174,7 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, images: torch.Tensor, caption
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
     bar.close()
@@ -189,3 +189,55 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, images: torch.Tensor, caption
     os.replace(tmp, Path(out_dir) / "pretrain.json")
     logger.info("pretrained tiny CLIP: %d steps, final loss %.3f, %.1fs", total, loss_value, info["seconds"])
     return info
+
+
+def pretrain_on_world(world: str | os.PathLike, out_dir: str | os.PathLike, *, epochs: int = 4,
+                      batch_size: int = 256, lr: float = 2e-3, seed: int = 0, device: str = "cpu",
+                      mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25),
+                      show_progress: bool = True, **config_kwargs) -> dict:
+    """Pretrain on a synthetic world's train images and their exact scene captions (``scenes.json``)."""
+    import cir_plugins as cp
+    from cir_plugins.data.images import ClipTransform
+    from cir_plugins.data.synthetic import load_scenes
+
+    scenes = load_scenes(world)
+    params = json.loads((Path(world) / "synthetic" / "world.json").read_text())["params"]
+    size = int(params["image_size"])
+    if config_kwargs.get("patch_size") is None:
+        config_kwargs["patch_size"] = size // 3 if size % 3 == 0 else size // 4
+    train = cp.load_cirr(world, "train", transform=ClipTransform("targetpad", size, mean=mean, std=std))
+    ids = list(train.gallery_ids)
+    images = torch.cat([train.images.batch(ids[i:i + 1000]) for i in range(0, len(ids), 1000)])  # (N, 3, S, S)
+    vocabulary = words_of([s["caption"] for s in scenes.values()] + [t.texts[0] for t in train.triplets])
+    return pretrain_tiny_clip(out_dir, images, [scenes[i]["caption"] for i in ids], epochs=epochs,
+                              batch_size=batch_size, lr=lr, seed=seed, device=device, image_size=size, mean=mean,
+                              std=std, vocabulary=vocabulary, show_progress=show_progress, **config_kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python examples/_tiny_clip.py --world DIR --out DIR``: a tiny CLIP checkpoint for the examples."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pretrain a tiny CLIP on a synthetic world and save it by path")
+    parser.add_argument("--world", required=True, help="synthetic world root (python -m cir_plugins.data.synthetic)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="ViT patch side; default a third of the image side (one patch per grid cell) when it "
+                             "divides, else a quarter")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    info = pretrain_on_world(args.world, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, device=args.device, patch_size=args.patch_size)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -108,3 +108,97 @@ def test_combiner_weights_round_trip(tiny_clip_dir, tmp_path):
     other = clip4cir_model.CLIP4Cir.from_pretrained(str(tiny_clip_dir),
                                                     combiner_path=str(tmp_path / "combiner.safetensors"))
     torch.testing.assert_close(other.combiner.output_layer.weight, model.combiner.output_layer.weight)
+
+
+# ---------------------------------------------------------------------------------------------- on the world
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    from cir_plugins.data.synthetic import make_world
+
+    small = dict(n_train_triplets=24, n_train_unlabelled=40, n_val_queries=4, n_val_distractors=4,
+                 n_test_queries=12, n_test_distractors=20)  # about 300 images: seconds to render
+    return make_world(tmp_path_factory.mktemp("world") / "world", seed=0, size=small, workers=1)
+
+
+@pytest.fixture(scope="module")
+def world_clip_dir(quick_world, tmp_path_factory):
+    """A tiny CLIP over the quick world's vocabulary, random weights, saved and later loaded by path."""
+    import json
+
+    scenes = json.loads((quick_world / "synthetic" / "scenes.json").read_text())
+    texts = [s["caption"] for s in scenes.values()]
+    for name in ("train", "val", "test"):
+        texts += [r["caption"] for r in json.loads((quick_world / "cirr" / "captions" / f"cap.rc2.{name}.json").read_text())]
+    return _tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("wclip") / "clip", _tiny_clip.words_of(texts), seed=0,
+                                     image_size=40, patch_size=10, width=32, projection_dim=32)
+
+
+def test_one_augment_stage2_evaluate_cycle_from_a_checkpoint_path(quick_world, world_clip_dir):
+    import cir_plugins as cp
+    import wrap as clip4cir_wrap
+    from cir_plugins.data.images import ClipTransform
+
+    model = clip4cir_model.CLIP4Cir.from_pretrained(str(world_clip_dir), fusion="sum")
+    p = model.preprocess
+    transform = ClipTransform("targetpad", p["size"], mean=p["mean"], std=p["std"])
+    train = cp.load_cirr(quick_world, "train", transform=transform)
+    test = cp.load_cirr(quick_world, "test", transform=transform)
+    images = {i: train.images[i] for i in train.gallery_ids}
+    wrapped = clip4cir_wrap.wrap(model)
+    sample = train.triplets[:3]
+    report = cp.check_model(wrapped, torch.stack([images[t.reference] for t in sample]), [t.texts[0] for t in sample],
+                            torch.stack([images[t.target] for t in sample]))
+    assert report.ok, str(report)
+    names = set(report.split.query)
+    assert names and all(".text_model." in n or ".text_projection." in n for n in names)
+    assert not any("vision_model" in n for n in names)
+
+    generated = cp.TripletAugmenter(cp.SyntheticCaptioner(quick_world, noise=0.1, seed=0), model.encode_image,
+                                    templates="cirr", rank_window=(0.02, 0.2), seed=0, max_triplets=64,
+                                    show_progress=False).augment(list(images), images)
+    assert 0 < len(generated) <= 64 and all(t.source == "generated" for t in generated)
+    assert any("instead of" in text for t in generated for text in t.texts)
+
+    vision_before = {n: p.detach().clone() for n, p in model.clip.vision_model.named_parameters()}
+    text_before = {n: p.detach().clone() for n, p in model.clip.text_model.named_parameters()}
+    bank = cp.NegativeBank.build(wrapped, list(images), images, batch_size=256, show_progress=False)
+    config = cp.Stage2Config(epochs=1, batch_size=32, steps_per_epoch=2, lr=1e-3, select_metric=None,
+                             show_progress=False)
+    cp.Stage2Trainer(wrapped, bank, list(train.triplets) + generated, images, config=config).fit()
+    # stage 2 trained the text tower and left the vision tower (the bank's maker) bit-identical
+    assert all(torch.equal(p, vision_before[n]) for n, p in model.clip.vision_model.named_parameters())
+    assert any(not torch.equal(p, text_before[n]) for n, p in model.clip.text_model.named_parameters())
+    result = cp.evaluate(wrapped, test, show_progress=False)
+    assert {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean"} <= set(result)
+    assert result["n_queries"] == len(test.triplets) and result["protocol"]["reference_removed"] is True
+
+
+@pytest.mark.slow
+def test_readme_synthetic_commands_run_as_written(tmp_path, monkeypatch):
+    """The README's five synthetic-world commands, in-process, with paths under tmp_path."""
+    import importlib
+    import json
+    import re
+    import runpy
+
+    readme = (EXAMPLES / "clip4cir" / "README.md").read_text()
+    block = readme.split("The synthetic world with a tiny CLIP")[1].split("```bash")[1].split("```")[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(commands) == 5 and all(c.startswith("python ") for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = re.split(r"\s+", command)[1:]
+        if argv[0] == "-m":
+            module, args = argv[1], argv[2:]
+            monkeypatch.setattr(sys, "argv", [module] + args)
+            assert importlib.import_module(module).main(args) == 0, command
+        else:
+            script, args = ROOT / argv[0], argv[1:]
+            monkeypatch.setattr(sys, "argv", [str(script)] + args)
+            namespace = runpy.run_path(str(script), run_name="not_main")
+            assert namespace["main"](args) == 0, command
+    assert (tmp_path / "runs" / "tiny-clip" / "model.safetensors").is_file()
+    for stage in ("stage1", "spn"):
+        assert (tmp_path / "runs" / "c4c" / stage / "combiner.safetensors").is_file()
+    history = json.loads((tmp_path / "runs" / "c4c" / "spn" / "stage2_history.json").read_text())
+    assert len(history) == 2 and all("Rmean" in e["metrics"] for e in history)

@@ -1,0 +1,107 @@
+"""The quickstart: `--quick` runs end to end and writes the table as JSON (every row, every metric) and a PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+ROWS = {"pretrained CLIP, no CIR training", "baseline", "+P", "+N", "+P+N", "zero-shot", "+N (steps of +P+N)"}
+METRICS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean"}
+
+
+def test_table_helpers_on_hand_made_results(tmp_path):
+    import quickstart
+
+    per_seed = {s: {"rows": {r: {m: float(s * 10 + k) for k, m in enumerate(quickstart.METRICS)}
+                             for r in ("baseline", "+P")}} for s in (0, 1, 2)}
+    table = quickstart.summarise(per_seed)
+    assert table["baseline"]["R@1"]["mean"] == pytest.approx(10.0)  # values 0, 10, 20
+    assert table["baseline"]["R@1"]["std"] == pytest.approx(10.0)  # sample std of 0, 10, 20
+    text = quickstart.format_table(table, 3)
+    assert "10.0±10.0" in text and text.splitlines()[0].split()[0] == "row"
+    quickstart.bar_chart(table, tmp_path / "chart.png", 3)
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_are_refused():
+    import quickstart
+
+    with pytest.raises(SystemExit):
+        quickstart.main(["--seeds", "0"])
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_row_and_metric(tmp_path):
+    out = tmp_path / "qs"
+    # the library from this checkout, whether or not it was pip-installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--quick", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["rows"]) == ROWS
+    for row, metrics in report["rows"].items():
+        assert set(metrics) == METRICS, row
+        assert all(0.0 <= v <= 100.0 and math.isfinite(v) for v in metrics.values()), (row, metrics)
+        assert metrics["Rmean"] == pytest.approx((metrics["R@5"] + metrics["Rs@1"]) / 2)
+        assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= metrics["R@50"]
+    info = report["per_seed"]["0"]["info"]
+    assert info["generated_triplets"] > 0
+    steps = info["stage2_steps"]
+    assert steps["+N (steps of +P+N)"] == steps["+P+N"] >= steps["+N"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results.json" in proc.stdout and "results.png" in proc.stdout and "total" in proc.stdout
+    # deterministic for a seed: a second run (cached world and CLIP) gives the same table
+    again = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--quick", "--out", str(out),
+                            "--no-progress"], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
+
+
+def _fake_report(folder: Path, seed: int, budget: dict, world_seed: int = 0) -> None:
+    import quickstart
+
+    rows = {r: {m: float(seed + k) for k, m in enumerate(quickstart.METRICS)} for r in ("baseline", "+P+N")}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "budget_values": budget, "world_seed": world_seed, "budget": "default",
+        "per_seed": {str(seed): {"rows": rows, "info": {}, "seconds": 1.0}},
+        "step_seconds": {"x": 1.0}, "total_seconds": 2.0}))
+
+
+def test_merge_averages_runs_of_one_configuration(tmp_path):
+    import quickstart
+
+    budget = quickstart.BUDGETS["default"].to_dict()
+    for seed in (0, 1, 2):
+        _fake_report(tmp_path / f"s{seed}", seed, budget)
+    assert quickstart.main(["--merge", *(str(tmp_path / f"s{s}") for s in (0, 1, 2)), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["seeds"] == [0, 1, 2]
+    assert merged["rows"]["baseline"]["R@1"] == pytest.approx(1.0)  # mean of 0, 1, 2
+    assert merged["spread"]["baseline"]["R@1"] == pytest.approx(1.0)  # sample std of 0, 1, 2
+    assert (tmp_path / "m" / "results.png").is_file()
+
+
+def test_merge_refuses_mixed_configurations_and_repeated_seeds(tmp_path):
+    import quickstart
+
+    budget = quickstart.BUDGETS["default"].to_dict()
+    _fake_report(tmp_path / "a", 0, budget)
+    _fake_report(tmp_path / "b", 1, {**budget, "stage2_lr": 1.0})
+    _fake_report(tmp_path / "c", 0, budget)
+    with pytest.raises(SystemExit, match="differ in budget"):
+        quickstart.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="appears twice"):
+        quickstart.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="no results.json"):
+        quickstart.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
