@@ -281,3 +281,34 @@ def test_one_row_chunks_on_a_small_bank(similarity):
     got = loss_and_grads(cp.bank_contrastive_loss, query, bank, target, 0.3, exclude, similarity, chunk_size=1)
     for g, w in zip(got, want):
         assert_rel_close(g, w)
+
+
+def test_fused_path_gets_validated_arguments(monkeypatch):
+    """The dispatcher hands the fused kernel a float32 0-dim temperature and a detached bank."""
+    query, bank, target, exclude = make_inputs("dot")
+    q = query.float().requires_grad_(True)
+    bank = bank.clone().requires_grad_(True)
+    seen = {}
+
+    class FakeFused:
+        @staticmethod
+        def fused_available(query, bank):
+            return True
+
+        @staticmethod
+        def fused_dot_bank_loss(query, bank, target_rows, temperature, exclude_rows):
+            seen.update(query=query, bank=bank, temperature=temperature, exclude=exclude_rows)
+            return reference_loss(query, bank, target_rows, temperature, exclude_rows, "dot").float()
+
+    monkeypatch.setattr(L, "_fused_module", lambda: FakeFused)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend the query is on CUDA
+    assert L.select_path(q, bank, "dot") == "fused"
+    assert L.select_path(q, bank, "dot", chunk_size=64) == "chunked"
+    assert L.select_path(q, bank[:, None], "max_token") != "fused"
+    tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    value = cp.bank_contrastive_loss(q, bank, target, tau, exclude_rows=exclude)
+    monkeypatch.undo()
+    assert seen["query"] is q and seen["exclude"] is exclude and not seen["bank"].requires_grad
+    assert seen["temperature"].dtype == torch.float32 and seen["temperature"].dim() == 0
+    value.backward()
+    assert tau.grad is not None and bank.grad is None
