@@ -148,3 +148,16 @@ def test_vectorised_draw_keys_match_scalar_reference():
         got = _keys(seed, q, 100003, js)
         want = torch.tensor([[_key(seed, int(q[r]), 100003, int(j)) for j in js[r]] for r in range(4)])
         assert torch.equal(got, want)
+
+
+def test_non_finite_encoder_output_names_the_images():
+    images = {f"p{k}": torch.full((3, 2, 2), float(k)) for k in range(5)}
+
+    def encoder(batch):
+        out = batch.flatten(1).clone()
+        out[batch.flatten(1)[:, 0] == 3.0] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match="p3") as caught:
+        pair_images(encoder, list(images), images, rank_window=(0, 2), batch_size=2)
+    assert "p2" not in str(caught.value)

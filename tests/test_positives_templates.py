@@ -88,3 +88,14 @@ def test_rewrite_hook():
     assert [t for _, t in maker("cat", "dog")] == ["DOG INSTEAD OF CAT", "UNLIKE CAT, I WANT DOG"]
     with pytest.raises(DataError):
         TextMaker("cirr", rewrite=lambda text: "  ")("cat", "dog")
+
+
+def test_fallback_warns_once_and_counts(caplog):
+    import logging
+
+    maker = TextMaker("fashioniq", max_tokens=2, fallback="truncate")
+    with caplog.at_level(logging.WARNING, logger="cir_plugins.positives.templates"):
+        for k in range(3):
+            maker("r", f"one two three {k}")
+    assert maker.fallbacks_used == 3
+    assert len([r for r in caplog.records if "max_tokens=2" in r.getMessage()]) == 1

@@ -354,6 +354,12 @@ def embed_images(
                                                  expected=f"({len(ids)}, D) or ({len(ids)}, T, D)"))
             if features.dim() == 3:
                 features = features.mean(dim=1)  # (n, T, D) -> (n, D): pool the tokens
+            finite = torch.isfinite(features).all(dim=1)  # (n,)
+            if not bool(finite.all()):
+                bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+                raise NonFiniteError(explain(f"the pair encoder returned NaN or infinity for {len(bad)} image(s)",
+                                             got=bad[:10], expected="finite embeddings",
+                                             fix="check those images (corrupt or constant pixels) or the encoder"))
             out.append(features.detach().float().cpu())
     if not out:
         return torch.zeros(0, 0)

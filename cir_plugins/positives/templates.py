@@ -157,6 +157,9 @@ class TextMaker:
                                     got=f"{self._count(text)} tokens: {text[:80]!r}", expected=f"<= {self.max_tokens}",
                                     fix="raise max_tokens, shorten the captions, or use fallback='target'"))
         self.fallbacks_used += 1
+        if self.fallbacks_used == 1:  # warn once per maker; the rest are counted in fallbacks_used
+            logger.warning("a generated text is over max_tokens=%d (%d tokens); applying fallback=%r "
+                           "(further cases are only counted)", self.max_tokens, self._count(text), self.fallback)
         if self.fallback == "truncate":
             return self._truncate(text)
         return target if self._count(target) <= self.max_tokens else self._truncate(target)
