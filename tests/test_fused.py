@@ -231,9 +231,10 @@ def test_select_path_picks_fused_when_available(monkeypatch):
     assert loss.select_path(fake_q, fake_b, "dot") == "fused"
     monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": False)
     assert loss.select_path(fake_q, fake_b, "dot") != "fused"
-    # multi-vector banks and a forced chunk size never take the fused path
-    monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": True)
-    assert loss.select_path(fake_q, fake_b, "max_token") != "fused"  # loss.py routes only dot to the kernel
+    # multi-vector banks take the fused path when the kernel accepts them; a forced chunk size never does
+    seen = []
+    monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": seen.append(similarity) or True)
+    assert loss.select_path(fake_q, fake_b, "max_token") == "fused" and seen == ["max_token"]
     assert loss.select_path(fake_q, fake_b, "dot", chunk_size=64) == "chunked"
 
 

@@ -292,8 +292,8 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
 
     class FakeFused:
         @staticmethod
-        def fused_available(query, bank):
-            return True
+        def fused_available(query, bank, similarity="dot"):
+            return similarity == "dot"
 
         @staticmethod
         def fused_dot_bank_loss(query, bank, target_rows, temperature, exclude_rows):

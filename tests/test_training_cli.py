@@ -76,3 +76,18 @@ def test_stage2_refuses_bank_of_other_model(tree, tmp_path, capsys):
     with pytest.raises(BankMismatchError, match="fingerprint"):
         main(["stage2", "--model", f"{factory}:build", "--factory-kwargs", '{"seed": 7}', *common,
               "--bank", str(bank_path), "--out", str(tmp_path / "run")])
+
+
+def test_read_triplets_accepts_what_augment_writes(tmp_path):
+    """`stage2 --generated` reads the augmenter's CIRR and FashionIQ files as well as the plain list."""
+    from cir_plugins.data.triplet import Triplet
+    from cir_plugins.positives.annotations import write_generated_cirr, write_generated_fashioniq
+    from cir_plugins.training.command import read_triplets
+
+    generated = [Triplet("a", ("b instead of a", "Unlike a, I want b"), "b", source="generated"),
+                 Triplet("c", ("d",), "d", source="generated")]
+    for writer in (write_generated_cirr, write_generated_fashioniq):
+        path = writer(generated, tmp_path / f"{writer.__name__}.json")
+        back = read_triplets(path)
+        assert [(t.reference, t.texts, t.target, t.source) for t in back] == \
+            [(t.reference, t.texts, t.target, t.source) for t in generated]

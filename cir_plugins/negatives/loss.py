@@ -19,7 +19,7 @@ Three interchangeable implementations, chosen automatically by :func:`select_pat
   softmax-weighted sum of similarities (for the temperature gradient), rescaled whenever the running
   max grows. Backward only scales the saved gradients by ``grad_output``. Per chunk it does two
   matrix products (scores and weighted rows), the same work as naive forward + backward.
-* ``"fused"``: a Triton kernel in ``cir_plugins.negatives.fused`` (CUDA, dot similarity) used
+* ``"fused"``: a Triton kernel in ``cir_plugins.negatives.fused`` (CUDA, either similarity) used
   when that module exists and says it can handle the inputs.
 
 Precision: the query is cast to float32 (float64 when it is float64) and every bank chunk is
@@ -204,15 +204,15 @@ def select_path(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot"
                 chunk_size: Optional[int] = None) -> str:
     """Which implementation :func:`bank_contrastive_loss` uses: "fused", "full" or "chunked".
 
-    A given ``chunk_size`` forces the chunked path. Otherwise: "fused" on CUDA with dot similarity
+    A given ``chunk_size`` forces the chunked path. Otherwise: "fused" on CUDA (either similarity)
     when the Triton module is present and accepts the inputs; "full" when B * N * T is at most
     FULL_PATH_MAX_ELEMENTS; else "chunked".
     """
     if chunk_size is not None:
         return "chunked"
-    if similarity == "dot" and query.is_cuda:
+    if query.is_cuda:
         fused = _fused_module()
-        if fused is not None and fused.fused_available(query, bank):
+        if fused is not None and fused.fused_available(query, bank, similarity):
             return "fused"
     tokens = bank.shape[1] if similarity == "max_token" else 1
     if query.shape[0] * bank.shape[0] * tokens <= FULL_PATH_MAX_ELEMENTS:
@@ -430,7 +430,8 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
     path = select_path(query, bank, similarity, chunk_size)
     if path == "fused":
         fused = _fused_module()
-        loss = fused.fused_dot_bank_loss(query, bank, target_rows, tau.to(torch.float32), exclude_rows)
+        kernel = fused.fused_dot_bank_loss if similarity == "dot" else fused.fused_max_token_bank_loss
+        loss = kernel(query, bank, target_rows, tau.to(torch.float32), exclude_rows)
         _check_finite_loss(loss)
         return loss
     if path == "full":

@@ -5,8 +5,10 @@ Example::
     cir-plugins stage2 --model my_model.py:build --bank runs/bank.safetensors --dataset cirr \
         --root /data/cirr --generated runs/generated.json --out runs/stage2 --epochs 3 --batch-size 256
 
-``--generated`` is a JSON file of generated triplets: a list (or ``{"triplets": [...]}``) of objects
-with ``reference``, ``texts`` (or ``text``), ``target`` and optionally ``source`` / ``meta``. With
+``--generated`` is a JSON file of generated triplets: what ``cir-plugins augment`` writes (records in
+the CIRR or FashionIQ annotation schema, recognised by their keys), or a plain list (or
+``{"triplets": [...]}``) of objects with ``reference``, ``texts`` (or ``text``), ``target`` and
+optionally ``source`` / ``meta``. With
 ``--val-split`` the model is evaluated after every epoch and the best epoch (``--select-metric``)
 is kept as ``{out}/checkpoints/best``. ``--resume`` continues ``{out}/checkpoints/last``.
 """
@@ -39,6 +41,13 @@ def read_triplets(path: str | Path) -> list[Triplet]:
     records = data.get("triplets") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise DataError(explain("the triplets file must hold a list of records", got=type(records).__name__))
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    if "target_hard" in first:  # the CIRR schema, as `cir-plugins augment --dataset cirr|synthetic` writes
+        from ..positives.annotations import read_generated_cirr  # noqa: PLC0415
+        return read_generated_cirr(path)
+    if "candidate" in first:  # the FashionIQ schema
+        from ..positives.annotations import read_generated_fashioniq  # noqa: PLC0415
+        return read_generated_fashioniq(path)
     out = []
     for index, record in enumerate(records):
         try:
