@@ -10,13 +10,32 @@ Nothing is sorted: each gallery chunk's scores are compared with the target's sc
 candidates that beat it are counted, so memory is one (query block, chunk) score block whatever the
 gallery size (10k queries x 1M gallery rows: tens of MB on top of the gallery itself).
 
-Scores are computed in float32 (embeddings are upcast chunk by chunk): ``"dot"`` is the inner
+Scores are float32 values: ``"dot"`` is the inner
 product of (Q, D) queries with (G, D) gallery rows; ``"max_token"`` is the maximum over T of the
 inner products with a (G, T, D) gallery. The library L2-normalises embeddings before calling these
 functions, so "dot" is the cosine similarity. The target's own score is computed separately from
 the chunk scores (an elementwise product, not the same matrix product), so a candidate within
 float32 rounding of the target may fall on either side of it; exact ties (duplicated images,
 exactly representable embeddings) follow the rule above.
+
+Devices and precision. On CPU every gallery chunk is upcast to float32 and chunks are sized from
+``SCORE_BUDGET_BYTES`` (32 MB). On CUDA the budget is derived from free memory (a quarter of it,
+between ``SCORE_BUDGET_BYTES`` and ``CUDA_SCORE_BUDGET_MAX``), so 4k queries x 1M rows take ~16
+chunks instead of ~500; and a bfloat16 gallery is scored *in bfloat16 on tensor cores with float32
+output*: the float32 query is split exactly into three bfloat16 parts (hi + mid + lo == query,
+8 significant bits each), and one matrix product of the (Q, 3D) parts with the (C, 3D) repeated
+gallery chunk accumulates in float32. Every bf16 x bf16 product is exact in float32, so the scores
+are the float32-accumulated inner products of the float32 query with the bf16 gallery values, the
+same quantity the upcast path computes; only the summation order differs (within float32 rounding,
+exact for exactly representable sums). Ranks of a bf16 gallery are therefore those of fp32 scores
+with fp32 accumulation, not of bf16-rounded scores. float16 and float32 galleries are upcast.
+
+Inside the chunk loop nothing synchronises with the host: excluded rows (and, for ranks, the target
+itself) are masked by a scatter of -inf; top-k keeps a running (Q, k) set merged per chunk from
+``torch.topk`` over plain float scores, with the row tie-break applied only on the (Q, 2k) merge.
+When ``torch.topk`` had to choose among exactly tied scores at a chunk's k-th value and that value
+reaches the final k-th score, the tie could matter, and those queries alone are recomputed with
+exact (score, row) keys after the loop (one host sync per query block).
 
 Reference removal (CIRR): ``exclude_rows`` (Q, K), -1 padded, removes those candidates from query
 i's ranking (they are not counted, and never returned by :func:`topk_rows`). Excluding a query's
@@ -42,6 +61,7 @@ __all__ = [
     "recall_at",
     "score_chunk",
     "SCORE_BUDGET_BYTES",
+    "CUDA_SCORE_BUDGET_MAX",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +69,8 @@ logger = logging.getLogger(__name__)
 SIMILARITIES = ("dot", "max_token")
 # Bytes of one (query block, chunk, T) float32 score block.
 SCORE_BUDGET_BYTES = 32 << 20
+# Upper bound of the CUDA score block (bytes); the CUDA budget is a quarter of free memory, clamped.
+CUDA_SCORE_BUDGET_MAX = 1 << 30
 # Queries scored together; more queries than this are processed block by block.
 QUERY_BLOCK = 8192
 _MIN_CHUNK = 16
@@ -142,20 +164,64 @@ def _check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:
     return values
 
 
-def _chunk_rows(n_queries: int, tokens: int, chunk_size: Optional[int]) -> int:
+def _score_budget(device: torch.device) -> int:
+    """Bytes of one float32 score block: SCORE_BUDGET_BYTES on CPU, from free memory on CUDA."""
+    if device.type != "cuda":
+        return SCORE_BUDGET_BYTES
+    free, _ = torch.cuda.mem_get_info(device)  # once per call, outside the chunk loop
+    # the score block plus its comparison masks and top-k workspace stay within about half of free memory
+    return int(min(CUDA_SCORE_BUDGET_MAX, max(SCORE_BUDGET_BYTES, free // 4)))
+
+
+def _chunk_rows(n_queries: int, tokens: int, chunk_size: Optional[int], device: torch.device = torch.device("cpu")) -> int:
     if chunk_size is not None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
                                       fix="leave it None to size chunks from memory"))
         return chunk_size
-    return max(_MIN_CHUNK, SCORE_BUDGET_BYTES // (4 * max(1, n_queries) * max(1, tokens)))
+    return max(_MIN_CHUNK, _score_budget(device) // (4 * max(1, n_queries) * max(1, tokens)))
 
 
-def score_chunk(query: torch.Tensor, gallery_chunk: torch.Tensor, similarity: str) -> torch.Tensor:
+def _use_bf16_scoring(query: torch.Tensor, gallery: torch.Tensor) -> bool:
+    """Score in bf16 with float32 output (tensor cores): CUDA and a bfloat16 gallery."""
+    return gallery.is_cuda and gallery.dtype == torch.bfloat16
+
+
+def split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Exact three-way bfloat16 split of a float32 tensor: (..., D) -> (..., 3D) = [hi, mid, lo].
+
+    hi + mid + lo == x exactly (float32 has 24 significant bits, each bf16 part carries 8) for
+    normal values; the parts are concatenated along the last dim so one matrix product sums them.
+    """
+    x = x.float()
+    hi = x.to(torch.bfloat16)
+    rest = x - hi.float()  # exact in float32: x and hi agree in their leading bits
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)  # the remaining <= 8 significant bits: exact
+    return torch.cat([hi, mid, lo], dim=-1)
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) bf16 @ (K, N) bf16 -> (M, N) float32 with float32 accumulation.
+
+    On CUDA one cuBLAS bf16 GEMM with float32 output; elsewhere (tests) the same products in float32.
+    """
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # bf16 values are exact in float32, so are their products
+
+
+def score_chunk(query: torch.Tensor, gallery_chunk: torch.Tensor, similarity: str, *,
+                bf16: Optional[bool] = None) -> torch.Tensor:
     """float32 scores of every query against every row of a gallery chunk.
 
     query (Q, D); gallery_chunk (C, D) for "dot" or (C, T, D) for "max_token". Returns (Q, C).
+    ``bf16`` (None: CUDA with a bf16 gallery) scores through :func:`split_bf16` on tensor cores.
     """
+    if bf16 is None:
+        bf16 = _use_bf16_scoring(query, gallery_chunk)
+    if bf16:
+        return _score_chunk_bf16(split_bf16(query), gallery_chunk, similarity)
     q = query.float()
     g = gallery_chunk.float()
     if similarity == "dot":
@@ -164,21 +230,54 @@ def score_chunk(query: torch.Tensor, gallery_chunk: torch.Tensor, similarity: st
     return (q @ g.reshape(c * t, d).T).view(q.shape[0], c, t).amax(dim=2)  # (Q, C*T) -> (Q, C, T) -> (Q, C)
 
 
-def _scores_of_rows(query: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor, similarity: str) -> torch.Tensor:
-    """float32 score of query i with gallery rows[i, j]. query (Q, D); rows (Q, S) valid rows -> (Q, S)."""
-    q = query.float()
-    g = gallery[rows].float()  # (Q, S, D) or (Q, S, T, D)
+def _score_chunk_bf16(q3: torch.Tensor, gallery_chunk: torch.Tensor, similarity: str) -> torch.Tensor:
+    """q3 (Q, 3D) bf16 from split_bf16; gallery_chunk (C, D) or (C, T, D) bf16 -> (Q, C) float32."""
+    g = gallery_chunk.to(torch.bfloat16)
+    d = g.shape[-1]
+    flat = g.reshape(-1, d)  # (C*T, D)
+    g3 = flat.repeat(1, 3)  # (C*T, 3D): [g, g, g] against [hi, mid, lo]
+    scores = _mm_fp32_out(q3, g3.T)  # (Q, 3D) @ (3D, C*T) -> (Q, C*T) float32
+    if similarity == "dot":
+        return scores
+    c, t = g.shape[0], g.shape[1]
+    return scores.view(q3.shape[0], c, t).amax(dim=2)  # (Q, C*T) -> (Q, C, T) -> (Q, C)
+
+
+def _scores_of_rows(query: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor, similarity: str,
+                    bf16: bool = False) -> torch.Tensor:
+    """float32 score of query i with gallery rows[i, j]. query (Q, D); rows (Q, S) valid rows -> (Q, S).
+
+    With ``bf16`` the query is split as in :func:`split_bf16` (the same exact products as the chunks).
+    """
+    if bf16:
+        q = split_bf16(query).float()  # (Q, 3D)
+        g = gallery[rows].float()
+        g = g.repeat(*([1] * (g.dim() - 1)), 3)  # (Q, S, 3D) or (Q, S, T, 3D)
+    else:
+        q = query.float()
+        g = gallery[rows].float()  # (Q, S, D) or (Q, S, T, D)
     if similarity == "dot":
         return torch.einsum("qd,qsd->qs", q, g)
     return torch.einsum("qd,qstd->qst", q, g).amax(dim=2)
 
 
-def _excluded_in_chunk(exclude_rows: torch.Tensor, start: int, stop: int):
-    """(query index, column in chunk) of the exclusions inside gallery rows [start, stop)."""
-    local = exclude_rows - start  # (Qb, K)
-    hit = (exclude_rows >= 0) & (local >= 0) & (local < stop - start)
-    qi, ki = hit.nonzero(as_tuple=True)
-    return qi, local[qi, ki]
+def _mask_rows_(scores: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """Set scores[i, rows[i, j] - start] = -inf for rows inside the chunk; no host sync, in place.
+
+    scores (Qb, C) float32; rows (Qb, K) int64, -1 padded, any gallery rows. Rows outside
+    [start, start + C) scatter +inf into an amin, which leaves the score unchanged.
+    """
+    c = scores.shape[1]
+    local = rows - start  # (Qb, K)
+    inside = (rows >= 0) & (local >= 0) & (local < c)
+    index = local.clamp(0, c - 1)
+    if scores.is_floating_point():
+        low, high = float("-inf"), float("inf")
+    else:  # int64 order keys of the exact fallback
+        low, high = torch.iinfo(scores.dtype).min, torch.iinfo(scores.dtype).max
+    src = torch.full(rows.shape, high, dtype=scores.dtype, device=scores.device)
+    src.masked_fill_(inside, low)
+    return scores.scatter_reduce_(1, index, src, reduce="amin")
 
 
 def _blocks(n_queries: int):
@@ -209,25 +308,27 @@ def target_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.
 def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress):
     n_q, n_g = query.shape[0], gallery.shape[0]
     tokens = gallery.shape[1] if similarity == "max_token" else 1
+    bf16 = _use_bf16_scoring(query, gallery)
     ranks = torch.zeros(n_q, dtype=torch.int64, device=query.device)
     for q0, q1 in _blocks(n_q):
         q = query[q0:q1]
+        q_in = split_bf16(q) if bf16 else q  # split once per block, not per chunk
         tr = target_rows[q0:q1]  # (Qb,)
         ex = exclude_rows[q0:q1] if exclude_rows is not None else None
-        target_score = _scores_of_rows(q, gallery, tr[:, None], similarity)[:, 0]  # (Qb,)
-        step = _chunk_rows(q.shape[0], tokens, chunk_size)
+        # removed from counting: the excluded rows and the target itself (it never beats itself)
+        masked = tr[:, None] if ex is None else torch.cat([tr[:, None], ex], dim=1)  # (Qb, 1 + K)
+        target_score = _scores_of_rows(q, gallery, tr[:, None], similarity, bf16)  # (Qb, 1)
+        step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         counts = torch.zeros(q.shape[0], dtype=torch.int64, device=query.device)
         for start in tqdm(range(0, n_g, step), desc="ranking gallery chunks", disable=not show_progress,
                           leave=False):
             stop = min(start + step, n_g)
-            scores = score_chunk(q, gallery[start:stop], similarity)  # (Qb, C)
+            scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
+                score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
+            _mask_rows_(scores, masked, start)  # -inf never beats a finite target score
             rows = torch.arange(start, stop, device=query.device)  # (C,)
-            higher = scores > target_score[:, None]
-            tie_before = (scores == target_score[:, None]) & (rows[None, :] < tr[:, None])
-            beats = (higher | tie_before) & (rows[None, :] != tr[:, None])  # the target never beats itself
-            if ex is not None:
-                qi, col = _excluded_in_chunk(ex, start, stop)
-                beats[qi, col] = False  # removed candidates are not counted
+            # a candidate before the target's row beats it on a tie; one after it must score strictly higher
+            beats = torch.where(rows[None, :] < tr[:, None], scores >= target_score, scores > target_score)
             counts += beats.sum(dim=1)
         ranks[q0:q1] = counts
     return ranks
@@ -329,12 +430,13 @@ _LOW32 = (1 << 32) - 1
 def _order_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """int64 keys that order (score desc, row asc) as plain descending integers; all distinct per row.
 
-    scores (Q, C) float32 finite; rows (C,) int64 < 2**32. key = ordered_bits(score) * 2**32 + (2**32-1-row),
+    scores (Q, C) float32 finite; rows (C,) or (Q, C) int64 < 2**32. key = ordered_bits(score) * 2**32 + (2**32-1-row),
     where ordered_bits maps float32 to int32 monotonically (sign-magnitude -> two's complement order).
     """
     bits = (scores + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0 so they tie
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits to reverse their order
-    return ordered.to(torch.int64) * (1 << 32) + (_LOW32 - rows)[None, :]
+    low = _LOW32 - rows
+    return ordered.to(torch.int64) * (1 << 32) + (low[None, :] if low.dim() == 1 else low)
 
 
 def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -363,26 +465,63 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
                                  fix="split the gallery"))
     _check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
     tokens = gallery.shape[1] if similarity == "max_token" else 1
+    bf16 = _use_bf16_scoring(query, gallery)
     lowest = torch.iinfo(torch.int64).min
     out_scores = torch.empty(n_q, k, dtype=torch.float32, device=query.device)
     out_rows = torch.empty(n_q, k, dtype=torch.int64, device=query.device)
     for q0, q1 in _blocks(n_q):
         q = query[q0:q1]
+        q_in = split_bf16(q) if bf16 else q
         ex = exclude_rows[q0:q1] if exclude_rows is not None else None
-        step = _chunk_rows(q.shape[0], tokens, chunk_size)
+        step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         best = torch.full((q.shape[0], k), lowest, dtype=torch.int64, device=query.device)  # (Qb, k) running keys
+        # per query, the largest chunk k-th value at which torch.topk chose among more tied scores than it kept
+        lost_tie = torch.full((q.shape[0],), float("-inf"), device=query.device)
         for start in tqdm(range(0, n_g, step), desc="top-k over gallery chunks", disable=not show_progress,
                           leave=False):
             stop = min(start + step, n_g)
-            scores = score_chunk(q, gallery[start:stop], similarity)  # (Qb, C)
-            keys = _order_keys(scores, torch.arange(start, stop, device=query.device))  # (Qb, C)
+            scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
+                score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
             if ex is not None:
-                qi, col = _excluded_in_chunk(ex, start, stop)
-                keys[qi, col] = lowest
-            merged = torch.cat([best, keys], dim=1)  # (Qb, k + C)
-            best = merged.topk(k, dim=1).values  # keys are distinct, so the order is unique
+                _mask_rows_(scores, ex, start)  # excluded rows -> -inf
+            kc = min(k, stop - start)
+            values, cols = scores.topk(kc, dim=1, sorted=False)  # (Qb, kc), plain float values
+            if kc < stop - start:
+                kth = values.amin(dim=1)  # (Qb,) the chunk's k-th value
+                crowded = (scores >= kth[:, None]).sum(dim=1) > kc  # ties at kth: topk's pick is arbitrary
+                lost_tie = torch.maximum(lost_tie, torch.where(crowded, kth, float("-inf")))
+            keys = _order_keys(values, cols + start)  # (Qb, kc): the row tie-break on the small merge only
+            keys.masked_fill_(values == float("-inf"), lowest)  # excluded rows
+            best = torch.cat([best, keys], dim=1).topk(k, dim=1).values  # (Qb, k + kc) -> (Qb, k), keys distinct
         scores, rows = _decode_keys(best)
         missing = best == lowest
+        # the result is exact unless a lost tie reached the final k-th score (or candidates ran out)
+        redo = (lost_tie >= scores[:, -1]) | missing[:, -1]
+        if bool(redo.any()):  # one host sync per query block, after the loop
+            idx = redo.nonzero().flatten()
+            logger.debug("top-k: %d of %d queries have ties at the k-th score; exact keys for them", len(idx), len(redo))
+            best[idx] = _topk_keys_exact(q[idx], gallery, k, ex[idx] if ex is not None else None, step, similarity)
+            scores, rows = _decode_keys(best)
+            missing = best == lowest
         out_scores[q0:q1] = scores.masked_fill(missing, float("-inf"))
         out_rows[q0:q1] = rows.masked_fill(missing, -1)
     return out_scores, out_rows
+
+
+def _topk_keys_exact(q, gallery, k, ex, step, similarity):
+    """Running top-k of (score, row) int64 keys over every chunk row: the tie rule applied everywhere.
+
+    q (Qr, D); ex (Qr, K) or None. Returns (Qr, k) int64 keys, best first; lowest int64 where missing.
+    """
+    n_g = gallery.shape[0]
+    bf16 = _use_bf16_scoring(q, gallery)
+    lowest = torch.iinfo(torch.int64).min
+    best = torch.full((q.shape[0], k), lowest, dtype=torch.int64, device=q.device)
+    for start in range(0, n_g, step):
+        stop = min(start + step, n_g)
+        scores = score_chunk(q, gallery[start:stop], similarity, bf16=bf16)  # (Qr, C)
+        keys = _order_keys(scores, torch.arange(start, stop, device=q.device))  # (Qr, C)
+        if ex is not None:
+            _mask_rows_(keys, ex, start)  # excluded rows -> lowest key
+        best = torch.cat([best, keys], dim=1).topk(k, dim=1).values  # (Qr, k + C) -> (Qr, k)
+    return best

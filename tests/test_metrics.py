@@ -236,3 +236,117 @@ def test_topk_validation():
         M.topk_rows(args["query"], args["gallery"], 21)
     with pytest.raises(ConfigError, match="k must be"):
         M.topk_rows(args["query"], args["gallery"], 0)
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA-oriented paths, forced on CPU: large chunk budget, bf16 scoring, scatter masking,
+# float top-k with the exact-key fallback for ties
+# --------------------------------------------------------------------------------------------
+
+def _tie_world(similarity, n_q=19, n_g=263, d=5, t=3, seed=21):
+    """Integer embeddings (exact scores, many exact ties), bf16 gallery, random exclusions with repeats."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randint(-2, 3, (n_q, d), generator=g).float()
+    shape = (n_g, d) if similarity == "dot" else (n_g, t, d)
+    gallery = torch.randint(-2, 3, shape, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, n_g, (n_q,), generator=g)
+    exclude = torch.randint(-1, n_g, (n_q, 6), generator=g)
+    exclude[:, 5] = exclude[:, 4]  # a repeated exclusion scatters twice into one column
+    exclude[exclude == targets[:, None]] = -1
+    full = query @ gallery.float().T if similarity == "dot" else \
+        torch.einsum("qd,gtd->qgt", query, gallery.float()).amax(2)
+    orders = [naive_order(full[i], set(exclude[i].tolist())) for i in range(n_q)]
+    return query, gallery, targets, exclude, full, orders
+
+
+@pytest.mark.parametrize("similarity", ["dot", "max_token"])
+@pytest.mark.parametrize("budget", [1 << 40, 4 * 19 * 3 * 37])  # one chunk for everything; odd chunks of 37 rows
+@pytest.mark.parametrize("bf16", [False, True])
+def test_forced_cuda_paths_match_naive_sort_with_ties(similarity, budget, bf16, monkeypatch):
+    monkeypatch.setattr(M, "_score_budget", lambda device: budget)
+    monkeypatch.setattr(M, "_use_bf16_scoring", lambda q, g: bf16 and g.dtype == torch.bfloat16)
+    query, gallery, targets, exclude, full, orders = _tie_world(similarity)
+    want_ranks = [orders[i].index(int(targets[i])) for i in range(len(orders))]
+    assert len(set(want_ranks)) > 3
+    got = M.target_ranks(query, gallery, targets, exclude_rows=exclude, similarity=similarity)
+    assert got.tolist() == want_ranks
+    for k in (1, 7, 50, 257):  # 257: fewer candidates than k for queries with 7 distinct exclusions
+        values, rows = M.topk_rows(query, gallery, k, exclude_rows=exclude, similarity=similarity)
+        want = [o[:k] + [-1] * (k - len(o[:k])) for o in orders]
+        assert rows.tolist() == want
+        ok = rows >= 0
+        assert torch.equal(values[ok], torch.gather(full, 1, rows.clamp_min(0))[ok])
+        assert torch.isinf(values[~ok]).all()
+
+
+def test_float_topk_fast_path_is_used_and_ties_fall_back_exactly(monkeypatch):
+    calls = []
+    exact = M._topk_keys_exact
+    monkeypatch.setattr(M, "_topk_keys_exact", lambda q, *a: calls.append(q.shape[0]) or exact(q, *a))
+    g = torch.Generator().manual_seed(5)
+    # continuous random scores: no ties, so the float top-k alone is exact and no query is redone
+    query = torch.randn(13, 9, generator=g)
+    gallery = torch.randn(301, 9, generator=g)
+    _, rows = M.topk_rows(query, gallery, 11, chunk_size=41)
+    full = (query.double() @ gallery.double().T)
+    assert rows.tolist() == [naive_order(full[i], set())[:11] for i in range(13)]
+    assert calls == []
+    # exact ties straddling the k-th score: only those queries take the exact path, results unchanged
+    query, gallery, _, exclude, full, orders = _tie_world("dot", seed=8)
+    _, rows = M.topk_rows(query, gallery, 9, exclude_rows=exclude, chunk_size=53)
+    assert rows.tolist() == [o[:9] for o in orders]
+    assert calls and sum(calls) <= query.shape[0]
+
+
+def test_bf16_split_is_exact_and_scores_equal_the_upcast_path():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 29, generator=g) * torch.logspace(-20, 20, 29)  # normal float32 values of any size
+    parts = M.split_bf16(x)  # (37, 87)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (37, 87)
+    hi, mid, lo = parts.double().split(29, dim=1)
+    assert torch.equal(hi + mid + lo, x.double())
+    # dyadic values needing more than 8 bits (13) but summing exactly (<= 24 bits): the bf16 path and the float32 upcast give identical scores
+    query = torch.randint(-64, 65, (7, 11), generator=g).float() / 64 + torch.randint(-3, 4, (7, 11), generator=g) / 2**12
+    gallery = (torch.randint(-8, 9, (23, 4, 11), generator=g).float() / 8).to(torch.bfloat16)
+    for sim, gal in (("dot", gallery[:, 0]), ("max_token", gallery)):
+        assert torch.equal(M.score_chunk(query, gal, sim, bf16=True), M.score_chunk(query, gal, sim, bf16=False))
+    # general floats: the same quantity up to float32 summation order
+    query = torch.randn(7, 300, generator=g)
+    gallery = torch.randn(23, 300, generator=g).to(torch.bfloat16)
+    exact = query.double() @ gallery.double().T
+    assert torch.allclose(M.score_chunk(query, gallery, "dot", bf16=True).double(), exact, atol=1e-4)
+    bf16_rounded_query = query.bfloat16().double() @ gallery.double().T  # what a plain bf16 cast would score
+    assert (M.score_chunk(query, gallery, "dot", bf16=True).double() - exact).abs().max() < \
+        (bf16_rounded_query - exact).abs().max() / 100
+
+
+def test_scatter_mask_matches_a_loop():
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(11, 17, generator=g)
+    rows = torch.randint(-1, 60, (11, 5), generator=g)
+    rows[:, 4] = rows[:, 3]
+    want = scores.clone()
+    for i in range(11):
+        for r in rows[i].tolist():
+            if 30 <= r < 47:
+                want[i, r - 30] = float("-inf")
+    got = M._mask_rows_(scores.clone(), rows, 30)
+    assert torch.equal(got, want)
+    keys = torch.randint(-100, 100, (11, 17), generator=g)
+    masked = M._mask_rows_(keys.clone(), rows, 30)
+    assert torch.equal(masked == torch.iinfo(torch.int64).min, torch.isinf(want))
+    assert torch.equal(masked[~torch.isinf(want)], keys[~torch.isinf(want)])
+
+
+def test_cuda_budget_is_larger_and_bounded(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    assert M._score_budget(torch.device("cuda", 0)) == M.CUDA_SCORE_BUDGET_MAX
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
+    assert M._score_budget(torch.device("cuda", 0)) == M.SCORE_BUDGET_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    assert M._score_budget(torch.device("cuda", 0)) == 1 << 28
+    assert M._score_budget(torch.device("cpu")) == M.SCORE_BUDGET_BYTES
+    # 4k queries over 1M rows: 16 chunks at the cap instead of ~490 at the CPU budget
+    assert M._chunk_rows(4096, 1, None, torch.device("cpu")) == 2048
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    assert -(-1_000_000 // M._chunk_rows(4096, 1, None, torch.device("cuda", 0))) == 16
