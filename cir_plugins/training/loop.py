@@ -13,7 +13,21 @@ Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or ncc
 the whole bank and takes a contiguous slice of each global micro-batch. Its loss is the slice's
 mean scaled by ``n_local * world / B``; gradients are summed across ranks and divided by ``world``,
 which equals the gradient of the global batch mean (same result as one process to float rounding).
-Only rank 0 evaluates and writes checkpoints.
+Only rank 0 evaluates and writes checkpoints. Gradients are averaged by hand (one all-reduce per
+parameter after backward) rather than by ``DistributedDataParallel``, because a step calls
+``compose_query`` (and the frozen target side), not the module's ``forward``, which DDP's hooks wrap.
+
+Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``) and initialises the process group itself when none is initialised
+(gloo on CPU, nccl when CUDA is available, the CUDA device set from ``LOCAL_RANK``)::
+
+    torchrun --nproc_per_node 2 train_stage2.py      # or: python -m torch.distributed.run ...
+
+    # train_stage2.py
+    device = cp.training.loop.init_distributed()      # optional: the trainer calls it too
+    model = make_model().to(device)                   # each rank on its own GPU
+    bank = cp.NegativeBank.build(model, gallery_ids, images)  # the whole bank on every rank
+    Stage2Trainer(model, bank, triplets, images, config=cfg).fit()  # rank 0 writes the checkpoints
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .sampler import EpochSampler
 
-__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images"]
+__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images", "init_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +67,31 @@ def stack_images(images: Mapping[str, Tensor], ids: Sequence[str], device: torch
     return torch.stack([images[i] for i in ids]).to(device, non_blocking=True)
 
 
+def init_distributed() -> torch.device:
+    """Join the torchrun job described by the environment, if any; the device this rank should use.
+
+    When ``WORLD_SIZE`` > 1 and no process group is initialised: sets the CUDA device from
+    ``LOCAL_RANK`` (when CUDA is available) and calls ``init_process_group`` (nccl on CUDA, gloo on
+    CPU, ``env://`` rendezvous). An already initialised group is used as it is. Returns
+    ``cuda:LOCAL_RANK`` when CUDA is available and a job is running, else ``cpu`` (one process: the
+    current CUDA device if any).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    cuda = torch.cuda.is_available()
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, init_method="env://")
+        logger.info("joined torchrun job: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    if not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+
+
 def _distributed() -> tuple[int, int]:
+    init_distributed()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
