@@ -5,9 +5,6 @@ without ever running the vision tower, and run end to end (augment -> stage 2 ->
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,15 +22,11 @@ if str(REPO) not in sys.path:
 from examples.blip2_sprc import run as blip2_run  # noqa: E402
 from examples.blip2_sprc.model import SPRCRetriever, make_tiny_checkpoint  # noqa: E402
 from examples.blip2_sprc.wrap import load  # noqa: E402
+from _example_helpers import random_images, run_readme_commands  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +37,6 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture()
 def model(checkpoint):
     return load(str(checkpoint))
-
-
-def _images(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"img{k}": torch.randn(3, 32, 32, generator=g) for k in range(n)}
 
 
 def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
@@ -62,7 +50,7 @@ def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
 def test_loads_by_path_and_passes_check_model(model, checkpoint):
     assert isinstance(model.model, SPRCRetriever)
     assert model.similarity == "max_token"
-    imgs = _images(3)
+    imgs = random_images(3)
     x = torch.stack(list(imgs.values()))
     report = cp.check_model(model, x[:2], ["make it red", "add a small blue star at the top"], x)
     assert report.ok, str(report)
@@ -82,7 +70,7 @@ def test_loads_by_path_and_passes_check_model(model, checkpoint):
 
 def test_gallery_tokens_match_transformers_retrieval_head(model):
     """image_tokens == Blip2ForImageTextRetrieval's own ITC image embeddings (32 x 256 per image)."""
-    x = torch.stack(list(_images(5).values()))
+    x = torch.stack(list(random_images(5).values()))
     batch = model.tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = model.image_tokens(x)
@@ -139,7 +127,7 @@ def test_query_is_per_example_with_padding_and_uses_both_inputs(model):
 
 
 def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower(model):
-    imgs = _images(13)
+    imgs = random_images(13)
     ids = list(imgs)
     triplets = [cp.Triplet(ids[k], (f"make it {c}",), ids[(k + 3) % 13])
                 for k, c in zip(range(13), ["red", "blue", "green"] * 5)]
@@ -184,22 +172,9 @@ def test_one_augment_stage2_evaluate_cycle(checkpoint, tmp_path):
     assert (tmp_path / "run" / "bank.safetensors").is_file()
 
 
-def _readme_commands() -> list[str]:
-    readme = (EXAMPLE / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()
-            and not line.lstrip().startswith("#")]
-
-
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
-    commands = _readme_commands()
-    assert any("tiny-checkpoint" in c for c in commands) and any(" cycle " in c for c in commands)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for command in commands:
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    assert list(tmp_path.glob("runs/*/results.json"))
+    run_readme_commands(EXAMPLE, tmp_path)
 
 
 def test_bad_inputs_get_clear_errors(model):

@@ -5,9 +5,6 @@ and run end to end (augment -> stage 2 -> evaluate)."""
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,17 +23,13 @@ if str(REPO) not in sys.path:
 from examples.timm_tirg import run as tirg_run  # noqa: E402
 from examples.timm_tirg.model import TimmTIRG, make_tiny_checkpoint  # noqa: E402
 from examples.timm_tirg.wrap import load  # noqa: E402
+from _example_helpers import random_images, run_readme_commands  # noqa: E402
 
 TEXTS = ["make it red", "add a small blue star at the top left", "remove the circle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +42,6 @@ def model(checkpoint):
     return load(str(checkpoint))
 
 
-def _images(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"img{k}": torch.randn(3, 32, 32, generator=g) for k in range(n)}
-
-
 def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
     code = (EXAMPLE / "wrap.py").read_text()
     assert len(code.strip().splitlines()) <= 10
@@ -64,7 +52,7 @@ def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
 def test_loads_by_path_and_passes_check_model(model):
     assert isinstance(model.model, TimmTIRG)
     assert model.similarity == "dot"
-    x = torch.stack(list(_images(5).values()))
+    x = torch.stack(list(random_images(5).values()))
     report = cp.check_model(model, x[:3], TEXTS, x)
     assert report.ok, str(report)
     assert report.image_shape == (5, 48) and report.query_shape == (3, 48) and report.reference_shape == (3, 48)
@@ -77,7 +65,7 @@ def test_loads_by_path_and_passes_check_model(model):
 
 
 def test_save_and_load_round_trip_is_exact(model, tmp_path):
-    x = torch.stack(list(_images(3, seed=4).values()))
+    x = torch.stack(list(random_images(3, seed=4).values()))
     saved = model.model.save_pretrained(tmp_path / "copy")
     assert sorted(p.name for p in saved.iterdir()) == ["heads.safetensors", "image", "text", "tirg.json"]
     again = TimmTIRG.from_pretrained(saved)
@@ -121,7 +109,7 @@ def test_composition_matches_a_plain_float64_reference(model, pooling):
 
 
 def test_stage2_freezes_the_backbone_and_never_runs_it(model):
-    imgs = _images(11)
+    imgs = random_images(11)
     ids = list(imgs)
     triplets = [cp.Triplet(ids[k], (TEXTS[k % 3],), ids[(k + 2) % 11]) for k in range(11)]
     bank = cp.NegativeBank.build(model, ids, imgs, batch_size=4, show_progress=False)
@@ -160,22 +148,9 @@ def test_one_augment_stage2_evaluate_cycle(checkpoint, tmp_path):
     assert (tmp_path / "run" / "results.json").is_file()
 
 
-def _readme_commands() -> list[str]:
-    readme = (EXAMPLE / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()
-            and not line.lstrip().startswith("#")]
-
-
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
-    commands = _readme_commands()
-    assert any("tiny-checkpoint" in c for c in commands) and any(" cycle " in c for c in commands)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for command in commands:
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    assert list(tmp_path.glob("runs/*/results.json"))
+    run_readme_commands(EXAMPLE, tmp_path)
 
 
 def test_init_command_builds_a_checkpoint_from_a_timm_name_and_a_text_path(checkpoint, tmp_path, capsys):
