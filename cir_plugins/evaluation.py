@@ -23,7 +23,6 @@ tokens for (N, T, D) galleries).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._atomic import atomic_write_json
 from .errors import ConfigError, DataError, ModelProtocolError, ShapeError, SubmissionError, explain
 from .metrics import retrieval_metrics, topk_rows
 
@@ -467,15 +467,6 @@ def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Seq
                  got=outside, expected=sorted(allowed))
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_cirr_submission(out_dir: str | os.PathLike, pair_ids: Sequence[int], recall_names: Sequence[Sequence[str]],
                           subset_names: Sequence[Sequence[str]], *, split: Any = None, version: str = "rc2",
                           name: str = "cirr") -> tuple[Path, Path]:
@@ -503,8 +494,8 @@ def write_cirr_submission(out_dir: str | os.PathLike, pair_ids: Sequence[int], r
         subset[str(pid)] = list(names_s)
     path_recall = out / f"recall_submission_{name}.json"
     path_subset = out / f"recall_subset_submission_{name}.json"
-    _atomic_json(path_recall, recall)
-    _atomic_json(path_subset, subset)
+    atomic_write_json(path_recall, recall)
+    atomic_write_json(path_subset, subset)
     logger.info("wrote CIRR submission for %d pairs: %s, %s", len(pair_ids), path_recall, path_subset)
     return path_recall, path_subset
 

@@ -14,13 +14,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from ._loading import load_factory
+from ._atomic import atomic_write_json
+from ._cli_common import add_factory_arguments, model_from_factory
 from .errors import ConfigError, explain
 
 __all__ = ["configure_evaluate", "run_evaluate", "configure_submit", "run_submit"]
@@ -31,8 +30,7 @@ CATEGORIES = ("dress", "shirt", "toptee")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="factory spec 'file.py:function' or 'pkg.module:function'")
-    parser.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    add_factory_arguments(parser)
     parser.add_argument("--root", required=True, help="dataset root")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: the model's device)")
@@ -62,27 +60,6 @@ def configure_submit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="cirr", help="suffix of the file names")
 
 
-def _build_model(args: argparse.Namespace) -> Any:
-    try:
-        kwargs = json.loads(args.factory_kwargs)
-    except json.JSONDecodeError as error:
-        raise ConfigError(explain("--factory-kwargs is not valid JSON", got=args.factory_kwargs,
-                                  fix='pass a JSON object, e.g. \'{"dim": 64}\'')) from error
-    if not isinstance(kwargs, dict):
-        raise ConfigError(explain("--factory-kwargs must be a JSON object", got=args.factory_kwargs))
-    return load_factory(args.model)(**kwargs)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _table(result: dict) -> str:
     rows = [f"{key:>12}  {value:7.2f}" for key, value in result.items() if isinstance(value, float)]
     return "\n".join(rows)
@@ -94,7 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .data.fashioniq import load_fashioniq
     from .evaluation import evaluate
 
-    model = _build_model(args)
+    model = model_from_factory(args)
     load = dict(transform=args.transform, size=args.image_size)
     if args.dataset == "fashioniq":
         wanted = args.category or ["all"]
@@ -121,7 +98,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(_table(result))
     if args.output:
-        _write_json(Path(args.output), result)
+        atomic_write_json(Path(args.output), result, indent=1, make_parents=True)
         print(f"wrote {args.output}")
     return 0
 
@@ -131,7 +108,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from .data.cirr import load_cirr
     from .evaluation import submit_cirr
 
-    model = _build_model(args)
+    model = model_from_factory(args)
     split = load_cirr(args.root, args.split, transform=args.transform, size=args.image_size)
     path_recall, path_subset = submit_cirr(model, split, args.out_dir, batch_size=args.batch_size,
                                            device=args.device, show_progress=not args.no_progress, name=args.name)

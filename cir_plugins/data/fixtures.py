@@ -15,13 +15,14 @@ per-test use (``tmp_path``). Everything is seeded.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .._atomic import atomic_write_json
 
 __all__ = ["build_fashioniq_tree", "build_cirr_tree", "write_image"]
 
@@ -50,13 +51,7 @@ def write_image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB")
 
 
 def _dump(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, make_parents=True)
 
 
 def build_fashioniq_tree(root: str | os.PathLike, *, n_images: int = 8, n_triplets: int = 5,

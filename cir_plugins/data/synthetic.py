@@ -69,6 +69,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .._atomic import atomic_write_json
+from .._cli_common import parse_json_object
 from ..errors import ConfigError, DataError, explain
 
 __all__ = [
@@ -484,15 +486,6 @@ class _Builder:
                             "target_rank": order.index(1)}}
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _marker_path(root: Path) -> Path:
     return root / "synthetic" / "world.json"
 
@@ -627,9 +620,9 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
     (root / "cirr" / "captions").mkdir(parents=True, exist_ok=True)
     (root / "cirr" / "image_splits").mkdir(parents=True, exist_ok=True)
     for split in annotations:
-        _atomic_write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", annotations[split])
-        _atomic_write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths[split])
-    _atomic_write_json(root / "synthetic" / "scenes.json", builder.scenes)
+        atomic_write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", annotations[split])
+        atomic_write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths[split])
+    atomic_write_json(root / "synthetic" / "scenes.json", builder.scenes)
     stats = {
         "images": {s: len(v) for s, v in image_lists.items()},
         "queries": {s: len(v) for s, v in annotations.items()},
@@ -638,7 +631,7 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
                               for n in range(config.min_objects, config.max_objects + 1)},
     }
     params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
-    _atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
+    atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
     logger.info("synthetic world written to %s: %s", root, stats)
 
 
@@ -716,13 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     size: Any = "quick" if args.quick else "default"
     if args.config:
-        try:
-            overrides = json.loads(args.config)
-        except json.JSONDecodeError as error:
-            raise ConfigError(explain("--config is not valid JSON", got=args.config,
-                                      fix='pass a JSON object such as \'{"n_val_queries": 200}\'')) from error
-        if not isinstance(overrides, dict):
-            raise ConfigError(explain("--config must be a JSON object", got=args.config))
+        overrides = parse_json_object(args.config, "--config",
+                                      fix='pass a JSON object such as \'{"n_val_queries": 200}\'')
         size = {**PRESETS[size], **overrides}
     root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
                       show_progress=True)

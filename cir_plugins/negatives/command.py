@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, explain
+from .._cli_common import add_factory_arguments, model_from_factory
+from ..errors import DataError, explain
 
 __all__ = ["configure", "run", "add_model_arguments", "add_dataset_arguments", "build_model", "load_dataset",
            "read_groups"]
@@ -27,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="factory spec 'file.py:function' or 'pkg.module:function'")
-    parser.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    add_factory_arguments(parser)
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: the model's device)")
 
 
@@ -58,17 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def build_model(args: argparse.Namespace) -> Any:
     """The factory's model, wrapped to the protocol, on ``--device``."""
-    from .._loading import load_factory
     from ..protocol import wrap_model
 
-    try:
-        kwargs = json.loads(args.factory_kwargs)
-    except json.JSONDecodeError as error:
-        raise ConfigError(explain("--factory-kwargs is not valid JSON", got=args.factory_kwargs,
-                                  fix='pass a JSON object, e.g. \'{"dim": 64}\'')) from error
-    if not isinstance(kwargs, dict):
-        raise ConfigError(explain("--factory-kwargs must be a JSON object", got=args.factory_kwargs))
-    model = wrap_model(load_factory(args.model)(**kwargs))
+    model = wrap_model(model_from_factory(args))
     if args.device is not None:
         model = model.to(args.device)
     return model
