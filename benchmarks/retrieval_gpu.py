@@ -5,6 +5,8 @@ Times the library's chunked evaluation functions on one device:
   topk_rows            cir_plugins.metrics.topk_rows(query, gallery, 50) (default chunking)
   topk_rows_big_chunk  the same with chunk_size=--big-chunk gallery rows per step
   retrieval_metrics    cir_plugins.metrics.retrieval_metrics(ks=(1, 5, 10, 50)) with one excluded row per query
+  topk_rows_fp32_upcast  topk_rows with the bf16 tensor-core scoring switched off (each chunk upcast to
+                       float32, the CPU path); must return the same rows up to float32 summation order
   bare_bf16_topk       a plain loop in this script, for scale: bf16 (Q, C) score blocks, torch.topk per
                        block, merge of the running top-k (no tie rule); what the hardware does unaided
 
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import record_header, write_json  # noqa: E402
+
 from cir_plugins import metrics  # noqa: E402
 
 
@@ -47,6 +51,16 @@ def bare_topk(query, gallery, k, chunk):
         top = cat_s.topk(k, dim=1)
         best_s, best_r = top.values, cat_r.gather(1, top.indices)
     return best_s, best_r
+
+
+def _upcast(fn):
+    """Run fn with the library's bf16 scoring disabled (every chunk upcast to float32)."""
+    saved = metrics._use_bf16_scoring
+    metrics._use_bf16_scoring = lambda q, g: False
+    try:
+        return fn()
+    finally:
+        metrics._use_bf16_scoring = saved
 
 
 def main(argv=None) -> int:
@@ -82,6 +96,7 @@ def main(argv=None) -> int:
         "topk_rows_big_chunk": lambda: metrics.topk_rows(query, gallery, args.k, chunk_size=args.big_chunk),
         "retrieval_metrics": lambda: metrics.retrieval_metrics(query, gallery, target, ks=(1, 5, 10, 50),
                                                                exclude_rows=excl),
+        "topk_rows_fp32_upcast": lambda: _upcast(lambda: metrics.topk_rows(query, gallery, args.k)),
         "bare_bf16_topk": lambda: bare_topk(query, gallery, args.k, args.big_chunk),
     }
     rows, results = [], {}
@@ -119,6 +134,11 @@ def main(argv=None) -> int:
         for r in rows:
             if r["method"] == "topk_rows_big_chunk":
                 r["same_rows_as_default"] = agree
+    if "topk_rows" in results and "topk_rows_fp32_upcast" in results:
+        same = float((results["topk_rows"][1] == results["topk_rows_fp32_upcast"][1]).double().mean())
+        for r in rows:
+            if r["method"] == "topk_rows_fp32_upcast":
+                r["share_rows_equal_to_default"] = same
     if "retrieval_metrics" in results:
         for r in rows:
             if r["method"] == "retrieval_metrics":
@@ -131,16 +151,9 @@ def main(argv=None) -> int:
         ms = f"{r['ms']:10.2f}" if "ms" in r else f"{'-':>10}"
         eg = f"{r['extra_GB']:9.3f}" if "extra_GB" in r else f"{'-':>9}"
         print(f"{r['method']:22} {ms} {('yes' if r.get('meets_goal') else 'no'):>5} {eg}  {r.get('note', '')}")
-    out = dict(benchmark="retrieval_gpu", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join([os.path.basename(sys.executable), *sys.argv]), device=name,
+    out = dict(**record_header("retrieval_gpu"), device=name,
                torch=torch.__version__, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

@@ -78,3 +78,18 @@ def _initial_weights():
 
     torch.manual_seed(0)
     return {n: p.detach().clone() for n, p in make_model().named_parameters()}
+
+
+def test_init_distributed_without_a_job_stays_single_process(monkeypatch):
+    import torch.distributed as dist
+
+    from cir_plugins.training.loop import _distributed, init_distributed
+
+    for world in (None, "1"):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        if world is not None:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert init_distributed() == torch.device("cpu")
+        assert not dist.is_initialized() and _distributed() == (0, 1)
