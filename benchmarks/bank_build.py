@@ -17,14 +17,12 @@ all under no_grad (bf16 autocast on CUDA, as build does). Reports images/s and b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn as nn
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import record_header, write_json  # noqa: E402
 from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 
 PRESETS = {
@@ -145,17 +144,10 @@ def main(argv=None) -> int:
     print(f"{'method':12} {'seconds':>9} {'images/s':>10} {'vs bare_device':>15}")
     for r in rows:
         print(f"{r['method']:12} {r['seconds']:9.3f} {r['images_per_s']:10.1f} {r['vs_bare_device']:15.2f}")
-    out = dict(benchmark="bank_build", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               command=" ".join([os.path.basename(sys.executable), *sys.argv]), device=dev_name,
+    out = dict(**record_header("bank_build"), device=dev_name,
                preset=args.preset, images=n, batch_size=bs, num_workers=args.num_workers,
                threads=torch.get_num_threads(), rows=rows, raw_seconds=times)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

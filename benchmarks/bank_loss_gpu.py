@@ -29,20 +29,19 @@ figures of the issue (740 TFLOP/s bf16, 4200 GB/s) on an H200, measured on the d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _common import record_header, write_json  # noqa: E402
 from cir_plugins.negatives import loss as L  # noqa: E402
 
 H200_TFLOPS = 740.0
@@ -287,9 +286,7 @@ def main(argv=None) -> int:
               f"{fmt(r.get('ms'), '9.3f')} {r['floor_ms']:7.3f} {fmt(r.get('x_floor'), '7.2f')} "
               f"{fmt(r.get('extra_GB'), '8.3f')} {fmt(r.get('rel_vs_chunked'), '9.1e')}  {r.get('note', '')}")
     out = dict(
-        benchmark="bank_loss_gpu",
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+        **record_header("bank_loss_gpu"),
         device=name,
         torch=torch.__version__,
         peak_tflops=args.peak_tflops,
@@ -298,13 +295,7 @@ def main(argv=None) -> int:
         seconds=time.perf_counter() - args.t_start,
         rows=rows,
     )
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     print(f"wrote {args.out} ({out['seconds']:.1f} s)")
     return 0
 

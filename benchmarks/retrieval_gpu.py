@@ -20,13 +20,11 @@ one warm-up; peak extra memory from torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +32,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _common import record_header, write_json  # noqa: E402
-
 from cir_plugins import metrics  # noqa: E402
 
 
