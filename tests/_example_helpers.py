@@ -19,6 +19,15 @@ def random_images(n: int, seed: int = 1, size: int = 32) -> dict[str, torch.Tens
     return {f"img{k}": torch.randn(3, size, size, generator=g) for k in range(n)}
 
 
+def check_integration_files(example_dir: Path) -> None:
+    """wrap.py (the whole integration) is at most 10 lines and quoted verbatim in the README; model.py does
+    not import cir_plugins (the model stays the project's own code)."""
+    code = (example_dir / "wrap.py").read_text()
+    assert len(code.strip().splitlines()) <= 10
+    assert code.strip() in (example_dir / "README.md").read_text()
+    assert "import cir_plugins" not in (example_dir / "model.py").read_text()
+
+
 def readme_commands(example_dir: Path) -> list[str]:
     """The commands of the first ```bash block of ``example_dir/README.md`` (continuations joined, comments out)."""
     readme = (example_dir / "README.md").read_text()

@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 from examples.blip2_sprc import run as blip2_run  # noqa: E402
 from examples.blip2_sprc.model import SPRCRetriever, make_tiny_checkpoint  # noqa: E402
 from examples.blip2_sprc.wrap import load  # noqa: E402
-from _example_helpers import random_images, run_readme_commands  # noqa: E402
+from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
 
 
 # the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
@@ -40,11 +40,7 @@ def model(checkpoint):
 
 
 def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
-    code = (EXAMPLE / "wrap.py").read_text()
-    assert len(code.strip().splitlines()) <= 10
-    readme = (EXAMPLE / "README.md").read_text()
-    assert code.strip() in readme
-    assert "import cir_plugins" not in (EXAMPLE / "model.py").read_text()
+    check_integration_files(EXAMPLE)
 
 
 def test_loads_by_path_and_passes_check_model(model, checkpoint):

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 from examples.timm_tirg import run as tirg_run  # noqa: E402
 from examples.timm_tirg.model import TimmTIRG, make_tiny_checkpoint  # noqa: E402
 from examples.timm_tirg.wrap import load  # noqa: E402
-from _example_helpers import random_images, run_readme_commands  # noqa: E402
+from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
 
 TEXTS = ["make it red", "add a small blue star at the top left", "remove the circle"]
 
@@ -43,10 +43,7 @@ def model(checkpoint):
 
 
 def test_wrapping_code_is_at_most_10_lines_and_quoted_in_readme():
-    code = (EXAMPLE / "wrap.py").read_text()
-    assert len(code.strip().splitlines()) <= 10
-    assert code.strip() in (EXAMPLE / "README.md").read_text()
-    assert "import cir_plugins" not in (EXAMPLE / "model.py").read_text()
+    check_integration_files(EXAMPLE)
 
 
 def test_loads_by_path_and_passes_check_model(model):
