@@ -89,6 +89,28 @@ class RecordChecker:
         self.skipped.append({"file": str(self.path), "index": index, "field": field, "problem": problem})
         raise BadRecord(message)
 
+    def require_fields(self, index: int, record: Any, keys: tuple[str, ...]) -> None:
+        """``record`` is a JSON object holding every key in ``keys`` (else :meth:`fail`)."""
+        if not isinstance(record, dict):
+            self.fail(index, "<record>", "a record must be a JSON object", got=type(record).__name__)
+        for key in keys:
+            if key not in record:
+                self.fail(index, key, "required field is missing", got=sorted(record)[:10], expected=f"a {key!r} field")
+
+    def check_image(self, index: int, field: str, value: Any, gallery: Any, fix: str) -> None:
+        """``value`` is a non-empty image name found in ``gallery`` (anything supporting ``in``); ``fix`` is the
+        advice when it is missing from the gallery."""
+        if not self.is_name(value):
+            self.fail(index, field, "must be a non-empty image name", got=value)
+        if value not in gallery:
+            self.fail(index, field, "names an image not in the split's image list", got=value, fix=fix)
+
+    def check_target_presence(self, index: int, field: str, has_target: bool, with_target: bool | None) -> None:
+        """Every record of a file has a target or none has (``with_target``: what the first record had)."""
+        if with_target is not None and has_target != with_target:
+            self.fail(index, field, "some records have a target and others do not",
+                      got="present" if has_target else "missing", expected="present" if with_target else "missing")
+
     @staticmethod
     def is_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)

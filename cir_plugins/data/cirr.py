@@ -102,13 +102,12 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
                  category=None, root=str(root_path), protocol="cirr", info=info)
 
 
+_SAME_SPLIT = "check that the captions and image_splits files are of the same split"
+
+
 def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[str], seen_pairs: dict[int, int],
                   with_target: bool | None) -> Triplet:
-    if not isinstance(record, dict):
-        checker.fail(index, "<record>", "a record must be a JSON object", got=type(record).__name__)
-    for key in ("pairid", "reference", "caption", "img_set"):
-        if key not in record:
-            checker.fail(index, key, "required field is missing", got=sorted(record)[:10], expected=f"a {key!r} field")
+    checker.require_fields(index, record, ("pairid", "reference", "caption", "img_set"))
     pair_id = record["pairid"]
     if not checker.is_int(pair_id):
         checker.fail(index, "pairid", "must be an int", got=pair_id)
@@ -116,11 +115,7 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[
         checker.fail(index, "pairid", f"duplicate pair id (first at record {seen_pairs[pair_id]})", got=pair_id,
                      fix="pair ids must be unique; remove the duplicate")
     reference = record["reference"]
-    if not checker.is_name(reference):
-        checker.fail(index, "reference", "must be a non-empty image name", got=reference)
-    if reference not in gallery:
-        checker.fail(index, "reference", "names an image not in the split's image list", got=reference,
-                     fix="check that the captions and image_splits files are of the same split")
+    checker.check_image(index, "reference", reference, gallery, fix=_SAME_SPLIT)
     caption = record["caption"]
     if not isinstance(caption, str):
         checker.fail(index, "caption", "must be a string", got=caption)
@@ -129,15 +124,8 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[
     target = record.get("target_hard")
     has_target = "target_hard" in record
     if has_target:
-        if not checker.is_name(target):
-            checker.fail(index, "target_hard", "must be a non-empty image name", got=target)
-        if target not in gallery:
-            checker.fail(index, "target_hard", "names an image not in the split's image list", got=target,
-                         fix="check that the captions and image_splits files are of the same split")
-    if with_target is not None and has_target != with_target:
-        checker.fail(index, "target_hard", "some records have a target and others do not",
-                     got="present" if has_target else "missing",
-                     expected="present" if with_target else "missing")
+        checker.check_image(index, "target_hard", target, gallery, fix=_SAME_SPLIT)
+    checker.check_target_presence(index, "target_hard", has_target, with_target)
     target_soft = record.get("target_soft", {})
     if not isinstance(target_soft, dict) or not all(checker.is_number(v) for v in target_soft.values()):
         checker.fail(index, "target_soft", "must be an object {name: number}", got=target_soft)

@@ -109,30 +109,19 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
                  category=category, root=str(root_path), protocol="fashioniq", info=info)
 
 
+_SAME_SPLIT = "check that the captions and image_splits files are of the same category and split"
+
+
 def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: dict[str, int], category: str,
                   with_target: bool | None) -> Triplet:
-    if not isinstance(record, dict):
-        checker.fail(index, "<record>", "a record must be a JSON object", got=type(record).__name__)
-    for key in ("candidate", "captions"):
-        if key not in record:
-            checker.fail(index, key, "required field is missing", got=sorted(record)[:10], expected=f"a {key!r} field")
+    checker.require_fields(index, record, ("candidate", "captions"))
     candidate = record["candidate"]
-    if not checker.is_name(candidate):
-        checker.fail(index, "candidate", "must be a non-empty image name", got=candidate)
-    if candidate not in gallery:
-        checker.fail(index, "candidate", "names an image not in the split's image list", got=candidate,
-                     fix="check that the captions and image_splits files are of the same category and split")
+    checker.check_image(index, "candidate", candidate, gallery, fix=_SAME_SPLIT)
     has_target = "target" in record
     target = record.get("target")
     if has_target:
-        if not checker.is_name(target):
-            checker.fail(index, "target", "must be a non-empty image name", got=target)
-        if target not in gallery:
-            checker.fail(index, "target", "names an image not in the split's image list", got=target,
-                         fix="check that the captions and image_splits files are of the same category and split")
-    if with_target is not None and has_target != with_target:
-        checker.fail(index, "target", "some records have a target and others do not",
-                     got="present" if has_target else "missing", expected="present" if with_target else "missing")
+        checker.check_image(index, "target", target, gallery, fix=_SAME_SPLIT)
+    checker.check_target_presence(index, "target", has_target, with_target)
     captions = record["captions"]
     if not isinstance(captions, list) or len(captions) != 2 or not all(isinstance(c, str) for c in captions):
         checker.fail(index, "captions", "must be a list of two strings", got=captions)
