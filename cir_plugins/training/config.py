@@ -98,8 +98,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(explain(f"{name} must be a finite number > 0", got=value))
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ConfigError(explain("weight_decay must be >= 0", got=self.weight_decay))
+        if not isinstance(self.weight_decay, (int, float)) or not math.isfinite(self.weight_decay) \
+                or self.weight_decay < 0:
+            raise ConfigError(explain("weight_decay must be a finite number >= 0", got=self.weight_decay))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(explain("betas must be two numbers in [0, 1)", got=self.betas))
         low, high = (self.temperature_range + (None, None))[:2] if len(self.temperature_range) == 2 else (None, None)
