@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, explain
@@ -184,7 +185,7 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "weights.safetensors"), device=str(device))
         opt_tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut or edited file
         raise CheckpointError(explain("the checkpoint is incomplete or corrupt", got=f"{path}: {error}",
                                       fix="delete it and start again, or resume from 'best'")) from error
     if state.get("format") != FORMAT:
