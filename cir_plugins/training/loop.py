@@ -55,7 +55,8 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .sampler import EpochSampler
 
-__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images", "init_distributed"]
+__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images", "init_distributed",
+           "non_finite_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,23 @@ class InBatchNegatives:
         else:
             logits = query @ targets.to(query.dtype).T  # (b, D) @ (D, u) -> (b, u)
         return F.cross_entropy(logits.float() / temperature, target_rows)
+
+
+def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
+    """Names of the tensors (e.g. gradients) that hold a NaN or an infinity, in the given order.
+
+    One float64 sum per tensor and one host sync in all: a float16 / bfloat16 / float32 tensor
+    cannot overflow a float64 sum (at most ~3.4e38 per element), NaN and +-inf propagate, and
+    +inf meeting -inf gives NaN, so the sum is finite exactly when every element is. This reads
+    each gradient once, where ``isfinite(g).all()`` also writes a bool tensor of the same size.
+    """
+    if not named:
+        return []
+    sums = torch.stack([t.detach().sum(dtype=torch.float64) for _, t in named])  # (P,) float64
+    finite = torch.isfinite(sums)
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 class Trainer:
@@ -436,11 +454,27 @@ class Trainer:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(self.world)
 
+    def _check_gradients(self) -> None:
+        """NonFiniteError naming the parameters whose gradient holds NaN or inf (nothing applied).
+
+        A finite loss can still back-propagate a non-finite gradient; one AdamW step would then
+        turn the weights into NaN and the next checkpoint would keep them. Not called under a
+        GradScaler (fp16), which detects such steps itself and skips them.
+        """
+        named = list(self.trainable) + ([(TEMPERATURE_NAME, self.log_tau)] if self.log_tau is not None else [])
+        bad = non_finite_tensors([(name, p.grad) for name, p in named if p.grad is not None])
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(explain(f"non-finite gradients in {len(bad)} parameter(s); the step was not applied",
+                                         got=bad[:10]))
+
     def _optimizer_step(self) -> None:
         self._sync_gradients()
         params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        else:
+            self._check_gradients()
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if self.scaler is not None:
@@ -527,7 +561,14 @@ class Trainer:
                 stats["samples"] += len(samples)
                 self._micro = micro + 1
                 if self._micro % accum == 0 or self._micro == len(plan):
-                    self._optimizer_step()
+                    try:
+                        self._optimizer_step()
+                    except NonFiniteError as error:
+                        raise NonFiniteError(explain(
+                            f"{self.stage}: non-finite gradients at epoch {epoch + 1}, micro-batch {micro + 1}, "
+                            f"optimiser step {self._global_step + 1} ({error})",
+                            fix="lower the learning rate, check the temperature and data; the last good checkpoint "
+                                "is kept")) from error
                     stats["steps"] += 1
                     stats["time"] = time_before + time.perf_counter() - started
                     if (config.checkpoint_every and self._global_step % config.checkpoint_every == 0
