@@ -411,6 +411,14 @@ class NegativeBank:
         except (KeyError, ValueError) as error:
             raise DataError(explain("the bank metadata is incomplete or corrupt", got=str(error),
                                     fix="rebuild the bank")) from error
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                and isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+                and isinstance(shape, list)):
+            raise DataError(explain("the bank metadata has the wrong types",
+                                    got=f"ids {type(ids).__name__}, rows {type(rows).__name__}, "
+                                        f"shape {type(shape).__name__} in {path}",
+                                    expected="ids: list of strings, rows: list of ints, shape: list",
+                                    fix="rebuild the bank"))
         embeddings = tensors["embeddings"]
         if list(embeddings.shape) != shape or _dtype_name(embeddings.dtype) != meta.get("dtype"):
             raise DataError(explain("the bank tensor disagrees with its metadata",
