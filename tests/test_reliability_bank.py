@@ -191,3 +191,26 @@ def test_unknown_triplet_ids_are_named_before_training():
     bad = list(train) + [type(train[0])("img_not_there", ("red",), train[0].target)]
     with pytest.raises(DataError, match="img_not_there"):
         Stage2Trainer(model, bank, bad, images, config=Stage2Config(batch_size=4, epochs=1, show_progress=False))
+
+
+def _rewrite_metadata(path: Path, **changes: str) -> None:
+    """Edit a safetensors file's string metadata in place (a tampered or foreign file)."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    header["__metadata__"].update(changes)
+    new_header = json.dumps(header).encode()
+    new_header += b" " * ((8 - len(new_header) % 8) % 8)
+    path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + raw[8 + header_len:])
+
+
+@pytest.mark.parametrize("field,value", [("ids", "5"), ("ids", '[1, 2]'), ("rows", '"abc"'), ("rows", "[true]"),
+                                         ("shape", '{"a": 1}'), ("ids", "not json")])
+def test_bank_metadata_of_the_wrong_type_is_a_clear_error(tmp_path, field, value):
+    images, _, _ = make_world(n_images=6, n_train=2, n_val=2)
+    bank = NegativeBank.build(make_model(), list(images), images, batch_size=4, show_progress=False)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    _rewrite_metadata(path, **{field: value})
+    with pytest.raises(DataError, match="metadata"):
+        NegativeBank.load(path)
