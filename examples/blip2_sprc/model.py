@@ -39,6 +39,26 @@ logger = logging.getLogger(__name__)
 __all__ = ["SPRCRetriever", "make_tiny_checkpoint"]
 
 
+def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> None:
+    """Log one warning per model the first time a text is cut to ``limit`` tokens.
+
+    ``attention_mask`` (B, L) is the truncated batch's mask: only rows that fill all ``limit``
+    positions can have been cut, and only those are tokenised again (without truncation) to be sure,
+    so texts that fit cost nothing extra and later batches cost nothing once the warning is out.
+    """
+    if getattr(model, "_warned_truncation", False) or attention_mask.shape[1] < limit:
+        return
+    for text, kept in zip(texts, attention_mask.sum(dim=1).tolist()):  # tokens kept per text
+        if kept < limit:
+            continue
+        full = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if full > limit:
+            model._warned_truncation = True
+            logger.warning("a text of %d tokens was truncated to the tokenizer limit of %d tokens (%r...); "
+                           "later truncations by this model are not reported", full, limit, text[:60])
+            return
+
+
 class SPRCRetriever(nn.Module):
     """SPRC composed retrieval on a ``Blip2ForImageTextRetrieval``.
 
@@ -66,6 +86,7 @@ class SPRCRetriever(nn.Module):
         self.query_qformer = copy.deepcopy(blip.qformer)
         self.query_embeddings = copy.deepcopy(blip.embeddings)
         self.tokenizer = tokenizer
+        self._warned_truncation = False  # one truncation warning per model
         self.image_processor = image_processor
         self.max_text_length = min(int(max_text_length), int(qformer_config.max_position_embeddings))
 
@@ -118,6 +139,7 @@ class SPRCRetriever(nn.Module):
     def _tokenize(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_length,
                                return_tensors="pt")
+        warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_text_length)
         return batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, L) each
 
     def compose(self, reference_features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

@@ -25,6 +25,26 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Combiner", "CLIP4Cir", "FUSIONS", "features_of", "preprocess_settings"]
 
+
+def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> None:
+    """Log one warning per model the first time a text is cut to ``limit`` tokens.
+
+    ``attention_mask`` (B, L) is the truncated batch's mask: only rows that fill all ``limit``
+    positions can have been cut, and only those are tokenised again (without truncation) to be sure,
+    so texts that fit cost nothing extra and later batches cost nothing once the warning is out.
+    """
+    if getattr(model, "_warned_truncation", False) or attention_mask.shape[1] < limit:
+        return
+    for text, kept in zip(texts, attention_mask.sum(dim=1).tolist()):  # tokens kept per text
+        if kept < limit:
+            continue
+        full = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if full > limit:
+            model._warned_truncation = True
+            logger.warning("a text of %d tokens was truncated to the tokenizer limit of %d tokens (%r...); "
+                           "later truncations by this model are not reported", full, limit, text[:60])
+            return
+
 FUSIONS = ("combiner", "sum")
 
 
@@ -119,6 +139,7 @@ class CLIP4Cir(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}. Fix: pick one.")
         self.clip = clip
         self.tokenizer = tokenizer
+        self._warned_truncation = False  # one truncation warning per model
         self.fusion = fusion
         dim = int(clip.config.projection_dim)
         self.combiner = Combiner(dim)
@@ -179,6 +200,7 @@ class CLIP4Cir(nn.Module):
         device = self.clip.text_projection.weight.device
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt")
+        warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_length)
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:

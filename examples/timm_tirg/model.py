@@ -33,6 +33,26 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TimmTIRG", "make_tiny_checkpoint"]
 
+
+def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> None:
+    """Log one warning per model the first time a text is cut to ``limit`` tokens.
+
+    ``attention_mask`` (B, L) is the truncated batch's mask: only rows that fill all ``limit``
+    positions can have been cut, and only those are tokenised again (without truncation) to be sure,
+    so texts that fit cost nothing extra and later batches cost nothing once the warning is out.
+    """
+    if getattr(model, "_warned_truncation", False) or attention_mask.shape[1] < limit:
+        return
+    for text, kept in zip(texts, attention_mask.sum(dim=1).tolist()):  # tokens kept per text
+        if kept < limit:
+            continue
+        full = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+        if full > limit:
+            model._warned_truncation = True
+            logger.warning("a text of %d tokens was truncated to the tokenizer limit of %d tokens (%r...); "
+                           "later truncations by this model are not reported", full, limit, text[:60])
+            return
+
 _POOLINGS = ("cls", "mean")
 
 
@@ -58,6 +78,7 @@ class TimmTIRG(nn.Module):
         self.image_backbone = image_backbone
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self._warned_truncation = False  # one truncation warning per model
         self.embed_dim = int(embed_dim)
         self.text_pooling = text_pooling
         self.max_text_length = int(max_text_length)
@@ -91,6 +112,7 @@ class TimmTIRG(nn.Module):
         """B texts -> (B, D), unnormalised."""
         batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_length,
                                return_tensors="pt")
+        warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_text_length)
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         hidden = self.text_encoder(**batch).last_hidden_state  # (B, L, H)
         if self.text_pooling == "cls":
