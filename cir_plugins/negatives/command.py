@@ -42,6 +42,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--groups", default=None, help="JSON object image id -> duplicate-group id")
     parser.add_argument("--dedup", action="store_true", help="group pixel-identical images (overrides --groups)")
+    parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
+                        help="a malformed annotation record stops the run (error, default) or is logged, counted "
+                             "and skipped (skip)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +73,7 @@ def load_dataset(args: argparse.Namespace):
     from ..data.fashioniq import load_split
 
     return load_split(args.root, args.dataset, args.split, args.category, transform=args.transform,
-                      size=args.image_size)
+                      size=args.image_size, on_bad_record=getattr(args, "on_bad_record", "error"))
 
 
 def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> dict[str, str] | None:

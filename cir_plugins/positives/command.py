@@ -61,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=int, default=10, help="k in the prompt 'describe ... in {k} words' (hf:)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
     parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
+    parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
+                        help="a malformed annotation record stops the run (error, default) or is logged, counted "
+                             "and skipped (skip)")
     parser.add_argument("--out", required=True, help="annotation JSON to write")
     parser.add_argument("--first-pair-id", type=int, default=10_000_000, help="first pairid of generated CIRR records")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     fashion = args.dataset == "fashioniq"
     split = load_split(args.root, args.dataset, args.split, category=args.category,
-                       transform=None if args.transform == "none" else args.transform, size=args.image_size)
+                       transform=None if args.transform == "none" else args.transform, size=args.image_size,
+                       on_bad_record=args.on_bad_record)
     captioner = build_captioner(args.captioner, args)
     out = Path(args.out)
     augmenter = TripletAugmenter(

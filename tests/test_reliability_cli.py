@@ -1,0 +1,51 @@
+"""The command line decides skip-or-fail for bad annotation records: fail by default, naming the
+file, record and field; ``--on-bad-record skip`` logs, counts and drops the record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from cir_plugins.data.fixtures import build_cirr_tree
+from cir_plugins.errors import AnnotationError
+from cir_plugins.negatives import command as bank_command
+from cir_plugins.positives import command as augment_command
+
+
+@pytest.fixture()
+def broken_tree(tmp_path):
+    root = build_cirr_tree(tmp_path / "cirr", splits=("train",))
+    path = root / "cirr" / "captions" / "cap.rc2.train.json"
+    records = json.loads(path.read_text())
+    records[2]["pairid"] = records[0]["pairid"]  # a duplicate pair id in record 2
+    path.write_text(json.dumps(records))
+    return root, len(records)
+
+
+def _bank_args(root, *extra):
+    parser = argparse.ArgumentParser()
+    bank_command.configure(parser)
+    return parser.parse_args(["--model", "x.py:f", "--dataset", "cirr", "--root", str(root), "--out", "b.st", *extra])
+
+
+def test_build_bank_and_stage2_dataset_loading_fail_by_default_and_skip_on_request(broken_tree, caplog):
+    root, n_records = broken_tree
+    with pytest.raises(AnnotationError) as caught:
+        bank_command.load_dataset(_bank_args(root))
+    assert "cap.rc2.train.json" in str(caught.value) and "record 2" in str(caught.value)
+    with caplog.at_level("WARNING"):
+        split = bank_command.load_dataset(_bank_args(root, "--on-bad-record", "skip"))
+    assert len(split.triplets) == n_records - 1 and split.info["skipped"] == 1
+    assert any("skipped 1 of" in r.getMessage() for r in caplog.records)
+
+
+def test_augment_has_the_same_switch_defaulting_to_error():
+    parser = argparse.ArgumentParser()
+    augment_command.configure(parser)
+    base = ["--dataset", "cirr", "--root", "r", "--captioner", "file:c.json", "--pair-encoder", "x.py:f", "--out", "o"]
+    assert parser.parse_args(base).on_bad_record == "error"
+    assert parser.parse_args(base + ["--on-bad-record", "skip"]).on_bad_record == "skip"
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--on-bad-record", "ignore"])
