@@ -391,7 +391,8 @@ def _run_script(args, tmp_path):
 def test_retrieval_benchmark_smoke_runs_on_cpu(tmp_path):
     data = _run_script([str(REPO / "benchmarks" / "retrieval_gpu.py"), "--smoke", "--device", "cpu"], tmp_path)
     by = {r["method"]: r for r in data["rows"]}
-    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "retrieval_metrics", "bare_bf16_topk"}
+    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "topk_rows_fp32_upcast", "retrieval_metrics", "bare_bf16_topk"}
+    assert by["topk_rows_fp32_upcast"]["share_rows_equal_to_default"] == 1.0  # on CPU both score in float32
     assert all(r["ms"] > 0 for r in by.values())
     assert by["topk_rows_big_chunk"]["same_rows_as_default"] is True
     assert 0.0 <= by["retrieval_metrics"]["metrics"]["R@50"] <= 100.0
