@@ -161,3 +161,61 @@ def test_non_finite_encoder_output_names_the_images():
     with pytest.raises(NonFiniteError, match="p3") as caught:
         pair_images(encoder, list(images), images, rank_window=(0, 2), batch_size=2)
     assert "p2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("window", [(3, 11), (0, 4), (0.2, 0.55)])
+def test_draw_is_the_smallest_hash_keys_of_the_brute_force_window(window):
+    # the documented draw rule, checked against a plain reference: per query, the window members
+    # (brute-force full sort) ordered by the scalar splitmix64 key, first partners_per_image of them
+    from cir_plugins.positives.pairing import _key
+
+    n, d = 47, 5
+    emb = torch.randn(n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    windows = brute_force_windows(emb, window)
+    for chunk_size in (4, 47):
+        picks = select_partners(emb, rank_window=window, partners_per_image=3, seed=13, chunk_size=chunk_size)
+        for q, (row, members) in enumerate(zip(picks, windows)):
+            assert row == sorted(members, key=lambda j: _key(13, q, n, j))[:3]
+
+
+def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
+    # +-1 entries: many exact ties, so some rows hold more or fewer than b - a values below the
+    # a-th largest and the draw must take its masked (unequal-count) branch; still the reference rule
+    from cir_plugins.positives.pairing import _key
+
+    import cir_plugins.positives.pairing as pairing
+
+    widths = []
+    real_draw = pairing._draw
+
+    def spy(seed, q, n, js, valid, k):
+        widths.append(js.shape[1])
+        return real_draw(seed, q, n, js, valid, k)
+
+    monkeypatch.setattr(pairing, "_draw", spy)
+    emb = (torch.randint(0, 2, (31, 3), generator=torch.Generator().manual_seed(6)) * 2 - 1).double()
+    windows = brute_force_windows(emb, (2, 6))
+    picks = select_partners(emb, rank_window=(2, 6), partners_per_image=2, seed=1, chunk_size=8)
+    assert 6 in widths  # the masked draw over all top-b entries ran (unequal member counts)
+    for q, (row, members) in enumerate(zip(picks, windows)):
+        assert row == sorted(members, key=lambda j: _key(1, q, 31, j))[:2]
+
+
+def test_member_only_draw_path_is_taken_and_matches_reference(monkeypatch):
+    # distinct random scores: every row holds exactly b - a members, so only those are hashed
+    import cir_plugins.positives.pairing as pairing
+
+    widths = []
+    real_draw = pairing._draw
+
+    def spy(seed, q, n, js, valid, k):
+        widths.append(js.shape[1])
+        return real_draw(seed, q, n, js, valid, k)
+
+    monkeypatch.setattr(pairing, "_draw", spy)
+    emb = torch.randn(59, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    windows = brute_force_windows(emb, (4, 13))
+    picks = select_partners(emb, rank_window=(4, 13), partners_per_image=2, seed=2, chunk_size=11)
+    assert widths and set(widths) == {9}
+    for q, (row, members) in enumerate(zip(picks, windows)):
+        assert row == sorted(members, key=lambda j: pairing._key(2, q, 59, j))[:2]

@@ -190,20 +190,32 @@ def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, see
     """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row.
 
     Fast path: top-b by ``torch.topk``; the a-th largest of those is the upper edge. Exact when no
-    equal scores straddle either boundary; rows where they do use the (r, N) mask path.
+    equal scores straddle either boundary; rows where they do use the (r, N) mask path. When every
+    row holds exactly b - a members, only those are hashed for the draw (same result, less work).
+    Boundary-tie counts are float 0/1 sums (a bool sum over (r, N) costs several times more).
     q (r,) are the rows' global indices (for the draw keys).
     """
-    n = block.shape[1]
+    r, n = block.shape
     values, indices = torch.topk(block, b, dim=1, sorted=False)  # (r, b) each
     low = values.min(dim=1).values  # (r,) b-th largest score
-    straddle = (block == low[:, None]).sum(1) > 1  # (r,) ties at the b boundary
+    # equality counts as a float 0/1 sum: much cheaper than summing a bool tensor, exact below 2**24 terms
+    count_dtype = block.dtype if n < 2**24 else torch.float64
+    buf = torch.empty_like(block)  # (r, N) scratch: 1.0 where the score equals the b-th largest
+    straddle = torch.eq(block, low[:, None], out=buf).sum(1, dtype=count_dtype) > 1  # (r,) b-boundary ties
+    del buf
     if a > 0:
         high = torch.topk(values, a, dim=1, sorted=False).values.min(dim=1).values  # (r,) a-th largest
-        straddle |= (values == high[:, None]).sum(1) > 1
+        equal_a = torch.empty_like(values)  # (r, b) scratch: 1.0 where the score equals the a-th largest
+        straddle |= torch.eq(values, high[:, None], out=equal_a).sum(1, dtype=count_dtype) > 1
         inside = values < high[:, None]  # (r, b): ranks >= a
+        if bool((inside.sum(1) == b - a).all()):
+            # every row holds exactly b - a members: hash only those (row-major selection keeps rows apart)
+            members = indices[inside].view(r, b - a)  # (r, b - a)
+            out = _draw(seed, q, n, members, torch.ones_like(members, dtype=torch.bool), k)
+        else:
+            out = _draw(seed, q, n, indices, inside, k)
     else:
-        inside = torch.ones_like(values, dtype=torch.bool)
-    out = _draw(seed, q, n, indices, inside, k)
+        out = _draw(seed, q, n, indices, torch.ones_like(values, dtype=torch.bool), k)
     if bool(straddle.any()):
         tied = torch.nonzero(straddle).squeeze(1)
         sub = block[tied]  # (t, N)
