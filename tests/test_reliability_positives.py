@@ -42,3 +42,28 @@ def test_over_long_generated_text_is_fitted_and_warned_once(caplog):
         caplog.clear()
         fits("red", "blue")
     assert caplog.records == [] and fits.fallbacks_used == 0
+
+
+def test_pair_embedding_accepts_a_skip_mode_image_store_and_names_an_unreadable_image(tmp_path):
+    from PIL import Image
+
+    from cir_plugins.data.images import ImageStore
+    from cir_plugins.errors import ImageLoadError
+
+    for k in range(5):
+        Image.new("RGB", (6, 5), (40 * k, 10, 200 - 30 * k)).save(tmp_path / f"i{k}.png")
+    paths = {f"i{k}": f"i{k}.png" for k in range(5)}
+
+    def encoder(batch):
+        return batch.flatten(1)[:, :7]  # (n, 7)
+
+    strict = embed_images(encoder, list(paths), ImageStore(tmp_path, paths, "none"), batch_size=2)
+    lenient = embed_images(encoder, list(paths), ImageStore(tmp_path, paths, "none", on_error="skip"), batch_size=2)
+    assert torch.equal(strict, lenient)  # skip mode still gives one row per id, in order
+    (tmp_path / "bad.png").write_bytes(b"")
+    store = ImageStore(tmp_path, {**paths, "bad": "bad.png"}, "none", on_error="skip")
+    with pytest.raises(ImageLoadError, match="'bad'"):
+        embed_images(encoder, store.ids, store, batch_size=2)
+    # the documented skip route: drop unreadable ids first (logged), then embed
+    kept = store.readable_ids()
+    assert kept == list(paths) and torch.equal(embed_images(encoder, kept, store, batch_size=2), strict)

@@ -354,6 +354,8 @@ def embed_images(
                                 fix="pass an images mapping that covers every id"))
     out = []
     batch_fn = getattr(images, "batch", None)
+    if getattr(images, "on_error", "error") != "error":
+        batch_fn = None  # an ImageStore in skip mode returns (tensor, kept ids): one row per id is needed here
     with torch.no_grad():
         for start in tqdm(range(0, len(image_ids), batch_size), desc="pairing: embedding images",
                           disable=not show_progress):
