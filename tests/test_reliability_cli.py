@@ -49,3 +49,41 @@ def test_augment_has_the_same_switch_defaulting_to_error():
     assert parser.parse_args(base + ["--on-bad-record", "skip"]).on_bad_record == "skip"
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--on-bad-record", "ignore"])
+
+
+ENCODER = '''
+import torch
+
+def build(dim=8):
+    def encode(images):  # (n, C, H, W) -> (n, dim)
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
+    return encode
+'''
+
+
+def test_augment_stops_on_an_unreadable_image_by_default_and_skips_it_on_request(tmp_path, capsys):
+    import cir_plugins as cp
+    from cir_plugins.cli import main
+    from cir_plugins.errors import ImageLoadError
+
+    root = build_cirr_tree(tmp_path / "root", splits=("train",))
+    split = cp.load_cirr(root, "train")
+    ids = list(split.gallery_ids)
+    broken = ids[3]
+    split.images.path_of(broken).write_bytes(b"")  # a zero-byte download
+    (tmp_path / "captions.json").write_text(json.dumps({i: f"a photo number {k}" for k, i in enumerate(ids)}))
+    (tmp_path / "enc.py").write_text(ENCODER)
+    out = tmp_path / "gen" / "cap.rc2.generated.json"
+    argv = ["augment", "--dataset", "cirr", "--root", str(root), "--captioner", f"file:{tmp_path / 'captions.json'}",
+            "--pair-encoder", f"{tmp_path / 'enc.py'}:build", "--rank-window", "0.0,0.5", "--image-size", "16",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 2  # the console entry turns the library's error into a message and exit code 2
+    error = capsys.readouterr().err
+    assert broken in error and "zero-byte" in error and "Fix:" in error
+    assert not out.exists()
+    assert main(argv + ["--skip-unreadable"]) == 0
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    assert summary["unreadable_skipped"] == [broken] and summary["images"] == len(ids) - 1
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+    with pytest.raises(ImageLoadError):  # the library call itself raises, naming the id
+        split.images.batch(ids)

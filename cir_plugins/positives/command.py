@@ -61,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=int, default=10, help="k in the prompt 'describe ... in {k} words' (hf:)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
     parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="drop images that cannot be decoded (missing, empty, corrupt, over the pixel limit): "
+                             "logged and counted in the summary; default: stop at the first one")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
                         help="a malformed annotation record stops the run (error, default) or is logged, counted "
                              "and skipped (skip)")
@@ -125,18 +128,27 @@ def run(args: argparse.Namespace) -> int:
         max_triplets=args.max_triplets, cache_dir=args.cache_dir or f"{out}.cache", batch_size=args.batch_size,
         caption_batch_size=args.caption_batch_size, max_tokens=args.max_tokens, skip_empty=args.skip_empty,
         show_progress=not args.no_progress)
-    triplets = augmenter.augment(list(split.gallery_ids), split.images, split.triplets)
+    image_ids = list(split.gallery_ids)
+    unreadable: list[str] = []
+    if args.skip_unreadable:  # one decode per image before the long steps, so none of them can fail later
+        kept = split.images.readable_ids(image_ids)
+        unreadable = sorted(set(image_ids) - set(kept))
+        image_ids = kept
+    triplets = augmenter.augment(image_ids, split.images, split.triplets)
     if fashion:
         write_generated_fashioniq(triplets, out)
     else:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
     summary = {"dataset": args.dataset, "split": args.split, "category": args.category,
-               "captioner": captioner.name, "out": str(out), **augmenter.last_summary}
+               "captioner": captioner.name, "out": str(out), "unreadable_skipped": unreadable,
+               **augmenter.last_summary}
     atomic_write_json(f"{out}.summary.json", summary)
     s = augmenter.last_summary
     print(f"images {s['images']} | duplicate groups {s['duplicate_groups']} ({s['duplicates_merged']} merged) | "
           f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, {s['captions']['skipped']} skipped | "
           f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']} | triplets {s['triplets']}")
     print("seconds: " + ", ".join(f"{step} {sec:.2f}" for step, sec in s["seconds"].items()))
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable images (listed in the summary), e.g. {unreadable[:3]}")
     print(f"wrote {len(triplets)} generated triplets to {out}")
     return 0
