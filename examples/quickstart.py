@@ -1,8 +1,11 @@
 """Quickstart: the whole method on the embedded synthetic world, end to end, on a laptop CPU.
 
-    pip install -e . && python examples/quickstart.py            # one seed, <= 10 min on 2 CPU cores
+Measured results (3 seeds) and costs are in benchmarks/RESULTS.md ("Quickstart"). On the default budget the
+bank (+N) helps a little and the generated triplets (+P) hurt; see there before drawing conclusions.
+
+    pip install -e . && python examples/quickstart.py            # one seed (about 240 CPU-s + a one-off pretraining)
     python examples/quickstart.py --seeds 3                      # mean and spread over seeds 0, 1, 2
-    python examples/quickstart.py --quick                        # <= 2 min (tests, CI)
+    python examples/quickstart.py --quick                        # a tiny budget (tests, CI)
     python examples/quickstart.py --device cuda --out runs/qs    # on a GPU, elsewhere
 
 Steps (each prints its time; long ones show a progress bar):
@@ -449,7 +452,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first training seed")
     parser.add_argument("--world-seed", type=int, default=0,
                         help="seed of the synthetic world and of the tiny CLIP's pretraining (shared by all seeds)")
-    parser.add_argument("--quick", action="store_true", help="tiny budget (about 2 minutes): for tests and CI")
+    parser.add_argument("--quick", action="store_true", help="tiny budget for tests and CI (the numbers mean nothing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
