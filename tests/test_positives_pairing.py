@@ -219,3 +219,83 @@ def test_member_only_draw_path_is_taken_and_matches_reference(monkeypatch):
     assert widths and set(widths) == {9}
     for q, (row, members) in enumerate(zip(picks, windows)):
         assert row == sorted(members, key=lambda j: pairing._key(2, q, 59, j))[:2]
+
+
+def _both_paths(monkeypatch, emb, **kwargs):
+    """(partition path, topk path) outputs of select_partners for the same arguments."""
+    import cir_plugins.positives.pairing as pairing
+
+    new = select_partners(emb, **kwargs)
+    monkeypatch.setattr(pairing, "_USE_PARTITION", False)
+    old = select_partners(emb, **kwargs)
+    monkeypatch.setattr(pairing, "_USE_PARTITION", True)
+    return new, old
+
+
+def _pairing_inputs():
+    gen = torch.Generator().manual_seed(11)
+    dup_rows = torch.randn(97, 5, generator=gen)
+    dup_rows[10:30] = dup_rows[3]  # exact duplicate embeddings: tied scores at many ranks
+    return [
+        ("random f64", torch.randn(131, 7, generator=gen, dtype=torch.float64), {}),
+        ("random f32", torch.randn(149, 4, generator=gen), {}),
+        ("+-1 ties", (torch.randint(0, 2, (83, 3), generator=gen) * 2 - 1).float(), {}),
+        ("integer ties", torch.randint(-2, 3, (101, 2), generator=gen).double(), {}),
+        ("duplicate rows", dup_rows, {}),
+        ("groups", torch.randn(121, 6, generator=gen), dict(groups=[i % 3 for i in range(121)])),
+        ("groups+dups", torch.randn(113, 6, generator=gen),
+         dict(groups=[i % 2 for i in range(113)], duplicates=[str(i // 5) for i in range(113)])),
+    ]
+
+
+@pytest.mark.parametrize("window", [(3, 29), (0, 9), (0.2, 0.45), (-1, 0), (12, 13), (0.5, 1.0)])
+def test_partition_path_equals_topk_path(monkeypatch, window):
+    # the partition fast path must give the very same partners as the exact topk path, on random,
+    # tied, duplicated and grouped inputs (chunks of 64+ rows also split rows over 2 threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for name, emb, extra in _pairing_inputs():
+        for chunk_size in (5, 70):
+            new, old = _both_paths(monkeypatch, emb, rank_window=window, partners_per_image=3, seed=4,
+                                   chunk_size=chunk_size, **extra)
+            assert new == old, (name, chunk_size)
+
+
+def test_partition_path_matches_brute_force_and_falls_back_only_on_ties(monkeypatch):
+    import cir_plugins.positives.pairing as pairing
+
+    fallback_rows = []
+    real = pairing._windows_for_block_topk
+
+    def spy(block, a, b, q, seed, k):
+        fallback_rows.append(block.shape[0])
+        return real(block, a, b, q, seed, k)
+
+    monkeypatch.setattr(pairing, "_windows_for_block_topk", spy)
+    emb = torch.randn(67, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    windows = brute_force_windows(emb, (6, 21))
+    picks = select_partners(emb, rank_window=(6, 21), partners_per_image=4, seed=3, chunk_size=67)
+    assert fallback_rows == []  # distinct scores: the partition path alone decided every row
+    for q, (row, members) in enumerate(zip(picks, windows)):
+        assert row == sorted(members, key=lambda j: pairing._key(3, q, 67, j))[:4]
+
+    emb = (torch.randint(0, 2, (40, 3), generator=torch.Generator().manual_seed(2)) * 2 - 1).double()
+    windows = brute_force_windows(emb, (2, 9))
+    picks = select_partners(emb, rank_window=(2, 9), partners_per_image=2, seed=1, chunk_size=40)
+    assert fallback_rows and 0 < sum(fallback_rows) <= 40  # tied boundaries went to the exact path
+    for q, (row, members) in enumerate(zip(picks, windows)):
+        assert row == sorted(members, key=lambda j: pairing._key(1, q, 40, j))[:2]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_argselect_matches_full_sort(workers):
+    from cir_plugins.positives.pairing import _argselect
+
+    values = torch.randn(97, 61, generator=torch.Generator().manual_seed(workers))  # distinct values
+    ranked = torch.argsort(values, dim=1)  # (97, 61) plain reference: full ascending sort
+    for kth, lo, hi in [(40, 40, 61), (0, 0, 1), (60, 60, 61), (17, 0, 18), (30, 0, 31), (30, 30, 61)]:
+        got = _argselect(values, kth, lo, hi, workers)
+        assert got.shape == (97, hi - lo) and got.dtype == torch.int64 and got.is_contiguous()
+        assert torch.equal(got.sort(dim=1).values, ranked[:, lo:hi].sort(dim=1).values)
+        kth_in = kth - lo
+        if 0 <= kth_in < hi - lo:
+            assert torch.equal(got[:, kth_in], ranked[:, kth])

@@ -6,9 +6,10 @@ to the query, best first. Rank 0 is the most similar candidate. Partners are dra
 without replacement, from the ranks ``[a, b)`` of that ranking.
 
 Never materialises the N x N similarity matrix: query rows are processed ``chunk_size`` at a
-time; each chunk holds one ``(chunk, N)`` score block. ``torch.topk`` takes the top ``b`` of each
-row; the ``a``-th largest of those marks the window's upper edge; only the window's indices are
-kept. Rows where equal scores straddle a boundary go through an exact (chunk, N) mask path.
+time; each chunk holds one ``(chunk, N)`` score block. On CPU, ``np.argpartition`` selects the
+top ``b`` of each row and a second introselect over those the ranks ``[a, b)``; rows whose boundary
+scores are tied (where the tie rule matters) and non-CPU blocks take the exact ``torch.topk`` path,
+which also uses an exact (chunk, N) mask for ties straddling a boundary. Both give the same draw.
 
 Tie rule: candidates with equal cosine are ordered by their position in the input (earlier
 first).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -186,9 +188,11 @@ def _draw(seed: int, q: torch.Tensor, n: int, js: torch.Tensor, valid: torch.Ten
     return [row[:min(take, cnt)] for row, cnt in zip(picked, counts)]
 
 
-def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int, k: int) -> list[list[int]]:
-    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row.
+def _windows_for_block_topk(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int,
+                            k: int) -> list[list[int]]:
+    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row (topk path).
 
+    The exact general path (any device, any ties); also the fallback of :func:`_windows_for_block`.
     Fast path: top-b by ``torch.topk``; the a-th largest of those is the upper edge. Exact when no
     equal scores straddle either boundary; rows where they do use the (r, N) mask path. When every
     row holds exactly b - a members, only those are hashed for the draw (same result, less work).
@@ -225,6 +229,81 @@ def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, see
         for t, picks in zip(tied.tolist(), _draw(seed, q[tied], n, all_rows, exact, k)):
             out[t] = picks
     return out
+
+
+# the partition path below; False routes every block through _windows_for_block_topk (tests compare both)
+_USE_PARTITION = True
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _row_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared thread pool of ``workers`` threads (numpy's partition releases the GIL)."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-pairing")
+    return pool
+
+
+def _argselect(values: torch.Tensor, kth: int, lo: int, hi: int, workers: int) -> torch.Tensor:
+    """Columns ``lo:hi`` of ``np.argpartition(values, kth, axis=1)``, as a contiguous int64 tensor (r, hi - lo).
+
+    values (r, w) CPU float. After the introselect, ascending position ``kth`` holds the row's
+    (kth+1)-th smallest value, positions before it nothing larger, positions after it nothing
+    smaller. Rows are split over ``workers`` threads (numpy releases the GIL while it partitions).
+    """
+    x = values.numpy()  # (r, w) view
+
+    def part(bounds: tuple[int, int]) -> np.ndarray:
+        return np.ascontiguousarray(np.argpartition(x[bounds[0]:bounds[1]], kth, axis=1)[:, lo:hi])
+
+    r = x.shape[0]
+    workers = max(1, min(workers, r // 32))  # small blocks: threads cost more than they save
+    if workers == 1:
+        return torch.from_numpy(part((0, r)))
+    cuts = np.linspace(0, r, workers + 1).astype(int)
+    return torch.from_numpy(np.concatenate(list(_row_pool(workers).map(part, zip(cuts[:-1], cuts[1:])))))
+
+
+def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int, k: int) -> list[list[int]]:
+    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row.
+
+    CPU float path: ``np.argpartition`` (one introselect for the b-th largest, a second over the
+    top b for the a-th) finds the window's members; rows split across torch's thread count. Exact
+    whenever the b-th largest score is unique in its row and the a-th largest unique among the top
+    b (then the member set cannot depend on tie order); every other row (ties at a boundary, NaN)
+    goes through :func:`_windows_for_block_topk`, as do non-CPU blocks. Same draw either way.
+    q (r,) are the rows' global indices (for the draw keys).
+    """
+    r, n = block.shape
+    if (not _USE_PARTITION or block.device.type != "cpu" or block.dtype not in (torch.float32, torch.float64)
+            or r == 0):
+        return _windows_for_block_topk(block, a, b, q, seed, k)
+    block = block.detach().contiguous()
+    workers = torch.get_num_threads()
+    # ascending position N - 1 - t holds rank t: positions N - b .. N - 1 hold the top b
+    top = _argselect(block, n - b, n - b, n, workers)  # (r, b) column indices; column 0 is rank b - 1
+    top_values = torch.gather(block, 1, top)  # (r, b)
+    low = top_values[:, :1]  # (r, 1) the b-th largest score
+    # ties at the b boundary, counted as a float 0/1 sum over the row (cheaper than a bool sum)
+    count_dtype = block.dtype if n < 2**24 else torch.float64
+    buf = torch.empty_like(block)  # (r, N) scratch: 1.0 where the score equals the b-th largest
+    inexact = torch.eq(block, low, out=buf).sum(1, dtype=count_dtype) != 1  # (r,) tie at b, or NaN
+    del buf
+    if a == 0:
+        members = top
+    else:
+        # within the top b, ascending position b - 1 - a holds rank a: positions 0 .. b - a - 1 are the window
+        inner = _argselect(top_values, b - a - 1, 0, b - a, workers)  # (r, b - a) positions into top
+        high = torch.gather(top_values, 1, inner[:, -1:])  # (r, 1) the a-th largest score
+        inexact |= torch.eq(top_values, high).to(count_dtype).sum(1) != 1  # tie at a, or NaN
+        members = torch.gather(top, 1, inner)  # (r, b - a) column indices of ranks a .. b - 1
+    out = _draw(seed, q, n, members, torch.ones_like(members, dtype=torch.bool), k)
+    if bool(inexact.any()):
+        bad = torch.nonzero(inexact).squeeze(1)
+        for t, picks in zip(bad.tolist(), _windows_for_block_topk(block[bad], a, b, q[bad], seed, k)):
+            out[t] = picks
+    return out
+
 
 def select_partners(
     embeddings: torch.Tensor,
