@@ -102,6 +102,11 @@ class Budget:
     # generated triplets: captioner noise (attribute dropped or swapped), pairing window (fractions of N)
     caption_noise: float = 0.15
     rank_window: tuple = (0.02, 0.2)
+    # modification-text templates: a preset of cir_plugins.positives.templates ("cirr": the two CIRR ones)
+    templates: str = "cirr"
+    # generated texts over the tokenizer's limit: False = truncated by the tokenizer (what the RESULTS table
+    # used), True = replaced by the target caption (TextMaker's "target" fallback; +1.3 Rmean for +P, seed 0)
+    fit_text_length: bool = False
     # generated triplets kept (seeded subsample of one per train image)
     max_generated: int = 2000
     eval_batch: int = 512
@@ -245,9 +250,14 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
     """Generated triplets from every train image (annotated groups and unlabelled ones)."""
     encoder = load_model(clip_dir, device).eval()
     captioner = SyntheticCaptioner(root, noise=budget.caption_noise, seed=seed)
-    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates="cirr",
+    # with fit_text_length, a text longer than the text tower's limit falls back to the target caption alone
+    # instead of being truncated mid-description by the tokenizer
+    length_policy = ({"max_tokens": encoder.max_length, "count_tokens": encoder.tokenizer}
+                     if budget.fit_text_length else {})
+    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=budget.templates,
                                     rank_window=tuple(budget.rank_window), partners_per_image=1, seed=seed,
                                     max_triplets=budget.max_generated, batch_size=budget.eval_batch,
+                                    **length_policy,
                                     caption_batch_size=1000, show_progress=show_progress)
     triplets = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
     return [t for t in triplets if t.source == "generated"]
