@@ -93,7 +93,10 @@ def main(argv=None) -> int:
             model.encode_image, templates=TEMPLATES[args.dataset],
             rank_window=parse_window(args.rank_window or WINDOWS[args.dataset]), partners_per_image=1,
             seed=args.seed, show_progress=show)
-        generated = [t for t in augmenter.augment(image_ids, images) if t.source == "generated"]
+        # FashionIQ pairs within a category (ranks counted inside it), as the release does
+        groups = ({i: s.category for s in train_splits for i in s.gallery_ids} if args.dataset == "fashioniq"
+                  else None)
+        generated = [t for t in augmenter.augment(image_ids, images, groups=groups) if t.source == "generated"]
         print(f"augment: {len(generated)} generated triplets from {len(image_ids)} images "
               f"({time.perf_counter() - started:.1f}s); e.g. {generated[0].texts[0]!r}" if generated else "")
         triplets = triplets + generated
