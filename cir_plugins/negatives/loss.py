@@ -131,14 +131,6 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
                                   got=(str(query.device), str(bank.device), str(target_rows.device)),
                                   fix="move them with .to(query.device)"))
     n_rows = bank.shape[0]
-    if bool(((target_rows < 0) | (target_rows >= n_rows)).any()):
-        bad = ((target_rows < 0) | (target_rows >= n_rows)).nonzero().flatten()[:5].tolist()
-        raise ShapeError(explain("target_rows out of range", got={i: int(target_rows[i]) for i in bad},
-                                 expected=f"rows in [0, {n_rows})", fix="index the positives by bank row"))
-    if not bool(torch.isfinite(query).all()):
-        bad = (~torch.isfinite(query)).any(1).nonzero().flatten()[:5].tolist()
-        raise NonFiniteError(explain("query contains NaN or infinity", got=f"query rows {bad}",
-                                     fix="check the model output (learning rate, AMP overflow)"))
     if exclude_rows is not None:
         if not isinstance(exclude_rows, torch.Tensor):
             raise DTypeError(explain("exclude_rows must be a tensor or None", got=type(exclude_rows).__name__,
@@ -151,17 +143,6 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
         if exclude_rows.device != query.device:
             raise DeviceError(explain("exclude_rows must be on the query's device", got=str(exclude_rows.device),
                                       expected=str(query.device), fix="move it with .to(query.device)"))
-        out = (exclude_rows < -1) | (exclude_rows >= n_rows)
-        if bool(out.any()):
-            where = out.nonzero()[0].tolist()
-            raise ShapeError(explain("exclude_rows out of range", got=f"{int(exclude_rows[where[0], where[1]])} "
-                                     f"for query {where[0]}", expected=f"rows in [0, {n_rows}) or -1 as padding",
-                                     fix="index exclusions by bank row and pad with -1"))
-        clash = (exclude_rows == target_rows[:, None]).any(1)
-        if bool(clash.any()):
-            bad = clash.nonzero().flatten()[:5].tolist()
-            raise ConfigError(explain("a query excludes its own target row", got=f"queries {bad}",
-                                      fix="never exclude the positive; mask only false negatives"))
     cdtype = _compute_dtype(query)
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
@@ -173,18 +154,45 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
         if temperature.device != query.device:
             raise DeviceError(explain("temperature must be on the query's device", got=str(temperature.device),
                                       expected=str(query.device), fix="move the temperature to the model's device"))
-        value = float(temperature.detach())
         tau = temperature.to(cdtype)
     elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        value = float(temperature)
-        tau = torch.tensor(value, dtype=cdtype, device=query.device)
+        tau = torch.tensor(float(temperature), dtype=cdtype, device=query.device)
     else:
         raise DTypeError(explain("temperature must be a python float or a 0-dim tensor",
                                  got=type(temperature).__name__, fix="pass e.g. 0.02"))
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(explain("temperature must be finite and positive", got=value, expected="> 0",
-                                  fix="use e.g. 0.02; parametrise a learnable one as exp(log_tau)"))
-    return tau
+
+    # Value checks: each is a 0-dim bool on the query's device; they are read back in ONE host sync
+    # (this runs every training step), and only a failing check computes its detailed message.
+    target_out = (target_rows < 0) | (target_rows >= n_rows)  # (B,)
+    flags = [target_out.any(), ~torch.isfinite(query).all()]
+    if exclude_rows is not None:
+        exclude_out = (exclude_rows < -1) | (exclude_rows >= n_rows)  # (B, K)
+        clash = (exclude_rows == target_rows[:, None]).any(1)  # (B,)
+        flags += [exclude_out.any(), clash.any()]
+    tau_value = tau.detach()
+    flags.append(~(torch.isfinite(tau_value) & (tau_value > 0)))
+    failed = torch.stack(flags).tolist()  # the single sync
+    if not any(failed):
+        return tau
+    if failed[0]:
+        bad = target_out.nonzero().flatten()[:5].tolist()
+        raise ShapeError(explain("target_rows out of range", got={i: int(target_rows[i]) for i in bad},
+                                 expected=f"rows in [0, {n_rows})", fix="index the positives by bank row"))
+    if failed[1]:
+        bad = (~torch.isfinite(query)).any(1).nonzero().flatten()[:5].tolist()
+        raise NonFiniteError(explain("query contains NaN or infinity", got=f"query rows {bad}",
+                                     fix="check the model output (learning rate, AMP overflow)"))
+    if exclude_rows is not None and failed[2]:
+        where = exclude_out.nonzero()[0].tolist()
+        raise ShapeError(explain("exclude_rows out of range", got=f"{int(exclude_rows[where[0], where[1]])} "
+                                 f"for query {where[0]}", expected=f"rows in [0, {n_rows}) or -1 as padding",
+                                 fix="index exclusions by bank row and pad with -1"))
+    if exclude_rows is not None and failed[3]:
+        bad = clash.nonzero().flatten()[:5].tolist()
+        raise ConfigError(explain("a query excludes its own target row", got=f"queries {bad}",
+                                  fix="never exclude the positive; mask only false negatives"))
+    raise ConfigError(explain("temperature must be finite and positive", got=float(tau_value), expected="> 0",
+                              fix="use e.g. 0.02; parametrise a learnable one as exp(log_tau)"))
 
 
 # --------------------------------------------------------------------------------------------
