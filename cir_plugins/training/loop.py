@@ -32,6 +32,7 @@ Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE`
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import os
@@ -218,7 +219,7 @@ def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
     return [named[k][0] for k in suspects if not bool(torch.isfinite(named[k][1].detach()).all())]
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """The shared loop. Subclasses (Stage1Trainer, Stage2Trainer) choose the trainable parameters,
     the reference source and the negative source in ``_setup``."""
 
@@ -290,8 +291,9 @@ class Trainer:
                 raise DataError(explain("every training triplet was skipped", got=named))
         return triplets
 
-    def _setup(self) -> None:  # pragma: no cover - subclasses implement it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _setup(self) -> None:
+        """Choose the trainable parameters, the reference source and the negative source."""
 
     def _build_optimizer(self) -> None:
         config = self.config
