@@ -7,7 +7,11 @@ loads ``openai/clip-vit-base-patch32``: ``CLIPModel.from_pretrained(path)``,
 
 - :func:`build_tokenizer`: a word-level tokenizer (``tokenizers`` library) over a vocabulary,
   ``<bos> words <eos>``, saved as a ``PreTrainedTokenizerFast``.
-- :func:`tiny_clip_config`: a small ``CLIPConfig`` (ViT tower on small images, 2-layer text tower).
+- :func:`tiny_clip_config`: a small ``CLIPConfig`` (ViT tower on small images, 2-layer text tower), or with
+  ``vision="conv"`` a :class:`TinyConvCLIPConfig`: the same text tower and a 3-block CNN image tower.
+- :class:`TinyConvCLIPModel`: ``CLIPModel`` with the ViT replaced by a small CNN (``model_type``
+  ``"tiny-conv-clip"``, registered with ``AutoConfig`` / ``AutoModel`` when this module is imported, so
+  ``AutoModel.from_pretrained(path)`` loads it like any transformers checkpoint, with no remote code).
 - :func:`save_tiny_clip`: build a randomly initialised tiny CLIP and save it (tests use this).
 - :func:`pretrain_tiny_clip`: contrastive image-caption pretraining (CLIP's symmetric InfoNCE), then save.
 """
@@ -30,7 +34,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 __all__ = ["SPECIAL_TOKENS", "words_of", "build_tokenizer", "tiny_clip_config", "save_tiny_clip",
-           "pretrain_tiny_clip", "pretrain_on_world", "is_saved_clip"]
+           "pretrain_tiny_clip", "pretrain_on_world", "is_saved_clip", "TinyConvCLIPConfig", "TinyConvCLIPModel",
+           "register"]
 
 # id 0..3; eos must not be id 2 (transformers' CLIP treats eos_token_id == 2 as a legacy argmax pooling)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -68,16 +73,110 @@ def build_tokenizer(vocabulary: Sequence[str], *, max_length: int = 32):
 
 
 def tiny_clip_config(vocab_size: int, *, image_size: int = 36, patch_size: int = 12, width: int = 64,
-                     layers: int = 2, heads: int = 4, projection_dim: int = 64, max_length: int = 32):
-    """A small ``CLIPConfig``: ViT (image_size / patch_size)^2 patches, ``layers`` blocks of ``width`` each side."""
+                     layers: int = 2, heads: int = 4, projection_dim: int = 64, max_length: int = 32,
+                     vision: str = "vit", conv_channels: Sequence[int] = (16, 32, 64), grid: int = 3):
+    """A small CLIP config: a ``layers``-block text transformer of ``width`` and an image tower.
+
+    ``vision="vit"``: a ``CLIPConfig`` whose ViT cuts (image_size / patch_size)^2 patches, ``layers`` blocks
+    of ``width``. ``vision="conv"``: a :class:`TinyConvCLIPConfig`, 3x3 convolution blocks of
+    ``conv_channels`` (2x max-pooled between blocks), max-pooled to a ``grid`` x ``grid`` map and flattened.
+    """
     from transformers import CLIPConfig
 
+    if vision not in ("vit", "conv"):
+        raise ValueError(f"unknown vision tower {vision!r}; expected 'vit' or 'conv'.")
     text = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=max_length, pad_token_id=0, bos_token_id=2,
                 eos_token_id=3, projection_dim=projection_dim)
-    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=2 * width,
-                  num_hidden_layers=layers, num_attention_heads=heads, num_channels=3, projection_dim=projection_dim)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    if vision == "conv":
+        conv_channels = [int(c) for c in conv_channels]
+        flat = conv_channels[-1] * grid * grid
+        # the vision_config only records the tower's output width (and the image size) for CLIPConfig's sake
+        record = dict(image_size=image_size, hidden_size=flat, intermediate_size=flat, num_hidden_layers=1,
+                      num_attention_heads=1, num_channels=3, projection_dim=projection_dim)
+        return TinyConvCLIPConfig(text_config=text, vision_config=record, projection_dim=projection_dim,
+                                  conv_channels=conv_channels, grid=grid)
+    vision_cfg = dict(image_size=image_size, patch_size=patch_size, hidden_size=width, intermediate_size=2 * width,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_channels=3,
+                      projection_dim=projection_dim)
+    return CLIPConfig(text_config=text, vision_config=vision_cfg, projection_dim=projection_dim)
+
+
+def _conv_clip_classes():
+    """Define the conv-tower CLIP classes (in a function, so their transformers imports stay local)."""
+    from torch import nn
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel
+
+    class TinyConvCLIPConfig(CLIPConfig):
+        """``CLIPConfig`` plus the CNN image tower's shape (``conv_channels``, ``grid``)."""
+
+        model_type = "tiny-conv-clip"
+
+        def __init__(self, conv_channels=(16, 32, 64), grid: int = 3, **kwargs):
+            self.conv_channels = [int(c) for c in conv_channels]
+            self.grid = int(grid)
+            super().__init__(**kwargs)
+
+    class ConvTower(nn.Module):
+        """pixel_values (B, 3, S, S) -> pooler_output (B, C * grid^2): conv blocks, grid max-pool, LayerNorm.
+
+        Each block is Conv3x3 -> GroupNorm(1 group) -> GELU, with a 2x max-pool between blocks; the last map
+        is max-pooled to grid x grid cells (one per scene cell: an object is found wherever it is jittered
+        inside its cell) and flattened, so the position of every cell survives into the features.
+        """
+
+        def __init__(self, channels: Sequence[int], grid: int) -> None:
+            super().__init__()
+            blocks, previous = [], 3
+            for index, width in enumerate(channels):
+                if index:
+                    blocks.append(nn.MaxPool2d(2))
+                blocks += [nn.Conv2d(previous, width, 3, padding=1), nn.GroupNorm(1, width), nn.GELU()]
+                previous = width
+            self.blocks = nn.Sequential(*blocks)
+            self.pool = nn.AdaptiveMaxPool2d(grid)
+            self.norm = nn.LayerNorm(previous * grid * grid)
+
+        def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, return_dict=True,
+                    **kwargs) -> BaseModelOutputWithPooling:
+            maps = self.blocks(pixel_values)  # (B, C, h, w)
+            pooled = self.norm(self.pool(maps).flatten(1))  # (B, C * grid^2)
+            return BaseModelOutputWithPooling(last_hidden_state=maps.flatten(2).transpose(1, 2),
+                                              pooler_output=pooled)
+
+    class TinyConvCLIPModel(CLIPModel):
+        """``CLIPModel`` whose image tower is :class:`ConvTower`; text tower, projections, logit scale and
+        every method (``get_image_features``, ``get_text_features``, ``forward``) are CLIP's own."""
+
+        config_class = TinyConvCLIPConfig
+
+        def __init__(self, config: TinyConvCLIPConfig) -> None:
+            CLIPPreTrainedModel.__init__(self, config)
+            self.projection_dim = config.projection_dim
+            self.text_embed_dim = config.text_config.hidden_size
+            self.vision_embed_dim = config.conv_channels[-1] * config.grid ** 2
+            self.text_model = CLIPTextModel._from_config(config.text_config)
+            self.vision_model = ConvTower(config.conv_channels, config.grid)
+            self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+            self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
+            self.post_init()
+
+    return TinyConvCLIPConfig, TinyConvCLIPModel
+
+
+def register() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` know ``model_type="tiny-conv-clip"`` (idempotent)."""
+    from transformers import AutoConfig, AutoModel
+
+    AutoConfig.register(TinyConvCLIPConfig.model_type, TinyConvCLIPConfig, exist_ok=True)
+    AutoModel.register(TinyConvCLIPConfig, TinyConvCLIPModel, exist_ok=True)
+
+
+TinyConvCLIPConfig, TinyConvCLIPModel = _conv_clip_classes()
+register()
 
 
 def _image_processor(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -95,14 +194,12 @@ def save_tiny_clip(out_dir: str | os.PathLike, vocabulary: Sequence[str], *, see
     Written into a temporary sibling directory and renamed into place, so a crash never leaves a half
     checkpoint under ``out_dir``.
     """
-    from transformers import CLIPModel
-
     out_dir = Path(out_dir)
     if tokenizer is None:
         tokenizer = build_tokenizer(vocabulary, max_length=config_kwargs.get("max_length", 32))
     if model is None:
         torch.manual_seed(seed)
-        model = CLIPModel(tiny_clip_config(len(tokenizer), image_size=image_size, **config_kwargs))
+        model = _build(tiny_clip_config(len(tokenizer), image_size=image_size, **config_kwargs))
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
@@ -114,6 +211,13 @@ def save_tiny_clip(out_dir: str | os.PathLike, vocabulary: Sequence[str], *, see
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _build(config):
+    """A randomly initialised model for ``config`` (CLIPModel, or TinyConvCLIPModel for the conv tower)."""
+    from transformers import CLIPModel
+
+    return TinyConvCLIPModel(config) if isinstance(config, TinyConvCLIPConfig) else CLIPModel(config)
 
 
 def is_saved_clip(path: str | os.PathLike) -> bool:
@@ -137,8 +241,6 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, images: torch.Tensor, caption
         vocabulary: tokenizer words; default ``words_of(captions)``.
     Returns {"steps", "final_loss", "seconds", "path"}; the checkpoint goes to ``out_dir``.
     """
-    from transformers import CLIPModel
-
     if images.dim() != 4 or images.shape[0] != len(captions):
         raise ValueError(f"images must be (N, 3, S, S) with one caption each; got {tuple(images.shape)} "
                          f"and {len(captions)} captions.")
@@ -146,7 +248,7 @@ def pretrain_tiny_clip(out_dir: str | os.PathLike, images: torch.Tensor, caption
     tokenizer = build_tokenizer(vocabulary or words_of(captions), max_length=config_kwargs.get("max_length", 32))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = CLIPModel(tiny_clip_config(len(tokenizer), image_size=image_size, **config_kwargs)).to(device)
+    model = _build(tiny_clip_config(len(tokenizer), image_size=image_size, **config_kwargs)).to(device)
     encoded = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]  # (N, L)
     n = images.shape[0]

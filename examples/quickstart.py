@@ -56,7 +56,7 @@ for path in (HERE, HERE / "clip4cir"):
 import cir_plugins as cp  # noqa: E402
 from cir_plugins.data.images import ClipTransform  # noqa: E402
 from cir_plugins.data.split import Split  # noqa: E402
-from cir_plugins.data.synthetic import SyntheticCaptioner, load_scenes, make_world  # noqa: E402
+from cir_plugins.data.synthetic import SyntheticCaptioner, SyntheticRewriter, load_scenes, make_world  # noqa: E402
 
 import _tiny_clip  # noqa: E402
 from model import CLIP4Cir  # noqa: E402
@@ -80,6 +80,8 @@ class Budget:
     # tiny CLIP: ViT with one 12 px patch per grid cell, 2 layers of width 64 on each side
     clip: tuple = (("patch_size", 12), ("width", 64), ("layers", 2), ("heads", 4), ("projection_dim", 64),
                    ("max_length", 32))
+    # query fusion of the CLIP4Cir example: "sum" (normalize(image + text)) or "combiner" (trained with the towers)
+    fusion: str = "sum"
     pretrain_epochs: int = 4
     pretrain_batch: int = 256
     pretrain_lr: float = 2e-3
@@ -92,6 +94,8 @@ class Budget:
     stage1_temperature: float = 0.02
     # share of annotated triplets in each mixed batch (the sampler repeats the 1000 annotated ones)
     annotated_fraction: float = 0.67
+    # the same share inside +P+N's stage 2 (None: annotated_fraction)
+    stage2_annotated_fraction: float | None = None
     # stage 2 (the method's table for CLIP4Cir: batch 256, 3 epochs, lr 2e-5, tau 0.02 fixed, text tower
     # trained); here 10 epochs at lr 3e-4: 1000 annotated triplets are 4 steps an epoch, and a tiny model
     # trained from scratch-sized data barely moves at 2e-5 (tried: +1.4 Rmean at 16 steps, lr 2e-4)
@@ -109,6 +113,11 @@ class Budget:
     fit_text_length: bool = False
     # generated triplets kept (seeded subsample of one per train image)
     max_generated: int = 2000
+    # the method's optional LLM rewrite of generated texts into the annotators' relative style, stood in for by
+    # SyntheticRewriter (it reads only the two noisy captions); pairs more than rewrite_max_edits apart keep
+    # their template text
+    rewrite: bool = False
+    rewrite_max_edits: int = 2
     eval_batch: int = 512
 
     def to_dict(self) -> dict:
@@ -210,24 +219,29 @@ def make_clip(root: Path, train: Split, images, budget: Budget, cache: Path, see
     return out
 
 
-def load_model(clip_dir: Path, device: str) -> CLIP4Cir:
-    """The CLIP4Cir example loaded from a checkpoint directory by path (sum fusion, as the SPN release)."""
-    return CLIP4Cir.from_pretrained(str(clip_dir), fusion="sum").to(device)
+def load_model(clip_dir: Path, device: str, fusion: str = "sum") -> CLIP4Cir:
+    """The CLIP4Cir example loaded from a checkpoint directory by path (a fresh Combiner when fusion="combiner")."""
+    return CLIP4Cir.from_pretrained(str(clip_dir), fusion=fusion).to(device)
 
 
 def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: str, *, mixed: bool,
            show_progress: bool) -> CLIP4Cir:
     """CLIP4Cir's own fine-tuning of both CLIP towers with in-batch negatives (Stage1Trainer)."""
-    model = load_model(clip_dir, device)
+    model = load_model(clip_dir, device, budget.fusion)
     steps = round(budget.stage1_steps / budget.annotated_fraction) if mixed else budget.stage1_steps
     config = cp.Stage1Config(epochs=1, steps_per_epoch=steps, batch_size=budget.stage1_batch,
                              lr=budget.stage1_lr, temperature=budget.stage1_temperature,
                              annotated_fraction=budget.annotated_fraction if mixed else None,
                              select_metric=None, seed=seed, show_progress=show_progress)
-    cp.Stage1Trainer(model, triplets, images, config=config,
-                     trainable=["clip.text_model", "clip.text_projection", "clip.vision_model",
-                                "clip.visual_projection"]).fit()
+    trainable = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]
+    if budget.fusion == "combiner":
+        trainable.append("combiner")
+    cp.Stage1Trainer(model, triplets, images, config=config, trainable=trainable).fit()
     return model.eval()
+
+
+def stage2_share(budget: Budget) -> float:
+    return budget.annotated_fraction if budget.stage2_annotated_fraction is None else budget.stage2_annotated_fraction
 
 
 def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: int, *, mixed: bool,
@@ -238,7 +252,7 @@ def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: in
                                  show_progress=show_progress)
     config = cp.Stage2Config(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
                              temperature=budget.stage2_temperature,
-                             annotated_fraction=budget.annotated_fraction if mixed else None,
+                             annotated_fraction=stage2_share(budget) if mixed else None,
                              steps_per_epoch=steps_per_epoch, select_metric=None, seed=seed,
                              show_progress=show_progress)
     history = cp.Stage2Trainer(wrapped, bank, triplets, images, config=config).fit()
@@ -254,12 +268,15 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
     # instead of being truncated mid-description by the tokenizer
     length_policy = ({"max_tokens": encoder.max_length, "count_tokens": encoder.tokenizer}
                      if budget.fit_text_length else {})
+    rewriter = SyntheticRewriter(budget.rewrite_max_edits) if budget.rewrite else None
     augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=budget.templates,
                                     rank_window=tuple(budget.rank_window), partners_per_image=1, seed=seed,
                                     max_triplets=budget.max_generated, batch_size=budget.eval_batch,
-                                    **length_policy,
+                                    rewrite=rewriter, **length_policy,
                                     caption_batch_size=1000, show_progress=show_progress)
     triplets = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
+    if rewriter is not None:
+        print(f"     rewrite: {rewriter.rewritten} texts rewritten, {rewriter.kept} kept as templated", flush=True)
     return [t for t in triplets if t.source == "generated"]
 
 

@@ -202,3 +202,49 @@ def test_readme_synthetic_commands_run_as_written(tmp_path, monkeypatch):
         assert (tmp_path / "runs" / "c4c" / stage / "combiner.safetensors").is_file()
     history = json.loads((tmp_path / "runs" / "c4c" / "spn" / "stage2_history.json").read_text())
     assert len(history) == 2 and all("Rmean" in e["metrics"] for e in history)
+
+
+def test_conv_tower_tiny_clip_round_trips_by_path(tmp_path):
+    """The quickstart's conv-tower tiny CLIP: saved, loaded back by path through AutoModel (no remote code),
+    same weights and features; its image features keep each grid cell's position."""
+    from transformers import AutoModel, CLIPModel
+
+    vocabulary = _tiny_clip.words_of(["a small red circle at the top left", "make it green"])
+    path = _tiny_clip.save_tiny_clip(tmp_path / "conv-clip", vocabulary, seed=0, image_size=24, width=32,
+                                     projection_dim=16, vision="conv", conv_channels=(4, 8), grid=3)
+    saved = _tiny_clip.TinyConvCLIPModel.from_pretrained(str(path)).eval()
+    loaded = AutoModel.from_pretrained(str(path)).eval()
+    assert type(loaded) is _tiny_clip.TinyConvCLIPModel and isinstance(loaded, CLIPModel)
+    assert loaded.config.conv_channels == [4, 8] and loaded.vision_embed_dim == 8 * 9
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+    model = clip4cir_model.CLIP4Cir.from_pretrained(str(path), fusion="sum").eval()
+    images = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        reference = model.encode_reference(images)
+        query = model.compose_query(reference, ["make it green"] * 3)
+        # the tower by hand: blocks -> 3x3 max-pool -> flatten -> LayerNorm -> projection
+        tower = loaded.vision_model
+        by_hand = loaded.visual_projection(tower.norm(F.adaptive_max_pool2d(tower.blocks(images), 3).flatten(1)))
+    assert reference.shape == query.shape == (3, 16)
+    torch.testing.assert_close(reference, by_hand)
+    # moving content from one cell to another changes the features (position survives the pooling)
+    shifted = torch.zeros(1, 3, 24, 24)
+    shifted[..., :8, :8] = 1.0
+    moved = torch.zeros(1, 3, 24, 24)
+    moved[..., 16:, 16:] = 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_image(shifted), model.encode_image(moved), atol=1e-4)
+
+
+def test_vit_checkpoints_still_load_as_clipmodel(tiny_clip_dir):
+    from transformers import AutoModel, CLIPModel
+
+    assert type(AutoModel.from_pretrained(str(tiny_clip_dir))) is CLIPModel
+    assert type(clip4cir_model.CLIP4Cir.from_pretrained(str(tiny_clip_dir)).clip) is CLIPModel
+
+
+def test_unknown_vision_tower_is_refused():
+    with pytest.raises(ValueError, match="unknown vision tower 'resnet'"):
+        _tiny_clip.tiny_clip_config(10, vision="resnet")

@@ -215,3 +215,87 @@ def test_command_line_config_overrides(tmp_path):
     assert params["pixel_noise"] == 3.0 and params["n_val_queries"] == TINY["n_val_queries"]
     with pytest.raises(ConfigError):
         syn.main(["--root", str(tmp_path / "u"), "--config", "[1]"])
+
+
+def _obj(shape, color, size, row, col):
+    return {"shape": shape, "color": color, "size": size, "row": row, "col": col}
+
+
+def test_parse_caption_inverts_describe_scene_on_random_scenes():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        cells = rng.sample(range(9), rng.randint(1, 3))
+        scene = [_obj(rng.choice(syn.SHAPES), rng.choice(syn.COLORS), rng.choice(syn.SIZES), c // 3, c % 3)
+                 for c in cells]
+        for obj in scene:  # noisy captioners drop attributes: the parser must return None for them
+            for key in ("shape", "color", "size"):
+                if rng.random() < 0.1:
+                    obj[key] = None
+        parsed = syn.parse_caption(syn.describe_scene(scene))
+        assert sorted(parsed, key=lambda o: (o["row"], o["col"])) == sorted(scene, key=lambda o: (o["row"], o["col"]))
+    assert syn.parse_caption("an empty grey picture") == []
+    assert syn.parse_caption("a red circle at the top left") == [_obj("circle", "red", None, 0, 0)]
+    assert syn.parse_caption("two dogs on a beach") is None
+    assert syn.parse_caption("a red circle at the top left and a dog") is None
+
+
+def test_rewriter_turns_a_template_into_the_edits_between_the_captions():
+    reference = [_obj("circle", "red", "large", 0, 0), _obj("star", "blue", "small", 1, 1)]
+    target = [_obj("circle", "green", "large", 0, 0), _obj("star", "blue", "small", 2, 2)]
+    r, t = syn.describe_scene(reference), syn.describe_scene(target)
+    rewriter = syn.SyntheticRewriter(max_edits=2)
+    expected = "make the circle green and move the star to the bottom right"
+    assert rewriter(f"{t} instead of {r}") == expected
+    assert rewriter(f"Unlike {r}, I want {t}") == expected
+    assert rewriter.rewritten == 2 and rewriter.kept == 0
+
+    cases = [  # (reference, target, phrase)
+        ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "red", "large", 0, 0)], "turn the circle into a square"),
+        ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "blue", "large", 0, 0)],
+         "replace the circle with a blue square"),
+        ([_obj("circle", "red", "small", 0, 0)], [_obj("circle", "red", "large", 0, 0)], "make the circle bigger"),
+        ([_obj("circle", "red", "small", 0, 0), _obj("star", "red", "small", 0, 1)], [_obj("star", "red", "small", 0, 1)],
+         "remove the circle"),
+        ([_obj("star", "red", "small", 0, 1)], [_obj("star", "red", "small", 0, 1), _obj("cross", "cyan", "large", 2, 0)],
+         "add a large cyan cross at the bottom left"),
+        # two circles: the name needs the colour
+        ([_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "small", 0, 2)],
+         [_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "large", 0, 2)], "make the blue circle bigger"),
+    ]
+    for before, after, phrase in cases:
+        assert rewriter(f"{syn.describe_scene(after)} instead of {syn.describe_scene(before)}") == phrase
+
+
+def test_rewriter_keeps_what_it_cannot_rewrite():
+    rewriter = syn.SyntheticRewriter(max_edits=1)
+    one = syn.describe_scene([_obj("circle", "red", "large", 0, 0)])
+    three_edits = syn.describe_scene([_obj("square", "blue", "small", 1, 1)])
+    kept = [
+        one,  # the "{target}" template: no reference to compare with
+        f"{one} instead of {one}",  # the same scene: nothing to say
+        f"{three_edits} instead of {one}",  # remove + add is 2 edits > max_edits=1
+        f"a red circle instead of {one}",  # no position stated: cannot match objects
+        f"two dogs instead of {one}",  # not a caption of this world
+    ]
+    for text in kept:
+        assert rewriter(text) == text
+    assert rewriter.kept == len(kept) and rewriter.rewritten == 0
+    with pytest.raises(ConfigError, match="max_edits"):
+        syn.SyntheticRewriter(max_edits=0)
+
+
+def test_rewriter_reads_noisy_captions_of_a_world(world):
+    """With the world's own captioner (noise 0.1): every caption parses, and a one-edit annotated pair is
+    rewritten into at most two edits."""
+    captioner = syn.SyntheticCaptioner(world, noise=0.1, seed=0)
+    scenes = syn.load_scenes(world)
+    assert all(syn.parse_caption(captioner.caption_of(i)) is not None for i in scenes)
+    rewriter = syn.SyntheticRewriter(max_edits=2)
+    exact = syn.SyntheticCaptioner(world)
+    queries = json.loads((Path(world) / "cirr" / "captions" / "cap.rc2.train.json").read_text())
+    texts = [rewriter(f"{exact.caption_of(q['target_hard'])} instead of {exact.caption_of(q['reference'])}")
+             for q in queries]
+    assert rewriter.rewritten == len(queries)  # exact captions of annotated pairs: 1-2 edits, always rewritten
+    assert all(" instead of " not in text for text in texts)

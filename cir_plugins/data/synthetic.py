@@ -60,6 +60,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -75,8 +76,8 @@ from ..errors import ConfigError, DataError, explain
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
-    "WorldConfig", "make_world", "describe_scene", "render_scene", "SyntheticCaptioner",
-    "load_scenes", "position_name", "main",
+    "WorldConfig", "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner",
+    "SyntheticRewriter", "load_scenes", "position_name", "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -693,6 +694,127 @@ class SyntheticCaptioner:
         if images is not None and len(images) != len(image_ids):
             raise ConfigError(explain("image_ids and images differ in length", got=(len(image_ids), len(images))))
         return [self.caption_of(i) for i in image_ids]
+
+
+_OBJECT = re.compile(r"^an? (?:(?P<size>{sizes}) )?(?:(?P<color>{colors}) )?(?P<shape>{shapes}|shape)"
+                     r"(?: (?:at|on|in) the (?P<where>{positions}))?$".format(
+                         sizes="|".join(SIZES), colors="|".join(COLORS), shapes="|".join(SHAPES),
+                         positions="|".join(sorted(POSITIONS, key=len, reverse=True))))
+
+
+def parse_caption(caption: str) -> list[dict] | None:
+    """Objects of a caption written like :func:`describe_scene` (attributes may be missing), or None.
+
+    The inverse of ``describe_scene``: ``{"shape", "color", "size", "row", "col"}`` per object, None for
+    an attribute the caption does not state. Returns None when any part is not an object phrase.
+    """
+    text = caption.strip()
+    if text == "an empty grey picture":
+        return []
+    head, _, last = text.rpartition(" and ")
+    parts = (head.split(", ") if head else []) + [last]
+    objects = []
+    for part in parts:
+        match = _OBJECT.match(part.strip())
+        if match is None:
+            return None
+        where = match["where"]
+        cell = POSITIONS.index(where) if where else None
+        objects.append({"shape": None if match["shape"] == "shape" else match["shape"], "color": match["color"],
+                        "size": match["size"], "row": None if cell is None else cell // 3,
+                        "col": None if cell is None else cell % 3})
+    return objects
+
+
+class SyntheticRewriter:
+    """Stands in for the method's optional LLM rewrite of generated texts (the ``rewrite`` hook, text -> text).
+
+    Given a filled template that names both captions (``"{target} instead of {reference}"`` or
+    ``"Unlike {reference}, I want {target}"``), it writes what an LLM asked for the style of human
+    annotations would: a short relative edit ("make the circle blue and remove the small star"). It
+    sees only the text, that is the two (possibly noisy) captions, never the scenes; objects are
+    matched by grid cell. Its phrasing is its own small set ("make X blue", "turn X into a star",
+    "make X bigger", "replace X with a red star", "move X to the left", "remove X", "add a ...").
+
+    The text comes back unchanged when it names only one caption (the ``"{target}"`` template), when a
+    caption does not parse, when an object has no stated position, when the captions describe the
+    same scene, or when the pair differs by more than ``max_edits`` changes (a long list of edits is
+    no more useful than the template). ``rewritten`` / ``kept`` count both outcomes.
+    """
+
+    _PAIR = (re.compile(r"^(?P<target>.+) instead of (?P<reference>.+)$"),
+             re.compile(r"^Unlike (?P<reference>.+), I want (?P<target>.+)$"))
+
+    def __init__(self, max_edits: int = 2) -> None:
+        if isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1:
+            raise ConfigError(explain("max_edits must be an int >= 1", got=max_edits))
+        self.max_edits = max_edits
+        self.rewritten = self.kept = 0
+        self.name = f"synthetic-rewrite(max_edits={max_edits})"
+
+    @staticmethod
+    def _name(obj: Mapping[str, Any], scene: Sequence[Mapping[str, Any]]) -> str:
+        """The shortest description of ``obj`` that no other object of ``scene`` also fits."""
+        for keys in (("shape",), ("color", "shape"), ("size", "color", "shape")):
+            if any(obj.get(k) is None for k in keys):
+                continue
+            if sum(all(o.get(k) == obj[k] for k in keys) for o in scene) == 1:
+                return "the " + " ".join(obj[k] for k in keys)
+        words = " ".join(obj[k] for k in ("color", "shape") if obj.get(k)) or "shape"
+        return f"the {words} {_position_phrase(obj['row'], obj['col'])}"
+
+    def edits(self, reference: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]]) -> list[str] | None:
+        """Edit phrases turning ``reference`` into ``target`` (objects matched by cell), or None if unknown."""
+        if any(o.get("row") is None for o in list(reference) + list(target)):
+            return None
+        before = {o["row"] * 3 + o["col"]: o for o in reference}
+        after = {o["row"] * 3 + o["col"]: o for o in target}
+        phrases = []
+        for cell in sorted(set(before) & set(after)):
+            old, new = before[cell], after[cell]
+            name = self._name(old, reference)
+            changed = [k for k in ("shape", "color", "size") if old.get(k) != new.get(k) and new.get(k) is not None]
+            if "shape" in changed and "color" in changed:
+                phrases.append(f"replace {name} with a {new['color']} {new['shape']}")
+                changed = [k for k in changed if k == "size"]
+            for key in changed:
+                if key == "shape":
+                    article = "an" if new["shape"][0] in "aeiou" else "a"
+                    phrases.append(f"turn {name} into {article} {new['shape']}")
+                elif key == "color":
+                    phrases.append(f"make {name} {new['color']}")
+                else:
+                    phrases.append(f"make {name} {'bigger' if new['size'] == 'large' else 'smaller'}")
+        gone = [before[c] for c in sorted(set(before) - set(after))]
+        came = [after[c] for c in sorted(set(after) - set(before))]
+        for old in list(gone):  # the same object in another cell: a move
+            same = [n for n in came if all(n.get(k) == old.get(k) for k in ("shape", "color", "size"))]
+            if same:
+                new = same[0]
+                where = position_name(new["row"], new["col"])
+                phrases.append(f"move {self._name(old, reference)} to the {where}")
+                gone.remove(old)
+                came.remove(new)
+        phrases += [f"remove {self._name(old, reference)}" for old in gone]
+        for new in came:
+            words = " ".join(new[k] for k in ("size", "color", "shape") if new.get(k)) or "shape"
+            article = "an" if words[0] in "aeiou" else "a"
+            phrases.append(f"add {article} {words} {_position_phrase(new['row'], new['col'])}")
+        return phrases
+
+    def __call__(self, text: str) -> str:
+        for pattern in self._PAIR:
+            match = pattern.match(text.strip())
+            if match is None:
+                continue
+            reference, target = parse_caption(match["reference"]), parse_caption(match["target"])
+            phrases = None if reference is None or target is None else self.edits(reference, target)
+            if phrases and len(phrases) <= self.max_edits:
+                self.rewritten += 1
+                return " and ".join(phrases)
+            break
+        self.kept += 1
+        return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

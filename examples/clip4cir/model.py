@@ -121,7 +121,7 @@ class CLIP4Cir(nn.Module):
     """CLIP4Cir: CLIP image and text towers plus a fusion ("combiner" or "sum").
 
     Args:
-        clip: a ``transformers.CLIPModel``.
+        clip: a ``transformers.CLIPModel`` (or a CLIP-like subclass such as the examples' conv-tower tiny CLIP).
         tokenizer: its tokenizer (any fast or slow HF tokenizer).
         fusion: "combiner" (the Combiner, stage-2 of CLIP4Cir's own training) or "sum"
             (normalize(image + text), the variant CLIP4Cir uses when fine-tuning CLIP and the SPN release uses).
@@ -154,12 +154,15 @@ class CLIP4Cir(nn.Module):
                         torch_dtype: torch.dtype | None = None, **kwargs) -> "CLIP4Cir":
         """Load CLIP, its tokenizer and image processor from a hub name or a local directory.
 
+        The model is built by ``AutoModel``: ``CLIPModel`` for every CLIP checkpoint, or a CLIP-like class
+        registered with ``AutoModel`` by the caller's own code (the examples' tiny conv-tower CLIP); it must
+        have CLIP's ``get_image_features`` / ``get_text_features``, towers and projections.
         ``combiner_path``: an optional safetensors file with Combiner weights (saved by ``save_combiner``).
-        ``trust_remote_code`` is never set: only transformers' own CLIP code runs.
+        ``trust_remote_code`` is never set: no code is downloaded with a checkpoint.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        clip = CLIPModel.from_pretrained(name_or_path, **({"dtype": torch_dtype} if torch_dtype else {}))
+        clip = AutoModel.from_pretrained(name_or_path, **({"dtype": torch_dtype} if torch_dtype else {}))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         processor = AutoImageProcessor.from_pretrained(name_or_path)
         model = cls(clip, tokenizer, fusion=fusion, preprocess=preprocess_settings(processor), **kwargs)
