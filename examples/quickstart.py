@@ -1,9 +1,8 @@
 """Quickstart: the whole method on the embedded synthetic world, end to end, on a laptop CPU.
 
-Measured results (3 seeds) and costs are in benchmarks/RESULTS.md ("Quickstart"). On the default budget the
-bank (+N) helps a little and the generated triplets (+P) hurt; see there before drawing conclusions.
+Measured results (3 seeds) and costs are in benchmarks/RESULTS.md ("Quickstart") and the README.
 
-    pip install -e . && python examples/quickstart.py            # one seed (about 240 CPU-s + a one-off pretraining)
+    pip install -e . && python examples/quickstart.py            # one seed (world + tiny CLIP cached after the first)
     python examples/quickstart.py --seeds 3                      # mean and spread over seeds 0, 1, 2
     python examples/quickstart.py --quick                        # a tiny budget (tests, CI)
     python examples/quickstart.py --device cuda --out runs/qs    # on a GPU, elsewhere
@@ -15,18 +14,20 @@ Steps (each prints its time; long ones show a progress bar):
      and loaded back by path, like a real checkpoint (cached);
   c. baseline: the CLIP4Cir example's stage 1 on the annotated triplets only (in-batch negatives, both towers,
      sum fusion, as the SPN release's CLIP4Cir);
-  d. the method: +P (generated triplets: every unlabelled train image captioned by SyntheticCaptioner with
-     realistic noise, paired by rank window, templated), +N (stage 2 against a bank of every train image),
+  d. the method: +P (generated triplets: every train image captioned by SyntheticCaptioner with realistic
+     noise, paired with a near neighbour by rank window, templated, then rewritten by SyntheticRewriter, the
+     stand-in for the method's optional LLM rewrite), +N (stage 2 against a bank of every train image),
      +P+N, zero-shot (generated triplets only: stage 1 then stage 2), and the diagnostic "+N, steps of +P+N"
      (stage 2 on the annotated triplets for as many optimiser steps as +P+N's stage 2);
-  e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json and
-     results.png into OUT.
+  e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json,
+     results.md and results.png into OUT.
 
 Budgets are fixed before comparing rows (see BUDGETS): stage 1 of the baseline and the zero-shot row take the
 same number of optimiser steps, and +P takes as many annotated samples as the baseline plus its generated ones
 (annotated_fraction of each batch); every stage-2 run takes the same number of epochs over its own training
 triplets (so +P+N, which has more triplets, takes more steps: the diagnostic row "+N (steps of +P+N)"
-separates "more steps" from "more positives").
+separates "more steps" from "more positives"). Every training run, of every row, keeps its best epoch by
+validation Rmean (CIRR protocol on the world's val split), as the method does.
 """
 
 from __future__ import annotations
@@ -74,21 +75,27 @@ class Budget:
     """Everything that sizes a run. Fixed before any row is compared."""
 
     # synthetic world (WorldConfig fields): 1000 annotated train queries (6000 images) + unlabelled images
-    world: tuple = (("n_train_triplets", 1000), ("n_train_unlabelled", 3000), ("n_val_queries", 50),
+    world: tuple = (("n_train_triplets", 1000), ("n_train_unlabelled", 3000), ("n_val_queries", 300),
                     ("n_val_distractors", 0), ("n_test_queries", 500), ("n_test_distractors", 1000),
                     ("image_size", 36))
-    # tiny CLIP: ViT with one 12 px patch per grid cell, 2 layers of width 64 on each side
+    # tiny CLIP: ViT with one 12 px patch per grid cell, 2 layers of width 64 on each side (("vision", "conv")
+    # swaps in a small CNN image tower, _tiny_clip.TinyConvCLIPModel; see RESULTS.md for what it gave)
     clip: tuple = (("patch_size", 12), ("width", 64), ("layers", 2), ("heads", 4), ("projection_dim", 64),
                    ("max_length", 32))
     # query fusion of the CLIP4Cir example: "sum" (normalize(image + text)) or "combiner" (trained with the towers)
     fusion: str = "sum"
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 40
     pretrain_batch: int = 256
     pretrain_lr: float = 2e-3
     # stage 1 (CLIP4Cir's CLIP fine-tuning, in-batch negatives). Annotated-only rows take stage1_steps;
     # +P takes stage1_steps / annotated_fraction, so it sees exactly as many annotated samples as the
     # baseline plus the generated ones on top (generated triplets are appended, as in the method)
     stage1_steps: int = 200
+    # stage 1's steps are split into this many epochs (only matters with select_on_val)
+    stage1_epochs: int = 5
+    # keep each training run's best epoch by validation Rmean (CIRR protocol on the val split), as the method
+    # does, instead of its last epoch; applies to every row alike
+    select_on_val: bool = True
     stage1_batch: int = 128
     stage1_lr: float = 3e-4
     stage1_temperature: float = 0.02
@@ -104,20 +111,20 @@ class Budget:
     stage2_lr: float = 3e-4
     stage2_temperature: float = 0.02
     # generated triplets: captioner noise (attribute dropped or swapped), pairing window (fractions of N)
-    caption_noise: float = 0.15
-    rank_window: tuple = (0.02, 0.2)
+    caption_noise: float = 0.05
+    rank_window: tuple = (0.0, 0.01)
     # modification-text templates: a preset of cir_plugins.positives.templates ("cirr": the two CIRR ones)
     templates: str = "cirr"
-    # generated texts over the tokenizer's limit: False = truncated by the tokenizer (what the RESULTS table
-    # used), True = replaced by the target caption (TextMaker's "target" fallback; +1.3 Rmean for +P, seed 0)
-    fit_text_length: bool = False
-    # generated triplets kept (seeded subsample of one per train image)
-    max_generated: int = 2000
+    # generated texts over the tokenizer's limit: False = truncated by the tokenizer, True = replaced by the
+    # target caption (TextMaker's "target" fallback)
+    fit_text_length: bool = True
+    # generated triplets kept (seeded subsample of one per train image; 9000 = all of them)
+    max_generated: int = 9000
     # the method's optional LLM rewrite of generated texts into the annotators' relative style, stood in for by
     # SyntheticRewriter (it reads only the two noisy captions); pairs more than rewrite_max_edits apart keep
     # their template text
-    rewrite: bool = False
-    rewrite_max_edits: int = 2
+    rewrite: bool = True
+    rewrite_max_edits: int = 4
     eval_batch: int = 512
 
     def to_dict(self) -> dict:
@@ -224,19 +231,51 @@ def load_model(clip_dir: Path, device: str, fusion: str = "sum") -> CLIP4Cir:
     return CLIP4Cir.from_pretrained(str(clip_dir), fusion=fusion).to(device)
 
 
+def selection(budget: Budget, val: Split | None, name: str, out: Path | None) -> dict:
+    """Trainer settings for "best epoch by validation Rmean" (the method's protocol) when the budget asks for it.
+
+    Returns the extra config fields and the evaluate callback; {} when selection is off (the last epoch is kept).
+    """
+    if not budget.select_on_val or val is None or out is None:
+        return {}
+
+    def on_val(model) -> dict:
+        result = cp.evaluate(model, val, protocol="cirr", batch_size=budget.eval_batch, show_progress=False)
+        return {"Rmean": float(result["Rmean"])}
+
+    return {"config": {"select_metric": "Rmean", "output_dir": str(out / name)}, "evaluate": on_val}
+
+
+def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, **kwargs) -> tuple[object, list]:
+    """Build and fit a trainer; with validation selection, load the best epoch's weights back."""
+    config = config_cls(**config, **chosen.get("config", {}))
+    trainer = trainer_cls(*args, config=config, evaluate=chosen.get("evaluate"), **kwargs)
+    history = trainer.fit()
+    if chosen:
+        trainer.load_weights("best")
+        best = max(range(len(history)), key=lambda i: history[i]["metrics"]["Rmean"])
+        scores = ", ".join(f"{entry['metrics']['Rmean']:.1f}" for entry in history)
+        print(f"     best epoch by val Rmean: {best + 1} of {len(history)} ({scores})", flush=True)
+    return trainer.model, history
+
+
 def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: str, *, mixed: bool,
-           show_progress: bool) -> CLIP4Cir:
+           show_progress: bool, val: Split | None = None, work: Path | None = None, run_name: str = "stage1") -> CLIP4Cir:
     """CLIP4Cir's own fine-tuning of both CLIP towers with in-batch negatives (Stage1Trainer)."""
     model = load_model(clip_dir, device, budget.fusion)
     steps = round(budget.stage1_steps / budget.annotated_fraction) if mixed else budget.stage1_steps
-    config = cp.Stage1Config(epochs=1, steps_per_epoch=steps, batch_size=budget.stage1_batch,
-                             lr=budget.stage1_lr, temperature=budget.stage1_temperature,
-                             annotated_fraction=budget.annotated_fraction if mixed else None,
-                             select_metric=None, seed=seed, show_progress=show_progress)
+    epochs = budget.stage1_epochs
+    config = dict(epochs=epochs, steps_per_epoch=max(1, round(steps / epochs)), batch_size=budget.stage1_batch,
+                  lr=budget.stage1_lr, temperature=budget.stage1_temperature,
+                  annotated_fraction=budget.annotated_fraction if mixed else None,
+                  select_metric=None, seed=seed, show_progress=show_progress)
     trainable = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]
     if budget.fusion == "combiner":
         trainable.append("combiner")
-    cp.Stage1Trainer(model, triplets, images, config=config, trainable=trainable).fit()
+    chosen = selection(budget, val, run_name, work)
+    if chosen:
+        del config["select_metric"]
+    fit(cp.Stage1Trainer, (model, triplets, images), cp.Stage1Config, config, chosen, trainable=trainable)
     return model.eval()
 
 
@@ -245,17 +284,21 @@ def stage2_share(budget: Budget) -> float:
 
 
 def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: int, *, mixed: bool,
-           steps_per_epoch: int | None = None, show_progress: bool) -> tuple[object, int]:
+           steps_per_epoch: int | None = None, show_progress: bool, val: Split | None = None,
+           work: Path | None = None, run_name: str = "stage2") -> tuple[object, int]:
     """The method's stage 2: the text tower against a static bank of every train image."""
     wrapped = wrap(copy.deepcopy(model))
     bank = cp.NegativeBank.build(wrapped, bank_ids, images, batch_size=budget.eval_batch,
                                  show_progress=show_progress)
-    config = cp.Stage2Config(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
-                             temperature=budget.stage2_temperature,
-                             annotated_fraction=stage2_share(budget) if mixed else None,
-                             steps_per_epoch=steps_per_epoch, select_metric=None, seed=seed,
-                             show_progress=show_progress)
-    history = cp.Stage2Trainer(wrapped, bank, triplets, images, config=config).fit()
+    config = dict(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
+                  temperature=budget.stage2_temperature,
+                  annotated_fraction=stage2_share(budget) if mixed else None,
+                  steps_per_epoch=steps_per_epoch, select_metric=None, seed=seed,
+                  show_progress=show_progress)
+    chosen = selection(budget, val, run_name, work)
+    if chosen:
+        del config["select_metric"]
+    _, history = fit(cp.Stage2Trainer, (wrapped, bank, triplets, images), cp.Stage2Config, config, chosen)
     return wrapped.eval(), sum(entry["steps"] for entry in history)
 
 
@@ -301,10 +344,15 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
     transform = ClipTransform("targetpad", world["image_size"], mean=MEAN, std=STD)
     train = cp.load_cirr(root, "train", transform=transform)
     test = cp.load_cirr(root, "test", transform=transform)
+    val = cp.load_cirr(root, "val", transform=transform) if budget.select_on_val else None
     images = clock.run(f"seed {seed}: a. decode images", lambda: {
         **preload(train, train.gallery_ids, root / "train-images.safetensors", show_progress),
-        **preload(test, test.gallery_ids, root / "test-images.safetensors", show_progress)})
+        **preload(test, test.gallery_ids, root / "test-images.safetensors", show_progress),
+        **(preload(val, val.gallery_ids, root / "val-images.safetensors", show_progress) if val else {})})
     test = dataclasses.replace(test, images={i: images[i] for i in test.gallery_ids})
+    if val is not None:
+        val = dataclasses.replace(val, images={i: images[i] for i in val.gallery_ids})
+    work = out / "checkpoints" / f"seed{seed}"  # per-epoch checkpoints when the best epoch is chosen on val
     clip_dir = clock.run(f"seed {seed}: b. pretrain tiny CLIP", make_clip, root, train, images, budget, cache,
                          world_seed, device, show_progress)
     annotated = [t for t in train.triplets if t.target is not None]
@@ -315,7 +363,7 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
     results["pretrained CLIP, no CIR training"] = clock.run(f"seed {seed}: e. evaluate pretrained", evaluate,
                                                             pretrained, test, budget, show_progress)
     baseline = clock.run(f"seed {seed}: c. baseline stage 1", stage1, clip_dir, annotated, images, budget, seed,
-                         device, mixed=False, show_progress=show_progress)
+                         device, mixed=False, show_progress=show_progress, val=val, work=work, run_name="baseline")
     results["baseline"] = clock.run(f"seed {seed}: e. evaluate baseline", evaluate, baseline, test, budget,
                                     show_progress)
     generated = clock.run(f"seed {seed}: d. augment (caption, pair, template)", augment, root, clip_dir, train,
@@ -323,24 +371,26 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
     info["generated_triplets"] = len(generated)
     info["annotated_triplets"] = len(annotated)
     plus_p = clock.run(f"seed {seed}: d. +P stage 1", stage1, clip_dir, annotated + generated, images, budget,
-                       seed, device, mixed=True, show_progress=show_progress)
+                       seed, device, mixed=True, show_progress=show_progress, val=val, work=work, run_name="plus_p")
     results["+P"] = clock.run(f"seed {seed}: e. evaluate +P", evaluate, plus_p, test, budget, show_progress)
     plus_n, steps_n = clock.run(f"seed {seed}: d. +N stage 2", stage2, baseline, annotated, images, bank_ids,
-                                budget, seed, mixed=False, show_progress=show_progress)
+                                budget, seed, mixed=False, show_progress=show_progress, val=val, work=work,
+                                run_name="plus_n")
     results["+N"] = clock.run(f"seed {seed}: e. evaluate +N", evaluate, plus_n, test, budget, show_progress)
     plus_pn, steps_pn = clock.run(f"seed {seed}: d. +P+N stage 2", stage2, plus_p, annotated + generated, images,
-                                  bank_ids, budget, seed, mixed=True, show_progress=show_progress)
+                                  bank_ids, budget, seed, mixed=True, show_progress=show_progress, val=val,
+                                  work=work, run_name="plus_pn")
     results["+P+N"] = clock.run(f"seed {seed}: e. evaluate +P+N", evaluate, plus_pn, test, budget, show_progress)
     zero1 = clock.run(f"seed {seed}: d. zero-shot stage 1", stage1, clip_dir, generated, images, budget, seed,
-                      device, mixed=False, show_progress=show_progress)
+                      device, mixed=False, show_progress=show_progress, val=val, work=work, run_name="zero1")
     zero, _ = clock.run(f"seed {seed}: d. zero-shot stage 2", stage2, zero1, generated, images, bank_ids, budget,
-                        seed, mixed=False, show_progress=show_progress)
+                        seed, mixed=False, show_progress=show_progress, val=val, work=work, run_name="zero2")
     results["zero-shot"] = clock.run(f"seed {seed}: e. evaluate zero-shot", evaluate, zero, test, budget,
                                      show_progress)
     per_epoch = max(1, steps_pn // budget.stage2_epochs)
     equal, steps_eq = clock.run(f"seed {seed}: d. +N with the steps of +P+N", stage2, baseline, annotated, images,
                                 bank_ids, budget, seed, mixed=False, steps_per_epoch=per_epoch,
-                                show_progress=show_progress)
+                                show_progress=show_progress, val=val, work=work, run_name="plus_n_equal")
     results["+N (steps of +P+N)"] = clock.run(f"seed {seed}: e. evaluate +N (steps of +P+N)", evaluate, equal,
                                               test, budget, show_progress)
     info["stage2_steps"] = {"+N": steps_n, "+P+N": steps_pn, "+N (steps of +P+N)": steps_eq}
