@@ -22,6 +22,7 @@ _WHERE = {
     "Stage2Config": "training.config",
     "Stage2Trainer": "training.stage2",
     "SyntheticCaptioner": "data.synthetic",
+    "SyntheticRewriter": "data.synthetic",
     "Split": "data.split",
     "Triplet": "data.triplet",
     "TripletAugmenter": "positives.augmenter",

@@ -309,7 +309,9 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
     captioner = SyntheticCaptioner(root, noise=budget.caption_noise, seed=seed)
     # with fit_text_length, a text longer than the text tower's limit falls back to the target caption alone
     # instead of being truncated mid-description by the tokenizer
-    length_policy = ({"max_tokens": encoder.max_length, "count_tokens": encoder.tokenizer}
+    # (tokens counted as the tokenizer does, without its "longer than the maximum" warning: measuring is the point)
+    length_policy = ({"max_tokens": encoder.max_length,
+                      "count_tokens": lambda text: len(encoder.tokenizer(text, verbose=False)["input_ids"])}
                      if budget.fit_text_length else {})
     rewriter = SyntheticRewriter(budget.rewrite_max_edits) if budget.rewrite else None
     augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=budget.templates,

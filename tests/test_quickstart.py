@@ -39,8 +39,9 @@ def test_bad_arguments_are_refused():
         quickstart.main(["--seeds", "0"])
 
 
-@pytest.mark.slow
 def test_quick_run_writes_every_row_and_metric(tmp_path):
+    """The main job end to end on the quick budget (about 25 s from nothing, then ~15 s cached): in the default
+    tier, so CI runs the quickstart itself, not only its helpers."""
     out = tmp_path / "qs"
     # the library from this checkout, whether or not it was pip-installed
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -56,6 +57,9 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
         assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= metrics["R@50"]
     info = report["per_seed"]["0"]["info"]
     assert info["generated_triplets"] > 0
+    # the default budget's levers are on in the quick one too: rewritten texts, best epoch chosen on val
+    assert report["budget_values"]["rewrite"] and report["budget_values"]["select_on_val"]
+    assert "rewrite:" in proc.stdout and "best epoch by val Rmean" in proc.stdout
     steps = info["stage2_steps"]
     assert steps["+N (steps of +P+N)"] == steps["+P+N"] >= steps["+N"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
