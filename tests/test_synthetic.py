@@ -255,6 +255,10 @@ def test_rewriter_turns_a_template_into_the_edits_between_the_captions():
         ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "red", "large", 0, 0)], "turn the circle into a square"),
         ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "blue", "large", 0, 0)],
          "replace the circle with a blue square"),
+        ([_obj("circle", "red", "large", 0, 0)], [_obj("star", "orange", "large", 0, 0)],
+         "replace the circle with an orange star"),
+        ([_obj("star", "red", "large", 0, 0)], [_obj("cross", "red", "large", 0, 0), _obj(None, "orange", None, 1, 1)],
+         "turn the star into a cross and add an orange shape in the centre"),  # a noisy caption's missing attributes stay out of the phrase
         ([_obj("circle", "red", "small", 0, 0)], [_obj("circle", "red", "large", 0, 0)], "make the circle bigger"),
         ([_obj("circle", "red", "small", 0, 0), _obj("star", "red", "small", 0, 1)], [_obj("star", "red", "small", 0, 1)],
          "remove the circle"),

@@ -775,12 +775,11 @@ class SyntheticRewriter:
             name = self._name(old, reference)
             changed = [k for k in ("shape", "color", "size") if old.get(k) != new.get(k) and new.get(k) is not None]
             if "shape" in changed and "color" in changed:
-                phrases.append(f"replace {name} with a {new['color']} {new['shape']}")
+                phrases.append(f"replace {name} with {_object_phrase({'color': new['color'], 'shape': new['shape']})}")
                 changed = [k for k in changed if k == "size"]
             for key in changed:
                 if key == "shape":
-                    article = "an" if new["shape"][0] in "aeiou" else "a"
-                    phrases.append(f"turn {name} into {article} {new['shape']}")
+                    phrases.append(f"turn {name} into {_object_phrase({'shape': new['shape']})}")
                 elif key == "color":
                     phrases.append(f"make {name} {new['color']}")
                 else:
@@ -797,9 +796,7 @@ class SyntheticRewriter:
                 came.remove(new)
         phrases += [f"remove {self._name(old, reference)}" for old in gone]
         for new in came:
-            words = " ".join(new[k] for k in ("size", "color", "shape") if new.get(k)) or "shape"
-            article = "an" if words[0] in "aeiou" else "a"
-            phrases.append(f"add {article} {words} {_position_phrase(new['row'], new['col'])}")
+            phrases.append(f"add {_object_phrase(new)}")
         return phrases
 
     def __call__(self, text: str) -> str:
