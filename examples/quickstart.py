@@ -248,7 +248,7 @@ def selection(budget: Budget, val: Split | None, name: str, out: Path | None) ->
 
 def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, **kwargs) -> tuple[object, list]:
     """Build and fit a trainer; with validation selection, load the best epoch's weights back."""
-    config = config_cls(**config, **chosen.get("config", {}))
+    config = config_cls(**{"select_metric": None, **config, **chosen.get("config", {})})  # None: keep the last epoch
     trainer = trainer_cls(*args, config=config, evaluate=chosen.get("evaluate"), **kwargs)
     history = trainer.fit()
     if chosen:
@@ -268,13 +268,11 @@ def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: 
     config = dict(epochs=epochs, steps_per_epoch=max(1, round(steps / epochs)), batch_size=budget.stage1_batch,
                   lr=budget.stage1_lr, temperature=budget.stage1_temperature,
                   annotated_fraction=budget.annotated_fraction if mixed else None,
-                  select_metric=None, seed=seed, show_progress=show_progress)
+                  seed=seed, show_progress=show_progress)
     trainable = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]
     if budget.fusion == "combiner":
         trainable.append("combiner")
     chosen = selection(budget, val, run_name, work)
-    if chosen:
-        del config["select_metric"]
     fit(cp.Stage1Trainer, (model, triplets, images), cp.Stage1Config, config, chosen, trainable=trainable)
     return model.eval()
 
@@ -293,11 +291,9 @@ def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: in
     config = dict(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
                   temperature=budget.stage2_temperature,
                   annotated_fraction=stage2_share(budget) if mixed else None,
-                  steps_per_epoch=steps_per_epoch, select_metric=None, seed=seed,
+                  steps_per_epoch=steps_per_epoch, seed=seed,
                   show_progress=show_progress)
     chosen = selection(budget, val, run_name, work)
-    if chosen:
-        del config["select_metric"]
     _, history = fit(cp.Stage2Trainer, (wrapped, bank, triplets, images), cp.Stage2Config, config, chosen)
     return wrapped.eval(), sum(entry["steps"] for entry in history)
 

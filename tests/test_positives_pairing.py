@@ -178,11 +178,8 @@ def test_draw_is_the_smallest_hash_keys_of_the_brute_force_window(window):
             assert row == sorted(members, key=lambda j: _key(13, q, n, j))[:3]
 
 
-def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
-    # +-1 entries: many exact ties, so some rows hold more or fewer than b - a values below the
-    # a-th largest and the draw must take its masked (unequal-count) branch; still the reference rule
-    from cir_plugins.positives.pairing import _key
-
+def _spy_draw_widths(monkeypatch) -> list[int]:
+    """Record the candidate width of every call to the pairing's hash draw (the list fills as it runs)."""
     import cir_plugins.positives.pairing as pairing
 
     widths = []
@@ -193,6 +190,17 @@ def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
         return real_draw(seed, q, n, js, valid, k)
 
     monkeypatch.setattr(pairing, "_draw", spy)
+    return widths
+
+
+def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
+    # +-1 entries: many exact ties, so some rows hold more or fewer than b - a values below the
+    # a-th largest and the draw must take its masked (unequal-count) branch; still the reference rule
+    from cir_plugins.positives.pairing import _key
+
+    import cir_plugins.positives.pairing as pairing
+
+    widths = _spy_draw_widths(monkeypatch)
     emb = (torch.randint(0, 2, (31, 3), generator=torch.Generator().manual_seed(6)) * 2 - 1).double()
     windows = brute_force_windows(emb, (2, 6))
     picks = select_partners(emb, rank_window=(2, 6), partners_per_image=2, seed=1, chunk_size=8)
@@ -205,14 +213,7 @@ def test_member_only_draw_path_is_taken_and_matches_reference(monkeypatch):
     # distinct random scores: every row holds exactly b - a members, so only those are hashed
     import cir_plugins.positives.pairing as pairing
 
-    widths = []
-    real_draw = pairing._draw
-
-    def spy(seed, q, n, js, valid, k):
-        widths.append(js.shape[1])
-        return real_draw(seed, q, n, js, valid, k)
-
-    monkeypatch.setattr(pairing, "_draw", spy)
+    widths = _spy_draw_widths(monkeypatch)
     emb = torch.randn(59, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     windows = brute_force_windows(emb, (4, 13))
     picks = select_partners(emb, rank_window=(4, 13), partners_per_image=2, seed=2, chunk_size=11)
