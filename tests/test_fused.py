@@ -138,6 +138,12 @@ _SCRIPT = textwrap.dedent(
         a = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=True)
         b = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=False, chunk_size=8)
         out["partials"]["rel_max_token"] = float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())
+        # tile overrides (the tuner's knob) change the schedule, not the statistics
+        from cir_plugins.negatives.fused import fused_dot_bank_partials
+        st = [fused_dot_bank_partials(q, bank, tau, ex, tiles=t)
+              for t in (None, {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DV": 16, "programs_per_sm": 1})]
+        st = [(s_.m, s_.z, s_.t, s_.w) for s_ in st]
+        out["partials"]["rel_tiles"] = float((norm(st[1]) - norm(st[0])).abs().max() / norm(st[0]).abs().max())
     print("RESULT " + json.dumps(out))
     """
 )
@@ -207,6 +213,19 @@ def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
     # distributed.local_bank_stats takes the kernel on CUDA; it must equal its PyTorch loop
     assert interpreted["partials"]["rel"] <= 1e-5
     assert interpreted["partials"]["rel_max_token"] <= 1e-5
+
+
+def test_tile_overrides_keep_the_statistics(interpreted):
+    # several query blocks, column chunks and splits instead of one of each: same numbers
+    assert interpreted["partials"]["rel_tiles"] <= 1e-5
+
+
+def test_tile_overrides_are_checked_and_applied():
+    cfg = fused._config(300, 10_000, 768, torch.device("cpu"), {"BLOCK_N": 16, "num_stages": 2, "BLOCK_DV": 128})
+    assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["BLOCK_DV"], cfg["NUM_DV"]) == (16, 2, 128, 6)
+    assert cfg["splits"] * cfg["tiles_per_split"] * cfg["BLOCK_N"] >= 10_000
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        fused._config(4, 100, 8, torch.device("cpu"), {"BLOCK_M": 64})
 
 
 # ---------------------------------------------------------------- availability and dispatch

@@ -295,27 +295,41 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x - 1).bit_length())
 
 
-def _config(b: int, n: int, d: int, device: torch.device) -> dict:
-    """Tile sizes and the number of bank splits."""
+_TILE_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "num_warps", "num_stages", "programs_per_sm")
+
+
+def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None) -> dict:
+    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``."""
+    tiles = dict(tiles or {})
+    unknown = sorted(set(tiles) - set(_TILE_KEYS))
+    if unknown:
+        raise ConfigError(explain("unknown tile settings", got=unknown, expected=_TILE_KEYS))
     if _interpreting() or device.type != "cuda":
         # the interpreter runs numpy per program: small tiles, few programs
         block_b, block_n, block_k = 16, 32, 32
         block_dv = min(64, max(16, _pow2(d)))
-        target_programs = 4
+        programs_per_sm, sms = 4, 1
         num_warps = 4
     else:
         block_b = 64 if b > 32 else (32 if b > 16 else 16)
         block_n, block_k = 64, 64
         block_dv = min(256, max(16, _pow2(d)))
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target_programs = 4 * sms
+        programs_per_sm = 4
         num_warps = 8
+    block_b = tiles.get("BLOCK_B", block_b)
+    block_n = tiles.get("BLOCK_N", block_n)
+    block_k = tiles.get("BLOCK_K", block_k)
+    block_dv = tiles.get("BLOCK_DV", block_dv)
+    num_warps = tiles.get("num_warps", num_warps)
+    target_programs = tiles.get("programs_per_sm", programs_per_sm) * sms
     num_qb = triton.cdiv(b, block_b)
     num_dv = triton.cdiv(d, block_dv)
-    tiles = triton.cdiv(n, block_n)
-    splits = max(1, min(tiles, triton.cdiv(target_programs, num_qb * num_dv)))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
+    num_stages = tiles.get("num_stages")
+    n_tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(n_tiles, triton.cdiv(target_programs, num_qb * num_dv)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
     return dict(
         BLOCK_B=block_b,
         BLOCK_N=block_n,
@@ -326,6 +340,7 @@ def _config(b: int, n: int, d: int, device: torch.device) -> dict:
         splits=splits,
         tiles_per_split=tiles_per_split,
         num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -376,7 +391,7 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity=
         )
 
 
-def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str):
+def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str, tiles=None):
     """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None.
 
     bank (N, D) for dot similarity, (N, T, D) for max over tokens.
@@ -386,7 +401,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
     multi = bank.dim() == 3
     tokens = bank.shape[1] if multi else 1
     bank = bank.contiguous()
-    cfg = _config(bsz, n, dim, bank.device)
+    cfg = _config(bsz, n, dim, bank.device, tiles)
     ieee = bank.dtype == torch.float32
     q32 = query.detach().float()
     qh = q32.to(bank.dtype).contiguous()  # (B, D) in the bank's dtype
@@ -406,6 +421,9 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
     t = torch.empty_like(m)
     w = torch.empty((s, bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
     grid = (cfg["num_qb"] * cfg["NUM_DV"], s)
+    launch = {"num_warps": cfg["num_warps"]}
+    if cfg["num_stages"] is not None:
+        launch["num_stages"] = cfg["num_stages"]
     _bank_partials_kernel[grid](
         qh,
         ql,
@@ -434,7 +452,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         BLOCK_K=cfg["BLOCK_K"],
         BLOCK_DV=cfg["BLOCK_DV"],
         NUM_DV=cfg["NUM_DV"],
-        num_warps=cfg["num_warps"],
+        **launch,
     )
     return m, z, t, (w if need_w else None)
 
@@ -457,6 +475,7 @@ def fused_dot_bank_partials(
     *,
     need_w: bool = True,
     precision: str = "exact",
+    tiles: dict | None = None,
 ) -> BankStats:
     """Softmax statistics of ``sim(query, bank) / temperature`` in one pass over the bank.
 
@@ -468,13 +487,17 @@ def fused_dot_bank_partials(
         exclude_rows: (B, K) int64 rows of ``bank`` to leave out for each query, -1 = padding.
         need_w: also accumulate ``w = sum_j exp(l_j - m) b_j`` (B, D) for the query gradient.
         precision: "exact" (float32-grade products over a half bank) or "fast".
+        tiles: tile-size overrides for tuning, any of BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_DV (powers of
+            two, at least 16), num_warps, num_stages, programs_per_sm (used by
+            benchmarks/fused_tune.py); None = the built-in choice.
 
     Returns:
         :class:`BankStats` with no autograd history.
     """
     _check_inputs(query, bank, temperature, exclude_rows, precision, "dot" if bank.dim() == 2 else "max_token")
     with torch.no_grad():
-        return _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
+        return _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
+                                          tiles=tiles))
 
 
 class _FusedBankLoss(torch.autograd.Function):
