@@ -300,3 +300,32 @@ def test_argselect_matches_full_sort(workers):
         kth_in = kth - lo
         if 0 <= kth_in < hi - lo:
             assert torch.equal(got[:, kth_in], ranked[:, kth])
+
+
+class _DeviceCheckingEncoder(torch.nn.Module):
+    """Records the device of each batch; its weights live on ``device`` (meta: no memory, any box)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, device=device))
+        self.seen = []
+
+    def encode_image(self, images):
+        self.seen.append(images.device)
+        return torch.ones(images.shape[0], 2)  # on the CPU, as a model may return
+
+
+def test_embed_images_moves_batches_to_the_encoders_device():
+    from cir_plugins.positives.pairing import embed_images
+
+    images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
+    enc = _DeviceCheckingEncoder("meta")
+    out = embed_images(enc.encode_image, list(images), images, batch_size=2)  # a bound method
+    assert out.shape == (5, 2) and out.device.type == "cpu"
+    assert [d.type for d in enc.seen] == ["meta"] * 3
+    cpu_enc = _DeviceCheckingEncoder("cpu")
+    embed_images(cpu_enc.encode_image, list(images), images, batch_size=5)
+    assert [d.type for d in cpu_enc.seen] == ["cpu"]
+    seen = []
+    embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)  # no module
+    assert [d.type for d in seen] == ["cpu"]

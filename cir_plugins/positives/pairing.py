@@ -22,6 +22,7 @@ rows and the window, never on ``chunk_size`` or on topk's internal order.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter
@@ -408,6 +409,16 @@ def select_partners(
     return result
 
 
+def _module_device(encoder) -> torch.device | None:
+    """The device of the first parameter (or buffer) of ``encoder`` or of the module it is bound to."""
+    module = encoder if isinstance(encoder, torch.nn.Module) else getattr(encoder, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
+
+
 def embed_images(
     encoder: Callable[[torch.Tensor], torch.Tensor],
     image_ids: Sequence[str],
@@ -418,7 +429,9 @@ def embed_images(
 ) -> torch.Tensor:
     """Embed ``image_ids`` with ``encoder`` (images (n, C, H, W) -> (n, D) or (n, T, D)).
 
-    Multi-vector outputs (n, T, D) are mean-pooled over T. Runs under ``torch.no_grad``. Returns
+    Multi-vector outputs (n, T, D) are mean-pooled over T. Runs under ``torch.no_grad``. Each batch
+    is moved to the encoder's device: the device of the module's first parameter when ``encoder``
+    is a module or a module's bound method (``model.encode_image``), else left where it is. Returns
     (N, D) float32 on CPU, in ``image_ids`` order.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -431,6 +444,7 @@ def embed_images(
     if missing:
         raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
                                 fix="pass an images mapping that covers every id"))
+    device = _module_device(encoder)
     out = []
     batch_fn = getattr(images, "batch", None)
     if getattr(images, "on_error", "error") != "error":
@@ -440,6 +454,8 @@ def embed_images(
                           disable=not show_progress):
             ids = list(image_ids[start:start + batch_size])
             batch = batch_fn(ids) if callable(batch_fn) else torch.stack([images[i] for i in ids])  # (n, C, H, W)
+            if device is not None:
+                batch = batch.to(device, non_blocking=True)
             features = encoder(batch)
             if not isinstance(features, torch.Tensor) or features.dim() not in (2, 3) or features.shape[0] != len(ids):
                 raise ModelProtocolError(explain("the pair encoder returned the wrong shape",
