@@ -18,15 +18,17 @@ Steps (each prints its time; long ones show a progress bar):
      noise, paired with a near neighbour by rank window, templated, then rewritten by SyntheticRewriter, the
      stand-in for the method's optional LLM rewrite), +N (stage 2 against a bank of every train image),
      +P+N, zero-shot (generated triplets only: stage 1 then stage 2), and the diagnostic "+N, steps of +P+N"
-     (stage 2 on the annotated triplets for as many optimiser steps as +P+N's stage 2);
+     (stage 2 on the annotated triplets for as many optimiser steps as +P+N's stage 2: with the default's
+     equal stage-2 budgets that is the +N run itself);
   e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json,
      results.md and results.png into OUT.
 
 Budgets are fixed before comparing rows (see BUDGETS): stage 1 of the baseline and the zero-shot row take the
 same number of optimiser steps, and +P takes as many annotated samples as the baseline plus its generated ones
-(annotated_fraction of each batch); every stage-2 run takes the same number of epochs over its own training
-triplets (so +P+N, which has more triplets, takes more steps: the diagnostic row "+N (steps of +P+N)"
-separates "more steps" from "more positives"). Every training run, of every row, keeps its best epoch by
+(annotated_fraction of each batch); every stage-2 run takes the same number of optimiser steps (stage2_steps),
+so +N and +P+N differ only in their training triplets and starting model (with stage2_steps=None each takes
+stage2_epochs passes over its own triplets, and the diagnostic row "+N (steps of +P+N)" then separates "more
+steps" from "more positives"). Every training run, of every row, keeps its best epoch (val-checked round) by
 validation Rmean (CIRR protocol on the world's val split), as the method does.
 """
 
@@ -107,6 +109,11 @@ class Budget:
     # trained); here 10 epochs at lr 3e-4: 1000 annotated triplets are 4 steps an epoch, and a tiny model
     # trained from scratch-sized data barely moves at 2e-5 (tried: +1.4 Rmean at 16 steps, lr 2e-4)
     stage2_epochs: int = 10
+    # every stage-2 run (+N, +P+N, zero-shot) takes this many optimiser steps, split into stage2_epochs
+    # val-checked rounds, whatever the size of its training set (None: stage2_epochs passes over it, so +P+N,
+    # with 10x the triplets, took 10x the steps of +N). Equal steps make +N the diagnostic "+N with the steps
+    # of +P+N" by construction
+    stage2_steps: int | None = 200
     stage2_batch: int = 256
     stage2_lr: float = 3e-4
     stage2_temperature: float = 0.02
@@ -137,6 +144,7 @@ BUDGETS = {
                            ("n_val_distractors", 0), ("n_test_queries", 60), ("n_test_distractors", 100),
                            ("image_size", 36)),
                     pretrain_epochs=2, pretrain_batch=128, stage1_steps=8, stage1_batch=64, stage2_epochs=1,
+                    stage2_steps=2,
                     stage2_batch=128, max_generated=300),
 }
 
@@ -288,6 +296,8 @@ def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: in
     wrapped = wrap(copy.deepcopy(model))
     bank = cp.NegativeBank.build(wrapped, bank_ids, images, batch_size=budget.eval_batch,
                                  show_progress=show_progress)
+    if steps_per_epoch is None and budget.stage2_steps is not None:
+        steps_per_epoch = max(1, round(budget.stage2_steps / budget.stage2_epochs))
     config = dict(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
                   temperature=budget.stage2_temperature,
                   annotated_fraction=stage2_share(budget) if mixed else None,
@@ -385,12 +395,16 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
                         seed, mixed=False, show_progress=show_progress, val=val, work=work, run_name="zero2")
     results["zero-shot"] = clock.run(f"seed {seed}: e. evaluate zero-shot", evaluate, zero, test, budget,
                                      show_progress)
-    per_epoch = max(1, steps_pn // budget.stage2_epochs)
-    equal, steps_eq = clock.run(f"seed {seed}: d. +N with the steps of +P+N", stage2, baseline, annotated, images,
-                                bank_ids, budget, seed, mixed=False, steps_per_epoch=per_epoch,
-                                show_progress=show_progress, val=val, work=work, run_name="plus_n_equal")
-    results["+N (steps of +P+N)"] = clock.run(f"seed {seed}: e. evaluate +N (steps of +P+N)", evaluate, equal,
-                                              test, budget, show_progress)
+    if steps_n == steps_pn:  # equal stage-2 budgets: +N already is +N with the steps of +P+N
+        print(f"     +N (steps of +P+N) = +N: both took {steps_n} stage-2 steps", flush=True)
+        results["+N (steps of +P+N)"], steps_eq = results["+N"], steps_n
+    else:
+        per_epoch = max(1, steps_pn // budget.stage2_epochs)
+        equal, steps_eq = clock.run(f"seed {seed}: d. +N with the steps of +P+N", stage2, baseline, annotated,
+                                    images, bank_ids, budget, seed, mixed=False, steps_per_epoch=per_epoch,
+                                    show_progress=show_progress, val=val, work=work, run_name="plus_n_equal")
+        results["+N (steps of +P+N)"] = clock.run(f"seed {seed}: e. evaluate +N (steps of +P+N)", evaluate, equal,
+                                                  test, budget, show_progress)
     info["stage2_steps"] = {"+N": steps_n, "+P+N": steps_pn, "+N (steps of +P+N)": steps_eq}
     info["stage1_steps"] = {"baseline": budget.stage1_steps, "zero-shot": budget.stage1_steps,
                             "+P": round(budget.stage1_steps / budget.annotated_fraction)}
