@@ -76,8 +76,8 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the tiny CLIP's image normali
 class Budget:
     """Everything that sizes a run. Fixed before any row is compared."""
 
-    # synthetic world (WorldConfig fields): 1000 annotated train queries (6000 images) + unlabelled images
-    world: tuple = (("n_train_triplets", 1000), ("n_train_unlabelled", 3000), ("n_val_queries", 300),
+    # synthetic world (WorldConfig fields): 1000 annotated train queries (6000 images) + 6000 unlabelled images
+    world: tuple = (("n_train_triplets", 1000), ("n_train_unlabelled", 6000), ("n_val_queries", 300),
                     ("n_val_distractors", 0), ("n_test_queries", 500), ("n_test_distractors", 1000),
                     ("image_size", 36))
     # tiny CLIP: ViT with one 12 px patch per grid cell, 2 layers of width 64 on each side (("vision", "conv")
@@ -86,7 +86,8 @@ class Budget:
                    ("max_length", 32))
     # query fusion of the CLIP4Cir example: "sum" (normalize(image + text)) or "combiner" (trained with the towers)
     fusion: str = "sum"
-    pretrain_epochs: int = 40
+    # 30 passes over the 12000 train images: the same 1400 steps as 40 passes over 9000 took
+    pretrain_epochs: int = 30
     pretrain_batch: int = 256
     pretrain_lr: float = 2e-3
     # stage 1 (CLIP4Cir's CLIP fine-tuning, in-batch negatives). Annotated-only rows take stage1_steps;
@@ -125,8 +126,8 @@ class Budget:
     # generated texts over the tokenizer's limit: False = truncated by the tokenizer, True = replaced by the
     # target caption (TextMaker's "target" fallback)
     fit_text_length: bool = True
-    # generated triplets kept (seeded subsample of one per train image; 9000 = all of them)
-    max_generated: int = 9000
+    # generated triplets kept (seeded subsample of one per train image; 12000 = all of them)
+    max_generated: int = 12000
     # the method's optional LLM rewrite of generated texts into the annotators' relative style, stood in for by
     # SyntheticRewriter (it reads only the two noisy captions); pairs more than rewrite_max_edits apart keep
     # their template text
