@@ -107,8 +107,8 @@ class Budget:
     # the same share inside +P+N's stage 2 (None: annotated_fraction)
     stage2_annotated_fraction: float | None = None
     # stage 2 (the method's table for CLIP4Cir: batch 256, 3 epochs, lr 2e-5, tau 0.02 fixed, text tower
-    # trained); here 10 epochs at lr 3e-4: 1000 annotated triplets are 4 steps an epoch, and a tiny model
-    # trained from scratch-sized data barely moves at 2e-5 (tried: +1.4 Rmean at 16 steps, lr 2e-4)
+    # trained); here 200 steps in 10 val-checked rounds at lr 3e-4: 1000 annotated triplets are 4 steps an
+    # epoch, and a tiny model barely moves at 2e-5 (tried: +1.4 Rmean at 16 steps, lr 2e-4)
     stage2_epochs: int = 10
     # every stage-2 run (+N, +P+N, zero-shot) takes this many optimiser steps, split into stage2_epochs
     # val-checked rounds, whatever the size of its training set (None: stage2_epochs passes over it, so +P+N,
