@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("--smoke runs the kernel through Triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
-        args.B, args.D, args.N = 19, 70, 1003
+        args.B, args.D, args.N = 19, 24, 203
     elif not torch.cuda.is_available():
         print("fused_tune needs a CUDA device (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2

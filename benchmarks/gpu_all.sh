@@ -22,7 +22,10 @@ step() {  # step NAME SECONDS COMMAND...
     local rc=$?
     echo "== $name: exit $rc in $((SECONDS - t0))s"
     tail -n 40 "$DEST/$name.log"
+    [ "$rc" -eq 0 ] || FAILED="$FAILED $name"
+    return "$rc"
 }
+FAILED=""
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$DEST/env.log"
@@ -39,5 +42,11 @@ step bank_loss_cce 60 python3 benchmarks/bank_loss_gpu.py --grid must --methods 
 step retrieval 45 python3 benchmarks/retrieval_gpu.py --out "$DEST/retrieval_gpu.json"
 step bank_build 50 python3 benchmarks/bank_build.py --preset vitb16 --device cuda --images 4096 --rounds 2 --num-workers 4 --out "$DEST/bank_build_gpu.json"
 QS="${TMPDIR:-/tmp}/cir_quickstart_cuda"  # its cache holds images: keep it out of DEST
-step quickstart_cuda 60 python3 examples/quickstart.py --quick --device cuda --no-progress --out "$QS"
-cp "$QS/results.json" "$DEST/quickstart_cuda.json" 2>/dev/null || echo "quickstart_cuda: no results.json"
+rm -f "$QS/results.json"
+step quickstart_cuda 60 python3 examples/quickstart.py --quick --device cuda --no-progress --out "$QS" \
+    && if [ -f "$QS/results.json" ]; then cp "$QS/results.json" "$DEST/quickstart_cuda.json"; fi
+if [ -n "$FAILED" ]; then
+    echo "failed:$FAILED (logs in $DEST)"
+    exit 1
+fi
+echo "all steps passed (logs and JSON in $DEST)"

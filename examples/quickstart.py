@@ -86,7 +86,7 @@ class Budget:
                    ("max_length", 32))
     # query fusion of the CLIP4Cir example: "sum" (normalize(image + text)) or "combiner" (trained with the towers)
     fusion: str = "sum"
-    # 30 passes over the 12000 train images: the same 1400 steps as 40 passes over 9000 took
+    # 30 passes over the 12000 train images: 1380 steps, about the 1400 that 40 passes over 9000 took
     pretrain_epochs: int = 30
     pretrain_batch: int = 256
     pretrain_lr: float = 2e-3
@@ -112,8 +112,8 @@ class Budget:
     stage2_epochs: int = 10
     # every stage-2 run (+N, +P+N, zero-shot) takes this many optimiser steps, split into stage2_epochs
     # val-checked rounds, whatever the size of its training set (None: stage2_epochs passes over it, so +P+N,
-    # with 10x the triplets, took 10x the steps of +N). Equal steps make +N the diagnostic "+N with the steps
-    # of +P+N" by construction
+    # with 13x the triplets, takes about 13x the steps of +N). Equal steps make +N the diagnostic "+N with the
+    # steps of +P+N" by construction
     stage2_steps: int | None = 200
     stage2_batch: int = 256
     stage2_lr: float = 3e-4
@@ -134,6 +134,13 @@ class Budget:
     rewrite: bool = True
     rewrite_max_edits: int = 4
     eval_batch: int = 512
+
+    def __post_init__(self) -> None:
+        steps, rounds = self.stage2_steps, self.stage2_epochs
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+                                  or steps % rounds):
+            raise ValueError(f"Budget.stage2_steps={steps!r}: expected None or a positive multiple of "
+                             f"stage2_epochs={rounds} (each val-checked round takes stage2_steps / stage2_epochs)")
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if k in ("world", "clip") else v) for k, v in dataclasses.asdict(self).items()}
@@ -298,7 +305,7 @@ def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: in
     bank = cp.NegativeBank.build(wrapped, bank_ids, images, batch_size=budget.eval_batch,
                                  show_progress=show_progress)
     if steps_per_epoch is None and budget.stage2_steps is not None:
-        steps_per_epoch = max(1, round(budget.stage2_steps / budget.stage2_epochs))
+        steps_per_epoch = budget.stage2_steps // budget.stage2_epochs  # a multiple (Budget checks it)
     config = dict(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
                   temperature=budget.stage2_temperature,
                   annotated_fraction=stage2_share(budget) if mixed else None,

@@ -138,10 +138,15 @@ _SCRIPT = textwrap.dedent(
         a = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=True)
         b = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=False, chunk_size=8)
         out["partials"]["rel_max_token"] = float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())
-        # tile overrides (the tuner's knob) change the schedule, not the statistics
-        from cir_plugins.negatives.fused import fused_dot_bank_partials
-        st = [fused_dot_bank_partials(q, bank, tau, ex, tiles=t)
-              for t in (None, {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DV": 16, "programs_per_sm": 1})]
+        # tile overrides (the tuner's knob) change the schedule, not the statistics: 19 queries and D=24 give
+        # 2 query blocks x 2 column chunks x 4 splits of 16-row tiles, against 2 x 1 x 2 built in
+        from cir_plugins.negatives.fused import _config, fused_dot_bank_partials
+        q19 = F.normalize(torch.randn(19, 24, generator=g), dim=-1)
+        ex19 = torch.randint(-1, 61, (19, 2), generator=g)
+        small = {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DV": 16, "programs_per_sm": 16}
+        cfg = _config(19, 61, 24, q19.device, small)
+        out["partials"]["tiles_layout"] = [cfg["num_qb"], cfg["NUM_DV"], cfg["splits"]]
+        st = [fused_dot_bank_partials(q19, bank, tau, ex19, tiles=t) for t in (None, small)]
         st = [(s_.m, s_.z, s_.t, s_.w) for s_ in st]
         out["partials"]["rel_tiles"] = float((norm(st[1]) - norm(st[0])).abs().max() / norm(st[0]).abs().max())
     print("RESULT " + json.dumps(out))
@@ -216,7 +221,8 @@ def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
 
 
 def test_tile_overrides_keep_the_statistics(interpreted):
-    # several query blocks, column chunks and splits instead of one of each: same numbers
+    # several query blocks, column chunks and bank splits: the same numbers as the built-in tiles
+    assert interpreted["partials"]["tiles_layout"] == [2, 2, 4]
     assert interpreted["partials"]["rel_tiles"] <= 1e-5
 
 
@@ -423,3 +429,77 @@ def test_bank_build_benchmark_runs_on_cpu(tmp_path):
                         "--images", "32", "--batch-size", "16", "--rounds", "1"], tmp_path)
     assert {r["method"] for r in data["rows"]} == {"build", "bare_host", "bare_device"}
     assert all(r["images_per_s"] > 0 for r in data["rows"])
+
+
+@pytest.mark.parametrize("tiles", [{"BLOCK_B": 0}, {"BLOCK_B": 24}, {"BLOCK_N": 8}, {"BLOCK_K": True},
+                                   {"BLOCK_DV": "64"}, {"BLOCK_B": None}, {"num_warps": 3}, {"num_warps": 64},
+                                   {"num_stages": 0}, {"programs_per_sm": -1}, {"programs_per_sm": 2.0}])
+def test_bad_tile_values_are_refused_by_name(tiles):
+    key = next(iter(tiles))
+    with pytest.raises(ValueError, match=key):
+        fused._config(4, 100, 8, torch.device("cpu"), tiles)
+
+
+def test_cuda_tile_choice_and_warps_follow_the_query_tile():
+    from types import SimpleNamespace
+
+    cuda = torch.device("cuda")
+    with mock.patch("torch.cuda.get_device_properties", return_value=SimpleNamespace(multi_processor_count=132)), \
+            mock.patch.object(fused, "_interpreting", return_value=False):
+        pick = {b: fused._config(b, 1_000_000, 768, cuda) for b in (8, 32, 64, 256)}
+        forced = fused._config(32, 1_000_000, 768, cuda, {"BLOCK_B": 128})
+        forced_warps = fused._config(256, 1_000_000, 768, cuda, {"num_warps": 2})
+    assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
+        [(16, 4), (32, 4), (64, 4), (128, 8)]
+    assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
+    assert (forced_warps["BLOCK_B"], forced_warps["num_warps"]) == (128, 2)
+    assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
+
+
+def test_out_of_resources_falls_back_to_64_query_tiles():
+    """A GPU with less shared memory than the tuning one: the built-in 128-query launch is retried with 64."""
+    calls = []
+    real_config = fused._config
+
+    def config(b, n, d, device, tiles=None):
+        cfg = real_config(b, n, d, device, tiles)
+        if tiles is None:
+            cfg = dict(cfg, BLOCK_B=128, num_qb=1, num_warps=8)  # what a CUDA device would get for B > 64
+        return cfg
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                calls.append((meta["BLOCK_B"], meta["num_warps"]))
+                if meta["BLOCK_B"] == 128:
+                    raise fused._OUT_OF_RESOURCES(262144, 232448, "shared memory")
+                m, z, t = args[5], args[6], args[7]
+                m.zero_(), z.fill_(1.0), t.zero_()
+            return launch
+
+    q, bank, tau = torch.randn(70, 8), torch.randn(50, 8), torch.tensor(0.05)
+    with mock.patch.object(fused, "_config", side_effect=config), \
+            mock.patch.object(fused, "_bank_partials_kernel", Kernel(), create=True):
+        m, z, t, w = fused._launch_partials(q, bank, tau, None, need_w=True, precision="exact")
+        assert calls == [(128, 8), (64, 4)]
+        assert m.shape[1] == 70 and w.shape[1:] == (70, 8)
+        calls.clear()
+        with pytest.raises(fused._OUT_OF_RESOURCES):  # explicit tiles are the caller's: no silent change
+            fused._launch_partials(q, bank, tau, None, need_w=True, precision="exact", tiles={"BLOCK_B": 128})
+        assert calls == [(128, 4)]
+
+
+def test_tile_sweep_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/fused_tune.py through the interpreter: every setting runs and matches the float32 reference."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_tune.py"), "--smoke", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 6 and set(data["best"]) == {"exact", "fast"}
+    for r in data["rows"]:
+        assert "ms" in r, r  # no setting failed or was skipped
+        assert r["lse_rel"] <= (1e-5 if r["precision"] == "exact" else 1e-3), r
+        assert r["eb_rel"] <= (1e-4 if r["precision"] == "exact" else 1e-2), r
+    assert "built-in" in proc.stdout and "x_floor" in proc.stdout

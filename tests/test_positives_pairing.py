@@ -1,4 +1,5 @@
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -316,16 +317,21 @@ class _DeviceCheckingEncoder(torch.nn.Module):
 
 
 def test_embed_images_moves_batches_to_the_encoders_device():
-    from cir_plugins.positives.pairing import embed_images
+    from cir_plugins.positives import pairing
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
-    enc = _DeviceCheckingEncoder("meta")
-    out = embed_images(enc.encode_image, list(images), images, batch_size=2)  # a bound method
+    cpu_enc = _DeviceCheckingEncoder("cpu")
+    assert pairing._module_device(cpu_enc.encode_image) == torch.device("cpu")  # a bound method
+    assert pairing._module_device(cpu_enc) == torch.device("cpu")  # the module itself
+    assert pairing._module_device(_DeviceCheckingEncoder("meta").encode_image) is None  # offloaded weights
+    assert pairing._module_device(torch.nn.ReLU()) is None  # no parameters
+    assert pairing._module_device(lambda x: x) is None  # no module
+    # the move itself: batches go to whatever device the encoder reports (meta needs no memory)
+    enc = _DeviceCheckingEncoder("cpu")
+    with mock.patch.object(pairing, "_module_device", return_value=torch.device("meta")):
+        out = pairing.embed_images(enc.encode_image, list(images), images, batch_size=2)
     assert out.shape == (5, 2) and out.device.type == "cpu"
     assert [d.type for d in enc.seen] == ["meta"] * 3
-    cpu_enc = _DeviceCheckingEncoder("cpu")
-    embed_images(cpu_enc.encode_image, list(images), images, batch_size=5)
-    assert [d.type for d in cpu_enc.seen] == ["cpu"]
     seen = []
-    embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)  # no module
+    pairing.embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)
     assert [d.type for d in seen] == ["cpu"]

@@ -71,6 +71,34 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
 
 
+def test_quick_run_with_per_row_stage2_passes_trains_the_diagnostic_row(tmp_path):
+    """stage2_steps=None: each stage-2 run takes stage2_epochs passes over its own triplets, so +P+N takes more
+    steps than +N, and the diagnostic row is a separate run with +P+N's steps."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = ("import dataclasses, sys; sys.path.insert(0, 'examples'); import quickstart as q; "
+              "q.BUDGETS['quick'] = dataclasses.replace(q.BUDGETS['quick'], stage2_steps=None); "
+              f"sys.exit(q.main(['--quick', '--no-progress', '--out', {str(tmp_path / 'qs')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert report["budget_values"]["stage2_steps"] is None
+    steps = report["per_seed"]["0"]["info"]["stage2_steps"]
+    assert steps["+N (steps of +P+N)"] == steps["+P+N"] > steps["+N"] > 0
+    assert "d. +N with the steps of +P+N" in proc.stdout  # trained, not copied from +N
+    assert set(report["rows"]) == ROWS
+
+
+def test_budget_refuses_stage2_steps_that_do_not_split_into_rounds():
+    import quickstart
+
+    for bad in (0, -10, 25, 2.5, True):
+        with pytest.raises(ValueError, match="stage2_steps"):
+            quickstart.Budget(stage2_steps=bad)
+    assert quickstart.Budget(stage2_steps=None).stage2_steps is None
+    assert quickstart.Budget().stage2_steps % quickstart.Budget().stage2_epochs == 0
+
+
 def _fake_report(folder: Path, seed: int, budget: dict, world_seed: int = 0) -> None:
     import quickstart
 

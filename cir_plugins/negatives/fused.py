@@ -81,6 +81,16 @@ except Exception as exc:  # pragma: no cover - depends on the install
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+class _NoSuchError(Exception):
+    """Stands for triton's OutOfResources where triton lacks it (never raised)."""
+
+
+try:
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+except ImportError:  # pragma: no cover - no triton, or another layout
+    _OUT_OF_RESOURCES = _NoSuchError
+
+
 def triton_importable() -> bool:
     """True when ``triton`` imported cleanly in this process."""
     return triton is not None
@@ -298,29 +308,49 @@ def _pow2(x: int) -> int:
 _TILE_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "num_warps", "num_stages", "programs_per_sm")
 
 
-def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None) -> dict:
-    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``."""
-    tiles = dict(tiles or {})
+def _check_tiles(tiles: dict) -> None:
+    """Tile overrides: known keys; block sizes powers of two >= 16; warps a power of two 1..32; stages and
+    programs per SM positive ints (num_stages may be None)."""
     unknown = sorted(set(tiles) - set(_TILE_KEYS))
     if unknown:
         raise ConfigError(explain("unknown tile settings", got=unknown, expected=_TILE_KEYS))
+    for key, value in tiles.items():
+        if key == "num_stages" and value is None:
+            continue
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if key.startswith("BLOCK_"):
+            ok = ok and value >= 16 and value & (value - 1) == 0
+            expected = "a power of two >= 16"
+        elif key == "num_warps":
+            ok = ok and value <= 32 and value & (value - 1) == 0
+            expected = "1, 2, 4, 8, 16 or 32"
+        else:
+            expected = "an int >= 1" + (" or None" if key == "num_stages" else "")
+        if not ok:
+            raise ConfigError(explain(f"bad tile setting {key}", got=value, expected=expected))
+
+
+def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None) -> dict:
+    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``."""
+    tiles = dict(tiles or {})
+    _check_tiles(tiles)
     if _interpreting() or device.type != "cuda":
         # the interpreter runs numpy per program: small tiles, few programs
-        block_b, block_n, block_k = 16, 32, 32
+        block_b = tiles.get("BLOCK_B", 16)
+        block_n, block_k = 32, 32
         block_dv = min(64, max(16, _pow2(d)))
         programs_per_sm, sms = 4, 1
         num_warps = 4
     else:
-        # measured on an H200 (benchmarks/fused_tune.py, B=256 D=768 N=1M, bf16 bank): 128 queries
-        # with 8 warps was the fastest of 24 settings for both precisions (8.1 ms exact, 6.1 ms fast,
-        # against 29.1 / 9.9 ms for the former 64 queries with 8 warps); 64 queries need 4 warps
-        block_b = 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16))
+        # measured on an H200 (benchmarks/fused_tune.py, B=256 D=768 N=1M, bf16 bank): 128 queries with 8
+        # warps was the fastest of the 18 settings measured for both precisions (8.1 ms exact, 6.1 ms fast,
+        # against 29.1 / 9.9 ms for the former 64 queries with 8 warps); 64 queries want 4 warps
+        block_b = tiles.get("BLOCK_B", 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16)))
         block_n, block_k = 64, 64
         block_dv = min(256, max(16, _pow2(d)))
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         programs_per_sm = 4
-        num_warps = 8 if block_b >= 128 else 4
-    block_b = tiles.get("BLOCK_B", block_b)
+        num_warps = 8 if block_b >= 128 else 4  # from the (possibly overridden) query tile
     block_n = tiles.get("BLOCK_N", block_n)
     block_k = tiles.get("BLOCK_K", block_k)
     block_dv = tiles.get("BLOCK_DV", block_dv)
@@ -418,46 +448,45 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         excl = torch.full((1,), -1, dtype=torch.int64, device=bank.device)
         k = 0
     tau = temperature.detach().reshape(()).float().contiguous()
-    s = cfg["splits"]
-    m = torch.empty((s, bsz), dtype=torch.float32, device=bank.device)
-    z = torch.empty_like(m)
-    t = torch.empty_like(m)
-    w = torch.empty((s, bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
-    grid = (cfg["num_qb"] * cfg["NUM_DV"], s)
-    launch = {"num_warps": cfg["num_warps"]}
-    if cfg["num_stages"] is not None:
-        launch["num_stages"] = cfg["num_stages"]
-    _bank_partials_kernel[grid](
-        qh,
-        ql,
-        bank,
-        excl,
-        tau,
-        m,
-        z,
-        t,
-        w,
-        bsz,
-        n,
-        dim,
-        tokens,
-        cfg["tiles_per_split"],
-        K=k,
-        MULTI=multi,
-        SPLIT_Q=split_q,
-        SPLIT_P=split_p,
-        NEED_W=need_w,
-        IEEE=ieee,
-        # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
-        UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
-        BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_DV=cfg["BLOCK_DV"],
-        NUM_DV=cfg["NUM_DV"],
-        **launch,
-    )
-    return m, z, t, (w if need_w else None)
+
+    def run(cfg):
+        s = cfg["splits"]
+        m = torch.empty((s, bsz), dtype=torch.float32, device=bank.device)
+        z = torch.empty_like(m)
+        t = torch.empty_like(m)
+        w = torch.empty((s, bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
+        grid = (cfg["num_qb"] * cfg["NUM_DV"], s)
+        launch = {"num_warps": cfg["num_warps"]}
+        if cfg["num_stages"] is not None:
+            launch["num_stages"] = cfg["num_stages"]
+        _bank_partials_kernel[grid](
+            qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"],
+            K=k,
+            MULTI=multi,
+            SPLIT_Q=split_q,
+            SPLIT_P=split_p,
+            NEED_W=need_w,
+            IEEE=ieee,
+            # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
+            UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
+            BLOCK_B=cfg["BLOCK_B"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_DV=cfg["BLOCK_DV"],
+            NUM_DV=cfg["NUM_DV"],
+            **launch,
+        )
+        return m, z, t, (w if need_w else None)
+
+    try:
+        return run(cfg)
+    except _OUT_OF_RESOURCES as exc:
+        # the built-in 128-query tiles were tuned on an H200 (232 KB of shared memory per block); a GPU
+        # with less gets the 64-query tiles, which need about half
+        if tiles is not None or cfg["BLOCK_B"] <= 64:
+            raise
+        logger.warning("fused bank loss: %s; falling back to 64-query tiles", str(exc).splitlines()[0])
+        return run(_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}))
 
 
 def _combine(m, z, t, w) -> BankStats:

@@ -410,12 +410,13 @@ def select_partners(
 
 
 def _module_device(encoder) -> torch.device | None:
-    """The device of the first parameter (or buffer) of ``encoder`` or of the module it is bound to."""
+    """The device of the first parameter (or buffer) of ``encoder`` or of the module it is bound to; None
+    when there is none, or when it is ``meta`` (weights offloaded: the model's own hooks place inputs)."""
     module = encoder if isinstance(encoder, torch.nn.Module) else getattr(encoder, "__self__", None)
     if not isinstance(module, torch.nn.Module):
         return None
     for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return tensor.device
+        return None if tensor.device.type == "meta" else tensor.device
     return None
 
 
@@ -431,7 +432,8 @@ def embed_images(
 
     Multi-vector outputs (n, T, D) are mean-pooled over T. Runs under ``torch.no_grad``. Each batch
     is moved to the encoder's device: the device of the module's first parameter when ``encoder``
-    is a module or a module's bound method (``model.encode_image``), else left where it is. Returns
+    is a module or a module's bound method (``model.encode_image``), else (no module, no parameters,
+    or ``meta`` parameters of an offloaded model) left where it is. Returns
     (N, D) float32 on CPU, in ``image_ids`` order.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
