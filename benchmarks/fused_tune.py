@@ -10,7 +10,8 @@ backward) under each tile setting and both precisions, and reports:
   lse_rel   max |logsumexp - reference| / max |reference|
   eb_rel    max |E_p[b] - reference| / max |reference|  (the query gradient's bank term)
 
-The reference is a float32 chunked loop in PyTorch over the same bf16 bank values. A setting that
+The reference is the library's float32 chunked PyTorch loop (``local_bank_stats`` without the kernel)
+over the same bf16 bank values. A setting that
 fails to compile or run is listed with its error, not dropped.
 
     python benchmarks/fused_tune.py --out benchmarks/fused_tune_gpu.json
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _common import record_header, write_json  # noqa: E402
 from bank_loss_gpu import H200_GBPS, H200_TFLOPS, Timer, make_bank, measure_peaks  # noqa: E402
 from cir_plugins.negatives import fused  # noqa: E402
+from cir_plugins.negatives.distributed import local_bank_stats  # noqa: E402
 
 
 def settings(smoke=False):
@@ -52,24 +54,9 @@ def settings(smoke=False):
     return out
 
 
-def reference_stats(query, bank, tau, excl, chunk=65536):
-    """float32 logsumexp and E_p[b] over the bank, chunk by chunk (plain PyTorch)."""
-    q = query.float()
-    rows = torch.arange(q.shape[0], device=q.device)
-    m = torch.full((q.shape[0],), float("-inf"), device=q.device)
-    z = torch.zeros_like(m)
-    w = torch.zeros_like(q)
-    for s in range(0, bank.shape[0], chunk):
-        b = bank[s:s + chunk].float()  # (C, D)
-        logits = q @ b.T / tau  # (B, C)
-        hit = (excl >= s) & (excl < s + b.shape[0])
-        logits[rows[:, None].expand_as(excl)[hit], (excl - s)[hit]] = float("-inf")
-        m_new = torch.maximum(m, logits.max(1).values)
-        p = torch.exp(logits - m_new[:, None])
-        scale = torch.exp(m - m_new)
-        z = z * scale + p.sum(1)
-        w = w * scale[:, None] + p @ b
-        m = m_new
+def reference_stats(query, bank, tau, excl, chunk):
+    """float32 logsumexp and E_p[b] from the library's plain PyTorch chunk loop (the sharded loss's path)."""
+    m, z, _, w = local_bank_stats(query, bank, tau, excl, "dot", chunk_size=chunk, use_fused=False)
     return m + torch.log(z), w / z[:, None]
 
 
@@ -115,7 +102,7 @@ def main(argv=None) -> int:
             row["note"] = f"skipped: time budget {args.max_seconds}s spent"
             continue
         try:
-            row["config"] = {k: v for k, v in fused._config(b, n, d, device, tiles).items()}
+            row["config"] = fused._config(b, n, d, device, tiles)
 
             def step():
                 return fused.fused_dot_bank_partials(query, bank, tau, excl, precision=precision, tiles=tiles)
