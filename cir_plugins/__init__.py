@@ -32,6 +32,7 @@ _WHERE = {
     "load_cirr": "data.cirr",
     "load_fashioniq": "data.fashioniq",
     "load_split": "data.fashioniq",
+    "load_trained": "trained",
     "make_world": "data.synthetic",
     "rank_cirr": "evaluation",
     "retrieval_metrics": "metrics",
