@@ -72,3 +72,69 @@ def test_errors(tmp_path):
     bad.write_text('[{"candidate": "a", "target": "b", "captions"')
     with pytest.raises(AnnotationError):
         read_generated_fashioniq(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# the method's release files, in their exact published shapes (METHOD.md section 2)
+
+
+def _release_cirr_records(ids):
+    """cap.rc2.train.extend_{model}.json: caption is a LIST of texts, pairid 0, img_set has only members,
+    caption1 / caption2 are the reference / target captions; no source field."""
+    return [{"target_hard": ids[k + 1], "reference": ids[k],
+             "caption": [f"a red {k} instead of a blue {k}", f"Unlike a blue {k}, I want a red {k}"],
+             "pairid": 0, "img_set": {"members": [ids[k], ids[k + 1]]},
+             "caption1": f"a blue {k}", "caption2": f"a red {k}"} for k in range(len(ids) - 1)]
+
+
+def _release_fashioniq_records(ids):
+    """cap.extend_{model}.train.json: captions is a list of texts ("{T}" template: one), no source field."""
+    return [{"target": ids[k + 1], "candidate": ids[k], "captions": [f"long red dress {k}"],
+             "caption1": f"short blue dress {k}", "caption2": f"long red dress {k}"} for k in range(len(ids) - 1)]
+
+
+def test_release_cirr_file_loads_as_generated_triplets(tmp_path):
+    ids = [f"train-{k}-0-img0" for k in range(5)]
+    path = tmp_path / "cap.rc2.train.extend_clip.json"
+    path.write_text(json.dumps(_release_cirr_records(ids)))
+    back = read_generated_cirr(path)
+    assert len(back) == 4
+    for k, t in enumerate(back):
+        assert (t.reference, t.target, t.source) == (ids[k], ids[k + 1], "generated")
+        assert t.texts == (f"a red {k} instead of a blue {k}", f"Unlike a blue {k}, I want a red {k}")
+        assert t.members == (ids[k], ids[k + 1])
+        assert (t.meta["reference_caption"], t.meta["target_caption"]) == (f"a blue {k}", f"a red {k}")
+
+
+def test_release_fashioniq_file_loads_as_generated_triplets(tmp_path):
+    ids = [f"B00{k}" for k in range(4)]
+    path = tmp_path / "cap.extend_clip.train.json"
+    path.write_text(json.dumps(_release_fashioniq_records(ids)))
+    back = read_generated_fashioniq(path)
+    assert [(t.reference, t.target, t.texts, t.source) for t in back] == \
+        [(ids[k], ids[k + 1], (f"long red dress {k}",), "generated") for k in range(3)]
+    assert back[0].meta["reference_caption"] == "short blue dress 0"
+
+
+def test_generated_readers_keep_an_explicit_source_and_refuse_an_unknown_one(tmp_path):
+    ids = [f"B00{k}" for k in range(3)]
+    records = _release_fashioniq_records(ids)
+    records[0]["source"] = "annotated"
+    path = tmp_path / "gen.json"
+    path.write_text(json.dumps(records))
+    assert [t.source for t in read_generated_fashioniq(path)] == ["annotated", "generated"]
+    records[1]["source"] = "llm"
+    path.write_text(json.dumps(records))
+    with pytest.raises(AnnotationError, match="record 1.*source"):
+        read_generated_fashioniq(path)
+
+
+def test_stage2_reads_the_release_files_by_their_keys(tmp_path):
+    from cir_plugins.cli._common import read_triplets
+
+    ids = [f"train-{k}-0-img0" for k in range(3)]
+    path = tmp_path / "cirr.json"
+    path.write_text(json.dumps(_release_cirr_records(ids)))
+    assert [t.source for t in read_triplets(path)] == ["generated", "generated"]
+    path.write_text(json.dumps(_release_fashioniq_records(ids)))
+    assert [t.texts for t in read_triplets(path)] == [("long red dress 0",), ("long red dress 1",)]

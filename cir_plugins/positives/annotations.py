@@ -18,6 +18,19 @@ with ``captions = [t, t]`` (and with three or more, the first two), so ``load_fa
 the file; the exact candidate texts are in ``texts``, which :func:`read_generated_fashioniq` uses.
 The dataset loaders ignore the extra fields. Files are written atomically (temp file in the same
 folder, fsync, ``os.replace``).
+
+Reading: both readers are for files of *generated* triplets, so a record without ``source`` is
+generated. They also read the method's release files as they are published, so captioning can be
+skipped (METHOD.md section 2):
+
+- CIRR ``cap.rc2.train.extend_{model}.json``: ``{"target_hard", "reference", "caption": [texts],
+  "pairid": 0, "img_set": {"members": [...]}, "caption1", "caption2"}``; ``caption`` is a list of
+  candidate texts (a string is one text);
+- FashionIQ ``cap.extend_{model}.train.json``: ``{"target", "candidate", "captions": [texts],
+  "caption1", "caption2"}``;
+
+``caption1`` / ``caption2`` (the reference and target captions) become ``meta["reference_caption"]``
+/ ``meta["target_caption"]``.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import _atomic
 from ..data.triplet import Triplet
 from ..errors import AnnotationError, ConfigError, explain
 
@@ -40,26 +54,10 @@ _META_KEYS = ("reference_caption", "target_caption", "templates")
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically (``path.tmp-<pid>``, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+    """Write ``data`` as JSON to ``path`` atomically, in this module's format (indent 1, non-ASCII kept, a
+    final newline); the package's one atomic writer (:mod:`cir_plugins._atomic`) does the write."""
+    return _atomic.atomic_write_json(path, data, indent=1, ensure_ascii=False, trailing_newline=True,
+                                     make_parents=True)
 
 
 def _check_generated(triplets: Sequence[Triplet]) -> None:
@@ -141,37 +139,58 @@ def _name(path: Path, index: int, record: dict, key: str) -> str:
     return value
 
 
+# the release's names of the two image captions -> ours
+_RELEASE_META = {"caption1": "reference_caption", "caption2": "target_caption"}
+
+
 def _meta(record: dict) -> dict[str, Any]:
     meta = {key: record[key] for key in _META_KEYS if key in record}
+    for theirs, ours in _RELEASE_META.items():
+        if ours not in meta and isinstance(record.get(theirs), str):
+            meta[ours] = record[theirs]
     if "templates" in meta:
         meta["templates"] = tuple(meta["templates"])
     return meta
 
 
+def _source(path: Path, index: int, record: dict) -> str:
+    """The record's ``source``; absent -> "generated" (these readers are for generated files)."""
+    source = record.get("source", "generated")
+    if source not in ("annotated", "generated"):
+        raise AnnotationError(explain(f"{path}, record {index}: 'source' must be 'annotated' or 'generated'",
+                                      got=source, fix="drop the field (generated) or fix its value"))
+    return source
+
+
 def read_generated_cirr(path: str | os.PathLike) -> list[Triplet]:
     """Read a file written by :func:`write_generated_cirr` (or any cap.rc2 list) into Triplets.
 
-    texts = ``captions`` when present, else ``(caption,)``; source = the record's ``source``
-    (default "annotated").
+    texts = ``captions`` when present, else ``caption`` (a list of texts, as the release stores it, or
+    one string); source = the record's ``source``, "generated" when absent; ``caption1`` /
+    ``caption2`` -> meta reference / target caption (module notes).
     """
     path, records = _read_list(path)
     out = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
-        texts = _texts(path, index, record, "captions") if "captions" in record else (
-            _texts(path, index, {"caption": [record.get("caption")]}, "caption"))
+        if "captions" in record:
+            texts = _texts(path, index, record, "captions")
+        else:
+            caption = record.get("caption")
+            texts = _texts(path, index, {"caption": caption if isinstance(caption, list) else [caption]}, "caption")
         img_set = record.get("img_set") or {}
         out.append(Triplet(reference=_name(path, index, record, "reference"), texts=texts,
-                           target=_name(path, index, record, "target_hard"), source=record.get("source", "annotated"),
+                           target=_name(path, index, record, "target_hard"), source=_source(path, index, record),
                            pair_id=record.get("pairid"), members=tuple(img_set.get("members", ())),
                            meta=_meta(record)))
     return out
 
 
 def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
-    """Read a file written by :func:`write_generated_fashioniq` into Triplets (texts = ``texts``,
-    else ``captions``)."""
+    """Read a file written by :func:`write_generated_fashioniq` (or the release's
+    ``cap.extend_{model}.train.json``) into Triplets: texts = ``texts``, else ``captions``; source =
+    the record's ``source``, "generated" when absent."""
     path, records = _read_list(path)
     out = []
     for index, record in enumerate(records):
@@ -179,6 +198,6 @@ def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
             raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
         texts = _texts(path, index, record, "texts" if "texts" in record else "captions")
         out.append(Triplet(reference=_name(path, index, record, "candidate"), texts=texts,
-                           target=_name(path, index, record, "target"), source=record.get("source", "annotated"),
+                           target=_name(path, index, record, "target"), source=_source(path, index, record),
                            meta=_meta(record)))
     return out
