@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cir_plugins._atomic import atomic_write_json
-from cir_plugins._cli_common import add_factory_arguments, model_from_factory, parse_json_object
+from cir_plugins.cli._common import add_factory_arguments, model_from_factory, parse_json_object
 from cir_plugins.errors import ConfigError
 
 

@@ -334,7 +334,7 @@ def _run(configure, run, argv):
 
 def test_command_line_evaluate_and_submit(tmp_path, capsys):
     from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
-    from cir_plugins.evaluation_command import configure_evaluate, configure_submit, run_evaluate, run_submit
+    from cir_plugins.cli.evaluate import configure_evaluate, configure_submit, run_evaluate, run_submit
 
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)

@@ -45,3 +45,23 @@ def test_cli_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in cli.COMMANDS:
         assert name in out
+
+
+def test_only_the_cli_package_imports_argparse():
+    """The library never parses argv: argparse is imported under cir_plugins/cli/ alone."""
+    import ast
+    from pathlib import Path
+
+    package = Path(cp.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "argparse" for n in names):
+                offenders.append(str(path.relative_to(package)))
+    assert offenders == []
+    assert sorted(cli_module for cli_module, _ in importlib.import_module("cir_plugins.cli").COMMANDS.values()
+                  if not cli_module.startswith("cir_plugins.cli.")) == []

@@ -10,8 +10,9 @@ import pytest
 
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import AnnotationError
-from cir_plugins.negatives import command as bank_command
-from cir_plugins.positives import command as augment_command
+from cir_plugins.cli import augment as augment_command
+from cir_plugins.cli import build_bank as bank_command
+from cir_plugins.cli._common import load_dataset
 
 
 @pytest.fixture()
@@ -33,10 +34,10 @@ def _bank_args(root, *extra):
 def test_build_bank_and_stage2_dataset_loading_fail_by_default_and_skip_on_request(broken_tree, caplog):
     root, n_records = broken_tree
     with pytest.raises(AnnotationError) as caught:
-        bank_command.load_dataset(_bank_args(root))
+        load_dataset(_bank_args(root))
     assert "cap.rc2.train.json" in str(caught.value) and "record 2" in str(caught.value)
     with caplog.at_level("WARNING"):
-        split = bank_command.load_dataset(_bank_args(root, "--on-bad-record", "skip"))
+        split = load_dataset(_bank_args(root, "--on-bad-record", "skip"))
     assert len(split.triplets) == n_records - 1 and split.info["skipped"] == 1
     assert any("skipped 1 of" in r.getMessage() for r in caplog.records)
 

@@ -258,7 +258,7 @@ def test_runtime_defaults_keep_remote_code_off():
     from cir_plugins.positives.captioners import HFCaptioner
 
     assert inspect.signature(HFCaptioner).parameters["trust_remote_code"].default is False
-    from cir_plugins.positives import command
+    from cir_plugins.cli import augment as command
 
     parser = argparse.ArgumentParser()
     command.configure(parser)

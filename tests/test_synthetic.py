@@ -208,13 +208,15 @@ def test_command_line_quick_world(tmp_path):
     assert stats["queries"] == {"train": 120, "val": 40, "test": 40}
 
 
-def test_command_line_config_overrides(tmp_path):
+def test_command_line_config_overrides(tmp_path, capsys):
     tiny = json.dumps({**TINY, "pixel_noise": 3.0})
     assert syn.main(["--root", str(tmp_path / "t"), "--config", tiny]) == 0
     params = json.loads((tmp_path / "t/synthetic/world.json").read_text())["params"]
     assert params["pixel_noise"] == 3.0 and params["n_val_queries"] == TINY["n_val_queries"]
-    with pytest.raises(ConfigError):
-        syn.main(["--root", str(tmp_path / "u"), "--config", "[1]"])
+    # `python -m cir_plugins.data.synthetic` is `cir-plugins world`: a bad value is one line and exit code 2
+    assert syn.main(["--root", str(tmp_path / "u"), "--config", "[1]"]) == 2
+    assert "--config must be a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
 
 
 def _obj(shape, color, size, row, col):

@@ -22,8 +22,8 @@ def main(argv):
     import importlib
 
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module({"build-bank": "cir_plugins.negatives.command",
-                                      "stage2": "cir_plugins.training.command"}[name])
+    module = importlib.import_module({"build-bank": "cir_plugins.cli.build_bank",
+                                      "stage2": "cir_plugins.cli.stage2"}[name])
     parser = argparse.ArgumentParser(prog=f"cir-plugins {name}")
     module.configure(parser)
     return module.run(parser.parse_args(rest))
@@ -82,7 +82,7 @@ def test_read_triplets_accepts_what_augment_writes(tmp_path):
     """`stage2 --generated` reads the augmenter's CIRR and FashionIQ files as well as the plain list."""
     from cir_plugins.data.triplet import Triplet
     from cir_plugins.positives.annotations import write_generated_cirr, write_generated_fashioniq
-    from cir_plugins.training.command import read_triplets
+    from cir_plugins.cli._common import read_triplets
 
     generated = [Triplet("a", ("b instead of a", "Unlike a, I want b"), "b", source="generated"),
                  Triplet("c", ("d",), "d", source="generated")]

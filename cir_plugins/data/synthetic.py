@@ -54,7 +54,6 @@ Files under ``root``:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -71,7 +70,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .._atomic import atomic_write_json
-from .._cli_common import parse_json_object
 from ..errors import ConfigError, DataError, explain
 
 __all__ = [
@@ -815,27 +813,10 @@ class SyntheticRewriter:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cir_plugins.data.synthetic",
-                                     description="(re)generate the embedded synthetic CIR world")
-    parser.add_argument("--root", required=True, help="directory to write the world into")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="the small preset (seconds)")
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--config", default=None,
-                        help='JSON object of WorldConfig fields overriding the preset, e.g. \'{"pixel_noise": 16}\'')
-    parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    size: Any = "quick" if args.quick else "default"
-    if args.config:
-        overrides = parse_json_object(args.config, "--config",
-                                      fix='pass a JSON object such as \'{"n_val_queries": 200}\'')
-        size = {**PRESETS[size], **overrides}
-    root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
-                      show_progress=True)
-    stats = json.loads(_marker_path(root).read_text())["stats"]
-    print(json.dumps(stats, indent=1))
-    return 0
+    """``python -m cir_plugins.data.synthetic ...``: the same as ``cir-plugins world ...``."""
+    from ..cli import run_command
+
+    return run_command("world", None if argv is None else list(argv), prog="python -m cir_plugins.data.synthetic")
 
 
 if __name__ == "__main__":

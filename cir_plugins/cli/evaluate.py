@@ -18,35 +18,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_json
-from ._cli_common import add_factory_arguments, model_from_factory
-from .errors import ConfigError, explain
+from .._atomic import atomic_write_json
+from ..errors import ConfigError, explain
+from ._common import (CATEGORIES, add_dataset_arguments, add_model_arguments, add_progress_argument,
+                      load_dataset, model_from_factory)
 
 __all__ = ["configure_evaluate", "run_evaluate", "configure_submit", "run_submit"]
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES = ("dress", "shirt", "toptee")
-
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    add_factory_arguments(parser)
-    parser.add_argument("--root", required=True, help="dataset root")
+    add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: the model's device)")
-    parser.add_argument("--transform", default="clip", choices=("clip", "targetpad", "squarepad", "none"),
-                        help="image preprocessing")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_argument(parser)
 
 
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cir-plugins evaluate``."""
+    add_dataset_arguments(parser, default_split="val", many_categories=True)
     _common(parser)
-    parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq", "synthetic"))
-    parser.add_argument("--split", default="val", help="split name on disk (default: val)")
-    parser.add_argument("--category", action="append", default=None,
-                        help="FashionIQ category (repeatable) or 'all' (default: all)")
     parser.add_argument("--remove-reference", choices=("auto", "yes", "no"), default="auto",
                         help="remove the reference from the gallery (auto: CIRR yes, FashionIQ no)")
     parser.add_argument("--output", default=None, help="also write the result dict as JSON here")
@@ -54,8 +45,8 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def configure_submit(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cir-plugins submit``."""
+    add_dataset_arguments(parser, default_split="test1", default_dataset="cirr")
     _common(parser)
-    parser.add_argument("--split", default="test1", help="CIRR split to rank (default: test1)")
     parser.add_argument("--out-dir", required=True, help="folder for the two server files")
     parser.add_argument("--name", default="cirr", help="suffix of the file names")
 
@@ -67,24 +58,21 @@ def _table(result: dict) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Load the split(s), evaluate, print a table (and write JSON with --output)."""
-    from .data.cirr import load_cirr
-    from .data.fashioniq import load_fashioniq
-    from .evaluation import evaluate
+    from ..evaluation import evaluate
 
     model = model_from_factory(args)
-    load = dict(transform=args.transform, size=args.image_size)
     if args.dataset == "fashioniq":
         wanted = args.category or ["all"]
         categories = list(CATEGORIES) if wanted == ["all"] else wanted
         unknown = [c for c in categories if c not in CATEGORIES]
         if unknown:
             raise ConfigError(explain("unknown FashionIQ category", got=unknown, expected=CATEGORIES + ("all",)))
-        splits = [load_fashioniq(args.root, c, args.split, **load) for c in categories]
+        splits = [load_dataset(args, category=c) for c in categories]
         split: Any = splits if len(splits) > 1 else splits[0]
     else:
         if args.category:
             raise ConfigError(explain("--category is only for FashionIQ", got=args.category))
-        split = load_cirr(args.root, args.split, **load)
+        split = load_dataset(args)
     remove = {"auto": None, "yes": True, "no": False}[args.remove_reference]
     result = evaluate(model, split, batch_size=args.batch_size, device=args.device,
                       show_progress=not args.no_progress, remove_reference=remove)
@@ -105,11 +93,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Rank the CIRR test split and write the two validated server files."""
-    from .data.cirr import load_cirr
-    from .evaluation import submit_cirr
+    from ..evaluation import submit_cirr
 
+    if args.dataset == "fashioniq":
+        raise ConfigError(explain("submit writes the CIRR test-server files", got="--dataset fashioniq",
+                                  fix="use --dataset cirr (or synthetic); FashionIQ has no test server"))
     model = model_from_factory(args)
-    split = load_cirr(args.root, args.split, transform=args.transform, size=args.image_size)
+    split = load_dataset(args)
     path_recall, path_subset = submit_cirr(model, split, args.out_dir, batch_size=args.batch_size,
                                            device=args.device, show_progress=not args.no_progress, name=args.name)
     print(f"wrote {path_recall}\nwrote {path_subset}")

@@ -15,27 +15,24 @@ summary, which is also printed.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from .._loading import load_factory
 from ..errors import ConfigError, explain
+from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
+                      load_dataset, model_from_factory)
 
 __all__ = ["configure", "run", "build_captioner"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq", "synthetic"))
-    parser.add_argument("--root", required=True, help="dataset root")
-    parser.add_argument("--split", default="train", help="split name on disk (default: train)")
-    parser.add_argument("--category", default=None, choices=("dress", "shirt", "toptee"),
-                        help="FashionIQ category (required for fashioniq)")
+    add_dataset_arguments(parser)
     parser.add_argument("--captioner", required=True,
                         help="hf:<name-or-path> | file:<captions.json|jsonl> | synthetic[:noise]")
-    parser.add_argument("--pair-encoder", required=True,
-                        help="factory spec file.py:function returning a callable or a model with encode_image")
-    parser.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    add_factory_arguments(parser, flag="--pair-encoder",
+                          help="factory spec 'file.py:function' or 'pkg.module:function' returning a callable "
+                               "images -> (n, D) or a model with encode_image")
+    add_device_argument(parser)
     parser.add_argument("--rank-window", default="10000,15000",
                         help="'a,b' absolute ranks, or fractions of N such as '0.2,0.3'; '-1' = any image")
     parser.add_argument("--partners", type=int, default=1, help="partners per image")
@@ -52,9 +49,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="caption cache folder (default: <out>.cache)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pair-encoder call")
     parser.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner call")
-    parser.add_argument("--transform", default="clip", choices=("clip", "targetpad", "squarepad", "none"))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--device", default="cpu", help="captioner device (hf:)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
                         help="captioner dtype (hf:)")
     parser.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
@@ -64,27 +58,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="drop images that cannot be decoded (missing, empty, corrupt, over the pixel limit): "
                              "logged and counted in the summary; default: stop at the first one")
-    parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
-                        help="a malformed annotation record stops the run (error, default) or is logged, counted "
-                             "and skipped (skip)")
     parser.add_argument("--out", required=True, help="annotation JSON to write")
     parser.add_argument("--first-pair-id", type=int, default=10_000_000, help="first pairid of generated CIRR records")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_argument(parser)
 
 
 def build_captioner(spec: str, args: argparse.Namespace) -> Any:
     """A captioner from a command-line spec (see the module docstring)."""
     kind, _, rest = spec.partition(":")
     if kind == "hf" and rest:
-        from .captioners import HFCaptioner
+        from ..positives.captioners import HFCaptioner
 
         fashion = args.dataset == "fashioniq"
         return HFCaptioner(rest, domain="fashion" if fashion else "general", category=args.category if fashion else None,
-                           k=args.words, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                           k=args.words, device=args.device or "cpu", dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                            batch_size=args.caption_batch_size, skip_empty=args.skip_empty,
                            trust_remote_code=args.trust_remote_code)
     if kind == "file" and rest:
-        from .captioners import PrecomputedCaptioner
+        from ..positives.captioners import PrecomputedCaptioner
 
         return PrecomputedCaptioner(rest)
     if kind == "synthetic":
@@ -101,24 +92,18 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
 
 
 def _pair_encoder(args: argparse.Namespace) -> Any:
-    try:
-        kwargs = json.loads(args.factory_kwargs)
-    except json.JSONDecodeError:
-        kwargs = None
-    if not isinstance(kwargs, dict):
-        raise ConfigError(explain("--factory-kwargs must be a JSON object", got=args.factory_kwargs))
-    return load_factory(args.pair_encoder)(**kwargs)
+    encoder = model_from_factory(args, spec=args.pair_encoder)
+    if args.device is not None and callable(getattr(encoder, "to", None)):
+        encoder = encoder.to(args.device)
+    return encoder
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.fashioniq import load_split
-    from .annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
-    from .augmenter import TripletAugmenter
+    from ..positives.annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
+    from ..positives.augmenter import TripletAugmenter
 
     fashion = args.dataset == "fashioniq"
-    split = load_split(args.root, args.dataset, args.split, category=args.category,
-                       transform=None if args.transform == "none" else args.transform, size=args.image_size,
-                       on_bad_record=args.on_bad_record)
+    split = load_dataset(args)
     captioner = build_captioner(args.captioner, args)
     out = Path(args.out)
     augmenter = TripletAugmenter(

@@ -16,48 +16,16 @@ is kept as ``{out}/checkpoints/best``. ``--resume`` continues ``{out}/checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from ..data.triplet import Triplet
-from ..errors import DataError, explain
-from ..negatives.command import add_dataset_arguments, add_model_arguments, build_model, load_dataset
-from .config import Stage2Config
+from ..training.config import Stage2Config
+from ._common import (add_dataset_arguments, add_model_arguments, add_progress_argument, build_model, load_dataset,
+                      model_device, read_triplets)
 
-__all__ = ["configure", "run", "read_triplets"]
+__all__ = ["configure", "run"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_triplets(path: str | Path) -> list[Triplet]:
-    """Triplets from a JSON file (see the module doc); a bad record raises DataError naming its index."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(explain("cannot read the triplets file", got=f"{path}: {error}")) from error
-    records = data.get("triplets") if isinstance(data, dict) else data
-    if not isinstance(records, list):
-        raise DataError(explain("the triplets file must hold a list of records", got=type(records).__name__))
-    first = records[0] if records and isinstance(records[0], dict) else {}
-    if "target_hard" in first:  # the CIRR schema, as `cir-plugins augment --dataset cirr|synthetic` writes
-        from ..positives.annotations import read_generated_cirr  # noqa: PLC0415
-        return read_generated_cirr(path)
-    if "candidate" in first:  # the FashionIQ schema
-        from ..positives.annotations import read_generated_fashioniq  # noqa: PLC0415
-        return read_generated_fashioniq(path)
-    out = []
-    for index, record in enumerate(records):
-        try:
-            texts = record.get("texts", record.get("text"))
-            out.append(Triplet(record["reference"], texts, record["target"], source=record.get("source", "generated"),
-                               meta=record.get("meta", {})))
-        except (KeyError, TypeError, AttributeError, DataError) as error:
-            raise DataError(explain(f"bad triplet record #{index} in {path}", got=str(error),
-                                    expected="an object with reference, texts and target")) from error
-    return out
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -82,20 +50,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep the reference row as a negative (the method's release)")
     parser.add_argument("--select-metric", default=defaults.select_metric)
     parser.add_argument("--skip-missing", action="store_true", help="drop triplets whose target is not in the bank")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..negatives.bank import NegativeBank
-    from .stage2 import Stage2Trainer
+    from ..training.stage2 import Stage2Trainer
 
     model = build_model(args)
     split = load_dataset(args)
     triplets = list(split.triplets)
     if args.generated:
         triplets += read_triplets(args.generated)
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
-    bank = NegativeBank.load(args.bank, device=device)
+    bank = NegativeBank.load(args.bank, device=model_device(model))
     config = Stage2Config(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         temperature=args.temperature, learn_temperature=args.learn_temperature, schedule=args.schedule,
@@ -107,18 +74,16 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress, mask_reference=not args.no_mask_reference)
     evaluate = None
     if args.val_split:
-        from ..data.fashioniq import load_split
         from ..evaluation import evaluate as evaluate_split
 
-        val = load_split(args.root, args.dataset, args.val_split, args.category, transform=args.transform,
-                         size=args.image_size)
+        val = load_dataset(args, split=args.val_split)
         evaluate = lambda m: evaluate_split(m, val, show_progress=not args.no_progress)  # noqa: E731
     trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluate=evaluate)
     history = trainer.fit(resume=args.resume)
     out = Path(args.out)
-    from ..negatives.bank import atomic_write_bytes
+    from .._atomic import atomic_write_json
 
-    atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
+    atomic_write_json(out / "history.json", history, indent=1)
     for entry in history:
         metrics = " ".join(f"{k}={v:.2f}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
         print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f} ({entry['time']:.1f}s) {metrics}")

@@ -1,0 +1,78 @@
+"""The ``cir-plugins`` console entry point.
+
+The package owns argparse and the console: one module per command under ``cir_plugins/cli/``, each
+exposing ``configure(parser: argparse.ArgumentParser) -> None`` and ``run(args: argparse.Namespace) -> int``
+(or ``configure_<name>`` / ``run_<name>`` when one module serves two commands), registered in
+:data:`COMMANDS`. Flags used by several commands are declared once in :mod:`cir_plugins.cli._common`.
+This file only dispatches and configures logging; no library module imports argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable
+
+from .. import __version__
+from ..errors import CIRPluginsError
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "world": ("cir_plugins.cli.world", "write (or refresh) the synthetic CIR world, in the CIRR layout"),
+    "augment": ("cir_plugins.cli.augment", "generate triplets: dedup, caption, pair, template"),
+    "build-bank": ("cir_plugins.cli.build_bank", "encode every gallery image once into a negative bank"),
+    "stage2": ("cir_plugins.cli.stage2", "fine-tune the query side against the bank"),
+    "evaluate": ("cir_plugins.cli.evaluate", "evaluate with the FashionIQ or CIRR protocol"),
+    "submit": ("cir_plugins.cli.evaluate", "write the two CIRR test-server files"),
+}
+
+
+def _functions(name: str) -> tuple[Callable, Callable]:
+    """(configure, run) of command ``name``."""
+    module = importlib.import_module(COMMANDS[name][0])
+    suffix = name.replace("-", "_")
+    return (getattr(module, f"configure_{suffix}", None) or module.configure,
+            getattr(module, f"run_{suffix}", None) or module.run)
+
+
+def build_parser(prog: str = "cir-plugins") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Scale the positives and negatives of a CIR model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        _functions(name)[0](command_parser)
+    return parser
+
+
+def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_functions(name)[1](args) or 0)
+    except CIRPluginsError as error:
+        print(f"cir-plugins {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cir-plugins COMMAND ...``: parse, configure logging, run; a library error is one line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    return _dispatch(args.command, args, args.verbose)
+
+
+def run_command(name: str, argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """One command on its own (``prog`` names it in usage lines): ``python -m cir_plugins.data.synthetic``
+    is ``run_command("world", prog=...)``."""
+    parser = argparse.ArgumentParser(prog=prog or f"cir-plugins {name}", description=COMMANDS[name][1])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    _functions(name)[0](parser)
+    args = parser.parse_args(argv)
+    return _dispatch(name, args, args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""``cir-plugins build-bank``: encode every image of a split once into a negative bank file.
+
+Example::
+
+    cir-plugins build-bank --model my_model.py:build --dataset cirr --root /data/cirr --split train \
+        --out runs/bank.safetensors --dedup
+
+With ``--dedup`` pixel-identical images share one row (:func:`cir_plugins.positives.dedup.find_duplicates`);
+``--groups groups.json`` (a JSON object id -> group id) gives the groups instead. ``--cache-dir``
+makes the build resumable: rerun the same command after a kill and finished chunks are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ._common import (add_dataset_arguments, add_groups_arguments, add_model_arguments, add_progress_argument,
+                      build_model, load_dataset, read_groups)
+
+__all__ = ["configure", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_dataset_arguments(parser)
+    add_groups_arguments(parser)
+    parser.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="bank dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="folder of resumable partial shards")
+    add_progress_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..negatives.bank import NegativeBank
+
+    model = build_model(args)
+    split = load_dataset(args)
+    groups = read_groups(args, split, not args.no_progress)
+    bank = NegativeBank.build(model, list(split.gallery_ids), split.images, groups=groups,
+                              batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              num_workers=args.num_workers, show_progress=not args.no_progress,
+                              cache_dir=args.cache_dir)
+    bank.save(args.out)
+    print(f"wrote {bank!r} to {args.out}")
+    return 0

@@ -1,0 +1,40 @@
+"""``cir-plugins world``: write (or refresh) the embedded synthetic CIR world under ``--root``.
+
+    cir-plugins world --root runs/world [--seed 0] [--quick] [--image-size 40] [--config JSON]
+
+(``python -m cir_plugins.data.synthetic`` runs the same command.) Prints the world's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ._common import parse_json_object
+
+__all__ = ["configure", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="directory to write the world into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the small preset (seconds)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--config", default=None,
+                        help='JSON object of WorldConfig fields overriding the preset, e.g. \'{"pixel_noise": 16}\'')
+    parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.synthetic import PRESETS, _marker_path, make_world
+
+    size: Any = "quick" if args.quick else "default"
+    if args.config:
+        overrides = parse_json_object(args.config, "--config",
+                                      fix='pass a JSON object such as \'{"n_val_queries": 200}\'')
+        size = {**PRESETS[size], **overrides}
+    root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
+                      show_progress=True)
+    print(json.dumps(json.loads(_marker_path(root).read_text())["stats"], indent=1))
+    return 0
