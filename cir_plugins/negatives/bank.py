@@ -1,7 +1,8 @@
 """The static negative bank of stage 2: every gallery image encoded once by the frozen target side.
 
 A :class:`NegativeBank` holds one L2-normalised row per de-duplicated image (ids that are
-duplicates share a row), resident on its device in a compact dtype (bf16 on CUDA, float32 on CPU
+duplicates share a row: by default :meth:`NegativeBank.build` finds pixel-identical images itself, so
+a copy of a query's target is the target's own row, never a negative), resident on its device in a compact dtype (bf16 on CUDA, float32 on CPU
 by default). It remembers a fingerprint of the target-side weights that made it, so a bank built
 by another model, or by changed weights, is refused (:class:`~cir_plugins.errors.BankMismatchError`)
 instead of silently training against stale negatives.
@@ -268,7 +269,8 @@ class NegativeBank:
     # ---------------------------------------------------------------------------------------- build
     @classmethod
     def build(cls, model: Any, image_ids: Sequence[str], images: Mapping[str, Tensor], *,
-              groups: Mapping[str, str] | None = None, batch_size: int = 64, device: Any = None,
+              groups: Mapping[str, str] | None = None, dedup: bool = True, batch_size: int = 64,
+              device: Any = None,
               dtype: Any = None, num_workers: int = 0, show_progress: bool = True,
               cache_dir: str | os.PathLike | None = None, split: protocol.ParameterSplit | None = None,
               ) -> "NegativeBank":
@@ -278,8 +280,14 @@ class NegativeBank:
             model: a CIR model (its target side makes the rows).
             image_ids: the ids to cover, unique.
             images: id -> preprocessed image (C, H, W).
-            groups: id -> duplicate-group id (from positives.dedup); ids of one group share a row,
-                encoded once from the group's first id. Ids absent from ``groups`` are their own group.
+            groups: id -> duplicate-group id (from positives.dedup, e.g. the augmenter's groups); ids
+                of one group share a row, encoded once from the group's first id. Ids absent from
+                ``groups`` are their own group.
+            dedup: when ``groups`` is None, find the groups here: pixel-identical images
+                (:func:`cir_plugins.positives.dedup.find_duplicates`: decoded pixels through the
+                mapping's ``load_pil`` when it has one, as an ImageStore does, else the image tensors'
+                exact values). Default on (the method de-duplicates before stage 2); False = one row
+                per id. Ignored when ``groups`` is given.
             batch_size: images per encoder call.
             device: where the encoder runs and the bank lives; default the model's device.
             dtype: bank dtype; default bf16 on CUDA, float32 elsewhere.
@@ -308,6 +316,10 @@ class NegativeBank:
         device = torch.device(device) if device is not None else _model_device(model)
         dtype = _resolve_dtype(dtype, device)
         similarity = protocol.similarity_of(model)
+        if groups is None and dedup:
+            from ..positives.dedup import find_duplicates  # noqa: PLC0415 (positives does not import negatives)
+
+            groups = find_duplicates(image_ids, images, show_progress=show_progress)
         groups = dict(groups or {})
 
         # one representative (the first id met) per group; row r <-> representatives[r]

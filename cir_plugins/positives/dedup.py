@@ -28,7 +28,17 @@ logger = logging.getLogger(__name__)
 
 
 def pixel_hash(image: Any) -> str:
-    """blake2b hex digest of a PIL image's decoded RGB pixels (mode, size and bytes)."""
+    """blake2b hex digest of a PIL image's decoded RGB pixels (mode, size and bytes).
+
+    A tensor (an image already decoded and preprocessed, as in a plain ``{id: tensor}`` mapping) is
+    hashed by its dtype, shape and exact values: equal tensors, and only those, share a digest.
+    """
+    if isinstance(image, torch.Tensor):
+        flat = image.detach().to("cpu").contiguous().reshape(-1)
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(f"tensor:{flat.dtype}:{tuple(image.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())  # the raw bytes, whatever the dtype
+        return digest.hexdigest()
     rgb = image.convert("RGB") if getattr(image, "mode", None) != "RGB" else image
     digest = hashlib.blake2b(digest_size=20)
     digest.update(rgb.mode.encode())
@@ -126,8 +136,8 @@ def find_duplicates(
 
     Args:
         image_ids: ids, unique.
-        images: an ImageStore (its ``load_pil`` is used), a Mapping id -> PIL.Image, or a callable
-            id -> PIL.Image.
+        images: an ImageStore (its ``load_pil`` is used), a Mapping id -> PIL.Image or id -> image
+            tensor (hashed by exact values, see :func:`pixel_hash`), or a callable id -> PIL.Image.
         embeddings: (N, D) rows aligned with ``image_ids``; needed only for near duplicates.
         near_duplicate_threshold: None (exact duplicates only) or a cosine; pairs at or above it
             also merge.
