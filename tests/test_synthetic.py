@@ -34,7 +34,8 @@ def test_world_loads_as_cirr_with_targets_everywhere(world):
     for split, n_q, n_extra in [("train", 12, 20), ("val", 6, 8), ("test", 6, 10)]:
         loaded = cp.load_cirr(world, split, transform="none")
         assert loaded.dataset == "synthetic" and loaded.protocol == "cirr"
-        assert len(loaded.triplets) == n_q and len(loaded.gallery_ids) == 6 * n_q + n_extra
+        copies = round(0.03 * (6 * n_q + n_extra))  # the default duplicate_rate
+        assert len(loaded.triplets) == n_q and len(loaded.gallery_ids) == 6 * n_q + n_extra + copies
         assert all(t.target is not None and len(t.members) == 6 for t in loaded.triplets)
         assert all(t.reference in t.members and t.target in t.members for t in loaded.triplets)
         image = loaded.images[loaded.gallery_ids[0]]
@@ -45,11 +46,12 @@ def test_world_loads_as_cirr_with_targets_everywhere(world):
 def test_unlabelled_train_images_and_disjoint_scenes(world):
     train = cp.load_cirr(world, "train")
     in_triplets = {m for t in train.triplets for m in t.members}
-    unlabelled = [i for i in train.gallery_ids if i not in in_triplets]
+    copies = json.loads((world / "synthetic" / "world.json").read_text())["stats"]["duplicates"]
+    unlabelled = [i for i in train.gallery_ids if i not in in_triplets and i not in copies]
     assert len(unlabelled) == 20
     scenes = syn.load_scenes(world)
-    signatures = [syn._signature(s["objects"]) for s in scenes.values()]
-    assert len(signatures) == len(set(signatures))  # no scene twice, so splits are disjoint
+    signatures = [syn._signature(s["objects"]) for name, s in scenes.items() if name not in copies]
+    assert len(signatures) == len(set(signatures))  # no scene drawn twice: only the copies repeat one
     split_of = {}
     for split in ("train", "val", "test"):
         for image_id in cp.load_cirr(world, split).gallery_ids:
@@ -305,3 +307,46 @@ def test_rewriter_reads_noisy_captions_of_a_world(world):
              for q in queries]
     assert rewriter.rewritten == len(queries)  # exact captions of annotated pairs: 1-2 edits, always rewritten
     assert all(" instead of " not in text for text in texts)
+
+
+def test_duplicates_are_pixel_identical_within_and_across_splits(tmp_path):
+    """A few percent of each split are copies of another image; dedup finds exactly those groups."""
+    from cir_plugins.positives.dedup import find_duplicates
+
+    size = dict(TINY, n_train_unlabelled=200, n_test_distractors=100, duplicate_rate=0.05)
+    root = syn.make_world(tmp_path / "w", seed=5, size=size, image_size=36)
+    copies = json.loads((root / "synthetic" / "world.json").read_text())["stats"]["duplicates"]
+    split_of = {i: s for s in ("train", "val", "test") for i in cp.load_cirr(root, s).gallery_ids}
+    sizes = {s: sum(1 for v in split_of.values() if v == s) for s in ("train", "val", "test")}
+    for split in sizes:
+        made = sum(1 for c in copies if split_of[c] == split)
+        assert made == round(0.05 * (sizes[split] - made))
+    within = [c for c, src in copies.items() if split_of[c] == split_of[src]]
+    across = [c for c, src in copies.items() if split_of[c] != split_of[src]]
+    assert within and across
+    images = {}
+    for split in ("train", "val", "test"):
+        loaded = cp.load_cirr(root, split, transform="none")
+        images.update({i: loaded.images.load_pil(i) for i in loaded.gallery_ids})
+    for copy, source in copies.items():
+        assert np.array_equal(np.asarray(images[copy]), np.asarray(images[source]))
+        assert copy not in {m for s in ("train", "val", "test") for t in cp.load_cirr(root, s).triplets
+                            for m in (t.reference, t.target)}
+    # grouping every image of the world by pixels merges exactly the copies with their sources
+    groups = find_duplicates(list(images), images, show_progress=False)
+    found = {}
+    for image_id, group in groups.items():
+        found.setdefault(group, set()).add(image_id)
+    expected = {}
+    for copy, source in copies.items():
+        expected.setdefault(source, {source}).add(copy)
+    assert sorted(map(sorted, (g for g in found.values() if len(g) > 1))) == sorted(map(sorted, expected.values()))
+    # the copies come from their own random stream: without them the world is the same
+    plain = syn.make_world(tmp_path / "plain", seed=5, size=dict(size, duplicate_rate=0.0), image_size=36)
+    for split in ("train", "val", "test"):
+        a, b = cp.load_cirr(root, split), cp.load_cirr(plain, split)
+        assert [i for i in a.gallery_ids if i not in copies] == b.gallery_ids
+        assert [(t.reference, t.texts, t.target) for t in a.triplets] == [(t.reference, t.texts, t.target)
+                                                                          for t in b.triplets]
+    with pytest.raises(ConfigError, match="duplicate_rate"):
+        syn.WorldConfig(duplicate_rate=0.9)

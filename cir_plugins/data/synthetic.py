@@ -14,8 +14,16 @@ World statistics (defaults):
   3 x 3 grid. Attributes: shape (6: circle, square, triangle, star, diamond, cross), colour
   (7: red, green, blue, yellow, purple, orange, cyan), size (2: small, large), position
   (9 cells: rows top/middle/bottom x columns left/centre/right). 84 object kinds per cell;
-  every image in the world is a distinct scene (no scene repeats inside or across splits, so
-  train / val / test are disjoint).
+  every generated scene is distinct (no scene is drawn twice inside or across splits).
+- Duplicates: like CIRR and FashionIQ, a few images are pixel-identical copies of another image
+  under another name (``duplicate_rate``, 3% of each split's images by default): half of them copy
+  an image of the same split, half an image of another split. A copy is an extra gallery image
+  named ``syn-{split}-d{k:05d}`` (never a query's reference or target), rendered with its source's
+  seed, so its decoded pixels equal the source's; ``scenes.json`` repeats the source's scene and
+  ``world.json`` lists every copy (``stats.duplicates``: copy -> source). Inside a split a copy is a
+  false negative unless duplicates are grouped (``cir_plugins.positives.dedup.find_duplicates``).
+  The copies come from their own random stream: the rest of the world is the same as with
+  ``duplicate_rate=0``.
 - Rendering: PIL, ``image_size`` x ``image_size`` RGB (40 px by default) on a grey background;
   each object's centre is jittered by up to ``position_jitter`` of a cell, each colour channel by up
   to ``color_jitter`` levels, and Gaussian pixel noise of std ``pixel_noise`` is added, so the
@@ -162,6 +170,7 @@ class WorldConfig:
     position_jitter: float = 0.12     # max object-centre shift, as a fraction of a grid cell
     color_jitter: int = 25            # max per-channel colour shift (0-255 levels)
     pixel_noise: float = 10.0         # std of the Gaussian pixel noise (0-255 levels)
+    duplicate_rate: float = 0.03      # extra pixel-identical copies, as a fraction of each split's images
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -180,6 +189,9 @@ class WorldConfig:
         if self.image_size < 12:
             raise ConfigError(explain("image_size is too small to draw shapes", got=self.image_size,
                                       expected=">= 12", fix="e.g. 40"))
+        if self.duplicate_rate > 0.5:
+            raise ConfigError(explain("duplicate_rate must be in [0, 0.5]", got=self.duplicate_rate,
+                                      fix="e.g. 0.03 (3% of each split's images are copies)"))
         if self.two_edit_rate > 1 or self.position_jitter > 0.5:
             raise ConfigError(explain("two_edit_rate must be in [0, 1] and position_jitter in [0, 0.5]",
                                       got=(self.two_edit_rate, self.position_jitter)))
@@ -554,6 +566,32 @@ def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[st
     return root
 
 
+def _add_duplicates(builder: _Builder, image_lists: dict[str, list[str]], config: WorldConfig,
+                    seed: int) -> dict[str, str]:
+    """Append pixel-identical copies to each split's image list; returns copy name -> source name.
+
+    Each split gains ``round(duplicate_rate * len(split))`` copies; each copy's source is drawn from
+    the same split or (with probability 1/2, when there is another split) from another split's
+    original images. Uses its own random stream, so the rest of the world does not change.
+    """
+    rng = random.Random(_seed_of("duplicates", seed))
+    originals = {split: list(names) for split, names in image_lists.items()}
+    copies: dict[str, str] = {}
+    for split, names in image_lists.items():
+        others = [s for s in originals if s != split and originals[s]]
+        for k in range(round(config.duplicate_rate * len(originals[split]))):
+            pool = originals[rng.choice(others)] if others and rng.random() < 0.5 else originals[split]
+            if not pool:
+                continue
+            source = rng.choice(pool)
+            name = f"syn-{split}-d{k:05d}"
+            builder.scenes[name] = {"objects": [dict(o) for o in builder.scenes[source]["objects"]],
+                                    "caption": builder.scenes[source]["caption"]}
+            names.append(name)
+            copies[name] = source
+    return copies
+
+
 def _render_chunk(task: tuple[list[tuple[str, list[dict], int]], dict]) -> int:
     """Render and save one chunk of (path, objects, seed) jobs; returns how many were written."""
     jobs, style = task
@@ -590,6 +628,7 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
             names.append(builder.add(f"syn-{split}-{prefix}{k:05d}", builder.fresh_scene()))
         annotations[split] = records
         image_lists[split] = names
+    duplicates = _add_duplicates(builder, image_lists, config, seed)
     # render every image (seeded per id, so order and worker count do not change a byte)
     total = sum(len(v) for v in image_lists.values())
     paths: dict[str, dict[str, str]] = {}
@@ -600,7 +639,8 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
             rel = f"./{split}/{k // 1000}/{name}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             paths[split][name] = rel
-            jobs.append((str(root / rel), builder.scenes[name]["objects"], _seed_of(seed, name)))
+            # a copy is rendered with its source's seed: the same pixels under another name
+            jobs.append((str(root / rel), builder.scenes[name]["objects"], _seed_of(seed, duplicates.get(name, name))))
     style = dict(image_size=config.image_size, position_jitter=config.position_jitter,
                  color_jitter=config.color_jitter, pixel_noise=config.pixel_noise)
     chunks = [(jobs[i:i + 500], style) for i in range(0, len(jobs), 500)]
@@ -626,6 +666,7 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
         "images": {s: len(v) for s, v in image_lists.items()},
         "queries": {s: len(v) for s, v in annotations.items()},
         "edit_counts": builder.edit_counts,
+        "duplicates": duplicates,
         "objects_per_image": {str(n): sum(1 for s in builder.scenes.values() if len(s["objects"]) == n)
                               for n in range(config.min_objects, config.max_objects + 1)},
     }
