@@ -148,3 +148,26 @@ def test_bad_arguments(cirr, tmp_path):
         check_dataset(cirr, "fashioniq", categories=["hat"])
     with pytest.raises(DataError, match="not a directory"):
         check_dataset(tmp_path / "nowhere", "cirr")
+
+
+def test_command_exit_codes_and_report(cirr, tmp_path, capsys):
+    from cir_plugins.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["check-data", "--dataset", "cirr", "--root", str(cirr), "--counts", "none", "--no-progress",
+                 "--report", str(out)]) == 0
+    assert json.loads(out.read_text())["ok"] is True
+    assert main(["check-data", "--dataset", "cirr", "--root", str(cirr), "--no-progress"]) == 1  # official counts
+    paths = _cirr_paths(cirr, "val")
+    a, b = list(paths)[:2]
+    shutil.copy(cirr / paths[a], cirr / paths[b])
+    common = ["check-data", "--dataset", "cirr", "--root", str(cirr), "--counts", "none", "--no-progress"]
+    assert main(common) == 0
+    assert main(common + ["--strict"]) == 1
+    (cirr / paths[a]).unlink()
+    assert main(common + ["--splits", "train"]) == 0  # only the train split is read
+    capsys.readouterr()
+    assert main(common + ["--report", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert a in printed and "INCOMPLETE" in printed
+    assert json.loads(out.read_text())["images"]["missing"][0]["names"] == [a]

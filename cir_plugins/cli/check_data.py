@@ -1,0 +1,62 @@
+"""``cir-plugins check-data``: check a CIRR or FashionIQ download (see :mod:`cir_plugins.data.check`).
+
+Prints the short report; ``--report FILE`` also writes it as JSON. Exit code 0 when the tree is
+complete, 1 when it is not (with ``--strict``, duplicate images count as incomplete too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ConfigError, explain
+from ._common import add_progress_argument
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq"),
+                        help="the layout to check (the synthetic world is in the cirr layout)")
+    parser.add_argument("--root", required=True, help="dataset root")
+    parser.add_argument("--report", default=None, help="also write the report as JSON to this file")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode every image fully (default: headers and end markers only, much faster)")
+    parser.add_argument("--splits", default=None,
+                        help="comma-separated split names (default: train,val,test1 for cirr; train,val,test for "
+                             "fashioniq)")
+    parser.add_argument("--category", action="append", default=None,
+                        help="FashionIQ category to check (repeatable; default: all three)")
+    parser.add_argument("--counts", default="official",
+                        help="'official' (compare with the release's counts, default), 'none', or a JSON file "
+                             "{split or category/split: {\"images\": n, \"triplets\": m}}")
+    parser.add_argument("--strict", action="store_true", help="duplicate images also make the exit code non-zero")
+    add_progress_argument(parser)
+
+
+def _counts(value: str):
+    if value == "official":
+        return "official"
+    if value == "none":
+        return None
+    path = Path(value)
+    try:
+        counts = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(explain("--counts is not 'official', 'none' or a readable JSON file", got=value,
+                                  fix="pass a JSON object {split: {\"images\": n, \"triplets\": m}}")) from error
+    if not isinstance(counts, dict):
+        raise ConfigError(explain("the --counts file must hold a JSON object", got=type(counts).__name__))
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.check import check_dataset
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    report = check_dataset(args.root, args.dataset, decode=args.decode, splits=splits, categories=args.category,
+                           counts=_counts(args.counts), show_progress=not args.no_progress)
+    print(report.format())
+    if args.report:
+        print(f"report written to {report.write_json(args.report)}")
+    failed = not report.ok or (args.strict and bool(report.images["duplicates"]))
+    return 1 if failed else 0
