@@ -77,3 +77,25 @@ def test_image_store_dedup_uses_decoded_pixels(tmp_path):
     split = cp.load_fashioniq(root, "dress", "train", size=4)  # the toy model reads 3 x 4 x 4
     bank = NegativeBank.build(make_model(dim=16), list(split.gallery_ids), split.images, show_progress=False)
     assert len(bank) == 5 and bank.row_of(names[4]) == bank.row_of(names[1])
+
+
+def test_cli_build_bank_dedups_by_default(tmp_path):
+    from pathlib import Path
+
+    from cir_plugins.cli import run_command
+    from cir_plugins.data.fixtures import build_cirr_tree
+
+    root = build_cirr_tree(tmp_path / "cirr", n_images=8, n_triplets=2, splits=("train",))
+    paths = __import__("json").loads((root / "cirr" / "image_splits" / "split.rc2.train.json").read_text())
+    names = list(paths)
+    shutil.copy(root / paths[names[0]], root / paths[names[5]])  # names[5] becomes a copy of names[0]
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+                       "from test_training_toy import make_model\ndef build():\n    return make_model()\n")
+    common = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--image-size", "4",
+              "--no-progress"]
+    assert run_command("build-bank", [*common, "--out", str(tmp_path / "bank.safetensors")]) == 0
+    bank = NegativeBank.load(tmp_path / "bank.safetensors")
+    assert len(bank) == 7 and bank.row_of(names[5]) == bank.row_of(names[0])
+    assert run_command("build-bank", [*common, "--no-dedup", "--out", str(tmp_path / "per_id.safetensors")]) == 0
+    assert len(NegativeBank.load(tmp_path / "per_id.safetensors")) == 8

@@ -120,14 +120,20 @@ def load_dataset(args: argparse.Namespace, split: str | None = None, category: s
 
 
 def add_groups_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--groups`` (a JSON file) and ``--dedup``."""
+    """``--groups`` (a JSON file), ``--dedup`` (the default) and ``--no-dedup``."""
     parser.add_argument("--groups", default=None, help="JSON object image id -> duplicate-group id")
-    parser.add_argument("--dedup", action="store_true", help="group pixel-identical images (overrides --groups)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="group pixel-identical images (the default unless --groups is given; overrides --groups)")
+    parser.add_argument("--no-dedup", action="store_true",
+                        help="one row per image id: pixel-identical copies stay separate rows (negatives of each other)")
 
 
 def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> dict[str, str] | None:
-    """Duplicate groups: found with ``--dedup``, read from ``--groups``, else None."""
-    if args.dedup:
+    """Duplicate groups: found (pixel-identical images) by default and with ``--dedup``, read from
+    ``--groups``, None (one row per id) with ``--no-dedup``."""
+    if args.dedup and args.no_dedup:
+        raise ConfigError(explain("--dedup and --no-dedup contradict each other", fix="pass one of them"))
+    if args.dedup or (args.groups is None and not args.no_dedup):
         from ..positives.dedup import find_duplicates
 
         return find_duplicates(list(split.gallery_ids), split.images, show_progress=show_progress)

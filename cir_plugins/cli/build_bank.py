@@ -3,10 +3,11 @@
 Example::
 
     cir-plugins build-bank --model my_model.py:build --dataset cirr --root /data/cirr --split train \
-        --out runs/bank.safetensors --dedup
+        --out runs/bank.safetensors
 
-With ``--dedup`` pixel-identical images share one row (:func:`cir_plugins.positives.dedup.find_duplicates`);
-``--groups groups.json`` (a JSON object id -> group id) gives the groups instead. ``--cache-dir``
+Pixel-identical images share one row by default (:func:`cir_plugins.positives.dedup.find_duplicates`), so
+a copy of a query's target is never its negative; ``--groups groups.json`` (a JSON object id -> group id)
+gives the groups instead, ``--no-dedup`` keeps one row per image id. ``--cache-dir``
 makes the build resumable: rerun the same command after a kill and finished chunks are reused.
 """
 
@@ -41,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = build_model(args)
     split = load_dataset(args)
-    groups = read_groups(args, split, not args.no_progress)
-    bank = NegativeBank.build(model, list(split.gallery_ids), split.images, groups=groups,
+    groups = read_groups(args, split, show_progress(args))
+    bank = NegativeBank.build(model, list(split.gallery_ids), split.images, groups=groups, dedup=not args.no_dedup,
                               batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                              num_workers=args.num_workers, show_progress=not args.no_progress,
+                              num_workers=args.num_workers, show_progress=show_progress(args),
                               cache_dir=args.cache_dir)
     bank.save(args.out)
     print(f"wrote {bank!r} to {args.out}")
