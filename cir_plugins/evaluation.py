@@ -206,10 +206,13 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
 
 
 def _compose_all(model, images, triplets, batch_size, device, show_progress) -> torch.Tensor:
-    """(Q, D) raw composed queries; references encoded once per distinct id when possible."""
+    """(Q, D) raw composed queries; references encoded once per distinct id when possible (per query
+    batch when ``encode_reference`` reads the texts too: protocol.reference_uses_text)."""
+    from .protocol import reference_input, reference_uses_text
+
     encode_reference = _reference_encoder(model)
     cached = None
-    if encode_reference is not None:
+    if encode_reference is not None and not reference_uses_text(model):
         unique = list(dict.fromkeys(t.reference for t in triplets))
         head = unique[:batch_size]
         first = encode_reference(_stack(images, head).to(device))
@@ -231,7 +234,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
             reference = feats[torch.tensor([index[t.reference] for t in chunk], device=feats.device)]
         else:
             pixels = _stack(images, [t.reference for t in chunk]).to(device)
-            reference = encode_reference(pixels) if encode_reference is not None else pixels
+            reference = reference_input(model, pixels, [t.texts[0] for t in chunk])
         out = model.compose_query(reference, [t.texts[0] for t in chunk])
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(chunk):
             raise ModelProtocolError(explain("compose_query must return a (B, D) tensor",

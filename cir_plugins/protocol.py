@@ -7,7 +7,10 @@ A model meets :class:`CIRModel` when it has two methods:
 
 Optionally ``encode_reference(images (B, C, H, W)) -> Tensor``: frozen reference-side features that
 ``compose_query`` consumes. When present, ``compose_query`` receives ``encode_reference(images)``
-(see :func:`reference_input`) and stage 2 computes it once per image id. An optional attribute
+(see :func:`reference_input`) and stage 2 computes it once per image id. A model whose frozen
+reference side also reads the text (e.g. SPRC's fusion pass) declares ``reference_uses_text = True``
+and offers ``encode_reference(images (B, C, H, W), texts: list[str]) -> Tensor``; stage 2 then caches it
+once per (image id, text) pair (:func:`reference_uses_text`). An optional attribute
 ``similarity`` ("dot" or "max_token") says how a query meets a gallery row; "dot" by default.
 
 Nothing here subclasses anything: :func:`wrap_model` adapts any object in one call.
@@ -34,6 +37,7 @@ __all__ = [
     "check_model",
     "parameter_split",
     "reference_input",
+    "reference_uses_text",
     "similarity_of",
     "target_fingerprint",
     "wrap_model",
@@ -70,11 +74,30 @@ def similarity_of(model: Any) -> str:
     return similarity
 
 
-def reference_input(model: Any, images: Tensor) -> Any:
-    """What ``compose_query`` receives for these reference images: ``encode_reference(images)``
-    when the model has it, else the images themselves."""
+def reference_uses_text(model: Any) -> bool:
+    """True when the model's ``encode_reference`` reads the texts too (attribute ``reference_uses_text``):
+    it is then called as ``encode_reference(images, texts)`` and cached per (image id, text)."""
+    flag = getattr(model, "reference_uses_text", False)
+    if not isinstance(flag, bool):
+        raise ConfigError(explain(f"{type(model).__name__}.reference_uses_text must be a bool", got=flag,
+                                  fix="set it to True when encode_reference(images, texts) reads the texts"))
+    return flag and callable(getattr(model, "encode_reference", None))
+
+
+def reference_input(model: Any, images: Tensor, texts: Sequence[str] | None = None) -> Any:
+    """What ``compose_query`` receives for these reference images (and their B texts):
+    ``encode_reference(images)`` when the model has it, ``encode_reference(images, texts)`` when it also
+    declares ``reference_uses_text``, else the images themselves."""
     encode_reference = getattr(model, "encode_reference", None)
-    return encode_reference(images) if callable(encode_reference) else images
+    if not callable(encode_reference):
+        return images
+    if reference_uses_text(model):
+        if texts is None:
+            raise ModelProtocolError(explain(
+                f"{type(model).__name__}.encode_reference reads the texts (reference_uses_text=True) but none were given",
+                fix="pass the query texts: reference_input(model, images, texts)"))
+        return encode_reference(images, list(texts))
+    return encode_reference(images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,7 +114,7 @@ class WrappedModel(nn.Module):
     """
 
     def __init__(self, model: Any, *, compose_query, encode_image, encode_reference, similarity: str,
-                 trainable: TrainableSpec) -> None:
+                 trainable: TrainableSpec, reference_uses_text: bool | None = None) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
             self.model = model
@@ -104,6 +127,8 @@ class WrappedModel(nn.Module):
         }
         self.__dict__["similarity"] = similarity
         self.__dict__["trainable_spec"] = trainable
+        if reference_uses_text is not None:
+            self.__dict__["reference_uses_text"] = reference_uses_text
 
     @staticmethod
     def _resolve(model: Any, role: str, spec: Any, *, required: bool):
@@ -152,7 +177,8 @@ class WrappedModel(nn.Module):
 
 
 def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_reference=None,
-               similarity: str | None = None, trainable: TrainableSpec = None) -> Any:
+               similarity: str | None = None, trainable: TrainableSpec = None,
+               reference_uses_text: bool | None = None) -> Any:
     """Adapt ``model`` to :class:`CIRModel`.
 
     Args:
@@ -164,12 +190,17 @@ def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_refe
         trainable: which parameters stage 2 trains: parameter-name prefixes (relative to ``model``),
             a predicate ``(name, parameter) -> bool``, or the parameters themselves. Default: found by
             a probe (:func:`parameter_split`).
+        reference_uses_text: True when ``encode_reference`` takes ``(images, texts)`` (a frozen fusion of
+            the reference with the text, cached per (image id, text) in stage 2); default: the model's
+            ``reference_uses_text`` attribute, else False.
 
     A model that already conforms and needs no override is returned as is.
     """
     if similarity is not None and similarity not in SIMILARITIES:
         raise ConfigError(explain("similarity is unknown", got=similarity, expected=SIMILARITIES))
-    overrides = (compose_query, encode_image, encode_reference, similarity, trainable)
+    if reference_uses_text is not None and not isinstance(reference_uses_text, bool):
+        raise ConfigError(explain("reference_uses_text must be a bool or None", got=reference_uses_text))
+    overrides = (compose_query, encode_image, encode_reference, similarity, trainable, reference_uses_text)
     if _conforms(model) and all(value is None for value in overrides):
         similarity_of(model)  # validates a declared similarity
         return model
@@ -177,7 +208,7 @@ def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_refe
     return WrappedModel(model, compose_query=compose_query, encode_image=encode_image,
                         encode_reference=encode_reference,
                         similarity=similarity or (declared if declared in SIMILARITIES else "dot"),
-                        trainable=trainable)
+                        trainable=trainable, reference_uses_text=reference_uses_text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +322,7 @@ def parameter_split(model: Any, reference_images: Tensor, texts: list[str], targ
             m.training = False
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             target = _reached(model.encode_image(target_images), named)
-            reference = reference_input(model, reference_images)
+            reference = reference_input(model, reference_images, list(texts))
             if reference is not reference_images:
                 target |= _reached(reference, named)
                 reference = reference.detach() if torch.is_tensor(reference) else reference
@@ -418,10 +449,11 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             image = _check_tensor(report, "encode_image", model.encode_image(targets), ranks=(2, 3),
                                   batch=targets.shape[0], fix="return (N, D), or (N, T, D) for multi-vector targets")
-            ref = reference_input(model, reference)
+            ref = reference_input(model, reference, texts)
             if ref is not reference:
                 report.reference_shape = tuple(ref.shape) if torch.is_tensor(ref) else None
-                report.notes.append("encode_reference present: stage 2 caches it once per image id")
+                report.notes.append("encode_reference present: stage 2 caches it once per "
+                                    + ("(image id, text) pair" if reference_uses_text(model) else "image id"))
             query = _check_tensor(report, "compose_query", model.compose_query(ref, texts), ranks=(2,),
                                   batch=len(texts), fix="return one (B, D) embedding per query")
     except Exception as error:  # the user's code raised: say where, keep the original as the cause

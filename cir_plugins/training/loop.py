@@ -102,12 +102,18 @@ def _distributed() -> tuple[int, int]:
 class ReferenceCache:
     """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device.
 
-    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row.
+    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row. With ``texts`` (one per id,
+    for a model with ``reference_uses_text``) the cache holds ``encode_reference(images, texts)`` once
+    per distinct (id, text) pair, ``rows`` maps (id, text) -> row, and lookups pass the texts too.
     """
 
     def __init__(self, model: Any, ids: Sequence[str], images: Mapping[str, Tensor], device: torch.device,
-                 *, batch_size: int = 64, show_progress: bool = True) -> None:
-        ids = list(dict.fromkeys(ids))
+                 *, texts: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True) -> None:
+        if texts is not None and len(texts) != len(ids):
+            raise ShapeError(explain("ReferenceCache needs one text per reference id", got=(len(ids), len(texts))))
+        self.with_text = texts is not None
+        keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
+        ids = [k[0] for k in keys] if self.with_text else keys
         modules = list(model.modules()) if isinstance(model, nn.Module) else []
         modes = [m.training for m in modules]
         chunks = []
@@ -117,7 +123,9 @@ class ReferenceCache:
             with torch.no_grad():
                 for start in tqdm(range(0, len(ids), batch_size), desc="cache references",
                                   disable=not show_progress, unit="batch"):
-                    out = model.encode_reference(stack_images(images, ids[start:start + batch_size], device))
+                    pixels = stack_images(images, ids[start:start + batch_size], device)  # (b, C, H, W)
+                    out = (model.encode_reference(pixels, [k[1] for k in keys[start:start + batch_size]])
+                           if self.with_text else model.encode_reference(pixels))
                     if not torch.is_tensor(out) or out.shape[0] != len(ids[start:start + batch_size]):
                         raise ModelProtocolError(explain(
                             "encode_reference must return one tensor with a row per image to be cached",
@@ -127,11 +135,16 @@ class ReferenceCache:
         finally:
             for m, mode in zip(modules, modes):
                 m.training = mode
-        self.features = torch.cat(chunks)  # (R, ...) one row per reference id
-        self.rows = {image_id: row for row, image_id in enumerate(ids)}
+        self.features = torch.cat(chunks)  # (R, ...) one row per reference id (or (id, text) pair)
+        self.rows = {key: row for row, key in enumerate(keys)}
 
-    def __call__(self, ids: Sequence[str]) -> Tensor:
-        index = torch.tensor([self.rows[i] for i in ids], dtype=torch.long, device=self.features.device)
+    def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
+        keys = list(zip(ids, texts)) if self.with_text else list(ids)
+        missing = [k for k in keys if k not in self.rows]
+        if missing:
+            raise DataError(explain("references not in the reference cache", got=missing[:5],
+                                    fix="build the cache over every (reference, text) the triplets hold"))
+        index = torch.tensor([self.rows[k] for k in keys], dtype=torch.long, device=self.features.device)
         return self.features.index_select(0, index)  # (b, ...)
 
 
@@ -340,13 +353,13 @@ class Trainer(abc.ABC):
             return self.log_tau.exp()
         return torch.tensor(self.config.temperature, dtype=torch.float32, device=self.device)
 
-    def _reference(self, ids: Sequence[str]) -> Any:
+    def _reference(self, ids: Sequence[str], texts: Sequence[str]) -> Any:
         if self.reference_cache is not None:
-            return self.reference_cache(ids)
-        return protocol.reference_input(self.model, stack_images(self.images, ids, self.device))
+            return self.reference_cache(ids, texts)
+        return protocol.reference_input(self.model, stack_images(self.images, ids, self.device), texts)
 
     def _loss(self, triplets: Sequence[Triplet], texts: list[str]) -> Tensor:
-        reference = self._reference([t.reference for t in triplets])
+        reference = self._reference([t.reference for t in triplets], texts)
         query = self.model.compose_query(reference, texts)
         if not torch.is_tensor(query) or query.dim() != 2 or query.shape[0] != len(triplets):
             raise ShapeError(explain("compose_query must return (B, D)",

@@ -12,7 +12,8 @@ What the trainer does at construction: probes the model's parameter split
 (:func:`cir_plugins.protocol.parameter_split`), refuses a bank the model did not build
 (``bank.check_compatible``: similarity, embedding shape, target-side fingerprint), freezes the
 target side (``requires_grad=False``), and, when the model has ``encode_reference``, caches it
-once per reference id so a step never runs the vision tower. Each step: queries
+once per reference id (once per (reference id, text) when the model declares
+``reference_uses_text``) so a step never runs the vision tower. Each step: queries
 ``normalize(compose_query(cached_reference, texts))`` against every bank row with
 ``bank_contrastive_loss``; the query's reference row is masked (``mask_reference=False`` keeps it,
 as the method's release does). See :mod:`cir_plugins.training.loop` for the loop itself.
@@ -94,8 +95,13 @@ class Stage2Trainer(Trainer):
                 p.grad = None
         self._frozen_modules = self._find_frozen_modules(set(split.target))
         if config.cache_reference and callable(getattr(model, "encode_reference", None)):
-            self.reference_cache = ReferenceCache(model, [t.reference for t in self.triplets], self.images,
-                                                  self.device, batch_size=max(config.batch_size, 64),
+            if protocol.reference_uses_text(model):  # a frozen fusion of reference and text: one row per pair
+                pairs = [(t.reference, text) for t in self.triplets for text in t.texts]
+                ids, texts = [r for r, _ in pairs], [text for _, text in pairs]
+            else:
+                ids, texts = [t.reference for t in self.triplets], None
+            self.reference_cache = ReferenceCache(model, ids, self.images, self.device, texts=texts,
+                                                  batch_size=max(config.batch_size, 64),
                                                   show_progress=config.show_progress)
         self.negatives = BankNegatives(self.bank, mask_reference=config.mask_reference)
         counts = split.counts(model)
