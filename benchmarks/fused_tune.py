@@ -10,7 +10,7 @@ backward) under each tile setting and both precisions, and reports:
   lse_rel   max |logsumexp - reference| / max |reference|
   eb_rel    max |E_p[b] - reference| / max |reference|  (the query gradient's bank term)
 
-The reference is the library's float32 chunked PyTorch loop (``local_bank_stats`` without the kernel)
+The reference is the library's float32 chunked PyTorch loop (``bank_stats(..., backend="torch")``)
 over the same bf16 bank values. A setting that
 fails to compile or run is listed with its error, not dropped.
 
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _common import record_header, write_json  # noqa: E402
 from bank_loss_gpu import H200_GBPS, H200_TFLOPS, Timer, make_bank, measure_peaks  # noqa: E402
 from cir_plugins.negatives import fused  # noqa: E402
-from cir_plugins.negatives.distributed import local_bank_stats  # noqa: E402
+from cir_plugins.negatives.loss import bank_stats  # noqa: E402
 
 
 def settings(smoke=False):
@@ -55,9 +55,9 @@ def settings(smoke=False):
 
 
 def reference_stats(query, bank, tau, excl, chunk):
-    """float32 logsumexp and E_p[b] from the library's plain PyTorch chunk loop (the sharded loss's path)."""
-    m, z, _, w = local_bank_stats(query, bank, tau, excl, "dot", chunk_size=chunk, use_fused=False)
-    return m + torch.log(z), w / z[:, None]
+    """float32 logsumexp and E_p[b] from the library's torch backend of the one statistics core."""
+    st = bank_stats(query, bank, tau, excl, "dot", backend="torch", chunk_size=chunk)
+    return st.m + torch.log(st.z), st.w / st.z[:, None]
 
 
 def main(argv=None) -> int:

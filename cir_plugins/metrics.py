@@ -46,7 +46,7 @@ own target is an error. ``subset_rows`` (Q, S), -1 padded: Recall_subset@K ranks
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -66,7 +66,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIMILARITIES = ("dot", "max_token")
+from .protocol import SIMILARITIES
+
+# Floating dtypes accepted for embeddings, queries and banks (float64 for tests).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Bytes of one (query block, chunk, T) float32 score block.
 SCORE_BUDGET_BYTES = 32 << 20
 # Upper bound of the CUDA score block (bytes); the CUDA budget is a quarter of free memory, clamped.
@@ -75,82 +78,155 @@ CUDA_SCORE_BUDGET_MAX = 1 << 30
 QUERY_BLOCK = 8192
 _MIN_CHUNK = 16
 
+# A deferred value check: a 0-dim bool tensor that is True on failure, and the error to raise then.
+Check = Tuple[torch.Tensor, Callable[[], Exception]]
+
 
 # --------------------------------------------------------------------------------------------
-# validation and shared pieces
+# validation: one validator per kind of input, shared by the metrics, the bank loss (single and
+# sharded) and the fused kernel. Structural checks raise at once; value checks (ranges,
+# finiteness, temperature) are returned as deferred checks and read back by ``settle`` in ONE host
+# sync (the bank loss runs every training step).
 # --------------------------------------------------------------------------------------------
 
-def _check_embeddings(query: torch.Tensor, gallery: torch.Tensor, similarity: str) -> None:
+def settle(checks: Sequence[Check]) -> None:
+    """Read every deferred check back in one host sync; raise the first failure's error."""
+    if not checks:
+        return
+    failed = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
+    for bad, (_, error) in zip(failed, checks):
+        if bad:
+            raise error()
+
+
+def check_similarity(similarity: str) -> None:
     if similarity not in SIMILARITIES:
         raise ConfigError(explain("unknown similarity", got=similarity, expected=" or ".join(SIMILARITIES),
-                                  fix="use 'dot' for (G, D) galleries and 'max_token' for (G, T, D)"))
-    for name, tensor in (("query", query), ("gallery", gallery)):
+                                  fix="use 'dot' for (N, D) embeddings and 'max_token' for multi-vector (N, T, D)"))
+
+
+def _bad_rows(what: str, bad: torch.Tensor) -> Exception:
+    rows = bad.flatten(1).any(1).nonzero().flatten()[:5].tolist()
+    return NonFiniteError(explain(f"{what} contains NaN or infinity", got=f"{what} rows {rows}",
+                                  fix="check the model output (learning rate, AMP overflow) or re-embed those images"))
+
+
+def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *, what: str = "gallery",
+                     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, finite_rows: bool = True) -> List[Check]:
+    """Query (Q, D) against ``what`` rows (N, D) for "dot" or (N, T, D) for "max_token".
+
+    Raises at once on a wrong type, similarity, layout, size, dtype or device; returns the deferred
+    finiteness checks (of the query, and of the rows when ``finite_rows``).
+    """
+    check_similarity(similarity)
+    for name, tensor in (("query", query), (what, rows)):
         if not isinstance(tensor, torch.Tensor):
             raise DTypeError(explain(f"{name} must be a torch.Tensor", got=type(tensor).__name__,
-                                     fix=f"pass {name} embeddings as a tensor"))
-        if not tensor.is_floating_point():
-            raise DTypeError(explain(f"{name} must be a floating tensor", got=tensor.dtype, fix="use .float()"))
+                                     fix=f"pass {name} as a tensor"))
+        if tensor.dtype not in dtypes:
+            raise DTypeError(explain(f"{name} dtype not supported: it must be a floating tensor", got=tensor.dtype,
+                                     expected=[str(d) for d in dtypes], fix="cast it with .float() or .bfloat16()"))
     if query.dim() != 2:
         raise ShapeError(explain("query must be 2-D (Q, D)", got=tuple(query.shape),
                                  fix="stack the query embeddings into one (Q, D) tensor"))
     want = 2 if similarity == "dot" else 3
-    if gallery.dim() != want:
-        layout = "(G, D)" if similarity == "dot" else "(G, T, D)"
-        raise ShapeError(explain(f"a gallery for similarity {similarity!r} must be {want}-D {layout}",
-                                 got=tuple(gallery.shape),
-                                 fix="use similarity='max_token' for multi-vector galleries and 'dot' otherwise"))
-    if query.shape[0] == 0 or gallery.shape[0] == 0 or query.shape[1] == 0:
-        raise ShapeError(explain("query and gallery must be non-empty", got=(tuple(query.shape), tuple(gallery.shape)),
-                                 fix="pass at least one query and one gallery row"))
-    if gallery.shape[-1] != query.shape[1]:
-        raise ShapeError(explain("query and gallery embedding dims differ", got=(query.shape[1], gallery.shape[-1]),
-                                 expected="the same D", fix="embed queries and gallery with the same model"))
-    if gallery.device != query.device:
-        raise DeviceError(explain("query and gallery must be on one device", got=(str(query.device), str(gallery.device)),
-                                  fix="move the gallery with .to(query.device)"))
-    if not bool(torch.isfinite(query).all()):
-        bad = (~torch.isfinite(query)).any(1).nonzero().flatten()[:5].tolist()
-        raise NonFiniteError(explain("query embeddings contain NaN or infinity", got=f"query rows {bad}",
-                                     fix="check the model output"))
-    if not bool(torch.isfinite(gallery).all()):
-        bad = (~torch.isfinite(gallery)).flatten(1).any(1).nonzero().flatten()[:5].tolist()
-        raise NonFiniteError(explain("gallery embeddings contain NaN or infinity", got=f"gallery rows {bad}",
-                                     fix="re-embed those images"))
+    if rows.dim() != want:
+        layout = "(N, D)" if similarity == "dot" else "(N, T, D)"
+        raise ShapeError(explain(f"a {what} for similarity {similarity!r} must be {want}-D {layout}",
+                                 got=tuple(rows.shape),
+                                 fix="use similarity='max_token' for multi-vector (N, T, D) rows and 'dot' for (N, D)"))
+    if query.shape[0] == 0 or rows.shape[0] == 0 or query.shape[1] == 0 or rows.numel() == 0:
+        raise ShapeError(explain(f"query and {what} must be non-empty", got=(tuple(query.shape), tuple(rows.shape)),
+                                 fix=f"pass at least one query, one {what} row and one embedding dim"))
+    if rows.shape[-1] != query.shape[1]:
+        raise ShapeError(explain(f"query and {what} embedding dims differ", got=(query.shape[1], rows.shape[-1]),
+                                 expected="the same D", fix="embed both with the same model"))
+    if rows.device != query.device:
+        raise DeviceError(explain(f"query and {what} must be on one device", got=(str(query.device), str(rows.device)),
+                                  fix=f"move the {what} with .to(query.device)"))
+    bad_q = ~torch.isfinite(query)
+    checks = [(bad_q.any(), lambda: _bad_rows("query", bad_q))]
+    if finite_rows:
+        bad_g = ~torch.isfinite(rows)
+        checks.append((bad_g.any(), lambda: _bad_rows(what, bad_g)))
+    return checks
 
 
-def _check_rows(name: str, rows: Optional[torch.Tensor], n_queries: int, n_gallery: int, device,
-                padded: bool) -> None:
+def check_rows(name: str, rows: Optional[torch.Tensor], n_queries: int, n_rows: int, device, *, padded: bool,
+               queries: str = "Q") -> List[Check]:
+    """Row indices: (Q,) int64 in [0, n_rows), or (Q, K) with -1 padding when ``padded``; None passes.
+
+    Raises at once on a wrong type, shape or device; returns the deferred range check.
+    """
     if rows is None:
-        return
+        return []
     if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64:
         got = rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__
         raise DTypeError(explain(f"{name} must be an int64 tensor", got=got, fix="use torch.as_tensor(...).long()"))
-    want = "(Q, K), -1 padded" if padded else "(Q,)"
-    ok_shape = rows.dim() == (2 if padded else 1) and rows.shape[0] == n_queries
-    if not ok_shape:
-        raise ShapeError(explain(f"{name} must be {want} with Q = {n_queries} queries", got=tuple(rows.shape),
+    want = f"({queries}, K), -1 padded" if padded else f"({queries},)"
+    if rows.dim() != (2 if padded else 1) or rows.shape[0] != n_queries:
+        raise ShapeError(explain(f"{name} must be {want} with {queries} = {n_queries} queries", got=tuple(rows.shape),
                                  fix="give one entry (row) per query"))
     if rows.device != device:
         raise DeviceError(explain(f"{name} must be on the query's device", got=str(rows.device), expected=str(device),
                                   fix=f"move {name} with .to(query.device)"))
-    low = -1 if padded else 0
-    out = (rows < low) | (rows >= n_gallery)
-    if bool(out.any()):
+    out = (rows < (-1 if padded else 0)) | (rows >= n_rows)
+
+    def error():
         where = out.nonzero()[0].tolist()
-        value = int(rows[tuple(where)])
-        raise ShapeError(explain(f"{name} out of range", got=f"{value} for query {where[0]}",
-                                 expected=f"gallery rows in [0, {n_gallery})" + (" or -1 as padding" if padded else ""),
-                                 fix="index the gallery by row" + (" and pad with -1" if padded else "")))
+        return ShapeError(explain(f"{name} out of range", got=f"{int(rows[tuple(where)])} for query {where[0]}",
+                                  expected=f"rows in [0, {n_rows})" + (" or -1 as padding" if padded else ""),
+                                  fix="index by row" + (" and pad with -1" if padded else "")))
+    return [(out.any(), error)]
 
 
-def _check_not_excluded(target_rows: torch.Tensor, exclude_rows: Optional[torch.Tensor]) -> None:
+def check_not_excluded(target_rows: torch.Tensor, exclude_rows: Optional[torch.Tensor]) -> List[Check]:
+    """Deferred check that no query excludes its own target row."""
     if exclude_rows is None:
-        return
-    clash = (exclude_rows == target_rows[:, None]).any(1)
-    if bool(clash.any()):
+        return []
+    clash = (exclude_rows == target_rows[:, None]).any(1)  # (Q,)
+
+    def error():
         bad = clash.nonzero().flatten()[:5].tolist()
-        raise ConfigError(explain("a query's target is among its excluded rows", got=f"queries {bad}",
-                                  fix="exclude only the reference image (and its duplicates), never the target"))
+        return ConfigError(explain("a query excludes its own target row (the target is among its excluded rows)",
+                                   got=f"queries {bad}",
+                                   fix="exclude only false negatives such as the reference image, never the target"))
+    return [(clash.any(), error)]
+
+
+def as_temperature(temperature, query: torch.Tensor) -> Tuple[torch.Tensor, List[Check]]:
+    """A python float or 0-dim float tensor -> (0-dim tensor in the query's compute dtype, deferred value check).
+
+    The compute dtype is float64 for a float64 query, float32 otherwise; a tensor stays attached to
+    the caller's graph.
+    """
+    cdtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ShapeError(explain("temperature must be a python float or a 0-dim tensor",
+                                     got=tuple(temperature.shape), fix="pass e.g. torch.tensor(0.02)"))
+        if not temperature.is_floating_point():
+            raise DTypeError(explain("temperature must be a floating tensor", got=temperature.dtype,
+                                     fix="use torch.tensor(0.02)"))
+        if temperature.device != query.device:
+            raise DeviceError(explain("temperature must be on the query's device", got=str(temperature.device),
+                                      expected=str(query.device), fix="move the temperature to the model's device"))
+        tau = temperature.to(cdtype)
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        tau = torch.tensor(float(temperature), dtype=cdtype, device=query.device)
+    else:
+        raise DTypeError(explain("temperature must be a python float or a 0-dim tensor",
+                                 got=type(temperature).__name__, fix="pass e.g. 0.02"))
+    value = tau.detach()
+    return tau, [(~(torch.isfinite(value) & (value > 0)),
+                  lambda: ConfigError(explain("temperature must be finite and positive", got=float(value),
+                                              expected="> 0", fix="use e.g. 0.02; learn it as exp(log_tau)")))]
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
+                                  fix="leave it None to size chunks automatically"))
 
 
 def _check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:
@@ -164,6 +240,16 @@ def _check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:
     return values
 
 
+def _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset_rows=None) -> None:
+    """Every check of a ranking call (target_ranks, subset_ranks, retrieval_metrics), one host sync."""
+    checks = check_embeddings(query, gallery, similarity)
+    n_q, n_g = query.shape[0], gallery.shape[0]
+    checks += check_rows("target_rows", target_rows, n_q, n_g, query.device, padded=False)
+    checks += check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
+    checks += check_rows("subset_rows", subset_rows, n_q, n_g, query.device, padded=True)
+    settle(checks + check_not_excluded(target_rows, exclude_rows))
+
+
 def _score_budget(device: torch.device) -> int:
     """Bytes of one float32 score block: SCORE_BUDGET_BYTES on CPU, from free memory on CUDA."""
     if device.type != "cuda":
@@ -174,10 +260,8 @@ def _score_budget(device: torch.device) -> int:
 
 
 def _chunk_rows(n_queries: int, tokens: int, chunk_size: Optional[int], device: torch.device = torch.device("cpu")) -> int:
+    check_chunk_size(chunk_size)
     if chunk_size is not None:
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
-                                      fix="leave it None to size chunks from memory"))
         return chunk_size
     return max(_MIN_CHUNK, _score_budget(device) // (4 * max(1, n_queries) * max(1, tokens)))
 
@@ -297,15 +381,15 @@ def target_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.
     query (Q, D); gallery (G, D) or (G, T, D); target_rows (Q,) int64; exclude_rows (Q, K) int64,
     -1 padded. Returns (Q,) int64 on the query's device.
     """
-    _check_embeddings(query, gallery, similarity)
-    n_q, n_g = query.shape[0], gallery.shape[0]
-    _check_rows("target_rows", target_rows, n_q, n_g, query.device, padded=False)
-    _check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
-    _check_not_excluded(target_rows, exclude_rows)
+    _check_ranking(query, gallery, target_rows, exclude_rows, similarity)
     return _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress)
 
 
-def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress):
+def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress, *,
+                  row_offset: int = 0, target_score: Optional[torch.Tensor] = None):
+    """Candidates of ``gallery`` that beat each target. With ``row_offset`` the gallery is the slice of
+    rows ``[row_offset, row_offset + G)`` of a sharded one: rows are global, ``target_score`` (Q,) is
+    given (the target may live on another shard), and the counts are this slice's share."""
     n_q, n_g = query.shape[0], gallery.shape[0]
     tokens = gallery.shape[1] if similarity == "max_token" else 1
     bf16 = _use_bf16_scoring(query, gallery)
@@ -313,11 +397,15 @@ def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similar
     for q0, q1 in _blocks(n_q):
         q = query[q0:q1]
         q_in = split_bf16(q) if bf16 else q  # split once per block, not per chunk
-        tr = target_rows[q0:q1]  # (Qb,)
+        tr = target_rows[q0:q1]  # (Qb,) global rows
         ex = exclude_rows[q0:q1] if exclude_rows is not None else None
         # removed from counting: the excluded rows and the target itself (it never beats itself)
         masked = tr[:, None] if ex is None else torch.cat([tr[:, None], ex], dim=1)  # (Qb, 1 + K)
-        target_score = _scores_of_rows(q, gallery, tr[:, None], similarity, bf16)  # (Qb, 1)
+        masked = torch.where(masked >= 0, masked - row_offset, -1)  # rows of this slice; -1 = elsewhere
+        if target_score is None:
+            ts = _scores_of_rows(q, gallery, tr[:, None], similarity, bf16)  # (Qb, 1)
+        else:
+            ts = target_score[q0:q1, None]
         step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         counts = torch.zeros(q.shape[0], dtype=torch.int64, device=query.device)
         for start in tqdm(range(0, n_g, step), desc="ranking gallery chunks", disable=not show_progress,
@@ -326,9 +414,9 @@ def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similar
             scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
                 score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
             _mask_rows_(scores, masked, start)  # -inf never beats a finite target score
-            rows = torch.arange(start, stop, device=query.device)  # (C,)
+            rows = torch.arange(start + row_offset, stop + row_offset, device=query.device)  # (C,) global
             # a candidate before the target's row beats it on a tie; one after it must score strictly higher
-            beats = torch.where(rows[None, :] < tr[:, None], scores >= target_score, scores > target_score)
+            beats = torch.where(rows[None, :] < tr[:, None], scores >= ts, scores > ts)
             counts += beats.sum(dim=1)
         ranks[q0:q1] = counts
     return ranks
@@ -341,16 +429,14 @@ def subset_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.
     subset_rows (Q, S) int64, -1 padded; duplicates and excluded rows inside it are ignored; the
     target must be one of them. Returns (Q,) int64.
     """
-    _check_embeddings(query, gallery, similarity)
-    n_q, n_g = query.shape[0], gallery.shape[0]
-    _check_rows("target_rows", target_rows, n_q, n_g, query.device, padded=False)
-    _check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
-    _check_rows("subset_rows", subset_rows, n_q, n_g, query.device, padded=True)
-    _check_not_excluded(target_rows, exclude_rows)
-    return _subset_ranks(query, gallery, target_rows, subset_rows, exclude_rows, similarity)
+    _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset_rows)
+    return _subset_ranks(target_rows, subset_rows, exclude_rows,
+                         lambda rows: _scores_of_rows(query, gallery, rows, similarity))
 
 
-def _subset_ranks(query, gallery, target_rows, subset_rows, exclude_rows, similarity):
+def _subset_ranks(target_rows, subset_rows, exclude_rows, score_rows: Callable[[torch.Tensor], torch.Tensor]):
+    """Ranks among the subset rows; ``score_rows(rows (Q, S) valid rows) -> (Q, S) float32`` scores them
+    (the gallery itself, or its owners' shards in the sharded retrieval)."""
     rows, _ = subset_rows.sort(dim=1)  # (Q, S) ascending: -1 padding first, duplicates adjacent
     valid = rows >= 0
     valid[:, 1:] &= rows[:, 1:] != rows[:, :-1]  # keep the first of each duplicate
@@ -363,7 +449,7 @@ def _subset_ranks(query, gallery, target_rows, subset_rows, exclude_rows, simila
     if exclude_rows is not None:
         removed = (rows[:, :, None] == exclude_rows[:, None, :]).any(2)  # (Q, S, K) -> (Q, S)
         valid &= ~removed
-    scores = _scores_of_rows(query, gallery, rows.clamp_min(0), similarity)  # (Q, S)
+    scores = score_rows(rows.clamp_min(0))  # (Q, S)
     target_score = scores[is_target]  # (Q,): exactly one per row; same computation as the others
     beats = (scores > target_score[:, None]) | ((scores == target_score[:, None]) & (rows < target_rows[:, None]))
     beats &= valid & ~is_target
@@ -373,6 +459,18 @@ def _subset_ranks(query, gallery, target_rows, subset_rows, exclude_rows, simila
 def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
     """Percentage of ranks below each k: {k: 100 * mean(ranks < k)}. ranks (Q,) int64."""
     return {k: float((ranks < k).double().mean()) * 100.0 for k in ks}
+
+
+def recall_table(ranks: torch.Tensor, ks: Sequence[int], subset: Optional[torch.Tensor] = None,
+                 subset_ks: Sequence[int] = (1, 2, 3)) -> Dict[str, float]:
+    """{"R@k"} from the full ranks and, with subset ranks, {"Rs@k"} and "Rmean" = (R@5 + Rs@1) / 2."""
+    full = recall_at(ranks, sorted(set(ks) | {5}))
+    out = {f"R@{k}": full[k] for k in ks}
+    if subset is not None:
+        sub = recall_at(subset, sorted(set(subset_ks) | {1}))
+        out.update({f"Rs@{k}": sub[k] for k in subset_ks})
+        out["Rmean"] = (full[5] + sub[1]) / 2.0
+    return out
 
 
 def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.Tensor, *,
@@ -400,22 +498,16 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, target_rows: t
         "Rmean" = (R@5 + Rs@1) / 2 (computed even if 5 / 1 are not among the ks).
     """
     ks = _check_ks("ks", ks)
-    _check_embeddings(query, gallery, similarity)
-    n_q, n_g = query.shape[0], gallery.shape[0]
-    _check_rows("target_rows", target_rows, n_q, n_g, query.device, padded=False)
-    _check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
-    _check_not_excluded(target_rows, exclude_rows)
     if subset_rows is not None:
         subset_ks = _check_ks("subset_ks", subset_ks)
-        _check_rows("subset_rows", subset_rows, n_q, n_g, query.device, padded=True)
+    _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset_rows)
+    n_q, n_g = query.shape[0], gallery.shape[0]
     ranks = _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress)
-    full = recall_at(ranks, sorted(set(ks) | {5}))
-    out = {f"R@{k}": full[k] for k in ks}
+    s_ranks = None
     if subset_rows is not None:
-        s_ranks = _subset_ranks(query, gallery, target_rows, subset_rows, exclude_rows, similarity)
-        sub = recall_at(s_ranks, sorted(set(subset_ks) | {1}))
-        out.update({f"Rs@{k}": sub[k] for k in subset_ks})
-        out["Rmean"] = (full[5] + sub[1]) / 2.0
+        s_ranks = _subset_ranks(target_rows, subset_rows, exclude_rows,
+                                lambda rows: _scores_of_rows(query, gallery, rows, similarity))
+    out = recall_table(ranks, ks, s_ranks, subset_ks)
     logger.debug("retrieval metrics over %d queries and %d gallery rows: %s", n_q, n_g, out)
     return out
 
@@ -455,7 +547,7 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
     returned. Returns (scores (Q, k) float32, rows (Q, k) int64). When a query has fewer than k
     non-excluded candidates, the missing tail is score -inf and row -1.
     """
-    _check_embeddings(query, gallery, similarity)
+    checks = check_embeddings(query, gallery, similarity)
     n_q, n_g = query.shape[0], gallery.shape[0]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n_g:
         raise ConfigError(explain("k must be a positive int no larger than the gallery", got=k,
@@ -463,7 +555,7 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
     if n_g >= 1 << 31:
         raise ShapeError(explain("gallery too large for top-k keys", got=n_g, expected="< 2**31 rows",
                                  fix="split the gallery"))
-    _check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True)
+    settle(checks + check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True))
     tokens = gallery.shape[1] if similarity == "max_token" else 1
     bf16 = _use_bf16_scoring(query, gallery)
     lowest = torch.iinfo(torch.int64).min

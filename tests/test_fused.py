@@ -121,22 +121,22 @@ _SCRIPT = textwrap.dedent(
             "loss_dtype": str(val.dtype),
         }
     if "partials" in sys.argv[2:]:
-        # the sharded loss's local statistics: fused kernel vs the PyTorch loop, same shard
-        from cir_plugins.negatives.distributed import local_bank_stats
+        # the one statistics core: Triton backend vs torch backend, same bank
+        from cir_plugins.negatives.loss import bank_stats
         g = torch.Generator().manual_seed(7)
         bank = F.normalize(torch.randn(61, 24, generator=g), dim=-1).to(torch.bfloat16)
         q = F.normalize(torch.randn(6, 24, generator=g), dim=-1)
         ex = torch.tensor([[3, -1], [-1, -1], [0, 60], [5, 5], [-1, 7], [59, -1]])
         tau = torch.tensor(0.05)
-        a = local_bank_stats(q, bank, tau, ex, "dot", use_fused=True)
-        b = local_bank_stats(q, bank, tau, ex, "dot", use_fused=False, chunk_size=16)
+        a = bank_stats(q, bank, tau, ex, "dot", backend="triton")
+        b = bank_stats(q, bank, tau, ex, "dot", backend="torch", chunk_size=16)
         def norm(st):
-            m, z, t, w = st
+            m, z, t, w = st.m, st.z, st.t, st.w
             return torch.cat([(m + torch.log(z))[:, None], (t / z)[:, None], w / z[:, None]], 1).double()
         out["partials"] = {"rel": float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())}
         bank3 = F.normalize(torch.randn(29, 3, 24, generator=g), dim=-1).to(torch.bfloat16)
-        a = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=True)
-        b = local_bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", use_fused=False, chunk_size=8)
+        a = bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", backend="triton")
+        b = bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", backend="torch", chunk_size=8)
         out["partials"]["rel_max_token"] = float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())
         # tile overrides (the tuner's knob) change the schedule, not the statistics: 19 queries and D=24 give
         # 2 query blocks x 2 column chunks x 4 splits of 16-row tiles, against 2 x 1 x 2 built in
@@ -147,7 +147,6 @@ _SCRIPT = textwrap.dedent(
         cfg = _config(19, 61, 24, q19.device, small)
         out["partials"]["tiles_layout"] = [cfg["num_qb"], cfg["NUM_DV"], cfg["splits"]]
         st = [fused_dot_bank_partials(q19, bank, tau, ex19, tiles=t) for t in (None, small)]
-        st = [(s_.m, s_.z, s_.t, s_.w) for s_ in st]
         out["partials"]["rel_tiles"] = float((norm(st[1]) - norm(st[0])).abs().max() / norm(st[0]).abs().max())
     print("RESULT " + json.dumps(out))
     """
@@ -215,7 +214,7 @@ def test_fused_matches_reference_more_dtypes(interpreted_extra, name):
 
 
 def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
-    # distributed.local_bank_stats takes the kernel on CUDA; it must equal its PyTorch loop
+    # bank_stats takes the kernel on CUDA (single and sharded loss); it must equal the torch backend
     assert interpreted["partials"]["rel"] <= 1e-5
     assert interpreted["partials"]["rel_max_token"] <= 1e-5
 
@@ -266,20 +265,20 @@ def test_select_path_picks_fused_when_available(monkeypatch):
 def test_bank_loss_calls_fused_with_validated_arguments(monkeypatch):
     calls = []
 
-    def recorder(query, bank, target_rows, temperature, exclude_rows):
-        calls.append((query, bank, target_rows, temperature, exclude_rows))
-        return loss.naive_bank_contrastive_loss(query, bank, target_rows, temperature, exclude_rows=exclude_rows)
+    def recorder(query, bank, temperature, exclude_rows, *, need_w, precision):
+        calls.append((query, bank, temperature, exclude_rows, need_w))
+        return loss._bank_stats(query, bank, temperature, exclude_rows, "dot", backend="torch", need_w=need_w)
 
     monkeypatch.setattr(loss, "select_path", lambda *a, **k: "fused")
-    monkeypatch.setattr(fused, "fused_dot_bank_loss", recorder)
+    monkeypatch.setattr(fused, "bank_partials", recorder)
     q = torch.randn(3, 8, requires_grad=True)
     bank = torch.randn(11, 8)
     target = torch.tensor([0, 5, 10])
     excl = torch.tensor([[1, -1], [2, 3], [-1, -1]])
     out = loss.bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
     assert len(calls) == 1
-    _, _, t_rows, tau, ex = calls[0]
-    assert t_rows.dtype == torch.int64 and torch.equal(ex, excl)
+    _, _, tau, ex, need_w = calls[0]
+    assert torch.equal(ex, excl) and need_w
     assert tau.dim() == 0 and tau.dtype == torch.float32 and abs(float(tau) - 0.1) < 1e-7
     ref = loss.naive_bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
     assert torch.allclose(out, ref)

@@ -80,24 +80,18 @@ def test_matches_float64_reference(similarity, with_exclusions, bank_dtype, chun
 
 
 @pytest.mark.parametrize("similarity", ["dot", "max_token"])
-def test_automatic_chunked_path_at_large_n(similarity, monkeypatch):
+def test_automatic_chunk_size_follows_the_budget(similarity, monkeypatch):
     tokens = T if similarity == "max_token" else 1
-    n = L.FULL_PATH_MAX_ELEMENTS // (B * tokens) + 11  # just past the full-logits threshold
+    n = 2011
     query, bank, target, exclude = make_inputs(similarity, n=n, seed=3)
-    assert L.select_path(query, bank, similarity) == "chunked"
-    assert L.select_path(query, bank[:1000], similarity) == "full"
-    assert L.select_path(query, bank[:1000], similarity, chunk_size=50) == "chunked"
-
-    def no_full(*args, **kwargs):
-        raise AssertionError("full path taken")
-
-    monkeypatch.setattr(L, "_full_loss", no_full)
+    assert L.select_path(query, bank, similarity) == "chunked"  # no CUDA: the torch backend
+    assert L.select_path(query, bank, similarity, chunk_size=50) == "chunked"
     monkeypatch.setattr(L, "CHUNK_BUDGET_BYTES", 4 * B * tokens * (n // 5))  # about five chunks
-    calls = []
-    real_apply = L.ChunkedBankLoss.apply
-    monkeypatch.setattr(L.ChunkedBankLoss, "apply", lambda *a: calls.append(a[-1]) or real_apply(*a))
+    sizes = []
+    real = L._chunk_stats
+    monkeypatch.setattr(L, "_chunk_stats", lambda q, chunk, *a: sizes.append(chunk.shape[0]) or real(q, chunk, *a))
     got = loss_and_grads(cp.bank_contrastive_loss, query, bank, target, 0.05, exclude, similarity)
-    assert calls == [n // 5]
+    assert sizes[0] == n // 5 and sum(sizes) == n and len(sizes) == 6
     monkeypatch.undo()
     want = loss_and_grads(reference_loss, query, bank, target, 0.05, exclude, similarity)
     for g, w in zip(got, want):
@@ -284,7 +278,7 @@ def test_one_row_chunks_on_a_small_bank(similarity):
 
 
 def test_fused_path_gets_validated_arguments(monkeypatch):
-    """The dispatcher hands the fused kernel a float32 0-dim temperature and a detached bank."""
+    """The dispatcher hands the Triton backend a float32 0-dim temperature, a detached query and bank."""
     query, bank, target, exclude = make_inputs("dot")
     q = query.float().requires_grad_(True)
     bank = bank.clone().requires_grad_(True)
@@ -296,9 +290,9 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
             return similarity == "dot"
 
         @staticmethod
-        def fused_dot_bank_loss(query, bank, target_rows, temperature, exclude_rows):
-            seen.update(query=query, bank=bank, temperature=temperature, exclude=exclude_rows)
-            return reference_loss(query, bank, target_rows, temperature, exclude_rows, "dot").float()
+        def bank_partials(query, bank, temperature, exclude_rows, *, need_w, precision):
+            seen.update(query=query, bank=bank, temperature=temperature, exclude=exclude_rows, need_w=need_w)
+            return L._bank_stats(query, bank, temperature, exclude_rows, "dot", backend="torch", need_w=need_w)
 
     monkeypatch.setattr(L, "_fused_module", lambda: FakeFused)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend the query is on CUDA
@@ -308,7 +302,10 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
     tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     value = cp.bank_contrastive_loss(q, bank, target, tau, exclude_rows=exclude)
     monkeypatch.undo()
-    assert seen["query"] is q and seen["exclude"] is exclude and not seen["bank"].requires_grad
+    assert torch.equal(seen["query"], q.detach()) and not seen["query"].requires_grad
+    assert seen["exclude"] is exclude and not seen["bank"].requires_grad and seen["need_w"]
     assert seen["temperature"].dtype == torch.float32 and seen["temperature"].dim() == 0
     value.backward()
     assert tau.grad is not None and bank.grad is None
+    want = loss_and_grads(reference_loss, query, bank.detach(), target, 0.05, exclude, "dot")
+    assert abs(float(value.detach()) - float(want[0])) <= 1e-5 * float(want[0])

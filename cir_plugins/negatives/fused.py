@@ -1,25 +1,13 @@
-"""Fused Triton kernel for the bank contrastive loss with dot similarity (forward and backward).
+"""The Triton backend of the bank-softmax statistics (:mod:`cir_plugins.negatives.loss`).
 
-The loss for query ``q_i`` with positive row ``y_i`` over a bank ``b_1..b_N`` is
-``L_i = logsumexp_j(s_ij / tau) - s_iy / tau`` with ``s_ij = q_i . b_j`` and excluded
-``(i, j)`` pairs removed from the logsumexp. Everything the backward needs is a softmax
-expectation over the bank:
-
-* ``dL_i/dq_i   = (E_p[b] - b_y) / tau``
-* ``dL_i/dtau   = (s_iy - E_p[s]) / tau**2``
-
-so one pass over the bank gives the loss *and* both gradients. The kernel streams the bank once:
-each program owns a block of queries, one split of the bank rows and one chunk of the embedding
-columns, and keeps an online (flash-attention style) running state per query:
-
-* ``m``  running max of the logits (B,)
-* ``z``  sum of ``exp(l - m)`` (B,)
-* ``t``  sum of ``exp(l - m) * s`` (B,)          -> ``E_p[s]`` for the temperature gradient
-* ``w``  sum of ``exp(l - m) * b_j`` (B, D chunk) -> ``E_p[b]`` for the query gradient
-
-The per-split partials are combined in torch (a (S, B, D) reduction, tiny next to the bank).
-Parallelism comes from splitting N (B is small, N is huge). Row offsets are computed in int64 so
-banks with more than 2**31 elements work. The target logit is gathered in torch (B dot products).
+The kernel streams the bank once and returns, per query, the statistics of
+:class:`~cir_plugins.negatives.loss.BankStats` (max logit ``m``, ``z = sum exp(l - m)``,
+``t = sum exp(l - m) s``, ``w = sum exp(l - m) b``). Each program owns a block of queries, one
+split of the bank rows and one chunk of the embedding columns, and keeps the online running state;
+the per-split partials are merged by ``BankStats.combine`` (a (S, B, D) reduction, tiny next to the
+bank). Parallelism comes from splitting N (B is small, N is huge). Row offsets are computed in
+int64 so banks with more than 2**31 elements work. The loss, the target term and the backward are
+the library's one implementation in :mod:`cir_plugins.negatives.loss`.
 
 Precision: logits and all accumulators are float32. For a bf16/fp16 bank and a float32 query the
 query is split into ``hi + lo`` halves in the bank's dtype and both are multiplied (likewise the
@@ -33,13 +21,11 @@ tokens of each bank tile, keeps the best score and the winning token per (query,
 each row's winning token to ``w`` (one masked product per token), so the batch is never looped
 over in Python.
 
-Public entry points (called by :mod:`cir_plugins.negatives.loss` on CUDA):
+Public entry points:
 
 * :func:`fused_available` ``(query, bank, similarity="dot") -> bool``
-* :func:`fused_dot_bank_loss` ``(query, bank, target_rows, temperature, exclude_rows) -> 0-dim loss``
-* :func:`fused_max_token_bank_loss` the same for (N, T, D) banks
-* :func:`fused_dot_bank_partials` the combined softmax statistics, reused by the sharded loss in
-  :mod:`cir_plugins.negatives.distributed`.
+* :func:`fused_dot_bank_partials` the statistics (checked); :func:`bank_partials` unchecked
+* :func:`fused_dot_bank_loss` / :func:`fused_max_token_bank_loss` the loss on this backend
 
 Set the environment variable ``CIR_PLUGINS_DISABLE_FUSED=1`` to make :func:`fused_available`
 return False (the chunked PyTorch path is then used).
@@ -48,18 +34,19 @@ return False (the chunked PyTorch path is then used).
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DeviceError, DTypeError, ShapeError, explain
+from ..errors import ConfigError, explain
+from ..metrics import as_temperature, check_embeddings, check_rows, settle
+from .loss import BankStats, sharded_loss
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BankStats",
+    "bank_partials",
     "fused_available",
     "fused_dot_bank_loss",
     "fused_dot_bank_partials",
@@ -284,23 +271,6 @@ if triton is not None:
             )
 
 
-@dataclass
-class BankStats:
-    """Softmax statistics of ``s / tau`` over (a shard of) the bank, per query.
-
-    Fields (B queries, D dims), all float32:
-        m: (B,) max logit (``-1e30`` when every row is excluded or the bank is empty).
-        z: (B,) ``sum_j exp(l_j - m)``.
-        t: (B,) ``sum_j exp(l_j - m) * s_j`` (raw similarities, not divided by tau).
-        w: (B, D) ``sum_j exp(l_j - m) * b_j``, or None when not requested.
-    """
-
-    m: torch.Tensor
-    z: torch.Tensor
-    t: torch.Tensor
-    w: torch.Tensor | None
-
-
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x - 1).bit_length())
 
@@ -377,51 +347,23 @@ def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = N
     )
 
 
-def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity="dot") -> None:
+def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity) -> torch.Tensor:
+    """The library's validators (shared with the loss and the metrics) plus what only the kernel needs;
+    returns the temperature as a float32 0-dim tensor."""
     if triton is None:
-        raise ConfigError(
-            explain(
-                "the fused bank loss needs triton, which did not import",
-                got=_TRITON_ERROR,
-                fix="install triton (it ships with CUDA builds of torch) or use the chunked path",
-            )
-        )
+        raise ConfigError(explain("the fused bank loss needs triton, which did not import", got=_TRITON_ERROR,
+                                  fix="install triton (it ships with CUDA builds of torch) or use the chunked path"))
     if precision not in _PRECISIONS:
-        raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS))
-    want = {"dot": 2, "max_token": 3}.get(similarity)
-    if want is None:
-        raise ConfigError(explain("unknown similarity", got=similarity, expected="'dot' or 'max_token'"))
-    if query.dim() != 2 or bank.dim() != want or query.shape[1] != bank.shape[-1]:
-        layout = "(N, D)" if similarity == "dot" else "(N, T, D)"
-        raise ShapeError(
-            explain(
-                f"fused {similarity} loss needs query (B, D) and bank {layout} with the same D",
-                got=f"query {tuple(query.shape)}, bank {tuple(bank.shape)}",
-                expected=f"(B, D) and {layout}",
-                fix="use similarity='dot' for (N, D) banks and 'max_token' for (N, T, D) banks",
-            )
-        )
-    if bank.dtype not in _BANK_DTYPES or query.dtype not in _BANK_DTYPES:
-        raise DTypeError(
-            explain(
-                "fused dot loss dtypes",
-                got=f"query {query.dtype}, bank {bank.dtype}",
-                expected="float32, bfloat16 or float16",
-                fix="cast the bank with .to(torch.bfloat16)",
-            )
-        )
-    if query.device != bank.device or temperature.device != bank.device:
-        raise DeviceError(
-            explain(
-                "query, bank and temperature must share a device",
-                got=f"{query.device}, {bank.device}, {temperature.device}",
-                fix="move them with .to(bank.device)",
-            )
-        )
-    if exclude_rows is not None and (exclude_rows.dim() != 2 or exclude_rows.shape[0] != query.shape[0]):
-        raise ShapeError(
-            explain("exclude_rows must be (B, K)", got=tuple(exclude_rows.shape), expected=f"({query.shape[0]}, K)")
-        )
+        raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS,
+                                  fix="use 'exact' (default) or 'fast'"))
+    checks = check_embeddings(query, bank, similarity, what="bank", dtypes=_BANK_DTYPES, finite_rows=False)
+    checks += check_rows("exclude_rows", exclude_rows, query.shape[0], bank.shape[0], query.device, padded=True,
+                         queries="B")
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
+    tau, tau_checks = as_temperature(temperature.reshape(()), query.float())
+    settle(checks + tau_checks)
+    return tau
 
 
 def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str, tiles=None):
@@ -489,14 +431,14 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         return run(_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}))
 
 
-def _combine(m, z, t, w) -> BankStats:
-    """Merge per-split partials (S, B) / (S, B, D) into one BankStats over all splits."""
-    m_all = m.max(dim=0).values  # (B,)
-    scale = torch.exp(m - m_all)  # (S, B); empty splits carry m=-1e30 -> 0
-    z_all = (z * scale).sum(0)
-    t_all = (t * scale).sum(0)
-    w_all = None if w is None else torch.einsum("sb,sbd->bd", scale, w)  # (B, D)
-    return BankStats(m=m_all, z=z_all, t=t_all, w=w_all)
+def bank_partials(query, bank, temperature, exclude_rows=None, *, need_w=True, precision="exact",
+                  tiles=None) -> BankStats:
+    """The Triton backend of :func:`cir_plugins.negatives.loss.bank_stats` on validated inputs: the
+    kernel's per-split partials merged by :meth:`BankStats.combine`. float32, no autograd history."""
+    with torch.no_grad():
+        m, z, t, w = _launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
+                                      tiles=tiles)
+        return BankStats(m, z, t, w).combine()
 
 
 def fused_dot_bank_partials(
@@ -509,7 +451,7 @@ def fused_dot_bank_partials(
     precision: str = "exact",
     tiles: dict | None = None,
 ) -> BankStats:
-    """Softmax statistics of ``sim(query, bank) / temperature`` in one pass over the bank.
+    """Softmax statistics of ``sim(query, bank) / temperature`` in one pass over the bank (checked).
 
     Args:
         query: (B, D) float32/bf16/fp16.
@@ -524,115 +466,36 @@ def fused_dot_bank_partials(
             benchmarks/fused_tune.py); None = the built-in choice.
 
     Returns:
-        :class:`BankStats` with no autograd history.
+        :class:`~cir_plugins.negatives.loss.BankStats` with no autograd history.
     """
-    _check_inputs(query, bank, temperature, exclude_rows, precision, "dot" if bank.dim() == 2 else "max_token")
-    with torch.no_grad():
-        return _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
-                                          tiles=tiles))
+    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, "dot" if bank.dim() == 2 else "max_token")
+    return bank_partials(query, bank, tau, exclude_rows, need_w=need_w, precision=precision, tiles=tiles)
 
 
-class _FusedBankLoss(torch.autograd.Function):
-    """Mean bank loss; the backward reuses the softmax expectations of the single forward pass."""
+def fused_dot_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, temperature: torch.Tensor,
+                        exclude_rows: torch.Tensor | None = None, *, precision: str = "exact") -> torch.Tensor:
+    """Mean over queries of ``-log softmax(query @ bank.T / temperature)[target]`` on the Triton backend.
 
-    @staticmethod
-    def forward(ctx, query, temperature, bank, target_rows, exclude_rows, precision):
-        need_w = bool(ctx.needs_input_grad[0])  # False under no_grad or for a frozen query
-        stats = _combine(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision))
-        tau = temperature.detach().reshape(()).float()
-        q32 = query.detach().float()
-        rows = bank.index_select(0, target_rows).float()  # (B, D) or (B, T, D) positive rows
-        if rows.dim() == 2:
-            target_vecs = rows
-            s_y = (q32 * rows).sum(-1)  # (B,) target similarities
-        else:
-            tok = torch.einsum("bd,btd->bt", q32, rows)  # (B, T) token similarities
-            s_y, arg = tok.max(dim=1)
-            target_vecs = rows[torch.arange(rows.shape[0], device=rows.device), arg]  # (B, D) winning tokens
-        per_query = stats.m + torch.log(stats.z) - s_y / tau  # (B,) logsumexp - target logit
-        ctx.save_for_backward(
-            stats.w if stats.w is not None else torch.empty(0, device=bank.device),
-            stats.z,
-            stats.t,
-            s_y,
-            target_vecs,
-            tau,
-        )
-        ctx.query_dtype = query.dtype
-        ctx.tau_shape = temperature.shape
-        ctx.need_w = need_w
-        return per_query.mean()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        w, z, t, s_y, target_vecs, tau = ctx.saved_tensors
-        bsz = z.shape[0]
-        g = grad_out.float() / bsz
-        grad_q = grad_tau = None
-        if ctx.needs_input_grad[0] and ctx.need_w:
-            expected_b = w / z[:, None]  # (B, D) E_p[b]
-            grad_q = ((expected_b - target_vecs) * (g / tau)).to(ctx.query_dtype)
-        if ctx.needs_input_grad[1]:
-            expected_s = t / z  # (B,) E_p[s]
-            grad_tau = (g * (s_y - expected_s).sum() / (tau * tau)).reshape(ctx.tau_shape)
-        return grad_q, grad_tau, None, None, None, None
-
-
-def fused_dot_bank_loss(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    target_rows: torch.Tensor,
-    temperature: torch.Tensor,
-    exclude_rows: torch.Tensor | None = None,
-    *,
-    precision: str = "exact",
-) -> torch.Tensor:
-    """Mean over queries of ``-log softmax(query @ bank.T / temperature)[target]``, fused.
-
-    Args:
-        query: (B, D) float32/bf16/fp16, may require grad.
-        bank: (N, D) float32/bf16/fp16; never receives a gradient.
-        target_rows: (B,) int64 positive row per query.
-        temperature: 0-dim float32 tensor, may require grad.
-        exclude_rows: (B, K) int64 rows masked out of each query's softmax, -1 padding; or None.
-        precision: "exact" (default) or "fast" (query and weights rounded once to a half bank's
-            dtype; about 2x fewer tensor-core operations).
-
-    Returns:
-        0-dim float32 loss, differentiable in ``query`` and ``temperature``. Arguments are
-        assumed validated by :func:`cir_plugins.negatives.loss.bank_contrastive_loss`; only the
-        checks the kernel itself relies on are repeated here.
+    query (B, D) float32/bf16/fp16, may require grad; bank (N, D) float32/bf16/fp16, never receives a
+    gradient; target_rows (B,) int64; temperature 0-dim float tensor, may require grad; exclude_rows
+    (B, K) int64, -1 padded, or None; precision "exact" (default) or "fast" (query and weights
+    rounded once to a half bank's dtype; about 2x fewer tensor-core operations). Returns the 0-dim
+    float32 loss: :func:`cir_plugins.negatives.loss.bank_contrastive_loss` with the kernel's statistics.
     """
     return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "dot")
 
 
-def fused_max_token_bank_loss(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    target_rows: torch.Tensor,
-    temperature: torch.Tensor,
-    exclude_rows: torch.Tensor | None = None,
-    *,
-    precision: str = "exact",
-) -> torch.Tensor:
-    """:func:`fused_dot_bank_loss` for multi-vector banks: score = max over T of ``q . b_t``.
-
-    bank (N, T, D) float32/bf16/fp16; the query gradient flows through each row's winning token,
-    as autograd through ``amax`` does (ties aside). Vectorised over the batch, one pass over the
-    bank. Returns the 0-dim mean loss.
-    """
+def fused_max_token_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
+                              temperature: torch.Tensor, exclude_rows: torch.Tensor | None = None, *,
+                              precision: str = "exact") -> torch.Tensor:
+    """:func:`fused_dot_bank_loss` for multi-vector banks (N, T, D): score = max over T of ``q . b_t``; the
+    query gradient flows through each row's winning token, as autograd through ``amax`` does (ties aside)."""
     return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "max_token")
 
 
 def _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, similarity):
-    if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=bank.device)
-    _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
-    if target_rows.dim() != 1 or target_rows.shape[0] != query.shape[0]:
-        raise ShapeError(
-            explain("target_rows must be (B,)", got=tuple(target_rows.shape), expected=f"({query.shape[0]},)")
-        )
-    if not math.prod(temperature.shape) == 1:
-        raise ShapeError(explain("temperature must be a scalar tensor", got=tuple(temperature.shape), expected="()"))
-    target_rows = target_rows.to(device=bank.device, dtype=torch.int64)
-    return _FusedBankLoss.apply(query, temperature, bank.detach(), target_rows, exclude_rows, precision)
+    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
+    settle(check_rows("target_rows", target_rows, query.shape[0], bank.shape[0], query.device, padded=False,
+                      queries="B"))
+    return sharded_loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend="triton",
+                        precision=precision)

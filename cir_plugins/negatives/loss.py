@@ -1,231 +1,124 @@
-"""The stage-2 contrastive loss against a static bank of every gallery image.
+"""The stage-2 contrastive loss against a static bank of every gallery image: one streaming core.
 
 For query ``q_i`` with positive bank row ``y_i`` the loss is
 
     L = mean_i [ logsumexp_j( s(q_i, b_j) / tau ) - s(q_i, b_{y_i}) / tau ]
 
-over every bank row j that is not excluded for query i (excluded rows get a logit of -inf).
-``s`` is the dot product (bank ``(N, D)``) or the maximum over a target's tokens of the dot
-product (bank ``(N, T, D)``, similarity ``"max_token"``).
+over every bank row j that is not excluded for query i. ``s`` is the dot product (bank ``(N, D)``)
+or the maximum over a target's tokens of the dot product (bank ``(N, T, D)``, ``"max_token"``).
 
-Three interchangeable implementations, chosen automatically by :func:`select_path`:
+Everything the loss and its gradients need is a softmax statistic over the bank (:class:`BankStats`):
+the max logit ``m``, the normaliser ``z = sum exp(l - m)``, ``t = sum exp(l - m) s`` (so
+``E_p[s] = t / z``) and ``w = sum exp(l - m) g`` with ``g`` the bank row (its winning token for
+max_token; ``E_p[b] = w / z``). Then
 
-* ``"full"``: :func:`naive_bank_contrastive_loss`, the full ``(B, N)`` logits and plain autograd.
-  Used when ``B * N * T`` is small. It is also the documented reference the others are tested
-  against.
-* ``"chunked"``: :class:`ChunkedBankLoss`, an autograd Function that never holds ``B x N``. One
-  pass over the bank, chunk by chunk, keeps an online logsumexp (running max and sum) and, in the
-  same pass, the softmax-weighted sum of bank rows (for the query gradient) and the
-  softmax-weighted sum of similarities (for the temperature gradient), rescaled whenever the running
-  max grows. Backward only scales the saved gradients by ``grad_output``. Per chunk it does two
-  matrix products (scores and weighted rows), the same work as naive forward + backward.
-* ``"fused"``: a Triton kernel in ``cir_plugins.negatives.fused`` (CUDA, either similarity) used
-  when that module exists and says it can handle the inputs.
+    L_i = m_i + log z_i - s_iy / tau,   dL_i/dq_i = (E_p[b] - b_y) / tau,   dL_i/dtau = (s_iy - E_p[s]) / tau^2.
 
-Precision: the query is cast to float32 (float64 when it is float64) and every bank chunk is
-upcast to that dtype before the products, so a bf16 / fp16 bank is accumulated in float32. The
-returned loss has that compute dtype.
+The code is arranged around that once:
 
-Gradients flow to the query and to the temperature, never to the bank (it is detached; its
-``requires_grad`` does not matter and it never gets a ``.grad``).
+* :func:`bank_stats` returns the statistics with one of two backends: ``"torch"`` (chunks of the
+  bank, each chunk's statistics merged into the running ones by :meth:`BankStats.combine`, never
+  holding ``B x N``) or ``"triton"`` (the kernel in :mod:`cir_plugins.negatives.fused`, whose
+  per-split partials are merged by the same :meth:`BankStats.combine`).
+* :class:`BankLoss` is the one autograd Function: statistics plus the target term in, mean loss
+  out; its backward is the two formulas above.
+* Sharding (:mod:`cir_plugins.negatives.distributed`) computes the same statistics over each
+  rank's rows and combines them across ranks (all-reduce of the max and of the rescaled sums)
+  before :class:`BankLoss`; :func:`bank_contrastive_loss` is that with one rank.
+
+:func:`naive_bank_contrastive_loss` (full ``(B, N)`` logits, ``F.cross_entropy``, plain autograd) is
+the reference every path is tested against.
+
+Precision: statistics are accumulated in float32 (float64 for a float64 query); each bank chunk is
+upcast before the products, so a bf16 / fp16 bank is accumulated in float32. The loss has that
+compute dtype. Gradients flow to the query and the temperature, never to the bank.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError, explain
+from ..errors import ConfigError, NonFiniteError, explain
+from ..metrics import (FLOAT_DTYPES, _mask_rows_, as_temperature, check_chunk_size, check_embeddings,
+                       check_not_excluded, check_rows, check_similarity, settle)
+from ..protocol import SIMILARITIES
 
 __all__ = [
     "bank_contrastive_loss",
     "naive_bank_contrastive_loss",
+    "bank_stats",
+    "BankStats",
+    "BankLoss",
+    "target_term",
     "select_path",
     "default_chunk_size",
     "validate_loss_inputs",
-    "exclusion_mask_for_chunk",
-    "ChunkedBankLoss",
     "SIMILARITIES",
-    "FULL_PATH_MAX_ELEMENTS",
     "CHUNK_BUDGET_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
 
-SIMILARITIES = ("dot", "max_token")
-BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# Full logits are used while B * N * T is at most this many elements (4 MiB of float32 logits):
-# below that the chunk loop's Python overhead is not worth saving the memory.
-FULL_PATH_MAX_ELEMENTS = 1 << 20
-# Bytes of one chunk's (B, chunk, T) float32 score block in the chunked path. Chosen with
-# benchmarks/bank_loss.py on the 2-core dev CPU (see benchmarks/RESULTS.md): big enough that the
-# matrix products dominate the per-chunk overhead, small enough to stay far below the full logits.
+# Bytes of one chunk's (B, chunk, T) float32 score block in the torch backend; see
+# benchmarks/RESULTS.md (bank loss on CPU) for how it was chosen.
 CHUNK_BUDGET_BYTES = 16 << 20
 _MIN_CHUNK = 64
+# The running max of queries with no admissible row (yet): exp(EMPTY_MAX - m) == 0 for any real m.
+EMPTY_MAX = -1.0e30
+BACKENDS = ("auto", "torch", "triton")
 
 Temperature = Union[float, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------
-# validation
+# the statistics
 # --------------------------------------------------------------------------------------------
 
-def _compute_dtype(query: torch.Tensor) -> torch.dtype:
-    return torch.float64 if query.dtype == torch.float64 else torch.float32
+@dataclass
+class BankStats:
+    """Softmax statistics of ``s / tau`` over (a part of) the bank, per query.
 
-
-def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
-                         temperature: Temperature, exclude_rows: Optional[torch.Tensor],
-                         similarity: str) -> torch.Tensor:
-    """Check every argument of :func:`bank_contrastive_loss`; return the temperature as a tensor.
-
-    Shapes: query (B, D); bank (N, D) for "dot" or (N, T, D) for "max_token"; target_rows (B,)
-    int64 in [0, N); exclude_rows None or (B, K) int64 with values in [0, N) or -1 (padding), never
-    equal to the query's target row. Returns the temperature as a 0-dim tensor in the compute dtype
-    (float32, or float64 for a float64 query) on the query's device, still attached to the caller's
-    graph when the caller's temperature requires grad.
+    Fields (B queries, D dims; a leading split dim S before :meth:`combine`), compute dtype:
+        m: (B,) max logit (``EMPTY_MAX`` when no row is admissible).
+        z: (B,) ``sum_j exp(l_j - m)``.
+        t: (B,) ``sum_j exp(l_j - m) * s_j`` (raw similarities, not divided by tau), or None.
+        w: (B, D) ``sum_j exp(l_j - m) * g_j``, or None when not requested.
     """
-    if similarity not in SIMILARITIES:
-        raise ConfigError(explain("unknown similarity", got=similarity, expected=" or ".join(SIMILARITIES),
-                                  fix="use 'dot' for single-vector banks and 'max_token' for (N, T, D) banks"))
-    for name, tensor in (("query", query), ("bank", bank), ("target_rows", target_rows)):
-        if not isinstance(tensor, torch.Tensor):
-            raise DTypeError(explain(f"{name} must be a torch.Tensor", got=type(tensor).__name__,
-                                     fix=f"pass {name} as a tensor"))
-    if query.dim() != 2:
-        raise ShapeError(explain("query must be 2-D (B, D)", got=tuple(query.shape),
-                                 fix="stack the composed queries into one (B, D) tensor"))
-    want_bank_dim = 2 if similarity == "dot" else 3
-    if bank.dim() != want_bank_dim:
-        layout = "(N, D)" if similarity == "dot" else "(N, T, D)"
-        raise ShapeError(explain(f"a bank for similarity {similarity!r} must be {want_bank_dim}-D {layout}",
-                                 got=tuple(bank.shape),
-                                 fix="use similarity='max_token' for multi-vector (N, T, D) banks and 'dot' for (N, D)"))
-    batch, dim = query.shape
-    if batch == 0 or bank.shape[0] == 0 or dim == 0 or (similarity == "max_token" and bank.shape[1] == 0):
-        raise ShapeError(explain("query and bank must be non-empty", got=(tuple(query.shape), tuple(bank.shape)),
-                                 fix="pass at least one query, one bank row and one embedding dim"))
-    if bank.shape[-1] != dim:
-        raise ShapeError(explain("query and bank embedding dims differ", got=(dim, bank.shape[-1]),
-                                 expected="the same D", fix="encode the query and the bank with the same model"))
-    if query.dtype not in QUERY_DTYPES:
-        raise DTypeError(explain("query must be a floating tensor", got=query.dtype,
-                                 expected=[str(d) for d in QUERY_DTYPES], fix="cast the query with .float()"))
-    if bank.dtype not in BANK_DTYPES:
-        raise DTypeError(explain("bank dtype not supported", got=bank.dtype,
-                                 expected=[str(d) for d in BANK_DTYPES], fix="store the bank as bf16, fp16 or fp32"))
-    if target_rows.dtype != torch.int64:
-        raise DTypeError(explain("target_rows must be int64", got=target_rows.dtype, fix="use .long()"))
-    if target_rows.shape != (batch,):
-        raise ShapeError(explain("target_rows must have shape (B,) with B = query rows",
-                                 got=tuple(target_rows.shape), expected=(batch,),
-                                 fix="give one bank row per query"))
-    if bank.device != query.device or target_rows.device != query.device:
-        raise DeviceError(explain("query, bank and target_rows must be on one device",
-                                  got=(str(query.device), str(bank.device), str(target_rows.device)),
-                                  fix="move them with .to(query.device)"))
-    n_rows = bank.shape[0]
-    if exclude_rows is not None:
-        if not isinstance(exclude_rows, torch.Tensor):
-            raise DTypeError(explain("exclude_rows must be a tensor or None", got=type(exclude_rows).__name__,
-                                     fix="pass a (B, K) int64 tensor padded with -1"))
-        if exclude_rows.dtype != torch.int64:
-            raise DTypeError(explain("exclude_rows must be int64", got=exclude_rows.dtype, fix="use .long()"))
-        if exclude_rows.dim() != 2 or exclude_rows.shape[0] != batch:
-            raise ShapeError(explain("exclude_rows must be (B, K), -1 padded", got=tuple(exclude_rows.shape),
-                                     expected=f"({batch}, K)", fix="one row of excluded bank rows per query"))
-        if exclude_rows.device != query.device:
-            raise DeviceError(explain("exclude_rows must be on the query's device", got=str(exclude_rows.device),
-                                      expected=str(query.device), fix="move it with .to(query.device)"))
-    cdtype = _compute_dtype(query)
-    if isinstance(temperature, torch.Tensor):
-        if temperature.dim() != 0:
-            raise ShapeError(explain("temperature must be a python float or a 0-dim tensor",
-                                     got=tuple(temperature.shape), fix="pass e.g. torch.tensor(0.02)"))
-        if not temperature.is_floating_point():
-            raise DTypeError(explain("temperature must be a floating tensor", got=temperature.dtype,
-                                     fix="use torch.tensor(0.02)"))
-        if temperature.device != query.device:
-            raise DeviceError(explain("temperature must be on the query's device", got=str(temperature.device),
-                                      expected=str(query.device), fix="move the temperature to the model's device"))
-        tau = temperature.to(cdtype)
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        tau = torch.tensor(float(temperature), dtype=cdtype, device=query.device)
-    else:
-        raise DTypeError(explain("temperature must be a python float or a 0-dim tensor",
-                                 got=type(temperature).__name__, fix="pass e.g. 0.02"))
 
-    # Value checks: each is a 0-dim bool on the query's device; they are read back in ONE host sync
-    # (this runs every training step), and only a failing check computes its detailed message.
-    target_out = (target_rows < 0) | (target_rows >= n_rows)  # (B,)
-    flags = [target_out.any(), ~torch.isfinite(query).all()]
-    if exclude_rows is not None:
-        exclude_out = (exclude_rows < -1) | (exclude_rows >= n_rows)  # (B, K)
-        clash = (exclude_rows == target_rows[:, None]).any(1)  # (B,)
-        flags += [exclude_out.any(), clash.any()]
-    tau_value = tau.detach()
-    flags.append(~(torch.isfinite(tau_value) & (tau_value > 0)))
-    failed = torch.stack(flags).tolist()  # the single sync
-    if not any(failed):
-        return tau
-    if failed[0]:
-        bad = target_out.nonzero().flatten()[:5].tolist()
-        raise ShapeError(explain("target_rows out of range", got={i: int(target_rows[i]) for i in bad},
-                                 expected=f"rows in [0, {n_rows})", fix="index the positives by bank row"))
-    if failed[1]:
-        bad = (~torch.isfinite(query)).any(1).nonzero().flatten()[:5].tolist()
-        raise NonFiniteError(explain("query contains NaN or infinity", got=f"query rows {bad}",
-                                     fix="check the model output (learning rate, AMP overflow)"))
-    if exclude_rows is not None and failed[2]:
-        where = exclude_out.nonzero()[0].tolist()
-        raise ShapeError(explain("exclude_rows out of range", got=f"{int(exclude_rows[where[0], where[1]])} "
-                                 f"for query {where[0]}", expected=f"rows in [0, {n_rows}) or -1 as padding",
-                                 fix="index exclusions by bank row and pad with -1"))
-    if exclude_rows is not None and failed[3]:
-        bad = clash.nonzero().flatten()[:5].tolist()
-        raise ConfigError(explain("a query excludes its own target row", got=f"queries {bad}",
-                                  fix="never exclude the positive; mask only false negatives"))
-    raise ConfigError(explain("temperature must be finite and positive", got=float(tau_value), expected="> 0",
-                              fix="use e.g. 0.02; parametrise a learnable one as exp(log_tau)"))
+    m: torch.Tensor
+    z: torch.Tensor
+    t: Optional[torch.Tensor]
+    w: Optional[torch.Tensor]
 
+    def rescaled(self, m: torch.Tensor) -> "BankStats":
+        """The same sums expressed relative to a larger max ``m`` (broadcastable to ``self.m``)."""
+        scale = torch.exp(self.m - m)
+        return BankStats(m.expand_as(self.m), self.z * scale, None if self.t is None else self.t * scale,
+                         None if self.w is None else self.w * scale[..., None])
 
-# --------------------------------------------------------------------------------------------
-# pieces shared by the paths
-# --------------------------------------------------------------------------------------------
+    def combine(self) -> "BankStats":
+        """Merge the parts along the leading dim (chunks, kernel splits): (S, B) -> (B,)."""
+        r = self.rescaled(self.m.amax(dim=0))
+        return BankStats(r.m[0], r.z.sum(0), None if r.t is None else r.t.sum(0), None if r.w is None else r.w.sum(0))
+
+    @staticmethod
+    def stack(parts) -> "BankStats":
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.stack(values)
+        return BankStats(cat("m"), cat("z"), cat("t"), cat("w"))
+
 
 def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: Optional[int] = None) -> int:
-    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes``.
-
-    ``budget_bytes`` defaults to the module's CHUNK_BUDGET_BYTES (read at call time).
-    """
+    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes``
+    (default: the module's CHUNK_BUDGET_BYTES, read at call time)."""
     budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
     return max(_MIN_CHUNK, budget // (4 * max(1, batch) * max(1, tokens)))
-
-
-def select_path(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot",
-                chunk_size: Optional[int] = None) -> str:
-    """Which implementation :func:`bank_contrastive_loss` uses: "fused", "full" or "chunked".
-
-    A given ``chunk_size`` forces the chunked path. Otherwise: "fused" on CUDA (either similarity)
-    when the Triton module is present and accepts the inputs; "full" when B * N * T is at most
-    FULL_PATH_MAX_ELEMENTS; else "chunked".
-    """
-    if chunk_size is not None:
-        return "chunked"
-    if query.is_cuda:
-        fused = _fused_module()
-        if fused is not None and fused.fused_available(query, bank, similarity):
-            return "fused"
-    tokens = bank.shape[1] if similarity == "max_token" else 1
-    if query.shape[0] * bank.shape[0] * tokens <= FULL_PATH_MAX_ELEMENTS:
-        return "full"
-    return "chunked"
 
 
 def _fused_module():
@@ -239,48 +132,196 @@ def _fused_module():
     return fused
 
 
-def exclusion_mask_for_chunk(exclude_rows: torch.Tensor, start: int, stop: int):
-    """Positions to mask inside the bank chunk ``[start, stop)``.
+def select_path(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot",
+                chunk_size: Optional[int] = None) -> str:
+    """The backend :func:`bank_contrastive_loss` uses: "fused" (Triton) or "chunked" (torch).
 
-    exclude_rows (B, K) int64, -1 padded. Returns (query_index, column_index), two 1-D int64
-    tensors: query i excludes the chunk's column c = row - start.
+    "fused" on CUDA when the Triton module is present and accepts the inputs, unless a
+    ``chunk_size`` is given (that forces the chunked torch backend).
     """
-    local = exclude_rows - start  # (B, K) column inside the chunk
-    hit = (exclude_rows >= 0) & (local >= 0) & (local < stop - start)  # (B, K)
-    query_index, k_index = hit.nonzero(as_tuple=True)
-    return query_index, local[query_index, k_index]
+    if chunk_size is None and query.is_cuda:
+        fused = _fused_module()
+        if fused is not None and fused.fused_available(query, bank, similarity):
+            return "fused"
+    return "chunked"
 
 
-def _scores(query: torch.Tensor, bank_chunk: torch.Tensor, similarity: str):
-    """Similarities of every query with every bank row of a chunk, in the query's dtype.
-
-    query (B, D); bank_chunk (C, D) or (C, T, D), already in the query's dtype.
-    Returns (scores (B, C), token_scores (B, C, T) or None, winning token (B, C) or None).
-    """
+def _chunk_stats(q, chunk, inv_tau, exclude_rows, start, similarity, need_t, need_w) -> BankStats:
+    """Statistics of one bank chunk. q (B, D) compute dtype; chunk (C, D) or (C, T, D) upcast."""
     if similarity == "dot":
-        return query @ bank_chunk.T, None, None  # (B, D) @ (D, C) -> (B, C)
-    c, t, d = bank_chunk.shape
-    token_scores = (query @ bank_chunk.reshape(c * t, d).T).view(query.shape[0], c, t)  # (B, D)@(D, C*T) -> (B, C, T)
-    best, arg = token_scores.max(dim=2)  # (B, C) each
-    return best, token_scores, arg
+        sims = q @ chunk.T  # (B, D) @ (D, C) -> (B, C)
+    else:
+        c, t, d = chunk.shape
+        token_scores = (q @ chunk.reshape(c * t, d).T).view(q.shape[0], c, t)  # (B, C*T) -> (B, C, T)
+        sims, arg = token_scores.max(dim=2)  # (B, C) best token and its index
+    logits = sims * inv_tau  # (B, C)
+    if exclude_rows is not None:
+        _mask_rows_(logits, exclude_rows, start)  # excluded -> -inf
+    m = logits.amax(dim=1).clamp_min(EMPTY_MAX)  # (B,); a NaN row stays NaN and surfaces in the loss
+    weights = logits.sub_(m[:, None]).exp_()  # (B, C) in place, 0 where excluded
+    w = None
+    if need_w:
+        if similarity == "dot":
+            w = weights @ chunk  # (B, C) @ (C, D) -> (B, D)
+        else:  # each weight on its winning token: (B, C, T) reusing the score buffer, then one product
+            spread = token_scores.zero_().scatter_(2, arg.unsqueeze(2), weights.unsqueeze(2))
+            w = spread.view(q.shape[0], c * t) @ chunk.reshape(c * t, d)  # (B, C*T) @ (C*T, D)
+    t_sum = sims.mul_(weights).sum(dim=1) if need_t else None  # sims no longer needed
+    return BankStats(m, weights.sum(dim=1), t_sum, w)
 
 
-def _target_scores(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, similarity: str):
-    """s(q_i, b_{y_i}) and the bank vector it came from.
+def _bank_stats(q, bank, tau, exclude_rows, similarity, *, backend, chunk_size=None, need_t=True, need_w=True,
+                precision="exact") -> BankStats:
+    """:func:`bank_stats` on validated inputs. q (B, D) in the compute dtype, detached."""
+    if backend == "triton":
+        stats = _fused_module().bank_partials(q, bank, tau, exclude_rows, need_w=need_w, precision=precision)
+        stats = BankStats(*(None if x is None else x.to(q.dtype) for x in (stats.m, stats.z, stats.t, stats.w)))
+        return stats if need_t else BankStats(stats.m, stats.z, None, stats.w)
+    tokens = bank.shape[1] if similarity == "max_token" else 1
+    step = chunk_size or default_chunk_size(q.shape[0], tokens)
+    inv_tau = 1.0 / tau
+    running = None
+    for start in range(0, bank.shape[0], step):
+        chunk = bank[start:start + step].to(q.dtype)  # (C, D) or (C, T, D)
+        part = _chunk_stats(q, chunk, inv_tau, exclude_rows, start, similarity, need_t, need_w)
+        running = part if running is None else BankStats.stack([running, part]).combine()
+    if running is None:  # an empty shard
+        b, d = q.shape
+        zeros = q.new_zeros(b)
+        running = BankStats(torch.full_like(zeros, EMPTY_MAX), zeros, zeros.clone() if need_t else None,
+                            q.new_zeros(b, d) if need_w else None)
+    return running
 
-    Returns (scores (B,), rows (B, D)): for max_token, the row is the winning token of the target.
+
+def bank_stats(query: torch.Tensor, bank: torch.Tensor, temperature: Temperature,
+               exclude_rows: Optional[torch.Tensor] = None, similarity: str = "dot", *, backend: str = "auto",
+               chunk_size: Optional[int] = None, need_w: bool = True) -> BankStats:
+    """Softmax statistics of ``sim(query, bank) / temperature`` per query, in one pass over the bank.
+
+    query (B, D); bank (N, D) or (N, T, D); exclude_rows (B, K) int64, -1 padded, rows left out.
+    ``backend``: "torch" (chunked), "triton" (CUDA) or "auto" (as :func:`select_path`). Returns
+    :class:`BankStats` in float32 (float64 for a float64 query), without autograd history.
     """
-    rows = bank[target_rows].to(query.dtype)  # (B, D) or (B, T, D)
+    if backend not in BACKENDS:
+        raise ConfigError(explain("unknown backend", got=backend, expected=BACKENDS, fix="use 'torch' or 'triton'"))
+    check_chunk_size(chunk_size)
+    checks = check_embeddings(query, bank, similarity, what="bank", finite_rows=False)
+    checks += check_rows("exclude_rows", exclude_rows, query.shape[0], bank.shape[0], query.device, padded=True,
+                         queries="B")
+    tau, tau_checks = as_temperature(temperature, query)
+    settle(checks + tau_checks)
+    if backend == "auto":
+        backend = "triton" if select_path(query, bank, similarity, chunk_size) == "fused" else "torch"
+    cdtype = tau.dtype
+    return _bank_stats(query.detach().to(cdtype), bank.detach(), tau.detach(), exclude_rows, similarity,
+                       backend=backend, chunk_size=chunk_size, need_w=need_w)
+
+
+def target_term(query: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, similarity: str):
+    """s(q_i, b_{y_i}) (B,) and the bank vector it came from (B, D) (the winning token for max_token).
+
+    query (B, D) compute dtype; rows (B,) rows of ``bank``, -1 where another shard owns the target:
+    those get zeros (the owner contributes them when the shards are combined).
+    """
+    if bank.shape[0] == 0:  # an empty shard owns no target
+        return query.new_zeros(query.shape[0]), torch.zeros_like(query)
+    own = rows >= 0
+    vecs = bank[rows.clamp_min(0)].to(query.dtype)  # (B, D) or (B, T, D)
     if similarity == "dot":
-        return (query * rows).sum(-1), rows
-    token_scores = torch.einsum("bd,btd->bt", query, rows)  # (B, T)
-    best, arg = token_scores.max(dim=1)
-    return best, rows[torch.arange(rows.shape[0], device=rows.device), arg]  # (B, D)
+        scores = (query * vecs).sum(-1)
+    else:
+        token_scores = torch.einsum("bd,btd->bt", query, vecs)  # (B, T)
+        scores, arg = token_scores.max(dim=1)
+        vecs = vecs[torch.arange(vecs.shape[0], device=vecs.device), arg]  # (B, D)
+    return torch.where(own, scores, 0.0), torch.where(own[:, None], vecs, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
-# the reference / full path
+# the one autograd Function
 # --------------------------------------------------------------------------------------------
+
+class BankLoss(torch.autograd.Function):
+    """Statistics plus the target term -> mean loss; backward from the saved expectations.
+
+    forward(query (B, D), tau 0-dim, m, z (B,), t (B,) or None, w (B, D) or None, s_y (B,), g_y (B, D))
+    -> 0-dim mean of ``m + log z - s_y / tau``. Only ``query`` and ``tau`` receive gradients:
+    ``(w / z - g_y) / tau / B`` and ``sum(s_y - t / z) / tau^2 / B`` (times the incoming gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, query, tau, m, z, t, w, s_y, g_y):
+        per_query = m + torch.log(z) - s_y / tau  # (B,) logsumexp - target logit
+        ctx.save_for_backward(tau, z, t, w, s_y, g_y)
+        return per_query.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tau, z, t, w, s_y, g_y = ctx.saved_tensors
+        g = grad_out / z.shape[0]
+        grad_q = grad_tau = None
+        if ctx.needs_input_grad[0]:
+            grad_q = (w / z[:, None] - g_y) * (g / tau)  # (B, D): (E_p[b] - b_y) / tau / B
+        if ctx.needs_input_grad[1]:
+            grad_tau = g * (s_y - t / z).sum() / (tau * tau)  # (s_y - E_p[s]) / tau^2 / B
+        return grad_q, grad_tau, None, None, None, None, None, None
+
+
+def _check_finite_loss(loss: torch.Tensor) -> None:
+    if not bool(torch.isfinite(loss.detach())):
+        raise NonFiniteError(explain("the bank loss is not finite", got=float(loss.detach()),
+                                     fix="check the bank for NaN/inf rows (rebuild it) and the temperature"))
+
+
+def sharded_loss(query, tau, bank, target_rows, exclude_rows, similarity, *, backend, chunk_size=None,
+                 precision="exact", shard=None) -> torch.Tensor:
+    """The loss pipeline on validated inputs: statistics, target term, (shard combination), BankLoss.
+
+    query (B, D); tau 0-dim compute dtype; ``shard`` None for one process, else the object of
+    :mod:`cir_plugins.negatives.distributed` whose ``gather`` brings every rank's queries (and their
+    rows, made local to this shard) and whose ``combine`` merges the statistics across ranks and
+    keeps this rank's queries.
+    """
+    q = query.to(tau.dtype)
+    need_w = shard is not None or (torch.is_grad_enabled() and q.requires_grad)
+    need_t = shard is not None or (torch.is_grad_enabled() and tau.requires_grad)
+    with torch.no_grad():
+        q_all, rows, excl = q.detach(), target_rows, exclude_rows
+        if shard is not None:
+            q_all, rows, excl = shard.gather(q_all, target_rows, exclude_rows)
+        stats = _bank_stats(q_all, bank, tau.detach(), excl, similarity, backend=backend, chunk_size=chunk_size,
+                            need_t=need_t, need_w=need_w, precision=precision)
+        s_y, g_y = target_term(q_all, bank, rows, similarity)
+        if shard is not None:
+            stats, s_y, g_y = shard.combine(stats, s_y, g_y)
+    loss = BankLoss.apply(q, tau, stats.m, stats.z, stats.t, stats.w, s_y, g_y)
+    _check_finite_loss(loss)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# validation, the reference, the public entry point
+# --------------------------------------------------------------------------------------------
+
+def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
+                         temperature: Temperature, exclude_rows: Optional[torch.Tensor], similarity: str,
+                         n_rows: Optional[int] = None) -> torch.Tensor:
+    """Check every argument of :func:`bank_contrastive_loss` (one host sync); return tau as a tensor.
+
+    Shapes: query (B, D); bank (N, D) for "dot" or (N, T, D) for "max_token"; target_rows (B,)
+    int64 in [0, n_rows); exclude_rows None or (B, K) int64 in [0, n_rows) or -1 (padding), never a
+    query's target. ``n_rows`` defaults to N (the sharded loss passes the whole bank's size).
+    Returns the temperature as a 0-dim tensor in the compute dtype (float32, or float64 for a
+    float64 query), still attached to the caller's graph.
+    """
+    check_similarity(similarity)
+    checks = check_embeddings(query, bank, similarity, what="bank", dtypes=FLOAT_DTYPES, finite_rows=False)
+    n = bank.shape[0] if n_rows is None else n_rows
+    checks += check_rows("target_rows", target_rows, query.shape[0], n, query.device, padded=False, queries="B")
+    checks += check_rows("exclude_rows", exclude_rows, query.shape[0], n, query.device, padded=True, queries="B")
+    tau, tau_checks = as_temperature(temperature, query)
+    settle(checks + check_not_excluded(target_rows, exclude_rows) + tau_checks)
+    return tau
+
 
 def naive_bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                                 temperature: Temperature, *, exclude_rows: Optional[torch.Tensor] = None,
@@ -291,121 +332,21 @@ def naive_bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_
     floats, so use it only for small banks or as a test oracle. Returns the 0-dim mean loss.
     """
     tau = validate_loss_inputs(query, bank, target_rows, temperature, exclude_rows, similarity)
-    return _full_loss(query, bank, target_rows, tau, exclude_rows, similarity)
-
-
-def _full_loss(query, bank, target_rows, tau, exclude_rows, similarity):
-    cdtype = _compute_dtype(query)
-    q = query.to(cdtype)
-    b = bank.detach().to(cdtype)
+    q = query.to(tau.dtype)
+    b = bank.detach().to(tau.dtype)
     if similarity == "dot":
         sims = q @ b.T  # (B, D) @ (D, N) -> (B, N)
     else:
-        n, t, d = b.shape
-        sims = (q @ b.reshape(n * t, d).T).view(q.shape[0], n, t).amax(dim=2)  # (B, N*T) -> (B, N, T) -> (B, N)
+        sims = torch.einsum("bd,ntd->bnt", q, b).amax(dim=2)  # (B, N, T) -> (B, N)
     logits = sims / tau
     if exclude_rows is not None:
-        qi, col = exclusion_mask_for_chunk(exclude_rows, 0, b.shape[0])
-        mask = torch.zeros_like(logits, dtype=torch.bool)
-        mask[qi, col] = True
-        logits = logits.masked_fill(mask, float("-inf"))
+        query_index, k_index = (exclude_rows >= 0).nonzero(as_tuple=True)
+        logits = logits.index_put((query_index, exclude_rows[query_index, k_index]),
+                                  torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
     loss = F.cross_entropy(logits, target_rows)
     _check_finite_loss(loss)
     return loss
 
-
-def _check_finite_loss(loss: torch.Tensor) -> None:
-    if not bool(torch.isfinite(loss.detach())):
-        raise NonFiniteError(explain("the bank loss is not finite", got=float(loss.detach()),
-                                     fix="check the bank for NaN/inf rows (rebuild it) and the temperature"))
-
-
-# --------------------------------------------------------------------------------------------
-# the chunked path
-# --------------------------------------------------------------------------------------------
-
-class ChunkedBankLoss(torch.autograd.Function):
-    """One streaming pass over the bank: loss, d/dquery and d/dtemperature together.
-
-    forward(query (B, D) compute dtype, tau 0-dim compute dtype, bank (N, D) or (N, T, D) any
-    supported dtype, target_rows (B,), exclude_rows (B, K) or None, similarity, chunk_size)
-    -> 0-dim mean loss. Holds at most one (B, chunk, T) block; saves lse (B,), the target logit
-    (B,), d loss/d query (B, D) and d loss/d tau (0-dim). Inputs must be validated already.
-    """
-
-    @staticmethod
-    def forward(ctx, query, tau, bank, target_rows, exclude_rows, similarity, chunk_size):
-        need_q = ctx.needs_input_grad[0]
-        need_tau = ctx.needs_input_grad[1]
-        batch, dim = query.shape
-        cdtype = query.dtype
-        inv_tau = 1.0 / tau
-        neg_inf = float("-inf")
-
-        run_max = torch.full((batch,), neg_inf, dtype=cdtype, device=query.device)  # (B,)
-        run_sum = torch.zeros(batch, dtype=cdtype, device=query.device)  # (B,) sum exp(z - max)
-        run_rows = torch.zeros(batch, dim, dtype=cdtype, device=query.device) if need_q else None  # (B, D)
-        run_sims = torch.zeros(batch, dtype=cdtype, device=query.device) if need_tau else None  # (B,)
-
-        for start in range(0, bank.shape[0], chunk_size):
-            stop = min(start + chunk_size, bank.shape[0])
-            chunk = bank[start:stop].to(cdtype)  # (C, D) or (C, T, D)
-            sims, token_scores, arg = _scores(query, chunk, similarity)  # (B, C)
-            logits = sims * inv_tau  # (B, C); the only new (B, C) block besides the scores
-            if exclude_rows is not None:
-                qi, col = exclusion_mask_for_chunk(exclude_rows, start, stop)
-                logits[qi, col] = neg_inf
-            new_max = torch.maximum(run_max, logits.amax(dim=1))  # (B,)
-            # a row whose candidates so far are all masked keeps max -inf: shift by 0 instead
-            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            rescale = torch.exp(run_max - safe_max)  # (B,) factor for everything accumulated so far
-            weights = logits.sub_(safe_max[:, None]).exp_()  # (B, C) in place, 0 where masked
-            run_sum = run_sum * rescale + weights.sum(dim=1)
-            if need_q:
-                if similarity == "dot":
-                    weighted = weights @ chunk  # (B, C) @ (C, D) -> (B, D)
-                else:
-                    c, t, _ = chunk.shape
-                    # put each weight on its winning token, zeros elsewhere: (B, C, T); reuse the buffer
-                    spread = token_scores.zero_().scatter_(2, arg.unsqueeze(2), weights.unsqueeze(2))
-                    weighted = spread.view(batch, c * t) @ chunk.reshape(c * t, dim)  # (B, C*T) @ (C*T, D)
-                run_rows = run_rows * rescale[:, None] + weighted
-            if need_tau:
-                run_sims = run_sims * rescale + sims.mul_(weights).sum(dim=1)  # sims no longer needed
-            run_max = new_max
-
-        if not bool(torch.isfinite(run_max).all()):
-            bad = (~torch.isfinite(run_max)).nonzero().flatten()[:5].tolist()
-            raise NonFiniteError(explain("every bank row is masked or non-finite for some queries",
-                                         got=f"queries {bad}", fix="check the bank for NaN/inf rows and the exclusions"))
-        lse = run_max + torch.log(run_sum)  # (B,)
-        target_sims, target_vecs = _target_scores(query, bank, target_rows, similarity)  # (B,), (B, D)
-        target_logits = target_sims * inv_tau
-        loss = (lse - target_logits).mean()
-        _check_finite_loss(loss)
-
-        grad_q = grad_tau = None
-        if need_q:
-            # dL/dq_i = (E_p[b] - b_y) / tau / B
-            grad_q = (run_rows / run_sum[:, None] - target_vecs) * (inv_tau / batch)
-        if need_tau:
-            # dL/dtau = sum_i (s_iy - E_p[s_i]) / tau^2 / B
-            grad_tau = ((target_sims - run_sims / run_sum).sum() * inv_tau * inv_tau / batch)
-        ctx.save_for_backward(*(t for t in (grad_q, grad_tau) if t is not None))
-        ctx.has = (grad_q is not None, grad_tau is not None)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        saved = list(ctx.saved_tensors)
-        grad_q = saved.pop(0) * grad_output if ctx.has[0] else None
-        grad_tau = saved.pop(0) * grad_output if ctx.has[1] else None
-        return grad_q, grad_tau, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# the public entry point
-# --------------------------------------------------------------------------------------------
 
 def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                           temperature: Temperature, *, exclude_rows: Optional[torch.Tensor] = None,
@@ -422,29 +363,17 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
         exclude_rows: (B, K) int64, -1 padded: bank rows removed from query i's softmax
             (false negatives such as its reference image). Excluding the target is an error.
         similarity: "dot" or "max_token".
-        chunk_size: bank rows per chunk; giving it forces the chunked path. None chooses the path
-            and chunk size automatically (see :func:`select_path`, :func:`default_chunk_size`).
+        chunk_size: bank rows per chunk; giving it forces the chunked torch backend. None chooses
+            the backend (see :func:`select_path`) and the chunk size (:func:`default_chunk_size`).
 
     Returns:
         0-dim tensor in float32 (float64 for a float64 query): equals
         ``F.cross_entropy(sim(query, bank) / temperature, target_rows)`` with excluded logits at
-        -inf, to float rounding, without holding the (B, N) matrix when N is large.
+        -inf, to float rounding, without holding the (B, N) matrix. The single-process case of
+        :func:`cir_plugins.negatives.distributed.sharded_bank_contrastive_loss`.
     """
+    check_chunk_size(chunk_size)
     tau = validate_loss_inputs(query, bank, target_rows, temperature, exclude_rows, similarity)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
-                                  fix="leave it None to size chunks automatically"))
-    bank = bank.detach()
-    path = select_path(query, bank, similarity, chunk_size)
-    if path == "fused":
-        fused = _fused_module()
-        kernel = fused.fused_dot_bank_loss if similarity == "dot" else fused.fused_max_token_bank_loss
-        loss = kernel(query, bank, target_rows, tau.to(torch.float32), exclude_rows)
-        _check_finite_loss(loss)
-        return loss
-    if path == "full":
-        return _full_loss(query, bank, target_rows, tau, exclude_rows, similarity)
-    tokens = bank.shape[1] if similarity == "max_token" else 1
-    chunk = chunk_size or default_chunk_size(query.shape[0], tokens)
-    q = query.to(_compute_dtype(query))
-    return ChunkedBankLoss.apply(q, tau, bank, target_rows, exclude_rows, similarity, chunk)
+    backend = "triton" if select_path(query, bank, similarity, chunk_size) == "fused" else "torch"
+    return sharded_loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend=backend,
+                        chunk_size=chunk_size)
