@@ -1,7 +1,9 @@
-"""Atomic JSON files, shared by the modules that write small JSON (annotations, submissions, the synthetic world).
+"""The package's one atomic file writer (private): banks, checkpoints, annotations, submissions, the world.
 
-Private to the package. (``positives.annotations.atomic_write_json`` keeps its own format: indent 1, non-ASCII
-kept, a final newline, the folder fsynced.)
+A write goes to ``path.tmp-<pid>`` in the same folder, is flushed and fsynced, then ``os.replace``d
+over ``path`` and the folder fsynced, so a kill at any moment leaves the old file or the new one,
+never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`fsync_dir`
+serves writers that swap whole folders (training checkpoints).
 """
 
 from __future__ import annotations
@@ -11,15 +13,56 @@ import os
 from pathlib import Path
 from typing import Any
 
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "fsync_file"]
 
-def atomic_write_json(path: Path, data: Any, *, indent: int | None = None, make_parents: bool = False) -> None:
-    """Write ``data`` as JSON (UTF-8, ``json.dump`` with ``indent``) atomically: ``path.tmp-<pid>`` in the same
-    folder, flush + fsync, ``os.replace``. ``make_parents`` creates the missing folders first."""
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data to disk (a file another writer, e.g. safetensors' save_file, wrote)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Persist a folder's entries (a rename into it). Filesystems that cannot open a folder are skipped:
+    the rename itself is still atomic there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module doc) and return the path.
+
+    ``make_parents``: create missing folders first (else a missing folder is the OSError it is). A
+    failed write removes its temporary file and leaves ``path`` as it was.
+    """
+    path = Path(path)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=indent)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = None, ensure_ascii: bool = True,
+                      trailing_newline: bool = False, make_parents: bool = False) -> Path:
+    """Write ``data`` as UTF-8 JSON (the bytes of ``json.dumps(data, indent=indent, ensure_ascii=...)``, plus a
+    final newline when asked) atomically. ``make_parents`` creates the missing folders first."""
+    text = json.dumps(data, indent=indent, ensure_ascii=ensure_ascii) + ("\n" if trailing_newline else "")
+    return atomic_write_bytes(path, text.encode("utf-8"), make_parents=make_parents)

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._atomic import atomic_write_json
-from .errors import ConfigError, DataError, ModelProtocolError, ShapeError, SubmissionError, explain
+from ._utils import eval_mode, model_device
+from .errors import ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, SubmissionError, explain
 from .metrics import retrieval_metrics, topk_rows
 
 __all__ = [
@@ -76,47 +78,87 @@ def _reference_encoder(model: Any):
     return encode_reference if callable(encode_reference) else None
 
 
-def _model_device(model: Any) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if callable(parameters):
-        for parameter in parameters():
-            return parameter.device
-    return torch.device("cpu")
+def _require_images(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> None:
+    """DataError naming the ids that ``images`` lacks (all of them, checked before any work)."""
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
+                                fix="pass an images mapping (e.g. the split's images) that covers every id"))
 
 
 def _stack(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> torch.Tensor:
-    """(n, C, H, W) tensor of ``ids`` from any Mapping (ImageStore.batch when available)."""
-    missing = [i for i in ids if i not in images]
-    if missing:
-        raise DataError(explain("image ids are missing from the split's images", got=missing[:5],
-                                fix="evaluate a split whose images cover its gallery and references"))
+    """(n, C, H, W) tensor of ``ids`` from any Mapping (ImageStore.batch when it returns one row per id)."""
     batch = getattr(images, "batch", None)
+    # an ImageStore in skip mode returns (tensor, kept ids) from .batch: one row per id is needed here
     if callable(batch) and getattr(images, "on_error", "error") == "error":
         return batch(list(ids))
     return torch.stack([images[i] for i in ids])  # (n, C, H, W)
 
 
-def embed_images(fn, images: Mapping[str, torch.Tensor], ids: Sequence[str], *, batch_size: int = 64,
-                 device: torch.device | str | None = None, show_progress: bool = True,
-                 desc: str = "embed images") -> torch.Tensor:
-    """Run ``fn`` (e.g. ``model.encode_image``) over ``ids`` in batches; concatenate along dim 0.
+def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
+                 images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
+                 device: torch.device | str | None = None, output_device: torch.device | str | None = None,
+                 pool_tokens: bool = False, show_progress: bool = True, desc: str = "embed images") -> torch.Tensor:
+    """Run ``encoder`` (e.g. ``model.encode_image``) over ``image_ids`` in batches, under no_grad.
 
-    ``fn`` maps (n, C, H, W) images to (n, ...) tensors. Returns (len(ids), ...) on ``device``.
-    The caller sets no_grad / eval mode.
+    The package's one image-embedding loop (the bank's resumable, multi-worker build aside): evaluation,
+    pairing and the training reference cache use it. The caller chooses eval mode
+    (:func:`cir_plugins._utils.eval_mode`).
+
+    Args:
+        encoder: images (n, C, H, W) -> (n, ...) tensor, one row per image.
+        image_ids: the ids to embed, in output order.
+        images: id -> (C, H, W) tensor (any Mapping; an ImageStore reads from disk).
+        device: where each batch goes; None = the encoder's device (the module of a bound method such
+            as ``model.encode_image``), or left where it is for a plain function or offloaded (meta) weights.
+        output_device: where each output batch is moved before concatenation (e.g. "cpu"); None = kept.
+        pool_tokens: mean-pool multi-vector outputs (n, T, D) -> (n, D); then outputs must be 2-D or 3-D.
+        show_progress, desc: a tqdm bar and its label.
+
+    Returns (len(image_ids), ...) in the encoder's dtype; (0, 0) for no ids. A missing id is a DataError,
+    a wrong row count a ModelProtocolError, a NaN or infinity a NonFiniteError naming the images.
+
+    The argument order (encoder, image_ids, images) is that of ``NegativeBank.build`` and ``pair_images``;
+    the former ``evaluation.embed_images(fn, images, ids)`` order still works, with a DeprecationWarning.
     """
+    if isinstance(image_ids, Mapping) and not isinstance(images, Mapping):
+        warnings.warn("embed_images(fn, images, ids) is deprecated: pass embed_images(encoder, image_ids, images)",
+                      DeprecationWarning, stacklevel=2)
+        image_ids, images = images, image_ids
+    _check_batch_size(batch_size)
+    if not callable(encoder):
+        raise ModelProtocolError(explain("the image encoder must be callable (images (n, C, H, W) -> (n, D))",
+                                         got=type(encoder).__name__, fix="pass a function or a model's encode_image"))
+    image_ids = list(image_ids)
+    _require_images(images, image_ids)
+    device = torch.device(device) if device is not None else model_device(encoder, default=None)
     outputs = []
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not show_progress, leave=False):
-        chunk = ids[start:start + batch_size]
-        pixels = _stack(images, chunk)
-        if device is not None:
-            pixels = pixels.to(device)
-        out = fn(pixels)
-        if not isinstance(out, torch.Tensor) or out.shape[0] != len(chunk):
-            raise ModelProtocolError(explain(f"{desc}: the model must return one row per image",
-                                             got=getattr(out, "shape", type(out).__name__),
-                                             expected=f"a tensor ({len(chunk)}, ...)",
-                                             fix="return a (N, D) or (N, T, D) tensor"))
-        outputs.append(out)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(image_ids), batch_size), desc=desc, disable=not show_progress, leave=False,
+                          unit="batch"):
+            ids = image_ids[start:start + batch_size]
+            pixels = _stack(images, ids)  # (n, C, H, W)
+            if device is not None:
+                pixels = pixels.to(device, non_blocking=True)
+            out = encoder(pixels)
+            if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != len(ids) \
+                    or (pool_tokens and out.dim() not in (2, 3)):
+                raise ModelProtocolError(explain(f"{desc}: the encoder must return one row per image",
+                                                 got=getattr(out, "shape", type(out).__name__),
+                                                 expected=f"({len(ids)}, D)" + (f" or ({len(ids)}, T, D)"
+                                                                                 if pool_tokens else ", ..."),
+                                                 fix="return a (N, D) or (N, T, D) tensor"))
+            if pool_tokens and out.dim() == 3:
+                out = out.mean(dim=1)  # (n, T, D) -> (n, D): pool the tokens
+            finite = torch.isfinite(out.reshape(len(ids), -1)).all(dim=1)  # (n,) one flag per image
+            if not bool(finite.all()):
+                bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+                raise NonFiniteError(explain(f"{desc}: the encoder returned NaN or infinity for {len(bad)} image(s)",
+                                             got=bad[:10], expected="finite embeddings",
+                                             fix="check those images (corrupt or constant pixels) or the model"))
+            outputs.append(out.detach() if output_device is None else out.detach().to(output_device))
+    if not outputs:
+        return torch.zeros(0, 0)
     return torch.cat(outputs)
 
 
@@ -174,28 +216,18 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
     if len(set(gallery_ids)) != len(gallery_ids):
         raise DataError(explain("the gallery lists an image twice", got=len(gallery_ids) - len(set(gallery_ids)),
                                 fix="de-duplicate split.gallery_ids"))
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     similarity = _similarity(model)
-    # each module's own mode, restored one by one (model.train(flag) would also flip submodules that
-    # were deliberately left in eval mode, e.g. a frozen batch-norm backbone inside a wrapper)
-    modules = list(model.modules()) if callable(getattr(model, "modules", None)) else []
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.training = False
-    try:
-        with torch.no_grad():
-            gallery = embed_images(model.encode_image, split.images, gallery_ids, batch_size=batch_size,
-                                   device=device, show_progress=show_progress, desc="evaluate: gallery")
-            want = 2 if similarity == "dot" else 3
-            if gallery.dim() != want:
-                raise ShapeError(explain(f"encode_image returned {gallery.dim()}-D embeddings but the model's "
-                                         f"similarity is {similarity!r}", got=tuple(gallery.shape),
-                                         expected="(N, D)" if want == 2 else "(N, T, D)",
-                                         fix="set model.similarity ('dot' for (N, D), 'max_token' for (N, T, D))"))
-            query = _compose_all(model, split.images, triplets, batch_size, device, show_progress)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        gallery = embed_images(model.encode_image, gallery_ids, split.images, batch_size=batch_size,
+                               device=device, show_progress=show_progress, desc="evaluate: gallery")
+        want = 2 if similarity == "dot" else 3
+        if gallery.dim() != want:
+            raise ShapeError(explain(f"encode_image returned {gallery.dim()}-D embeddings but the model's "
+                                     f"similarity is {similarity!r}", got=tuple(gallery.shape),
+                                     expected="(N, D)" if want == 2 else "(N, T, D)",
+                                     fix="set model.similarity ('dot' for (N, D), 'max_token' for (N, T, D))"))
+        query = _compose_all(model, split.images, triplets, batch_size, device, show_progress)
     if query.dim() != 2 or query.shape[0] != len(triplets) or query.shape[1] != gallery.shape[-1]:
         raise ShapeError(explain("compose_query must return (B, D) with the gallery's D", got=tuple(query.shape),
                                  expected=f"({len(triplets)}, {gallery.shape[-1]})", fix="check the model's output"))
@@ -211,6 +243,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
     from .protocol import reference_input, reference_uses_text
 
     encode_reference = _reference_encoder(model)
+    _require_images(images, [t.reference for t in triplets])
     cached = None
     if encode_reference is not None and not reference_uses_text(model):
         unique = list(dict.fromkeys(t.reference for t in triplets))
@@ -220,7 +253,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
             rest = unique[batch_size:]
             parts = [first]
             if rest:
-                parts.append(embed_images(encode_reference, images, rest, batch_size=batch_size, device=device,
+                parts.append(embed_images(encode_reference, rest, images, batch_size=batch_size, device=device,
                                           show_progress=show_progress, desc="evaluate: references"))
             cached = (torch.cat(parts), {r: i for i, r in enumerate(unique)})  # (R, ...) one row per reference id
         else:  # structured (non-tensor) features cannot be indexed by row: encode per query batch

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 import torch
 from torch import Tensor, nn
 
+from ._utils import eval_mode
 from .errors import ConfigError, ModelProtocolError, explain
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "parameter_split",
     "reference_input",
     "reference_uses_text",
+    "select_trainable",
     "similarity_of",
     "target_fingerprint",
     "wrap_model",
@@ -249,41 +251,59 @@ def _named_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
     return list(model.named_parameters()) if isinstance(model, nn.Module) else []
 
 
-def _split_from_override(model: WrappedModel, spec: TrainableSpec) -> ParameterSplit:
+def select_trainable(model: Any, spec: TrainableSpec) -> tuple[str, ...]:
+    """The names of the parameters ``spec`` selects, in the model's order: the one rule for ``trainable=``
+    (``wrap_model(trainable=...)`` and ``Stage1Trainer(trainable=...)``).
+
+    ``spec`` is parameter-name patterns, a predicate ``(name, parameter) -> bool`` or the parameters
+    themselves. A pattern selects every parameter whose name equals it or starts with it followed by a
+    dot ("fuse" selects "fuse.weight" and "fuse.proj.bias", never "fuser.weight"); a trailing dot is
+    ignored. Names are the user's own: for a :class:`WrappedModel` a pattern may be relative to the
+    wrapped model ("fuse") or carry the wrapper's prefix ("model.fuse"), and a predicate receives the
+    relative name. A pattern that selects nothing, a foreign parameter, or an empty selection is a
+    ConfigError naming it.
+    """
     named = _named_parameters(model)
-    if callable(spec) and not isinstance(spec, (list, tuple, set)):
-        chosen = {name for name, parameter in named if spec(name.removeprefix("model."), parameter)}
+    wrapped = isinstance(model, WrappedModel)
+
+    def own(name: str) -> str:
+        return name.removeprefix("model.") if wrapped else name
+
+    def selects(pattern: str, name: str) -> bool:
+        pattern = pattern.rstrip(".")
+        return any(n == pattern or n.startswith(pattern + ".") for n in {name, own(name)})
+
+    if callable(spec) and not isinstance(spec, (list, tuple, set, nn.Parameter)):
+        chosen = {name for name, parameter in named if spec(own(name), parameter)}
     else:
-        items = list(spec)
+        items = [spec] if isinstance(spec, (str, nn.Parameter)) else list(spec)
         if items and all(isinstance(item, str) for item in items):
-            def matches(name: str) -> bool:
-                short = name.removeprefix("model.")
-                return any(n in (pattern, f"model.{pattern}") or n.startswith(pattern.rstrip(".") + ".")
-                           for pattern in items for n in (name, short))
-            chosen = {name for name, _ in named if matches(name)}
-            unmatched = [p for p in items if not any(
-                n.removeprefix("model.") == p or n.removeprefix("model.").startswith(p.rstrip(".") + ".") or n == p
-                for n, _ in named)]
+            chosen = {name for name, _ in named if any(selects(p, name) for p in items)}
+            unmatched = [p for p in items if not any(selects(p, name) for name, _ in named)]
             if unmatched:
                 raise ConfigError(explain("trainable names match no parameter", got=unmatched,
-                                          expected=sorted({n.removeprefix("model.").split(".")[0] for n, _ in named}),
-                                          fix="use prefixes of the model's parameter names"))
-        elif all(isinstance(item, nn.Parameter) for item in items):
+                                          expected=sorted({own(n).split(".")[0] for n, _ in named}),
+                                          fix="use names or dotted prefixes of the model's parameter names"))
+        elif items and all(isinstance(item, nn.Parameter) for item in items):
             ids = {id(item) for item in items}
             chosen = {name for name, parameter in named if id(parameter) in ids}
             if len(chosen) != len(ids):
                 raise ConfigError(explain("some trainable parameters do not belong to the model",
                                           got=f"{len(ids) - len(chosen)} foreign parameters",
-                                          fix="pass parameters of the wrapped model"))
+                                          fix="pass parameters of the model being trained"))
         else:
             raise ConfigError(explain("trainable must be names, a predicate or parameters",
                                       got=[type(item).__name__ for item in items[:3]]))
     if not chosen:
         raise ConfigError(explain("the trainable override selects no parameter", got=spec,
                                   fix="check the names or the predicate"))
-    query = tuple(name for name, _ in named if name in chosen)
-    target = tuple(name for name, _ in named if name not in chosen)
-    return ParameterSplit(query=query, target=target, how="override")
+    return tuple(name for name, _ in named if name in chosen)
+
+
+def _split_from_override(model: WrappedModel, spec: TrainableSpec) -> ParameterSplit:
+    query = set(select_trainable(model, spec))
+    return ParameterSplit(query=tuple(n for n, _ in _named_parameters(model) if n in query),
+                          target=tuple(n for n, _ in _named_parameters(model) if n not in query), how="override")
 
 
 def _reached(output: Any, named: list[tuple[str, nn.Parameter]]) -> set[str]:
@@ -315,21 +335,13 @@ def parameter_split(model: Any, reference_images: Tensor, texts: list[str], targ
         return _split_from_override(model, spec)
     named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
     frozen_before = tuple(n for n, p in _named_parameters(model) if not p.requires_grad)
-    modules = [m for m in model.modules()] if isinstance(model, nn.Module) else []
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.training = False
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            target = _reached(model.encode_image(target_images), named)
-            reference = reference_input(model, reference_images, list(texts))
-            if reference is not reference_images:
-                target |= _reached(reference, named)
-                reference = reference.detach() if torch.is_tensor(reference) else reference
-            composed = _reached(model.compose_query(reference, list(texts)), named)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
+    with eval_mode(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
+        target = _reached(model.encode_image(target_images), named)
+        reference = reference_input(model, reference_images, list(texts))
+        if reference is not reference_images:
+            target |= _reached(reference, named)
+            reference = reference.detach() if torch.is_tensor(reference) else reference
+        composed = _reached(model.compose_query(reference, list(texts)), named)
     names = [n for n, _ in named]
     query = tuple(n for n in names if n in composed and n not in target)
     target_names = tuple(n for n in names if n in target)
@@ -439,14 +451,8 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         report.similarity = similarity_of(model)
     except ConfigError as error:
         report.problems.append(str(error))
-    # each module's own mode, restored one by one: model.train(flag) would also flip submodules that
-    # were deliberately in eval mode (a frozen batch-norm backbone inside a wrapper in train mode)
-    modules = list(model.modules()) if isinstance(model, nn.Module) else []
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.training = False  # no dropout noise, no batch-norm statistics updated by a dry run
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    try:  # eval mode: no dropout noise, no batch-norm statistics updated by a dry run
+        with eval_mode(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
             image = _check_tensor(report, "encode_image", model.encode_image(targets), ranks=(2, 3),
                                   batch=targets.shape[0], fix="return (N, D), or (N, T, D) for multi-vector targets")
             ref = reference_input(model, reference, texts)
@@ -458,9 +464,6 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
                                   batch=len(texts), fix="return one (B, D) embedding per query")
     except Exception as error:  # the user's code raised: say where, keep the original as the cause
         raise ModelProtocolError(f"check_model: the model raised {type(error).__name__}: {error}") from error
-    finally:
-        for m, mode in zip(modules, modes):
-            m.training = mode
     if image is not None:
         report.image_shape = tuple(image.shape)
     if query is not None:

@@ -317,19 +317,23 @@ class _DeviceCheckingEncoder(torch.nn.Module):
 
 
 def test_embed_images_moves_batches_to_the_encoders_device():
+    from cir_plugins import evaluation
+    from cir_plugins._utils import model_device
     from cir_plugins.positives import pairing
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
     cpu_enc = _DeviceCheckingEncoder("cpu")
-    assert pairing._module_device(cpu_enc.encode_image) == torch.device("cpu")  # a bound method
-    assert pairing._module_device(cpu_enc) == torch.device("cpu")  # the module itself
-    assert pairing._module_device(_DeviceCheckingEncoder("meta").encode_image) is None  # offloaded weights
-    assert pairing._module_device(torch.nn.ReLU()) is None  # no parameters
-    assert pairing._module_device(lambda x: x) is None  # no module
+    assert model_device(cpu_enc.encode_image, default=None) == torch.device("cpu")  # a bound method
+    assert model_device(cpu_enc, default=None) == torch.device("cpu")  # the module itself
+    assert model_device(_DeviceCheckingEncoder("meta").encode_image, default=None) is None  # offloaded weights
+    assert model_device(torch.nn.ReLU(), default=None) is None  # no parameters
+    assert model_device(lambda x: x, default=None) is None  # no module
+    assert model_device(lambda x: x) == torch.device("cpu")  # the default default
     # the move itself: batches go to whatever device the encoder reports (meta needs no memory)
     enc = _DeviceCheckingEncoder("cpu")
-    with mock.patch.object(pairing, "_module_device", return_value=torch.device("meta")):
-        out = pairing.embed_images(enc.encode_image, list(images), images, batch_size=2)
+    assert pairing.embed_images is evaluation.embed_images  # one implementation, re-exported
+    with mock.patch.object(evaluation, "model_device", return_value=torch.device("meta")):
+        out = pairing.embed_images(enc.encode_image, list(images), images, batch_size=2, output_device="cpu")
     assert out.shape == (5, 2) and out.device.type == "cpu"
     assert [d.type for d in enc.seen] == ["meta"] * 3
     seen = []

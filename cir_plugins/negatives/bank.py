@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import protocol
+from .._atomic import atomic_write_bytes  # re-exported: the package's one atomic writer
+from .._utils import eval_mode, model_device
 from ..errors import BankMismatchError, ConfigError, DataError, NonFiniteError, ShapeError, explain
 
 __all__ = ["NegativeBank", "exclusion_rows", "atomic_write_bytes", "probe_split"]
@@ -48,24 +50,6 @@ FORMAT = "cir_plugins.bank"
 VERSION = "1"
 PROBE_TEXT = "a probe text"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: ``path.tmp-<pid>`` in the same folder, fsync, replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _model_device(model: Any) -> torch.device:
-    for parameter in (model.parameters() if hasattr(model, "parameters") else ()):
-        return parameter.device
-    return torch.device("cpu")
 
 
 def probe_split(model: Any, sample: Tensor) -> protocol.ParameterSplit:
@@ -240,16 +224,8 @@ class NegativeBank:
         if sample is not None:
             # eval mode for this probe only: a batch-norm layer in train mode would update its
             # statistics (the target side this check fingerprints) even under no_grad
-            modules = list(model.modules()) if hasattr(model, "modules") else []
-            modes = [m.training for m in modules]
-            try:
-                for m in modules:
-                    m.training = False
-                with torch.no_grad():
-                    out = model.encode_image(sample.to(_model_device(model)))
-            finally:
-                for m, mode in zip(modules, modes):
-                    m.training = mode
+            with eval_mode(model), torch.no_grad():
+                out = model.encode_image(sample.to(model_device(model)))
             if tuple(out.shape[1:]) != tuple(self.embeddings.shape[1:]):
                 problems.append(f"embedding shape: bank rows {tuple(self.embeddings.shape[1:])}, "
                                 f"model encode_image gives {tuple(out.shape[1:])}")
@@ -313,7 +289,7 @@ class NegativeBank:
             raise DataError(explain("image ids repeat", got=dupes[:5], fix="pass each id once; use groups= for duplicates"))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(explain("batch_size must be a positive int", got=batch_size))
-        device = torch.device(device) if device is not None else _model_device(model)
+        device = torch.device(device) if device is not None else model_device(model)
         dtype = _resolve_dtype(dtype, device)
         similarity = protocol.similarity_of(model)
         if groups is None and dedup:
@@ -348,45 +324,37 @@ class NegativeBank:
         out: dict[int, Tensor] = dict(done)
         use_cuda = device.type == "cuda"
         autocast_dtype = dtype if (use_cuda and dtype in (torch.bfloat16, torch.float16)) else None
-        modules = list(model.modules()) if hasattr(model, "modules") else []
-        modes = [m.training for m in modules]
         loader = DataLoader(_IdDataset([representatives[r] for r in todo], images), batch_size=batch_size,
                             shuffle=False, num_workers=num_workers, pin_memory=use_cuda)
-        try:
-            for m in modules:
-                m.training = False
-            pending: list[tuple[int, Tensor]] = []
-            with torch.no_grad():
-                for positions, batch in tqdm(loader, desc="build bank", disable=not show_progress,
-                                             total=len(loader), unit="batch"):
-                    batch = batch.to(device, non_blocking=True)
-                    if autocast_dtype is not None:
-                        with torch.autocast(device.type, dtype=autocast_dtype):
-                            emb = model.encode_image(batch)
-                    else:
+        pending: list[tuple[int, Tensor]] = []
+        with eval_mode(model), torch.no_grad():
+            for positions, batch in tqdm(loader, desc="build bank", disable=not show_progress,
+                                         total=len(loader), unit="batch"):
+                batch = batch.to(device, non_blocking=True)
+                if autocast_dtype is not None:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
                         emb = model.encode_image(batch)
-                    if not torch.is_tensor(emb) or emb.dim() != (2 if similarity == "dot" else 3) \
-                            or emb.shape[0] != batch.shape[0]:
-                        raise ShapeError(explain(
-                            "encode_image returned a tensor of the wrong shape",
-                            got=getattr(emb, "shape", type(emb).__name__),
-                            expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
-                            fix="match the model's similarity attribute to its encode_image output"))
-                    finite = torch.isfinite(emb.reshape(emb.shape[0], -1)).all(dim=1)  # (b,) per image
-                    if not bool(finite.all()):
-                        bad = [representatives[todo[p]] for p, ok in zip(positions.tolist(), finite.tolist()) if not ok]
-                        raise NonFiniteError(explain(f"encode_image returned NaN or inf for {len(bad)} images",
-                                                     got=bad[:10], fix="check these images and the model's weights"))
-                    emb = F.normalize(emb.float(), dim=-1).to(dtype)  # (b, D) or (b, T, D), unit rows
-                    for p, row_emb in zip(positions.tolist(), emb):
-                        out[todo[p]] = row_emb
-                        pending.append((todo[p], row_emb))
-                    if shards is not None:
-                        shards.write(pending)
-                        pending = []
-        finally:
-            for m, mode in zip(modules, modes):
-                m.training = mode
+                else:
+                    emb = model.encode_image(batch)
+                if not torch.is_tensor(emb) or emb.dim() != (2 if similarity == "dot" else 3) \
+                        or emb.shape[0] != batch.shape[0]:
+                    raise ShapeError(explain(
+                        "encode_image returned a tensor of the wrong shape",
+                        got=getattr(emb, "shape", type(emb).__name__),
+                        expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
+                        fix="match the model's similarity attribute to its encode_image output"))
+                finite = torch.isfinite(emb.reshape(emb.shape[0], -1)).all(dim=1)  # (b,) per image
+                if not bool(finite.all()):
+                    bad = [representatives[todo[p]] for p, ok in zip(positions.tolist(), finite.tolist()) if not ok]
+                    raise NonFiniteError(explain(f"encode_image returned NaN or inf for {len(bad)} images",
+                                                 got=bad[:10], fix="check these images and the model's weights"))
+                emb = F.normalize(emb.float(), dim=-1).to(dtype)  # (b, D) or (b, T, D), unit rows
+                for p, row_emb in zip(positions.tolist(), emb):
+                    out[todo[p]] = row_emb
+                    pending.append((todo[p], row_emb))
+                if shards is not None:
+                    shards.write(pending)
+                    pending = []
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
         bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint)
         logger.info("built %r from %d ids (%d re-used from the shard cache)", bank, len(image_ids), len(done))

@@ -165,8 +165,9 @@ class TripletAugmenter:
                 raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
 
         clock = time.perf_counter()
-        embeddings = embed_images(self.encoder, ids, images, batch_size=self.batch_size,
-                                  show_progress=self.show_progress)  # (N, D)
+        embeddings = embed_images(self.encoder, ids, images, batch_size=self.batch_size, output_device="cpu",
+                                  pool_tokens=True, show_progress=self.show_progress,
+                                  desc="augment: embedding images").float()  # (N, D)
         timings["embed"] = time.perf_counter() - clock
 
         clock = time.perf_counter()

@@ -22,7 +22,6 @@ rows and the window, never on ``chunk_size`` or on topk's internal order.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import Counter
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
+from ..evaluation import embed_images  # re-exported: the package's one image-embedding loop
+from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
 
 __all__ = ["RankWindow", "parse_rank_window", "select_partners", "embed_images", "pair_images", "PairingResult"]
 
@@ -409,74 +409,6 @@ def select_partners(
     return result
 
 
-def _module_device(encoder) -> torch.device | None:
-    """The device of the first parameter (or buffer) of ``encoder`` or of the module it is bound to; None
-    when there is none, or when it is ``meta`` (weights offloaded: the model's own hooks place inputs)."""
-    module = encoder if isinstance(encoder, torch.nn.Module) else getattr(encoder, "__self__", None)
-    if not isinstance(module, torch.nn.Module):
-        return None
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return None if tensor.device.type == "meta" else tensor.device
-    return None
-
-
-def embed_images(
-    encoder: Callable[[torch.Tensor], torch.Tensor],
-    image_ids: Sequence[str],
-    images: Mapping[str, torch.Tensor],
-    *,
-    batch_size: int = 64,
-    show_progress: bool = False,
-) -> torch.Tensor:
-    """Embed ``image_ids`` with ``encoder`` (images (n, C, H, W) -> (n, D) or (n, T, D)).
-
-    Multi-vector outputs (n, T, D) are mean-pooled over T. Runs under ``torch.no_grad``. Each batch
-    is moved to the encoder's device: the device of the module's first parameter when ``encoder``
-    is a module or a module's bound method (``model.encode_image``), else (no module, no parameters,
-    or ``meta`` parameters of an offloaded model) left where it is. Returns
-    (N, D) float32 on CPU, in ``image_ids`` order.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(explain("batch_size must be an int >= 1", got=batch_size))
-    if not callable(encoder):
-        raise ModelProtocolError(explain("the pair encoder must be callable (images (n,C,H,W) -> (n,D))",
-                                         got=type(encoder).__name__,
-                                         fix="pass a function or a model's encode_image"))
-    missing = [i for i in image_ids if i not in images]
-    if missing:
-        raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
-                                fix="pass an images mapping that covers every id"))
-    device = _module_device(encoder)
-    out = []
-    batch_fn = getattr(images, "batch", None)
-    if getattr(images, "on_error", "error") != "error":
-        batch_fn = None  # an ImageStore in skip mode returns (tensor, kept ids): one row per id is needed here
-    with torch.no_grad():
-        for start in tqdm(range(0, len(image_ids), batch_size), desc="pairing: embedding images",
-                          disable=not show_progress):
-            ids = list(image_ids[start:start + batch_size])
-            batch = batch_fn(ids) if callable(batch_fn) else torch.stack([images[i] for i in ids])  # (n, C, H, W)
-            if device is not None:
-                batch = batch.to(device, non_blocking=True)
-            features = encoder(batch)
-            if not isinstance(features, torch.Tensor) or features.dim() not in (2, 3) or features.shape[0] != len(ids):
-                raise ModelProtocolError(explain("the pair encoder returned the wrong shape",
-                                                 got=getattr(features, "shape", type(features).__name__),
-                                                 expected=f"({len(ids)}, D) or ({len(ids)}, T, D)"))
-            if features.dim() == 3:
-                features = features.mean(dim=1)  # (n, T, D) -> (n, D): pool the tokens
-            finite = torch.isfinite(features).all(dim=1)  # (n,)
-            if not bool(finite.all()):
-                bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
-                raise NonFiniteError(explain(f"the pair encoder returned NaN or infinity for {len(bad)} image(s)",
-                                             got=bad[:10], expected="finite embeddings",
-                                             fix="check those images (corrupt or constant pixels) or the encoder"))
-            out.append(features.detach().float().cpu())
-    if not out:
-        return torch.zeros(0, 0)
-    return torch.cat(out)
-
-
 @dataclass
 class PairingResult:
     """Partners per query id, and what the pairing saw."""
@@ -520,7 +452,8 @@ def pair_images(
             if lacking:
                 raise DataError(explain(f"{name} has no entry for some image ids", got=lacking[:5],
                                         fix=f"give every image id a {name} label"))
-    embeddings = embed_images(encoder, ids, images, batch_size=batch_size, show_progress=show_progress)
+    embeddings = embed_images(encoder, ids, images, batch_size=batch_size, output_device="cpu", pool_tokens=True,
+                              show_progress=show_progress, desc="pairing: embedding images").float()  # (N, D)
     picks = select_partners(
         embeddings, rank_window=rank_window, partners_per_image=partners_per_image, seed=seed,
         groups=[groups[i] for i in ids] if groups is not None else None,

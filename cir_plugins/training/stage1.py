@@ -36,8 +36,9 @@ class Stage1Trainer(Trainer):
         config: :class:`Stage1Config`.
         evaluate: optional ``callable(model) -> dict`` per epoch.
         groups: id -> duplicate-group id; targets of one group in a batch are one row.
-        trainable: parameter-name prefixes, a predicate ``(name, parameter) -> bool``, or None (every
-            parameter that requires grad).
+        trainable: parameter names or dotted prefixes, a predicate ``(name, parameter) -> bool``, or the
+            parameters themselves (the rule of :func:`cir_plugins.protocol.select_trainable`, as for
+            ``wrap_model(trainable=...)``); None = every parameter that requires grad.
     """
 
     stage = "stage1"
@@ -68,15 +69,8 @@ class Stage1Trainer(Trainer):
         named = list(self.model.named_parameters())
         if spec is None:
             chosen = {n for n, p in named if p.requires_grad}
-        elif callable(spec) and not isinstance(spec, (list, tuple)):
-            chosen = {n for n, p in named if spec(n, p)}
         else:
-            prefixes = [str(s).rstrip(".") for s in spec]
-            chosen = {n for n, _ in named if any(n == s or n.startswith(s + ".") for s in prefixes)}
-            unmatched = [s for s in prefixes if not any(n == s or n.startswith(s + ".") for n, _ in named)]
-            if unmatched:
-                raise ConfigError(explain("trainable names match no parameter", got=unmatched,
-                                          expected=sorted({n.split(".")[0] for n, _ in named})))
+            chosen = set(protocol.select_trainable(self.model, spec))  # the one rule for trainable= names
         for name, p in named:
             p.requires_grad_(name in chosen)
         self.trainable = [(n, p) for n, p in named if n in chosen]

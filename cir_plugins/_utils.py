@@ -1,0 +1,54 @@
+"""Small helpers every module shares (private): eval-mode switching and the model's device.
+
+One implementation each; atomic file writes are in :mod:`cir_plugins._atomic`, image embedding is
+:func:`cir_plugins.evaluation.embed_images`, trainable-name resolution is
+:func:`cir_plugins.protocol.select_trainable`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["eval_mode", "model_device"]
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Every module of ``model`` in eval mode inside the block; each module's own flag restored after.
+
+    Module by module rather than ``model.train(flag)``, which would also flip submodules deliberately
+    left in eval mode (a frozen batch-norm backbone inside a wrapper in train mode). A model that is
+    not an ``nn.Module`` (no ``modules()``) passes through untouched.
+    """
+    modules = list(model.modules()) if callable(getattr(model, "modules", None)) else []
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.training = False
+        yield model
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
+def model_device(model: Any, default: Any = "cpu") -> torch.device | None:
+    """The device of ``model``'s first parameter (else first buffer).
+
+    ``model`` may be a module or a bound method of one (``model.encode_image``). Returns ``default``
+    (as a ``torch.device``; None stays None) when there is no module, it holds no tensor, or its
+    tensors are on ``meta`` (weights offloaded: the model's own hooks place the inputs).
+    """
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", model)
+    default = torch.device(default) if default is not None else None
+    parameters = getattr(module, "parameters", None)
+    buffers = getattr(module, "buffers", None)
+    if not callable(parameters):
+        return default
+    tensors = itertools.chain(parameters(), buffers() if callable(buffers) else ())
+    for tensor in tensors:
+        return default if tensor.device.type == "meta" else tensor.device
+    return default
