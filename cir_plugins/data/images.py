@@ -3,7 +3,17 @@
 :class:`ImageStore` maps an image id (file name without extension) to a preprocessed float tensor
 ``(C, H, W)``, reading the file only when asked. Paths are resolved under the store's root and
 may not leave it (``../``, absolute paths, symlinks pointing outside raise
-:class:`~cir_plugins.errors.UnsafePathError`).
+:class:`~cir_plugins.errors.UnsafePathError`), checked when the store is made and again at every
+read (a file replaced afterwards by a symlink leading out is refused; the file is then opened with
+``O_NOFOLLOW``, so it cannot be swapped for a symlink between the check and the open). A path that
+cannot be resolved at all (a name over the filesystem's limit, a symlink loop) is an
+:class:`~cir_plugins.errors.ImageLoadError` naming the id.
+
+The pixel limit (``max_pixels``, a decompression-bomb guard) bounds the source image from its header
+and, for the named transforms, every image the transform makes on the way (the pad canvas and the
+resized image before the crop): a 200000 x 1 PNG of a few hundred bytes would otherwise ask for
+gigabytes inside the resize. Such an image is refused before anything is allocated, so
+:meth:`ImageStore.readable_ids` and the skip options drop it like any unreadable file.
 
 Preprocessing (``transform=``) is a name with a size, or any callable ``PIL.Image (RGB) -> Tensor``:
 
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +67,20 @@ TRANSFORM_NAMES = ("clip", "targetpad", "squarepad", "none")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
+def _resolved(path: Path, what: str) -> Path:
+    """``path.resolve()``; a name too long for the filesystem or a symlink loop is an ImageLoadError naming
+    ``what`` (Python raises OSError or, before 3.13, RuntimeError for those)."""
+    try:
+        resolved = path.resolve()
+        resolved.exists()  # a name over the limit passes resolve() but fails every stat: find out here
+        return resolved
+    except (OSError, RuntimeError) as error:
+        raise ImageLoadError(explain(f"{what}: the path cannot be resolved (a name over the filesystem's limit or "
+                                     "a symlink loop)", got=f"{path}: {error}",
+                                     fix="shorten the file or folder name, or replace the looping symlink with the "
+                                         "file")) from error
+
+
 def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | None = None) -> Path:
     """Resolve ``relative`` under ``root``; refuse anything that would leave it.
 
@@ -65,6 +90,7 @@ def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | 
         what: a short description for the error ("image 'x' in file ...").
     Raises:
         UnsafePathError: absolute path, a ``..`` component, or a symlink resolving outside root.
+        ImageLoadError: a path that cannot be resolved (too long a name, a symlink loop).
     """
     if not isinstance(relative, str) or not relative:
         raise UnsafePathError(explain(f"{what}: the image path is empty or not a string", got=relative,
@@ -81,14 +107,18 @@ def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | 
                                       fix="remove the '..' components or move the image under the root"))
     candidate = root / relative
     if parents is None:
-        resolved = candidate.resolve()
+        resolved = _resolved(candidate, what)
     else:  # resolve each folder once (many images share one), then only the file itself
         folder = parents.get(candidate.parent)
         if folder is None:
-            folder = parents[candidate.parent] = candidate.parent.resolve()
+            folder = parents[candidate.parent] = _resolved(candidate.parent, what)
         resolved = folder / candidate.name
-        if resolved.is_symlink():
-            resolved = resolved.resolve()
+        try:
+            is_link = resolved.is_symlink()
+        except OSError:  # e.g. a name over the filesystem's limit: let resolve() name the problem
+            is_link = True
+        if is_link:
+            resolved = _resolved(resolved, what)
     root_text, resolved_text = str(root), str(resolved)
     if resolved_text != root_text and not resolved_text.startswith(root_text.rstrip(os.sep) + os.sep):
         raise UnsafePathError(explain(f"{what}: the image path resolves outside the dataset root "
@@ -126,14 +156,21 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
 
 
+def _padded_size(w: int, h: int, target_ratio: float) -> tuple[int, int]:
+    """(w, h) after padding the shorter side so that long/short <= target_ratio (unchanged if it already is)."""
+    long_side, short_side = max(w, h), min(w, h)
+    if short_side == 0 or long_side / short_side <= target_ratio:
+        return w, h
+    new_short = int(round(long_side / target_ratio))
+    return (w, new_short) if w >= h else (new_short, h)
+
+
 def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
     """Pad the shorter side (black, centred) so that long/short <= target_ratio."""
     w, h = image.size
-    long_side, short_side = max(w, h), min(w, h)
-    if short_side == 0 or long_side / short_side <= target_ratio:
+    new_w, new_h = _padded_size(w, h, target_ratio)
+    if (new_w, new_h) == (w, h):
         return image
-    new_short = int(round(long_side / target_ratio))
-    new_w, new_h = (w, new_short) if w >= h else (new_short, h)
     canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
     canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
     return canvas
@@ -171,10 +208,14 @@ class ClipTransform:
         size: output side in pixels (ignored for "none").
         target_ratio: for "targetpad", the largest aspect ratio kept without padding.
         mean, std: normalisation constants (CLIP's by default).
+        max_pixels: the largest image (pixels) the transform makes on the way, the pad canvas and the
+            resized image before the crop (see :meth:`peak_pixels`); a bigger one is an ImageLoadError
+            before anything is allocated. None: no bound (only for trusted images).
     """
 
     def __init__(self, kind: str = "clip", size: int = 224, *, target_ratio: float = 1.25,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> None:
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         if kind not in TRANSFORM_NAMES:
             raise ConfigError(explain("unknown transform name", got=kind, expected=TRANSFORM_NAMES,
                                       fix="pick one of the names or pass a callable PIL -> tensor"))
@@ -182,7 +223,10 @@ class ClipTransform:
             raise ConfigError(explain("transform size must be a positive int", got=size, fix="e.g. size=224"))
         if not (isinstance(target_ratio, (int, float)) and target_ratio >= 1.0):
             raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
+        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
+            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
         self.kind, self.size, self.target_ratio = kind, size, float(target_ratio)
+        self.max_pixels = max_pixels
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(v) for v in std)
         self._mean_np = np.asarray(self.mean, dtype=np.float32)
@@ -191,7 +235,44 @@ class ClipTransform:
     def __repr__(self) -> str:
         return f"ClipTransform(kind={self.kind!r}, size={self.size}, target_ratio={self.target_ratio})"
 
+    def description(self) -> dict:
+        """Everything that changes the output tensor, JSON-ready (keys caches of preprocessed images)."""
+        return {"transform": "ClipTransform", "kind": self.kind, "size": self.size if self.kind != "none" else None,
+                "target_ratio": self.target_ratio if self.kind == "targetpad" else None,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def _sizes(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(size after padding, size after resizing) of a w x h image; the crop then takes size x size."""
+        if self.kind == "none":
+            return (w, h), (w, h)
+        padded = {"targetpad": lambda: _padded_size(w, h, self.target_ratio),
+                  "squarepad": lambda: _padded_size(w, h, 1.0)}.get(self.kind, lambda: (w, h))()
+        pw, ph = padded
+        scale = self.size / max(min(pw, ph), 1)
+        return padded, (max(self.size, int(round(pw * scale))), max(self.size, int(round(ph * scale))))
+
+    def peak_pixels(self, w: int, h: int) -> int:
+        """The most pixels any image made while transforming a w x h image holds (source, pad canvas, resize)."""
+        (pw, ph), (rw, rh) = self._sizes(w, h)
+        return max(w * h, pw * ph, rw * rh)
+
+    def check_size(self, w: int, h: int, *, max_pixels: int | None = None, what: str = "the image") -> None:
+        """ImageLoadError when transforming a w x h image would make one over ``max_pixels`` (default: the
+        transform's own bound) pixels."""
+        limit = self.max_pixels if max_pixels is None else max_pixels
+        if limit is None:
+            return
+        peak = self.peak_pixels(w, h)
+        if peak > limit:
+            raise ImageLoadError(explain(
+                f"{what} would grow past the pixel limit inside the {self.kind!r} transform (pad or resize of a "
+                "very thin image; decompression-bomb guard)",
+                got=f"{w}x{h} -> {peak} pixels", expected=f"at most max_pixels={limit}",
+                fix="drop the image (store.readable_ids / --skip-unreadable), crop it to a sane aspect ratio, or "
+                    "raise max_pixels if you trust it"))
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        self.check_size(*image.size)
         image = to_rgb(image)
         if self.kind == "none":
             return _pil_to_tensor(image)
@@ -200,8 +281,7 @@ class ClipTransform:
         elif self.kind == "squarepad":
             image = _pad_to_ratio(image, 1.0)
         w, h = image.size
-        scale = self.size / min(w, h)
-        new_w, new_h = max(self.size, int(round(w * scale))), max(self.size, int(round(h * scale)))
+        new_w, new_h = self._sizes(w, h)[1]
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), Image.BICUBIC)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
@@ -215,7 +295,7 @@ class ClipTransform:
 def make_transform(transform: str | Callable | None, size: int = 224, **kwargs) -> Callable:
     """Name ("clip", "targetpad", "squarepad", "none") + size, a callable, or None ("none")."""
     if transform is None:
-        return ClipTransform("none")
+        return ClipTransform("none", **kwargs)
     if isinstance(transform, str):
         return ClipTransform(transform, size, **kwargs)
     if callable(transform):
@@ -246,7 +326,7 @@ class ImageStore(Mapping):
     def __init__(self, root: str | os.PathLike, paths: Mapping[str, str], transform: str | Callable | None = "clip",
                  *, size: int = 224, max_pixels: int | None = DEFAULT_MAX_PIXELS, on_error: str = "error",
                  check_paths: bool = True, source: str | None = None) -> None:
-        self.root = Path(root).resolve()
+        self.root = _resolved(Path(root), "the image root")
         if not self.root.is_dir():
             raise ImageLoadError(explain("the image root is not a directory", got=str(root),
                                          fix="pass the dataset root that holds the images"))
@@ -271,9 +351,27 @@ class ImageStore(Mapping):
         self.check_paths = check_paths
         self.transform_spec = transform
         self.size = size
-        self.transform = make_transform(transform, size)
         self.max_pixels = max_pixels
+        self.transform = self._make_transform(transform, size)
         self.on_error = on_error
+
+    def _make_transform(self, transform: str | Callable | None, size: int) -> Callable:
+        """A named transform bounded by this store's max_pixels, or the callable as given."""
+        if transform is None or isinstance(transform, str):
+            return make_transform(transform, size, max_pixels=self.max_pixels)
+        return make_transform(transform, size)
+
+    def preprocessing(self) -> dict:
+        """What the store's transform does to an image, JSON-ready: the named transform's description, or a
+        callable's ``description()`` / ``repr`` (a callable without either is described by its class only, so
+        give it a ``description()`` when it has settings that change its output)."""
+        describe = getattr(self.transform, "description", None)
+        if callable(describe):
+            return dict(describe())
+        text = repr(self.transform)
+        if " at 0x" in text:  # the default repr names the object, not what it does
+            text = f"{type(self.transform).__module__}.{type(self.transform).__qualname__}"
+        return {"transform": text}
 
     # -- Mapping ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -311,24 +409,51 @@ class ImageStore(Mapping):
             self._abs[image_id] = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
         return self._abs[image_id]
 
+    def _open(self, image_id: str) -> tuple[Path, int]:
+        """Re-check ``image_id``'s path under the root now (it may have been replaced by a symlink leading out
+        since the store was made) and open it without following a symlink: (path, file descriptor)."""
+        path = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
+        self._abs[image_id] = path
+        fix_file = "re-download or replace the file, or drop this id from the split"
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise ImageLoadError(explain(f"image {image_id!r} is missing", got=str(path),
+                                         expected="an existing image file", fix=fix_file)) from None
+        except OSError as error:  # ELOOP: swapped for a symlink after the check; EACCES, EISDIR, ...
+            raise ImageLoadError(explain(f"image {image_id!r} cannot be opened", got=f"{path}: {error}",
+                                         fix=fix_file)) from error
+        return path, fd
+
     def load_pil(self, image_id: str) -> Image.Image:
         """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
-        path = self.path_of(image_id)
+        if image_id not in self._rel:
+            raise KeyError(image_id)
+        path, fd = self._open(image_id)
         fix_file = "re-download or replace the file, or drop this id from the split"
-        if not path.is_file():
-            raise ImageLoadError(explain(f"image {image_id!r} is missing", got=str(path),
-                                         expected="an existing image file", fix=fix_file))
-        if path.stat().st_size == 0:
-            raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
-                                         fix=fix_file))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageLoadError(explain(f"image {image_id!r} is missing (not a regular file)", got=str(path),
+                                             expected="an existing image file", fix=fix_file))
+            if info.st_size == 0:
+                raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
+                                             fix=fix_file))
+            return self._decode(image_id, path, handle)
+
+    def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
+        fix_file = "re-download or replace the file, or drop this id from the split"
         try:
-            with _OwnPixelLimit(), Image.open(path) as image:
+            with _OwnPixelLimit(), Image.open(handle) as image:
                 w, h = image.size
                 if self.max_pixels is not None and w * h > self.max_pixels:
                     raise ImageLoadError(explain(f"image {image_id!r} is larger than the pixel limit "
                                                  "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels at {path}",
                                                  expected=f"at most max_pixels={self.max_pixels}",
                                                  fix="raise ImageStore(max_pixels=...) if the file is trusted"))
+                check = getattr(self.transform, "check_size", None)
+                if callable(check):  # refused from the header, before the transform allocates anything
+                    check(w, h, max_pixels=self.max_pixels, what=f"image {image_id!r} at {path}")
                 image.load()
                 return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
         except ImageLoadError:
@@ -384,7 +509,7 @@ class ImageStore(Mapping):
         clone._rel, clone._abs = dict(self._rel), dict(self._abs)
         clone.transform_spec = transform
         clone.size = self.size if size is None else size
-        clone.transform = make_transform(transform, clone.size)
+        clone.transform = clone._make_transform(transform, clone.size)
         return clone
 
     def subset(self, ids: Iterable[str]) -> "ImageStore":
