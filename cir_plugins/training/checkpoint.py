@@ -9,18 +9,30 @@ A checkpoint is a folder (``{output_dir}/checkpoints/last`` or ``.../best``) hol
   states, the training position (epoch, micro-batch within it, optimiser steps), the history, the
   RNG states (torch CPU / CUDA as base64, python ``random``, numpy) and the config.
 
-The folder is written under a temporary name, every file fsynced, then swapped in by rename, so a
-kill at any moment leaves the previous checkpoint whole.
+The folder is written under a temporary name ``.tmp-<name>-<pid>-<unique>``, every file fsynced,
+``state.json`` last (it records each file's size and SHA-256 and its own checksum), then swapped in
+by rename (the previous folder goes to ``.old-<name>-<pid>-<unique>`` for the moment between the two
+renames), so a kill at any moment leaves the previous checkpoint whole. The unique part means a
+process id repeated by a later run (containers) never meets a leftover of the same name.
+
+Reading (:func:`find_checkpoint`, :func:`load_checkpoint`) considers ``<name>`` and every leftover
+``.old-<name>-*`` / ``.tmp-<name>-*``, keeps the complete ones (state.json present, its checksum and
+every file's size and hash as recorded) and takes the one with the highest recorded position
+(optimiser step, then epoch and micro-batch; ``<name>`` itself wins a tie). Incomplete copies are
+logged and skipped, never half-read; a successful save removes every leftover of its name.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +42,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._atomic import fsync_dir, fsync_file
 from ..errors import CheckpointError, explain
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng",
-           "flatten_optimizer_state", "unflatten_optimizer_state"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
+           "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
+           "restore_optimizer", "triplets_fingerprint", "bank_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +87,19 @@ def capture_rng() -> dict[str, Any]:
     return out
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
-    torch.set_rng_state(_unb64(state["torch"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+def restore_rng(state: dict[str, Any], *, source: object = "the checkpoint") -> None:
+    """Inverse of :func:`capture_rng`; a malformed state is a CheckpointError naming ``source``."""
+    try:
+        torch.set_rng_state(_unb64(state["torch"]))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as error:
+        raise CheckpointError(explain(f"the RNG state in {source} is malformed", got=f"{type(error).__name__}: {error}",
+                                      fix="restore the checkpoint folder from a copy, or start the run again")) from error
 
 
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -103,7 +121,9 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str,
     """Inverse of :func:`flatten_optimizer_state`."""
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        _, param_index, key = name.split(".", 2)
+        prefix, param_index, key = name.split(".", 2)
+        if prefix != "state":
+            raise ValueError(f"unexpected tensor name {name!r}")
         state.setdefault(int(param_index), {})[key] = tensor
     for param_index, entry in index["scalars"].items():
         state.setdefault(int(param_index), {}).update(entry)
@@ -116,79 +136,276 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str,
     return {"state": state, "param_groups": groups}
 
 
-def _fsync_file(path: Path) -> None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _document_checksum(document: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``document`` without its ``checksum`` key (as read back from JSON)."""
+    body = {k: v for k, v in json.loads(json.dumps(document)).items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _leftovers(root: Path, name: str) -> list[Path]:
+    """Folders a killed or interrupted save of ``name`` may have left: ``.old-<name>-*``, ``.tmp-<name>-*``."""
+    if not root.is_dir():
+        return []
+    return sorted(p for kind in (".old", ".tmp") for p in root.glob(f"{kind}-{name}-*"))
+
+
+def _remove_leftovers(root: Path, name: str) -> None:
+    for path in _leftovers(root, name):
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError as error:  # another owner, a read-only copy: the leftover is skipped on reading anyway
+            logger.warning("could not remove the checkpoint leftover %s: %s", path, error)
 
 
 def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write ``{root}/{name}`` atomically (temp folder, fsync, rename) and return its path."""
+    """Write ``{root}/{name}`` atomically (temp folder, fsync, rename) and return its path.
+
+    ``state.json`` is written last and records the size and SHA-256 of both tensor files and its own
+    checksum, so a folder is complete exactly when they all match. Leftovers of earlier interrupted
+    saves of ``name`` are removed once the new folder is in place.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    unique = f"{os.getpid()}-{time.time_ns():x}-{os.urandom(4).hex()}"  # never the name of a leftover
+    tmp = root / f".tmp-{name}-{unique}"
     tmp.mkdir()
     opt_tensors, opt_index = flatten_optimizer_state(optimizer_state)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"),
               metadata={"format": FORMAT})
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT})
-    document = dict(state, format=FORMAT, optimizer=opt_index)
-    (tmp / "state.json").write_text(json.dumps(document))
-    for path in tmp.iterdir():
-        _fsync_file(path)
-    _fsync_dir(tmp)
-    old = root / f".old-{name}-{os.getpid()}"
+    files = {}
+    for file_name in ("weights.safetensors", "optimizer.safetensors"):
+        fsync_file(tmp / file_name)
+        files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": _sha256(tmp / file_name)}
+    document = dict(state, format=FORMAT, optimizer=opt_index, files=files)
+    document["checksum"] = _document_checksum(document)
+    with open(tmp / "state.json", "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(document))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(tmp)
+    old = root / f".old-{name}-{unique}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    if old.exists():
-        shutil.rmtree(old)
+    fsync_dir(root)
+    _remove_leftovers(root, name)
     logger.debug("checkpoint written: %s", final)
     return final
 
 
-def find_checkpoint(root: str | os.PathLike, name: str) -> Path | None:
-    """The folder of checkpoint ``name`` under ``root``; also finds one left mid-swap by a kill."""
+def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(state, None) when the folder ``path`` is a complete checkpoint, else (None, why not)."""
+    document_path = path / "state.json"
+    if not document_path.is_file():
+        return None, "no state.json (the save was cut short)"
+    try:
+        state = json.loads(document_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        return None, f"state.json is unreadable ({type(error).__name__}: {error})"
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None, f"state.json is not a {FORMAT} document"
+    if "checksum" in state and state["checksum"] != _document_checksum(state):
+        return None, "state.json does not match its checksum (edited or corrupt)"
+    files = state.get("files", {"weights.safetensors": None, "optimizer.safetensors": None})
+    if not isinstance(files, dict):
+        return None, "state.json lists its files wrongly"
+    for file_name, expected in files.items():
+        file_path = path / str(file_name)
+        if not file_path.is_file():
+            return None, f"{file_name} is missing"
+        if expected is None:  # a checkpoint from before the sizes and hashes were recorded
+            continue
+        if not isinstance(expected, dict):
+            return None, "state.json lists its files wrongly"
+        if file_path.stat().st_size != expected.get("bytes") or _sha256(file_path) != expected.get("sha256"):
+            return None, f"{file_name} differs from the size or SHA-256 recorded in state.json (cut, edited or corrupt)"
+    return state, None
+
+
+def _position(state: dict[str, Any]) -> tuple:
+    def number(key: str) -> int:
+        value = state.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else -1
+    return number("global_step"), number("epoch"), number("micro")
+
+
+def _select(root: Path, name: str) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest complete copy of checkpoint ``name``: (path, state, the problems of the skipped copies)."""
+    candidates = ([root / name] if (root / name).exists() else []) + _leftovers(root, name)
+    best: tuple | None = None
+    problems = []
+    for path in candidates:
+        state, problem = _inspect(path) if path.is_dir() else (None, "not a folder")
+        if state is None:
+            problems.append(f"{path.name}: {problem}")
+            continue
+        key = _position(state) + (path == root / name,)
+        if best is None or key > best[0]:
+            best = (key, path, state)
+    if problems:
+        logger.warning("skipping incomplete checkpoint copies under %s: %s", root, "; ".join(problems))
+    if best is None:
+        return None, None, problems
+    if best[1] != root / name:
+        logger.warning("using checkpoint %s (step %d) left by an interrupted save: the newest complete copy",
+                       best[1], best[0][0])
+    return best[1], best[2], problems
+
+
+def has_checkpoint(root: str | os.PathLike, name: str) -> bool:
+    """Whether ``{root}/{name}`` or any leftover of an interrupted save of it exists (complete or not)."""
     root = Path(root)
-    if (root / name / "state.json").is_file():
-        return root / name
-    leftovers = sorted(root.glob(f".old-{name}-*")) if root.is_dir() else []
-    for path in leftovers:
-        if (path / "state.json").is_file():
-            logger.warning("using checkpoint %s left by an interrupted swap", path)
-            return path
-    return None
+    return (root / name).exists() or bool(_leftovers(root, name))
+
+
+def find_checkpoint(root: str | os.PathLike, name: str) -> Path | None:
+    """The folder of the newest complete copy of checkpoint ``name`` under ``root`` (``name`` itself or a
+    leftover of an interrupted save), or None."""
+    return _select(Path(root), name)[0]
+
+
+_STATE_TYPES: dict[str, tuple] = {
+    "stage": (str,), "config": (dict,), "trainable": (list,), "epoch": (int,), "micro": (int,),
+    "global_step": (int,), "epoch_stats": (dict,), "history": (list,), "best": (int, float, type(None)),
+    "rng": (dict,), "scheduler": (dict, type(None)), "scaler": (dict, type(None)), "optimizer": (dict,),
+}
+_STATS_KEYS = ("loss_sum", "micro_batches", "steps", "samples", "time")
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """CheckpointError naming the key when the training state document has a missing or mistyped entry."""
+    def fail(key: str, got: object, expected: str) -> None:
+        raise CheckpointError(explain(f"{path / 'state.json'}: the entry {key!r} is missing or malformed",
+                                      got=got, expected=expected,
+                                      fix="restore the checkpoint folder from a copy (state.json is written by the "
+                                          "trainer, not edited), or start the run again"))
+
+    for key, kinds in _STATE_TYPES.items():
+        value = state.get(key, KeyError)
+        if value is KeyError or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            fail(key, "missing" if value is KeyError else type(value).__name__, "/".join(k.__name__ for k in kinds))
+    for key in ("epoch", "micro", "global_step"):
+        if state[key] < 0:
+            fail(key, state[key], "an int >= 0")
+    if not all(isinstance(n, str) for n in state["trainable"]):
+        fail("trainable", state["trainable"][:5], "a list of parameter names")
+    stats = state["epoch_stats"]
+    if any(not isinstance(stats.get(k), (int, float)) or isinstance(stats.get(k), bool) for k in _STATS_KEYS):
+        fail("epoch_stats", sorted(stats)[:10], f"numbers {list(_STATS_KEYS)}")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict) \
+            or not all(isinstance(g, dict) for g in optimizer["param_groups"]):
+        fail("optimizer", sorted(optimizer)[:10], "param_groups (a list of objects) and scalars (an object)")
+    fingerprints = state.get("fingerprints", {})
+    if not isinstance(fingerprints, dict) or not all(isinstance(v, (str, type(None))) for v in fingerprints.values()):
+        fail("fingerprints", fingerprints, "an object of hash strings")
 
 
 def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any = "cpu") -> Checkpoint:
-    """Read the checkpoint ``{root}/{name}``. Missing or incomplete -> CheckpointError."""
-    path = find_checkpoint(root, name)
+    """Read the newest complete copy of checkpoint ``{root}/{name}`` (see the module doc).
+
+    Raises CheckpointError when there is none (naming each incomplete copy and why), or when its
+    state document is malformed.
+    """
+    root = Path(root)
+    path, state, problems = _select(root, name)
     if path is None:
-        raise CheckpointError(explain("no checkpoint to resume from", got=str(Path(root) / name),
+        if problems:
+            raise CheckpointError(explain("the checkpoint is incomplete or corrupt, and no complete copy is left",
+                                          got=problems[:5],
+                                          fix="restore the folder from a copy, resume from 'best', or start again "
+                                              "without resume in a new output_dir"))
+        raise CheckpointError(explain("no checkpoint to resume from", got=str(root / name),
                                       fix="run without resume, or point output_dir at a run that wrote checkpoints"))
     try:
-        state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "weights.safetensors"), device=str(device))
         opt_tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut or edited file
         raise CheckpointError(explain("the checkpoint is incomplete or corrupt", got=f"{path}: {error}",
                                       fix="delete it and start again, or resume from 'best'")) from error
-    if state.get("format") != FORMAT:
-        raise CheckpointError(explain("not a cir_plugins checkpoint", got=state.get("format"), expected=FORMAT))
-    optimizer = unflatten_optimizer_state(opt_tensors, state["optimizer"])
+    _check_state(state, path)
+    try:
+        optimizer = unflatten_optimizer_state(opt_tensors, state["optimizer"])
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CheckpointError(explain(f"{path / 'optimizer.safetensors'}: the optimiser state is malformed",
+                                      got=f"{type(error).__name__}: {error}",
+                                      fix="restore the checkpoint folder from a copy, or start the run again")) from error
     return Checkpoint(path=path, weights=weights, optimizer=optimizer, state=state)
+
+
+def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, after checking every one.
+
+    A name the checkpoint lacks, a shape that differs (no broadcasting) or a non-floating tensor is a
+    CheckpointError naming the parameter and the file; nothing is copied then.
+    """
+    where = checkpoint.path / "weights.safetensors"
+    problems = []
+    for name, parameter in named:
+        saved = checkpoint.weights.get(name)
+        if saved is None:
+            problems.append(f"{name}: missing")
+        elif tuple(saved.shape) != tuple(parameter.shape):
+            problems.append(f"{name}: saved {tuple(saved.shape)}, model {tuple(parameter.shape)}")
+        elif not saved.is_floating_point():
+            problems.append(f"{name}: saved dtype {saved.dtype}")
+    if problems:
+        raise CheckpointError(explain(f"{where}: {len(problems)} saved weights do not fit the model's parameters",
+                                      got=problems[:10], expected="every parameter with its own shape",
+                                      fix="resume with the model the checkpoint was trained from, or start again"))
+    with torch.no_grad():
+        for name, parameter in named:
+            parameter.copy_(checkpoint.weights[name])
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
+    """Load the checkpoint's optimiser state after checking it fits ``optimizer`` (CheckpointError else).
+
+    Each per-parameter tensor must be a scalar (``step``) or have its parameter's shape.
+    """
+    where = checkpoint.path / "optimizer.safetensors"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = checkpoint.optimizer
+    problems = []
+    for index, entry in saved["state"].items():
+        if not 0 <= index < len(params):
+            problems.append(f"state of parameter {index}: no such parameter (the optimiser has {len(params)})")
+            continue
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.numel() != 1 and tuple(value.shape) != tuple(params[index].shape):
+                problems.append(f"state.{index}.{key}: saved {tuple(value.shape)}, parameter "
+                                f"{tuple(params[index].shape)}")
+    if problems:
+        raise CheckpointError(explain(f"{where}: the optimiser state does not fit the parameters",
+                                      got=problems[:10], fix="restore the checkpoint folder from a copy, or start again"))
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise CheckpointError(explain(f"{where}: the optimiser state does not load", got=f"{type(error).__name__}: "
+                                      f"{error}", fix="restore the checkpoint folder from a copy, or start again")) from error
+
+
+def _hash_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
+
+
+def triplets_fingerprint(triplets: list) -> str:
+    """SHA-256 over the ordered training triplets (reference, texts, target, source): what the sampler
+    positions index into."""
+    return _hash_json([[t.reference, list(t.texts), t.target, t.source] for t in triplets])
+
+
+def bank_fingerprint(bank: Any) -> str:
+    """SHA-256 over a bank's ids, their rows and the fingerprint of the weights that built it."""
+    return _hash_json([list(bank.ids), [bank.row_of(i) for i in bank.ids], str(bank.fingerprint)])
