@@ -46,7 +46,7 @@ from ..data.triplet import Triplet
 from ..errors import AnnotationError, ConfigError, explain
 
 __all__ = ["write_generated_cirr", "read_generated_cirr", "write_generated_fashioniq", "read_generated_fashioniq",
-           "atomic_write_json"]
+           "read_generated", "atomic_write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +201,17 @@ def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
                            target=_name(path, index, record, "target"), source=_source(path, index, record),
                            meta=_meta(record)))
     return out
+
+
+def read_generated(path: str | os.PathLike) -> list[Triplet]:
+    """Read a generated-triplet file in either schema, told apart by its first record's keys: CIRR
+    (``target_hard``) or FashionIQ (``candidate``); AnnotationError for anything else."""
+    path, records = _read_list(path)
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    if "target_hard" in first:
+        return read_generated_cirr(path)
+    if "candidate" in first:
+        return read_generated_fashioniq(path)
+    raise AnnotationError(explain(f"{path} is in neither generated-triplet schema", got=sorted(first)[:8],
+                                  expected="CIRR records (reference, target_hard, caption) or FashionIQ records "
+                                           "(candidate, target, captions)"))

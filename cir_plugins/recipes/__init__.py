@@ -1,0 +1,341 @@
+"""The paper's settings per base model and dataset, as data: one JSON file per recipe in this folder.
+
+    recipe = cp.recipes.load_recipe("clip4cir-cirr")
+    recipe.generation.augmenter_kwargs()   # templates, rank_window, refer_only, max_triplets, ...
+    recipe.stage2_config(output_dir="runs/s2")   # a validated Stage2Config
+    recipe.evaluation.remove_reference         # FashionIQ: the release removes it for CLIP4Cir only
+
+``cir-plugins recipe list`` / ``recipe show NAME`` print them; ``cir-plugins reproduce --recipe NAME``
+runs one end to end (:func:`cir_plugins.recipes.run.reproduce`).
+
+A recipe file holds (every field is checked by :func:`load_recipe`; an unknown or missing key is a
+ConfigError naming the file and the key):
+
+- ``name`` (= the file name), ``model`` (clip4cir, tgcir, blip4cir, sprc, zeroshot), ``model_label``,
+  ``dataset`` (cirr, fashioniq), ``stage1`` (the checkpoint the paper starts stage 2 from), ``trains`` (what
+  stage 2 trains, as the method states it; the model's own wrap decides what actually trains).
+- ``generation``: ``annotated`` (train on the annotated triplets too; False = zero-shot), ``prompt`` (the
+  captioner's prompt with ``{k}``, and ``{category}`` on FashionIQ), ``words`` (k), ``rank_window`` ([a, b)
+  ranks of the pair encoder's ranking; null = any image, drawn uniformly), ``partners_per_image``,
+  ``refer_only``, ``max_triplets`` (K, null = all), ``templates`` (placeholders ``{reference}``/``{target}``).
+  On FashionIQ partners are ranked over the three categories' training images together.
+- ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all": every training
+  image; "triplets": the images the training triplets name).
+- ``stage2``: :class:`~cir_plugins.training.config.Stage2Config` fields (batch_size, epochs, lr,
+  temperature, learn_temperature, betas, eps, weight_decay, mask_reference).
+- ``stage1_training`` (optional, the zero-shot rows): :class:`~cir_plugins.training.config.Stage1Config`
+  fields of the in-batch stage 1 on generated triplets.
+- ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (the reference image out of each ranking).
+- ``published``: ``split`` and the ``before`` / ``after`` numbers of METHOD.md section 7 (null when none).
+- ``notes``, ``sources``: where each number comes from and what a reader should know.
+
+Where this project deliberately differs from the method's release, the recipe holds our value and
+:meth:`Recipe.as_release` gives the release's (see :data:`RELEASE_VALUES`):
+
+- ``stage2.mask_reference``: True here (the query's reference row is out of its softmax, as evaluation
+  removes it); the release keeps it as a negative (False).
+- ``bank.images``: "all" here (every training image is a negative); the release's bank holds the images its
+  training triplets name ("triplets").
+- Keying by image id: every feature, bank row and cache here is keyed by image id; the release keys by list
+  position. With consistent lists the two give the same numbers, so there is no option for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError, explain
+
+__all__ = ["Recipe", "Generation", "RECIPE_DIR", "RELEASE_VALUES", "MODELS", "DATASETS", "list_recipes",
+           "load_recipe", "default_recipe", "release_train_images"]
+
+RECIPE_DIR = Path(__file__).resolve().parent
+MODELS = ("clip4cir", "tgcir", "blip4cir", "sprc", "zeroshot")
+DATASETS = ("cirr", "fashioniq")
+BANK_IMAGES = ("all", "triplets")
+# the release's value of each deliberate difference (section, key) -> value
+RELEASE_VALUES: dict[tuple[str, str], Any] = {("stage2", "mask_reference"): False, ("bank", "images"): "triplets"}
+# the dataset's default recipe: where `cir-plugins augment` takes its per-dataset defaults from
+_DEFAULT_RECIPE = {"cirr": "clip4cir-cirr", "fashioniq": "clip4cir-fashioniq"}
+
+_TOP = {"name", "model", "model_label", "dataset", "stage1", "generation", "bank", "stage2", "trains", "evaluation",
+        "published", "notes", "sources"}
+_OPTIONAL_TOP = {"stage1_training"}
+_GENERATION = {"annotated", "prompt", "words", "rank_window", "partners_per_image", "refer_only", "max_triplets",
+               "templates"}
+_BANK = {"dedup", "images"}
+_EVALUATION = {"protocol", "split", "remove_reference"}
+
+
+def _fail(path: Path, what: str, got: Any, expected: Any = None, fix: str | None = None) -> ConfigError:
+    return ConfigError(explain(f"recipe {path.name}: {what}", got=got, expected=expected,
+                               fix=fix or f"fix {path}"))
+
+
+def _keys(path: Path, where: str, data: Any, required: set[str], optional: set[str] = frozenset()) -> dict:
+    if not isinstance(data, dict):
+        raise _fail(path, f"{where} must be a JSON object", type(data).__name__)
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - required - set(optional))
+    if missing:
+        raise _fail(path, f"{where} lacks keys", missing, expected=sorted(required))
+    if unknown:
+        raise _fail(path, f"{where} has unknown keys", unknown, expected=sorted(required | set(optional)))
+    return data
+
+
+def _bool(path: Path, where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, f"{where} must be true or false", value)
+    return value
+
+
+def _positive_int(path: Path, where: str, value: Any, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(path, f"{where} must be a positive int" + (" or null" if allow_none else ""), value)
+    return value
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The generation settings of a recipe (see the module docstring)."""
+
+    annotated: bool
+    prompt: str
+    words: int
+    rank_window: tuple[int | float, int | float] | None
+    partners_per_image: int
+    refer_only: bool
+    max_triplets: int | None
+    templates: tuple[str, ...]
+
+    def augmenter_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~cir_plugins.positives.augmenter.TripletAugmenter` for these settings."""
+        return {"templates": list(self.templates),
+                "rank_window": self.rank_window if self.rank_window is not None else (-1, -1),
+                "partners_per_image": self.partners_per_image, "refer_only": self.refer_only,
+                "max_triplets": self.max_triplets}
+
+    def window_fractions(self, dataset: str) -> tuple[float, float] | None:
+        """The rank window as fractions of N: the release's absolute ranks over the number of training images
+        it ranked (the official count of ``dataset``'s training split, FashionIQ's three categories
+        together), so the same share of the ranking is used on a data set of any size. None = any image."""
+        if self.rank_window is None:
+            return None
+        if isinstance(self.rank_window[0], float):
+            return (float(self.rank_window[0]), float(self.rank_window[1]))
+        n = release_train_images(dataset)
+        return (round(self.rank_window[0] / n, 4), round(min(self.rank_window[1] / n, 1.0), 4))
+
+    def prompt_for(self, category: str | None = None) -> str:
+        """The captioner prompt with k filled in (and the FashionIQ category, when the prompt names one)."""
+        return self.prompt.format(k=self.words, category=category or "image")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One base model on one dataset: generation, bank, stage 2, evaluation and the published numbers."""
+
+    name: str
+    model: str
+    model_label: str
+    dataset: str
+    stage1: str
+    generation: Generation
+    bank: Mapping[str, Any]
+    stage2: Mapping[str, Any]
+    trains: str
+    evaluation: Mapping[str, Any]
+    published: Mapping[str, Any] | None
+    notes: tuple[str, ...]
+    sources: Mapping[str, str]
+    stage1_training: Mapping[str, Any] | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def stage2_config(self, **overrides: Any):
+        """A :class:`~cir_plugins.training.config.Stage2Config` of the recipe's settings, ``overrides`` on top."""
+        from ..training.config import Stage2Config
+
+        return Stage2Config(**{**self.stage2, **overrides})
+
+    def stage1_config(self, **overrides: Any):
+        """The zero-shot rows' in-batch stage 1 as a Stage1Config (ConfigError for recipes without one)."""
+        from ..training.config import Stage1Config
+
+        if self.stage1_training is None:
+            raise ConfigError(explain(f"recipe {self.name} starts from a stage-1 checkpoint: it has no stage 1 to run",
+                                      fix="pass the stage-1 checkpoint; only the zeroshot-* recipes train stage 1"))
+        return Stage1Config(**{**self.stage1_training, **overrides})
+
+    def as_release(self) -> "Recipe":
+        """This recipe with the release's value of every deliberate difference (:data:`RELEASE_VALUES`)."""
+        sections = {"stage2": dict(self.stage2), "bank": dict(self.bank)}
+        for (section, key), value in RELEASE_VALUES.items():
+            sections[section][key] = value
+        return Recipe(**{**self.__dict__, **sections})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as its JSON file holds it."""
+        out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,
+               "stage1": self.stage1,
+               "generation": {**self.generation.__dict__,
+                              "rank_window": list(self.generation.rank_window) if self.generation.rank_window else None,
+                              "templates": list(self.generation.templates)},
+               "bank": dict(self.bank), "stage2": {k: (list(v) if isinstance(v, tuple) else v)
+                                                   for k, v in self.stage2.items()},
+               "trains": self.trains, "evaluation": dict(self.evaluation),
+               "published": copy.deepcopy(dict(self.published)) if self.published is not None else None,
+               "notes": list(self.notes), "sources": dict(self.sources)}
+        if self.stage1_training is not None:
+            out["stage1_training"] = {k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in self.stage1_training.items()}
+        return out
+
+
+def _generation(path: Path, data: Any) -> Generation:
+    from ..positives.pairing import parse_rank_window
+    from ..positives.templates import validate_template
+
+    g = _keys(path, "generation", data, _GENERATION)
+    prompt = g["prompt"]
+    if not isinstance(prompt, str) or "{k}" not in prompt:
+        raise _fail(path, "generation.prompt must be a string with {k}", prompt)
+    window = g["rank_window"]
+    if window is not None:
+        try:
+            parsed = parse_rank_window(window)
+        except ConfigError as error:
+            raise _fail(path, f"generation.rank_window is not a window ({error})", window) from None
+        if parsed.is_any:
+            raise _fail(path, "generation.rank_window: write null for 'any image'", window)
+        window = (parsed.start, parsed.stop)
+    templates = g["templates"]
+    if not isinstance(templates, list) or not templates:
+        raise _fail(path, "generation.templates must be a non-empty list", templates)
+    for template in templates:
+        try:
+            validate_template(template)
+        except ConfigError as error:
+            raise _fail(path, f"generation.templates: {error}", template) from None
+    return Generation(annotated=_bool(path, "generation.annotated", g["annotated"]), prompt=prompt,
+                      words=_positive_int(path, "generation.words", g["words"]), rank_window=window,
+                      partners_per_image=_positive_int(path, "generation.partners_per_image", g["partners_per_image"]),
+                      refer_only=_bool(path, "generation.refer_only", g["refer_only"]),
+                      max_triplets=_positive_int(path, "generation.max_triplets", g["max_triplets"], allow_none=True),
+                      templates=tuple(templates))
+
+
+def _numbers(path: Path, where: str, data: Any) -> dict[str, float]:
+    if not isinstance(data, dict) or not data:
+        raise _fail(path, f"{where} must be a non-empty object metric -> number", data)
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value <= 100:
+            raise _fail(path, f"{where}[{key!r}] must be a percentage", value)
+    return dict(data)
+
+
+def _published(path: Path, data: Any) -> dict | None:
+    if data is None:
+        return None
+    p = _keys(path, "published", data, {"split", "before", "after"}, {"before_label"})
+    before, after = _numbers(path, "published.before", p["before"]), _numbers(path, "published.after", p["after"])
+    if set(before) != set(after):
+        raise _fail(path, "published.before and published.after must name the same metrics",
+                    (sorted(before), sorted(after)))
+    return {**p, "before": before, "after": after}
+
+
+def _parse(path: Path, data: Any) -> Recipe:
+    from ..training.config import Stage1Config, Stage2Config
+
+    r = _keys(path, "the recipe", data, _TOP, _OPTIONAL_TOP)
+    if r["name"] != path.stem:
+        raise _fail(path, "name must equal the file name", r["name"], expected=path.stem)
+    if r["model"] not in MODELS:
+        raise _fail(path, "unknown model", r["model"], expected=MODELS)
+    if r["dataset"] not in DATASETS:
+        raise _fail(path, "unknown dataset", r["dataset"], expected=DATASETS)
+    generation = _generation(path, r["generation"])
+    if ("{category}" in generation.prompt) != (r["dataset"] == "fashioniq"):
+        raise _fail(path, "the FashionIQ prompt names {category}; the CIRR prompt does not", generation.prompt)
+    bank = _keys(path, "bank", r["bank"], _BANK)
+    _bool(path, "bank.dedup", bank["dedup"])
+    if bank["images"] not in BANK_IMAGES:
+        raise _fail(path, "bank.images is unknown", bank["images"], expected=BANK_IMAGES)
+    stage2, stage1 = r["stage2"], r.get("stage1_training")
+    for where, values, cls in (("stage2", stage2, Stage2Config), ("stage1_training", stage1, Stage1Config)):
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise _fail(path, f"{where} must be a JSON object", type(values).__name__)
+        try:
+            cls.from_dict(values)  # the config's own validation (unknown fields, ranges)
+        except ConfigError as error:
+            raise _fail(path, f"{where} is not a valid {cls.__name__}: {error}", values) from None
+    if generation.annotated is False and stage1 is None:
+        raise _fail(path, "a recipe without annotated triplets (zero-shot) needs stage1_training", None)
+    evaluation = _keys(path, "evaluation", r["evaluation"], _EVALUATION)
+    if evaluation["protocol"] != r["dataset"]:
+        raise _fail(path, "evaluation.protocol must be the dataset's", evaluation["protocol"], expected=r["dataset"])
+    _bool(path, "evaluation.remove_reference", evaluation["remove_reference"])
+    if r["dataset"] == "cirr" and not evaluation["remove_reference"]:
+        raise _fail(path, "the CIRR protocol always removes the reference", False)
+    for key in ("model_label", "stage1", "trains"):
+        if not isinstance(r[key], str) or not r[key].strip():
+            raise _fail(path, f"{key} must be a non-empty string", r[key])
+    if not isinstance(r["notes"], list) or not all(isinstance(n, str) for n in r["notes"]):
+        raise _fail(path, "notes must be a list of strings", r["notes"])
+    if not isinstance(r["sources"], dict) or not all(isinstance(v, str) for v in r["sources"].values()):
+        raise _fail(path, "sources must be an object of strings", r["sources"])
+    return Recipe(name=r["name"], model=r["model"], model_label=r["model_label"], dataset=r["dataset"],
+                  stage1=r["stage1"], generation=generation, bank=dict(bank), stage2=dict(stage2), trains=r["trains"],
+                  evaluation=dict(evaluation), published=_published(path, r["published"]), notes=tuple(r["notes"]),
+                  sources=dict(r["sources"]), stage1_training=dict(stage1) if stage1 is not None else None, path=path)
+
+
+def list_recipes(folder: str | Path | None = None) -> list[str]:
+    """Names of the recipes in ``folder`` (default: the package's), sorted."""
+    return sorted(p.stem for p in Path(folder or RECIPE_DIR).glob("*.json"))
+
+
+def load_recipe(name: str, folder: str | Path | None = None) -> Recipe:
+    """The recipe ``name`` (a name from :func:`list_recipes`, or a path to a JSON file), validated."""
+    candidate = Path(name)
+    if candidate.suffix == ".json" and candidate.is_file():
+        path = candidate
+    else:
+        path = Path(folder or RECIPE_DIR) / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(explain("unknown recipe", got=name, expected=list_recipes(folder),
+                                      fix="run `cir-plugins recipe list`, or pass a recipe JSON file"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(explain(f"recipe {path} is not valid JSON ({error.msg} at line {error.lineno})",
+                                  fix="fix the file")) from None
+    return _parse(path, data)
+
+
+def release_train_images(dataset: str) -> int:
+    """How many training images the release ranked partners among: the official training-split image count
+    (:data:`cir_plugins.data.check.OFFICIAL_COUNTS`; FashionIQ: its three categories together)."""
+    from ..data.check import OFFICIAL_COUNTS
+
+    if dataset not in DATASETS:
+        raise ConfigError(explain("no release image count for this dataset", got=dataset, expected=DATASETS))
+    counts = OFFICIAL_COUNTS[dataset]
+    return sum(v["images"] for k, v in counts.items() if k == "train" or k.endswith("/train"))
+
+
+def default_recipe(dataset: str) -> Recipe | None:
+    """The recipe a dataset's defaults come from (CLIP4Cir's, the paper's main row); None for other datasets
+    (the synthetic world has no paper recipe)."""
+    name = _DEFAULT_RECIPE.get(dataset)
+    return load_recipe(name) if name is not None else None
