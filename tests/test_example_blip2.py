@@ -1,6 +1,8 @@
 """The SPRC-style BLIP-2 example (examples/blip2_sprc): loaded by path from a tiny saved checkpoint,
 checked against transformers' own retrieval head, wrapped in <= 10 lines, trained in stage 2
-without ever running the vision tower, and run end to end (augment -> stage 2 -> evaluate)."""
+without ever running the vision tower or the fusion pass, and run end to end (augment -> stage 2 ->
+evaluate). The release-fidelity checks (what trains, optimiser, text length, preprocessing) are in
+tests/test_sprc_fidelity.py."""
 
 from __future__ import annotations
 
@@ -52,13 +54,16 @@ def test_loads_by_path_and_passes_check_model(model, checkpoint):
     assert report.ok, str(report)
     assert report.image_shape == (3, 32, 256)  # (N, 32 query tokens, 256)
     assert report.query_shape == (2, 256)
-    assert report.reference_shape == (2, 17, 32)  # frozen vision features: 16 patches + CLS
+    assert report.reference_shape == (2, 32, 32)  # the frozen fusion pass's prompt: 32 query outputs of width 32
     # the stage-2 split: a copy of the Q-Former (with its text embeddings) + text projection
     split = parameter_split(model, x[:2], ["make it red", "add a star"], x)
     roots = {".".join(n.split(".")[1:3]) if n.startswith("model.blip.") else n.split(".")[1] for n in split.query}
     assert roots == {"query_qformer", "query_embeddings", "blip.text_projection"}
     target_roots = {".".join(n.split(".")[1:3]) for n in split.target}
-    assert target_roots == {"blip.vision_model", "blip.qformer", "blip.query_tokens", "blip.vision_projection"}
+    assert target_roots == {"blip.vision_model", "blip.qformer", "blip.query_tokens", "blip.vision_projection",
+                            "blip.embeddings"}  # the fusion pass (original Q-Former + its embeddings) is frozen
+    # the copy's cross-attention and query feed-forward are never reached by the image-free pass
+    assert not any(part in n for n in split.query for part in ("crossattention", "intermediate_query"))
     # the copy starts equal to the original but is a separate tensor
     for (name, a), (_, b) in zip(model.blip.qformer.named_parameters(), model.query_qformer.named_parameters()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
@@ -78,7 +83,8 @@ def test_gallery_tokens_match_transformers_retrieval_head(model):
 
 
 def test_query_takes_the_sprc_route(model):
-    """Fusion pass: cross-attention + query FFN; prompt+text pass: text FFN only (query_length=0)."""
+    """Fusion pass on the original Q-Former: cross-attention + query FFN + text FFN; image-free pass on
+    the copy: text FFN only (query_length=0), no vision tower, no original Q-Former."""
     calls: dict[str, int] = {}
 
     def counter(name):
@@ -87,26 +93,31 @@ def test_query_takes_the_sprc_route(model):
         return hook
 
     handles = []
-    for i, layer in enumerate(model.query_qformer.encoder.layer):
-        for part in ("crossattention", "intermediate_query", "intermediate"):
-            handles.append(getattr(layer, part).register_forward_hook(counter(f"{i}.{part}")))
-    handles.append(model.blip.qformer.register_forward_hook(counter("target_qformer")))
+    for owner, qformer in (("copy", model.query_qformer), ("original", model.blip.qformer)):
+        for i, layer in enumerate(qformer.encoder.layer):
+            for part in ("crossattention", "intermediate_query", "intermediate"):
+                handles.append(getattr(layer, part).register_forward_hook(counter(f"{owner}.{i}.{part}")))
     handles.append(model.blip.vision_model.register_forward_hook(counter("vision")))
-    features = torch.randn(2, 17, 32)
+    texts = ["make it red", "move the star to the left"]
+    n_layers = len(model.query_qformer.encoder.layer)
     try:
-        model.compose_query(features, ["make it red", "move the star to the left"])
+        prompt = model.encode_reference(torch.stack(list(random_images(2).values())), texts)
+        fusion_calls, _ = dict(calls), calls.clear()
+        model.compose_query(prompt, texts)
     finally:
         for h in handles:
             h.remove()
-    n_layers = len(model.query_qformer.encoder.layer)
-    expected = {}
+    assert prompt.shape == (2, 32, 32)
+    expected_fusion = {"vision": 1}
     for i in range(n_layers):
-        expected.update({f"{i}.crossattention": 1, f"{i}.intermediate_query": 1, f"{i}.intermediate": 2})
-    assert calls == expected  # no target Q-Former, no vision tower
+        expected_fusion.update({f"original.{i}.crossattention": 1, f"original.{i}.intermediate_query": 1,
+                                f"original.{i}.intermediate": 1})
+    assert fusion_calls == expected_fusion  # the fusion pass never touches the copy
+    assert calls == {f"copy.{i}.intermediate": 1 for i in range(n_layers)}  # image-free, text FFN only
 
 
 def test_query_is_per_example_with_padding_and_uses_both_inputs(model):
-    features = torch.randn(3, 17, 32, dtype=torch.float32)
+    features = torch.randn(3, 32, 32, dtype=torch.float32)  # a prompt (B, 32, H)
     texts = ["red", "make the large circle a small blue star", "add a cube"]
     with torch.no_grad():
         batched = model.compose_query(features, texts)
@@ -122,7 +133,7 @@ def test_query_is_per_example_with_padding_and_uses_both_inputs(model):
     assert (grad.abs().flatten(1).amax(1) > 0).all()
 
 
-def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower(model):
+def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower_or_the_fusion(model):
     imgs = random_images(13)
     ids = list(imgs)
     triplets = [cp.Triplet(ids[k], (f"make it {c}",), ids[(k + 3) % 13])
@@ -136,18 +147,21 @@ def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower(model):
                              show_progress=False, select_metric=None)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     vision_calls = []
-    handle = model.blip.vision_model.register_forward_hook(lambda *_: vision_calls.append(1))
+    handles = [model.blip.vision_model.register_forward_hook(lambda *_: vision_calls.append("vision")),
+               model.blip.qformer.register_forward_hook(lambda *_: vision_calls.append("fusion"))]
     try:
         history = trainer.fit()
     finally:
-        handle.remove()
-    assert vision_calls == []  # every step composed from the cached vision features
+        for handle in handles:
+            handle.remove()
+    assert vision_calls == []  # every step composed from the cached fusion prompts
     assert history[-1]["steps"] >= 2
     assert history[-1]["temperature"] != pytest.approx(0.05, abs=1e-9)  # the learnable tau moved
     assert torch.equal(bank.embeddings, bank_before)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     frozen = [n for n in before if n.startswith(("model.blip.vision_model", "model.blip.qformer",
-                                                 "model.blip.query_tokens", "model.blip.vision_projection"))]
+                                                 "model.blip.query_tokens", "model.blip.vision_projection",
+                                                 "model.blip.embeddings"))]
     assert frozen and not changed & set(frozen)
     assert any(n.startswith("model.query_qformer") for n in changed)
     assert any(n.startswith("model.blip.text_projection") for n in changed)
@@ -182,5 +196,7 @@ def test_bad_inputs_get_clear_errors(model):
                                              num_attention_heads=2, encoder_hidden_size=16, vocab_size=40))
     with pytest.raises(ValueError, match="use_qformer_text_input"):  # an image-only Q-Former has no text FFN
         SPRCRetriever(Blip2ForImageTextRetrieval(config), model.tokenizer)
-    with pytest.raises(ValueError, match=r"\(B, P, Dv\) and B texts"):
-        model.compose_query(torch.randn(2, 17, 32), ["only one text"])
+    with pytest.raises(ValueError, match=r"\(B, 32, 32\) from fusion_prompt and B texts"):
+        model.compose_query(torch.randn(2, 32, 32), ["only one text"])
+    with pytest.raises(ValueError, match=r"\(B, 32, 32\) from fusion_prompt"):  # raw vision features are refused
+        model.compose_query(torch.randn(2, 17, 32), ["a", "b"])

@@ -26,6 +26,7 @@ COMMANDS = {
     "stage2": ("cir_plugins.cli.stage2", "fine-tune the query side against the bank"),
     "evaluate": ("cir_plugins.cli.evaluate", "evaluate with the FashionIQ or CIRR protocol"),
     "submit": ("cir_plugins.cli.evaluate", "write the two CIRR test-server files"),
+    "convert": ("cir_plugins.cli.convert", "a torch.save checkpoint -> safetensors, read weights-only (no code runs)"),
     "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
 }
 

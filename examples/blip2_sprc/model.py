@@ -5,22 +5,24 @@ This file knows nothing about cir_plugins: it is the kind of model a user alread
 
 How a query is built (SPRC, METHOD.md section 4):
 
-1. Fusion pass. The Q-Former's 32 learned query tokens, followed by the modification text, go
-   through the Q-Former with cross-attention to the *reference* image's frozen vision features.
-   The 32 query outputs are the "prompt": the reference image as read through the text.
-2. Prompt + text pass. The prompt, followed by the same text, goes through the Q-Former again,
-   this time without the image and with ``query_length=0``, so every token (prompt included)
-   takes the text feed-forward, as SPRC's modified Q-Former does.
+1. Fusion pass (``fusion_prompt``). The Q-Former's 32 learned query tokens, followed by the
+   modification text, go through the *original* Q-Former with cross-attention to the reference
+   image's vision features. The 32 query outputs are the "prompt": the reference image as read
+   through the text, (B, 32, H).
+2. Image-free pass (``compose``). The prompt, followed by the same text, goes through the *copy* of
+   the Q-Former (``query_qformer`` with ``query_embeddings``), without the image and with
+   ``query_length=0``, so every token (prompt included) takes the text feed-forward, as SPRC's
+   modified Q-Former does.
 3. query = normalize(text_projection(hidden state at the text's [CLS], i.e. position 32)).
 
 A gallery image is 32 tokens of 256 dims: normalize(vision_projection(Q-Former query outputs over
 the image)); a query scores an image by the max over its 32 tokens.
 
-Stage 2 of SPN trains a *copy* of the Q-Former (``query_qformer``, with its own text embeddings)
-plus ``text_projection``; the original Q-Former, the query tokens, the vision tower and the vision
-projection make the gallery embeddings and stay frozen. ``vision_features`` returns the frozen
-vision-tower output for a reference image, so a training step can start from cached features and
-still fuse them with the triplet's own text, exactly as at inference.
+Stage 2 of SPN (the method's SPRC row) trains only the copy, ``text_projection`` and the temperature;
+the vision tower, the query tokens, the original Q-Former with its text embeddings (the fusion pass)
+and the vision projection stay frozen. Because the fusion pass is frozen and reads the text,
+``fusion_prompt(images, texts)`` is the model's reference side (``reference_uses_text = True``): stage 2
+caches its (32, H) output once per (reference id, text) and a step runs only the image-free pass.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ class SPRCRetriever(nn.Module):
         image_processor: the checkpoint's image processor (PIL image -> pixel values), or None.
     """
 
-    def __init__(self, blip: nn.Module, tokenizer, image_processor=None, *, max_text_length: int = 64) -> None:
+    # the frozen reference side (fusion_prompt) reads the text: cached per (reference id, text)
+    reference_uses_text = True
+    similarity = "max_token"
+
+    def __init__(self, blip: nn.Module, tokenizer, image_processor=None, *, max_text_length: int = 32) -> None:
         super().__init__()
         qformer_config = blip.config.qformer_config
         if not getattr(qformer_config, "use_qformer_text_input", False):
@@ -92,7 +98,7 @@ class SPRCRetriever(nn.Module):
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, max_text_length: int = 64,
+    def from_pretrained(cls, name_or_path: str | Path, *, max_text_length: int = 32,
                         trust_remote_code: bool = False, **kwargs) -> "SPRCRetriever":
         """Load a Hub name or a local directory holding a BLIP-2 retrieval checkpoint + tokenizer.
 
@@ -113,12 +119,18 @@ class SPRCRetriever(nn.Module):
         return cls(blip.eval(), tokenizer, image_processor, max_text_length=max_text_length)
 
     # ------------------------------------------------------------------------------------ images
-    def preprocess(self, image) -> torch.Tensor:
-        """PIL image -> pixel values (3, S, S) with the checkpoint's image processor."""
-        if self.image_processor is None:
-            raise ValueError("this model was loaded without an image processor; "
-                             "Fix: save one next to the checkpoint or preprocess images yourself.")
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    def preprocess_settings(self) -> dict:
+        """{"size", "mean", "std"} of the checkpoint's image processor, for SPRC's targetpad transform
+        (pad to aspect ratio <= 1.25, resize, centre-crop, normalise); the transform itself is the caller's."""
+        processor = self.image_processor
+        if processor is None:
+            raise ValueError("this model was loaded without an image processor, so its image size and "
+                             "normalisation are unknown; Fix: save one next to the checkpoint.")
+        size = getattr(processor, "size", None)
+        side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+        side = side or int(self.blip.config.vision_config.image_size)
+        return {"size": int(side), "mean": [float(v) for v in processor.image_mean],
+                "std": [float(v) for v in processor.image_std]}
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen vision-tower output: (N, 3, S, S) -> (N, P, Dv), P = patches + 1."""
@@ -142,37 +154,51 @@ class SPRCRetriever(nn.Module):
         warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_text_length)
         return batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, L) each
 
-    def compose(self, reference_features: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """SPRC query: reference vision features (B, P, Dv) + B texts -> (B, 256), L2-normalised."""
-        if reference_features.dim() != 3 or reference_features.shape[0] != len(texts):
-            raise ValueError(f"expected reference features (B, P, Dv) and B texts; got "
-                             f"{tuple(reference_features.shape)} and {len(texts)} texts")
-        device = reference_features.device
-        input_ids, text_mask = self._tokenize(texts, device)  # (B, L)
-        b = input_ids.shape[0]
+    def _joint_mask(self, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) text mask -> (B, 32 + L): the 32 prompt/query positions are always attended."""
         n_query = self.blip.query_tokens.shape[1]
-        queries = self.blip.query_tokens.expand(b, -1, -1)  # (B, 32, H)
-        joint_mask = torch.cat([torch.ones(b, n_query, dtype=text_mask.dtype, device=device), text_mask],
-                               dim=1)  # (B, 32 + L)
-        visual_mask = torch.ones(reference_features.shape[:-1], dtype=torch.long, device=device)  # (B, P)
+        ones = torch.ones(text_mask.shape[0], n_query, dtype=text_mask.dtype, device=text_mask.device)
+        return torch.cat([ones, text_mask], dim=1)
 
-        # 1. fusion pass: [32 queries | text] with cross-attention to the reference image.
-        fusion_in = self.query_embeddings(input_ids=input_ids, query_embeds=queries)  # (B, 32 + L, H)
-        fused = self.query_qformer(query_embeds=fusion_in, query_length=n_query, attention_mask=joint_mask,
-                                   encoder_hidden_states=reference_features,
-                                   encoder_attention_mask=visual_mask).last_hidden_state  # (B, 32 + L, H)
-        prompt = fused[:, :n_query, :]  # (B, 32, H): the 32 query outputs
+    def fusion_prompt(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Frozen fusion pass (the reference side): (B, 3, S, S) + B texts -> prompt (B, 32, H).
 
-        # 2. image-free pass over [prompt | text]; query_length=0 sends every token through the text FFN.
+        [32 query tokens | text] through the *original* Q-Former (its own text embeddings) with
+        cross-attention to the reference image's vision features; the 32 query outputs are the prompt.
+        """
+        if pixel_values.shape[0] != len(texts):
+            raise ValueError(f"expected B reference images and B texts; got {pixel_values.shape[0]} images and "
+                             f"{len(texts)} texts")
+        features = self.vision_features(pixel_values)  # (B, P, Dv)
+        device = features.device
+        input_ids, text_mask = self._tokenize(texts, device)  # (B, L)
+        n_query = self.blip.query_tokens.shape[1]
+        queries = self.blip.query_tokens.expand(input_ids.shape[0], -1, -1)  # (1, 32, H) -> (B, 32, H)
+        visual_mask = torch.ones(features.shape[:-1], dtype=torch.long, device=device)  # (B, P)
+        fusion_in = self.blip.embeddings(input_ids=input_ids, query_embeds=queries)  # (B, 32 + L, H)
+        fused = self.blip.qformer(query_embeds=fusion_in, query_length=n_query,
+                                  attention_mask=self._joint_mask(text_mask), encoder_hidden_states=features,
+                                  encoder_attention_mask=visual_mask).last_hidden_state  # (B, 32 + L, H)
+        return fused[:, :n_query, :]  # (B, 32, H): the 32 query outputs
+
+    def compose(self, prompt: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Image-free pass on the trainable copy: prompt (B, 32, H) from ``fusion_prompt`` + B texts ->
+        query (B, 256), L2-normalised."""
+        n_query, hidden_size = self.blip.query_tokens.shape[1:]
+        if prompt.dim() != 3 or tuple(prompt.shape[1:]) != (n_query, hidden_size) or prompt.shape[0] != len(texts):
+            raise ValueError(f"expected a prompt (B, {n_query}, {hidden_size}) from fusion_prompt and B texts; got "
+                             f"{tuple(prompt.shape)} and {len(texts)} texts")
+        input_ids, text_mask = self._tokenize(texts, prompt.device)  # (B, L)
+        # [prompt | text]; query_length=0 sends every token through the text FFN.
         text_in = self.query_embeddings(input_ids=input_ids, query_embeds=prompt)  # (B, 32 + L, H)
         hidden = self.query_qformer(query_embeds=text_in, query_length=0,
-                                    attention_mask=joint_mask).last_hidden_state  # (B, 32 + L, H)
+                                    attention_mask=self._joint_mask(text_mask)).last_hidden_state  # (B, 32 + L, H)
         cls = hidden[:, n_query, :].to(self.blip.text_projection.weight.dtype)  # (B, H): the text's [CLS]
         return F.normalize(self.blip.text_projection(cls), dim=-1)  # (B, H) @ (H, 256) -> (B, 256)
 
     def forward(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Query from raw reference images: (B, 3, S, S) + B texts -> (B, 256)."""
-        return self.compose(self.vision_features(pixel_values), texts)
+        return self.compose(self.fusion_prompt(pixel_values, texts), texts)
 
 
 def make_tiny_checkpoint(path: str | Path, words: Sequence[str] = (), *, image_size: int = 32,

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from cir_plugins.data.images import ClipTransform
 from examples import _spn_cycle as spn
 from examples._spn_cycle import TINY_WORLD, WORLD_WORDS  # noqa: F401  (the tiny world and its vocabulary)
 from examples.blip2_sprc.model import make_tiny_checkpoint
@@ -23,13 +24,21 @@ from examples.blip2_sprc.wrap import load
 
 logger = logging.getLogger("examples.blip2_sprc")
 
+def targetpad(model) -> ClipTransform:
+    """SPRC's preprocessing: targetpad (aspect ratio <= 1.25), resize, centre-crop, at the checkpoint's
+    own image size and normalisation."""
+    settings = model.preprocess_settings()
+    return ClipTransform("targetpad", settings["size"], target_ratio=1.25, mean=settings["mean"],
+                         std=settings["std"])
+
+
 SPEC = spn.CycleSpec(
     load=load,
-    transform=lambda model: model.preprocess,  # the checkpoint's image processor
+    transform=targetpad,
     pair_encoder=lambda model: model.image_tokens,  # (N, 32, D): the target side ranks partners
-    # stage 2: the SPRC row of the method's table (lr 1e-5, tau 0.05 learnable, batch 32);
-    # the bank holds 32 tokens per train image
-    stage2=dict(temperature=0.05, learn_temperature=True),
+    # stage 2: the SPRC row of the method's table (lr 1e-5, tau 0.05 learnable, batch 32, AdamW betas
+    # (0.9, 0.98), weight decay 0.05); the bank holds 32 tokens per train image
+    stage2=dict(temperature=0.05, learn_temperature=True, betas=(0.9, 0.98), weight_decay=0.05),
 )
 
 

@@ -1,0 +1,28 @@
+"""``cir-plugins convert``: a ``torch.save`` checkpoint -> one safetensors file, read weights-only.
+
+    cir-plugins convert tuned_clip_best.pt clip.safetensors --key CLIP
+
+The tensors keep their names (a model's own converter renames them; see the examples); nothing in
+the input is executed (:func:`cir_plugins.convert.read_torch_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..convert import read_torch_checkpoint, save_safetensors
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="the .pt/.pth file written by torch.save")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("--key", default=None,
+                        help="the entry that holds the state dict (e.g. CLIP, Combiner, model); default: the file "
+                             "is a state dict or holds exactly one")
+
+
+def run(args: argparse.Namespace) -> int:
+    tensors = read_torch_checkpoint(args.input, key=args.key)
+    path = save_safetensors(tensors, args.output, metadata={"source": str(args.input), "key": str(args.key or "")})
+    print(f"wrote {len(tensors)} tensors to {path}")
+    return 0

@@ -1,0 +1,102 @@
+"""Read a checkpoint that another project saved with ``torch.save``, without running its code, and keep it
+as safetensors from then on.
+
+Published stage-1 checkpoints of CIR models are pickles: CLIP4Cir saves ``{"epoch": int, "CLIP": state_dict}``
+and ``{"epoch": int, "Combiner": state_dict}``, SPRC ``{"epoch": int, "Blip2QformerCirAlignPrompt":
+state_dict}``, LAVIS ``{"model": state_dict, ...}``. :func:`read_torch_checkpoint` opens such a file with
+``torch.load(weights_only=True)`` (tensors, numbers, strings and containers only: a pickle that would
+run code is refused) and returns the one state dict inside; :func:`save_safetensors` writes tensors as
+one safetensors file, atomically. Renaming parameters to a model's own names is the model's business
+(see the examples' converters); ``cir-plugins convert`` is these two steps on the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ._atomic import atomic_write_bytes
+from .errors import CheckpointError, explain
+
+__all__ = ["read_torch_checkpoint", "save_safetensors"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+
+
+def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict[str, Tensor]:
+    """The state dict (parameter name -> tensor, on the CPU) inside a ``torch.save`` file.
+
+    Args:
+        path: the ``.pt`` / ``.pth`` file.
+        key: the entry that holds the state dict (e.g. "CLIP", "Combiner", "model"); None = the file is
+            a state dict itself, or holds exactly one (the other entries being numbers, strings, configs).
+
+    Loads with ``weights_only=True``: nothing in the file is executed. A file that needs code to load,
+    a missing or ambiguous key, or non-tensor values are a CheckpointError naming the file and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(explain(f"{path}: no such checkpoint file", got=str(path),
+                                      fix="pass the .pt/.pth file the project published"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
+        raise CheckpointError(explain(
+            f"{path}: cannot be read as weights only (it would need to run code from the pickle, or is not a "
+            f"torch.save file): {str(error).splitlines()[0]}",
+            fix="re-save it where its code is trusted as torch.save(model.state_dict(), path); this project "
+                "never unpickles code")) from error
+    if _is_state_dict(obj):
+        if key is not None:
+            raise CheckpointError(explain(f"{path} is a bare state dict; it has no entry {key!r}", got=key,
+                                          fix="leave the key out"))
+        return dict(obj)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(explain(f"{path} holds a {type(obj).__name__}, not a state dict or a dict of them",
+                                      got=type(obj).__name__, fix="pass a checkpoint saved from a state_dict()"))
+    candidates = sorted(k for k, v in obj.items() if _is_state_dict(v))
+    if key is None:
+        if len(candidates) != 1:
+            raise CheckpointError(explain(f"{path}: cannot tell which entry is the state dict",
+                                          got=sorted(map(str, obj)), expected=candidates or "one dict of tensors",
+                                          fix="name it with key=... (--key on the command line)"))
+        key = candidates[0]
+    if key not in obj:
+        raise CheckpointError(explain(f"{path} has no entry {key!r}", got=sorted(map(str, obj)),
+                                      expected=candidates, fix="pick one of the entries that hold tensors"))
+    if not _is_state_dict(obj[key]):
+        raise CheckpointError(explain(f"{path}: entry {key!r} is not a name -> tensor mapping",
+                                      got=type(obj[key]).__name__, expected=candidates))
+    logger.info("read %d tensors from %s[%r]", len(obj[key]), path, key)
+    return dict(obj[key])
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` (CPU, contiguous; tensors sharing storage are copied) to one safetensors file,
+    atomically, with string ``metadata``. Returns the path."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        if not torch.is_tensor(tensor):
+            raise CheckpointError(explain(f"cannot save {name!r}: not a tensor", got=type(tensor).__name__))
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and any(s == storage[0] for s, _ in seen):
+            tensor = tensor.clone()  # safetensors refuses shared storage (tied or viewed weights)
+        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        out[name] = tensor
+    return atomic_write_bytes(path, save(out, metadata=dict(metadata) if metadata else None))
