@@ -20,6 +20,10 @@ __all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULE
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SCHEDULES = ("constant", "cosine")
+# seeds are < 2**32 (numpy's limit; the sampler's per-epoch seed seed * 1_000_003 + epoch then fits int64)
+MAX_SEED = 2**32
+# AdamW moves each weight by up to ~lr per step: above 1 nothing trains (1e300 overflows to inf at once)
+MAX_LR = 1.0
 # fields that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir")
 
@@ -32,7 +36,7 @@ class TrainConfig:
     epochs: int = 3
     # triplets per optimiser micro-batch (the global batch under torchrun; each rank takes a slice)
     batch_size: int = 32
-    # AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR)
+    # AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR); finite, in (0, 1]
     lr: float = 2e-5
     # AdamW decoupled weight decay; 0.01 = torch's default, left in place by the CLIP4Cir / SPN code
     weight_decay: float = 0.01
@@ -57,7 +61,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     # clip the global gradient norm to this value; None = no clipping
     max_grad_norm: float | None = None
-    # seed for the sampler, text choice, and torch's RNG (dropout)
+    # seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)
     seed: int = 0
     # metric (a key of the evaluate callback's dict) that picks the 'best' checkpoint; None = last epoch
     select_metric: str | None = "Rmean"
@@ -117,8 +121,12 @@ class TrainConfig:
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
                                                    and self.max_grad_norm > 0):
             raise ConfigError(explain("max_grad_norm must be > 0 or None", got=self.max_grad_norm))
-        if not isinstance(self.seed, int):
-            raise ConfigError(explain("seed must be an int", got=self.seed))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(explain(f"{type(self).__name__}.seed must be an int in [0, 2**32)", got=self.seed,
+                                      fix="pick a smaller seed (the sampler derives one stream per epoch from it)"))
+        if self.lr > MAX_LR:
+            raise ConfigError(explain(f"{type(self).__name__}.lr is beyond any AdamW learning rate that trains",
+                                      got=self.lr, expected=f"at most {MAX_LR}", fix="e.g. lr=2e-5 (the release)"))
         if self.select_mode not in ("max", "min"):
             raise ConfigError(explain("select_mode must be 'max' or 'min'", got=self.select_mode))
         if self.annotated_fraction is not None and not (0.0 <= self.annotated_fraction <= 1.0):

@@ -52,7 +52,8 @@ from .. import protocol
 from ..data.triplet import Triplet
 from ..errors import CheckpointError, ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
 from ..negatives.loss import bank_contrastive_loss
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
+                         restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .sampler import EpochSampler
 
@@ -399,11 +400,34 @@ class Trainer(abc.ABC):
             "rng": capture_rng(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "fingerprints": self._data_fingerprints(),
         }
         save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
                         state=state)
 
-    def _resume(self) -> bool:
+    def _data_fingerprints(self) -> dict[str, str | None]:
+        """Hashes of the training triplets (in order) and of the bank (ids, rows, weights), computed once."""
+        if getattr(self, "_fingerprints", None) is None:
+            bank = getattr(self.negatives, "bank", None)
+            self._fingerprints = {"triplets": triplets_fingerprint(self.triplets),
+                                  "bank": bank_fingerprint(bank) if bank is not None else None}
+        return self._fingerprints
+
+    def _check_resume_position(self, state: dict[str, Any], path: Path, data_changed: bool) -> None:
+        """CheckpointError unless the saved sampler position is one this run can reach (an edited or
+        foreign position would silently skip or repeat micro-batches)."""
+        epoch, micro, step = state["epoch"], state["micro"], state["global_step"]
+        plan, accum = len(self.sampler), self.config.grad_accum_steps
+        expected_step = epoch * self._optimizer_steps_per_epoch() + micro // accum
+        if micro >= plan or micro % accum or (not data_changed and step != expected_step):
+            raise CheckpointError(explain(
+                f"{path / 'state.json'}: the saved training position is not one this run reaches",
+                got=f"epoch {epoch}, micro-batch {micro}, optimiser step {step}",
+                expected=f"a micro-batch in [0, {plan}) at a multiple of grad_accum_steps={accum}, and optimiser step "
+                         f"{expected_step}",
+                fix="resume with the same data and config, or restore the checkpoint folder from a copy"))
+
+    def _resume(self, allow_data_change: bool = False) -> bool:
         root = self._checkpoint_root()
         if root is None:
             raise ConfigError(explain("resume needs config.output_dir", got=None,
@@ -411,7 +435,7 @@ class Trainer(abc.ABC):
         try:
             checkpoint = load_checkpoint(root, "last", device=self.device)
         except CheckpointError:
-            if not (root / "last").exists():
+            if not has_checkpoint(root, "last"):
                 logger.info("no checkpoint under %s: starting from scratch", root)
                 return False
             raise
@@ -428,12 +452,20 @@ class Trainer(abc.ABC):
         if state["trainable"] != names:
             raise CheckpointError(explain("the checkpoint trains other parameters than this model",
                                           got=len(state["trainable"]), expected=len(names)))
-        with torch.no_grad():
-            for name, parameter in self.trainable:
-                parameter.copy_(checkpoint.weights[name])
-            if self.log_tau is not None:
-                self.log_tau.copy_(checkpoint.weights[TEMPERATURE_NAME])
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        saved_prints, now_prints = state.get("fingerprints", {}), self._data_fingerprints()
+        changed = sorted(k for k in now_prints if k in saved_prints and saved_prints[k] != now_prints[k])
+        if changed and not allow_data_change:
+            raise CheckpointError(explain(
+                f"{checkpoint.path}: the checkpoint was trained on other data ({' and '.join(changed)} differ)",
+                got={k: now_prints[k][:12] if now_prints[k] else None for k in changed},
+                expected={k: saved_prints[k][:12] if saved_prints[k] else None for k in changed},
+                fix="resume with the same triplets (same order) and bank, or pass fit(resume=True, "
+                    "allow_data_change=True) to continue on the new data"))
+        if changed:
+            logger.warning("resuming %s on changed data (%s), as allowed", checkpoint.path, ", ".join(changed))
+        self._check_resume_position(state, checkpoint.path, bool(changed))
+        restore_weights(checkpoint, self._named_parameters())
+        restore_optimizer(self.optimizer, checkpoint)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -442,7 +474,7 @@ class Trainer(abc.ABC):
         self._epoch_stats = dict(state["epoch_stats"])
         self.history = list(state["history"])
         self._best = state["best"]
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], source=checkpoint.path / "state.json")
         logger.info("resumed from %s at epoch %d, micro-batch %d", checkpoint.path, self._epoch + 1, self._micro)
         return True
 
@@ -452,11 +484,11 @@ class Trainer(abc.ABC):
         if root is None:
             raise ConfigError(explain("no output_dir: there are no checkpoints", got=None))
         checkpoint = load_checkpoint(root, name, device=self.device)
-        with torch.no_grad():
-            for parameter_name, parameter in self.trainable:
-                parameter.copy_(checkpoint.weights[parameter_name])
-            if self.log_tau is not None:
-                self.log_tau.copy_(checkpoint.weights[TEMPERATURE_NAME])
+        restore_weights(checkpoint, self._named_parameters())
+
+    def _named_parameters(self) -> list[tuple[str, Tensor]]:
+        """The trainable parameters by name, and the learned log-temperature when there is one."""
+        return list(self.trainable) + ([(TEMPERATURE_NAME, self.log_tau)] if self.log_tau is not None else [])
 
     # ------------------------------------------------------------------------------------ the loop
     def _sync_gradients(self) -> None:
@@ -476,7 +508,7 @@ class Trainer(abc.ABC):
         turn the weights into NaN and the next checkpoint would keep them. Not called under a
         GradScaler (fp16), which detects such steps itself and skips them.
         """
-        named = list(self.trainable) + ([(TEMPERATURE_NAME, self.log_tau)] if self.log_tau is not None else [])
+        named = self._named_parameters()
         bad = non_finite_tensors([(name, p.grad) for name, p in named if p.grad is not None])
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -532,15 +564,18 @@ class Trainer(abc.ABC):
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         return float(loss_sum) / total
 
-    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+    def fit(self, resume: bool = False, *, allow_data_change: bool = False) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` epochs (continuing the last checkpoint with ``resume=True``).
+
+        Resuming refuses (CheckpointError) a checkpoint trained on other triplets or another bank
+        (fingerprints stored in the checkpoint); ``allow_data_change=True`` continues on the new data.
 
         Returns the history: one dict per epoch with ``epoch``, ``steps`` (optimiser steps),
         ``micro_batches``, ``loss`` (mean), ``time`` (s), ``samples_per_s``, ``temperature``, ``lr``
         and ``metrics`` (the evaluate callback's dict, empty without one).
         """
         config = self.config
-        resumed = self._resume() if resume else False
+        resumed = self._resume(allow_data_change) if resume else False
         if not resumed:
             torch.manual_seed(config.seed)
             random.seed(config.seed)
