@@ -25,7 +25,7 @@ MAX_SEED = 2**32
 # AdamW moves each weight by up to ~lr per step: above 1 nothing trains (1e300 overflows to inf at once)
 MAX_LR = 1.0
 # fields that may differ between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir")
+RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir", "shard_bank")
 
 
 @dataclass
@@ -155,6 +155,9 @@ class Stage2Config(TrainConfig):
     mask_reference: bool = True
     # cache encode_reference once per reference id, so a step never runs the vision tower
     cache_reference: bool = True
+    # under torchrun: each rank keeps only its N / world bank rows on its device and the loss combines the
+    # softmax statistics of all shards (a bank larger than one GPU trains on several); False = a full copy per rank
+    shard_bank: bool = True
 
 
 @dataclass

@@ -9,13 +9,17 @@ ask the negative source for ``(bank, target_rows, exclude_rows)``, and call
 - :class:`InBatchNegatives` (stage 1): the batch's target embeddings computed with gradient, one row
   per distinct target (duplicates of a target in the batch are one row, so never its negatives).
 
-Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or nccl): every rank holds
-the whole bank and takes a contiguous slice of each global micro-batch. Its loss is the slice's
-mean scaled by ``n_local * world / B``; gradients are summed across ranks and divided by ``world``,
-which equals the gradient of the global batch mean (same result as one process to float rounding).
-Only rank 0 evaluates and writes checkpoints. Gradients are averaged by hand (one all-reduce per
-parameter after backward) rather than by ``DistributedDataParallel``, because a step calls
-``compose_query`` (and the frozen target side), not the module's ``forward``, which DDP's hooks wrap.
+Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or nccl): each rank takes
+a contiguous slice of each global micro-batch; its loss is the slice's mean scaled by
+``n_local * world / B``, and gradients are averaged across ranks by ``DistributedDataParallel``
+around :class:`QuerySide` (the trainable parameters and the log-temperature; its forward calls
+``compose_query``), which equals the gradient of the global batch mean (same result as one process
+to float rounding). A rank whose slice is empty (a last micro-batch smaller than the world) runs
+one stand-in sample at weight 0, so every rank takes part in every step's collectives. Stage 2
+shards the bank by default (``Stage2Config.shard_bank``): each rank keeps only its
+``N / world`` rows on its device (a bank on the CPU is never moved whole) and the loss combines
+the softmax statistics of all shards (:mod:`cir_plugins.negatives.distributed`); ``shard_bank=False``
+keeps a full copy per rank. Only rank 0 evaluates and writes checkpoints.
 
 Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``) and initialises the process group itself when none is initialised
@@ -26,7 +30,7 @@ Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE`
     # train_stage2.py
     device = cp.training.loop.init_distributed()      # optional: the trainer calls it too
     model = make_model().to(device)                   # each rank on its own GPU
-    bank = cp.NegativeBank.build(model, gallery_ids, images)  # the whole bank on every rank
+    bank = cp.NegativeBank.load("bank.safetensors")   # on the CPU: each rank moves only its rows
     Stage2Trainer(model, bank, triplets, images, config=cfg).fit()  # rank 0 writes the checkpoints
 """
 
@@ -51,13 +55,15 @@ from tqdm.auto import tqdm
 from .. import protocol
 from ..data.triplet import Triplet
 from ..errors import CheckpointError, ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
+from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
 from ..negatives.loss import bank_contrastive_loss
 from .checkpoint import (bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
                          restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .sampler import EpochSampler
 
-__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "ReferenceCache", "stack_images", "init_distributed",
+__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "QuerySide", "ReferenceCache", "stack_images",
+           "init_distributed",
            "non_finite_tensors"]
 
 logger = logging.getLogger(__name__)
@@ -150,26 +156,59 @@ class ReferenceCache:
 
 
 class BankNegatives:
-    """Stage 2: every query against the whole static bank (N, D) or (N, T, D)."""
+    """Stage 2: every query against the whole static bank (N, D) or (N, T, D).
 
-    def __init__(self, bank: Any, *, mask_reference: bool = True) -> None:
+    ``shard=True`` under an initialised process group of ``world`` > 1 ranks: this rank keeps only
+    the rows ``shard_rows(N, rank, world)`` on ``device`` and the loss is the sharded one (every rank
+    must call it each step). Otherwise the whole bank is used, moved to ``device`` when given.
+    """
+
+    def __init__(self, bank: Any, *, mask_reference: bool = True, shard: bool = False,
+                 device: torch.device | None = None) -> None:
         self.bank = bank
         self.mask_reference = mask_reference
         self.similarity = bank.similarity
+        rank, world = _distributed()
+        self.sharded = shard and world > 1
+        self.n_total = len(bank.embeddings)
+        self.row_offset, stop = shard_rows(self.n_total, rank, world) if self.sharded else (0, self.n_total)
+        rows = bank.embeddings[self.row_offset:stop]  # (n_local, ...) a view: only this slice is moved
+        self.rows = rows.to(device) if device is not None else rows
 
     def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
                  device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
         from ..negatives.bank import exclusion_rows
 
-        target_rows = self.bank.rows_of([t.target for t in triplets])  # (b,)
-        exclude = exclusion_rows(self.bank, triplets) if self.mask_reference else None  # (b, 1)
-        return self.bank.embeddings, target_rows, exclude
+        target_rows = self.bank.rows_of([t.target for t in triplets]).to(device)  # (b,) global rows
+        exclude = exclusion_rows(self.bank, triplets).to(device) if self.mask_reference else None  # (b, 1)
+        return self.rows, target_rows, exclude
 
     def loss(self, query: Tensor, bank: Tensor, target_rows: Tensor, exclude: Tensor | None,
              temperature: Tensor) -> Tensor:
-        """The static bank never receives a gradient: the exact, chunked bank loss."""
+        """The static bank never receives a gradient: the exact, chunked (or sharded) bank loss."""
+        if self.sharded:
+            return sharded_bank_contrastive_loss(query, bank, self.row_offset, self.n_total, target_rows,
+                                                 temperature, exclude_rows=exclude, similarity=self.similarity)
         return bank_contrastive_loss(query, bank, target_rows, temperature, exclude_rows=exclude,
                                      similarity=self.similarity)
+
+
+class QuerySide(nn.Module):
+    """The trainable query side as one module for ``DistributedDataParallel``.
+
+    Registers only the given parameters (and the log-temperature, when learned), so DDP averages
+    exactly those; the model itself is held unregistered. ``forward(reference, texts)`` returns
+    ``(model.compose_query(reference, texts), exp(log_tau) or None)``.
+    """
+
+    def __init__(self, model: Any, parameters: Sequence[nn.Parameter], log_tau: nn.Parameter | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: its frozen parts stay out of DDP
+        self.trainable = nn.ParameterList(parameters)
+        self.log_tau = log_tau
+
+    def forward(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor | None]:
+        return self.model.compose_query(reference, texts), (self.log_tau.exp() if self.log_tau is not None else None)
 
 
 class InBatchNegatives:
@@ -361,14 +400,27 @@ class Trainer(abc.ABC):
 
     def _loss(self, triplets: Sequence[Triplet], texts: list[str]) -> Tensor:
         reference = self._reference([t.reference for t in triplets], texts)
-        query = self.model.compose_query(reference, texts)
+        query, temperature = self._compose(reference, texts)
         if not torch.is_tensor(query) or query.dim() != 2 or query.shape[0] != len(triplets):
             raise ShapeError(explain("compose_query must return (B, D)",
                                      got=getattr(query, "shape", type(query).__name__),
                                      expected=f"({len(triplets)}, D)"))
         query = F.normalize(query, dim=-1)  # (b, D) unit queries
         bank, target_rows, exclude = self.negatives(self.model, triplets, self.images, self.device)
-        return self.negatives.loss(query, bank, target_rows, exclude, self.temperature())
+        return self.negatives.loss(query, bank, target_rows, exclude, temperature)
+
+    def _compose(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """(compose_query(reference, texts), temperature); under torchrun through DDP, which then averages
+        the gradients of the trainable parameters and the log-temperature across ranks in buckets."""
+        if self.world == 1:
+            return self.model.compose_query(reference, texts), self.temperature()
+        if getattr(self, "_ddp", None) is None:  # built at the first step, after any resume loaded the weights
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self._ddp = nn.parallel.DistributedDataParallel(
+                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau), device_ids=device_ids,
+                broadcast_buffers=False, find_unused_parameters=True)
+        query, temperature = self._ddp(reference, texts)
+        return query, (temperature if temperature is not None else self.temperature())
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -491,16 +543,6 @@ class Trainer(abc.ABC):
         return list(self.trainable) + ([(TEMPERATURE_NAME, self.log_tau)] if self.log_tau is not None else [])
 
     # ------------------------------------------------------------------------------------ the loop
-    def _sync_gradients(self) -> None:
-        if self.world == 1:
-            return
-        params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(self.world)
-
     def _check_gradients(self) -> None:
         """NonFiniteError naming the parameters whose gradient holds NaN or inf (nothing applied).
 
@@ -516,7 +558,6 @@ class Trainer(abc.ABC):
                                          got=bad[:10]))
 
     def _optimizer_step(self) -> None:
-        self._sync_gradients()
         params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -543,6 +584,9 @@ class Trainer(abc.ABC):
         total = len(samples)
         start, stop = total * self.rank // self.world, total * (self.rank + 1) // self.world
         local = samples[start:stop]
+        weight = len(local)  # 0 on a rank whose slice is empty: it still takes part in the step's
+        if not local and self.world > 1:  # collectives (DDP, sharded bank) with one stand-in sample
+            local = samples[:1]
         accum = self.config.grad_accum_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         if local:
@@ -553,9 +597,9 @@ class Trainer(abc.ABC):
                     loss = self._loss(triplets, texts)
             else:
                 loss = self._loss(triplets, texts)
-            loss_sum = loss.detach().to(torch.float64) * len(local)
+            loss_sum = loss.detach().to(torch.float64) * weight
             # the slice's mean, weighted so that summing over ranks / world gives the global mean
-            scaled = loss * (len(local) * self.world / total) / accum
+            scaled = loss * (weight * self.world / total) / accum
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             if bool(torch.isfinite(loss.detach())):

@@ -74,7 +74,8 @@ class Stage2Trainer(Trainer):
 
     def _setup(self) -> None:
         model, config = self.model, self.config
-        if self.bank.device != self.device:
+        sharded = config.shard_bank and self.world > 1  # then BankNegatives moves only this rank's rows
+        if self.bank.device != self.device and not sharded:
             logger.info("moving the bank from %s to the model's device %s", self.bank.device, self.device)
             self.bank = self.bank.to(self.device)
         probe = self.triplets[:2]
@@ -103,7 +104,8 @@ class Stage2Trainer(Trainer):
             self.reference_cache = ReferenceCache(model, ids, self.images, self.device, texts=texts,
                                                   batch_size=max(config.batch_size, 64),
                                                   show_progress=config.show_progress)
-        self.negatives = BankNegatives(self.bank, mask_reference=config.mask_reference)
+        self.negatives = BankNegatives(self.bank, mask_reference=config.mask_reference, shard=sharded,
+                                       device=self.device)
         counts = split.counts(model)
         logger.info("stage 2: training %d query-side scalars, %d frozen target-side; bank %r",
                     counts["query"], counts["target"], self.bank)
