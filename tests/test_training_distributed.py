@@ -1,4 +1,9 @@
-"""Two CPU processes (gloo) train stage 2 to the same weights and losses as one process."""
+"""Two CPU processes (gloo) train stage 2 to the same weights and losses as one process.
+
+Both bank layouts: sharded (the default: each rank holds half of the bank rows and the loss
+combines the softmax statistics of both shards) and replicated (``shard_bank=False``: a full copy
+per rank). Gradients are averaged by DistributedDataParallel around the query side.
+"""
 
 from __future__ import annotations
 
@@ -17,38 +22,60 @@ from test_training_toy import make_model, make_world
 # batch 15 over 2 ranks: uneven slices (7 + 8), and a last micro-batch of 65 % 15 = 5 (2 + 3)
 CONFIG = dict(epochs=2, batch_size=15, lr=1e-2, show_progress=False, select_metric=None,
               learn_temperature=True, temperature=0.05, max_grad_norm=1.0)
+# name -> config changes; batch 16 leaves a last micro-batch of 65 % 16 = 1 sample: rank 0 gets none and
+# takes part in the step's collectives with a weight-0 stand-in
+VARIANTS = {"sharded": {}, "replicated": {"shard_bank": False}, "sharded_last_batch_of_one": {"batch_size": 16}}
 
 
-def _train():
+def _train(**changes):
     images, train, _ = make_world(n_train=45, generated=20)
     model = make_model()
     bank = NegativeBank.build(model, list(images), images, show_progress=False)
-    trainer = Stage2Trainer(model, bank, train, images, config=Stage2Config(**CONFIG))
+    trainer = Stage2Trainer(model, bank, train, images, config=Stage2Config(**{**CONFIG, **changes}))
     history = trainer.fit()
     weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
     weights["log_tau"] = trainer.log_tau.detach().clone()
-    return weights, [h["loss"] for h in history]
+    layout = [trainer.negatives.sharded, trainer.negatives.row_offset, len(trainer.negatives.rows)]
+    return weights, [h["loss"] for h in history], layout
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
-        weights, losses = _train()
-        save_file(weights, f"{folder}/rank{rank}.safetensors")
-        with open(f"{folder}/rank{rank}.json", "w") as handle:
-            json.dump(losses, handle)
+        for name, changes in VARIANTS.items():
+            weights, losses, layout = _train(**changes)
+            save_file(weights, f"{folder}/{name}-rank{rank}.safetensors")
+            with open(f"{folder}/{name}-rank{rank}.json", "w") as handle:
+                json.dump({"losses": losses, "layout": layout}, handle)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(2, str(folder)), nprocs=2, join=True)
+    return folder
+
+
 @pytest.mark.slow  # spawns two processes that import torch: ~30-60 s on the shared 2-core box
-def test_two_process_gloo_matches_single_process(tmp_path):
-    expected, expected_losses = _train()
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_two_process_gloo_matches_single_process(two_ranks, name):
+    changes = VARIANTS[name]
+    expected, expected_losses, single_layout = _train(**changes)
+    n_bank = single_layout[2]
+    assert single_layout == [False, 0, n_bank]  # one process: never sharded
+    layouts = []
     for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        for name, value in expected.items():
-            assert torch.allclose(got[name], value, atol=1e-5, rtol=1e-5), (rank, name)
-        losses = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert losses == pytest.approx(expected_losses, rel=1e-5)
+        got = load_file(str(two_ranks / f"{name}-rank{rank}.safetensors"))
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert torch.allclose(got[key], value, atol=1e-5, rtol=1e-5), (name, rank, key)
+        run = json.loads((two_ranks / f"{name}-rank{rank}.json").read_text())
+        assert run["losses"] == pytest.approx(expected_losses, rel=1e-5)
+        layouts.append(run["layout"])
+    if changes.get("shard_bank", True):  # each rank held its half of the rows
+        assert layouts == [[True, 0, (n_bank + 1) // 2], [True, (n_bank + 1) // 2, n_bank // 2]]
+    else:
+        assert layouts == [[False, 0, n_bank], [False, 0, n_bank]]

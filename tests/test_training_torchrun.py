@@ -28,7 +28,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from test_training_distributed import _train
 
-weights, losses = _train()
+weights, losses, layout = _train()  # the default: the bank sharded over the ranks
+assert layout[0], layout
 assert dist.is_initialized() and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
 assert dist.get_backend() == "gloo"
 if dist.get_rank() == 0:
@@ -60,7 +61,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    expected, expected_losses = _train()
+    expected, expected_losses, _ = _train()
     got = load_file(str(tmp_path / "weights.safetensors"))
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["world"] == 2 and len(run["losses"]) == CONFIG["epochs"]
