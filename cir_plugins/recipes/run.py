@@ -129,6 +129,25 @@ class ReproduceResult:
         return [(k, get(published.get("before"), k), get(published.get("after"), k), get(self.before, k),
                  get(self.after, k)) for k in self.metric_names()]
 
+    def table(self) -> str:
+        """The measured numbers beside the published ones, one metric a line ("-" = none)."""
+        recipe, published = self.recipe, self.recipe.published or {}
+
+        def number(value: float | None) -> str:
+            return f"{value:.2f}" if value is not None else "-"
+
+        lines = [f"{recipe.name}: {recipe.model_label} on {recipe.dataset}; measured on {recipe.evaluation['split']} "
+                 f"(reference {'removed' if recipe.evaluation['remove_reference'] else 'kept'}), published on "
+                 f"{published.get('split', '-')}",
+                 f"{'metric':<10}{'published':>11}{'':>9}{'measured':>11}",
+                 f"{'':<10}{'before':>11}{'after':>9}{'before':>11}{'after':>9}"]
+        for name, p_before, p_after, m_before, m_after in self.rows():
+            lines.append(f"{name:<10}{number(p_before):>11}{number(p_after):>9}{number(m_before):>11}"
+                         f"{number(m_after):>9}")
+        lines.append(f"triplets: {self.triplets['annotated']} annotated + {self.triplets['generated']} generated; "
+                     f"bank {tuple(self.bank_shape)}; results in {self.output_dir}/results.json")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``results.json`` holds)."""
         def plain(metrics):
@@ -172,9 +191,10 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         model: the CIR model (protocol: encode_image, compose_query, ...); trained in place.
         root: the dataset root (CIRR rc2 or FashionIQ layout).
         output_dir: checkpoints, bank, generated triplets and ``results.json`` go here.
-        captioner: a captioner (see positives.captioners) for the generation step; None with ``generated``.
+        captioner: a captioner (see positives.captioners) for the generation step.
         generated: a generated-triplet file to use instead of captioning (either schema, see
-            :func:`~cir_plugins.positives.annotations.read_generated`).
+            :func:`~cir_plugins.positives.annotations.read_generated`). With neither, stage 2 trains on the
+            annotated triplets alone (the "+N" row: more negatives, no generated positives).
         pair_encoder: the image encoder that ranks partners (default: ``model``; the release used Unicom).
         transform, image_size: the ImageStore preprocessing of every split.
         rank_window: overrides the recipe's window (e.g. fractions of N on small data); None = the recipe's.
@@ -199,9 +219,10 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     if not isinstance(recipe, Recipe):
         raise ConfigError(explain("reproduce needs a Recipe", got=type(recipe).__name__,
                                   fix="pass cir_plugins.recipes.load_recipe(name)"))
-    if (captioner is None) == (generated is None):
-        raise ConfigError(explain("give exactly one source of generated triplets: a captioner or a generated file",
-                                  got={"captioner": captioner is not None, "generated": generated},
+    if captioner is not None and generated is not None:
+        raise ConfigError(explain("give one source of generated triplets: a captioner or a generated file",
+                                  got={"captioner": captioner.name if hasattr(captioner, "name") else captioner,
+                                       "generated": str(generated)},
                                   fix="pass captioner=... (generate here) or generated=PATH (skip captioning)"))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,10 +238,12 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
 
     # 1. more positives
     groups: dict[str, str] | None = None
+    augment_info: dict | None = None
+    made: list[Triplet] = []
     if generated is not None:
         made = [t for t in read_generated(generated) if t.source == "generated"]
-        augment_info: dict = {"file": str(generated), "triplets": len(made)}
-    else:
+        augment_info = {"file": str(generated), "triplets": len(made)}
+    elif captioner is not None:
         kwargs = recipe.generation.augmenter_kwargs()
         if rank_window is not None:
             kwargs["rank_window"] = rank_window
