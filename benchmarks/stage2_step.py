@@ -76,15 +76,11 @@ class TinyClip4Cir(nn.Module):
 
 
 def time_steps(trainer, steps: int, batch: list) -> list[float]:
-    """Seconds of each full step (forward, backward, optimiser) on the same micro-batch."""
-    trainer.model.train()
-    if hasattr(trainer, "_frozen_modules"):
-        trainer._train_mode()
+    """Seconds of each full step (``trainer.train_step``: forward, backward, optimiser) on the same batch."""
     times = []
     for _ in range(steps + 1):  # the first step warms up (allocations, optimiser state)
         start = time.perf_counter()
-        trainer._micro_batch(batch)
-        trainer._optimizer_step()
+        trainer.train_step(batch)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -116,7 +112,7 @@ def main() -> int:
                   amp=args.amp)
 
     stage1 = Stage1Trainer(model, triplets, images, config=Stage1Config(**common))
-    batch = stage1.sampler.epoch_plan(0)[0]
+    batch = triplets[:args.batch_size]  # one global batch of triplets (texts[0] each)
     t1 = time_steps(stage1, args.steps, batch)
 
     build_start = time.perf_counter()

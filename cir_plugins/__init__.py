@@ -15,6 +15,7 @@ _WHERE = {
     "BankMismatchError": "errors",
     "CIRModel": "protocol",
     "CIRPluginsError": "errors",
+    "Evaluator": "training.evaluator",
     "ImageStore": "data.images",
     "NegativeBank": "negatives.bank",
     "Stage1Config": "training.config",

@@ -98,7 +98,8 @@ def _stack(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> torch.Tens
 def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
                  images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
                  device: torch.device | str | None = None, output_device: torch.device | str | None = None,
-                 pool_tokens: bool = False, show_progress: bool = True, desc: str = "embed images") -> torch.Tensor:
+                 pool_tokens: bool = False, texts: Sequence[str] | None = None, show_progress: bool = True,
+                 desc: str = "embed images") -> torch.Tensor:
     """Run ``encoder`` (e.g. ``model.encode_image``) over ``image_ids`` in batches, under no_grad.
 
     The package's one image-embedding loop (the bank's resumable, multi-worker build aside): evaluation,
@@ -106,13 +107,15 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
     (:func:`cir_plugins._utils.eval_mode`).
 
     Args:
-        encoder: images (n, C, H, W) -> (n, ...) tensor, one row per image.
+        encoder: images (n, C, H, W) -> (n, ...) tensor, one row per image; with ``texts``,
+            ``encoder(images, texts)`` (a reference side that reads the text: protocol.reference_uses_text).
         image_ids: the ids to embed, in output order.
         images: id -> (C, H, W) tensor (any Mapping; an ImageStore reads from disk).
         device: where each batch goes; None = the encoder's device (the module of a bound method such
             as ``model.encode_image``), or left where it is for a plain function or offloaded (meta) weights.
         output_device: where each output batch is moved before concatenation (e.g. "cpu"); None = kept.
         pool_tokens: mean-pool multi-vector outputs (n, T, D) -> (n, D); then outputs must be 2-D or 3-D.
+        texts: one text per id (ids may then repeat), passed batch by batch beside the images.
         show_progress, desc: a tqdm bar and its label.
 
     Returns (len(image_ids), ...) in the encoder's dtype; (0, 0) for no ids. A missing id is a DataError,
@@ -131,6 +134,8 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
                                          got=type(encoder).__name__, fix="pass a function or a model's encode_image"))
     image_ids = list(image_ids)
     _require_images(images, image_ids)
+    if texts is not None and len(texts) != len(image_ids):
+        raise ShapeError(explain(f"{desc}: one text per image id is needed", got=(len(image_ids), len(texts))))
     device = torch.device(device) if device is not None else model_device(encoder, default=None)
     outputs = []
     with torch.no_grad():
@@ -140,7 +145,7 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
             pixels = _stack(images, ids)  # (n, C, H, W)
             if device is not None:
                 pixels = pixels.to(device, non_blocking=True)
-            out = encoder(pixels)
+            out = encoder(pixels) if texts is None else encoder(pixels, list(texts[start:start + batch_size]))
             if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != len(ids) \
                     or (pool_tokens and out.dim() not in (2, 3)):
                 raise ModelProtocolError(explain(f"{desc}: the encoder must return one row per image",

@@ -25,7 +25,7 @@ MAX_SEED = 2**32
 # AdamW moves each weight by up to ~lr per step: above 1 nothing trains (1e300 overflows to inf at once)
 MAX_LR = 1.0
 # fields that may differ between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir", "shard_bank")
+RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir", "shard_bank", "restore_best")
 
 
 @dataclass
@@ -63,10 +63,13 @@ class TrainConfig:
     max_grad_norm: float | None = None
     # seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)
     seed: int = 0
-    # metric (a key of the evaluate callback's dict) that picks the 'best' checkpoint; None = last epoch
+    # metric (a key of the evaluate callback's dict) that picks the 'best' checkpoint; None = last epoch.
+    # Read only with the deprecated evaluate= argument: an Evaluator (evaluator=) carries its own metric
     select_metric: str | None = "Rmean"
-    # "max" (recall-like) or "min" (loss-like)
+    # "max" (recall-like) or "min" (loss-like); with evaluate= only, like select_metric
     select_mode: str = "max"
+    # at the end of fit, put the best evaluated epoch's weights back on the model; False = keep the last epoch's
+    restore_best: bool = True
     # share of annotated triplets in each epoch when generated ones are mixed in; None = natural mix
     annotated_fraction: float | None = None
     # micro-batches per epoch; None = derived: ceil(number of triplets / batch_size)
@@ -127,6 +130,8 @@ class TrainConfig:
         if self.lr > MAX_LR:
             raise ConfigError(explain(f"{type(self).__name__}.lr is beyond any AdamW learning rate that trains",
                                       got=self.lr, expected=f"at most {MAX_LR}", fix="e.g. lr=2e-5 (the release)"))
+        if not isinstance(self.restore_best, bool):
+            raise ConfigError(explain("restore_best must be True or False", got=self.restore_best))
         if self.select_mode not in ("max", "min"):
             raise ConfigError(explain("select_mode must be 'max' or 'min'", got=self.select_mode))
         if self.annotated_fraction is not None and not (0.0 <= self.annotated_fraction <= 1.0):

@@ -53,13 +53,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import protocol
+from .._utils import eval_mode, model_device
 from ..data.triplet import Triplet
 from ..errors import CheckpointError, ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
 from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
 from ..negatives.loss import bank_contrastive_loss
 from .checkpoint import (bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
                          restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
+from ..trained import TEMPERATURE_NAME
 from .config import RESUMABLE_CHANGES, TrainConfig
+from .evaluator import Evaluator, as_evaluator
 from .sampler import EpochSampler
 
 __all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "QuerySide", "ReferenceCache", "stack_images",
@@ -67,9 +70,6 @@ __all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "QuerySide", "Referen
            "non_finite_tensors"]
 
 logger = logging.getLogger(__name__)
-
-TEMPERATURE_NAME = "__temperature__.log_tau"
-
 
 def stack_images(images: Mapping[str, Tensor], ids: Sequence[str], device: torch.device) -> Tensor:
     """(n, C, H, W) images of ``ids`` on ``device``."""
@@ -121,28 +121,13 @@ class ReferenceCache:
         self.with_text = texts is not None
         keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
         ids = [k[0] for k in keys] if self.with_text else keys
-        modules = list(model.modules()) if isinstance(model, nn.Module) else []
-        modes = [m.training for m in modules]
-        chunks = []
-        try:
-            for m in modules:
-                m.training = False
-            with torch.no_grad():
-                for start in tqdm(range(0, len(ids), batch_size), desc="cache references",
-                                  disable=not show_progress, unit="batch"):
-                    pixels = stack_images(images, ids[start:start + batch_size], device)  # (b, C, H, W)
-                    out = (model.encode_reference(pixels, [k[1] for k in keys[start:start + batch_size]])
-                           if self.with_text else model.encode_reference(pixels))
-                    if not torch.is_tensor(out) or out.shape[0] != len(ids[start:start + batch_size]):
-                        raise ModelProtocolError(explain(
-                            "encode_reference must return one tensor with a row per image to be cached",
-                            got=type(out).__name__ if not torch.is_tensor(out) else tuple(out.shape),
-                            fix="return a (B, ...) tensor, or set cache_reference=False"))
-                    chunks.append(out.detach())
-        finally:
-            for m, mode in zip(modules, modes):
-                m.training = mode
-        self.features = torch.cat(chunks)  # (R, ...) one row per reference id (or (id, text) pair)
+        from ..evaluation import embed_images  # noqa: PLC0415 (the one embedding loop)
+
+        with eval_mode(model):
+            features = embed_images(model.encode_reference, ids, images, batch_size=batch_size, device=device,
+                                    texts=[k[1] for k in keys] if self.with_text else None,
+                                    show_progress=show_progress, desc="cache references")
+        self.features = features  # (R, ...) one row per reference id (or (id, text) pair)
         self.rows = {key: row for row, key in enumerate(keys)}
 
     def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
@@ -279,19 +264,18 @@ class Trainer(abc.ABC):
     stage = "train"
 
     def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
-                 config: TrainConfig, evaluate: Callable[[Any], dict] | None = None) -> None:
+                 config: TrainConfig, evaluator: Evaluator | None = None,
+                 evaluate: Callable[[Any], dict] | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(explain("config must be a training config dataclass", got=type(config).__name__,
                                       expected="Stage1Config or Stage2Config"))
         if not (callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))):
             raise ModelProtocolError(explain("the model does not meet the CIR protocol", got=type(model).__name__,
                                              fix="wrap it with cir_plugins.wrap_model(model, ...)"))
-        if evaluate is not None and not callable(evaluate):
-            raise ConfigError(explain("evaluate must be a callable(model) -> dict", got=type(evaluate).__name__))
+        self.evaluator = as_evaluator(evaluator, evaluate, config)  # evaluate= (deprecated) becomes an Evaluator
         self.model = model
         self.images = images
         self.config = config
-        self.evaluate = evaluate
         self.rank, self.world = _distributed()
         self.triplets = self._check_triplets(list(triplets))
         self.device = self._device()
@@ -313,12 +297,12 @@ class Trainer(abc.ABC):
         self._global_step = 0
         self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
         self._best: float | None = None
+        self.best_epoch: int | None = None  # 1-based epoch of the best evaluation (None: nothing selected)
+        self._best_weights: dict[str, Tensor] | None = None  # CPU copy of the best epoch's trainable weights
 
     # ------------------------------------------------------------------------------------ set-up
     def _device(self) -> torch.device:
-        for parameter in self.model.parameters():
-            return parameter.device
-        return torch.device("cpu")
+        return model_device(self.model)
 
     def _missing(self, triplet: Triplet) -> str | None:
         """Why this triplet cannot be trained on, or None."""
@@ -449,6 +433,7 @@ class Trainer(abc.ABC):
             "epoch_stats": dict(self._epoch_stats),
             "history": self.history,
             "best": self._best,
+            "best_epoch": self.best_epoch,
             "rng": capture_rng(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -526,6 +511,7 @@ class Trainer(abc.ABC):
         self._epoch_stats = dict(state["epoch_stats"])
         self.history = list(state["history"])
         self._best = state["best"]
+        self.best_epoch = state.get("best_epoch")
         restore_rng(state["rng"], source=checkpoint.path / "state.json")
         logger.info("resumed from %s at epoch %d, micro-batch %d", checkpoint.path, self._epoch + 1, self._micro)
         return True
@@ -580,18 +566,22 @@ class Trainer(abc.ABC):
         self._global_step += 1
 
     def _micro_batch(self, samples: list) -> float:
-        """Forward + backward of one global micro-batch; returns its mean loss (all ranks)."""
-        total = len(samples)
+        """Forward + backward of one global micro-batch of sampler samples; returns its mean loss (all ranks)."""
+        return self._forward_backward([self.triplets[s.index] for s in samples],
+                                      [self.triplets[s.index].texts[s.text_index] for s in samples],
+                                      self.config.grad_accum_steps)
+
+    def _forward_backward(self, batch: Sequence[Triplet], batch_texts: Sequence[str], accum: int) -> float:
+        """Forward + backward of one global micro-batch (gradients / ``accum`` added to ``.grad``); returns
+        its mean loss (all ranks)."""
+        total = len(batch)
         start, stop = total * self.rank // self.world, total * (self.rank + 1) // self.world
-        local = samples[start:stop]
-        weight = len(local)  # 0 on a rank whose slice is empty: it still takes part in the step's
-        if not local and self.world > 1:  # collectives (DDP, sharded bank) with one stand-in sample
-            local = samples[:1]
-        accum = self.config.grad_accum_steps
+        triplets, texts = list(batch[start:stop]), list(batch_texts[start:stop])
+        weight = len(triplets)  # 0 on a rank whose slice is empty: it still takes part in the step's
+        if not triplets and self.world > 1:  # collectives (DDP, sharded bank) with one stand-in sample
+            triplets, texts = list(batch[:1]), list(batch_texts[:1])
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        if local:
-            triplets = [self.triplets[s.index] for s in local]
-            texts = [self.triplets[s.index].texts[s.text_index] for s in local]
+        if triplets:
             if self.amp_dtype is not None:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype):
                     loss = self._loss(triplets, texts)
@@ -608,6 +598,73 @@ class Trainer(abc.ABC):
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         return float(loss_sum) / total
 
+    def train_step(self, batch: Sequence[Triplet], texts: Sequence[str] | None = None) -> float:
+        """One optimiser step on ``batch`` (forward, backward, optimiser, scheduler); returns its mean loss.
+
+        Args:
+            batch: B triplets (the global batch under torchrun: every rank passes the same list and takes
+                its slice); references (and stage-1 targets) must be in the trainer's images (stage 2:
+                targets in the bank).
+            texts: B modification texts, one per triplet; default each triplet's ``texts[0]``.
+
+        The model is put in training mode (frozen modules stay in eval mode); no gradient accumulation
+        (``fit`` accumulates ``config.grad_accum_steps`` micro-batches itself). A non-finite loss or
+        gradient is a NonFiniteError and nothing is applied. ``fit`` is this step in a loop over the
+        sampler's micro-batches, with checkpoints, evaluation and the best epoch restored.
+        """
+        batch = list(batch)
+        if not batch or not all(isinstance(t, Triplet) for t in batch):
+            raise DataError(explain("train_step needs a non-empty list of Triplet", got=[type(t).__name__
+                                                                                          for t in batch[:3]]))
+        texts = [t.texts[0] for t in batch] if texts is None else list(texts)
+        if len(texts) != len(batch) or not all(isinstance(x, str) for x in texts):
+            raise DataError(explain("train_step needs one text string per triplet", got=(len(batch), len(texts))))
+        bad = [f"{t.reference}->{t.target} ({why})" for t in batch if (why := self._missing(t))]
+        if bad:
+            raise DataError(explain(f"{len(bad)} triplets of the batch cannot be trained on", got=bad[:5],
+                                    fix="pass triplets whose images (and stage-2 bank rows) the trainer has"))
+        self._train_mode()
+        loss = self._forward_backward(batch, texts, 1)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(explain(f"{self.stage}: non-finite loss in train_step; nothing was applied", got=loss,
+                                         fix="lower the learning rate, check the temperature and data"))
+        self._optimizer_step()
+        return loss
+
+    def _evaluate_epoch(self, entry: dict[str, Any]) -> bool:
+        """Run the evaluator (rank 0; eval mode, no_grad) into ``entry["metrics"]``; True when this epoch
+        is the best so far (the decision is broadcast, so every rank keeps the same best weights)."""
+        improved = False
+        if self.evaluator is not None and self.rank == 0:
+            with eval_mode(self.model), torch.no_grad():
+                entry["metrics"] = self.evaluator(self.model)
+            value = self.evaluator.value(entry["metrics"])
+            if value is not None and self.evaluator.better(value, self._best):
+                self._best, improved = value, True
+        if self.world > 1:
+            flag = torch.tensor([int(improved)], device=self.device)
+            dist.broadcast(flag, src=0)
+            improved = bool(flag.item())
+        if improved:
+            self.best_epoch = entry["epoch"]
+            if self.config.restore_best:
+                self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
+        return improved
+
+    def _restore_best(self) -> None:
+        """Put the best epoch's weights back (config.restore_best) when the last epoch was not the best."""
+        if not self.config.restore_best or self.best_epoch is None or self.best_epoch == len(self.history):
+            return
+        if self._best_weights is not None:
+            with torch.no_grad():
+                for name, parameter in self._named_parameters():
+                    parameter.copy_(self._best_weights[name])
+        else:  # resumed after the best epoch: its weights are the 'best' checkpoint
+            self.load_weights("best")
+        logger.info("%s: restored the weights of epoch %d (best %s %.4g)", self.stage, self.best_epoch,
+                    self.evaluator.metric if self.evaluator else "", self._best)
+
     def fit(self, resume: bool = False, *, allow_data_change: bool = False) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` epochs (continuing the last checkpoint with ``resume=True``).
 
@@ -616,7 +673,11 @@ class Trainer(abc.ABC):
 
         Returns the history: one dict per epoch with ``epoch``, ``steps`` (optimiser steps),
         ``micro_batches``, ``loss`` (mean), ``time`` (s), ``samples_per_s``, ``temperature``, ``lr``
-        and ``metrics`` (the evaluate callback's dict, empty without one).
+        and ``metrics`` (the evaluator's dict, empty without one).
+
+        With an evaluator that has a metric, the best epoch is saved as ``checkpoints/best`` (with
+        ``output_dir``) and, with ``config.restore_best`` (the default), its weights are on the model when
+        ``fit`` returns (``trainer.best_epoch`` says which); ``restore_best=False`` keeps the last epoch's.
         """
         config = self.config
         resumed = self._resume(allow_data_change) if resume else False
@@ -686,23 +747,7 @@ class Trainer(abc.ABC):
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "metrics": {},
             }
-            improved = False
-            if self.evaluate is not None and self.rank == 0:
-                self.model.eval()
-                with torch.no_grad():
-                    metrics = dict(self.evaluate(self.model))
-                self._train_mode()
-                entry["metrics"] = metrics
-                if config.select_metric is not None:
-                    if config.select_metric not in metrics:
-                        raise ConfigError(explain("select_metric is not among the evaluate callback's metrics",
-                                                  got=config.select_metric, expected=sorted(metrics),
-                                                  fix="set config.select_metric to one of them, or None"))
-                    value = float(metrics[config.select_metric])
-                    better = (self._best is None or (value > self._best if config.select_mode == "max"
-                                                     else value < self._best))
-                    if better:
-                        self._best, improved = value, True
+            improved = self._evaluate_epoch(entry)
             logger.info("%s epoch %d: %s", self.stage, epoch + 1,
                         {k: v for k, v in entry.items() if k != "metrics"} | entry["metrics"])
             self.history.append(entry)
@@ -713,4 +758,5 @@ class Trainer(abc.ABC):
                 self._save("best")
             if self.world > 1:
                 dist.barrier()
+        self._restore_best()
         return self.history

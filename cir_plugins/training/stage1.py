@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import protocol
 from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
+from .evaluator import Evaluator
 from .config import Stage1Config
 from .loop import InBatchNegatives, Trainer
 
@@ -34,7 +35,9 @@ class Stage1Trainer(Trainer):
         triplets: training triplets (targets required).
         images: id -> (C, H, W) images of references and targets.
         config: :class:`Stage1Config`.
-        evaluate: optional ``callable(model) -> dict`` per epoch.
+        evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch; its metric
+            picks the best epoch, whose weights ``fit`` restores (``config.restore_best``).
+        evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
         groups: id -> duplicate-group id; targets of one group in a batch are one row.
         trainable: parameter names or dotted prefixes, a predicate ``(name, parameter) -> bool``, or the
             parameters themselves (the rule of :func:`cir_plugins.protocol.select_trainable`, as for
@@ -44,7 +47,8 @@ class Stage1Trainer(Trainer):
     stage = "stage1"
 
     def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
-                 config: Stage1Config | None = None, evaluate: Callable[[Any], dict] | None = None,
+                 config: Stage1Config | None = None, evaluator: Evaluator | None = None,
+                 evaluate: Callable[[Any], dict] | None = None,
                  groups: Mapping[str, str] | None = None,
                  trainable: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None) -> None:
         config = Stage1Config() if config is None else config
@@ -52,7 +56,7 @@ class Stage1Trainer(Trainer):
             raise ConfigError(explain("Stage1Trainer needs a Stage1Config", got=type(config).__name__))
         self._groups = groups
         self._trainable_spec = trainable
-        super().__init__(model, triplets, images, config=config, evaluate=evaluate)
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate)
         if self.world > 1:
             raise ConfigError(explain("Stage1Trainer runs in one process: in-batch negatives across ranks are not "
                                       "gathered", got=f"world size {self.world}",

@@ -5,8 +5,8 @@ Typical use::
     bank = cp.NegativeBank.build(model, split.gallery_ids, split.images, groups=groups)
     trainer = cp.Stage2Trainer(model, bank, split.triplets, split.images,
                                config=cp.Stage2Config(epochs=3, batch_size=256, output_dir="runs/s2"),
-                               evaluate=lambda m: cp.evaluate(m, val_split))
-    history = trainer.fit()
+                               evaluator=cp.Evaluator.on_split(val_split, metric="Rmean"))
+    history = trainer.fit()  # the best epoch's weights are on the model afterwards
 
 What the trainer does at construction: probes the model's parameter split
 (:func:`cir_plugins.protocol.parameter_split`), refuses a bank the model did not build
@@ -31,6 +31,7 @@ from .. import protocol
 from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
 from ..negatives.bank import NegativeBank, probe_split
+from .evaluator import Evaluator
 from .config import Stage2Config
 from .loop import BankNegatives, ReferenceCache, Trainer, stack_images
 
@@ -49,14 +50,17 @@ class Stage2Trainer(Trainer):
             or dropped with ``config.skip_missing``).
         images: id -> (C, H, W) reference images (only references are read, once each when cached).
         config: :class:`Stage2Config`.
-        evaluate: optional ``callable(model) -> dict`` run after each epoch (eval mode, no_grad);
-            ``config.select_metric`` picks the 'best' checkpoint.
+        evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch (eval mode,
+            no_grad); its metric picks the 'best' checkpoint, whose weights ``fit`` restores at the end
+            (``config.restore_best``; False keeps the last epoch's).
+        evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
     """
 
     stage = "stage2"
 
     def __init__(self, model: Any, bank: NegativeBank, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
-                 *, config: Stage2Config | None = None, evaluate: Callable[[Any], dict] | None = None) -> None:
+                 *, config: Stage2Config | None = None, evaluator: Evaluator | None = None,
+                 evaluate: Callable[[Any], dict] | None = None) -> None:
         if not isinstance(bank, NegativeBank):
             raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
                                       fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
@@ -64,7 +68,7 @@ class Stage2Trainer(Trainer):
         if not isinstance(config, Stage2Config):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
         self.bank = bank
-        super().__init__(model, triplets, images, config=config, evaluate=evaluate)
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate)
 
     def _missing(self, triplet: Triplet) -> str | None:
         why = super()._missing(triplet)

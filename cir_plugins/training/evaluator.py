@@ -1,0 +1,101 @@
+"""What ``fit`` runs after each epoch, and the metric that picks the best epoch: :class:`Evaluator`.
+
+One object carries the evaluation function and its primary metric, so the two cannot drift apart::
+
+    evaluator = cp.Evaluator.on_split(val_split)                 # cp.evaluate(model, val_split), "Rmean", max
+    evaluator = cp.Evaluator(lambda m: {"loss": val_loss(m)}, metric="loss", mode="min")
+    trainer = cp.Stage2Trainer(model, bank, triplets, images, config=cfg, evaluator=evaluator)
+    trainer.fit()          # the best epoch's weights are on the model afterwards (config.restore_best)
+
+``metric=None`` evaluates every epoch but selects nothing (the last epoch is kept). The older
+``evaluate=callable`` argument with ``config.select_metric`` / ``config.select_mode`` still works and
+becomes an Evaluator (with a DeprecationWarning).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ..errors import ConfigError, explain
+
+__all__ = ["Evaluator", "as_evaluator"]
+
+MODES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """``fn(model) -> {metric name: number}`` run after each epoch (eval mode, no_grad), and the primary metric.
+
+    Attributes:
+        fn: the evaluation; its dict is stored in the epoch's history entry under ``metrics``.
+        metric: the key of that dict that picks the best epoch; None = no selection (keep the last epoch).
+        mode: "max" (recall-like) or "min" (loss-like).
+    """
+
+    fn: Callable[[Any], Mapping[str, Any]]
+    metric: str | None = "Rmean"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigError(explain("Evaluator.fn must be a callable(model) -> dict", got=type(self.fn).__name__))
+        if self.metric is not None and not isinstance(self.metric, str):
+            raise ConfigError(explain("Evaluator.metric must be a metric name or None", got=self.metric))
+        if self.mode not in MODES:
+            raise ConfigError(explain("Evaluator.mode must be 'max' or 'min'", got=self.mode, expected=MODES))
+
+    @classmethod
+    def on_split(cls, split: Any, *, metric: str | None = "Rmean", mode: str = "max",
+                 **evaluate_kwargs: Any) -> "Evaluator":
+        """Evaluate with :func:`cir_plugins.evaluate` on ``split`` (its keyword arguments pass through),
+        selecting on ``metric`` ("Rmean" is the CIRR protocol's; a FashionIQ split reports e.g. "R@10")."""
+        from ..evaluation import evaluate  # noqa: PLC0415 (evaluation imports metrics; keep training light)
+
+        return cls(lambda model: evaluate(model, split, **evaluate_kwargs), metric=metric, mode=mode)
+
+    def __call__(self, model: Any) -> dict[str, Any]:
+        metrics = dict(self.fn(model))
+        if self.metric is not None and self.metric not in metrics:
+            raise ConfigError(explain("the evaluator's metric is not among the metrics it returned",
+                                      got=self.metric, expected=sorted(metrics),
+                                      fix="set Evaluator(metric=...) (config.select_metric with the older "
+                                          "evaluate=) to one of them, or None"))
+        return metrics
+
+    def value(self, metrics: Mapping[str, Any]) -> float | None:
+        """The primary metric's value in ``metrics`` (None without a metric); a non-finite value is an error."""
+        if self.metric is None:
+            return None
+        value = float(metrics[self.metric])
+        if not math.isfinite(value):
+            raise ConfigError(explain(f"the evaluator's metric {self.metric!r} is not a finite number", got=value,
+                                      fix="check the evaluation (an empty split gives NaN)"))
+        return value
+
+    def better(self, value: float, best: float | None) -> bool:
+        """True when ``value`` beats ``best`` (ties keep the earlier epoch)."""
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+
+def as_evaluator(evaluator: Evaluator | None, evaluate: Callable[[Any], Mapping[str, Any]] | None,
+                 config: Any) -> Evaluator | None:
+    """The trainers' ``evaluator=`` / deprecated ``evaluate=`` arguments as one Evaluator (or None)."""
+    if evaluator is not None and evaluate is not None:
+        raise ConfigError(explain("pass evaluator= or the older evaluate=, not both",
+                                  fix="evaluator=cp.Evaluator(fn, metric=...)"))
+    if evaluator is not None:
+        if not isinstance(evaluator, Evaluator):
+            raise ConfigError(explain("evaluator must be a cir_plugins.Evaluator", got=type(evaluator).__name__,
+                                      fix="cp.Evaluator(fn, metric='Rmean') or cp.Evaluator.on_split(val_split)"))
+        return evaluator
+    if evaluate is None:
+        return None
+    if not callable(evaluate):
+        raise ConfigError(explain("evaluate must be a callable(model) -> dict", got=type(evaluate).__name__))
+    warnings.warn("evaluate=callable with config.select_metric is deprecated: pass "
+                  "evaluator=cp.Evaluator(callable, metric=..., mode=...)", DeprecationWarning, stacklevel=4)
+    return Evaluator(evaluate, metric=config.select_metric, mode=config.select_mode)
