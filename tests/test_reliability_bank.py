@@ -177,6 +177,9 @@ def test_bank_dimension_similarity_and_fingerprint_mismatch_are_refused(tmp_path
     new_header = json.dumps(header).encode()
     new_header += b" " * ((8 - len(new_header) % 8) % 8)
     path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + raw[8 + header_len:])
+    with pytest.raises(DataError, match="does not match its checksum"):
+        NegativeBank.load(path)
+    _rewrite_metadata(path)  # a forger who also recomputes the checksum still meets the shape check
     with pytest.raises(DataError, match="disagrees with its metadata"):
         NegativeBank.load(path)
     path.write_bytes(raw[: len(raw) // 2])  # truncated file
@@ -193,12 +196,19 @@ def test_unknown_triplet_ids_are_named_before_training():
         Stage2Trainer(model, bank, bad, images, config=Stage2Config(batch_size=4, epochs=1, show_progress=False))
 
 
-def _rewrite_metadata(path: Path, **changes: str) -> None:
-    """Edit a safetensors file's string metadata in place (a tampered or foreign file)."""
+def _rewrite_metadata(path: Path, *, forge_checksum: bool = True, **changes: str) -> None:
+    """Edit a safetensors file's string metadata in place (a tampered or foreign file); by default the
+    checksum is recomputed as a careful forger would, so the checks behind it are what refuses the file."""
+    from safetensors.torch import load_file
+
+    from cir_plugins.negatives.bank import _checksum
+
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])
     header["__metadata__"].update(changes)
+    if forge_checksum:
+        header["__metadata__"]["checksum"] = _checksum(load_file(str(path))["embeddings"], header["__metadata__"])
     new_header = json.dumps(header).encode()
     new_header += b" " * ((8 - len(new_header) % 8) % 8)
     path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + raw[8 + header_len:])

@@ -12,11 +12,20 @@ Shapes: N rows, D embedding dim, T tokens per image for multi-vector banks ("max
 File format (``.save`` / ``.load``): one safetensors file with a single tensor ``embeddings``
 ((N, D) or (N, T, D)) and string metadata: ``format`` ("cir_plugins.bank"), ``version``,
 ``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of each id, same order),
-``dtype``, ``similarity``, ``shape`` (JSON list) and ``fingerprint``.
+``dtype``, ``similarity``, ``shape`` (JSON list), ``fingerprint`` and ``checksum`` (SHA-256 over the
+tensor's bytes and every other metadata entry). Loading verifies the checksum (a flipped bit or an
+edited id is refused), that every metadata key is there, and that every row is unit length
+(:data:`UNIT_TOLERANCE`: ``| ||row|| - 1 |`` at most 1e-3 in float32, 1e-2 in bf16 / fp16; a
+multi-vector row's tokens are each unit length or all-zero padding, at least one token real).
+Building checks the same on the rows it returns (rows taken from the shard cache included).
 
 Building can resume: with ``cache_dir=`` every finished chunk of rows is written atomically as a
-shard ``rows-<start>-<end>.safetensors``; a build that was killed picks the finished shards up
-(after checking they were made by the same weights for the same ids) and encodes only the rest.
+shard ``rows-<start>-<count>-<key>.safetensors``; a build that was killed picks the finished shards
+up and encodes only the rest. A shard is reused only when everything that changes a row matches
+(:meth:`_ShardCache.key`): the target-side weights' fingerprint, the representative ids, the bank
+dtype, the similarity, the device type (autocast), the images' preprocessing (an ImageStore's
+``preprocessing()``: transform, size, normalisation) and each image file's size and modification
+time. A plain mapping of tensors has no description: its shards are keyed on its ids only.
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ __all__ = ["NegativeBank", "exclusion_rows", "atomic_write_bytes", "probe_split"
 logger = logging.getLogger(__name__)
 
 FORMAT = "cir_plugins.bank"
-VERSION = "1"
+VERSION = "2"  # 2: metadata holds a checksum (version-1 files load with a warning)
+#: largest allowed | ||row|| - 1 | of a bank row, by dtype (rows are normalised in float32, then cast)
+UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+_REQUIRED_META = ("format", "version", "ids", "rows", "dtype", "similarity", "shape", "fingerprint")
 PROBE_TEXT = "a probe text"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +110,39 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def _checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata entries (but ``checksum``) and the embeddings' bytes, as stored."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sorted(meta.items()) if k != "checksum"}).encode())
+    flat = embeddings.detach().to("cpu").contiguous().reshape(-1)
+    step = 1 << 24
+    for start in range(0, flat.numel(), step):  # chunks: no second full copy of a large bank
+        digest.update(flat[start:start + step].view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_unit_rows(embeddings: Tensor, where: str) -> None:
+    """DataError unless every row is unit length (dot) or every token unit length or all-zero padding with at
+    least one real token (max_token), within UNIT_TOLERANCE of the dtype; checked in chunks of rows."""
+    tolerance = UNIT_TOLERANCE.get(embeddings.dtype, 1e-3)
+    bad: list[int] = []
+    for start in range(0, embeddings.shape[0], 65536):
+        norms = embeddings[start:start + 65536].float().norm(dim=-1)  # (n,) or (n, T)
+        if norms.dim() == 1:
+            wrong = ~((norms - 1).abs() <= tolerance)
+        else:
+            token_ok = ((norms - 1).abs() <= tolerance) | (norms == 0)
+            wrong = ~token_ok.all(dim=1) | (norms == 0).all(dim=1)
+        bad.extend((wrong.nonzero().flatten() + start).tolist()[:10 - len(bad)])
+        if len(bad) >= 10:
+            break
+    if bad:
+        row = embeddings[bad[0]].float().norm(dim=-1)
+        raise DataError(explain(f"{where}: bank rows are not unit length (the library L2-normalises every row)",
+                                got=f"rows {bad[:10]}, e.g. row {bad[0]} has norm {row.tolist()}",
+                                expected=f"norm 1 within {tolerance} for {embeddings.dtype}",
+                                fix="rebuild the bank (cir-plugins build-bank); do not edit its embeddings"))
 
 
 class NegativeBank:
@@ -196,8 +241,8 @@ class NegativeBank:
                             similarity=self.similarity, fingerprint=self.fingerprint)
 
     def metadata(self) -> dict[str, str]:
-        """The safetensors header metadata (all strings)."""
-        return {
+        """The safetensors header metadata (all strings), its ``checksum`` included."""
+        meta = {
             "format": FORMAT,
             "version": VERSION,
             "ids": json.dumps(self.ids),
@@ -207,6 +252,8 @@ class NegativeBank:
             "shape": json.dumps(list(self.embeddings.shape)),
             "fingerprint": self.fingerprint,
         }
+        meta["checksum"] = _checksum(self.embeddings, meta)
+        return meta
 
     # ---------------------------------------------------------------------------------------- checks
     def check_compatible(self, model: Any, *, sample: Tensor | None = None,
@@ -317,7 +364,9 @@ class NegativeBank:
             split = probe_split(model, images[representatives[0]].unsqueeze(0).to(device))
         fingerprint = protocol.target_fingerprint(model, split)
 
-        shards = _ShardCache(cache_dir, representatives, fingerprint) if cache_dir is not None else None
+        shards = (_ShardCache(cache_dir, _ShardCache.key(representatives, images, fingerprint=fingerprint,
+                                                         dtype=dtype, similarity=similarity, device=device))
+                  if cache_dir is not None else None)
         done = shards.load(device) if shards is not None else {}
 
         todo = [r for r in range(len(representatives)) if r not in done]
@@ -356,6 +405,8 @@ class NegativeBank:
                     shards.write(pending)
                     pending = []
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
+        _check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
+                         + (f" (shard cache {cache_dir})" if done else ""))
         bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint)
         logger.info("built %r from %d ids (%d re-used from the shard cache)", bank, len(image_ids), len(done))
         return bank
@@ -377,19 +428,31 @@ class NegativeBank:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
-            tensors = load_file(str(path), device=str(torch.device(device)))
+            tensors = load_file(str(path), device="cpu")  # checked on the CPU, then moved
         except Exception as error:  # safetensors raises its own error types on corrupt files
             raise DataError(explain("the bank file is not a readable safetensors file", got=f"{path}: {error}",
                                     fix="rebuild the bank")) from error
         if meta.get("format") != FORMAT or "embeddings" not in tensors:
             raise DataError(explain("the file is not a cir_plugins negative bank", got=meta.get("format"),
                                     expected=FORMAT))
+        missing = [key for key in _REQUIRED_META if key not in meta]
+        if missing:
+            raise DataError(explain(f"{path}: the bank metadata lacks required keys", got=missing,
+                                    expected=list(_REQUIRED_META), fix="rebuild the bank")) from None
+        if "checksum" in meta:
+            if _checksum(tensors["embeddings"], meta) != meta["checksum"]:
+                raise DataError(explain(f"{path}: the bank does not match its checksum (edited or corrupt: a changed "
+                                        "row, id or metadata entry)", got=meta["checksum"][:16],
+                                        fix="rebuild the bank, or copy the file again"))
+        else:
+            logger.warning("%s was written before banks carried a checksum: its content cannot be verified; "
+                           "re-save it (NegativeBank.load(path).save(path))", path)
         try:
             ids = json.loads(meta["ids"])
             rows = json.loads(meta["rows"])
             shape = json.loads(meta["shape"])
-        except (KeyError, ValueError) as error:
-            raise DataError(explain("the bank metadata is incomplete or corrupt", got=str(error),
+        except (ValueError, RecursionError) as error:
+            raise DataError(explain(f"{path}: the bank metadata is corrupt", got=f"{type(error).__name__}: {error}",
                                     fix="rebuild the bank")) from error
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)
                 and isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
@@ -404,6 +467,8 @@ class NegativeBank:
             raise DataError(explain("the bank tensor disagrees with its metadata",
                                     got=(list(embeddings.shape), str(embeddings.dtype)),
                                     expected=(shape, meta.get("dtype")), fix="rebuild the bank"))
+        _check_unit_rows(embeddings, str(path))
+        embeddings = embeddings.to(torch.device(device))
         if dtype is not None:
             embeddings = embeddings.to(_resolve_dtype(dtype, embeddings.device))
         return cls(embeddings, ids, rows, similarity=meta["similarity"], fingerprint=meta["fingerprint"])
@@ -412,18 +477,40 @@ class NegativeBank:
 class _ShardCache:
     """Finished chunks of bank rows on disk, so a killed build resumes.
 
-    Each shard ``rows-<first>-<count>-<hash>.safetensors`` holds ``rows`` (k,) and ``embeddings``;
-    metadata names the fingerprint and a hash of the representative ids, so shards of another model
-    or another id list are ignored (and logged).
+    Each shard ``rows-<first>-<count>-<key hash>.safetensors`` holds ``rows`` (k,) and ``embeddings``;
+    its metadata holds the key (:meth:`key`, everything that changes a row) as JSON, so shards made
+    with another key are ignored, the log naming the entries that differ.
     """
 
     _NAME = re.compile(r"^rows-(\d+)-(\d+)-([0-9a-f]+)\.safetensors$")
 
-    def __init__(self, folder: str | os.PathLike, representatives: Sequence[str], fingerprint: str) -> None:
+    def __init__(self, folder: str | os.PathLike, key: dict[str, Any]) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = fingerprint
-        self.ids_hash = hashlib.blake2b("\n".join(representatives).encode(), digest_size=8).hexdigest()
+        self.key = key
+        self.key_json = json.dumps(key, sort_keys=True)
+        self.ids_hash = hashlib.blake2b(self.key_json.encode(), digest_size=8).hexdigest()
+
+    @staticmethod
+    def key(representatives: Sequence[str], images: Mapping[str, Tensor], *, fingerprint: str, dtype: torch.dtype,
+            similarity: str, device: torch.device) -> dict[str, Any]:
+        """Everything that changes a bank row, JSON-ready: the weights' fingerprint, the ids (hashed), the
+        dtype, the similarity, the device type, the images' preprocessing and their files' size and mtime."""
+        describe = getattr(images, "preprocessing", None)
+        preprocessing = describe() if callable(describe) else {"mapping": type(images).__name__}
+        path_of = getattr(images, "path_of", None)
+        stamps = hashlib.blake2b(digest_size=8)
+        if callable(path_of):
+            for image_id in representatives:
+                try:
+                    info = os.stat(path_of(image_id))
+                    stamps.update(f"{image_id}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+                except (OSError, KeyError, ValueError):  # unreadable now: the build itself will say so
+                    stamps.update(f"{image_id}\0?\n".encode())
+        return {"fingerprint": fingerprint, "dtype": _dtype_name(dtype), "similarity": similarity,
+                "device": torch.device(device).type, "preprocessing": preprocessing,
+                "ids": hashlib.blake2b("\n".join(representatives).encode(), digest_size=8).hexdigest(),
+                "files": stamps.hexdigest() if callable(path_of) else None}
 
     def load(self, device: torch.device) -> dict[int, Tensor]:
         done: dict[int, Tensor] = {}
@@ -433,8 +520,13 @@ class _ShardCache:
             try:
                 with safe_open(str(path), framework="pt") as handle:
                     meta = handle.metadata() or {}
-                if meta.get("fingerprint") != self.fingerprint or meta.get("ids_hash") != self.ids_hash:
-                    logger.warning("ignoring bank shard %s: made by other weights or for other ids", path)
+                if meta.get("key") != self.key_json:
+                    try:
+                        theirs = json.loads(meta.get("key", "{}"))
+                    except ValueError:
+                        theirs = {}
+                    differ = sorted(k for k in self.key if not isinstance(theirs, dict) or theirs.get(k) != self.key[k])
+                    logger.warning("ignoring bank shard %s: made with other %s", path, ", ".join(differ) or "settings")
                     continue
                 tensors = load_file(str(path), device=str(device))
             except Exception as error:  # a torn file cannot exist (atomic writes) but a foreign one may
@@ -453,8 +545,7 @@ class _ShardCache:
         embeddings = torch.stack([e.detach().to("cpu") for _, e in items]).contiguous()
         name = f"rows-{int(rows[0]):09d}-{len(items):06d}-{self.ids_hash}.safetensors"
         atomic_write_bytes(self.folder / name, save({"rows": rows, "embeddings": embeddings},
-                                                    metadata={"fingerprint": self.fingerprint,
-                                                              "ids_hash": self.ids_hash}))
+                                                    metadata={"key": self.key_json}))
 
 
 def exclusion_rows(bank: NegativeBank, triplets: Sequence[Any]) -> Tensor:
