@@ -10,6 +10,11 @@ Shapes: B queries, N images, D = CLIP projection dim, C/H/W image channels and s
   reference, exactly what the fusion consumes; frozen in stage 2, so they can be cached per image.
 - ``compose_query(reference (B, D), texts: list[str]) -> (B, D)``: fusion of the reference features and
   the text features, L2-normalised. Fusion is either the Combiner or the element-wise sum.
+
+Two backbones: a ``transformers.CLIPModel`` (the default), or an OpenAI-format CLIP through ``open_clip``
+(:class:`OpenCLIPBackbone`, optional extra ``open_clip``) for the checkpoints CLIP4Cir publishes
+(OpenAI CLIP RN50x4 weights). ``convert.py`` turns those ``torch.save`` files into a folder that
+``CLIP4Cir.from_pretrained`` reads (``open_clip.safetensors`` + ``combiner.safetensors`` + ``clip4cir.json``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Combiner", "CLIP4Cir", "FUSIONS", "features_of", "preprocess_settings"]
+__all__ = ["Combiner", "CLIP4Cir", "FUSIONS", "OPEN_CLIP_WEIGHTS", "OpenCLIPBackbone", "OpenCLIPTokenizer",
+           "features_of", "preprocess_settings"]
+
+# the file that marks a converted folder as an open_clip (OpenAI-format) CLIP
+OPEN_CLIP_WEIGHTS = "open_clip.safetensors"
 
 
 def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> None:
@@ -117,11 +126,102 @@ def preprocess_settings(processor) -> dict:
             "std": [float(v) for v in image_processor.image_std]}
 
 
+class OpenCLIPTokenizer:
+    """open_clip's CLIP BPE tokenizer (shipped with the package) behind the calls CLIP4Cir makes on a
+    transformers tokenizer: ``tok(texts, padding=True, truncation=True, max_length=L, return_tensors="pt")``
+    -> {"input_ids", "attention_mask"} (B, context_length), and ``tok(text, truncation=False)`` -> the full ids.
+
+    Every row is padded (with 0) to the model's context length, as OpenAI CLIP's text tower expects; a text
+    that does not fit keeps its first tokens and ends with the end-of-text token, like ``clip.tokenize(...,
+    truncate=True)``.
+    """
+
+    def __init__(self, context_length: int = 77) -> None:
+        import open_clip
+
+        self.bpe = open_clip.SimpleTokenizer(context_length=context_length)
+        self.model_max_length = int(context_length)
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=None, return_tensors="pt", verbose=None):
+        if isinstance(texts, str) and not truncation:  # the untruncated ids of one text
+            return {"input_ids": [self.bpe.sot_token_id, *self.bpe.encode(texts), self.bpe.eot_token_id]}
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        keep = min(int(max_length or self.model_max_length), self.model_max_length)
+        ids = torch.zeros(len(texts), self.model_max_length, dtype=torch.long)  # (B, context_length), 0 = padding
+        ids[:, :keep] = self.bpe(texts, context_length=keep)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    def save_pretrained(self, path) -> None:
+        """Nothing to write: the BPE vocabulary ships with open_clip."""
+
+
+class OpenCLIPBackbone(nn.Module):
+    """An ``open_clip`` CLIP (OpenAI layout: ModifiedResNet or ViT image tower) with the surface CLIP4Cir
+    uses on a ``transformers.CLIPModel``: ``get_image_features``, ``get_text_features``, ``config``
+    (projection_dim, text_config.max_position_embeddings), ``vision_model``. Parameters keep OpenAI's names
+    under ``model.`` (``model.visual.*``, ``model.transformer.*``, ``model.text_projection``, ...).
+    """
+
+    TEXT_PREFIXES = ("model.transformer", "model.token_embedding", "model.positional_embedding", "model.ln_final",
+                     "model.text_projection")
+
+    def __init__(self, model: nn.Module) -> None:
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.model = model
+        self.config = SimpleNamespace(projection_dim=int(model.text_projection.shape[1]),
+                                      text_config=SimpleNamespace(max_position_embeddings=int(model.context_length)))
+
+    @classmethod
+    def from_openai_state_dict(cls, state_dict: dict) -> "OpenCLIPBackbone":
+        """Build the architecture the OpenAI-format ``state_dict`` describes (RN50x4 or any size, inferred
+        from the tensor shapes; QuickGELU as OpenAI trained) and load it in float32, exactly."""
+        from open_clip.model import build_model_from_openai_state_dict
+
+        state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length",
+                                                                       "vocab_size")}
+        model = build_model_from_openai_state_dict(dict(state_dict), quick_gelu=True).float()
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+        return cls(model.eval())
+
+    @property
+    def vision_model(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> raw projected image features (N, D)."""
+        return self.model.encode_image(pixel_values)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, context_length) token ids -> raw projected text features (B, D) at the end-of-text token."""
+        return self.model.encode_text(input_ids)
+
+    def save_pretrained(self, path) -> None:
+        """Write the OpenAI-named weights to ``{path}/open_clip.safetensors`` (atomically)."""
+        import os
+
+        from safetensors.torch import save_file
+
+        target = os.path.join(str(path), OPEN_CLIP_WEIGHTS)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+
 class CLIP4Cir(nn.Module):
     """CLIP4Cir: CLIP image and text towers plus a fusion ("combiner" or "sum").
 
     Args:
-        clip: a ``transformers.CLIPModel`` (or a CLIP-like subclass such as the examples' conv-tower tiny CLIP).
+        clip: a ``transformers.CLIPModel`` (or a CLIP-like subclass such as the examples' conv-tower tiny CLIP),
+            or an :class:`OpenCLIPBackbone` (OpenAI-format CLIP through open_clip).
         tokenizer: its tokenizer (any fast or slow HF tokenizer).
         fusion: "combiner" (the Combiner, stage-2 of CLIP4Cir's own training) or "sum"
             (normalize(image + text), the variant CLIP4Cir uses when fine-tuning CLIP and the SPN release uses).
@@ -133,7 +233,7 @@ class CLIP4Cir(nn.Module):
     similarity = "dot"
 
     def __init__(self, clip, tokenizer, *, fusion: str = "combiner", max_length: int | None = None,
-                 preprocess: dict | None = None) -> None:
+                 preprocess: dict | None = None, combiner_dims: tuple[int, int] | None = None) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}. Fix: pick one.")
@@ -142,7 +242,7 @@ class CLIP4Cir(nn.Module):
         self._warned_truncation = False  # one truncation warning per model
         self.fusion = fusion
         dim = int(clip.config.projection_dim)
-        self.combiner = Combiner(dim)
+        self.combiner = Combiner(dim, *(combiner_dims or ()))  # (projection, hidden) dims; default 4d, 8d
         positions = int(clip.config.text_config.max_position_embeddings)
         limit = getattr(tokenizer, "model_max_length", None) or positions
         self.max_length = int(min(max_length or limit, limit, positions))
@@ -150,7 +250,7 @@ class CLIP4Cir(nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, fusion: str = "combiner", combiner_path: str | None = None,
+    def from_pretrained(cls, name_or_path: str, *, fusion: str | None = None, combiner_path: str | None = None,
                         torch_dtype: torch.dtype | None = None, **kwargs) -> "CLIP4Cir":
         """Load CLIP, its tokenizer and image processor from a hub name or a local directory.
 
@@ -159,8 +259,17 @@ class CLIP4Cir(nn.Module):
         have CLIP's ``get_image_features`` / ``get_text_features``, towers and projections.
         ``combiner_path``: an optional safetensors file with Combiner weights (saved by ``save_combiner``).
         ``trust_remote_code`` is never set: no code is downloaded with a checkpoint.
+        A folder holding ``open_clip.safetensors`` (written by ``convert.py`` from CLIP4Cir's published
+        checkpoints) is loaded on the open_clip backbone instead (:meth:`from_open_clip`).
+        ``fusion``: default "combiner" (an open_clip folder: the fusion its ``clip4cir.json`` names).
         """
+        from pathlib import Path
+
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        if (Path(name_or_path) / OPEN_CLIP_WEIGHTS).is_file():
+            return cls.from_open_clip(name_or_path, fusion=fusion, combiner_path=combiner_path, **kwargs)
+        fusion = fusion or "combiner"
 
         clip = AutoModel.from_pretrained(name_or_path, **({"dtype": torch_dtype} if torch_dtype else {}))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -169,6 +278,47 @@ class CLIP4Cir(nn.Module):
         if combiner_path:
             model.load_combiner(combiner_path)
         logger.info("loaded CLIP4Cir(%s, fusion=%s, dim=%d)", name_or_path, fusion, model.dim)
+        return model
+
+    @classmethod
+    def from_openai_state_dict(cls, state_dict: dict, *, fusion: str = "combiner",
+                               combiner_state: dict | None = None, **kwargs) -> "CLIP4Cir":
+        """CLIP4Cir on an OpenAI-format CLIP state dict (open_clip backbone, float32), optionally with
+        Combiner weights in this file's names; preprocessing: targetpad at the tower's size, OpenAI's
+        mean / std."""
+        import open_clip
+
+        backbone = OpenCLIPBackbone.from_openai_state_dict(state_dict)
+        preprocess = {"size": backbone.image_size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                      "std": list(open_clip.OPENAI_DATASET_STD)}
+        dims = None
+        if combiner_state is not None:  # (projection, hidden) from the saved shapes (CLIP4Cir: 2560, 5120)
+            dims = (int(combiner_state["text_projection.weight"].shape[0]),
+                    int(combiner_state["combiner_layer.weight"].shape[0]))
+        model = cls(backbone, OpenCLIPTokenizer(backbone.config.text_config.max_position_embeddings), fusion=fusion,
+                    preprocess=preprocess, combiner_dims=dims, **kwargs)
+        if combiner_state is not None:
+            model.combiner.load_state_dict(combiner_state)
+        return model.eval()
+
+    @classmethod
+    def from_open_clip(cls, path, *, fusion: str | None = None, combiner_path: str | None = None,
+                       **kwargs) -> "CLIP4Cir":
+        """Load a folder written by ``convert.py`` (``open_clip.safetensors``, optional ``combiner.safetensors``);
+        ``fusion`` defaults to the one its ``clip4cir.json`` names, else "combiner"."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        meta = folder / "clip4cir.json"
+        fusion = fusion or (json.loads(meta.read_text()).get("fusion") if meta.is_file() else None) or "combiner"
+        combiner_file = Path(combiner_path) if combiner_path else folder / "combiner.safetensors"
+        combiner_state = load_file(str(combiner_file)) if combiner_file.is_file() else None
+        model = cls.from_openai_state_dict(load_file(str(folder / OPEN_CLIP_WEIGHTS)), fusion=fusion,
+                                           combiner_state=combiner_state, **kwargs)
+        logger.info("loaded CLIP4Cir(%s, open_clip backbone, fusion=%s, dim=%d)", folder, fusion, model.dim)
         return model
 
     def save_combiner(self, path: str) -> None:
@@ -200,7 +350,7 @@ class CLIP4Cir(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict:
         """texts -> input_ids / attention_mask (B, L), truncated at ``max_length``, on the model's device."""
-        device = self.clip.text_projection.weight.device
+        device = next(self.clip.parameters()).device
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt")
         warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_length)
@@ -235,7 +385,14 @@ class CLIP4Cir(nn.Module):
         return self.compose_query(self.encode_reference(reference_images), texts)
 
     # ---------------------------------------------------------------- parameter groups
+    def text_tower_prefixes(self) -> list[str]:
+        """Parameter-name prefixes of the text tower (text encoder + text projection): what stage 2 trains."""
+        if isinstance(self.clip, OpenCLIPBackbone):
+            return [f"clip.{prefix}" for prefix in OpenCLIPBackbone.TEXT_PREFIXES]
+        return ["clip.text_model", "clip.text_projection"]
+
     def text_tower_parameters(self):
         """Names of the text tower's parameters (text encoder + text projection): what stage 2 trains."""
+        prefixes = self.text_tower_prefixes()
         return [name for name, _ in self.named_parameters()
-                if name.startswith("clip.text_model.") or name.startswith("clip.text_projection.")]
+                if any(name == p or name.startswith(p + ".") for p in prefixes)]

@@ -10,5 +10,5 @@ import cir_plugins as cp
 def wrap(model, *, train_combiner=None):
     """CLIP4Cir -> a CIR-protocol model whose stage-2 trainable set is the text tower (+ Combiner)."""
     train_combiner = model.fusion == "combiner" if train_combiner is None else train_combiner
-    trainable = ["clip.text_model", "clip.text_projection"] + (["combiner"] if train_combiner else [])
+    trainable = model.text_tower_prefixes() + (["combiner"] if train_combiner else [])
     return cp.wrap_model(model, trainable=trainable, similarity="dot")
