@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _WHERE = {
+    "AugmentResult": "positives.augmenter",
     "BankMismatchError": "errors",
     "CIRModel": "protocol",
     "CIRPluginsError": "errors",

@@ -51,11 +51,12 @@ def test_augment_end_to_end_dedup_records_and_summary(tmp_path):
     store = make_store()
     aug = TripletAugmenter(ColourCaptioner(), encoder, templates="cirr", rank_window=(2, 10), partners_per_image=2,
                            seed=0, cache_dir=tmp_path, show_progress=False)
-    triplets = aug.augment(list(store), store)
-    summary = aug.last_summary
+    result = aug.augment(list(store), store)
+    triplets, summary, groups = result.triplets, result.summary, result.groups
     assert summary["images"] == 43 and summary["unique_images"] == 40
     assert summary["duplicate_groups"] == 2 and summary["duplicates_merged"] == 3
-    assert aug.last_groups["d1"] == aug.last_groups["d2"] == "im3" and aug.last_groups["d3"] == "im7"
+    assert groups["d1"] == groups["d2"] == "im3" and groups["d3"] == "im7"
+    assert "last_summary" not in vars(aug) and "last_groups" not in vars(aug)  # not set on the augmenter
     assert summary["queries"] == 40 and summary["pairs"] == 80 and summary["triplets"] == 80
     assert set(summary["seconds"]) == {"embed", "dedup", "pair", "caption", "template"}
     for t in triplets:
@@ -65,7 +66,7 @@ def test_augment_end_to_end_dedup_records_and_summary(tmp_path):
         assert t.texts == (f"{g} instead of {r}", f"Unlike {r}, I want {g}")
         assert list(t.meta["templates"]) == list(cp.positives.templates.PRESETS["cirr"])
     # every partner is inside the rank window of the brute-force ranking over the representatives
-    reps = [i for i in store if aug.last_groups[i] == i]
+    reps = [i for i in store if groups[i] == i]
     x = torch.nn.functional.normalize(torch.stack([store[i].flatten() for i in reps]).double(), dim=1)
     full = x @ x.T
     for t in triplets:
@@ -91,18 +92,18 @@ def test_second_run_captions_nothing_new_and_cache_is_per_captioner(tmp_path):
     first_captioner = ColourCaptioner()
     aug = TripletAugmenter(first_captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
     first = aug.augment(list(store), store)
-    assert first_captioner.calls > 0 and aug.last_summary["captions"]["new"] > 0
+    assert first_captioner.calls > 0 and first.summary["captions"]["new"] > 0
     second_captioner = ColourCaptioner()
     again = TripletAugmenter(second_captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
-    assert [t.texts for t in again.augment(list(store), store)] == [t.texts for t in first]
-    assert second_captioner.calls == 0 and again.last_summary["captions"]["new"] == 0
+    second = again.augment(list(store), store)
+    assert [t.texts for t in second] == [t.texts for t in first]
+    assert second_captioner.calls == 0 and second.summary["captions"]["new"] == 0
 
     class Other(ColourCaptioner):
         name = "other-v1"
 
     other = TripletAugmenter(Other(), encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
-    other.augment(list(store), store)
-    assert other.cache_path != aug.cache_path and other.last_summary["captions"]["new"] > 0
+    assert other.cache_path != aug.cache_path and other.augment(list(store), store).summary["captions"]["new"] > 0
 
 
 def test_refer_only_subsample_same_caption_skip_and_groups():
@@ -119,7 +120,7 @@ def test_refer_only_subsample_same_caption_skip_and_groups():
     full = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(-1, 0), partners_per_image=2, seed=1,
                             show_progress=False).augment(list(store), store)
     keys = [(t.reference, t.target) for t in full]
-    assert len(subset) == 7 and sub.last_summary["triplets_before_subsample"] == 80
+    assert len(subset) == 7 and subset.summary["triplets_before_subsample"] == 80
     positions = [keys.index((t.reference, t.target)) for t in subset]
     assert positions == sorted(positions)
 
@@ -127,7 +128,7 @@ def test_refer_only_subsample_same_caption_skip_and_groups():
     dup_caps = TripletAugmenter(ColourCaptioner(same=same), encoder, rank_window=(-1, 0), partners_per_image=39,
                                 templates="fashioniq", show_progress=False)
     triplets = dup_caps.augment(list(store), store)
-    assert dup_caps.last_summary["skipped_same_caption"] == 20 * 19
+    assert triplets.summary["skipped_same_caption"] == 20 * 19
     assert len(triplets) == 40 * 39 - 20 * 19
     assert all(t.texts == (t.meta["target_caption"],) for t in triplets)
 
@@ -147,10 +148,27 @@ def test_hf_captioner_through_the_augmenter_caches(tmp_path):
     aug = TripletAugmenter(captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path / "cache", show_progress=False)
     triplets = aug.augment(list(store), store)
     calls = captioner.generate_calls
-    assert calls == 2 and aug.last_summary["captions"]["new"] == 6
-    assert len(triplets) + aug.last_summary["skipped_same_caption"] == 6
-    aug.augment(list(store), store)
-    assert captioner.generate_calls == calls and aug.last_summary["captions"]["cached"] == 6
+    assert calls == 2 and triplets.summary["captions"]["new"] == 6
+    assert len(triplets) + triplets.summary["skipped_same_caption"] == 6
+    again = aug.augment(list(store), store)
+    assert captioner.generate_calls == calls and again.summary["captions"]["cached"] == 6
+
+
+def test_result_reads_as_its_list_and_old_attributes_warn():
+    store = make_store()
+    aug = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(2, 10), seed=0, show_progress=False)
+    result = aug.augment(list(store), store)
+    assert isinstance(result, cp.AugmentResult) and list(result) == result.triplets and len(result) == 40
+    assert result[0] is result.triplets[0] and result[:2] == result.triplets[:2]
+    annotated = [cp.Triplet("im1", ["x"], "im2")]
+    assert annotated + result == annotated + result.triplets and result + annotated == result.triplets + annotated
+    with pytest.warns(DeprecationWarning, match="AugmentResult"):
+        assert aug.last_summary == result.summary
+    with pytest.warns(DeprecationWarning, match="AugmentResult"):
+        assert aug.last_groups == result.groups
+    fresh = TripletAugmenter(ColourCaptioner(), encoder, show_progress=False)
+    with pytest.warns(DeprecationWarning):
+        assert fresh.last_summary == {}
 
 
 def test_bad_arguments():

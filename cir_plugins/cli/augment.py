@@ -119,16 +119,17 @@ def run(args: argparse.Namespace) -> int:
         kept = split.images.readable_ids(image_ids)
         unreadable = sorted(set(image_ids) - set(kept))
         image_ids = kept
-    triplets = augmenter.augment(image_ids, split.images, split.triplets)
+    result = augmenter.augment(image_ids, split.images, split.triplets)
+    triplets = result.triplets
     if fashion:
         write_generated_fashioniq(triplets, out)
     else:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
     summary = {"dataset": args.dataset, "split": args.split, "category": args.category,
                "captioner": captioner.name, "out": str(out), "unreadable_skipped": unreadable,
-               **augmenter.last_summary}
+               **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
-    s = augmenter.last_summary
+    s = result.summary
     print(f"images {s['images']} | duplicate groups {s['duplicate_groups']} ({s['duplicates_merged']} merged) | "
           f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, {s['captions']['skipped']} skipped | "
           f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']} | triplets {s['triplets']}")

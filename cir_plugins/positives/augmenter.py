@@ -1,10 +1,10 @@
 """The triplet augmenter: de-duplicate, pair, caption, template -> generated triplets.
 
     augmenter = cp.TripletAugmenter(captioner, model, templates="cirr", rank_window=(10000, 15000))
-    generated = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
-    print(augmenter.last_summary)
+    result = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
+    result.triplets, result.groups, result.summary      # an AugmentResult; iterating it gives the triplets
 
-Steps (timed in ``last_summary["seconds"]``):
+Steps (timed in ``result.summary["seconds"]``):
 1. embed every image with the pair encoder (``pair_encoder.encode_image`` when it has one, else
    the callable itself), images (n, C, H, W) -> (n, D) or (n, T, D) (tokens are mean-pooled);
 2. de-duplicate: decoded-pixel hash, plus embedding cosine >= ``near_duplicate_threshold``
@@ -26,8 +26,10 @@ import logging
 import os
 import random
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -38,7 +40,7 @@ from .dedup import find_duplicates
 from .pairing import embed_images, parse_rank_window, select_partners
 from .templates import TextMaker
 
-__all__ = ["TripletAugmenter"]
+__all__ = ["TripletAugmenter", "AugmentResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,40 @@ def _encoder_of(pair_encoder: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return pair_encoder
     raise ModelProtocolError(explain("pair_encoder must be a callable images (n,C,H,W) -> (n,D) or have encode_image",
                                      got=type(pair_encoder).__name__, fix="pass your CIR model or a function"))
+
+
+@dataclass
+class AugmentResult:
+    """What one :meth:`TripletAugmenter.augment` call produced.
+
+    Attributes:
+        triplets: the generated triplets (source="generated"), in output order.
+        groups: image id -> duplicate-group id (the group's first id) over every input image.
+        summary: counts (images, duplicates merged, pairs, captions new/cached, skips, triplets) and
+            ``seconds`` per step.
+
+    The result also reads as the list of its triplets (iteration, ``len``, indexing, ``list + result``),
+    as ``augment`` returned a bare list before.
+    """
+
+    triplets: list[Triplet]
+    groups: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Triplet]:
+        return iter(self.triplets)
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.triplets[index]
+
+    def __add__(self, other: Sequence[Triplet]) -> list[Triplet]:
+        return self.triplets + list(other)
+
+    def __radd__(self, other: Sequence[Triplet]) -> list[Triplet]:
+        return list(other) + self.triplets
 
 
 class TripletAugmenter:
@@ -119,8 +155,21 @@ class TripletAugmenter:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size, self.caption_batch_size, self.chunk_size = batch_size, caption_batch_size, chunk_size
         self.skip_empty, self.show_progress = skip_empty, show_progress
-        self.last_summary: dict[str, Any] = {}
-        self.last_groups: dict[str, str] = {}
+        self._last: AugmentResult | None = None  # only for the deprecated last_summary / last_groups
+
+    @property
+    def last_summary(self) -> dict[str, Any]:
+        """Deprecated: the summary of the last ``augment`` call; use the returned ``AugmentResult.summary``."""
+        warnings.warn("TripletAugmenter.last_summary is deprecated: use the summary of the AugmentResult that "
+                      "augment() returns", DeprecationWarning, stacklevel=2)
+        return self._last.summary if self._last is not None else {}
+
+    @property
+    def last_groups(self) -> dict[str, str]:
+        """Deprecated: the duplicate groups of the last ``augment`` call; use ``AugmentResult.groups``."""
+        warnings.warn("TripletAugmenter.last_groups is deprecated: use the groups of the AugmentResult that "
+                      "augment() returns", DeprecationWarning, stacklevel=2)
+        return self._last.groups if self._last is not None else {}
 
     @property
     def cache_path(self) -> Path | None:
@@ -134,8 +183,8 @@ class TripletAugmenter:
         annotated: Sequence[Triplet] | None = None,
         *,
         groups: Mapping[str, Any] | None = None,
-    ) -> list[Triplet]:
-        """Generated triplets for ``image_ids`` (source="generated").
+    ) -> AugmentResult:
+        """Generated triplets for ``image_ids`` (source="generated"), with the duplicate groups and a summary.
 
         Args:
             image_ids: the training images (all of them, not only annotated references), unique.
@@ -144,8 +193,8 @@ class TripletAugmenter:
             groups: optional id -> label; partners must share the query's label (FashionIQ
                 category), ranks counted within the label.
 
-        Each triplet's ``meta``: reference_caption, target_caption, templates (one per text),
-        rank_window, seed, captioner.
+        Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``). Each triplet's
+        ``meta``: reference_caption, target_caption, templates (one per text), rank_window, seed, captioner.
         """
         timings: dict[str, float] = {}
         ids = list(image_ids)
@@ -177,7 +226,6 @@ class TripletAugmenter:
                                   show_progress=self.show_progress)
         else:
             dup = {i: i for i in ids}
-        self.last_groups = dup
         timings["dedup"] = time.perf_counter() - clock
         reps = [i for i in ids if dup[i] == i]
         row_of = {i: r for r, i in enumerate(ids)}
@@ -237,7 +285,7 @@ class TripletAugmenter:
             triplets = [triplets[k] for k in keep]
         timings["template"] = time.perf_counter() - clock
 
-        self.last_summary = {
+        summary = {
             "images": len(ids),
             "unique_images": len(reps),
             "duplicate_groups": sum(1 for s in sizes.values() if s > 1),
@@ -254,5 +302,6 @@ class TripletAugmenter:
             "triplets": len(triplets),
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
-        logger.info("augment: %s", self.last_summary)
-        return triplets
+        logger.info("augment: %d triplets from %d images (%d pairs)", len(triplets), len(ids), len(pairs))
+        self._last = AugmentResult(triplets=triplets, groups=dict(dup), summary=summary)
+        return self._last
