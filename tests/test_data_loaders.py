@@ -192,8 +192,8 @@ def cirr_records(draw):
     pair_ids = draw(st.lists(st.integers(-5, 10**9), min_size=n, max_size=n, unique=True))
     records = []
     for pair_id in pair_ids:
-        members = draw(st.lists(st.sampled_from(NAMES), min_size=2, max_size=6, unique=True))
-        reference, target = members[0], draw(st.sampled_from(NAMES))
+        members = draw(st.lists(st.sampled_from(NAMES), min_size=6, max_size=6, unique=True))  # CIRR sets hold 6
+        reference, target = members[0], draw(st.sampled_from(members[1:]))
         records.append({"pairid": pair_id, "reference": reference, "target_hard": target,
                         "target_soft": {target: draw(st.sampled_from([1.0, 0.5, -1.0]))},
                         "caption": draw(caption_st), "img_set": {"id": draw(st.integers(0, 99)), "members": members}})

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import AnnotationError, ConfigError, explain
 
-__all__ = ["read_json", "RecordChecker", "BadRecord", "ON_BAD_RECORD"]
+__all__ = ["read_json", "require_root", "RecordChecker", "BadRecord", "ON_BAD_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,25 @@ def _no_duplicate_keys(path: Path):
     return hook
 
 
+def _is(path: Path, kind: str) -> bool:
+    """``path.is_file()`` / ``is_dir()``, an AnnotationError (not a raw OSError) for a name over the limit."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as error:  # ENAMETOOLONG and the like: is_file / is_dir only swallow "not there"
+        raise AnnotationError(explain("the path cannot be checked (a name over the filesystem's limit?)",
+                                      got=f"{path}: {error}", fix="shorten the root folder or the split name")) from error
+
+
+def require_root(root: Path, dataset: str, holds: str) -> None:
+    """AnnotationError unless ``root`` is a directory (``holds``: what the folder should hold, for the fix)."""
+    if not _is(root, "dir"):
+        raise AnnotationError(explain(f"the {dataset} root is not a directory", got=str(root),
+                                      fix=f"pass the folder that holds {holds}"))
+
+
 def read_json(path: Path, *, available: list[str] | None = None) -> Any:
     """Parse ``path``; AnnotationError naming the file (and position) for any failure."""
-    if not path.is_file():
+    if not _is(path, "file"):
         hint = f" (splits present here: {available})" if available is not None else ""
         raise AnnotationError(explain(f"annotation file not found{hint}", got=str(path),
                                       fix="check the dataset root, the split name and the official layout"))
@@ -54,6 +70,12 @@ def read_json(path: Path, *, available: list[str] | None = None) -> Any:
         raise AnnotationError(explain(f"{path} is malformed or truncated JSON at line {error.lineno} column "
                                       f"{error.colno} (character {error.pos})", got=error.msg,
                                       fix="re-download the file; it may have been cut short")) from error
+    except AnnotationError:  # a duplicate key (the hook's own error)
+        raise
+    except ValueError as error:  # a number of over 4300 digits (Python's int conversion limit)
+        raise AnnotationError(explain(f"{path} holds a value JSON parsing refuses (e.g. a number of thousands of "
+                                      "digits)", got=str(error)[:120],
+                                      fix="fix the file: pair ids and ranks are small integers")) from error
     except RecursionError as error:
         raise AnnotationError(explain(f"{path} nests too deeply to be an annotation file", got="RecursionError",
                                       fix="re-download the annotation file")) from error

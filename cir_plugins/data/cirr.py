@@ -20,15 +20,18 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import AnnotationError, explain
-from ._annotations import BadRecord, RecordChecker, read_json
+from ..errors import AnnotationError, ConfigError, explain
+from ._annotations import BadRecord, RecordChecker, read_json, require_root
 from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
 from .triplet import Triplet
 
-__all__ = ["load_cirr", "cirr_splits"]
+__all__ = ["load_cirr", "cirr_splits", "CIRR_SET_SIZE"]
 
 logger = logging.getLogger(__name__)
+
+#: images in every CIRR img_set (the reference and five others); Recall_subset ranks the five
+CIRR_SET_SIZE = 6
 
 
 def cirr_splits(root: str | os.PathLike) -> list[str]:
@@ -40,7 +43,8 @@ def cirr_splits(root: str | os.PathLike) -> list[str]:
 
 
 def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable | None = "clip", size: int = 224,
-              on_bad_record: str = "error", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Split:
+              on_bad_record: str = "error", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+              set_size: int | None = CIRR_SET_SIZE) -> Split:
     """Load one CIRR split (ids only; images lazily through an ImageStore).
 
     Args:
@@ -51,6 +55,10 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
         on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops bad
             records (logged, counted in ``split.info["skipped"]``). File-level problems (missing,
             malformed or truncated JSON, wrong top-level type, unsafe image paths) always raise.
+        set_size: images in every ``img_set.members`` list, the reference included (CIRR: 6); a
+            record with another count, or whose target is not a member, is a bad record (Rs@k
+            computed over a wrong set is meaningless). None accepts any size (a CIRR-like dataset
+            of your own).
 
     Returns:
         Split with one Triplet per caption record: ``texts = (caption,)``, ``target`` (None where the
@@ -58,9 +66,9 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
         ``target_soft``, ``img_set_id``, ``reference_rank``, ``target_rank``, ``caption`` (raw).
     """
     root_path = Path(root)
-    if not root_path.is_dir():
-        raise AnnotationError(explain("the CIRR root is not a directory", got=str(root),
-                                      fix="pass the folder that holds cirr/captions and cirr/image_splits"))
+    require_root(root_path, "CIRR", "cirr/captions and cirr/image_splits")
+    if set_size is not None and (not isinstance(set_size, int) or isinstance(set_size, bool) or set_size < 2):
+        raise ConfigError(explain("set_size must be an int >= 2 or None", got=set_size, expected=CIRR_SET_SIZE))
     available = cirr_splits(root_path)
     captions_path = root_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
     splits_path = root_path / "cirr" / "image_splits" / f"split.rc2.{split}.json"
@@ -86,7 +94,7 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
     with_target: bool | None = None
     for index, record in enumerate(records):
         try:
-            triplet = _parse_record(record, index, checker, gallery, seen_pairs, with_target)
+            triplet = _parse_record(record, index, checker, gallery, seen_pairs, with_target, set_size)
         except BadRecord:
             continue
         with_target = triplet.target is not None if with_target is None else with_target
@@ -106,7 +114,7 @@ _SAME_SPLIT = "check that the captions and image_splits files are of the same sp
 
 
 def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[str], seen_pairs: dict[int, int],
-                  with_target: bool | None) -> Triplet:
+                  with_target: bool | None, set_size: int | None = CIRR_SET_SIZE) -> Triplet:
     checker.require_fields(index, record, ("pairid", "reference", "caption", "img_set"))
     pair_id = record["pairid"]
     if not checker.is_int(pair_id):
@@ -143,6 +151,14 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[
     if reference not in members:
         checker.fail(index, "img_set.members", "does not contain the reference", got=members,
                      expected=f"a list including {reference!r}")
+    if set_size is not None and len(members) != set_size:
+        checker.fail(index, "img_set.members", f"must list exactly {set_size} images (the reference and "
+                     f"{set_size - 1} others; Recall_subset ranks them)", got=len(members), expected=set_size,
+                     fix="use the official cap.rc2 file, or fix or remove this record (on_bad_record='skip'); for a "
+                         "dataset of your own with other sets pass set_size=None")
+    if has_target and target not in members:
+        checker.fail(index, "target_hard", "is not among img_set.members (Recall_subset could never find it)",
+                     got=target, expected=f"one of {members}")
     meta: dict[str, Any] = {"target_soft": dict(target_soft), "caption": caption}
     for key in ("id", "reference_rank", "target_rank"):
         if key in img_set:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AnnotationError, ConfigError, explain
-from ._annotations import BadRecord, RecordChecker, read_json
+from ._annotations import BadRecord, RecordChecker, read_json, require_root
 from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
 from .triplet import Triplet
@@ -64,9 +64,7 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
     if category not in CATEGORIES:
         raise ConfigError(explain("unknown FashionIQ category", got=category, expected=CATEGORIES))
     root_path = Path(root)
-    if not root_path.is_dir():
-        raise AnnotationError(explain("the FashionIQ root is not a directory", got=str(root),
-                                      fix="pass the folder that holds captions/, image_splits/ and images/"))
+    require_root(root_path, "FashionIQ", "captions/, image_splits/ and images/")
     available = sorted(p.name[len(f"cap.{category}."):-len(".json")]
                        for p in (root_path / "captions").glob(f"cap.{category}.*.json"))
     captions_path = root_path / "captions" / f"cap.{category}.{split}.json"
