@@ -210,10 +210,9 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
         EvalFeatures with query (Q, D) and gallery (N, D) or (N, T, D), both L2-normalised.
     """
     _check_batch_size(batch_size)
-    for name in ("encode_image", "compose_query"):
-        if not callable(getattr(model, name, None)):
-            raise ModelProtocolError(explain(f"the model has no {name} method", got=type(model).__name__,
-                                             fix="wrap it with cp.wrap_model(model, encode_image=..., compose_query=...)"))
+    from .protocol import require_protocol
+
+    require_protocol(model, "evaluation")
     triplets, gallery_ids = list(split.triplets), list(split.gallery_ids)
     if not triplets or not gallery_ids:
         raise DataError(explain("nothing to evaluate: the split has no queries or no gallery",

@@ -35,6 +35,7 @@ __all__ = [
     "CheckReport",
     "ParameterSplit",
     "WrappedModel",
+    "as_texts",
     "check_model",
     "parameter_split",
     "reference_input",
@@ -65,6 +66,32 @@ class CIRModel(Protocol):
 
 def _conforms(model: Any) -> bool:
     return callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))
+
+
+def require_protocol(model: Any, where: str, methods: Sequence[str] = ("encode_image", "compose_query")) -> None:
+    """Raise :class:`ModelProtocolError` naming each of ``methods`` that ``model`` lacks and the fix
+    (:func:`wrap_model`); ``where`` names the caller. The one check every entry point makes
+    (check_model, NegativeBank.build, the trainers, evaluation), so a model that does not meet the
+    protocol gets the same error wherever it is first used."""
+    missing = [m for m in methods if not callable(getattr(model, m, None))]
+    if missing:
+        arguments = ", ".join(f"{m}=..." for m in missing)
+        raise ModelProtocolError(explain(
+            f"{where} needs a CIR model, but {type(model).__name__} has no {' and no '.join(missing)} method",
+            fix=f"wrap it once: model = cir_plugins.wrap_model(model, {arguments}) naming the methods (or "
+                "functions) that play those roles"))
+
+
+def as_texts(texts: Any, where: str) -> list[str]:
+    """``texts`` as a list of non-empty strings, else :class:`ModelProtocolError` naming ``where``; one
+    string (not a list) is refused rather than read as its characters."""
+    if isinstance(texts, str):
+        raise ModelProtocolError(explain(f"{where} takes a list of texts, one per query, not one string",
+                                         got=repr(texts[:60]), fix=f"pass [{texts[:30]!r}]"))
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ModelProtocolError(explain(f"{where} needs non-empty text strings", got=texts[:3]))
+    return texts
 
 
 def similarity_of(model: Any) -> str:
@@ -100,6 +127,20 @@ def reference_input(model: Any, images: Tensor, texts: Sequence[str] | None = No
                 fix="pass the query texts: reference_input(model, images, texts)"))
         return encode_reference(images, list(texts))
     return encode_reference(images)
+
+
+def compose_input_hint(model: Any, reference: Any) -> str:
+    """What ``compose_query`` was given and why: a sentence for errors raised inside it, since a wrong
+    input (images where features were expected, or the reverse) is the usual cause of a shape error."""
+    shape = tuple(reference.shape) if torch.is_tensor(reference) else type(reference).__name__
+    if callable(getattr(model, "encode_reference", None)):
+        return (f"compose_query was given encode_reference's output {shape}, not the images: a model with "
+                "encode_reference receives its output (call compose_query(cir_plugins.protocol.reference_input("
+                "model, images), texts)); make compose_query accept that output, or rename encode_reference if "
+                "compose_query wants the images")
+    return (f"compose_query was given the reference images {shape}, because {type(model).__name__} has no "
+            "encode_reference; if compose_query expects features, add encode_reference(images) or pass "
+            "wrap_model(model, encode_reference=...)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +374,8 @@ def parameter_split(model: Any, reference_images: Tensor, texts: list[str], targ
     spec = getattr(model, "trainable_spec", None) if isinstance(model, WrappedModel) else None
     if spec is not None:
         return _split_from_override(model, spec)
+    require_protocol(model, "parameter_split")
+    texts = as_texts(texts, "parameter_split")
     named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
     frozen_before = tuple(n for n, p in _named_parameters(model) if not p.requires_grad)
     with eval_mode(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -430,20 +473,18 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         texts: B modification texts.
         targets: (N, C, H, W) target images.
 
+    Raises :class:`ModelProtocolError` when the model lacks a protocol method (naming it and
+    :func:`wrap_model`), when ``texts`` is not a list of non-empty strings, or when the model raises
+    (naming the method, and for compose_query what it was given: :func:`compose_input_hint`).
+
     Returns a :class:`CheckReport` (call ``.raise_if_failed()`` to turn problems into an error). It
     checks types, dtypes, ranks, batch sizes, finiteness, devices, the query/gallery dimension match,
     the similarity against the target rank, that the query is differentiable, and that stage 2 would
     train at least one parameter (with the trainable and frozen counts).
     """
+    require_protocol(model, "check_model")
+    texts = as_texts(texts, "check_model")
     report = CheckReport()
-    if not _conforms(model):
-        missing = [m for m in ("encode_image", "compose_query") if not callable(getattr(model, m, None))]
-        report.problems.append(f"{type(model).__name__} lacks {', '.join(missing)}. "
-                               "Fix: cp.wrap_model(model, compose_query=..., encode_image=...).")
-        return report
-    texts = list(texts)
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ModelProtocolError(explain("check_model needs non-empty text strings", got=texts[:3]))
     if reference.shape[0] != len(texts):
         raise ModelProtocolError(explain("check_model got different numbers of references and texts",
                                          got=(reference.shape[0], len(texts)), fix="pass one text per reference"))
@@ -451,19 +492,25 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         report.similarity = similarity_of(model)
     except ConfigError as error:
         report.problems.append(str(error))
+    stage, ref = "encode_image", None  # the step running, named in the error when the model raises
     try:  # eval mode: no dropout noise, no batch-norm statistics updated by a dry run
         with eval_mode(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
             image = _check_tensor(report, "encode_image", model.encode_image(targets), ranks=(2, 3),
                                   batch=targets.shape[0], fix="return (N, D), or (N, T, D) for multi-vector targets")
+            stage = "encode_reference"
             ref = reference_input(model, reference, texts)
             if ref is not reference:
                 report.reference_shape = tuple(ref.shape) if torch.is_tensor(ref) else None
                 report.notes.append("encode_reference present: stage 2 caches it once per "
                                     + ("(image id, text) pair" if reference_uses_text(model) else "image id"))
+            stage = "compose_query"
             query = _check_tensor(report, "compose_query", model.compose_query(ref, texts), ranks=(2,),
                                   batch=len(texts), fix="return one (B, D) embedding per query")
     except Exception as error:  # the user's code raised: say where, keep the original as the cause
-        raise ModelProtocolError(f"check_model: the model raised {type(error).__name__}: {error}") from error
+        cause = f"check_model: {stage} raised {type(error).__name__}: {error}"
+        if stage == "compose_query":
+            cause += ". " + compose_input_hint(model, ref)
+        raise ModelProtocolError(cause) from error
     if image is not None:
         report.image_shape = tuple(image.shape)
     if query is not None:

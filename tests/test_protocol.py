@@ -192,7 +192,8 @@ def test_check_model_names_each_problem(defect, words):
 
 def test_check_model_reports_missing_methods_and_user_exceptions():
     images, texts = batch()
-    assert "lacks" in cp.check_model(nn.Linear(2, 2), images, texts, images).problems[0]
+    with pytest.raises(ModelProtocolError, match="Linear has no encode_image and no compose_query.*wrap_model"):
+        cp.check_model(nn.Linear(2, 2), images, texts, images)
 
     class Raises(Toy):
         def compose_query(self, reference, texts):

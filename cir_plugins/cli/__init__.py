@@ -23,6 +23,7 @@ COMMANDS = {
     "world": ("cir_plugins.cli.world", "write (or refresh) the synthetic CIR world, in the CIRR layout"),
     "augment": ("cir_plugins.cli.augment", "generate triplets: dedup, caption, pair, template"),
     "build-bank": ("cir_plugins.cli.build_bank", "encode every gallery image once into a negative bank"),
+    "stage1": ("cir_plugins.cli.stage1", "fine-tune with in-batch negatives (the base model's own recipe)"),
     "stage2": ("cir_plugins.cli.stage2", "fine-tune the query side against the bank"),
     "evaluate": ("cir_plugins.cli.evaluate", "evaluate with the FashionIQ or CIRR protocol"),
     "submit": ("cir_plugins.cli.evaluate", "write the two CIRR test-server files"),
@@ -58,6 +59,7 @@ def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
     except CIRPluginsError as error:
         print(f"cir-plugins {name}: error: {error}", file=sys.stderr)
         return 2
+        logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """Flags and helpers shared by the command modules, each declared once.
 
-- :func:`add_model_arguments`: ``--model`` (a factory spec), ``--factory-kwargs``, ``--device``.
+- :func:`add_model_arguments`: ``--model`` (a factory spec), ``--factory-kwargs``, ``--trained``,
+  ``--device``; :func:`build_model` builds, loads and places the model they name.
 - :func:`add_dataset_arguments`: ``--dataset``, ``--root``, ``--split``, ``--category``, ``--transform``,
-  ``--image-size``, ``--on-bad-record``; :func:`load_dataset` reads the split they name.
+  ``--image-size``, ``--on-bad-record``, ``--skip-unreadable``; :func:`load_dataset` reads the split
+  they name.
 - :func:`add_groups_arguments` / :func:`read_groups`: duplicate groups (``--groups`` / ``--dedup``).
-- :func:`add_progress_argument`: ``--no-progress``.
+- :func:`add_progress_argument` / :func:`show_progress`: ``--progress`` (and ``--no-progress``).
 - :func:`read_triplets`: the triplet files that ``--generated`` names.
 """
 
@@ -44,8 +46,13 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--factory-kwargs`` and ``--device``."""
+    """``--model``, ``--factory-kwargs``, ``--trained`` and ``--device``."""
     add_factory_arguments(parser)
+    parser.add_argument("--trained", action="append", default=None, metavar="PATH",
+                        help="a trained result to put onto the factory's model (cp.load_trained): a stage1/stage2 "
+                             "--out folder (its best checkpoint, else its last), a checkpoint folder or a weights "
+                             ".safetensors; repeat to apply several in order, e.g. --trained runs/stage1 "
+                             "--trained runs/stage2")
     add_device_argument(parser)
 
 
@@ -69,10 +76,16 @@ def model_from_factory(args: argparse.Namespace, spec: str | None = None) -> Any
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    """The factory's model, wrapped to the protocol, on ``--device``."""
+    """The factory's model with each ``--trained`` result loaded in order, wrapped to the protocol, on
+    ``--device``."""
     from ..protocol import wrap_model
+    from ..trained import load_trained
 
-    model = wrap_model(model_from_factory(args))
+    model = model_from_factory(args)
+    for path in getattr(args, "trained", None) or ():
+        model = load_trained(model, path)
+        logger.info("loaded the trained weights of %s", path)
+    model = wrap_model(model)
     if args.device is not None:
         model = model.to(args.device)
     return model
@@ -107,16 +120,55 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
                         help="a malformed annotation record stops the run (error, default) or is logged, counted "
                              "and skipped (skip)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="decode every image first and drop those that cannot be read (missing, empty, "
+                             "corrupt, over the pixel limit) with the queries that use them: logged and counted; "
+                             "default: stop at the first one")
 
 
 def load_dataset(args: argparse.Namespace, split: str | None = None, category: str | None = None) -> Any:
-    """The :class:`~cir_plugins.data.split.Split` the dataset flags name (``split`` overrides ``--split``)."""
+    """The :class:`~cir_plugins.data.split.Split` the dataset flags name (``split`` overrides ``--split``).
+
+    With ``--skip-unreadable`` every image is decoded once here; the unreadable ones leave the gallery,
+    and the queries whose reference or target is one of them leave the triplets. Their ids are in
+    ``split.info["unreadable"]`` (a list, empty when none; absent without the flag)."""
     from ..data.fashioniq import load_split
 
     if category is None and isinstance(getattr(args, "category", None), str):
         category = args.category
-    return load_split(args.root, args.dataset, split or args.split, category, transform=args.transform,
-                      size=args.image_size, on_bad_record=args.on_bad_record)
+    loaded = load_split(args.root, args.dataset, split or args.split, category, transform=args.transform,
+                        size=args.image_size, on_bad_record=args.on_bad_record)
+    return without_unreadable(loaded) if getattr(args, "skip_unreadable", False) else loaded
+
+
+def without_unreadable(split: Any) -> Any:
+    """``split`` less its unreadable images and the triplets that use them as reference, target or subset
+    member (see :func:`load_dataset`)."""
+    import dataclasses
+
+    def used(t: Triplet) -> list[str]:  # the images a query needs: reference, target, CIRR subset members
+        return [i for i in (t.reference, t.target, *(t.members or ())) if i is not None]
+
+    ids = list(dict.fromkeys([*split.gallery_ids, *(i for t in split.triplets for i in used(t))]))
+    readable = set(split.images.readable_ids(ids))
+    unreadable = [i for i in ids if i not in readable]
+    triplets = [t for t in split.triplets if all(i in readable for i in used(t))]
+    if unreadable:
+        logger.warning("%s %s: skipped %d unreadable images and the %d queries that use them (--skip-unreadable); "
+                       "e.g. %s", split.dataset, split.split, len(unreadable), len(split.triplets) - len(triplets),
+                       unreadable[:3])
+    return dataclasses.replace(split, gallery_ids=[i for i in split.gallery_ids if i in readable], triplets=triplets,
+                               info={**split.info, "unreadable": unreadable,
+                                     "queries_dropped": len(split.triplets) - len(triplets)})
+
+
+def drop_unreadable_triplets(triplets: list[Triplet], split: Any, what: str) -> list[Triplet]:
+    """``triplets`` (e.g. read from ``--generated``) less those that use an image ``--skip-unreadable`` dropped."""
+    bad = set(split.info.get("unreadable", ()))
+    kept = [t for t in triplets if t.reference not in bad and t.target not in bad]
+    if len(kept) < len(triplets):
+        logger.warning("dropped %d %s that use unreadable images (--skip-unreadable)", len(triplets) - len(kept), what)
+    return kept
 
 
 def add_groups_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,5 +237,129 @@ def read_triplets(path: str | Path) -> list[Triplet]:
 # --- console ------------------------------------------------------------------------------------------
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
-    """``--no-progress``."""
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    """``--progress auto|always|never`` and its short form ``--no-progress``."""
+    parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                        help="progress bars on stderr: auto (only when stderr is a terminal, default), always, never")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const="never",
+                        help="the same as --progress never")
+
+
+def show_progress(args: argparse.Namespace) -> bool | str:
+    """The library's ``show_progress`` for ``--progress``: True (a bar when stderr is a terminal),
+    "always" or False."""
+    return {"auto": True, "always": "always", "never": False}[args.progress]
+
+
+# --- training (stage1, stage2) ------------------------------------------------------------------------
+
+# config fields that other flags set: --out, --progress, --val-split
+_NOT_FLAGS = ("output_dir", "show_progress")
+
+
+def _parser_of(kind: Any) -> tuple[Any, int | None]:
+    """(argparse ``type``, ``nargs``) for a config field of type ``kind``; 'none' reads as None for Optional fields."""
+    import types
+    import typing
+
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    if optional:
+        kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        return typing.get_args(kind)[0], len(typing.get_args(kind))
+    if isinstance(kind, types.UnionType) or kind not in (int, float, str):
+        return None, None
+
+    def parse(text: str) -> Any:
+        return None if optional and text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse, None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per field of ``config_cls`` (a training config dataclass), its help the field's documentation
+    (:func:`cir_plugins.training.config.field_docs`) and default; bool fields get ``--x`` / ``--no-x``."""
+    import dataclasses
+    import typing
+
+    from ..training.config import AMP_MODES, SCHEDULES, field_docs
+
+    choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "select_mode": ("max", "min")}
+    docs, hints, defaults = field_docs(config_cls), typing.get_type_hints(config_cls), config_cls()
+    group = parser.add_argument_group(f"{config_cls.__name__} fields")
+    for f in dataclasses.fields(config_cls):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+        text = f"{docs.get(f.name, f.name)} (default: {default})".replace("%", "%%")
+        if hints[f.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+        kind, nargs = _parser_of(hints[f.name])
+        if kind is None:
+            continue
+        group.add_argument(flag, type=kind, nargs=nargs, default=default, choices=choices.get(f.name), help=text,
+                           metavar=f.name.upper() if nargs else None)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """``config_cls`` from the flags :func:`add_config_arguments` declared, with ``fixed`` fields set."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+              if f.name not in _NOT_FLAGS and hasattr(args, f.name)}
+    return config_cls(**{**values, **fixed})
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """The flags both training commands share: model, dataset, ``--generated``, ``--out``, ``--resume``,
+    ``--val-split``, the config's fields and ``--progress``."""
+    add_model_arguments(parser)
+    add_dataset_arguments(parser)
+    parser.add_argument("--generated", action="append", default=None, metavar="FILE",
+                        help="JSON file of generated triplets to mix in (what cir-plugins augment writes); repeatable")
+    parser.add_argument("--out", required=True,
+                        help="output folder: checkpoints/{last,best}, history.json; load it with --trained OUT")
+    parser.add_argument("--resume", action="store_true", help="continue from {out}/checkpoints/last")
+    parser.add_argument("--val-split", default=None,
+                        help="split to evaluate after each epoch (e.g. val); the best epoch by --select-metric is "
+                             "kept as {out}/checkpoints/best")
+    add_config_arguments(parser, config_cls)
+    add_progress_argument(parser)
+
+
+def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool = True) -> list[Triplet]:
+    """The split's triplets (unless ``annotated`` is False) plus every ``--generated`` file's."""
+    triplets = list(split.triplets) if annotated else []
+    for path in args.generated or ():
+        triplets += drop_unreadable_triplets(read_triplets(path), split, f"generated triplets of {path}")
+    if not triplets:
+        raise DataError(explain("no training triplets", got=f"{args.dataset} {args.split}"
+                                + ("" if annotated else " with --generated-only"),
+                                fix="pass --generated FILE (from cir-plugins augment) or a split with triplets"))
+    return triplets
+
+
+def val_evaluator(args: argparse.Namespace) -> Any:
+    """``callable(model) -> dict`` evaluating ``--val-split`` (None without it)."""
+    if not args.val_split:
+        return None
+    from ..evaluation import evaluate
+
+    val = load_dataset(args, split=args.val_split)
+    return lambda model: evaluate(model, val, show_progress=show_progress(args))
+
+
+def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
+    """``trainer.fit``, ``{out}/history.json``, one rounded line per epoch."""
+    from .._atomic import atomic_write_json
+
+    history = trainer.fit(resume=args.resume)
+    atomic_write_json(Path(args.out) / "history.json", history, indent=1, make_parents=True)
+    for entry in history:
+        metrics = " ".join(f"{k} {v:.2f}" for k, v in entry.get("metrics", {}).items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool))
+        print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f} ({entry['time']:.1f} s) {metrics}".rstrip())
+    print(f"wrote {args.out} (load it with --trained {args.out})")
+    return 0

@@ -18,11 +18,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, explain
+from ..errors import ConfigError, DataError, explain
 from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
-                      load_dataset, model_from_factory)
+                      load_dataset, model_from_factory, show_progress)
 
-__all__ = ["configure", "run", "build_captioner"]
+__all__ = ["configure", "run", "build_captioner", "DEFAULT_RANK_WINDOWS"]
+
+# --rank-window by dataset, as fractions of N: the release's absolute windows over its training sets
+# (CIRR [10000, 15000) of 16,939 images; FashionIQ [10000, 20000) of about 46k images of the three
+# categories), so the same share of the ranking is used whatever the gallery's size
+DEFAULT_RANK_WINDOWS = {"cirr": "0.59,0.89", "fashioniq": "0.21,0.43", "synthetic": "0.59,0.89"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +38,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           help="factory spec 'file.py:function' or 'pkg.module:function' returning a callable "
                                "images -> (n, D) or a model with encode_image")
     add_device_argument(parser)
-    parser.add_argument("--rank-window", default="10000,15000",
-                        help="'a,b' absolute ranks, or fractions of N such as '0.2,0.3'; '-1' = any image")
+    parser.add_argument("--rank-window", default=None,
+                        help="where a partner is drawn from in each image's similarity ranking: 'a,b' as fractions "
+                             "of N (floats such as '0.6,0.9'), absolute ranks (ints such as '10000,15000', the "
+                             "method's release on CIRR's 16,939 training images), or '-1' for any image. Default: "
+                             + ", ".join(f"{d} {w}" for d, w in DEFAULT_RANK_WINDOWS.items())
+                             + " (the release's windows as fractions of its training sets)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the file and exit 0 even when no triplet was generated (default: an error)")
     parser.add_argument("--partners", type=int, default=1, help="partners per image")
     parser.add_argument("--templates", action="append", default=None,
                         help="preset (cirr, fashioniq, all) or a template with {reference}/{target}; repeatable "
@@ -55,9 +66,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--words", type=int, default=10, help="k in the prompt 'describe ... in {k} words' (hf:)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
     parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
-    parser.add_argument("--skip-unreadable", action="store_true",
-                        help="drop images that cannot be decoded (missing, empty, corrupt, over the pixel limit): "
-                             "logged and counted in the summary; default: stop at the first one")
     parser.add_argument("--out", required=True, help="annotation JSON to write")
     parser.add_argument("--first-pair-id", type=int, default=10_000_000, help="first pairid of generated CIRR records")
     add_progress_argument(parser)
@@ -70,8 +78,11 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
         from ..positives.captioners import HFCaptioner
 
         fashion = args.dataset == "fashioniq"
-        return HFCaptioner(rest, domain="fashion" if fashion else "general", category=args.category if fashion else None,
-                           k=args.words, device=args.device or "cpu", dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        # FashionIQ: one category for every image (--category), or image id -> category (several categories)
+        category = getattr(args, "categories", None) or (args.category if fashion else None)
+        return HFCaptioner(rest, domain="fashion" if fashion else "general", category=category,
+                           prompt=getattr(args, "prompt", None), k=args.words, device=args.device or "cpu",
+                           dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                            batch_size=args.caption_batch_size, skip_empty=args.skip_empty,
                            trust_remote_code=args.trust_remote_code)
     if kind == "file" and rest:
@@ -91,6 +102,21 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
                               expected="hf:<name-or-path>, file:<captions.json>, synthetic[:noise]"))
 
 
+def _nothing_generated(summary: dict, window: str) -> str:
+    """The error for an augment run that generated no triplet: the window, the gallery's size, the fix."""
+    n = summary["unique_images"]
+    if summary["pairs"] == 0:
+        why = (f"the rank window {window} holds no partner for any of the {summary['queries']} query images: "
+               f"each has {n - 1} others to rank (ints are absolute ranks; floats are fractions of N)")
+    else:
+        why = (f"{summary['pairs']} pairs were drawn with the rank window {window}, but every one was dropped "
+               f"({summary['skipped_same_caption']} with equal captions, {summary['skipped_no_caption']} without "
+               "a caption)")
+    return explain(f"augment generated no triplets from {summary['images']} images ({n} after merging duplicates)",
+                   got=why, fix="pass a window as fractions of N, e.g. --rank-window 0.59,0.89 (or -1 for any "
+                                "partner), check the captioner, or pass --allow-empty to write an empty file anyway")
+
+
 def _pair_encoder(args: argparse.Namespace) -> Any:
     encoder = model_from_factory(args, spec=args.pair_encoder)
     if args.device is not None and callable(getattr(encoder, "to", None)):
@@ -103,30 +129,28 @@ def run(args: argparse.Namespace) -> int:
     from ..positives.augmenter import TripletAugmenter
 
     fashion = args.dataset == "fashioniq"
+    window = args.rank_window or DEFAULT_RANK_WINDOWS[args.dataset]
     split = load_dataset(args)
     captioner = build_captioner(args.captioner, args)
     out = Path(args.out)
     augmenter = TripletAugmenter(
         captioner, _pair_encoder(args), templates=args.templates or ("fashioniq" if fashion else "cirr"),
-        rank_window=args.rank_window, partners_per_image=args.partners, seed=args.seed, dedup=not args.no_dedup,
+        rank_window=window, partners_per_image=args.partners, seed=args.seed, dedup=not args.no_dedup,
         near_duplicate_threshold=args.near_duplicate_threshold, refer_only=args.refer,
         max_triplets=args.max_triplets, cache_dir=args.cache_dir or f"{out}.cache", batch_size=args.batch_size,
         caption_batch_size=args.caption_batch_size, max_tokens=args.max_tokens, skip_empty=args.skip_empty,
-        show_progress=not args.no_progress)
-    image_ids = list(split.gallery_ids)
-    unreadable: list[str] = []
-    if args.skip_unreadable:  # one decode per image before the long steps, so none of them can fail later
-        kept = split.images.readable_ids(image_ids)
-        unreadable = sorted(set(image_ids) - set(kept))
-        image_ids = kept
-    result = augmenter.augment(image_ids, split.images, split.triplets)
+        show_progress=show_progress(args))
+    unreadable = split.info.get("unreadable", [])
+    result = augmenter.augment(list(split.gallery_ids), split.images, split.triplets)
     triplets = result.triplets
+    if not triplets and not args.allow_empty:
+        raise DataError(_nothing_generated(result.summary, window))
     if fashion:
         write_generated_fashioniq(triplets, out)
     else:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
     summary = {"dataset": args.dataset, "split": args.split, "category": args.category,
-               "captioner": captioner.name, "out": str(out), "unreadable_skipped": unreadable,
+               "captioner": captioner.name, "out": str(out), "rank_window": window, "unreadable_skipped": unreadable,
                **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
     s = result.summary

@@ -17,7 +17,7 @@ import argparse
 import logging
 
 from ._common import (add_dataset_arguments, add_groups_arguments, add_model_arguments, add_progress_argument,
-                      build_model, load_dataset, read_groups)
+                      build_model, load_dataset, read_groups, show_progress)
 
 __all__ = ["configure", "run"]
 

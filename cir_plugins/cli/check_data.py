@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, explain
-from ._common import add_progress_argument
+from ._common import add_progress_argument, show_progress
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     report = check_dataset(args.root, args.dataset, decode=args.decode, splits=splits, categories=args.category,
-                           counts=_counts(args.counts), show_progress=not args.no_progress)
+                           counts=_counts(args.counts), show_progress=show_progress(args))
     print(report.format())
     if args.report:
         print(f"report written to {report.write_json(args.report)}")

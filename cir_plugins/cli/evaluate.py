@@ -21,7 +21,7 @@ from typing import Any
 from .._atomic import atomic_write_json
 from ..errors import ConfigError, explain
 from ._common import (CATEGORIES, add_dataset_arguments, add_model_arguments, add_progress_argument,
-                      load_dataset, model_from_factory)
+                      build_model, load_dataset, show_progress)
 
 __all__ = ["configure_evaluate", "run_evaluate", "configure_submit", "run_submit"]
 
@@ -60,7 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Load the split(s), evaluate, print a table (and write JSON with --output)."""
     from ..evaluation import evaluate
 
-    model = model_from_factory(args)
+    model = build_model(args)
     if args.dataset == "fashioniq":
         wanted = args.category or ["all"]
         categories = list(CATEGORIES) if wanted == ["all"] else wanted
@@ -73,9 +73,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.category:
             raise ConfigError(explain("--category is only for FashionIQ", got=args.category))
         split = load_dataset(args)
+    dropped = sum(s.info.get("queries_dropped", 0) for s in (split if isinstance(split, list) else [split]))
+    if dropped:
+        print(f"--skip-unreadable dropped {dropped} queries: these numbers are not comparable with the full split's")
     remove = {"auto": None, "yes": True, "no": False}[args.remove_reference]
     result = evaluate(model, split, batch_size=args.batch_size, device=args.device,
-                      show_progress=not args.no_progress, remove_reference=remove)
+                      show_progress=show_progress(args), remove_reference=remove)
     protocol = result["protocol"]
     print(f"{args.dataset} {args.split}: protocol {protocol['name']}, reference removed: "
           f"{protocol['reference_removed']}")
@@ -98,9 +101,9 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.dataset == "fashioniq":
         raise ConfigError(explain("submit writes the CIRR test-server files", got="--dataset fashioniq",
                                   fix="use --dataset cirr (or synthetic); FashionIQ has no test server"))
-    model = model_from_factory(args)
+    model = build_model(args)
     split = load_dataset(args)
     path_recall, path_subset = submit_cirr(model, split, args.out_dir, batch_size=args.batch_size,
-                                           device=args.device, show_progress=not args.no_progress, name=args.name)
+                                           device=args.device, show_progress=show_progress(args), name=args.name)
     print(f"wrote {path_recall}\nwrote {path_subset}")
     return 0

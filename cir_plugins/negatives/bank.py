@@ -264,6 +264,7 @@ class NegativeBank:
         images (n, C, H, W) are given, they are encoded once); the fingerprint of the target-side
         weights (``split`` defaults to :func:`probe_split` on ``sample``, which is then required).
         """
+        protocol.require_protocol(model, "NegativeBank.check_compatible")
         problems = []
         model_similarity = protocol.similarity_of(model)
         if model_similarity != self.similarity:
@@ -321,6 +322,7 @@ class NegativeBank:
 
         Returns: a bank with embeddings (N, D) or (N, T, D), N = number of groups.
         """
+        protocol.require_protocol(model, "NegativeBank.build")
         image_ids = list(image_ids)
         if not image_ids:
             raise DataError(explain("no image ids to build a bank from", got=0, fix="pass the gallery's ids"))

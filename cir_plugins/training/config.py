@@ -10,13 +10,15 @@ none); ``schedule="cosine"`` uses transformers' ``get_cosine_schedule_with_warmu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, explain
 
-__all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES"]
+__all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES", "field_docs"]
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SCHEDULES = ("constant", "cosine")
@@ -172,3 +174,46 @@ class Stage1Config(TrainConfig):
     # in-batch: a batch's targets that are the same image (or duplicates) count once, never as negatives
     mask_duplicates: bool = True
     temperature: float = 0.01
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=]+(=.*)?$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its documentation: the ``#`` comment lines just above the field in the class body
+    (the nearest class in the MRO that documents it). The one source of each field's text: the class
+    docstrings' Attributes sections and the command line's ``--help`` are built from it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ != __name__:
+            continue
+        comment: list[str] = []
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source shipped (a frozen or .pyc-only install): names only
+            continue
+        for line in source.splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                comment.append(stripped.lstrip("#").strip())
+                continue
+            match = _FIELD_LINE.match(line)
+            if match and comment:
+                docs[match.group(1)] = " ".join(comment)
+            comment = []
+    return docs
+
+
+def _document(cls: type) -> None:
+    """Append an ``Attributes:`` section (every field: type, default, documentation) to ``cls.__doc__``,
+    so ``help(cls)`` and IDEs show what each field means."""
+    docs = field_docs(cls)
+    lines = ["", "", "    Attributes:"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"        {f.name} ({f.type}, default {default!r}): {docs.get(f.name, 'undocumented')}")
+    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n".join(lines) + "\n"
+
+
+for _cls in (TrainConfig, Stage1Config, Stage2Config):
+    _document(_cls)

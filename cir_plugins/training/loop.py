@@ -269,9 +269,7 @@ class Trainer(abc.ABC):
         if not isinstance(config, TrainConfig):
             raise ConfigError(explain("config must be a training config dataclass", got=type(config).__name__,
                                       expected="Stage1Config or Stage2Config"))
-        if not (callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))):
-            raise ModelProtocolError(explain("the model does not meet the CIR protocol", got=type(model).__name__,
-                                             fix="wrap it with cir_plugins.wrap_model(model, ...)"))
+        protocol.require_protocol(model, type(self).__name__)
         self.evaluator = as_evaluator(evaluator, evaluate, config)  # evaluate= (deprecated) becomes an Evaluator
         self.model = model
         self.images = images
