@@ -120,3 +120,16 @@ def test_images_are_targetpadded_not_plainly_resized(checkpoint):
     assert x.shape == (3, 32, 32)
     torch.testing.assert_close(x[:, 0, :], black.expand(3, 32), atol=1e-5, rtol=0)  # top row is padding
     assert x[0, 16, 2] > x[2, 16, 2] and x[2, 16, -3] > x[0, 16, -3]  # red left edge and blue right edge survive
+
+
+def test_texts_get_sprcs_caption_cleaning(checkpoint):
+    from examples.blip2_sprc.model import clean_caption
+
+    assert clean_caption('Make it RED!!  (and "shiny"): now~') == "make it red and shiny now"
+    assert clean_caption(" ".join(f"w{k}" for k in range(60))) == " ".join(f"w{k}" for k in range(50))
+    model = load(str(checkpoint))
+    noisy, plain = model._tokenize(["Make it RED!! (now)"], torch.device("cpu")), \
+        model._tokenize(["make it red now"], torch.device("cpu"))
+    assert torch.equal(noisy[0], plain[0])
+    model.model.clean_texts = False  # the option that turns it off keeps the punctuation
+    assert not torch.equal(model._tokenize(["Make it RED!! (now)"], torch.device("cpu"))[0], plain[0])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +39,18 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SPRCRetriever", "make_tiny_checkpoint"]
+__all__ = ["SPRCRetriever", "clean_caption", "make_tiny_checkpoint"]
+
+_CAPTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+
+
+def clean_caption(text: str, max_words: int = 50) -> str:
+    """The text cleaning SPRC applies to every modification text (LAVIS's ``blip_caption`` processor):
+    lower case; each of ``. ! " ( ) * # : ; ~`` becomes a space; runs of two or more whitespace characters
+    become one space; surrounding spaces go; at most ``max_words`` space-separated words are kept."""
+    text = _CAPTION_PUNCTUATION.sub(" ", text.lower())
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
 
 
 def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> None:
@@ -76,7 +88,8 @@ class SPRCRetriever(nn.Module):
     reference_uses_text = True
     similarity = "max_token"
 
-    def __init__(self, blip: nn.Module, tokenizer, image_processor=None, *, max_text_length: int = 32) -> None:
+    def __init__(self, blip: nn.Module, tokenizer, image_processor=None, *, max_text_length: int = 32,
+                 clean_texts: bool = True) -> None:
         super().__init__()
         qformer_config = blip.config.qformer_config
         if not getattr(qformer_config, "use_qformer_text_input", False):
@@ -95,10 +108,11 @@ class SPRCRetriever(nn.Module):
         self._warned_truncation = False  # one truncation warning per model
         self.image_processor = image_processor
         self.max_text_length = min(int(max_text_length), int(qformer_config.max_position_embeddings))
+        self.clean_texts = bool(clean_texts)  # SPRC's caption cleaning (clean_caption) before tokenising
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, max_text_length: int = 32,
+    def from_pretrained(cls, name_or_path: str | Path, *, max_text_length: int = 32, clean_texts: bool = True,
                         trust_remote_code: bool = False, **kwargs) -> "SPRCRetriever":
         """Load a Hub name or a local directory holding a BLIP-2 retrieval checkpoint + tokenizer.
 
@@ -116,7 +130,7 @@ class SPRCRetriever(nn.Module):
         except OSError:  # a checkpoint without preprocessor_config.json: the caller brings a transform
             logger.warning("no image processor in %s; pixel values must be prepared by the caller", name_or_path)
             image_processor = None
-        return cls(blip.eval(), tokenizer, image_processor, max_text_length=max_text_length)
+        return cls(blip.eval(), tokenizer, image_processor, max_text_length=max_text_length, clean_texts=clean_texts)
 
     # ------------------------------------------------------------------------------------ images
     def preprocess_settings(self) -> dict:
@@ -149,6 +163,7 @@ class SPRCRetriever(nn.Module):
 
     # ----------------------------------------------------------------------------------- queries
     def _tokenize(self, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [clean_caption(t) for t in texts] if self.clean_texts else list(texts)
         batch = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_text_length,
                                return_tensors="pt")
         warn_if_truncated(self, self.tokenizer, list(texts), batch["attention_mask"], self.max_text_length)
