@@ -14,7 +14,13 @@ re-run skips ids already in the cache; a run killed half way loses at most the b
 torn last line (killed mid-write) is ignored, counted and cut off before the next append.
 
 One cache file holds one captioner's captions: opening it with another captioner name is a
-ConfigError (the augmenter names its cache file after the captioner, so they never collide).
+ConfigError (the augmenter names its cache file after the captioner, so they never collide). A
+:class:`PrecomputedCaptioner`'s name includes a hash of its file's captions, so editing or
+replacing the file (even under the same name) starts a fresh cache instead of returning the old
+captions. Processes sharing one cache take an exclusive lock (``<cache>.lock``, ``fcntl.flock``;
+POSIX only) to read, cut or append it, so an opener never cuts off a line another live process is
+still writing: a torn last line can only come from a dead writer. An empty cached caption is never
+returned: the line is ignored (counted in ``empty_lines``) and the image captioned again.
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .._console import progress_bar
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the cache is then not locked against other processes
+    fcntl = None
 
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
 
@@ -347,7 +358,9 @@ class PrecomputedCaptioner:
             raise ConfigError(explain("the captions file does not exist", got=str(self.path),
                                       fix="give a JSON {id: caption} or JSONL file"))
         self.captions = _read_caption_file(self.path)
-        self.name = f"file:{self.path.name}"
+        content = json.dumps(sorted(self.captions.items()), ensure_ascii=False).encode()
+        # the captions' hash keys the cache: another file of the same name never reuses these captions
+        self.name = f"file:{self.path.name}:{hashlib.blake2b(content, digest_size=6).hexdigest()}"
 
     def __call__(self, image_ids: list[str], images: list[Any]) -> list[str]:
         missing = [i for i in image_ids if i not in self.captions]
@@ -364,13 +377,37 @@ def cache_file_name(captioner_name: str) -> str:
     return f"captions-{slug}-{hashlib.blake2b(captioner_name.encode(), digest_size=4).hexdigest()}.jsonl"
 
 
+class _CacheLock:
+    """Exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``), held while a cache file is read, cut or
+    appended; released by the kernel when its process dies. A no-op where fcntl is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_CacheLock":
+        if fcntl is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 class CaptionCache:
     """Append-only JSONL caption cache for one captioner.
 
     Each line: ``{"id": str, "caption": str, "captioner": str}``. Opening reads every complete
     line; a torn last line (no newline, unparsable) is counted in ``torn_lines`` and cut off so the
-    next append starts clean. A malformed line elsewhere is an AnnotationError; a line written by
-    another captioner is a ConfigError.
+    next append starts clean. A line with an empty caption is ignored and counted in
+    ``empty_lines`` (its image is captioned again). A malformed line elsewhere is an
+    AnnotationError; a line written by another captioner is a ConfigError. Reading and appending
+    hold :class:`_CacheLock`, so processes sharing the file never cut each other's lines.
     """
 
     def __init__(self, path: str | os.PathLike, captioner_name: str) -> None:
@@ -378,8 +415,11 @@ class CaptionCache:
         self.captioner_name = captioner_name
         self.captions: dict[str, str] = {}
         self.torn_lines = 0
+        self.empty_lines = 0
+        self._lock = _CacheLock(self.path)
         if self.path.exists():
-            self._load()
+            with self._lock:
+                self._load()
 
     def _load(self) -> None:
         data = self.path.read_bytes()
@@ -408,8 +448,14 @@ class CaptionCache:
                 raise ConfigError(explain(f"{self.path} holds captions of another captioner",
                                           got=record["captioner"], expected=self.captioner_name,
                                           fix="use a separate cache file per captioner (see cache_file_name)"))
-            self.captions[record["id"]] = record["caption"]
             good_end += len(raw) + 1
+            if not record["caption"].strip():
+                self.empty_lines += 1
+                logger.warning("caption cache %s:%d: ignoring an empty caption of %r (it will be captioned again)",
+                               self.path, number, record["id"])
+                self.captions.pop(record["id"], None)
+                continue
+            self.captions[record["id"]] = record["caption"]
         if self.torn_lines:
             with open(self.path, "r+b") as handle:  # cut the torn tail so appends start on a fresh line
                 handle.truncate(good_end)
@@ -429,7 +475,7 @@ class CaptionCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = "".join(json.dumps({"id": i, "caption": c, "captioner": self.captioner_name}, ensure_ascii=False)
                           + "\n" for i, c in items)
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
@@ -477,7 +523,7 @@ def caption_images(
     todo = [i for i in ids if i not in known]
     run = CaptionRun(captions={}, cached=len(ids) - len(todo), torn_lines=cache.torn_lines if cache else 0)
     load = pil_source(images)
-    bar = tqdm(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", disable=not show_progress)
+    bar = progress_bar(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", show_progress=show_progress)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         captions = captioner(batch, [load(i) for i in batch])
