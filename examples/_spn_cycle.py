@@ -9,9 +9,7 @@ extra commands) and describes it with a :class:`CycleSpec`; everything else is h
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +20,14 @@ import torch
 
 import cir_plugins as cp
 from cir_plugins.data.synthetic import COLORS, EDIT_TYPES, POSITIONS, SHAPES, SIZES, SyntheticCaptioner, make_world
+from cir_plugins.recipes import load_recipe
+from cir_plugins.recipes.run import reproduce
 
-__all__ = ["TINY_WORLD", "WORLD_WORDS", "CycleSpec", "atomic_json", "recalls", "run_cycle", "make_parser",
+__all__ = ["TINY_WORLD", "WORLD_WORDS", "CycleSpec", "recalls", "run_cycle", "make_parser",
            "add_tiny_checkpoint_command", "add_cycle_command", "setup_logging", "run_and_report"]
 
+# the partner window on the world, as fractions of N (it has a few hundred to a few thousand images)
+CYCLE_WINDOW = (0.25, 0.75)
 # a world small enough for one CPU minute; "quick" and "default" are the library's presets
 TINY_WORLD = dict(n_train_triplets=24, n_train_unlabelled=24, n_val_queries=12, n_val_distractors=12,
                   n_test_queries=0, n_test_distractors=0)
@@ -52,26 +54,17 @@ class CycleSpec:
     stage2: Mapping[str, Any] = field(default_factory=dict)
 
 
-def atomic_json(path: Path, data) -> None:
-    """Write ``data`` as JSON atomically (temp file in the same folder, fsync, os.replace)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=float)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def recalls(metrics: dict) -> dict:
     """The recall entries of an ``evaluate`` result (R@K, Rs@K, Rmean), rounded to 2 decimals."""
     return {k: round(float(v), 2) for k, v in metrics.items() if k.startswith(("R@", "Rs@", "Rmean"))}
 
 
 def run_cycle(args: argparse.Namespace, spec: CycleSpec, logger: logging.Logger) -> dict:
-    """One SPN cycle; returns (and writes to {out}/results.json) the metrics before and after stage 2.
+    """One SPN cycle; returns the metrics before and after stage 2 (``reproduce`` writes {out}/results.json).
 
     ``args`` carries model, world, world_size, data, out, epochs, batch_size, lr, steps_per_epoch, seed and
-    progress (the ``cycle`` command's options); ``logger`` is the calling example's.
+    progress (the ``cycle`` command's options); ``logger`` is the calling example's. Steps 2-4 are the library's
+    ``reproduce`` with the CIRR recipe on the world (window as a share of N) and the example's stage-2 row.
     """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +79,6 @@ def run_cycle(args: argparse.Namespace, spec: CycleSpec, logger: logging.Logger)
         captioner = SyntheticCaptioner(root)
     transform = spec.transform(model)
     train = cp.load_cirr(root, "train", transform=transform)
-    val = cp.load_cirr(root, "val", transform=transform)
 
     # 1. the protocol dry run
     probe = list(train.triplets[:2])
@@ -95,40 +87,22 @@ def run_cycle(args: argparse.Namespace, spec: CycleSpec, logger: logging.Logger)
     logger.info("%s", report)
     report.raise_if_failed()
 
-    # 2. more positives: generated triplets from every train image
-    triplets = list(train.triplets)
-    if captioner is not None:
-        augmenter = cp.TripletAugmenter(captioner, spec.pair_encoder(model), templates="cirr",
-                                        rank_window=(0.25, 0.75), partners_per_image=1, seed=args.seed,
-                                        show_progress=args.progress)
-        generated = augmenter.augment(list(train.gallery_ids), train.images)
-        triplets += [t for t in generated if t.source == "generated"]  # "plus": appended to the annotated
-    logger.info("training triplets: %d annotated + %d generated", len(train.triplets),
-                len(triplets) - len(train.triplets))
-
-    # 3. more negatives: a static bank of every train image ((N, D) or (N, T, D))
-    bank = cp.NegativeBank.build(model, list(train.gallery_ids), train.images, batch_size=args.batch_size,
-                                 show_progress=args.progress)
-    bank.save(out / "bank.safetensors")
-    logger.info("bank %s", tuple(bank.embeddings.shape))
-
-    # 4. stage 2 with the example's row of hyper-parameters
-    def evaluate(m):
-        return cp.evaluate(m, val, batch_size=args.batch_size, show_progress=args.progress)
-
-    before = evaluate(model)
-    config = cp.Stage2Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             steps_per_epoch=args.steps_per_epoch, seed=args.seed, output_dir=str(out),
-                             show_progress=args.progress, **spec.stage2)
-    trainer = cp.Stage2Trainer(model, bank, triplets, train.images, config=config, evaluate=evaluate)
-    history = trainer.fit()
-    after = evaluate(model)
-    results = {"model": str(args.model), "data": str(root), "bank_shape": list(bank.embeddings.shape),
-               "triplets": {"annotated": len(train.triplets), "total": len(triplets)},
-               "before": recalls(before), "after": recalls(after),
-               "history": [{k: v for k, v in h.items() if k != "metrics"} for h in history]}
-    atomic_json(out / "results.json", results)
-    return results
+    # 2-4. more positives (generated triplets from every train image, appended to the annotated ones), more
+    # negatives (a static bank of every train image), stage 2 with the example's row, evaluation on val
+    recipe = load_recipe("clip4cir-cirr").on_synthetic(CYCLE_WINDOW)
+    stage2 = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "steps_per_epoch": args.steps_per_epoch, **spec.stage2}
+    result = reproduce(recipe, model, root, output_dir=out, captioner=captioner,
+                       pair_encoder=spec.pair_encoder(model), transform=transform, stage2_overrides=stage2,
+                       seed=args.seed, eval_batch_size=args.batch_size, show_progress=args.progress)
+    logger.info("training triplets: %d annotated + %d generated; bank %s", result.triplets["annotated"],
+                result.triplets["generated"], tuple(result.bank_shape))
+    results = {"model": str(args.model), "data": str(root), "bank_shape": list(result.bank_shape),
+               "triplets": {"annotated": result.triplets["annotated"],
+                            "total": result.triplets["annotated"] + result.triplets["generated"]},
+               "before": recalls(result.before), "after": recalls(result.after),
+               "history": [{k: v for k, v in h.items() if k != "metrics"} for h in result.history]}
+    return results  # {out}/results.json: reproduce's full record (recipe, per-epoch metrics, augment summary)
 
 
 def make_parser(prog: str, doc: str) -> tuple[argparse.ArgumentParser, Any]:

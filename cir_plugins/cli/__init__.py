@@ -28,6 +28,7 @@ COMMANDS = {
     "evaluate": ("cir_plugins.cli.evaluate", "evaluate with the FashionIQ or CIRR protocol"),
     "submit": ("cir_plugins.cli.evaluate", "write the two CIRR test-server files"),
     "convert": ("cir_plugins.cli.convert", "a torch.save checkpoint -> safetensors, read weights-only (no code runs)"),
+    "recipe": ("cir_plugins.cli.recipe", "the paper's recipes per model and dataset: list, show, run one end to end"),
     "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
 }
 

@@ -13,7 +13,9 @@ FashionIQ (``cap.{category}.*.json`` shape)::
     {"candidate": id, "target": id, "captions": [c0, c1], "source": "generated",
      "texts": [every candidate text], "reference_caption": ..., "target_caption": ..., "templates": [...]}
 
-The FashionIQ loader expects exactly two ``captions``; a triplet with one candidate text is written
+A generated pair has no 6-image set, so ``load_cirr(root, split, set_size=None)`` reads a CIRR file of
+generated records (its default insists on CIRR's 6 members). The FashionIQ loader expects exactly two
+``captions``; a triplet with one candidate text is written
 with ``captions = [t, t]`` (and with three or more, the first two), so ``load_fashioniq`` can read
 the file; the exact candidate texts are in ``texts``, which :func:`read_generated_fashioniq` uses.
 The dataset loaders ignore the extra fields. Files are written atomically (temp file in the same

@@ -180,6 +180,17 @@ class Recipe:
             sections[section][key] = value
         return Recipe(**{**self.__dict__, **sections})
 
+    def on_synthetic(self, rank_window: tuple[float, float]) -> "Recipe":
+        """This CIRR recipe on the synthetic world (CIRR layout, a few thousand images): the same settings,
+        the rank window as fractions of N (the release's absolute ranks exceed the world's size), no
+        published numbers. Named ``<model>-synthetic``."""
+        if self.dataset != "cirr":
+            raise ConfigError(explain("the synthetic world has the CIRR layout and protocol: start from a CIRR "
+                                      "recipe", got=self.name, fix=f"use {self.model}-cirr"))
+        generation = Generation(**{**self.generation.__dict__, "rank_window": tuple(rank_window)})
+        return Recipe(**{**self.__dict__, "name": f"{self.model}-synthetic", "dataset": "synthetic",
+                         "generation": generation, "published": None})
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe as its JSON file holds it."""
         out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,

@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
@@ -159,16 +159,6 @@ class ReproduceResult:
                 "rows": [list(r) for r in self.rows()], **self.extra}
 
 
-def _augment(augmenter: Any, image_ids: Sequence[str], images: Any, annotated: Sequence[Triplet]
-             ) -> tuple[list[Triplet], dict[str, str], dict]:
-    """The augmenter's triplets, duplicate groups and summary (from its result object, or from the
-    augmenter's ``last_*`` attributes while augment still returns a bare list)."""
-    out = augmenter.augment(list(image_ids), images, annotated=list(annotated))
-    if isinstance(out, list):
-        return out, dict(augmenter.last_groups), dict(augmenter.last_summary)
-    return list(out.triplets), dict(out.groups), dict(out.summary)
-
-
 def _bank_ids(recipe: Recipe, data: TrainingData, triplets: Sequence[Triplet]) -> list[str]:
     if recipe.bank["images"] == "all":
         return list(data.image_ids)
@@ -190,7 +180,8 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
             differences).
         model: the CIR model (protocol: encode_image, compose_query, ...); trained in place.
         root: the dataset root (CIRR rc2 or FashionIQ layout).
-        output_dir: checkpoints, bank, generated triplets and ``results.json`` go here.
+        output_dir: ``generated.json``, ``bank.safetensors``, ``stage2/`` (and ``stage1/``) checkpoints and
+            ``results.json`` go here.
         captioner: a captioner (see positives.captioners) for the generation step.
         generated: a generated-triplet file to use instead of captioning (either schema, see
             :func:`~cir_plugins.positives.annotations.read_generated`). With neither, stage 2 trains on the
@@ -213,6 +204,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     from ..negatives.bank import NegativeBank
     from ..positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
+    from ..training.evaluator import Evaluator
     from ..training.stage1 import Stage1Trainer
     from ..training.stage2 import Stage2Trainer
 
@@ -234,6 +226,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         return evaluate(m, val, remove_reference=remove_reference, batch_size=eval_batch_size,
                         show_progress=False)
 
+    selection = Evaluator(measure, metric="Rmean", mode="max")  # FashionIQ: Rmean of the categories' averages
     before = measure(model) if evaluate_before else None
 
     # 1. more positives
@@ -250,8 +243,8 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         augmenter = TripletAugmenter(captioner, pair_encoder if pair_encoder is not None else model, seed=seed,
                                      dedup=recipe.bank["dedup"], cache_dir=caption_cache or out / "captions",
                                      batch_size=eval_batch_size, show_progress=show_progress, **kwargs)
-        made, groups, augment_info = _augment(augmenter, data.image_ids, data.images, data.triplets)
-        made = [t for t in made if t.source == "generated"]
+        augmented = augmenter.augment(list(data.image_ids), data.images, annotated=list(data.triplets))
+        made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
         writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
         writer(made, out / "generated.json")
     annotated = list(data.triplets) if recipe.generation.annotated else []
@@ -265,24 +258,22 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     # zero-shot rows: in-batch stage 1 on the generated triplets before the bank
     stage1_history = None
     if train_stage1 if train_stage1 is not None else recipe.stage1_training is not None:
-        config1 = recipe.stage1_config(**{"seed": seed, "output_dir": str(out / "stage1"), "select_metric": "Rmean",
+        config1 = recipe.stage1_config(**{"seed": seed, "output_dir": str(out / "stage1"),
                                           "show_progress": show_progress, **(stage1_overrides or {})})
-        trainer1 = Stage1Trainer(model, triplets, data.images, config=config1, evaluate=measure, groups=groups)
-        stage1_history = trainer1.fit()
-        trainer1.load_weights("best")
+        stage1_history = Stage1Trainer(model, triplets, data.images, config=config1, evaluator=selection,
+                                       groups=groups).fit()  # ends on the best epoch's weights
 
     # 2. more negatives: the static bank (one row per group of identical images)
     bank_ids = _bank_ids(recipe, data, triplets)
     bank_groups = {i: groups[i] for i in bank_ids if i in groups} if groups and recipe.bank["dedup"] else None
     bank = NegativeBank.build(model, bank_ids, data.images, groups=bank_groups, dedup=recipe.bank["dedup"],
                               batch_size=eval_batch_size, show_progress=show_progress)
+    bank.save(out / "bank.safetensors")
 
     # 3. stage 2 with the recipe's settings; the best epoch by the validation Rmean (FashionIQ: the average)
-    config2 = recipe.stage2_config(**{"seed": seed, "output_dir": str(out / "stage2"), "select_metric": "Rmean",
+    config2 = recipe.stage2_config(**{"seed": seed, "output_dir": str(out / "stage2"),
                                       "show_progress": show_progress, **(stage2_overrides or {})})
-    trainer2 = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluate=measure)
-    history = trainer2.fit()
-    trainer2.load_weights("best")
+    history = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluator=selection).fit()
 
     # 4. evaluate with the recipe's protocol
     after = measure(model)

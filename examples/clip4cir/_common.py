@@ -148,6 +148,15 @@ def load_checkpoint(path: str, *, fusion: str | None = None, device: str = "cpu"
     return model.to(device)
 
 
+def factory(checkpoint: str, fusion: str | None = None, device: str = "cpu"):
+    """The model factory of ``cir-plugins recipe run clip4cir-* --model examples/clip4cir/_common.py:factory
+    --factory-kwargs '{"checkpoint": DIR}'``: a checkpoint (save_checkpoint's, a converted stage-1 one, or any
+    CLIP hub name / directory) wrapped with stage 2 training the text tower (+ the Combiner)."""
+    from wrap import wrap
+
+    return wrap(load_checkpoint(checkpoint, fusion=fusion, device=device))
+
+
 class Timer:
     """Prints one line per step with its time, and the total."""
 
