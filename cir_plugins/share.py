@@ -1,0 +1,263 @@
+"""Share a trained result: a folder a user can publish (:func:`save_trained`) and its upload (:func:`push_to_hub`).
+
+The folder holds what :func:`cir_plugins.load_trained` reads back, and what a reader needs to trust it::
+
+    weights.safetensors   the trainable weights (and a learned temperature), by parameter name
+    cir_plugins.json      format, stage, config, the bank's fingerprint, the evaluation table, the history
+    README.md             a model card: how to load it, the evaluation table, the recipe (config), the bank
+
+Only the weights training changed are saved, so the result is applied to the base model it was trained
+from (the same factory and pretrained weights); a stage-2 result trained on top of a stage-1 run
+saves both in one file with ``on_top_of=["runs/stage1"]``::
+
+    cp.save_trained("runs/stage2", "share/my-model", on_top_of=["runs/stage1"], bank=bank,
+                    evaluation={"CIRR val": cp.evaluate(model, val)}, base_model="my_factory.py:build")
+    cp.push_to_hub("share/my-model", "me/my-model")              # needs huggingface_hub and a token
+    model = cp.load_trained(build(), "share/my-model")             # anyone, after downloading the folder
+
+``huggingface_hub`` is optional (``pip install "cir_plugins[hub]"``); nothing else here uses the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import save
+
+from . import __version__
+from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from .errors import CheckpointError, ConfigError, explain
+from .trained import SHARED_FILE, SHARED_FORMAT, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
+
+__all__ = ["save_trained", "push_to_hub", "model_card"]
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+
+
+def _from_trainer(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """(weights incl. temperature, info, bank or None) of a trainer after ``fit`` (its model's weights now)."""
+    weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in trainer._named_state().items()}
+    info = {"stage": trainer.stage, "config": trainer.config.to_dict(), "history": list(trainer.history),
+            "best_epoch": getattr(trainer, "best_epoch", None)}
+    return weights, info, getattr(trainer, "bank", None)
+
+
+def _from_path(path: str | os.PathLike, checkpoint: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    result = read_trained(path, checkpoint=checkpoint)
+    weights = dict(result.weights)
+    if result.temperature is not None:
+        weights[TEMPERATURE_NAME] = torch.tensor(math.log(result.temperature), dtype=torch.float32)
+    info = {key: result.info[key] for key in ("stage", "config", "history", "best_epoch", "bank", "evaluation",
+                                             "base_model", "recipe") if key in result.info}
+    fingerprints = result.info.get("fingerprints") or {}
+    if "bank" not in info and fingerprints.get("bank"):
+        info["bank"] = {"content_fingerprint": fingerprints["bank"]}
+    info["source"] = str(result.source)
+    return weights, info
+
+
+def _bank_info(bank: Any) -> dict[str, Any]:
+    from .training.checkpoint import bank_fingerprint  # noqa: PLC0415 (the checkpoint's content hash, once)
+
+    return {"fingerprint": str(bank.fingerprint), "content_fingerprint": bank_fingerprint(bank),
+            "rows": int(bank.embeddings.shape[0]), "ids": len(bank.ids), "similarity": bank.similarity,
+            "shape": list(bank.embeddings.shape[1:])}
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _evaluation_table(evaluation: Mapping[str, Any] | None, info: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """name -> {metric: value}: the given evaluation (one flat dict is one row, "evaluation"), else the
+    selected (or last) epoch's validation metrics from the history."""
+    if evaluation:
+        nested = all(isinstance(v, Mapping) for v in evaluation.values())
+        rows = dict(evaluation) if nested else {"evaluation": evaluation}
+        return {str(name): _numbers(metrics) for name, metrics in rows.items()}
+    history = [e for e in info.get("history") or [] if e.get("metrics")]
+    if not history:
+        return {}
+    best = info.get("best_epoch")
+    entry = next((e for e in history if e.get("epoch") == best), history[-1])
+    return {f"validation during training (epoch {entry['epoch']})": _numbers(entry["metrics"])}
+
+
+def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
+    """The README.md of a shared folder, from its ``cir_plugins.json`` document."""
+    title = title or document.get("name") or "A composed image retrieval model trained with cir_plugins"
+    stage = document.get("stage", "?")
+    lines = ["---", "library_name: cir_plugins", "tags:", "- composed-image-retrieval", "- cir_plugins", "---", "",
+             f"# {title}", "",
+             f"The trainable weights of a {stage.replace('stage', 'stage-')} result of the cir_plugins library "
+             f"(version {document.get('library_version', '?')}): {len(document.get('trainable', []))} parameter tensors, "
+             f"{document.get('trainable_scalars', 0):,} values. They go on the base model they were trained from; "
+             "the rest of that model is not in this folder.", "",
+             "## How to load it", "", "```python", "import cir_plugins as cp", ""]
+    base = document.get("base_model")
+    lines += [f"model = build()  # the base model: {base}" if base else
+              "model = build()  # the base model this result was trained from (same factory, same pretrained weights)",
+              "model = cp.load_trained(model, \"path/to/this/folder\")  # names and shapes are checked",
+              "```", "",
+              "From the Hub: `huggingface_hub.snapshot_download(repo_id)` gives the folder to pass to `load_trained`.",
+              "On the command line: `cir-plugins evaluate --model FACTORY --trained path/to/this/folder ...`.", ""]
+    table = document.get("evaluation") or {}
+    lines += ["## Evaluation", ""]
+    if table:
+        metrics = list(dict.fromkeys(k for row in table.values() for k in row))
+        lines += ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for name, row in table.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[m]:.2f}" if m in row else "" for m in metrics) + " |")
+        lines += ["", "Recalls in percent; each row is named by the split (and protocol) it was measured on."]
+    else:
+        lines.append("No evaluation was recorded with this result.")
+    bank = document.get("bank") or {}
+    lines += ["", "## The negative bank", ""]
+    if bank:
+        lines += [f"- target-side fingerprint (the weights that built the bank): `{bank.get('fingerprint', '?')}`",
+                  f"- content fingerprint (ids, rows, weights): `{bank.get('content_fingerprint', '?')}`"]
+        if "rows" in bank:
+            lines.append(f"- {bank['rows']} rows for {bank['ids']} image ids, similarity {bank['similarity']!r}, "
+                         f"row shape {bank['shape']}")
+        lines += ["", "A bank built by the loaded model has the same target-side fingerprint "
+                  "(`NegativeBank.build(...).fingerprint`); another fingerprint means another base model."]
+    else:
+        lines.append("No bank was recorded (a stage-1 result trains against in-batch negatives).")
+    recipe = document.get("recipe")
+    config = document.get("config") or {}
+    lines += ["", "## Recipe", ""]
+    if recipe:
+        lines += ["```json", json.dumps(recipe, indent=1, sort_keys=True), "```", ""]
+    if config:
+        lines += ["| setting | value |", "|---|---|"]
+        lines += [f"| {key} | `{json.dumps(value)}` |" for key, value in config.items()
+                  if key not in ("output_dir", "show_progress")]
+    history = document.get("history") or []
+    if history:
+        lines += ["", "## Training history", "", "| epoch | loss | steps | " +
+                  " | ".join(_numbers(history[-1].get("metrics", {}))) + " |",
+                  "|---|---|---|" + "---|" * len(_numbers(history[-1].get("metrics", {})))]
+        for entry in history:
+            values = _numbers(entry.get("metrics", {}))
+            lines.append(f"| {entry.get('epoch')} | {entry.get('loss', float('nan')):.4f} | {entry.get('steps')} | "
+                         + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
+        if document.get("best_epoch"):
+            lines.append(f"\nThe weights are those of epoch {document['best_epoch']} (the best by the evaluator).")
+    return "\n".join(lines) + "\n"
+
+
+def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[str | os.PathLike] = (),
+                 bank: Any = None, evaluation: Mapping[str, Any] | None = None, base_model: str | None = None,
+                 recipe: Mapping[str, Any] | None = None, name: str | None = None, checkpoint: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a stage-1 / stage-2 result as a folder to publish (see the module doc); returns the folder.
+
+    Args:
+        source: a trainer after ``fit`` (its model's current weights: the best epoch's by default), or a
+            path :func:`cir_plugins.load_trained` accepts (a run's output folder, a checkpoint folder, ...).
+        folder: the folder to write (a new one; ``overwrite=True`` replaces an existing one).
+        on_top_of: earlier results this one was trained on (e.g. the stage-1 run under a stage-2 run):
+            their weights are merged under this result's, so one ``load_trained`` reproduces the model.
+        bank: the NegativeBank of a stage-2 result (a stage-2 trainer's own bank by default); its
+            fingerprints go in the JSON and the card.
+        evaluation: the evaluation table: ``{row name: cp.evaluate(...) dict}`` or one such dict; default:
+            the selected epoch's validation metrics from the history.
+        base_model: how to build the base model (e.g. "my_factory.py:build" or a Hub model id), for the card.
+        recipe: a JSON-ready description of how the result was made (e.g. a recipe's dict), for the card.
+        name: the card's title.
+        checkpoint: "best" or "last" when ``source`` is a run folder (default: best when present).
+
+    The folder is written under a temporary name and renamed into place, so it is never half-written.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ConfigError(explain("the folder to share into exists", got=str(folder),
+                                  fix="choose a new folder, or pass overwrite=True to replace it"))
+    if hasattr(source, "_named_state") and hasattr(source, "config"):
+        weights, info, trainer_bank = _from_trainer(source)
+        bank = bank if bank is not None else trainer_bank
+    elif isinstance(source, (str, os.PathLike)):
+        weights, info = _from_path(source, checkpoint)
+    else:
+        raise ConfigError(explain("save_trained needs a trainer or the path of a trained result",
+                                  got=type(source).__name__, fix="pass the trainer after fit, or its output_dir"))
+    merged: dict[str, torch.Tensor] = {}
+    for earlier in on_top_of:
+        below, _ = _from_path(earlier, None)
+        below.pop(TEMPERATURE_NAME, None)  # the temperature is this result's own
+        merged.update(below)
+    merged.update(weights)
+    parameters = {k: v for k, v in merged.items() if k != TEMPERATURE_NAME}
+    document: dict[str, Any] = {
+        "format": SHARED_FORMAT, "version": 1, "library_version": __version__, "name": name,
+        "stage": info.get("stage"), "trainable": sorted(parameters),
+        "trainable_scalars": sum(t.numel() for t in parameters.values()),
+        "on_top_of": [str(p) for p in on_top_of], "base_model": base_model or info.get("base_model"),
+        "config": info.get("config"), "best_epoch": info.get("best_epoch"), "history": info.get("history") or [],
+        "bank": _bank_info(bank) if bank is not None else info.get("bank"),
+        "evaluation": _evaluation_table(evaluation, info) or info.get("evaluation") or {},
+        "recipe": dict(recipe) if recipe is not None else info.get("recipe"),
+    }
+    try:
+        json.dumps(document)
+    except TypeError as error:
+        raise ConfigError(explain("the recipe or evaluation is not JSON-ready", got=str(error),
+                                  fix="pass plain dicts, lists, strings and numbers")) from error
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    atomic_write_bytes(tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in merged.items()},
+                                                metadata={"format": SHARED_FORMAT}))
+    atomic_write_json(tmp / SHARED_FILE, document, indent=1)
+    atomic_write_bytes(tmp / CARD_FILE, model_card(document, title=name).encode("utf-8"))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    logger.info("saved a %s result (%d tensors) to %s", document["stage"], len(parameters), folder)
+    return folder
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = True,
+                revision: str | None = None, commit_message: str | None = None) -> str:
+    """Upload a folder written by :func:`save_trained` to the Hugging Face Hub; returns the commit's URL.
+
+    Needs ``huggingface_hub`` (``pip install "cir_plugins[hub]"``), a token (``token=``, ``HF_TOKEN`` or
+    ``huggingface-cli login``) and the network. The repository is created when missing (private by
+    default: publishing is a deliberate step).
+    """
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / SHARED_FILE).is_file():
+        raise CheckpointError(explain("not a folder written by save_trained", got=str(folder),
+                                      expected=f"{WEIGHTS_FILE} and {SHARED_FILE} in it",
+                                      fix="write it with cp.save_trained(run_or_trainer, folder) first"))
+    try:
+        import huggingface_hub  # noqa: PLC0415 (optional)
+    except ImportError as error:
+        raise ConfigError(explain("push_to_hub needs the huggingface_hub package", got=str(error),
+                                  fix='pip install "cir_plugins[hub]"')) from error
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise ConfigError(explain("no Hugging Face token", got=None,
+                                  fix="pass token=..., set HF_TOKEN, or run `huggingface-cli login`"))
+    api = huggingface_hub.HfApi()
+    api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, revision=revision,
+                             commit_message=commit_message or f"cir_plugins result from {folder.name}")
+    url = str(getattr(info, "commit_url", info))
+    logger.info("uploaded %s to %s", folder, url)
+    return url
