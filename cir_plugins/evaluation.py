@@ -23,6 +23,8 @@ tokens for (N, T, D) galleries).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import warnings
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._atomic import atomic_write_json
+from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from ._utils import eval_mode, model_device
 from .errors import ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, SubmissionError, explain
 from .metrics import retrieval_metrics, topk_rows
@@ -49,6 +51,7 @@ __all__ = [
     "write_cirr_submission",
     "submit_cirr",
     "validate_cirr_submission",
+    "check_cirr_submission",
     "embed_images",
     "CIRR_KS",
     "CIRR_SUBSET_KS",
@@ -520,7 +523,13 @@ def write_cirr_submission(out_dir: str | os.PathLike, pair_ids: Sequence[int], r
     unique non-empty names without extensions; with ``split`` (the test1 Split) also: every pair of
     the split present exactly once and no other, the reference excluded from both lists, names in
     the gallery, subset names from img_set.members minus the reference. Without ``split`` those
-    cross-checks are skipped (logged as a warning). Both files are written atomically.
+    cross-checks are skipped (logged as a warning).
+
+    The two files are written as a pair: each atomically, with the manifest
+    ``{out_dir}/submission_{name}.manifest.json`` (the SHA-256 of both) removed before the first
+    and written after the second. After an interruption a reader finds either the complete new pair
+    with its manifest, or no manifest (possibly a new recall file beside an old subset file):
+    :func:`check_cirr_submission` tells the two apart; re-running the same call completes the pair.
     """
     validate_cirr_submission(pair_ids, recall_names, subset_names, split=split)
     if not isinstance(version, str) or not version:
@@ -532,11 +541,55 @@ def write_cirr_submission(out_dir: str | os.PathLike, pair_ids: Sequence[int], r
     for pid, names_r, names_s in zip(pair_ids, recall_names, subset_names):
         recall[str(pid)] = list(names_r)
         subset[str(pid)] = list(names_s)
-    path_recall = out / f"recall_submission_{name}.json"
-    path_subset = out / f"recall_subset_submission_{name}.json"
-    atomic_write_json(path_recall, recall)
-    atomic_write_json(path_subset, subset)
+    path_recall, path_subset, manifest = _submission_paths(out, name)
+    if manifest.exists():  # from here until the new manifest is written, the pair is not one to upload
+        manifest.unlink()
+        fsync_dir(out)
+    digests = {}
+    for path, document in ((path_recall, recall), (path_subset, subset)):
+        data = json.dumps(document).encode("utf-8")
+        atomic_write_bytes(path, data)
+        digests[path.name] = hashlib.sha256(data).hexdigest()
+    atomic_write_json(manifest, {"format": SUBMISSION_FORMAT, "pairs": len(pair_ids), "files": digests}, indent=1)
     logger.info("wrote CIRR submission for %d pairs: %s, %s", len(pair_ids), path_recall, path_subset)
+    return path_recall, path_subset
+
+
+SUBMISSION_FORMAT = "cir_plugins.cirr_submission"
+
+
+def _submission_paths(out: Path, name: str) -> tuple[Path, Path, Path]:
+    """(recall file, recall_subset file, manifest) of submission ``name`` in ``out``."""
+    return (out / f"recall_submission_{name}.json", out / f"recall_subset_submission_{name}.json",
+            out / f"submission_{name}.manifest.json")
+
+
+def check_cirr_submission(out_dir: str | os.PathLike, *, name: str = "cirr") -> tuple[Path, Path]:
+    """The two files of a submission written whole by :func:`write_cirr_submission`, as a pair.
+
+    Raises SubmissionError when the manifest is missing (an interrupted write: the files may be a new
+    recall file beside an old subset file), unreadable, or when a file is missing or differs from
+    the SHA-256 the manifest recorded. Returns (path_recall, path_subset).
+    """
+    out = Path(out_dir)
+    path_recall, path_subset, manifest = _submission_paths(out, name)
+    fix = "write the submission again (cir-plugins submit / write_cirr_submission); it completes the pair"
+    if not manifest.is_file():
+        raise SubmissionError(explain(f"the CIRR submission {name!r} in {out} is not a complete pair: its manifest "
+                                      "is missing (the write was interrupted, or the files were not written by "
+                                      "this library)", got=str(manifest), fix=fix))
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+        files = document["files"]
+        if document.get("format") != SUBMISSION_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a submission manifest")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SubmissionError(explain(f"{manifest} is unreadable", got=f"{type(error).__name__}: {error}",
+                                      fix=fix)) from error
+    for path in (path_recall, path_subset):
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != files.get(path.name):
+            raise SubmissionError(explain(f"{path} is missing or differs from the file written with its pair",
+                                          got=str(path), expected=f"the SHA-256 recorded in {manifest.name}", fix=fix))
     return path_recall, path_subset
 
 
