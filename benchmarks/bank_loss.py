@@ -11,11 +11,16 @@ a float32 query (B, D) that requires grad, and a learnable temperature, then mea
   - CUDA: torch.cuda.reset_peak_memory_stats(); extra = max_memory_allocated - memory_allocated.
 * time of forward + backward: median of --repeats warm calls (CUDA: synchronised).
 
-Rounds alternate reference and library subprocesses so that load from other users of a shared
-machine hits both alike; the table shows the median over rounds.
+Rounds interleave the reference and the library subprocesses (every variant once per round, in
+turn) so that load from other users of a shared machine hits all alike; the table shows the median
+over rounds, and the 1-minute load average read before each subprocess (min / median / max) is
+stored and printed, since on a shared box the load decides how far a ratio can be trusted.
+``--chunk-budgets`` adds one library variant per CHUNK_BUDGET_BYTES value (the chunk-size choice).
 
     python benchmarks/bank_loss.py --quick --out benchmarks/bank_loss_quick.json
     python benchmarks/bank_loss.py --configs 500000x256x128 --rounds 5 --out bench.json
+    python benchmarks/bank_loss.py --device cpu --configs 500000x256x128 --rounds 4 \
+        --chunk-budgets 4194304 16777216 67108864 --out benchmarks/bank_loss_cpu_500k.json
 """
 
 from __future__ import annotations
@@ -109,16 +114,17 @@ def child(args) -> dict:
             "threads": torch.get_num_threads(), "chunk_budget": L.CHUNK_BUDGET_BYTES}
 
 
-def run_child(base_args, impl, n, d, b) -> dict:
+def run_child(base_args, impl, n, d, b, budget=0) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--n", str(n), "--d", str(d),
            "--b", str(b), "--device", base_args.device, "--repeats", str(base_args.repeats),
            "--bank-dtype", base_args.bank_dtype]
-    if base_args.chunk_budget:
-        cmd += ["--chunk-budget", str(base_args.chunk_budget)]
+    if budget:
+        cmd += ["--chunk-budget", str(budget)]
+    load = os.getloadavg()[0]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"impl": impl, "n": n, "d": d, "b": b, "error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {"impl": impl, "n": n, "d": d, "b": b, "load1": load, "error": done.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), load1=load)
 
 
 def main() -> int:
@@ -130,6 +136,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed warm calls per subprocess")
     parser.add_argument("--bank-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--chunk-budget", type=int, default=0, help="override CHUNK_BUDGET_BYTES (tuning)")
+    parser.add_argument("--chunk-budgets", type=int, nargs="*", default=None,
+                        help="one library variant per CHUNK_BUDGET_BYTES value, interleaved with the others")
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -153,34 +161,42 @@ def main() -> int:
     else:
         configs = [(n, d, b) for n in (10_000, 100_000, 500_000, 1_000_000) for d in (256, 768) for b in (32, 256)]
         configs.append((500_000, 256, 128))
+    # variants: (label, impl, chunk budget); every variant runs once per round, in turn
+    variants = [("naive", "naive", 0)] if "naive" in args.impls else []
+    if "library" in args.impls:
+        budgets = args.chunk_budgets or [args.chunk_budget]
+        variants += [(f"library@{x >> 20}MiB" if x else "library", "library", x) for x in budgets]
     rows = []
-    header = f"{'N':>9} {'D':>4} {'B':>4} | {'naive s':>8} {'lib s':>8} {'t ratio':>7} | " \
-             f"{'naive MB':>9} {'lib MB':>8} {'m ratio':>7} | path"
+    header = f"{'N':>9} {'D':>4} {'B':>4} {'variant':>16} | {'median s':>8} {'t ratio':>7} | {'peak MB':>8} " \
+             f"{'m ratio':>7} | load1 min/med/max | path"
     print(header)
     print("-" * len(header))
     for n, d, b in configs:
-        runs = {impl: [] for impl in args.impls}
+        runs = {label: [] for label, _, _ in variants}
         for _ in range(args.rounds):
-            for impl in args.impls:
-                runs[impl].append(run_child(args, impl, n, d, b))
+            for label, impl, budget in variants:
+                runs[label].append(run_child(args, impl, n, d, b, budget))
         summary = {"n": n, "d": d, "b": b, "runs": runs}
-        for impl in args.impls:
-            ok = [r for r in runs[impl] if "error" not in r]
-            summary[impl] = None if not ok else {
+        for label, _, _ in variants:
+            ok = [r for r in runs[label] if "error" not in r]
+            summary[label] = None if not ok else {
                 "median_s": statistics.median(r["median_s"] for r in ok),
                 "peak_extra_mb": statistics.median(r["peak_extra_bytes"] for r in ok) / 2**20,
-                "path": ok[0]["path"]}
+                "path": ok[0]["path"], "chunk_budget": ok[0]["chunk_budget"]}
         rows.append(summary)
-        nv, lb = summary.get("naive"), summary.get("library")
-
-        def cell(x, key, fmt):
-            return format(x[key], fmt) if x else "-"  # not requested, or every run failed (see JSON)
-
-        t_ratio = f"{lb['median_s'] / nv['median_s']:.2f}" if nv and lb else "-"
-        m_ratio = f"{lb['peak_extra_mb'] / nv['peak_extra_mb']:.3f}" if nv and lb and nv["peak_extra_mb"] else "-"
-        print(f"{n:>9} {d:>4} {b:>4} | {cell(nv, 'median_s', '8.3f'):>8} {cell(lb, 'median_s', '8.3f'):>8} "
-              f"{t_ratio:>7} | {cell(nv, 'peak_extra_mb', '9.1f'):>9} {cell(lb, 'peak_extra_mb', '8.1f'):>8} "
-              f"{m_ratio:>7} | {lb['path'] if lb else '-'}", flush=True)
+        base = summary.get("naive")
+        loads = sorted(r["load1"] for v in runs.values() for r in v)
+        load_cell = f"{loads[0]:.1f}/{statistics.median(loads):.1f}/{loads[-1]:.1f}"
+        summary["load1"] = {"min": loads[0], "median": statistics.median(loads), "max": loads[-1]}
+        for label, _, _ in variants:
+            x = summary[label]
+            if x is None:
+                print(f"{n:>9} {d:>4} {b:>4} {label:>16} | every run failed (see the JSON)", flush=True)
+                continue
+            t_ratio = f"{x['median_s'] / base['median_s']:.2f}" if base else "-"
+            m_ratio = f"{x['peak_extra_mb'] / base['peak_extra_mb']:.3f}" if base and base["peak_extra_mb"] else "-"
+            print(f"{n:>9} {d:>4} {b:>4} {label:>16} | {x['median_s']:8.3f} {t_ratio:>7} | {x['peak_extra_mb']:8.1f} "
+                  f"{m_ratio:>7} | {load_cell:>17} | {x['path']}", flush=True)
     if args.out:
         import torch
 

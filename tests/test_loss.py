@@ -89,7 +89,7 @@ def test_automatic_chunk_size_follows_the_budget(similarity, monkeypatch):
     monkeypatch.setattr(L, "CHUNK_BUDGET_BYTES", 4 * B * tokens * (n // 5))  # about five chunks
     sizes = []
     real = L._chunk_stats
-    monkeypatch.setattr(L, "_chunk_stats", lambda q, chunk, *a: sizes.append(chunk.shape[0]) or real(q, chunk, *a))
+    monkeypatch.setattr(L, "_chunk_stats", lambda *a: sizes.append(a[2].shape[0]) or real(*a))  # a[2]: the chunk
     got = loss_and_grads(cp.bank_contrastive_loss, query, bank, target, 0.05, exclude, similarity)
     assert sizes[0] == n // 5 and sum(sizes) == n and len(sizes) == 6
     monkeypatch.undo()

@@ -146,27 +146,28 @@ def select_path(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot"
     return "chunked"
 
 
-def _chunk_stats(q, chunk, inv_tau, exclude_rows, start, similarity, need_t, need_w) -> BankStats:
-    """Statistics of one bank chunk. q (B, D) compute dtype; chunk (C, D) or (C, T, D) upcast."""
+def _chunk_stats(q_tau, q, chunk, exclude_rows, start, similarity, need_w, buffer) -> BankStats:
+    """Statistics of one bank chunk. q_tau = q / tau and q (B, D) compute dtype; chunk (C, D) or
+    (C, T, D) upcast; ``buffer`` holds at least B * C * T elements, reused for the score block."""
+    b, c = q.shape[0], chunk.shape[0]
     if similarity == "dot":
-        sims = q @ chunk.T  # (B, D) @ (D, C) -> (B, C)
+        logits = torch.mm(q_tau, chunk.T, out=buffer[:b * c].view(b, c))  # (B, D) @ (D, C) -> (B, C)
     else:
-        c, t, d = chunk.shape
-        token_scores = (q @ chunk.reshape(c * t, d).T).view(q.shape[0], c, t)  # (B, C*T) -> (B, C, T)
-        sims, arg = token_scores.max(dim=2)  # (B, C) best token and its index
-    logits = sims * inv_tau  # (B, C)
+        t, d = chunk.shape[1], chunk.shape[2]
+        token_logits = torch.mm(q_tau, chunk.reshape(c * t, d).T, out=buffer[:b * c * t].view(b, c * t))
+        logits, arg = token_logits.view(b, c, t).max(dim=2)  # (B, C) best token and its index
     if exclude_rows is not None:
         _mask_rows_(logits, exclude_rows, start)  # excluded -> -inf
     m = logits.amax(dim=1).clamp_min(EMPTY_MAX)  # (B,); a NaN row stays NaN and surfaces in the loss
     weights = logits.sub_(m[:, None]).exp_()  # (B, C) in place, 0 where excluded
-    w = None
+    w = t_sum = None
     if need_w:
         if similarity == "dot":
             w = weights @ chunk  # (B, C) @ (C, D) -> (B, D)
         else:  # each weight on its winning token: (B, C, T) reusing the score buffer, then one product
-            spread = token_scores.zero_().scatter_(2, arg.unsqueeze(2), weights.unsqueeze(2))
-            w = spread.view(q.shape[0], c * t) @ chunk.reshape(c * t, d)  # (B, C*T) @ (C*T, D)
-    t_sum = sims.mul_(weights).sum(dim=1) if need_t else None  # sims no longer needed
+            spread = token_logits.view(b, c, t).zero_().scatter_(2, arg.unsqueeze(2), weights.unsqueeze(2))
+            w = spread.view(b, c * t) @ chunk.reshape(c * t, d)  # (B, C*T) @ (C*T, D)
+        t_sum = (w * q).sum(dim=1)  # sum_j p_j s_j = q . sum_j p_j g_j: no pass over the (B, C) block
     return BankStats(m, weights.sum(dim=1), t_sum, w)
 
 
@@ -178,18 +179,18 @@ def _bank_stats(q, bank, tau, exclude_rows, similarity, *, backend, chunk_size=N
         stats = BankStats(*(None if x is None else x.to(q.dtype) for x in (stats.m, stats.z, stats.t, stats.w)))
         return stats if need_t else BankStats(stats.m, stats.z, None, stats.w)
     tokens = bank.shape[1] if similarity == "max_token" else 1
-    step = chunk_size or default_chunk_size(q.shape[0], tokens)
-    inv_tau = 1.0 / tau
+    step = min(chunk_size or default_chunk_size(q.shape[0], tokens), max(1, bank.shape[0]))
+    buffer = q.new_empty(q.shape[0] * step * tokens)
+    q_tau = q / tau
     running = None
     for start in range(0, bank.shape[0], step):
         chunk = bank[start:start + step].to(q.dtype)  # (C, D) or (C, T, D)
-        part = _chunk_stats(q, chunk, inv_tau, exclude_rows, start, similarity, need_t, need_w)
+        part = _chunk_stats(q_tau, q, chunk, exclude_rows, start, similarity, need_w or need_t, buffer)
         running = part if running is None else BankStats.stack([running, part]).combine()
     if running is None:  # an empty shard
         b, d = q.shape
         zeros = q.new_zeros(b)
-        running = BankStats(torch.full_like(zeros, EMPTY_MAX), zeros, zeros.clone() if need_t else None,
-                            q.new_zeros(b, d) if need_w else None)
+        running = BankStats(torch.full_like(zeros, EMPTY_MAX), zeros, zeros.clone(), q.new_zeros(b, d))
     return running
 
 
