@@ -149,3 +149,25 @@ def test_bad_files_get_clear_errors_and_the_command_line_works(released, tmp_pat
                  str(root / "cirr_comb_RN50x4_fullft.pt"), "--out", str(tmp_path / "cli")]) == 0
     assert "converted" in capsys.readouterr().out
     assert CLIP4Cir.from_pretrained(str(tmp_path / "cli")).combiner.gate[0].weight.shape == (HID, 2 * P)
+
+
+def test_stage_checkpoints_of_the_open_clip_backbone_round_trip(released, tmp_path):
+    """The example's own save_checkpoint / load_checkpoint (what run_spn.py and evaluate.py use) keep the
+    open_clip backbone, its weights and the Combiner."""
+    from examples.clip4cir import _common as C
+
+    root, _, _ = released
+    converted = convert_checkpoints(root / "cirr_clip_RN50x4_fullft.pt", tmp_path / "converted",
+                                    combiner=root / "cirr_comb_RN50x4_fullft.pt")
+    model = C.load_checkpoint(str(converted)).eval()
+    assert model.fusion == "combiner"
+    with torch.no_grad():
+        model.clip.model.ln_final.weight.add_(0.01)  # as if stage 2 had trained the text tower
+    saved = C.save_checkpoint(model, tmp_path / "after_stage2")
+    again = C.load_checkpoint(str(saved)).eval()
+    # (_common imports model.py as the scripts do, as module "model": compare the class by name)
+    assert type(again.clip).__name__ == "OpenCLIPBackbone" and again.fusion == "combiner"
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(again.compose_query(again.encode_reference(pixels), ["red", "blue"]),
+                                   model.compose_query(model.encode_reference(pixels), ["red", "blue"]), rtol=0, atol=0)
