@@ -57,6 +57,19 @@ def warn_if_truncated(model, tokenizer, texts, attention_mask, limit: int) -> No
 FUSIONS = ("combiner", "sum")
 
 
+def save_tensors(tensors: dict, path: str) -> None:
+    """Write tensors as one safetensors file atomically (temporary file in the same folder, fsync, rename)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def features_of(output) -> torch.Tensor:
     """The projected features from ``get_image_features`` / ``get_text_features``.
 
@@ -206,14 +219,7 @@ class OpenCLIPBackbone(nn.Module):
         """Write the OpenAI-named weights to ``{path}/open_clip.safetensors`` (atomically)."""
         import os
 
-        from safetensors.torch import save_file
-
-        target = os.path.join(str(path), OPEN_CLIP_WEIGHTS)
-        tmp = f"{target}.tmp-{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        save_tensors(self.model.state_dict(), os.path.join(str(path), OPEN_CLIP_WEIGHTS))
 
 
 class CLIP4Cir(nn.Module):
@@ -322,16 +328,8 @@ class CLIP4Cir(nn.Module):
         return model
 
     def save_combiner(self, path: str) -> None:
-        """Write the Combiner's weights as safetensors (atomically by safetensors' own write)."""
-        import os
-
-        from safetensors.torch import save_file
-
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.combiner.state_dict().items()}, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        """Write the Combiner's weights as safetensors, atomically."""
+        save_tensors(self.combiner.state_dict(), path)
 
     def load_combiner(self, path: str) -> None:
         from safetensors.torch import load_file
