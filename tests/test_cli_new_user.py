@@ -12,6 +12,7 @@ from torch import nn
 
 import cir_plugins as cp
 from cir_plugins.cli import main
+from cir_plugins.cli.augment import DEFAULT_RANK_WINDOWS
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import ConfigError, ModelProtocolError
 
@@ -56,15 +57,16 @@ def test_augment_without_triplets_is_an_error_and_the_default_window_suits_the_g
     assert _augment(cirr, "--rank-window", "10000,15000") == 2
     err = capsys.readouterr().err
     assert "no triplets from 18 images" in err and "10000,15000" in err and "17 others" in err
-    assert "--rank-window 0.59,0.89" in err and "--allow-empty" in err
+    default = DEFAULT_RANK_WINDOWS["cirr"]  # the CIRR recipe's window as a share of N (about 0.59,0.89)
+    assert f"--rank-window {default}" in err and "--allow-empty" in err
     assert not Path("gen.json").exists()
     assert _augment(cirr, "--rank-window", "10000,15000", "--allow-empty") == 0
     assert json.loads(Path("gen.json").read_text()) == []
     assert _augment(cirr) == 0  # the default window: fractions of N
     summary = json.loads(Path("gen.json.summary.json").read_text())
-    assert summary["rank_window"] == "0.59,0.89" and summary["triplets"] == len(json.loads(Path("gen.json").read_text()))
+    assert summary["rank_window"] == default and summary["triplets"] == len(json.loads(Path("gen.json").read_text()))
     assert summary["triplets"] == 18 and summary["empty_windows"] == 0
-    assert "cirr 0.59,0.89" in _help("augment")
+    assert f"cirr {default}" in _help("augment")
 
 
 def _help(command):
@@ -181,3 +183,50 @@ def test_compose_failure_names_encode_reference():
     message = str(caught.value)
     assert "compose_query raised RuntimeError" in message
     assert "given encode_reference's output (2, 8), not the images" in message and "reference_input" in message
+
+
+# 8. quiet output: the CLI's spelling in advice, no advice to skip when skipping, bars only on a terminal
+def test_bad_record_advice_uses_the_flag_and_is_not_repeated_when_skipping(cirr, capsys, caplog):
+    path = cirr / "cirr" / "captions" / "cap.rc2.val.json"
+    records = json.loads(path.read_text())
+    del records[1]["reference"]
+    path.write_text(json.dumps(records))
+    argv = ["evaluate", "--model", "tiny_cir:build", "--dataset", "cirr", "--root", str(cirr), "--image-size", "4",
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "record 1" in err and "--on-bad-record skip" in err and "on_bad_record=" not in err
+    with caplog.at_level("WARNING"):
+        assert main([*argv, "--on-bad-record", "skip"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "record 1" in r.getMessage()]
+    assert warnings and not any("skip" in w.split("record 1", 1)[1] for w in warnings), warnings
+
+
+def test_progress_bars_follow_the_terminal_unless_asked(monkeypatch):
+    import io
+    import sys
+
+    from cir_plugins._console import format_values, progress_bar, progress_disabled
+
+    assert (progress_disabled(True), progress_disabled(False), progress_disabled("always")) == (None, True, False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # redirected: not a terminal
+    assert progress_bar(range(3), desc="t", show_progress=True).disable is True
+    assert progress_bar(range(3), desc="t", show_progress="always").disable is False
+    assert format_values({"R@1": 57.49999999999999, "n_queries": 40.0, "lr": 2e-05, "protocol": {"name": "cirr"},
+                          "ok": True}) == "R@1 57.50, n_queries 40, lr 2e-05, ok True"
+
+
+def test_every_progress_bar_goes_through_the_one_helper():
+    import ast
+
+    package = Path(cp.__file__).parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                   if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tqdm" in ast.unparse(n)
+                          for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == ["_console.py"]
+
+
+def test_dir_lists_public_names_only():
+    names = dir(cp)
+    assert "importlib" not in names and "annotations" not in names
+    assert {"Stage1Trainer", "load_trained", "wrap_model", "check_model"} <= set(names)

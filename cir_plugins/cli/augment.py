@@ -10,6 +10,12 @@ factory spec (``file.py:function`` or ``pkg.module:function``) returning a calla
 (n, C, H, W) -> (n, D) or a model with ``encode_image``. The output is in the dataset's annotation
 schema (CIRR for cirr/synthetic, FashionIQ for fashioniq); a ``<out>.summary.json`` holds the run's
 summary, which is also printed.
+
+Defaults come from the dataset's recipe (``cir-plugins recipe show clip4cir-cirr`` / ``clip4cir-fashioniq``):
+the rank window as a share of N, refer-only (FashionIQ) and the caption word budget. FashionIQ generates
+over its three categories' training images together, as the method's release does (with absolute ranks
+inside one category, whose size differs, the same window would fall elsewhere in the ranking); each image
+is captioned with its own category in the prompt. ``--category`` restricts a run to one category.
 """
 
 from __future__ import annotations
@@ -24,10 +30,27 @@ from ._common import (add_dataset_arguments, add_device_argument, add_factory_ar
 
 __all__ = ["configure", "run", "build_captioner", "DEFAULT_RANK_WINDOWS"]
 
-# --rank-window by dataset, as fractions of N: the release's absolute windows over its training sets
-# (CIRR [10000, 15000) of 16,939 images; FashionIQ [10000, 20000) of about 46k images of the three
-# categories), so the same share of the ranking is used whatever the gallery's size
-DEFAULT_RANK_WINDOWS = {"cirr": "0.59,0.89", "fashioniq": "0.21,0.43", "synthetic": "0.59,0.89"}
+
+
+def _recipe_defaults() -> dict[str, dict[str, Any]]:
+    """Per dataset, the defaults of the dataset's recipe (cir_plugins/recipes, CLIP4Cir's row): the rank window
+    as fractions of N (the release's absolute window over its training set's size, so the same share of the
+    ranking is used whatever the gallery's size), refer-only and the caption word budget. The synthetic world
+    (CIRR layout, no paper recipe) takes CIRR's."""
+    from ..recipes import default_recipe
+
+    out = {}
+    for dataset in ("cirr", "fashioniq"):
+        generation = default_recipe(dataset).generation
+        low, high = generation.window_fractions(dataset)
+        out[dataset] = {"rank_window": f"{low},{high}", "refer": generation.refer_only, "words": generation.words}
+    out["synthetic"] = dict(out["cirr"])
+    return out
+
+
+RECIPE_DEFAULTS = _recipe_defaults()
+# --rank-window by dataset (from RECIPE_DEFAULTS)
+DEFAULT_RANK_WINDOWS = {dataset: d["rank_window"] for dataset, d in RECIPE_DEFAULTS.items()}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="preset (cirr, fashioniq, all) or a template with {reference}/{target}; repeatable "
                              "(default: fashioniq for FashionIQ, else cirr)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--refer", action="store_true", help="only images that are references of annotated triplets")
+    parser.add_argument("--refer", action=argparse.BooleanOptionalAction, default=None,
+                        help="only images that are references of annotated triplets get partners (default: the "
+                             "dataset's recipe: on for FashionIQ, off for CIRR and the synthetic world)")
     parser.add_argument("--max-triplets", type=int, default=None, help="subsample to at most this many triplets")
     parser.add_argument("--near-duplicate-threshold", type=float, default=None,
                         help="also merge images whose pair-encoder cosine is at least this")
@@ -63,7 +88,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
                         help="captioner dtype (hf:)")
     parser.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
-    parser.add_argument("--words", type=int, default=10, help="k in the prompt 'describe ... in {k} words' (hf:)")
+    parser.add_argument("--words", type=int, default=None,
+                        help="k in the prompt 'describe ... in {k} words' (hf:; default: the dataset's recipe, "
+                             + ", ".join(f"{d} {v['words']}" for d, v in RECIPE_DEFAULTS.items()) + ")")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
     parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
     parser.add_argument("--out", required=True, help="annotation JSON to write")
@@ -102,7 +129,7 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
                               expected="hf:<name-or-path>, file:<captions.json>, synthetic[:noise]"))
 
 
-def _nothing_generated(summary: dict, window: str) -> str:
+def _nothing_generated(summary: dict, window: str, default_window: str) -> str:
     """The error for an augment run that generated no triplet: the window, the gallery's size, the fix."""
     n = summary["unique_images"]
     if summary["pairs"] == 0:
@@ -113,7 +140,7 @@ def _nothing_generated(summary: dict, window: str) -> str:
                f"({summary['skipped_same_caption']} with equal captions, {summary['skipped_no_caption']} without "
                "a caption)")
     return explain(f"augment generated no triplets from {summary['images']} images ({n} after merging duplicates)",
-                   got=why, fix="pass a window as fractions of N, e.g. --rank-window 0.59,0.89 (or -1 for any "
+                   got=why, fix=f"pass a window as fractions of N, e.g. --rank-window {default_window} (or -1 for any "
                                 "partner), check the captioner, or pass --allow-empty to write an empty file anyway")
 
 
@@ -128,29 +155,42 @@ def run(args: argparse.Namespace) -> int:
     from ..positives.annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
 
+    from ..recipes.run import FASHIONIQ_CATEGORIES, training_pool
+
     fashion = args.dataset == "fashioniq"
-    window = args.rank_window or DEFAULT_RANK_WINDOWS[args.dataset]
-    split = load_dataset(args)
+    defaults = RECIPE_DEFAULTS[args.dataset]
+    window = args.rank_window or defaults["rank_window"]
+    refer = defaults["refer"] if args.refer is None else args.refer
+    if args.words is None:
+        args.words = defaults["words"]
+    # FashionIQ: the three categories' training images are one pool (partners ranked over all of them, as the
+    # release does); --category restricts the run to one
+    categories = [args.category] if not fashion or args.category else list(FASHIONIQ_CATEGORIES)
+    splits = [load_dataset(args, category=c) for c in categories]
+    pool = training_pool(splits)
+    if fashion:
+        args.categories = pool.categories  # the hf: prompt names each image's own category
     captioner = build_captioner(args.captioner, args)
     out = Path(args.out)
     augmenter = TripletAugmenter(
         captioner, _pair_encoder(args), templates=args.templates or ("fashioniq" if fashion else "cirr"),
         rank_window=window, partners_per_image=args.partners, seed=args.seed, dedup=not args.no_dedup,
-        near_duplicate_threshold=args.near_duplicate_threshold, refer_only=args.refer,
+        near_duplicate_threshold=args.near_duplicate_threshold, refer_only=refer,
         max_triplets=args.max_triplets, cache_dir=args.cache_dir or f"{out}.cache", batch_size=args.batch_size,
         caption_batch_size=args.caption_batch_size, max_tokens=args.max_tokens, skip_empty=args.skip_empty,
         show_progress=show_progress(args))
-    unreadable = split.info.get("unreadable", [])
-    result = augmenter.augment(list(split.gallery_ids), split.images, split.triplets)
+    unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
+    result = augmenter.augment(pool.image_ids, pool.images, pool.triplets)
     triplets = result.triplets
     if not triplets and not args.allow_empty:
-        raise DataError(_nothing_generated(result.summary, window))
+        raise DataError(_nothing_generated(result.summary, window, defaults["rank_window"]))
     if fashion:
         write_generated_fashioniq(triplets, out)
     else:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
-    summary = {"dataset": args.dataset, "split": args.split, "category": args.category,
-               "captioner": captioner.name, "out": str(out), "rank_window": window, "unreadable_skipped": unreadable,
+    summary = {"dataset": args.dataset, "split": args.split, "categories": categories if fashion else None,
+               "captioner": captioner.name, "out": str(out), "rank_window": window, "refer_only": refer,
+               "words": args.words, "unreadable_skipped": unreadable,
                **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
     s = result.summary

@@ -29,7 +29,7 @@ from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
 from . import Recipe
 
-__all__ = ["TrainingData", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce"]
+__all__ = ["TrainingData", "training_pool", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +53,17 @@ class TrainingData:
     categories: dict[str, str] | None = None
 
 
-def load_training_data(dataset: str, root: str | os.PathLike, split: str = "train", *,
-                       transform: Any = "clip", size: int = 224, on_bad_record: str = "error") -> TrainingData:
-    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq") under ``root``."""
-    from ..data.fashioniq import load_split
+def training_pool(splits: Sequence[Any]) -> TrainingData:
+    """Several loaded training splits (FashionIQ's three categories) as one pool: their annotated triplets,
+    every image once (first listing wins), one ImageStore over all of them (the splits share a root), and
+    each image's category."""
     from ..data.images import ImageStore
 
-    if dataset in ("cirr", "synthetic"):
-        s = load_split(root, dataset, split, transform=transform, size=size, on_bad_record=on_bad_record)
-        return TrainingData([t for t in s.triplets if t.target is not None], list(s.gallery_ids), s.images)
-    if dataset != "fashioniq":
-        raise ConfigError(explain("unknown dataset", got=dataset, expected=("cirr", "fashioniq", "synthetic")))
-    splits = [load_split(root, dataset, split, category, transform=transform, size=size, on_bad_record=on_bad_record)
-              for category in FASHIONIQ_CATEGORIES]
+    if len(splits) == 1:
+        s = splits[0]
+        categories = {i: s.category for i in s.gallery_ids} if getattr(s, "category", None) else None
+        return TrainingData([t for t in s.triplets if t.target is not None], list(s.gallery_ids), s.images,
+                            categories)
     categories: dict[str, str] = {}
     paths: dict[str, str] = {}
     for s in splits:
@@ -73,9 +71,22 @@ def load_training_data(dataset: str, root: str | os.PathLike, split: str = "trai
             if image_id not in categories:  # an image listed by two categories keeps its first
                 categories[image_id] = s.category
                 paths[image_id] = s.images.path_of(image_id).relative_to(s.images.root).as_posix()
-    store = ImageStore(splits[0].images.root, paths, transform, size=size)
+    first = splits[0].images
+    store = ImageStore(first.root, paths, first.transform_spec, size=first.size, max_pixels=first.max_pixels)
     triplets = [t for s in splits for t in s.triplets if t.target is not None]
     return TrainingData(triplets, list(paths), store, categories)
+
+
+def load_training_data(dataset: str, root: str | os.PathLike, split: str = "train", *,
+                       transform: Any = "clip", size: int = 224, on_bad_record: str = "error") -> TrainingData:
+    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq": its three categories together)."""
+    from ..data.fashioniq import load_split
+
+    if dataset == "fashioniq":
+        return training_pool([load_split(root, dataset, split, category, transform=transform, size=size,
+                                         on_bad_record=on_bad_record) for category in FASHIONIQ_CATEGORIES])
+    return training_pool([load_split(root, dataset, split, transform=transform, size=size,
+                                     on_bad_record=on_bad_record)])
 
 
 def load_eval_splits(dataset: str, root: str | os.PathLike, split: str = "val", *, transform: Any = "clip",

@@ -1,0 +1,56 @@
+"""`cir-plugins augment --dataset fashioniq` follows the paper's FashionIQ generation: the three categories'
+training images are one pool for partner ranking, only annotated references get partners, the text is "{T}",
+and the defaults (window as a share of N, refer-only, word budget) come from the dataset's recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cir_plugins.cli import run_command
+from cir_plugins.cli.augment import DEFAULT_RANK_WINDOWS, RECIPE_DEFAULTS
+from cir_plugins.data.fixtures import build_fashioniq_tree
+from cir_plugins.recipes import default_recipe
+
+CATEGORIES = ("dress", "shirt", "toptee")
+ENCODER = "import torch\ndef build():\n    return lambda images: images.flatten(1)[:, :24]\n"
+
+
+def _category(name: str) -> str:
+    return next(c for c in CATEGORIES if name.startswith(f"B0{c}_"))
+
+
+def test_fashioniq_augment_pools_the_three_categories_refer_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = build_fashioniq_tree(tmp_path / "fiq", n_images=8, n_triplets=5, splits=("train",))
+    names = [n for c in CATEGORIES for n in json.loads((root / "image_splits" / f"split.{c}.train.json").read_text())]
+    Path("captions.json").write_text(json.dumps({n: f"a {_category(n)} numbered {k}" for k, n in enumerate(names)}))
+    Path("enc.py").write_text(ENCODER)
+    assert run_command("augment", ["--dataset", "fashioniq", "--root", str(root), "--captioner", "file:captions.json",
+                                   "--pair-encoder", "enc:build", "--image-size", "4", "--out", "gen.json",
+                                   "--no-progress"]) == 0
+    generated = json.loads(Path("gen.json").read_text())
+    references = {r["candidate"] for c in CATEGORIES
+                  for r in json.loads((root / "captions" / f"cap.{c}.train.json").read_text())}
+    assert generated and all(r["candidate"] in references for r in generated)  # refer-only by default
+    assert any(_category(r["candidate"]) != _category(r["target"]) for r in generated)  # one pool of 24 images
+    assert all(r["texts"] == [r["target_caption"]] for r in generated)  # "{T}"
+    summary = json.loads(Path("gen.json.summary.json").read_text())
+    assert summary["images"] == 24 and summary["categories"] == list(CATEGORIES)
+    assert summary["refer_only"] is True and summary["words"] == 4
+    assert summary["rank_window"] == DEFAULT_RANK_WINDOWS["fashioniq"]
+    # --category keeps one category's images only; --no-refer gives every image a partner
+    assert run_command("augment", ["--dataset", "fashioniq", "--category", "shirt", "--no-refer", "--root", str(root),
+                                   "--captioner", "file:captions.json", "--pair-encoder", "enc:build",
+                                   "--image-size", "4", "--out", "shirt.json", "--no-progress"]) == 0
+    shirt = json.loads(Path("shirt.json.summary.json").read_text())
+    assert shirt["images"] == 8 and shirt["refer_only"] is False and shirt["queries"] == 8
+
+
+def test_augment_defaults_are_the_recipes():
+    for dataset in ("cirr", "fashioniq"):
+        generation = default_recipe(dataset).generation
+        low, high = generation.window_fractions(dataset)
+        assert RECIPE_DEFAULTS[dataset] == {"rank_window": f"{low},{high}", "refer": generation.refer_only,
+                                            "words": generation.words}
+    assert DEFAULT_RANK_WINDOWS["cirr"] == "0.5904,0.8855" and DEFAULT_RANK_WINDOWS["fashioniq"] == "0.2146,0.4291"
