@@ -4,9 +4,7 @@ Public names resolve lazily (PEP 562), so ``import cir_plugins`` stays cheap and
 imported only when one of its names is first used.
 """
 
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -50,11 +48,12 @@ __all__ = sorted(["__version__", *_WHERE])
 
 def __getattr__(name: str):
     if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        value = getattr(_importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+    """The public names (and the submodules already imported), not the module's own machinery."""
+    return sorted({name for name in globals() if not name.startswith("_")} | set(__all__))

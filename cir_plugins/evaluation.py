@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ._console import format_values, progress_bar
 
 from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from ._utils import eval_mode, model_device
@@ -142,7 +142,7 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
     device = torch.device(device) if device is not None else model_device(encoder, default=None)
     outputs = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(image_ids), batch_size), desc=desc, disable=not show_progress, leave=False,
+        for start in progress_bar(range(0, len(image_ids), batch_size), desc=desc, show_progress=show_progress, leave=False,
                           unit="batch"):
             ids = image_ids[start:start + batch_size]
             pixels = _stack(images, ids)  # (n, C, H, W)
@@ -266,7 +266,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
         else:  # structured (non-tensor) features cannot be indexed by row: encode per query batch
             logger.debug("encode_reference returned %s; encoding references per query batch", type(first).__name__)
     outputs = []
-    for start in tqdm(range(0, len(triplets), batch_size), desc="evaluate: queries", disable=not show_progress,
+    for start in progress_bar(range(0, len(triplets), batch_size), desc="evaluate: queries", show_progress=show_progress,
                       leave=False):
         chunk = triplets[start:start + batch_size]
         if cached is not None:
@@ -388,7 +388,7 @@ def evaluate(model: Any, split: Any, *, protocol: str | None = None, batch_size:
     features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
     result = metrics_from_features(features, protocol=name, remove_reference=remove_reference, chunk_size=chunk_size)
     result["protocol"].update(_split_info(split))
-    logger.info("evaluated %s: %s", split, {k: v for k, v in result.items() if k != "protocol"})
+    logger.info("evaluated %s: %s", split, format_values(result))
     return result
 
 

@@ -5,6 +5,7 @@ result carried to the next step by ``--trained`` alone (no hand-written loader).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_world_to_leaderboard_file(workdir, capsys):
+def test_world_to_leaderboard_file(workdir, capsys, caplog):
+    caplog.set_level("INFO")
     model = ["--model", "tiny_cir:build"]
     data = ["--dataset", "synthetic", "--root", "world", "--image-size", "4", "--no-progress"]
     assert main(["world", "--root", "world", "--quick", "--config", WORLD]) == 0
@@ -52,6 +54,11 @@ def test_world_to_leaderboard_file(workdir, capsys):
     assert main(["submit", *model, *trained, *data, "--split", "test", "--out-dir", "submission"]) == 0
     out = capsys.readouterr().out
     assert "Rmean" in out and "wrote stage2" in out
+    # quiet, rounded logs: no float printed to 15 digits, no protocol description per epoch
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "stage2 epoch 1/1: " in logged and "protocol" not in logged
+    assert not re.search(r"\d\.\d{5,}", logged + out), re.search(r".*\d\.\d{5,}.*", logged + out).group(0)
+    assert "n_queries 8" in out and "n_queries 8.00" not in out
 
     # the files are those of the trained model: the library on the same weights writes the same ranking,
     # and the untrained model another one (so --trained did put the weights on)

@@ -33,6 +33,21 @@ COMMANDS = {
 }
 
 
+# the library's advice in its Python spelling -> the same advice as a command-line flag
+CLI_SPELLINGS = {
+    "on_bad_record='skip'": "--on-bad-record skip",
+    "on_bad_record=\"skip\"": "--on-bad-record skip",
+    "skip_missing=True": "--skip-missing",
+}
+
+
+def cli_spelling(message: str) -> str:
+    """``message`` with the library's keyword-argument advice written as the command line's flags."""
+    for python, flag in CLI_SPELLINGS.items():
+        message = message.replace(python, flag)
+    return message
+
+
 def _functions(name: str) -> tuple[Callable, Callable]:
     """(configure, run) of command ``name``."""
     module = importlib.import_module(COMMANDS[name][0])
@@ -58,7 +73,7 @@ def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
     try:
         return int(_functions(name)[1](args) or 0)
     except CIRPluginsError as error:
-        print(f"cir-plugins {name}: error: {error}", file=sys.stderr)
+        print(f"cir-plugins {name}: error: {cli_spelling(str(error))}", file=sys.stderr)
         return 2
         logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
 

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .._console import format_values
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 
@@ -342,13 +343,14 @@ def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool =
 
 
 def val_evaluator(args: argparse.Namespace) -> Any:
-    """``callable(model) -> dict`` evaluating ``--val-split`` (None without it)."""
+    """The :class:`~cir_plugins.Evaluator` of ``--val-split`` selecting on ``--select-metric`` /
+    ``--select-mode`` (None without ``--val-split``: the last epoch is kept)."""
     if not args.val_split:
         return None
-    from ..evaluation import evaluate
+    from ..training.evaluator import Evaluator
 
-    val = load_dataset(args, split=args.val_split)
-    return lambda model: evaluate(model, val, show_progress=show_progress(args))
+    return Evaluator.on_split(load_dataset(args, split=args.val_split), metric=args.select_metric,
+                              mode=args.select_mode, show_progress=show_progress(args))
 
 
 def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
@@ -358,8 +360,8 @@ def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
     history = trainer.fit(resume=args.resume)
     atomic_write_json(Path(args.out) / "history.json", history, indent=1, make_parents=True)
     for entry in history:
-        metrics = " ".join(f"{k} {v:.2f}" for k, v in entry.get("metrics", {}).items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool))
-        print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f} ({entry['time']:.1f} s) {metrics}".rstrip())
+        metrics = format_values(entry.get("metrics", {}))
+        print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f} ({entry['time']:.1f} s)"
+              + (f"; {metrics}" if metrics else ""))
     print(f"wrote {args.out} (load it with --trained {args.out})")
     return 0

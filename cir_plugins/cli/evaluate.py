@@ -52,7 +52,11 @@ def configure_submit(parser: argparse.ArgumentParser) -> None:
 
 
 def _table(result: dict) -> str:
-    rows = [f"{key:>12}  {value:7.2f}" for key, value in result.items() if isinstance(value, float)]
+    """One row per metric (recalls in percent, two decimals), then the counts as integers."""
+    rows = [f"{key:>12}  {value:7.2f}" for key, value in result.items()
+            if isinstance(value, float) and not key.startswith("n_")]
+    rows += [f"{key:>12}  {int(value):7d}" for key, value in result.items()
+             if key.startswith("n_") and isinstance(value, (int, float))]
     return "\n".join(rows)
 
 

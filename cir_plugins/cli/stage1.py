@@ -41,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args)
     split = load_dataset(args)
     triplets = training_triplets(args, split, annotated=not args.generated_only)
-    config = config_from_args(Stage1Config, args, output_dir=args.out, show_progress=show_progress(args),
-                              select_metric=args.select_metric if args.val_split else None)
+    config = config_from_args(Stage1Config, args, output_dir=args.out, show_progress=show_progress(args))
     groups = read_groups(args, split, show_progress(args))
-    trainer = Stage1Trainer(model, triplets, split.images, config=config, evaluate=val_evaluator(args),
+    trainer = Stage1Trainer(model, triplets, split.images, config=config, evaluator=val_evaluator(args),
                             groups=groups, trainable=args.trainable)
     return fit_and_report(trainer, args)

@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     split = load_dataset(args)
     triplets = training_triplets(args, split)
     bank = NegativeBank.load(args.bank, device=model_device(model))
-    config = config_from_args(Stage2Config, args, output_dir=args.out, show_progress=show_progress(args),
-                              select_metric=args.select_metric if args.val_split else None)
-    trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluate=val_evaluator(args))
+    config = config_from_args(Stage2Config, args, output_dir=args.out, show_progress=show_progress(args))
+    trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluator=val_evaluator(args))
     return fit_and_report(trainer, args)

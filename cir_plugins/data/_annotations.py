@@ -104,7 +104,7 @@ class RecordChecker:
             if len(shown) > 120:
                 shown = shown[:117] + "..."
         message = explain(f"{self.path}, record {index}, field {field!r}: {problem}", got=shown,
-                          expected=expected, fix=fix)
+                          expected=expected, fix=fix if self.mode == "error" else None)  # skipping is already on
         if self.mode == "error":
             raise AnnotationError(message)
         logger.warning("skipping a bad record: %s", message)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from PIL import Image
-from tqdm.auto import tqdm
+from .._console import progress_bar
 
 from .._atomic import atomic_write_json
 from ..errors import AnnotationError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
@@ -352,7 +352,7 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
             entry.units.append(name)
         loaded.append((unit, data))
     entries = list(files.values())
-    for entry in tqdm(entries, desc=f"check-data: {report.mode} check of the images", disable=not show_progress):
+    for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images", show_progress=show_progress):
         if decode:
             _inspect_decode(entry)
         else:

@@ -601,7 +601,7 @@ def _render_chunk(task: tuple[list[tuple[str, list[dict], int]], dict]) -> int:
 
 
 def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, workers: int | None) -> None:
-    from tqdm.auto import tqdm
+    from .._console import progress_bar
 
     builder = _Builder(config, seed)
     plan = [("train", config.n_train_triplets, config.n_train_unlabelled),
@@ -645,7 +645,7 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
                  color_jitter=config.color_jitter, pixel_noise=config.pixel_noise)
     chunks = [(jobs[i:i + 500], style) for i in range(0, len(jobs), 500)]
     n_workers = min(workers if workers is not None else (os.cpu_count() or 1), len(chunks))
-    bar = tqdm(total=total, desc="render synthetic world", disable=not show_progress)
+    bar = progress_bar(total=total, desc="render synthetic world", show_progress=show_progress)
     if n_workers > 1 and total > 2000:
         import multiprocessing
 
@@ -672,7 +672,8 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
     }
     params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
     atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
-    logger.info("synthetic world written to %s: %s", root, stats)
+    logger.info("synthetic world written to %s: %d images, %d queries", root, sum(stats["images"].values()),
+                sum(stats["queries"].values()))
 
 
 def load_scenes(root: str | os.PathLike) -> dict[str, dict]:

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from .._console import progress_bar
 
 from .. import protocol
 from .._atomic import atomic_write_bytes  # re-exported: the package's one atomic writer
@@ -379,7 +379,7 @@ class NegativeBank:
                             shuffle=False, num_workers=num_workers, pin_memory=use_cuda)
         pending: list[tuple[int, Tensor]] = []
         with eval_mode(model), torch.no_grad():
-            for positions, batch in tqdm(loader, desc="build bank", disable=not show_progress,
+            for positions, batch in progress_bar(loader, desc="build bank", show_progress=show_progress,
                                          total=len(loader), unit="batch"):
                 batch = batch.to(device, non_blocking=True)
                 if autocast_dtype is not None:

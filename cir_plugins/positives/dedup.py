@@ -18,7 +18,7 @@ import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .._console import progress_bar
 
 from ..errors import ConfigError, DataError, ShapeError, explain
 
@@ -114,7 +114,7 @@ def near_duplicate_groups(
             uf.union(row, rep)
     emb = torch.nn.functional.normalize(embeddings.float(), dim=1)
     emb_t = emb.t().contiguous()  # (D, N)
-    for start in tqdm(range(0, n, chunk_size), desc="dedup: near duplicates", disable=not show_progress):
+    for start in progress_bar(range(0, n, chunk_size), desc="dedup: near duplicates", show_progress=show_progress):
         block = emb[start:start + chunk_size] @ emb_t  # (c, D) @ (D, N) -> (c, N) cosines
         rows, cols = torch.nonzero(block >= threshold, as_tuple=True)
         for r, c in zip((rows + start).tolist(), cols.tolist()):
@@ -150,7 +150,7 @@ def find_duplicates(
     load = image_loader(images)
     first_of_hash: dict[str, int] = {}
     rep = []
-    for row, image_id in enumerate(tqdm(ids, desc="dedup: hashing pixels", disable=not show_progress)):
+    for row, image_id in enumerate(progress_bar(ids, desc="dedup: hashing pixels", show_progress=show_progress)):
         key = pixel_hash(load(image_id))
         rep.append(first_of_hash.setdefault(key, row))
     if near_duplicate_threshold is not None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .._console import progress_bar
 
 from ..evaluation import embed_images  # re-exported: the package's one image-embedding loop
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
@@ -373,7 +373,7 @@ def select_partners(
     same_both = Counter(zip(group_list, dup_list))
     candidate_count = [group_size[g] - same_both[(g, d)] for g, d in zip(group_list, dup_list)]
     result: list[list[int]] = []
-    bar = tqdm(total=q, desc="pairing: rank windows", unit="img", disable=not show_progress)
+    bar = progress_bar(total=q, desc="pairing: rank windows", unit="img", show_progress=show_progress)
     for start in range(0, q, chunk_size):
         rows = rows_all[start:start + chunk_size].to(device)  # (c,)
         c = rows.numel()

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from .._console import format_values, progress_bar
 
 from .. import protocol
 from .._utils import eval_mode, model_device
@@ -688,8 +688,8 @@ class Trainer(abc.ABC):
             epoch = self._epoch
             plan = self.sampler.epoch_plan(epoch)
             self._train_mode()
-            bar = tqdm(total=len(plan), initial=self._micro, desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
-                       disable=not config.show_progress or self.rank != 0, unit="batch")
+            bar = progress_bar(total=len(plan), initial=self._micro, desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
+                       show_progress=config.show_progress if self.rank == 0 else False, unit="batch")
             started = time.perf_counter()
             time_before = self._epoch_stats["time"]
             for micro in range(self._micro, len(plan)):
@@ -746,8 +746,9 @@ class Trainer(abc.ABC):
                 "metrics": {},
             }
             improved = self._evaluate_epoch(entry)
-            logger.info("%s epoch %d: %s", self.stage, epoch + 1,
-                        {k: v for k, v in entry.items() if k != "metrics"} | entry["metrics"])
+            logger.info("%s epoch %d/%d: %s", self.stage, epoch + 1, config.epochs,
+                        format_values({k: v for k, v in entry.items() if k not in ("epoch", "metrics")}, digits=4)
+                        + (f"; {format_values(entry['metrics'])}" if entry["metrics"] else ""))
             self.history.append(entry)
             self._epoch, self._micro = epoch + 1, 0
             self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}

@@ -1,0 +1,57 @@
+"""What the library shows on a console, decided in one place: progress bars and rounded numbers in logs.
+
+- :func:`progress_bar`: every tqdm bar of the package. ``show_progress`` False = no bar; True = a bar
+  only when stderr is a terminal (a redirected stderr gets none, not thousands of lines); "always" =
+  a bar even when stderr is redirected.
+- :func:`format_values`: ``{"R@1": 57.49999999999999, "n_queries": 40}`` -> ``"R@1 57.50, n_queries 40"``
+  for log lines; nested mappings (a protocol description) and other non-numbers are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from tqdm.auto import tqdm
+
+__all__ = ["progress_bar", "progress_disabled", "format_values"]
+
+
+def progress_disabled(show_progress: bool | str) -> bool | None:
+    """tqdm's ``disable`` for ``show_progress``: True (no bar), None (a bar when stderr is a terminal) or False."""
+    if show_progress == "always":
+        return False
+    if isinstance(show_progress, str):
+        raise ValueError(f"show_progress must be True, False or 'always', got {show_progress!r}")
+    return None if show_progress else True
+
+
+def progress_bar(iterable: Iterable | None = None, *, desc: str, show_progress: bool | str = True, **kwargs: Any):
+    """A labelled tqdm bar over ``iterable`` (or a manual one with ``total=``) shown per :func:`progress_disabled`."""
+    return tqdm(iterable, desc=desc, disable=progress_disabled(show_progress), **kwargs)
+
+
+def _format(value: Any, digits: int) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        if value != 0 and abs(value) < 10 ** -digits:
+            return f"{value:.2g}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def format_values(values: Mapping[str, Any], digits: int = 2) -> str:
+    """``"key value, ..."`` with floats rounded to ``digits`` places (small ones in 2 significant digits,
+    whole ones as integers); values that are not numbers or short strings are left out."""
+    parts = []
+    for key, value in values.items():
+        text = _format(value, digits)
+        if text is not None:
+            parts.append(f"{key} {text}")
+    return ", ".join(parts)
