@@ -7,8 +7,9 @@ Protocols (see METHOD.md section 5):
   ``img_set.members`` minus the reference; Rmean = (R@5 + Rs@1) / 2.
 - **FashionIQ** (per category): gallery = every image of the category split; query text is
   ``triplet.texts[0]`` ("c0 and c1"); R@10, R@50. The standard protocol keeps the reference in
-  the gallery (``remove_reference=False``, default); ``remove_reference=True`` reproduces
-  CLIP4Cir's variant. Given the three category splits, also "Avg R@10", "Avg R@50" and
+  the gallery (``remove_reference=False``, default; the original CLIP4Cir code does too);
+  ``remove_reference=True`` is how the method's release evaluated its CLIP4Cir and zero-shot rows
+  (it kept the reference for SPRC, BLIP4CIR and TG-CIR; each recipe in cir_plugins/recipes says which). Given the three category splits, also "Avg R@10", "Avg R@50" and
   Rmean = (Avg R@10 + Avg R@50) / 2.
 
 Every result dict carries ``result["protocol"] = {"name", "reference_removed", "similarity", ...}``

@@ -39,7 +39,8 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser, default_split="val", many_categories=True)
     _common(parser)
     parser.add_argument("--remove-reference", choices=("auto", "yes", "no"), default="auto",
-                        help="remove the reference from the gallery (auto: CIRR yes, FashionIQ no)")
+                        help="remove the reference from the gallery (auto: CIRR yes, FashionIQ no, the standard "
+                             "protocol; FashionIQ yes: the method's release for its CLIP4Cir and zero-shot rows)")
     parser.add_argument("--output", default=None, help="also write the result dict as JSON here")
 
 

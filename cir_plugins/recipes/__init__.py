@@ -1,12 +1,13 @@
 """The paper's settings per base model and dataset, as data: one JSON file per recipe in this folder.
 
-    recipe = cp.recipes.load_recipe("clip4cir-cirr")
-    recipe.generation.augmenter_kwargs()   # templates, rank_window, refer_only, max_triplets, ...
-    recipe.stage2_config(output_dir="runs/s2")   # a validated Stage2Config
-    recipe.evaluation.remove_reference         # FashionIQ: the release removes it for CLIP4Cir only
+    from cir_plugins.recipes import load_recipe
+    recipe = load_recipe("clip4cir-fashioniq")
+    recipe.generation.augmenter_kwargs()          # templates, rank_window, refer_only, max_triplets, ...
+    recipe.stage2_config(output_dir="runs/s2")    # a validated Stage2Config
+    recipe.evaluation["remove_reference"]         # True: the release removed it for its CLIP4Cir rows
 
-``cir-plugins recipe list`` / ``recipe show NAME`` print them; ``cir-plugins reproduce --recipe NAME``
-runs one end to end (:func:`cir_plugins.recipes.run.reproduce`).
+``cir-plugins recipe list`` / ``recipe show NAME`` print them; ``cir-plugins recipe run NAME`` runs one
+end to end (:func:`cir_plugins.recipes.run.reproduce`).
 
 A recipe file holds (every field is checked by :func:`load_recipe`; an unknown or missing key is a
 ConfigError naming the file and the key):
@@ -25,7 +26,10 @@ ConfigError naming the file and the key):
   temperature, learn_temperature, betas, eps, weight_decay, mask_reference).
 - ``stage1_training`` (optional, the zero-shot rows): :class:`~cir_plugins.training.config.Stage1Config`
   fields of the in-batch stage 1 on generated triplets.
-- ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (the reference image out of each ranking).
+- ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (the reference image out of each ranking;
+  CIRR always. FashionIQ: the standard protocol, and the original CLIP4Cir code, keep it; the method's
+  release removed it in its CLIP4Cir and zero-shot evaluation and kept it for SPRC, BLIP4CIR and TG-CIR,
+  so the published rows were computed that way and each recipe says which).
 - ``published``: ``split`` and the ``before`` / ``after`` numbers of METHOD.md section 7 (null when none).
 - ``notes``, ``sources``: where each number comes from and what a reader should know.
 
