@@ -49,7 +49,7 @@ import logging
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from tqdm.auto import tqdm
+from ._console import progress_bar
 
 from .checks import check_chunk_size, check_embeddings, check_ks, check_not_excluded, check_rows, settle
 from .errors import ConfigError, ShapeError, explain
@@ -244,7 +244,7 @@ def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similar
             ts = target_score[q0:q1, None]
         step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         counts = torch.zeros(q.shape[0], dtype=torch.int64, device=query.device)
-        for start in tqdm(range(0, n_g, step), desc="ranking gallery chunks", disable=not show_progress,
+        for start in progress_bar(range(0, n_g, step), desc="ranking gallery chunks", show_progress=show_progress,
                           leave=False):
             stop = min(start + step, n_g)
             scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
@@ -405,7 +405,7 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
         best = torch.full((q.shape[0], k), lowest, dtype=torch.int64, device=query.device)  # (Qb, k) running keys
         # per query, the largest chunk k-th value at which torch.topk chose among more tied scores than it kept
         lost_tie = torch.full((q.shape[0],), float("-inf"), device=query.device)
-        for start in tqdm(range(0, n_g, step), desc="top-k over gallery chunks", disable=not show_progress,
+        for start in progress_bar(range(0, n_g, step), desc="top-k over gallery chunks", show_progress=show_progress,
                           leave=False):
             stop = min(start + step, n_g)
             scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \

@@ -33,6 +33,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import checks as C
 from .. import metrics as M
 from ..errors import ConfigError, ShapeError, explain
 from .loss import BankStats, sharded_loss, select_path, validate_loss_inputs
@@ -199,7 +200,7 @@ def sharded_bank_contrastive_loss(
         ``logsumexp_j(s_ij / tau) - s_iy / tau`` over the *whole* bank, differentiable in
         ``query`` and ``temperature``. Every rank must call it (it runs collectives).
     """
-    M.check_chunk_size(chunk_size)
+    C.check_chunk_size(chunk_size)
     empty = local_bank.shape[0] == 0
     probe = local_bank if not empty else local_bank.new_zeros(1, *local_bank.shape[1:])  # shapes and dtype only
     tau = validate_loss_inputs(query, probe, target_rows, temperature, exclude_rows, similarity, n_rows=n_total)
@@ -230,13 +231,13 @@ def _owner_scores(query, local, rows, row_offset, group, similarity, bf16=False)
 
 def _check_sharded_retrieval(query, local, row_offset, n_total, similarity, group, rows):
     """Validators of the metrics, layout of the shards, and the same queries on every rank."""
-    checks = M.check_embeddings(query, local if local.shape[0] else local.new_zeros(1, *local.shape[1:]),
+    checks = C.check_embeddings(query, local if local.shape[0] else local.new_zeros(1, *local.shape[1:]),
                                 similarity, what="local_gallery")
     for name, value in rows.items():
-        checks += M.check_rows(name, value, query.shape[0], n_total, query.device, padded=name != "target_rows")
+        checks += C.check_rows(name, value, query.shape[0], n_total, query.device, padded=name != "target_rows")
     if "target_rows" in rows:
-        checks += M.check_not_excluded(rows["target_rows"], rows.get("exclude_rows"))
-    M.settle(checks)
+        checks += C.check_not_excluded(rows["target_rows"], rows.get("exclude_rows"))
+    C.settle(checks)
     _, world, sizes = _check_layout(query, local.shape[0], row_offset, n_total, group)
     if len(set(sizes)) != 1:
         raise ShapeError(explain("sharded retrieval needs the same queries on every rank", got=f"query counts {sizes}",
@@ -268,9 +269,9 @@ def sharded_retrieval_metrics(
     "Rs@k" and "Rmean" = (R@5 + Rs@1) / 2, in percent; same ranking rule as the single-process
     metrics (ties go to the lower global row).
     """
-    ks = M._check_ks("ks", ks)
-    subset_ks = M._check_ks("subset_ks", subset_ks)
-    M.check_chunk_size(chunk_size)
+    ks = C.check_ks("ks", ks)
+    subset_ks = C.check_ks("subset_ks", subset_ks)
+    C.check_chunk_size(chunk_size)
     _check_sharded_retrieval(query, local_gallery, row_offset, n_total, similarity, group,
                              {"target_rows": target_rows, "exclude_rows": exclude_rows, "subset_rows": subset_rows})
     bf16 = M._use_bf16_scoring(query, local_gallery)

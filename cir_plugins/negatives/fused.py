@@ -39,7 +39,7 @@ import os
 import torch
 
 from ..errors import ConfigError, explain
-from ..metrics import as_temperature, check_embeddings, check_rows, settle
+from ..checks import as_temperature, check_embeddings, check_rows, settle
 from .loss import BankStats, sharded_loss
 
 logger = logging.getLogger(__name__)

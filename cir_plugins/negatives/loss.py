@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NonFiniteError, explain
-from ..metrics import (FLOAT_DTYPES, _mask_rows_, as_temperature, check_chunk_size, check_embeddings,
-                       check_not_excluded, check_rows, check_similarity, settle)
-from ..protocol import SIMILARITIES
+from ..checks import (FLOAT_DTYPES, SIMILARITIES, as_temperature, check_chunk_size, check_embeddings,
+                      check_not_excluded, check_rows, check_similarity, settle)
+from ..metrics import _mask_rows_
 
 __all__ = [
     "bank_contrastive_loss",
