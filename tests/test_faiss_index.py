@@ -81,7 +81,7 @@ def test_ivfpq_recall_against_exact():
                         dim=1)
     _, exact = topk_rows(query, emb, 10)
     index = build_faiss_index(bank, "ivfpq", nlist=8, m=16, nbits=4, nprobe=8)
-    assert index.factory == "IVF8,PQ16x4" and index.nprobe == 8
+    assert index.factory == "IVF8,PQ16x4fs" and index.nprobe == 8
     _, approx = index.search(query, 50)
 
     def recall(found):  # share of the exact top-10 found
@@ -98,7 +98,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
     index = build_faiss_index(bank, "ivfpq", nlist=4, m=4, nbits=4, nprobe=4)
     path = index.save(tmp_path / "gallery.faiss")
     loaded = FaissIndex.load(path)
-    assert (loaded.kind, loaded.factory, loaded.nprobe, loaded.fingerprint) == ("ivfpq", "IVF4,PQ4x4", 4, "fp-test")
+    assert (loaded.kind, loaded.factory, loaded.nprobe, loaded.fingerprint) == ("ivfpq", "IVF4,PQ4x4fs", 4, "fp-test")
     assert sorted(loaded.ids_of_row(0)) == ["copy0", "img0"]
     q = bank.embeddings[:5]
     for a, b in zip(index.search(q, 7), loaded.search(q, 7)):
@@ -132,5 +132,7 @@ def test_bad_inputs():
         build_faiss_index(bank, factory="NotAnIndex77")
     with pytest.raises(ConfigError, match="could not train"):
         build_faiss_index(bank, "ivfpq", m=4, nbits=8)  # 50 rows for 256 codes
+    with pytest.raises(ConfigError, match="even"):
+        build_faiss_index(bank, "ivfpq", m=1)
     with pytest.raises(ConfigError, match="divide"):
         build_faiss_index(bank, "ivfpq", m=3)

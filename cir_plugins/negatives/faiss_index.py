@@ -5,9 +5,9 @@ Two kinds (optional dependency: ``pip install "cir-plugins[faiss]"``, the ``fais
 - ``"flat"``: ``IndexFlatIP``, exact inner product over every row; its results equal
   :func:`cir_plugins.metrics.topk_rows` (the bank rows are L2-normalised, so inner product is cosine).
   Memory: N x D x 4 bytes.
-- ``"ivfpq"``: ``IVF{nlist},PQ{m}x{nbits}`` with inner product: the rows are clustered into ``nlist``
-  lists and each row is stored as ``m`` codes of ``nbits`` bits (``m * nbits / 8`` bytes a row instead
-  of ``4 D``); a search visits ``nprobe`` lists. Approximate: benchmarks/faiss_index.py measures its
+- ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``) with inner product: the rows are clustered
+  into ``nlist`` lists and each row is stored as ``m`` codes of ``nbits`` bits (``m * nbits / 8`` bytes a
+  row instead of ``4 D``; default D/8 bytes); a search visits ``nprobe`` lists. Approximate: benchmarks/faiss_index.py measures its
   recall@50 against exact search on a 1M-row bank. Any other FAISS factory string (e.g.
   ``"OPQ32,IVF1024,PQ32"`` or ``"HNSW32,PQ32"``) is accepted with ``factory=``.
 
@@ -213,16 +213,21 @@ class FaissIndex:
 def _default_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: int) -> str:
     if nlist is None:
         nlist = int(max(1, min(4096, round(4 * n ** 0.5))))  # ~4 sqrt(N) lists, FAISS's usual advice
-    if m is None:
-        m = next(c for c in (32, 16, 8, 4, 2, 1) if dim % c == 0 and c <= dim)
+    if m is None:  # 4-bit codes: D/4 sub-quantizers (D/8 bytes a row); 8-bit: D/8 (D/8 bytes a row)
+        m = next(c for c in (dim // (4 if nbits == 4 else 8), 32, 16, 8, 4, 2) if c >= 1 and dim % c == 0)
     if dim % m:
         raise ConfigError(explain("the PQ sub-quantizer count m must divide the embedding dim", got=(m, dim),
                                   fix=f"pick m among the divisors of {dim}"))
+    if nbits == 4:
+        if m % 2:
+            raise ConfigError(explain("4-bit (fast-scan) PQ needs an even sub-quantizer count m", got=m,
+                                      fix="pick an even m dividing the dim, or nbits=8"))
+        return f"IVF{nlist},PQ{m}x4fs"
     return f"IVF{nlist},PQ{m}x{nbits}"
 
 
 def build_faiss_index(bank: Any, kind: str = "flat", *, factory: str | None = None, nlist: int | None = None,
-                      m: int | None = None, nbits: int = 8, nprobe: int = 32, train_size: int = 65536,
+                      m: int | None = None, nbits: int = 4, nprobe: int = 32, train_size: int = 65536,
                       seed: int = 0) -> FaissIndex:
     """Export a single-vector bank (``NegativeBank`` or anything with ``embeddings`` (N, D), ``ids``,
     ``row_of``, ``fingerprint``) to a FAISS index.
@@ -231,8 +236,9 @@ def build_faiss_index(bank: Any, kind: str = "flat", *, factory: str | None = No
         kind: "flat" (exact ``IndexFlatIP``) or "ivfpq" (compressed, approximate).
         factory: a FAISS factory string used instead of ``kind``'s (inner-product metric), e.g.
             "OPQ32,IVF1024,PQ32"; ``kind`` then only names it in the metadata.
-        nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096), PQ sub-quantizers (default the
-            largest of 32, 16, 8, ... dividing D) and bits per code (8).
+        nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096), PQ sub-quantizers (default D/4
+            for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way) and bits per code (default 4:
+            FAISS's fast-scan PQ, which trains and searches much faster than 8-bit codes on a CPU).
         nprobe: lists visited per search (IVF only).
         train_size: rows sampled (seeded) to train the quantizers; at least 39 * nlist is advised.
     """

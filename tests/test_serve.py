@@ -1,0 +1,164 @@
+"""The serve app through Starlette's TestClient (no browser): search by gallery id, upload and path equal a
+hand-computed exact top-k; refusals (non-image, oversized, wrong type, paths outside the root, unknown ids)
+are clear 4xx errors and the server keeps answering."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("starlette", reason='the web page is an optional extra: pip install "cir-plugins[serve]"')
+pytest.importorskip("httpx", reason="Starlette's TestClient needs httpx (in the serve extra)")
+
+from PIL import Image  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+from cir_plugins.data.cirr import load_cirr  # noqa: E402
+from cir_plugins.data.fixtures import build_cirr_tree  # noqa: E402
+from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
+from cir_plugins.serve import GallerySearcher, create_app  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_training_toy import make_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = build_cirr_tree(tmp_path_factory.mktemp("serve") / "cirr", n_images=14)
+    split = load_cirr(root, "val", size=4)  # the toy model reads (3, 4, 4) images
+    model = make_model(dim=16, seed=3).eval()
+    bank = NegativeBank.build(model, split.gallery_ids, split.images, dedup=False, show_progress=False)
+    return root, split, model, bank
+
+
+@pytest.fixture()
+def client(world):
+    _, split, model, bank = world
+    searcher = GallerySearcher(model, bank, split.images)
+    return TestClient(create_app(searcher, max_upload_bytes=20_000))
+
+
+def _exact(model, bank, pixels, text, k, exclude_row=None):
+    """Reference ranking: normalise(compose(encode_reference(image), text)) against every bank row."""
+    with torch.no_grad():
+        query = F.normalize(model.compose_query(model.encode_reference(pixels[None]), [text]), dim=-1)[0]
+        scores = bank.embeddings.float() @ query  # (N,)
+    if exclude_row is not None:
+        scores[exclude_row] = float("-inf")
+    order = sorted(range(len(scores)), key=lambda r: (-float(scores[r]), r))[:k]
+    return [bank.ids[r] for r in order], [float(scores[r]) for r in order]
+
+
+def test_search_by_gallery_id_equals_exact(world, client):
+    _, split, model, bank = world
+    reference = split.gallery_ids[2]
+    answer = client.post("/api/search", json={"text": "make it red", "image_id": reference, "k": 5})
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    ids, scores = _exact(model, bank, split.images[reference], "make it red", 5, bank.row_of(reference))
+    assert [r["id"] for r in data["results"]] == ids and reference not in ids
+    assert [r["score"] for r in data["results"]] == pytest.approx(scores, abs=1e-5)
+    assert data["index"] == "exact" and data["results"][0]["url"] == f"/image/{ids[0]}"
+    image = client.get(data["results"][0]["url"])
+    assert image.status_code == 200 and image.content == split.images.path_of(ids[0]).read_bytes()
+
+
+def test_upload_and_reference_path_equal_exact(world, client):
+    root, split, model, bank = world
+    reference = split.gallery_ids[4]
+    path = split.images.path_of(reference)
+    files = {"file": ("mine.png", path.read_bytes(), "image/png")}
+    answer = client.post("/api/search", data={"text": "two dogs", "k": "4"}, files=files)
+    assert answer.status_code == 200, answer.text
+    ids, scores = _exact(model, bank, split.images[reference], "two dogs", 4)  # an upload excludes nothing
+    assert [r["id"] for r in answer.json()["results"]] == ids
+    assert [r["score"] for r in answer.json()["results"]] == pytest.approx(scores, abs=1e-5)
+    relative = os.path.relpath(path, split.images.root)
+    by_path = client.post("/api/search", json={"text": "two dogs", "reference_path": relative, "k": 4})
+    assert by_path.status_code == 200 and [r["id"] for r in by_path.json()["results"]] == ids
+
+
+def test_refusals_are_clear_and_the_server_keeps_serving(world, client, tmp_path):
+    root, split, _, _ = world
+    ok = {"text": "zoom out", "image_id": split.gallery_ids[0], "k": 3}
+
+    def refused(response, status, words):
+        assert response.status_code == status, response.text
+        message = response.json()["error"]
+        assert words in message, message
+        assert client.post("/api/search", json=ok).status_code == 200  # still serving
+
+    refused(client.post("/api/search", data={"text": "a", "k": "3"}, files={"file": ("notes.txt", b"hello", "text/plain")}),
+            415, "not accepted")
+    refused(client.post("/api/search", data={"text": "a", "k": "3"},
+                        files={"file": ("fake.png", b"<html>not an image</html>", "image/png")}), 415, "not a readable image")
+    big = io.BytesIO()
+    Image.effect_noise((200, 200), 60).convert("RGB").save(big, "PNG")  # ~100 kB of noise > the 20 kB limit
+    refused(client.post("/api/search", data={"text": "a", "k": "3"}, files={"file": ("big.png", big.getvalue(), "image/png")}),
+            413, "larger than the upload limit")
+    refused(client.post("/api/search", json={"text": "a", "reference_path": "../../../../etc/passwd"}), 403, "..")
+    refused(client.post("/api/search", json={"text": "a", "reference_path": "/etc/passwd"}), 403, "absolute")
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    link = Path(split.images.root) / "link_out.png"
+    link.symlink_to(outside)
+    try:
+        refused(client.post("/api/search", json={"text": "a", "reference_path": "link_out.png"}), 403, "outside")
+    finally:
+        link.unlink()
+    refused(client.post("/api/search", json={"text": "a", "reference_path": "nothing/here.png"}), 404, "names no file")
+    refused(client.post("/api/search", json={"text": "a", "image_id": "../cirr/captions/cap.rc2.val"}), 404, "no gallery image")
+    refused(client.post("/api/search", json={"text": "  ", "image_id": split.gallery_ids[0]}), 400, "text")
+    refused(client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 0}), 400, "out of range")
+    refused(client.post("/api/search", json={"text": "a"}), 400, "exactly one reference")
+    refused(client.post("/api/search", content=b"text=a", headers={"content-type": "text/plain"}), 415, "JSON or a multipart")
+    refused(client.post("/api/search", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON")
+    for url in ("/image/..%2F..%2Fetc%2Fpasswd", "/image/../../etc/passwd", "/image/cirr/captions/cap.rc2.val.json"):
+        response = client.get(url)
+        assert response.status_code == 404, (url, response.status_code)
+        assert "root:" not in response.text
+
+
+def test_page_info_gallery(world, client):
+    _, split, _, bank = world
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="search"' in page.text and "/api/search" in page.text
+    info = client.get("/api/info").json()
+    assert info["gallery"] == len(split.gallery_ids) and info["rows"] == len(bank) and info["max_upload_bytes"] == 20_000
+    listed = client.get("/api/gallery", params={"q": split.gallery_ids[3], "limit": 5}).json()
+    assert split.gallery_ids[3] in listed["ids"] and listed["total"] >= 1
+    assert client.get("/api/gallery", params={"limit": "x"}).status_code == 400
+
+
+def test_faiss_index_gives_the_exact_answer(world):
+    pytest.importorskip("faiss", reason='FAISS is an optional extra: pip install "cir-plugins[faiss]"')
+    from cir_plugins.negatives.faiss_index import build_faiss_index
+
+    _, split, model, bank = world
+    exact = TestClient(create_app(GallerySearcher(model, bank, split.images)))
+    flat = TestClient(create_app(GallerySearcher(model, bank, split.images, index=build_faiss_index(bank, "flat"))))
+    body = {"text": "add a tree", "image_id": split.gallery_ids[5], "k": 6}
+    a, b = exact.post("/api/search", json=body).json(), flat.post("/api/search", json=body).json()
+    assert [r["id"] for r in a["results"]] == [r["id"] for r in b["results"]]
+    assert [r["score"] for r in a["results"]] == pytest.approx([r["score"] for r in b["results"]], abs=1e-5)
+    assert b["index"].startswith("FaissIndex(kind='flat'")
+
+
+def test_searcher_refuses_a_foreign_index_and_store(world, tmp_path):
+    pytest.importorskip("faiss", reason='FAISS is an optional extra: pip install "cir-plugins[faiss]"')
+    from cir_plugins.errors import BankMismatchError, DataError
+    from cir_plugins.negatives.faiss_index import build_faiss_index
+
+    root, split, model, bank = world
+    other = NegativeBank(bank.embeddings.clone(), bank.ids, [bank.row_of(i) for i in bank.ids], similarity="dot",
+                         fingerprint="another model")
+    with pytest.raises(BankMismatchError, match="not exported from this bank"):
+        GallerySearcher(model, bank, split.images, index=build_faiss_index(other, "flat"))
+    with pytest.raises(DataError, match="no bank id"):
+        GallerySearcher(model, bank, load_cirr(root, "train", size=4).images)
