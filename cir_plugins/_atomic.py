@@ -2,8 +2,8 @@
 
 A write goes to ``path.tmp-<pid>`` in the same folder, is flushed and fsynced, then ``os.replace``d
 over ``path`` and the folder fsynced, so a kill at any moment leaves the old file or the new one,
-never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`fsync_dir`
-serves writers that swap whole folders (training checkpoints).
+never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`replace_folder`
+swaps a whole folder written under a temporary name into place (training checkpoints, shared results).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "fsync_file", "replace_folder"]
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -66,3 +66,19 @@ def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None 
     final newline when asked) atomically. ``make_parents`` creates the missing folders first."""
     text = json.dumps(data, indent=indent, ensure_ascii=ensure_ascii) + ("\n" if trailing_newline else "")
     return atomic_write_bytes(path, text.encode("utf-8"), make_parents=make_parents)
+
+
+def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike, aside: str | os.PathLike) -> Path | None:
+    """Swap the finished folder ``tmp`` into ``final`` by rename; an existing ``final`` is first renamed to
+    ``aside``. Returns ``aside`` when it now holds the previous folder (the caller removes it once nothing
+    can need it), else None. ``tmp``'s entries and both renames are fsynced, so after a kill either the old
+    folder (at ``final`` or ``aside``) or the new one is whole."""
+    tmp, final, aside = Path(tmp), Path(final), Path(aside)
+    fsync_dir(tmp)
+    moved = None
+    if final.exists():
+        os.replace(final, aside)
+        moved = aside
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return moved

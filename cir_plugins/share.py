@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save
 
 from . import __version__
-from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from ._atomic import atomic_write_bytes, atomic_write_json, replace_folder
 from .errors import CheckpointError, ConfigError, explain
 from .trained import SHARED_FILE, SHARED_FORMAT, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
 
@@ -221,12 +221,8 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
                                                 metadata={"format": SHARED_FORMAT}))
     atomic_write_json(tmp / SHARED_FILE, document, indent=1)
     atomic_write_bytes(tmp / CARD_FILE, model_card(document, title=name).encode("utf-8"))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
-    if old.exists():
+    old = replace_folder(tmp, folder, folder.with_name(f".{folder.name}.old-{os.getpid()}"))
+    if old is not None:
         shutil.rmtree(old)
     logger.info("saved a %s result (%d tensors) to %s", document["stage"], len(parameters), folder)
     return folder

@@ -28,6 +28,9 @@ PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "m
 
 # Writes that are not followed by os.replace in the same function, and why that is safe.
 NON_ATOMIC_ALLOWED = {
+    # a checkpoint's files are written into a fresh temporary folder that _atomic.replace_folder then
+    # renames into place whole (state.json, written last, records the others' sizes and hashes)
+    ("cir_plugins/training/checkpoint.py", "save_checkpoint"),
     # the caption cache is an append-only JSONL file: every line is flushed + fsynced and a torn
     # last line (no newline) is ignored, counted and cut off when the cache is reopened
     ("cir_plugins/positives/captioners.py", "append"),

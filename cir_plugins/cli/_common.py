@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .._console import format_values
+from .._utils import model_device  # noqa: F401 (the package's one device lookup; cli/stage2 uses it)
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 
@@ -90,13 +91,6 @@ def build_model(args: argparse.Namespace) -> Any:
     if args.device is not None:
         model = model.to(args.device)
     return model
-
-
-def model_device(model: Any) -> Any:
-    """The device of the model's first parameter (cpu for a model without parameters)."""
-    parameters = getattr(model, "parameters", None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return first.device if first is not None else "cpu"
 
 
 # --- data ---------------------------------------------------------------------------------------------

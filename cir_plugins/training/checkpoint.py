@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._atomic import fsync_dir, fsync_file
+from .._atomic import atomic_write_bytes, fsync_file, replace_folder
 from ..errors import CheckpointError, explain
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
@@ -189,16 +189,8 @@ def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, to
         files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": _sha256(tmp / file_name)}
     document = dict(state, format=FORMAT, optimizer=opt_index, files=files)
     document["checksum"] = _document_checksum(document)
-    with open(tmp / "state.json", "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(document))
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(tmp)
-    old = root / f".old-{name}-{unique}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    atomic_write_bytes(tmp / "state.json", json.dumps(document).encode("utf-8"))  # written last, fsynced
+    replace_folder(tmp, final, root / f".old-{name}-{unique}")  # the old folder is a leftover until removed
     _remove_leftovers(root, name)
     logger.debug("checkpoint written: %s", final)
     return final
