@@ -36,6 +36,7 @@ _WHERE = {
     "make_world": "data.synthetic",
     "push_to_hub": "share",
     "rank_cirr": "evaluation",
+    "reference_input": "protocol",
     "retrieval_metrics": "metrics",
     "save_trained": "share",
     "submit_cirr": "evaluation",
