@@ -167,32 +167,16 @@ if triton is not None:
 
     @triton.jit
     def _bank_partials_kernel(
-        qh_ptr,  # (B, D) query, bank dtype (hi half when SPLIT_Q)
-        ql_ptr,  # (B, D) query lo half (only read when SPLIT_Q)
+        qh_ptr, ql_ptr,  # (B, D) query in the bank's dtype: hi half, and lo half (only read when SPLIT_Q)
         bank_ptr,  # (N, D), or (N, T, D) when MULTI; contiguous
         excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)
         tau_ptr,  # 0-dim float32
-        m_out,  # (S, B) float32
-        z_out,  # (S, B) float32
-        t_out,  # (S, B) float32
+        m_out, z_out, t_out,  # (S, B) float32 each
         w_out,  # (S, B, D) float32
-        B,
-        N,
-        D,
-        T,
-        tiles_per_split,
-        K: tl.constexpr,
-        MULTI: tl.constexpr,
-        SPLIT_Q: tl.constexpr,
-        SPLIT_P: tl.constexpr,
-        NEED_W: tl.constexpr,
-        IEEE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
-        NUM_DV: tl.constexpr,
+        B, N, D, T, tiles_per_split,
+        K: tl.constexpr, MULTI: tl.constexpr, SPLIT_Q: tl.constexpr, SPLIT_P: tl.constexpr, NEED_W: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     ):
         # program id 0 enumerates (query block, column chunk) fastest so programs that read the
         # same bank rows run side by side and share them through L2; id 1 is the bank split.
@@ -333,18 +317,8 @@ def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = N
     splits = max(1, min(n_tiles, triton.cdiv(target_programs, num_qb * num_dv)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    return dict(
-        BLOCK_B=block_b,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_DV=block_dv,
-        NUM_DV=num_dv,
-        num_qb=num_qb,
-        splits=splits,
-        tiles_per_split=tiles_per_split,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DV=block_dv, NUM_DV=num_dv, num_qb=num_qb,
+                splits=splits, tiles_per_split=tiles_per_split, num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity) -> torch.Tensor:
@@ -402,22 +376,11 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         if cfg["num_stages"] is not None:
             launch["num_stages"] = cfg["num_stages"]
         _bank_partials_kernel[grid](
-            qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"],
-            K=k,
-            MULTI=multi,
-            SPLIT_Q=split_q,
-            SPLIT_P=split_p,
-            NEED_W=need_w,
-            IEEE=ieee,
+            qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"], K=k, MULTI=multi,
+            SPLIT_Q=split_q, SPLIT_P=split_p, NEED_W=need_w, IEEE=ieee,
             # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
             UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
-            BLOCK_B=cfg["BLOCK_B"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"],
-            BLOCK_DV=cfg["BLOCK_DV"],
-            NUM_DV=cfg["NUM_DV"],
-            **launch,
-        )
+            **{key: cfg[key] for key in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "NUM_DV")}, **launch)
         return m, z, t, (w if need_w else None)
 
     try:
