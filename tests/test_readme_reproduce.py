@@ -42,10 +42,13 @@ def test_every_line_parses_and_names_a_recipe_whose_published_row_it_is():
         assert recipe.published is not None and recipe.dataset == "cirr"
         assert recipe.model in row.lower().replace("-", "").replace(" (blip2)", ""), (row, recipe.model)
         assert printed in ("before", "after", "before / after")
+        assert command == recipe_command.command_of(recipe)  # the line `cir-plugins recipe list` prints
 
 
 def test_the_named_example_factories_exist():
-    for _, command, _ in _table():
+    commands = [command for _, command, _ in _table()]
+    commands += [recipe_command.command_of(load_recipe(n)) for n in ("zeroshot-cirr", "clip4cir-fashioniq")]
+    for command in commands:
         spec = shlex.split(command)[shlex.split(command).index("--model") + 1]
         if spec.startswith("YOUR_"):
             continue

@@ -110,6 +110,7 @@ def test_recipe_list_and_show(capsys):
     assert run_command("recipe", ["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in list_recipes()) and "76.00" in out
+    assert all(f"cir-plugins recipe run {name} --model" in out for name in list_recipes())  # each one's command
     assert run_command("recipe", ["show", "tgcir-cirr"]) == 0
     assert json.loads(capsys.readouterr().out) == load_recipe("tgcir-cirr").to_dict()
 
@@ -242,3 +243,12 @@ def test_hf_captioner_gets_the_recipe_prompt_and_each_images_category(trees, mon
     assert made.prompt_for("B0toptee_train02") == "please briefly describe the toptee in 4 words"
     made = recipe_command._captioner(args, load_recipe("tgcir-cirr"), None)
     assert made.prompt_for("x") == "please briefly describe the image in 10 words"
+
+
+def test_a_window_that_makes_nothing_is_an_error_naming_the_fix(trees, tmp_path, capsys):
+    argv = ["run", "clip4cir-cirr", "--model", f"{trees['factory']}:build", "--root", str(trees["cirr"]),
+            "--out", str(tmp_path / "run"), "--captioner", f"file:{trees['captions']}", "--transform", "clip",
+            "--image-size", "4", "--no-progress"]  # the release's [10000, 15000) on 12 images
+    assert run_command("recipe", argv) == 2
+    err = capsys.readouterr().err
+    assert "made no triplets from 12 images" in err and "10000" in err and "--rank-window fractions" in err

@@ -25,7 +25,7 @@ from ..errors import ConfigError, explain
 from ._common import (add_device_argument, add_factory_arguments, add_progress_argument, model_from_factory,
                       show_progress)
 
-__all__ = ["configure", "run"]
+__all__ = ["configure", "run", "command_of"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +74,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(go)
 
 
+# the model factory each recipe's command names: this repository's examples where there is one
+_FACTORIES = {
+    "clip4cir": "examples/clip4cir/_common.py:factory --factory-kwargs '{\"checkpoint\": \"runs/clip4cir-rn50x4\"}' "
+                "--image-size 288",
+    "sprc": "examples.blip2_sprc.wrap:load --factory-kwargs '{\"path\": \"runs/sprc_stage1\"}'",
+    "tgcir": "YOUR_TGCIR.py:build --stage1 runs/tgcir-stage1",
+    "blip4cir": "YOUR_BLIP4CIR.py:build --stage1 runs/blip4cir-stage1",
+    "zeroshot": "examples/clip4cir/_common.py:factory --factory-kwargs "
+                "'{\"checkpoint\": \"openai/clip-vit-large-patch14\", \"fusion\": \"sum\"}'",
+}
+
+
+def command_of(recipe: Any) -> str:
+    """The command line that runs ``recipe`` on the full data set (README: "Reproduce the paper")."""
+    return (f"cir-plugins recipe run {recipe.name} --model {_FACTORIES[recipe.model]} --root DATA/{recipe.dataset} "
+            f"--captioner hf:llava-hf/llava-1.5-7b-hf --out runs/{recipe.name}")
+
+
 def _list() -> int:
     from ..recipes import list_recipes, load_recipe
 
@@ -83,6 +101,7 @@ def _list() -> int:
         after = (recipe.published or {}).get("after", {})
         shown = ", ".join(f"{k} {v:.2f}" for k, v in after.items() if k in ("Rmean", "Avg R@10", "Avg R@50")) or "-"
         print(f"{name:<20}{recipe.model_label:<40}{shown}")
+        print(f"    {command_of(recipe)}")
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..data.triplet import Triplet
-from ..errors import ConfigError, explain
+from ..errors import ConfigError, DataError, explain
 from . import Recipe
 
 __all__ = ["TrainingData", "training_pool", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce"]
@@ -256,6 +256,14 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
                                      batch_size=eval_batch_size, show_progress=show_progress, **kwargs)
         augmented = augmenter.augment(list(data.image_ids), data.images, annotated=list(data.triplets))
         made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
+        if not made:  # a run "with generated positives" that has none would silently be the +N row
+            window = kwargs["rank_window"]
+            raise DataError(explain(
+                f"recipe {recipe.name}: the generation step made no triplets from {augment_info['images']} images",
+                got=f"rank window {window}, {augment_info['pairs']} pairs, "
+                    f"{augment_info['skipped_same_caption']} dropped for equal captions",
+                fix="the recipe's absolute window suits the full data set: pass rank_window as fractions of N "
+                    "(cir-plugins recipe run ... --rank-window fractions), or check the captioner"))
         writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
         writer(made, out / "generated.json")
     annotated = list(data.triplets) if recipe.generation.annotated else []
