@@ -248,7 +248,7 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
 def _compose_all(model, images, triplets, batch_size, device, show_progress) -> torch.Tensor:
     """(Q, D) raw composed queries; references encoded once per distinct id when possible (per query
     batch when ``encode_reference`` reads the texts too: protocol.reference_uses_text)."""
-    from .protocol import reference_input, reference_uses_text
+    from .protocol import compose, reference_input, reference_uses_text
 
     encode_reference = _reference_encoder(model)
     _require_images(images, [t.reference for t in triplets])
@@ -276,7 +276,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
         else:
             pixels = _stack(images, [t.reference for t in chunk]).to(device)
             reference = reference_input(model, pixels, [t.texts[0] for t in chunk])
-        out = model.compose_query(reference, [t.texts[0] for t in chunk])
+        out = compose(model, reference, [t.texts[0] for t in chunk])
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(chunk):
             raise ModelProtocolError(explain("compose_query must return a (B, D) tensor",
                                              got=getattr(out, "shape", type(out).__name__),

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import eval_mode
-from .errors import ConfigError, ModelProtocolError, explain
+from .errors import CIRPluginsError, ConfigError, ModelProtocolError, explain
 
 __all__ = [
     "CIRModel",
@@ -37,6 +37,8 @@ __all__ = [
     "WrappedModel",
     "as_texts",
     "check_model",
+    "compose",
+    "compose_input_hint",
     "parameter_split",
     "reference_input",
     "reference_uses_text",
@@ -141,6 +143,18 @@ def compose_input_hint(model: Any, reference: Any) -> str:
     return (f"compose_query was given the reference images {shape}, because {type(model).__name__} has no "
             "encode_reference; if compose_query expects features, add encode_reference(images) or pass "
             "wrap_model(model, encode_reference=...)")
+
+
+def compose(model: Any, reference: Any, texts: list[str]) -> Any:
+    """``model.compose_query(reference, texts)``, the one call the library makes. An exception raised inside
+    the model passes through unchanged but carries a note (shown under its traceback) saying what
+    compose_query was given and why (:func:`compose_input_hint`), the usual cause of a shape error."""
+    try:
+        return model.compose_query(reference, texts)
+    except Exception as error:
+        if hasattr(error, "add_note") and not isinstance(error, (CIRPluginsError, torch.cuda.OutOfMemoryError)):
+            error.add_note("cir_plugins: " + compose_input_hint(model, reference))
+        raise
 
 
 # --------------------------------------------------------------------------------------------------

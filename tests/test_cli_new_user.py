@@ -160,29 +160,37 @@ def test_texts_given_as_one_string_are_refused():
 
 
 # 3. a compose_query that fails on its input says what it was given and why
+class ImagesOnly(nn.Module):
+    """compose_query wants images, but the model also has encode_reference (so it gets features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(48, 8)
+        self.text = nn.Linear(1, 8)
+
+    def encode_image(self, images):
+        return self.image(images.flatten(1))
+
+    def encode_reference(self, images):
+        return self.image(images.flatten(1))
+
+    def compose_query(self, reference, texts):
+        return self.image(reference.flatten(1)) + self.text(torch.ones(len(texts), 1))  # fails on (B, 8)
+
+
 def test_compose_failure_names_encode_reference():
-    class ImagesOnly(nn.Module):  # compose_query wants images but the model also has encode_reference
-        def __init__(self):
-            super().__init__()
-            self.image = nn.Linear(48, 8)
-            self.text = nn.Linear(1, 8)
-
-        def encode_image(self, images):
-            return self.image(images.flatten(1))
-
-        def encode_reference(self, images):
-            return self.image(images.flatten(1))
-
-        def compose_query(self, reference, texts):
-            return torch.cat([reference, reference], 1)[:, :8] * 0 + self.image(reference.flatten(1)) + \
-                self.text(torch.ones(len(texts), 1))
-
     images = torch.randn(2, 3, 4, 4)
     with pytest.raises(ModelProtocolError) as caught:
         cp.check_model(ImagesOnly(), images, ["a", "b"], images)
     message = str(caught.value)
     assert "compose_query raised RuntimeError" in message
     assert "given encode_reference's output (2, 8), not the images" in message and "reference_input" in message
+    # where the library itself calls compose_query (evaluation, training), the model's own error passes
+    # through with the same explanation attached as a note
+    store = {f"i{k}": torch.randn(3, 4, 4) for k in range(4)}
+    with pytest.raises(RuntimeError) as caught:
+        cp.evaluate(ImagesOnly(), _split(store, [cp.Triplet("i0", "x", "i1")]), show_progress=False)
+    assert any("given encode_reference's output (1, 8), not the images" in n for n in caught.value.__notes__)
 
 
 # 8. quiet output: the CLI's spelling in advice, no advice to skip when skipping, bars only on a terminal

@@ -162,3 +162,39 @@ def test_searcher_refuses_a_foreign_index_and_store(world, tmp_path):
         GallerySearcher(model, bank, split.images, index=build_faiss_index(other, "flat"))
     with pytest.raises(DataError, match="no bank id"):
         GallerySearcher(model, bank, load_cirr(root, "train", size=4).images)
+
+
+def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from cir_plugins.cli import main
+
+    root, split, model, bank = world
+    bank_path = tmp_path / "bank.safetensors"
+    bank.save(bank_path)
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+                       "from test_training_toy import make_model\n\n\ndef build():\n    return make_model(dim=16, seed=3)\n")
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    common = ["serve", "--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
+              "--image-size", "4", "--bank", str(bank_path)]
+    assert main(common) == 0
+    app, options = calls[-1]
+    assert options["host"] == "127.0.0.1" and options["port"] == 8000  # the local machine only, by default
+    body = {"text": "make it red", "image_id": split.gallery_ids[2], "k": 5}
+    exact = TestClient(app).post("/api/search", json=body).json()
+    ids, _ = _exact(model, bank, split.images[split.gallery_ids[2]], "make it red", 5, bank.row_of(split.gallery_ids[2]))
+    assert [r["id"] for r in exact["results"]] == ids
+    # a bank made by other weights is refused before serving
+    other = tmp_path / "other.py"
+    other.write_text(factory.read_text().replace("seed=3", "seed=4"))
+    assert main([*common[:2], f"{other}:build", *common[3:]]) == 2
+    assert "bank" in capsys.readouterr().err.lower()
+    pytest.importorskip("faiss", reason='FAISS is an optional extra: pip install "cir-plugins[faiss]"')
+    index_path = tmp_path / "bank.faiss"
+    assert main(common + ["--faiss-export", "flat", "--faiss", str(index_path), "--port", "8123"]) == 0
+    assert index_path.is_file() and calls[-1][1]["port"] == 8123
+    assert main(common + ["--faiss", str(index_path)]) == 0
+    by_index = TestClient(calls[-1][0]).post("/api/search", json=body).json()
+    assert by_index["index"].startswith("FaissIndex") and [r["id"] for r in by_index["results"]] == ids

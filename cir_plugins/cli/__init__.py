@@ -30,6 +30,7 @@ COMMANDS = {
     "convert": ("cir_plugins.cli.convert", "a torch.save checkpoint -> safetensors, read weights-only (no code runs)"),
     "recipe": ("cir_plugins.cli.recipe", "the paper's recipes per model and dataset: list, show, run one end to end"),
     "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
+    "serve": ("cir_plugins.cli.serve", "a local web page: composed search over a saved bank and its images"),
 }
 
 

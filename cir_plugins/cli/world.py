@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from ._common import parse_json_object
+from ._common import add_progress_argument, parse_json_object, show_progress
 
 __all__ = ["configure", "run"]
 
@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help='JSON object of WorldConfig fields overriding the preset, e.g. \'{"pixel_noise": 16}\'')
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if up to date")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
                                       fix='pass a JSON object such as \'{"n_val_queries": 200}\'')
         size = {**PRESETS[size], **overrides}
     root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
-                      show_progress=True)
+                      show_progress=show_progress(args))
     print(json.dumps(json.loads(_marker_path(root).read_text())["stats"], indent=1))
     return 0

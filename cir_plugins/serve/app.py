@@ -300,7 +300,7 @@ $("search").addEventListener("click", search);
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
 fetch("/api/info").then((r) => r.json()).then((data) => {
   limits = data; $("k").max = data.max_k; $("k").value = data.default_k;
-  $("info").textContent = `${data.gallery} gallery images, ${data.rows} bank rows, search: ${data.index}, uploads up to ${(data.max_upload_bytes / 1048576).toFixed(1)} MB`;
+  $("info").textContent = `${data.gallery} gallery images, ${data.rows} bank rows, search: ${data.index}, uploads up to ${data.max_upload_bytes >= 1048576 ? (data.max_upload_bytes / 1048576).toFixed(1) + " MB" : Math.round(data.max_upload_bytes / 1024) + " kB"}`;
 });
 loadGallery();
 </script></body></html>

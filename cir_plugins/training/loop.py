@@ -193,7 +193,7 @@ class QuerySide(nn.Module):
         self.log_tau = log_tau
 
     def forward(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor | None]:
-        return self.model.compose_query(reference, texts), (self.log_tau.exp() if self.log_tau is not None else None)
+        return protocol.compose(self.model, reference, texts), (self.log_tau.exp() if self.log_tau is not None else None)
 
 
 class InBatchNegatives:
@@ -395,7 +395,7 @@ class Trainer(abc.ABC):
         """(compose_query(reference, texts), temperature); under torchrun through DDP, which then averages
         the gradients of the trainable parameters and the log-temperature across ranks in buckets."""
         if self.world == 1:
-            return self.model.compose_query(reference, texts), self.temperature()
+            return protocol.compose(self.model, reference, texts), self.temperature()
         if getattr(self, "_ddp", None) is None:  # built at the first step, after any resume loaded the weights
             device_ids = [self.device] if self.device.type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(
