@@ -119,8 +119,9 @@ def main(argv=None) -> int:
         sync()
 
     def build():
+        # encoding only: the pixel-identical grouping (on by default) is its own pass over the images
         NegativeBank.build(model, ids, images, batch_size=bs, device=device, dtype=dtype,
-                           num_workers=args.num_workers, show_progress=False)
+                           num_workers=args.num_workers, show_progress=False, dedup=False)
         sync()
 
     runs = {"bare_device": lambda: bare(False), "bare_host": lambda: bare(True), "build": build}
