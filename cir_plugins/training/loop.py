@@ -5,9 +5,11 @@ A step: take the micro-batch's slice for this rank, build the queries
 ask the negative source for ``(bank, target_rows, exclude_rows)``, and call
 ``bank_contrastive_loss``. Two sources:
 
-- :class:`BankNegatives` (stage 2): the static bank, every row a candidate; the reference row masked.
-- :class:`InBatchNegatives` (stage 1): the batch's target embeddings computed with gradient, one row
-  per distinct target (duplicates of a target in the batch are one row, so never its negatives).
+- :class:`BankNegatives` (stage 2): the static bank, every row a candidate; the reference row masked
+  (the reference side cached by :class:`~cir_plugins.training.stage2.ReferenceCache`).
+- :class:`~cir_plugins.training.stage1.InBatchNegatives` (stage 1): the batch's target embeddings computed
+  with gradient, one row per distinct target (duplicates of a target in the batch are one row, so never
+  its negatives).
 
 Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or nccl): each rank takes
 a contiguous slice of each global micro-batch; its loss is the slice's mean scaled by
@@ -55,19 +57,17 @@ from .._console import format_values, progress_bar
 from .. import protocol
 from .._utils import eval_mode, model_device
 from ..data.triplet import Triplet
-from ..errors import CheckpointError, ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteError, ShapeError, explain
 from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
 from ..negatives.loss import bank_contrastive_loss
+from ..trained import TEMPERATURE_NAME
 from .checkpoint import (bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
                          restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
-from ..trained import TEMPERATURE_NAME
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .evaluator import Evaluator, as_evaluator
 from .sampler import EpochSampler
 
-__all__ = ["Trainer", "BankNegatives", "InBatchNegatives", "QuerySide", "ReferenceCache", "stack_images",
-           "init_distributed",
-           "non_finite_tensors"]
+__all__ = ["Trainer", "BankNegatives", "QuerySide", "stack_images", "init_distributed", "non_finite_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,40 +104,6 @@ def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-class ReferenceCache:
-    """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device.
-
-    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row. With ``texts`` (one per id,
-    for a model with ``reference_uses_text``) the cache holds ``encode_reference(images, texts)`` once
-    per distinct (id, text) pair, ``rows`` maps (id, text) -> row, and lookups pass the texts too.
-    """
-
-    def __init__(self, model: Any, ids: Sequence[str], images: Mapping[str, Tensor], device: torch.device,
-                 *, texts: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True) -> None:
-        if texts is not None and len(texts) != len(ids):
-            raise ShapeError(explain("ReferenceCache needs one text per reference id", got=(len(ids), len(texts))))
-        self.with_text = texts is not None
-        keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
-        ids = [k[0] for k in keys] if self.with_text else keys
-        from ..evaluation import embed_images  # noqa: PLC0415 (the one embedding loop)
-
-        with eval_mode(model):
-            features = embed_images(model.encode_reference, ids, images, batch_size=batch_size, device=device,
-                                    texts=[k[1] for k in keys] if self.with_text else None,
-                                    show_progress=show_progress, desc="cache references")
-        self.features = features  # (R, ...) one row per reference id (or (id, text) pair)
-        self.rows = {key: row for row, key in enumerate(keys)}
-
-    def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
-        keys = list(zip(ids, texts)) if self.with_text else list(ids)
-        missing = [k for k in keys if k not in self.rows]
-        if missing:
-            raise DataError(explain("references not in the reference cache", got=missing[:5],
-                                    fix="build the cache over every (reference, text) the triplets hold"))
-        index = torch.tensor([self.rows[k] for k in keys], dtype=torch.long, device=self.features.device)
-        return self.features.index_select(0, index)  # (b, ...)
 
 
 class BankNegatives:
@@ -196,50 +162,6 @@ class QuerySide(nn.Module):
         return protocol.compose(self.model, reference, texts), (self.log_tau.exp() if self.log_tau is not None else None)
 
 
-class InBatchNegatives:
-    """Stage 1: the batch's targets, encoded with gradient; one row per distinct target group."""
-
-    def __init__(self, *, groups: Mapping[str, str] | None = None, mask_duplicates: bool = True,
-                 similarity: str = "dot") -> None:
-        self.groups = dict(groups or {})
-        self.mask_duplicates = mask_duplicates
-        self.similarity = similarity
-
-    def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
-                 device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.mask_duplicates:
-            # one row per duplicate group: a target's duplicates are its positive, never a negative
-            row_of_group: dict[str, int] = {}
-            encode_ids: list[str] = []
-            rows = []
-            for t in triplets:
-                group = self.groups.get(t.target, t.target)
-                if group not in row_of_group:
-                    row_of_group[group] = len(encode_ids)
-                    encode_ids.append(t.target)
-                rows.append(row_of_group[group])
-        else:
-            encode_ids = [t.target for t in triplets]
-            rows = list(range(len(triplets)))
-        targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
-        targets = F.normalize(targets, dim=-1)
-        return targets, torch.tensor(rows, dtype=torch.long, device=device), None
-
-    def loss(self, query: Tensor, targets: Tensor, target_rows: Tensor, exclude: Tensor | None,
-             temperature: Tensor) -> Tensor:
-        """Cross-entropy over the batch's u distinct targets, differentiable in both towers.
-
-        query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u). The (b, u) matrix is
-        small (u <= b), so no chunking is needed.
-        """
-        if self.similarity == "max_token":
-            # (b, D) x (u, T, D) -> (b, u, T), best token per target
-            logits = torch.einsum("bd,utd->but", query, targets.to(query.dtype)).amax(dim=-1)
-        else:
-            logits = query @ targets.to(query.dtype).T  # (b, D) @ (D, u) -> (b, u)
-        return F.cross_entropy(logits.float() / temperature, target_rows)
-
-
 def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
     """Names of the tensors (e.g. gradients) that hold a NaN or an infinity, in the given order.
 
@@ -279,7 +201,7 @@ class Trainer(abc.ABC):
         self.device = self._device()
         self.history: list[dict[str, Any]] = []
         self.log_tau: nn.Parameter | None = None
-        self.reference_cache: ReferenceCache | None = None
+        self.reference_cache: Any = None  # stage 2: a ReferenceCache (stage2.py), ids -> reference features
         self.negatives: Any = None
         self.trainable: list[tuple[str, nn.Parameter]] = []
         self._setup()
@@ -624,11 +546,16 @@ class Trainer(abc.ABC):
         self._train_mode()
         loss = self._forward_backward(batch, texts, 1)
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(explain(f"{self.stage}: non-finite loss in train_step; nothing was applied", got=loss,
-                                         fix="lower the learning rate, check the temperature and data"))
+            raise self._non_finite("loss", "train_step (nothing was applied)", got=loss)
         self._optimizer_step()
         return loss
+
+    def _non_finite(self, what: str, where: str, error: Exception | None = None, got: Any = None) -> NonFiniteError:
+        """The error for a non-finite loss or gradient at ``where``; the step's gradients are dropped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return NonFiniteError(explain(f"{self.stage}: non-finite {what} at {where}" + (f" ({error})" if error else ""),
+                                      got=got, fix="lower the learning rate, check the temperature and data; the "
+                                                   "last good checkpoint is kept"))
 
     def _evaluate_epoch(self, entry: dict[str, Any]) -> bool:
         """Run the evaluator (rank 0; eval mode, no_grad) into ``entry["metrics"]``; True when this epoch
@@ -694,20 +621,13 @@ class Trainer(abc.ABC):
             time_before = self._epoch_stats["time"]
             for micro in range(self._micro, len(plan)):
                 samples = plan[micro]
+                where = f"epoch {epoch + 1}, micro-batch {micro + 1}, optimiser step {self._global_step + 1}"
                 try:
                     loss = self._micro_batch(samples)
                 except NonFiniteError as error:
-                    raise NonFiniteError(explain(
-                        f"{self.stage}: non-finite loss at epoch {epoch + 1}, micro-batch {micro + 1}, "
-                        f"optimiser step {self._global_step + 1} ({error})",
-                        fix="lower the learning rate, check the temperature and data; the last good checkpoint is kept"
-                    )) from error
+                    raise self._non_finite("loss", where, error) from error
                 if not math.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteError(explain(
-                        f"{self.stage}: non-finite loss at epoch {epoch + 1}, micro-batch {micro + 1}, "
-                        f"optimiser step {self._global_step + 1}", got=loss,
-                        fix="lower the learning rate, check the temperature and data; the last good checkpoint is kept"))
+                    raise self._non_finite("loss", where, got=loss)
                 stats = self._epoch_stats
                 stats["loss_sum"] += loss
                 stats["micro_batches"] += 1
@@ -717,11 +637,7 @@ class Trainer(abc.ABC):
                     try:
                         self._optimizer_step()
                     except NonFiniteError as error:
-                        raise NonFiniteError(explain(
-                            f"{self.stage}: non-finite gradients at epoch {epoch + 1}, micro-batch {micro + 1}, "
-                            f"optimiser step {self._global_step + 1} ({error})",
-                            fix="lower the learning rate, check the temperature and data; the last good checkpoint "
-                                "is kept")) from error
+                        raise self._non_finite("gradients", where, error) from error
                     stats["steps"] += 1
                     stats["time"] = time_before + time.perf_counter() - started
                     if (config.checkpoint_every and self._global_step % config.checkpoint_every == 0

@@ -11,20 +11,67 @@ other's negatives).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import protocol
 from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
-from .evaluator import Evaluator
 from .config import Stage1Config
-from .loop import InBatchNegatives, Trainer
+from .evaluator import Evaluator
+from .loop import Trainer, stack_images
 
-__all__ = ["Stage1Trainer"]
+__all__ = ["Stage1Trainer", "InBatchNegatives"]
 
 logger = logging.getLogger(__name__)
+
+
+class InBatchNegatives:
+    """Stage 1: the batch's targets, encoded with gradient; one row per distinct target group."""
+
+    def __init__(self, *, groups: Mapping[str, str] | None = None, mask_duplicates: bool = True,
+                 similarity: str = "dot") -> None:
+        self.groups = dict(groups or {})
+        self.mask_duplicates = mask_duplicates
+        self.similarity = similarity
+
+    def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.mask_duplicates:
+            # one row per duplicate group: a target's duplicates are its positive, never a negative
+            row_of_group: dict[str, int] = {}
+            encode_ids: list[str] = []
+            rows = []
+            for t in triplets:
+                group = self.groups.get(t.target, t.target)
+                if group not in row_of_group:
+                    row_of_group[group] = len(encode_ids)
+                    encode_ids.append(t.target)
+                rows.append(row_of_group[group])
+        else:
+            encode_ids = [t.target for t in triplets]
+            rows = list(range(len(triplets)))
+        targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
+        targets = F.normalize(targets, dim=-1)
+        return targets, torch.tensor(rows, dtype=torch.long, device=device), None
+
+    def loss(self, query: Tensor, targets: Tensor, target_rows: Tensor, exclude: Tensor | None,
+             temperature: Tensor) -> Tensor:
+        """Cross-entropy over the batch's u distinct targets, differentiable in both towers.
+
+        query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u). The (b, u) matrix is
+        small (u <= b), so no chunking is needed.
+        """
+        if self.similarity == "max_token":
+            # (b, D) x (u, T, D) -> (b, u, T), best token per target
+            logits = torch.einsum("bd,utd->but", query, targets.to(query.dtype)).amax(dim=-1)
+        else:
+            logits = query @ targets.to(query.dtype).T  # (b, D) @ (D, u) -> (b, u)
+        return F.cross_entropy(logits.float() / temperature, target_rows)
+
 
 
 class Stage1Trainer(Trainer):

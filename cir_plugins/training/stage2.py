@@ -29,15 +29,51 @@ from torch import Tensor
 
 from .. import protocol
 from ..data.triplet import Triplet
-from ..errors import ConfigError, explain
+from .._utils import eval_mode
+from ..errors import ConfigError, DataError, ShapeError, explain
 from ..negatives.bank import NegativeBank, probe_split
-from .evaluator import Evaluator
 from .config import Stage2Config
-from .loop import BankNegatives, ReferenceCache, Trainer, stack_images
+from .evaluator import Evaluator
+from .loop import BankNegatives, Trainer, stack_images
 
-__all__ = ["Stage2Trainer"]
+__all__ = ["Stage2Trainer", "ReferenceCache"]
 
 logger = logging.getLogger(__name__)
+
+
+class ReferenceCache:
+    """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device.
+
+    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row. With ``texts`` (one per id,
+    for a model with ``reference_uses_text``) the cache holds ``encode_reference(images, texts)`` once
+    per distinct (id, text) pair, ``rows`` maps (id, text) -> row, and lookups pass the texts too.
+    """
+
+    def __init__(self, model: Any, ids: Sequence[str], images: Mapping[str, Tensor], device: torch.device,
+                 *, texts: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True) -> None:
+        if texts is not None and len(texts) != len(ids):
+            raise ShapeError(explain("ReferenceCache needs one text per reference id", got=(len(ids), len(texts))))
+        self.with_text = texts is not None
+        keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
+        ids = [k[0] for k in keys] if self.with_text else keys
+        from ..evaluation import embed_images  # noqa: PLC0415 (the one embedding loop)
+
+        with eval_mode(model):
+            features = embed_images(model.encode_reference, ids, images, batch_size=batch_size, device=device,
+                                    texts=[k[1] for k in keys] if self.with_text else None,
+                                    show_progress=show_progress, desc="cache references")
+        self.features = features  # (R, ...) one row per reference id (or (id, text) pair)
+        self.rows = {key: row for row, key in enumerate(keys)}
+
+    def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
+        keys = list(zip(ids, texts)) if self.with_text else list(ids)
+        missing = [k for k in keys if k not in self.rows]
+        if missing:
+            raise DataError(explain("references not in the reference cache", got=missing[:5],
+                                    fix="build the cache over every (reference, text) the triplets hold"))
+        index = torch.tensor([self.rows[k] for k in keys], dtype=torch.long, device=self.features.device)
+        return self.features.index_select(0, index)  # (b, ...)
+
 
 
 class Stage2Trainer(Trainer):
