@@ -21,7 +21,6 @@ The synthetic world uses the CIRR recipe with the window as fractions (2%-20% of
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -75,9 +74,7 @@ def recipe_for(dataset: str, name: str | None = None) -> Recipe:
         return load_recipe(name)
     if dataset != "synthetic":
         return load_recipe(f"clip4cir-{dataset}")
-    cirr = load_recipe("clip4cir-cirr")
-    return dataclasses.replace(cirr, name="clip4cir-synthetic", dataset="synthetic", published=None,
-                               generation=dataclasses.replace(cirr.generation, rank_window=SYNTHETIC_WINDOW))
+    return load_recipe("clip4cir-cirr").on_synthetic(SYNTHETIC_WINDOW)
 
 
 def captioner_kwargs(recipe: Recipe, categories: dict[str, str] | None) -> dict:

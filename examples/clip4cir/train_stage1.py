@@ -68,11 +68,11 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         model.fusion = fusion
         config = cp.Stage1Config(epochs=epochs, lr=lr, batch_size=batch, temperature=args.temperature,
-                                 steps_per_epoch=args.steps_per_epoch, seed=args.seed, select_metric="Rmean",
+                                 steps_per_epoch=args.steps_per_epoch, seed=args.seed,
                                  output_dir=str(out / f"train-{name}"), show_progress=show)
-        trainer = cp.Stage1Trainer(model, triplets, images, config=config, evaluate=validate, trainable=trainable)
-        history = trainer.fit()
-        trainer.load_weights("best")
+        trainer = cp.Stage1Trainer(model, triplets, images, config=config,
+                                   evaluator=cp.Evaluator(validate, metric="Rmean"), trainable=trainable)
+        history = trainer.fit()  # ends on the best epoch's weights (by validation Rmean)
         best = max(history, key=lambda h: h["metrics"].get("Rmean", float("-inf")))
         print(f"phase {name}: best epoch {best['epoch']}: {C.headline(best['metrics'])} "
               f"({time.perf_counter() - started:.1f}s)")
