@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cir_plugins._atomic as atomic
 import cir_plugins.training.checkpoint as ckpt
 import cir_plugins.training.loop as loop
 from cir_plugins.negatives.bank import NegativeBank
@@ -73,7 +74,7 @@ class KillSwitch:
             self.on_kill()
 
     def install(self, monkeypatch) -> None:
-        real_save_file, real_fsync_file, real_fsync_dir = ckpt.save_file, ckpt.fsync_file, ckpt.fsync_dir
+        real_save_file, real_fsync_file, real_fsync_dir = ckpt.save_file, ckpt.fsync_file, atomic.fsync_dir
         real_replace, real_rmtree, real_checksum = os.replace, shutil.rmtree, ckpt._document_checksum
 
         def save_file(tensors, path, metadata=None):
@@ -113,7 +114,9 @@ class KillSwitch:
 
         monkeypatch.setattr(ckpt, "save_file", save_file)
         monkeypatch.setattr(ckpt, "fsync_file", fsync_file)
-        monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
+        for module in (ckpt, atomic):  # the folder swap may live in either (the package's atomic helpers)
+            if hasattr(module, "fsync_dir"):
+                monkeypatch.setattr(module, "fsync_dir", fsync_dir)
         monkeypatch.setattr(ckpt, "_document_checksum", checksum)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(shutil, "rmtree", rmtree)
@@ -131,7 +134,8 @@ def _leftovers_from_an_earlier_container(checkpoints: Path) -> None:
 def _expected_step(names: list[str], killed_at: int, mode: str) -> int:
     """The oracle: the epoch-2 save (step 10) is complete once its state.json has been written whole, i.e.
     the kill came after the 'write state.json' point and did not tear that file; else epoch 1 (step 5)."""
-    written = names.index("write state.json") + 1
+    # the last point that writes state.json: the write itself, or the rename of its temp file into place
+    written = max(i for i, n in enumerate(names, 1) if n == "write state.json" or n.startswith("replace state.json.tmp-"))
     torn_state = mode == "half" and names[killed_at - 1].startswith("fsync_dir .tmp-")
     return 2 * STEPS_PER_EPOCH if killed_at > written and not torn_state else STEPS_PER_EPOCH
 
@@ -173,19 +177,25 @@ def epoch1(tmp_path_factory):
     return out
 
 
+def _resume_to_epoch_2(out: Path, switch: KillSwitch, patch) -> None:
+    """With the faked pid and the switch installed (armed once the epoch-2 save starts), resume ``out`` to
+    epoch 2; the switch kills the run at its point, if it has one."""
+    patch.setattr(os, "getpid", lambda: FAKE_PID)
+    switch.install(patch)
+    model, bank, images, train = _world()
+    trainer = Stage2Trainer(model, bank, train, images, config=_config(out, epochs=2))
+    real_save = trainer._save
+    trainer._save = lambda name: (setattr(switch, "armed", True), real_save(name))
+    trainer.fit(resume=True)
+
+
 def _points(tmp_path, epoch1, monkeypatch) -> list[str]:
     """The kill points of the epoch-2 save (a dry run that only counts)."""
     out = tmp_path / "count"
     shutil.copytree(epoch1, out)
     switch = KillSwitch(None, "before")
     with monkeypatch.context() as patch:
-        patch.setattr(os, "getpid", lambda: FAKE_PID)
-        switch.install(patch)
-        model, bank, images, train = _world()
-        trainer = Stage2Trainer(model, bank, train, images, config=_config(out, epochs=2))
-        real_save = trainer._save
-        trainer._save = lambda name: (setattr(switch, "armed", True), real_save(name))
-        trainer.fit(resume=True)
+        _resume_to_epoch_2(out, switch, patch)
     return switch.names
 
 
@@ -200,15 +210,8 @@ def test_kill_at_every_point_of_a_save_with_a_repeated_pid_resumes_from_the_newe
             out = tmp_path / f"{mode}-{at}"
             shutil.copytree(epoch1, out)
             switch = KillSwitch(at, mode)
-            with monkeypatch.context() as patch:
-                patch.setattr(os, "getpid", lambda: FAKE_PID)
-                switch.install(patch)
-                model, bank, images, train = _world()
-                trainer = Stage2Trainer(model, bank, train, images, config=_config(out, epochs=2))
-                real_save = trainer._save
-                trainer._save = lambda name: (setattr(switch, "armed", True), real_save(name))
-                with pytest.raises(Killed):
-                    trainer.fit(resume=True)
+            with monkeypatch.context() as patch, pytest.raises(Killed):
+                _resume_to_epoch_2(out, switch, patch)
             assert switch.names == names[:at]  # the same save, killed at point `at`
             expected = _expected_step(names, at, mode)
             with monkeypatch.context() as patch:
@@ -230,15 +233,8 @@ t._child({out!r}, {at}, {mode!r})
 def _child(out: str, at: int, mode: str) -> None:
     """Run in a subprocess: resume to epoch 2 with the faked pid and SIGKILL ourselves at kill point ``at``."""
     real_pid = os.getpid()
-    patch = pytest.MonkeyPatch()
-    patch.setattr(os, "getpid", lambda: FAKE_PID)
     switch = KillSwitch(at, mode, on_kill=lambda: os.kill(real_pid, signal.SIGKILL))
-    switch.install(patch)
-    model, bank, images, train = _world()
-    trainer = Stage2Trainer(model, bank, train, images, config=_config(out, epochs=2))
-    real_save = trainer._save
-    trainer._save = lambda name: (setattr(switch, "armed", True), real_save(name))
-    trainer.fit(resume=True)
+    _resume_to_epoch_2(Path(out), switch, pytest.MonkeyPatch())
     raise SystemExit("not killed")
 
 

@@ -17,19 +17,17 @@ from cir_plugins.errors import CheckpointError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
 from cir_plugins.training import checkpoint as ckpt
+from test_reliability_training import _config
+from test_reliability_training import _setup as _training_setup
 from test_training_toy import make_model, make_world
 
 
 def _setup(n_train=40):
+    if n_train == 40:
+        return _training_setup()
     images, train, _ = make_world(n_images=23, n_train=n_train, n_val=4)
     model = make_model()
-    bank = NegativeBank.build(model, list(images), images, show_progress=False)
-    return model, bank, images, train
-
-
-def _config(out, **kwargs):
-    base = dict(epochs=1, batch_size=8, lr=1e-2, show_progress=False, select_metric=None, output_dir=str(out))
-    return Stage2Config(**(base | kwargs))
+    return model, NegativeBank.build(model, list(images), images, show_progress=False), images, train
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
