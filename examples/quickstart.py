@@ -1,35 +1,51 @@
 """Quickstart: the whole method on the embedded synthetic world, end to end, on a laptop CPU.
 
-Measured results (3 seeds) and costs are in benchmarks/RESULTS.md ("Quickstart") and the README.
+Measured results and costs are in benchmarks/RESULTS.md ("Quickstart") and the README.
 
-    pip install -e . && python examples/quickstart.py            # one seed (world + tiny CLIP cached after the first)
+    pip install -e . && python examples/quickstart.py            # world 0, one seed (world + tiny CLIP cached)
     python examples/quickstart.py --seeds 3                      # mean and spread over seeds 0, 1, 2
+    python examples/quickstart.py --worlds 4 --seeds 2           # held-out worlds 1-4: the paired table with CIs
     python examples/quickstart.py --quick                        # a tiny budget (tests, CI)
     python examples/quickstart.py --device cuda --out runs/qs    # on a GPU, elsewhere
 
+Selection protocol: world seed 0 is the tuning world. Every choice of budget, recipe and hyper-parameter is
+made on its validation split (each training run also keeps its best epoch by val Rmean); test splits, and every
+other world, are only reported. ``--worlds`` runs the same command on worlds nobody tuned on.
+
 Steps (each prints its time; long ones show a progress bar):
-  a. generate the synthetic world (cached under OUT/cache);
+  a. generate the synthetic world (cached under OUT/cache; 3% of its images are pixel-identical copies) and group
+     the train images' duplicates (positives.dedup): the bank has one row per group;
   b. pretrain a tiny transformers CLIPModel on the world's image-caption pairs (scenes.json), standing in
      for a pretrained VLM; saved with save_pretrained (+ a word-level tokenizer and an image processor)
      and loaded back by path, like a real checkpoint (cached);
   c. baseline: the CLIP4Cir example's stage 1 on the annotated triplets only (in-batch negatives, both towers,
      sum fusion, as the SPN release's CLIP4Cir);
-  d. the method: +P (generated triplets: every train image captioned by SyntheticCaptioner with realistic
-     noise, paired with a near neighbour by rank window, templated, then rewritten by SyntheticRewriter, the
-     stand-in for the method's optional LLM rewrite), +N (stage 2 against a bank of every train image),
-     +P+N, zero-shot (generated triplets only: stage 1 then stage 2), and the diagnostic "+N, steps of +P+N"
-     (stage 2 on the annotated triplets for as many optimiser steps as +P+N's stage 2: with the default's
-     equal stage-2 budgets that is the +N run itself);
-  e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json,
-     results.md and results.png into OUT.
+  d. the rows (every train image captioned by SyntheticCaptioner with realistic noise, paired by rank window,
+     templated):
+     +P (paper): the paper's recipe (the release's CIRR window [10000, 15000) scaled to the world, its two
+       templates, no rewrite), its generated triplets appended to the annotated ones and trained from the
+       baseline's stage-1 checkpoint with in-batch negatives;
+     +N: stage 2 against the bank of every train image, from the baseline, on the annotated triplets;
+     +P+N (paper): stage 2 from the baseline on annotated + the paper recipe's generated triplets;
+     +P (ours) / +P+N (ours): this project's recipe (near-neighbour partners, texts rewritten by SyntheticRewriter,
+       the stand-in for the method's optional LLM rewrite, mixed into stage 1 from the start at a fixed annotated
+       share), then stage 2 from that model;
+     zero-shot: our generated triplets only (stage 1 then stage 2); untrained: the pretrained CLIP alone;
+  e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json (with each
+     query's ranks), results.md and results.png into OUT;
+  f. the retrieval report (cir_plugins.report, the code behind `cir-plugins show`): OUT/report/report.png and
+     report.html, the top 5 of +P+N and of the baseline for test queries +P+N wins and loses, target outlined.
+
+With --worlds, OUT/world<W>/ holds each world's results and OUT/heldout.json / .md / .png the table of each row's
+Rmean difference to the baseline: mean, spread over runs and a 95% interval by a paired two-level bootstrap
+(cir_plugins.stats.paired_bootstrap: runs, then queries), rewritten after every world.
 
 Budgets are fixed before comparing rows (see BUDGETS): stage 1 of the baseline and the zero-shot row take the
-same number of optimiser steps, and +P takes as many annotated samples as the baseline plus its generated ones
-(annotated_fraction of each batch); every stage-2 run takes the same number of optimiser steps (stage2_steps),
-so +N and +P+N differ only in their training triplets and starting model (with stage2_steps=None each takes
-stage2_epochs passes over its own triplets, and the diagnostic row "+N (steps of +P+N)" then separates "more
-steps" from "more positives"). Every training run, of every row, keeps its best epoch (val-checked round) by
-validation Rmean (CIRR protocol on the world's val split), as the method does.
+same number of optimiser steps, and +P (ours) takes as many annotated samples as the baseline plus its generated
+ones (annotated_fraction of each batch); every stage-2 run takes the same number of optimiser steps
+(stage2_steps), so the stage-2 rows differ only in their training triplets and starting model. Every training
+run, of every row, keeps its best epoch (val-checked round) by validation Rmean (CIRR protocol on the world's val
+split), as the method does.
 """
 
 from __future__ import annotations
@@ -60,6 +76,10 @@ import cir_plugins as cp  # noqa: E402
 from cir_plugins.data.images import ClipTransform  # noqa: E402
 from cir_plugins.data.split import Split  # noqa: E402
 from cir_plugins.data.synthetic import SyntheticCaptioner, SyntheticRewriter, load_scenes, make_world  # noqa: E402
+from cir_plugins.evaluation import extract_features, metrics_from_features  # noqa: E402
+from cir_plugins.positives.dedup import find_duplicates  # noqa: E402
+from cir_plugins.report import query_ranks, retrieval_report  # noqa: E402
+from cir_plugins.stats import paired_bootstrap  # noqa: E402
 
 import _tiny_clip  # noqa: E402
 from model import CLIP4Cir  # noqa: E402
@@ -67,7 +87,15 @@ from wrap import wrap  # noqa: E402
 
 logger = logging.getLogger("quickstart")
 
-ROWS = ("baseline", "+P", "+N", "+P+N", "zero-shot", "+N (steps of +P+N)")
+UNTRAINED = "untrained (pretrained CLIP, no CIR training)"
+# the rows, in table order. "(paper)": the paper's recipe as its release runs it (templates, the release's rank
+# window scaled to the world, no rewrite; generated triplets appended to the annotated ones after the stage-1
+# checkpoint). "(ours)": this project's recipe (near-neighbour partners, texts rewritten by SyntheticRewriter,
+# generated triplets mixed into stage 1 from the start at a fixed annotated share)
+ROWS = (UNTRAINED, "baseline", "+P (paper)", "+N", "+P+N (paper)", "+P (ours)", "+P+N (ours)", "zero-shot")
+# CIRR's train split holds 16,939 images; the release pairs CLIP4Cir's CIRR images inside ranks [10000, 15000)
+CIRR_TRAIN_IMAGES = 16939
+PAPER_RANK_WINDOW = (10000 / CIRR_TRAIN_IMAGES, 15000 / CIRR_TRAIN_IMAGES)
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the tiny CLIP's image normalisation (saved in its processor)
 
@@ -133,6 +161,19 @@ class Budget:
     # their template text
     rewrite: bool = True
     rewrite_max_edits: int = 4
+    # the paper's recipe (rows "(paper)"): the release's CLIP4Cir CIRR window [10000, 15000) as fractions of
+    # CIRR's 16,939 train images, its two CIRR templates, no rewrite, texts cut by the tokenizer as CLIP's
+    # is; generated triplets appended to the annotated ones (uniform sampling over the union, annotated share
+    # None) and trained after the stage-1 checkpoint for paper_stage1_steps more in-batch steps
+    paper_rank_window: tuple = PAPER_RANK_WINDOW
+    paper_templates: str = "cirr"
+    paper_fit_text_length: bool = False
+    paper_annotated_fraction: float | None = None
+    paper_stage1_steps: int = 300
+    # which recipe's +P+N the retrieval picture compares with the baseline ("ours" or "paper")
+    default_recipe: str = "ours"
+    # retrieval report: queries shown (half +P+N's biggest wins over the baseline, half its biggest losses)
+    report_queries: int = 8
     eval_batch: int = 512
 
     def __post_init__(self) -> None:
@@ -153,7 +194,7 @@ BUDGETS = {
                            ("image_size", 36)),
                     pretrain_epochs=2, pretrain_batch=128, stage1_steps=8, stage1_batch=64, stage2_epochs=1,
                     stage2_steps=2,
-                    stage2_batch=128, max_generated=300),
+                    stage2_batch=128, max_generated=300, paper_stage1_steps=8),
 }
 
 
@@ -262,8 +303,10 @@ def selection(budget: Budget, val: Split | None, name: str, out: Path | None) ->
     return {"config": {"select_metric": "Rmean", "output_dir": str(out / name)}, "evaluate": on_val}
 
 
-def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, **kwargs) -> tuple[object, list]:
-    """Build and fit a trainer; with validation selection, load the best epoch's weights back."""
+def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, *, val_log: dict | None = None,
+        run_name: str = "run", **kwargs) -> tuple[object, list]:
+    """Build and fit a trainer; with validation selection, load the best epoch's weights back (and note every
+    epoch's val Rmean in ``val_log[run_name]``: the numbers every choice is made on)."""
     config = config_cls(**{"select_metric": None, **config, **chosen.get("config", {})})  # None: keep the last epoch
     trainer = trainer_cls(*args, config=config, evaluate=chosen.get("evaluate"), **kwargs)
     history = trainer.fit()
@@ -272,24 +315,28 @@ def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, **kwar
         best = max(range(len(history)), key=lambda i: history[i]["metrics"]["Rmean"])
         scores = ", ".join(f"{entry['metrics']['Rmean']:.1f}" for entry in history)
         print(f"     best epoch by val Rmean: {best + 1} of {len(history)} ({scores})", flush=True)
+        if val_log is not None:
+            val_log[run_name] = {"best_epoch": best + 1, "val_Rmean": [entry["metrics"]["Rmean"] for entry in history]}
     return trainer.model, history
 
 
-def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: str, *, mixed: bool,
-           show_progress: bool, val: Split | None = None, work: Path | None = None, run_name: str = "stage1") -> CLIP4Cir:
-    """CLIP4Cir's own fine-tuning of both CLIP towers with in-batch negatives (Stage1Trainer)."""
-    model = load_model(clip_dir, device, budget.fusion)
-    steps = round(budget.stage1_steps / budget.annotated_fraction) if mixed else budget.stage1_steps
+def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: str, *, steps: int,
+           share: float | None, start: CLIP4Cir | None = None, show_progress: bool, val: Split | None = None,
+           work: Path | None = None, run_name: str = "stage1", val_log: dict | None = None) -> CLIP4Cir:
+    """CLIP4Cir's own fine-tuning of both CLIP towers with in-batch negatives (Stage1Trainer), ``steps`` optimiser
+    steps in budget.stage1_epochs val-checked epochs, from the pretrained CLIP or from a copy of ``start`` (a
+    stage-1 checkpoint); ``share``: the annotated share of each batch (None: uniform over ``triplets``)."""
+    model = load_model(clip_dir, device, budget.fusion) if start is None else copy.deepcopy(start).train()
     epochs = budget.stage1_epochs
     config = dict(epochs=epochs, steps_per_epoch=max(1, round(steps / epochs)), batch_size=budget.stage1_batch,
-                  lr=budget.stage1_lr, temperature=budget.stage1_temperature,
-                  annotated_fraction=budget.annotated_fraction if mixed else None,
+                  lr=budget.stage1_lr, temperature=budget.stage1_temperature, annotated_fraction=share,
                   seed=seed, show_progress=show_progress)
     trainable = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]
     if budget.fusion == "combiner":
         trainable.append("combiner")
     chosen = selection(budget, val, run_name, work)
-    fit(cp.Stage1Trainer, (model, triplets, images), cp.Stage1Config, config, chosen, trainable=trainable)
+    fit(cp.Stage1Trainer, (model, triplets, images), cp.Stage1Config, config, chosen, trainable=trainable,
+        val_log=val_log, run_name=run_name)
     return model.eval()
 
 
@@ -297,28 +344,39 @@ def stage2_share(budget: Budget) -> float:
     return budget.annotated_fraction if budget.stage2_annotated_fraction is None else budget.stage2_annotated_fraction
 
 
-def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: int, *, mixed: bool,
-           steps_per_epoch: int | None = None, show_progress: bool, val: Split | None = None,
-           work: Path | None = None, run_name: str = "stage2") -> tuple[object, int]:
-    """The method's stage 2: the text tower against a static bank of every train image."""
+def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: int, *, share: float | None,
+           groups: dict[str, str], steps_per_epoch: int | None = None, show_progress: bool,
+           val: Split | None = None, work: Path | None = None, run_name: str = "stage2",
+           val_log: dict | None = None) -> tuple[object, int]:
+    """The method's stage 2: the text tower against a static bank of every train image, one row per duplicate
+    group (``groups``: id -> group id), so a pixel-identical copy of a target is never its negative."""
     wrapped = wrap(copy.deepcopy(model))
-    bank = cp.NegativeBank.build(wrapped, bank_ids, images, batch_size=budget.eval_batch,
+    bank = cp.NegativeBank.build(wrapped, bank_ids, images, groups=groups, batch_size=budget.eval_batch,
                                  show_progress=show_progress)
+    print(f"     bank: {len(bank.embeddings)} rows for {len(bank_ids)} train images (one per duplicate group)",
+          flush=True)
     if steps_per_epoch is None and budget.stage2_steps is not None:
         steps_per_epoch = budget.stage2_steps // budget.stage2_epochs  # a multiple (Budget checks it)
     config = dict(epochs=budget.stage2_epochs, batch_size=budget.stage2_batch, lr=budget.stage2_lr,
                   temperature=budget.stage2_temperature,
-                  annotated_fraction=stage2_share(budget) if mixed else None,
+                  annotated_fraction=share,
                   steps_per_epoch=steps_per_epoch, seed=seed,
                   show_progress=show_progress)
     chosen = selection(budget, val, run_name, work)
-    _, history = fit(cp.Stage2Trainer, (wrapped, bank, triplets, images), cp.Stage2Config, config, chosen)
+    _, history = fit(cp.Stage2Trainer, (wrapped, bank, triplets, images), cp.Stage2Config, config, chosen,
+                     val_log=val_log, run_name=run_name)
     return wrapped.eval(), sum(entry["steps"] for entry in history)
 
 
 def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, seed: int, device: str,
-            show_progress: bool) -> list:
-    """Generated triplets from every train image (annotated groups and unlabelled ones)."""
+            show_progress: bool, *, paper: bool = False) -> list:
+    """Generated triplets from every train image (annotated groups and unlabelled ones), by our recipe (near
+    partners, rewritten texts) or, with ``paper``, by the paper's (its window scaled to the world, templates only,
+    texts cut by the tokenizer)."""
+    if paper:
+        budget = dataclasses.replace(budget, rank_window=tuple(budget.paper_rank_window),
+                                     templates=budget.paper_templates, rewrite=False,
+                                     fit_text_length=budget.paper_fit_text_length)
     encoder = load_model(clip_dir, device).eval()
     captioner = SyntheticCaptioner(root, noise=budget.caption_noise, seed=seed)
     # with fit_text_length, a text longer than the text tower's limit falls back to the target caption alone
@@ -334,89 +392,120 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
                                     rewrite=rewriter, **length_policy,
                                     caption_batch_size=1000, show_progress=show_progress)
     triplets = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
+    triplets = getattr(triplets, "triplets", triplets)  # the augmenter's result object, or its list
     if rewriter is not None:
         print(f"     rewrite: {rewriter.rewritten} texts rewritten, {rewriter.kept} kept as templated", flush=True)
     return [t for t in triplets if t.source == "generated"]
 
 
 def evaluate(model, test: Split, budget: Budget, show_progress: bool) -> dict:
-    result = cp.evaluate(model, test, protocol="cirr", batch_size=budget.eval_batch, show_progress=show_progress)
+    """The CIRR protocol's metrics, and each query's target ranks (for the paired confidence intervals)."""
+    features = extract_features(model, test, batch_size=budget.eval_batch, show_progress=show_progress)
+    result = metrics_from_features(features, protocol="cirr")
     metrics = {k: float(result[k]) for k in METRICS}
-    print("     " + "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()), flush=True)
+    ranks = query_ranks(features, protocol="cirr")
+    metrics["per_query"] = {"rank": ranks["rank"].tolist(), "subset_rank": ranks["subset_rank"].tolist()}
+    print("     " + "  ".join(f"{k} {metrics[k]:.1f}" for k in METRICS), flush=True)
     return metrics
 
 
 def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: bool, clock: Clock, *,
-             world_seed: int = 0) -> dict:
+             world_seed: int = 0, report_dir: Path | None = None) -> dict:
     """Every row for one training seed. The world and the pretrained CLIP (the 'dataset' and the 'public
-    checkpoint') come from ``world_seed`` and are shared by all training seeds, as CIRR and CLIP are."""
+    checkpoint') come from ``world_seed`` and are shared by all training seeds, as CIRR and CLIP are.
+    With ``report_dir``, the retrieval report of +P+N (the default recipe's) against the baseline goes there."""
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     world = dict(budget.world)
     root = cache / f"world-{digest(world)}-seed{world_seed}"
-    clock.run(f"seed {seed}: a. synthetic world", make_world, root, seed=world_seed, size=world,
+    tag = f"world {world_seed} seed {seed}"
+    clock.run(f"{tag}: a. synthetic world", make_world, root, seed=world_seed, size=world,
               show_progress=show_progress)
     transform = ClipTransform("targetpad", world["image_size"], mean=MEAN, std=STD)
     train = cp.load_cirr(root, "train", transform=transform)
-    test = cp.load_cirr(root, "test", transform=transform)
+    test_store = cp.load_cirr(root, "test", transform=transform)
     val = cp.load_cirr(root, "val", transform=transform) if budget.select_on_val else None
-    images = clock.run(f"seed {seed}: a. decode images", lambda: {
+    images = clock.run(f"{tag}: a. decode images", lambda: {
         **preload(train, train.gallery_ids, root / "train-images.safetensors", show_progress),
-        **preload(test, test.gallery_ids, root / "test-images.safetensors", show_progress),
+        **preload(test_store, test_store.gallery_ids, root / "test-images.safetensors", show_progress),
         **(preload(val, val.gallery_ids, root / "val-images.safetensors", show_progress) if val else {})})
-    test = dataclasses.replace(test, images={i: images[i] for i in test.gallery_ids})
+    test = dataclasses.replace(test_store, images={i: images[i] for i in test_store.gallery_ids})
     if val is not None:
         val = dataclasses.replace(val, images={i: images[i] for i in val.gallery_ids})
-    work = out / "checkpoints" / f"seed{seed}"  # per-epoch checkpoints when the best epoch is chosen on val
-    clip_dir = clock.run(f"seed {seed}: b. pretrain tiny CLIP", make_clip, root, train, images, budget, cache,
+    # pixel-identical train images (the world's copies) share one bank row: a copy of a target is not its negative
+    groups = clock.run(f"{tag}: a. duplicate groups", find_duplicates, list(train.gallery_ids), train.images,
+                       show_progress=show_progress)
+    work = out / "checkpoints" / f"world{world_seed}-seed{seed}"  # per-epoch checkpoints for the val choice
+    clip_dir = clock.run(f"{tag}: b. pretrain tiny CLIP", make_clip, root, train, images, budget, cache,
                          world_seed, device, show_progress)
     annotated = [t for t in train.triplets if t.target is not None]
     bank_ids = list(train.gallery_ids)
-    results, info = {}, {}
+    results, info = {}, {"train_images": len(bank_ids), "duplicate_groups": len(set(groups.values()))}
+    val_log: dict = {}  # run -> its epochs' val Rmean (what the choices of this file were made on)
+    common = dict(show_progress=show_progress, val=val, work=work, val_log=val_log)
 
-    pretrained = load_model(clip_dir, device).eval()
-    results["pretrained CLIP, no CIR training"] = clock.run(f"seed {seed}: e. evaluate pretrained", evaluate,
-                                                            pretrained, test, budget, show_progress)
-    baseline = clock.run(f"seed {seed}: c. baseline stage 1", stage1, clip_dir, annotated, images, budget, seed,
-                         device, mixed=False, show_progress=show_progress, val=val, work=work, run_name="baseline")
-    results["baseline"] = clock.run(f"seed {seed}: e. evaluate baseline", evaluate, baseline, test, budget,
-                                    show_progress)
-    generated = clock.run(f"seed {seed}: d. augment (caption, pair, template)", augment, root, clip_dir, train,
-                          images, budget, seed, device, show_progress)
-    info["generated_triplets"] = len(generated)
+    def row(name, model):
+        results[name] = clock.run(f"{tag}: e. evaluate {name}", evaluate, model, test, budget, show_progress)
+
+    row(UNTRAINED, load_model(clip_dir, device).eval())
+    baseline = clock.run(f"{tag}: c. baseline stage 1", stage1, clip_dir, annotated, images, budget, seed, device,
+                         steps=budget.stage1_steps, share=None, run_name="baseline", **common)
+    row("baseline", baseline)
+    # the paper's recipe: generated triplets appended after the stage-1 checkpoint
+    paper = clock.run(f"{tag}: d. augment, paper's recipe (window {budget.paper_rank_window[0]:.3f}-"
+                      f"{budget.paper_rank_window[1]:.3f} of N, templates, no rewrite)", augment, root, clip_dir,
+                      train, images, budget, seed, device, show_progress, paper=True)
+    plus_p_paper = clock.run(f"{tag}: d. +P (paper) stage 1 from the baseline", stage1, clip_dir, annotated + paper,
+                             images, budget, seed, device, steps=budget.paper_stage1_steps,
+                             share=budget.paper_annotated_fraction, start=baseline, run_name="plus_p_paper", **common)
+    row("+P (paper)", plus_p_paper)
+    del plus_p_paper
+    plus_n, steps_n = clock.run(f"{tag}: d. +N stage 2", stage2, baseline, annotated, images, bank_ids, budget, seed,
+                                share=None, groups=groups, run_name="plus_n", **common)
+    row("+N", plus_n)
+    del plus_n
+    plus_pn_paper, steps_pn_paper = clock.run(
+        f"{tag}: d. +P+N (paper) stage 2 from the baseline", stage2, baseline, annotated + paper, images, bank_ids,
+        budget, seed, share=budget.paper_annotated_fraction, groups=groups, run_name="plus_pn_paper", **common)
+    row("+P+N (paper)", plus_pn_paper)
+    # our recipe: near partners, rewritten texts, mixed into stage 1 from the start
+    ours = clock.run(f"{tag}: d. augment, our recipe (near partners, rewrite)", augment, root, clip_dir, train,
+                     images, budget, seed, device, show_progress)
+    plus_p = clock.run(f"{tag}: d. +P (ours) stage 1", stage1, clip_dir, annotated + ours, images, budget, seed,
+                       device, steps=round(budget.stage1_steps / budget.annotated_fraction),
+                       share=budget.annotated_fraction, run_name="plus_p", **common)
+    row("+P (ours)", plus_p)
+    plus_pn, steps_pn = clock.run(f"{tag}: d. +P+N (ours) stage 2", stage2, plus_p, annotated + ours, images,
+                                  bank_ids, budget, seed, share=stage2_share(budget), groups=groups,
+                                  run_name="plus_pn", **common)
+    del plus_p
+    row("+P+N (ours)", plus_pn)
+    zero1 = clock.run(f"{tag}: d. zero-shot stage 1", stage1, clip_dir, ours, images, budget, seed, device,
+                      steps=budget.stage1_steps, share=None, run_name="zero1", **common)
+    zero, _ = clock.run(f"{tag}: d. zero-shot stage 2", stage2, zero1, ours, images, bank_ids, budget, seed,
+                        share=None, groups=groups, run_name="zero2", **common)
+    row("zero-shot", zero)
+    if report_dir is not None:
+        best = plus_pn if budget.default_recipe == "ours" else plus_pn_paper
+        name = f"+P+N ({budget.default_recipe})"
+        shown = clock.run(f"{tag}: f. retrieval report", retrieval_report, best, test, report_dir, compare=baseline,
+                          names=(name, "baseline"), k=5, n_queries=budget.report_queries, images=test_store.images,
+                          batch_size=budget.eval_batch,
+                          title=f"Synthetic world {world_seed}, test split, seed {seed}: {name} vs baseline, top 5")
+        info["report"] = {"html": str(shown.html), "png": str(shown.png), "wins": len(shown.wins),
+                          "losses": len(shown.losses)}
+        print(f"     retrieval report: {shown.png} and {shown.html} ({name} wins {len(shown.wins)} queries over "
+              f"the baseline, loses {len(shown.losses)})", flush=True)
+    info["val"] = val_log
+    info["generated_triplets"] = {"paper": len(paper), "ours": len(ours)}
     info["annotated_triplets"] = len(annotated)
-    plus_p = clock.run(f"seed {seed}: d. +P stage 1", stage1, clip_dir, annotated + generated, images, budget,
-                       seed, device, mixed=True, show_progress=show_progress, val=val, work=work, run_name="plus_p")
-    results["+P"] = clock.run(f"seed {seed}: e. evaluate +P", evaluate, plus_p, test, budget, show_progress)
-    plus_n, steps_n = clock.run(f"seed {seed}: d. +N stage 2", stage2, baseline, annotated, images, bank_ids,
-                                budget, seed, mixed=False, show_progress=show_progress, val=val, work=work,
-                                run_name="plus_n")
-    results["+N"] = clock.run(f"seed {seed}: e. evaluate +N", evaluate, plus_n, test, budget, show_progress)
-    plus_pn, steps_pn = clock.run(f"seed {seed}: d. +P+N stage 2", stage2, plus_p, annotated + generated, images,
-                                  bank_ids, budget, seed, mixed=True, show_progress=show_progress, val=val,
-                                  work=work, run_name="plus_pn")
-    results["+P+N"] = clock.run(f"seed {seed}: e. evaluate +P+N", evaluate, plus_pn, test, budget, show_progress)
-    zero1 = clock.run(f"seed {seed}: d. zero-shot stage 1", stage1, clip_dir, generated, images, budget, seed,
-                      device, mixed=False, show_progress=show_progress, val=val, work=work, run_name="zero1")
-    zero, _ = clock.run(f"seed {seed}: d. zero-shot stage 2", stage2, zero1, generated, images, bank_ids, budget,
-                        seed, mixed=False, show_progress=show_progress, val=val, work=work, run_name="zero2")
-    results["zero-shot"] = clock.run(f"seed {seed}: e. evaluate zero-shot", evaluate, zero, test, budget,
-                                     show_progress)
-    if steps_n == steps_pn:  # equal stage-2 budgets: +N already is +N with the steps of +P+N
-        print(f"     +N (steps of +P+N) = +N: both took {steps_n} stage-2 steps", flush=True)
-        results["+N (steps of +P+N)"], steps_eq = results["+N"], steps_n
-    else:
-        per_epoch = max(1, steps_pn // budget.stage2_epochs)
-        equal, steps_eq = clock.run(f"seed {seed}: d. +N with the steps of +P+N", stage2, baseline, annotated,
-                                    images, bank_ids, budget, seed, mixed=False, steps_per_epoch=per_epoch,
-                                    show_progress=show_progress, val=val, work=work, run_name="plus_n_equal")
-        results["+N (steps of +P+N)"] = clock.run(f"seed {seed}: e. evaluate +N (steps of +P+N)", evaluate, equal,
-                                                  test, budget, show_progress)
-    info["stage2_steps"] = {"+N": steps_n, "+P+N": steps_pn, "+N (steps of +P+N)": steps_eq}
+    info["stage2_steps"] = {"+N": steps_n, "+P+N (paper)": steps_pn_paper, "+P+N (ours)": steps_pn}
     info["stage1_steps"] = {"baseline": budget.stage1_steps, "zero-shot": budget.stage1_steps,
-                            "+P": round(budget.stage1_steps / budget.annotated_fraction)}
-    return {"rows": results, "info": info}
+                            "+P (paper)": f"baseline + {budget.paper_stage1_steps}",
+                            "+P (ours)": round(budget.stage1_steps / budget.annotated_fraction)}
+    per_query = {name: metrics.pop("per_query") for name, metrics in results.items()}
+    return {"rows": results, "per_query": per_query, "info": info}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -515,6 +604,136 @@ def report_and_save(per_seed: dict, out: Path, *, budget: Budget, quick: bool, d
     return report
 
 
+# ------------------------------------------------------------------------------------------ held-out worlds
+def query_rmean(per_query: dict) -> np.ndarray:
+    """Each query's share of Rmean = (R@5 + Rs@1) / 2, in percent: 50 * (hit@5 + subset hit@1); its mean is Rmean."""
+    rank, subset = np.asarray(per_query["rank"]), np.asarray(per_query["subset_rank"])
+    return 50.0 * ((rank < 5).astype(float) + (subset < 1).astype(float))
+
+
+def heldout_table(runs: dict[tuple[int, int], dict], *, n_boot: int = 2000) -> dict:
+    """Per row: mean Rmean, and its difference to the baseline over the runs (world, training seed): mean, spread
+    (sample std of the per-run differences), 95% interval by the paired two-level bootstrap (runs, then the
+    queries of each run; both rows of a run answer the same queries), per-world mean and the worlds above zero."""
+    keys = sorted(runs)
+    table = {}
+    for name in ROWS:
+        if not all(name in runs[k]["per_query"] for k in keys):
+            continue
+        values = [query_rmean(runs[k]["per_query"][name]) for k in keys]
+        entry = {"Rmean": float(np.mean([v.mean() for v in values])),
+                 "per_run": {f"world {w} seed {s}": float(v.mean()) for (w, s), v in zip(keys, values)}}
+        if name != "baseline":
+            diffs = [v - query_rmean(runs[k]["per_query"]["baseline"]) for k, v in zip(keys, values)]
+            boot = paired_bootstrap(diffs, n_boot=n_boot, seed=0)
+            worlds = sorted({w for w, _ in keys})
+            per_world = {w: float(np.mean([d.mean() for (kw, _), d in zip(keys, diffs) if kw == w])) for w in worlds}
+            entry.update({"diff": boot.mean, "spread": boot.spread, "low": boot.low, "high": boot.high,
+                          "level": boot.level, "per_world": {str(w): v for w, v in per_world.items()},
+                          "worlds_above_zero": sum(v > 0 for v in per_world.values()), "worlds": len(worlds)})
+        table[name] = entry
+    return table
+
+
+def format_heldout(table: dict, runs: list) -> str:
+    """The held-out table as Markdown."""
+    worlds = sorted({w for w, _ in runs})
+    seeds = sorted({s for _, s in runs})
+    head = ("| row | Rmean | vs baseline | spread | 95% CI | worlds > 0 | "
+            + " | ".join(f"world {w}" for w in worlds) + " |")
+    lines = [f"{len(worlds)} held-out world(s) {worlds} x {len(seeds)} training seed(s) {seeds}: Rmean on each "
+             "world's test split; difference to the baseline paired by world, seed and query; spread = sample std "
+             "of the per-run differences; 95% CI = two-level bootstrap (runs, then queries).", "",
+             head, "|---|" + "---:|" * (5 + len(worlds))]
+    for name, entry in table.items():
+        if name == "baseline":
+            lines.append(f"| baseline | {entry['Rmean']:.1f} | | | | | " + " | ".join("" for _ in worlds) + " |")
+            continue
+        lines.append(f"| {name} | {entry['Rmean']:.1f} | {entry['diff']:+.1f} | {entry['spread']:.1f} | "
+                     f"[{entry['low']:+.1f}, {entry['high']:+.1f}] | {entry['worlds_above_zero']}/{entry['worlds']} | "
+                     + " | ".join(f"{entry['per_world'][str(w)]:+.1f}" for w in worlds) + " |")
+    return "\n".join(lines)
+
+
+def heldout_chart(table: dict, path: Path, n_runs: int) -> None:
+    """Bars of each row's Rmean difference to the baseline, with its 95% interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table if r != "baseline"]
+    diffs = [table[r]["diff"] for r in rows]
+    errors = [[d - table[r]["low"] for r, d in zip(rows, diffs)], [table[r]["high"] - d for r, d in zip(rows, diffs)]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(rows)), diffs, yerr=errors, capsize=4, color=["#4c72b0" if d >= 0 else "#c44e52" for d in diffs])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(rows, rotation=15, fontsize=8)
+    ax.set_ylabel("Rmean minus baseline (points)")
+    ax.set_title(f"Held-out synthetic worlds: difference to the baseline, 95% CI ({n_runs} runs)")
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def collect_heldout(out: Path, budget: Budget) -> dict[tuple[int, int], dict]:
+    """Every finished held-out run under ``out`` (OUT/world<W>/results.json of this budget, W != 0), so that
+    processes sharing one OUT (e.g. worlds 1,2 and 3,4 run side by side) each write the table of all of them."""
+    runs = {}
+    wanted = json.loads(json.dumps(budget.to_dict()))
+    for path in sorted(out.glob("world*/results.json")):
+        report = json.loads(path.read_text())
+        if report.get("world_seed", 0) == 0 or report.get("budget_values") != wanted:
+            continue
+        for seed, value in report["per_seed"].items():
+            runs[(int(report["world_seed"]), int(seed))] = value
+    return runs
+
+
+def save_heldout(runs: dict, out: Path, *, budget: Budget, quick: bool, argv, seconds: float) -> dict:
+    """Write heldout.json / heldout.md / heldout.png for the runs so far (called after every world)."""
+    keys = sorted(runs)
+    table = heldout_table(runs)
+    text = format_heldout(table, keys)
+    print("\n" + text, flush=True)
+    command = " ".join(["examples/quickstart.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    report = {"command": command, "runs": [{"world": w, "seed": s} for w, s in keys], "threads": torch.get_num_threads(),
+              "budget": "quick" if quick else "default", "budget_values": budget.to_dict(), "table": table,
+              "rows": {f"world {w} seed {s}": runs[(w, s)]["rows"] for w, s in keys}, "seconds": seconds}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_json(out / "heldout.json", report)
+    tmp = out / f"heldout.md.tmp-{os.getpid()}"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out / "heldout.md")
+    heldout_chart(table, out / "heldout.png", len(keys))
+    print(f"held-out table: {out / 'heldout.json'}, {out / 'heldout.md'}, {out / 'heldout.png'}", flush=True)
+    return report
+
+
+def parse_worlds(text: str) -> list[int]:
+    """``--worlds``: a count K (world seeds 1..K) or a comma-separated list of world seeds ("7," is world 7 alone);
+    0 (the tuning world) is refused."""
+    text = text.strip()
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise ValueError(f"--worlds {text}: expected a count >= 1 or a list of world seeds")
+        return list(range(1, count + 1))
+    try:
+        worlds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--worlds {text!r}: expected a count (e.g. 4) or world seeds (e.g. 11,23,37)") from None
+    if not worlds or len(set(worlds)) != len(worlds) or any(w < 0 for w in worlds):
+        raise ValueError(f"--worlds {text!r}: expected distinct non-negative world seeds")
+    if 0 in worlds:
+        raise ValueError("--worlds: world 0 is the tuning world (every choice was made on its val split); held-out "
+                         "worlds exclude it")
+    return worlds
+
+
 def merge(dirs, out: Path, argv) -> int:
     """Combine single- or multi-seed results.json files that share a budget and a world into one table."""
     per_seed, budgets, worlds, quick, steps, total = {}, set(), set(), set(), {}, 0.0
@@ -556,11 +775,23 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="instead of running: combine the results.json of runs of other seeds (same budget and "
                              "world) into one mean/spread table in --out (e.g. seeds run on different machines)")
+    parser.add_argument("--worlds", default=None, metavar="K|W1,W2,...",
+                        help="run on held-out worlds instead of the tuning world 0: a count K (world seeds 1..K) or a "
+                             "list of world seeds; writes OUT/world<W>/ per world and the table of each row's "
+                             "difference to the baseline with 95%% intervals (OUT/heldout.json, .md, .png), updated "
+                             "after every world")
+    parser.add_argument("--no-report", action="store_true", help="skip the retrieval report (report/ in OUT)")
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out), argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    worlds = None
+    if args.worlds is not None:
+        try:
+            worlds = parse_worlds(args.worlds)
+        except ValueError as error:
+            parser.error(str(error))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU; use --device cpu")
     if args.threads:
@@ -573,16 +804,32 @@ def main(argv=None) -> int:
     show = not args.no_progress
     clock = Clock()
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"quickstart: seeds {seeds}, budget {'quick' if args.quick else 'default'}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, out {out}", flush=True)
-    per_seed = {}
-    for seed in seeds:
-        started = time.perf_counter()
-        per_seed[seed] = run_seed(seed, budget, out, args.device, show, clock, world_seed=args.world_seed)
-        per_seed[seed]["seconds"] = time.perf_counter() - started
-        print(f"seed {seed} done in {per_seed[seed]['seconds']:.1f}s", flush=True)
-    report_and_save(per_seed, out, budget=budget, quick=args.quick, device=args.device, world_seed=args.world_seed,
-                    argv=argv, step_seconds=clock.steps, total=time.perf_counter() - clock.start)
+    print(f"quickstart: seeds {seeds}, worlds {worlds if worlds else [args.world_seed]}, budget "
+          f"{'quick' if args.quick else 'default'}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"out {out}", flush=True)
+    runs = {}
+    for world_seed in (worlds or [args.world_seed]):
+        per_seed = {}
+        for seed in seeds:
+            started = time.perf_counter()
+            first = not runs and not per_seed and not args.no_report
+            per_seed[seed] = run_seed(seed, budget, out, args.device, show, clock, world_seed=world_seed,
+                                      report_dir=out / "report" if first else None)
+            per_seed[seed]["seconds"] = time.perf_counter() - started
+            print(f"world {world_seed} seed {seed} done in {per_seed[seed]['seconds']:.1f}s", flush=True)
+            runs[(world_seed, seed)] = per_seed[seed]
+            if worlds:  # written after every seed, so a run cut short keeps what finished
+                # OUT/world<W>/ (first seed 0) or OUT/world<W>-seed<S>/: runs of other seeds can share OUT and its cache
+                folder = f"world{world_seed}" if args.seed == 0 else f"world{world_seed}-seed{args.seed}"
+                report_and_save(per_seed, out / folder, budget=budget, quick=args.quick,
+                                device=args.device, world_seed=world_seed, argv=argv, step_seconds=clock.steps,
+                                total=time.perf_counter() - clock.start)
+                save_heldout(collect_heldout(out, budget), out, budget=budget, quick=args.quick, argv=argv,
+                             seconds=time.perf_counter() - clock.start)
+        if not worlds:
+            report_and_save(per_seed, out, budget=budget, quick=args.quick, device=args.device,
+                            world_seed=world_seed, argv=argv, step_seconds=clock.steps,
+                            total=time.perf_counter() - clock.start)
     return 0
 
 

@@ -31,6 +31,7 @@ COMMANDS = {
     "recipe": ("cir_plugins.cli.recipe", "the paper's recipes per model and dataset: list, show, run one end to end"),
     "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
     "serve": ("cir_plugins.cli.serve", "a local web page: composed search over a saved bank and its images"),
+    "show": ("cir_plugins.cli.show", "what a model retrieves: an HTML page and a PNG of top-k per query, --compare two"),
 }
 
 
@@ -57,14 +58,17 @@ def _functions(name: str) -> tuple[Callable, Callable]:
             getattr(module, f"run_{suffix}", None) or module.run)
 
 
-def build_parser(prog: str = "cir-plugins") -> argparse.ArgumentParser:
+def build_parser(prog: str = "cir-plugins", *, only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the options of that command alone are declared (the others are
+    listed by name and help), so ``cir-plugins COMMAND`` imports one command's module, not every one."""
     parser = argparse.ArgumentParser(prog=prog, description="Scale the positives and negatives of a CIR model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        _functions(name)[0](command_parser)
+        if only is None or name == only:
+            _functions(name)[0](command_parser)
     return parser
 
 
@@ -74,14 +78,16 @@ def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
     try:
         return int(_functions(name)[1](args) or 0)
     except CIRPluginsError as error:
+        logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
         print(f"cir-plugins {name}: error: {cli_spelling(str(error))}", file=sys.stderr)
         return 2
-        logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``cir-plugins COMMAND ...``: parse, configure logging, run; a library error is one line and exit code 2."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), "")  # the first word that is no option
+    args = build_parser(only=command).parse_args(argv)
     return _dispatch(args.command, args, args.verbose)
 
 

@@ -1,0 +1,357 @@
+"""What a model retrieves: per-query target ranks, and a retrieval report (HTML page + PNG grid).
+
+:func:`query_ranks` gives each query's 0-based target rank over the gallery (and over its CIRR
+``img_set`` members) from :class:`~cir_plugins.evaluation.EvalFeatures`, by the same counting as the
+metrics (:func:`cir_plugins.metrics.target_ranks` / :func:`~cir_plugins.metrics.subset_ranks`), so
+per-query hits average to the reported recalls; the quickstart's confidence intervals resample them.
+
+:func:`retrieval_report` writes, for a model on a split (CIRR, FashionIQ or the synthetic world):
+
+- ``report.html``: a self-contained page (images inlined as base64 PNG): per shown query the
+  reference image, the modification text, the top-``k`` candidates with the target outlined, and
+  the target's rank; with ``compare=`` a second model's top-``k`` beside the first, and the lists of
+  queries the first model wins (its target rank is better) and loses;
+- ``report.png``: the same queries as one image grid (matplotlib);
+- ``report.json``: every query's ranks (and, shown queries, their top-``k`` ids).
+
+Rankings come from :func:`cir_plugins.evaluation.extract_features` and
+:func:`cir_plugins.metrics.topk_rows` with the split's protocol (CIRR: the reference is removed from
+the candidates; FashionIQ: kept), so the pictures show what the metrics count.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ._atomic import atomic_write_bytes, atomic_write_json
+from .errors import ConfigError, DataError, explain
+from .evaluation import EvalFeatures, _rows, extract_features
+from .metrics import subset_ranks, target_ranks, topk_rows
+
+__all__ = ["query_ranks", "ReportResult", "retrieval_report"]
+
+TARGET_COLOR = "#1a9e3a"  # the outline of the target image
+
+
+def _remove_reference(features: EvalFeatures, protocol: str, remove_reference: bool | None) -> bool:
+    if protocol not in ("cirr", "fashioniq"):
+        raise ConfigError(explain("unknown evaluation protocol", got=protocol, expected=("cirr", "fashioniq")))
+    return (protocol == "cirr") if remove_reference is None else bool(remove_reference)
+
+
+def _exclude_rows(features: EvalFeatures, remove: bool) -> torch.Tensor | None:
+    """(Q, 1) reference rows to remove from the candidates (-1 where reference == target), or None."""
+    if not remove:
+        return None
+    targets = _rows(features, [t.target for t in features.triplets], "target images")
+    refs = _rows(features, [t.reference for t in features.triplets], "reference images")
+    return refs.masked_fill(refs == targets, -1)[:, None]
+
+
+def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_reference: bool | None = None) -> dict:
+    """Per-query 0-based target ranks: ``{"rank": (Q,) int64, "subset_rank": (Q,) int64 or None}``.
+
+    ``rank`` counts the gallery candidates that beat the target (the reference removed under the CIRR
+    protocol unless ``remove_reference`` says otherwise); ``subset_rank`` ranks the target among the
+    query's ``img_set`` members minus its reference (CIRR, when every query has members). Hence
+    ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K.
+    """
+    triplets = features.triplets
+    if any(t.target is None for t in triplets):
+        raise DataError(explain("queries without targets have no rank", fix="use a split with targets (not CIRR test1)"))
+    remove = _remove_reference(features, protocol, remove_reference)
+    targets = _rows(features, [t.target for t in triplets], "target images")  # (Q,)
+    exclude = _exclude_rows(features, remove)
+    ranks = target_ranks(features.query, features.gallery, targets, exclude_rows=exclude,
+                         similarity=features.similarity)
+    subset = None
+    if protocol == "cirr" and triplets and all(t.members for t in triplets):
+        width = max(len(t.members) for t in triplets)
+        rows = torch.full((len(triplets), width), -1, dtype=torch.int64, device=features.query.device)
+        for i, t in enumerate(triplets):
+            others = [m for m in t.members if m != t.reference]
+            rows[i, :len(others)] = _rows(features, others, "img_set members")
+        subset = subset_ranks(features.query, features.gallery, targets, rows, exclude_rows=exclude,
+                              similarity=features.similarity)
+    return {"rank": ranks, "subset_rank": subset}
+
+
+# ----------------------------------------------------------------------------------------------- images
+def _to_pil(image: Any):
+    """A PIL image from a PIL image or a (3, H, W) / (H, W, 3) tensor or array (min-max scaled to 0-255)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if array.ndim != 3:
+        raise DataError(explain("cannot show this image", got=getattr(array, "shape", None),
+                                expected="a PIL image or a (3, H, W) / (H, W, 3) tensor"))
+    low, high = float(array.min()), float(array.max())
+    array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    array = np.round(array * 255).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+
+
+def _loader(images: Any):
+    """id -> PIL image: ``load_pil`` of an ImageStore, else the mapping's value (PIL or tensor)."""
+    load_pil = getattr(images, "load_pil", None)
+    if callable(load_pil):
+        return load_pil
+    if isinstance(images, Mapping):
+        return lambda image_id: images[image_id]
+    if callable(images):
+        return images
+    raise ConfigError(explain("cannot read images to show from this object", got=type(images).__name__,
+                              expected="an ImageStore, a Mapping id -> image, or a callable id -> image"))
+
+
+def _thumbnail(image, side: int):
+    from PIL import Image
+
+    image = _to_pil(image)
+    scale = side / max(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    small = max(image.size) < side  # tiny synthetic images: keep their pixels sharp
+    return image.resize(size, Image.NEAREST if small else Image.BICUBIC)
+
+
+def _data_uri(image, side: int) -> str:
+    buffer = io.BytesIO()
+    _thumbnail(image, side).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------- report
+@dataclass
+class ReportResult:
+    """Paths written and the comparison's outcome.
+
+    ``wins`` / ``losses``: query indices where the first model's target rank is better / worse than the
+    second's (empty without ``compare``); ``shown``: the indices drawn in the picture and on the page.
+    """
+
+    html: Path
+    png: Path
+    json: Path
+    ranks: list[int]
+    compare_ranks: list[int] | None
+    wins: list[int]
+    losses: list[int]
+    shown: list[int]
+
+
+def _ranking(model, split, features, protocol, remove_reference, k, batch_size, device, show_progress):
+    if features is None:
+        features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
+    remove = _remove_reference(features, protocol, remove_reference)
+    _, top = topk_rows(features.query, features.gallery, k, exclude_rows=_exclude_rows(features, remove),
+                       similarity=features.similarity)  # (Q, k)
+    ranks = query_ranks(features, protocol=protocol, remove_reference=remove)["rank"]
+    return features, top, ranks
+
+
+def _pick_shown(n: int, ranks: np.ndarray, other: np.ndarray | None, wins: list[int], losses: list[int],
+                n_queries: int, queries: Sequence[int] | None, k: int) -> list[int]:
+    if queries is not None:
+        bad = [q for q in queries if not isinstance(q, (int, np.integer)) or not 0 <= q < n]
+        if bad:
+            raise ConfigError(explain("query indices out of range", got=bad[:5], expected=f"0..{n - 1}"))
+        return [int(q) for q in queries]
+    if other is None:  # hits and misses, evenly spread over the split
+        order = list(np.argsort(ranks, kind="stable"))
+        take = order[: (n_queries + 1) // 2] + order[::-1][: n_queries // 2]
+        return sorted(dict.fromkeys(int(q) for q in take))[:n_queries]
+    gain = other - ranks  # > 0: the first model ranks the target better
+    # first the wins (losses) where the winner's target is among the shown top-k, then by the size of the gap
+    by_win = sorted(wins, key=lambda q: (ranks[q] >= k, -gain[q], q))
+    by_loss = sorted(losses, key=lambda q: (other[q] >= k, gain[q], q))
+    n_wins = max((n_queries + 1) // 2, n_queries - len(by_loss))  # one side short: the other fills the rest
+    shown = by_win[:n_wins]
+    return shown + by_loss[: n_queries - len(shown)]
+
+
+def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, compare: Any = None,
+                     names: Sequence[str] = ("model", "compare"), k: int = 5, n_queries: int = 8,
+                     queries: Sequence[int] | None = None, protocol: str | None = None,
+                     remove_reference: bool | None = None, images: Any = None, features: EvalFeatures | None = None,
+                     compare_features: EvalFeatures | None = None, batch_size: int = 64, device: Any = None,
+                     thumbnail: int = 96, title: str | None = None, show_progress: bool = False) -> ReportResult:
+    """Write ``report.html``, ``report.png`` and ``report.json`` into ``out_dir`` (see the module doc).
+
+    Args:
+        model: a CIR model (the CIRModel protocol), or None when ``features`` is given.
+        split: a Split with targets (its triplets, gallery_ids and images).
+        out_dir: folder for the three files (created).
+        compare: a second model (or None with ``compare_features``) shown beside the first.
+        names: labels of the two models.
+        k: candidates shown per query.
+        n_queries: queries shown: with ``compare``, half the first model's biggest wins and half its biggest
+            losses; without, the best- and worst-ranked queries.
+        queries: explicit query indices to show instead.
+        protocol: "cirr" or "fashioniq" (default: the split's ``protocol``, else "cirr").
+        remove_reference: override the protocol's reference removal.
+        images: where to read the shown images (default: ``split.images``; an ImageStore's ``load_pil`` is
+            used, tensors are min-max scaled).
+        features / compare_features: precomputed EvalFeatures of the split (skip the embedding pass).
+        thumbnail: side of the page's thumbnails in pixels.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(explain("k must be a positive int", got=k, fix="e.g. k=5"))
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+        raise ConfigError(explain("n_queries must be a positive int", got=n_queries, fix="e.g. 8"))
+    if model is None and features is None:
+        raise ConfigError(explain("pass a model or its features", fix="retrieval_report(model, split, out_dir)"))
+    protocol = protocol or getattr(split, "protocol", None) or "cirr"
+    if protocol not in ("cirr", "fashioniq"):
+        protocol = "cirr"
+    with_compare = compare is not None or compare_features is not None
+    features, top, ranks = _ranking(model, split, features, protocol, remove_reference, k, batch_size, device,
+                                    show_progress)
+    other_top = other_ranks = None
+    if with_compare:
+        other_features, other_top, other_ranks = _ranking(compare, split, compare_features, protocol, remove_reference,
+                                                          k, batch_size, device, show_progress)
+        if other_features.gallery_ids != features.gallery_ids or len(other_features.triplets) != len(features.triplets):
+            raise DataError(explain("the two models' features are not of the same split", fix="evaluate one split"))
+    rank_np = ranks.cpu().numpy()
+    other_np = other_ranks.cpu().numpy() if other_ranks is not None else None
+    wins = [int(q) for q in np.flatnonzero(rank_np < other_np)] if other_np is not None else []
+    losses = [int(q) for q in np.flatnonzero(rank_np > other_np)] if other_np is not None else []
+    shown = _pick_shown(len(rank_np), rank_np, other_np, wins, losses, n_queries, queries, k)
+
+    load = _loader(images if images is not None else split.images)
+    ids = features.gallery_ids
+    label = list(names) + ["compare"] * (2 - len(names))
+    entries = []
+    for q in shown:
+        t = features.triplets[q]
+        entry = {"query": q, "pair_id": t.pair_id, "reference": t.reference, "text": t.texts[0], "target": t.target,
+                 "rank": int(rank_np[q]), "top": [ids[r] for r in top[q].tolist() if r >= 0]}
+        if other_np is not None:
+            entry["compare_rank"] = int(other_np[q])
+            entry["compare_top"] = [ids[r] for r in other_top[q].tolist() if r >= 0]
+            entry["outcome"] = "win" if q in set(wins) else ("loss" if q in set(losses) else "tie")
+        entries.append(entry)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heading = title or f"Top-{k} retrievals: {label[0]}" + (f" vs {label[1]}" if with_compare else "")
+    summary = {"title": heading, "protocol": protocol, "k": k, "n_queries": len(rank_np), "names": label[:2],
+               "recall_at_k": float((rank_np < k).mean() * 100)}
+    if other_np is not None:
+        summary.update({"compare_recall_at_k": float((other_np < k).mean() * 100), "wins": len(wins),
+                        "losses": len(losses), "ties": len(rank_np) - len(wins) - len(losses)})
+    png = out / "report.png"
+    _write_png(png, entries, load, label, k, heading, with_compare)
+    page = out / "report.html"
+    _write_html(page, entries, load, label, k, heading, summary, wins, losses, features, thumbnail)
+    record = out / "report.json"
+    atomic_write_json(record, {"summary": summary, "shown": entries, "ranks": rank_np.tolist(),
+                               "compare_ranks": other_np.tolist() if other_np is not None else None,
+                               "wins": wins, "losses": losses})
+    return ReportResult(html=page, png=png, json=record, ranks=rank_np.tolist(),
+                        compare_ranks=other_np.tolist() if other_np is not None else None, wins=wins, losses=losses,
+                        shown=shown)
+
+
+def _rank_text(rank: int) -> str:
+    return f"target rank {rank + 1}"
+
+
+def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: str, with_compare: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    columns = 1 + k + (1 + k if with_compare else 0)
+    rows = max(1, len(entries))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.45 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, entry in enumerate(entries):
+        ref_ax = axes[r][0]
+        ref_ax.imshow(_to_pil(load(entry["reference"])), interpolation="nearest")
+        ref_ax.set_title("reference", fontsize=6)
+        text = entry["text"] if len(entry["text"]) <= 70 else entry["text"][:67] + "..."
+        tag = f"  [{entry['outcome']}]" if "outcome" in entry else ""
+        ref_ax.text(0.0, -0.12, f"q{entry['query']}{tag}: \"{text}\"", transform=ref_ax.transAxes, fontsize=6,
+                    va="top", ha="left", clip_on=False)
+        blocks = [(1, entry["top"], entry["rank"], label[0])]
+        if with_compare:
+            blocks.append((2 + k, entry["compare_top"], entry["compare_rank"], label[1]))
+        for start, top, rank, name in blocks:
+            for j, image_id in enumerate(top[:k]):
+                ax = axes[r][start + j]
+                ax.imshow(_to_pil(load(image_id)), interpolation="nearest")
+                if j == 0:
+                    ax.set_title(f"{name}: {_rank_text(rank)}", fontsize=6, loc="left")
+                if image_id == entry["target"]:
+                    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=3,
+                                           edgecolor=TARGET_COLOR, clip_on=False))
+    fig.suptitle(f"{heading} (target outlined in green)", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=1 - 0.5 / (1.45 * rows + 0.5), wspace=0.08,
+                        hspace=0.55)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_html(path: Path, entries, load, label, k, heading, summary, wins, losses, features, side) -> None:
+    esc = html.escape
+    cache: dict[str, str] = {}
+
+    def img(image_id: str, target: str | None) -> str:
+        if image_id not in cache:
+            cache[image_id] = _data_uri(load(image_id), side)
+        style = f"border:4px solid {TARGET_COLOR}" if image_id == target else "border:4px solid transparent"
+        return (f'<figure><img src="{cache[image_id]}" width="{side}" style="{style}" alt="{esc(image_id)}">'
+                f"<figcaption>{esc(image_id)}</figcaption></figure>")
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(heading)}</title><style>"
+             "body{font-family:sans-serif;margin:1em} figure{display:inline-block;margin:2px;text-align:center}"
+             "figcaption{font-size:9px;max-width:110px;overflow-wrap:anywhere} td{vertical-align:top;padding:4px}"
+             "tr{border-bottom:1px solid #ccc} .text{font-style:italic} .win{color:#1a9e3a} .loss{color:#c22}"
+             "</style></head><body>", f"<h1>{esc(heading)}</h1>"]
+    line = (f"{summary['n_queries']} queries, protocol {esc(summary['protocol'])}; R@{k} of {esc(label[0])}: "
+            f"{summary['recall_at_k']:.1f}")
+    if "wins" in summary:
+        line += (f"; of {esc(label[1])}: {summary['compare_recall_at_k']:.1f}. {esc(label[0])} ranks the target "
+                 f"better on <b>{summary['wins']}</b> queries, worse on <b>{summary['losses']}</b>, "
+                 f"equal on {summary['ties']}.")
+    parts.append(f"<p>{line} The target is outlined in green.</p><table>")
+    for entry in entries:
+        outcome = entry.get("outcome")
+        badge = f' <span class="{outcome}">[{outcome}]</span>' if outcome in ("win", "loss") else ""
+        cells = [f"<td>query {entry['query']} (pair {esc(str(entry['pair_id']))}){badge}<br>"
+                 f"{img(entry['reference'], None)}<br><span class='text'>{esc(entry['text'])}</span></td>",
+                 f"<td><b>{esc(label[0])}</b>: {_rank_text(entry['rank'])}<br>"
+                 + "".join(img(i, entry["target"]) for i in entry["top"][:k]) + "</td>"]
+        if "compare_top" in entry:
+            cells.append(f"<td><b>{esc(label[1])}</b>: {_rank_text(entry['compare_rank'])}<br>"
+                         + "".join(img(i, entry["target"]) for i in entry["compare_top"][:k]) + "</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    if "wins" in summary:
+        def listing(name: str, items: list[int]) -> str:
+            ids = ", ".join(f"{q} (pair {esc(str(features.triplets[q].pair_id))})" for q in items)
+            return f"<details><summary>{esc(name)} ({len(items)})</summary><p>{ids or 'none'}</p></details>"
+
+        parts.append(listing(f"queries {label[0]} wins", wins))
+        parts.append(listing(f"queries {label[0]} loses", losses))
+    parts.append("</body></html>")
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
