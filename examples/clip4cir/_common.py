@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -72,29 +71,13 @@ def load_splits(dataset: str, root: str, split: str, transform, *, world_size: s
     return [cp.load_fashioniq(root, category, split, transform=transform) for category in CATEGORIES]
 
 
-def train_triplets(splits) -> tuple[list, "UnionImages"]:
-    """All triplets with targets, and one images mapping over every split's images."""
-    return [t for s in splits for t in s.triplets if t.target is not None], UnionImages(splits)
+def train_triplets(splits) -> tuple[list, object]:
+    """All triplets with targets, and one images mapping over every split's images (the library's pool of
+    FashionIQ's three categories; one split's own store otherwise)."""
+    from cir_plugins.recipes.run import training_pool
 
-
-class UnionImages(Mapping):
-    """id -> image over several splits' ImageStores (lazy; read from the first split that has the id)."""
-
-    def __init__(self, splits) -> None:
-        self._stores = [s.images for s in splits]
-        self._ids = list(dict.fromkeys(i for s in splits for i in s.gallery_ids))
-
-    def __getitem__(self, image_id):
-        for store in self._stores:
-            if image_id in store:
-                return store[image_id]
-        raise KeyError(image_id)
-
-    def __iter__(self):
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
+    pool = training_pool(splits)
+    return pool.triplets, pool.images
 
 
 def evaluate(model, splits, *, batch_size: int, show_progress: bool) -> dict:
