@@ -238,3 +238,17 @@ def test_dir_lists_public_names_only():
     names = dir(cp)
     assert "importlib" not in names and "annotations" not in names
     assert {"Stage1Trainer", "load_trained", "wrap_model", "check_model"} <= set(names)
+
+
+def test_top_level_help_is_quick_and_each_command_parses_alone():
+    """``cir-plugins --help`` lists every command without importing torch; a command's own flags still parse."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cir_plugins.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "stage1" in out and "submit" in out and "torch imported: False" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-v", "evaluate", "--model", "x:y"])  # the command is found after an option
+    assert exit_info.value.code == 2  # argparse: --dataset and --root are required

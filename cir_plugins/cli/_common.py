@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .._console import format_values
-from .._utils import model_device  # noqa: F401 (the package's one device lookup; cli/stage2 uses it)
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 

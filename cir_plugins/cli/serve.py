@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ._common import add_dataset_arguments, add_model_arguments, build_model, load_dataset, model_device
+from .._utils import model_device
+from ._common import add_dataset_arguments, add_model_arguments, build_model, load_dataset
 
 __all__ = ["configure", "run"]
 

@@ -20,7 +20,7 @@ import logging
 
 from ..training.config import Stage2Config
 from ._common import (add_training_arguments, build_model, config_from_args, fit_and_report, load_dataset,
-                      model_device, show_progress, training_triplets, val_evaluator)
+                      show_progress, training_triplets, val_evaluator)
 
 __all__ = ["configure", "run"]
 
@@ -33,6 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._utils import model_device
     from ..negatives.bank import NegativeBank
     from ..training.stage2 import Stage2Trainer
 
