@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import cir_plugins._atomic as atomic
 import cir_plugins.training.checkpoint as ckpt
-import cir_plugins.training.loop as loop
+import cir_plugins.training.resume as resume
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
 from test_training_toy import make_model, make_world
@@ -142,14 +142,14 @@ def _expected_step(names: list[str], killed_at: int, mode: str) -> int:
 
 def _resume_and_check(out: Path, straight: dict, expected_step: int, monkeypatch) -> None:
     seen = []
-    real_load = loop.load_checkpoint
+    real_load = resume.load_checkpoint
 
     def spy(*args, **kwargs):
         found = real_load(*args, **kwargs)
         seen.append(found.state["global_step"])
         return found
 
-    monkeypatch.setattr(loop, "load_checkpoint", spy)
+    monkeypatch.setattr(resume, "load_checkpoint", spy)
     model, bank, images, train = _world()
     Stage2Trainer(model, bank, train, images, config=_config(out, epochs=3)).fit(resume=True)
     assert seen == [expected_step]
