@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .._console import format_values
+from ..data.fashioniq import CATEGORIES
+from ..data.images import TRANSFORM_NAMES
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("cirr", "fashioniq", "synthetic")
-CATEGORIES = ("dress", "shirt", "toptee")
-TRANSFORMS = ("clip", "targetpad", "squarepad", "none")
+DATASETS = ("cirr", "fashioniq", "synthetic")  # the layouts load_split reads (synthetic: the CIRR layout)
 FACTORY_FIX = 'pass a JSON object, e.g. \'{"dim": 64}\''
 
 
@@ -84,8 +84,7 @@ def build_model(args: argparse.Namespace) -> Any:
 
     model = model_from_factory(args)
     for path in getattr(args, "trained", None) or ():
-        model = load_trained(model, path)
-        logger.info("loaded the trained weights of %s", path)
+        model = load_trained(model, path)  # logs what it loaded from where
     model = wrap_model(model)
     if args.device is not None:
         model = model.to(args.device)
@@ -108,7 +107,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
     else:
         parser.add_argument("--category", default=None, choices=CATEGORIES,
                             help="FashionIQ category (required for fashioniq)")
-    parser.add_argument("--transform", default="clip", choices=TRANSFORMS,
+    parser.add_argument("--transform", default="clip", choices=TRANSFORM_NAMES,
                         help="image preprocessing ('none': no resize, [0, 1] floats) (default: clip)")
     parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
