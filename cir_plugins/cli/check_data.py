@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, explain
-from ._common import add_progress_argument, show_progress, show_progress
+from ._common import add_progress_argument, show_progress
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
