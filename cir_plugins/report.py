@@ -279,7 +279,9 @@ def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: st
 
     columns = 1 + k + (1 + k if with_compare else 0)
     rows = max(1, len(entries))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.45 * rows + 0.5), squeeze=False)
+    widths = [1.0] * (1 + k) + ([0.25] + [1.0] * k if with_compare else [])  # a narrow gap between the models
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * sum(widths), 1.45 * rows + 0.7), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax in axes.flat:
         ax.axis("off")
     for r, entry in enumerate(entries):
@@ -303,7 +305,7 @@ def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: st
                     ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=3,
                                            edgecolor=TARGET_COLOR, clip_on=False))
     fig.suptitle(f"{heading} (target outlined in green)", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=1 - 0.5 / (1.45 * rows + 0.5), wspace=0.08,
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=1 - 0.7 / (1.45 * rows + 0.7), wspace=0.08,
                         hspace=0.55)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
