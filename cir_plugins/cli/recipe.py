@@ -2,7 +2,7 @@
 
     cir-plugins recipe list
     cir-plugins recipe show clip4cir-cirr
-    cir-plugins recipe run clip4cir-cirr --model my_clip4cir.py:build --stage1 runs/stage1 --root DATA/cirr \\
+    cir-plugins recipe run clip4cir-cirr --model my_clip4cir.py:build --trained runs/stage1 --root DATA/cirr \\
         --captioner hf:llava-hf/llava-1.5-7b-hf --out runs/clip4cir-cirr
 
 ``run`` goes through every step with the library's own pieces (:func:`cir_plugins.recipes.run.reproduce`):
@@ -22,8 +22,7 @@ import json
 from typing import Any
 
 from ..errors import ConfigError, explain
-from ._common import (add_device_argument, add_factory_arguments, add_progress_argument, model_from_factory,
-                      show_progress)
+from ._common import add_model_arguments, add_progress_argument, build_model, model_from_factory, show_progress
 
 __all__ = ["configure", "run", "command_of"]
 
@@ -35,11 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     show.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
     go = sub.add_parser("run", help="generate, bank, stage 2, evaluate; print measured beside published")
     go.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
-    add_factory_arguments(go, help="factory spec 'file.py:function' returning the base model (its stage-1 weights, "
-                                   "or the weights --stage1 puts on it)")
-    go.add_argument("--stage1", default=None,
-                    help="a stage-1 result to load onto the factory's model (cp.load_trained: a run folder, a "
-                         "checkpoint folder or a .safetensors file)")
+    add_model_arguments(go)  # --model (the base model's factory), --factory-kwargs, --trained (its stage 1), --device
     go.add_argument("--root", required=True, help="dataset root (CIRR rc2 or FashionIQ layout)")
     go.add_argument("--out", required=True, help="run folder: generated triplets, checkpoints, results.json")
     source = go.add_mutually_exclusive_group(required=True)
@@ -48,7 +43,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--generated", help="a generated-triplet file instead of captioning (either schema)")
     go.add_argument("--pair-encoder", default=None,
                     help="factory spec of the image encoder that ranks partners (default: the model's encode_image)")
-    add_device_argument(go)
     go.add_argument("--transform", default="targetpad", choices=("clip", "targetpad", "squarepad", "none"),
                     help="image preprocessing (default: targetpad, as the release's models)")
     go.add_argument("--image-size", type=int, default=224)
@@ -79,8 +73,8 @@ _FACTORIES = {
     "clip4cir": "examples/clip4cir/_common.py:factory --factory-kwargs '{\"checkpoint\": \"runs/clip4cir-rn50x4\"}' "
                 "--image-size 288",
     "sprc": "examples.blip2_sprc.wrap:load --factory-kwargs '{\"path\": \"runs/sprc_stage1\"}'",
-    "tgcir": "YOUR_TGCIR.py:build --stage1 runs/tgcir-stage1",
-    "blip4cir": "YOUR_BLIP4CIR.py:build --stage1 runs/blip4cir-stage1",
+    "tgcir": "YOUR_TGCIR.py:build --trained runs/tgcir-stage1",
+    "blip4cir": "YOUR_BLIP4CIR.py:build --trained runs/blip4cir-stage1",
     "zeroshot": "examples/clip4cir/_common.py:factory --factory-kwargs "
                 "'{\"checkpoint\": \"openai/clip-vit-large-patch14\", \"fusion\": \"sum\"}'",
 }
@@ -126,21 +120,13 @@ def _window(args: argparse.Namespace, recipe: Any) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..protocol import wrap_model
     from ..recipes import load_recipe
     from ..recipes.run import load_training_data, reproduce
 
     recipe = load_recipe(args.name)
     if args.release:
         recipe = recipe.as_release()
-    model = model_from_factory(args)
-    if args.stage1 is not None:
-        from ..trained import load_trained
-
-        model = load_trained(model, args.stage1)
-    model = wrap_model(model)
-    if args.device is not None:
-        model = model.to(args.device)
+    model = build_model(args)  # the stage-1 model: the factory's, with each --trained result on it
     transform = None if args.transform == "none" else args.transform
     captioner = None
     if args.captioner is not None:
