@@ -309,3 +309,34 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
     assert tau.grad is not None and bank.grad is None
     want = loss_and_grads(reference_loss, query, bank.detach(), target, 0.05, exclude, "dot")
     assert abs(float(value.detach()) - float(want[0])) <= 1e-5 * float(want[0])
+
+
+@pytest.mark.parametrize("similarity", ["dot", "max_token"])
+def test_bank_stats_are_the_softmax_expectations(similarity):
+    """The one statistics core against plain float64 softmax expectations, and parts merged by combine."""
+    query, bank, _, exclude = make_inputs(similarity, n=301, seed=7)
+    tau = 0.1
+    q, b = query.double(), bank.double()
+    tokens = torch.einsum("bd,ntd->bnt", q, b) if similarity == "max_token" else None
+    sims = tokens.amax(2) if tokens is not None else q @ b.T  # (B, N)
+    logits = sims / tau
+    for i, rows in enumerate(exclude.tolist()):
+        logits[i, [r for r in rows if r >= 0]] = float("-inf")
+    p = logits.softmax(dim=1)  # (B, N)
+    vecs = b if tokens is None else b[torch.arange(b.shape[0])[None, :], tokens.argmax(2)]  # (N, D) or (B, N, D)
+    exp_b = p @ vecs if tokens is None else torch.einsum("bn,bnd->bd", p, vecs)
+    for chunk in (None, 37):
+        st = L.bank_stats(query, bank, tau, exclude, similarity, backend="torch", chunk_size=chunk)
+        assert_rel_close(st.m + st.z.log(), logits.logsumexp(1))
+        assert_rel_close(st.t / st.z, (p * sims).sum(1))
+        assert_rel_close(st.w / st.z[:, None], exp_b)
+    # statistics of two halves merged by BankStats.combine equal those of the whole bank
+    halves = [L.bank_stats(query, bank[:150], tau, exclude.where(exclude < 150, -1), similarity, backend="torch"),
+              L.bank_stats(query, bank[150:], tau, (exclude - 150).where(exclude >= 150, -1), similarity,
+                           backend="torch")]
+    merged = L.BankStats.stack(halves).combine()
+    whole = L.bank_stats(query, bank, tau, exclude, similarity, backend="torch")
+    for name in ("m", "z", "t", "w"):
+        assert_rel_close(getattr(merged, name), getattr(whole, name), rtol=1e-12)
+    with pytest.raises(ConfigError, match="backend"):
+        L.bank_stats(query, bank, tau, exclude, similarity, backend="cuda")
