@@ -95,7 +95,7 @@ def test_resume_takes_the_newest_complete_leftover_by_step_not_by_name(tmp_path,
     found = ckpt.load_checkpoint(checkpoints, "last")
     assert found.path.name == ".old-last-9999" and found.state["global_step"] == 10
     _assert_same(found.weights, newest)
-    with caplog.at_level(logging.INFO, logger="cir_plugins.training.loop"):
+    with caplog.at_level(logging.INFO):
         trainer = Stage2Trainer(model, bank, train, images, config=_config(tmp_path, epochs=3))
         trainer.fit(resume=True)
     assert "resumed from" in caplog.text and ".old-last-9999" in caplog.text
