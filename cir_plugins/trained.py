@@ -165,14 +165,9 @@ def load_trained(model: Any, path: str | os.PathLike, *, checkpoint: str | None 
             f"{type(model).__name__}", got=f"{result.source}: {unknown[:10]}",
             expected=sorted(named)[:10],
             fix="build the model the result was trained from (the same factory; wrapped or not does not matter)"))
-    wrong = [f"{name}: saved {tuple(tensor.shape)}, model {tuple(named[mapping[name]].shape)}"
-             for name, tensor in result.weights.items() if tuple(tensor.shape) != tuple(named[mapping[name]].shape)]
-    if wrong:
-        raise CheckpointError(explain(f"{len(wrong)} saved parameters have another shape than the model's",
-                                      got=f"{result.source}: {wrong[:10]}",
-                                      fix="build the same model configuration the result was trained with"))
-    with torch.no_grad():
-        for name, tensor in result.weights.items():
-            named[mapping[name]].copy_(tensor)
+    from .training.checkpoint import copy_weights  # noqa: PLC0415 (the one checked copy: shapes, dtypes)
+
+    copy_weights(result.weights, [(name, named[mapping[name]]) for name in result.weights], source=result.source,
+                 fix="build the same model configuration the result was trained with")
     logger.info("loaded %d trained parameter tensors from %s", len(result.weights), result.source)
     return model

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from .._atomic import atomic_write_bytes, fsync_file, replace_folder
 from ..errors import CheckpointError, explain
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
+__all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
            "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
            "restore_optimizer", "triplets_fingerprint", "bank_fingerprint"]
 
@@ -336,16 +336,18 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
     return Checkpoint(path=path, weights=weights, optimizer=optimizer, state=state)
 
 
-def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, after checking every one.
+def copy_weights(weights: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]], *, source: Any,
+                 fix: str) -> None:
+    """Copy ``weights[name]`` into each (name, parameter) pair of ``named``, after checking every one.
 
-    A name the checkpoint lacks, a shape that differs (no broadcasting) or a non-floating tensor is a
-    CheckpointError naming the parameter and the file; nothing is copied then.
+    A name ``weights`` lacks, a shape that differs (no broadcasting) or a non-floating tensor is a
+    CheckpointError naming the parameter and ``source`` (the file read); nothing is copied then. Values
+    are cast to each parameter's dtype and device. The one checked copy: resume, ``load_weights`` and
+    :func:`cir_plugins.load_trained` use it.
     """
-    where = checkpoint.path / "weights.safetensors"
     problems = []
     for name, parameter in named:
-        saved = checkpoint.weights.get(name)
+        saved = weights.get(name)
         if saved is None:
             problems.append(f"{name}: missing")
         elif tuple(saved.shape) != tuple(parameter.shape):
@@ -353,12 +355,18 @@ def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]
         elif not saved.is_floating_point():
             problems.append(f"{name}: saved dtype {saved.dtype}")
     if problems:
-        raise CheckpointError(explain(f"{where}: {len(problems)} saved weights do not fit the model's parameters",
-                                      got=problems[:10], expected="every parameter with its own shape",
-                                      fix="resume with the model the checkpoint was trained from, or start again"))
+        raise CheckpointError(explain(f"{source}: {len(problems)} saved weights do not fit the model's parameters",
+                                      got=problems[:10], expected="every parameter with its own shape", fix=fix))
     with torch.no_grad():
         for name, parameter in named:
-            parameter.copy_(checkpoint.weights[name])
+            parameter.copy_(weights[name])
+
+
+def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, after checking every one
+    (:func:`copy_weights`: a missing name, another shape or a non-floating tensor is a CheckpointError)."""
+    copy_weights(checkpoint.weights, named, source=checkpoint.path / "weights.safetensors",
+                 fix="resume with the model the checkpoint was trained from, or start again")
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
