@@ -198,3 +198,20 @@ def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatc
     assert main(common + ["--faiss", str(index_path)]) == 0
     by_index = TestClient(calls[-1][0]).post("/api/search", json=body).json()
     assert by_index["index"].startswith("FaissIndex") and [r["id"] for r in by_index["results"]] == ids
+
+
+def test_multi_vector_bank_is_searched_exactly(world):
+    _, split, _, _ = world
+    model = make_model(dim=8, tokens_per_image=3, seed=1).eval()
+    bank = NegativeBank.build(model, split.gallery_ids, split.images, dedup=False, show_progress=False)
+    assert bank.similarity == "max_token" and bank.embeddings.dim() == 3
+    reference = split.gallery_ids[1]
+    found = GallerySearcher(model, bank, split.images).search("add a tree", image_id=reference, k=4)
+    with torch.no_grad():
+        query = F.normalize(model.compose_query(model.encode_reference(split.images[reference][None]), ["add a tree"]),
+                            dim=-1)[0]
+        scores = (bank.embeddings.float() @ query).amax(dim=1)  # (N, T) -> (N,): max over the target's tokens
+    scores[bank.row_of(reference)] = float("-inf")
+    order = sorted(range(len(scores)), key=lambda r: (-float(scores[r]), r))[:4]
+    assert [r["id"] for r in found["results"]] == [bank.ids[r] for r in order]
+    assert [r["score"] for r in found["results"]] == pytest.approx([float(scores[r]) for r in order], abs=1e-5)
