@@ -19,10 +19,9 @@ def _trained_stage2(tmp_path, *, evaluate=True):
     images, train, val = make_world()
     model = make_model()
     bank = NegativeBank.build(model, list(images), images, show_progress=False)
-    config = Stage2Config(epochs=2, batch_size=16, lr=1e-2, show_progress=False, output_dir=str(tmp_path / "run"),
-                          select_metric="R@1" if evaluate else None)
-    trainer = Stage2Trainer(model, bank, train, images, config=config,
-                            evaluate=(lambda m: {"R@1": recall_at(m, bank, val, images)}) if evaluate else None)
+    config = Stage2Config(epochs=2, batch_size=16, lr=1e-2, show_progress=False, output_dir=str(tmp_path / "run"))
+    evaluator = cp.Evaluator(lambda m: {"R@1": recall_at(m, bank, val, images)}, metric="R@1") if evaluate else None
+    trainer = Stage2Trainer(model, bank, train, images, config=config, evaluator=evaluator)
     trainer.fit()
     return model, bank, images, val, tmp_path / "run"
 
