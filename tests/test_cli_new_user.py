@@ -252,3 +252,23 @@ def test_top_level_help_is_quick_and_each_command_parses_alone():
     with pytest.raises(SystemExit) as exit_info:
         main(["-v", "evaluate", "--model", "x:y"])  # the command is found after an option
     assert exit_info.value.code == 2  # argparse: --dataset and --root are required
+
+
+def test_config_flags_round_trip_into_the_config():
+    """Every config field's flag reaches the config: numbers, 'none' for optional ones, pairs, --x/--no-x."""
+    import argparse
+
+    from cir_plugins.cli._common import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, cp.Stage2Config)
+    args = parser.parse_args(["--lr", "1e-4", "--betas", "0.9", "0.98", "--max-grad-norm", "1.5", "--no-mask-reference",
+                              "--steps-per-epoch", "none", "--schedule", "cosine", "--learn-temperature"])
+    config = config_from_args(cp.Stage2Config, args, output_dir="out")
+    assert (config.lr, config.betas, config.max_grad_norm, config.mask_reference) == (1e-4, (0.9, 0.98), 1.5, False)
+    assert config.steps_per_epoch is None and config.schedule == "cosine" and config.learn_temperature is True
+    assert config.output_dir == "out" and config.cache_reference is True  # untouched fields keep their defaults
+    defaults = config_from_args(cp.Stage2Config, parser.parse_args([]))
+    assert defaults.to_dict() == cp.Stage2Config().to_dict()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--amp", "fp8"])  # choices come from the config's own list
