@@ -215,3 +215,12 @@ def test_multi_vector_bank_is_searched_exactly(world):
     order = sorted(range(len(scores)), key=lambda r: (-float(scores[r]), r))[:4]
     assert [r["id"] for r in found["results"]] == [bank.ids[r] for r in order]
     assert [r["score"] for r in found["results"]] == pytest.approx([float(scores[r]) for r in order], abs=1e-5)
+
+
+def test_upload_over_the_pixel_limit_is_refused_before_decoding(world):
+    _, split, model, bank = world
+    client = TestClient(create_app(GallerySearcher(model, bank, split.images, max_pixels=100)))
+    data = split.images.path_of(split.gallery_ids[0]).read_bytes()  # a 28x24 PNG: 672 pixels
+    answer = client.post("/api/search", data={"text": "a", "k": "2"}, files={"file": ("a.png", data, "image/png")})
+    assert answer.status_code == 413 and "more pixels than allowed" in answer.json()["error"]
+    assert client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 2}).status_code == 200
