@@ -47,7 +47,7 @@ def test_fashioniq_generation_ranks_over_the_three_categories_refer_only(fiq, tm
     root, captions, clip = fiq
     argv = ["--dataset", "fashioniq", "--root", str(root), "--stage1", str(clip), "--captioner", f"file:{captions}",
             "--out", str(tmp_path / "spn"), "--rank-window", "0.2,0.45", "--epochs", "1", "--batch-size", "4",
-            "--steps-per-epoch", "2", "--batch-size-eval", "16", "--device", "cpu", "--no-progress"]
+            "--steps-per-epoch", "1", "--batch-size-eval", "16", "--device", "cpu", "--no-progress"]
     assert run_spn.main(argv) == 0
     generated = json.loads((tmp_path / "spn" / "train" / "generated.json").read_text())
     references = {r["candidate"] for c in CATEGORIES
