@@ -17,7 +17,9 @@ ConfigError naming the file and the key):
   stage 2 trains, as the method states it; the model's own wrap decides what actually trains).
 - ``generation``: ``annotated`` (train on the annotated triplets too; False = zero-shot), ``prompt`` (the
   captioner's prompt with ``{k}``, and ``{category}`` on FashionIQ), ``words`` (k), ``rank_window`` ([a, b)
-  ranks of the pair encoder's ranking; null = any image, drawn uniformly), ``partners_per_image``,
+  ranks of the pair encoder's ranking; null = any image, drawn uniformly; the release's ranking counts the
+  image itself as rank 0, ours starts at the most similar other image, so the same numbers sit one rank
+  apart), ``partners_per_image``,
   ``refer_only``, ``max_triplets`` (K, null = all), ``templates`` (placeholders ``{reference}``/``{target}``).
   On FashionIQ partners are ranked over the three categories' training images together.
 - ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all": every training
