@@ -460,8 +460,8 @@ def test_out_of_resources_falls_back_to_64_query_tiles():
     calls = []
     real_config = fused._config
 
-    def config(b, n, d, device, tiles=None):
-        cfg = real_config(b, n, d, device, tiles)
+    def config(b, n, d, device, tiles=None, need_w=True):
+        cfg = real_config(b, n, d, device, tiles, need_w)
         if tiles is None:
             cfg = dict(cfg, BLOCK_B=128, num_qb=1, num_warps=8)  # what a CUDA device would get for B > 64
         return cfg

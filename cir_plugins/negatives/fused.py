@@ -16,6 +16,14 @@ the same bank values while still running on the half-precision tensor cores (``p
 the default). ``precision="fast"`` rounds the query and the weights once to the bank's dtype (half
 the tensor-core work). A float32 bank is multiplied in IEEE float32.
 
+``precision="two_pass"`` rounds like "fast" but splits the work in two passes so that each logit tile
+is computed once per pass instead of once per column chunk of ``w``: pass 1 is the kernel without
+the ``w`` accumulator (max, normaliser and ``t`` only); pass 2 recomputes the logits chunk by chunk
+of the bank (``_softmax_weights_kernel``), writes the chunk's softmax weights ``exp(l - m)`` in the
+bank's dtype (a (B, chunk * T) block of ``TWO_PASS_CHUNK_BYTES``) and lets one cuBLAS GEMM with float32
+accumulation add them up against the chunk. About three B x N x D products in all against the
+single-pass kernel's (column chunks) x (1 or 2) x 2.
+
 Multi-vector banks (N, T, D), score = max over the T tokens: the same kernel loops over the
 tokens of each bank tile, keeps the best score and the winning token per (query, row), and adds
 each row's winning token to ``w`` (one masked product per token), so the batch is never looped
@@ -40,7 +48,8 @@ import torch
 
 from ..errors import ConfigError, explain
 from ..checks import as_temperature, check_embeddings, check_rows, settle
-from .loss import BankStats, sharded_loss
+from ..metrics import _mm_fp32_out
+from .loss import PRECISIONS, BankStats, sharded_loss
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ __all__ = [
 ]
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PRECISIONS = ("exact", "fast")
+_PRECISIONS = PRECISIONS
 
 try:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
@@ -147,6 +156,35 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _row_scores(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, T, offs_k,
+                    MULTI: tl.constexpr, SPLIT_Q: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_B, BLOCK_N) float32 scores of a bank tile and, for MULTI, the winning token (else 0)."""
+        best_t = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
+        if MULTI:
+            # s = max over the T tokens of q . v_t, remembering the winning token
+            s = tl.full((BLOCK_B, BLOCK_N), float("-inf"), tl.float32)
+            for tok in range(0, T):
+                s_t = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off + tok * D, n_ok, offs_b64, b_ok, D, offs_k,
+                                   SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                better = s_t > s
+                s = tl.where(better, s_t, s)
+                best_t = tl.where(better, tok, best_t)
+        else:
+            s = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, offs_k,
+                             SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+        return s, best_t
+
+    @triton.jit
+    def _keep_mask(excl_ptr, offs_b64, b_ok, offs_n, n_ok, K: tl.constexpr):
+        """(BLOCK_B, BLOCK_N) True where the (query, row) pair is in range and not excluded."""
+        keep = n_ok[None, :] & b_ok[:, None]
+        for k in tl.static_range(K):
+            ex = tl.load(excl_ptr + offs_b64 * K + k, mask=b_ok, other=-1)  # (BLOCK_B,)
+            keep = keep & (offs_n[None, :] != ex[:, None])
+        return keep
+
+    @triton.jit
     def _weighted_sum(acc, p, bank_ptr, row_off, n_ok, offs_dv, dv_ok,
                       SPLIT_P: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """acc (BLOCK_B, BLOCK_DV) + p @ v[:, chunk] for the vectors at bank_ptr + row_off."""
@@ -205,24 +243,9 @@ if triton is not None:
             offs_n = split_start + tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # (BLOCK_N,)
             n_ok = offs_n < N
             row_off = offs_n * T * D  # (BLOCK_N,) int64 element offset of each row
-            if MULTI:
-                # s = max over the T tokens of q . v_t, remembering the winning token
-                s = tl.full((BLOCK_B, BLOCK_N), float("-inf"), tl.float32)
-                best_t = tl.zeros((BLOCK_B, BLOCK_N), tl.int32)
-                for tok in range(0, T):
-                    s_t = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off + tok * D, n_ok, offs_b64, b_ok, D, offs_k,
-                                       SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
-                    better = s_t > s
-                    s = tl.where(better, s_t, s)
-                    best_t = tl.where(better, tok, best_t)
-            else:
-                s = _scores_tile(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, offs_k,
-                                 SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
-
-            keep = n_ok[None, :] & b_ok[:, None]  # (BLOCK_B, BLOCK_N)
-            for k in tl.static_range(K):
-                ex = tl.load(excl_ptr + offs_b64 * K + k, mask=b_ok, other=-1)  # (BLOCK_B,)
-                keep = keep & (offs_n[None, :] != ex[:, None])
+            s, best_t = _row_scores(qh_ptr, ql_ptr, bank_ptr, row_off, n_ok, offs_b64, b_ok, D, T, offs_k,
+                                    MULTI, SPLIT_Q, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+            keep = _keep_mask(excl_ptr, offs_b64, b_ok, offs_n, n_ok, K)  # (BLOCK_B, BLOCK_N)
             logits = tl.where(keep, s * inv_tau, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -255,6 +278,42 @@ if triton is not None:
             )
 
 
+    @triton.jit
+    def _softmax_weights_kernel(
+        qh_ptr,  # (B, D) query in the bank's dtype (the same rounding as pass 1)
+        bank_ptr,  # (N, D) or (N, T, D), contiguous
+        excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)
+        tau_ptr,  # 0-dim float32
+        m_ptr,  # (B,) float32: the max logit of pass 1
+        p_out,  # (B, >= C*T) in the bank's dtype, row stride P_STRIDE: exp(l - m), on the winning token for MULTI
+        B, N, D, T, row_start, C, P_STRIDE,
+        K: tl.constexpr, MULTI: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Pass 2 of precision="two_pass": the softmax weights of bank rows [row_start, row_start + C),
+        recomputed tile by tile; the caller multiplies them into the bank chunk with one GEMM."""
+        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < B
+        offs_b64 = offs_b.to(tl.int64)
+        offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of this chunk
+        c_ok = offs_c < C
+        offs_n = row_start + offs_c.to(tl.int64)
+        n_ok = c_ok & (offs_n < N)
+        s, best_t = _row_scores(qh_ptr, qh_ptr, bank_ptr, offs_n * T * D, n_ok, offs_b64, b_ok, D, T,
+                                tl.arange(0, BLOCK_K), MULTI, False, IEEE, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+        keep = _keep_mask(excl_ptr, offs_b64, b_ok, offs_n, n_ok, K)
+        inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
+        m = tl.load(m_ptr + offs_b64, mask=b_ok, other=0.0)
+        p = tl.where(keep, tl.exp(s * inv_tau - m[:, None]), 0.0)  # (BLOCK_B, BLOCK_N)
+        out = p_out + offs_b64[:, None] * P_STRIDE + offs_c.to(tl.int64)[None, :] * T
+        ok = b_ok[:, None] & c_ok[None, :]
+        if MULTI:  # (C, T) slots per query: the weight on the winning token, zeros elsewhere
+            for tok in range(0, T):
+                tl.store(out + tok, tl.where(best_t == tok, p, 0.0).to(p_out.dtype.element_ty), mask=ok)
+        else:
+            tl.store(out, p.to(p_out.dtype.element_ty), mask=ok)
+
+
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x - 1).bit_length())
 
@@ -284,8 +343,9 @@ def _check_tiles(tiles: dict) -> None:
             raise ConfigError(explain(f"bad tile setting {key}", got=value, expected=expected))
 
 
-def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None) -> dict:
-    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``."""
+def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None, need_w: bool = True) -> dict:
+    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``. Without ``w``
+    there are no column chunks (one program per query block and split)."""
     tiles = dict(tiles or {})
     _check_tiles(tiles)
     if _interpreting() or device.type != "cuda":
@@ -311,7 +371,7 @@ def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = N
     num_warps = tiles.get("num_warps", num_warps)
     target_programs = tiles.get("programs_per_sm", programs_per_sm) * sms
     num_qb = triton.cdiv(b, block_b)
-    num_dv = triton.cdiv(d, block_dv)
+    num_dv = triton.cdiv(d, block_dv) if need_w else 1
     num_stages = tiles.get("num_stages")
     n_tiles = triton.cdiv(n, block_n)
     splits = max(1, min(n_tiles, triton.cdiv(target_programs, num_qb * num_dv)))
@@ -329,7 +389,7 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
                                   fix="install triton (it ships with CUDA builds of torch) or use the chunked path"))
     if precision not in _PRECISIONS:
         raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS,
-                                  fix="use 'exact' (default) or 'fast'"))
+                                  fix="use 'exact' (default), 'fast' or 'two_pass'"))
     checks = check_embeddings(query, bank, similarity, what="bank", dtypes=_BANK_DTYPES, finite_rows=False)
     checks += check_rows("exclude_rows", exclude_rows, query.shape[0], bank.shape[0], query.device, padded=True,
                          queries="B")
@@ -350,19 +410,11 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
     multi = bank.dim() == 3
     tokens = bank.shape[1] if multi else 1
     bank = bank.contiguous()
-    cfg = _config(bsz, n, dim, bank.device, tiles)
+    cfg = _config(bsz, n, dim, bank.device, tiles, need_w)
     ieee = bank.dtype == torch.float32
-    q32 = query.detach().float()
-    qh = q32.to(bank.dtype).contiguous()  # (B, D) in the bank's dtype
-    split_q = (not ieee) and precision == "exact" and query.dtype == torch.float32
-    ql = (q32 - qh.float()).to(bank.dtype).contiguous() if split_q else qh  # (B, D) rounding residue
+    qh, ql, split_q = _query_halves(query, bank.dtype, precision)
     split_p = (not ieee) and precision == "exact"
-    if exclude_rows is not None and exclude_rows.shape[1] > 0:
-        excl = exclude_rows.to(device=bank.device, dtype=torch.int64).contiguous()
-        k = int(excl.shape[1])
-    else:
-        excl = torch.full((1,), -1, dtype=torch.int64, device=bank.device)
-        k = 0
+    excl, k = _exclusions(exclude_rows, bank.device)
     tau = temperature.detach().reshape(()).float().contiguous()
 
     def run(cfg):
@@ -391,17 +443,96 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         if tiles is not None or cfg["BLOCK_B"] <= 64:
             raise
         logger.warning("fused bank loss: %s; falling back to 64-query tiles", str(exc).splitlines()[0])
-        return run(_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}))
+        return run(_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}, need_w))
+
+
+def _query_halves(query, dtype, precision):
+    """The query in the bank's dtype (hi), its rounding residue (lo; hi again when unused) and whether lo is
+    used: only for precision "exact" with a float32 query over a half bank."""
+    q32 = query.detach().float()
+    qh = q32.to(dtype).contiguous()  # (B, D)
+    split_q = dtype != torch.float32 and precision == "exact" and query.dtype == torch.float32
+    ql = (q32 - qh.float()).to(dtype).contiguous() if split_q else qh
+    return qh, ql, split_q
+
+
+def _exclusions(exclude_rows, device):
+    """(B, K) int64 contiguous exclusions and K; a 1-element dummy and K = 0 when there are none."""
+    if exclude_rows is not None and exclude_rows.shape[1] > 0:
+        return exclude_rows.to(device=device, dtype=torch.int64).contiguous(), int(exclude_rows.shape[1])
+    return torch.full((1,), -1, dtype=torch.int64, device=device), 0
+
+
+# Bytes of pass 2's softmax-weight block (B, chunk * T) in the bank's dtype (precision "two_pass"): the
+# extra memory of that pass, and the size of each cuBLAS GEMM that accumulates the query gradient.
+TWO_PASS_CHUNK_BYTES = 64 << 20
+
+
+def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> dict:
+    """Tiles of pass 2 (one program per (query block, BLOCK_N rows)); ``tiles`` overrides BLOCK_B, BLOCK_N,
+    BLOCK_K, num_warps, num_stages (programs_per_sm and BLOCK_DV mean nothing here)."""
+    tiles = dict(tiles or {})
+    _check_tiles(tiles)
+    if _interpreting() or device.type != "cuda":
+        cfg = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
+    else:  # untuned first choice: 128 x 128 output tiles (benchmarks/bank_loss_gpu.py --two-pass-tiles sweeps it)
+        block_b = 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16))
+        cfg = dict(BLOCK_B=block_b, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_b >= 128 else 4)
+    cfg.update({key: tiles[key] for key in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages") if key in tiles})
+    return cfg
+
+
+def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=None):
+    """w = sum_j exp(l_j - m) g_j (B, D) float32 for precision "two_pass", chunk by chunk of the bank: the
+    kernel writes a chunk's softmax weights in the bank's dtype, one GEMM (float32 accumulation) adds
+    them up against the chunk. ``m`` (B,) float32 the max logit from pass 1 (same query rounding)."""
+    bsz, dim = query.shape
+    n = bank.shape[0]
+    multi = bank.dim() == 3
+    tokens = bank.shape[1] if multi else 1
+    bank = bank.contiguous()
+    cfg = _weights_config(bsz, bank.device, tiles)
+    qh, _, _ = _query_halves(query, bank.dtype, "fast")
+    excl, k = _exclusions(exclude_rows, bank.device)
+    tau = temperature.detach().reshape(()).float().contiguous()
+    m = m.float().contiguous()
+    rows = TWO_PASS_CHUNK_BYTES // (bsz * tokens * bank.element_size())
+    rows = min(max(cfg["BLOCK_N"], rows // cfg["BLOCK_N"] * cfg["BLOCK_N"]), n)
+    weights = torch.empty((bsz, rows * tokens), dtype=bank.dtype, device=bank.device)
+    flat = bank.view(n * tokens, dim)
+    w = torch.zeros((bsz, dim), dtype=torch.float32, device=bank.device)
+    launch = {"num_warps": cfg["num_warps"]}
+    if cfg.get("num_stages") is not None:
+        launch["num_stages"] = cfg["num_stages"]
+    for start in range(0, n, rows):
+        c = min(rows, n - start)
+        grid = (triton.cdiv(bsz, cfg["BLOCK_B"]), triton.cdiv(c, cfg["BLOCK_N"]))
+        _softmax_weights_kernel[grid](
+            qh, bank, excl, tau, m, weights, bsz, n, dim, tokens, start, c, weights.stride(0), K=k, MULTI=multi,
+            IEEE=bank.dtype == torch.float32, UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
+            BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch)
+        p = weights[:, :c * tokens]  # (B, C*T)
+        g = flat[start * tokens:(start + c) * tokens]  # (C*T, D)
+        w += p @ g if bank.dtype == torch.float32 else _mm_fp32_out(p, g)
+    return w
 
 
 def bank_partials(query, bank, temperature, exclude_rows=None, *, need_w=True, precision="exact",
-                  tiles=None) -> BankStats:
+                  tiles=None, weight_tiles=None) -> BankStats:
     """The Triton backend of :func:`cir_plugins.negatives.loss.bank_stats` on validated inputs: the
     kernel's per-split partials merged by :meth:`BankStats.combine`. float32, no autograd history."""
     with torch.no_grad():
-        m, z, t, w = _launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
+        if precision != "two_pass":
+            m, z, t, w = _launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
+                                          tiles=tiles)
+            return BankStats(m, z, t, w).combine()
+        # pass 1: the fused product and online logsumexp only (one program per query block and split)
+        m, z, t, _ = _launch_partials(query, bank, temperature, exclude_rows, need_w=False, precision="fast",
                                       tiles=tiles)
-        return BankStats(m, z, t, w).combine()
+        stats = BankStats(m, z, t, None).combine()
+        if need_w:  # pass 2: the logits again, chunk by chunk, into bf16 weights and one GEMM per chunk
+            stats.w = _two_pass_weighted_sum(query, bank, temperature, exclude_rows, stats.m, tiles=weight_tiles)
+        return stats
 
 
 def fused_dot_bank_partials(
@@ -423,7 +554,8 @@ def fused_dot_bank_partials(
         temperature: 0-dim (or 1-element) float tensor, > 0.
         exclude_rows: (B, K) int64 rows of ``bank`` to leave out for each query, -1 = padding.
         need_w: also accumulate ``w = sum_j exp(l_j - m) b_j`` (B, D) for the query gradient.
-        precision: "exact" (float32-grade products over a half bank) or "fast".
+        precision: "exact" (float32-grade products over a half bank), "fast" or "two_pass" (the products
+            of "fast" in two passes, ``w`` from bf16 softmax weights and one GEMM per bank chunk).
         tiles: tile-size overrides for tuning, any of BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_DV (powers of
             two, at least 16), num_warps, num_stages, programs_per_sm (used by
             benchmarks/fused_tune.py); None = the built-in choice.
@@ -441,7 +573,7 @@ def fused_dot_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: to
 
     query (B, D) float32/bf16/fp16, may require grad; bank (N, D) float32/bf16/fp16, never receives a
     gradient; target_rows (B,) int64; temperature 0-dim float tensor, may require grad; exclude_rows
-    (B, K) int64, -1 padded, or None; precision "exact" (default) or "fast" (query and weights
+    (B, K) int64, -1 padded, or None; precision "exact" (default), "two_pass" or "fast" (query and weights
     rounded once to a half bank's dtype; about 2x fewer tensor-core operations). Returns the 0-dim
     float32 loss: :func:`cir_plugins.negatives.loss.bank_contrastive_loss` with the kernel's statistics.
     """

@@ -71,6 +71,8 @@ _MIN_CHUNK = 64
 # The running max of queries with no admissible row (yet): exp(EMPTY_MAX - m) == 0 for any real m.
 EMPTY_MAX = -1.0e30
 BACKENDS = ("auto", "torch", "triton")
+# Products of the Triton backend over a half bank (cir_plugins.negatives.fused); the torch backend is float32.
+PRECISIONS = ("exact", "fast", "two_pass")
 
 Temperature = Union[float, torch.Tensor]
 
@@ -351,7 +353,8 @@ def naive_bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_
 
 def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                           temperature: Temperature, *, exclude_rows: Optional[torch.Tensor] = None,
-                          similarity: str = "dot", chunk_size: Optional[int] = None) -> torch.Tensor:
+                          similarity: str = "dot", chunk_size: Optional[int] = None,
+                          precision: str = "exact") -> torch.Tensor:
     """Mean InfoNCE loss of each query against every row of a static bank.
 
     Args:
@@ -366,6 +369,11 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
         similarity: "dot" or "max_token".
         chunk_size: bank rows per chunk; giving it forces the chunked torch backend. None chooses
             the backend (see :func:`select_path`) and the chunk size (:func:`default_chunk_size`).
+        precision: the Triton backend's products over a half-precision bank: "exact" (float32-grade,
+            the default), "fast" (query and softmax weights rounded once to the bank's dtype) or
+            "two_pass" (the rounding of "fast"; a logsumexp pass, then bf16 softmax weights chunk by
+            chunk and one GEMM each for the query gradient: fewer products, see
+            :mod:`cir_plugins.negatives.fused`). The chunked torch backend is always float32.
 
     Returns:
         0-dim tensor in float32 (float64 for a float64 query): equals
@@ -374,7 +382,10 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
         :func:`cir_plugins.negatives.distributed.sharded_bank_contrastive_loss`.
     """
     check_chunk_size(chunk_size)
+    if precision not in PRECISIONS:
+        raise ConfigError(explain("unknown precision", got=precision, expected=PRECISIONS,
+                                  fix="use 'exact' (default), 'fast' or 'two_pass'"))
     tau = validate_loss_inputs(query, bank, target_rows, temperature, exclude_rows, similarity)
     backend = "triton" if select_path(query, bank, similarity, chunk_size) == "fused" else "torch"
     return sharded_loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend=backend,
-                        chunk_size=chunk_size)
+                        chunk_size=chunk_size, precision=precision)
