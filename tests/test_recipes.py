@@ -252,3 +252,33 @@ def test_a_window_that_makes_nothing_is_an_error_naming_the_fix(trees, tmp_path,
     assert run_command("recipe", argv) == 2
     err = capsys.readouterr().err
     assert "made no triplets from 12 images" in err and "10000" in err and "--rank-window fractions" in err
+
+
+def test_reproduce_is_the_library_pieces_not_a_second_pipeline(trees, tmp_path, monkeypatch):
+    """Each step goes through the library's own augmenter, bank builder, trainer and evaluate."""
+    import cir_plugins.evaluation as evaluation
+    from cir_plugins.negatives.bank import NegativeBank
+    from cir_plugins.positives.augmenter import TripletAugmenter
+    from cir_plugins.training.stage2 import Stage2Trainer
+
+    calls = []
+
+    def spy(owner, name, wrap_static=False):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, classmethod(lambda cls, *a, **k: wrapper(*a, **k)) if wrap_static else wrapper)
+
+    spy(TripletAugmenter, "augment")
+    spy(NegativeBank, "build", wrap_static=True)
+    spy(Stage2Trainer, "fit")
+    spy(evaluation, "evaluate")
+    argv = ["run", "sprc-fashioniq", "--model", f"{trees['factory']}:build", "--root", str(trees["fashioniq"]),
+            "--out", str(tmp_path / "run"), "--captioner", f"file:{trees['captions']}", "--transform", "clip",
+            "--image-size", "4", "--epochs", "1", "--batch-size", "4", "--steps-per-epoch", "1", "--no-progress"]
+    assert run_command("recipe", argv) == 0
+    assert calls.count("augment") == 1 and calls.count("build") == 1 and calls.count("fit") == 1
+    # before, the one epoch, after: each the three-category call and its one call per category
+    assert calls.count("evaluate") == 3 * (1 + 3)
