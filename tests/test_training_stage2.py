@@ -138,13 +138,14 @@ def test_evaluate_callback_and_best_checkpoint(tmp_path):
     model, bank, images, train, val = setup()
     scores = iter([10.0, 30.0, 20.0])
     cfg = config(epochs=3, output_dir=str(tmp_path), select_metric="Rmean")
-    history = Stage2Trainer(model, bank, train, images, config=cfg,
-                            evaluate=lambda m: {"Rmean": next(scores)}).fit()
+    with pytest.warns(DeprecationWarning, match="evaluator="):  # the older evaluate= + select_metric still works
+        trainer = Stage2Trainer(model, bank, train, images, config=cfg, evaluate=lambda m: {"Rmean": next(scores)})
+    history = trainer.fit()
     assert [h["metrics"]["Rmean"] for h in history] == [10.0, 30.0, 20.0]
     import json
     best = json.loads((tmp_path / "checkpoints" / "best" / "state.json").read_text())
     assert best["epoch"] == 2 and best["best"] == 30.0
-    with pytest.raises(ConfigError, match="select_metric"):
+    with pytest.raises(ConfigError, match="select_metric"), pytest.warns(DeprecationWarning):
         Stage2Trainer(model, bank, train, images, config=config(select_metric="R@1"),
                       evaluate=lambda m: {"Rmean": 1.0}).fit()
 
