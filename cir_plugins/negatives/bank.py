@@ -118,7 +118,7 @@ def _checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
     flat = embeddings.detach().to("cpu").contiguous().reshape(-1)
     step = 1 << 24
     for start in range(0, flat.numel(), step):  # chunks: no second full copy of a large bank
-        digest.update(flat[start:start + step].view(torch.uint8).numpy().tobytes())
+        digest.update(flat[start:start + step].view(torch.uint8).numpy())  # a view: no copy of the bytes
     return digest.hexdigest()
 
 
