@@ -2,7 +2,11 @@
 
 Times the library's chunked evaluation functions on one device:
 
-  topk_rows            cir_plugins.metrics.topk_rows(query, gallery, 50) (default chunking)
+  topk_rows            cir_plugins.metrics.topk_rows(query, gallery, 50) (default chunking; per chunk the
+                       candidate filter: group maxima of metrics.TOPK_GROUP scores, the 50 best groups,
+                       one top-k over their scores)
+  topk_rows_no_filter  the same with the filter off (metrics.TOPK_GROUP = 0: torch.topk over each whole
+                       score block, the previous behaviour); must return identical rows and scores
   topk_rows_big_chunk  the same with chunk_size=--big-chunk gallery rows per step
   retrieval_metrics    cir_plugins.metrics.retrieval_metrics(ks=(1, 5, 10, 50)) with one excluded row per query
   topk_rows_fp32_upcast  topk_rows with the bf16 tensor-core scoring switched off (each chunk upcast to
@@ -50,6 +54,16 @@ def bare_topk(query, gallery, k, chunk):
     return best_s, best_r
 
 
+def _no_filter(fn):
+    """Run fn with topk_rows' candidate filter off."""
+    saved = metrics.TOPK_GROUP
+    metrics.TOPK_GROUP = 0
+    try:
+        return fn()
+    finally:
+        metrics.TOPK_GROUP = saved
+
+
 def _upcast(fn):
     """Run fn with the library's bf16 scoring disabled (every chunk upcast to float32)."""
     saved = metrics._use_bf16_scoring
@@ -71,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--big-chunk", type=int, default=65536)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--goal-ms", type=float, default=60.0)
+    p.add_argument("--group", type=int, default=None, help="metrics.TOPK_GROUP for the default rows")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the rows")
     p.add_argument("--out", default="benchmarks/retrieval_gpu.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -90,12 +106,17 @@ def main(argv=None) -> int:
 
     runs = {
         "topk_rows": lambda: metrics.topk_rows(query, gallery, args.k),
+        "topk_rows_no_filter": lambda: _no_filter(lambda: metrics.topk_rows(query, gallery, args.k)),
         "topk_rows_big_chunk": lambda: metrics.topk_rows(query, gallery, args.k, chunk_size=args.big_chunk),
         "retrieval_metrics": lambda: metrics.retrieval_metrics(query, gallery, target, ks=(1, 5, 10, 50),
                                                                exclude_rows=excl),
         "topk_rows_fp32_upcast": lambda: _upcast(lambda: metrics.topk_rows(query, gallery, args.k)),
         "bare_bf16_topk": lambda: bare_topk(query, gallery, args.k, args.big_chunk),
     }
+    if args.group is not None:
+        metrics.TOPK_GROUP = args.group
+    if args.methods:
+        runs = {name: fn for name, fn in runs.items() if name in args.methods.split(",")}
     rows, results = [], {}
     for name, fn in runs.items():
         row = dict(method=name, Q=args.queries, G=args.gallery, D=args.dim, k=args.k)
@@ -131,6 +152,11 @@ def main(argv=None) -> int:
         for r in rows:
             if r["method"] == "topk_rows_big_chunk":
                 r["same_rows_as_default"] = agree
+    if "topk_rows" in results and "topk_rows_no_filter" in results:
+        same = all(torch.equal(a, b) for a, b in zip(results["topk_rows"], results["topk_rows_no_filter"]))
+        for r in rows:
+            if r["method"] == "topk_rows_no_filter":
+                r["same_rows_and_scores_as_default"] = same
     if "topk_rows" in results and "topk_rows_fp32_upcast" in results:
         same = float((results["topk_rows"][1] == results["topk_rows_fp32_upcast"][1]).double().mean())
         for r in rows:
@@ -148,7 +174,7 @@ def main(argv=None) -> int:
         ms = f"{r['ms']:10.2f}" if "ms" in r else f"{'-':>10}"
         eg = f"{r['extra_GB']:9.3f}" if "extra_GB" in r else f"{'-':>9}"
         print(f"{r['method']:22} {ms} {('yes' if r.get('meets_goal') else 'no'):>5} {eg}  {r.get('note', '')}")
-    out = dict(**record_header("retrieval_gpu"), device=name,
+    out = dict(**record_header("retrieval_gpu"), device=name, topk_group=metrics.TOPK_GROUP, goal_ms=args.goal_ms,
                torch=torch.__version__, rows=rows)
     write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -412,12 +412,8 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
                 score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
             if ex is not None:
                 _mask_rows_(scores, ex, start)  # excluded rows -> -inf
-            kc = min(k, stop - start)
-            values, cols = scores.topk(kc, dim=1, sorted=False)  # (Qb, kc), plain float values
-            if kc < stop - start:
-                kth = values.amin(dim=1)  # (Qb,) the chunk's k-th value
-                crowded = (scores >= kth[:, None]).sum(dim=1) > kc  # ties at kth: topk's pick is arbitrary
-                lost_tie = torch.maximum(lost_tie, torch.where(crowded, kth, float("-inf")))
+            values, cols, lost = _chunk_topk(scores, min(k, stop - start))  # (Qb, kc), plain float values
+            lost_tie = torch.maximum(lost_tie, lost)
             keys = _order_keys(values, cols + start)  # (Qb, kc): the row tie-break on the small merge only
             keys.masked_fill_(values == float("-inf"), lowest)  # excluded rows
             best = torch.cat([best, keys], dim=1).topk(k, dim=1).values  # (Qb, k + kc) -> (Qb, k), keys distinct
@@ -434,6 +430,48 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
         out_scores[q0:q1] = scores.masked_fill(missing, float("-inf"))
         out_rows[q0:q1] = rows.masked_fill(missing, -1)
     return out_scores, out_rows
+
+
+# Scores per group of topk_rows' candidate filter: a chunk's top k lie in the k groups with the largest
+# maxima (ties aside), so torch.topk runs over (Q, C / TOPK_GROUP) maxima and (Q, k * TOPK_GROUP)
+# candidates instead of the whole (Q, C) block. 0 turns the filter off.
+TOPK_GROUP = 128
+
+
+def _chunk_topk(scores: torch.Tensor, kc: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kc largest scores of each row of a chunk (any order) and their columns, plus per row the largest
+    value at which a tie may have been decided arbitrarily (-inf when none): the caller redoes the
+    rows whose final k-th score is not above it with the exact keys.
+
+    scores (Qb, C) float32. Groups of TOPK_GROUP columns: every score above the kc-th largest group
+    maximum lies in the kc selected groups; only a score equal to it can lie elsewhere (an unselected
+    group tying that maximum), which is reported as a possible lost tie.
+    """
+    n_q, c = scores.shape
+    size = TOPK_GROUP
+    lost = torch.full((n_q,), float("-inf"), device=scores.device)
+    n_groups = c // size if size else 0
+    cand, cand_cols = scores, None
+    if n_groups >= 2 * kc:
+        whole = n_groups * size
+        grouped = scores[:, :whole].view(n_q, n_groups, size)  # (Qb, G, S), a view
+        maxima = grouped.amax(dim=2)  # (Qb, G)
+        top_max, groups = maxima.topk(kc, dim=1, sorted=False)  # (Qb, kc)
+        kth_group = top_max.amin(dim=1)
+        tied = (maxima >= kth_group[:, None]).sum(dim=1) > kc
+        lost = torch.where(tied, kth_group, lost)
+        cand = grouped.gather(1, groups[:, :, None].expand(-1, -1, size)).view(n_q, kc * size)
+        cand_cols = (groups[:, :, None] * size + torch.arange(size, device=scores.device)).view(n_q, kc * size)
+        if whole < c:  # the chunk's last columns, fewer than a group: candidates as they are
+            cand = torch.cat([cand, scores[:, whole:]], dim=1)
+            tail = torch.arange(whole, c, device=scores.device).expand(n_q, -1)
+            cand_cols = torch.cat([cand_cols, tail], dim=1)
+    values, idx = cand.topk(kc, dim=1, sorted=False)
+    if kc < cand.shape[1]:
+        kth = values.amin(dim=1)  # (Qb,) the chunk's k-th value
+        crowded = (cand >= kth[:, None]).sum(dim=1) > kc  # ties at kth: topk's pick is arbitrary
+        lost = torch.maximum(lost, torch.where(crowded, kth, float("-inf")))
+    return values, (idx if cand_cols is None else cand_cols.gather(1, idx)), lost
 
 
 def _topk_keys_exact(q, gallery, k, ex, step, similarity):
