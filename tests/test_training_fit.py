@@ -113,6 +113,8 @@ def test_evaluator_errors():
         Stage2Trainer(model, bank, train, images, config=_config(), evaluator=lambda m: {})
     with pytest.raises(ConfigError, match="mode"):
         cp.Evaluator(len, mode="best")
+    with pytest.raises(ConfigError, match="dict of metrics"):
+        cp.Evaluator(lambda m: 0.5)(model)
     trainer = Stage2Trainer(model, bank, train, images, config=_config(epochs=1),
                             evaluator=cp.Evaluator(lambda m: {"R@1": 1.0}, metric="Rmean"))
     with pytest.raises(ConfigError, match="'Rmean'"):

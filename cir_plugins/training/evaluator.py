@@ -58,7 +58,11 @@ class Evaluator:
         return cls(lambda model: evaluate(model, split, **evaluate_kwargs), metric=metric, mode=mode)
 
     def __call__(self, model: Any) -> dict[str, Any]:
-        metrics = dict(self.fn(model))
+        metrics = self.fn(model)
+        if not isinstance(metrics, Mapping):
+            raise ConfigError(explain("the evaluator must return a dict of metrics", got=type(metrics).__name__,
+                                      fix="return e.g. {'Rmean': value} (cp.evaluate returns such a dict)"))
+        metrics = dict(metrics)
         if self.metric is not None and self.metric not in metrics:
             raise ConfigError(explain("the evaluator's metric is not among the metrics it returned",
                                       got=self.metric, expected=sorted(metrics),
