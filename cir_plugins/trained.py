@@ -60,7 +60,7 @@ class TrainedWeights:
 
 def _weights_file(path: Path, checkpoint: str | None) -> Path:
     """The weights file ``path`` points at (see the module doc), or CheckpointError saying what was found."""
-    from .training.checkpoint import find_checkpoint  # noqa: PLC0415 (training imports torch-heavy modules)
+    from .training.checkpoint import find_checkpoint, has_checkpoint  # noqa: PLC0415 (torch-heavy package)
 
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -76,6 +76,11 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
         if checkpoint is not None:
             raise CheckpointError(explain("checkpoint= names a checkpoint of a run folder, but this is one result",
                                           got=f"{path} with checkpoint={checkpoint!r}", fix="leave checkpoint=None"))
+        if (path / "state.json").is_file() and find_checkpoint(path.parent, path.name) != path:
+            # a training checkpoint records its files' sizes and hashes: this copy does not match them
+            raise CheckpointError(explain("the checkpoint folder is incomplete or corrupt", got=str(path),
+                                          fix="pass the run's output folder (it takes the newest complete copy), or "
+                                              "copy the folder again"))
         return path / WEIGHTS_FILE
     root = path / "checkpoints"
     names = [checkpoint] if checkpoint is not None else ["best", "last"]
@@ -85,6 +90,10 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
             if checkpoint is None and name == "last":
                 logger.info("%s has no 'best' checkpoint (the run selected none): loading 'last'", path)
             return found / WEIGHTS_FILE
+        if root.is_dir() and has_checkpoint(root, name):  # there, but no complete copy: never another silently
+            raise CheckpointError(explain(f"the {name!r} checkpoint under {root} is incomplete or corrupt", got=name,
+                                          fix="copy the run folder again" + (", or pass checkpoint='last'"
+                                                                              if name == "best" else "")))
     present = sorted(p.name for p in root.iterdir()) if root.is_dir() else sorted(p.name for p in path.iterdir())
     raise CheckpointError(explain(f"no {' or '.join(repr(n) for n in names)} checkpoint with weights under {path}",
                                   got=present[:10],

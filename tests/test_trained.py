@@ -58,6 +58,19 @@ def test_load_trained_without_best_uses_last_and_checkpoint_name_is_honoured(tmp
         assert torch.equal(dict(again.named_parameters())["fuse.weight"], dict(trained.named_parameters())["fuse.weight"])
 
 
+def test_a_corrupt_best_checkpoint_is_an_error_not_a_silent_last(tmp_path):
+    _, _, _, _, run = _trained_stage2(tmp_path)
+    weights = run / "checkpoints" / "best" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a value: the size is right, the SHA-256 is not
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="'best' checkpoint .* incomplete or corrupt.*checkpoint='last'"):
+        cp.load_trained(make_model(), run)
+    with pytest.raises(CheckpointError, match="incomplete or corrupt"):
+        cp.load_trained(make_model(), run / "checkpoints" / "best")
+    cp.load_trained(make_model(), run, checkpoint="last")  # the other, complete checkpoint still loads
+
+
 def test_load_trained_across_the_wrapper_prefix(tmp_path):
     # trained wrapped (names "model.fuse...") -> loaded onto the bare model, and the other way round
     images, train, _ = make_world()
