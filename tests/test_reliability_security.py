@@ -44,6 +44,8 @@ NON_ATOMIC_ALLOWED = {
     # reopening the caption cache cuts a torn last line off in place (r+b truncate + fsync): the
     # bytes kept are exactly the complete lines already read
     ("cir_plugins/positives/captioners.py", "_load"),
+    # a thumbnail saved into an in-memory io.BytesIO for a data: URI, not a file
+    ("cir_plugins/report.py", "_data_uri"),
 }
 
 
@@ -68,13 +70,26 @@ def _is_true(node) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+def _only_catches_unpickling_errors(tree: ast.AST, module: str) -> bool:
+    """True when ``module`` (imported as a plain name) is used only as ``module.UnpicklingError``: a loader
+    catching the error torch.load(weights_only=True) raises for a pickle that would run code."""
+    uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == module]
+    attributes = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                  and n.value.id == module]
+    return bool(attributes) and len(uses) == len(attributes) and all(n.attr == "UnpicklingError" for n in attributes)
+
+
 def unpickling_problems(source: str, where: str = "<snippet>") -> list[str]:
-    """Every import of a pickling module and every unsafe load call in ``source``."""
+    """Every import of a pickling module (but one used only for ``pickle.UnpicklingError``) and every unsafe
+    load call in ``source``."""
     problems = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             problems += [f"{where}:{node.lineno}: imports {a.name}" for a in node.names
-                         if a.name.split(".")[0] in PICKLE_MODULES]
+                         if a.name.split(".")[0] in PICKLE_MODULES
+                         and not (a.name == "pickle" and a.asname is None
+                                  and _only_catches_unpickling_errors(tree, "pickle"))]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PICKLE_MODULES:
             problems.append(f"{where}:{node.lineno}: imports from {node.module}")
         elif isinstance(node, ast.Call):
@@ -189,6 +204,11 @@ def test_unpickling_checker_catches_each_form(snippet):
 def test_unpickling_checker_accepts_safe_forms():
     assert unpickling_problems("import torch\nx = torch.load('f.pt', weights_only=True)\n"
                                "from safetensors.torch import load_file\ny = load_file('w.safetensors')") == []
+    catching = ("import pickle\ntry:\n    x = torch.load('f.pt', weights_only=True)\n"
+                "except pickle.UnpicklingError:\n    raise\n")
+    assert unpickling_problems(catching) == []
+    assert unpickling_problems(catching + "y = pickle.loads(b'')\n")  # any other use is still flagged
+    assert unpickling_problems(catching + "u = pickle\n")
 
 
 @pytest.mark.parametrize("snippet", [
