@@ -174,10 +174,12 @@ def _chunk_stats(q_tau, q, chunk, exclude_rows, start, similarity, need_w, buffe
 
 
 def _bank_stats(q, bank, tau, exclude_rows, similarity, *, backend, chunk_size=None, need_t=True, need_w=True,
-                precision="exact") -> BankStats:
-    """:func:`bank_stats` on validated inputs. q (B, D) in the compute dtype, detached."""
+                precision="exact", query_dtype=None) -> BankStats:
+    """:func:`bank_stats` on validated inputs. q (B, D) in the compute dtype, detached; ``query_dtype``
+    the caller's (a half query goes to the kernel as it is, whose values need no hi/lo split)."""
     if backend == "triton":
-        stats = _fused_module().bank_partials(q, bank, tau, exclude_rows, need_w=need_w, precision=precision)
+        q_in = q.to(query_dtype) if query_dtype in (torch.bfloat16, torch.float16) else q  # exact: q came from it
+        stats = _fused_module().bank_partials(q_in, bank, tau, exclude_rows, need_w=need_w, precision=precision)
         stats = BankStats(*(None if x is None else x.to(q.dtype) for x in (stats.m, stats.z, stats.t, stats.w)))
         return stats if need_t else BankStats(stats.m, stats.z, None, stats.w)
     tokens = bank.shape[1] if similarity == "max_token" else 1
@@ -292,7 +294,7 @@ def sharded_loss(query, tau, bank, target_rows, exclude_rows, similarity, *, bac
         if shard is not None:
             q_all, rows, excl = shard.gather(q_all, target_rows, exclude_rows)
         stats = _bank_stats(q_all, bank, tau.detach(), excl, similarity, backend=backend, chunk_size=chunk_size,
-                            need_t=need_t, need_w=need_w, precision=precision)
+                            need_t=need_t, need_w=need_w, precision=precision, query_dtype=query.dtype)
         s_y, g_y = target_term(q_all, bank, rows, similarity)
         if shard is not None:
             stats, s_y, g_y = shard.combine(stats, s_y, g_y)
