@@ -1,4 +1,4 @@
-"""Small helpers every module shares (private): eval-mode switching and the model's device.
+"""Small helpers every module shares (private): eval-mode switching, the model's device, a file's SHA-256.
 
 One implementation each; atomic file writes are in :mod:`cir_plugins._atomic`, image embedding is
 :func:`cir_plugins.evaluation.embed_images`, trainable-name resolution is
@@ -7,13 +7,15 @@ One implementation each; atomic file writes are in :mod:`cir_plugins._atomic`, i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 
-__all__ = ["eval_mode", "model_device"]
+__all__ = ["eval_mode", "model_device", "file_sha256"]
 
 
 @contextmanager
@@ -52,3 +54,12 @@ def model_device(model: Any, default: Any = "cpu") -> torch.device | None:
     for tensor in tensors:
         return default if tensor.device.type == "meta" else tensor.device
     return default
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

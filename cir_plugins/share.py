@@ -20,6 +20,7 @@ saves both in one file with ``on_top_of=["runs/stage1"]``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -217,8 +218,9 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    atomic_write_bytes(tmp / WEIGHTS_FILE, save({k: v.detach().to("cpu").contiguous() for k, v in merged.items()},
-                                                metadata={"format": SHARED_FORMAT}))
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in merged.items()}, metadata={"format": SHARED_FORMAT})
+    document["files"] = {WEIGHTS_FILE: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+    atomic_write_bytes(tmp / WEIGHTS_FILE, data)
     atomic_write_json(tmp / SHARED_FILE, document, indent=1)
     atomic_write_bytes(tmp / CARD_FILE, model_card(document, title=name).encode("utf-8"))
     old = replace_folder(tmp, folder, folder.with_name(f".{folder.name}.old-{os.getpid()}"))

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ._utils import file_sha256
 from .errors import CheckpointError, explain
 
 __all__ = ["TrainedWeights", "read_trained", "load_trained", "TEMPERATURE_NAME"]
@@ -125,6 +126,11 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
                 raise CheckpointError(explain("the result's JSON document is unreadable", got=f"{document}: {error}",
                                               fix="copy the folder again")) from error
             break
+    recorded = (info.get("files") or {}).get(WEIGHTS_FILE) if info.get("format") == SHARED_FORMAT else None
+    if recorded and (source.stat().st_size != recorded.get("bytes") or file_sha256(source) != recorded.get("sha256")):
+        raise CheckpointError(explain(f"{source} differs from the size or SHA-256 recorded in {SHARED_FILE}",
+                                      got=source.stat().st_size, expected=recorded,
+                                      fix="download or copy the shared folder again"))
     log_tau = weights.pop(TEMPERATURE_NAME, None)
     temperature = float(log_tau.double().exp()) if log_tau is not None else None
     listed = info.get("trainable")

@@ -73,6 +73,16 @@ def test_save_from_the_trainer_without_the_stage1_result_misses_stage1(trained, 
     assert not torch.equal(fresh["image_proj.weight"], now["image_proj.weight"])  # stage 1's change is not in it
 
 
+def test_a_corrupt_shared_folder_is_refused(trained, tmp_path):
+    folder = cp.save_trained(trained.root / "stage2", tmp_path / "shared")
+    weights = folder / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in a value: still readable safetensors, another SHA-256
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 recorded in cir_plugins.json"):
+        cp.load_trained(make_model(), folder)
+
+
 def test_existing_folder_is_not_replaced_unless_asked(trained, tmp_path):
     folder = cp.save_trained(trained.root / "stage2", tmp_path / "f")
     with pytest.raises(ConfigError, match="overwrite=True"):

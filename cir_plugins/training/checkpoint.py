@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_write_bytes, fsync_file, replace_folder
+from .._utils import file_sha256
 from ..errors import CheckpointError, explain
 
 __all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
@@ -136,14 +137,6 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str,
     return {"state": state, "param_groups": groups}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _document_checksum(document: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``document`` without its ``checksum`` key (as read back from JSON)."""
     body = {k: v for k, v in json.loads(json.dumps(document)).items() if k != "checksum"}
@@ -186,7 +179,7 @@ def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, to
     files = {}
     for file_name in ("weights.safetensors", "optimizer.safetensors"):
         fsync_file(tmp / file_name)
-        files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": _sha256(tmp / file_name)}
+        files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": file_sha256(tmp / file_name)}
     document = dict(state, format=FORMAT, optimizer=opt_index, files=files)
     document["checksum"] = _document_checksum(document)
     atomic_write_bytes(tmp / "state.json", json.dumps(document).encode("utf-8"))  # written last, fsynced
@@ -220,7 +213,7 @@ def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
             continue
         if not isinstance(expected, dict):
             return None, "state.json lists its files wrongly"
-        if file_path.stat().st_size != expected.get("bytes") or _sha256(file_path) != expected.get("sha256"):
+        if file_path.stat().st_size != expected.get("bytes") or file_sha256(file_path) != expected.get("sha256"):
             return None, f"{file_name} differs from the size or SHA-256 recorded in state.json (cut, edited or corrupt)"
     return state, None
 
