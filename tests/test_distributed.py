@@ -124,6 +124,19 @@ def _layout_error_case(rank, world):
     return None
 
 
+def _refused_case(rank, world):
+    """A NaN query on rank 0 only: rank 0 names it, rank 1 names rank 0; neither waits for the other."""
+    query = torch.randn(2, 4)
+    if rank == 0:
+        query[1, 2] = float("nan")
+    start, stop = shard_rows(10, rank, world)
+    try:
+        sharded_bank_contrastive_loss(query, torch.randn(10, 4)[start:stop], start, 10, torch.tensor([0, 9]), 0.1)
+    except Exception as exc:  # noqa: BLE001 - the test reads the type and message
+        return [type(exc).__name__, str(exc)]
+    return None
+
+
 def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -144,6 +157,7 @@ def _worker(rank, world, port, out_dir):
             "retrieval_max_token": _retrieval_case(rank, world, similarity="max_token", n=19, q=7, d=3, t=2,
                                                    seed=5),
             "layout_error": _layout_error_case(rank, world),
+            "refused": _refused_case(rank, world),
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
@@ -194,6 +208,11 @@ def test_overlapping_shards_are_refused_on_every_rank(results):
     for rank in range(WORLD):
         msg = results[rank]["layout_error"]
         assert msg is not None and "tile the rows" in msg and "shard_rows" in msg
+
+
+def test_bad_input_on_one_rank_is_an_error_on_every_rank(results):
+    assert results[0]["refused"][0] == "NonFiniteError" and "query rows [1]" in results[0]["refused"][1]
+    assert results[1]["refused"][0] == "ConfigError" and "rank(s) [0] refused" in results[1]["refused"][1]
 
 
 @pytest.mark.parametrize("n,world", [(0, 3), (1, 2), (10, 3), (23, 2), (1000, 7)])

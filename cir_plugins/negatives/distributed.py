@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .. import checks as C
 from .. import metrics as M
-from ..errors import ConfigError, ShapeError, explain
+from ..errors import CIRPluginsError, ConfigError, ShapeError, explain
 from .loss import BankStats, sharded_loss, select_path, validate_loss_inputs
 
 logger = logging.getLogger(__name__)
@@ -86,24 +86,40 @@ def _gather_sizes(values, group, world, device):
     return torch.stack(everyone).cpu().tolist()  # (world, len(values))
 
 
-def _check_layout(query, n_local, row_offset, n_total, group):
-    """Gather (row_offset, n_local, n_total, B) of every rank; check the shards tile [0, n_total).
+def _check_layout(query, local, row_offset, n_total, group, checks):
+    """Run this rank's input ``checks`` (a callable), then gather (row_offset, n_local, n_total, B,
+    failed) of every rank and check that the shards tile [0, n_total).
 
+    Every rank reaches the exchange even when its own inputs are refused, so a bad input on one
+    rank is an error on all of them instead of a wait for a collective that never comes.
     Returns (rank, world, batch sizes per rank).
     """
     rank, world = _require_group(group)
-    if not isinstance(row_offset, int) or not isinstance(n_total, int):
-        raise ConfigError(explain("row_offset and n_total must be ints", got=(row_offset, n_total),
-                                  fix="pass the shard's first global row and the whole bank's size"))
-    table = _gather_sizes([row_offset, n_local, n_total, query.shape[0]], group, world, query.device)
+    error = None
+    try:
+        checks()
+        if not isinstance(row_offset, int) or not isinstance(n_total, int):
+            raise ConfigError(explain("row_offset and n_total must be ints", got=(row_offset, n_total),
+                                      fix="pass the shard's first global row and the whole bank's size"))
+    except CIRPluginsError as exc:
+        error = exc
+    device = local.device if isinstance(local, torch.Tensor) else torch.device("cpu")
+    mine = [0, 0, 0, 0, 1] if error else [row_offset, local.shape[0], n_total, query.shape[0], 0]
+    table = _gather_sizes(mine, group, world, device)
+    if error is not None:
+        raise error
+    refused = [r for r, row in enumerate(table) if row[4]]
+    if refused:
+        raise ConfigError(explain(f"rank(s) {refused} refused their inputs to this collective call",
+                                  fix="see the error raised on those ranks"))
     if any(r[2] != n_total for r in table):
         raise ConfigError(explain("ranks disagree on n_total", got=[r[2] for r in table], fix="pass the full bank size"))
     fix = "give rank r the rows shard_rows(n_total, r, world)"
     expected_start = 0
-    for off, n, _, _ in sorted(table, key=lambda r: r[0]):
+    for off, n, _, _, _ in sorted(table, key=lambda r: r[0]):
         if off != expected_start:
             raise ConfigError(explain("the bank shards do not tile the rows [0, n_total) without gaps or overlaps",
-                                      got=[(o, o + k) for o, k, _, _ in table],
+                                      got=[(o, o + k) for o, k, _, _, _ in table],
                                       expected="contiguous slices from shard_rows(n_total, rank, world)", fix=fix))
         expected_start = off + n
     if expected_start != n_total:
@@ -200,11 +216,16 @@ def sharded_bank_contrastive_loss(
         ``logsumexp_j(s_ij / tau) - s_iy / tau`` over the *whole* bank, differentiable in
         ``query`` and ``temperature``. Every rank must call it (it runs collectives).
     """
-    C.check_chunk_size(chunk_size)
-    empty = local_bank.shape[0] == 0
-    probe = local_bank if not empty else local_bank.new_zeros(1, *local_bank.shape[1:])  # shapes and dtype only
-    tau = validate_loss_inputs(query, probe, target_rows, temperature, exclude_rows, similarity, n_rows=n_total)
-    rank, _, sizes = _check_layout(query, local_bank.shape[0], row_offset, n_total, group)
+    holder = {}
+
+    def checks():
+        C.check_chunk_size(chunk_size)
+        probe = local_bank if local_bank.shape[0] else local_bank.new_zeros(1, *local_bank.shape[1:])  # layout only
+        holder["tau"] = validate_loss_inputs(query, probe, target_rows, temperature, exclude_rows, similarity,
+                                             n_rows=n_total)
+
+    rank, _, sizes = _check_layout(query, local_bank, row_offset, n_total, group, checks)
+    tau, empty = holder["tau"], local_bank.shape[0] == 0
     shard = _Shard(group, rank, sizes, row_offset, local_bank.shape[0])
     backend = "triton" if not empty and select_path(query, local_bank, similarity, chunk_size) == "fused" else "torch"
     return sharded_loss(query, tau, local_bank.detach(), target_rows, exclude_rows, similarity, backend=backend,
@@ -229,16 +250,19 @@ def _owner_scores(query, local, rows, row_offset, group, similarity, bf16=False)
     return out
 
 
-def _check_sharded_retrieval(query, local, row_offset, n_total, similarity, group, rows):
+def _check_sharded_retrieval(query, local, row_offset, n_total, similarity, group, rows, chunk_size=None):
     """Validators of the metrics, layout of the shards, and the same queries on every rank."""
-    checks = C.check_embeddings(query, local if local.shape[0] else local.new_zeros(1, *local.shape[1:]),
-                                similarity, what="local_gallery")
-    for name, value in rows.items():
-        checks += C.check_rows(name, value, query.shape[0], n_total, query.device, padded=name != "target_rows")
-    if "target_rows" in rows:
-        checks += C.check_not_excluded(rows["target_rows"], rows.get("exclude_rows"))
-    C.settle(checks)
-    _, world, sizes = _check_layout(query, local.shape[0], row_offset, n_total, group)
+    def checks():
+        C.check_chunk_size(chunk_size)
+        probe = local if local.shape[0] else local.new_zeros(1, *local.shape[1:])  # layout only
+        found = C.check_embeddings(query, probe, similarity, what="local_gallery")
+        for name, value in rows.items():
+            found += C.check_rows(name, value, query.shape[0], n_total, query.device, padded=name != "target_rows")
+        if "target_rows" in rows:
+            found += C.check_not_excluded(rows["target_rows"], rows.get("exclude_rows"))
+        C.settle(found)
+
+    _, world, sizes = _check_layout(query, local, row_offset, n_total, group, checks)
     if len(set(sizes)) != 1:
         raise ShapeError(explain("sharded retrieval needs the same queries on every rank", got=f"query counts {sizes}",
                                  fix="give every rank all the queries; only the gallery is sharded"))
@@ -271,9 +295,9 @@ def sharded_retrieval_metrics(
     """
     ks = C.check_ks("ks", ks)
     subset_ks = C.check_ks("subset_ks", subset_ks)
-    C.check_chunk_size(chunk_size)
     _check_sharded_retrieval(query, local_gallery, row_offset, n_total, similarity, group,
-                             {"target_rows": target_rows, "exclude_rows": exclude_rows, "subset_rows": subset_rows})
+                             {"target_rows": target_rows, "exclude_rows": exclude_rows, "subset_rows": subset_rows},
+                             chunk_size)
     bf16 = M._use_bf16_scoring(query, local_gallery)
     target_score = _owner_scores(query, local_gallery, target_rows[:, None], row_offset, group, similarity, bf16)[:, 0]
     ranks = M._target_ranks(query, local_gallery, target_rows, exclude_rows, chunk_size, similarity, False,
