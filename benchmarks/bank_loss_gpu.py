@@ -15,6 +15,9 @@ Methods (query float32, requires grad; learnable temperature; 2 exclusions per q
   chunked     cir_plugins bank_contrastive_loss with chunk_size forced (the PyTorch fallback)
   fused       cir_plugins.negatives.fused.fused_dot_bank_loss (Triton), precision="exact"
   fused_fast  the same kernel, precision="fast" (query and softmax weights rounded to bf16)
+  fused_two_pass  precision="two_pass" (issue 20): pass 1 the kernel without the gradient accumulator,
+              pass 2 bf16 softmax weights chunk by chunk + one cuBLAS GEMM each; --two-pass-tiles adds
+              rows fused_two_pass:<settings> with other pass-2 tiles / chunk sizes
   cce         Apple's cut-cross-entropy linear_cross_entropy (its default gradient filter), only when
               named in --methods and the package imports: query / tau in bf16 against the bank; it has
               no row exclusions, so it solves a slightly easier problem (its loss differs by that).
@@ -28,7 +31,10 @@ Columns: ms (median of CUDA-event timed iterations after warm-up), floor_ms = ma
 matmul rate, bank bytes / peak bandwidth) with FLOPs = 2 matmuls (logits and the query gradient)
 of 2*B*N*T*D each and bank bytes = N*T*D*2 (bf16 read once), x_floor = ms / floor_ms, extra_GB =
 torch.cuda.max_memory_allocated delta over the inputs during one forward + backward, rel_vs_chunked
-= |loss - chunked loss| / chunked loss. Peaks: --peak-tflops / --peak-gbps; default: the H200
+= |loss - chunked loss| / chunked loss. Accuracy against float64 (--accuracy, default on): the same
+loss and gradients with a float64 query and temperature through the library's chunked torch backend
+(float64 products over the same bf16 bank values): loss_rel_f64, dq_rel_f64 (max |dq - dq64| /
+max |dq64|), dtau_rel_f64. Peaks: --peak-tflops / --peak-gbps; default: the H200
 figures of the issue (740 TFLOP/s bf16, 4200 GB/s) on an H200, measured on the device otherwise.
 """
 
@@ -52,9 +58,44 @@ from cir_plugins.negatives import loss as L  # noqa: E402
 
 H200_TFLOPS = 740.0
 H200_GBPS = 4200.0
-DOT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast", "cce", "cce_exact")
-DEFAULT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast")  # cce only when asked for
-MULTI_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast")
+DOT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast", "fused_two_pass", "cce", "cce_exact")
+DEFAULT_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast", "fused_two_pass")  # cce when asked
+MULTI_METHODS = ("naive_fp32", "naive_bf16", "chunked", "fused", "fused_fast", "fused_two_pass")
+FUSED_PRECISION = {"fused": "exact", "fused_fast": "fast", "fused_two_pass": "two_pass"}
+
+
+def parse_two_pass_variants(spec):
+    """'BLOCK_N=64,num_warps=4;chunk_mb=128' -> [{'BLOCK_N': 64, 'num_warps': 4}, {'chunk_mb': 128}]."""
+    variants = []
+    for part in filter(None, (spec or "").split(";")):
+        variants.append({k.strip(): int(v) for k, v in (kv.split("=") for kv in part.split(","))})
+    return variants
+
+
+def with_two_pass_variant(variant, fn):
+    """Run fn with pass 2's tiles (and chunk bytes, chunk_mb) of precision two_pass overridden."""
+    from cir_plugins.negatives import fused
+
+    saved = fused._weights_config, fused.TWO_PASS_CHUNK_BYTES
+    tiles = {k: v for k, v in variant.items() if k != "chunk_mb"}
+    fused._weights_config = lambda b, device, _tiles=None: saved[0](b, device, tiles)
+    if "chunk_mb" in variant:
+        fused.TWO_PASS_CHUNK_BYTES = variant["chunk_mb"] << 20
+    try:
+        return fn()
+    finally:
+        fused._weights_config, fused.TWO_PASS_CHUNK_BYTES = saved
+
+
+def float64_reference(query0, bank, target, tau_value, excl, similarity):
+    """Loss, dq, dtau with a float64 query and temperature over the same bank values (torch backend, chunked)."""
+    q = query0.double().requires_grad_(True)
+    tau = torch.tensor(tau_value, dtype=torch.float64, device=q.device, requires_grad=True)
+    t = bank.shape[1] if bank.dim() == 3 else 1
+    loss = L.bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, similarity=similarity,
+                                   chunk_size=L.default_chunk_size(q.shape[0], t))
+    loss.backward()
+    return float(loss.detach()), q.grad, tau.grad
 
 
 def full_grid():
@@ -163,10 +204,14 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
     target = torch.randint(0, n, (b,), device=device, generator=g)
     excl = torch.randint(0, n, (b, 2), device=device, generator=g)
     excl[excl == target[:, None]] = -1
+    ref64 = float64_reference(query0, bank, target, 0.05, excl, similarity) if args.accuracy else None
     flops = 2 * (2 * b * n * t * d)
     floor_ms = max(flops / (args.peak_tflops * 1e12), n * t * d * 2 / (args.peak_gbps * 1e9)) * 1e3
     rows = []
     for method in methods:
+        variant = {}
+        if ":" in method:  # fused_two_pass:<settings>
+            variant = parse_two_pass_variants(method.split(":", 1)[1])[0]
         row = dict(kind=kind, N=n, B=b, D=d, T=t, method=method, floor_ms=floor_ms)
         if time.perf_counter() - args.t_start > args.max_seconds:
             row["note"] = f"skipped: time budget {args.max_seconds}s spent"
@@ -218,11 +263,12 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
                 from cir_plugins.negatives import fused
 
                 fn = fused.fused_dot_bank_loss if similarity == "dot" else fused.fused_max_token_bank_loss
-                out = fn(query, inputs, target, tau, excl, precision="fast" if method == "fused_fast" else "exact")
+                precision = FUSED_PRECISION[method.split(":")[0]]
+                out = with_two_pass_variant(variant, lambda: fn(query, inputs, target, tau, excl, precision=precision))
             out.backward()
+            box["loss"], box["dq"], box["dtau"] = out.detach(), query.grad, tau.grad
             query.grad = None
             tau.grad = None
-            box["loss"] = out.detach()
 
         try:
             for _ in range(args.warmup):
@@ -242,6 +288,11 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
             row["iters"] = len(times)
             row["x_floor"] = row["ms"] / floor_ms
             row["loss"] = float(box["loss"])
+            if ref64 is not None:
+                loss64, dq64, dtau64 = ref64
+                row["loss_rel_f64"] = abs(row["loss"] - loss64) / abs(loss64)
+                row["dq_rel_f64"] = float((box["dq"].double() - dq64).abs().max() / dq64.abs().max())
+                row["dtau_rel_f64"] = float((box["dtau"].double() - dtau64).abs() / dtau64.abs())
         except torch.OutOfMemoryError:
             row["note"] = "skipped: out of memory"
         finally:
@@ -253,6 +304,8 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
     for r in rows:
         if ref is not None and "loss" in r:
             r["rel_vs_chunked"] = abs(r["loss"] - ref) / abs(ref)
+    if ref64 is not None:
+        del ref64
     return rows
 
 
@@ -274,6 +327,11 @@ def main(argv=None) -> int:
                    help="comma list; default " + ",".join(DEFAULT_METHODS) + " (cce, cce_exact only when named)")
     p.add_argument("--grid", choices=("full", "must"), default="full",
                    help="must: only the issue's two must-show shapes (B=256, D=768, N=1M and 10M)")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare each row's loss and gradients with a float64 reference")
+    p.add_argument("--two-pass-tiles", default="",
+                   help="extra fused_two_pass rows, ';'-separated settings of pass 2: BLOCK_B, BLOCK_N, BLOCK_K, "
+                        "num_warps, num_stages, chunk_mb (e.g. 'BLOCK_N=64;BLOCK_N=256,num_warps=8;chunk_mb=256')")
     p.add_argument("--out", default="benchmarks/bank_loss_gpu.json")
     args = p.parse_args(argv)
     args.t_start = time.perf_counter()
@@ -296,21 +354,23 @@ def main(argv=None) -> int:
         args.warmup, args.min_iters, args.min_seconds = 1, 1, 0.0
     grid = smoke_grid() if args.smoke else (full_grid()[:2] if args.grid == "must" else full_grid())
     pick = set(args.methods.split(",")) if args.methods else set(DEFAULT_METHODS)
+    extra = [f"fused_two_pass:{part}" for part in filter(None, args.two_pass_tiles.split(";"))]
     timer = Timer(device)
     rows, cache = [], {}
     for kind, n, b, d, t in grid:
-        methods = [m for m in (DOT_METHODS if kind == "single" else MULTI_METHODS) if m in pick]
+        methods = [m for m in (DOT_METHODS if kind == "single" else MULTI_METHODS) if m in pick] + extra
         rows.extend(run_config(kind, n, b, d, t, methods, device, args, timer, cache))
     cache.clear()
 
-    head = f"{'kind':6} {'N':>9} {'B':>5} {'D':>4} {'T':>3} {'method':11} {'ms':>9} {'floor':>7} {'x_floor':>7} " \
-           f"{'extra_GB':>8} {'rel_vs_ch':>9}  note"
+    head = f"{'kind':6} {'N':>9} {'B':>5} {'D':>4} {'T':>3} {'method':14} {'ms':>9} {'floor':>7} {'x_floor':>7} " \
+           f"{'extra_GB':>8} {'rel_vs_ch':>9} {'loss_f64':>8} {'dq_f64':>8}  note"
     print(f"device: {name}; peaks {args.peak_tflops:.0f} TFLOP/s, {args.peak_gbps:.0f} GB/s ({peak_source})")
     print(head)
     for r in rows:
-        print(f"{r['kind']:6} {r['N']:>9} {r['B']:>5} {r['D']:>4} {r['T']:>3} {r['method']:11} "
+        print(f"{r['kind']:6} {r['N']:>9} {r['B']:>5} {r['D']:>4} {r['T']:>3} {r['method']:14} "
               f"{fmt(r.get('ms'), '9.3f')} {r['floor_ms']:7.3f} {fmt(r.get('x_floor'), '7.2f')} "
-              f"{fmt(r.get('extra_GB'), '8.3f')} {fmt(r.get('rel_vs_chunked'), '9.1e')}  {r.get('note', '')}")
+              f"{fmt(r.get('extra_GB'), '8.3f')} {fmt(r.get('rel_vs_chunked'), '9.1e')} "
+              f"{fmt(r.get('loss_rel_f64'), '8.1e')} {fmt(r.get('dq_rel_f64'), '8.1e')}  {r.get('note', '')}")
     out = dict(
         **record_header("bank_loss_gpu"),
         device=name,
