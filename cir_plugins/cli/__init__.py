@@ -27,6 +27,7 @@ COMMANDS = {
     "stage2": ("cir_plugins.cli.stage2", "fine-tune the query side against the bank"),
     "evaluate": ("cir_plugins.cli.evaluate", "evaluate with the FashionIQ or CIRR protocol"),
     "submit": ("cir_plugins.cli.evaluate", "write the two CIRR test-server files"),
+    "share": ("cir_plugins.cli.share", "a trained result as a folder to publish (weights, config, model card), --push"),
     "convert": ("cir_plugins.cli.convert", "a torch.save checkpoint -> safetensors, read weights-only (no code runs)"),
     "recipe": ("cir_plugins.cli.recipe", "the paper's recipes per model and dataset: list, show, run one end to end"),
     "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
@@ -40,6 +41,7 @@ CLI_SPELLINGS = {
     "on_bad_record='skip'": "--on-bad-record skip",
     "on_bad_record=\"skip\"": "--on-bad-record skip",
     "skip_missing=True": "--skip-missing",
+    "overwrite=True": "--overwrite",
 }
 
 

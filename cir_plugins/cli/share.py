@@ -1,0 +1,78 @@
+"""``cir-plugins share``: a trained result as a folder to publish (:func:`cir_plugins.share.save_trained`).
+
+Example::
+
+    cir-plugins share --trained runs/stage2 --on-top-of runs/stage1 --bank runs/bank.safetensors \
+        --evaluation "CIRR val=runs/val.json" --base-model my_model:build --out share/my-model \
+        --push me/my-model
+
+``--evaluation`` takes ``[NAME=]FILE`` (repeatable): a JSON file ``cir-plugins evaluate --output`` wrote,
+one row of the model card's table (NAME defaults to the file's stem). ``--push`` uploads the folder with
+huggingface_hub (``pip install -e ".[hub]"``; a token from ``HF_TOKEN`` or ``huggingface-cli login``);
+the repository is private unless ``--public``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import DataError, explain
+
+__all__ = ["configure", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trained", required=True,
+                        help="the result to share: a stage-1/stage-2 output folder (its best checkpoint) or a "
+                             "checkpoint folder")
+    parser.add_argument("--on-top-of", action="append", default=[], metavar="RESULT",
+                        help="an earlier result this one was trained on (e.g. the stage-1 folder), merged under it "
+                             "so one load reproduces the model (repeatable, in training order)")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                        help="which checkpoint of --trained (default: best when the run selected one)")
+    parser.add_argument("--bank", default=None, help="the stage-2 bank file: its fingerprints go in the card")
+    parser.add_argument("--evaluation", action="append", default=[], metavar="[NAME=]FILE",
+                        help="an evaluation JSON (cir-plugins evaluate --output) for the card's table (repeatable)")
+    parser.add_argument("--base-model", default=None, help="how to build the base model (e.g. my_model:build)")
+    parser.add_argument("--name", default=None, help="the model card's title")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--push", default=None, metavar="REPO_ID", help="then upload it to the Hub as REPO_ID")
+    parser.add_argument("--public", action="store_true", help="with --push: a public repository")
+
+
+def _evaluation(specs: list[str]) -> dict[str, dict]:
+    table = {}
+    for spec in specs:
+        name, _, file = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(file)
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DataError(explain("cannot read the evaluation file", got=f"{path}: {error}",
+                                    fix="pass a JSON file written by cir-plugins evaluate --output")) from error
+        if not isinstance(metrics, dict):
+            raise DataError(explain("the evaluation file must hold a JSON object of metrics", got=str(path)))
+        table[name or path.stem] = metrics
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..share import push_to_hub, save_trained
+
+    bank = None
+    if args.bank:
+        from ..negatives.bank import NegativeBank
+
+        bank = NegativeBank.load(args.bank)
+    folder = save_trained(args.trained, args.out, on_top_of=args.on_top_of, bank=bank,
+                          evaluation=_evaluation(args.evaluation) or None, base_model=args.base_model,
+                          name=args.name, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {folder} (weights.safetensors, cir_plugins.json, README.md); "
+          f"load it with --trained {folder} or cp.load_trained(model, {str(folder)!r})")
+    if args.push:
+        url = push_to_hub(folder, args.push, private=not args.public)
+        print(f"uploaded to {url}")
+    return 0
