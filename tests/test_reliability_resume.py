@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cir_plugins._utils import file_sha256
 from cir_plugins.errors import CheckpointError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
@@ -48,7 +49,7 @@ def _forge(folder, *, weights=None, optimizer=None, state=None) -> None:
         if tensors is not None:
             save_file(tensors, str(folder / file_name), metadata={"format": ckpt.FORMAT})
             document["files"][file_name] = {"bytes": (folder / file_name).stat().st_size,
-                                            "sha256": ckpt._sha256(folder / file_name)}
+                                            "sha256": file_sha256(folder / file_name)}
     if state is not None:
         state(document)
     document["checksum"] = ckpt._document_checksum(document)
