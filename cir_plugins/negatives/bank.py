@@ -96,6 +96,51 @@ class _IdDataset(Dataset):
         return index, self.images[self.ids[index]]
 
 
+def _prefetch_to(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device):
+    """(positions, batch) pairs with the batch on ``device``. On CUDA the next batch's host-to-device copy
+    runs on a side stream while the current one is encoded (pinned batches: truly asynchronous)."""
+    if device.type != "cuda":
+        for positions, batch in batches:
+            yield positions, batch.to(device)
+        return
+    stream = torch.cuda.Stream(device)
+
+    def start(item):
+        positions, batch = item
+        done = torch.cuda.Event()
+        with torch.cuda.stream(stream):
+            batch = batch.to(device, non_blocking=True)
+            done.record(stream)
+        return positions, batch, done
+
+    def ready(started):
+        positions, batch, done = started
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(done)  # this batch's copy only, not the one started after it
+        batch.record_stream(compute)  # its memory is not reused before the encoder has read it
+        return positions, batch
+
+    ahead = None
+    for item in batches:
+        current, ahead = ahead, start(item)
+        if current is not None:
+            yield ready(current)
+    if ahead is not None:
+        yield ready(ahead)
+
+
+def _raise_non_finite(flags: list[tuple[Tensor, Tensor]], representatives: Sequence[str], todo: Sequence[int]) -> None:
+    """NonFiniteError naming the images whose embedding had a NaN or inf; flags = (positions (b,), finite (b,))."""
+    if not flags:
+        return
+    if bool(torch.cat([finite for _, finite in flags]).all()):  # one host sync
+        return
+    bad = [representatives[todo[p]] for positions, finite in flags
+           for p, ok in zip(positions.tolist(), finite.tolist()) if not ok]
+    raise NonFiniteError(explain(f"encode_image returned NaN or inf for {len(bad)} images",
+                                 got=bad[:10], fix="check these images and the model's weights"))
+
+
 def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -378,10 +423,13 @@ class NegativeBank:
         loader = DataLoader(_IdDataset([representatives[r] for r in todo], images), batch_size=batch_size,
                             shuffle=False, num_workers=num_workers, pin_memory=use_cuda)
         pending: list[tuple[int, Tensor]] = []
+        # without a shard cache nothing needs the rows on the host per batch: the finite check is one sync
+        # at the end, so the GPU never waits for the loader between batches
+        deferred: list[tuple[Tensor, Tensor]] = []
         with eval_mode(model), torch.no_grad():
-            for positions, batch in progress_bar(loader, desc="build bank", show_progress=show_progress,
-                                         total=len(loader), unit="batch"):
-                batch = batch.to(device, non_blocking=True)
+            batches = progress_bar(loader, desc="build bank", show_progress=show_progress, total=len(loader),
+                                   unit="batch")
+            for positions, batch in _prefetch_to(batches, device):
                 if autocast_dtype is not None:
                     with torch.autocast(device.type, dtype=autocast_dtype):
                         emb = model.encode_image(batch)
@@ -395,10 +443,10 @@ class NegativeBank:
                         expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
                         fix="match the model's similarity attribute to its encode_image output"))
                 finite = torch.isfinite(emb.reshape(emb.shape[0], -1)).all(dim=1)  # (b,) per image
-                if not bool(finite.all()):
-                    bad = [representatives[todo[p]] for p, ok in zip(positions.tolist(), finite.tolist()) if not ok]
-                    raise NonFiniteError(explain(f"encode_image returned NaN or inf for {len(bad)} images",
-                                                 got=bad[:10], fix="check these images and the model's weights"))
+                if shards is None:
+                    deferred.append((positions, finite))
+                else:  # nothing non-finite may reach the cache
+                    _raise_non_finite([(positions, finite)], representatives, todo)
                 emb = F.normalize(emb.float(), dim=-1).to(dtype)  # (b, D) or (b, T, D), unit rows
                 for p, row_emb in zip(positions.tolist(), emb):
                     out[todo[p]] = row_emb
@@ -406,6 +454,7 @@ class NegativeBank:
                 if shards is not None:
                     shards.write(pending)
                     pending = []
+        _raise_non_finite(deferred, representatives, todo)
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
         _check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
                          + (f" (shard cache {cache_dir})" if done else ""))
