@@ -62,3 +62,26 @@ def test_build_bank_with_one_cache_and_another_image_size_transform_or_dtype_reb
         assert "(0 re-used from the shard cache)" in log, extra
         fresh, _ = build("c.safetensors", *extra, cached=False)
         assert bank.dtype == fresh.dtype and torch.equal(bank.embeddings, fresh.embeddings), extra
+
+
+def test_stage2_resume_on_other_triplets_is_refused_unless_allow_data_change(tmp_path, capsys):
+    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("train",))
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                       "from test_training_toy import make_model\n"
+                       "def build():\n    return make_model()\n")
+    common = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "train",
+              "--image-size", "4", "--no-progress"]
+    bank = tmp_path / "bank.safetensors"
+    assert main(["build-bank", *common, "--out", str(bank)]) == 0
+    ids = cp.NegativeBank.load(bank).ids
+    generated = tmp_path / "generated.json"
+    generated.write_text(f'[{{"reference": "{ids[0]}", "texts": ["red"], "target": "{ids[3]}"}}]')
+    args = ["stage2", *common, "--bank", str(bank), "--out", str(tmp_path / "run"), "--batch-size", "4",
+            "--lr", "0.01"]
+    assert main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--resume", "--generated", str(generated)]) == 2
+    err = capsys.readouterr().err
+    assert "triplets differ" in err and "--resume --allow-data-change" in err
+    assert main([*args, "--epochs", "2", "--resume", "--generated", str(generated), "--allow-data-change"]) == 0

@@ -42,6 +42,7 @@ CLI_SPELLINGS = {
     "on_bad_record=\"skip\"": "--on-bad-record skip",
     "skip_missing=True": "--skip-missing",
     "overwrite=True": "--overwrite",
+    "fit(resume=True, allow_data_change=True)": "--resume --allow-data-change",
 }
 
 

@@ -315,6 +315,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) ->
     parser.add_argument("--out", required=True,
                         help="output folder: checkpoints/{last,best}, history.json; load it with --trained OUT")
     parser.add_argument("--resume", action="store_true", help="continue from {out}/checkpoints/last")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue although the triplets or the bank differ from the checkpoint's")
     parser.add_argument("--val-split", default=None,
                         help="split to evaluate after each epoch (e.g. val); the best epoch by --select-metric is "
                              "kept as {out}/checkpoints/best")
@@ -349,7 +351,7 @@ def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
     """``trainer.fit``, ``{out}/history.json``, one rounded line per epoch."""
     from .._atomic import atomic_write_json
 
-    history = trainer.fit(resume=args.resume)
+    history = trainer.fit(resume=args.resume, allow_data_change=getattr(args, "allow_data_change", False))
     atomic_write_json(Path(args.out) / "history.json", history, indent=1, make_parents=True)
     for entry in history:
         metrics = format_values(entry.get("metrics", {}))
