@@ -146,7 +146,8 @@ class QuerySide(nn.Module):
     """The trainable query side as one module for ``DistributedDataParallel``.
 
     Registers only the given parameters (and the log-temperature, when learned), so DDP averages
-    exactly those; the model itself is held unregistered. ``forward(reference, texts)`` returns
+    exactly those; the model itself is held unregistered (no buffers to broadcast). The stage-2 query
+    side is what ``compose_query`` reached in the parameter probe, so every step uses all of it. ``forward(reference, texts)`` returns
     ``(model.compose_query(reference, texts), exp(log_tau) or None)``.
     """
 
@@ -319,8 +320,7 @@ class Trainer(Checkpointing, abc.ABC):
         if getattr(self, "_ddp", None) is None:  # built at the first step, after any resume loaded the weights
             device_ids = [self.device] if self.device.type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(
-                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau), device_ids=device_ids,
-                broadcast_buffers=False, find_unused_parameters=True)
+                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau), device_ids=device_ids)
         query, temperature = self._ddp(reference, texts)
         return query, (temperature if temperature is not None else self.temperature())
 
