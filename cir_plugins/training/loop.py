@@ -147,8 +147,8 @@ class QuerySide(nn.Module):
 
     Registers only the given parameters (and the log-temperature, when learned), so DDP averages
     exactly those; the model itself is held unregistered (no buffers to broadcast). The stage-2 query
-    side is what ``compose_query`` reached in the parameter probe, so every step uses all of it. ``forward(reference, texts)`` returns
-    ``(model.compose_query(reference, texts), exp(log_tau) or None)``.
+    side is what ``compose_query`` reached in the parameter probe, so every step uses all of it.
+    ``forward(reference, texts)`` returns ``(model.compose_query(reference, texts), exp(log_tau) or None)``.
     """
 
     def __init__(self, model: Any, parameters: Sequence[nn.Parameter], log_tau: nn.Parameter | None) -> None:
