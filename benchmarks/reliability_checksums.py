@@ -98,6 +98,20 @@ def main() -> None:
             _plain_load(folder / "w.safetensors")
             _plain_load(folder / "o.safetensors")
 
+        # the path re-check at every image read (issue 18 item 10) against the read it guards
+        from PIL import Image
+
+        from cir_plugins.data.images import ImageStore, resolve_under_root
+
+        (folder / "imgs/a/b").mkdir(parents=True)
+        Image.new("RGB", (500, 375), (90, 40, 200)).save(folder / "imgs/a/b/x.jpg")
+        store = ImageStore(folder / "imgs", {"x": "a/b/x.jpg"}, "clip", size=224)
+        reads = 200
+        read_s = _median(lambda: [store["x"] for _ in range(reads)], args.repeats) / reads
+        check_s = _median(lambda: [resolve_under_root(store.root, "a/b/x.jpg", what="x") for _ in range(reads)],
+                          args.repeats) / reads
+        rows.append(("image read 500x375 JPEG -> clip 224: path re-check alone", check_s, read_s))
+
         name = f"checkpoint {args.params / 1e6:g}M params + AdamW state"
         rows.append((f"{name}: save", _median(lambda: save_checkpoint(folder / "ckpt", "last", weights=weights,
                                                                       optimizer_state=optimizer, state=state),
