@@ -167,9 +167,10 @@ def _checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _check_unit_rows(embeddings: Tensor, where: str) -> None:
+def _check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, str] | Sequence[str] = ()) -> None:
     """DataError unless every row is unit length (dot) or every token unit length or all-zero padding with at
-    least one real token (max_token), within UNIT_TOLERANCE of the dtype; checked in chunks of rows."""
+    least one real token (max_token), within UNIT_TOLERANCE of the dtype; checked in chunks of rows. The error
+    names the rows, and their image ids when ``ids_of_rows`` (row -> id) is given."""
     tolerance = UNIT_TOLERANCE.get(embeddings.dtype, 1e-3)
     bad: list[int] = []
     for start in range(0, embeddings.shape[0], 65536):
@@ -184,8 +185,11 @@ def _check_unit_rows(embeddings: Tensor, where: str) -> None:
             break
     if bad:
         row = embeddings[bad[0]].float().norm(dim=-1)
+        named = [ids_of_rows[r] for r in bad if r < len(ids_of_rows)] if isinstance(ids_of_rows, Sequence) \
+            else [ids_of_rows[r] for r in bad if r in ids_of_rows]
         raise DataError(explain(f"{where}: bank rows are not unit length (the library L2-normalises every row)",
-                                got=f"rows {bad[:10]}, e.g. row {bad[0]} has norm {row.tolist()}",
+                                got=f"rows {bad[:10]}" + (f" (images {named})" if named else "")
+                                    + f", e.g. row {bad[0]} has norm {row.tolist()}",
                                 expected=f"norm 1 within {tolerance} for {embeddings.dtype}",
                                 fix="rebuild the bank (cir-plugins build-bank); do not edit its embeddings"))
 
@@ -457,7 +461,7 @@ class NegativeBank:
         _raise_non_finite(deferred, representatives, todo)
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
         _check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
-                         + (f" (shard cache {cache_dir})" if done else ""))
+                         + (f" (shard cache {cache_dir})" if done else ""), representatives)
         bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint)
         logger.info("built %r from %d ids (%d re-used from the shard cache)", bank, len(image_ids), len(done))
         return bank
@@ -518,7 +522,7 @@ class NegativeBank:
             raise DataError(explain("the bank tensor disagrees with its metadata",
                                     got=(list(embeddings.shape), str(embeddings.dtype)),
                                     expected=(shape, meta.get("dtype")), fix="rebuild the bank"))
-        _check_unit_rows(embeddings, str(path))
+        _check_unit_rows(embeddings, str(path), {r: i for i, r in reversed(list(zip(ids, rows)))})
         embeddings = embeddings.to(torch.device(device))
         if dtype is not None:
             embeddings = embeddings.to(_resolve_dtype(dtype, embeddings.device))
