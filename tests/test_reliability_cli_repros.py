@@ -17,13 +17,15 @@ from cir_plugins.data.fixtures import build_cirr_tree
 HERE = Path(__file__).resolve().parent
 
 
-def _tree(tmp_path):
-    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("val",))
-    factory = tmp_path / "pooled_factory.py"
+def _tree(tmp_path, split="val", model="test_reliability_bank_content:PooledToy"):
+    """A tiny CIRR tree and the command-line flags that name it and a test model (module:class in tests/)."""
+    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=(split,))
+    module, name = model.split(":")
+    factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
-                       "from test_reliability_bank_content import PooledToy\n"
-                       "def build():\n    return PooledToy()\n")
-    common = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
+                       f"from {module} import {name}\n"
+                       f"def build():\n    return {name}()\n")
+    common = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", split,
               "--no-progress"]
     return root, common
 
@@ -65,13 +67,8 @@ def test_build_bank_with_one_cache_and_another_image_size_transform_or_dtype_reb
 
 
 def test_stage2_resume_on_other_triplets_is_refused_unless_allow_data_change(tmp_path, capsys):
-    root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("train",))
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
-                       "from test_training_toy import make_model\n"
-                       "def build():\n    return make_model()\n")
-    common = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "train",
-              "--image-size", "4", "--no-progress"]
+    _, common = _tree(tmp_path, "train", "test_training_toy:make_model")
+    common = [*common, "--image-size", "4"]
     bank = tmp_path / "bank.safetensors"
     assert main(["build-bank", *common, "--out", str(bank)]) == 0
     ids = cp.NegativeBank.load(bank).ids
