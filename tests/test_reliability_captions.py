@@ -58,7 +58,7 @@ def test_an_empty_cached_caption_is_captioned_again(tmp_path):
     cache = CaptionCache(cache_path, captioner.name)
     assert cache.empty_lines == 1 and "im2" not in cache
     run = caption_images(captioner, IDS, {i: None for i in IDS}, cache_path=cache_path, show_progress=False)
-    assert (run.cached, run.new) == (4, 1) and run.captions["im2"] == "a cat im2"
+    assert (run.cached, run.new, run.empty_lines) == (4, 1, 1) and run.captions["im2"] == "a cat im2"
     assert all(c.strip() for c in run.captions.values())
 
 

@@ -492,6 +492,8 @@ class CaptionRun:
     new: int = 0
     skipped: list[str] = field(default_factory=list)
     torn_lines: int = 0
+    # cache lines with an empty caption, ignored (those images were captioned again)
+    empty_lines: int = 0
 
 
 def caption_images(
@@ -521,7 +523,8 @@ def caption_images(
     cache = CaptionCache(cache_path, captioner.name) if cache_path is not None else None
     known = cache.captions if cache is not None else {}
     todo = [i for i in ids if i not in known]
-    run = CaptionRun(captions={}, cached=len(ids) - len(todo), torn_lines=cache.torn_lines if cache else 0)
+    run = CaptionRun(captions={}, cached=len(ids) - len(todo), torn_lines=cache.torn_lines if cache else 0,
+                     empty_lines=cache.empty_lines if cache else 0)
     load = pil_source(images)
     bar = progress_bar(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", show_progress=show_progress)
     for start in range(0, len(todo), batch_size):
