@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -86,14 +85,12 @@ class Timer:
         return {k: 1e3 * sum(v) for k, v in self.events.items()}
 
 
-def bert_tokenizer():
-    """A small word-piece tokenizer (the SPRC example's tiny-checkpoint vocabulary): ids fit any vocab size."""
-    from blip2_sprc.model import make_tiny_checkpoint
-    from transformers import BertTokenizerFast
+def word_tokenizer():
+    """The examples' word-level tokenizer over this script's words (<bos> words <eos>, 32 tokens at most): its
+    ids fit any vocabulary size, so it feeds both models' text sides."""
+    from _tiny_clip import build_tokenizer, words_of
 
-    with tempfile.TemporaryDirectory() as tmp:
-        make_tiny_checkpoint(tmp, WORDS)
-        return BertTokenizerFast.from_pretrained(tmp)
+    return build_tokenizer(words_of(WORDS), max_length=32)
 
 
 def build_clip4cir(tiny: bool, tokenizer, device):
@@ -101,8 +98,8 @@ def build_clip4cir(tiny: bool, tokenizer, device):
     from transformers import CLIPConfig, CLIPModel
 
     text = dict(vocab_size=max(1000, len(tokenizer)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, eos_token_id=tokenizer.sep_token_id,
-                bos_token_id=tokenizer.cls_token_id,
+                num_attention_heads=12, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
     vision = dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16)
@@ -345,12 +342,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.bank_rows, args.clip_batch, args.sprc_batch, args.steps, args.warmup = 2048, 4, 4, 1, 0
+        torch.set_num_threads(1)  # tiny ops: threads only contend
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     amp = torch.bfloat16 if args.amp == "bf16" else None
     precisions = args.precisions.split(",")
     torch.manual_seed(0)
-    tokenizer = bert_tokenizer()
+    tokenizer = word_tokenizer()
     results = []
     for name in args.models.split(","):
         build = {"clip4cir": build_clip4cir, "sprc": build_sprc}[name]
