@@ -128,6 +128,8 @@ def test_evaluator_on_split_runs_cp_evaluate_and_fit_uses_it():
     _, _, val = make_world()
     split = Split(dataset="toy", split="val", triplets=val, gallery_ids=list(images), images=images,
                   protocol="fashioniq")
+    with pytest.raises(ConfigError, match="no 'Rmean'"):  # refused before any training, not after an epoch
+        cp.Evaluator.on_split(split)
     evaluator = cp.Evaluator.on_split(split, metric="R@10", show_progress=False)
     assert evaluator(model) == cp.evaluate(model, split, show_progress=False)
     trainer = Stage2Trainer(model, bank, train, images, config=_config(epochs=2), evaluator=evaluator)
