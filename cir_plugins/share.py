@@ -100,7 +100,8 @@ def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
     lines = ["---", "library_name: cir_plugins", "tags:", "- composed-image-retrieval", "- cir_plugins", "---", "",
              f"# {title}", "",
              f"The trainable weights of a {stage.replace('stage', 'stage-')} result of the cir_plugins library "
-             f"(version {document.get('library_version', '?')}): {len(document.get('trainable', []))} parameter tensors, "
+             f"(version {document.get('library_version', '?')}): "
+             f"{len(document.get('trainable', []))} parameter tensors, "
              f"{document.get('trainable_scalars', 0):,} values. They go on the base model they were trained from; "
              "the rest of that model is not in this folder.", "",
              "## How to load it", "", "```python", "import cir_plugins as cp", ""]

@@ -24,7 +24,8 @@ def runs(tmp_path_factory):
     cp.Stage1Trainer(model, train, images, config=cp.Stage1Config(**common, output_dir=str(root / "stage1"))).fit()
     bank = cp.NegativeBank.build(model, list(images), images, show_progress=False)
     bank.save(root / "bank.safetensors")
-    cp.Stage2Trainer(model, bank, train, images, config=cp.Stage2Config(**common, output_dir=str(root / "stage2"))).fit()
+    cp.Stage2Trainer(model, bank, train, images,
+                     config=cp.Stage2Config(**common, output_dir=str(root / "stage2"))).fit()
     (root / "val.json").write_text(json.dumps({"R@1": 12.5, "R@5": 40.0, "n_queries": 40}))
     return root, model, bank
 

@@ -55,7 +55,7 @@ def test_load_trained_without_best_uses_last_and_checkpoint_name_is_honoured(tmp
     # a checkpoint folder and its weights file work too
     for path in (run / "checkpoints" / "last", run / "checkpoints" / "last" / "weights.safetensors"):
         again = cp.load_trained(make_model(), path)
-        assert torch.equal(dict(again.named_parameters())["fuse.weight"], dict(trained.named_parameters())["fuse.weight"])
+        assert torch.equal(again.fuse.weight, trained.fuse.weight)
 
 
 def test_a_corrupt_best_checkpoint_is_an_error_not_a_silent_last(tmp_path):

@@ -58,7 +58,8 @@ class Evaluator:
         protocol = evaluate_kwargs.get("protocol") or getattr(split, "protocol", None)
         if metric == "Rmean" and protocol == "fashioniq" and not isinstance(split, (list, tuple)):
             # fail now, not after the first epoch: one category reports R@10 and R@50 only
-            raise ConfigError(explain("one FashionIQ category split has no 'Rmean'", got=getattr(split, "category", None),
+            raise ConfigError(explain("one FashionIQ category split has no 'Rmean'",
+                                      got=getattr(split, "category", None),
                                       fix="pass metric='R@10' (or 'R@50'), or the three category splits as a list "
                                           "(their 'Rmean' is (Avg R@10 + Avg R@50) / 2)"))
         return cls(lambda model: evaluate(model, split, **evaluate_kwargs), metric=metric, mode=mode)
