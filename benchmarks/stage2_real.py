@@ -292,7 +292,6 @@ def measure(case: Case, bank, precisions, steps, cuda, warmup=1) -> dict:
             "split_ms": split, "split_total_ms": total, "stage2_step_ms": plain["step"],
             "bank_loss_share": split["bank loss"] / total, "peak_GB": peak_plain, "peak_GB_split": peak_split,
             "bank_loss_value": losses[-1]}
-        del opt
     params1 = case.stage1_parameters()
     set_trainable(case.model, params1)
     out["stage1_trained_params_M"] = sum(p.numel() for p in params1) / 1e6
@@ -302,7 +301,6 @@ def measure(case: Case, bank, precisions, steps, cuda, warmup=1) -> dict:
         out["stage1"] = {"step_ms": s1["step"], "peak_GB": peak1}
     except torch.OutOfMemoryError as exc:
         out["stage1"] = {"note": f"out of memory: {str(exc).splitlines()[0]}"}
-    del opt
     return out
 
 

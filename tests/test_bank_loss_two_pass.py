@@ -8,14 +8,11 @@ single-pass "fast" precision (the same query rounding) at small odd sizes with s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from test_fused import REPO, _SCRIPT  # the same interpreter harness (cases -> loss and gradients vs float64)
+from test_fused import _SCRIPT, _interpret  # the same interpreter harness (cases -> loss and gradients vs float64)
 
 CASES = {
     "two_pass_bf16": dict(bank="bfloat16", query="float32", B=5, N=203, D=40, K=3, precision="two_pass"),
@@ -70,16 +67,6 @@ _VS_FAST = textwrap.dedent(
     print("RESULT " + json.dumps(out))
     """
 )
-
-
-def _interpret(script, *args):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(line[-1][len("RESULT "):])
 
 
 @pytest.fixture(scope="module")

@@ -160,15 +160,14 @@ EXTRA = tuple(sorted(set(CASES) - set(CORE)))
 
 def _run_interpreted(names, extra=()):
     """Run the named cases once through the Triton interpreter in a fresh process."""
+    return _interpret(_SCRIPT, json.dumps({n: CASES[n] for n in names}), *extra)
+
+
+def _interpret(script, *args):
+    """Run ``python -c script args`` with TRITON_INTERPRET=1; returns the JSON of its ``RESULT`` line."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps({n: CASES[n] for n in names}), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
