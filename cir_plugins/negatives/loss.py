@@ -31,7 +31,11 @@ the reference every path is tested against.
 
 Precision: statistics are accumulated in float32 (float64 for a float64 query); each bank chunk is
 upcast before the products, so a bf16 / fp16 bank is accumulated in float32. The loss has that
-compute dtype. Gradients flow to the query and the temperature, never to the bank.
+compute dtype. Gradients flow to the query and the temperature, never to the bank. The Triton backend
+takes a ``precision`` (:data:`PRECISIONS`): "exact" (float32-grade products over a half bank, the
+default), "fast" and "two_pass" (the query rounded once to the bank's dtype; two_pass computes ``w``
+in a second pass from bf16 softmax weights and one GEMM per bank chunk, see
+:mod:`cir_plugins.negatives.fused`).
 """
 
 from __future__ import annotations
