@@ -60,7 +60,7 @@ step bank_loss 140 python3 benchmarks/bank_loss_gpu.py $DEV $BANK_LOSS \
 # shellcheck disable=SC2086
 step stage2_real 200 python3 benchmarks/stage2_real.py $DEV $STAGE2 --out "$DEST/stage2_real_gpu.json"
 # shellcheck disable=SC2086
-step retrieval 60 python3 benchmarks/retrieval_gpu.py $DEV $RETRIEVAL --out "$DEST/retrieval_gpu.json"
+step retrieval 75 python3 benchmarks/retrieval_gpu.py $DEV $RETRIEVAL --out "$DEST/retrieval_gpu.json"
 # shellcheck disable=SC2086
 step bank_build 100 python3 benchmarks/bank_build.py $DEV $BUILD --source imagestore --out "$DEST/bank_build_gpu.json"
 # the older steps (SKIP="" runs them)

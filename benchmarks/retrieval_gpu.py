@@ -54,10 +54,10 @@ def bare_topk(query, gallery, k, chunk):
     return best_s, best_r
 
 
-def _no_filter(fn):
-    """Run fn with topk_rows' candidate filter off."""
+def _with_group(group, fn):
+    """Run fn with topk_rows' candidate-filter group size ``group`` (0: the filter off)."""
     saved = metrics.TOPK_GROUP
-    metrics.TOPK_GROUP = 0
+    metrics.TOPK_GROUP = group
     try:
         return fn()
     finally:
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--goal-ms", type=float, default=60.0)
     p.add_argument("--group", type=int, default=None, help="metrics.TOPK_GROUP for the default rows")
     p.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+    p.add_argument("--sweep-groups", default="64,512", type=lambda v: [int(x) for x in v.split(",") if x],
+                   help="extra topk_rows rows with these TOPK_GROUP sizes (checked for the same rows)")
     p.add_argument("--out", default="benchmarks/retrieval_gpu.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -106,7 +108,9 @@ def main(argv=None) -> int:
 
     runs = {
         "topk_rows": lambda: metrics.topk_rows(query, gallery, args.k),
-        "topk_rows_no_filter": lambda: _no_filter(lambda: metrics.topk_rows(query, gallery, args.k)),
+        "topk_rows_no_filter": lambda: _with_group(0, lambda: metrics.topk_rows(query, gallery, args.k)),
+        **{f"topk_rows_group{g}": (lambda g=g: _with_group(g, lambda: metrics.topk_rows(query, gallery, args.k)))
+           for g in args.sweep_groups},
         "topk_rows_big_chunk": lambda: metrics.topk_rows(query, gallery, args.k, chunk_size=args.big_chunk),
         "retrieval_metrics": lambda: metrics.retrieval_metrics(query, gallery, target, ks=(1, 5, 10, 50),
                                                                exclude_rows=excl),
@@ -152,11 +156,11 @@ def main(argv=None) -> int:
         for r in rows:
             if r["method"] == "topk_rows_big_chunk":
                 r["same_rows_as_default"] = agree
-    if "topk_rows" in results and "topk_rows_no_filter" in results:
-        same = all(torch.equal(a, b) for a, b in zip(results["topk_rows"], results["topk_rows_no_filter"]))
-        for r in rows:
-            if r["method"] == "topk_rows_no_filter":
-                r["same_rows_and_scores_as_default"] = same
+    for r in rows:  # every filter setting returns exactly the default's rows and scores
+        if r["method"].startswith(("topk_rows_no_filter", "topk_rows_group")) and "topk_rows" in results \
+                and r["method"] in results:
+            r["same_rows_and_scores_as_default"] = all(
+                torch.equal(a, b) for a, b in zip(results["topk_rows"], results[r["method"]]))
     if "topk_rows" in results and "topk_rows_fp32_upcast" in results:
         same = float((results["topk_rows"][1] == results["topk_rows_fp32_upcast"][1]).double().mean())
         for r in rows:
@@ -169,11 +173,12 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
     print(f"device: {name}; {args.queries} queries x {args.gallery} gallery, D={args.dim}, top-{args.k}; "
           f"goal {args.goal_ms} ms")
-    print(f"{'method':22} {'ms':>10} {'goal':>5} {'extra_GB':>9}")
+    print(f"{'method':22} {'ms':>10} {'goal':>5} {'extra_GB':>9}  same rows as topk_rows")
     for r in rows:
         ms = f"{r['ms']:10.2f}" if "ms" in r else f"{'-':>10}"
         eg = f"{r['extra_GB']:9.3f}" if "extra_GB" in r else f"{'-':>9}"
-        print(f"{r['method']:22} {ms} {('yes' if r.get('meets_goal') else 'no'):>5} {eg}  {r.get('note', '')}")
+        same = r.get("same_rows_and_scores_as_default", "")
+        print(f"{r['method']:22} {ms} {('yes' if r.get('meets_goal') else 'no'):>5} {eg}  {same} {r.get('note', '')}")
     out = dict(**record_header("retrieval_gpu"), device=name, topk_group=metrics.TOPK_GROUP, goal_ms=args.goal_ms,
                torch=torch.__version__, rows=rows)
     write_json(args.out, out)
