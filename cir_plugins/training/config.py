@@ -65,10 +65,11 @@ class TrainConfig:
     max_grad_norm: float | None = None
     # seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)
     seed: int = 0
-    # metric (a key of the evaluate callback's dict) that picks the 'best' checkpoint; None = last epoch.
-    # Read only with the deprecated evaluate= argument: an Evaluator (evaluator=) carries its own metric
+    # metric (a key of the evaluation's dict) that picks the 'best' epoch; None = the last epoch. The
+    # command line builds its validation Evaluator with it; in Python an Evaluator carries its own metric
+    # and this field only serves the older evaluate= callable
     select_metric: str | None = "Rmean"
-    # "max" (recall-like) or "min" (loss-like); with evaluate= only, like select_metric
+    # "max" (recall-like) or "min" (loss-like), used like select_metric
     select_mode: str = "max"
     # at the end of fit, put the best evaluated epoch's weights back on the model; False = keep the last epoch's
     restore_best: bool = True
