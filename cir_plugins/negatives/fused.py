@@ -286,16 +286,19 @@ if triton is not None:
         tau_ptr,  # 0-dim float32
         m_ptr,  # (B,) float32: the max logit of pass 1
         p_out,  # (B, >= C*T) in the bank's dtype, row stride P_STRIDE: exp(l - m), on the winning token for MULTI
-        B, N, D, T, row_start, C, P_STRIDE,
+        B, N, D, T, row_start, C, P_STRIDE, NUM_QB,
         K: tl.constexpr, MULTI: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Pass 2 of precision="two_pass": the softmax weights of bank rows [row_start, row_start + C),
-        recomputed tile by tile; the caller multiplies them into the bank chunk with one GEMM."""
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        recomputed tile by tile; the caller multiplies them into the bank chunk with one GEMM. One grid
+        axis (up to 2**31 - 1 programs; axis 1 allows only 65535) enumerating (row tile, query block) with
+        the query block fastest, so the programs that read the same bank tile run side by side (L2)."""
+        pid = tl.program_id(0)
+        offs_b = (pid % NUM_QB) * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = offs_b < B
         offs_b64 = offs_b.to(tl.int64)
-        offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of this chunk
+        offs_c = (pid // NUM_QB) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of this chunk
         c_ok = offs_c < C
         offs_n = row_start + offs_c.to(tl.int64)
         n_ok = c_ok & (offs_n < N)
@@ -506,9 +509,11 @@ def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=N
         launch["num_stages"] = cfg["num_stages"]
     for start in range(0, n, rows):
         c = min(rows, n - start)
-        grid = (triton.cdiv(bsz, cfg["BLOCK_B"]), triton.cdiv(c, cfg["BLOCK_N"]))
+        num_qb = triton.cdiv(bsz, cfg["BLOCK_B"])
+        grid = (triton.cdiv(c, cfg["BLOCK_N"]) * num_qb,)
         _softmax_weights_kernel[grid](
-            qh, bank, excl, tau, m, weights, bsz, n, dim, tokens, start, c, weights.stride(0), K=k, MULTI=multi,
+            qh, bank, excl, tau, m, weights, bsz, n, dim, tokens, start, c, weights.stride(0), num_qb, K=k,
+            MULTI=multi,
             IEEE=bank.dtype == torch.float32, UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
             BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch)
         p = weights[:, :c * tokens]  # (B, C*T)
