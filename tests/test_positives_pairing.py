@@ -319,7 +319,6 @@ class _DeviceCheckingEncoder(torch.nn.Module):
 def test_embed_images_moves_batches_to_the_encoders_device():
     from cir_plugins import evaluation
     from cir_plugins._utils import model_device
-    from cir_plugins.positives import pairing
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
     cpu_enc = _DeviceCheckingEncoder("cpu")
@@ -331,11 +330,26 @@ def test_embed_images_moves_batches_to_the_encoders_device():
     assert model_device(lambda x: x) == torch.device("cpu")  # the default default
     # the move itself: batches go to whatever device the encoder reports (meta needs no memory)
     enc = _DeviceCheckingEncoder("cpu")
-    assert pairing.embed_images is evaluation.embed_images  # one implementation, re-exported
     with mock.patch.object(evaluation, "model_device", return_value=torch.device("meta")):
-        out = pairing.embed_images(enc.encode_image, list(images), images, batch_size=2, output_device="cpu")
+        out = evaluation.embed_images(enc.encode_image, list(images), images, batch_size=2, output_device="cpu")
     assert out.shape == (5, 2) and out.device.type == "cpu"
     assert [d.type for d in enc.seen] == ["meta"] * 3
     seen = []
-    pairing.embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)
+    evaluation.embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)
     assert [d.type for d in seen] == ["cpu"]
+
+
+def test_pairing_embed_images_is_a_deprecated_alias_with_its_old_behaviour():
+    from cir_plugins import evaluation
+    from cir_plugins.positives import pairing
+
+    images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
+
+    def tokens(x):  # (n, 3, 4, 4) -> (n, 3, 16): a multi-vector encoder
+        return x.flatten(2).double()
+
+    with pytest.warns(DeprecationWarning, match="evaluation.embed_images"):
+        old = pairing.embed_images(tokens, list(images), images, batch_size=2)
+    assert old.dtype == torch.float32 and old.shape == (5, 16)  # pooled over tokens, float32, as before
+    new = evaluation.embed_images(tokens, list(images), images, batch_size=2, show_progress=False)
+    assert torch.allclose(old, new.mean(dim=1).float())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cir_plugins.errors import NonFiniteError
-from cir_plugins.positives.pairing import embed_images
+from cir_plugins.evaluation import embed_images  # the one embedding loop (pairing's is a deprecated alias)
 from cir_plugins.positives.templates import TextMaker
 
 

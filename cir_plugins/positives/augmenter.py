@@ -37,7 +37,7 @@ from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import cache_file_name, caption_images, check_captioner, pil_source
 from .dedup import find_duplicates
-from .pairing import embed_images, parse_rank_window, select_partners
+from .pairing import _embed, parse_rank_window, select_partners
 from .templates import TextMaker
 
 __all__ = ["TripletAugmenter", "AugmentResult"]
@@ -214,9 +214,8 @@ class TripletAugmenter:
                 raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
 
         clock = time.perf_counter()
-        embeddings = embed_images(self.encoder, ids, images, batch_size=self.batch_size, output_device="cpu",
-                                  pool_tokens=True, show_progress=self.show_progress,
-                                  desc="augment: embedding images").float()  # (N, D)
+        embeddings = _embed(self.encoder, ids, images, batch_size=self.batch_size,
+                            show_progress=self.show_progress)  # (N, D) float32, tokens pooled
         timings["embed"] = time.perf_counter() - clock
 
         clock = time.perf_counter()

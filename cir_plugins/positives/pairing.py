@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from .._console import progress_bar
 
-from ..evaluation import embed_images  # re-exported: the package's one image-embedding loop
+from .. import evaluation
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
 
 __all__ = ["RankWindow", "parse_rank_window", "select_partners", "embed_images", "pair_images", "PairingResult"]
@@ -409,6 +410,27 @@ def select_partners(
     return result
 
 
+def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
+                 images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
+                 show_progress: bool = False) -> torch.Tensor:
+    """Deprecated: :func:`cir_plugins.evaluation.embed_images` with ``pool_tokens=True, output_device="cpu"``.
+
+    Kept with its old behaviour: (N, D) float32 on the CPU, multi-vector outputs mean-pooled over tokens.
+    """
+    warnings.warn("cir_plugins.positives.pairing.embed_images is deprecated: use cir_plugins.evaluation.embed_images"
+                  "(encoder, image_ids, images, pool_tokens=True, output_device='cpu')", DeprecationWarning,
+                  stacklevel=2)
+    return _embed(encoder, image_ids, images, batch_size=batch_size, show_progress=show_progress)
+
+
+def _embed(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
+           images: Mapping[str, torch.Tensor], *, batch_size: int, show_progress: bool) -> torch.Tensor:
+    """(N, D) float32 CPU pair embeddings through the package's one embedding loop (tokens mean-pooled)."""
+    return evaluation.embed_images(encoder, image_ids, images, batch_size=batch_size, output_device="cpu",
+                                   pool_tokens=True, show_progress=show_progress,
+                                   desc="pairing: embedding images").float()  # (N, D)
+
+
 @dataclass
 class PairingResult:
     """Partners per query id, and what the pairing saw."""
@@ -452,8 +474,7 @@ def pair_images(
             if lacking:
                 raise DataError(explain(f"{name} has no entry for some image ids", got=lacking[:5],
                                         fix=f"give every image id a {name} label"))
-    embeddings = embed_images(encoder, ids, images, batch_size=batch_size, output_device="cpu", pool_tokens=True,
-                              show_progress=show_progress, desc="pairing: embedding images").float()  # (N, D)
+    embeddings = _embed(encoder, ids, images, batch_size=batch_size, show_progress=show_progress)  # (N, D)
     picks = select_partners(
         embeddings, rank_window=rank_window, partners_per_image=partners_per_image, seed=seed,
         groups=[groups[i] for i in ids] if groups is not None else None,
