@@ -28,7 +28,7 @@ if [ -n "${DRY:-}" ]; then  # CPU, tiny sizes: timings mean nothing
 else
     DEV="--device cuda"
     TESTS=""
-    BANK_LOSS="--grid must --max-seconds 110 --two-pass-tiles BLOCK_N=64;BLOCK_N=256;BLOCK_B=64,num_warps=4;chunk_mb=256"
+    BANK_LOSS="--grid must --max-seconds 100 --two-pass-tiles BLOCK_N=64;BLOCK_N=256;BLOCK_B=64,num_warps=4;chunk_mb=256"
     STAGE2=""
     RETRIEVAL=""
     BUILD="--preset vitb16 --images 4096 --rounds 5 --num-workers 16"
@@ -52,13 +52,13 @@ FAILED=""
 } 2>&1 | tee "$DEST/env.log"
 # correctness first: the kernels (incl. two_pass at B=256 N=100,003 D=768) against float64, the build's copy stream
 # shellcheck disable=SC2086
-step tests_gpu 60 python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS tests/test_fused.py tests/test_loss.py \
+step tests_gpu 90 python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS tests/test_fused.py tests/test_loss.py \
     tests/test_evaluation.py tests/test_gpu_scripts.py
 # shellcheck disable=SC2086  # the option strings split into words on purpose
-step bank_loss 140 python3 benchmarks/bank_loss_gpu.py $DEV $BANK_LOSS \
+step bank_loss 130 python3 benchmarks/bank_loss_gpu.py $DEV $BANK_LOSS \
     --methods naive_bf16,fused,fused_fast,fused_two_pass --out "$DEST/bank_loss_gpu.json"
 # shellcheck disable=SC2086
-step stage2_real 200 python3 benchmarks/stage2_real.py $DEV $STAGE2 --out "$DEST/stage2_real_gpu.json"
+step stage2_real 180 python3 benchmarks/stage2_real.py $DEV $STAGE2 --out "$DEST/stage2_real_gpu.json"
 # shellcheck disable=SC2086
 step retrieval 75 python3 benchmarks/retrieval_gpu.py $DEV $RETRIEVAL --out "$DEST/retrieval_gpu.json"
 # shellcheck disable=SC2086
