@@ -25,6 +25,7 @@ if [ -n "${DRY:-}" ]; then  # CPU, tiny sizes: timings mean nothing
     RETRIEVAL="--smoke"
     BUILD="--preset tiny --images 64 --rounds 1 --num-workers 1 --threads 1"
     TUNE="--B 5 --max-seconds 5"
+    TUNE_TWO_PASS="env TRITON_INTERPRET=1 python3 benchmarks/fused_tune.py --smoke"
 else
     DEV="--device cuda"
     TESTS=""
@@ -33,6 +34,7 @@ else
     RETRIEVAL=""
     BUILD="--preset vitb16 --images 4096 --rounds 5 --num-workers 16"
     TUNE="--max-seconds 60"
+    TUNE_TWO_PASS="python3 benchmarks/fused_tune.py --max-seconds 30"
 fi
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
@@ -61,6 +63,9 @@ step bank_loss 130 python3 benchmarks/bank_loss_gpu.py $DEV $BANK_LOSS \
 step stage2_real 180 python3 benchmarks/stage2_real.py $DEV $STAGE2 --out "$DEST/stage2_real_gpu.json"
 # shellcheck disable=SC2086
 step retrieval 75 python3 benchmarks/retrieval_gpu.py $DEV $RETRIEVAL --out "$DEST/retrieval_gpu.json"
+# pass 1 of two_pass under the tuner's tile settings (bank_loss above varies pass 2)
+# shellcheck disable=SC2086
+step fused_tune_two_pass 45 $TUNE_TWO_PASS --precisions two_pass --out "$DEST/fused_tune_two_pass_gpu.json"
 # shellcheck disable=SC2086
 step bank_build 100 python3 benchmarks/bank_build.py $DEV $BUILD --source imagestore --out "$DEST/bank_build_gpu.json"
 # the older steps (SKIP="" runs them)

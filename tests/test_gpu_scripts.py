@@ -52,7 +52,7 @@ def test_gpu_all_dry_run_starts_every_step(tmp_path):
     dest = tmp_path / "dry"
     proc = _run(["bash", "benchmarks/gpu_all.sh", str(dest)], timeout=900, env_extra={"DRY": "1"})
     assert "all steps passed" in proc.stdout
-    for name in ("bank_loss_gpu", "stage2_real_gpu", "retrieval_gpu", "bank_build_gpu"):
+    for name in ("bank_loss_gpu", "stage2_real_gpu", "retrieval_gpu", "bank_build_gpu", "fused_tune_two_pass_gpu"):
         assert json.loads((dest / f"{name}.json").read_text())["date"]
     _check_stage2(json.loads((dest / "stage2_real_gpu.json").read_text()), ["clip4cir", "sprc"],
                   ["exact", "two_pass"])
