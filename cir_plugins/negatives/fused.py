@@ -277,7 +277,6 @@ if triton is not None:
                 mask=b_ok[:, None] & dv_ok[None, :],
             )
 
-
     @triton.jit
     def _softmax_weights_kernel(
         qh_ptr,  # (B, D) query in the bank's dtype (the same rounding as pass 1)
