@@ -62,7 +62,8 @@ _VS_FAST = textwrap.dedent(
             win = torch.einsum("bd,ntd->bnt", qb, bk).argmax(2)  # (B, N) winning token
             ref_w = torch.einsum("bn,bnd->bd", p, bk[torch.arange(bk.shape[0])[None, :], win])
         out[name] = {"m": rel(a.m, b.m), "z": rel(a.z, b.z), "t": rel(a.t, b.t),
-                     "w_vs_fast": rel(a.w / a.z[:, None], b.w / b.z[:, None]), "w_vs_f64": rel(a.w / a.z[:, None], ref_w),
+                     "w_vs_fast": rel(a.w / a.z[:, None], b.w / b.z[:, None]),
+                     "w_vs_f64": rel(a.w / a.z[:, None], ref_w),
                      "fast_vs_f64": rel(b.w / b.z[:, None], ref_w)}
     print("RESULT " + json.dumps(out))
     """

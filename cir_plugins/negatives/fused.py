@@ -480,7 +480,8 @@ def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> 
     else:  # untuned first choice: 128 x 128 output tiles (benchmarks/bank_loss_gpu.py --two-pass-tiles sweeps it)
         block_b = 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16))
         cfg = dict(BLOCK_B=block_b, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_b >= 128 else 4)
-    cfg.update({key: tiles[key] for key in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages") if key in tiles})
+    keys = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    cfg.update({key: tiles[key] for key in keys if key in tiles})
     return cfg
 
 
