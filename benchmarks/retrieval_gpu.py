@@ -7,6 +7,7 @@ Times the library's chunked evaluation functions on one device:
                        one top-k over their scores)
   topk_rows_no_filter  the same with the filter off (metrics.TOPK_GROUP = 0: torch.topk over each whole
                        score block, the previous behaviour); must return identical rows and scores
+  topk_rows_group<G>   the filter with groups of G scores (--sweep-groups), same check
   topk_rows_big_chunk  the same with chunk_size=--big-chunk gallery rows per step
   retrieval_metrics    cir_plugins.metrics.retrieval_metrics(ks=(1, 5, 10, 50)) with one excluded row per query
   topk_rows_fp32_upcast  topk_rows with the bf16 tensor-core scoring switched off (each chunk upcast to
