@@ -73,18 +73,21 @@ def parse_two_pass_variants(spec):
 
 
 def with_two_pass_variant(variant, fn):
-    """Run fn with pass 2's tiles (and chunk bytes, chunk_mb) of precision two_pass overridden."""
+    """Run fn with pass 2's tiles, chunk bytes (chunk_mb) and GEMM slice (gemm_slice columns, 0 = one GEMM)
+    of precision two_pass overridden."""
     from cir_plugins.negatives import fused
 
-    saved = fused._weights_config, fused.TWO_PASS_CHUNK_BYTES
-    tiles = {k: v for k, v in variant.items() if k != "chunk_mb"}
+    saved = fused._weights_config, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE
+    tiles = {k: v for k, v in variant.items() if k not in ("chunk_mb", "gemm_slice")}
     fused._weights_config = lambda b, device, _tiles=None: saved[0](b, device, tiles)
     if "chunk_mb" in variant:
         fused.TWO_PASS_CHUNK_BYTES = variant["chunk_mb"] << 20
+    if "gemm_slice" in variant:
+        fused.TWO_PASS_GEMM_SLICE = variant["gemm_slice"]
     try:
         return fn()
     finally:
-        fused._weights_config, fused.TWO_PASS_CHUNK_BYTES = saved
+        fused._weights_config, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE = saved
 
 
 def float64_reference(query0, bank, target, tau_value, excl, similarity):
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
                    help="compare each row's loss and gradients with a float64 reference")
     p.add_argument("--two-pass-tiles", default="",
                    help="extra fused_two_pass rows, ';'-separated settings of pass 2: BLOCK_B, BLOCK_N, BLOCK_K, "
-                        "num_warps, num_stages, chunk_mb (e.g. 'BLOCK_N=64;BLOCK_N=256,num_warps=8;chunk_mb=256')")
+                        "num_warps, num_stages, chunk_mb, gemm_slice (e.g. 'BLOCK_N=64;chunk_mb=256;gemm_slice=0')")
     p.add_argument("--out", default="benchmarks/bank_loss_gpu.json")
     args = p.parse_args(argv)
     args.t_start = time.perf_counter()

@@ -29,7 +29,7 @@ if [ -n "${DRY:-}" ]; then  # CPU, tiny sizes: timings mean nothing
 else
     DEV="--device cuda"
     TESTS=""
-    BANK_LOSS="--grid must --max-seconds 100 --two-pass-tiles BLOCK_N=64;BLOCK_N=256;BLOCK_B=64,num_warps=4;chunk_mb=256"
+    BANK_LOSS="--grid must --max-seconds 100 --two-pass-tiles BLOCK_N=64;BLOCK_N=256;BLOCK_B=64,num_warps=4;chunk_mb=256;gemm_slice=0;gemm_slice=32768"
     STAGE2=""
     RETRIEVAL=""
     BUILD="--preset vitb16 --images 4096 --rounds 5 --num-workers 16"

@@ -39,6 +39,7 @@ _VS_FAST = textwrap.dedent(
     import torch.nn.functional as F
     from cir_plugins.negatives import fused
     fused.TWO_PASS_CHUNK_BYTES = 7 * 64 * 2  # 64-row chunks at B=7 in bf16 (the kernel's 32-row tiles, 2 each)
+    fused.TWO_PASS_GEMM_SLICE = 20  # each chunk's GEMM batched over slices of 20 columns, plus a tail
     g = torch.Generator().manual_seed(5)
     out = {}
     for name, shape, ex in (("dot", (203, 40), True), ("max_token", (45, 3, 40), False)):
@@ -120,3 +121,18 @@ def test_bank_contrastive_loss_takes_the_precision():
     # on the CPU (torch backend, always float32) every precision gives the same loss
     losses = [bank_contrastive_loss(q, bank, rows, 0.1, precision=p) for p in ("exact", "fast", "two_pass")]
     assert losses[0] == losses[1] == losses[2]
+
+
+@pytest.mark.parametrize("slice_cols", [0, 64, 100, 333, 5000])
+def test_weighted_chunk_sum_slices_equal_one_gemm(slice_cols, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from cir_plugins.negatives import fused
+
+    monkeypatch.setattr(fused, "TWO_PASS_GEMM_SLICE", slice_cols)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(7, 1000, generator=g).bfloat16()[:, :997]  # a strided view, as the last chunk's
+    vectors = torch.randn(997, 24, generator=g).bfloat16()
+    out = fused._weighted_chunk_sum(weights, vectors)
+    ref = weights.double() @ vectors.double()
+    assert out.dtype == torch.float32 and out.shape == (7, 24)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) <= 1e-6

@@ -21,7 +21,8 @@ is computed once per pass instead of once per column chunk of ``w``: pass 1 is t
 the ``w`` accumulator (max, normaliser and ``t`` only); pass 2 recomputes the logits chunk by chunk
 of the bank (``_softmax_weights_kernel``), writes the chunk's softmax weights ``exp(l - m)`` in the
 bank's dtype (a (B, chunk * T) block of ``TWO_PASS_CHUNK_BYTES``) and lets one cuBLAS GEMM with float32
-accumulation add them up against the chunk. About three B x N x D products in all against the
+accumulation add them up against the chunk (batched over slices of ``TWO_PASS_GEMM_SLICE`` bank rows,
+so the small (B, D) output still fills the GPU). About three B x N x D products in all against the
 single-pass kernel's (column chunks) x (1 or 2) x 2.
 
 Multi-vector banks (N, T, D), score = max over the T tokens: the same kernel loops over the
@@ -468,6 +469,34 @@ def _exclusions(exclude_rows, device):
 # Bytes of pass 2's softmax-weight block (B, chunk * T) in the bank's dtype (precision "two_pass"): the
 # extra memory of that pass, and the size of each cuBLAS GEMM that accumulates the query gradient.
 TWO_PASS_CHUNK_BYTES = 64 << 20
+# Columns of the weight block per slice of that GEMM: the (B, chunk) x (chunk, D) product is cut along the
+# chunk into slices multiplied as one batched GEMM and summed (split-K), so the small (B, D) output still
+# spreads over every SM; 0 = one plain GEMM per chunk.
+TWO_PASS_GEMM_SLICE = 8192
+
+
+def _bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(S, M, K) @ (S, K, N) half -> (S, M, N) float32 with float32 accumulation; on the CPU the same products
+    in float32 (half values are exact in float32)."""
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """p (B, K) weights @ g (K, D) bank vectors -> (B, D) float32, split along K by TWO_PASS_GEMM_SLICE."""
+    if p.dtype == torch.float32:
+        return p @ g
+    size = TWO_PASS_GEMM_SLICE
+    slices = p.shape[1] // size if size else 0
+    if slices < 2:
+        return _mm_fp32_out(p, g)
+    whole = slices * size
+    a = p[:, :whole].unflatten(1, (slices, size)).transpose(0, 1)  # (S, B, size), a strided view
+    out = _bmm_fp32_out(a, g[:whole].view(slices, size, g.shape[1])).sum(0)  # (S, B, D) -> (B, D)
+    if whole < p.shape[1]:
+        out += _mm_fp32_out(p[:, whole:], g[whole:])
+    return out
 
 
 def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> dict:
@@ -518,7 +547,7 @@ def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=N
             BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch)
         p = weights[:, :c * tokens]  # (B, C*T)
         g = flat[start * tokens:(start + c) * tokens]  # (C*T, D)
-        w += p @ g if bank.dtype == torch.float32 else _mm_fp32_out(p, g)
+        w += _weighted_chunk_sum(p, g)
     return w
 
 
