@@ -473,6 +473,8 @@ TWO_PASS_CHUNK_BYTES = 64 << 20
 # chunk into slices multiplied as one batched GEMM and summed (split-K), so the small (B, D) output still
 # spreads over every SM; 0 = one plain GEMM per chunk.
 TWO_PASS_GEMM_SLICE = 8192
+# torch.bmm(..., out_dtype=) exists in recent torch only; without it each chunk is one plain GEMM
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def _bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -489,7 +491,7 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return p @ g
     size = TWO_PASS_GEMM_SLICE
     slices = p.shape[1] // size if size else 0
-    if slices < 2:
+    if slices < 2 or (p.is_cuda and not _BMM_OUT_DTYPE):
         return _mm_fp32_out(p, g)
     whole = slices * size
     a = p[:, :whole].unflatten(1, (slices, size)).transpose(0, 1)  # (S, B, size), a strided view
