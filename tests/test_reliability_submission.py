@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import cir_plugins.evaluation as evaluation
+import cir_plugins.submission as submission
 from cir_plugins.errors import SubmissionError
 from cir_plugins.evaluation import check_cirr_submission, write_cirr_submission
 from test_evaluation import submission_case
@@ -39,7 +39,7 @@ def test_an_interruption_between_the_two_files_is_visible_and_a_rerun_completes_
     split, ranking = submission_case()
     old_r, old_s = (p.read_bytes() for p in _write(tmp_path, ranking, split))  # an earlier, complete submission
     calls = {"n": 0}
-    real_bytes, real_json = evaluation.atomic_write_bytes, evaluation.atomic_write_json
+    real_bytes, real_json = submission.atomic_write_bytes, submission.atomic_write_json
 
     def counting(real):
         def write(*args, **kwargs):
@@ -49,8 +49,8 @@ def test_an_interruption_between_the_two_files_is_visible_and_a_rerun_completes_
             return real(*args, **kwargs)
         return write
 
-    monkeypatch.setattr(evaluation, "atomic_write_bytes", counting(real_bytes))
-    monkeypatch.setattr(evaluation, "atomic_write_json", counting(real_json))
+    monkeypatch.setattr(submission, "atomic_write_bytes", counting(real_bytes))
+    monkeypatch.setattr(submission, "atomic_write_json", counting(real_json))
     with pytest.raises(Killed):
         _write(tmp_path, ranking, split, reverse=True)
     path_r = tmp_path / "recall_submission_cirr.json"
