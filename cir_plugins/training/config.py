@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, explain
