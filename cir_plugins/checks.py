@@ -11,15 +11,15 @@ check computes its detailed message.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Container, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError, explain
+from .errors import ConfigError, DataError, DeviceError, DTypeError, NonFiniteError, ShapeError, explain
 from .protocol import SIMILARITIES
 
 __all__ = ["settle", "check_similarity", "check_embeddings", "check_rows", "check_not_excluded", "as_temperature",
-           "check_chunk_size", "check_ks", "FLOAT_DTYPES", "SIMILARITIES"]
+           "check_chunk_size", "check_ks", "require_images", "FLOAT_DTYPES", "SIMILARITIES"]
 
 # Floating dtypes accepted for embeddings, queries and banks (float64 for tests).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -177,3 +177,11 @@ def check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:
         raise ConfigError(explain(f"{name} must be a non-empty sequence of positive ints", got=ks,
                                   fix="e.g. (1, 5, 10, 50)"))
     return values
+
+
+def require_images(images: Container[str], ids: Sequence[str]) -> None:
+    """DataError naming the ids that the image mapping ``images`` lacks (all checked before any work)."""
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:10],
+                                fix="pass an image mapping (e.g. the split's images) that covers every id"))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ._console import format_values, progress_bar
 from ._utils import eval_mode, model_device
+from .checks import require_images
 from .errors import ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
 from .metrics import retrieval_metrics
 from .submission import (SUBMISSION_FORMAT, CIRRRanking, check_cirr_submission, rank_cirr,  # re-exported
@@ -79,14 +80,6 @@ def _similarity(model: Any) -> str:
 def _reference_encoder(model: Any):
     encode_reference = getattr(model, "encode_reference", None)
     return encode_reference if callable(encode_reference) else None
-
-
-def _require_images(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> None:
-    """DataError naming the ids that ``images`` lacks (all of them, checked before any work)."""
-    missing = [i for i in ids if i not in images]
-    if missing:
-        raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
-                                fix="pass an images mapping (e.g. the split's images) that covers every id"))
 
 
 def _stack(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> torch.Tensor:
@@ -136,7 +129,7 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
         raise ModelProtocolError(explain("the image encoder must be callable (images (n, C, H, W) -> (n, D))",
                                          got=type(encoder).__name__, fix="pass a function or a model's encode_image"))
     image_ids = list(image_ids)
-    _require_images(images, image_ids)
+    require_images(images, image_ids)
     if texts is not None and len(texts) != len(image_ids):
         raise ShapeError(explain(f"{desc}: one text per image id is needed", got=(len(image_ids), len(texts))))
     device = torch.device(device) if device is not None else model_device(encoder, default=None)
@@ -250,7 +243,7 @@ def _compose_all(model, images, triplets, batch_size, device, show_progress) -> 
     from .protocol import compose, reference_input, reference_uses_text
 
     encode_reference = _reference_encoder(model)
-    _require_images(images, [t.reference for t in triplets])
+    require_images(images, [t.reference for t in triplets])
     cached = None
     if encode_reference is not None and not reference_uses_text(model):
         unique = list(dict.fromkeys(t.reference for t in triplets))

@@ -38,6 +38,7 @@ from .. import protocol
 from .._atomic import atomic_write_bytes  # re-exported: the package's one atomic writer
 from .._console import progress_bar
 from .._utils import eval_mode, model_device
+from ..checks import require_images
 from ..errors import BankMismatchError, ConfigError, DataError, NonFiniteError, ShapeError, explain
 from .bank_format import (FORMAT, UNIT_TOLERANCE, VERSION, _check_unit_rows, _checksum,  # noqa: F401 (re-exported)
                           _dtype_name, _resolve_dtype, _ShardCache, read_bank_file)
@@ -339,10 +340,7 @@ class NegativeBank:
                 row_of_group[group] = len(representatives)
                 representatives.append(image_id)
             rows.append(row_of_group[group])
-        missing = [i for i in representatives if i not in images]
-        if missing:
-            raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:10],
-                                    fix="pass an image mapping that covers every id"))
+        require_images(images, representatives)
 
         if split is None:
             split = probe_split(model, images[representatives[0]].unsqueeze(0).to(device))

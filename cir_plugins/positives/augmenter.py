@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from ..checks import require_images
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import cache_file_name, caption_images, check_captioner, pil_source
@@ -202,10 +203,7 @@ class TripletAugmenter:
             raise DataError(explain("no image ids to augment", got=0, fix="pass the training split's image ids"))
         if len(set(ids)) != len(ids):
             raise DataError(explain("image_ids contain repeats", fix="pass each id once"))
-        missing = [i for i in ids if i not in images]
-        if missing:
-            raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:5],
-                                    fix="pass an images mapping covering every id"))
+        require_images(images, ids)
         if self.refer_only and annotated is None:
             raise ConfigError(explain("refer_only needs the annotated triplets", fix="pass annotated=split.triplets"))
         if groups is not None:
