@@ -27,15 +27,17 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ._atomic import atomic_write_bytes, atomic_write_json
+from .data.images import to_pil
 from .errors import ConfigError, DataError, explain
 from .evaluation import EvalFeatures, _rows, extract_features
 from .metrics import subset_ranks, target_ranks, topk_rows
+from .positives.captioners import pil_source
 
 __all__ = ["query_ranks", "ReportResult", "retrieval_report"]
 
@@ -86,41 +88,10 @@ def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_refere
 
 
 # ----------------------------------------------------------------------------------------------- images
-def _to_pil(image: Any):
-    """A PIL image from a PIL image or a (3, H, W) / (H, W, 3) tensor or array (min-max scaled to 0-255)."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
-    if array.ndim != 3:
-        raise DataError(explain("cannot show this image", got=getattr(array, "shape", None),
-                                expected="a PIL image or a (3, H, W) / (H, W, 3) tensor"))
-    low, high = float(array.min()), float(array.max())
-    array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    array = np.round(array * 255).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
-
-
-def _loader(images: Any):
-    """id -> PIL image: ``load_pil`` of an ImageStore, else the mapping's value (PIL or tensor)."""
-    load_pil = getattr(images, "load_pil", None)
-    if callable(load_pil):
-        return load_pil
-    if isinstance(images, Mapping):
-        return lambda image_id: images[image_id]
-    if callable(images):
-        return images
-    raise ConfigError(explain("cannot read images to show from this object", got=type(images).__name__,
-                              expected="an ImageStore, a Mapping id -> image, or a callable id -> image"))
-
-
 def _thumbnail(image, side: int):
     from PIL import Image
 
-    image = _to_pil(image)
+    image = to_pil(image)
     scale = side / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     small = max(image.size) < side  # tiny synthetic images: keep their pixels sharp
@@ -231,7 +202,7 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
     losses = [int(q) for q in np.flatnonzero(rank_np > other_np)] if other_np is not None else []
     shown = _pick_shown(len(rank_np), rank_np, other_np, wins, losses, n_queries, queries, k)
 
-    load = _loader(images if images is not None else split.images)
+    load = pil_source(images if images is not None else split.images)
     ids = features.gallery_ids
     label = list(names) + ["compare"] * (2 - len(names))
     entries = []
@@ -286,7 +257,7 @@ def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: st
         ax.axis("off")
     for r, entry in enumerate(entries):
         ref_ax = axes[r][0]
-        ref_ax.imshow(_to_pil(load(entry["reference"])), interpolation="nearest")
+        ref_ax.imshow(to_pil(load(entry["reference"])), interpolation="nearest")
         ref_ax.set_title("reference", fontsize=6)
         text = entry["text"] if len(entry["text"]) <= 70 else entry["text"][:67] + "..."
         tag = f"  [{entry['outcome']}]" if "outcome" in entry else ""
@@ -298,7 +269,7 @@ def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: st
         for start, top, rank, name in blocks:
             for j, image_id in enumerate(top[:k]):
                 ax = axes[r][start + j]
-                ax.imshow(_to_pil(load(image_id)), interpolation="nearest")
+                ax.imshow(to_pil(load(image_id)), interpolation="nearest")
                 if j == 0:
                     ax.set_title(f"{name}: {_rank_text(rank)}", fontsize=6, loc="left")
                 if image_id == entry["target"]:

@@ -147,3 +147,20 @@ def test_bad_arguments():
         ClipTransform("clip", 0)
     with pytest.raises(ImageLoadError):
         ImageStore("/definitely/not/here", {}, "none")
+
+
+def test_to_pil_min_max_scales_tensors_and_arrays_in_either_layout():
+    from cir_plugins.data.images import to_pil
+    from cir_plugins.errors import DataError
+
+    chw = torch.tensor([[[0.0, 1.0], [2.0, 4.0]]] * 3) - 1.0  # (3, 2, 2), values -1 .. 3
+    image = to_pil(chw)
+    assert image.mode == "RGB" and image.size == (2, 2)
+    assert np.asarray(image)[..., 0].tolist() == [[0, 64], [128, 255]]  # (v + 1) / 4 * 255, rounded
+    assert np.asarray(to_pil(chw.permute(1, 2, 0).numpy())).tolist() == np.asarray(image).tolist()  # (H, W, C)
+    gray = to_pil(chw[:1])  # one channel -> grey RGB
+    assert np.asarray(gray)[..., 2].tolist() == [[0, 64], [128, 255]]
+    assert np.asarray(to_pil(torch.zeros(3, 2, 2))).max() == 0  # constant image: black, no division by zero
+    assert to_pil(Image.new("L", (3, 1))).mode == "RGB"
+    with pytest.raises(DataError, match="cannot turn this image"):
+        to_pil(torch.zeros(2, 2))

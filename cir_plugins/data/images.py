@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from ..errors import ConfigError, ImageLoadError, ShapeError, UnsafePathError, explain
+from ..errors import ConfigError, DataError, ImageLoadError, ShapeError, UnsafePathError, explain
 
 __all__ = [
     "ImageStore",
@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "make_transform",
     "to_rgb",
+    "to_pil",
     "resolve_under_root",
     "ClipTransform",
 ]
@@ -154,6 +155,26 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
     array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def to_pil(image: Image.Image | torch.Tensor | np.ndarray) -> Image.Image:
+    """An RGB PIL image from a PIL image (:func:`to_rgb`) or a (C, H, W) / (H, W, C) tensor or array, C in {1, 3}.
+
+    A tensor's preprocessing (normalisation) is unknown here, so it is min-max scaled per image to [0, 255]:
+    colours come back only approximately; an ImageStore's ``load_pil`` gives the exact pixels.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=float)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise DataError(explain("cannot turn this image into a PIL image", got=getattr(array, "shape", None),
+                                expected="a PIL image or a (C, H, W) / (H, W, C) tensor or array with C in {1, 3}"))
+    low, high = float(array.min()), float(array.max())
+    array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    array = np.round(array * 255).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
 
 
 def _padded_size(w: int, h: int, target_ratio: float) -> tuple[int, int]:

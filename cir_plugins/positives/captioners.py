@@ -42,6 +42,7 @@ try:
 except ImportError:  # not POSIX (Windows): the cache is then not locked against other processes
     fcntl = None
 
+from ..data.images import to_pil
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
 
 __all__ = ["HFCaptioner", "PrecomputedCaptioner", "CaptionCache", "CaptionRun", "caption_images",
@@ -104,29 +105,10 @@ def clean_caption(text: str, *prompts: str | None) -> str:
     return text.strip(_QUOTES + ":.,;-").strip(_QUOTES)
 
 
-def _tensor_to_pil(tensor: torch.Tensor) -> Any:
-    """(C, H, W) float tensor -> RGB PIL image, min-max scaled per image to [0, 255].
-
-    The preprocessing (normalisation) of a tensor mapping is unknown here, so colours are only
-    approximately recovered; pass an ImageStore (it has ``load_pil``) for exact pixels.
-    """
-    from PIL import Image
-
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
-        raise DataError(explain("cannot turn this image into a PIL image", got=getattr(tensor, "shape", type(tensor)),
-                                expected="a (C, H, W) tensor with C in {1, 3}, or a PIL image"))
-    x = tensor.detach().float().cpu()
-    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-    array = (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # (C,H,W) -> (H,W,C)
-    return Image.fromarray(array, "RGB")
-
-
 def pil_source(images: Any) -> Callable[[str], Any]:
     """id -> RGB PIL image from an ImageStore (``load_pil``), a Mapping id -> PIL or tensor, or a callable.
 
-    Tensors are converted back with a per-image min-max scaling (see :func:`_tensor_to_pil`).
+    Tensors are converted back with a per-image min-max scaling (see :func:`cir_plugins.data.images.to_pil`).
     """
     load_pil = getattr(images, "load_pil", None)
     if callable(load_pil):
@@ -137,7 +119,7 @@ def pil_source(images: Any) -> Callable[[str], Any]:
                 raise DataError(explain("no image for this id", got=image_id, fix="pass images covering every id"))
             value = images[image_id]
             if isinstance(value, torch.Tensor):
-                return _tensor_to_pil(value)
+                return to_pil(value)
             return value.convert("RGB") if hasattr(value, "convert") else value
         return load
     if callable(images):
