@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import AnnotationError, ConfigError, explain
 
-__all__ = ["read_json", "require_root", "RecordChecker", "BadRecord", "ON_BAD_RECORD"]
+__all__ = ["read_json", "read_records", "require_root", "RecordChecker", "BadRecord", "ON_BAD_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,14 @@ def read_json(path: Path, *, available: list[str] | None = None) -> Any:
                                       fix="re-download the annotation file")) from error
 
 
+def read_records(path: Path, *, available: list[str] | None, fix: str) -> list:
+    """The JSON list of caption records in ``path`` (:func:`read_json`); AnnotationError when it is not a list."""
+    records = read_json(path, available=available)
+    if not isinstance(records, list):
+        raise AnnotationError(explain(f"{path} must hold a JSON list of records", got=type(records).__name__, fix=fix))
+    return records
+
+
 class BadRecord(Exception):
     """Internal: one record failed validation (turned into AnnotationError or a counted skip)."""
 
@@ -110,6 +118,23 @@ class RecordChecker:
         logger.warning("skipping a bad record: %s", message)
         self.skipped.append({"file": str(self.path), "index": index, "field": field, "problem": problem})
         raise BadRecord(message)
+
+    def parse_all(self, records: list, parse: Callable[[Any, int, bool | None], Any]) -> tuple[list, dict]:
+        """Each record through ``parse(record, index, with_target)`` (``with_target``: whether the first kept
+        record had a target); a skipped record is left out. Returns (triplets, the split's ``info``)."""
+        triplets: list = []
+        with_target: bool | None = None
+        for index, record in enumerate(records):
+            try:
+                triplet = parse(record, index, with_target)
+            except BadRecord:
+                continue
+            with_target = triplet.target is not None if with_target is None else with_target
+            triplets.append(triplet)
+        if self.skipped:
+            logger.warning("%s: skipped %d of %d records", self.path, len(self.skipped), len(records))
+        return triplets, {"records": len(records), "skipped": len(self.skipped), "skipped_records": self.skipped,
+                          "has_targets": bool(with_target)}
 
     def require_fields(self, index: int, record: Any, keys: tuple[str, ...]) -> None:
         """``record`` is a JSON object holding every key in ``keys`` (else :meth:`fail`)."""

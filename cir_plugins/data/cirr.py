@@ -15,20 +15,18 @@ Any split name present on disk loads ("train", "val", "test1", or the synthetic 
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AnnotationError, ConfigError, explain
-from ._annotations import BadRecord, RecordChecker, read_json, require_root
+from ._annotations import RecordChecker, read_json, read_records, require_root
 from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
 from .triplet import Triplet
 
 __all__ = ["load_cirr", "cirr_splits", "CIRR_SET_SIZE"]
 
-logger = logging.getLogger(__name__)
 
 #: images in every CIRR img_set (the reference and five others); Recall_subset ranks the five
 CIRR_SET_SIZE = 6
@@ -83,29 +81,19 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
         if not name.strip():
             raise AnnotationError(explain(f"{splits_path}: an image name is empty", got=name,
                                           fix="fix the image_splits file"))
-    records = read_json(captions_path, available=available)
-    if not isinstance(records, list):
-        raise AnnotationError(explain(f"{captions_path} must hold a JSON list of records",
-                                      got=type(records).__name__, fix="use the official cap.rc2 file"))
+    records = read_records(captions_path, available=available, fix="use the official cap.rc2 file")
     checker = RecordChecker(captions_path, on_bad_record)
     gallery = set(image_paths)
-    triplets: list[Triplet] = []
     seen_pairs: dict[int, int] = {}
-    with_target: bool | None = None
-    for index, record in enumerate(records):
-        try:
-            triplet = _parse_record(record, index, checker, gallery, seen_pairs, with_target, set_size)
-        except BadRecord:
-            continue
-        with_target = triplet.target is not None if with_target is None else with_target
+
+    def parse(record: Any, index: int, with_target: bool | None) -> Triplet:
+        triplet = _parse_record(record, index, checker, gallery, seen_pairs, with_target, set_size)
         seen_pairs[triplet.pair_id] = index
-        triplets.append(triplet)
+        return triplet
+
+    triplets, info = checker.parse_all(records, parse)
     store = ImageStore(root_path, image_paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path))
     dataset = "synthetic" if (root_path / "synthetic" / "scenes.json").is_file() else "cirr"
-    info: dict[str, Any] = {"records": len(records), "skipped": len(checker.skipped),
-                            "skipped_records": checker.skipped, "has_targets": bool(with_target)}
-    if checker.skipped:
-        logger.warning("%s: skipped %d of %d records", captions_path, len(checker.skipped), len(records))
     return Split(dataset=dataset, split=split, triplets=triplets, gallery_ids=list(image_paths), images=store,
                  category=None, root=str(root_path), protocol="cirr", info=info)
 

@@ -13,20 +13,18 @@ at both ends, and ``texts = ("c0 and c1", "c1 and c0")``; ``texts[0]`` is the ev
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AnnotationError, ConfigError, explain
-from ._annotations import BadRecord, RecordChecker, read_json, require_root
+from ._annotations import RecordChecker, read_json, read_records, require_root
 from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
 from .triplet import Triplet
 
 __all__ = ["load_fashioniq", "load_split", "CATEGORIES", "fashioniq_text", "STRIP_CHARS"]
 
-logger = logging.getLogger(__name__)
 
 CATEGORIES = ("dress", "shirt", "toptee")
 STRIP_CHARS = ".?, "
@@ -82,27 +80,13 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
             raise AnnotationError(explain(f"{splits_path}, entry {position}: duplicate image name "
                                           f"(first at entry {seen[name]})", got=name, fix="list each image once"))
         seen[name] = position
-    records = read_json(captions_path, available=available)
-    if not isinstance(records, list):
-        raise AnnotationError(explain(f"{captions_path} must hold a JSON list of records",
-                                      got=type(records).__name__, fix="use the official captions file"))
+    records = read_records(captions_path, available=available, fix="use the official captions file")
     checker = RecordChecker(captions_path, on_bad_record)
-    triplets: list[Triplet] = []
-    with_target: bool | None = None
-    for index, record in enumerate(records):
-        try:
-            triplet = _parse_record(record, index, checker, seen, category, with_target)
-        except BadRecord:
-            continue
-        with_target = triplet.target is not None if with_target is None else with_target
-        triplets.append(triplet)
+    triplets, info = checker.parse_all(
+        records, lambda record, index, with_target: _parse_record(record, index, checker, seen, category, with_target))
     images_dir = root_path / "images"
     paths = {name: _image_path(images_dir, name) for name in names}
     store = ImageStore(root_path, paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path))
-    info: dict[str, Any] = {"records": len(records), "skipped": len(checker.skipped),
-                            "skipped_records": checker.skipped, "has_targets": bool(with_target)}
-    if checker.skipped:
-        logger.warning("%s: skipped %d of %d records", captions_path, len(checker.skipped), len(records))
     return Split(dataset="fashioniq", split=split, triplets=triplets, gallery_ids=list(names), images=store,
                  category=category, root=str(root_path), protocol="fashioniq", info=info)
 
