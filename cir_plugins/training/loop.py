@@ -197,7 +197,7 @@ class Trainer(Checkpointing, abc.ABC):
         self.config = config
         self.rank, self.world = _distributed()
         self.triplets = self._check_triplets(list(triplets))
-        self.device = self._device()
+        self.device = model_device(self.model)
         self.history: list[dict[str, Any]] = []
         self.log_tau: nn.Parameter | None = None
         self.reference_cache: Any = None  # stage 2: a ReferenceCache (stage2.py), ids -> reference features
@@ -220,9 +220,6 @@ class Trainer(Checkpointing, abc.ABC):
         self._best_weights: dict[str, Tensor] | None = None  # CPU copy of the best epoch's trainable weights
 
     # ------------------------------------------------------------------------------------ set-up
-    def _device(self) -> torch.device:
-        return model_device(self.model)
-
     def _missing(self, triplet: Triplet) -> str | None:
         """Why this triplet cannot be trained on, or None."""
         if triplet.target is None:
