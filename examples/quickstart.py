@@ -291,28 +291,25 @@ def load_model(clip_dir: Path, device: str, fusion: str = "sum") -> CLIP4Cir:
 def selection(budget: Budget, val: Split | None, name: str, out: Path | None) -> dict:
     """Trainer settings for "best epoch by validation Rmean" (the method's protocol) when the budget asks for it.
 
-    Returns the extra config fields and the evaluate callback; {} when selection is off (the last epoch is kept).
+    Returns the extra config fields (where the best epoch's checkpoint goes) and the Evaluator; {} when selection
+    is off (the last epoch is kept).
     """
     if not budget.select_on_val or val is None or out is None:
         return {}
-
-    def on_val(model) -> dict:
-        result = cp.evaluate(model, val, protocol="cirr", batch_size=budget.eval_batch, show_progress=False)
-        return {"Rmean": float(result["Rmean"])}
-
-    return {"config": {"select_metric": "Rmean", "output_dir": str(out / name)}, "evaluate": on_val}
+    evaluator = cp.Evaluator.on_split(val, metric="Rmean", protocol="cirr", batch_size=budget.eval_batch,
+                                      show_progress=False)
+    return {"config": {"output_dir": str(out / name)}, "evaluator": evaluator}
 
 
 def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, *, val_log: dict | None = None,
         run_name: str = "run", **kwargs) -> tuple[object, list]:
-    """Build and fit a trainer; with validation selection, load the best epoch's weights back (and note every
-    epoch's val Rmean in ``val_log[run_name]``: the numbers every choice is made on)."""
-    config = config_cls(**{"select_metric": None, **config, **chosen.get("config", {})})  # None: keep the last epoch
-    trainer = trainer_cls(*args, config=config, evaluate=chosen.get("evaluate"), **kwargs)
-    history = trainer.fit()
+    """Build and fit a trainer; with validation selection, fit() puts the best epoch's weights back (and every
+    epoch's val Rmean goes into ``val_log[run_name]``: the numbers every choice is made on)."""
+    config = config_cls(**{**config, **chosen.get("config", {})})
+    trainer = trainer_cls(*args, config=config, evaluator=chosen.get("evaluator"), **kwargs)
+    history = trainer.fit()  # with an evaluator: the best epoch's weights are restored (restore_best)
     if chosen:
-        trainer.load_weights("best")
-        best = max(range(len(history)), key=lambda i: history[i]["metrics"]["Rmean"])
+        best = trainer.best_epoch - 1
         scores = ", ".join(f"{entry['metrics']['Rmean']:.1f}" for entry in history)
         print(f"     best epoch by val Rmean: {best + 1} of {len(history)} ({scores})", flush=True)
         if val_log is not None:
