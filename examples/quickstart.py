@@ -557,7 +557,7 @@ def bar_chart(table: dict, path: Path, n_seeds: int) -> None:
         ax.bar([i + k * width for i in range(len(rows))], means, width, yerr=stds if n_seeds > 1 else None,
                label=metric, capsize=2)
     ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(rows))])
-    ax.set_xticklabels(rows, rotation=15, fontsize=8)
+    ax.set_xticklabels([r.replace(" (", "\n(", 1) for r in rows], fontsize=8)
     ax.set_ylabel("recall (%)")
     ax.set_title(f"CLIP4Cir on the synthetic world, CIRR protocol, test split ({n_seeds} seed(s))")
     ax.legend(ncol=len(shown), fontsize=8)
@@ -662,11 +662,11 @@ def heldout_chart(table: dict, path: Path, n_runs: int) -> None:
     rows = [r for r in table if r != "baseline"]
     diffs = [table[r]["diff"] for r in rows]
     errors = [[d - table[r]["low"] for r, d in zip(rows, diffs)], [table[r]["high"] - d for r, d in zip(rows, diffs)]]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     ax.bar(range(len(rows)), diffs, yerr=errors, capsize=4, color=["#4c72b0" if d >= 0 else "#c44e52" for d in diffs])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(rows, rotation=15, fontsize=8)
+    ax.set_xticklabels([r.replace(" (", "\n(", 1) for r in rows], fontsize=8)
     ax.set_ylabel("Rmean minus baseline (points)")
     ax.set_title(f"Held-out synthetic worlds: difference to the baseline, 95% CI ({n_runs} runs)")
     fig.tight_layout()
