@@ -56,97 +56,37 @@ Files under ``root``:
   atomically; ``synthetic/GENERATING`` exists while a generation runs, so a killed run is never
   taken for a complete world.
 
-:class:`SyntheticCaptioner` reads ``scenes.json`` and returns the exact caption, or a noisy one
-(attributes dropped or swapped at rate ``noise``), deterministic per (seed, image id).
+Scene vocabulary, captions, rendering and the captioner / rewriter stand-ins:
+:mod:`cir_plugins.data.synthetic_scenes` (every name is re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from .._atomic import atomic_write_json
-from ..errors import ConfigError, DataError, explain
+from ..errors import ConfigError, explain
+from .synthetic_scenes import (BACKGROUND, COLOR_RGB, COLORS, COLS, EDIT_TYPES, POSITIONS, ROWS,  # re-exported
+                               SHAPES, SIZES, SyntheticCaptioner, SyntheticRewriter, _position_phrase, _seed_of,
+                               describe_scene, load_scenes, parse_caption, position_name, render_scene)
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
     "WorldConfig", "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner",
-    "SyntheticRewriter", "load_scenes", "position_name", "main",
+    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "main",
 ]
 
 logger = logging.getLogger(__name__)
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
-COLOR_RGB = {
-    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 215), "yellow": (235, 210, 45),
-    "purple": (135, 55, 175), "orange": (240, 135, 30), "cyan": (40, 200, 210),
-}
-SIZES = ("small", "large")
-ROWS = ("top", "middle", "bottom")
-COLS = ("left", "centre", "right")
-#: position name of cell (row, col), row-major: "top left", "top", "top right", "left", "centre", ...
-POSITIONS = tuple(
-    ("centre" if (r, c) == (1, 1) else (ROWS[r] if c == 1 else (COLS[c] if r == 1 else f"{ROWS[r]} {COLS[c]}")))
-    for r in range(3) for c in range(3)
-)
-EDIT_TYPES = ("recolour", "reshape", "resize", "move", "add", "remove")
-BACKGROUND = (190, 190, 190)
 WORLD_FORMAT = 1
-
-
-def position_name(row: int, col: int) -> str:
-    """Name of cell (row, col): "top left", "top", ..., "centre", ..., "bottom right"."""
-    return POSITIONS[row * 3 + col]
-
-
-def _position_phrase(row: int, col: int) -> str:
-    name = position_name(row, col)
-    if name == "centre":
-        return "in the centre"
-    if name in ("left", "right"):
-        return f"on the {name}"
-    return f"at the {name}"
-
-
-def _object_phrase(obj: Mapping[str, Any]) -> str:
-    words = [obj[k] for k in ("size", "color") if obj.get(k)]
-    noun = obj.get("shape") or "shape"
-    text = " ".join(words + [noun])
-    article = "an" if text[0] in "aeiou" else "a"
-    phrase = f"{article} {text}"
-    if obj.get("row") is not None and obj.get("col") is not None:
-        phrase += " " + _position_phrase(obj["row"], obj["col"])
-    return phrase
-
-
-def describe_scene(objects: Sequence[Mapping[str, Any]]) -> str:
-    """The exact caption of a scene, objects in reading order (row, then column).
-
-    Example: ``"a large red circle at the top left and a small blue square in the centre"``.
-    Missing attributes (``None`` or absent keys) are left out, so a noisy captioner can describe a
-    partial scene; a missing position drops the location phrase.
-    """
-    if not objects:
-        return "an empty grey picture"
-    ordered = sorted(objects, key=lambda o: (o.get("row") if o.get("row") is not None else 9,
-                                             o.get("col") if o.get("col") is not None else 9))
-    parts = [_object_phrase(o) for o in ordered]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,63 +301,6 @@ def _style(text: str, rng: random.Random) -> str:
     if rng.random() < 0.3:
         text += "."
     return text
-
-
-# --------------------------------------------------------------------------------------------
-# rendering
-
-
-def _seed_of(*parts: Any) -> int:
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
-
-
-def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    if shape == "star":
-        points = []
-        for k in range(10):
-            angle = -np.pi / 2 + k * np.pi / 5
-            radius = r if k % 2 == 0 else r * 0.45
-            points.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
-        return points
-    if shape == "cross":
-        t = r * 0.35
-        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-                (cx - r, cy - t), (cx - t, cy - t)]
-    return None
-
-
-def render_scene(objects: Sequence[Mapping[str, Any]], *, image_size: int = 40, seed: int = 0,
-                 position_jitter: float = 0.12, color_jitter: int = 25, pixel_noise: float = 10.0) -> Image.Image:
-    """Draw a scene as an RGB PIL image (image_size x image_size), jittered and noised by ``seed``."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    cell = image_size / 3.0
-    for obj in objects:
-        cx = (obj["col"] + 0.5 + rng.uniform(-position_jitter, position_jitter)) * cell
-        cy = (obj["row"] + 0.5 + rng.uniform(-position_jitter, position_jitter)) * cell
-        r = cell * (0.46 if obj["size"] == "large" else 0.27)
-        base = np.array(COLOR_RGB[obj["color"]])
-        fill = tuple(int(v) for v in np.clip(base + rng.integers(-color_jitter, color_jitter + 1, 3), 0, 255))
-        points = _shape_points(obj["shape"], cx, cy, r)
-        if obj["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj["shape"] == "square":
-            s = r * 0.85
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        else:
-            draw.polygon(points, fill=fill)
-    if pixel_noise > 0:
-        array = np.asarray(image, dtype=np.float32)  # (H, W, 3)
-        array = array + rng.normal(0.0, pixel_noise, array.shape).astype(np.float32)
-        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "RGB")
-    return image
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,184 +557,6 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
     atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
     logger.info("synthetic world written to %s: %d images, %d queries", root, sum(stats["images"].values()),
                 sum(stats["queries"].values()))
-
-
-def load_scenes(root: str | os.PathLike) -> dict[str, dict]:
-    """``{image_id: {"objects": [...], "caption": str}}`` from ``{root}/synthetic/scenes.json``."""
-    path = Path(root) / "synthetic" / "scenes.json"
-    if not path.is_file():
-        raise DataError(explain("no synthetic world here (scenes.json missing)", got=str(path),
-                                fix="run make_world(root) or `python -m cir_plugins.data.synthetic --root DIR`"))
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-class SyntheticCaptioner:
-    """A captioner for the synthetic world (the captioner seam: ``(image_ids, images) -> captions``).
-
-    Returns each image's exact scene caption from ``scenes.json``; with ``noise > 0`` every attribute
-    (shape, colour, size, position) of every object is, with probability ``noise``, dropped or
-    swapped for another value (half each), mimicking an imperfect MLLM. Deterministic per
-    (seed, image id); ``images`` is ignored (the scene is known).
-    """
-
-    def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0) -> None:
-        if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-            raise ConfigError(explain("noise must be a probability in [0, 1]", got=noise))
-        self.root, self.noise, self.seed = Path(root), float(noise), int(seed)
-        self.scenes = load_scenes(root)
-        self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed})"
-
-    def caption_of(self, image_id: str) -> str:
-        if image_id not in self.scenes:
-            raise DataError(explain("image id is not in the synthetic world", got=image_id,
-                                    fix="caption only ids of this world's splits"))
-        scene = self.scenes[image_id]
-        if self.noise == 0.0:
-            return scene["caption"]
-        rng = random.Random(_seed_of("captioner", self.seed, image_id))
-        noisy = []
-        for obj in scene["objects"]:
-            obj = dict(obj)
-            for key, vocab in (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", None)):
-                if rng.random() >= self.noise:
-                    continue
-                drop = rng.random() < 0.5
-                if key == "position":
-                    if drop:
-                        obj["row"] = obj["col"] = None
-                    else:
-                        cell = rng.choice([c for c in range(9) if c != obj["row"] * 3 + obj["col"]])
-                        obj["row"], obj["col"] = cell // 3, cell % 3
-                elif drop:
-                    obj[key] = None
-                else:
-                    obj[key] = rng.choice([v for v in vocab if v != obj[key]])
-            noisy.append(obj)
-        return describe_scene(noisy)
-
-    def __call__(self, image_ids: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
-        if images is not None and len(images) != len(image_ids):
-            raise ConfigError(explain("image_ids and images differ in length", got=(len(image_ids), len(images))))
-        return [self.caption_of(i) for i in image_ids]
-
-
-_OBJECT = re.compile(r"^an? (?:(?P<size>{sizes}) )?(?:(?P<color>{colors}) )?(?P<shape>{shapes}|shape)"
-                     r"(?: (?:at|on|in) the (?P<where>{positions}))?$".format(
-                         sizes="|".join(SIZES), colors="|".join(COLORS), shapes="|".join(SHAPES),
-                         positions="|".join(sorted(POSITIONS, key=len, reverse=True))))
-
-
-def parse_caption(caption: str) -> list[dict] | None:
-    """Objects of a caption written like :func:`describe_scene` (attributes may be missing), or None.
-
-    The inverse of ``describe_scene``: ``{"shape", "color", "size", "row", "col"}`` per object, None for
-    an attribute the caption does not state. Returns None when any part is not an object phrase.
-    """
-    text = caption.strip()
-    if text == "an empty grey picture":
-        return []
-    head, _, last = text.rpartition(" and ")
-    parts = (head.split(", ") if head else []) + [last]
-    objects = []
-    for part in parts:
-        match = _OBJECT.match(part.strip())
-        if match is None:
-            return None
-        where = match["where"]
-        cell = POSITIONS.index(where) if where else None
-        objects.append({"shape": None if match["shape"] == "shape" else match["shape"], "color": match["color"],
-                        "size": match["size"], "row": None if cell is None else cell // 3,
-                        "col": None if cell is None else cell % 3})
-    return objects
-
-
-class SyntheticRewriter:
-    """Stands in for the method's optional LLM rewrite of generated texts (the ``rewrite`` hook, text -> text).
-
-    Given a filled template that names both captions (``"{target} instead of {reference}"`` or
-    ``"Unlike {reference}, I want {target}"``), it writes what an LLM asked for the style of human
-    annotations would: a short relative edit ("make the circle blue and remove the small star"). It
-    sees only the text, that is the two (possibly noisy) captions, never the scenes; objects are
-    matched by grid cell. Its phrasing is its own small set ("make X blue", "turn X into a star",
-    "make X bigger", "replace X with a red star", "move X to the left", "remove X", "add a ...").
-
-    The text comes back unchanged when it names only one caption (the ``"{target}"`` template), when a
-    caption does not parse, when an object has no stated position, when the captions describe the
-    same scene, or when the pair differs by more than ``max_edits`` changes (a long list of edits is
-    no more useful than the template). ``rewritten`` / ``kept`` count both outcomes.
-    """
-
-    _PAIR = (re.compile(r"^(?P<target>.+) instead of (?P<reference>.+)$"),
-             re.compile(r"^Unlike (?P<reference>.+), I want (?P<target>.+)$"))
-
-    def __init__(self, max_edits: int = 2) -> None:
-        if isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1:
-            raise ConfigError(explain("max_edits must be an int >= 1", got=max_edits))
-        self.max_edits = max_edits
-        self.rewritten = self.kept = 0
-        self.name = f"synthetic-rewrite(max_edits={max_edits})"
-
-    @staticmethod
-    def _name(obj: Mapping[str, Any], scene: Sequence[Mapping[str, Any]]) -> str:
-        """The shortest description of ``obj`` that no other object of ``scene`` also fits."""
-        for keys in (("shape",), ("color", "shape"), ("size", "color", "shape")):
-            if any(obj.get(k) is None for k in keys):
-                continue
-            if sum(all(o.get(k) == obj[k] for k in keys) for o in scene) == 1:
-                return "the " + " ".join(obj[k] for k in keys)
-        words = " ".join(obj[k] for k in ("color", "shape") if obj.get(k)) or "shape"
-        return f"the {words} {_position_phrase(obj['row'], obj['col'])}"
-
-    def edits(self, reference: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]]) -> list[str] | None:
-        """Edit phrases turning ``reference`` into ``target`` (objects matched by cell), or None if unknown."""
-        if any(o.get("row") is None for o in list(reference) + list(target)):
-            return None
-        before = {o["row"] * 3 + o["col"]: o for o in reference}
-        after = {o["row"] * 3 + o["col"]: o for o in target}
-        phrases = []
-        for cell in sorted(set(before) & set(after)):
-            old, new = before[cell], after[cell]
-            name = self._name(old, reference)
-            changed = [k for k in ("shape", "color", "size") if old.get(k) != new.get(k) and new.get(k) is not None]
-            if "shape" in changed and "color" in changed:
-                phrases.append(f"replace {name} with {_object_phrase({'color': new['color'], 'shape': new['shape']})}")
-                changed = [k for k in changed if k == "size"]
-            for key in changed:
-                if key == "shape":
-                    phrases.append(f"turn {name} into {_object_phrase({'shape': new['shape']})}")
-                elif key == "color":
-                    phrases.append(f"make {name} {new['color']}")
-                else:
-                    phrases.append(f"make {name} {'bigger' if new['size'] == 'large' else 'smaller'}")
-        gone = [before[c] for c in sorted(set(before) - set(after))]
-        came = [after[c] for c in sorted(set(after) - set(before))]
-        for old in list(gone):  # the same object in another cell: a move
-            same = [n for n in came if all(n.get(k) == old.get(k) for k in ("shape", "color", "size"))]
-            if same:
-                new = same[0]
-                where = position_name(new["row"], new["col"])
-                phrases.append(f"move {self._name(old, reference)} to the {where}")
-                gone.remove(old)
-                came.remove(new)
-        phrases += [f"remove {self._name(old, reference)}" for old in gone]
-        for new in came:
-            phrases.append(f"add {_object_phrase(new)}")
-        return phrases
-
-    def __call__(self, text: str) -> str:
-        for pattern in self._PAIR:
-            match = pattern.match(text.strip())
-            if match is None:
-                continue
-            reference, target = parse_caption(match["reference"]), parse_caption(match["target"])
-            phrases = None if reference is None or target is None else self.edits(reference, target)
-            if phrases and len(phrases) <= self.max_edits:
-                self.rewritten += 1
-                return " and ".join(phrases)
-            break
-        self.kept += 1
-        return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
