@@ -289,9 +289,24 @@ def _rows(features: EvalFeatures, ids: Sequence[str], what: str) -> torch.Tensor
     return torch.tensor([features.row_of[i] for i in ids], dtype=torch.int64, device=features.query.device)
 
 
-def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_reference: bool | None = None,
-                          chunk_size: int | None = None) -> dict:
-    """The protocol's metrics from extracted features (see module docstring). Values in percent."""
+@dataclass
+class ProtocolRows:
+    """The gallery rows a protocol scores for each query of an :class:`EvalFeatures`.
+
+    ``target``: (Q,) target rows; ``exclude``: (Q, 1) reference rows removed from the candidates
+    (-1 where the reference is the target, which stays), or None when the reference is kept;
+    ``subset``: (Q, S) the CIRR ``img_set`` members minus the reference, -1 padded, or None.
+    """
+
+    target: torch.Tensor
+    exclude: torch.Tensor | None
+    subset: torch.Tensor | None
+    reference_removed: bool
+    reference_equals_target: int
+
+
+def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bool | None = None) -> ProtocolRows:
+    """The one place that turns a protocol into rows: reference removal (CIRR by default) and subsets."""
     if protocol not in PROTOCOLS:
         raise ConfigError(explain("unknown evaluation protocol", got=protocol, expected=PROTOCOLS))
     triplets = features.triplets
@@ -302,15 +317,12 @@ def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_refer
     remove = (protocol == "cirr") if remove_reference is None else bool(remove_reference)
     target_rows = _rows(features, [t.target for t in triplets], "target images")  # (Q,)
     ref_rows = _rows(features, [t.reference for t in triplets], "reference images")  # (Q,)
-    exclude = None
     same = int((ref_rows == target_rows).sum())
+    exclude = None
     if remove:
         exclude = ref_rows.masked_fill(ref_rows == target_rows, -1)[:, None]  # (Q, 1), -1 = keep
-        if same:
-            logger.warning("%d queries have reference == target; their reference is kept", same)
-    ks = CIRR_KS if protocol == "cirr" else FASHIONIQ_KS
     subset = None
-    if protocol == "cirr" and all(t.members for t in triplets):
+    if protocol == "cirr" and triplets and all(t.members for t in triplets):
         width = max(len(t.members) for t in triplets)
         subset = torch.full((len(triplets), width), -1, dtype=torch.int64, device=features.query.device)
         for i, t in enumerate(triplets):
@@ -319,13 +331,24 @@ def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_refer
                 raise DataError(explain(f"query {i} (pair {t.pair_id}): the target is not in img_set.members",
                                         got=t.target, fix="fix the annotation's img_set"))
             subset[i, :len(others)] = _rows(features, others, "img_set members")  # (S,) padded with -1
-    result = retrieval_metrics(features.query, features.gallery, target_rows, ks=ks, exclude_rows=exclude,
-                               subset_rows=subset, subset_ks=CIRR_SUBSET_KS, chunk_size=chunk_size,
+    return ProtocolRows(target_rows, exclude, subset, remove, same)
+
+
+def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_reference: bool | None = None,
+                          chunk_size: int | None = None) -> dict:
+    """The protocol's metrics from extracted features (see module docstring). Values in percent."""
+    rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
+    if rows.reference_removed and rows.reference_equals_target:
+        logger.warning("%d queries have reference == target; their reference is kept", rows.reference_equals_target)
+    ks = CIRR_KS if protocol == "cirr" else FASHIONIQ_KS
+    result = retrieval_metrics(features.query, features.gallery, rows.target, ks=ks, exclude_rows=rows.exclude,
+                               subset_rows=rows.subset, subset_ks=CIRR_SUBSET_KS, chunk_size=chunk_size,
                                similarity=features.similarity)
-    result["n_queries"] = len(triplets)
+    result["n_queries"] = len(features.triplets)
     result["n_gallery"] = len(features.gallery_ids)
-    result["protocol"] = {"name": protocol, "reference_removed": remove, "similarity": features.similarity,
-                          "subset": subset is not None, "reference_equals_target": same}
+    result["protocol"] = {"name": protocol, "reference_removed": rows.reference_removed,
+                          "similarity": features.similarity, "subset": rows.subset is not None,
+                          "reference_equals_target": rows.reference_equals_target}
     return result
 
 

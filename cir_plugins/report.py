@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from ._atomic import atomic_write_bytes, atomic_write_json
 from .data.images import to_pil
 from .errors import ConfigError, DataError, explain
-from .evaluation import EvalFeatures, _rows, extract_features
+from .evaluation import EvalFeatures, extract_features, protocol_rows
 from .metrics import subset_ranks, target_ranks, topk_rows
 from .positives.captioners import pil_source
 
@@ -44,45 +43,21 @@ __all__ = ["query_ranks", "ReportResult", "retrieval_report"]
 TARGET_COLOR = "#1a9e3a"  # the outline of the target image
 
 
-def _remove_reference(features: EvalFeatures, protocol: str, remove_reference: bool | None) -> bool:
-    if protocol not in ("cirr", "fashioniq"):
-        raise ConfigError(explain("unknown evaluation protocol", got=protocol, expected=("cirr", "fashioniq")))
-    return (protocol == "cirr") if remove_reference is None else bool(remove_reference)
-
-
-def _exclude_rows(features: EvalFeatures, remove: bool) -> torch.Tensor | None:
-    """(Q, 1) reference rows to remove from the candidates (-1 where reference == target), or None."""
-    if not remove:
-        return None
-    targets = _rows(features, [t.target for t in features.triplets], "target images")
-    refs = _rows(features, [t.reference for t in features.triplets], "reference images")
-    return refs.masked_fill(refs == targets, -1)[:, None]
-
-
 def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_reference: bool | None = None) -> dict:
     """Per-query 0-based target ranks: ``{"rank": (Q,) int64, "subset_rank": (Q,) int64 or None}``.
 
     ``rank`` counts the gallery candidates that beat the target (the reference removed under the CIRR
     protocol unless ``remove_reference`` says otherwise); ``subset_rank`` ranks the target among the
     query's ``img_set`` members minus its reference (CIRR, when every query has members). Hence
-    ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K.
+    ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K. The rows come from
+    :func:`cir_plugins.evaluation.protocol_rows`, as the metrics' do.
     """
-    triplets = features.triplets
-    if any(t.target is None for t in triplets):
-        raise DataError(explain("queries without targets have no rank", fix="use a split with targets (not CIRR test1)"))
-    remove = _remove_reference(features, protocol, remove_reference)
-    targets = _rows(features, [t.target for t in triplets], "target images")  # (Q,)
-    exclude = _exclude_rows(features, remove)
-    ranks = target_ranks(features.query, features.gallery, targets, exclude_rows=exclude,
+    rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
+    ranks = target_ranks(features.query, features.gallery, rows.target, exclude_rows=rows.exclude,
                          similarity=features.similarity)
     subset = None
-    if protocol == "cirr" and triplets and all(t.members for t in triplets):
-        width = max(len(t.members) for t in triplets)
-        rows = torch.full((len(triplets), width), -1, dtype=torch.int64, device=features.query.device)
-        for i, t in enumerate(triplets):
-            others = [m for m in t.members if m != t.reference]
-            rows[i, :len(others)] = _rows(features, others, "img_set members")
-        subset = subset_ranks(features.query, features.gallery, targets, rows, exclude_rows=exclude,
+    if rows.subset is not None:
+        subset = subset_ranks(features.query, features.gallery, rows.target, rows.subset, exclude_rows=rows.exclude,
                               similarity=features.similarity)
     return {"rank": ranks, "subset_rank": subset}
 
@@ -126,10 +101,10 @@ class ReportResult:
 def _ranking(model, split, features, protocol, remove_reference, k, batch_size, device, show_progress):
     if features is None:
         features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
-    remove = _remove_reference(features, protocol, remove_reference)
-    _, top = topk_rows(features.query, features.gallery, k, exclude_rows=_exclude_rows(features, remove),
+    rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
+    _, top = topk_rows(features.query, features.gallery, k, exclude_rows=rows.exclude,
                        similarity=features.similarity)  # (Q, k)
-    ranks = query_ranks(features, protocol=protocol, remove_reference=remove)["rank"]
+    ranks = query_ranks(features, protocol=protocol, remove_reference=rows.reference_removed)["rank"]
     return features, top, ranks
 
 
