@@ -414,7 +414,10 @@ def _run_script(args, tmp_path):
 def test_retrieval_benchmark_smoke_runs_on_cpu(tmp_path):
     data = _run_script([str(REPO / "benchmarks" / "retrieval_gpu.py"), "--smoke", "--device", "cpu"], tmp_path)
     by = {r["method"]: r for r in data["rows"]}
-    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "topk_rows_fp32_upcast", "retrieval_metrics", "bare_bf16_topk"}
+    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "topk_rows_fp32_upcast", "retrieval_metrics", "bare_bf16_topk",
+                       "topk_rows_no_filter", "topk_rows_group64", "topk_rows_group512"}
+    for method in ("topk_rows_no_filter", "topk_rows_group64", "topk_rows_group512"):  # the candidate filter is exact
+        assert by[method]["same_rows_and_scores_as_default"] is True, method
     assert by["topk_rows_fp32_upcast"]["share_rows_equal_to_default"] == 1.0  # on CPU both score in float32
     assert all(r["ms"] > 0 for r in by.values())
     assert by["topk_rows_big_chunk"]["same_rows_as_default"] is True
