@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ._atomic import atomic_write_bytes, atomic_write_json
 from .data.images import to_pil
@@ -98,12 +99,36 @@ class ReportResult:
     shown: list[int]
 
 
-def _ranking(model, split, features, protocol, remove_reference, k, batch_size, device, show_progress):
+def _index_top(index, features: EvalFeatures, k: int, remove_reference: bool) -> torch.Tensor:
+    """(Q, k) gallery positions of the index's top-k (bank rows mapped through their ids), -1 padded."""
+    gallery_pos = {image_id: i for i, image_id in enumerate(features.gallery_ids)}
+    bank_row = dict(zip(index.ids, index._rows))
+    missing = [t.reference for t in features.triplets if remove_reference and t.reference not in bank_row]
+    if missing:
+        raise DataError(explain("the FAISS index's bank lacks reference images of this split", got=missing[:5],
+                                fix="export the index from a bank built on this split's gallery"))
+    exclude = None
+    if remove_reference:  # the reference's bank row, unless the target shares it (then it stays, as in the metrics)
+        exclude = torch.tensor([[-1 if bank_row[t.reference] == bank_row.get(t.target) else bank_row[t.reference]]
+                                for t in features.triplets], dtype=torch.int64)  # (Q, 1)
+    _, rows = index.search(features.query.float(), min(k, len(index)), exclude_rows=exclude)  # (Q, k) bank rows
+    top = torch.full((rows.shape[0], k), -1, dtype=torch.int64)
+    for q, row_list in enumerate(rows.tolist()):
+        found = [next((gallery_pos[i] for i in index.ids_of_row(r) if i in gallery_pos), -1) for r in row_list if r >= 0]
+        found = [g for g in found if g >= 0][:k]
+        top[q, :len(found)] = torch.tensor(found, dtype=torch.int64)
+    return top
+
+
+def _ranking(model, split, features, protocol, remove_reference, k, batch_size, device, show_progress, index=None):
     if features is None:
         features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
     rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
-    _, top = topk_rows(features.query, features.gallery, k, exclude_rows=rows.exclude,
-                       similarity=features.similarity)  # (Q, k)
+    if index is not None:  # the shown candidates come from the index; the ranks stay exact
+        top = _index_top(index, features, k, rows.reference_removed)
+    else:
+        _, top = topk_rows(features.query, features.gallery, k, exclude_rows=rows.exclude,
+                           similarity=features.similarity)  # (Q, k)
     ranks = query_ranks(features, protocol=protocol, remove_reference=rows.reference_removed)["rank"]
     return features, top, ranks
 
@@ -133,7 +158,8 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
                      queries: Sequence[int] | None = None, protocol: str | None = None,
                      remove_reference: bool | None = None, images: Any = None, features: EvalFeatures | None = None,
                      compare_features: EvalFeatures | None = None, batch_size: int = 64, device: Any = None,
-                     thumbnail: int = 96, title: str | None = None, show_progress: bool = False) -> ReportResult:
+                     thumbnail: int = 96, title: str | None = None, show_progress: bool = False,
+                     index: Any = None) -> ReportResult:
     """Write ``report.html``, ``report.png`` and ``report.json`` into ``out_dir`` (see the module doc).
 
     Args:
@@ -152,6 +178,9 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
             used, tensors are min-max scaled).
         features / compare_features: precomputed EvalFeatures of the split (skip the embedding pass).
         thumbnail: side of the page's thumbnails in pixels.
+        index: a :class:`~cir_plugins.negatives.faiss_index.FaissIndex` over a bank of this split's gallery:
+            the first model's shown top-``k`` come from searching it (exact or compressed), its bank rows
+            mapped to gallery images by id; the target ranks (and so the wins and losses) stay exact.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ConfigError(explain("k must be a positive int", got=k, fix="e.g. k=5"))
@@ -164,7 +193,7 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
         protocol = "cirr"
     with_compare = compare is not None or compare_features is not None
     features, top, ranks = _ranking(model, split, features, protocol, remove_reference, k, batch_size, device,
-                                    show_progress)
+                                    show_progress, index)
     other_top = other_ranks = None
     if with_compare:
         other_features, other_top, other_ranks = _ranking(compare, split, compare_features, protocol, remove_reference,

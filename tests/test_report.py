@@ -155,3 +155,33 @@ def test_show_refuses_fashioniq_without_a_category(factory, tmp_path):
     with pytest.raises(ConfigError, match="category"):
         _show(["--model", f"{factory}:build", "--dataset", "fashioniq", "--root", str(root), "--split", "val",
                "--image-size", "4", "--out", str(tmp_path / "o")])
+
+
+def test_report_shows_a_flat_faiss_index_top_k_equal_to_the_exact_one(tmp_path):
+    pytest.importorskip("faiss", reason='FAISS is an optional extra: pip install "cir-plugins[faiss]"')
+    from types import SimpleNamespace
+
+    from cir_plugins.negatives.faiss_index import build_faiss_index
+
+    features = _random_features(seed=3)
+    images = {image_id: torch.zeros(3, 4, 4) for image_id in features.gallery_ids}
+    split = Split(dataset="synthetic", split="test", triplets=features.triplets, gallery_ids=features.gallery_ids,
+                  images=images, protocol="cirr")
+    # a bank in another row order than the gallery: the report must map bank rows to gallery images by id
+    order = list(reversed(range(len(features.gallery_ids))))
+    bank_ids = [features.gallery_ids[i] for i in order]
+    bank = SimpleNamespace(embeddings=features.gallery[order], ids=bank_ids, row_of=bank_ids.index, fingerprint="f")
+    index = build_faiss_index(bank, "flat")
+    queries = list(range(len(features.triplets)))
+    exact = retrieval_report(None, split, tmp_path / "exact", features=features, k=5, queries=queries)
+    searched = retrieval_report(None, split, tmp_path / "faiss", features=features, k=5, queries=queries, index=index)
+    shown_exact = json.loads(exact.json.read_text())["shown"]
+    shown_faiss = json.loads(searched.json.read_text())["shown"]
+    tied = {features.gallery_ids[3], features.gallery_ids[7]}  # identical rows: either order is a correct top-k
+    for a, b in zip(shown_exact, shown_faiss):
+        assert b["reference"] not in b["top"] and len(b["top"]) == 5
+        if tied & set(a["top"]):
+            assert set(a["top"]) - tied == set(b["top"]) - tied
+        else:
+            assert a["top"] == b["top"]
+    assert searched.ranks == exact.ranks  # ranks stay exact

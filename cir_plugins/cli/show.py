@@ -47,6 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "model, else the best and worst ranked (default: 8)")
     parser.add_argument("--query-index", type=int, action="append", default=None, metavar="I",
                         help="show this query (index in the split; repeatable) instead of choosing")
+    parser.add_argument("--faiss", default=None, metavar="PATH",
+                        help="a FAISS index saved from a bank of this split's gallery: the first model's shown top-k "
+                             "come from searching it (ranks stay exact)")
     parser.add_argument("--batch-size", type=int, default=64)
     add_progress_argument(parser)
 
@@ -67,10 +70,15 @@ def run(args: argparse.Namespace) -> int:
     if args.compare or args.compare_trained:
         other = build_model(argparse.Namespace(**{**vars(args), "model": args.compare or args.model,
                                                   "trained": args.compare_trained}))
+    index = None
+    if args.faiss:
+        from ..negatives.faiss_index import FaissIndex
+
+        index = FaissIndex.load(args.faiss)
     names = tuple(args.names) if args.names else ("model", "compare")
     result = retrieval_report(model, split, Path(args.out), compare=other, names=names, k=args.k,
                               n_queries=args.queries, queries=args.query_index, batch_size=args.batch_size,
-                              device=args.device, show_progress=show_progress(args),
+                              device=args.device, show_progress=show_progress(args), index=index,
                               title=f"{args.dataset} {args.split}{' ' + args.category if args.category else ''}: "
                                     f"top {args.k} of {names[0]}" + (f" vs {names[1]}" if other is not None else ""))
     hits = sum(r < args.k for r in result.ranks) / len(result.ranks) * 100
