@@ -11,7 +11,11 @@ import json
 import textwrap
 
 import pytest
+import torch
 
+from cir_plugins.errors import ConfigError
+from cir_plugins.negatives import fused
+from cir_plugins.negatives.loss import bank_contrastive_loss
 from test_fused import _SCRIPT, _interpret  # the same interpreter harness (cases -> loss and gradients vs float64)
 
 CASES = {
@@ -98,10 +102,6 @@ def test_two_pass_equals_single_pass_fast_statistics():
 
 
 def test_unknown_precision_is_a_config_error():
-    torch = pytest.importorskip("torch")
-    from cir_plugins.errors import ConfigError
-    from cir_plugins.negatives import fused
-
     if not fused.triton_importable():
         pytest.skip("triton not importable")
     with pytest.raises(ConfigError, match="two_pass"):
@@ -109,10 +109,6 @@ def test_unknown_precision_is_a_config_error():
 
 
 def test_bank_contrastive_loss_takes_the_precision():
-    torch = pytest.importorskip("torch")
-    from cir_plugins.errors import ConfigError
-    from cir_plugins.negatives.loss import bank_contrastive_loss
-
     g = torch.Generator().manual_seed(3)
     q, bank = torch.randn(4, 8, generator=g), torch.randn(31, 8, generator=g)
     rows = torch.tensor([0, 5, 9, 30])
@@ -125,9 +121,6 @@ def test_bank_contrastive_loss_takes_the_precision():
 
 @pytest.mark.parametrize("slice_cols", [0, 64, 100, 333, 5000])
 def test_weighted_chunk_sum_slices_equal_one_gemm(slice_cols, monkeypatch):
-    torch = pytest.importorskip("torch")
-    from cir_plugins.negatives import fused
-
     monkeypatch.setattr(fused, "TWO_PASS_GEMM_SLICE", slice_cols)
     g = torch.Generator().manual_seed(0)
     weights = torch.rand(7, 1000, generator=g).bfloat16()[:, :997]  # a strided view, as the last chunk's
