@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, DataError, explain
 from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
                       load_dataset, model_from_factory, show_progress)
@@ -154,8 +155,7 @@ def _pair_encoder(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..positives.annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
-
-    from ..recipes.run import FASHIONIQ_CATEGORIES, training_pool
+    from ..recipes.run import training_pool
 
     fashion = args.dataset == "fashioniq"
     defaults = RECIPE_DEFAULTS[args.dataset]
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         args.words = defaults["words"]
     # FashionIQ: the three categories' training images are one pool (partners ranked over all of them, as the
     # release does); --category restricts the run to one
-    categories = [args.category] if not fashion or args.category else list(FASHIONIQ_CATEGORIES)
+    categories = [args.category] if not fashion or args.category else list(CATEGORIES)
     splits = [load_dataset(args, category=c) for c in categories]
     pool = training_pool(splits)
     if fashion:

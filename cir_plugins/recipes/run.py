@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..data.fashioniq import CATEGORIES
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 from . import Recipe
@@ -32,8 +33,6 @@ from . import Recipe
 __all__ = ["TrainingData", "training_pool", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce"]
 
 logger = logging.getLogger(__name__)
-
-FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 
 
 @dataclass
@@ -84,7 +83,7 @@ def load_training_data(dataset: str, root: str | os.PathLike, split: str = "trai
 
     if dataset == "fashioniq":
         return training_pool([load_split(root, dataset, split, category, transform=transform, size=size,
-                                         on_bad_record=on_bad_record) for category in FASHIONIQ_CATEGORIES])
+                                         on_bad_record=on_bad_record) for category in CATEGORIES])
     return training_pool([load_split(root, dataset, split, transform=transform, size=size,
                                      on_bad_record=on_bad_record)])
 
@@ -97,7 +96,7 @@ def load_eval_splits(dataset: str, root: str | os.PathLike, split: str = "val", 
 
     if dataset == "fashioniq":
         return [load_split(root, dataset, split, category, transform=transform, size=size)
-                for category in FASHIONIQ_CATEGORIES]
+                for category in CATEGORIES]
     return load_split(root, dataset, split, transform=transform, size=size)
 
 
