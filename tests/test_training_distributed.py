@@ -11,12 +11,11 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
+from _gloo import spawn_gloo
 from test_training_toy import make_model, make_world
 
 # batch 15 over 2 ranks: uneven slices (7 + 8), and a last micro-batch of 65 % 15 = 5 (2 + 3)
@@ -40,22 +39,17 @@ def _train(**changes):
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    try:
-        for name, changes in VARIANTS.items():
-            weights, losses, layout = _train(**changes)
-            save_file(weights, f"{folder}/{name}-rank{rank}.safetensors")
-            with open(f"{folder}/{name}-rank{rank}.json", "w") as handle:
-                json.dump({"losses": losses, "layout": layout}, handle)
-    finally:
-        dist.destroy_process_group()
+    for name, changes in VARIANTS.items():
+        weights, losses, layout = _train(**changes)
+        save_file(weights, f"{folder}/{name}-rank{rank}.safetensors")
+        with open(f"{folder}/{name}-rank{rank}.json", "w") as handle:
+            json.dump({"losses": losses, "layout": layout}, handle)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(2, str(folder)), nprocs=2, join=True)
+    spawn_gloo(_worker, folder)
     return folder
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import cir_plugins as cp
 from cir_plugins.negatives.bank import NegativeBank
+from _gloo import spawn_gloo
 from test_training_toy import make_model, make_world
 
 QUERY_SIDE = ("text.weight", "fuse.weight", "fuse.bias")
@@ -18,36 +17,31 @@ SCORES = [1.0, 3.0, 2.0]  # the best epoch (2) is not the last
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    try:
-        images, train, _ = make_world(n_train=40)
-        model = make_model()
-        bank = NegativeBank.build(model, list(images), images, show_progress=False)
-        seen = []
+    images, train, _ = make_world(n_train=40)
+    model = make_model()
+    bank = NegativeBank.build(model, list(images), images, show_progress=False)
+    seen = []
 
-        def scripted(m):  # runs on rank 0 only; keeps the weights it evaluated
-            seen.append({n: p.detach().clone() for n, p in m.named_parameters() if n in QUERY_SIDE})
-            return {"score": SCORES[len(seen) - 1]}
+    def scripted(m):  # runs on rank 0 only; keeps the weights it evaluated
+        seen.append({n: p.detach().clone() for n, p in m.named_parameters() if n in QUERY_SIDE})
+        return {"score": SCORES[len(seen) - 1]}
 
-        trainer = cp.Stage2Trainer(model, bank, train, images,
-                                   config=cp.Stage2Config(epochs=3, batch_size=10, lr=1e-2, show_progress=False),
-                                   evaluator=cp.Evaluator(scripted, metric="score"))
-        trainer.fit()
-        final = {n: p.detach().clone() for n, p in model.named_parameters() if n in QUERY_SIDE}
-        save_file(final, f"{folder}/final-rank{rank}.safetensors")
-        if rank == 0:
-            for epoch, weights in enumerate(seen, 1):
-                save_file(weights, f"{folder}/epoch{epoch}.safetensors")
-        save_file({"best_epoch": torch.tensor(trainer.best_epoch)}, f"{folder}/best-rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
+    trainer = cp.Stage2Trainer(model, bank, train, images,
+                               config=cp.Stage2Config(epochs=3, batch_size=10, lr=1e-2, show_progress=False),
+                               evaluator=cp.Evaluator(scripted, metric="score"))
+    trainer.fit()
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if n in QUERY_SIDE}
+    save_file(final, f"{folder}/final-rank{rank}.safetensors")
+    if rank == 0:
+        for epoch, weights in enumerate(seen, 1):
+            save_file(weights, f"{folder}/epoch{epoch}.safetensors")
+    save_file({"best_epoch": torch.tensor(trainer.best_epoch)}, f"{folder}/best-rank{rank}.safetensors")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo-fit")
-    mp.spawn(_worker, args=(2, str(folder)), nprocs=2, join=True)
+    spawn_gloo(_worker, folder)
     return folder
 
 
