@@ -37,13 +37,13 @@ skipped (METHOD.md section 2):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from .. import _atomic
+from ..data._annotations import read_records
 from ..data.triplet import Triplet
 from ..errors import AnnotationError, ConfigError, explain
 
@@ -113,17 +113,9 @@ def write_generated_fashioniq(triplets: Sequence[Triplet], path: str | os.PathLi
 
 
 def _read_list(path: str | os.PathLike) -> tuple[Path, list]:
+    """(path, its JSON list of records), read by the loaders' strict reader (AnnotationError naming the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(explain("the annotation file does not exist", got=str(path)))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise AnnotationError(explain(f"{path} is not valid JSON ({error.msg} at line {error.lineno})",
-                                      fix="re-write the file")) from None
-    if not isinstance(data, list):
-        raise AnnotationError(explain(f"{path} must hold a JSON list of records", got=type(data).__name__))
-    return path, data
+    return path, read_records(path, available=None, fix="pass a file of generated triplets (a JSON list of records)")
 
 
 def _texts(path: Path, index: int, record: dict, key: str) -> tuple[str, ...]:
@@ -171,7 +163,10 @@ def read_generated_cirr(path: str | os.PathLike) -> list[Triplet]:
     one string); source = the record's ``source``, "generated" when absent; ``caption1`` /
     ``caption2`` -> meta reference / target caption (module notes).
     """
-    path, records = _read_list(path)
+    return _cirr_triplets(*_read_list(path))
+
+
+def _cirr_triplets(path: Path, records: list) -> list[Triplet]:
     out = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
@@ -193,7 +188,10 @@ def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
     """Read a file written by :func:`write_generated_fashioniq` (or the release's
     ``cap.extend_{model}.train.json``) into Triplets: texts = ``texts``, else ``captions``; source =
     the record's ``source``, "generated" when absent."""
-    path, records = _read_list(path)
+    return _fashioniq_triplets(*_read_list(path))
+
+
+def _fashioniq_triplets(path: Path, records: list) -> list[Triplet]:
     out = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
@@ -211,9 +209,9 @@ def read_generated(path: str | os.PathLike) -> list[Triplet]:
     path, records = _read_list(path)
     first = records[0] if records and isinstance(records[0], dict) else {}
     if "target_hard" in first:
-        return read_generated_cirr(path)
+        return _cirr_triplets(path, records)
     if "candidate" in first:
-        return read_generated_fashioniq(path)
+        return _fashioniq_triplets(path, records)
     raise AnnotationError(explain(f"{path} is in neither generated-triplet schema", got=sorted(first)[:8],
                                   expected="CIRR records (reference, target_hard, caption) or FashionIQ records "
                                            "(candidate, target, captions)"))
