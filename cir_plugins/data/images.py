@@ -55,6 +55,7 @@ __all__ = [
     "make_transform",
     "to_rgb",
     "to_pil",
+    "decode_image",
     "resolve_under_root",
     "ClipTransform",
 ]
@@ -149,6 +150,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+def decode_image(source, *, what: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 check_size: Callable | None = None, fix: str = "replace the file",
+                 limit_fix: str = "raise max_pixels if the file is trusted") -> Image.Image:
+    """Decode ``source`` (a path or binary file object) into an RGB PIL image: the one image-open path of the
+    package (ImageStore reads and the server's uploads).
+
+    The size is checked from the header before any pixel is decoded: more than ``max_pixels`` pixels (the
+    decompression-bomb guard), then ``check_size(w, h, max_pixels=..., what=...)`` when given (a named
+    transform's bound on the images it makes). PIL's global limit is off meanwhile (:class:`_OwnPixelLimit`).
+    Raises ImageLoadError naming ``what``: with ``limit_fix`` for an image over the limit, with ``fix`` for
+    anything PIL cannot read.
+    """
+    try:
+        with _OwnPixelLimit(), Image.open(source) as image:
+            w, h = image.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageLoadError(explain(f"{what} has more pixels than allowed by the pixel limit "
+                                             "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels",
+                                             expected=f"at most max_pixels={max_pixels}", fix=limit_fix))
+            if callable(check_size):  # refused from the header, before the transform allocates anything
+                check_size(w, h, max_pixels=max_pixels, what=what)
+            image.load()
+            return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
+    except ImageLoadError:
+        raise
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ... for bad files
+        raise ImageLoadError(explain(f"{what} cannot be decoded: not a readable image (corrupt, truncated or not an "
+                                     "image format PIL reads)", got=f"{type(error).__name__}: {error}",
+                                     fix=fix)) from error
 
 
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -463,25 +495,10 @@ class ImageStore(Mapping):
             return self._decode(image_id, path, handle)
 
     def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
-        fix_file = "re-download or replace the file, or drop this id from the split"
-        try:
-            with _OwnPixelLimit(), Image.open(handle) as image:
-                w, h = image.size
-                if self.max_pixels is not None and w * h > self.max_pixels:
-                    raise ImageLoadError(explain(f"image {image_id!r} is larger than the pixel limit "
-                                                 "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels at {path}",
-                                                 expected=f"at most max_pixels={self.max_pixels}",
-                                                 fix="raise ImageStore(max_pixels=...) if the file is trusted"))
-                check = getattr(self.transform, "check_size", None)
-                if callable(check):  # refused from the header, before the transform allocates anything
-                    check(w, h, max_pixels=self.max_pixels, what=f"image {image_id!r} at {path}")
-                image.load()
-                return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
-        except ImageLoadError:
-            raise
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            raise ImageLoadError(explain(f"image {image_id!r} cannot be decoded (corrupt or truncated)",
-                                         got=f"{path}: {type(error).__name__}: {error}", fix=fix_file)) from error
+        return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,
+                            check_size=getattr(self.transform, "check_size", None),
+                            fix="re-download or replace the file, or drop this id from the split",
+                            limit_fix="raise ImageStore(max_pixels=...) if the file is trusted")
 
     def readable_ids(self, ids: Iterable[str] | None = None) -> list[str]:
         """The ids (all by default) whose image decodes; unreadable ones are logged and dropped."""

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._utils import eval_mode, model_device
-from ..data.images import DEFAULT_MAX_PIXELS, ImageStore, _OwnPixelLimit, resolve_under_root, to_rgb
+from ..data.images import DEFAULT_MAX_PIXELS, ImageStore, decode_image, resolve_under_root, to_rgb
 from ..data.triplet import Triplet
 from ..errors import BankMismatchError, ConfigError, DataError, ImageLoadError, explain
 
@@ -36,20 +36,8 @@ def decode_image_bytes(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     readable image or has more than ``max_pixels`` pixels (decompression-bomb guard, as ImageStore)."""
     if not data:
         raise ImageLoadError(explain(f"{what} is empty", got="0 bytes", fix="choose an image file"))
-    try:
-        with _OwnPixelLimit(), Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageLoadError(explain(f"{what} has more pixels than allowed", got=f"{width}x{height}",
-                                             expected=f"at most {max_pixels} pixels", fix="upload a smaller image"))
-            image.load()
-            return to_rgb(image).copy()
-    except ImageLoadError:
-        raise
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad bytes
-        raise ImageLoadError(explain(f"{what} is not a readable image", got=f"{type(error).__name__}: {error}",
-                                     expected="a PNG, JPEG, WebP, GIF or BMP file",
-                                     fix="choose an image file")) from error
+    return decode_image(io.BytesIO(data), what=what, max_pixels=max_pixels,
+                        fix="choose an image file (PNG, JPEG, WebP, GIF or BMP)", limit_fix="upload a smaller image")
 
 
 class GallerySearcher:
