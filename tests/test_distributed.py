@@ -44,6 +44,7 @@ def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, s
     q0 = torch.nn.functional.normalize(torch.randn(b, d, generator=gq, dtype=torch.float64), dim=-1).to(qdtype)
     target = torch.randint(0, n, (b,), generator=gq)
     excl = None
+    k = k[rank] if isinstance(k, tuple) else k  # a tuple: each rank its own K (0: no exclude_rows)
     if k:
         excl = torch.randint(0, n, (b, k), generator=gq)
         excl[excl == target[:, None]] = -1
@@ -150,6 +151,9 @@ def _worker(rank, world, port, out_dir):
                                         bdtype=torch.float64, n=17, d=5, t=3, bsizes=(4, 2), k=2, seed=2),
             "dot_f32_bf16_bank": _loss_case(rank, world, similarity="dot", qdtype=torch.float32,
                                             bdtype=torch.bfloat16, n=29, d=8, t=1, bsizes=(5, 5), k=0, seed=3),
+            # rank 0 passes no exclude_rows, rank 1 three columns: the shards pad to the largest K
+            "dot_f64_ragged_k": _loss_case(rank, world, similarity="dot", qdtype=torch.float64, bdtype=torch.float64,
+                                           n=19, d=5, t=1, bsizes=(3, 4), k=(0, 3), seed=7),
             # a one-row bank: rank 1 holds an empty shard and still takes part
             "dot_f64_empty_shard": _loss_case(rank, world, similarity="dot", qdtype=torch.float64,
                                               bdtype=torch.float64, n=1, d=4, t=1, bsizes=(2, 3), k=0, seed=6),
@@ -173,7 +177,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,tol", [("dot_f64", 1e-12), ("max_token_f64", 1e-12), ("dot_f32_bf16_bank", 1e-5),
-                                      ("dot_f64_empty_shard", 1e-12)])
+                                      ("dot_f64_ragged_k", 1e-12), ("dot_f64_empty_shard", 1e-12)])
 def test_sharded_loss_equals_single_process(results, case, tol):
     for rank in range(WORLD):
         r = results[rank][case]

@@ -87,24 +87,25 @@ def _gather_sizes(values, group, world, device):
 
 
 def _check_layout(query, local, row_offset, n_total, group, checks):
-    """Run this rank's input ``checks`` (a callable), then gather (row_offset, n_local, n_total, B,
-    failed) of every rank and check that the shards tile [0, n_total).
+    """Run this rank's input ``checks`` (a callable returning this rank's K of exclude_rows, or None),
+    then gather (row_offset, n_local, n_total, B, failed, K) of every rank and check that the shards
+    tile [0, n_total).
 
     Every rank reaches the exchange even when its own inputs are refused, so a bad input on one
     rank is an error on all of them instead of a wait for a collective that never comes.
-    Returns (rank, world, batch sizes per rank).
+    Returns (rank, world, batch sizes per rank, the largest K of any rank).
     """
     rank, world = _require_group(group)
-    error = None
+    error, k = None, 0
     try:
-        checks()
+        k = checks() or 0
         if not isinstance(row_offset, int) or not isinstance(n_total, int):
             raise ConfigError(explain("row_offset and n_total must be ints", got=(row_offset, n_total),
                                       fix="pass the shard's first global row and the whole bank's size"))
     except CIRPluginsError as exc:
         error = exc
     device = local.device if isinstance(local, torch.Tensor) else torch.device("cpu")
-    mine = [0, 0, 0, 0, 1] if error else [row_offset, local.shape[0], n_total, query.shape[0], 0]
+    mine = [0, 0, 0, 0, 1, 0] if error else [row_offset, local.shape[0], n_total, query.shape[0], 0, k]
     table = _gather_sizes(mine, group, world, device)
     if error is not None:
         raise error
@@ -116,16 +117,16 @@ def _check_layout(query, local, row_offset, n_total, group, checks):
         raise ConfigError(explain("ranks disagree on n_total", got=[r[2] for r in table], fix="pass the full bank size"))
     fix = "give rank r the rows shard_rows(n_total, r, world)"
     expected_start = 0
-    for off, n, _, _, _ in sorted(table, key=lambda r: r[0]):
+    for off, n, *_ in sorted(table, key=lambda r: r[0]):
         if off != expected_start:
             raise ConfigError(explain("the bank shards do not tile the rows [0, n_total) without gaps or overlaps",
-                                      got=[(o, o + k) for o, k, _, _, _ in table],
+                                      got=[(r[0], r[0] + r[1]) for r in table],
                                       expected="contiguous slices from shard_rows(n_total, rank, world)", fix=fix))
         expected_start = off + n
     if expected_start != n_total:
         raise ConfigError(explain("the bank shards do not cover n_total rows", got=expected_start,
                                   expected=n_total, fix=fix))
-    return rank, world, [r[3] for r in table]
+    return rank, world, [r[3] for r in table], max(r[5] for r in table)
 
 
 def _local_rows(rows: torch.Tensor, row_offset: int, n_local: int) -> torch.Tensor:
@@ -143,8 +144,8 @@ class _Shard:
     """What the loss core needs to run over a sharded bank: gather every rank's queries and rows,
     and combine the per-shard statistics across ranks (the same merge as for chunks)."""
 
-    def __init__(self, group, rank, sizes, row_offset, n_local):
-        self.group, self.rank, self.sizes = group, rank, sizes
+    def __init__(self, group, rank, sizes, row_offset, n_local, k):
+        self.group, self.rank, self.sizes, self.k = group, rank, sizes, k  # k: the largest K of any rank
         self.row_offset, self.n_local = row_offset, n_local
         self.bmax = max(sizes)
 
@@ -158,9 +159,7 @@ class _Shard:
 
     def gather(self, query, target_rows, exclude_rows):
         """All ranks' queries (world * bmax, D) with their target / excluded rows made local (-1 elsewhere)."""
-        k = torch.tensor([0 if exclude_rows is None else exclude_rows.shape[1]], device=query.device)
-        dist.all_reduce(k, op=dist.ReduceOp.MAX, group=self.group)  # ranks may pass different K
-        k = int(k)
+        k = self.k  # ranks may pass different K; the layout exchange brought the largest
         excl = None
         if k:
             ex = exclude_rows if exclude_rows is not None else target_rows.new_empty(query.shape[0], 0)
@@ -223,10 +222,11 @@ def sharded_bank_contrastive_loss(
         probe = local_bank if local_bank.shape[0] else local_bank.new_zeros(1, *local_bank.shape[1:])  # layout only
         holder["tau"] = validate_loss_inputs(query, probe, target_rows, temperature, exclude_rows, similarity,
                                              n_rows=n_total)
+        return 0 if exclude_rows is None else exclude_rows.shape[1]
 
-    rank, _, sizes = _check_layout(query, local_bank, row_offset, n_total, group, checks)
+    rank, _, sizes, k = _check_layout(query, local_bank, row_offset, n_total, group, checks)
     tau, empty = holder["tau"], local_bank.shape[0] == 0
-    shard = _Shard(group, rank, sizes, row_offset, local_bank.shape[0])
+    shard = _Shard(group, rank, sizes, row_offset, local_bank.shape[0], k)
     backend = "triton" if not empty and select_path(query, local_bank, similarity, chunk_size) == "fused" else "torch"
     return sharded_loss(query, tau, local_bank.detach(), target_rows, exclude_rows, similarity, backend=backend,
                         chunk_size=chunk_size, shard=shard)
@@ -262,7 +262,7 @@ def _check_sharded_retrieval(query, local, row_offset, n_total, similarity, grou
             found += C.check_not_excluded(rows["target_rows"], rows.get("exclude_rows"))
         C.settle(found)
 
-    _, world, sizes = _check_layout(query, local, row_offset, n_total, group, checks)
+    _, world, sizes, _ = _check_layout(query, local, row_offset, n_total, group, checks)
     if len(set(sizes)) != 1:
         raise ShapeError(explain("sharded retrieval needs the same queries on every rank", got=f"query counts {sizes}",
                                  fix="give every rank all the queries; only the gallery is sharded"))
