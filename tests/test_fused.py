@@ -294,6 +294,9 @@ def test_bad_inputs_raise_clear_errors():
         )
     with pytest.raises(ShapeError, match="target_rows"):
         fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0]), torch.tensor(0.1))
+    with pytest.raises(ConfigError, match="excludes its own target"):
+        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1),
+                                  exclude_rows=torch.tensor([[3], [1]]))
 
 
 # ---------------------------------------------------------------- benchmark smoke run

@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from ..checks import as_temperature, check_embeddings, check_rows, settle
+from ..checks import as_temperature, check_embeddings, check_not_excluded, check_rows, settle
 from ..errors import ConfigError, explain
 from ..metrics import _mm_fp32_out
 from .fused_kernels import _OUT_OF_RESOURCES, _TRITON_ERROR, triton
@@ -174,9 +174,9 @@ def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = N
                 splits=splits, tiles_per_split=tiles_per_split, num_warps=num_warps, num_stages=num_stages)
 
 
-def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity) -> torch.Tensor:
-    """The library's validators (shared with the loss and the metrics) plus what only the kernel needs;
-    returns the temperature as a float32 0-dim tensor."""
+def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity, target_rows=None) -> torch.Tensor:
+    """The library's validators (shared with the loss and the metrics) plus what only the kernel needs, in one
+    host sync (with ``target_rows``, also theirs); returns the temperature as a float32 0-dim tensor."""
     if triton is None:
         raise ConfigError(explain("the fused bank loss needs triton, which did not import", got=_TRITON_ERROR,
                                   fix="install triton (it ships with CUDA builds of torch) or use the chunked path"))
@@ -186,6 +186,10 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
     checks = check_embeddings(query, bank, similarity, what="bank", dtypes=_BANK_DTYPES, finite_rows=False)
     checks += check_rows("exclude_rows", exclude_rows, query.shape[0], bank.shape[0], query.device, padded=True,
                          queries="B")
+    if target_rows is not None:
+        checks += check_rows("target_rows", target_rows, query.shape[0], bank.shape[0], query.device, padded=False,
+                             queries="B")
+        checks += check_not_excluded(target_rows, exclude_rows)
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
     tau, tau_checks = as_temperature(temperature.reshape(()), query.float())
@@ -415,8 +419,6 @@ def fused_max_token_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_ro
 
 
 def _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, similarity):
-    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, similarity)
-    settle(check_rows("target_rows", target_rows, query.shape[0], bank.shape[0], query.device, padded=False,
-                      queries="B"))
+    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, similarity, target_rows)
     return sharded_loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend="triton",
                         precision=precision)
