@@ -68,6 +68,22 @@ def parse_json_object(text: str, option: str, fix: str) -> dict:
     return value
 
 
+def read_json_file(path: str | Path, what: str, *, kind: type | tuple[type, ...] = dict, error: type = DataError,
+                   expected: str | None = None, fix: str | None = None) -> Any:
+    """The JSON document in ``path`` (``what`` names the file in messages): ``error`` when it cannot be read
+    or parsed, or when it is not a ``kind`` (dict: a JSON object, list: a JSON list, or a tuple of them)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as problem:
+        raise error(explain(f"cannot read {what}", got=f"{path}: {problem}", expected=expected, fix=fix)) from problem
+    if not isinstance(value, kind):
+        names = " or ".join({dict: "object", list: "list"}[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise error(explain(f"{what} must hold a JSON {names}",
+                            got=f"{path}: {type(value).__name__}", expected=expected, fix=fix))
+    return value
+
+
 def model_from_factory(args: argparse.Namespace, spec: str | None = None) -> Any:
     """``load_factory(spec or args.model)(**json(args.factory_kwargs))``: the factory's model, unwrapped."""
     from .._loading import load_factory
@@ -184,14 +200,11 @@ def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> di
         return find_duplicates(list(split.gallery_ids), split.images, show_progress=show_progress)
     if args.groups is None:
         return None
-    path = Path(args.groups)
-    try:
-        groups = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(explain("cannot read the groups file", got=f"{path}: {error}",
-                                expected="a JSON object image id -> group id")) from error
-    if not isinstance(groups, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in groups.items()):
-        raise DataError(explain("the groups file must be a JSON object of strings", got=type(groups).__name__))
+    groups = read_json_file(args.groups, "the groups file", expected="a JSON object image id -> group id")
+    bad = next(((k, v) for k, v in groups.items() if not isinstance(v, str)), None)
+    if bad is not None:  # JSON object keys are always strings
+        raise DataError(explain("the groups file must be a JSON object of strings", got=f"{args.groups}: {bad}",
+                                expected="image id -> group id"))
     return groups
 
 
@@ -201,20 +214,14 @@ def read_triplets(path: str | Path) -> list[Triplet]:
     ``reference``, ``texts`` (or ``text``), ``target`` and optionally ``source`` / ``meta``.
     A bad record raises DataError naming its index."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(explain("cannot read the triplets file", got=f"{path}: {error}")) from error
+    data = read_json_file(path, "the triplets file", kind=(dict, list))
     records = data.get("triplets") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise DataError(explain("the triplets file must hold a list of records", got=type(records).__name__))
     first = records[0] if records and isinstance(records[0], dict) else {}
-    if "target_hard" in first:  # the CIRR schema, as `cir-plugins augment --dataset cirr|synthetic` writes
-        from ..positives.annotations import read_generated_cirr
-        return read_generated_cirr(path)
-    if "candidate" in first:  # the FashionIQ schema
-        from ..positives.annotations import read_generated_fashioniq
-        return read_generated_fashioniq(path)
+    if "target_hard" in first or "candidate" in first:  # the CIRR or FashionIQ schema `cir-plugins augment` writes
+        from ..positives.annotations import read_generated
+        return read_generated(path)
     out = []
     for index, record in enumerate(records):
         try:

@@ -7,11 +7,9 @@ complete, 1 when it is not (with ``--strict``, duplicate images count as incompl
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from ..errors import ConfigError, explain
-from ._common import add_progress_argument, show_progress
+from ..errors import ConfigError
+from ._common import add_progress_argument, read_json_file, show_progress
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,15 +36,8 @@ def _counts(value: str):
         return "official"
     if value == "none":
         return None
-    path = Path(value)
-    try:
-        counts = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(explain("--counts is not 'official', 'none' or a readable JSON file", got=value,
-                                  fix="pass a JSON object {split: {\"images\": n, \"triplets\": m}}")) from error
-    if not isinstance(counts, dict):
-        raise ConfigError(explain("the --counts file must hold a JSON object", got=type(counts).__name__))
-    return counts
+    return read_json_file(value, "the --counts file", error=ConfigError,
+                          fix="pass 'official', 'none' or a JSON object {split: {\"images\": n, \"triplets\": m}}")
 
 
 def run(args: argparse.Namespace) -> int:

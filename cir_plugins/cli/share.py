@@ -15,10 +15,9 @@ the repository is private unless ``--public``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..errors import DataError, explain
+from ._common import read_json_file
 
 __all__ = ["configure", "run"]
 
@@ -48,14 +47,8 @@ def _evaluation(specs: list[str]) -> dict[str, dict]:
     for spec in specs:
         name, _, file = spec.rpartition("=") if "=" in spec else ("", "", spec)
         path = Path(file)
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise DataError(explain("cannot read the evaluation file", got=f"{path}: {error}",
-                                    fix="pass a JSON file written by cir-plugins evaluate --output")) from error
-        if not isinstance(metrics, dict):
-            raise DataError(explain("the evaluation file must hold a JSON object of metrics", got=str(path)))
-        table[name or path.stem] = metrics
+        table[name or path.stem] = read_json_file(path, "the evaluation file", expected="a JSON object of metrics",
+                                                  fix="pass a JSON file written by cir-plugins evaluate --output")
     return table
 
 
