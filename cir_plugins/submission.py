@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from ._utils import file_sha256
 from .errors import DataError, SubmissionError, explain
 from .metrics import topk_rows
 
@@ -227,7 +228,7 @@ def check_cirr_submission(out_dir: str | os.PathLike, *, name: str = "cirr") -> 
         raise SubmissionError(explain(f"{manifest} is unreadable", got=f"{type(error).__name__}: {error}",
                                       fix=fix)) from error
     for path in (path_recall, path_subset):
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != files.get(path.name):
+        if not path.is_file() or file_sha256(path) != files.get(path.name):
             raise SubmissionError(explain(f"{path} is missing or differs from the file written with its pair",
                                           got=str(path), expected=f"the SHA-256 recorded in {manifest.name}", fix=fix))
     return path_recall, path_subset
