@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 faiss = pytest.importorskip("faiss", reason='FAISS is an optional extra: pip install "cir-plugins[faiss]"')
 
-from cir_plugins.errors import ConfigError, DataError, ShapeError  # noqa: E402
+from cir_plugins.errors import ConfigError, DataError, DTypeError, ShapeError  # noqa: E402
 from cir_plugins.metrics import topk_rows  # noqa: E402
 from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 from cir_plugins.negatives.faiss_index import FaissIndex, build_faiss_index  # noqa: E402
@@ -126,6 +126,13 @@ def test_bad_inputs():
         index.search(torch.randn(3, 9), 5)
     with pytest.raises(ConfigError, match="k must"):
         index.search(torch.randn(3, 8), 51)
+    # exclude_rows: the metrics' checks (shape, dtype, range) with the metrics' errors
+    with pytest.raises(ShapeError, match="exclude_rows must be"):
+        index.search(torch.randn(3, 8), 5, exclude_rows=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(DTypeError, match="exclude_rows must be an int64"):
+        index.search(torch.randn(3, 8), 5, exclude_rows=torch.zeros(3, 1, dtype=torch.int32))
+    with pytest.raises(ShapeError, match="exclude_rows out of range"):
+        index.search(torch.randn(3, 8), 5, exclude_rows=torch.tensor([[0], [50], [-1]]))
     with pytest.raises(ConfigError, match="IVF"):
         index.set_nprobe(4)
     with pytest.raises(ConfigError, match="factory"):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._atomic import atomic_write_bytes, atomic_write_json
+from ..checks import check_rows, settle
 from ..errors import ConfigError, DataError, ShapeError, explain
 
 __all__ = ["FaissIndex", "build_faiss_index", "faiss_available", "KINDS"]
@@ -142,11 +143,9 @@ class FaissIndex:
             raise ConfigError(explain("k must be a positive int no larger than the index", got=k, expected=f"1..{n}"))
         q = query.detach().to("cpu", torch.float32).contiguous().numpy()
         extra = 0
-        if exclude_rows is not None:
-            if not torch.is_tensor(exclude_rows) or exclude_rows.dim() != 2 or exclude_rows.shape[0] != q.shape[0]:
-                raise ShapeError(explain("exclude_rows must be (Q, K) int64 with -1 padding",
-                                         got=getattr(exclude_rows, "shape", type(exclude_rows)),
-                                         expected=f"({q.shape[0]}, K)"))
+        if exclude_rows is not None:  # the metrics' own check: (Q, K) int64, -1 padded, rows in [0, n)
+            settle(check_rows("exclude_rows", exclude_rows, q.shape[0], n, getattr(exclude_rows, "device", None),
+                              padded=True))
             extra = int(exclude_rows.shape[1])
         scores, rows = self.index.search(q, min(n, k + extra))  # (Q, k + K) each, best first; -1 rows where none
         scores = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
