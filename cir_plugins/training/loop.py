@@ -386,23 +386,26 @@ class Trainer(Checkpointing, abc.ABC):
         weight = len(triplets)  # 0 on a rank whose slice is empty: it still takes part in the step's
         if not triplets and self.world > 1:  # collectives (DDP, sharded bank) with one stand-in sample
             triplets, texts = list(batch[:1]), list(batch_texts[:1])
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum = 0.0
         if triplets:
             if self.amp_dtype is not None:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype):
                     loss = self._loss(triplets, texts)
             else:
                 loss = self._loss(triplets, texts)
-            loss_sum = loss.detach().to(torch.float64) * weight
+            value = float(loss.detach())  # the step's one host sync: the finite check and the reported loss
+            loss_sum = value * weight
             # the slice's mean, weighted so that summing over ranks / world gives the global mean
             scaled = loss * (weight * self.world / total) / accum
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
-            if bool(torch.isfinite(loss.detach())):
+            if math.isfinite(value):
                 scaled.backward()
         if self.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        return float(loss_sum) / total
+            summed = torch.tensor(loss_sum, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            loss_sum = float(summed)
+        return loss_sum / total
 
     def train_step(self, batch: Sequence[Triplet], texts: Sequence[str] | None = None) -> float:
         """One optimiser step on ``batch`` (forward, backward, optimiser, scheduler); returns its mean loss.
