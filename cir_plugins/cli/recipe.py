@@ -21,6 +21,7 @@ import argparse
 import json
 from typing import Any
 
+from ..data.images import TRANSFORM_NAMES
 from ..errors import ConfigError, explain
 from ._common import add_model_arguments, add_progress_argument, build_model, model_from_factory, show_progress
 
@@ -43,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--generated", help="a generated-triplet file instead of captioning (either schema)")
     go.add_argument("--pair-encoder", default=None,
                     help="factory spec of the image encoder that ranks partners (default: the model's encode_image)")
-    go.add_argument("--transform", default="targetpad", choices=("clip", "targetpad", "squarepad", "none"),
+    go.add_argument("--transform", default="targetpad", choices=TRANSFORM_NAMES,
                     help="image preprocessing (default: targetpad, as the release's models)")
     go.add_argument("--image-size", type=int, default=224)
     go.add_argument("--rank-window", default=None,
