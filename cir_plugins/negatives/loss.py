@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NonFiniteError, explain
-from ..checks import (FLOAT_DTYPES, SIMILARITIES, as_temperature, check_chunk_size, check_embeddings,
-                      check_not_excluded, check_rows, check_similarity, settle)
+from ..checks import (SIMILARITIES, as_temperature, check_chunk_size, check_embeddings, check_not_excluded,
+                      check_rows, settle)
 from ..metrics import _mask_rows_
 
 __all__ = [
@@ -322,8 +322,7 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
     Returns the temperature as a 0-dim tensor in the compute dtype (float32, or float64 for a
     float64 query), still attached to the caller's graph.
     """
-    check_similarity(similarity)
-    checks = check_embeddings(query, bank, similarity, what="bank", dtypes=FLOAT_DTYPES, finite_rows=False)
+    checks = check_embeddings(query, bank, similarity, what="bank", finite_rows=False)  # similarity too
     n = bank.shape[0] if n_rows is None else n_rows
     checks += check_rows("target_rows", target_rows, query.shape[0], n, query.device, padded=False, queries="B")
     checks += check_rows("exclude_rows", exclude_rows, query.shape[0], n, query.device, padded=True, queries="B")
