@@ -20,6 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, explain
 from ._common import (add_dataset_arguments, add_model_arguments, add_progress_argument, build_model, load_dataset,
                       show_progress)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import retrieval_report
 
     if args.dataset == "fashioniq" and not args.category:
-        raise ConfigError(explain("FashionIQ needs --category", expected=("dress", "shirt", "toptee"),
+        raise ConfigError(explain("FashionIQ needs --category", expected=CATEGORIES,
                                   fix="pass --category dress (one category per report)"))
     for flag, value in (("--k", args.k), ("--queries", args.queries), ("--batch-size", args.batch_size)):
         if value < 1:
