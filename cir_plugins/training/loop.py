@@ -57,6 +57,7 @@ from .. import protocol
 from .._utils import eval_mode, model_device
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
+from ..negatives.bank import exclusion_rows
 from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
 from ..negatives.loss import bank_contrastive_loss
 from ..trained import TEMPERATURE_NAME
@@ -126,10 +127,9 @@ class BankNegatives:
 
     def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
                  device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        from ..negatives.bank import exclusion_rows
-
-        target_rows = self.bank.rows_of([t.target for t in triplets]).to(device)  # (b,) global rows
-        exclude = exclusion_rows(self.bank, triplets).to(device) if self.mask_reference else None  # (b, 1)
+        target_rows = self.bank.rows_of([t.target for t in triplets]).to(device, non_blocking=True)  # (b,) global
+        exclude = (exclusion_rows(self.bank, triplets).to(device, non_blocking=True)  # (b, 1)
+                   if self.mask_reference else None)
         return self.rows, target_rows, exclude
 
     def loss(self, query: Tensor, bank: Tensor, target_rows: Tensor, exclude: Tensor | None,

@@ -67,11 +67,13 @@ class ReferenceCache:
 
     def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
         keys = list(zip(ids, texts)) if self.with_text else list(ids)
-        missing = [k for k in keys if k not in self.rows]
-        if missing:
+        rows = [self.rows.get(k) for k in keys]
+        if None in rows:
+            missing = [k for k, row in zip(keys, rows) if row is None]
             raise DataError(explain("references not in the reference cache", got=missing[:5],
                                     fix="build the cache over every (reference, text) the triplets hold"))
-        index = torch.tensor([self.rows[k] for k in keys], dtype=torch.long, device=self.features.device)
+        # built on the host and copied without a blocking copy (which would wait for the queued work)
+        index = torch.tensor(rows, dtype=torch.long).to(self.features.device, non_blocking=True)
         return self.features.index_select(0, index)  # (b, ...)
 
 
