@@ -190,9 +190,9 @@ def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity,
         checks += check_rows("target_rows", target_rows, query.shape[0], bank.shape[0], query.device, padded=False,
                              queries="B")
         checks += check_not_excluded(target_rows, exclude_rows)
-    if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float32, device=query.device)
-    tau, tau_checks = as_temperature(temperature.reshape(()), query.float())
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.reshape(())  # a 1-element tensor is accepted here
+    tau, tau_checks = as_temperature(temperature, query)  # float32: the query is never float64 here
     settle(checks + tau_checks)
     return tau
 
