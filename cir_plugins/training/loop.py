@@ -325,10 +325,7 @@ class Trainer(Checkpointing, abc.ABC):
         self.model.train()
 
     def _named_state(self) -> dict[str, Tensor]:
-        weights = {name: p.detach() for name, p in self.trainable}
-        if self.log_tau is not None:
-            weights[TEMPERATURE_NAME] = self.log_tau.detach()
-        return weights
+        return {name: p.detach() for name, p in self._named_parameters()}
 
     def _named_parameters(self) -> list[tuple[str, Tensor]]:
         """The trainable parameters by name, and the learned log-temperature when there is one."""
@@ -350,13 +347,12 @@ class Trainer(Checkpointing, abc.ABC):
                                          got=bad[:10]))
 
     def _optimizer_step(self) -> None:
-        params = [p for _, p in self.trainable] + ([self.log_tau] if self.log_tau is not None else [])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         else:
             self._check_gradients()
         if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._named_parameters()], self.config.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
