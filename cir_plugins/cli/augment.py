@@ -85,18 +85,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="longest text (whitespace words)")
     parser.add_argument("--cache-dir", default=None, help="caption cache folder (default: <out>.cache)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pair-encoder call")
-    parser.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner call")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
-                        help="captioner dtype (hf:)")
-    parser.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
     parser.add_argument("--words", type=int, default=None,
                         help="k in the prompt 'describe ... in {k} words' (hf:; default: the dataset's recipe, "
                              + ", ".join(f"{d} {v['words']}" for d, v in RECIPE_DEFAULTS.items()) + ")")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
-    parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
+    add_captioner_arguments(parser)
     parser.add_argument("--out", required=True, help="annotation JSON to write")
     parser.add_argument("--first-pair-id", type=int, default=10_000_000, help="first pairid of generated CIRR records")
     add_progress_argument(parser)
+
+
+def add_captioner_arguments(parser: argparse.ArgumentParser) -> None:
+    """The captioner flags :func:`build_captioner` reads besides the spec (augment and recipe run declare them here)."""
+    parser.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner call (hf:)")
+    parser.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
+                        help="captioner dtype (hf:)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
+    parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
 
 
 def build_captioner(spec: str, args: argparse.Namespace) -> Any:

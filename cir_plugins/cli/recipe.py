@@ -24,6 +24,7 @@ from typing import Any
 from ..data.images import TRANSFORM_NAMES
 from ..errors import ConfigError, explain
 from ._common import add_model_arguments, add_progress_argument, build_model, model_from_factory, show_progress
+from .augment import add_captioner_arguments, build_captioner
 
 __all__ = ["configure", "run", "command_of"]
 
@@ -60,12 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     go.add_argument("--stage1-epochs", type=int, default=None, help="zero-shot rows: override stage-1 epochs")
     go.add_argument("--eval-batch-size", type=int, default=64, help="images per encoder call (bank, evaluation)")
     go.add_argument("--no-before", action="store_true", help="skip evaluating the starting model")
-    go.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner call (hf:)")
-    go.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
-    go.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
-                    help="captioner dtype (hf:)")
-    go.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
-    go.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
+    add_captioner_arguments(go)  # --caption-batch-size, --max-new-tokens, --dtype, --trust-remote-code, --skip-empty
     add_progress_argument(go)
 
 
@@ -103,8 +99,6 @@ def _list() -> int:
 def _captioner(args: argparse.Namespace, recipe: Any, categories: dict | None) -> Any:
     """The captioner of ``--captioner``, with the recipe's prompt and word budget (and, on FashionIQ, each
     image's own category in the prompt)."""
-    from .augment import build_captioner
-
     spec = argparse.Namespace(**vars(args))
     spec.dataset, spec.category, spec.categories = recipe.dataset, None, categories
     spec.words, spec.prompt = recipe.generation.words, recipe.generation.prompt
