@@ -56,7 +56,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import statistics
@@ -73,6 +72,8 @@ for path in (HERE, HERE / "clip4cir"):
         sys.path.insert(0, str(path))
 
 import cir_plugins as cp  # noqa: E402
+from cir_plugins._atomic import atomic_write_json  # noqa: E402
+from cir_plugins.convert import save_safetensors  # noqa: E402
 from cir_plugins.data.images import ClipTransform  # noqa: E402
 from cir_plugins.data.split import Split  # noqa: E402
 from cir_plugins.data.synthetic import SyntheticCaptioner, SyntheticRewriter, load_scenes, make_world  # noqa: E402
@@ -226,18 +227,9 @@ def digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def preload(split: Split, ids, cache: Path, show_progress: bool) -> dict[str, torch.Tensor]:
     """id -> (3, S, S) targetpad tensors, decoded once and cached as safetensors."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     ids = list(ids)
     if cache.is_file():
@@ -250,11 +242,7 @@ def preload(split: Split, ids, cache: Path, show_progress: bool) -> dict[str, to
     for start in tqdm(range(0, len(ids), 1000), desc=f"decode {split.split} images", disable=not show_progress):
         batches.append(split.images.batch(ids[start:start + 1000]))  # (n, 3, S, S)
     images = torch.cat(batches)
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    save_file({"images": images.contiguous()}, str(tmp))
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, cache)
+    save_safetensors({"images": images}, cache)
     return dict(zip(ids, images))
 
 
@@ -590,7 +578,7 @@ def report_and_save(per_seed: dict, out: Path, *, budget: Budget, quick: bool, d
               "per_seed": {str(s): per_seed[s] for s in seeds}, "step_seconds": step_seconds,
               "total_seconds": total}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_json(out / "results.json", report)
+    atomic_write_json(out / "results.json", report, indent=2)
     markdown = out / "results.md"
     tmp = markdown.with_name(f"results.md.tmp-{os.getpid()}")
     tmp.write_text(format_markdown(table, len(seeds)) + "\n")
@@ -701,7 +689,7 @@ def save_heldout(runs: dict, out: Path, *, budget: Budget, quick: bool, argv, se
               "budget": "quick" if quick else "default", "budget_values": budget.to_dict(), "table": table,
               "rows": {f"world {w} seed {s}": runs[(w, s)]["rows"] for w, s in keys}, "seconds": seconds}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_json(out / "heldout.json", report)
+    atomic_write_json(out / "heldout.json", report, indent=2)
     tmp = out / f"heldout.md.tmp-{os.getpid()}"
     tmp.write_text(text + "\n")
     os.replace(tmp, out / "heldout.md")
