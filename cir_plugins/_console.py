@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
+from .errors import ConfigError, explain
+
 __all__ = ["progress_bar", "progress_disabled", "format_values"]
 
 
@@ -21,7 +23,8 @@ def progress_disabled(show_progress: bool | str) -> bool | None:
     if show_progress == "always":
         return False
     if isinstance(show_progress, str):
-        raise ValueError(f"show_progress must be True, False or 'always', got {show_progress!r}")
+        raise ConfigError(explain("show_progress must be True, False or 'always'", got=show_progress,
+                                  fix="pass show_progress=True (a bar on a terminal), 'always' or False"))
     return None if show_progress else True
 
 

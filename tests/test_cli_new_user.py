@@ -217,6 +217,9 @@ def test_progress_bars_follow_the_terminal_unless_asked(monkeypatch):
     from cir_plugins._console import format_values, progress_bar, progress_disabled
 
     assert (progress_disabled(True), progress_disabled(False), progress_disabled("always")) == (None, True, False)
+    from cir_plugins.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"show_progress must be True, False or 'always'; got 'yes'"):
+        progress_bar(range(3), desc="t", show_progress="yes")
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # redirected: not a terminal
     assert progress_bar(range(3), desc="t", show_progress=True).disable is True
     assert progress_bar(range(3), desc="t", show_progress="always").disable is False
