@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from .._atomic import atomic_write_bytes, fsync_file, replace_folder
 from .._utils import file_sha256
 from ..errors import CheckpointError, explain
+from ..trained import WEIGHTS_FILE
 
 __all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
            "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
@@ -53,6 +54,9 @@ __all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "
 logger = logging.getLogger(__name__)
 
 FORMAT = "cir_plugins.checkpoint"
+# a checkpoint folder's files (the weights file is named as load_trained reads it)
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 
 
 @dataclass
@@ -173,16 +177,16 @@ def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, to
     tmp = root / f".tmp-{name}-{unique}"
     tmp.mkdir()
     opt_tensors, opt_index = flatten_optimizer_state(optimizer_state)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"),
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE),
               metadata={"format": FORMAT})
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT})
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT})
     files = {}
-    for file_name in ("weights.safetensors", "optimizer.safetensors"):
+    for file_name in (WEIGHTS_FILE, OPTIMIZER_FILE):
         fsync_file(tmp / file_name)
         files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": file_sha256(tmp / file_name)}
     document = dict(state, format=FORMAT, optimizer=opt_index, files=files)
     document["checksum"] = _document_checksum(document)
-    atomic_write_bytes(tmp / "state.json", json.dumps(document).encode("utf-8"))  # written last, fsynced
+    atomic_write_bytes(tmp / STATE_FILE, json.dumps(document).encode("utf-8"))  # written last, fsynced
     replace_folder(tmp, final, root / f".old-{name}-{unique}")  # the old folder is a leftover until removed
     _remove_leftovers(root, name)
     logger.debug("checkpoint written: %s", final)
@@ -191,7 +195,7 @@ def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, to
 
 def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(state, None) when the folder ``path`` is a complete checkpoint, else (None, why not)."""
-    document_path = path / "state.json"
+    document_path = path / STATE_FILE
     if not document_path.is_file():
         return None, "no state.json (the save was cut short)"
     try:
@@ -202,7 +206,7 @@ def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"state.json is not a {FORMAT} document"
     if "checksum" in state and state["checksum"] != _document_checksum(state):
         return None, "state.json does not match its checksum (edited or corrupt)"
-    files = state.get("files", {"weights.safetensors": None, "optimizer.safetensors": None})
+    files = state.get("files", {WEIGHTS_FILE: None, OPTIMIZER_FILE: None})
     if not isinstance(files, dict):
         return None, "state.json lists its files wrongly"
     for file_name, expected in files.items():
@@ -314,8 +318,8 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
         raise CheckpointError(explain("no checkpoint to resume from", got=str(root / name),
                                       fix="run without resume, or point output_dir at a run that wrote checkpoints"))
     try:
-        weights = load_file(str(path / "weights.safetensors"), device=str(device))
-        opt_tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+        weights = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        opt_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut or edited file
         raise CheckpointError(explain("the checkpoint is incomplete or corrupt", got=f"{path}: {error}",
                                       fix="delete it and start again, or resume from 'best'")) from error
@@ -358,7 +362,7 @@ def copy_weights(weights: dict[str, torch.Tensor], named: list[tuple[str, torch.
 def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]]) -> None:
     """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, after checking every one
     (:func:`copy_weights`: a missing name, another shape or a non-floating tensor is a CheckpointError)."""
-    copy_weights(checkpoint.weights, named, source=checkpoint.path / "weights.safetensors",
+    copy_weights(checkpoint.weights, named, source=checkpoint.path / WEIGHTS_FILE,
                  fix="resume with the model the checkpoint was trained from, or start again")
 
 
@@ -367,7 +371,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
 
     Each per-parameter tensor must be a scalar (``step``) or have its parameter's shape.
     """
-    where = checkpoint.path / "optimizer.safetensors"
+    where = checkpoint.path / OPTIMIZER_FILE
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = checkpoint.optimizer
     problems = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError, explain
-from .checkpoint import (bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
+from .checkpoint import (STATE_FILE, bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
                          restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
 from .config import RESUMABLE_CHANGES
 
@@ -66,7 +66,7 @@ class Checkpointing:
         expected_step = epoch * self._optimizer_steps_per_epoch() + micro // accum
         if micro >= plan or micro % accum or (not data_changed and step != expected_step):
             raise CheckpointError(explain(
-                f"{path / 'state.json'}: the saved training position is not one this run reaches",
+                f"{path / STATE_FILE}: the saved training position is not one this run reaches",
                 got=f"epoch {epoch}, micro-batch {micro}, optimiser step {step}",
                 expected=f"a micro-batch in [0, {plan}) at a multiple of grad_accum_steps={accum}, and optimiser step "
                          f"{expected_step}",
@@ -120,7 +120,7 @@ class Checkpointing:
         self.history = list(state["history"])
         self._best = state["best"]
         self.best_epoch = state.get("best_epoch")
-        restore_rng(state["rng"], source=checkpoint.path / "state.json")
+        restore_rng(state["rng"], source=checkpoint.path / STATE_FILE)
         logger.info("resumed from %s at epoch %d, micro-batch %d", checkpoint.path, self._epoch + 1, self._micro)
         return True
 
