@@ -44,8 +44,18 @@ def check_similarity(similarity: str) -> None:
                                   fix="use 'dot' for (N, D) embeddings and 'max_token' for multi-vector (N, T, D)"))
 
 
+# Rows per piece of the finiteness check: no mask as large as the gallery is ever held.
+_FINITE_ROWS_STEP = 65536
+
+
+def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool, True where row i of x (N, ...) holds a NaN or infinity; computed piece by piece."""
+    return torch.cat([~torch.isfinite(piece).flatten(1).all(1) for piece in x.split(_FINITE_ROWS_STEP)])
+
+
 def _bad_rows(what: str, bad: torch.Tensor) -> Exception:
-    rows = bad.flatten(1).any(1).nonzero().flatten()[:5].tolist()
+    """bad (N,) bool from :func:`_non_finite_rows`."""
+    rows = bad.nonzero().flatten()[:5].tolist()
     return NonFiniteError(explain(f"{what} contains NaN or infinity", got=f"{what} rows {rows}",
                                   fix="check the model output (learning rate, AMP overflow) or re-embed those images"))
 
@@ -83,10 +93,10 @@ def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *
     if rows.device != query.device:
         raise DeviceError(explain(f"query and {what} must be on one device", got=(str(query.device), str(rows.device)),
                                   fix=f"move the {what} with .to(query.device)"))
-    bad_q = ~torch.isfinite(query)
+    bad_q = _non_finite_rows(query)
     checks = [(bad_q.any(), lambda: _bad_rows("query", bad_q))]
     if finite_rows:
-        bad_g = ~torch.isfinite(rows)
+        bad_g = _non_finite_rows(rows)
         checks.append((bad_g.any(), lambda: _bad_rows(what, bad_g)))
     return checks
 

@@ -350,3 +350,23 @@ def test_cuda_budget_is_larger_and_bounded(monkeypatch):
     assert M._chunk_rows(4096, 1, None, torch.device("cpu")) == 2048
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
     assert -(-1_000_000 // M._chunk_rows(4096, 1, None, torch.device("cuda", 0))) == 16
+
+
+@pytest.mark.parametrize("similarity", ["dot", "max_token"])
+def test_non_finite_rows_are_found_piece_by_piece(similarity, monkeypatch):
+    """The finiteness check runs over pieces of rows (no gallery-sized mask): rows in every piece are named."""
+    from cir_plugins import checks
+
+    monkeypatch.setattr(checks, "_FINITE_ROWS_STEP", 3)
+    g = torch.Generator().manual_seed(4)
+    gallery = torch.randn(11, 2, 4, generator=g) if similarity == "max_token" else torch.randn(11, 4, generator=g)
+    gallery[1].view(-1)[0] = float("nan")
+    gallery[7].view(-1)[-1] = float("-inf")
+    gallery[10].view(-1)[2] = float("inf")
+    query = torch.randn(5, 4, generator=g)
+    with pytest.raises(NonFiniteError, match=r"gallery rows \[1, 7, 10\]"):
+        cp.retrieval_metrics(query, gallery, torch.tensor([0, 2, 3, 4, 5]), ks=(1,), similarity=similarity)
+    query[4, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"query rows \[4\]"):
+        M.topk_rows(query, gallery, 2, similarity=similarity)
+    assert checks._non_finite_rows(gallery).tolist() == [i in (1, 7, 10) for i in range(11)]
