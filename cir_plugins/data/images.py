@@ -67,6 +67,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSFORM_NAMES = ("clip", "targetpad", "squarepad", "none")
 #: Default decompression-bomb limit (pixels). PIL's own default is ~89M; we state ours explicitly.
 DEFAULT_MAX_PIXELS = 64_000_000
+_FIX_FILE = "re-download or replace the file, or drop this id from the split"  # an image of a store that fails
 
 
 def _resolved(path: Path, what: str) -> Path:
@@ -467,15 +468,14 @@ class ImageStore(Mapping):
         since the store was made) and open it without following a symlink: (path, file descriptor)."""
         path = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
         self._abs[image_id] = path
-        fix_file = "re-download or replace the file, or drop this id from the split"
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             raise ImageLoadError(explain(f"image {image_id!r} is missing", got=str(path),
-                                         expected="an existing image file", fix=fix_file)) from None
+                                         expected="an existing image file", fix=_FIX_FILE)) from None
         except OSError as error:  # ELOOP: swapped for a symlink after the check; EACCES, EISDIR, ...
             raise ImageLoadError(explain(f"image {image_id!r} cannot be opened", got=f"{path}: {error}",
-                                         fix=fix_file)) from error
+                                         fix=_FIX_FILE)) from error
         return path, fd
 
     def load_pil(self, image_id: str) -> Image.Image:
@@ -483,21 +483,20 @@ class ImageStore(Mapping):
         if image_id not in self._rel:
             raise KeyError(image_id)
         path, fd = self._open(image_id)
-        fix_file = "re-download or replace the file, or drop this id from the split"
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise ImageLoadError(explain(f"image {image_id!r} is missing (not a regular file)", got=str(path),
-                                             expected="an existing image file", fix=fix_file))
+                                             expected="an existing image file", fix=_FIX_FILE))
             if info.st_size == 0:
                 raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
-                                             fix=fix_file))
+                                             fix=_FIX_FILE))
             return self._decode(image_id, path, handle)
 
     def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
         return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,
                             check_size=getattr(self.transform, "check_size", None),
-                            fix="re-download or replace the file, or drop this id from the split",
+                            fix=_FIX_FILE,
                             limit_fix="raise ImageStore(max_pixels=...) if the file is trusted")
 
     def readable_ids(self, ids: Iterable[str] | None = None) -> list[str]:
