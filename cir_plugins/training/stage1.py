@@ -56,7 +56,7 @@ class InBatchNegatives:
             rows = list(range(len(triplets)))
         targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
         targets = F.normalize(targets, dim=-1)
-        return targets, torch.tensor(rows, dtype=torch.long, device=device), None
+        return targets, torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), None  # no blocking copy
 
     def loss(self, query: Tensor, targets: Tensor, target_rows: Tensor, exclude: Tensor | None,
              temperature: Tensor) -> Tensor:
