@@ -101,7 +101,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Rank the CIRR test split and write the two validated server files."""
-    from ..evaluation import submit_cirr
+    from ..submission import submit_cirr
 
     if args.dataset == "fashioniq":
         raise ConfigError(explain("submit writes the CIRR test-server files", got="--dataset fashioniq",
