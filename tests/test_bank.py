@@ -64,6 +64,16 @@ def test_unknown_id_is_named(world):
         NegativeBank.build(make_model(), ["img000", "missing-image"], images, show_progress=False)
 
 
+def test_repeated_ids_are_named_once_each(world):
+    images, _, _ = world
+    with pytest.raises(DataError, match=r"image ids repeat.*\['img001', 'img000'\]"):
+        NegativeBank.build(make_model(), ["img000", "img001", "img001", "img000", "img001"], images,
+                           show_progress=False)
+    emb = F.normalize(torch.randn(2, 4), dim=-1)
+    with pytest.raises(DataError, match=r"bank ids must be unique.*\['b'\]"):
+        NegativeBank(emb, ["a", "b", "c", "b"], [0, 1, 1, 0], similarity="dot", fingerprint="x")
+
+
 def test_save_load_round_trip_and_same_loss(world, tmp_path):
     images, train, _ = world
     model = make_model()

@@ -69,6 +69,13 @@ def probe_split(model: Any, sample: Tensor) -> protocol.ParameterSplit:
             p.requires_grad_(flag)
 
 
+def _repeated(ids: Sequence[str]) -> list[str]:
+    """The ids met more than once, each listed at its second occurrence, in order (one pass)."""
+    seen: set[str] = set()
+    dupes = [i for i in ids if i in seen or seen.add(i)]
+    return list(dict.fromkeys(dupes))
+
+
 class _IdDataset(Dataset):
     """Index -> (index, image tensor (C, H, W)) over a list of ids of an image mapping."""
 
@@ -160,9 +167,9 @@ class NegativeBank:
         rows = [int(r) for r in rows]
         if len(ids) != len(rows):
             raise DataError(explain("ids and rows differ in length", got=(len(ids), len(rows))))
-        if len(set(ids)) != len(ids):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
-            raise DataError(explain("bank ids must be unique", got=dupes))
+        dupes = _repeated(ids)
+        if dupes:
+            raise DataError(explain("bank ids must be unique", got=dupes[:5]))
         n = embeddings.shape[0]
         if rows and (min(rows) < 0 or max(rows) >= n):
             raise DataError(explain("bank rows out of range", got=(min(rows), max(rows)), expected=f"[0, {n})"))
@@ -312,12 +319,8 @@ class NegativeBank:
         bad = [i for i in image_ids if not isinstance(i, str) or not i]
         if bad:
             raise DataError(explain("image ids must be non-empty strings", got=bad[:5]))
-        if len(set(image_ids)) != len(image_ids):
-            seen, dupes = set(), []
-            for i in image_ids:
-                if i in seen:
-                    dupes.append(i)
-                seen.add(i)
+        dupes = _repeated(image_ids)
+        if dupes:
             raise DataError(explain("image ids repeat", got=dupes[:5], fix="pass each id once; use groups= for duplicates"))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(explain("batch_size must be a positive int", got=batch_size))
