@@ -37,6 +37,7 @@ from .data.images import to_pil
 from .errors import ConfigError, DataError, explain
 from .evaluation import EvalFeatures, extract_features, protocol_rows
 from .metrics import subset_ranks, target_ranks, topk_rows
+from .negatives.bank import exclusion_rows
 from .positives.captioners import pil_source
 
 __all__ = ["query_ranks", "ReportResult", "retrieval_report"]
@@ -102,15 +103,12 @@ class ReportResult:
 def _index_top(index, features: EvalFeatures, k: int, remove_reference: bool) -> torch.Tensor:
     """(Q, k) gallery positions of the index's top-k (bank rows mapped through their ids), -1 padded."""
     gallery_pos = {image_id: i for i, image_id in enumerate(features.gallery_ids)}
-    bank_row = dict(zip(index.ids, index._rows))
-    missing = [t.reference for t in features.triplets if remove_reference and t.reference not in bank_row]
+    missing = [t.reference for t in features.triplets if remove_reference and t.reference not in index]
     if missing:
         raise DataError(explain("the FAISS index's bank lacks reference images of this split", got=missing[:5],
                                 fix="export the index from a bank built on this split's gallery"))
-    exclude = None
-    if remove_reference:  # the reference's bank row, unless the target shares it (then it stays, as in the metrics)
-        exclude = torch.tensor([[-1 if bank_row[t.reference] == bank_row.get(t.target) else bank_row[t.reference]]
-                                for t in features.triplets], dtype=torch.int64)  # (Q, 1)
+    # the reference's bank row, unless the target shares it (then it stays, as in the metrics and the loss)
+    exclude = exclusion_rows(index, features.triplets) if remove_reference else None  # (Q, 1)
     _, rows = index.search(features.query.float(), min(k, len(index)), exclude_rows=exclude)  # (Q, k) bank rows
     top = torch.full((rows.shape[0], k), -1, dtype=torch.int64)
     for q, row_list in enumerate(rows.tolist()):

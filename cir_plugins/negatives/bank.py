@@ -423,7 +423,8 @@ def exclusion_rows(bank: NegativeBank, triplets: Sequence[Any]) -> Tensor:
     The masked row is the reference's row (shared by its duplicates). It is never the target's row:
     when the reference and the target are duplicates of each other the reference row IS the
     positive, so it is left in (and counted as the positive). A reference not in the bank masks
-    nothing. Returned on the bank's device.
+    nothing. Returned on the bank's device. ``bank`` may also be a FAISS index exported from a bank
+    (:class:`~cir_plugins.negatives.faiss_index.FaissIndex`, the same id -> row map).
     """
     rows = []
     for triplet in triplets:

@@ -80,6 +80,7 @@ class FaissIndex:
         self.index = index
         self.kind, self.factory = kind, factory
         self.ids, self._rows = list(ids), [int(r) for r in rows]
+        self._row_of = dict(zip(self.ids, self._rows))  # id -> row, as NegativeBank's (exclusion_rows reads it)
         self.fingerprint = str(fingerprint)
         self._ids_of_row: list[list[str]] | None = None
         self.nprobe = None
@@ -92,6 +93,14 @@ class FaissIndex:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`search` takes its row tensors: the index is searched on the CPU."""
+        return torch.device("cpu")
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row_of
 
     def __repr__(self) -> str:
         probe = f", nprobe={self.nprobe}" if self.nprobe is not None else ""
