@@ -82,21 +82,25 @@ def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> di
     return dict(obj[key])
 
 
-def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``tensors`` (CPU, contiguous; tensors sharing storage are copied) to one safetensors file,
-    atomically, with string ``metadata``. Returns the path."""
+def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """``tensors`` (moved to the CPU, made contiguous; tensors sharing storage are copied, since
+    safetensors refuses tied or viewed weights) serialised as one safetensors file with string ``metadata``."""
     from safetensors.torch import save
 
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()  # storages already written
     out = {}
     for name, tensor in tensors.items():
         if not torch.is_tensor(tensor):
             raise CheckpointError(explain(f"cannot save {name!r}: not a tensor", got=type(tensor).__name__))
         tensor = tensor.detach().to("cpu").contiguous()
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and any(s == storage[0] for s, _ in seen):
-            tensor = tensor.clone()  # safetensors refuses shared storage (tied or viewed weights)
-        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
         out[name] = tensor
-    return atomic_write_bytes(path, save(out, metadata=dict(metadata) if metadata else None))
+    return save(out, metadata=dict(metadata) if metadata else None)
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """:func:`safetensors_bytes` written to ``path`` atomically. Returns the path."""
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))

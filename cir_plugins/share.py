@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import save
 
 from . import __version__
 from ._atomic import atomic_write_bytes, atomic_write_json, replace_folder
+from .convert import safetensors_bytes
 from .errors import CheckpointError, ConfigError, explain
 from .trained import SHARED_FILE, SHARED_FORMAT, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
 
@@ -219,7 +219,7 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in merged.items()}, metadata={"format": SHARED_FORMAT})
+    data = safetensors_bytes(merged, metadata={"format": SHARED_FORMAT})  # tied weights copied, not refused
     document["files"] = {WEIGHTS_FILE: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
     atomic_write_bytes(tmp / WEIGHTS_FILE, data)
     atomic_write_json(tmp / SHARED_FILE, document, indent=1)
