@@ -135,19 +135,13 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
                               expected="hf:<name-or-path>, file:<captions.json>, synthetic[:noise]"))
 
 
-def _nothing_generated(summary: dict, window: str, default_window: str) -> str:
+def _nothing_generated(result: Any, window: str, default_window: str) -> str:
     """The error for an augment run that generated no triplet: the window, the gallery's size, the fix."""
-    n = summary["unique_images"]
-    if summary["pairs"] == 0:
-        why = (f"the rank window {window} holds no partner for any of the {summary['queries']} query images: "
-               f"each has {n - 1} others to rank (ints are absolute ranks; floats are fractions of N)")
-    else:
-        why = (f"{summary['pairs']} pairs were drawn with the rank window {window}, but every one was dropped "
-               f"({summary['skipped_same_caption']} with equal captions, {summary['skipped_no_caption']} without "
-               "a caption)")
-    return explain(f"augment generated no triplets from {summary['images']} images ({n} after merging duplicates)",
-                   got=why, fix=f"pass a window as fractions of N, e.g. --rank-window {default_window} (or -1 for any "
-                                "partner), check the captioner, or pass --allow-empty to write an empty file anyway")
+    s = result.summary
+    return explain(f"augment generated no triplets from {s['images']} images ({s['unique_images']} after merging "
+                   "duplicates)", got=result.why_empty(window),
+                   fix=f"pass a window as fractions of N, e.g. --rank-window {default_window} (or -1 for any "
+                       "partner), check the captioner, or pass --allow-empty to write an empty file anyway")
 
 
 def _pair_encoder(args: argparse.Namespace) -> Any:
@@ -188,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     result = augmenter.augment(pool.image_ids, pool.images, pool.triplets)
     triplets = result.triplets
     if not triplets and not args.allow_empty:
-        raise DataError(_nothing_generated(result.summary, window, defaults["rank_window"]))
+        raise DataError(_nothing_generated(result, window, defaults["rank_window"]))
     if fashion:
         write_generated_fashioniq(triplets, out)
     else:

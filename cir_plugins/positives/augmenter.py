@@ -89,6 +89,16 @@ class AugmentResult:
     def __radd__(self, other: Sequence[Triplet]) -> list[Triplet]:
         return list(other) + self.triplets
 
+    def why_empty(self, window: Any) -> str:
+        """Why no triplet came out, from the summary (for the error of a caller that needs triplets)."""
+        s = self.summary
+        if s["pairs"] == 0:
+            return (f"the rank window {window} holds no partner for any of the {s['queries']} query images: each "
+                    f"has {s['unique_images'] - 1} others to rank (ints are absolute ranks; floats are fractions "
+                    "of N)")
+        return (f"{s['pairs']} pairs were drawn with the rank window {window}, but every one was dropped "
+                f"({s['skipped_same_caption']} with equal captions, {s['skipped_no_caption']} without a caption)")
+
 
 class TripletAugmenter:
     """Generate (reference, texts, target) triplets from unlabelled training images.

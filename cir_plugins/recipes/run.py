@@ -256,11 +256,9 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         augmented = augmenter.augment(list(data.image_ids), data.images, annotated=list(data.triplets))
         made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
         if not made:  # a run "with generated positives" that has none would silently be the +N row
-            window = kwargs["rank_window"]
             raise DataError(explain(
                 f"recipe {recipe.name}: the generation step made no triplets from {augment_info['images']} images",
-                got=f"rank window {window}, {augment_info['pairs']} pairs, "
-                    f"{augment_info['skipped_same_caption']} dropped for equal captions",
+                got=augmented.why_empty(kwargs["rank_window"]),
                 fix="the recipe's absolute window suits the full data set: pass rank_window as fractions of N "
                     "(cir-plugins recipe run ... --rank-window fractions), or check the captioner"))
         writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
