@@ -89,14 +89,27 @@ from wrap import wrap  # noqa: E402
 logger = logging.getLogger("quickstart")
 
 UNTRAINED = "untrained (pretrained CLIP, no CIR training)"
-# the rows, in table order. "(paper)": the paper's recipe as its release runs it (templates, the release's rank
-# window scaled to the world, no rewrite; generated triplets appended to the annotated ones after the stage-1
-# checkpoint). "(ours)": this project's recipe (near-neighbour partners, texts rewritten by SyntheticRewriter,
-# generated triplets mixed into stage 1 from the start at a fixed annotated share)
-ROWS = (UNTRAINED, "baseline", "+P (paper)", "+N", "+P+N (paper)", "+P (ours)", "+P+N (ours)", "zero-shot")
-# CIRR's train split holds 16,939 images; the release pairs CLIP4Cir's CIRR images inside ranks [10000, 15000)
+# the rows, in table order: first what a user can reproduce on real data, then the oracle rows, then the references.
+#   "(paper)": the paper's recipe mapped onto the world by the rule in the module docstring (the release's data
+#     choices kept as shares, fallbacks and fractions; only the tiny model's learning rates and steps are the world's);
+#   "(ours, no rewrite)": this library's defaults, what a user without an LLM gets (near partners, templates, the
+#     release's text-length fallback, generated triplets mixed into stage 1 from the start at a fixed annotated share);
+#   "(ours, oracle rewrite)": the same with texts rewritten by SyntheticRewriter, which parses the world's own scene
+#     grammar: an oracle no real dataset has, the ceiling of what a good rewriter (cir_plugins.LLMRewriter) could add.
+PAPER_P, PAPER_PN = "+P (paper)", "+P+N (paper)"
+OURS_P, OURS_PN = "+P (ours, no rewrite)", "+P+N (ours, no rewrite)"
+ORACLE_P, ORACLE_PN = "+P (ours, oracle rewrite)", "+P+N (ours, oracle rewrite)"
+ROWS = ("baseline", "+N", PAPER_P, PAPER_PN, OURS_P, OURS_PN, ORACLE_P, ORACLE_PN, "zero-shot", UNTRAINED)
+# The release's CLIP4Cir CIRR run, as data: CIRR's train split has 16,939 images and 28,225 annotated triplets; the
+# release draws one partner per training image (so at most 16,939 generated triplets) and samples uniformly over
+# annotated + generated, so at least 28,225 / (28,225 + 16,939) = 62.5% of its samples are annotated. Its partners
+# come from ranks [10000, 15000) of each image's ranking, its captions from an 8-word prompt, and a templated text
+# that the tokenizer cannot take is replaced by the target caption alone.
 CIRR_TRAIN_IMAGES = 16939
+CIRR_ANNOTATED = 28225
+PAPER_ANNOTATED_SHARE = CIRR_ANNOTATED / (CIRR_ANNOTATED + CIRR_TRAIN_IMAGES)
 PAPER_RANK_WINDOW = (10000 / CIRR_TRAIN_IMAGES, 15000 / CIRR_TRAIN_IMAGES)
+PAPER_CAPTION_WORDS = 8
 METRICS = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # the tiny CLIP's image normalisation (saved in its processor)
 
@@ -150,29 +163,33 @@ class Budget:
     # generated triplets: captioner noise (attribute dropped or swapped), pairing window (fractions of N)
     caption_noise: float = 0.05
     rank_window: tuple = (0.0, 0.01)
+    # the captioner's word budget ("describe the image in {k} words"; the release's CIRR prompt asks for 8): the
+    # synthetic captioner then drops positions, sizes and colours as a terse captioner would. The oracle rows keep
+    # whole captions (None): SyntheticRewriter matches objects by their positions
+    caption_words: int | None = PAPER_CAPTION_WORDS
     # modification-text templates: a preset of cir_plugins.positives.templates ("cirr": the two CIRR ones)
     templates: str = "cirr"
-    # generated texts over the tokenizer's limit: False = truncated by the tokenizer, True = replaced by the
-    # target caption (TextMaker's "target" fallback)
-    fit_text_length: bool = True
+    # generated texts over the tokenizer's limit: "target" = replaced by the target caption alone (the release's
+    # rule and the library's default), "truncate" = cut by the tokenizer (the previous mapping of the paper rows)
+    long_text: str = "target"
     # generated triplets kept (seeded subsample of one per train image; 12000 = all of them)
     max_generated: int = 12000
-    # the method's optional LLM rewrite of generated texts into the annotators' relative style, stood in for by
-    # SyntheticRewriter (it reads only the two noisy captions); pairs more than rewrite_max_edits apart keep
-    # their template text
-    rewrite: bool = True
+    # the oracle rows: texts rewritten by SyntheticRewriter (reads only the two noisy captions); pairs more than
+    # rewrite_max_edits apart keep their template text
     rewrite_max_edits: int = 4
-    # the paper's recipe (rows "(paper)"): the release's CLIP4Cir CIRR window [10000, 15000) as fractions of
-    # CIRR's 16,939 train images, its two CIRR templates, no rewrite, texts cut by the tokenizer as CLIP's
-    # is; generated triplets appended to the annotated ones (uniform sampling over the union, annotated share
-    # None) and trained after the stage-1 checkpoint for paper_stage1_steps more in-batch steps
+    # the paper's recipe (rows "(paper)"), mapped by the rule in the module docstring: the release's CIRR window
+    # [10000, 15000) as fractions of CIRR's 16,939 train images, its two CIRR templates, its 8-word captions, no
+    # rewrite, over-long texts replaced by the target caption, and its annotated share (at least 62.5%, see
+    # PAPER_ANNOTATED_SHARE) in every batch that mixes annotated and generated triplets
     paper_rank_window: tuple = PAPER_RANK_WINDOW
     paper_templates: str = "cirr"
-    paper_fit_text_length: bool = False
-    paper_annotated_fraction: float | None = None
-    paper_stage1_steps: int = 300
-    # which recipe's +P+N the retrieval picture compares with the baseline ("ours" or "paper")
-    default_recipe: str = "ours"
+    paper_long_text: str = "target"
+    paper_annotated_fraction: float | None = PAPER_ANNOTATED_SHARE
+    # +P (paper) is the positives-only ablation as the release runs it: its stage-2 script with the bank switched off
+    # (in-batch negatives, both towers trained) on annotated + generated triplets, from the stage-1 checkpoint, so it
+    # takes the stage-2 budget (stage2_steps at stage2_lr in stage2_epochs val-checked rounds), as +P+N (paper) does
+    # the row whose retrieval the picture compares with the baseline
+    report_row: str = OURS_PN
     # retrieval report: queries shown (half +P+N's biggest wins over the baseline, half its biggest losses)
     report_queries: int = 8
     eval_batch: int = 512
@@ -183,6 +200,11 @@ class Budget:
                                   or steps % rounds):
             raise ValueError(f"Budget.stage2_steps={steps!r}: expected None or a positive multiple of "
                              f"stage2_epochs={rounds} (each val-checked round takes stage2_steps / stage2_epochs)")
+        for name in ("long_text", "paper_long_text"):
+            if getattr(self, name) not in ("target", "truncate"):
+                raise ValueError(f"Budget.{name}={getattr(self, name)!r}: expected 'target' or 'truncate'")
+        if self.report_row not in (PAPER_PN, OURS_PN, ORACLE_PN):
+            raise ValueError(f"Budget.report_row={self.report_row!r}: expected one of {(PAPER_PN, OURS_PN, ORACLE_PN)}")
 
     def to_dict(self) -> dict:
         return {k: (dict(v) if k in ("world", "clip") else v) for k, v in dataclasses.asdict(self).items()}
@@ -195,7 +217,7 @@ BUDGETS = {
                            ("image_size", 36)),
                     pretrain_epochs=2, pretrain_batch=128, stage1_steps=8, stage1_batch=64, stage2_epochs=1,
                     stage2_steps=2,
-                    stage2_batch=128, max_generated=300, paper_stage1_steps=8),
+                    stage2_batch=128, max_generated=300),
 }
 
 
@@ -307,14 +329,17 @@ def fit(trainer_cls, args: tuple, config_cls, config: dict, chosen: dict, *, val
 
 def stage1(clip_dir: Path, triplets, images, budget: Budget, seed: int, device: str, *, steps: int,
            share: float | None, start: CLIP4Cir | None = None, show_progress: bool, val: Split | None = None,
-           work: Path | None = None, run_name: str = "stage1", val_log: dict | None = None) -> CLIP4Cir:
+           work: Path | None = None, run_name: str = "stage1", val_log: dict | None = None,
+           epochs: int | None = None, lr: float | None = None) -> CLIP4Cir:
     """CLIP4Cir's own fine-tuning of both CLIP towers with in-batch negatives (Stage1Trainer), ``steps`` optimiser
-    steps in budget.stage1_epochs val-checked epochs, from the pretrained CLIP or from a copy of ``start`` (a
-    stage-1 checkpoint); ``share``: the annotated share of each batch (None: uniform over ``triplets``)."""
+    steps in ``epochs`` (default budget.stage1_epochs) val-checked epochs at ``lr`` (default budget.stage1_lr), from
+    the pretrained CLIP or from a copy of ``start`` (a stage-1 checkpoint); ``share``: the annotated share of each
+    batch (None: uniform over ``triplets``)."""
     model = load_model(clip_dir, device, budget.fusion) if start is None else copy.deepcopy(start).train()
-    epochs = budget.stage1_epochs
+    epochs = budget.stage1_epochs if epochs is None else epochs
     config = dict(epochs=epochs, steps_per_epoch=max(1, round(steps / epochs)), batch_size=budget.stage1_batch,
-                  lr=budget.stage1_lr, temperature=budget.stage1_temperature, annotated_fraction=share,
+                  lr=budget.stage1_lr if lr is None else lr, temperature=budget.stage1_temperature,
+                  annotated_fraction=share,
                   seed=seed, show_progress=show_progress)
     trainable = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]
     if budget.fusion == "combiner":
@@ -354,33 +379,40 @@ def stage2(model: CLIP4Cir, triplets, images, bank_ids, budget: Budget, seed: in
 
 
 def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, seed: int, device: str,
-            show_progress: bool, *, paper: bool = False) -> list:
-    """Generated triplets from every train image (annotated groups and unlabelled ones), by our recipe (near
-    partners, rewritten texts) or, with ``paper``, by the paper's (its window scaled to the world, templates only,
-    texts cut by the tokenizer)."""
-    if paper:
-        budget = dataclasses.replace(budget, rank_window=tuple(budget.paper_rank_window),
-                                     templates=budget.paper_templates, rewrite=False,
-                                     fit_text_length=budget.paper_fit_text_length)
+            show_progress: bool, *, recipe: str) -> tuple[list, dict]:
+    """Generated triplets from every train image (annotated groups and unlabelled ones) by one of three recipes:
+    "paper" (the release's window as fractions, its 8-word captions and templates, no rewrite), "ours" (near
+    partners, 8-word captions, templates) or "oracle" (near partners, whole captions, SyntheticRewriter). A text
+    longer than the text tower's limit is replaced by the target caption (budget.long_text / paper_long_text =
+    "target"), as the release does, or cut by the tokenizer ("truncate"). Returns the triplets and the counts."""
+    window = budget.paper_rank_window if recipe == "paper" else budget.rank_window
+    templates = budget.paper_templates if recipe == "paper" else budget.templates
+    long_text = budget.paper_long_text if recipe == "paper" else budget.long_text
+    words = None if recipe == "oracle" else budget.caption_words
     encoder = load_model(clip_dir, device).eval()
-    captioner = SyntheticCaptioner(root, noise=budget.caption_noise, seed=seed)
-    # with fit_text_length, a text longer than the text tower's limit falls back to the target caption alone
-    # instead of being truncated mid-description by the tokenizer
-    # (tokens counted as the tokenizer does, without its "longer than the maximum" warning: measuring is the point)
-    length_policy = ({"max_tokens": encoder.max_length,
-                      "count_tokens": lambda text: len(encoder.tokenizer(text, verbose=False)["input_ids"])}
-                     if budget.fit_text_length else {})
-    rewriter = SyntheticRewriter(budget.rewrite_max_edits) if budget.rewrite else None
-    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=budget.templates,
-                                    rank_window=tuple(budget.rank_window), partners_per_image=1, seed=seed,
+    captioner = SyntheticCaptioner(root, noise=budget.caption_noise, seed=seed, words=words)
+    # the text tower's limit in its own tokens (counted without the tokenizer's "longer than the maximum" warning)
+    limit = {"max_tokens": encoder.max_length,
+             "count_tokens": lambda text: len(encoder.tokenizer(text, verbose=False)["input_ids"])}
+    rewriter = SyntheticRewriter(budget.rewrite_max_edits) if recipe == "oracle" else None
+    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=templates,
+                                    rank_window=tuple(window), partners_per_image=1, seed=seed,
                                     max_triplets=budget.max_generated, batch_size=budget.eval_batch,
-                                    rewrite=rewriter, **length_policy,
+                                    rewrite=rewriter, fallback=long_text, **limit,
                                     caption_batch_size=1000, show_progress=show_progress)
-    triplets = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
-    triplets = getattr(triplets, "triplets", triplets)  # the augmenter's result object, or its list
+    result = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
+    triplets = [t for t in result.triplets if t.source == "generated"]
+    texts = sum(len(t.texts) for t in triplets)
+    counts = {"triplets": len(triplets), "texts": texts, "over_limit": result.summary["text_fallbacks"],
+              "long_text": long_text, "caption_words": words}
     if rewriter is not None:
-        print(f"     rewrite: {rewriter.rewritten} texts rewritten, {rewriter.kept} kept as templated", flush=True)
-    return [t for t in triplets if t.source == "generated"]
+        counts.update(rewritten=rewriter.rewritten, kept_templated=rewriter.kept)
+    how = "replaced by the target caption" if long_text == "target" else "cut by the tokenizer"
+    print(f"     {len(triplets)} triplets, {texts} texts; {counts['over_limit']} over the text tower's "
+          f"{encoder.max_length} tokens, {how}"
+          + (f"; rewrite: {rewriter.rewritten} rewritten, {rewriter.kept} kept as templated" if rewriter else ""),
+          flush=True)
+    return triplets, counts
 
 
 def evaluate(model, test: Split, budget: Budget, show_progress: bool) -> dict:
@@ -437,58 +469,76 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
     baseline = clock.run(f"{tag}: c. baseline stage 1", stage1, clip_dir, annotated, images, budget, seed, device,
                          steps=budget.stage1_steps, share=None, run_name="baseline", **common)
     row("baseline", baseline)
-    # the paper's recipe: generated triplets appended after the stage-1 checkpoint
-    paper = clock.run(f"{tag}: d. augment, paper's recipe (window {budget.paper_rank_window[0]:.3f}-"
-                      f"{budget.paper_rank_window[1]:.3f} of N, templates, no rewrite)", augment, root, clip_dir,
-                      train, images, budget, seed, device, show_progress, paper=True)
-    plus_p_paper = clock.run(f"{tag}: d. +P (paper) stage 1 from the baseline", stage1, clip_dir, annotated + paper,
-                             images, budget, seed, device, steps=budget.paper_stage1_steps,
-                             share=budget.paper_annotated_fraction, start=baseline, run_name="plus_p_paper", **common)
-    row("+P (paper)", plus_p_paper)
-    del plus_p_paper
     plus_n, steps_n = clock.run(f"{tag}: d. +N stage 2", stage2, baseline, annotated, images, bank_ids, budget, seed,
                                 share=None, groups=groups, run_name="plus_n", **common)
     row("+N", plus_n)
     del plus_n
-    plus_pn_paper, steps_pn_paper = clock.run(
-        f"{tag}: d. +P+N (paper) stage 2 from the baseline", stage2, baseline, annotated + paper, images, bank_ids,
-        budget, seed, share=budget.paper_annotated_fraction, groups=groups, run_name="plus_pn_paper", **common)
-    row("+P+N (paper)", plus_pn_paper)
-    # our recipe: near partners, rewritten texts, mixed into stage 1 from the start
-    ours = clock.run(f"{tag}: d. augment, our recipe (near partners, rewrite)", augment, root, clip_dir, train,
-                     images, budget, seed, device, show_progress)
-    plus_p = clock.run(f"{tag}: d. +P (ours) stage 1", stage1, clip_dir, annotated + ours, images, budget, seed,
-                       device, steps=round(budget.stage1_steps / budget.annotated_fraction),
-                       share=budget.annotated_fraction, run_name="plus_p", **common)
-    row("+P (ours)", plus_p)
-    plus_pn, steps_pn = clock.run(f"{tag}: d. +P+N (ours) stage 2", stage2, plus_p, annotated + ours, images,
-                                  bank_ids, budget, seed, share=stage2_share(budget), groups=groups,
-                                  run_name="plus_pn", **common)
-    del plus_p
-    row("+P+N (ours)", plus_pn)
-    zero1 = clock.run(f"{tag}: d. zero-shot stage 1", stage1, clip_dir, ours, images, budget, seed, device,
+    shown_model = None  # the model the retrieval picture shows (budget.report_row)
+    generated, counts, steps2 = {}, {}, {"+N": steps_n}
+    # the paper's recipe, as the release runs it: generated triplets appended after the stage-1 checkpoint, the
+    # release's annotated share in every batch; +P without the bank, +P+N with it, both on the stage-2 budget
+    generated["paper"], counts["paper"] = clock.run(
+        f"{tag}: d. augment, paper's recipe (window {budget.paper_rank_window[0]:.3f}-{budget.paper_rank_window[1]:.3f}"
+        f" of N, {budget.caption_words}-word captions, templates, no rewrite)", augment, root, clip_dir, train,
+        images, budget, seed, device, show_progress, recipe="paper")
+    paper_set, share = annotated + generated["paper"], budget.paper_annotated_fraction
+    model = clock.run(f"{tag}: d. {PAPER_P}: in-batch negatives from the baseline", stage1, clip_dir, paper_set,
+                      images, budget, seed, device, steps=budget.stage2_steps, epochs=budget.stage2_epochs,
+                      lr=budget.stage2_lr, share=share, start=baseline, run_name="plus_p_paper", **common)
+    row(PAPER_P, model)
+    del model
+    model, steps2[PAPER_PN] = clock.run(f"{tag}: d. {PAPER_PN}: stage 2 from the baseline", stage2, baseline,
+                                        paper_set, images, bank_ids, budget, seed, share=share, groups=groups,
+                                        run_name="plus_pn_paper", **common)
+    row(PAPER_PN, model)
+    if budget.report_row == PAPER_PN:
+        shown_model = model
+    del model
+    # our recipe, without and with the oracle rewrite: near partners, mixed into stage 1 from the start at the
+    # annotated share, then stage 2 from that model
+    plus_p_steps = round(budget.stage1_steps / budget.annotated_fraction)
+    for recipe, (name_p, name_pn), run in (("ours", (OURS_P, OURS_PN), "ours"),
+                                           ("oracle", (ORACLE_P, ORACLE_PN), "oracle")):
+        generated[recipe], counts[recipe] = clock.run(
+            f"{tag}: d. augment, {'our recipe' if recipe == 'ours' else 'our recipe + the oracle rewrite'}",
+            augment, root, clip_dir, train, images, budget, seed, device, show_progress, recipe=recipe)
+        plus_p = clock.run(f"{tag}: d. {name_p} stage 1", stage1, clip_dir, annotated + generated[recipe], images,
+                           budget, seed, device, steps=plus_p_steps, share=budget.annotated_fraction,
+                           run_name=f"plus_p_{run}", **common)
+        row(name_p, plus_p)
+        model, steps2[name_pn] = clock.run(f"{tag}: d. {name_pn} stage 2", stage2, plus_p, annotated + generated[recipe],
+                                           images, bank_ids, budget, seed, share=stage2_share(budget), groups=groups,
+                                           run_name=f"plus_pn_{run}", **common)
+        del plus_p
+        row(name_pn, model)
+        if budget.report_row == name_pn:
+            shown_model = model
+        del model
+    # zero-shot: the library's generated triplets only (no annotated ones), stage 1 then stage 2
+    zero1 = clock.run(f"{tag}: d. zero-shot stage 1", stage1, clip_dir, generated["ours"], images, budget, seed, device,
                       steps=budget.stage1_steps, share=None, run_name="zero1", **common)
-    zero, _ = clock.run(f"{tag}: d. zero-shot stage 2", stage2, zero1, ours, images, bank_ids, budget, seed,
-                        share=None, groups=groups, run_name="zero2", **common)
+    zero, _ = clock.run(f"{tag}: d. zero-shot stage 2", stage2, zero1, generated["ours"], images, bank_ids, budget,
+                        seed, share=None, groups=groups, run_name="zero2", **common)
     row("zero-shot", zero)
     if report_dir is not None:
-        best = plus_pn if budget.default_recipe == "ours" else plus_pn_paper
-        name = f"+P+N ({budget.default_recipe})"
-        shown = clock.run(f"{tag}: f. retrieval report", retrieval_report, best, test, report_dir, compare=baseline,
-                          names=(name, "baseline"), k=5, n_queries=budget.report_queries, images=test_store.images,
-                          batch_size=budget.eval_batch,
+        name = budget.report_row
+        shown = clock.run(f"{tag}: f. retrieval report", retrieval_report, shown_model, test, report_dir,
+                          compare=baseline, names=(name, "baseline"), k=5, n_queries=budget.report_queries,
+                          images=test_store.images, batch_size=budget.eval_batch,
                           title=f"Synthetic world {world_seed}, test split, seed {seed}: {name} vs baseline, top 5")
         info["report"] = {"html": str(shown.html), "png": str(shown.png), "wins": len(shown.wins),
-                          "losses": len(shown.losses)}
+                          "losses": len(shown.losses), "row": name}
         print(f"     retrieval report: {shown.png} and {shown.html} ({name} wins {len(shown.wins)} queries over "
               f"the baseline, loses {len(shown.losses)})", flush=True)
+    del shown_model
     info["val"] = val_log
-    info["generated_triplets"] = {"paper": len(paper), "ours": len(ours)}
+    info["generated"] = counts
     info["annotated_triplets"] = len(annotated)
-    info["stage2_steps"] = {"+N": steps_n, "+P+N (paper)": steps_pn_paper, "+P+N (ours)": steps_pn}
+    info["annotated_share"] = {"paper": budget.paper_annotated_fraction, "ours": budget.annotated_fraction}
+    info["stage2_steps"] = steps2
     info["stage1_steps"] = {"baseline": budget.stage1_steps, "zero-shot": budget.stage1_steps,
-                            "+P (paper)": f"baseline + {budget.paper_stage1_steps}",
-                            "+P (ours)": round(budget.stage1_steps / budget.annotated_fraction)}
+                            PAPER_P: f"baseline + {budget.stage2_steps}", OURS_P: plus_p_steps, ORACLE_P: plus_p_steps}
+    results = {name: results[name] for name in ROWS if name in results}  # table order
     per_query = {name: metrics.pop("per_query") for name, metrics in results.items()}
     return {"rows": results, "per_query": per_query, "info": info}
 

@@ -162,14 +162,42 @@ class SyntheticCaptioner:
     (shape, colour, size, position) of every object is, with probability ``noise``, dropped or
     swapped for another value (half each), mimicking an imperfect MLLM. Deterministic per
     (seed, image id); ``images`` is ignored (the scene is known).
+
+    ``words`` is the word budget of a captioning prompt ("describe the image in {k} words"): a caption
+    longer than ``words`` words loses detail the way a terse captioner drops it, least salient first
+    (every position, then every size, then every colour, then trailing objects) until it fits.
+    None (the default) keeps the whole scene.
     """
 
-    def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0, words: int | None = None) -> None:
         if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
             raise ConfigError(explain("noise must be a probability in [0, 1]", got=noise))
-        self.root, self.noise, self.seed = Path(root), float(noise), int(seed)
+        if words is not None and (isinstance(words, bool) or not isinstance(words, int) or words < 2):
+            raise ConfigError(explain("words must be None or an int >= 2 (a word budget such as 8)", got=words))
+        self.root, self.noise, self.seed, self.words = Path(root), float(noise), int(seed), words
         self.scenes = load_scenes(root)
-        self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed})"
+        self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed}" + (
+            f",words={words})" if words is not None else ")")
+
+    def _within_budget(self, objects: list[dict]) -> str:
+        """The caption of ``objects`` cut to ``self.words`` words by dropping detail, least salient first."""
+        caption = describe_scene(objects)
+        if self.words is None or len(caption.split()) <= self.words:
+            return caption
+        # reading order first, so that objects stay in it once their positions are gone
+        objects = sorted((dict(obj) for obj in objects), key=lambda o: (
+            o.get("row") if o.get("row") is not None else 9, o.get("col") if o.get("col") is not None else 9))
+        for keys in (("row", "col"), ("size",), ("color",)):
+            for obj in objects:
+                for key in keys:
+                    obj[key] = None
+            caption = describe_scene(objects)
+            if len(caption.split()) <= self.words:
+                return caption
+        while len(objects) > 1 and len(caption.split()) > self.words:
+            objects.pop()
+            caption = describe_scene(objects)
+        return caption
 
     def caption_of(self, image_id: str) -> str:
         if image_id not in self.scenes:
@@ -177,7 +205,7 @@ class SyntheticCaptioner:
                                     fix="caption only ids of this world's splits"))
         scene = self.scenes[image_id]
         if self.noise == 0.0:
-            return scene["caption"]
+            return scene["caption"] if self.words is None else self._within_budget(list(scene["objects"]))
         rng = random.Random(_seed_of("captioner", self.seed, image_id))
         noisy = []
         for obj in scene["objects"]:
@@ -197,7 +225,7 @@ class SyntheticCaptioner:
                 else:
                     obj[key] = rng.choice([v for v in vocab if v != obj[key]])
             noisy.append(obj)
-        return describe_scene(noisy)
+        return self._within_budget(noisy)
 
     def __call__(self, image_ids: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
         if images is not None and len(images) != len(image_ids):
