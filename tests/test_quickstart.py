@@ -15,8 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-ROWS = {"untrained (pretrained CLIP, no CIR training)", "baseline", "+P (paper)", "+N", "+P+N (paper)", "+P (ours)",
-        "+P+N (ours)", "zero-shot"}
+ROWS = {"untrained (pretrained CLIP, no CIR training)", "baseline", "+N", "+P (paper)", "+P+N (paper)",
+        "+P (ours, no rewrite)", "+P+N (ours, no rewrite)", "+P (ours, oracle rewrite)", "+P+N (ours, oracle rewrite)",
+        "zero-shot"}
 METRICS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Rmean"}
 
 
@@ -45,6 +46,12 @@ def test_bad_arguments_are_refused():
     assert quickstart.parse_worlds("3") == [1, 2, 3] and quickstart.parse_worlds("11,23") == [11, 23]
 
 
+def quickstart_rows() -> tuple:
+    import quickstart
+
+    return quickstart.ROWS
+
+
 def _env():
     # the library from this checkout, whether or not it was pip-installed
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -65,7 +72,7 @@ def _check_report_files(folder: Path) -> None:
     page = (folder / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and 'src="http' not in page and "[win]" in page
     shown = json.loads((folder / "report.json").read_text())
-    assert shown["summary"]["names"] == ["+P+N (ours)", "baseline"] and shown["shown"]
+    assert shown["summary"]["names"] == ["+P+N (ours, no rewrite)", "baseline"] and shown["shown"]
     for entry in shown["shown"]:
         assert len(entry["top"]) == len(entry["compare_top"]) == 5 and entry["outcome"] in ("win", "loss")
         assert (entry["rank"] < entry["compare_rank"]) == (entry["outcome"] == "win")
@@ -117,7 +124,16 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
     _check_rows(report)
     run = report["per_seed"]["0"]
     info = run["info"]
-    assert info["generated_triplets"]["paper"] > 0 and info["generated_triplets"]["ours"] > 0
+    generated = info["generated"]
+    assert all(generated[recipe]["triplets"] > 0 for recipe in ("paper", "ours", "oracle"))
+    # the release's rule for over-long texts: replaced by the target caption, counted; the paper's 8-word captions
+    # make the paper recipe's texts fit far more often than the oracle's whole captions do
+    assert generated["paper"]["long_text"] == "target" and generated["paper"]["caption_words"] == 8
+    assert generated["oracle"]["caption_words"] is None and generated["oracle"]["rewritten"] > 0
+    assert generated["paper"]["over_limit"] / generated["paper"]["texts"] < \
+        generated["oracle"]["over_limit"] / generated["oracle"]["texts"]
+    assert info["annotated_share"]["paper"] == pytest.approx(28225 / (28225 + 16939))
+    assert "over the text tower's" in proc.stdout
     # the world's pixel-identical copies share a bank row: fewer rows (groups) than train images
     assert info["duplicate_groups"] < info["train_images"]
     assert "bank: %d rows for %d train images" % (info["duplicate_groups"], info["train_images"]) in proc.stdout
@@ -127,12 +143,16 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
         hits1 = sum(r < 1 for r in ranks["subset_rank"]) / len(ranks["subset_rank"]) * 100
         assert hits5 == pytest.approx(report["rows"][row]["R@5"]) and hits1 == pytest.approx(report["rows"][row]["Rs@1"])
     # every val-selected run left its epochs' val Rmean: the numbers the choices are made on
-    assert {"baseline", "plus_p_paper", "plus_n", "plus_pn_paper", "plus_p", "plus_pn"} <= set(info["val"])
-    # the default budget's levers are on in the quick one too: rewritten texts, best epoch chosen on val
-    assert report["budget_values"]["rewrite"] and report["budget_values"]["select_on_val"]
+    assert {"baseline", "plus_p_paper", "plus_n", "plus_pn_paper", "plus_p_ours", "plus_pn_ours", "plus_p_oracle",
+            "plus_pn_oracle"} <= set(info["val"])
+    # the default budget's levers are on in the quick one too: the oracle rows' rewrite, best epoch chosen on val
+    assert report["budget_values"]["select_on_val"]
     assert "rewrite:" in proc.stdout and "best epoch by val Rmean" in proc.stdout
     steps = info["stage2_steps"]
-    assert steps["+P+N (ours)"] == steps["+P+N (paper)"] == steps["+N"]  # equal stage-2 budgets
+    # equal stage-2 budgets
+    assert steps["+P+N (ours, no rewrite)"] == steps["+P+N (ours, oracle rewrite)"] == steps["+P+N (paper)"] \
+        == steps["+N"]
+    assert list(report["rows"]) == [r for r in quickstart_rows() if r in report["rows"]]  # the table's order
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _check_report_files(out / "report")
     assert "results.json" in proc.stdout and "results.png" in proc.stdout and "total" in proc.stdout
@@ -157,7 +177,7 @@ def test_quick_run_with_per_row_stage2_passes(tmp_path):
     report = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert report["budget_values"]["stage2_steps"] is None
     steps = report["per_seed"]["0"]["info"]["stage2_steps"]
-    assert steps["+P+N (ours)"] > steps["+N"] > 0 and steps["+P+N (paper)"] > steps["+N"]
+    assert steps["+P+N (ours, no rewrite)"] > steps["+N"] > 0 and steps["+P+N (paper)"] > steps["+N"]
     assert set(report["rows"]) == ROWS
 
 
@@ -169,6 +189,25 @@ def test_budget_refuses_stage2_steps_that_do_not_split_into_rounds():
             quickstart.Budget(stage2_steps=bad)
     assert quickstart.Budget(stage2_steps=None).stage2_steps is None
     assert quickstart.Budget().stage2_steps % quickstart.Budget().stage2_epochs == 0
+    for bad in ({"long_text": "cut"}, {"paper_long_text": None}, {"report_row": "baseline"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            quickstart.Budget(**bad)
+
+
+def test_the_paper_mapping_is_the_release_data_choices():
+    """The paper rows keep the release's data choices: its annotated share (28,225 annotated CIRR triplets beside
+    one generated triplet per train image, 16,939 at most), its window as fractions of N, its 8-word captions, and
+    over-long texts replaced by the target caption."""
+    import quickstart
+
+    budget = quickstart.BUDGETS["default"]
+    assert budget.paper_annotated_fraction == pytest.approx(0.6250, abs=1e-4)
+    assert budget.paper_rank_window == pytest.approx((10000 / 16939, 15000 / 16939))
+    assert budget.paper_long_text == "target" and budget.caption_words == 8 and budget.paper_templates == "cirr"
+    # the rows a user can reproduce on real data come before the oracle rows, the references last
+    rows = quickstart.ROWS
+    assert rows.index("+P+N (ours, no rewrite)") < rows.index("+P (ours, oracle rewrite)") < rows.index("zero-shot")
+    assert rows[:4] == ("baseline", "+N", "+P (paper)", "+P+N (paper)")
 
 
 def _fake_report(folder: Path, seed: int, budget: dict, world_seed: int = 0) -> None:

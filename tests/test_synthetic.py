@@ -350,3 +350,27 @@ def test_duplicates_are_pixel_identical_within_and_across_splits(tmp_path):
                                                                           for t in b.triplets]
     with pytest.raises(ConfigError, match="duplicate_rate"):
         syn.WorldConfig(duplicate_rate=0.9)
+
+
+def test_captioner_word_budget_drops_detail_least_salient_first(tmp_path):
+    """words=k stands in for "describe the image in k words": positions go first, then sizes, then colours, then
+    trailing objects; a caption already within the budget is unchanged."""
+    from cir_plugins.data.synthetic_scenes import describe_scene
+
+    root = syn.make_world(tmp_path / "w", seed=1, size=TINY)
+    full = syn.SyntheticCaptioner(root)
+    terse = syn.SyntheticCaptioner(root, words=8)
+    ids = list(full.scenes)
+    short, whole = terse(ids), full(ids)
+    assert all(len(text.split()) <= 8 for text in short)
+    assert any(a != b for a, b in zip(short, whole))
+    assert all(a == b for a, b in zip(short, whole) if len(b.split()) <= 8)
+    two = [{"shape": "triangle", "color": "purple", "size": "small", "row": 2, "col": 0},
+           {"shape": "star", "color": "cyan", "size": "large", "row": 0, "col": 0}]
+    assert describe_scene(two).startswith("a large cyan star at the top left")
+    assert describe_scene(two, words=8) == "a cyan star and a purple triangle"  # reading order kept
+    assert describe_scene(two, words=5) == "a star and a triangle"
+    assert describe_scene(two, words=3) == "a star"
+    for bad in (0, 1, True, 2.5):
+        with pytest.raises(ValueError, match="words"):
+            syn.SyntheticCaptioner(root, words=bad)

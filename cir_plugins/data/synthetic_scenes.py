@@ -75,13 +75,33 @@ def _object_phrase(obj: Mapping[str, Any]) -> str:
     return phrase
 
 
-def describe_scene(objects: Sequence[Mapping[str, Any]]) -> str:
+def describe_scene(objects: Sequence[Mapping[str, Any]], words: int | None = None) -> str:
     """The exact caption of a scene, objects in reading order (row, then column).
 
     Example: ``"a large red circle at the top left and a small blue square in the centre"``.
     Missing attributes (``None`` or absent keys) are left out, so a noisy captioner can describe a
-    partial scene; a missing position drops the location phrase.
+    partial scene; a missing position drops the location phrase. With a word budget ``words``, a
+    longer caption loses detail least salient first (every position, then every size, then every
+    colour, then trailing objects) until it fits, as a captioner told "in {k} words" would.
     """
+    if words is not None:
+        caption = describe_scene(objects)
+        if len(caption.split()) <= words:
+            return caption
+        # reading order first, so that objects stay in it once their positions are gone
+        kept = sorted((dict(obj) for obj in objects), key=lambda o: (
+            o.get("row") if o.get("row") is not None else 9, o.get("col") if o.get("col") is not None else 9))
+        for keys in (("row", "col"), ("size",), ("color",)):
+            for obj in kept:
+                for key in keys:
+                    obj[key] = None
+            caption = describe_scene(kept)
+            if len(caption.split()) <= words:
+                return caption
+        while len(kept) > 1 and len(caption.split()) > words:
+            kept.pop()
+            caption = describe_scene(kept)
+        return caption
     if not objects:
         return "an empty grey picture"
     ordered = sorted(objects, key=lambda o: (o.get("row") if o.get("row") is not None else 9,
@@ -179,33 +199,13 @@ class SyntheticCaptioner:
         self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed}" + (
             f",words={words})" if words is not None else ")")
 
-    def _within_budget(self, objects: list[dict]) -> str:
-        """The caption of ``objects`` cut to ``self.words`` words by dropping detail, least salient first."""
-        caption = describe_scene(objects)
-        if self.words is None or len(caption.split()) <= self.words:
-            return caption
-        # reading order first, so that objects stay in it once their positions are gone
-        objects = sorted((dict(obj) for obj in objects), key=lambda o: (
-            o.get("row") if o.get("row") is not None else 9, o.get("col") if o.get("col") is not None else 9))
-        for keys in (("row", "col"), ("size",), ("color",)):
-            for obj in objects:
-                for key in keys:
-                    obj[key] = None
-            caption = describe_scene(objects)
-            if len(caption.split()) <= self.words:
-                return caption
-        while len(objects) > 1 and len(caption.split()) > self.words:
-            objects.pop()
-            caption = describe_scene(objects)
-        return caption
-
     def caption_of(self, image_id: str) -> str:
         if image_id not in self.scenes:
             raise DataError(explain("image id is not in the synthetic world", got=image_id,
                                     fix="caption only ids of this world's splits"))
         scene = self.scenes[image_id]
         if self.noise == 0.0:
-            return scene["caption"] if self.words is None else self._within_budget(list(scene["objects"]))
+            return scene["caption"] if self.words is None else describe_scene(scene["objects"], words=self.words)
         rng = random.Random(_seed_of("captioner", self.seed, image_id))
         noisy = []
         for obj in scene["objects"]:
@@ -225,7 +225,7 @@ class SyntheticCaptioner:
                 else:
                     obj[key] = rng.choice([v for v in vocab if v != obj[key]])
             noisy.append(obj)
-        return self._within_budget(noisy)
+        return describe_scene(noisy, words=self.words)
 
     def __call__(self, image_ids: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
         if images is not None and len(images) != len(image_ids):
