@@ -5,9 +5,13 @@
 may not leave it (``../``, absolute paths, symlinks pointing outside raise
 :class:`~cir_plugins.errors.UnsafePathError`), checked when the store is made and again at every
 read (a file replaced afterwards by a symlink leading out is refused; the file is then opened with
-``O_NOFOLLOW``, so it cannot be swapped for a symlink between the check and the open). A path that
-cannot be resolved at all (a name over the filesystem's limit, a symlink loop) is an
-:class:`~cir_plugins.errors.ImageLoadError` naming the id.
+``O_NOFOLLOW``, so it cannot be swapped for a symlink between the check and the open). Every read goes
+through one checked open, :func:`open_image_file`: non-blocking, without following a symlink, and
+only a regular file is read (``fstat`` on the open descriptor): a FIFO, a socket, a device or a
+directory in place of an image is an :class:`~cir_plugins.errors.ImageLoadError` at once, never a
+hang, so the skip options drop it like any unreadable file. A path that cannot be resolved at all (a
+name over the filesystem's limit, a symlink loop) is an ImageLoadError naming the id; a NUL
+character in a path is an :class:`~cir_plugins.errors.UnsafePathError`.
 
 The pixel limit (``max_pixels``, a decompression-bomb guard) bounds the source image from its header
 and, for the named transforms, every image the transform makes on the way (the pad canvas and the
@@ -32,6 +36,7 @@ their full range to 8 bits) and float images ("F", assumed in [0, 1] if its max 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -56,6 +61,8 @@ __all__ = [
     "to_rgb",
     "to_pil",
     "decode_image",
+    "open_image_file",
+    "image_format",
     "resolve_under_root",
     "ClipTransform",
 ]
@@ -99,6 +106,10 @@ def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | 
         raise UnsafePathError(explain(f"{what}: the image path is empty or not a string", got=relative,
                                       expected="a path relative to the dataset root",
                                       fix="fix the annotation file"))
+    if "\x00" in relative:  # no file system allows it; os calls would raise a bare ValueError
+        raise UnsafePathError(explain(f"{what}: the image path holds a NUL character", got=repr(relative),
+                                      expected="a path relative to the dataset root",
+                                      fix="fix the annotation file (or the request)"))
     if os.path.isabs(relative) or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
         raise UnsafePathError(explain(f"{what}: absolute image paths are not allowed", got=relative,
                                       expected=f"a path relative to {str(root)!r}",
@@ -153,20 +164,92 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_image_file(path: str | os.PathLike, *, what: str, fix: str = _FIX_FILE):
+    """Open ``path`` for reading as a regular file: the one checked open of the package. Binary file object.
+
+    Opened non-blocking (a FIFO with no writer cannot hang the caller) and without following a final
+    symlink (``O_NOFOLLOW``: a file swapped for a link after its path was checked is refused), then
+    ``fstat`` on the descriptor: anything but a regular, non-empty file (a FIFO, socket, device or
+    directory) is refused. Raises ImageLoadError naming ``what`` and the cause.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageLoadError(explain(f"{what} is missing", got=str(path), expected="an existing image file",
+                                     fix=fix)) from None
+    except OSError as error:  # ELOOP: a symlink where the file was; EACCES, ENAMETOOLONG, ENXIO (a socket), ...
+        raise ImageLoadError(explain(f"{what} cannot be opened", got=f"{path}: {error.strerror or error}",
+                                     fix=fix)) from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                    else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device or other special file")
+            raise ImageLoadError(explain(f"{what} is not a regular file (it is {kind})", got=str(path),
+                                         expected="an existing image file", fix=fix))
+        if info.st_size == 0:
+            raise ImageLoadError(explain(f"{what} is an empty (zero-byte) file", got=str(path), fix=fix))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _OpenedImage:
+    """``with _OpenedImage(source, what, formats, fix) as image``: PIL's lazy open (header only) with the package's
+    pixel-limit settings on (:class:`_OwnPixelLimit`) and every PIL failure turned into ImageLoadError."""
+
+    def __init__(self, source, what: str, formats: Sequence[str] | None, fix: str) -> None:
+        self.source, self.what, self.formats, self.fix = source, what, formats, fix
+        self._limit = _OwnPixelLimit()
+        self._image = None
+
+    def __enter__(self) -> Image.Image:
+        self._limit.__enter__()
+        try:
+            self._image = Image.open(self.source, formats=None if self.formats is None else list(self.formats))
+        except BaseException as error:
+            self._limit.__exit__(None, None, None)
+            raise self.wrap(error) from error
+        return self._image
+
+    def wrap(self, error: BaseException) -> BaseException:
+        if isinstance(error, ImageLoadError) or not isinstance(error, Exception):
+            return error
+        accepted = "" if self.formats is None else f" (accepted: {', '.join(self.formats)})"
+        return ImageLoadError(explain(f"{self.what} cannot be decoded: not a readable image{accepted} (corrupt, "
+                                      "truncated or not an image format PIL reads)",
+                                      got=f"{type(error).__name__}: {error}", fix=self.fix))
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._image is not None:
+                self._image.close()
+        finally:
+            self._limit.__exit__(*exc)
+
+
 def decode_image(source, *, what: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  check_size: Callable | None = None, fix: str = "replace the file",
-                 limit_fix: str = "raise max_pixels if the file is trusted") -> Image.Image:
+                 limit_fix: str = "raise max_pixels if the file is trusted",
+                 formats: Sequence[str] | None = None) -> Image.Image:
     """Decode ``source`` (a path or binary file object) into an RGB PIL image: the one image-open path of the
     package (ImageStore reads and the server's uploads).
 
     The size is checked from the header before any pixel is decoded: more than ``max_pixels`` pixels (the
     decompression-bomb guard), then ``check_size(w, h, max_pixels=..., what=...)`` when given (a named
     transform's bound on the images it makes). PIL's global limit is off meanwhile (:class:`_OwnPixelLimit`).
+    ``formats``: the PIL format names tried (e.g. ``("PNG", "JPEG")``; None: every format PIL reads), so
+    data from the network reaches only the decoders on that list.
     Raises ImageLoadError naming ``what``: with ``limit_fix`` for an image over the limit, with ``fix`` for
     anything PIL cannot read.
     """
-    try:
-        with _OwnPixelLimit(), Image.open(source) as image:
+    opened = _OpenedImage(source, what, formats, fix)
+    with opened as image:
+        try:
             w, h = image.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageLoadError(explain(f"{what} has more pixels than allowed by the pixel limit "
@@ -176,12 +259,19 @@ def decode_image(source, *, what: str, max_pixels: int | None = DEFAULT_MAX_PIXE
                 check_size(w, h, max_pixels=max_pixels, what=what)
             image.load()
             return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
-    except ImageLoadError:
-        raise
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ... for bad files
-        raise ImageLoadError(explain(f"{what} cannot be decoded: not a readable image (corrupt, truncated or not an "
-                                     "image format PIL reads)", got=f"{type(error).__name__}: {error}",
-                                     fix=fix)) from error
+        except ImageLoadError:
+            raise
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            raise opened.wrap(error) from error
+
+
+def image_format(source, *, what: str, formats: Sequence[str] | None = None, fix: str = "replace the file") -> str:
+    """The PIL format name (``"PNG"``, ``"JPEG"``, ...) of ``source`` read from its header (nothing decoded);
+    ImageLoadError naming ``what`` when PIL does not recognise it (among ``formats`` when given)."""
+    with _OpenedImage(source, what, formats, fix) as image:
+        if not image.format:
+            raise ImageLoadError(explain(f"{what}: the image format is unknown", fix=fix))
+        return str(image.format)
 
 
 def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -463,35 +553,46 @@ class ImageStore(Mapping):
             self._abs[image_id] = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
         return self._abs[image_id]
 
-    def _open(self, image_id: str) -> tuple[Path, int]:
-        """Re-check ``image_id``'s path under the root now (it may have been replaced by a symlink leading out
-        since the store was made) and open it without following a symlink: (path, file descriptor)."""
-        path = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
-        self._abs[image_id] = path
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            raise ImageLoadError(explain(f"image {image_id!r} is missing", got=str(path),
-                                         expected="an existing image file", fix=_FIX_FILE)) from None
-        except OSError as error:  # ELOOP: swapped for a symlink after the check; EACCES, EISDIR, ...
-            raise ImageLoadError(explain(f"image {image_id!r} cannot be opened", got=f"{path}: {error}",
-                                         fix=_FIX_FILE)) from error
-        return path, fd
+    def _open(self, relative: str, what: str) -> tuple[Path, object]:
+        """Re-check ``relative`` under the root now (it may have been replaced by a symlink leading out since the
+        store was made) and open it through :func:`open_image_file`: (path, binary file object)."""
+        path = resolve_under_root(self.root, relative, what=what)
+        return path, open_image_file(path, what=what)
 
     def load_pil(self, image_id: str) -> Image.Image:
         """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
         if image_id not in self._rel:
             raise KeyError(image_id)
-        path, fd = self._open(image_id)
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageLoadError(explain(f"image {image_id!r} is missing (not a regular file)", got=str(path),
-                                             expected="an existing image file", fix=_FIX_FILE))
-            if info.st_size == 0:
-                raise ImageLoadError(explain(f"image {image_id!r} is an empty (zero-byte) file", got=str(path),
-                                             fix=_FIX_FILE))
+        what = f"image {image_id!r}"
+        path, handle = self._open(self._rel[image_id], what)
+        self._abs[image_id] = path
+        with handle:
             return self._decode(image_id, path, handle)
+
+    def load_relative(self, relative: str, *, what: str | None = None, max_pixels: int | None = None,
+                      formats: Sequence[str] | None = None) -> Image.Image:
+        """An RGB PIL image from a path relative to the root that need not be one of the store's ids, with the
+        same checks as :meth:`load_pil` (root, symlinks, regular file, pixel limits: ``max_pixels``, default
+        the store's, and the transform's bound); ``formats`` limits the PIL decoders tried."""
+        what = what or f"image path {relative!r}"
+        path, handle = self._open(relative, what)
+        with handle:
+            return decode_image(handle, what=what, max_pixels=self.max_pixels if max_pixels is None else max_pixels,
+                                check_size=getattr(self.transform, "check_size", None), fix=_FIX_FILE,
+                                limit_fix="use a smaller image", formats=formats)
+
+    def read_file(self, image_id: str) -> tuple[bytes, str]:
+        """The bytes of ``image_id``'s file as stored and its image format read from the header (PIL's name:
+        ``"PNG"``, ``"JPEG"``, ...), never from the file name; same checks as :meth:`load_pil`. For serving the
+        file as it is (the caller picks the content type from the format)."""
+        if image_id not in self._rel:
+            raise KeyError(image_id)
+        what = f"image {image_id!r}"
+        path, handle = self._open(self._rel[image_id], what)
+        self._abs[image_id] = path
+        with handle:
+            data = handle.read()
+        return data, image_format(io.BytesIO(data), what=what, fix=_FIX_FILE)
 
     def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
         return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,

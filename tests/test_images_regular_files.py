@@ -1,0 +1,140 @@
+"""The one checked open (data.images.open_image_file): only regular files are read, so a FIFO, a directory or a
+socket in place of an image is a clear ImageLoadError at once (never a hang) that the skip options drop; a
+symlink swapped in after the store was made is refused by every read, the served bytes included; the served
+format comes from the file's header, never from its name; upload decoders are limited to an allow-list."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cir_plugins.data.images import ImageStore, decode_image, open_image_file
+from cir_plugins.errors import ImageLoadError, UnsafePathError
+
+
+def _png(path, seed=0, size=(6, 5)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, "PNG")
+
+
+def _within(seconds, fn):
+    """Run fn in a thread; (finished, result or exception). A read that blocks forever shows as not finished."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 (handed back to the test)
+            box["value"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), box.get("value")
+
+
+@pytest.fixture()
+def root(tmp_path):
+    for i, name in enumerate(("a", "b", "c")):
+        _png(tmp_path / f"{name}.png", seed=i)
+    return tmp_path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_in_place_of_an_image_is_refused_at_once_and_skipped(root):
+    store = ImageStore(root, {"a": "a.png", "b": "b.png", "c": "c.png"}, "none")
+    (root / "b.png").unlink()
+    os.mkfifo(root / "b.png")  # no writer will ever come: a blocking open waits forever
+    finished, outcome = _within(30, lambda: store.load_pil("b"))
+    assert finished, "reading a FIFO blocked"
+    assert isinstance(outcome, ImageLoadError) and "not a regular file (it is a FIFO)" in str(outcome)
+    finished, kept = _within(30, store.readable_ids)
+    assert finished and kept == ["a", "c"]
+    finished, outcome = _within(30, lambda: store.batch(["a", "b", "c"], on_error="skip"))
+    assert finished and outcome[1] == ["a", "c"]
+    finished, outcome = _within(30, lambda: store.read_file("b"))
+    assert finished and isinstance(outcome, ImageLoadError)
+
+
+def test_a_directory_or_socket_in_place_of_an_image_is_an_image_error_that_skip_drops(root):
+    store = ImageStore(root, {"a": "a.png", "b": "b.png", "c": "c.png"}, "none")
+    (root / "b.png").unlink()
+    (root / "b.png").mkdir()
+    with pytest.raises(ImageLoadError, match=r"image 'b' is not a regular file \(it is a directory\)"):
+        store.load_pil("b")
+    assert store.readable_ids() == ["a", "c"]
+    tensors, kept = store.batch(["a", "b", "c"], on_error="skip")
+    assert kept == ["a", "c"] and tensors.shape[0] == 2
+    if hasattr(socket, "AF_UNIX"):
+        (root / "c.png").unlink()
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(root / "c.png"))
+            with pytest.raises(ImageLoadError, match="image 'c'"):
+                store.load_pil("c")
+            assert store.readable_ids() == ["a"]
+
+
+def test_open_image_file_reads_regular_files_only(root):
+    with open_image_file(root / "a.png", what="the file") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ImageLoadError, match="the folder is not a regular file"):
+        open_image_file(root, what="the folder")
+    (root / "zero.png").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty"):
+        open_image_file(root / "zero.png", what="zero")
+    (root / "link.png").symlink_to(root / "a.png")
+    with pytest.raises(ImageLoadError, match="cannot be opened"):  # O_NOFOLLOW: a final symlink is not followed
+        open_image_file(root / "link.png", what="link")
+
+
+def test_a_symlink_swapped_in_after_the_store_was_made_is_refused_by_every_read(root, tmp_path_factory):
+    secret = tmp_path_factory.mktemp("outside") / "secret.png"
+    _png(secret, seed=9)
+    store = ImageStore(root, {"a": "a.png", "b": "b.png"}, "none")
+    (root / "b.png").unlink()
+    (root / "b.png").symlink_to(secret)
+    for read in (store.load_pil, store.read_file):
+        with pytest.raises(UnsafePathError, match="outside the dataset root"):
+            read("b")
+
+
+def test_a_nul_in_a_path_is_a_path_error_not_a_bare_value_error(root):
+    with pytest.raises(UnsafePathError, match="NUL"):
+        ImageStore(root, {"a": "a\x00.png"}, "none")
+    store = ImageStore(root, {"a": "a.png"}, "none")
+    with pytest.raises(UnsafePathError, match="NUL"):
+        store.load_relative("a.png\x00../x")
+
+
+def test_read_file_names_the_format_of_the_bytes_not_of_the_name(root):
+    payload = io.BytesIO()
+    Image.new("RGB", (3, 3), (200, 10, 10)).save(payload, "PNG")
+    (root / "evil.html").write_bytes(payload.getvalue() + b"<script>alert(1)</script>")
+    store = ImageStore(root, {"a": "a.png", "evil": "evil.html"}, "none")
+    data, kind = store.read_file("evil")
+    assert kind == "PNG" and data.endswith(b"</script>")
+    assert store.read_file("a") == ((root / "a.png").read_bytes(), "PNG")
+    (root / "notes.png").write_text("<html>not an image</html>")
+    with pytest.raises(ImageLoadError, match="not a readable image"):
+        ImageStore(root, {"n": "notes.png"}, "none").read_file("n")
+
+
+def test_decode_image_tries_only_the_formats_it_is_given(root):
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tiff, "TIFF")
+    assert decode_image(io.BytesIO(tiff.getvalue()), what="x").size == (4, 4)  # every decoder by default
+    with pytest.raises(ImageLoadError, match=r"not a readable image \(accepted: PNG, JPEG\)"):
+        decode_image(io.BytesIO(tiff.getvalue()), what="the upload", formats=("PNG", "JPEG"))
+    png = (root / "a.png").read_bytes()
+    assert decode_image(io.BytesIO(png), what="x", formats=("PNG",)).size == (6, 5)
+    store = ImageStore(root, {"a": "a.png"}, "none")
+    (root / "t.tif").write_bytes(tiff.getvalue())
+    with pytest.raises(ImageLoadError, match="accepted: PNG"):
+        store.load_relative("t.tif", formats=("PNG",))
+    assert store.load_relative("t.tif").size == (4, 4)
