@@ -20,21 +20,44 @@ Steps (each prints its time; long ones show a progress bar):
      and loaded back by path, like a real checkpoint (cached);
   c. baseline: the CLIP4Cir example's stage 1 on the annotated triplets only (in-batch negatives, both towers,
      sum fusion, as the SPN release's CLIP4Cir);
-  d. the rows (every train image captioned by SyntheticCaptioner with realistic noise, paired by rank window,
-     templated):
-     +P (paper): the paper's recipe (the release's CIRR window [10000, 15000) scaled to the world, its two
-       templates, no rewrite), its generated triplets appended to the annotated ones and trained from the
-       baseline's stage-1 checkpoint with in-batch negatives;
+  d. the rows (every train image captioned by SyntheticCaptioner with realistic noise, paired in a rank window,
+     templated; a text longer than the text tower's 32 tokens replaced by the target caption alone):
      +N: stage 2 against the bank of every train image, from the baseline, on the annotated triplets;
-     +P+N (paper): stage 2 from the baseline on annotated + the paper recipe's generated triplets;
-     +P (ours) / +P+N (ours): this project's recipe (near-neighbour partners, texts rewritten by SyntheticRewriter,
-       the stand-in for the method's optional LLM rewrite, mixed into stage 1 from the start at a fixed annotated
-       share), then stage 2 from that model;
-     zero-shot: our generated triplets only (stage 1 then stage 2); untrained: the pretrained CLIP alone;
+     +P (paper) / +P+N (paper): the paper's recipe, mapped by the rule below; +P is the release's stage 2 with the
+       bank switched off (in-batch negatives, both towers), +P+N its stage 2 with the bank, both from the baseline;
+     +P / +P+N (ours, no rewrite): the library's defaults, what a user without an LLM gets: partners from the
+       nearest 1% of each image's ranking, the same captions and templates, mixed into stage 1 from the start at an
+       annotated share of 0.67, then stage 2 from that model;
+     +P / +P+N (ours, oracle rewrite): the same with whole captions and texts rewritten by SyntheticRewriter, which
+       parses the world's own scene grammar into relative edits. No real dataset has such an oracle: these rows
+       bound what a good rewriter (cir_plugins.LLMRewriter with an instruct model) could add;
+     zero-shot: the library's generated triplets only (stage 1 then stage 2); untrained: the pretrained CLIP alone;
   e. evaluate every row with the CIRR protocol on the test split; print one table; write results.json (with each
      query's ranks), results.md and results.png into OUT;
   f. the retrieval report (cir_plugins.report, the code behind `cir-plugins show`): OUT/report/report.png and
      report.html, the top 5 of +P+N and of the baseline for test queries +P+N wins and loses, target outlined.
+
+Mapping rule for the "(paper)" rows. The release's data choices are kept, written as shares, fallbacks and
+fractions so that they carry over to a world of another size; only what belongs to the tiny model is the world's:
+  - annotated share 0.625 in every batch that mixes annotated and generated triplets. The release's CLIP4Cir CIRR
+    run draws one partner per training image (at most 16,939 generated triplets) beside CIRR's 28,225 annotated
+    ones and samples the union uniformly, so at least 28,225 / (28,225 + 16,939) = 62.5% of its samples are
+    annotated. (This world has 1,000 annotated triplets beside 12,000 generated ones: sampled uniformly, as the
+    previous mapping did, batches were 8% annotated, a share the release never trains at.)
+  - text-length fallback: a templated text the text tower's tokenizer cannot take is replaced by the target
+    caption alone (the release's rule), never cut in the middle of the target's description;
+  - rank window [10000, 15000) of CIRR's 16,939 train images, as fractions of N: (0.590, 0.886);
+  - templates "{T} instead of {R}" and "Unlike {R}, I want {T}", captions of at most 8 words (the release's
+    CIRR prompt asks for 8), one partner per image, no rewrite;
+  - +P (paper) is the positives-only ablation as the release can run it: its stage-2 script with the bank off
+    (in-batch negatives, both towers trained) on annotated + generated triplets, from the stage-1 checkpoint. The
+    paper's own ablation section was not at hand when this was written; the definition follows the release's
+    switch for it, and Budget.paper_* documents each choice;
+  - the tiny model's learning rates, step counts and temperatures are the same as every other row's, chosen on
+    world 0's val split (see BUDGETS and benchmarks/RESULTS.md, "Selection protocol").
+
+Threads: --threads defaults to 1. A model this small gains little from a second thread, and where other work
+shares the CPU torch's spinning threads can make each step many times slower (benchmarks/threads.py).
 
 With --worlds, OUT/world<W>/ holds each world's results and OUT/heldout.json / .md / .png the table of each row's
 Rmean difference to the baseline: mean, spread over runs and a 95% interval by a paired two-level bootstrap
@@ -805,7 +828,10 @@ def main(argv=None) -> int:
                         help="seed of the synthetic world and of the tiny CLIP's pretraining (shared by all seeds)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for tests and CI (the numbers mean nothing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU when present)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: a model this small gains little from a second thread, and "
+                             "on a CPU other work shares, torch's spinning threads can make each step many times "
+                             "slower; benchmarks/threads.py measures both; 0 = torch's own choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="instead of running: combine the results.json of runs of other seeds (same budget and "
@@ -829,6 +855,8 @@ def main(argv=None) -> int:
             parser.error(str(error))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0 = torch's own choice), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -840,8 +868,8 @@ def main(argv=None) -> int:
     clock = Clock()
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"quickstart: seeds {seeds}, worlds {worlds if worlds else [args.world_seed]}, budget "
-          f"{'quick' if args.quick else 'default'}, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"out {out}", flush=True)
+          f"{'quick' if args.quick else 'default'}, device {args.device}, torch threads {torch.get_num_threads()} "
+          f"(--threads N to change; 1 stays fast on a shared CPU), out {out}", flush=True)
     runs = {}
     for world_seed in (worlds or [args.world_seed]):
         per_seed = {}
