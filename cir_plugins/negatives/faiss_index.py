@@ -1,14 +1,19 @@
 """A negative bank exported to a FAISS index, for large galleries searched on a CPU.
 
-Two kinds (optional dependency: ``pip install "cir-plugins[faiss]"``, the ``faiss-cpu`` wheel):
+Kinds (optional dependency: ``pip install "cir-plugins[faiss]"``, the ``faiss-cpu`` wheel):
 
+- ``"auto"`` (the default): ``"flat"`` for a bank of fewer than :data:`FLAT_BELOW` rows, else
+  ``"ivfpq"``. A small bank gains nothing from compression: its exact scan is fast and small, and
+  an IVF index trained on few rows recalls little of the exact top-k.
 - ``"flat"``: ``IndexFlatIP``, exact inner product over every row; its results equal
   :func:`cir_plugins.metrics.topk_rows` (the bank rows are L2-normalised, so inner product is cosine).
   Memory: N x D x 4 bytes.
 - ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``) with inner product: the rows are clustered
   into ``nlist`` lists and each row is stored as ``m`` codes of ``nbits`` bits (``m * nbits / 8`` bytes a
-  row instead of ``4 D``; default D/8 bytes); a search visits ``nprobe`` lists. Approximate: benchmarks/faiss_index.py measures its
-  recall@50 against exact search on a 1M-row bank. Any other FAISS factory string (e.g.
+  row instead of ``4 D``; default D/8 bytes); a search visits ``nprobe`` lists. Approximate: when it is
+  built, its recall@10 against exact search is measured on a seeded sample of bank rows used as
+  queries (:meth:`FaissIndex.measure_recall`), logged, kept in ``index.recall`` and saved with it;
+  benchmarks/faiss_index.py measures recall@50 on a 1M-row bank. Any other FAISS factory string (e.g.
   ``"OPQ32,IVF1024,PQ32"`` or ``"HNSW32,PQ32"``) is accepted with ``factory=``.
 
 Only single-vector (``"dot"``) banks export; a multi-vector (``"max_token"``) bank raises ConfigError.
@@ -16,8 +21,12 @@ Only single-vector (``"dot"``) banks export; a multi-vector (``"max_token"``) ba
 Files (:meth:`FaissIndex.save` / :meth:`FaissIndex.load`): ``PATH`` holds the index in FAISS's own
 binary format (``faiss.serialize_index``; a documented binary layout read by ``faiss.deserialize_index``,
 not a pickle: nothing executes on load), written atomically; ``PATH.json`` holds the metadata: format,
-kind, factory string, dim, rows, the bank's fingerprint and ids/rows (so the index alone maps results
-back to image ids), nprobe, and the blake2b digest of the index bytes (checked on load).
+kind, factory string, dim, rows, the model fingerprint, the checksum of the bank it was built from
+(:func:`bank_checksum`: its rows, ids and fingerprint), the bank's ids/rows (so the index alone maps
+results back to image ids), nprobe, the measured recall, and one blake2b digest over the index bytes
+and every other metadata entry (checked on load: an edited sidecar is refused like an edited index).
+Every entry is checked on load (a DataError names the bad one), and :meth:`FaissIndex.check_bank`
+accepts the index only for the bank it was built from (the same checksum and id -> row map).
 """
 
 from __future__ import annotations
@@ -35,15 +44,18 @@ from torch import Tensor
 
 from .._atomic import atomic_write_bytes, atomic_write_json
 from ..checks import check_rows, settle
-from ..errors import ConfigError, DataError, ShapeError, explain
+from ..errors import BankMismatchError, ConfigError, DataError, ShapeError, explain
 
-__all__ = ["FaissIndex", "build_faiss_index", "faiss_available", "KINDS"]
+__all__ = ["FaissIndex", "build_faiss_index", "bank_checksum", "faiss_available", "KINDS", "FLAT_BELOW"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "cir_plugins.faiss_index"
-VERSION = "1"
-KINDS = ("flat", "ivfpq")
+VERSION = "2"  # 2: the digest covers the metadata; the bank's checksum and the measured recall are recorded
+KINDS = ("auto", "flat", "ivfpq")
+#: kind "auto" builds an exact index below this many bank rows and a compressed one from there on
+FLAT_BELOW = 100_000
+RECALL_K, RECALL_QUERIES = 10, 256  # the recall measured when a compressed index is built
 
 
 def faiss_available() -> bool:
@@ -64,8 +76,60 @@ def _faiss():
     return faiss
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
+def _digest(data: bytes, meta: dict) -> str:
+    """blake2b over the index bytes and every metadata entry but the digest itself (canonical JSON)."""
+    digest = hashlib.blake2b(data, digest_size=20)
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "index_digest"}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def bank_checksum(bank: Any) -> str:
+    """SHA-256 naming what an index is built from: the bank's rows as float32 (what FAISS holds), its ids, their
+    rows and the model fingerprint. Equal for the same bank in any dtype that float32 holds exactly."""
+    embeddings = bank.embeddings.detach().to("cpu", torch.float32).contiguous()  # (N, D)
+    ids = list(bank.ids)
+    digest = hashlib.sha256(json.dumps({"ids": ids, "rows": [bank.row_of(i) for i in ids],
+                                        "shape": list(embeddings.shape),
+                                        "fingerprint": str(bank.fingerprint)}).encode())
+    digest.update(embeddings.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _bad_meta(meta_path: Path, entry: str, got: Any, expected: str) -> DataError:
+    text = repr(got)
+    return DataError(explain(f"the FAISS index metadata {entry!r} is malformed", got=f"{meta_path.name}: "
+                             f"{text[:120] + '...' if len(text) > 120 else text}", expected=expected,
+                             fix="export the index again from its bank"))
+
+
+def _checked_meta(meta: dict, meta_path: Path) -> dict:
+    """Every metadata entry of a version-2 index checked for type and range; DataError naming the bad one."""
+    def need(key, kinds, expected):
+        value = meta.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise _bad_meta(meta_path, key, value, expected)
+        return value
+
+    for key in ("kind", "factory", "fingerprint", "bank_checksum", "index_digest"):
+        need(key, str, "a string")
+    rows, dim = need("rows", int, "an int"), need("dim", int, "an int")
+    if rows < 1 or dim < 1:
+        raise _bad_meta(meta_path, "rows" if rows < 1 else "dim", rows if rows < 1 else dim, "a positive int")
+    if meta.get("nprobe") is not None and (not isinstance(meta["nprobe"], int) or isinstance(meta["nprobe"], bool)
+                                           or meta["nprobe"] < 1):
+        raise _bad_meta(meta_path, "nprobe", meta["nprobe"], "null or a positive int")
+    ids, id_rows = need("ids", list, "a list of image ids"), need("id_rows", list, "a list of rows")
+    if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        raise _bad_meta(meta_path, "ids", ids[:5], "unique image id strings")
+    if len(id_rows) != len(ids):
+        raise _bad_meta(meta_path, "id_rows", f"{len(id_rows)} rows for {len(ids)} ids", "one row per id")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < rows for r in id_rows) \
+            or len(set(id_rows)) != rows:
+        raise _bad_meta(meta_path, "id_rows", id_rows[:5], f"ints in [0, {rows}), every row used")
+    recall = meta.get("recall")
+    if recall is not None and not (isinstance(recall, dict) and isinstance(recall.get("recall"), (int, float))):
+        raise _bad_meta(meta_path, "recall", recall, "null or {recall, k, queries, nprobe}")
+    return meta
 
 
 class FaissIndex:
@@ -76,16 +140,54 @@ class FaissIndex:
     """
 
     def __init__(self, index: Any, *, kind: str, factory: str, ids: Sequence[str], rows: Sequence[int],
-                 fingerprint: str, nprobe: int | None = None) -> None:
+                 fingerprint: str, bank_checksum: str, nprobe: int | None = None, recall: dict | None = None) -> None:
         self.index = index
         self.kind, self.factory = kind, factory
         self.ids, self._rows = list(ids), [int(r) for r in rows]
         self._row_of = dict(zip(self.ids, self._rows))  # id -> row, as NegativeBank's (exclusion_rows reads it)
         self.fingerprint = str(fingerprint)
+        self.bank_checksum = str(bank_checksum)
         self._ids_of_row: list[list[str]] | None = None
         self.nprobe = None
+        #: {"recall", "k", "queries", "nprobe"}: recall@k against exact search measured on bank rows (compressed
+        #: indexes; None for an exact one or when not measured)
+        self.recall = dict(recall) if recall is not None else None
         if nprobe is not None:
             self.set_nprobe(nprobe)
+
+    def check_bank(self, bank: Any) -> None:
+        """BankMismatchError unless this index was built from ``bank`` (its checksum: same rows, ids, embeddings
+        and model fingerprint; the id -> row map is what turns the index's answers into images)."""
+        checksum = bank_checksum(bank)
+        bank_rows = dict(zip(bank.ids, (bank.row_of(i) for i in bank.ids)))
+        same_rows = bank_rows == self._row_of
+        if checksum != self.bank_checksum or not same_rows:
+            raise BankMismatchError(explain(
+                "the FAISS index was not exported from this bank (its answers would name other images)",
+                got=f"index built from bank {self.bank_checksum[:16]} ({len(self)} rows, fingerprint "
+                    f"{self.fingerprint[:16]})", expected=f"bank {checksum[:16]} ({bank.embeddings.shape[0]} rows, fingerprint "
+                                                          f"{str(bank.fingerprint)[:16]})",
+                fix="export the index again from this bank (cir-plugins serve --faiss-export ... --faiss PATH)"))
+
+    def measure_recall(self, embeddings: Tensor, *, queries: int = RECALL_QUERIES, k: int = RECALL_K,
+                       seed: int = 0) -> dict:
+        """Recall@k of this index against exact search (:func:`cir_plugins.metrics.topk_rows`) over
+        ``embeddings`` (N, D), the bank rows it was built from, with ``queries`` seeded bank rows as queries:
+        the share of each exact top-k found in the index's top-k, averaged. Kept in ``self.recall``."""
+        from ..metrics import topk_rows
+
+        n = len(self)
+        if embeddings.dim() != 2 or embeddings.shape[0] != n:
+            raise ShapeError(explain("measure_recall needs the bank rows the index was built from",
+                                     got=tuple(embeddings.shape), expected=f"({n}, {self.dim})"))
+        k = min(k, n)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+        sample = embeddings[torch.from_numpy(rows).to(embeddings.device)].detach().to("cpu", torch.float32)
+        _, exact = topk_rows(sample, embeddings.detach().to("cpu", torch.float32), k)  # (Q, k)
+        _, found = self.search(sample, k)  # (Q, k)
+        hits = sum(len(set(a) & set(e)) for a, e in zip(found.tolist(), exact.tolist()))
+        self.recall = {"recall": round(hits / exact.numel(), 4), "k": k, "queries": len(rows), "nprobe": self.nprobe}
+        return dict(self.recall)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -104,6 +206,8 @@ class FaissIndex:
 
     def __repr__(self) -> str:
         probe = f", nprobe={self.nprobe}" if self.nprobe is not None else ""
+        if self.recall is not None:
+            probe += f", recall@{self.recall['k']}={self.recall['recall']:.3f}"
         return f"FaissIndex(kind={self.kind!r}, factory={self.factory!r}, rows={len(self)}, dim={self.dim}{probe})"
 
     def set_nprobe(self, nprobe: int) -> None:
@@ -180,17 +284,19 @@ class FaissIndex:
         """Write ``path`` (FAISS binary, atomically) and ``path.json`` (metadata, atomically)."""
         path = Path(path)
         data = _faiss().serialize_index(self.index).tobytes()
-        atomic_write_bytes(path, data)
         meta = {"format": FORMAT, "version": VERSION, "kind": self.kind, "factory": self.factory, "dim": self.dim,
                 "rows": len(self), "nprobe": self.nprobe, "fingerprint": self.fingerprint,
-                "index_digest": _digest(data), "ids": self.ids, "id_rows": self._rows}
+                "bank_checksum": self.bank_checksum, "recall": self.recall, "ids": self.ids, "id_rows": self._rows}
+        meta["index_digest"] = _digest(data, meta)
+        atomic_write_bytes(path, data)
         atomic_write_json(path.with_name(path.name + ".json"), meta)
         logger.info("saved %r to %s", self, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaissIndex":
-        """Read an index written by :meth:`save`; DataError naming the file when it is missing or does not match."""
+        """Read an index written by :meth:`save`; DataError naming the file (and the entry) when it is missing,
+        edited or malformed. Check it against the bank it is used with: :meth:`check_bank`."""
         faiss = _faiss()
         path = Path(path)
         meta_path = path.with_name(path.name + ".json")
@@ -199,28 +305,43 @@ class FaissIndex:
                                     fix="export one with build_faiss_index(bank).save(path) or "
                                         "cir-plugins serve --faiss-export"))
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as error:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:
             raise DataError(explain("the FAISS index metadata is not readable JSON", got=f"{meta_path}: {error}",
                                     fix="export the index again")) from error
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise DataError(explain("the metadata file is not a cir_plugins FAISS index", got=str(meta_path),
                                     expected=FORMAT))
-        data = path.read_bytes()
-        if _digest(data) != meta.get("index_digest"):
-            raise DataError(explain("the FAISS index file does not match its metadata (digest differs)", got=str(path),
-                                    fix="export the index again; the two files were written by different exports"))
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if meta.get("version") != VERSION:
+            raise DataError(explain("this FAISS index was written by another version of cir_plugins",
+                                    got=f"version {meta.get('version')!r}", expected=VERSION,
+                                    fix="export the index again from its bank"))
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise DataError(explain("the FAISS index file cannot be read", got=f"{path}: {error}",
+                                    fix="export the index again")) from error
+        if _digest(data, meta) != meta.get("index_digest"):
+            raise DataError(explain("the FAISS index and its metadata do not match their digest (one of the two "
+                                    "files was edited, or they come from different exports)", got=str(path),
+                                    fix="export the index again from its bank"))
+        meta = _checked_meta(meta, meta_path)
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as error:
+            raise DataError(explain("FAISS cannot read this index file", got=f"{path}: {str(error).strip()[-200:]}",
+                                    fix="export the index again")) from error
         if int(index.ntotal) != meta["rows"] or int(index.d) != meta["dim"]:
             raise DataError(explain("the FAISS index disagrees with its metadata", got=(int(index.ntotal), int(index.d)),
                                     expected=(meta["rows"], meta["dim"]), fix="export the index again"))
         return cls(index, kind=meta["kind"], factory=meta["factory"], ids=meta["ids"], rows=meta["id_rows"],
-                   fingerprint=meta["fingerprint"], nprobe=meta.get("nprobe"))
+                   fingerprint=meta["fingerprint"], bank_checksum=meta["bank_checksum"], nprobe=meta.get("nprobe"),
+                   recall=meta.get("recall"))
 
 
 def _default_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: int) -> str:
-    if nlist is None:
-        nlist = int(max(1, min(4096, round(4 * n ** 0.5))))  # ~4 sqrt(N) lists, FAISS's usual advice
+    if nlist is None:  # ~4 sqrt(N) lists (FAISS's usual advice), at most 4096 and at least 39 training rows a list
+        nlist = int(max(1, min(4096, round(4 * n ** 0.5), n // 39)))
     if m is None:  # 4-bit codes: D/4 sub-quantizers (D/8 bytes a row); 8-bit: D/8 (D/8 bytes a row)
         m = next(c for c in (dim // (4 if nbits == 4 else 8), 32, 16, 8, 4, 2) if c >= 1 and dim % c == 0)
     if dim % m:
@@ -234,32 +355,39 @@ def _default_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: in
     return f"IVF{nlist},PQ{m}x{nbits}"
 
 
-def build_faiss_index(bank: Any, kind: str = "flat", *, factory: str | None = None, nlist: int | None = None,
+def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = None, nlist: int | None = None,
                       m: int | None = None, nbits: int = 4, nprobe: int = 32, train_size: int = 65536,
-                      seed: int = 0) -> FaissIndex:
-    """Export a single-vector bank (``NegativeBank`` or anything with ``embeddings`` (N, D), ``ids``,
-    ``row_of``, ``fingerprint``) to a FAISS index.
+                      seed: int = 0, recall_queries: int = RECALL_QUERIES) -> FaissIndex:
+    """Export a single-vector bank (``NegativeBank`` or anything with ``embeddings`` (N, D), ``ids``, ``row_of``,
+    ``fingerprint``) to a FAISS index.
 
     Args:
-        kind: "flat" (exact ``IndexFlatIP``) or "ivfpq" (compressed, approximate).
+        kind: "auto" ("flat" below :data:`FLAT_BELOW` rows, else "ivfpq"), "flat" (exact ``IndexFlatIP``) or
+            "ivfpq" (compressed, approximate).
         factory: a FAISS factory string used instead of ``kind``'s (inner-product metric), e.g.
             "OPQ32,IVF1024,PQ32"; ``kind`` then only names it in the metadata.
-        nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096), PQ sub-quantizers (default D/4
-            for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way) and bits per code (default 4:
-            FAISS's fast-scan PQ, which trains and searches much faster than 8-bit codes on a CPU).
+        nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096 and at most N / 39), PQ sub-quantizers
+            (default D/4 for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way) and bits per code
+            (default 4: FAISS's fast-scan PQ, which trains and searches much faster than 8-bit codes on a CPU).
         nprobe: lists visited per search (IVF only).
         train_size: rows sampled (seeded) to train the quantizers; at least 39 * nlist is advised.
+        recall_queries: bank rows searched to measure an approximate index's recall@10 against exact search
+            (logged, kept in ``index.recall``); 0 skips the measurement.
     """
     faiss = _faiss()
     if kind not in KINDS:
         raise ConfigError(explain("unknown FAISS index kind", got=kind, expected=KINDS,
-                                  fix="pass 'flat' (exact) or 'ivfpq' (compressed), or a factory= string"))
+                                  fix="pass 'auto', 'flat' (exact) or 'ivfpq' (compressed), or a factory= string"))
     embeddings = getattr(bank, "embeddings", None)
     if not torch.is_tensor(embeddings) or embeddings.dim() != 2:
         raise ConfigError(explain("FAISS export needs a single-vector bank (N, D)",
                                   got=getattr(embeddings, "shape", type(embeddings).__name__),
                                   fix="multi-vector (max_token) banks are searched exactly with metrics.topk_rows"))
+    if not isinstance(recall_queries, int) or isinstance(recall_queries, bool) or recall_queries < 0:
+        raise ConfigError(explain("recall_queries must be an int >= 0", got=recall_queries))
     n, dim = embeddings.shape
+    if kind == "auto":
+        kind = "flat" if n < FLAT_BELOW else "ivfpq"
     x = embeddings.detach().to("cpu", torch.float32).contiguous().numpy()  # (N, D) float32, a view when possible
     if factory is None:
         factory = "Flat" if kind == "flat" else _default_ivfpq(n, dim, nlist, m, nbits)
@@ -281,12 +409,17 @@ def build_faiss_index(bank: Any, kind: str = "flat", *, factory: str | None = No
     index.add(x)
     ids = list(bank.ids)
     rows = [bank.row_of(i) for i in ids]
+    checksum = bank_checksum(bank)
     is_ivf = True
     try:
         faiss.extract_index_ivf(index)
     except RuntimeError:
         is_ivf = False
     result = FaissIndex(index, kind=kind, factory=factory, ids=ids, rows=rows, fingerprint=bank.fingerprint,
-                        nprobe=nprobe if is_ivf else None)
+                        bank_checksum=checksum, nprobe=nprobe if is_ivf else None)
+    if factory != "Flat" and recall_queries:
+        measured = result.measure_recall(embeddings, queries=recall_queries, seed=seed)
+        logger.info("%s on %d rows: recall@%d %.3f against exact search (%d bank rows as queries, nprobe %s)",
+                    factory, n, measured["k"], measured["recall"], measured["queries"], measured["nprobe"])
     logger.info("built %r from a bank of %d rows", result, n)
     return result
