@@ -16,6 +16,7 @@ _WHERE = {
     "CIRPluginsError": "errors",
     "Evaluator": "training.evaluator",
     "ImageStore": "data.images",
+    "LLMRewriter": "positives.rewriters",
     "NegativeBank": "negatives.bank",
     "Recipe": "recipes",
     "Stage1Config": "training.config",

@@ -1,6 +1,6 @@
 """The triplet augmenter: de-duplicate, pair, caption, template -> generated triplets.
 
-    augmenter = cp.TripletAugmenter(captioner, model, templates="cirr", rank_window=(10000, 15000))
+    augmenter = cp.TripletAugmenter(captioner, model, templates="cirr")   # near partners: rank window [0, 1%)
     result = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
     result.triplets, result.groups, result.summary      # an AugmentResult; iterating it gives the triplets
 
@@ -16,8 +16,22 @@ Steps (timed in ``result.summary["seconds"]``):
    ``images.load_pil(id)`` when the mapping has it (an ImageStore), else converted back from the
    tensor with a per-image min-max scaling (approximate colours: prefer an ImageStore);
 5. template: every triplet keeps all its candidate texts. A pair whose two captions are equal
-   carries no modification: it is skipped and counted. ``max_triplets`` then subsamples (seeded),
-   keeping output order.
+   carries no modification: by default it is skipped and counted; ``keep_equal_captions=True`` keeps
+   it, as the method's release does (with FashionIQ's ``"{target}"`` template its text is still a
+   valid description of the target);
+6. rewrite (with ``rewriter=``, e.g. :class:`~cir_plugins.positives.rewriters.LLMRewriter`): the
+   template texts of all pairs go through the rewriter in batches (cached beside the captions); a
+   pair the rewriter cannot serve keeps its template texts. The per-text ``rewrite=`` hook is run by
+   the same step;
+7. fit: a text longer than ``max_tokens`` (counted by ``count_tokens``; give the CIR model's with
+   ``**text_limit_of(model)``) is replaced by the target caption alone (``fallback="target"``, as the
+   release does), cut (``"truncate"``) or refused (``"error"``); ``summary["text_fallbacks"]`` counts
+   them. ``max_triplets`` then subsamples (seeded), keeping output order.
+
+The defaults are this library's recommended recipe, "ours, no rewrite": partners from the nearest 1%
+of the pair encoder's ranking (``rank_window=(0.0, 0.01)``), one partner per image, the dataset's
+templates, over-long texts replaced by the target caption. The paper's own settings per model and
+dataset are the recipes (``cp.load_recipe(name).generation.augmenter_kwargs()``).
 """
 
 from __future__ import annotations
@@ -39,9 +53,13 @@ from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import cache_file_name, caption_images, check_captioner, pil_source
 from .dedup import find_duplicates
 from .pairing import _embed, parse_rank_window, select_partners
+from .rewriters import as_rewriter
 from .templates import TextMaker
 
-__all__ = ["TripletAugmenter", "AugmentResult"]
+__all__ = ["TripletAugmenter", "AugmentResult", "RECOMMENDED_RANK_WINDOW"]
+
+# the recommended recipe's pairing: a partner among the nearest 1% of each image's ranking
+RECOMMENDED_RANK_WINDOW = (0.0, 0.01)
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +126,22 @@ class TripletAugmenter:
         pair_encoder: a model with ``encode_image`` or a callable images (n, C, H, W) -> (n, D).
         templates: preset ("cirr", "fashioniq", "all") or template strings.
         rank_window: (a, b) ranks or fractions of N (see pairing.parse_rank_window); a < 0 = any.
+            Default :data:`RECOMMENDED_RANK_WINDOW`, the nearest 1%.
         partners_per_image: partners drawn per query image.
         seed: seeds the partner draw and the ``max_triplets`` subsample.
         dedup: merge pixel-identical images before pairing.
         near_duplicate_threshold: also merge images whose pair-encoder cosine is >= this (None: off).
         refer_only: only references of the ``annotated`` triplets get partners ("refer").
         max_triplets: keep at most this many generated triplets (seeded subsample), None = all.
-        cache_dir: folder for the caption cache (one JSONL file per captioner name); None = no cache.
+        cache_dir: folder for the caption cache (one JSONL file per captioner name) and the rewriter's
+            answers (one per rewriter name); None = no cache.
         batch_size: images per pair-encoder call; caption_batch_size: images per captioner call
             (and per cache flush).
-        max_tokens, count_tokens, fallback, rewrite: text length policy and rewrite hook (TextMaker).
+        max_tokens, count_tokens, fallback, rewrite: text length policy and per-text rewrite hook (TextMaker).
+        rewriter: a batched rewriter (``rewrite_pairs(pairs, texts)``, e.g. ``cp.LLMRewriter``), or a
+            callable text -> text; not together with ``rewrite``.
+        keep_equal_captions: keep pairs whose two captions are equal (the release does); default False
+            (skipped and counted in ``skipped_same_caption``).
         skip_empty: skip (and count) images whose caption is empty instead of raising.
         chunk_size: query rows per similarity block in pairing.
         show_progress: tqdm bars.
@@ -129,7 +153,7 @@ class TripletAugmenter:
         pair_encoder: Any,
         *,
         templates: Any = "cirr",
-        rank_window: Any = (10000, 15000),
+        rank_window: Any = RECOMMENDED_RANK_WINDOW,
         partners_per_image: int = 1,
         seed: int = 0,
         dedup: bool = True,
@@ -143,14 +167,21 @@ class TripletAugmenter:
         count_tokens: Any = None,
         fallback: str = "target",
         rewrite: Callable[[str], str] | None = None,
+        rewriter: Any = None,
+        keep_equal_captions: bool = False,
         skip_empty: bool = False,
         chunk_size: int = 256,
         show_progress: bool = True,
     ) -> None:
         self.captioner = check_captioner(captioner)
         self.encoder = _encoder_of(pair_encoder)
-        self.text_maker = TextMaker(templates, max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback,
-                                    rewrite=rewrite)
+        if rewrite is not None and rewriter is not None:
+            raise ConfigError(explain("pass one of rewrite (a per-text hook) and rewriter", got="both",
+                                      fix="drop rewrite=, or pass the hook as rewriter="))
+        # the per-text hook runs as a rewriter, so one step rewrites whichever was given
+        self.rewriter = as_rewriter(rewriter if rewriter is not None else rewrite)
+        self.text_maker = TextMaker(templates, max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback)
+        self.keep_equal_captions = bool(keep_equal_captions)
         self.rank_window = parse_rank_window(rank_window)
         for value, what in ((partners_per_image, "partners_per_image"), (batch_size, "batch_size"),
                             (caption_batch_size, "caption_batch_size"), (chunk_size, "chunk_size")):
@@ -187,6 +218,13 @@ class TripletAugmenter:
         """The caption cache file for this captioner (None without ``cache_dir``)."""
         return self.cache_dir / cache_file_name(self.captioner.name) if self.cache_dir is not None else None
 
+    @property
+    def rewrite_cache_path(self) -> Path | None:
+        """The rewriter's answer cache (None without ``cache_dir`` or rewriter)."""
+        if self.cache_dir is None or self.rewriter is None:
+            return None
+        return self.cache_dir / cache_file_name(self.rewriter.name, kind="rewrites")
+
     def augment(
         self,
         image_ids: Sequence[str],
@@ -205,7 +243,8 @@ class TripletAugmenter:
                 category), ranks counted within the label.
 
         Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``). Each triplet's
-        ``meta``: reference_caption, target_caption, templates (one per text), rank_window, seed, captioner.
+        ``meta``: reference_caption, target_caption, templates (one per text: the template it was filled
+        from, or ``"rewrite:<rewriter name>"``), rank_window, seed, captioner, and rewriter when one ran.
         """
         timings: dict[str, float] = {}
         ids = list(image_ids)
@@ -269,8 +308,8 @@ class TripletAugmenter:
 
         clock = time.perf_counter()
         self.text_maker.fallbacks_used = 0
-        triplets: list[Triplet] = []
-        same_caption = no_caption = 0
+        kept: list[tuple[str, str, str, str]] = []  # (reference, target, reference caption, target caption)
+        same_caption = kept_same = no_caption = 0
         window = (self.rank_window.start, self.rank_window.stop) if not self.rank_window.is_any else (-1, -1)
         for reference, target in pairs:
             r_cap, t_cap = run.captions.get(reference), run.captions.get(target)
@@ -278,19 +317,42 @@ class TripletAugmenter:
                 no_caption += 1
                 continue
             if " ".join(r_cap.split()).lower() == " ".join(t_cap.split()).lower():
-                same_caption += 1  # the text would carry no modification
-                continue
-            made = self.text_maker(r_cap, t_cap)
-            triplets.append(Triplet(
-                reference=reference, texts=tuple(text for _, text in made), target=target, source="generated",
-                meta={"reference_caption": r_cap, "target_caption": t_cap,
-                      "templates": [template for template, _ in made], "rank_window": list(window),
-                      "seed": self.seed, "captioner": self.captioner.name}))
+                if not self.keep_equal_captions:
+                    same_caption += 1  # the text would carry no modification
+                    continue
+                kept_same += 1
+            kept.append((reference, target, r_cap, t_cap))
+        filled = [self.text_maker.fill(r_cap, t_cap) for _, _, r_cap, t_cap in kept]
+        timings["template"] = time.perf_counter() - clock
+
+        rewrite_summary = None
+        if self.rewriter is not None:
+            clock = time.perf_counter()
+            rewrite_run = self.rewriter.rewrite_pairs([(r_cap, t_cap) for _, _, r_cap, t_cap in kept], filled,
+                                                      cache_path=self.rewrite_cache_path,
+                                                      show_progress=self.show_progress)
+            if len(rewrite_run.texts) != len(kept):
+                raise ModelProtocolError(explain(f"rewriter {self.rewriter.name} returned the wrong number of pairs",
+                                                 got=len(rewrite_run.texts), expected=len(kept)))
+            filled, rewrite_summary = rewrite_run.texts, rewrite_run.summary(self.rewriter.name)
+            timings["rewrite"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        triplets: list[Triplet] = []
+        for (reference, target, r_cap, t_cap), candidates in zip(kept, filled):
+            made = self.text_maker.finish(candidates, t_cap)
+            meta = {"reference_caption": r_cap, "target_caption": t_cap,
+                    "templates": [origin for origin, _ in made], "rank_window": list(window),
+                    "seed": self.seed, "captioner": self.captioner.name}
+            if self.rewriter is not None:
+                meta["rewriter"] = self.rewriter.name
+            triplets.append(Triplet(reference=reference, texts=tuple(text for _, text in made), target=target,
+                                    source="generated", meta=meta))
         before_subsample = len(triplets)
         if self.max_triplets is not None and len(triplets) > self.max_triplets:
             keep = sorted(random.Random(self.seed).sample(range(len(triplets)), self.max_triplets))
             triplets = [triplets[k] for k in keep]
-        timings["template"] = time.perf_counter() - clock
+        timings["template"] += time.perf_counter() - clock  # filling and fitting; the rewrite is timed apart
 
         summary = {
             "images": len(ids),
@@ -303,8 +365,13 @@ class TripletAugmenter:
             "captions": {"needed": len(needed), "new": run.new, "cached": run.cached, "skipped": len(run.skipped),
                          "torn_cache_lines": run.torn_lines},
             "skipped_same_caption": same_caption,
+            "kept_same_caption": kept_same,
             "skipped_no_caption": no_caption,
+            "rewrite": rewrite_summary,
+            # texts over max_tokens that the fallback policy replaced (by the target caption) or cut
             "text_fallbacks": self.text_maker.fallbacks_used,
+            "text_limit": ({"max_tokens": self.text_maker.max_tokens, "fallback": self.text_maker.fallback}
+                           if self.text_maker.max_tokens is not None else None),
             "triplets_before_subsample": before_subsample,
             "triplets": len(triplets),
             "seconds": {k: round(v, 3) for k, v in timings.items()},

@@ -46,7 +46,8 @@ from ..data.images import to_pil
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
 
 __all__ = ["HFCaptioner", "PrecomputedCaptioner", "CaptionCache", "CaptionRun", "caption_images",
-           "check_captioner", "pil_source", "default_prompt", "clean_caption", "cache_file_name"]
+           "check_captioner", "pil_source", "default_prompt", "clean_caption", "cache_file_name",
+           "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def pil_source(images: Any) -> Callable[[str], Any]:
                               expected="an ImageStore, a Mapping id -> PIL/tensor, or a callable id -> PIL"))
 
 
-def _resolve_dtype(dtype: Any) -> Any:
+def resolve_dtype(dtype: Any) -> Any:
+    """A dtype name ("float32", "fp16", "bfloat16", ...), a torch dtype, "auto" or None -> what from_pretrained takes."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -217,7 +219,7 @@ class HFCaptioner:
             self.processor = processor or AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
             load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
             if dtype is not None:
-                load_kwargs["dtype"] = _resolve_dtype(dtype)
+                load_kwargs["dtype"] = resolve_dtype(dtype)
             self.model = _image_text_model_class().from_pretrained(source, **load_kwargs)
         else:
             if processor is None:
@@ -225,7 +227,7 @@ class HFCaptioner:
             source = type(model).__name__
             self.model, self.processor = model, processor
             if dtype is not None and dtype != "auto":
-                self.model = self.model.to(_resolve_dtype(dtype))
+                self.model = self.model.to(resolve_dtype(dtype))
         self.model = self.model.to(self.device).eval()
         self.use_chat_template = (getattr(self.processor, "chat_template", None) is not None
                                   if use_chat_template is None else bool(use_chat_template))
@@ -353,10 +355,12 @@ class PrecomputedCaptioner:
         return [self.captions[i] for i in image_ids]
 
 
-def cache_file_name(captioner_name: str) -> str:
-    """A file name for one captioner's cache: readable slug + short hash of the exact name."""
+def cache_file_name(captioner_name: str, kind: str = "captions") -> str:
+    """A file name for one captioner's cache: readable slug + short hash of the exact name.
+
+    ``kind`` starts the name ("captions"; the rewriters' cache of positives/rewriters.py uses "rewrites")."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", captioner_name)[:60].strip("_") or "captioner"
-    return f"captions-{slug}-{hashlib.blake2b(captioner_name.encode(), digest_size=4).hexdigest()}.jsonl"
+    return f"{kind}-{slug}-{hashlib.blake2b(captioner_name.encode(), digest_size=4).hexdigest()}.jsonl"
 
 
 class _CacheLock:
@@ -390,11 +394,16 @@ class CaptionCache:
     ``empty_lines`` (its image is captioned again). A malformed line elsewhere is an
     AnnotationError; a line written by another captioner is a ConfigError. Reading and appending
     hold :class:`_CacheLock`, so processes sharing the file never cut each other's lines.
+
+    The same file format caches any keyed text a model makes: with ``keep_empty`` an empty value is a
+    valid answer and is returned like any other (the rewriters' cache, where "the model said nothing" is
+    what a deterministic model will say again).
     """
 
-    def __init__(self, path: str | os.PathLike, captioner_name: str) -> None:
+    def __init__(self, path: str | os.PathLike, captioner_name: str, *, keep_empty: bool = False) -> None:
         self.path = Path(path)
         self.captioner_name = captioner_name
+        self.keep_empty = bool(keep_empty)
         self.captions: dict[str, str] = {}
         self.torn_lines = 0
         self.empty_lines = 0
@@ -431,7 +440,7 @@ class CaptionCache:
                                           got=record["captioner"], expected=self.captioner_name,
                                           fix="use a separate cache file per captioner (see cache_file_name)"))
             good_end += len(raw) + 1
-            if not record["caption"].strip():
+            if not record["caption"].strip() and not self.keep_empty:
                 self.empty_lines += 1
                 logger.warning("caption cache %s:%d: ignoring an empty caption of %r (it will be captioned again)",
                                self.path, number, record["id"])

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ConfigError, DataError, explain
 
 __all__ = ["PRESETS", "FALLBACKS", "resolve_templates", "validate_template", "fill_template", "TextMaker",
-           "word_count"]
+           "word_count", "text_limit_of", "fit_generated_texts"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,12 @@ class TextMaker:
         fallback: what to do with a text over ``max_tokens``: "target" (use the target caption
             alone, cut to the limit if it is still too long), "truncate" (drop trailing words until
             it fits) or "error" (raise DataError).
-        rewrite: optional hook text -> text (e.g. an LLM restyling), applied to each filled text
-            before the length check; off by default.
+        rewrite: optional hook text -> text, applied to each filled text before the length check
+            (through :class:`~cir_plugins.positives.rewriters.TextHookRewriter`, the rewrite step the
+            augmenter runs on whole batches); off by default.
+
+    ``maker(reference, target)`` is :meth:`fill`, the hook, then :meth:`finish`; the augmenter calls the
+    two halves itself, with a batched rewriter between them.
     """
 
     templates: Any = "cirr"
@@ -135,8 +139,9 @@ class TextMaker:
             raise ConfigError(explain("max_tokens must be None or an int >= 1", got=self.max_tokens))
         if self.fallback not in FALLBACKS:
             raise ConfigError(explain("unknown fallback policy", got=self.fallback, expected=FALLBACKS))
-        if self.rewrite is not None and not callable(self.rewrite):
-            raise ConfigError(explain("rewrite must be a callable text -> text", got=type(self.rewrite).__name__))
+        from .rewriters import TextHookRewriter
+
+        self._hook = TextHookRewriter(self.rewrite) if self.rewrite is not None else None
         self._count = _counter(self.count_tokens)
         self.fallbacks_used = 0  # how many texts the length policy replaced or cut
 
@@ -149,7 +154,8 @@ class TextMaker:
             text = text[:-1]
         return text
 
-    def _fit(self, text: str, target: str) -> str:
+    def fit(self, text: str, target: str) -> str:
+        """``text`` if it fits ``max_tokens``, else what ``fallback`` makes of it (counted in ``fallbacks_used``)."""
         if self.max_tokens is None or self._count(text) <= self.max_tokens:
             return text
         if self.fallback == "error":
@@ -164,20 +170,82 @@ class TextMaker:
             return self._truncate(text)
         return target if self._count(target) <= self.max_tokens else self._truncate(target)
 
-    def __call__(self, reference: str, target: str) -> list[tuple[str, str]]:
-        """Return ``[(template, text), ...]``: one per template, identical texts kept once."""
+    def fill(self, reference: str, target: str) -> list[tuple[str, str]]:
+        """``[(template, text), ...]``: every template filled with the two (non-empty) captions."""
         reference = _check_caption(reference, "reference")
         target = _check_caption(target, "target")
+        return [(template, template.format(reference=reference, target=target)) for template in self.templates]
+
+    def finish(self, texts: list[tuple[str, str]], target: str) -> list[tuple[str, str]]:
+        """Each ``(origin, text)`` through the length policy (:meth:`fit`); identical texts kept once."""
+        target = _check_caption(target, "target")
         out: list[tuple[str, str]] = []
-        for template in self.templates:
-            text = template.format(reference=reference, target=target)
-            if self.rewrite is not None:
-                rewritten = self.rewrite(text)
-                if not isinstance(rewritten, str) or not rewritten.strip():
-                    raise DataError(explain("the rewrite hook returned an empty or non-string text",
-                                            got=rewritten, fix="make the hook return the text it received or a rewrite"))
-                text = rewritten.strip()
-            text = self._fit(text, target)
+        for origin, text in texts:
+            text = self.fit(text, target)
             if all(text != seen for _, seen in out):
-                out.append((template, text))
+                out.append((origin, text))
         return out
+
+    def __call__(self, reference: str, target: str) -> list[tuple[str, str]]:
+        """Return ``[(template, text), ...]``: one per template (after the ``rewrite`` hook and the length
+        policy), identical texts kept once."""
+        filled = self.fill(reference, target)
+        if self._hook is not None:
+            filled = self._hook.rewrite_pairs([(reference, target)], [filled]).texts[0]
+        return self.finish(filled, target)
+
+
+def text_limit_of(model: Any) -> dict[str, Any]:
+    """The length policy of a CIR model's text side: ``{"max_tokens": L, "count_tokens": f}``, or ``{}``
+    when the model says nothing about it. Pass it to ``TripletAugmenter(..., **text_limit_of(model))`` or
+    :func:`fit_generated_texts`.
+
+    Read from, in order: ``model.max_text_tokens`` with ``model.count_text_tokens(text) -> int`` (declare
+    these on your model to be exact); else ``model.tokenizer`` with the limit in ``model.max_text_length``,
+    ``model.max_length`` or ``tokenizer.model_max_length`` (the example models), tokens counted as
+    ``len(tokenizer(text, truncation=False)["input_ids"])``, special tokens included. A wrapped model
+    (``cp.wrap_model``) forwards these attributes."""
+    limit, count = getattr(model, "max_text_tokens", None), getattr(model, "count_text_tokens", None)
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 and callable(count):
+        return {"max_tokens": limit, "count_tokens": count}
+    tokenizer = getattr(model, "tokenizer", None)
+    if not callable(tokenizer):
+        return {}
+    for value in (getattr(model, "max_text_length", None), getattr(model, "max_length", None),
+                  getattr(tokenizer, "model_max_length", None)):
+        # transformers writes a huge number when a tokenizer has no limit of its own
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1_000_000:
+            def count_tokens(text: str) -> int:
+                ids = tokenizer(text, truncation=False, verbose=False)["input_ids"]
+                return int(ids.shape[-1]) if hasattr(ids, "shape") else len(ids)
+            return {"max_tokens": int(value), "count_tokens": count_tokens}
+    return {}
+
+
+def fit_generated_texts(triplets: Sequence[Any], *, max_tokens: int, count_tokens: Any = None,
+                        fallback: str = "target") -> tuple[list[Any], dict[str, int]]:
+    """Generated triplets with every text over ``max_tokens`` handled by ``fallback`` (TextMaker's policy:
+    "target" = the target caption alone, as the method's release does, "truncate", "error").
+
+    Annotated triplets (``source != "generated"``) pass unchanged. With "target", a generated triplet
+    without ``meta["target_caption"]`` cannot fall back: its long texts are kept (the model's tokenizer
+    cuts them) and counted in ``"no_caption"``. Returns the triplets and the counts
+    ``{"texts": generated texts checked, "fallbacks": texts replaced or cut, "no_caption": ...}``."""
+    import dataclasses
+
+    maker = TextMaker("all", max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback)
+    out, checked, no_caption = [], 0, 0
+    for triplet in triplets:
+        if triplet.source != "generated":
+            out.append(triplet)
+            continue
+        checked += len(triplet.texts)
+        target = (triplet.meta or {}).get("target_caption")
+        if not (isinstance(target, str) and target.strip()) and fallback == "target":
+            long = sum(maker._count(text) > max_tokens for text in triplet.texts)
+            no_caption += long
+            out.append(triplet)
+            continue
+        texts = [text for _, text in maker.finish([("", text) for text in triplet.texts], target or triplet.texts[0])]
+        out.append(triplet if tuple(texts) == tuple(triplet.texts) else dataclasses.replace(triplet, texts=tuple(texts)))
+    return out, {"texts": checked, "fallbacks": maker.fallbacks_used, "no_caption": no_caption}

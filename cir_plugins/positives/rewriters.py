@@ -1,0 +1,421 @@
+"""Rewriters: turn the template texts of generated pairs into relative modification texts.
+
+A template text names both captions ("a white cat on a bed instead of a black cat on a chair"); what
+people type when they search is a relative request ("make the cat white and put it on a bed"). A
+rewriter takes the captioned pairs and their template texts together, as a batch:
+
+    run = rewriter.rewrite_pairs(pairs, texts)   # pairs: [(reference caption, target caption)]
+    run.texts                                    # per pair: [(origin, text), ...]
+
+``texts`` holds, per pair, the ``(template, text)`` candidates that :class:`~cir_plugins.positives.templates.TextMaker`
+filled; every output text comes with its origin (the template it was filled from, or ``"rewrite:<name>"``
+for a text the model wrote). The augmenter (``TripletAugmenter(..., rewriter=...)``) runs this step on
+every pair after captioning and before the text-length check. Two rewriters ship:
+
+- :class:`LLMRewriter`: a transformers causal language model used through its chat template. Its prompt
+  shows a few annotated examples (reference caption, target caption, the human's text) and asks for one
+  short relative text for the new pair. Greedy and seeded (the same pairs give the same texts), batched
+  with left padding, cached (a JSONL file beside the captions, keyed by a hash of the rewriter's name,
+  which holds the model and the prompt version, and the two captions), with a word limit. When the model
+  gives nothing usable (empty, only punctuation, a caption repeated verbatim, the prompt's own labels,
+  over the word limit) the pair keeps its template texts; ``run.rewritten`` / ``run.fallback`` count
+  both, and ``run.reasons`` says why each fallback happened.
+- :class:`TextHookRewriter`: any per-text function ``text -> text`` applied to each template text (the
+  ``rewrite=`` hook of TextMaker and TripletAugmenter is adapted to this, so there is one rewrite step).
+  The synthetic world's oracle, :class:`cir_plugins.data.synthetic.SyntheticRewriter`, is such a hook.
+
+Which model to pick. Any instruct (chat) model that ``AutoModelForCausalLM`` loads and whose tokenizer
+has a chat template works, e.g. ``Qwen/Qwen2.5-0.5B-Instruct`` or ``Qwen/Qwen2.5-1.5B-Instruct``,
+``HuggingFaceTB/SmolLM2-1.7B-Instruct``, ``meta-llama/Llama-3.2-1B-Instruct`` (gated on the Hub) or
+``microsoft/Phi-3.5-mini-instruct``. This project has not measured how well any of them rewrites or what
+their texts add to training; read a sample of ``run.texts`` (the generated file keeps both captions and
+every text) before training on them, and compare with the template texts on a validation split.
+
+Examples. :data:`DEFAULT_EXAMPLES` is a small set written for this library (everyday scenes and one
+garment, no dataset's own annotations). Better: a few of your own dataset's annotated triplets whose
+images you have captioned, :func:`examples_from_triplets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .._console import progress_bar
+from ..errors import ConfigError, DataError, ModelProtocolError, explain
+from .captioners import CaptionCache, resolve_dtype, clean_caption
+
+__all__ = ["LLMRewriter", "TextHookRewriter", "RewriteRun", "Example", "DEFAULT_EXAMPLES", "PROMPT_VERSION",
+           "examples_from_triplets", "as_rewriter", "unusable_reason", "LONG_OUTPUT"]
+
+logger = logging.getLogger(__name__)
+
+# bump when the prompt's wording or layout changes: the version is part of the cache key
+PROMPT_VERSION = "1"
+# (reference caption, target caption, the text a person wrote)
+Example = tuple[str, str, str]
+# written for this library, in the short imperative style of relative captions
+DEFAULT_EXAMPLES: tuple[Example, ...] = (
+    ("a black cat sitting on a wooden chair", "a white cat asleep on a bed",
+     "make the cat white and have it sleep on a bed"),
+    ("three red apples in a glass bowl", "one green apple on a kitchen table",
+     "keep only one apple, a green one, lying on the table"),
+    ("a man riding a bicycle down a city street", "a woman walking a dog in a park",
+     "a woman walking her dog in a park instead of the cyclist"),
+    ("a blue short-sleeved shirt with a chest pocket", "a striped long-sleeved shirt",
+     "has long sleeves and stripes and no pocket"),
+)
+SYSTEM_PROMPT = (
+    "You write what a person types to turn a reference image into a target image when searching for it. "
+    "You get a caption of each image. Answer with one short request, at most {max_words} words, that says "
+    "what to change relative to the reference, in the style of the examples. Do not repeat the captions, "
+    "do not explain, no quotes."
+)
+USER_PROMPT = "Reference: {reference}\nTarget: {target}"
+# what an over-long model text becomes: the pair's template texts, or its first max_words words
+LONG_OUTPUT = ("fallback", "cut")
+_LABELS = re.compile(r"^\s*(?:reference|target|request|answer|text|modification)\s*:\s*", re.IGNORECASE)
+
+
+def _norm(text: str) -> str:
+    """Lower case, words only: how two texts are compared for "the same"."""
+    return " ".join(re.findall(r"[^\W_]+", text.lower()))
+
+
+def unusable_reason(text: str, reference: str, target: str, max_words: int) -> str | None:
+    """Why a model's ``text`` cannot serve as the pair's modification text, or None when it can.
+
+    Reasons: "empty" (no letter or digit), "echo" (one of the captions, or both, repeated: words compared
+    case-insensitively), "prompt" (it still holds the prompt's "Reference:" / "Target:" labels),
+    "too_long" (more than ``max_words`` words)."""
+    words = _norm(text)
+    if not words:
+        return "empty"
+    if words in (_norm(reference), _norm(target), _norm(f"{reference} {target}"), _norm(f"{target} {reference}")):
+        return "echo"
+    if re.search(r"\b(reference|target)\s*:", text, re.IGNORECASE):
+        return "prompt"
+    if len(text.split()) > max_words:
+        return "too_long"
+    return None
+
+
+def _clean_output(text: str) -> str:
+    """The first non-empty line of a model's answer, without quotes or a leading label such as "Answer:"."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    return clean_caption(_LABELS.sub("", clean_caption(line)))
+
+
+def _check_examples(examples: Any) -> tuple[Example, ...]:
+    if not isinstance(examples, (list, tuple)) or not examples:
+        raise ConfigError(explain("examples must be a non-empty list of (reference caption, target caption, text)",
+                                  got=type(examples).__name__, fix="pass DEFAULT_EXAMPLES or examples_from_triplets(...)"))
+    out = []
+    for index, example in enumerate(examples):
+        if (not isinstance(example, (list, tuple)) or len(example) != 3
+                or not all(isinstance(x, str) and x.strip() for x in example)):
+            raise ConfigError(explain(f"example #{index} is not three non-empty strings", got=example,
+                                      expected="(reference caption, target caption, human text)"))
+        out.append(tuple(x.strip() for x in example))
+    return tuple(out)
+
+
+def examples_from_triplets(triplets: Sequence[Any], captions: Mapping[str, str], k: int = 4,
+                           seed: int = 0) -> list[Example]:
+    """In-context examples from annotated triplets whose two images have captions.
+
+    Args:
+        triplets: annotated :class:`~cir_plugins.Triplet` objects (their first text is the human's).
+        captions: image id -> caption (e.g. ``caption_images(...).captions``, or a captions file).
+        k: how many examples (drawn with ``seed`` among the triplets whose both images are captioned).
+
+    Raises DataError when fewer than ``k`` triplets have both captions."""
+    import random
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(explain("k must be an int >= 1", got=k))
+    usable = [t for t in triplets if captions.get(t.reference, "").strip() and captions.get(t.target, "").strip()
+              and t.texts and t.texts[0].strip()]
+    if len(usable) < k:
+        raise DataError(explain(f"only {len(usable)} annotated triplets have captions of both images", got=len(usable),
+                                expected=f">= {k}", fix="caption more of the annotated triplets' images or lower k"))
+    picked = random.Random(seed).sample(usable, k)
+    return [(captions[t.reference].strip(), captions[t.target].strip(), t.texts[0].strip()) for t in picked]
+
+
+@dataclass
+class RewriteRun:
+    """What one ``rewrite_pairs`` call did.
+
+    Attributes:
+        texts: per pair, the ``(origin, text)`` candidates (origin: a template, or ``"rewrite:<name>"``).
+        rewritten: pairs whose texts the rewriter wrote; fallback: pairs that kept their template texts.
+        reasons: fallback reason -> count (see :func:`unusable_reason`; "unchanged" for a hook that
+            returned its text).
+        cached / new: model answers read from the cache / generated now; model_calls: ``generate`` calls.
+        torn_lines: torn last lines of the cache file that were cut off.
+    """
+
+    texts: list[list[tuple[str, str]]]
+    rewritten: int = 0
+    fallback: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    cached: int = 0
+    new: int = 0
+    model_calls: int = 0
+    torn_lines: int = 0
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """The counts as a JSON-ready dict (the augment summary's ``rewrite`` entry)."""
+        return {"rewriter": name, "rewritten": self.rewritten, "fallback": self.fallback,
+                "reasons": dict(sorted(self.reasons.items())), "cached": self.cached, "new": self.new,
+                "model_calls": self.model_calls, "torn_cache_lines": self.torn_lines}
+
+
+def _check_inputs(pairs: Sequence[tuple[str, str]], texts: Sequence[Sequence[tuple[str, str]]]) -> None:
+    if len(pairs) != len(texts):
+        raise DataError(explain("pairs and texts differ in length", got=(len(pairs), len(texts)),
+                                fix="pass one list of (template, text) candidates per pair"))
+
+
+class TextHookRewriter:
+    """A per-text function ``text -> text`` as a rewriter: each template text of each pair goes through it.
+
+    The hook must return a non-empty string (a DataError otherwise). A text that comes back unchanged
+    counts as a fallback ("unchanged"); a pair counts as rewritten when any of its texts changed."""
+
+    def __init__(self, hook: Callable[[str], str]) -> None:
+        if not callable(hook):
+            raise ConfigError(explain("rewrite must be a callable text -> text", got=type(hook).__name__))
+        self.hook = hook
+        self.name = str(getattr(hook, "name", None) or getattr(hook, "__name__", None) or type(hook).__name__)
+
+    def rewrite_text(self, text: str) -> str:
+        """One text through the hook, checked."""
+        rewritten = self.hook(text)
+        if not isinstance(rewritten, str) or not rewritten.strip():
+            raise DataError(explain("the rewrite hook returned an empty or non-string text", got=rewritten,
+                                    fix="make the hook return the text it received or a rewrite"))
+        return rewritten.strip()
+
+    def rewrite_pairs(self, pairs: Sequence[tuple[str, str]], texts: Sequence[Sequence[tuple[str, str]]], *,
+                      cache_path: str | os.PathLike | None = None, show_progress: bool | str = True) -> RewriteRun:
+        """Every text through the hook (``cache_path`` is accepted and unused: a hook is not cached)."""
+        _check_inputs(pairs, texts)
+        run = RewriteRun(texts=[])
+        for candidates in texts:
+            out = [(origin, self.rewrite_text(text)) for origin, text in candidates]
+            changed = any(new != old for (_, new), (_, old) in zip(out, candidates))
+            run.rewritten += changed
+            run.fallback += not changed
+            if not changed:
+                run.reasons["unchanged"] = run.reasons.get("unchanged", 0) + 1
+            run.texts.append(out)
+        return run
+
+
+def as_rewriter(rewriter: Any) -> Any:
+    """A rewriter object (has ``rewrite_pairs`` and ``name``) as it is; a plain callable text -> text as a
+    :class:`TextHookRewriter`; None stays None."""
+    if rewriter is None:
+        return None
+    if callable(getattr(rewriter, "rewrite_pairs", None)) and isinstance(getattr(rewriter, "name", None), str):
+        return rewriter
+    if callable(rewriter):
+        return TextHookRewriter(rewriter)
+    raise ConfigError(explain("a rewriter must have rewrite_pairs(pairs, texts) and a name, or be a callable "
+                              "text -> text", got=type(rewriter).__name__,
+                              fix="pass cp.LLMRewriter(...), a function text -> text, or None"))
+
+
+class LLMRewriter:
+    """Relative modification texts from a chat language model (transformers ``AutoModelForCausalLM``).
+
+    Args:
+        model: hub name or local path (``AutoModelForCausalLM`` + ``AutoTokenizer``), or a loaded model
+            (then pass ``tokenizer``).
+        tokenizer: a loaded tokenizer with a chat template (only with a loaded model).
+        examples: the in-context examples, ``(reference caption, target caption, human text)``; default
+            :data:`DEFAULT_EXAMPLES`; see :func:`examples_from_triplets`.
+        max_words: the word limit, stated in the prompt and checked on the answer.
+        long_output: an answer over ``max_words``: "fallback" (the pair keeps its template texts, default)
+            or "cut" (its first ``max_words`` words).
+        max_new_tokens: generation length.
+        batch_size: pairs per ``generate`` call (prompts left-padded).
+        device, dtype: where and in which dtype the model runs.
+        seed: torch is seeded with it around each ``generate`` call (decoding is greedy; the seed only
+            matters when ``generate_kwargs`` turns sampling on).
+        system_message: put the instructions in a system turn (True) or at the start of the first user
+            turn (False: for chat templates without a system role).
+        generate_kwargs: more ``generate`` arguments (default ``do_sample=False``, one beam).
+        trust_remote_code: passed to ``from_pretrained``; off by default.
+
+    Attributes:
+        name: ``"hf-rewrite:<model>:<hash of prompt version, instructions, examples, settings>"``; it keys
+            the cache, so a new prompt or new examples never reuse old answers.
+        generate_calls, pairs_generated: counts so far.
+
+    Shapes: input ids (n, L) left-padded; generated ids (n, L + new).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        tokenizer: Any = None,
+        examples: Sequence[Example] | None = None,
+        max_words: int = 20,
+        long_output: str = "fallback",
+        max_new_tokens: int = 40,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        dtype: Any = None,
+        seed: int = 0,
+        system_message: bool = True,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        for value, what in ((max_words, "max_words"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(explain("seed must be an int >= 0", got=seed))
+        if long_output not in LONG_OUTPUT:
+            raise ConfigError(explain("unknown long_output policy", got=long_output, expected=LONG_OUTPUT))
+        self.examples = _check_examples(DEFAULT_EXAMPLES if examples is None else examples)
+        self.max_words, self.long_output, self.max_new_tokens = max_words, long_output, max_new_tokens
+        self.batch_size, self.seed, self.system_message = batch_size, seed, bool(system_message)
+        self.device = torch.device(device)
+        self.generate_kwargs = {"do_sample": False, "num_beams": 1, **dict(generate_kwargs or {})}
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            source = str(model)
+            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+            if dtype is not None:
+                load_kwargs["dtype"] = resolve_dtype(dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+        else:
+            if tokenizer is None:
+                raise ConfigError(explain("a loaded model needs its tokenizer", fix="pass tokenizer=..."))
+            source = type(model).__name__
+            self.model, self.tokenizer = model, tokenizer
+            if dtype is not None and dtype != "auto":
+                self.model = self.model.to(resolve_dtype(dtype))
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ModelProtocolError(explain(f"the tokenizer of {source} has no chat template", got=source,
+                                             fix="pick an instruct (chat) model, e.g. Qwen/Qwen2.5-0.5B-Instruct"))
+        self.tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = self.model.to(self.device).eval()
+        self.source = source
+        settings = json.dumps([PROMPT_VERSION, SYSTEM_PROMPT, USER_PROMPT, self.examples, max_words,
+                               max_new_tokens, self.system_message,
+                               sorted((str(a), str(b)) for a, b in self.generate_kwargs.items())])
+        self.name = f"hf-rewrite:{source}:{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"
+        self.generate_calls = 0
+        self.pairs_generated = 0
+
+    # --- prompt ---------------------------------------------------------------------------------------
+    def messages_for(self, reference: str, target: str) -> list[dict[str, str]]:
+        """The chat: instructions, one user/assistant exchange per example, then the pair's question."""
+        instructions = SYSTEM_PROMPT.format(max_words=self.max_words)
+        turns: list[dict[str, str]] = []
+        for r, t, text in self.examples:
+            turns += [{"role": "user", "content": USER_PROMPT.format(reference=r, target=t)},
+                      {"role": "assistant", "content": text}]
+        turns.append({"role": "user", "content": USER_PROMPT.format(reference=reference, target=target)})
+        if self.system_message:
+            return [{"role": "system", "content": instructions}, *turns]
+        turns[0] = {"role": "user", "content": f"{instructions}\n\n{turns[0]['content']}"}
+        return turns
+
+    def prompt_for(self, reference: str, target: str) -> str:
+        """The chat rendered by the tokenizer's template, ending where the assistant's answer starts."""
+        return self.tokenizer.apply_chat_template(self.messages_for(reference, target), add_generation_prompt=True,
+                                                  tokenize=False)
+
+    # --- generation -----------------------------------------------------------------------------------
+    def _generate(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        prompts = [self.prompt_for(r, t) for r, t in pairs]
+        # the template already holds the special tokens (BOS, turn markers): add none
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            output = self.model.generate(**batch, max_new_tokens=self.max_new_tokens,
+                                         pad_token_id=self.tokenizer.pad_token_id, **self.generate_kwargs)
+        self.generate_calls += 1
+        self.pairs_generated += len(pairs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences  # (n, L + new)
+        new = sequences[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at column L
+        return [_clean_output(self.tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """The model's cleaned answer for each (reference caption, target caption), in ``batch_size`` calls."""
+        out: list[str] = []
+        for start in range(0, len(pairs), self.batch_size):
+            out += self._generate(pairs[start:start + self.batch_size])
+        return out
+
+    def cache_key(self, reference: str, target: str) -> str:
+        """The cache record id of one pair: a hash of this rewriter's name (model, prompt version, examples,
+        settings) and the two captions."""
+        payload = json.dumps([self.name, reference, target], ensure_ascii=False).encode()
+        return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+    def rewrite_pairs(self, pairs: Sequence[tuple[str, str]], texts: Sequence[Sequence[tuple[str, str]]], *,
+                      cache_path: str | os.PathLike | None = None, show_progress: bool | str = True) -> RewriteRun:
+        """One rewritten text per pair, or its template texts when the answer is unusable.
+
+        Args:
+            pairs: (reference caption, target caption) per pair.
+            texts: per pair, its ``(template, text)`` candidates (the fallback).
+            cache_path: JSONL cache of the model's answers (the caption cache's format); None = none.
+        """
+        _check_inputs(pairs, texts)
+        cache = CaptionCache(cache_path, self.name, keep_empty=True) if cache_path is not None else None
+        known = cache.captions if cache is not None else {}
+        keys = [self.cache_key(r, t) for r, t in pairs]
+        todo = list(dict.fromkeys((k, pair) for k, pair in zip(keys, pairs) if k not in known))
+        answers = dict(known)
+        run = RewriteRun(texts=[], torn_lines=cache.torn_lines if cache is not None else 0)
+        calls = self.generate_calls
+        bar = progress_bar(total=len(todo), desc=f"rewriting ({self.source})", unit="pair", show_progress=show_progress)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            made = list(zip((k for k, _ in chunk), self._generate([pair for _, pair in chunk])))
+            if cache is not None:
+                cache.append(made)  # one flushed append per batch: a killed run loses at most this batch
+            answers.update(made)
+            bar.update(len(chunk))
+        bar.close()
+        run.model_calls, run.new = self.generate_calls - calls, len(todo)
+        run.cached = len(set(keys)) - len(todo)
+        origin = f"rewrite:{self.name}"
+        for key, (reference, target), candidates in zip(keys, pairs, texts):
+            answer = answers[key]
+            reason = unusable_reason(answer, reference, target, self.max_words)
+            if reason == "too_long" and self.long_output == "cut":
+                answer, reason = " ".join(answer.split()[:self.max_words]), None
+            if reason is None:
+                run.rewritten += 1
+                run.texts.append([(origin, answer)])
+            else:
+                run.fallback += 1
+                run.reasons[reason] = run.reasons.get(reason, 0) + 1
+                run.texts.append(list(candidates))
+        if run.fallback:
+            logger.info("rewriter %s: %d of %d pairs kept their template texts (%s)", self.name, run.fallback,
+                        len(pairs), run.reasons)
+        return run
