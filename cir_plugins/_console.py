@@ -2,20 +2,25 @@
 
 - :func:`progress_bar`: every tqdm bar of the package. ``show_progress`` False = no bar; True = a bar
   only when stderr is a terminal (a redirected stderr gets none, not thousands of lines); "always" =
-  a bar even when stderr is redirected.
+  a bar even when stderr is redirected, redrawn there at most once a minute (:data:`REDIRECTED_INTERVAL_S`:
+  a log file gets a line a minute, not one per step).
 - :func:`format_values`: ``{"R@1": 57.49999999999999, "n_queries": 40}`` -> ``"R@1 57.50, n_queries 40"``
   for log lines; nested mappings (a protocol description) and other non-numbers are left out.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, explain
 
-__all__ = ["progress_bar", "progress_disabled", "format_values"]
+__all__ = ["progress_bar", "progress_disabled", "format_values", "REDIRECTED_INTERVAL_S"]
+
+#: seconds between two redraws of a bar shown ("always") on a stderr that is not a terminal
+REDIRECTED_INTERVAL_S = 60.0
 
 
 def progress_disabled(show_progress: bool | str) -> bool | None:
@@ -29,8 +34,21 @@ def progress_disabled(show_progress: bool | str) -> bool | None:
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, show_progress: bool | str = True, **kwargs: Any):
-    """A labelled tqdm bar over ``iterable`` (or a manual one with ``total=``) shown per :func:`progress_disabled`."""
-    return tqdm(iterable, desc=desc, disable=progress_disabled(show_progress), **kwargs)
+    """A labelled tqdm bar over ``iterable`` (or a manual one with ``total=``) shown per :func:`progress_disabled`;
+    on a redirected stderr a shown bar redraws every :data:`REDIRECTED_INTERVAL_S` seconds at most."""
+    disable = progress_disabled(show_progress)
+    if disable is False and not _stderr_is_terminal():
+        kwargs.setdefault("mininterval", REDIRECTED_INTERVAL_S)
+        kwargs.setdefault("maxinterval", REDIRECTED_INTERVAL_S)
+    return tqdm(iterable, desc=desc, disable=disable, **kwargs)
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed stream
+        return False
 
 
 def _format(value: Any, digits: int) -> str | None:

@@ -1,4 +1,5 @@
-"""Small helpers every module shares (private): eval-mode switching, the model's device, a file's SHA-256.
+"""Small helpers every module shares (private): eval-mode switching, the model's device, a file's SHA-256, a
+hash of named tensors.
 
 One implementation each; atomic file writes are in :mod:`cir_plugins._atomic`, image embedding is
 :func:`cir_plugins.evaluation.embed_images`, trainable-name resolution is
@@ -11,11 +12,11 @@ import hashlib
 import itertools
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
-__all__ = ["eval_mode", "model_device", "file_sha256"]
+__all__ = ["eval_mode", "model_device", "file_sha256", "tensors_digest"]
 
 
 @contextmanager
@@ -62,4 +63,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A BLAKE2b-128 hash (hex) of named tensors, in the order given: each name, shape, dtype and the values'
+    bytes. Equal only for the same names holding bit-identical tensors (the fingerprint of target-side
+    weights and of a trained result)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): 0-dim tensors too
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()

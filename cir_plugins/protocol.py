@@ -18,7 +18,6 @@ Nothing here subclasses anything: :func:`wrap_model` adapts any object in one ca
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkabl
 import torch
 from torch import Tensor, nn
 
-from ._utils import eval_mode
+from ._utils import eval_mode, tensors_digest
 from .errors import CIRPluginsError, ConfigError, ModelProtocolError, explain
 
 __all__ = [
@@ -410,15 +409,10 @@ def target_fingerprint(model: nn.Module, split: ParameterSplit) -> str:
     """A hash of the target-side weights (names, shapes, dtypes, values) and of the buffers of the
     modules that hold them (e.g. batch-norm statistics). Two models give the same fingerprint only
     if their target side would embed images identically."""
-    digest = hashlib.blake2b(digest_size=16)
     params = dict(model.named_parameters())
     owners = {name.rsplit(".", 1)[0] for name in split.target if "." in name}
     buffers = [(n, b) for n, b in model.named_buffers() if "." in n and n.rsplit(".", 1)[0] in owners]
-    for name, tensor in sorted([(n, params[n]) for n in split.target] + buffers, key=lambda item: item[0]):
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): 0-dim buffers too
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
+    return tensors_digest(sorted([(n, params[n]) for n in split.target] + buffers, key=lambda item: item[0]))
 
 
 # --------------------------------------------------------------------------------------------------

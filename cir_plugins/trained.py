@@ -32,10 +32,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ._utils import file_sha256
+from ._utils import file_sha256, tensors_digest
 from .errors import CheckpointError, explain
 
-__all__ = ["TrainedWeights", "read_trained", "load_trained", "TEMPERATURE_NAME"]
+__all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained", "TEMPERATURE_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ class TrainedWeights:
     source: Path
     temperature: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the weights (names, shapes, dtypes, values, by name) and the temperature: the same for a
+        run's checkpoint and a :func:`save_trained` copy of it, different for any other weights."""
+        named = sorted(self.weights.items())
+        if self.temperature is not None:
+            named.append((TEMPERATURE_NAME, torch.tensor(self.temperature, dtype=torch.float64)))
+        return tensors_digest(named)
+
+    @property
+    def made_with(self) -> dict[str, Any] | None:
+        """What the result was trained with, as its trainer recorded it (None for a result written before
+        results recorded it, or a bare weights file): ``preprocessing`` (the image store's description:
+        transform ``kind``, ``size``, normalisation) and ``base`` (the results loaded onto the model before
+        training, in order: ``[{"path", "fingerprint"}, ...]``; empty for a result trained on the bare
+        model, e.g. stage 1)."""
+        value = self.info.get("made_with")
+        return value if isinstance(value, dict) else None
 
 
 def _weights_file(path: Path, checkpoint: str | None) -> Path:
@@ -167,11 +186,22 @@ def load_trained(model: Any, path: str | os.PathLike, *, checkpoint: str | None 
     of ``model`` or its shape differs; nothing is copied then. Values are cast to each parameter's
     dtype and device. The frozen side is not in the file and is left as it is.
     """
+    _parameters_of(model, "load_trained")  # before reading the file
+    return apply_trained(model, read_trained(path, checkpoint=checkpoint))
+
+
+def _parameters_of(model: Any, where: str) -> dict[str, torch.nn.Parameter]:
+    """``model``'s parameters by name; CheckpointError naming ``where`` when it is not a module with some."""
     named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else {}
     if not named:
-        raise CheckpointError(explain("load_trained needs a torch.nn.Module with parameters",
+        raise CheckpointError(explain(f"{where} needs a torch.nn.Module with parameters",
                                       got=type(model).__name__, fix="pass the model the result was trained from"))
-    result = read_trained(path, checkpoint=checkpoint)
+    return named
+
+
+def apply_trained(model: Any, result: TrainedWeights) -> Any:
+    """Put an already read result (:func:`read_trained`) onto ``model``; :func:`load_trained` is both steps."""
+    named = _parameters_of(model, "apply_trained")
     mapping = _name_map(list(result.weights), set(named))
     if mapping is None:
         unknown = [name for name in result.weights if name not in named]

@@ -1,10 +1,12 @@
 """Flags and helpers shared by the command modules, each declared once.
 
 - :func:`add_model_arguments`: ``--model`` (a factory spec), ``--factory-kwargs``, ``--trained``,
-  ``--device``; :func:`build_model` builds, loads and places the model they name.
+  ``--device``, ``--allow-provenance-mismatch``; :func:`build_model` builds, loads and places the model they
+  name, each ``--trained`` result checked to sit on the results it was trained on (:func:`trained_sources`).
 - :func:`add_dataset_arguments`: ``--dataset``, ``--root``, ``--split``, ``--category``, ``--transform``,
   ``--image-size``, ``--on-bad-record``, ``--skip-unreadable``; :func:`load_dataset` reads the split
-  they name.
+  they name, with the preprocessing the ``--trained`` results and ``--bank`` recorded unless the flags say
+  otherwise, and refuses preprocessing other than the recorded one.
 - :func:`add_groups_arguments` / :func:`read_groups`: duplicate groups (``--groups`` / ``--dedup``).
 - :func:`add_progress_argument` / :func:`show_progress`: ``--progress`` (and ``--no-progress``).
 - :func:`read_triplets`: the triplet files that ``--generated`` names.
@@ -22,12 +24,14 @@ from .._console import format_values
 from ..data.fashioniq import CATEGORIES
 from ..data.images import TRANSFORM_NAMES
 from ..data.triplet import Triplet
-from ..errors import ConfigError, DataError, explain
+from ..errors import CheckpointError, ConfigError, DataError, explain
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("cirr", "fashioniq", "synthetic")  # the layouts load_split reads (synthetic: the CIRR layout)
 FACTORY_FIX = 'pass a JSON object, e.g. \'{"dim": 64}\''
+DEFAULT_TRANSFORM, DEFAULT_IMAGE_SIZE = "clip", 224  # when neither the flags nor a --trained result / --bank say
+OVERRIDE_FLAG = "--allow-provenance-mismatch"
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -55,6 +59,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              ".safetensors; repeat to apply several in order, e.g. --trained runs/stage1 "
                              "--trained runs/stage2")
     add_device_argument(parser)
+    parser.add_argument(OVERRIDE_FLAG, action="store_true",
+                        help="go on (with a warning) when a --trained result is loaded on another base or in another "
+                             "order than it was trained on, or the images are preprocessed otherwise than the "
+                             "--trained results and --bank recorded (default: an error naming both sides)")
 
 
 def parse_json_object(text: str, option: str, fix: str) -> dict:
@@ -96,15 +104,128 @@ def build_model(args: argparse.Namespace) -> Any:
     """The factory's model with each ``--trained`` result loaded in order, wrapped to the protocol, on
     ``--device``."""
     from ..protocol import wrap_model
-    from ..trained import load_trained
+    from ..trained import apply_trained
 
     model = model_from_factory(args)
-    for path in getattr(args, "trained", None) or ():
-        model = load_trained(model, path)  # logs what it loaded from where
+    for result in _read_trained_in_order(args, keep_weights=True):
+        model = apply_trained(model, result)  # logs what it loaded from where
     model = wrap_model(model)
     if args.device is not None:
         model = model.to(args.device)
     return model
+
+
+# --- provenance: what a trained result and a bank were made with --------------------------------------
+
+def _mismatch(args: argparse.Namespace, error: type, message: str) -> None:
+    """``error(message)``, or a warning with ``--allow-provenance-mismatch``."""
+    if getattr(args, "allow_provenance_mismatch", False):
+        logger.warning("%s (going on: %s)", message, OVERRIDE_FLAG)
+        return
+    raise error(message)
+
+
+def _named(sources: list[dict[str, Any]]) -> str:
+    """``runs/stage1 (weights 1a2b3c4d)`` for each source, or what having none means."""
+    return ", then ".join(f"{s['path']} (weights {str(s['fingerprint'])[:8]})" for s in sources) \
+        or "nothing (the factory's model)"
+
+
+def _read_trained_in_order(args: argparse.Namespace, *, keep_weights: bool) -> list[Any]:
+    """The ``--trained`` results read in order (with their weights when ``keep_weights``, else summaries
+    ``{"path", "fingerprint", "made_with"}``), each checked to be loaded on top of the results it was trained
+    on, in the same order (its recorded ``base``). The summaries are kept on ``args`` for :func:`trained_sources`."""
+    from ..trained import read_trained
+
+    paths = [str(p) for p in getattr(args, "trained", None) or ()]
+    cached = getattr(args, "_trained_sources", None)
+    if not keep_weights and cached is not None and cached[0] == paths:
+        return cached[1]
+    results, sources = [], []
+    for path in paths:
+        result = read_trained(path)
+        made_with = result.made_with
+        source = {"path": path, "fingerprint": result.fingerprint, "made_with": made_with}
+        if made_with is None:
+            logger.info("--trained %s does not record what it was trained with (written before results recorded "
+                        "it): its base and its preprocessing are not checked", path)
+        else:
+            base = [b for b in made_with.get("base") or () if isinstance(b, dict)]
+            if [b.get("fingerprint") for b in base] != [s["fingerprint"] for s in sources]:
+                order = " ".join(f"--trained {b.get('path')}" for b in base) + f" --trained {path}"
+                _mismatch(args, CheckpointError, explain(
+                    f"--trained {path} was trained on top of {_named(base)}, but here it goes on top of "
+                    f"{_named(sources)}", fix=f"pass the results in the order they were trained ({order.strip()}), "
+                                              f"or {OVERRIDE_FLAG} to load it anyway"))
+        sources.append(source)
+        results.append(result if keep_weights else source)
+    args._trained_sources = (paths, sources)
+    return results
+
+
+def trained_sources(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``[{"path", "fingerprint", "made_with"}, ...]`` of the ``--trained`` results, in order (read once)."""
+    return _read_trained_in_order(args, keep_weights=False)
+
+
+def made_with(args: argparse.Namespace) -> dict[str, Any]:
+    """What a training command records its result was trained on (``Trainer(made_with=...)``): ``base``, the
+    ``--trained`` results loaded before training, in order (the images' preprocessing the trainer adds)."""
+    return {"base": [{"path": s["path"], "fingerprint": s["fingerprint"]} for s in trained_sources(args)]}
+
+
+def _recorded_preprocessing(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """(``--trained PATH`` or ``--bank PATH``, the image preprocessing it recorded) for each that did."""
+    recorded = [(f"--trained {s['path']}", s["made_with"]["preprocessing"]) for s in trained_sources(args)
+                if isinstance((s["made_with"] or {}).get("preprocessing"), dict)]
+    bank = getattr(args, "bank", None)
+    if isinstance(bank, str) and bank:
+        from ..negatives.bank_format import bank_preprocessing, read_bank_header
+
+        found = bank_preprocessing(read_bank_header(bank), bank)
+        if found is not None:
+            recorded.append((f"--bank {bank}", found))
+    return recorded
+
+
+def _as_flags(preprocessing: dict[str, Any]) -> str:
+    """``--transform clip --image-size 224`` for a named transform's description, else the description."""
+    kind, size = preprocessing.get("kind"), preprocessing.get("size")
+    if kind not in TRANSFORM_NAMES:
+        return json.dumps(preprocessing, sort_keys=True)
+    return f"--transform {kind}" + (f" --image-size {size}" if size is not None else "")
+
+
+def resolve_preprocessing(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """Fill ``--transform`` / ``--image-size`` when not given: from the first ``--trained`` result or ``--bank``
+    that recorded a named transform, else clip / 224. Returns the recorded preprocessing (see
+    :func:`_recorded_preprocessing`) for :func:`check_preprocessing`."""
+    recorded = _recorded_preprocessing(args)
+    if getattr(args, "transform", None) is None or getattr(args, "image_size", None) is None:
+        where, found = next(((w, p) for w, p in recorded if p.get("kind") in TRANSFORM_NAMES), (None, {}))
+        if args.transform is None:
+            args.transform = found.get("kind") or DEFAULT_TRANSFORM
+        if args.image_size is None:
+            args.image_size = found.get("size") or DEFAULT_IMAGE_SIZE
+        if where is not None:
+            logger.info("images preprocessed as %s recorded: %s", where, _as_flags(found))
+    return recorded
+
+
+def check_preprocessing(args: argparse.Namespace, images: Any, recorded: list[tuple[str, dict[str, Any]]]) -> None:
+    """DataError (a warning with ``--allow-provenance-mismatch``) when ``images`` (an ImageStore) are
+    preprocessed otherwise than a ``--trained`` result or ``--bank`` recorded, naming both sides."""
+    describe = getattr(images, "preprocessing", None)
+    here = describe() if callable(describe) else None
+    for where, theirs in recorded:
+        if here is None or here == theirs:
+            continue
+        differ = sorted(k for k in {*here, *theirs} if here.get(k) != theirs.get(k))
+        _mismatch(args, DataError, explain(
+            f"the images here are preprocessed otherwise than {where} recorded",
+            got=f"{_as_flags(here)} here, {_as_flags(theirs)} for {where} (differing: {', '.join(differ)})",
+            fix=f"leave out --transform and --image-size to use the recorded preprocessing, pass "
+                f"{_as_flags(theirs)}, or {OVERRIDE_FLAG} to go on anyway"))
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -123,9 +244,13 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
     else:
         parser.add_argument("--category", default=None, choices=CATEGORIES,
                             help="FashionIQ category (required for fashioniq)")
-    parser.add_argument("--transform", default="clip", choices=TRANSFORM_NAMES,
-                        help="image preprocessing ('none': no resize, [0, 1] floats) (default: clip)")
-    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default: 224)")
+    parser.add_argument("--transform", default=None, choices=TRANSFORM_NAMES,
+                        help="image preprocessing ('none': no resize, no normalisation: [0, 1] floats) (default: "
+                             f"the one the --trained results or --bank recorded, else {DEFAULT_TRANSFORM}; another "
+                             f"than recorded is an error unless {OVERRIDE_FLAG})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: as recorded, like --transform, else "
+                             f"{DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
                         help="a malformed annotation record stops the run (error, default) or is logged, counted "
                              "and skipped (skip)")
@@ -145,8 +270,10 @@ def load_dataset(args: argparse.Namespace, split: str | None = None, category: s
 
     if category is None and isinstance(getattr(args, "category", None), str):
         category = args.category
+    recorded = resolve_preprocessing(args)
     loaded = load_split(args.root, args.dataset, split or args.split, category, transform=args.transform,
                         size=args.image_size, on_bad_record=args.on_bad_record)
+    check_preprocessing(args, loaded.images, recorded)
     return without_unreadable(loaded) if getattr(args, "skip_unreadable", False) else loaded
 
 

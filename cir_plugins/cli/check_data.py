@@ -1,4 +1,5 @@
-"""``cir-plugins check-data``: check a CIRR or FashionIQ download (see :mod:`cir_plugins.data.check`).
+"""``cir-plugins check-data``: check a CIRR or FashionIQ download, or the synthetic world (see
+:mod:`cir_plugins.data.check`).
 
 Prints the short report; ``--report FILE`` also writes it as JSON. Exit code 0 when the tree is
 complete, 1 when it is not (with ``--strict``, duplicate images count as incomplete too).
@@ -13,15 +14,17 @@ from ._common import add_progress_argument, read_json_file, show_progress
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq"),
-                        help="the layout to check (the synthetic world is in the cirr layout)")
+    parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq", "synthetic"),
+                        help="the dataset to check; synthetic: the world of cir-plugins world (splits train, val, "
+                             "test; the counts it recorded), also recognised under --dataset cirr by its record "
+                             "synthetic/world.json")
     parser.add_argument("--root", required=True, help="dataset root")
     parser.add_argument("--report", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--decode", action="store_true",
                         help="decode every image fully (default: headers and end markers only, much faster)")
     parser.add_argument("--splits", default=None,
                         help="comma-separated split names (default: train,val,test1 for cirr; train,val,test for "
-                             "fashioniq)")
+                             "fashioniq and synthetic)")
     parser.add_argument("--category", action="append", default=None,
                         help="FashionIQ category to check (repeatable; default: all three)")
     parser.add_argument("--counts", default="official",

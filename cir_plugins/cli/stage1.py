@@ -19,7 +19,7 @@ import logging
 
 from ..training.config import Stage1Config
 from ._common import (add_groups_arguments, add_training_arguments, build_model, config_from_args, fit_and_report,
-                      load_dataset, read_groups, show_progress, training_triplets, val_evaluator)
+                      load_dataset, made_with, read_groups, show_progress, training_triplets, val_evaluator)
 
 __all__ = ["configure", "run"]
 
@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(Stage1Config, args, output_dir=args.out, show_progress=show_progress(args))
     groups = read_groups(args, split, show_progress(args))
     trainer = Stage1Trainer(model, triplets, split.images, config=config, evaluator=val_evaluator(args),
-                            groups=groups, trainable=args.trainable)
+                            groups=groups, trainable=args.trainable, made_with=made_with(args))
     return fit_and_report(trainer, args)

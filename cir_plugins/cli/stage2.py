@@ -19,7 +19,7 @@ import argparse
 import logging
 
 from ..training.config import Stage2Config
-from ._common import (add_training_arguments, build_model, config_from_args, fit_and_report, load_dataset,
+from ._common import (add_training_arguments, build_model, config_from_args, fit_and_report, load_dataset, made_with,
                       show_progress, training_triplets, val_evaluator)
 
 __all__ = ["configure", "run"]
@@ -42,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     triplets = training_triplets(args, split)
     bank = NegativeBank.load(args.bank, device=model_device(model))
     config = config_from_args(Stage2Config, args, output_dir=args.out, show_progress=show_progress(args))
-    trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluator=val_evaluator(args))
+    trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluator=val_evaluator(args),
+                            made_with=made_with(args))
     return fit_and_report(trainer, args)

@@ -2,15 +2,18 @@
 
     cir-plugins world --root runs/world [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
-(``python -m cir_plugins.data.synthetic`` runs the same command.) Prints the world's statistics.
+(``python -m cir_plugins.data.synthetic`` runs the same command.) Prints a short summary (images and queries per
+split, duplicates, edit kinds); the full statistics are in ``{root}/synthetic/world.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
+from .._console import format_values
 from ._common import add_progress_argument, parse_json_object, show_progress
 
 __all__ = ["configure", "run"]
@@ -37,5 +40,21 @@ def run(args: argparse.Namespace) -> int:
         size = {**PRESETS[size], **overrides}
     root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
                       show_progress=show_progress(args))
-    print(json.dumps(json.loads(_marker_path(root).read_text())["stats"], indent=1))
+    marker = _marker_path(root)
+    print(summary(json.loads(marker.read_text())["stats"], root, marker))
     return 0
+
+
+def summary(stats: dict[str, Any], root: Path, marker: Path) -> str:
+    """A few lines about the world: images and queries per split, duplicates, edit kinds, objects per image,
+    and where the full statistics are."""
+    lines = [f"synthetic world at {root}:"]
+    for split, count in stats.get("images", {}).items():
+        lines.append(f"  {split}: {count} images, {stats.get('queries', {}).get(split, 0)} queries")
+    if "duplicates" in stats:
+        lines.append(f"  {len(stats['duplicates'])} images are exact copies of others (duplicates)")
+    for key in ("edit_counts", "objects_per_image"):
+        if stats.get(key):
+            lines.append(f"  {key.replace('_', ' ')}: {format_values(stats[key])}")
+    lines.append(f"full statistics: {marker}")
+    return "\n".join(lines)

@@ -14,7 +14,9 @@ they name is checked once:
   and two names that resolve to the same file count too.
 
 Counts per split (images in the split file, records in the captions file) are compared with
-:data:`OFFICIAL_COUNTS`. The result is a :class:`DataCheckReport`: what is missing, corrupt or
+:data:`OFFICIAL_COUNTS`; for the synthetic world (``dataset="synthetic"``, or a ``"cirr"`` root that holds the
+world's record ``synthetic/world.json``) the splits are train, val and test and the counts those the world
+recorded when it was made. The result is a :class:`DataCheckReport`: what is missing, corrupt or
 duplicated, which triplets and gallery entries that breaks, and what to do. The library never
 prints; ``cir-plugins check-data`` prints :meth:`DataCheckReport.format` and exits non-zero when
 :attr:`DataCheckReport.ok` is false.
@@ -44,7 +46,8 @@ __all__ = ["check_dataset", "DataCheckReport", "OFFICIAL_COUNTS", "DEFAULT_SPLIT
 logger = logging.getLogger(__name__)
 
 #: The split names each dataset ships with.
-DEFAULT_SPLITS = {"cirr": ("train", "val", "test1"), "fashioniq": ("train", "val", "test")}
+DEFAULT_SPLITS = {"cirr": ("train", "val", "test1"), "fashioniq": ("train", "val", "test"),
+                  "synthetic": ("train", "val", "test")}
 
 #: Where :data:`OFFICIAL_COUNTS` come from.
 COUNTS_SOURCE = {
@@ -54,6 +57,7 @@ COUNTS_SOURCE = {
             "val count to 4,181",
     "fashioniq": "FashionIQ files (github.com/XiaoxiaoGuo/fashion-iq, commit f71b16c): image_splits "
                  "split.{cat}.{split}.json and captions cap.{cat}.{split}.json counted",
+    "synthetic": "the counts the synthetic world recorded when it was made (synthetic/world.json under the root)",
 }
 
 #: Official counts per split: "images" = names in the split file, "triplets" = records in the captions file.
@@ -175,14 +179,14 @@ class DataCheckReport:
 def _units(dataset: str, splits: Iterable[str] | None, categories: Iterable[str] | None) -> list[tuple[str, str | None, str]]:
     """(unit name, category, split) for every split (and FashionIQ category) to check."""
     if dataset not in DEFAULT_SPLITS:
-        raise ConfigError(explain("check-data knows CIRR and FashionIQ only", got=dataset,
+        raise ConfigError(explain("check-data knows CIRR and FashionIQ (and the synthetic world) only", got=dataset,
                                   expected=tuple(DEFAULT_SPLITS),
-                                  fix="pass dataset='cirr' (also the synthetic world's layout) or 'fashioniq'"))
+                                  fix="pass dataset='cirr', 'fashioniq' or 'synthetic'"))
     names = tuple(splits) if splits is not None else DEFAULT_SPLITS[dataset]
     if not names or not all(isinstance(s, str) and s for s in names):
         raise ConfigError(explain("splits must be a non-empty list of split names", got=names,
                                   expected=DEFAULT_SPLITS[dataset]))
-    if dataset == "cirr":
+    if dataset in ("cirr", "synthetic"):
         if categories is not None:
             raise ConfigError(explain("CIRR has no categories", got=categories, fix="leave categories unset"))
         return [(split, None, split) for split in names]
@@ -193,13 +197,23 @@ def _units(dataset: str, splits: Iterable[str] | None, categories: Iterable[str]
     return [(f"{cat}/{split}", cat, split) for cat in cats for split in names]
 
 
-def _official(dataset: str, counts: Any) -> Mapping[str, Mapping[str, int]] | None:
+def _official(dataset: str, counts: Any, root: Path) -> Mapping[str, Mapping[str, int]] | None:
     if counts is None:
         return None
     if isinstance(counts, str):
         if counts != "official":
             raise ConfigError(explain("counts must be 'official', None or a mapping", got=counts,
-                                      fix="pass counts=None to skip the comparison (a subset or a synthetic tree)"))
+                                      fix="pass counts=None to skip the comparison (a subset of a dataset)"))
+        if dataset == "synthetic":
+            from .synthetic import world_record  # noqa: PLC0415 (the world's generator, only for its record)
+
+            record = world_record(root)
+            if record is None:
+                raise DataError(explain("no synthetic world under this root", got=str(root),
+                                        fix="make one with cir-plugins world --root ROOT, or pass counts=None"))
+            stats = record["stats"]
+            return {split: {"images": n, "triplets": stats.get("queries", {}).get(split)}
+                    for split, n in stats.get("images", {}).items()}
         return OFFICIAL_COUNTS[dataset]
     if isinstance(counts, Mapping):
         return counts
@@ -316,12 +330,18 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
         DataCheckReport (``.ok``, ``.format()``, ``.to_dict()``, ``.write_json(path)``).
     """
     start = time.perf_counter()
-    units = _units(dataset, splits, categories)
-    official = _official(dataset, counts)
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(explain("the dataset root is not a directory", got=str(root),
                                 fix="pass the folder that holds the annotation files and images"))
+    from .synthetic import world_record  # noqa: PLC0415 (the world's generator, only for its record)
+
+    if dataset == "cirr" and world_record(root_path) is not None:
+        logger.info("%s holds the synthetic world (synthetic/world.json): checking it as dataset 'synthetic' (its "
+                    "splits train, val, test and the counts it recorded)", root_path)
+        dataset = "synthetic"
+    units = _units(dataset, splits, categories)
+    official = _official(dataset, counts, root_path)
     report = DataCheckReport(dataset=dataset, root=str(root_path.resolve()), mode="decode" if decode else "header",
                              counts_source=COUNTS_SOURCE[dataset] if isinstance(counts, str) else None)
     files: dict[Path, _Image] = {}
@@ -416,6 +436,7 @@ def _advise(report: DataCheckReport, dataset: str, decode: bool) -> None:
     images = report.images
     source = ("CIRR's images come from NLVR2: ask the NLVR2 authors for the direct image download (the URL list "
               "has many dead links)" if dataset == "cirr" else
+              "make the world again (cir-plugins world --root ROOT --overwrite)" if dataset == "synthetic" else
               "FashionIQ's image links are partly dead: get the missing files from a complete copy")
     if images["missing"] or images["empty"]:
         report.advice.append(f"missing or empty files: {source}, then run check-data again; until then, evaluating "

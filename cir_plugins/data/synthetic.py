@@ -81,7 +81,7 @@ from .synthetic_scenes import (BACKGROUND, COLOR_RGB, COLORS, COLS, EDIT_TYPES, 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
     "WorldConfig", "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner",
-    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "main",
+    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "main", "world_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -382,6 +382,20 @@ class _Builder:
 
 def _marker_path(root: Path) -> Path:
     return root / "synthetic" / "world.json"
+
+
+def world_record(root: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`make_world` recorded about the world under ``root`` (``{root}/synthetic/world.json``):
+    ``{"params": ..., "stats": {"images": {split: n}, "queries": {split: n}, ...}, "path": the file}``; None
+    when ``root`` holds no finished synthetic world (or the record is unreadable)."""
+    marker = _marker_path(Path(root))
+    if not marker.is_file() or (Path(root) / "synthetic" / "GENERATING").exists():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {**record, "path": str(marker)} if isinstance(record, dict) and "stats" in record else None
 
 
 def _is_complete(root: Path, params: Mapping[str, Any]) -> bool:

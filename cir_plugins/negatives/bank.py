@@ -41,7 +41,7 @@ from .._utils import eval_mode, model_device
 from ..checks import require_images
 from ..errors import BankMismatchError, ConfigError, DataError, NonFiniteError, ShapeError, explain
 from .bank_format import (FORMAT, UNIT_TOLERANCE, VERSION, _check_unit_rows, _checksum,  # noqa: F401 (re-exported)
-                          _dtype_name, _resolve_dtype, _ShardCache, read_bank_file)
+                          _dtype_name, _resolve_dtype, _ShardCache, bank_preprocessing, read_bank_file)
 
 __all__ = ["NegativeBank", "exclusion_rows", "atomic_write_bytes", "probe_split", "FORMAT", "VERSION",
            "UNIT_TOLERANCE"]
@@ -143,7 +143,7 @@ class NegativeBank:
     """
 
     def __init__(self, embeddings: Tensor, ids: Sequence[str], rows: Sequence[int], *,
-                 similarity: str, fingerprint: str) -> None:
+                 similarity: str, fingerprint: str, preprocessing: Mapping[str, Any] | None = None) -> None:
         """Low-level constructor; prefer :meth:`build` or :meth:`load`.
 
         Args:
@@ -152,6 +152,9 @@ class NegativeBank:
             rows: the row of each id (same length as ``ids``), each in [0, N); every row used.
             similarity: "dot" for (N, D), "max_token" for (N, T, D).
             fingerprint: protocol.target_fingerprint of the weights that made it.
+            preprocessing: what the images were made with (an ImageStore's ``preprocessing()``: transform,
+                size, normalisation), saved with the bank so that a command using other preprocessing is
+                refused; None when unknown (a plain mapping of tensors, a bank saved before banks recorded it).
         """
         if not torch.is_tensor(embeddings) or embeddings.dim() not in (2, 3):
             raise ShapeError(explain("bank embeddings must be (N, D) or (N, T, D)",
@@ -181,6 +184,7 @@ class NegativeBank:
         self._row_of = dict(zip(ids, rows))
         self.similarity = similarity
         self.fingerprint = str(fingerprint)
+        self.preprocessing = dict(preprocessing) if preprocessing is not None else None
 
     # ---------------------------------------------------------------------------------------- views
     def __len__(self) -> int:
@@ -228,7 +232,7 @@ class NegativeBank:
             return self
         moved = self.embeddings.to(device=device, dtype=dtype)
         return NegativeBank(moved, self.ids, [self._row_of[i] for i in self.ids],
-                            similarity=self.similarity, fingerprint=self.fingerprint)
+                            similarity=self.similarity, fingerprint=self.fingerprint, preprocessing=self.preprocessing)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata (all strings), its ``checksum`` included."""
@@ -242,6 +246,8 @@ class NegativeBank:
             "shape": json.dumps(list(self.embeddings.shape)),
             "fingerprint": self.fingerprint,
         }
+        if self.preprocessing is not None:
+            meta["preprocessing"] = json.dumps(self.preprocessing, sort_keys=True)
         meta["checksum"] = _checksum(self.embeddings, meta)
         return meta
 
@@ -396,7 +402,9 @@ class NegativeBank:
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
         _check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
                          + (f" (shard cache {cache_dir})" if done else ""), representatives)
-        bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint)
+        describe = getattr(images, "preprocessing", None)
+        bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint,
+                   preprocessing=describe() if callable(describe) else None)
         logger.info("built %r from %d ids (%d re-used from the shard cache)", bank, len(image_ids), len(done))
         return bank
 
@@ -414,7 +422,8 @@ class NegativeBank:
         embeddings = embeddings.to(torch.device(device))
         if dtype is not None:
             embeddings = embeddings.to(_resolve_dtype(dtype, embeddings.device))
-        return cls(embeddings, ids, rows, similarity=meta["similarity"], fingerprint=meta["fingerprint"])
+        return cls(embeddings, ids, rows, similarity=meta["similarity"], fingerprint=meta["fingerprint"],
+                   preprocessing=bank_preprocessing(meta, path))
 
 
 def exclusion_rows(bank: NegativeBank, triplets: Sequence[Any]) -> Tensor:

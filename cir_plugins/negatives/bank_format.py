@@ -4,7 +4,9 @@ A bank file (:meth:`NegativeBank.save <cir_plugins.negatives.bank.NegativeBank.s
 file with a single tensor ``embeddings`` ((N, D) or (N, T, D)) and string metadata: ``format``
 ("cir_plugins.bank"), ``version``, ``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of
 each id, same order), ``dtype``, ``similarity``, ``shape`` (JSON list), ``fingerprint`` and ``checksum``
-(SHA-256 over the tensor's bytes and every other metadata entry). :func:`read_bank_file` verifies the
+(SHA-256 over the tensor's bytes and every other metadata entry), and, when the images' preprocessing was known
+at build time, ``preprocessing`` (JSON: the image store's description, see :func:`bank_preprocessing`).
+:func:`read_bank_file` verifies the
 checksum (a flipped bit or an edited id is refused), that every metadata key is there, and that every row
 is unit length (:data:`UNIT_TOLERANCE`: ``| ||row|| - 1 |`` at most 1e-3 in float32, 1e-2 in bf16 / fp16; a
 multi-vector row's tokens are each unit length or all-zero padding, at least one token real); a build
@@ -30,7 +32,7 @@ from torch import Tensor
 from .._atomic import atomic_write_bytes
 from ..errors import ConfigError, DataError, explain
 
-__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "read_bank_file"]
+__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "read_bank_file", "bank_preprocessing", "read_bank_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,42 @@ def read_bank_file(path: str | os.PathLike) -> tuple[Tensor, list[str], list[int
                                 expected=(shape, meta.get("dtype")), fix="rebuild the bank"))
     _check_unit_rows(embeddings, str(path), {r: i for i, r in reversed(list(zip(ids, rows)))})
     return embeddings, ids, rows, meta
+
+
+def read_bank_header(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of the bank file at ``path``, read from its header alone (no rows, no checksum: a
+    cheap look before :func:`read_bank_file` loads and verifies it). DataError when it is not a bank."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as error:  # a missing file, or safetensors' own error types on a corrupt one
+        raise DataError(explain("cannot read the bank file", got=f"{path}: {error}",
+                                fix="build one with cir-plugins build-bank (NegativeBank.build(...).save(path))")) \
+            from error
+    if meta.get("format") != FORMAT:
+        raise DataError(explain("the file is not a cir_plugins negative bank", got=f"{path}: {meta.get('format')}",
+                                expected=FORMAT))
+    return meta
+
+
+def bank_preprocessing(meta: Mapping[str, str], path: str | os.PathLike) -> dict[str, Any] | None:
+    """The images' preprocessing a bank records (the image store's ``preprocessing()``: ``kind``, ``size``,
+    normalisation), or None for a bank built from a plain mapping or saved before banks recorded it (said
+    in a log line). DataError when the entry is not a JSON object."""
+    text = meta.get("preprocessing")
+    if text is None:
+        logger.info("%s does not record its images' preprocessing (built from a plain mapping, or before banks "
+                    "recorded it): the preprocessing of the commands that use it cannot be checked", path)
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        value = error
+    if not isinstance(value, dict):
+        raise DataError(explain(f"{path}: the bank's preprocessing entry is not a JSON object", got=text[:80],
+                                fix="rebuild the bank"))
+    return value
 
 
 class _ShardCache:

@@ -75,6 +75,15 @@ def stack_images(images: Mapping[str, Tensor], ids: Sequence[str], device: torch
     return torch.stack([images[i] for i in ids]).to(device, non_blocking=True)
 
 
+def _made_with(images: Mapping[str, Tensor], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What every checkpoint records the result was made with (``TrainedWeights.made_with``): ``given`` (JSON-ready,
+    e.g. ``base``, the results loaded onto the model before training) and the images' ``preprocessing`` (an
+    ImageStore's description: transform, size, normalisation; absent for a plain mapping)."""
+    describe = getattr(images, "preprocessing", None)
+    recorded = {"preprocessing": describe()} if callable(describe) else {}
+    return {**recorded, **dict(given or {})}
+
+
 def init_distributed() -> torch.device:
     """Join the torchrun job described by the environment, if any; the device this rank should use.
 
@@ -186,7 +195,7 @@ class Trainer(Checkpointing, abc.ABC):
 
     def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
                  config: TrainConfig, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None) -> None:
+                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(explain("config must be a training config dataclass", got=type(config).__name__,
                                       expected="Stage1Config or Stage2Config"))
@@ -195,6 +204,7 @@ class Trainer(Checkpointing, abc.ABC):
         self.model = model
         self.images = images
         self.config = config
+        self.made_with = _made_with(images, made_with)
         self.rank, self.world = _distributed()
         self.triplets = self._check_triplets(list(triplets))
         self.device = model_device(self.model)

@@ -46,6 +46,7 @@ class Checkpointing:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "fingerprints": self._data_fingerprints(),
+            "made_with": self.made_with,
         }
         save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
                         state=state)

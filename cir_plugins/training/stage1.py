@@ -89,6 +89,8 @@ class Stage1Trainer(Trainer):
         trainable: parameter names or dotted prefixes, a predicate ``(name, parameter) -> bool``, or the
             parameters themselves (the rule of :func:`cir_plugins.protocol.select_trainable`, as for
             ``wrap_model(trainable=...)``); None = every parameter that requires grad.
+        made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
+            command line records ``base``: the results loaded onto the model before training).
     """
 
     stage = "stage1"
@@ -97,13 +99,15 @@ class Stage1Trainer(Trainer):
                  config: Stage1Config | None = None, evaluator: Evaluator | None = None,
                  evaluate: Callable[[Any], dict] | None = None,
                  groups: Mapping[str, str] | None = None,
-                 trainable: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None) -> None:
+                 trainable: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
+                 made_with: Mapping[str, Any] | None = None) -> None:
         config = Stage1Config() if config is None else config
         if not isinstance(config, Stage1Config):
             raise ConfigError(explain("Stage1Trainer needs a Stage1Config", got=type(config).__name__))
         self._groups = groups
         self._trainable_spec = trainable
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate)
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate,
+                         made_with=made_with)
         if self.world > 1:
             raise ConfigError(explain("Stage1Trainer runs in one process: in-batch negatives across ranks are not "
                                       "gathered", got=f"world size {self.world}",

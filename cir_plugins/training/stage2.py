@@ -92,13 +92,15 @@ class Stage2Trainer(Trainer):
             no_grad); its metric picks the 'best' checkpoint, whose weights ``fit`` restores at the end
             (``config.restore_best``; False keeps the last epoch's).
         evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
+        made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
+            command line records ``base``: the stage-1 result this run starts from).
     """
 
     stage = "stage2"
 
     def __init__(self, model: Any, bank: NegativeBank, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
                  *, config: Stage2Config | None = None, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None) -> None:
+                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None) -> None:
         if not isinstance(bank, NegativeBank):
             raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
                                       fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
@@ -106,7 +108,8 @@ class Stage2Trainer(Trainer):
         if not isinstance(config, Stage2Config):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
         self.bank = bank
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate)
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate,
+                         made_with=made_with)
 
     def _missing(self, triplet: Triplet) -> str | None:
         why = super()._missing(triplet)
