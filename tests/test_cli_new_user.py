@@ -57,7 +57,7 @@ def test_augment_without_triplets_is_an_error_and_the_default_window_suits_the_g
     assert _augment(cirr, "--rank-window", "10000,15000") == 2
     err = capsys.readouterr().err
     assert "no triplets from 18 images" in err and "10000,15000" in err and "17 others" in err
-    default = DEFAULT_RANK_WINDOWS["cirr"]  # the CIRR recipe's window as a share of N (about 0.59,0.89)
+    default = DEFAULT_RANK_WINDOWS["cirr"]  # the recommended recipe's window, the nearest 1% (at least one rank)
     assert f"--rank-window {default}" in err and "--allow-empty" in err
     assert not Path("gen.json").exists()
     assert _augment(cirr, "--rank-window", "10000,15000", "--allow-empty") == 0
@@ -66,7 +66,7 @@ def test_augment_without_triplets_is_an_error_and_the_default_window_suits_the_g
     summary = json.loads(Path("gen.json.summary.json").read_text())
     assert summary["rank_window"] == default and summary["triplets"] == len(json.loads(Path("gen.json").read_text()))
     assert summary["triplets"] == 18 and summary["empty_windows"] == 0
-    assert f"cirr {default}" in _help("augment")
+    assert f"Default: {default}" in _help("augment")
 
 
 def _help(command):

@@ -1,8 +1,11 @@
 """``cir-plugins augment``: generate triplets for a training split from the command line.
 
     cir-plugins augment --dataset cirr --root data/CIRR --split train \\
-        --captioner hf:llava-hf/llava-1.5-7b-hf --pair-encoder my_model.py:build \\
-        --rank-window 10000,15000 --partners 1 --templates cirr --seed 0 --out generated.json
+        --captioner hf:llava-hf/llava-1.5-7b-hf --pair-encoder my_model.py:build --out generated.json
+    # the paper's settings instead (its release's window, refer-only on FashionIQ, equal captions kept):
+    cir-plugins augment ... --recipe clip4cir-cirr
+    # texts rewritten by a chat model (cp.LLMRewriter):
+    cir-plugins augment ... --rewriter hf:Qwen/Qwen2.5-1.5B-Instruct
 
 Captioner specs: ``hf:<hub name or local path>``, ``file:<captions.json|.jsonl>``,
 ``synthetic[:noise]`` (the synthetic world's scene captions, from ``--root``). The pair encoder is a
@@ -11,11 +14,21 @@ factory spec (``file.py:function`` or ``pkg.module:function``) returning a calla
 schema (CIRR for cirr/synthetic, FashionIQ for fashioniq); a ``<out>.summary.json`` holds the run's
 summary, which is also printed.
 
-Defaults come from the dataset's recipe (``cir-plugins recipe show clip4cir-cirr`` / ``clip4cir-fashioniq``):
-the rank window as a share of N, refer-only (FashionIQ) and the caption word budget. FashionIQ generates
-over its three categories' training images together, as the method's release does (with absolute ranks
-inside one category, whose size differs, the same window would fall elsewhere in the ranking); each image
-is captioned with its own category in the prompt. ``--category`` restricts a run to one category.
+The defaults are this library's recommended recipe, "ours, no rewrite": a partner from the nearest 1% of
+each image's ranking by the pair encoder (``--rank-window 0.0,0.01``), one partner per image for every
+training image, the dataset's templates (CIRR: the two CIRR ones; FashionIQ: ``"{target}"``), pairs with
+equal captions dropped, and a text longer than the CIR model's tokenizer takes replaced by the target
+caption alone (the limit is read from the pair encoder when it is the CIR model: see
+:func:`cir_plugins.positives.templates.text_limit_of`; ``--long-text truncate`` cuts instead). The caption
+word budget is the dataset's recipe's. ``--recipe NAME`` takes every generation setting from a recipe
+instead (the paper's, as its release runs them: ``cir-plugins recipe list``). FashionIQ generates over its
+three categories' training images together, as the method's release does (with absolute ranks inside one
+category, whose size differs, the same window would fall elsewhere in the ranking); each image is captioned
+with its own category in the prompt. ``--category`` restricts a run to one category.
+
+``--rewriter hf:<name or local path>`` (or a local model folder) rewrites each pair's template texts into
+one relative text with a chat model (:class:`cir_plugins.LLMRewriter`; answers cached beside the captions);
+a pair whose answer is unusable keeps its template texts, and the summary counts both.
 """
 
 from __future__ import annotations
@@ -26,10 +39,11 @@ from typing import Any
 
 from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, DataError, explain
+from ..positives.augmenter import RECOMMENDED_RANK_WINDOW
 from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
                       load_dataset, model_from_factory, show_progress)
 
-__all__ = ["configure", "run", "build_captioner", "DEFAULT_RANK_WINDOWS"]
+__all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RANK_WINDOWS", "RECOMMENDED"]
 
 
 
@@ -50,12 +64,26 @@ def _recipe_defaults() -> dict[str, dict[str, Any]]:
 
 
 RECIPE_DEFAULTS = _recipe_defaults()
-# --rank-window by dataset (from RECIPE_DEFAULTS)
-DEFAULT_RANK_WINDOWS = {dataset: d["rank_window"] for dataset, d in RECIPE_DEFAULTS.items()}
+# the release's --rank-window by dataset (what --recipe with the dataset's default recipe gives)
+RELEASE_RANK_WINDOWS = {dataset: d["rank_window"] for dataset, d in RECIPE_DEFAULTS.items()}
+# the library's recommended recipe, "ours, no rewrite": augment's defaults
+RECOMMENDED = {"name": "ours, no rewrite", "rank_window": ",".join(str(v) for v in RECOMMENDED_RANK_WINDOW),
+               "partners": 1, "refer": False, "keep_equal_captions": False, "long_text": "target", "rewriter": None}
+# --rank-window by dataset when no --recipe is given
+DEFAULT_RANK_WINDOWS = {dataset: RECOMMENDED["rank_window"] for dataset in RECIPE_DEFAULTS}
+LONG_TEXT = ("target", "truncate", "keep")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Generate triplets for a training split. Defaults: the library's recommended recipe, "
+                          "'ours, no rewrite' (a partner from the nearest 1%% of each image's ranking, one per image, "
+                          "the dataset's templates, over-long texts replaced by the target caption); --recipe NAME "
+                          "takes the paper's settings from a recipe instead.")
     add_dataset_arguments(parser)
+    parser.add_argument("--recipe", default=None, metavar="NAME",
+                        help="take the generation defaults from this recipe (the paper's, as its release runs them, "
+                             "e.g. clip4cir-cirr; `cir-plugins recipe list`) instead of the recommended recipe; "
+                             "flags given explicitly still win")
     parser.add_argument("--captioner", required=True,
                         help="hf:<name-or-path> | file:<captions.json|jsonl> | synthetic[:noise]")
     add_factory_arguments(parser, flag="--pair-encoder",
@@ -66,29 +94,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where a partner is drawn from in each image's similarity ranking: 'a,b' as fractions "
                              "of N (floats such as '0.6,0.9'), absolute ranks (ints such as '10000,15000', the "
                              "method's release on CIRR's 16,939 training images), or '-1' for any image. Default: "
-                             + ", ".join(f"{d} {w}" for d, w in DEFAULT_RANK_WINDOWS.items())
-                             + " (the release's windows as fractions of its training sets)")
+                             f"{RECOMMENDED['rank_window']} (the nearest 1%%, the recommended recipe); with --recipe "
+                             "the recipe's window as a fraction of N (the release's: "
+                             + ", ".join(f"{d} {w}" for d, w in RELEASE_RANK_WINDOWS.items()) + ")")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the file and exit 0 even when no triplet was generated (default: an error)")
-    parser.add_argument("--partners", type=int, default=1, help="partners per image")
+    parser.add_argument("--partners", type=int, default=None, help="partners per image (default: 1, or the recipe's)")
     parser.add_argument("--templates", action="append", default=None,
                         help="preset (cirr, fashioniq, all) or a template with {reference}/{target}; repeatable "
-                             "(default: fashioniq for FashionIQ, else cirr)")
+                             "(default: fashioniq for FashionIQ, else cirr; with --recipe the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refer", action=argparse.BooleanOptionalAction, default=None,
-                        help="only images that are references of annotated triplets get partners (default: the "
-                             "dataset's recipe: on for FashionIQ, off for CIRR and the synthetic world)")
-    parser.add_argument("--max-triplets", type=int, default=None, help="subsample to at most this many triplets")
+                        help="only images that are references of annotated triplets get partners (default: off, "
+                             "every image gets a partner; with --recipe the recipe's: on for FashionIQ's)")
+    parser.add_argument("--keep-equal-captions", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep pairs whose two captions are equal, as the release does (with FashionIQ's "
+                             "'{target}' template the text is still valid) (default: dropped and counted; with "
+                             "--recipe kept, as the release)")
+    parser.add_argument("--max-triplets", type=int, default=None,
+                        help="subsample to at most this many triplets (default: all, or the recipe's)")
     parser.add_argument("--near-duplicate-threshold", type=float, default=None,
                         help="also merge images whose pair-encoder cosine is at least this")
     parser.add_argument("--no-dedup", action="store_true", help="do not merge pixel-identical images")
-    parser.add_argument("--max-tokens", type=int, default=None, help="longest text (whitespace words)")
-    parser.add_argument("--cache-dir", default=None, help="caption cache folder (default: <out>.cache)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="longest text, in the tokens of the pair encoder's tokenizer when it has one, else in "
+                             "whitespace words (default: the tokenizer's own limit when the pair encoder exposes one: "
+                             "a tokenizer attribute with max_text_length / max_length, or max_text_tokens and "
+                             "count_text_tokens; else no limit here, and stage1/stage2 apply it with the CIR model)")
+    parser.add_argument("--long-text", default=None, choices=LONG_TEXT,
+                        help="a text over the limit: 'target' = the target caption alone, as the release does "
+                             "(default), 'truncate' = its leading words that fit, 'keep' = no limit")
+    parser.add_argument("--cache-dir", default=None, help="caption and rewrite cache folder (default: <out>.cache)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pair-encoder call")
     parser.add_argument("--words", type=int, default=None,
                         help="k in the prompt 'describe ... in {k} words' (hf:; default: the dataset's recipe, "
                              + ", ".join(f"{d} {v['words']}" for d, v in RECIPE_DEFAULTS.items()) + ")")
     add_captioner_arguments(parser)
+    add_rewriter_arguments(parser)
     parser.add_argument("--out", required=True, help="annotation JSON to write")
     parser.add_argument("--first-pair-id", type=int, default=10_000_000, help="first pairid of generated CIRR records")
     add_progress_argument(parser)
@@ -102,6 +144,91 @@ def add_captioner_arguments(parser: argparse.ArgumentParser) -> None:
                         help="captioner dtype (hf:)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the hub model's own code (hf:)")
     parser.add_argument("--skip-empty", action="store_true", help="skip (and count) images with empty captions")
+
+
+def add_rewriter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags :func:`build_rewriter` reads."""
+    parser.add_argument("--rewriter", default=None, metavar="SPEC",
+                        help="rewrite each pair's texts with a chat model: hf:<hub name or local path>, or a local "
+                             "model folder, e.g. hf:Qwen/Qwen2.5-1.5B-Instruct (default: none, template texts; with "
+                             "--recipe the recipe's)")
+    parser.add_argument("--rewriter-examples", type=int, default=0, metavar="K",
+                        help="in-context examples for the rewriter: K annotated triplets of the split whose images are "
+                             "captioned for it (0 = the built-in examples, default)")
+    parser.add_argument("--rewriter-max-words", type=int, default=20,
+                        help="longest rewritten text in words; a longer answer keeps the template texts (default: 20)")
+    parser.add_argument("--rewriter-batch-size", type=int, default=8, help="pairs per rewriter call (default: 8)")
+    parser.add_argument("--rewriter-max-new-tokens", type=int, default=40, help="rewriter generation length")
+    parser.add_argument("--rewriter-dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
+                        help="rewriter dtype")
+
+
+def build_rewriter(spec: str, args: argparse.Namespace, examples: Any = None) -> Any:
+    """A rewriter from ``--rewriter`` and its flags (see :func:`cir_plugins.positives.rewriters.rewriter_from_spec`)."""
+    from ..positives.rewriters import rewriter_from_spec
+
+    return rewriter_from_spec(spec, examples=examples, max_words=args.rewriter_max_words,
+                              batch_size=args.rewriter_batch_size, max_new_tokens=args.rewriter_max_new_tokens,
+                              device=args.device or "cpu", dtype=args.rewriter_dtype, seed=args.seed,
+                              trust_remote_code=args.trust_remote_code)
+
+
+def _rewriter_examples(args: argparse.Namespace, captioner: Any, pool: Any, cache_path: Any) -> Any:
+    """``--rewriter-examples K``: K annotated triplets of the pool (drawn with ``--seed``), their images
+    captioned by the run's captioner (into its cache), as in-context examples; None = the built-in ones."""
+    import random
+
+    from ..positives.captioners import caption_images
+    from ..positives.rewriters import examples_from_triplets
+
+    k = args.rewriter_examples
+    if k <= 0:
+        return None
+    annotated = [t for t in pool.triplets if t.texts and t.target is not None]
+    if len(annotated) < k:
+        raise ConfigError(explain(f"--rewriter-examples {k}: the split has {len(annotated)} annotated triplets",
+                                  fix="ask for fewer examples, or 0 for the built-in ones"))
+    picked = random.Random(args.seed).sample(annotated, k)
+    ids = list(dict.fromkeys(i for t in picked for i in (t.reference, t.target)))
+    captions = caption_images(captioner, ids, pool.images, cache_path=cache_path,
+                              batch_size=args.caption_batch_size, skip_empty=True, show_progress=False).captions
+    return examples_from_triplets(picked, captions, k=k, seed=args.seed)
+
+
+def _generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation settings of the run before explicit flags: the recommended recipe, or ``--recipe``'s."""
+    dataset_templates = "fashioniq" if args.dataset == "fashioniq" else "cirr"
+    if args.recipe is None:
+        return {**RECOMMENDED, "templates": [dataset_templates], "words": RECIPE_DEFAULTS[args.dataset]["words"],
+                "max_triplets": None}
+    from ..recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if recipe.dataset != args.dataset and not (args.dataset == "synthetic" and recipe.dataset == "cirr"):
+        raise ConfigError(explain(f"recipe {recipe.name} is for {recipe.dataset}", got=args.dataset,
+                                  fix=f"pass --dataset {recipe.dataset} or a recipe of {args.dataset}"))
+    generation = recipe.generation
+    window = generation.window_fractions(recipe.dataset)
+    return {"name": recipe.name, "rank_window": f"{window[0]},{window[1]}" if window else "-1",
+            "partners": generation.partners_per_image, "refer": generation.refer_only,
+            "keep_equal_captions": True,  # the release keeps pairs with equal captions
+            "long_text": "target", "rewriter": getattr(generation, "rewriter", None),
+            "templates": list(generation.templates), "words": generation.words, "max_triplets": generation.max_triplets}
+
+
+def _length_policy(args: argparse.Namespace, encoder: Any, long_text: str) -> dict[str, Any]:
+    """TripletAugmenter's max_tokens / count_tokens / fallback for ``--max-tokens`` and ``--long-text``."""
+    from ..positives.templates import text_limit_of
+
+    if long_text == "keep":
+        return {}
+    found = text_limit_of(encoder)
+    policy = {"fallback": long_text}
+    if args.max_tokens is not None:
+        return {**policy, "max_tokens": args.max_tokens, "count_tokens": found.get("count_tokens")}
+    if found:
+        return {**policy, **found}
+    return {}
 
 
 def build_captioner(spec: str, args: argparse.Namespace) -> Any:
@@ -141,7 +268,8 @@ def _nothing_generated(result: Any, window: str, default_window: str) -> str:
     return explain(f"augment generated no triplets from {s['images']} images ({s['unique_images']} after merging "
                    "duplicates)", got=result.why_empty(window),
                    fix=f"pass a window as fractions of N, e.g. --rank-window {default_window} (or -1 for any "
-                       "partner), check the captioner, or pass --allow-empty to write an empty file anyway")
+                       "partner), --keep-equal-captions, check the captioner, or pass --allow-empty to write an "
+                       "empty file anyway")
 
 
 def _pair_encoder(args: argparse.Namespace) -> Any:
@@ -157,9 +285,12 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes.run import training_pool
 
     fashion = args.dataset == "fashioniq"
-    defaults = RECIPE_DEFAULTS[args.dataset]
+    defaults = _generation_defaults(args)
     window = args.rank_window or defaults["rank_window"]
     refer = defaults["refer"] if args.refer is None else args.refer
+    keep_equal = defaults["keep_equal_captions"] if args.keep_equal_captions is None else args.keep_equal_captions
+    long_text = args.long_text or defaults["long_text"]
+    rewriter_spec = args.rewriter or defaults["rewriter"]
     if args.words is None:
         args.words = defaults["words"]
     # FashionIQ: the three categories' training images are one pool (partners ranked over all of them, as the
@@ -171,13 +302,22 @@ def run(args: argparse.Namespace) -> int:
         args.categories = pool.categories  # the hf: prompt names each image's own category
     captioner = build_captioner(args.captioner, args)
     out = Path(args.out)
+    encoder = _pair_encoder(args)
+    cache_dir = Path(args.cache_dir or f"{out}.cache")
+    rewriter = None
+    if rewriter_spec:
+        from ..positives.captioners import cache_file_name
+
+        examples = _rewriter_examples(args, captioner, pool, cache_dir / cache_file_name(captioner.name))
+        rewriter = build_rewriter(rewriter_spec, args, examples)
+    length = _length_policy(args, encoder, long_text)
     augmenter = TripletAugmenter(
-        captioner, _pair_encoder(args), templates=args.templates or ("fashioniq" if fashion else "cirr"),
-        rank_window=window, partners_per_image=args.partners, seed=args.seed, dedup=not args.no_dedup,
-        near_duplicate_threshold=args.near_duplicate_threshold, refer_only=refer,
-        max_triplets=args.max_triplets, cache_dir=args.cache_dir or f"{out}.cache", batch_size=args.batch_size,
-        caption_batch_size=args.caption_batch_size, max_tokens=args.max_tokens, skip_empty=args.skip_empty,
-        show_progress=show_progress(args))
+        captioner, encoder, templates=args.templates or defaults["templates"],
+        rank_window=window, partners_per_image=defaults["partners"] if args.partners is None else args.partners, seed=args.seed,
+        dedup=not args.no_dedup, near_duplicate_threshold=args.near_duplicate_threshold, refer_only=refer,
+        max_triplets=defaults["max_triplets"] if args.max_triplets is None else args.max_triplets, cache_dir=cache_dir, batch_size=args.batch_size,
+        caption_batch_size=args.caption_batch_size, skip_empty=args.skip_empty, rewriter=rewriter,
+        keep_equal_captions=keep_equal, show_progress=show_progress(args), **length)
     unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
     result = augmenter.augment(pool.image_ids, pool.images, pool.triplets)
     triplets = result.triplets
@@ -188,14 +328,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
     summary = {"dataset": args.dataset, "split": args.split, "categories": categories if fashion else None,
-               "captioner": captioner.name, "out": str(out), "rank_window": window, "refer_only": refer,
-               "words": args.words, "unreadable_skipped": unreadable,
-               **result.summary}
+               "recipe": defaults["name"], "captioner": captioner.name, "out": str(out), "rank_window": window,
+               "refer_only": refer, "keep_equal_captions": keep_equal, "long_text": long_text, "words": args.words,
+               "unreadable_skipped": unreadable, **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
     s = result.summary
     print(f"images {s['images']} | duplicate groups {s['duplicate_groups']} ({s['duplicates_merged']} merged) | "
           f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, {s['captions']['skipped']} skipped | "
-          f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']} | triplets {s['triplets']}")
+          f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']}, kept {s['kept_same_caption']} | "
+          f"triplets {s['triplets']}")
+    limit = s["text_limit"]
+    print(f"recipe: {defaults['name']} | texts over the limit: "
+          + (f"{s['text_fallbacks']} ({'replaced by the target caption' if limit['fallback'] == 'target' else 'cut'}; "
+             f"limit {limit['max_tokens']} tokens)" if limit else
+             "not checked (no tokenizer limit known: pass --max-tokens, or stage1/stage2 apply the CIR model's)"))
+    if s["rewrite"] is not None:
+        r = s["rewrite"]
+        print(f"rewrite ({r['rewriter']}): {r['rewritten']} pairs rewritten, {r['fallback']} kept their template "
+              f"texts {r['reasons'] or ''} | answers {r['new']} new, {r['cached']} cached")
     print("seconds: " + ", ".join(f"{step} {sec:.2f}" for step, sec in s["seconds"].items()))
     if unreadable:
         print(f"skipped {len(unreadable)} unreadable images (listed in the summary), e.g. {unreadable[:3]}")

@@ -47,7 +47,9 @@ class RankWindow:
     """A rank window ``[start, stop)``.
 
     ``start``/``stop`` are both ints (absolute ranks) or both floats in ``[0, 1]`` (fractions of the
-    query's candidate count M, resolved as ``floor(start * M)``, ``floor(stop * M)``). A negative
+    query's candidate count M, resolved as ``floor(start * M)``, ``floor(stop * M)``; a fractional window
+    always holds at least the rank it starts at, so "the nearest 1%" of fewer than 100 candidates is the
+    nearest one rather than nothing). A negative
     ``start`` means "any candidate" (the whole ranking; ``stop`` is then ignored).
     """
 
@@ -68,6 +70,7 @@ class RankWindow:
             return 0, candidates
         if self.is_fraction:
             a, b = math.floor(self.start * candidates), math.floor(self.stop * candidates)
+            b = max(b, a + 1)  # a window narrower than one rank keeps its first rank
         else:
             a, b = int(self.start), int(self.stop)
         return min(a, candidates), min(b, candidates)

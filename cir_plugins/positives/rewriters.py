@@ -53,7 +53,7 @@ from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import CaptionCache, resolve_dtype, clean_caption
 
 __all__ = ["LLMRewriter", "TextHookRewriter", "RewriteRun", "Example", "DEFAULT_EXAMPLES", "PROMPT_VERSION",
-           "examples_from_triplets", "as_rewriter", "unusable_reason", "LONG_OUTPUT"]
+           "examples_from_triplets", "as_rewriter", "rewriter_from_spec", "unusable_reason", "LONG_OUTPUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +221,26 @@ class TextHookRewriter:
         return run
 
 
+def rewriter_from_spec(spec: str, **kwargs: Any) -> "LLMRewriter":
+    """A rewriter from a spec: ``"hf:<hub name or local path>"``, or the path of a local model folder;
+    ``kwargs`` go to :class:`LLMRewriter` (device, batch_size, max_words, examples, ...)."""
+    kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind == "hf" and rest.strip():
+        return LLMRewriter(rest.strip(), **kwargs)
+    if isinstance(spec, str) and spec.strip() and os.path.isdir(spec):
+        return LLMRewriter(spec, **kwargs)
+    raise ConfigError(explain("unknown rewriter spec", got=spec,
+                              expected="hf:<hub name or local path> (a chat model), or a local model folder",
+                              fix="e.g. hf:Qwen/Qwen2.5-1.5B-Instruct"))
+
+
 def as_rewriter(rewriter: Any) -> Any:
-    """A rewriter object (has ``rewrite_pairs`` and ``name``) as it is; a plain callable text -> text as a
-    :class:`TextHookRewriter`; None stays None."""
+    """A rewriter object (has ``rewrite_pairs`` and ``name``) as it is; a spec string through
+    :func:`rewriter_from_spec`; a plain callable text -> text as a :class:`TextHookRewriter`; None stays None."""
     if rewriter is None:
         return None
+    if isinstance(rewriter, str):
+        return rewriter_from_spec(rewriter)
     if callable(getattr(rewriter, "rewrite_pairs", None)) and isinstance(getattr(rewriter, "name", None), str):
         return rewriter
     if callable(rewriter):
