@@ -2,18 +2,31 @@
 
 A write goes to ``path.tmp-<pid>`` in the same folder, is flushed and fsynced, then ``os.replace``d
 over ``path`` and the folder fsynced, so a kill at any moment leaves the old file or the new one,
-never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`replace_folder`
-swaps a whole folder written under a temporary name into place (training checkpoints, shared results).
+never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`atomic_write_files`
+writes several files that belong together (all replaced, or none); :func:`replace_folder` swaps a whole folder
+written under a temporary name into place (training checkpoints), and :func:`folder_writer` is the whole
+write of such a folder (``.name.tmp-<pid>``, removed again when the write fails).
+
+What a killed write leaves (``name.tmp-<pid>`` files, ``.name.tmp-<pid>`` / ``.name.old-<pid>`` folders of a
+process that no longer runs) is cleaned by the next write to the same place (:func:`remove_leftovers`).
+A path that is an existing folder is refused before anything is written (IsADirectoryError naming it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "fsync_file", "replace_folder"]
+__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_json", "folder_writer", "fsync_dir",
+           "fsync_file", "remove_leftovers", "replace_folder"]
+
+_LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")  # what a write of this module names its temporary files and folders
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -46,18 +59,109 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bo
     path = Path(path)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temporary(path, data)
+    try:
+        os.replace(tmp, path)
+    finally:
+        _unlink(tmp)
+    fsync_dir(path.parent)
+    return path
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in ``path.tmp-<pid>``, flushed and fsynced (removed again if that fails); an existing folder at
+    ``path`` is refused first, and the leftovers of killed writes to ``path`` are removed."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    remove_leftovers(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    except OSError as error:  # name the file being written, not its temporary name
+        _unlink(tmp)
+        raise type(error)(error.errno, error.strerror, str(path)) from error
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes], *, make_parents: bool = False) -> list[Path]:
+    """Write several files that belong together (a report's page, picture and data): every file is first
+    written and fsynced under its temporary name, and only then are they all renamed into place, so a failure
+    while writing (a full disk, a folder in the way) leaves every old file as it was. Returns the paths."""
+    paths = [Path(p) for p in files]
+    for path in paths:  # refuse before writing anything
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if make_parents:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for path, data in zip(paths, files.values()):
+            written.append(_write_temporary(path, data))
+        for tmp, path in zip(written, paths):
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
+        for tmp in written:
+            _unlink(tmp)
+    for folder in dict.fromkeys(path.parent for path in paths):
+        fsync_dir(folder)
+    return paths
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (this process does; a process of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as someone else
+        return True
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes to ``path`` left beside it, for processes that no longer run: the files
+    ``name.tmp-<pid>`` (:func:`atomic_write_bytes`) and the folders ``.name.tmp-<pid>`` (:func:`folder_writer`);
+    a ``.name.old-<pid>`` folder (the previous folder set aside by :func:`replace_folder`) is put back at ``path``
+    when ``path`` is missing, else removed. Returns what was removed; one that cannot be removed is left."""
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:  # a missing or unreadable folder holds no leftovers we could remove
+        return removed
+    for entry in sorted(siblings):
+        name = entry.name
+        match = _LEFTOVER.search(name)
+        if match is None or _running(int(match.group(2))):
+            continue
+        stem = name[: match.start()]
+        if match.group(1) == "tmp" and stem == path.name and not entry.is_dir():
+            _unlink(entry)
+        elif stem == f".{path.name}" and entry.is_dir() and not entry.is_symlink():
+            if match.group(1) == "old" and not path.exists():
+                os.replace(entry, path)  # killed between replace_folder's two renames: the old folder comes back
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
+    return removed
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = None, ensure_ascii: bool = True,
@@ -82,3 +186,26 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike, aside: str 
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return moved
+
+
+@contextlib.contextmanager
+def folder_writer(final: str | os.PathLike) -> Iterator[Path]:
+    """``with folder_writer(final) as tmp:`` write the files into ``tmp`` (``.name.tmp-<pid>`` beside ``final``);
+    when the block ends without an error the folder replaces ``final`` (:func:`replace_folder`, the old one
+    removed), and when it raises, ``tmp`` is removed and ``final`` is left as it was. Leftovers of killed
+    writes of ``final`` are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = replace_folder(tmp, final, final.with_name(f".{final.name}.old-{os.getpid()}"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

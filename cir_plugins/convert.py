@@ -24,7 +24,7 @@ from torch import Tensor
 from ._atomic import atomic_write_bytes
 from .errors import CheckpointError, explain
 
-__all__ = ["read_torch_checkpoint", "save_safetensors"]
+__all__ = ["read_torch_checkpoint", "save_safetensors", "check_savable"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,16 @@ def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> di
     if not path.is_file():
         raise CheckpointError(explain(f"{path}: no such checkpoint file", got=str(path),
                                       fix="pass the .pt/.pth file the project published"))
+    if path.stat().st_size == 0:
+        raise CheckpointError(explain(f"{path} is empty (0 bytes)", got=str(path),
+                                      fix="download or copy the checkpoint again"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as error:
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError, ValueError,
+            NotImplementedError) as error:
         raise CheckpointError(explain(
             f"{path}: cannot be read as weights only (it would need to run code from the pickle, or is not a "
-            f"torch.save file): {str(error).splitlines()[0]}",
+            f"torch.save file): {(str(error).splitlines() or [type(error).__name__])[0]}",
             fix="re-save it where its code is trusted as torch.save(model.state_dict(), path); this project "
                 "never unpickles code")) from error
     if _is_state_dict(obj):
@@ -82,6 +86,25 @@ def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> di
     return dict(obj[key])
 
 
+def check_savable(name: Any, tensor: Any) -> None:
+    """CheckpointError unless ``name`` -> ``tensor`` can go into a safetensors file: a non-empty string name
+    other than the header's reserved ``__metadata__``, and a dense tensor with data (not sparse, quantized or
+    on the ``meta`` device)."""
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise CheckpointError(explain("a tensor name safetensors cannot store", got=name,
+                                      expected="a non-empty name other than '__metadata__' (the file header's own key)",
+                                      fix="rename the tensor before saving"))
+    if not torch.is_tensor(tensor):
+        raise CheckpointError(explain(f"cannot save {name!r}: not a tensor", got=type(tensor).__name__))
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise CheckpointError(explain(f"cannot save {name!r}: safetensors holds dense tensors only",
+                                      got=str(tensor.layout) if tensor.layout != torch.strided else "a quantized tensor",
+                                      expected="torch.strided", fix="convert it with .to_dense() / .dequantize() first"))
+    if tensor.is_meta:
+        raise CheckpointError(explain(f"cannot save {name!r}: a tensor on the 'meta' device has no values",
+                                      got=tuple(tensor.shape), fix="load the real weights before converting"))
+
+
 def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """``tensors`` (moved to the CPU, made contiguous; tensors sharing storage are copied, since
     safetensors refuses tied or viewed weights) serialised as one safetensors file with string ``metadata``."""
@@ -90,8 +113,7 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
     seen: set[int] = set()  # storages already written
     out = {}
     for name, tensor in tensors.items():
-        if not torch.is_tensor(tensor):
-            raise CheckpointError(explain(f"cannot save {name!r}: not a tensor", got=type(tensor).__name__))
+        check_savable(name, tensor)
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
             tensor = tensor.clone()

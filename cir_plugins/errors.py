@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "NonFiniteError",
     "SubmissionError",
+    "HubError",
     "explain",
 ]
 
@@ -103,3 +104,7 @@ class NonFiniteError(CIRPluginsError, FloatingPointError):
 
 class SubmissionError(CIRPluginsError, ValueError):
     """A CIRR test submission that the evaluation server would reject."""
+
+
+class HubError(CIRPluginsError, ConnectionError):
+    """An upload to (or a request of) the Hugging Face Hub that failed: offline, no connection, refused."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ._atomic import atomic_write_bytes, atomic_write_json
+from ._atomic import atomic_write_files
 from .data.images import to_pil
 from .errors import ConfigError, DataError, explain
 from .evaluation import EvalFeatures, extract_features, protocol_rows
@@ -219,21 +220,22 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
         entries.append(entry)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(explain("the report folder is a file", got=str(out),
+                                  fix="name a folder (new or existing) for report.html, report.png and report.json"))
     heading = title or f"Top-{k} retrievals: {label[0]}" + (f" vs {label[1]}" if with_compare else "")
     summary = {"title": heading, "protocol": protocol, "k": k, "n_queries": len(rank_np), "names": label[:2],
                "recall_at_k": float((rank_np < k).mean() * 100)}
     if other_np is not None:
         summary.update({"compare_recall_at_k": float((other_np < k).mean() * 100), "wins": len(wins),
                         "losses": len(losses), "ties": len(rank_np) - len(wins) - len(losses)})
-    png = out / "report.png"
-    _write_png(png, entries, load, label, k, heading, with_compare)
-    page = out / "report.html"
-    _write_html(page, entries, load, label, k, heading, summary, wins, losses, features, thumbnail)
-    record = out / "report.json"
-    atomic_write_json(record, {"summary": summary, "shown": entries, "ranks": rank_np.tolist(),
-                               "compare_ranks": other_np.tolist() if other_np is not None else None,
-                               "wins": wins, "losses": losses})
+    png, page, record = out / "report.png", out / "report.html", out / "report.json"
+    data = {"summary": summary, "shown": entries, "ranks": rank_np.tolist(),
+            "compare_ranks": other_np.tolist() if other_np is not None else None, "wins": wins, "losses": losses}
+    # the three files are replaced together or not at all (a folder in the way, a full disk): never a mix
+    atomic_write_files({png: _png_bytes(entries, load, label, k, heading, with_compare),
+                        page: _html_bytes(entries, load, label, k, heading, summary, wins, losses, features, thumbnail),
+                        record: json.dumps(data).encode("utf-8")}, make_parents=True)
     return ReportResult(html=page, png=png, json=record, ranks=rank_np.tolist(),
                         compare_ranks=other_np.tolist() if other_np is not None else None, wins=wins, losses=losses,
                         shown=shown)
@@ -243,7 +245,7 @@ def _rank_text(rank: int) -> str:
     return f"target rank {rank + 1}"
 
 
-def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: str, with_compare: bool) -> None:
+def _png_bytes(entries: list[dict], load, label, k: int, heading: str, with_compare: bool) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,10 +285,10 @@ def _write_png(path: Path, entries: list[dict], load, label, k: int, heading: st
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def _write_html(path: Path, entries, load, label, k, heading, summary, wins, losses, features, side) -> None:
+def _html_bytes(entries, load, label, k, heading, summary, wins, losses, features, side) -> bytes:
     esc = html.escape
     cache: dict[str, str] = {}
 
@@ -329,4 +331,4 @@ def _write_html(path: Path, entries, load, label, k, heading, summary, wins, los
         parts.append(listing(f"queries {label[0]} wins", wins))
         parts.append(listing(f"queries {label[0]} loses", losses))
     parts.append("</body></html>")
-    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
+    return "\n".join(parts).encode("utf-8")

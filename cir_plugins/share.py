@@ -25,28 +25,61 @@ import json
 import logging
 import math
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from . import __version__
-from ._atomic import atomic_write_bytes, atomic_write_json, replace_folder
+from ._atomic import atomic_write_bytes, atomic_write_json, folder_writer
 from .convert import safetensors_bytes
-from .errors import CheckpointError, ConfigError, explain
-from .trained import SHARED_FILE, SHARED_FORMAT, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
+from .errors import CheckpointError, ConfigError, HubError, explain
+from .trained import SHARED_FILE, SHARED_FORMAT, TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
 
-__all__ = ["save_trained", "push_to_hub", "model_card"]
+__all__ = ["save_trained", "push_to_hub", "model_card", "check_repo_id"]
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
+# a Hub repository id: [namespace/]name, each of letters, digits, '-', '_', '.', starting and ending with a letter
+# or digit, at most 96 characters, no '--' or '..'
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#!])")
+
+
+def check_repo_id(repo_id: Any) -> str:
+    """``repo_id`` when it is a valid Hub repository id (``name`` or ``namespace/name``), else ConfigError:
+    checked before anything is written or sent."""
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    if not (1 <= len(parts) <= 2 and all(_REPO_PART.fullmatch(part) for part in parts)
+            and "--" not in repo_id and ".." not in repo_id):
+        raise ConfigError(explain("not a Hugging Face Hub repository id", got=repo_id,
+                                  expected="'name' or 'namespace/name': letters, digits, '-', '_', '.', at most 96 "
+                                           "characters each, no '--' or '..'",
+                                  fix="e.g. --push me/my-model"))
+    return repo_id
+
+
+def _md(text: Any) -> str:
+    """``text`` as Markdown that shows it literally on one line (no HTML, links, emphasis or table cells)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _code(text: Any) -> str:
+    """``text`` as an inline code span on one line that no backtick or table pipe inside it can end."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _from_trainer(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """(weights incl. temperature, info, bank or None) of a trainer after ``fit`` (its model's weights now)."""
     weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in trainer._named_state().items()}
+    tau = weights.pop(TAU_NAME, None)  # a tau learned as itself is shared in the one log form
+    if tau is not None:
+        weights[TEMPERATURE_NAME] = tau.double().log().float()
     info = {"stage": trainer.stage, "config": trainer.config.to_dict(), "history": list(trainer.history),
             "best_epoch": getattr(trainer, "best_epoch", None)}
     return weights, info, getattr(trainer, "bank", None)
@@ -94,19 +127,21 @@ def _evaluation_table(evaluation: Mapping[str, Any] | None, info: Mapping[str, A
 
 
 def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
-    """The README.md of a shared folder, from its ``cir_plugins.json`` document."""
+    """The README.md of a shared folder, from its ``cir_plugins.json`` document. Every name and value taken from
+    the document (title, base model, table rows, settings) is escaped: it shows as written, never as Markdown or
+    HTML."""
     title = title or document.get("name") or "A composed image retrieval model trained with cir_plugins"
-    stage = document.get("stage", "?")
+    stage = str(document.get("stage") or "?")
     lines = ["---", "library_name: cir_plugins", "tags:", "- composed-image-retrieval", "- cir_plugins", "---", "",
-             f"# {title}", "",
-             f"The trainable weights of a {stage.replace('stage', 'stage-')} result of the cir_plugins library "
-             f"(version {document.get('library_version', '?')}): "
+             f"# {_md(title)}", "",
+             f"The trainable weights of a {_md(stage.replace('stage', 'stage-'))} result of the cir_plugins library "
+             f"(version {_md(document.get('library_version', '?'))}): "
              f"{len(document.get('trainable', []))} parameter tensors, "
              f"{document.get('trainable_scalars', 0):,} values. They go on the base model they were trained from; "
              "the rest of that model is not in this folder.", "",
              "## How to load it", "", "```python", "import cir_plugins as cp", ""]
     base = document.get("base_model")
-    lines += [f"model = build()  # the base model: {base}" if base else
+    lines += [f"model = build()  # the base model: {' '.join(str(base).split())}" if base else
               "model = build()  # the base model this result was trained from (same factory, same pretrained weights)",
               "model = cp.load_trained(model, \"path/to/this/folder\")  # names and shapes are checked",
               "```", "",
@@ -116,20 +151,20 @@ def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
     lines += ["## Evaluation", ""]
     if table:
         metrics = list(dict.fromkeys(k for row in table.values() for k in row))
-        lines += ["| | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        lines += ["| | " + " | ".join(map(_md, metrics)) + " |", "|---|" + "---|" * len(metrics)]
         for name, row in table.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[m]:.2f}" if m in row else "" for m in metrics) + " |")
+            lines.append(f"| {_md(name)} | " + " | ".join(f"{row[m]:.2f}" if m in row else "" for m in metrics) + " |")
         lines += ["", "Recalls in percent; each row is named by the split (and protocol) it was measured on."]
     else:
         lines.append("No evaluation was recorded with this result.")
     bank = document.get("bank") or {}
     lines += ["", "## The negative bank", ""]
     if bank:
-        lines += [f"- target-side fingerprint (the weights that built the bank): `{bank.get('fingerprint', '?')}`",
-                  f"- content fingerprint (ids, rows, weights): `{bank.get('content_fingerprint', '?')}`"]
+        lines += [f"- target-side fingerprint (the weights that built the bank): {_code(bank.get('fingerprint', '?'))}",
+                  f"- content fingerprint (ids, rows, weights): {_code(bank.get('content_fingerprint', '?'))}"]
         if "rows" in bank:
-            lines.append(f"- {bank['rows']} rows for {bank['ids']} image ids, similarity {bank['similarity']!r}, "
-                         f"row shape {bank['shape']}")
+            lines.append(f"- {_md(bank['rows'])} rows for {_md(bank.get('ids'))} image ids, similarity "
+                         f"{_md(repr(bank.get('similarity')))}, row shape {_md(bank.get('shape'))}")
         lines += ["", "A bank built by the loaded model has the same target-side fingerprint "
                   "(`NegativeBank.build(...).fingerprint`); another fingerprint means another base model."]
     else:
@@ -141,19 +176,20 @@ def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
         lines += ["```json", json.dumps(recipe, indent=1, sort_keys=True), "```", ""]
     if config:
         lines += ["| setting | value |", "|---|---|"]
-        lines += [f"| {key} | `{json.dumps(value)}` |" for key, value in config.items()
+        lines += [f"| {_md(key)} | {_code(json.dumps(value))} |" for key, value in config.items()
                   if key not in ("output_dir", "show_progress")]
     history = document.get("history") or []
     if history:
         lines += ["", "## Training history", "", "| epoch | loss | steps | " +
-                  " | ".join(_numbers(history[-1].get("metrics", {}))) + " |",
+                  " | ".join(map(_md, _numbers(history[-1].get("metrics", {})))) + " |",
                   "|---|---|---|" + "---|" * len(_numbers(history[-1].get("metrics", {})))]
         for entry in history:
             values = _numbers(entry.get("metrics", {}))
-            lines.append(f"| {entry.get('epoch')} | {entry.get('loss', float('nan')):.4f} | {entry.get('steps')} | "
+            lines.append(f"| {_md(entry.get('epoch'))} | {entry.get('loss', float('nan')):.4f} | "
+                         f"{_md(entry.get('steps'))} | "
                          + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
         if document.get("best_epoch"):
-            lines.append(f"\nThe weights are those of epoch {document['best_epoch']} (the best by the evaluator).")
+            lines.append(f"\nThe weights are those of epoch {_md(document['best_epoch'])} (the best by the evaluator).")
     return "\n".join(lines) + "\n"
 
 
@@ -214,19 +250,13 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
     except TypeError as error:
         raise ConfigError(explain("the recipe or evaluation is not JSON-ready", got=str(error),
                                   fix="pass plain dicts, lists, strings and numbers")) from error
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     data = safetensors_bytes(merged, metadata={"format": SHARED_FORMAT})  # tied weights copied, not refused
     document["files"] = {WEIGHTS_FILE: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
-    atomic_write_bytes(tmp / WEIGHTS_FILE, data)
-    atomic_write_json(tmp / SHARED_FILE, document, indent=1)
-    atomic_write_bytes(tmp / CARD_FILE, model_card(document, title=name).encode("utf-8"))
-    old = replace_folder(tmp, folder, folder.with_name(f".{folder.name}.old-{os.getpid()}"))
-    if old is not None:
-        shutil.rmtree(old)
+    card = model_card(document, title=name).encode("utf-8")
+    with folder_writer(folder) as tmp:  # a failed write leaves no temporary folder and the old folder as it was
+        atomic_write_bytes(tmp / WEIGHTS_FILE, data)
+        atomic_write_json(tmp / SHARED_FILE, document, indent=1)
+        atomic_write_bytes(tmp / CARD_FILE, card)
     logger.info("saved a %s result (%d tensors) to %s", document["stage"], len(parameters), folder)
     return folder
 
@@ -237,8 +267,11 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
 
     Needs ``huggingface_hub`` (``pip install "cir_plugins[hub]"``), a token (``token=``, ``HF_TOKEN`` or
     ``huggingface-cli login``) and the network. The repository is created when missing (private by
-    default: publishing is a deliberate step).
+    default: publishing is a deliberate step). An invalid ``repo_id`` is a ConfigError before anything is sent;
+    whatever the Hub or the network answers instead of an upload (offline mode, no connection, no permission) is
+    a :class:`~cir_plugins.errors.HubError` that says so in one line.
     """
+    check_repo_id(repo_id)
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / SHARED_FILE).is_file():
         raise CheckpointError(explain("not a folder written by save_trained", got=str(folder),
@@ -254,9 +287,17 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         raise ConfigError(explain("no Hugging Face token", got=None,
                                   fix="pass token=..., set HF_TOKEN, or run `huggingface-cli login`"))
     api = huggingface_hub.HfApi()
-    api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, revision=revision,
-                             commit_message=commit_message or f"cir_plugins result from {folder.name}")
+    try:
+        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, revision=revision,
+                                 commit_message=commit_message or f"cir_plugins result from {folder.name}")
+    except Exception as error:  # huggingface_hub's HTTP, offline, validation and connection errors alike
+        cause = (str(error).strip().splitlines() or [""])[0]
+        raise HubError(explain(f"the upload of {folder} to the Hub repository {repo_id!r} failed",
+                               got=f"{type(error).__name__}: {cause}" if cause else type(error).__name__,
+                               fix="check the network (and that HF_HUB_OFFLINE is not set), the token's write "
+                                   "access and the repository id, then push the folder again "
+                                   "(cp.push_to_hub or cir-plugins share --push)")) from error
     url = str(getattr(info, "commit_url", info))
     logger.info("uploaded %s to %s", folder, url)
     return url

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,94 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
                                       "or pass a checkpoint folder holding weights.safetensors"))
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# the fields of cir_plugins.json that a reader uses -> the JSON types each may hold (None: null); others are kept
+_SHARED_FIELDS: dict[str, tuple[type, ...]] = {
+    "version": (int,), "library_version": (str, type(None)), "name": (str, type(None)), "stage": (str, type(None)),
+    "trainable": (list,), "trainable_scalars": (int,), "on_top_of": (list,), "base_model": (str, type(None)),
+    "config": (dict, type(None)), "best_epoch": (int, type(None)), "history": (list,), "bank": (dict, type(None)),
+    "evaluation": (dict,), "recipe": (dict, type(None)),
+}
+
+
+def _bad_document(document: Path, problem: str, got: Any, expected: str) -> CheckpointError:
+    return CheckpointError(explain(f"{document}: {problem}", got=got, expected=expected,
+                                   fix="use the folder as save_trained wrote it: download or copy it again"))
+
+
+def _read_document(document: Path) -> dict[str, Any]:
+    """The JSON object in ``document`` (state.json or cir_plugins.json); CheckpointError when it is unreadable,
+    not JSON, nested too deeply or not an object."""
+    try:
+        info = json.loads(document.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        problem = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise CheckpointError(explain("the result's JSON document is unreadable", got=f"{document}: {problem}",
+                                      fix="copy the folder again")) from error
+    if not isinstance(info, dict):
+        raise _bad_document(document, "not a JSON object", type(info).__name__, "an object")
+    trainable = info.get("trainable")
+    if trainable is not None and not (isinstance(trainable, list) and all(isinstance(n, str) for n in trainable)):
+        raise _bad_document(document, "'trainable' must list parameter names", trainable, "a list of strings")
+    return info
+
+
+def _check_shared(folder: Path, document: Path, info: dict[str, Any]) -> None:
+    """Validate a folder's ``cir_plugins.json`` against its schema and the files it lists: the format, the
+    types of the fields a reader uses, and ``files`` (required, naming the weights file): every listed file a
+    regular file directly inside ``folder`` (no link, no path) whose size and SHA-256 match. CheckpointError
+    naming the field otherwise."""
+    if info.get("format") != SHARED_FORMAT:
+        raise _bad_document(document, "'format' is missing or not this library's", info.get("format"),
+                            repr(SHARED_FORMAT))
+    for key, kinds in _SHARED_FIELDS.items():
+        value = info.get(key, None if type(None) in kinds else kinds[0]())
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            names = " or ".join("null" if k is type(None) else {int: "an integer", str: "a string", list: "a list",
+                                                                 dict: "an object"}[k] for k in kinds)
+            raise _bad_document(document, f"field {key!r} has the wrong type", type(value).__name__, names)
+    files = info.get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise _bad_document(document, "'files' must record the size and SHA-256 of each file, the weights included",
+                            files if not isinstance(files, dict) else sorted(files),
+                            f'{{"{WEIGHTS_FILE}": {{"bytes": n, "sha256": hex}}}}')
+    for name, recorded in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise _bad_document(document, "'files' may name only files directly inside the folder", name,
+                                "a plain file name")
+        if not (isinstance(recorded, dict) and isinstance(recorded.get("bytes"), int)
+                and not isinstance(recorded.get("bytes"), bool) and isinstance(recorded.get("sha256"), str)
+                and _SHA256.fullmatch(recorded["sha256"])):
+            raise _bad_document(document, f"'files' entry {name!r} is malformed", recorded,
+                                '{"bytes": an integer, "sha256": 64 lowercase hex digits}')
+        path = folder / name
+        try:
+            info_ = path.lstat()
+        except OSError as error:
+            raise _bad_document(document, f"lists {name!r}, which cannot be found", str(error), "the file") from error
+        if not stat.S_ISREG(info_.st_mode):
+            raise CheckpointError(explain(f"{path} is not a regular file inside the folder (a link, a folder, ...)",
+                                          got=stat.filemode(info_.st_mode),
+                                          fix="copy the file itself into the folder"))
+        if info_.st_size != recorded["bytes"] or file_sha256(path) != recorded["sha256"]:
+            raise CheckpointError(explain(f"{path} differs from the size or SHA-256 recorded in {SHARED_FILE}",
+                                          got=info_.st_size, expected=recorded,
+                                          fix="download or copy the shared folder again"))
+
+
+def _temperature(log_tau: torch.Tensor, source: Path) -> float:
+    """The temperature ``exp(log_tau)`` saved beside the weights; CheckpointError unless one finite number whose
+    exponential is a positive finite float."""
+    value = float(log_tau.double().reshape(-1)[0]) if log_tau.numel() == 1 else None
+    temperature = math.exp(value) if value is not None and -700.0 < value < 700.0 else 0.0
+    if not 0.0 < temperature < math.inf:
+        raise CheckpointError(explain(f"{source}: the saved log-temperature {TEMPERATURE_NAME!r} is not usable",
+                                      got=value if value is not None else tuple(log_tau.shape),
+                                      expected="one finite number with exp(log_tau) > 0, e.g. log(0.07) = -2.66",
+                                      fix="copy the file again, or remove the entry to keep the model's temperature"))
+    return temperature
+
+
 def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> TrainedWeights:
     """Read a trained result (see the module doc for the accepted paths) without touching a model.
 
@@ -129,29 +220,27 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
     if checkpoint is not None and checkpoint not in ("best", "last"):
         raise CheckpointError(explain("unknown checkpoint name", got=checkpoint, expected=("best", "last", None)))
     source = _weights_file(Path(path), checkpoint)
+    info: dict[str, Any] = {}
+    in_folder = source.name == WEIGHTS_FILE and Path(path).is_dir()
+    if in_folder and not stat.S_ISREG(source.lstat().st_mode):
+        raise CheckpointError(explain(f"{source} is not a regular file inside the folder (a link, a folder, ...)",
+                                      got=stat.filemode(source.lstat().st_mode),
+                                      fix="copy the weights file itself into the folder"))
+    for name in ("state.json", SHARED_FILE):
+        document = source.parent / name
+        if source.name == WEIGHTS_FILE and document.is_file():
+            info = _read_document(document)
+            if name == SHARED_FILE:
+                _check_shared(source.parent, document, info)
+            break
     try:
         weights = load_file(str(source), device="cpu")
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut or edited file
         raise CheckpointError(explain("the weights file is unreadable (truncated or not safetensors)",
                                       got=f"{source}: {error}",
                                       fix="copy the file again, or load the run's other checkpoint")) from error
-    info: dict[str, Any] = {}
-    for name in ("state.json", SHARED_FILE):
-        document = source.parent / name
-        if source.name == WEIGHTS_FILE and document.is_file():
-            try:
-                info = json.loads(document.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise CheckpointError(explain("the result's JSON document is unreadable", got=f"{document}: {error}",
-                                              fix="copy the folder again")) from error
-            break
-    recorded = (info.get("files") or {}).get(WEIGHTS_FILE) if info.get("format") == SHARED_FORMAT else None
-    if recorded and (source.stat().st_size != recorded.get("bytes") or file_sha256(source) != recorded.get("sha256")):
-        raise CheckpointError(explain(f"{source} differs from the size or SHA-256 recorded in {SHARED_FILE}",
-                                      got=source.stat().st_size, expected=recorded,
-                                      fix="download or copy the shared folder again"))
     log_tau = weights.pop(TEMPERATURE_NAME, None)
-    temperature = float(log_tau.double().exp()) if log_tau is not None else None
+    temperature = _temperature(log_tau, source) if log_tau is not None else None
     listed = info.get("trainable")
     if listed is not None:
         missing = [name for name in listed if name not in weights]

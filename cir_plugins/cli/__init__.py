@@ -10,6 +10,7 @@ This file only dispatches and configures logging; no library module imports argp
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -84,6 +85,33 @@ def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
         logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
         print(f"cir-plugins {name}: error: {cli_spelling(str(error))}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file the command reads or writes: a read-only or full folder, a missing path
+        logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
+        print(f"cir-plugins {name}: error: {os_error_text(error)}", file=sys.stderr)
+        return 2
+
+
+# what to do about a file system error, by errno (the default: check the path)
+_OS_FIXES = {
+    errno.EACCES: "make the folder writable (or readable) for you, or choose another path",
+    errno.EPERM: "make the folder writable (or readable) for you, or choose another path",
+    errno.EROFS: "the file system is mounted read-only: choose a path on a writable one",
+    errno.ENOSPC: "the disk is full: free some space or choose a path on another disk",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose a path on another disk",
+    errno.EISDIR: "a folder is in the way: name a file, or move the folder",
+    errno.ENOTDIR: "a file is in the way where a folder is needed: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.ELOOP: "replace the looping symbolic link",
+}
+
+
+def os_error_text(error: OSError) -> str:
+    """One line for a file system error: the path, the cause and what to do (no traceback, no errno number)."""
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    cause = error.strerror or str(error) or type(error).__name__
+    where = " -> ".join(repr(p) for p in paths) if paths else "a file"
+    return f"cannot use {where}: {cause}. Fix: {_OS_FIXES.get(error.errno, 'check the path and its folder')}."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,11 @@ the input is executed (:func:`cir_plugins.convert.read_torch_checkpoint`).
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..convert import read_torch_checkpoint, save_safetensors
+from ..errors import ConfigError, explain
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    source, target = Path(args.input), Path(args.output)
+    if target.exists() and source.exists() and os.path.samefile(source, target):
+        raise ConfigError(explain("the output would overwrite the input checkpoint", got=f"{args.input} -> {args.output}",
+                                  fix="name another output file, e.g. " + str(source.with_suffix(".safetensors"))))
     tensors = read_torch_checkpoint(args.input, key=args.key)
     path = save_safetensors(tensors, args.output, metadata={"source": str(args.input), "key": str(args.key or "")})
     print(f"wrote {len(tensors)} tensors to {path}")

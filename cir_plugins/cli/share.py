@@ -53,8 +53,10 @@ def _evaluation(specs: list[str]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..share import push_to_hub, save_trained
+    from ..share import check_repo_id, push_to_hub, save_trained
 
+    if args.push is not None:
+        check_repo_id(args.push)  # before anything is written
     bank = None
     if args.bank:
         from ..negatives.bank import NegativeBank
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                           name=args.name, checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"wrote {folder} (weights.safetensors, cir_plugins.json, README.md); "
           f"load it with --trained {folder} or cp.load_trained(model, {str(folder)!r})")
-    if args.push:
+    if args.push is not None:
         url = push_to_hub(folder, args.push, private=not args.public)
         print(f"uploaded to {url}")
     return 0
