@@ -11,7 +11,10 @@ from typing import Any, Callable
 
 from .errors import ConfigError, explain
 
-__all__ = ["load_factory"]
+__all__ = ["load_factory", "ImageEncoder", "load_image_encoder", "IMAGE_ENCODER_PREFIXES"]
+
+# the prefixes of an image encoder named by a library's own model name (not a factory spec)
+IMAGE_ENCODER_PREFIXES = ("open_clip:", "hf:")
 
 
 def _import_module(where: str, spec: str) -> Any:
@@ -42,12 +45,16 @@ def _import_module(where: str, spec: str) -> Any:
 
 
 def _exec_file(path: Path, spec: str) -> Any:
-    """The file ``path`` executed as a fresh module (its folder on the path while it runs)."""
+    """The file ``path`` executed as a fresh module, as ``python path`` would run it: its folder first on the
+    path while it runs, so its own imports find their siblings first. Afterwards the folder stays on the path,
+    last, so that an import the file makes later (inside its factory, when called) still finds its siblings
+    without any sibling shadowing an installed module."""
     module_name = f"_cir_plugins_factory_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    sys.path.insert(0, str(path.resolve().parent))
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the file's own code raised
@@ -55,7 +62,9 @@ def _exec_file(path: Path, spec: str) -> Any:
         raise ConfigError(explain(f"running the factory file {path} raised {type(error).__name__}: {error}",
                                   got=spec, fix="fix the file (run with -v for the traceback)")) from error
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        sys.path.remove(folder)  # the copy inserted above (the file may have added its folder itself)
+        if folder not in sys.path:
+            sys.path.append(folder)
     return module
 
 
@@ -84,3 +93,87 @@ def load_factory(spec: str) -> Callable[..., Any]:
                                   expected=sorted(n for n in dir(module) if not n.startswith("_"))[:20],
                                   fix="check the function's name"))
     return getattr(module, name)
+
+
+class ImageEncoder:
+    """A general image encoder by name, for ranking partner images: ``encode_image(images (N, C, H, W)) ->
+    (N, D)`` on images preprocessed by its own ``image_transform`` (PIL image -> (C, H, W) tensor).
+
+    Built by :func:`load_image_encoder`; ``name`` is the spec it was loaded from (recorded with a run)."""
+
+    def __init__(self, name: str, encode: Callable[[Any], Any], image_transform: Callable[[Any], Any],
+                 device: Any) -> None:
+        self.name, self._encode, self.image_transform, self.device = name, encode, image_transform, device
+
+    def encode_image(self, images: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self._encode(images.to(self.device)).float()
+
+    def __repr__(self) -> str:
+        return f"ImageEncoder({self.name!r})"
+
+
+def _features(output: Any) -> Any:
+    """(N, D) image features from a transformers output: the tensor itself (``get_image_features`` in 4.x), an
+    output's ``image_embeds`` / ``pooler_output``, else the first token of ``last_hidden_state``."""
+    if hasattr(output, "shape"):
+        return output
+    for key in ("image_embeds", "pooler_output"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    return output.last_hidden_state[:, 0]
+
+
+def load_image_encoder(spec: str, *, device: Any = None, trust_remote_code: bool = False) -> ImageEncoder:
+    """An image encoder named by its library's own model name, with that model's own preprocessing:
+
+    - ``open_clip:MODEL`` or ``open_clip:MODEL:PRETRAINED`` (``open_clip.create_model_and_transforms``, e.g.
+      ``open_clip:ViT-L-14:openai``; the ``open_clip`` extra);
+    - ``hf:NAME_OR_PATH``: a transformers vision model and its image processor (``get_image_features`` when the
+      model has it, as CLIP and SigLIP do; else its pooled output or first token, as ViT and DINOv2).
+
+    The release ranked partners with Unicom ViT-L/14, which is not on PyPI; any general encoder named here
+    stands in for it. Every failure is one :class:`ConfigError` naming the spec and the fix."""
+    import torch
+
+    if not isinstance(spec, str) or not spec.startswith(IMAGE_ENCODER_PREFIXES) or not spec.split(":", 1)[1]:
+        raise ConfigError(explain("an image encoder is named 'open_clip:MODEL[:PRETRAINED]' or 'hf:NAME_OR_PATH'",
+                                  got=spec, fix="e.g. open_clip:ViT-L-14:openai or hf:openai/clip-vit-large-patch14"))
+    device = torch.device(device or "cpu")
+    kind, name = spec.split(":", 1)
+    try:
+        if kind == "open_clip":
+            try:
+                import open_clip
+            except ImportError as error:
+                raise ConfigError(explain("open_clip is not installed", got=spec,
+                                          fix='pip install "cir-plugins[open_clip]"')) from error
+            model_name, _, pretrained = name.partition(":")
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+            model = model.to(device).eval()
+            return ImageEncoder(spec, model.encode_image, preprocess, device)
+        from transformers import AutoImageProcessor, AutoModel
+
+        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code).to(device).eval()
+        processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        get_features = getattr(model, "get_image_features", None)
+
+        def encode(pixels: Any) -> Any:
+            if callable(get_features):
+                return _features(get_features(pixel_values=pixels))
+            return _features(model(pixel_values=pixels))
+
+        def transform(image: Any) -> Any:  # PIL -> (C, H, W), the model's own resize / crop / normalisation
+            return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+        return ImageEncoder(spec, encode, transform, device)
+    except ConfigError:
+        raise
+    except Exception as error:  # a name the hub or open_clip does not know, a missing file, no network
+        raise ConfigError(explain(f"loading the image encoder {spec!r} failed: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}", got=spec,
+                                  fix="check the name (open_clip.list_pretrained(), or a Hub / local transformers "
+                                      "vision model with an image processor)")) from error

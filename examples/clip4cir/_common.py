@@ -26,6 +26,7 @@ import cir_plugins as cp  # noqa: E402
 from cir_plugins.data.images import CLIP_MEAN, CLIP_STD, ClipTransform  # noqa: E402
 
 from model import CLIP4Cir  # noqa: E402
+from wrap import wrap  # noqa: E402  (imported here, not inside factory: a loader may take this folder off the path)
 
 logger = logging.getLogger("clip4cir")
 
@@ -135,8 +136,6 @@ def factory(checkpoint: str, fusion: str | None = None, device: str = "cpu"):
     """The model factory of ``cir-plugins recipe run clip4cir-* --model examples/clip4cir/_common.py:factory
     --factory-kwargs '{"checkpoint": DIR}'``: a checkpoint (save_checkpoint's, a converted stage-1 one, or any
     CLIP hub name / directory) wrapped with stage 2 training the text tower (+ the Combiner)."""
-    from wrap import wrap
-
     return wrap(load_checkpoint(checkpoint, fusion=fusion, device=device))
 
 
