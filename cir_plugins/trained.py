@@ -38,12 +38,14 @@ from safetensors.torch import load_file
 from ._utils import file_sha256, tensors_digest
 from .errors import CheckpointError, explain
 
-__all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained", "TEMPERATURE_NAME"]
+__all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained", "TEMPERATURE_NAME", "TAU_NAME"]
 
 logger = logging.getLogger(__name__)
 
 # the learned log-temperature is saved beside the weights under this name (not a model parameter)
 TEMPERATURE_NAME = "__temperature__.log_tau"
+# ... or, learned as tau itself (the training config's temperature_param "tau"), under this one
+TAU_NAME = "__temperature__.tau"
 WEIGHTS_FILE = "weights.safetensors"
 # the JSON document of a shared folder (save_trained)
 SHARED_FILE = "cir_plugins.json"
@@ -53,13 +55,15 @@ SHARED_FORMAT = "cir_plugins.trained"
 @dataclass
 class TrainedWeights:
     """What a trained result holds: ``weights`` (parameter name -> tensor, the temperature removed),
-    ``temperature`` (the learned tau, or None), ``source`` (the weights file read) and ``info`` (the
-    JSON beside it: the stage, the config, the history or evaluation table; empty for a bare file)."""
+    ``temperature`` (the learned tau, or None), ``source`` (the weights file read), ``info`` (the
+    JSON beside it: the stage, the config, the history or evaluation table; empty for a bare file) and
+    ``unfinished`` (for a checkpoint of a run that has not finished its epochs, how far it got; else None)."""
 
     weights: dict[str, torch.Tensor]
     source: Path
     temperature: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    unfinished: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -239,7 +243,9 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
         raise CheckpointError(explain("the weights file is unreadable (truncated or not safetensors)",
                                       got=f"{source}: {error}",
                                       fix="copy the file again, or load the run's other checkpoint")) from error
-    log_tau = weights.pop(TEMPERATURE_NAME, None)
+    log_tau, tau = weights.pop(TEMPERATURE_NAME, None), weights.pop(TAU_NAME, None)
+    if log_tau is None and tau is not None:  # a tau learned as itself: checked in the one log form
+        log_tau = tau.double().log()
     temperature = _temperature(log_tau, source) if log_tau is not None else None
     listed = info.get("trainable")
     if listed is not None:
@@ -249,7 +255,31 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
                                           got=f"{source}: {missing[:10]}", fix="copy the checkpoint folder again"))
     if not weights:
         raise CheckpointError(explain("the weights file holds no parameter", got=str(source)))
-    return TrainedWeights(weights=weights, source=source, temperature=temperature, info=info)
+    unfinished = _unfinished(source)
+    if unfinished is not None:
+        logger.warning("%s comes from a run that has not finished (%s): its best epoch so far; resume the run to "
+                       "finish it", source.parent, unfinished)
+    return TrainedWeights(weights=weights, source=source, temperature=temperature, info=info, unfinished=unfinished)
+
+
+def _unfinished(source: Path) -> str | None:
+    """How far the run that wrote the checkpoint ``source`` (``.../checkpoints/{best,last}/weights...``) got, when
+    it has not finished all its epochs ("epoch 5 of 40 done", read from its newest ``last`` checkpoint); None
+    when it has, or when ``source`` is not a training checkpoint."""
+    from .training.checkpoint import find_checkpoint  # noqa: PLC0415 (torch-heavy package)
+
+    root = source.parent.parent
+    if root.name != "checkpoints" or not root.is_dir():
+        return None
+    last = find_checkpoint(root, "last")
+    try:
+        state = json.loads((last / "state.json").read_text(encoding="utf-8")) if last is not None else {}
+    except (OSError, ValueError):
+        return None
+    done, total = len(state.get("history") or []), (state.get("config") or {}).get("epochs")
+    if isinstance(total, int) and done < total:
+        return f"epoch {done} of {total} done"
+    return None
 
 
 def _name_map(saved: list[str], model_names: set[str]) -> dict[str, str] | None:

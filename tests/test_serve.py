@@ -4,6 +4,7 @@ are clear 4xx errors and the server keeps answering."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import sys
@@ -41,7 +42,15 @@ def world(tmp_path_factory):
 def client(world):
     _, split, model, bank = world
     searcher = GallerySearcher(model, bank, split.images)
-    return TestClient(create_app(searcher, max_upload_bytes=20_000))
+    return _client(create_app(searcher, max_upload_bytes=20_000))
+
+
+def _client(app):
+    return TestClient(app, base_url="http://127.0.0.1:8000")  # an allowed Host (the default "testserver" is not)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _exact(model, bank, pixels, text, k, exclude_row=None):
@@ -73,8 +82,7 @@ def test_upload_and_reference_path_equal_exact(world, client):
     root, split, model, bank = world
     reference = split.gallery_ids[4]
     path = split.images.path_of(reference)
-    files = {"file": ("mine.png", path.read_bytes(), "image/png")}
-    answer = client.post("/api/search", data={"text": "two dogs", "k": "4"}, files=files)
+    answer = client.post("/api/search", json={"text": "two dogs", "k": 4, "image": _b64(path.read_bytes())})
     assert answer.status_code == 200, answer.text
     ids, scores = _exact(model, bank, split.images[reference], "two dogs", 4)  # an upload excludes nothing
     assert [r["id"] for r in answer.json()["results"]] == ids
@@ -94,14 +102,15 @@ def test_refusals_are_clear_and_the_server_keeps_serving(world, client, tmp_path
         assert words in message, message
         assert client.post("/api/search", json=ok).status_code == 200  # still serving
 
-    refused(client.post("/api/search", data={"text": "a", "k": "3"}, files={"file": ("notes.txt", b"hello", "text/plain")}),
-            415, "not accepted")
-    refused(client.post("/api/search", data={"text": "a", "k": "3"},
-                        files={"file": ("fake.png", b"<html>not an image</html>", "image/png")}), 415, "not a readable image")
+    refused(client.post("/api/search", json={"text": "a", "k": 3, "image": _b64(b"hello")}), 415,
+            "not a readable image (accepted: PNG, JPEG, WEBP, GIF, BMP)")
+    refused(client.post("/api/search", json={"text": "a", "k": 3, "image": _b64(b"<html>not an image</html>")}), 415,
+            "not a readable image")
     big = io.BytesIO()
     Image.effect_noise((200, 200), 60).convert("RGB").save(big, "PNG")  # ~100 kB of noise > the 20 kB limit
-    refused(client.post("/api/search", data={"text": "a", "k": "3"}, files={"file": ("big.png", big.getvalue(), "image/png")}),
-            413, "larger than the upload limit")
+    refused(client.post("/api/search", json={"text": "a", "k": 3, "image": _b64(big.getvalue())}), 413,
+            "larger than the upload limit")
+    refused(client.post("/api/search", json={"text": "a", "k": 3, "image": "not base64!"}), 400, "not base64")
     refused(client.post("/api/search", json={"text": "a", "reference_path": "../../../../etc/passwd"}), 403, "..")
     refused(client.post("/api/search", json={"text": "a", "reference_path": "/etc/passwd"}), 403, "absolute")
     outside = tmp_path / "outside.png"
@@ -112,12 +121,15 @@ def test_refusals_are_clear_and_the_server_keeps_serving(world, client, tmp_path
         refused(client.post("/api/search", json={"text": "a", "reference_path": "link_out.png"}), 403, "outside")
     finally:
         link.unlink()
-    refused(client.post("/api/search", json={"text": "a", "reference_path": "nothing/here.png"}), 404, "names no file")
+    refused(client.post("/api/search", json={"text": "a", "reference_path": "nothing/here.png"}), 404, "is missing")
     refused(client.post("/api/search", json={"text": "a", "image_id": "../cirr/captions/cap.rc2.val"}), 404, "no gallery image")
     refused(client.post("/api/search", json={"text": "  ", "image_id": split.gallery_ids[0]}), 400, "text")
     refused(client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 0}), 400, "out of range")
     refused(client.post("/api/search", json={"text": "a"}), 400, "exactly one reference")
-    refused(client.post("/api/search", content=b"text=a", headers={"content-type": "text/plain"}), 415, "JSON or a multipart")
+    refused(client.post("/api/search", content=b"text=a", headers={"content-type": "text/plain"}), 415, "as JSON")
+    refused(client.post("/api/search", data={"text": "a", "image_id": split.gallery_ids[0]}), 415, "as JSON")
+    refused(client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "file": "x"}), 400,
+            "unknown fields")
     refused(client.post("/api/search", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON")
     for url in ("/image/..%2F..%2Fetc%2Fpasswd", "/image/../../etc/passwd", "/image/cirr/captions/cap.rc2.val.json"):
         response = client.get(url)
@@ -128,7 +140,10 @@ def test_refusals_are_clear_and_the_server_keeps_serving(world, client, tmp_path
 def test_page_info_gallery(world, client):
     _, split, _, bank = world
     page = client.get("/")
-    assert page.status_code == 200 and 'id="search"' in page.text and "/api/search" in page.text
+    assert page.status_code == 200 and 'id="search"' in page.text and '<script src="/static/page.js">' in page.text
+    script = client.get("/static/page.js")
+    assert script.status_code == 200 and "/api/search" in script.text
+    assert script.headers["content-type"].startswith("text/javascript")
     info = client.get("/api/info").json()
     assert info["gallery"] == len(split.gallery_ids) and info["rows"] == len(bank) and info["max_upload_bytes"] == 20_000
     listed = client.get("/api/gallery", params={"q": split.gallery_ids[3], "limit": 5}).json()
@@ -141,8 +156,8 @@ def test_faiss_index_gives_the_exact_answer(world):
     from cir_plugins.negatives.faiss_index import build_faiss_index
 
     _, split, model, bank = world
-    exact = TestClient(create_app(GallerySearcher(model, bank, split.images)))
-    flat = TestClient(create_app(GallerySearcher(model, bank, split.images, index=build_faiss_index(bank, "flat"))))
+    exact = _client(create_app(GallerySearcher(model, bank, split.images)))
+    flat = _client(create_app(GallerySearcher(model, bank, split.images, index=build_faiss_index(bank, "flat"))))
     body = {"text": "add a tree", "image_id": split.gallery_ids[5], "k": 6}
     a, b = exact.post("/api/search", json=body).json(), flat.post("/api/search", json=body).json()
     assert [r["id"] for r in a["results"]] == [r["id"] for r in b["results"]]
@@ -176,14 +191,15 @@ def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatc
     factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
                        "from test_training_toy import make_model\n\n\ndef build():\n    return make_model(dim=16, seed=3)\n")
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: calls.append((server.config.app, {
+        "host": server.config.host, "port": server.config.port})))
     common = ["serve", "--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
               "--image-size", "4", "--bank", str(bank_path)]
     assert main(common) == 0
     app, options = calls[-1]
     assert options["host"] == "127.0.0.1" and options["port"] == 8000  # the local machine only, by default
     body = {"text": "make it red", "image_id": split.gallery_ids[2], "k": 5}
-    exact = TestClient(app).post("/api/search", json=body).json()
+    exact = _client(app).post("/api/search", json=body).json()
     ids, _ = _exact(model, bank, split.images[split.gallery_ids[2]], "make it red", 5, bank.row_of(split.gallery_ids[2]))
     assert [r["id"] for r in exact["results"]] == ids
     # a bank made by other weights is refused before serving
@@ -196,7 +212,7 @@ def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatc
     assert main(common + ["--faiss-export", "flat", "--faiss", str(index_path), "--port", "8123"]) == 0
     assert index_path.is_file() and calls[-1][1]["port"] == 8123
     assert main(common + ["--faiss", str(index_path)]) == 0
-    by_index = TestClient(calls[-1][0]).post("/api/search", json=body).json()
+    by_index = _client(calls[-1][0]).post("/api/search", json=body).json()
     assert by_index["index"].startswith("FaissIndex") and [r["id"] for r in by_index["results"]] == ids
 
 
@@ -219,8 +235,8 @@ def test_multi_vector_bank_is_searched_exactly(world):
 
 def test_upload_over_the_pixel_limit_is_refused_before_decoding(world):
     _, split, model, bank = world
-    client = TestClient(create_app(GallerySearcher(model, bank, split.images, max_pixels=100)))
+    client = _client(create_app(GallerySearcher(model, bank, split.images, max_pixels=100)))
     data = split.images.path_of(split.gallery_ids[0]).read_bytes()  # a 28x24 PNG: 672 pixels
-    answer = client.post("/api/search", data={"text": "a", "k": "2"}, files={"file": ("a.png", data, "image/png")})
+    answer = client.post("/api/search", json={"text": "a", "k": 2, "image": _b64(data)})
     assert answer.status_code == 413 and "more pixels than allowed" in answer.json()["error"]
     assert client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 2}).status_code == 200

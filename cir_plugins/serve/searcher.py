@@ -4,8 +4,12 @@ A query is a reference image (a gallery id, or an uploaded image) plus a modific
 model composes it (the evaluation's own composition, :func:`cir_plugins.evaluation._compose_all`),
 the query is L2-normalised and the bank is searched exactly (:func:`cir_plugins.metrics.topk_rows`)
 or through a FAISS index exported from the same bank
-(:class:`cir_plugins.negatives.faiss_index.FaissIndex`). Results name every image id of a bank row
-that the image store can show (duplicates share a row).
+(:class:`cir_plugins.negatives.faiss_index.FaissIndex`, checked with its ``check_bank``). Results
+name every image id of a bank row that the image store can show (duplicates share a row).
+
+Every file is read through the image store's checked open (root, symlinks, regular files only), the
+bytes served for a gallery id included (:meth:`GallerySearcher.image_file`), whose content type comes
+from the format in the file's header, never from its name.
 """
 
 from __future__ import annotations
@@ -20,23 +24,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._utils import eval_mode, model_device
-from ..data.images import DEFAULT_MAX_PIXELS, ImageStore, decode_image, resolve_under_root, to_rgb
+from ..data.images import ImageStore, decode_image, to_rgb
 from ..data.triplet import Triplet
-from ..errors import BankMismatchError, ConfigError, DataError, ImageLoadError, explain
+from ..errors import ConfigError, DataError, ImageLoadError, explain
 
-__all__ = ["GallerySearcher", "decode_image_bytes"]
+__all__ = ["GallerySearcher", "decode_image_bytes", "UPLOAD_FORMATS", "DEFAULT_UPLOAD_PIXELS", "MIME_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 _QUERY_ID = "__query_image__"
+#: the PIL decoders an uploaded image may reach (the formats browsers show); nothing else is tried
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+#: the content type a file is served with, by the format read from its header
+MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+#: pixel limit of an uploaded image (a 24-megapixel photo), below the gallery's data.images.DEFAULT_MAX_PIXELS:
+#: a few kB of PNG can ask for hundreds of MB when decoded
+DEFAULT_UPLOAD_PIXELS = 24_000_000
 
 
-def decode_image_bytes(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "the upload") -> Image.Image:
+def decode_image_bytes(data: bytes, *, max_pixels: int | None = DEFAULT_UPLOAD_PIXELS, what: str = "the upload",
+                       formats: tuple[str, ...] | None = UPLOAD_FORMATS) -> Image.Image:
     """Decode ``data`` into an RGB PIL image; ImageLoadError (naming ``what``) for anything that is not a
-    readable image or has more than ``max_pixels`` pixels (decompression-bomb guard, as ImageStore)."""
+    readable image in ``formats`` or has more than ``max_pixels`` pixels (decompression-bomb guard)."""
     if not data:
         raise ImageLoadError(explain(f"{what} is empty", got="0 bytes", fix="choose an image file"))
-    return decode_image(io.BytesIO(data), what=what, max_pixels=max_pixels,
+    return decode_image(io.BytesIO(data), what=what, max_pixels=max_pixels, formats=formats,
                         fix="choose an image file (PNG, JPEG, WebP, GIF or BMP)", limit_fix="upload a smaller image")
 
 
@@ -49,34 +61,38 @@ class GallerySearcher:
         bank: a single- or multi-vector NegativeBank.
         images: an ImageStore over (at least part of) the bank's ids: the gallery shown, and the
             reference images picked by id. Its transform preprocesses uploads too.
-        index: optional FaissIndex exported from this bank (same fingerprint and rows), searched
-            instead of the exact scan.
+        index: optional FaissIndex exported from this very bank (``index.check_bank``: same checksum
+            and id -> row map), searched instead of the exact scan.
         device: where the model runs (default: where its parameters are).
-        max_pixels: pixel limit for uploaded and path-given images.
+        max_pixels: pixel limit for uploaded and path-given images (default :data:`DEFAULT_UPLOAD_PIXELS`,
+            lower than the gallery's own limit).
+
+    Thread-safe: decoding and preprocessing run in the caller's thread, the model one query at a time.
     """
 
     def __init__(self, model: Any, bank: Any, images: ImageStore, *, index: Any = None, device: Any = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int | None = DEFAULT_UPLOAD_PIXELS) -> None:
         if not isinstance(images, ImageStore):
             raise ConfigError(explain("images must be an ImageStore (the gallery's files are served from it)",
                                       got=type(images).__name__, fix="pass split.images of a loaded split"))
+        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
+                                       or max_pixels < 1):
+            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
         self.model, self.bank, self.images, self.index = model, bank, images, index
         self.device = torch.device(device) if device is not None else model_device(model)
         self.max_pixels = max_pixels
         self.gallery_ids = [i for i in bank.ids if i in images]
         if not self.gallery_ids:
-            raise DataError(explain("no bank id is in the image store", got=f"bank ids like {bank.ids[:3]}, store ids "
-                                    f"like {images.ids[:3]}", fix="serve the split the bank was built from"))
+            raise DataError(explain("no bank id is in the image store: the bank was built over another split",
+                                    got=f"bank ids like {bank.ids[:3]}, store ids like {images.ids[:3]}",
+                                    fix="serve the split the bank was built from (--split), or build a bank over "
+                                        "this split: cir-plugins build-bank ... --split SPLIT"))
         self._gallery = set(self.gallery_ids)
         self._shown: list[list[str]] = [[] for _ in range(len(bank))]
         for image_id in self.gallery_ids:
             self._shown[bank.row_of(image_id)].append(image_id)
         if index is not None:
-            if index.fingerprint != bank.fingerprint or len(index) != len(bank):
-                raise BankMismatchError(explain("the FAISS index was not exported from this bank",
-                                                got=f"index fingerprint {index.fingerprint!r}, {len(index)} rows",
-                                                expected=f"{bank.fingerprint!r}, {len(bank)} rows",
-                                                fix="export the index again from this bank"))
+            index.check_bank(bank)
         self._lock = threading.Lock()  # one query at a time through the model (eval-mode switching is not reentrant)
 
     @property
@@ -87,37 +103,48 @@ class GallerySearcher:
     def has_image(self, image_id: str) -> bool:
         return image_id in self._gallery
 
-    def path_of(self, image_id: str):
-        """The file of a gallery id (resolved under the store's root); DataError for other ids."""
+    def image_file(self, image_id: str) -> tuple[bytes, str]:
+        """The file of a gallery id to serve: (bytes, content type). Read through the store's checked open (a
+        file swapped for a symlink leading out is refused); the content type is the one of the format in the
+        file's header. A gallery file in a format browsers do not show is decoded (pixel-limited) and sent as PNG."""
         if image_id not in self._gallery:
             raise DataError(explain("unknown gallery image id", got=image_id, fix="pick an id from the gallery list"))
-        return self.images.path_of(image_id)
+        data, kind = self.images.read_file(image_id)
+        if kind in MIME_TYPES:
+            return data, MIME_TYPES[kind]
+        out = io.BytesIO()
+        self.images.load_pil(image_id).save(out, "PNG")
+        return out.getvalue(), MIME_TYPES["PNG"]
 
     def open_relative(self, relative: str) -> Image.Image:
-        """An image file given by a path relative to the store's root (UnsafePathError if it leaves the root)."""
-        path = resolve_under_root(self.images.root, relative, what="reference_path")
-        if not path.is_file():
-            raise ImageLoadError(explain("reference_path names no file", got=relative,
-                                         fix=f"give a path relative to the image root {str(self.images.root)!r}"))
-        return decode_image_bytes(path.read_bytes(), max_pixels=self.max_pixels, what=f"reference_path {relative!r}")
+        """An image file given by a path relative to the store's root, with the store's checks (UnsafePathError if
+        it leaves the root) and this searcher's pixel limit."""
+        return self.images.load_relative(relative, what=f"reference_path {relative!r}", max_pixels=self.max_pixels)
 
-    def compose(self, text: str, *, image_id: str | None = None, image: Image.Image | None = None) -> torch.Tensor:
-        """The normalised composed query (1, D) for a gallery id or a PIL image, and ``text``."""
+    def _pixels(self, image_id: str | None, image: Image.Image | None) -> torch.Tensor:
+        """The preprocessed reference (C, H, W) of a gallery id or a PIL image."""
         if (image_id is None) == (image is None):
             raise ConfigError(explain("give exactly one reference: a gallery image id or an image",
                                       got=f"image_id={image_id!r}, image={'given' if image is not None else None}"))
         if image_id is not None:
             if image_id not in self._gallery:
                 raise DataError(explain("unknown gallery image id", got=image_id, fix="pick an id from the gallery"))
-            pixels = self.images[image_id]  # (C, H, W)
-        else:
-            pixels = self.images.transform(to_rgb(image))  # (C, H, W)
+            return self.images[image_id]  # (C, H, W)
+        return self.images.transform(to_rgb(image))  # (C, H, W)
+
+    def _compose(self, text: str, pixels: torch.Tensor) -> torch.Tensor:
         triplet = Triplet(_QUERY_ID, (text,), None)  # DataError for an empty text
         from ..evaluation import _compose_all
 
         with eval_mode(self.model), torch.no_grad():
             query = _compose_all(self.model, {_QUERY_ID: pixels}, [triplet], 1, self.device, False)  # (1, D)
         return F.normalize(query.float(), dim=-1)
+
+    def compose(self, text: str, *, image_id: str | None = None, image: Image.Image | None = None) -> torch.Tensor:
+        """The normalised composed query (1, D) for a gallery id or a PIL image, and ``text``."""
+        pixels = self._pixels(image_id, image)
+        with self._lock:
+            return self._compose(text, pixels)
 
     def search(self, text: str, *, image_id: str | None = None, image: Image.Image | None = None, k: int = 10,
                exclude_reference: bool = True) -> dict:
@@ -130,8 +157,9 @@ class GallerySearcher:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(self.bank):
             raise ConfigError(explain("k must be a positive int no larger than the bank", got=k,
                                       expected=f"1..{len(self.bank)}"))
+        pixels = self._pixels(image_id, image)  # decoding and preprocessing outside the model's lock
         with self._lock:
-            query = self.compose(text, image_id=image_id, image=image)
+            query = self._compose(text, pixels)
             exclude = None
             if exclude_reference and image_id is not None:
                 exclude = torch.tensor([[self.bank.row_of(image_id)]], dtype=torch.long)

@@ -18,9 +18,10 @@ from typing import Any
 
 from ..errors import ConfigError, explain
 
-__all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES", "field_docs"]
+__all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES", "TEMPERATURE_PARAMS", "field_docs"]
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+TEMPERATURE_PARAMS = ("log_tau", "tau")
 SCHEDULES = ("constant", "cosine")
 # seeds are < 2**32 (numpy's limit; the sampler's per-epoch seed seed * 1_000_003 + epoch then fits int64)
 MAX_SEED = 2**32
@@ -48,8 +49,13 @@ class TrainConfig:
     eps: float = 1e-7
     # softmax temperature tau (logits = similarity / tau); the initial value when learnable
     temperature: float = 0.02
-    # learn tau as a log-temperature parameter (BLIP4CIR / SPRC style)
+    # learn tau (BLIP4CIR / SPRC style)
     learn_temperature: bool = False
+    # what a learned tau is as a parameter: "log_tau" (log tau, kept out of weight decay: a step moves tau by a
+    # factor of about exp(lr), so at lr 1e-5 it barely moves) or "tau" (tau itself in the trained weights' AdamW
+    # group, with their weight decay, as the BLIP4CIR / SPRC releases: a step moves tau by about lr); both
+    # clamped to temperature_range
+    temperature_param: str = "log_tau"
     # a learnable tau is clamped to [min, max]
     temperature_range: tuple[float, float] = (1e-3, 1.0)
     # "constant" (no schedule, the release) or "cosine" (linear warmup then cosine decay to 0)
@@ -122,6 +128,9 @@ class TrainConfig:
                                       got=self.temperature, expected=self.temperature_range))
         if self.schedule not in SCHEDULES:
             raise ConfigError(explain("unknown schedule", got=self.schedule, expected=SCHEDULES))
+        if self.temperature_param not in TEMPERATURE_PARAMS:
+            raise ConfigError(explain("unknown temperature_param", got=self.temperature_param,
+                                      expected=TEMPERATURE_PARAMS))
         if self.amp not in AMP_MODES:
             raise ConfigError(explain("unknown amp mode", got=self.amp, expected=AMP_MODES))
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))

@@ -60,7 +60,7 @@ from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
 from ..negatives.bank import exclusion_rows
 from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
 from ..negatives.loss import bank_contrastive_loss
-from ..trained import TEMPERATURE_NAME
+from ..trained import TAU_NAME, TEMPERATURE_NAME
 from .config import TrainConfig
 from .evaluator import Evaluator, as_evaluator
 from .resume import Checkpointing
@@ -154,20 +154,24 @@ class BankNegatives:
 class QuerySide(nn.Module):
     """The trainable query side as one module for ``DistributedDataParallel``.
 
-    Registers only the given parameters (and the log-temperature, when learned), so DDP averages
-    exactly those; the model itself is held unregistered (no buffers to broadcast). The stage-2 query
+    Registers only the given parameters (and the learned temperature parameter, when there is one), so DDP
+    averages exactly those; the model itself is held unregistered (no buffers to broadcast). The stage-2 query
     side is what ``compose_query`` reached in the parameter probe, so every step uses all of it.
-    ``forward(reference, texts)`` returns ``(model.compose_query(reference, texts), exp(log_tau) or None)``.
+    ``forward(reference, texts)`` returns ``(model.compose_query(reference, texts), tau or None)``: tau is
+    ``exp(temperature)`` when ``as_log``, else the parameter itself.
     """
 
-    def __init__(self, model: Any, parameters: Sequence[nn.Parameter], log_tau: nn.Parameter | None) -> None:
+    def __init__(self, model: Any, parameters: Sequence[nn.Parameter], temperature: nn.Parameter | None,
+                 as_log: bool = True) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its frozen parts stay out of DDP
         self.trainable = nn.ParameterList(parameters)
-        self.log_tau = log_tau
+        self.temperature = temperature
+        self.as_log = as_log
 
     def forward(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor | None]:
-        return protocol.compose(self.model, reference, texts), (self.log_tau.exp() if self.log_tau is not None else None)
+        tau = None if self.temperature is None else self.temperature.exp() if self.as_log else self.temperature
+        return protocol.compose(self.model, reference, texts), tau
 
 
 def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
@@ -209,7 +213,8 @@ class Trainer(Checkpointing, abc.ABC):
         self.triplets = self._check_triplets(list(triplets))
         self.device = model_device(self.model)
         self.history: list[dict[str, Any]] = []
-        self.log_tau: nn.Parameter | None = None
+        self.log_tau: nn.Parameter | None = None  # the learned tau as log tau (config.temperature_param "log_tau")
+        self.learned_tau: nn.Parameter | None = None  # the learned tau itself (config.temperature_param "tau")
         self.reference_cache: Any = None  # stage 2: a ReferenceCache (stage2.py), ids -> reference features
         self.negatives: Any = None
         self.trainable: list[tuple[str, nn.Parameter]] = []
@@ -261,7 +266,11 @@ class Trainer(Checkpointing, abc.ABC):
     def _build_optimizer(self) -> None:
         config = self.config
         groups = [{"params": [p for _, p in self.trainable], "weight_decay": config.weight_decay}]
-        if config.learn_temperature:
+        if config.learn_temperature and config.temperature_param == "tau":
+            # the releases' nn.Parameter(tau): in the trained weights' group, with their lr and weight decay
+            self.learned_tau = nn.Parameter(torch.tensor(float(config.temperature), device=self.device))
+            groups[0]["params"].append(self.learned_tau)
+        elif config.learn_temperature:
             self.log_tau = nn.Parameter(torch.tensor(math.log(config.temperature), device=self.device))
             groups.append({"params": [self.log_tau], "weight_decay": 0.0})
         if not self.trainable:
@@ -298,9 +307,11 @@ class Trainer(Checkpointing, abc.ABC):
 
     # ------------------------------------------------------------------------------------ pieces
     def temperature(self) -> Tensor:
-        """0-dim float32 tau: learned (exp of the log-temperature) or fixed."""
+        """0-dim float32 tau: learned (the parameter itself, or exp of the log-temperature) or fixed."""
         if self.log_tau is not None:
             return self.log_tau.exp()
+        if self.learned_tau is not None:
+            return self.learned_tau
         return torch.tensor(self.config.temperature, dtype=torch.float32, device=self.device)
 
     def _reference(self, ids: Sequence[str], texts: Sequence[str]) -> Any:
@@ -327,7 +338,8 @@ class Trainer(Checkpointing, abc.ABC):
         if getattr(self, "_ddp", None) is None:  # built at the first step, after any resume loaded the weights
             device_ids = [self.device] if self.device.type == "cuda" else None
             self._ddp = nn.parallel.DistributedDataParallel(
-                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau), device_ids=device_ids)
+                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau if self.log_tau is not None
+                          else self.learned_tau, as_log=self.log_tau is not None), device_ids=device_ids)
         query, temperature = self._ddp(reference, texts)
         return query, (temperature if temperature is not None else self.temperature())
 
@@ -339,7 +351,9 @@ class Trainer(Checkpointing, abc.ABC):
 
     def _named_parameters(self) -> list[tuple[str, Tensor]]:
         """The trainable parameters by name, and the learned log-temperature when there is one."""
-        return list(self.trainable) + ([(TEMPERATURE_NAME, self.log_tau)] if self.log_tau is not None else [])
+        if self.log_tau is not None:
+            return list(self.trainable) + [(TEMPERATURE_NAME, self.log_tau)]
+        return list(self.trainable) + ([(TAU_NAME, self.learned_tau)] if self.learned_tau is not None else [])
 
     # ------------------------------------------------------------------------------------ the loop
     def _check_gradients(self) -> None:
@@ -371,10 +385,12 @@ class Trainer(Checkpointing, abc.ABC):
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        if self.log_tau is not None:
-            low, high = self.config.temperature_range
-            with torch.no_grad():
+        low, high = self.config.temperature_range
+        with torch.no_grad():
+            if self.log_tau is not None:
                 self.log_tau.clamp_(math.log(low), math.log(high))
+            elif self.learned_tau is not None:  # weight decay alone shrinks tau towards 0: keep it in range
+                self.learned_tau.clamp_(low, high)
         self._global_step += 1
 
     def _micro_batch(self, samples: list) -> float:
