@@ -454,8 +454,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) ->
     parser.add_argument("--val-split", default=None,
                         help="split to evaluate after each epoch (e.g. val); the best epoch by --select-metric is "
                              "kept as {out}/checkpoints/best")
+    parser.add_argument("--min-val-change", type=_number_or_none, default=1.0, metavar="X",
+                        help="with --val-split: evaluate once before training too, and warn (naming the learning "
+                             "rate) when after half the epochs the --select-metric has moved less than X from that "
+                             "start; 'none': no check (default: 1.0, a point of a recall in percent)")
     add_config_arguments(parser, config_cls)
     add_progress_argument(parser)
+
+
+def _number_or_none(text: str) -> float | None:
+    """A flag's number, or None for 'none'."""
+    return None if text.lower() == "none" else float(text)
+
+
+_number_or_none.__name__ = "float"  # argparse names the type in its error message
 
 
 def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool = True) -> list[Triplet]:
@@ -478,7 +490,8 @@ def val_evaluator(args: argparse.Namespace) -> Any:
     from ..training.evaluator import Evaluator
 
     return Evaluator.on_split(load_dataset(args, split=args.val_split), metric=args.select_metric,
-                              mode=args.select_mode, show_progress=show_progress(args))
+                              mode=args.select_mode, min_change=getattr(args, "min_val_change", None),
+                              show_progress=show_progress(args))
 
 
 def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:

@@ -7,7 +7,12 @@ One object carries the evaluation function and its primary metric, so the two ca
     trainer = cp.Stage2Trainer(model, bank, triplets, images, config=cfg, evaluator=evaluator)
     trainer.fit()          # the best epoch's weights are on the model afterwards (config.restore_best)
 
-``metric=None`` evaluates every epoch but selects nothing (the last epoch is kept). The older
+``metric=None`` evaluates every epoch but selects nothing (the last epoch is kept).
+
+Training that does not move the metric can be called out: with ``min_change`` set (the training commands set
+1.0, ``--min-val-change``), ``fit`` also evaluates once before the first step, and when after :data:`STALL_SHARE`
+of the epochs the metric has moved less than ``min_change`` from that start, it logs a warning naming the learning
+rate (:meth:`Evaluator.stalled`). The older
 ``evaluate=callable`` argument with ``config.select_metric`` / ``config.select_mode`` still works and
 becomes an Evaluator (with a DeprecationWarning).
 """
@@ -21,9 +26,11 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, explain
 
-__all__ = ["Evaluator", "as_evaluator"]
+__all__ = ["Evaluator", "as_evaluator", "STALL_SHARE"]
 
 MODES = ("max", "min")
+#: the share of the epochs after which a metric still at its start (within ``min_change``) is warned about
+STALL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -34,11 +41,15 @@ class Evaluator:
         fn: the evaluation; its dict is stored in the epoch's history entry under ``metrics``.
         metric: the key of that dict that picks the best epoch; None = no selection (keep the last epoch).
         mode: "max" (recall-like) or "min" (loss-like).
+        min_change: the smallest change of ``metric`` from its value before training that counts as learning
+            (e.g. 1.0: one point of a recall in percent); ``fit`` then evaluates once before training too and warns
+            when, after :data:`STALL_SHARE` of the epochs, the metric has moved less. None (default): no check.
     """
 
     fn: Callable[[Any], Mapping[str, Any]]
     metric: str | None = "Rmean"
     mode: str = "max"
+    min_change: float | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -47,9 +58,13 @@ class Evaluator:
             raise ConfigError(explain("Evaluator.metric must be a metric name or None", got=self.metric))
         if self.mode not in MODES:
             raise ConfigError(explain("Evaluator.mode must be 'max' or 'min'", got=self.mode, expected=MODES))
+        if self.min_change is not None and (isinstance(self.min_change, bool) or not isinstance(
+                self.min_change, (int, float)) or not math.isfinite(self.min_change) or self.min_change < 0):
+            raise ConfigError(explain("Evaluator.min_change must be a finite number >= 0 or None",
+                                      got=self.min_change, fix="e.g. min_change=1.0 (points of a recall in percent)"))
 
     @classmethod
-    def on_split(cls, split: Any, *, metric: str | None = "Rmean", mode: str = "max",
+    def on_split(cls, split: Any, *, metric: str | None = "Rmean", mode: str = "max", min_change: float | None = None,
                  **evaluate_kwargs: Any) -> "Evaluator":
         """Evaluate with :func:`cir_plugins.evaluate` on ``split`` (its keyword arguments pass through),
         selecting on ``metric`` ("Rmean" is the CIRR protocol's; a FashionIQ split reports e.g. "R@10")."""
@@ -62,7 +77,8 @@ class Evaluator:
                                       got=getattr(split, "category", None),
                                       fix="pass metric='R@10' (or 'R@50'), or the three category splits as a list "
                                           "(their 'Rmean' is (Avg R@10 + Avg R@50) / 2)"))
-        return cls(lambda model: evaluate(model, split, **evaluate_kwargs), metric=metric, mode=mode)
+        return cls(lambda model: evaluate(model, split, **evaluate_kwargs), metric=metric, mode=mode,
+                   min_change=min_change)
 
     def __call__(self, model: Any) -> dict[str, Any]:
         metrics = self.fn(model)
@@ -90,6 +106,26 @@ class Evaluator:
     def better(self, value: float, best: float | None) -> bool:
         """True when ``value`` beats ``best`` (ties keep the earlier epoch)."""
         return best is None or (value > best if self.mode == "max" else value < best)
+
+    @property
+    def checks_start(self) -> bool:
+        """Whether ``fit`` evaluates before training to check that the metric moves (a metric and a min_change)."""
+        return self.metric is not None and self.min_change is not None
+
+    @staticmethod
+    def stall_epoch(epochs: int) -> int:
+        """The 1-based epoch after which :meth:`stalled` is checked: :data:`STALL_SHARE` of ``epochs``, at least 1."""
+        return max(1, math.ceil(STALL_SHARE * epochs))
+
+    def stalled(self, start: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+        """``"Rmean 9.90 before training, 10.20 now"`` when the metric moved less than ``min_change`` between the
+        metrics ``start`` (before training) and ``now``; None when it moved enough (or nothing is checked)."""
+        if not self.checks_start:
+            return None
+        before, after = self.value(start), self.value(now)
+        if abs(after - before) >= self.min_change:
+            return None
+        return f"{self.metric} {before:.2f} before training, {after:.2f} now (moved {after - before:+.2f})"
 
 
 def as_evaluator(evaluator: Evaluator | None, evaluate: Callable[[Any], Mapping[str, Any]] | None,

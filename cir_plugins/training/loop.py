@@ -233,6 +233,7 @@ class Trainer(Checkpointing, abc.ABC):
         self._best: float | None = None
         self.best_epoch: int | None = None  # 1-based epoch of the best evaluation (None: nothing selected)
         self._best_weights: dict[str, Tensor] | None = None  # CPU copy of the best epoch's trainable weights
+        self.start_metrics: dict[str, Any] | None = None  # the evaluator's metrics before training (fit)
 
     # ------------------------------------------------------------------------------------ set-up
     def _missing(self, triplet: Triplet) -> str | None:
@@ -488,6 +489,31 @@ class Trainer(Checkpointing, abc.ABC):
                 self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
         return improved
 
+    def _evaluate_start(self) -> None:
+        """The evaluator's metrics before training (rank 0), kept as ``start_metrics`` for :meth:`_warn_if_stalled`
+        (None when the evaluator checks nothing: no metric or ``min_change=None``)."""
+        self.start_metrics = None
+        if self.evaluator is None or not self.evaluator.checks_start or self.rank != 0:
+            return
+        with eval_mode(self.model), torch.no_grad():
+            self.start_metrics = self.evaluator(self.model)
+        logger.info("%s before training: %s", self.stage, format_values(self.start_metrics))
+
+    def _warn_if_stalled(self, entry: dict[str, Any]) -> None:
+        """Warn, naming the learning rate, when after the evaluator's share of the epochs its metric has not moved
+        from its value before training (:meth:`Evaluator.stalled`)."""
+        start = self.start_metrics
+        if start is None or not entry["metrics"] or entry["epoch"] != self.evaluator.stall_epoch(self.config.epochs):
+            return
+        stalled = self.evaluator.stalled(start, entry["metrics"])
+        if stalled:
+            logger.warning(
+                "%s: after %d of %d epochs the validation metric has not moved from its start (%s; less than %g): "
+                "the model is not learning at lr %g. The default learning rate suits large pretrained models; a "
+                "small model, or one trained from scratch, usually needs a larger one (e.g. --lr 1e-3) and more "
+                "epochs (README, 'Training a small model')", self.stage, entry["epoch"], self.config.epochs, stalled,
+                self.evaluator.min_change, self.config.lr)
+
     def _restore_best(self) -> None:
         """Put the best epoch's weights back (config.restore_best) when the last epoch was not the best."""
         if not self.config.restore_best or self.best_epoch is None or self.best_epoch == len(self.history):
@@ -517,7 +543,8 @@ class Trainer(Checkpointing, abc.ABC):
         """
         config = self.config
         resumed = self._resume(allow_data_change) if resume else False
-        if not resumed:
+        if not resumed:  # before the seeds are set: an evaluation changes nothing the training draws
+            self._evaluate_start()
             torch.manual_seed(config.seed)
             random.seed(config.seed)
             np.random.seed(config.seed % 2**32)
@@ -573,6 +600,7 @@ class Trainer(Checkpointing, abc.ABC):
                 "metrics": {},
             }
             improved = self._evaluate_epoch(entry)
+            self._warn_if_stalled(entry)
             logger.info("%s epoch %d/%d: %s", self.stage, epoch + 1, config.epochs,
                         format_values({k: v for k, v in entry.items() if k not in ("epoch", "metrics")}, digits=4)
                         + (f"; {format_values(entry['metrics'])}" if entry["metrics"] else ""))
