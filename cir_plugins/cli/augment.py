@@ -42,6 +42,7 @@ from ..errors import ConfigError, DataError, explain
 from ..positives.augmenter import RECOMMENDED_RANK_WINDOW
 from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
                       load_dataset, model_from_factory, show_progress)
+from ._long_text import LONG_TEXT
 
 __all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RANK_WINDOWS", "RECOMMENDED"]
 
@@ -71,7 +72,6 @@ RECOMMENDED = {"name": "ours, no rewrite", "rank_window": ",".join(str(v) for v 
                "partners": 1, "refer": False, "keep_equal_captions": False, "long_text": "target", "rewriter": None}
 # --rank-window by dataset when no --recipe is given
 DEFAULT_RANK_WINDOWS = {dataset: RECOMMENDED["rank_window"] for dataset in RECIPE_DEFAULTS}
-LONG_TEXT = ("target", "truncate", "keep")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import logging
 from ..training.config import Stage1Config
 from ._common import (add_groups_arguments, add_training_arguments, build_model, config_from_args, fit_and_report,
                       load_dataset, made_with, read_groups, show_progress, training_triplets, val_evaluator)
+from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser, Stage1Config)
     add_groups_arguments(parser)
+    add_long_text_argument(parser)
     parser.add_argument("--trainable", action="append", default=None, metavar="PREFIX",
                         help="train only the parameters whose names start with PREFIX (repeatable; default: all)")
     parser.add_argument("--generated-only", action="store_true",
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = build_model(args)
     split = load_dataset(args)
-    triplets = training_triplets(args, split, annotated=not args.generated_only)
+    triplets = fit_generated(args, model, training_triplets(args, split, annotated=not args.generated_only))
     config = config_from_args(Stage1Config, args, output_dir=args.out, show_progress=show_progress(args))
     groups = read_groups(args, split, show_progress(args))
     trainer = Stage1Trainer(model, triplets, split.images, config=config, evaluator=val_evaluator(args),

@@ -21,6 +21,7 @@ import logging
 from ..training.config import Stage2Config
 from ._common import (add_training_arguments, build_model, config_from_args, fit_and_report, load_dataset, made_with,
                       show_progress, training_triplets, val_evaluator)
+from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser, Stage2Config)
     parser.add_argument("--bank", required=True, help="bank file from cir-plugins build-bank")
+    add_long_text_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = build_model(args)
     split = load_dataset(args)
-    triplets = training_triplets(args, split)
+    triplets = fit_generated(args, model, training_triplets(args, split))
     bank = NegativeBank.load(args.bank, device=model_device(model))
     config = config_from_args(Stage2Config, args, output_dir=args.out, show_progress=show_progress(args))
     trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluator=val_evaluator(args),
