@@ -1,6 +1,6 @@
 """Exact FashionIQ / CIRR evaluation of any CIR model (the CIRR test-server files: :mod:`cir_plugins.submission`).
 
-Protocols (see METHOD.md section 5):
+Protocols (see docs/method.md section 5):
 
 - **CIRR** (also the synthetic world): gallery = every image of the split; the reference image is
   removed from each query's ranking; R@1/5/10/50; Recall_subset@1/2/3 ranks only the query's

@@ -40,7 +40,7 @@ __all__ = ["SPECIAL_TOKENS", "words_of", "build_tokenizer", "tiny_clip_config", 
 # id 0..3; eos must not be id 2 (transformers' CLIP treats eos_token_id == 2 as a legacy argmax pooling)
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 _WORD = re.compile(r"\w+|[^\w\s]+")
-# words of the modification-text templates (METHOD.md section 2), so generated texts have no <unk>
+# words of the modification-text templates (docs/method.md section 2), so generated texts have no <unk>
 TEMPLATE_WORDS = ("instead", "of", "unlike", "i", "want", ",", "and")
 
 

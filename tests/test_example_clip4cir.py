@@ -47,7 +47,7 @@ def test_features_of_accepts_tensor_and_output_object():
 
 
 def _combiner_reference(c: clip4cir_model.Combiner, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """METHOD.md section 4 written out step by step (eval mode: dropout is identity)."""
+    """docs/method.md section 4 written out step by step (eval mode: dropout is identity)."""
     tp = torch.relu(text @ c.text_projection.weight.T + c.text_projection.bias)
     ip = torch.relu(image @ c.image_projection.weight.T + c.image_projection.bias)
     joint = torch.cat([tp, ip], dim=1)

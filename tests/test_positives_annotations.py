@@ -75,7 +75,7 @@ def test_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the method's release files, in their exact published shapes (METHOD.md section 2)
+# the method's release files, in their exact published shapes (docs/method.md section 2)
 
 
 def _release_cirr_records(ids):

@@ -1,4 +1,4 @@
-"""README's "Reproduce the paper": one command per row of METHOD.md section 7, each a valid `cir-plugins recipe
+"""README's "Reproduce the paper": one command per row of docs/method.md section 7, each a valid `cir-plugins recipe
 run` line naming an existing recipe, and the example factories it names exist."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cir_plugins.recipes import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = (ROOT / "README.md").read_text().split("## Reproduce the paper", 1)[1].split("\n## ", 1)[0]
 ROWS = ["CLIP4Cir (the release's re-run)", "CLIP4Cir + SPN", "SPRC (BLIP-2)", "SPRC + SPN", "TG-CIR / + SPN",
-        "BLIP4CIR / + SPN"]  # METHOD.md section 7, in order
+        "BLIP4CIR / + SPN"]  # docs/method.md section 7, in order
 
 
 def _table():

@@ -32,7 +32,7 @@ def test_one_recipe_per_model_and_dataset():
 
 
 def test_recipes_hold_the_method_tables():
-    """Spot checks against METHOD.md sections 2, 3, 5 and 7."""
+    """Spot checks against docs/method.md sections 2, 3, 5 and 7."""
     c = load_recipe("clip4cir-fashioniq")
     assert c.generation.rank_window == (10000, 20000) and c.generation.refer_only and c.generation.words == 4
     assert c.generation.templates == (TARGET,) and "{category}" in c.generation.prompt

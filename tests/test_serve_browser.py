@@ -1,10 +1,13 @@
 """The serve page in a real headless browser (Debian's chromium + chromium-driver, driven by selenium).
 
-uvicorn serves the app on a free port of 127.0.0.1 (in a thread of this process); the browser picks a
-gallery image, types a text, searches and the test checks that the results render (each image loaded)
-in the order the JSON endpoint gives; then a non-image upload, an oversized upload and a path outside the
-image root each get a clear error, and a last search through the page still works. A screenshot is saved
-under the test's tmp dir (and copied to $CIR_PLUGINS_SCREENSHOT when set).
+The model is the quickstart's, on its quick budget (examples/quickstart.py: the synthetic world's scenes, the tiny
+CLIP pretrained on their captions, then CLIP4Cir's stage 1 on the annotated triplets), and the gallery is the
+world's test split: real scenes and a real query from its annotations. uvicorn serves the app (serve.server_config)
+on a free port of 127.0.0.1 in a thread of this process; the browser picks the query's reference image, types its
+modification text, searches and the test checks that the results render (each image loaded) in the order the JSON
+endpoint gives; then a non-image, another image format and an oversized upload and a path outside the image root
+each get a clear error, and a last search through the page (an upload) still works. A screenshot is saved under the
+test's tmp dir (and copied to $CIR_PLUGINS_SCREENSHOT when set: benchmarks/serve_screenshot.png is made so).
 
 Marker ``browser``: ``python -m pytest -q -m browser`` runs it alone. Without chromium it skips, naming
 the install command, except where ``CIR_PLUGINS_BROWSER_TEST=required`` (CI installs the browser and sets
@@ -62,26 +65,55 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(browser_bits, tmp_path_factory):
-    import uvicorn
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_training_toy import make_model
+def _quick_model_and_gallery(work: Path):
+    """The quickstart's quick path: its world, its tiny CLIP and its stage 1; the world's test split as gallery."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if str(examples) not in sys.path:
+        sys.path.insert(0, str(examples))
+    import quickstart
 
     from cir_plugins.data.cirr import load_cirr
-    from cir_plugins.data.fixtures import build_cirr_tree
-    from cir_plugins.negatives.bank import NegativeBank
-    from cir_plugins.serve import GallerySearcher, create_app
+    from cir_plugins.data.images import ClipTransform
+    from cir_plugins.data.synthetic import make_world
 
-    root = build_cirr_tree(tmp_path_factory.mktemp("browser") / "cirr", n_images=14)
-    split = load_cirr(root, "val", size=4)
-    model = make_model(dim=16, seed=3).eval()
-    bank = NegativeBank.build(model, split.gallery_ids, split.images, dedup=False, show_progress=False)
-    app = create_app(GallerySearcher(model, bank, split.images), max_upload_bytes=20_000, default_k=6)
+    budget = quickstart.BUDGETS["quick"]
+    world = dict(budget.world)
+    root = make_world(work / "world", seed=0, size=world)
+    transform = ClipTransform("targetpad", world["image_size"], mean=quickstart.MEAN, std=quickstart.STD)
+    train = load_cirr(root, "train", transform=transform)
+    test = load_cirr(root, "test", transform=transform)
+    quickstart.seed_everything(0)
+    clip_dir = quickstart.make_clip(root, train, train.images, budget, work / "cache", 0, "cpu", False)
+    annotated = [t for t in train.triplets if t.target is not None]
+    model = quickstart.stage1(clip_dir, annotated, train.images, budget, 0, "cpu", steps=budget.stage1_steps,
+                              share=None, show_progress=False)
+    return model.eval(), test
+
+
+@pytest.fixture(scope="module")
+def server(browser_bits, tmp_path_factory):
+    import torch
+    import uvicorn
+
+    from cir_plugins.negatives.bank import NegativeBank
+    from cir_plugins.serve import GallerySearcher, create_app, server_config
+
+    torch.set_num_threads(1)
+    model, test = _quick_model_and_gallery(tmp_path_factory.mktemp("browser"))
+    bank = NegativeBank.build(model, test.gallery_ids, test.images, show_progress=False)
+    searcher = GallerySearcher(model, bank, test.images)
+    # the query shown: among the first annotated test queries, the one whose target the model ranks best
+    queries = [t for t in test.triplets if t.target is not None][:20]
+
+    def target_rank(t):
+        found = [r["ids"] for r in searcher.search(t.texts[0], image_id=t.reference, k=len(bank) - 1)["results"]]
+        return next((rank for rank, ids in enumerate(found) if t.target in ids), len(found))
+
+    query = min(queries, key=target_rank)
+    app = create_app(searcher, max_upload_bytes=20_000, default_k=6, title="cir_plugins: the quickstart's model "
+                     "over the synthetic world's test gallery")
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    uv = uvicorn.Server(config)
+    uv = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -94,7 +126,7 @@ def server(browser_bits, tmp_path_factory):
             if time.monotonic() > deadline or not thread.is_alive():
                 pytest.fail("the uvicorn server did not start within 30 s")
             time.sleep(0.1)
-    yield base, split
+    yield base, test, query
     uv.should_exit = True
     thread.join(timeout=10)
 
@@ -132,14 +164,15 @@ def test_search_renders_and_refusals_are_shown(server, driver, tmp_path):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    base, split = server
+    base, split, query = server
     wait = WebDriverWait(driver, 30)
     driver.get(base + "/")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img.thumb")) == len(split.gallery_ids))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img.thumb")) == min(120, len(split.gallery_ids)))
     wait.until(EC.text_to_be_present_in_element((By.ID, "info"), "gallery images"))
-    reference = split.gallery_ids[3]
+    reference, text = query.reference, query.texts[0]
+    driver.find_element(By.ID, "filter").send_keys(reference)  # the gallery list is filtered by id
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, f'#thumbs img[data-id="{reference}"]')) == 1)
     driver.find_element(By.CSS_SELECTOR, f'#thumbs img[data-id="{reference}"]').click()
-    text = "make it black and white"
     driver.find_element(By.ID, "text").send_keys(text)
 
     def search_and_wait_for(count: int) -> None:
@@ -172,10 +205,13 @@ def test_search_renders_and_refusals_are_shown(server, driver, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     upload_and_expect(notes, "415")
-    assert "not accepted" in driver.find_element(By.ID, "error").text
+    assert "accepted: PNG, JPEG, WEBP, GIF, BMP" in driver.find_element(By.ID, "error").text
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"<html>a saved error page</html>")
     upload_and_expect(fake, "not a readable image")
+    tiff = tmp_path / "scan.tif"
+    Image.new("RGB", (8, 8)).save(tiff)
+    upload_and_expect(tiff, "415")
     big = tmp_path / "big.png"
     Image.effect_noise((200, 200), 60).convert("RGB").save(big)  # ~100 kB > the 20 kB limit
     upload_and_expect(big, "413")

@@ -1,4 +1,4 @@
-"""The SPRC example follows the method's SPRC row (METHOD.md section 3): in stage 2 only the copy of the
+"""The SPRC example follows the method's SPRC row (docs/method.md section 3): in stage 2 only the copy of the
 Q-Former that runs the image-free pass, the text projection and the temperature train; the fusion pass
 (original Q-Former + its text embeddings), the query tokens and the vision tower stay bit-identical; the
 fusion output is cached per (reference id, text); AdamW betas (0.9, 0.98) and weight decay 0.05; texts

@@ -23,7 +23,7 @@ folder, fsync, ``os.replace``).
 
 Reading: both readers are for files of *generated* triplets, so a record without ``source`` is
 generated. They also read the method's release files as they are published, so captioning can be
-skipped (METHOD.md section 2):
+skipped (docs/method.md section 2):
 
 - CIRR ``cap.rc2.train.extend_{model}.json``: ``{"target_hard", "reference", "caption": [texts],
   "pairid": 0, "img_set": {"members": [...]}, "caption1", "caption2"}``; ``caption`` is a list of

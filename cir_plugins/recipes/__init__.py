@@ -32,7 +32,7 @@ ConfigError naming the file and the key):
   CIRR always. FashionIQ: the standard protocol, and the original CLIP4Cir code, keep it; the method's
   release removed it in its CLIP4Cir and zero-shot evaluation and kept it for SPRC, BLIP4CIR and TG-CIR,
   so the published rows were computed that way and each recipe says which).
-- ``published``: ``split`` and the ``before`` / ``after`` numbers of METHOD.md section 7 (null when none).
+- ``published``: ``split`` and the ``before`` / ``after`` numbers of docs/method.md section 7 (null when none).
 - ``notes``, ``sources``: where each number comes from and what a reader should know.
 
 Where this project deliberately differs from the method's release, the recipe holds our value and

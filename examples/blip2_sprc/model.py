@@ -3,7 +3,7 @@
 This file knows nothing about cir_plugins: it is the kind of model a user already has.
 ``wrap.py`` (at most 10 lines) plugs it into the library.
 
-How a query is built (SPRC, METHOD.md section 4):
+How a query is built (SPRC, docs/method.md section 4):
 
 1. Fusion pass (``fusion_prompt``). The Q-Former's 32 learned query tokens, followed by the
    modification text, go through the *original* Q-Former with cross-attention to the reference
