@@ -173,12 +173,15 @@ def test_command_exit_codes_and_report(cirr, tmp_path, capsys):
     assert json.loads(out.read_text())["images"]["missing"][0]["names"] == [a]
 
 
-def test_a_path_leaving_the_root_stops_that_split_only(cirr):
+def test_a_path_leaving_the_root_is_that_image_s_problem_only(cirr):
     split_file = cirr / "cirr" / "image_splits" / "split.rc2.val.json"
     paths = json.loads(split_file.read_text())
-    paths[next(iter(paths))] = "../../outside.png"
+    first = next(iter(paths))
+    paths[first] = "../../outside.png"
     split_file.write_text(json.dumps(paths))
     report = check_dataset(cirr, "cirr", counts=None)
     val = next(u for u in report.splits if u["name"] == "val")
-    assert "climbs out" in val["error"] and not report.ok
-    assert all(u["error"] is None and u["images"] == 12 for u in report.splits if u["name"] != "val")
+    assert val["error"] is None and val["bad_images"] == [first] and not report.ok
+    assert [e["names"] for e in report.images["bad_path"]] == [[first]]
+    assert "climbs out" in report.images["bad_path"][0]["error"]
+    assert all(u["error"] is None and u["images"] == 12 for u in report.splits)

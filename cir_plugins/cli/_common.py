@@ -230,6 +230,25 @@ def check_preprocessing(args: argparse.Namespace, images: Any, recorded: list[tu
 
 # --- data ---------------------------------------------------------------------------------------------
 
+def add_transform_arguments(parser: argparse.ArgumentParser, *, recorded: bool = True) -> None:
+    """``--transform`` and ``--image-size``: None until :func:`resolve_preprocessing` fills them from what the
+    ``--trained`` results or ``--bank`` recorded; with ``recorded=False`` (a command without those) clip / 224."""
+    what = "image preprocessing ('none': no resize, no normalisation: [0, 1] floats)"
+    if not recorded:
+        parser.add_argument("--transform", default=DEFAULT_TRANSFORM, choices=TRANSFORM_NAMES,
+                            help=f"{what}, as the training and build-bank runs will use it (default: "
+                                 f"{DEFAULT_TRANSFORM})")
+        parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
+                            help=f"image side in pixels (default: {DEFAULT_IMAGE_SIZE})")
+        return
+    parser.add_argument("--transform", default=None, choices=TRANSFORM_NAMES,
+                        help=f"{what} (default: the one the --trained results or --bank recorded, else "
+                             f"{DEFAULT_TRANSFORM}; another than recorded is an error unless {OVERRIDE_FLAG})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: as recorded, like --transform, else "
+                             f"{DEFAULT_IMAGE_SIZE})")
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str = "train",
                           many_categories: bool = False, default_dataset: str | None = None) -> None:
     """The dataset flags. ``many_categories``: ``--category`` is repeatable and accepts ``all``;
@@ -244,13 +263,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
     else:
         parser.add_argument("--category", default=None, choices=CATEGORIES,
                             help="FashionIQ category (required for fashioniq)")
-    parser.add_argument("--transform", default=None, choices=TRANSFORM_NAMES,
-                        help="image preprocessing ('none': no resize, no normalisation: [0, 1] floats) (default: "
-                             f"the one the --trained results or --bank recorded, else {DEFAULT_TRANSFORM}; another "
-                             f"than recorded is an error unless {OVERRIDE_FLAG})")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: as recorded, like --transform, else "
-                             f"{DEFAULT_IMAGE_SIZE})")
+    add_transform_arguments(parser)
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"),
                         help="a malformed annotation record stops the run (error, default) or is logged, counted "
                              "and skipped (skip)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from ._common import add_progress_argument, read_json_file, show_progress
+from ._common import add_progress_argument, add_transform_arguments, read_json_file, show_progress
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="'official' (compare with the release's counts, default), 'none', or a JSON file "
                              "{split or category/split: {\"images\": n, \"triplets\": m}}")
     parser.add_argument("--strict", action="store_true", help="duplicate images also make the exit code non-zero")
+    add_transform_arguments(parser, recorded=False)  # an image too large inside this transform is reported
     add_progress_argument(parser)
 
 
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     report = check_dataset(args.root, args.dataset, decode=args.decode, splits=splits, categories=args.category,
-                           counts=_counts(args.counts), show_progress=show_progress(args))
+                           counts=_counts(args.counts), transform=args.transform, image_size=args.image_size,
+                           show_progress=show_progress(args))
     print(report.format())
     if args.report:
         print(f"report written to {report.write_json(args.report)}")

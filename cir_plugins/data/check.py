@@ -4,8 +4,13 @@ Every annotation and split file is read with the package's own loaders (``load_c
 ``load_fashioniq``, records validated, bad records counted instead of raised), then every image
 they name is checked once:
 
-- it exists and is not empty;
-- it opens: by default only the header is read (format and size, the decompression-bomb limit),
+- its path stays under the root and resolves (a symlink leading out or looping, a name over the file
+  system's limit, a NUL or ``..`` in the split file are reported for that image, the rest of its split is
+  still checked);
+- it exists, is a regular file and is not empty;
+- its size passes the decompression-bomb limit, for the source and for every image the ``transform`` makes
+  on the way (as training and build-bank with the same ``--transform`` would refuse a 200000 x 1 PNG);
+- it opens: by default only the header is read (format and size),
   plus, for PNG and JPEG, the end-of-file marker (``IEND`` / ``FFD9``), which catches the usual
   cut-off download without decoding pixels; ``decode=True`` decodes every image fully through
   :meth:`ImageStore.load_pil` (what training will do);
@@ -39,7 +44,7 @@ from .._console import progress_bar
 from .._atomic import atomic_write_json
 from ..errors import AnnotationError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
 from .fashioniq import CATEGORIES, load_split
-from .images import DEFAULT_MAX_PIXELS, _OwnPixelLimit
+from .images import DEFAULT_MAX_PIXELS, _OwnPixelLimit, make_transform, open_image_file
 
 __all__ = ["check_dataset", "DataCheckReport", "OFFICIAL_COUNTS", "DEFAULT_SPLITS", "COUNTS_SOURCE"]
 
@@ -86,17 +91,19 @@ _JPEG_END = b"\xff\xd9"
 _TAIL_BYTES = 1024
 _HASH_BLOCK = 1 << 20
 _SHOWN = 10  # names listed per problem in the text report (the JSON lists every one)
+# what can be wrong with one image: its path (leaves the root, cannot be resolved), its file, its size
+_KINDS = ("bad_path", "missing", "empty", "truncated", "corrupt", "too_large")
 
 
 @dataclass
 class _Image:
     """One image file named by the annotation files (several names may share one file)."""
 
-    path: Path
+    path: Path | None  # None: the path in the split file does not resolve under the root
     names: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
     store: Any = None  # an ImageStore that knows one of the names (full decode goes through it)
-    status: str = "ok"  # "ok", "missing", "empty", "corrupt", "truncated"
+    status: str = "ok"  # "ok" or one of _KINDS
     error: str | None = None
     digest: str | None = None
 
@@ -111,8 +118,9 @@ class DataCheckReport:
             ``triplets`` (records in the file), ``official`` (counts or None), ``counts_match``,
             ``error`` (a file-level problem that stopped the split from loading), ``skipped_records``,
             ``bad_images``, ``broken_triplets``, ``broken_gallery``, ``ambiguous_targets``.
-        images: ``checked`` (files), ``missing`` / ``empty`` / ``corrupt`` / ``truncated`` (lists of
-            ``{"names", "path", "error"}``) and ``duplicates`` (lists of ``{"names", "paths", "kind"}``).
+        images: ``checked`` (files), ``bad_path`` / ``missing`` / ``empty`` / ``truncated`` / ``corrupt`` /
+            ``too_large`` (lists of ``{"names", "path", "error"}``; ``path`` is None for a bad path) and
+            ``duplicates`` (lists of ``{"names", "paths", "kind"}``).
         problems: sentences, one per problem that makes the tree incomplete.
         warnings: sentences about things that do not (duplicates).
         advice: what to do, one sentence per kind of problem found.
@@ -159,12 +167,13 @@ class DataCheckReport:
             lines.append(f"  {unit['name']}: {unit['images']} images / {unit['triplets']} triplets{expected}; "
                          f"{len(unit['bad_images'])} bad images, {len(unit['broken_triplets'])} broken triplets, "
                          f"{len(unit['broken_gallery'])} broken gallery entries")
-        for kind in ("missing", "empty", "truncated", "corrupt"):
+        for kind in _KINDS:
             entries = self.images.get(kind, [])
             if entries:
                 shown = ", ".join(", ".join(e["names"]) for e in entries[:_SHOWN])
                 more = f" and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else ""
-                lines.append(f"  {kind} ({len(entries)}): {shown}{more}")
+                cause = f" (first: {entries[0]['error']})" if kind in ("bad_path", "too_large") else ""
+                lines.append(f"  {kind.replace('_', ' ')} ({len(entries)}): {shown}{more}{cause}")
         duplicates = self.images.get("duplicates", [])
         if duplicates:
             shown = "; ".join(" = ".join(group["names"]) for group in duplicates[:_SHOWN])
@@ -231,34 +240,13 @@ def _file_digest(path: Path) -> str:
 
 def _inspect_header(entry: _Image, max_pixels: int | None) -> None:
     """Header-only check of one file: sets ``entry.status`` / ``entry.error``."""
-    path = entry.path
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        entry.status, entry.error = "missing", "no such file"
+    header = _header(entry, max_pixels)
+    if header is None:
         return
-    except OSError as error:
-        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error}"
-        return
-    if not path.is_file():
-        entry.status, entry.error = "corrupt", "not a regular file"
-        return
-    if size == 0:
-        entry.status, entry.error = "empty", "zero-byte file"
-        return
-    try:
-        with _OwnPixelLimit(), Image.open(path) as image:
-            width, height = image.size
-            kind = image.format
-    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
-        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error}"
-        return
-    if max_pixels is not None and width * height > max_pixels:
-        entry.status, entry.error = "corrupt", f"{width}x{height} pixels exceed the limit {max_pixels}"
-        return
+    kind, size = header
     marker = {"PNG": _PNG_END, "JPEG": _JPEG_END}.get(kind)
     if marker is not None:
-        with open(path, "rb") as handle:
+        with open_image_file(entry.path, what=f"image {entry.names[0]!r}") as handle:
             handle.seek(max(0, size - _TAIL_BYTES))
             tail = handle.read()
         if marker not in tail:
@@ -266,16 +254,52 @@ def _inspect_header(entry: _Image, max_pixels: int | None) -> None:
             entry.error = f"{kind} file without its end marker ({size} bytes): cut off"
 
 
-def _inspect_decode(entry: _Image) -> None:
-    """Full decode through the split's ImageStore (the loader's own checks); pixel hash for duplicates."""
+def _header(entry: _Image, max_pixels: int | None) -> tuple[str, int] | None:
+    """(format, bytes) of one file from its header, through the loaders' checked open (regular files only);
+    None with ``entry.status`` set when it is missing, not a regular file, empty, unreadable, or too large
+    (over ``max_pixels``, itself or inside the split's transform, as :meth:`ImageStore.load_pil` refuses)."""
+    path = entry.path
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        entry.status, entry.error = "missing", "no such file"
+        return None
+    except OSError as error:
+        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error.strerror or error}"
+        return None
+    if not path.is_file():
+        entry.status, entry.error = "corrupt", "not a regular file"
+        return None
+    if info.st_size == 0:
+        entry.status, entry.error = "empty", "zero-byte file"
+        return None
+    what = f"image {entry.names[0]!r}"
+    try:
+        with open_image_file(path, what=what) as handle, _OwnPixelLimit(), Image.open(handle) as image:
+            width, height = image.size
+            kind = image.format
+    except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
+        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error}"
+        return None
+    if max_pixels is not None and width * height > max_pixels:
+        entry.status, entry.error = "too_large", f"{width}x{height} pixels exceed the limit {max_pixels}"
+        return None
+    check_size = getattr(entry.store.transform, "check_size", None)  # a named transform's bound on what it makes
+    if callable(check_size):
+        try:
+            check_size(width, height, what=what)
+        except ImageLoadError as error:
+            entry.status, entry.error = "too_large", str(error)
+            return None
+    return kind, info.st_size
+
+
+def _inspect_decode(entry: _Image, max_pixels: int | None) -> None:
+    """Full decode through the split's ImageStore (the loader's own checks) after the header's; pixel hash for
+    duplicates."""
     from ..positives.dedup import pixel_hash
 
-    if not entry.path.is_file():
-        entry.status, entry.error = ("missing", "no such file") if not entry.path.exists() else \
-            ("corrupt", "not a regular file")
-        return
-    if entry.path.stat().st_size == 0:
-        entry.status, entry.error = "empty", "zero-byte file"
+    if _header(entry, max_pixels) is None:
         return
     try:
         image = entry.store.load_pil(entry.names[0])
@@ -311,7 +335,8 @@ def _duplicate_groups(entries: list[_Image], decode: bool) -> list[dict]:
 
 def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False, splits: Iterable[str] | None = None,
                   categories: Iterable[str] | None = None, counts: Any = "official",
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, show_progress: bool = False) -> DataCheckReport:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, transform: str = "clip", image_size: int = 224,
+                  show_progress: bool = False) -> DataCheckReport:
     """Check a dataset tree: annotation files, every image they name, duplicates and official counts.
 
     Args:
@@ -324,12 +349,16 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
         counts: "official" compares with :data:`OFFICIAL_COUNTS`; None skips the comparison; or a
             mapping unit name -> {"images": n, "triplets": m} (unit: split, or "category/split").
         max_pixels: decompression-bomb limit (as :class:`ImageStore`).
+        transform, image_size: the preprocessing training or build-bank will use (a name in
+            :data:`~cir_plugins.data.images.TRANSFORM_NAMES`): an image that would grow past ``max_pixels``
+            inside it (a very thin image padded or resized) is reported as too large.
         show_progress: a labelled tqdm bar over the image files.
 
     Returns:
         DataCheckReport (``.ok``, ``.format()``, ``.to_dict()``, ``.write_json(path)``).
     """
     start = time.perf_counter()
+    make_transform(transform, image_size)  # a bad name or size: ConfigError before anything is read
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(explain("the dataset root is not a directory", got=str(root),
@@ -345,6 +374,7 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     report = DataCheckReport(dataset=dataset, root=str(root_path.resolve()), mode="decode" if decode else "header",
                              counts_source=COUNTS_SOURCE[dataset] if isinstance(counts, str) else None)
     files: dict[Path, _Image] = {}
+    bad_paths: dict[str, _Image] = {}  # image id -> its entry, for paths that leave the root or do not resolve
     loaded: list[tuple[dict, Any]] = []
     for name, category, split in units:
         unit: dict[str, Any] = {"name": name, "images": None, "triplets": None, "official": None,
@@ -354,8 +384,8 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
         if official is not None:
             unit["official"] = dict(official[name]) if name in official else None
         try:
-            data = load_split(root_path, dataset, split, category, transform="none", on_bad_record="skip",
-                              max_pixels=max_pixels)
+            data = load_split(root_path, dataset, split, category, transform=transform, size=image_size,
+                              on_bad_record="skip", max_pixels=max_pixels, check_paths=False)
         except (AnnotationError, UnsafePathError) as error:
             unit["error"] = str(error)
             report.problems.append(f"{name}: {error}")
@@ -363,8 +393,12 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
         unit["images"], unit["triplets"] = len(data.gallery_ids), data.info["records"]
         unit["skipped_records"] = data.info["skipped_records"]
         for image_id in data.gallery_ids:
-            path = data.images.path_of(image_id)
-            entry = files.get(path)
+            try:  # each path on its own: one bad entry is that image's problem, not the whole split's
+                path = data.images.path_of(image_id)
+            except (UnsafePathError, ImageLoadError) as error:
+                path = bad_paths[image_id] = bad_paths.get(image_id) or _Image(path=None, status="bad_path",
+                                                                               error=str(error))
+            entry = path if isinstance(path, _Image) else files.get(path)
             if entry is None:
                 entry = files[path] = _Image(path=path, store=data.images)
             if image_id not in entry.names:
@@ -374,19 +408,20 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     entries = list(files.values())
     for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images", show_progress=show_progress):
         if decode:
-            _inspect_decode(entry)
+            _inspect_decode(entry, max_pixels)
         else:
             _inspect_header(entry, max_pixels)
     duplicates = _duplicate_groups(entries, decode)
+    entries += bad_paths.values()
     bad = {n: e for e in entries if e.status != "ok" for n in e.names}
     twin: dict[str, set[str]] = {}
     for group in duplicates:
         for image_id in group["names"]:
             twin.setdefault(image_id, set()).update(n for n in group["names"] if n != image_id)
-    report.images = {"checked": len(entries), "duplicates": duplicates}
-    for kind in ("missing", "empty", "truncated", "corrupt"):
-        report.images[kind] = [{"names": sorted(e.names), "path": str(e.path), "error": e.error}
-                               for e in entries if e.status == kind]
+    report.images = {"checked": len(files), "duplicates": duplicates}
+    for kind in _KINDS:
+        report.images[kind] = [{"names": sorted(e.names), "path": None if e.path is None else str(e.path),
+                                "error": e.error} for e in entries if e.status == kind]
     for unit, data in loaded:
         _fill_unit(unit, data, bad, twin, report)
     _advise(report, dataset, decode)
@@ -441,6 +476,15 @@ def _advise(report: DataCheckReport, dataset: str, decode: bool) -> None:
     if images["missing"] or images["empty"]:
         report.advice.append(f"missing or empty files: {source}, then run check-data again; until then, evaluating "
                              "on this tree does not give numbers comparable with published ones")
+    if images["bad_path"]:
+        report.advice.append("bad image paths: an image linked from outside the root or through a looping link "
+                             "(put the image file itself under the root), a file or folder name over the file "
+                             "system's limit (shorten it), or a split-file entry with '..', an absolute path or a NUL "
+                             "(fix that entry); the images are listed above with the cause")
+    if images["too_large"]:
+        report.advice.append("images too large for the pixel limit (a decompression-bomb guard; a very thin image "
+                             "grows inside the padding or resize of --transform): drop them (--skip-unreadable) or "
+                             "replace them with sane-sized images")
     if images["truncated"] or images["corrupt"]:
         report.advice.append("truncated or corrupt files: download those files again (the list is in --report); "
                              "to train now, drop them with ImageStore.readable_ids or augment --skip-unreadable")

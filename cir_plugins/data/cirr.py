@@ -42,14 +42,16 @@ def cirr_splits(root: str | os.PathLike) -> list[str]:
 
 def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable | None = "clip", size: int = 224,
               on_bad_record: str = "error", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-              set_size: int | None = CIRR_SET_SIZE) -> Split:
+              set_size: int | None = CIRR_SET_SIZE, check_paths: bool = True) -> Split:
     """Load one CIRR split (ids only; images lazily through an ImageStore).
 
     Args:
         root: dataset root (holds ``cirr/`` and the image folders).
         split: split name as on disk ("train", "val", "test1"; "train"/"val"/"test" for the
             synthetic world).
-        transform, size, max_pixels: passed to :class:`ImageStore`.
+        transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (``check_paths=False``: each
+            image path is checked when it is first used, not all at load time; what check-data uses to report
+            a bad path per image).
         on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops bad
             records (logged, counted in ``split.info["skipped"]``). File-level problems (missing,
             malformed or truncated JSON, wrong top-level type, unsafe image paths) always raise.
@@ -92,7 +94,8 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
         return triplet
 
     triplets, info = checker.parse_all(records, parse)
-    store = ImageStore(root_path, image_paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path))
+    store = ImageStore(root_path, image_paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path),
+                       check_paths=check_paths)
     dataset = "synthetic" if (root_path / "synthetic" / "scenes.json").is_file() else "cirr"
     return Split(dataset=dataset, split=split, triplets=triplets, gallery_ids=list(image_paths), images=store,
                  category=None, root=str(root_path), protocol="cirr", info=info)

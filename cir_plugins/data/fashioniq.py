@@ -44,14 +44,14 @@ def _image_path(images_dir: Path, name: str) -> str:
 
 def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transform: str | Callable | None = "clip",
                    size: int = 224, on_bad_record: str = "error",
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Split:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, check_paths: bool = True) -> Split:
     """Load one FashionIQ category split (ids only; images lazily through an ImageStore).
 
     Args:
         root: dataset root (holds ``captions/``, ``image_splits/``, ``images/``).
         category: "dress", "shirt" or "toptee".
         split: "train", "val", "test" (any name present on disk).
-        transform, size, max_pixels: passed to :class:`ImageStore`.
+        transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (as :func:`load_cirr`).
         on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops it
             (logged, counted in ``split.info["skipped"]``). File-level problems always raise.
 
@@ -86,7 +86,8 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
         records, lambda record, index, with_target: _parse_record(record, index, checker, seen, category, with_target))
     images_dir = root_path / "images"
     paths = {name: _image_path(images_dir, name) for name in names}
-    store = ImageStore(root_path, paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path))
+    store = ImageStore(root_path, paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path),
+                       check_paths=check_paths)
     return Split(dataset="fashioniq", split=split, triplets=triplets, gallery_ids=list(names), images=store,
                  category=category, root=str(root_path), protocol="fashioniq", info=info)
 
