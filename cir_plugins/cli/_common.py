@@ -7,6 +7,7 @@
   ``--image-size``, ``--on-bad-record``, ``--skip-unreadable``; :func:`load_dataset` reads the split
   they name, with the preprocessing the ``--trained`` results and ``--bank`` recorded unless the flags say
   otherwise, and refuses preprocessing other than the recorded one.
+- :func:`add_transform_arguments`: ``--transform`` and ``--image-size`` alone (check-data: clip / 224).
 - :func:`add_groups_arguments` / :func:`read_groups`: duplicate groups (``--groups`` / ``--dedup``).
 - :func:`add_progress_argument` / :func:`show_progress`: ``--progress`` (and ``--no-progress``).
 - :func:`read_triplets`: the triplet files that ``--generated`` names.
