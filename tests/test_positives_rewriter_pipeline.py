@@ -161,3 +161,22 @@ def test_augment_command_rewriter_and_stage1_long_text_fallback(tiny, tmp_path, 
     assert "over the model's 6-token limit: 36 of 36 replaced by the target caption" in capsys.readouterr().out
     assert main([*train, "--out", "s1-keep", "--long-text", "keep"]) == 0
     assert "over the model's" not in capsys.readouterr().out
+
+
+def test_recipe_generation_rewriter_key_reaches_the_augmenter(tiny, tmp_path):
+    from cir_plugins.recipes import RECIPE_DIR, load_recipe
+
+    data = json.loads((RECIPE_DIR / "clip4cir-cirr.json").read_text())
+    assert load_recipe("clip4cir-cirr").generation.rewriter is None  # null by default: the paper's template texts
+    assert "rewriter" not in load_recipe("clip4cir-cirr").generation.augmenter_kwargs()
+    data["generation"]["rewriter"] = f"hf:{tiny}"
+    (tmp_path / "clip4cir-cirr.json").write_text(json.dumps(data))
+    recipe = load_recipe(str(tmp_path / "clip4cir-cirr.json"))
+    kwargs = recipe.generation.augmenter_kwargs()
+    assert kwargs["rewriter"] == f"hf:{tiny}" and recipe.to_dict()["generation"]["rewriter"] == f"hf:{tiny}"
+    augmenter = TripletAugmenter(ColourCaptioner(), encoder, **kwargs)
+    assert isinstance(augmenter.rewriter, cp.LLMRewriter)
+    data["generation"]["rewriter"] = 3
+    (tmp_path / "clip4cir-cirr.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="generation.rewriter"):
+        load_recipe(str(tmp_path / "clip4cir-cirr.json"))
