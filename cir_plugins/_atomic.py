@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_json", "folder_writer", "fsync_dir",
-           "fsync_file", "remove_leftovers", "replace_folder"]
+__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_json", "check_writable", "folder_writer",
+           "fsync_dir", "fsync_file", "remove_leftovers", "replace_folder"]
 
 _LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)$")  # what a write of this module names its temporary files and folders
 
@@ -119,6 +119,30 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes], *, make_parents
     for folder in dict.fromkeys(path.parent for path in paths):
         fsync_dir(folder)
     return paths
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Find out now, before a long computation, whether a file can be written at ``path`` later: an OSError naming
+    ``path`` (a folder in the way, a file where a folder is needed, a read-only or refused folder) when not.
+    Probes the nearest existing folder with a temporary file of the writer's own name, removed at once; creates
+    nothing else. Returns ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder", str(path))
+    probe = folder / f"{path.name}.tmp-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return path
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, str(path)) from error
+    _unlink(probe)
+    return path
 
 
 def _running(pid: int) -> bool:

@@ -8,6 +8,7 @@ import errno
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from cir_plugins.data.split import Split
 from cir_plugins.errors import ConfigError
 from cir_plugins.report import retrieval_report
 from test_report import _random_features
+
+HERE = Path(__file__).resolve().parent
 
 
 def _dead_pid() -> int:
@@ -160,3 +163,24 @@ def test_show_output_collisions_change_nothing(tmp_path):
     assert (out / "report.json").read_bytes() == before["report.json"] and _leftovers(tmp_path) == []
     record = json.loads((out / "report.json").read_text())
     assert record["summary"]["k"] == 3
+
+
+def test_build_bank_refuses_an_unwritable_out_before_encoding(tmp_path, capsys):
+    root = build_cirr_tree(tmp_path / "data", splits=("val",))
+    calls = tmp_path / "factory_called"
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import pathlib, sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                       "from test_training_toy import make_model\n"
+                       f"def build():\n    pathlib.Path({str(calls)!r}).write_text('called')\n    return make_model()\n")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    common = ["build-bank", "--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
+              "--image-size", "4", "--no-progress", "--no-dedup", "--out"]
+    for out, cause in ((tmp_path / "a_file" / "bank.safetensors", "is a file, not a folder"),
+                       (tmp_path / "a_folder", "is a folder, not a file")):
+        assert main(common + [str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cir-plugins build-bank: error: cannot use") and cause in err and str(out) in err
+        assert not calls.exists()  # refused before the model was even built, let alone the gallery encoded
+    assert main(common + [str(tmp_path / "new" / "bank.safetensors")]) == 0 and calls.exists()
+    assert _leftovers(tmp_path) == []

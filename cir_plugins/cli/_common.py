@@ -510,8 +510,9 @@ def val_evaluator(args: argparse.Namespace) -> Any:
 
 def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
     """``trainer.fit``, ``{out}/history.json``, one rounded line per epoch."""
-    from .._atomic import atomic_write_json
+    from .._atomic import atomic_write_json, check_writable
 
+    check_writable(Path(args.out) / "history.json")  # a read-only --out: now, not after the first epoch
     history = trainer.fit(resume=args.resume, allow_data_change=getattr(args, "allow_data_change", False))
     atomic_write_json(Path(args.out) / "history.json", history, indent=1, make_parents=True)
     for entry in history:

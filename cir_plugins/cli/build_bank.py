@@ -38,8 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._atomic import check_writable
     from ..negatives.bank import NegativeBank
 
+    check_writable(args.out)  # a read-only or wrong --out: now, not after encoding the whole gallery
     model = build_model(args)
     split = load_dataset(args)
     groups = read_groups(args, split, show_progress(args))
