@@ -230,7 +230,9 @@ def _generation(path: Path, data: Any) -> Generation:
         except ConfigError as error:
             raise _fail(path, f"generation.rank_window is not a window ({error})", window) from None
         if parsed.is_any:
-            raise _fail(path, "generation.rank_window: write null for 'any image'", window)
+            raise _fail(path, "generation.rank_window starts below 0, which means 'any image' (written null in a "
+                              "recipe); a window needs 0 <= a < b: ints are ranks, floats fractions of the images "
+                              "ranked, e.g. [0.2, 0.3]", window)
         window = (parsed.start, parsed.stop)
     templates = g["templates"]
     if not isinstance(templates, list) or not templates:
@@ -337,6 +339,9 @@ def load_recipe(name: str, folder: str | Path | None = None) -> Recipe:
     except json.JSONDecodeError as error:
         raise ConfigError(explain(f"recipe {path} is not valid JSON ({error.msg} at line {error.lineno})",
                                   fix="fix the file")) from None
+    except (UnicodeDecodeError, RecursionError) as error:  # not UTF-8 text; lists or objects nested too deeply
+        problem = "nested too deeply" if isinstance(error, RecursionError) else f"not UTF-8 text ({error.reason})"
+        raise ConfigError(explain(f"recipe {path} is not a JSON recipe: {problem}", fix="fix the file")) from None
     return _parse(path, data)
 
 
