@@ -97,9 +97,10 @@ def check_savable(name: Any, tensor: Any) -> None:
     if not torch.is_tensor(tensor):
         raise CheckpointError(explain(f"cannot save {name!r}: not a tensor", got=type(tensor).__name__))
     if tensor.layout != torch.strided or tensor.is_quantized:
-        raise CheckpointError(explain(f"cannot save {name!r}: safetensors holds dense tensors only",
-                                      got=str(tensor.layout) if tensor.layout != torch.strided else "a quantized tensor",
-                                      expected="torch.strided", fix="convert it with .to_dense() / .dequantize() first"))
+        kind = str(tensor.layout) if tensor.layout != torch.strided else "a quantized tensor"
+        raise CheckpointError(explain(f"cannot save {name!r}: safetensors holds dense tensors only", got=kind,
+                                      expected="torch.strided",
+                                      fix="convert it with .to_dense() / .dequantize() first"))
     if tensor.is_meta:
         raise CheckpointError(explain(f"cannot save {name!r}: a tensor on the 'meta' device has no values",
                                       got=tuple(tensor.shape), fix="load the real weights before converting"))

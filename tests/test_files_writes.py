@@ -171,7 +171,8 @@ def test_build_bank_refuses_an_unwritable_out_before_encoding(tmp_path, capsys):
     factory = tmp_path / "factory.py"
     factory.write_text(f"import pathlib, sys\nsys.path.insert(0, {str(HERE)!r})\n"
                        "from test_training_toy import make_model\n"
-                       f"def build():\n    pathlib.Path({str(calls)!r}).write_text('called')\n    return make_model()\n")
+                       f"def build():\n    pathlib.Path({str(calls)!r}).write_text('called')\n"
+                       "    return make_model()\n")
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "a_folder").mkdir()
     common = ["build-bank", "--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
