@@ -71,8 +71,17 @@ def test_a_full_disk_is_one_line_for_every_writing_command(tmp_path, monkeypatch
     save_file({"weight": torch.ones(2, 2)}, tmp_path / "w.safetensors")
     root = build_cirr_tree(tmp_path / "data", splits=("val",))
     (tmp_path / "old.json").write_text("old")
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom test_training_toy import make_model\n"
+                       "def build():\n    return make_model()\n")
+    data = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
+            "--image-size", "4", "--no-progress"]
     _fill_disk(monkeypatch)
     commands = {
+        "build-bank": (["build-bank", *data, "--no-dedup", "--out", str(tmp_path / "bank.safetensors")],
+                       tmp_path / "bank.safetensors"),
+        "show": (["show", *data, "--k", "2", "--queries", "1", "--out", str(tmp_path / "show")],
+                 tmp_path / "show" / "report.png"),
         "convert": (["convert", str(tmp_path / "a.pt"), str(tmp_path / "a.safetensors")], tmp_path / "a.safetensors"),
         "check-data": (["check-data", "--dataset", "cirr", "--root", str(root), "--splits", "val", "--counts", "none",
                         "--report", str(tmp_path / "old.json")], tmp_path / "old.json"),
@@ -87,6 +96,7 @@ def test_a_full_disk_is_one_line_for_every_writing_command(tmp_path, monkeypatch
         assert line.startswith(f"cir-plugins {name}: error: cannot use") and "No space left on device" in line
         assert str(target.name) in line and "free some space" in line and "Traceback" not in err
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "shared").exists()
+    assert not (tmp_path / "bank.safetensors").exists() and list((tmp_path / "show").iterdir()) == []
     assert (tmp_path / "old.json").read_text() == "old"  # the old report is kept whole
     assert _leftovers(tmp_path) == []  # no temporary file or folder left behind
 
