@@ -233,7 +233,9 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
     data = {"summary": summary, "shown": entries, "ranks": rank_np.tolist(),
             "compare_ranks": other_np.tolist() if other_np is not None else None, "wins": wins, "losses": losses}
     # the three files are replaced together or not at all (a folder in the way, a full disk): never a mix
-    atomic_write_files({png: _png_bytes(entries, load, label, k, heading, with_compare),
+    counts = (f"\n{label[0]} ranks the target better on {summary['wins']} of {summary['n_queries']} queries, worse "
+              f"on {summary['losses']}, equal on {summary['ties']}" if "wins" in summary else "")  # the PNG says it too
+    atomic_write_files({png: _png_bytes(entries, load, label, k, heading + counts, with_compare),
                         page: _html_bytes(entries, load, label, k, heading, summary, wins, losses, features, thumbnail),
                         record: json.dumps(data).encode("utf-8")}, make_parents=True)
     return ReportResult(html=page, png=png, json=record, ranks=rank_np.tolist(),
