@@ -195,3 +195,23 @@ def test_build_bank_refuses_an_unwritable_out_before_encoding(tmp_path, capsys):
         assert not calls.exists()  # refused before the model was even built, let alone the gallery encoded
     assert main(common + [str(tmp_path / "new" / "bank.safetensors")]) == 0 and calls.exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, cause, fix", [(errno.EACCES, "Permission denied", "writable"),
+                                              (errno.EROFS, "Read-only file system", "mounted read-only")])
+def test_a_read_only_output_folder_is_one_line_naming_the_path_and_cause(tmp_path, monkeypatch, capsys, code, cause,
+                                                                          fix):
+    torch.save({"w": torch.ones(2)}, tmp_path / "a.pt")
+    real = open
+
+    def refuse(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(code, cause, str(path))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_atomic, "open", refuse, raising=False)
+    assert main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "out" / "a.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"cir-plugins convert: error: cannot use '{tmp_path / 'out' / 'a.safetensors'}': {cause}. "
+                   f"Fix: {err.split('Fix: ')[1]}") and fix in err and err.count("\n") == 1
+    assert _leftovers(tmp_path) == []
