@@ -76,7 +76,7 @@ DEFAULT_RANK_WINDOWS = {dataset: RECOMMENDED["rank_window"] for dataset in RECIP
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Generate triplets for a training split. Defaults: the library's recommended recipe, "
-                          "'ours, no rewrite' (a partner from the nearest 1%% of each image's ranking, one per image, "
+                          "'ours, no rewrite' (a partner from the nearest 1% of each image's ranking, one per image, "
                           "the dataset's templates, over-long texts replaced by the target caption); --recipe NAME "
                           "takes the paper's settings from a recipe instead.")
     add_dataset_arguments(parser)
