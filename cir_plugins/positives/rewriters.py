@@ -272,6 +272,9 @@ class LLMRewriter:
         generate_kwargs: more ``generate`` arguments (default ``do_sample=False``, one beam).
         trust_remote_code: passed to ``from_pretrained``; off by default.
 
+    The tokenizer's padding side is set to "left" (and its pad token to its EOS token when it has none),
+    so that every prompt of a batch ends where generation starts.
+
     Attributes:
         name: ``"hf-rewrite:<model>:<hash of prompt version, instructions, examples, settings>"``; it keys
             the cache, so a new prompt or new examples never reuse old answers.
