@@ -13,8 +13,14 @@ OUTSIDE = ("../" + "shared", "METHOD" + ".md", "ARCHITECTURE" + ".md")
 
 
 def _files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    """The repository's files: git's list (tracked and not ignored), or, outside a git checkout (an unpacked
+    archive), every file but hidden folders, caches and build output."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        skip = re.compile(r"(^|/)(\.[^/]*|__pycache__|[^/]*\.egg-info|build|dist)(/|$)")
+        return [p for p in ROOT.rglob("*") if p.is_file() and not skip.search(p.relative_to(ROOT).as_posix())]
     return [ROOT / name for name in listed if (ROOT / name).is_file()]
 
 
