@@ -165,8 +165,9 @@ class FaissIndex:
             raise BankMismatchError(explain(
                 "the FAISS index was not exported from this bank (its answers would name other images)",
                 got=f"index built from bank {self.bank_checksum[:16]} ({len(self)} rows, fingerprint "
-                    f"{self.fingerprint[:16]})", expected=f"bank {checksum[:16]} ({bank.embeddings.shape[0]} rows, fingerprint "
-                                                          f"{str(bank.fingerprint)[:16]})",
+                    f"{self.fingerprint[:16]})",
+                expected=f"bank {checksum[:16]} ({bank.embeddings.shape[0]} rows, fingerprint "
+                         f"{str(bank.fingerprint)[:16]})",
                 fix="export the index again from this bank (cir-plugins serve --faiss-export ... --faiss PATH)"))
 
     def measure_recall(self, embeddings: Tensor, *, queries: int = RECALL_QUERIES, k: int = RECALL_K,

@@ -94,8 +94,8 @@ def server_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_le
             or not 0 < request_timeout < float("inf"):
         raise ConfigError(explain("request_timeout must be a positive number of seconds", got=request_timeout))
     options = {"timeout_keep_alive": 5, **uvicorn_kwargs}
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_deadline_protocol(float(request_timeout)),
-                          **options)
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          http=_deadline_protocol(float(request_timeout)), **options)
 
 
 def serve(searcher: GallerySearcher, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
