@@ -13,7 +13,7 @@ from cir_plugins.cli import run_command
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 from cir_plugins.errors import ConfigError
 from cir_plugins.recipes import (DATASETS, MODELS, RELEASE_VALUES, default_recipe, list_recipes, load_recipe,
-                                 release_train_images)
+                                 release_pool_images)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -69,9 +69,13 @@ def test_release_values_and_window_fractions():
         assert getattr(release, section)[key] == value
     assert release.stage2_config().mask_reference is False
     assert recipe.stage2["mask_reference"] is True  # the original is untouched
-    assert release_train_images("cirr") == 16939 and release_train_images("fashioniq") == 11452 + 19036 + 16121
+    # the release ranks among the images its annotated train triplets name: 25,136 on FashionIQ (the three
+    # categories list 46,609 names, 45,429 distinct); CIRR's 16,939 training images bound its pool
+    assert release_pool_images("fashioniq") == 25136 and release_pool_images("fashioniq", "all") == 45429
+    assert release_pool_images("cirr") == 16939
     assert default_recipe("cirr").generation.window_fractions("cirr") == (round(10000 / 16939, 4),
                                                                          round(15000 / 16939, 4))
+    assert load_recipe("clip4cir-fashioniq").generation.window_fractions("fashioniq") == (0.3978, 0.7957)
     assert default_recipe("synthetic") is None
 
 
@@ -248,10 +252,10 @@ def test_hf_captioner_gets_the_recipe_prompt_and_each_images_category(trees, mon
 def test_a_window_that_makes_nothing_is_an_error_naming_the_fix(trees, tmp_path, capsys):
     argv = ["run", "clip4cir-cirr", "--model", f"{trees['factory']}:build", "--root", str(trees["cirr"]),
             "--out", str(tmp_path / "run"), "--captioner", f"file:{trees['captions']}", "--transform", "clip",
-            "--image-size", "4", "--no-progress"]  # the release's [10000, 15000) on 12 images
+            "--image-size", "4", "--no-progress"]  # the release's [10000, 15000) on the 7 images the triplets name
     assert run_command("recipe", argv) == 2
     err = capsys.readouterr().err
-    assert "made no triplets from 12 images" in err and "10000" in err and "--rank-window fractions" in err
+    assert "made no triplets from 7 images" in err and "10000" in err and "--rank-window fractions" in err
 
 
 def test_reproduce_is_the_library_pieces_not_a_second_pipeline(trees, tmp_path, monkeypatch):

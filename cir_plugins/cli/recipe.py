@@ -11,22 +11,36 @@ skips captioning), build the bank, stage 2 with the recipe's settings (best epoc
 FashionIQ: the three categories together, selected on their average), evaluate with the recipe's
 protocol; then prints the measured table beside the published one and writes ``{out}/results.json``.
 ``--release`` uses the release's value of each deliberate difference (reference row kept as a negative,
-bank over the images the triplets name). The rank window is the recipe's absolute one (the release's,
-right for the full data sets); ``--rank-window fractions`` scales it to the data set's size.
+bank over the images the triplets name); ``--precision release`` trains as the release does (fp16 autocast, a
+GradScaler, a float32 bank; CUDA). The rank window is the recipe's absolute one (the release's, right for the
+full data sets); ``--rank-window fractions`` scales it to the data set's size (a share of the images the
+release ranked among). ``--resume`` continues a stopped run in ``--out``: the generated triplets, the bank's
+shard cache and the stage-1 / stage-2 checkpoints are reused; a folder made by another recipe or other
+settings is refused.
+
+``recipe list`` prints, under each recipe, the commands that reproduce it on the full data set: the conversion
+of the release's starting checkpoint (where one is needed) and the ``recipe run`` line. Words in capitals and
+the ``runs/`` folders are yours to fill: ``DATA/<dataset>`` is the dataset root, ``YOUR_<MODEL>.py`` your model
+factory where this repository has no example model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
+from .._loading import IMAGE_ENCODER_PREFIXES, load_image_encoder
 from ..data.images import TRANSFORM_NAMES
 from ..errors import ConfigError, explain
 from ._common import add_model_arguments, add_progress_argument, build_model, model_from_factory, show_progress
 from .augment import add_captioner_arguments, build_captioner
 
-__all__ = ["configure", "run", "command_of"]
+__all__ = ["configure", "run", "command_of", "commands_of", "CAPTIONER"]
+
+# the captioner of the printed commands: the release captioned with LLaVA
+CAPTIONER = "hf:llava-hf/llava-1.5-7b-hf"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +58,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                            "and word budget are used for hf:)")
     source.add_argument("--generated", help="a generated-triplet file instead of captioning (either schema)")
     go.add_argument("--pair-encoder", default=None,
-                    help="factory spec of the image encoder that ranks partners (default: the model's encode_image)")
+                    help="the image encoder that ranks partners: open_clip:MODEL[:PRETRAINED] (e.g. "
+                         "open_clip:ViT-L-14:openai), hf:NAME_OR_PATH (a transformers vision model), or a factory spec "
+                         "file.py:function; default: the model's own encode_image (the release used Unicom ViT-L/14, "
+                         "not on PyPI)"),
+    go.add_argument("--precision", default="ours", choices=("ours", "release"),
+                    help="ours: bf16 autocast and a bf16 bank on CUDA (float32 on CPU); release: fp16 autocast with "
+                         "a GradScaler and a float32 bank, as the release trains (CUDA only)")
+    go.add_argument("--text-length", default="target", choices=("target", "truncate"),
+                    help="a generated text longer than the model's tokenizer takes: replaced by the target caption "
+                         "alone (target, the release's rule) or cut to the limit (truncate)")
+    go.add_argument("--resume", action="store_true",
+                    help="continue the stopped run in --out (generation, bank shards and checkpoints reused); "
+                         "refused when --out holds a run of another recipe or other settings")
     go.add_argument("--transform", default="targetpad", choices=TRANSFORM_NAMES,
                     help="image preprocessing (default: targetpad, as the release's models)")
     go.add_argument("--image-size", type=int, default=224)
@@ -65,22 +91,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_progress_argument(go)
 
 
-# the model factory each recipe's command names: this repository's examples where there is one
-_FACTORIES = {
-    "clip4cir": "examples/clip4cir/_common.py:factory --factory-kwargs '{\"checkpoint\": \"runs/clip4cir-rn50x4\"}' "
-                "--image-size 288",
-    "sprc": "examples.blip2_sprc.wrap:load --factory-kwargs '{\"path\": \"runs/sprc_stage1\"}'",
-    "tgcir": "YOUR_TGCIR.py:build --trained runs/tgcir-stage1",
-    "blip4cir": "YOUR_BLIP4CIR.py:build --trained runs/blip4cir-stage1",
-    "zeroshot": "examples/clip4cir/_common.py:factory --factory-kwargs "
-                "'{\"checkpoint\": \"openai/clip-vit-large-patch14\", \"fusion\": \"sum\"}'",
-}
-
-
 def command_of(recipe: Any) -> str:
-    """The command line that runs ``recipe`` on the full data set (README: "Reproduce the paper")."""
-    return (f"cir-plugins recipe run {recipe.name} --model {_FACTORIES[recipe.model]} --root DATA/{recipe.dataset} "
-            f"--captioner hf:llava-hf/llava-1.5-7b-hf --out runs/{recipe.name}")
+    """The command line that runs ``recipe`` on the full data set (README: "Reproduce the paper"), from its
+    ``start`` block: the factory, its keyword arguments, a stage-1 result, further flags."""
+    start = recipe.start
+    words = ["cir-plugins", "recipe", "run", recipe.name, "--model", start["model"]]
+    if start["factory_kwargs"]:
+        words += ["--factory-kwargs", json.dumps(start["factory_kwargs"])]
+    if start["trained"]:
+        words += ["--trained", start["trained"]]
+    words += [*start["args"], "--root", f"DATA/{recipe.dataset}", "--captioner", CAPTIONER, "--out",
+              f"runs/{recipe.name}"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def commands_of(recipe: Any) -> list[str]:
+    """What ``recipe list`` prints under ``recipe``: the conversion of its starting checkpoint (when it needs
+    one), then :func:`command_of`."""
+    return ([recipe.start["convert"]] if recipe.start["convert"] else []) + [command_of(recipe)]
 
 
 def _list() -> int:
@@ -92,7 +120,8 @@ def _list() -> int:
         after = (recipe.published or {}).get("after", {})
         shown = ", ".join(f"{k} {v:.2f}" for k, v in after.items() if k in ("Rmean", "Avg R@10", "Avg R@50")) or "-"
         print(f"{name:<20}{recipe.model_label:<40}{shown}")
-        print(f"    {command_of(recipe)}")
+        for command in commands_of(recipe):
+            print(f"    {command}")
     return 0
 
 
@@ -130,7 +159,12 @@ def _run(args: argparse.Namespace) -> int:
             categories = load_training_data("fashioniq", args.root, transform=transform,
                                             size=args.image_size).categories
         captioner = _captioner(args, recipe, categories)
-    pair_encoder = model_from_factory(args, spec=args.pair_encoder) if args.pair_encoder else None
+    pair_encoder = None
+    if args.pair_encoder and args.pair_encoder.startswith(IMAGE_ENCODER_PREFIXES):
+        pair_encoder = load_image_encoder(args.pair_encoder, device=args.device,
+                                          trust_remote_code=getattr(args, "trust_remote_code", False))
+    elif args.pair_encoder:
+        pair_encoder = model_from_factory(args, spec=args.pair_encoder)
     stage2 = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                 ("steps_per_epoch", args.steps_per_epoch)) if v is not None}
     stage1 = {"epochs": args.stage1_epochs} if args.stage1_epochs is not None else {}
@@ -139,11 +173,15 @@ def _run(args: argparse.Namespace) -> int:
                                   got=recipe.name, fix="drop --stage1-epochs"))
     if "steps_per_epoch" in stage2 and recipe.stage1_training is not None:
         stage1.setdefault("steps_per_epoch", stage2["steps_per_epoch"])
+    # what identifies the run besides the recipe and the reproduce() arguments (a resumed run must match)
+    settings = {"model": args.model, "factory_kwargs": args.factory_kwargs, "trained": args.trained,
+                "pair_encoder": args.pair_encoder or "model", "captioner": args.captioner, "release": args.release}
     result = reproduce(recipe, model, args.root, output_dir=args.out, captioner=captioner, generated=args.generated,
                        pair_encoder=pair_encoder, transform=transform, image_size=args.image_size,
                        rank_window=_window(args, recipe), stage2_overrides=stage2, stage1_overrides=stage1,
                        evaluate_before=not args.no_before, seed=args.seed, eval_batch_size=args.eval_batch_size,
-                       show_progress=show_progress(args))
+                       text_length=args.text_length, precision=args.precision, resume=args.resume,
+                       settings=settings, show_progress=show_progress(args))
     print(result.table())
     return 0
 

@@ -8,7 +8,9 @@ On-disk layout under ``root``::
     images/{name}.jpg  (or .png)
 
 Query texts follow the evaluation protocol: each caption is stripped of the characters ".?, "
-at both ends, and ``texts = ("c0 and c1", "c1 and c0")``; ``texts[0]`` is the evaluation text.
+at both ends, and ``texts = ("c0 and c1", "c1 and c0")``; ``texts[0]`` is the evaluation text. With
+``texts="release"`` a triplet carries the four texts the method's release trains on, one drawn uniformly per
+step: ``("c0 and c1", "c1 and c0", "c0", "c1")`` (texts[0] is still the evaluation text).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
 from .triplet import Triplet
 
-__all__ = ["load_fashioniq", "load_split", "CATEGORIES", "fashioniq_text", "STRIP_CHARS"]
+__all__ = ["load_fashioniq", "load_split", "CATEGORIES", "fashioniq_text", "STRIP_CHARS", "TEXT_VARIANTS"]
 
 
 CATEGORIES = ("dress", "shirt", "toptee")
 STRIP_CHARS = ".?, "
+# the texts of an annotated triplet: "both_orders" ("c0 and c1", "c1 and c0"), or "release" (those two and each
+# caption alone, the four the method's release draws from when training)
+TEXT_VARIANTS = ("both_orders", "release")
 
 
 def fashioniq_text(first: str, second: str) -> str:
@@ -44,7 +49,8 @@ def _image_path(images_dir: Path, name: str) -> str:
 
 def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transform: str | Callable | None = "clip",
                    size: int = 224, on_bad_record: str = "error",
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS, check_paths: bool = True) -> Split:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, check_paths: bool = True,
+                   texts: str = "both_orders") -> Split:
     """Load one FashionIQ category split (ids only; images lazily through an ImageStore).
 
     Args:
@@ -54,6 +60,7 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
         transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (as :func:`load_cirr`).
         on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops it
             (logged, counted in ``split.info["skipped"]``). File-level problems always raise.
+        texts: "both_orders" (default) or "release" (see the module doc: the release's four training texts).
 
     Returns:
         Split with ``protocol="fashioniq"``, ``category``, triplets whose ``meta`` holds
@@ -61,6 +68,8 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
     """
     if category not in CATEGORIES:
         raise ConfigError(explain("unknown FashionIQ category", got=category, expected=CATEGORIES))
+    if texts not in TEXT_VARIANTS:
+        raise ConfigError(explain("unknown FashionIQ text variants", got=texts, expected=TEXT_VARIANTS))
     root_path = Path(root)
     require_root(root_path, "FashionIQ", "captions/, image_splits/ and images/")
     available = sorted(p.name[len(f"cap.{category}."):-len(".json")]
@@ -83,7 +92,8 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
     records = read_records(captions_path, available=available, fix="use the official captions file")
     checker = RecordChecker(captions_path, on_bad_record)
     triplets, info = checker.parse_all(
-        records, lambda record, index, with_target: _parse_record(record, index, checker, seen, category, with_target))
+        records,
+        lambda record, index, with_target: _parse_record(record, index, checker, seen, category, with_target, texts))
     images_dir = root_path / "images"
     paths = {name: _image_path(images_dir, name) for name in names}
     store = ImageStore(root_path, paths, transform, size=size, max_pixels=max_pixels, source=str(splits_path),
@@ -96,7 +106,7 @@ _SAME_SPLIT = "check that the captions and image_splits files are of the same ca
 
 
 def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: dict[str, int], category: str,
-                  with_target: bool | None) -> Triplet:
+                  with_target: bool | None, variants: str = "both_orders") -> Triplet:
     checker.require_fields(index, record, ("candidate", "captions"))
     candidate = record["candidate"]
     checker.check_image(index, "candidate", candidate, gallery, fix=_SAME_SPLIT)
@@ -113,6 +123,8 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: dict
             checker.fail(index, f"captions[{k}]", "is empty or only whitespace/punctuation", got=caption)
     c0, c1 = captions
     texts = (fashioniq_text(c0, c1), fashioniq_text(c1, c0))
+    if variants == "release":
+        texts += (c0.strip(STRIP_CHARS), c1.strip(STRIP_CHARS))
     return Triplet(reference=candidate, texts=texts, target=target if has_target else None, source="annotated",
                    pair_id=None, members=(), meta={"category": category, "captions": (c0, c1)})
 

@@ -14,18 +14,31 @@ ConfigError naming the file and the key):
 
 - ``name`` (= the file name), ``model`` (clip4cir, tgcir, blip4cir, sprc, zeroshot), ``model_label``,
   ``dataset`` (cirr, fashioniq), ``stage1`` (the checkpoint the paper starts stage 2 from), ``trains`` (what
-  stage 2 trains, as the method states it; the model's own wrap decides what actually trains).
+  stage 2 trains, as the release trains it; the model's own wrap decides what actually trains), ``fusion``
+  (how the query is composed).
+- ``start``: how to get the starting model, the pieces of the printed command (``cir-plugins recipe list``):
+  ``checkpoint`` (which file the release started from), ``convert`` (the command that turns it into a folder
+  the factory reads; null when none is needed or none exists here), ``model`` (the factory spec; ``YOUR_*.py``
+  where this repository has no example model), ``factory_kwargs``, ``trained`` (a stage-1 result for
+  ``--trained``; null when the factory loads the checkpoint itself) and ``args`` (further flags).
 - ``generation``: ``annotated`` (train on the annotated triplets too; False = zero-shot), ``prompt`` (the
   captioner's prompt with ``{k}``, and ``{category}`` on FashionIQ), ``words`` (k), ``rank_window`` ([a, b)
   ranks of the pair encoder's ranking; null = any image, drawn uniformly; the release's ranking counts the
   image itself as rank 0, ours starts at the most similar other image, so the same numbers sit one rank
   apart), ``partners_per_image``,
-  ``refer_only``, ``max_triplets`` (K, null = all), ``templates`` (placeholders ``{reference}``/``{target}``).
+  ``refer_only``, ``max_triplets`` (K, null = all), ``templates`` (placeholders ``{reference}``/``{target}``),
+  ``pool`` (the images that are paired and ranked: "triplets" = the images the annotated training triplets
+  name, as the release's generation script does, 25,136 on FashionIQ; "all" = every training image) and
+  ``annotated_texts`` (FashionIQ: which texts an annotated triplet draws from in training, "release" = the
+  release's four, "c0 and c1", "c1 and c0", "c0", "c1"; "both_orders" = the loader's default two; null on CIRR).
   On FashionIQ partners are ranked over the three categories' training images together.
 - ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all": every training
   image; "triplets": the images the training triplets name).
 - ``stage2``: :class:`~cir_plugins.training.config.Stage2Config` fields (batch_size, epochs, lr,
-  temperature, learn_temperature, betas, eps, weight_decay, mask_reference).
+  temperature, learn_temperature, temperature_param, betas, eps, weight_decay, mask_reference,
+  annotated_fraction). ``annotated_fraction`` is the release's annotated share: the share of annotated
+  triplets among the samples its own commands produce (uniform sampling over annotated + generated), derived
+  per recipe in ``sources["annotated_fraction"]``; where the generated count is only bounded, the bound.
 - ``stage1_training`` (optional, the zero-shot rows): :class:`~cir_plugins.training.config.Stage1Config`
   fields of the in-batch stage 1 on generated triplets.
 - ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (the reference image out of each ranking;
@@ -58,7 +71,7 @@ from typing import Any, Mapping
 from ..errors import ConfigError, explain
 
 __all__ = ["Recipe", "Generation", "RECIPE_DIR", "RELEASE_VALUES", "MODELS", "DATASETS", "list_recipes",
-           "load_recipe", "default_recipe", "release_train_images"]
+           "load_recipe", "default_recipe", "release_pool_images", "POOLS", "POOL_IMAGES", "ANNOTATED_TEXTS"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 MODELS = ("clip4cir", "tgcir", "blip4cir", "sprc", "zeroshot")
@@ -69,11 +82,23 @@ RELEASE_VALUES: dict[tuple[str, str], Any] = {("stage2", "mask_reference"): Fals
 # the dataset's default recipe: where `cir-plugins augment` takes its per-dataset defaults from
 _DEFAULT_RECIPE = {"cirr": "clip4cir-cirr", "fashioniq": "clip4cir-fashioniq"}
 
-_TOP = {"name", "model", "model_label", "dataset", "stage1", "generation", "bank", "stage2", "trains", "evaluation",
-        "published", "notes", "sources"}
+_TOP = {"name", "model", "model_label", "dataset", "stage1", "start", "fusion", "generation", "bank", "stage2",
+        "trains", "evaluation", "published", "notes", "sources"}
 _OPTIONAL_TOP = {"stage1_training"}
 _GENERATION = {"annotated", "prompt", "words", "rank_window", "partners_per_image", "refer_only", "max_triplets",
-               "templates"}
+               "templates", "pool", "annotated_texts"}
+_START = {"checkpoint", "convert", "model", "factory_kwargs", "trained", "args"}
+POOLS = ("triplets", "all")
+ANNOTATED_TEXTS = ("release", "both_orders")
+# how many training images each pool holds in the official files (what an absolute rank window is a share of):
+# "triplets" = the images the annotated train triplets name. FashionIQ: 25,136, counted in the official
+# cap.{dress,shirt,toptee}.train.json (github.com/XiaoxiaoGuo/fashion-iq, commit f71b16c). CIRR: the train
+# captions file is not counted here; its 16,939 training images bound the pool from above.
+# "all" = every training image once: FashionIQ's three categories list 46,609 names, 1,180 of them twice.
+POOL_IMAGES = {("fashioniq", "triplets"): 25136, ("fashioniq", "all"): 45429,
+               ("cirr", "triplets"): 16939, ("cirr", "all"): 16939}
+# distinct references of FashionIQ's 18,000 annotated train triplets (the same files): "refer" pairs only these
+FASHIONIQ_TRAIN_REFERENCES = 12525
 _BANK = {"dedup", "images"}
 _EVALUATION = {"protocol", "split", "remove_reference"}
 
@@ -120,6 +145,8 @@ class Generation:
     refer_only: bool
     max_triplets: int | None
     templates: tuple[str, ...]
+    pool: str = "triplets"
+    annotated_texts: str | None = None
 
     def augmenter_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~cir_plugins.positives.augmenter.TripletAugmenter` for these settings."""
@@ -129,14 +156,15 @@ class Generation:
                 "max_triplets": self.max_triplets}
 
     def window_fractions(self, dataset: str) -> tuple[float, float] | None:
-        """The rank window as fractions of N: the release's absolute ranks over the number of training images
-        it ranked (the official count of ``dataset``'s training split, FashionIQ's three categories
-        together), so the same share of the ranking is used on a data set of any size. None = any image."""
+        """The rank window as fractions of N: the release's absolute ranks over the number of images it ranked
+        among (:func:`release_pool_images` of this recipe's pool: FashionIQ 25,136, the images its annotated
+        train triplets name), so the same share of the ranking is used on a data set of any size. None = any
+        image."""
         if self.rank_window is None:
             return None
         if isinstance(self.rank_window[0], float):
             return (float(self.rank_window[0]), float(self.rank_window[1]))
-        n = release_train_images(dataset)
+        n = release_pool_images(dataset, self.pool)
         return (round(self.rank_window[0] / n, 4), round(min(self.rank_window[1] / n, 1.0), 4))
 
     def prompt_for(self, category: str | None = None) -> str:
@@ -153,6 +181,8 @@ class Recipe:
     model_label: str
     dataset: str
     stage1: str
+    start: Mapping[str, Any]
+    fusion: str
     generation: Generation
     bank: Mapping[str, Any]
     stage2: Mapping[str, Any]
@@ -200,7 +230,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The recipe as its JSON file holds it."""
         out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,
-               "stage1": self.stage1,
+               "stage1": self.stage1, "start": copy.deepcopy(dict(self.start)), "fusion": self.fusion,
                "generation": {**self.generation.__dict__,
                               "rank_window": list(self.generation.rank_window) if self.generation.rank_window else None,
                               "templates": list(self.generation.templates)},
@@ -242,12 +272,31 @@ def _generation(path: Path, data: Any) -> Generation:
             validate_template(template)
         except ConfigError as error:
             raise _fail(path, f"generation.templates: {error}", template) from None
+    if g["pool"] not in POOLS:
+        raise _fail(path, "generation.pool is unknown", g["pool"], expected=POOLS)
     return Generation(annotated=_bool(path, "generation.annotated", g["annotated"]), prompt=prompt,
                       words=_positive_int(path, "generation.words", g["words"]), rank_window=window,
                       partners_per_image=_positive_int(path, "generation.partners_per_image", g["partners_per_image"]),
                       refer_only=_bool(path, "generation.refer_only", g["refer_only"]),
                       max_triplets=_positive_int(path, "generation.max_triplets", g["max_triplets"], allow_none=True),
-                      templates=tuple(templates))
+                      templates=tuple(templates), pool=g["pool"], annotated_texts=g["annotated_texts"])
+
+
+def _start(path: Path, data: Any) -> dict:
+    s = _keys(path, "start", data, _START)
+    for key in ("checkpoint", "model"):
+        if not isinstance(s[key], str) or not s[key].strip():
+            raise _fail(path, f"start.{key} must be a non-empty string", s[key])
+    if s["model"].count(":") != 1:
+        raise _fail(path, "start.model must be a factory spec 'file.py:function' or 'pkg.module:function'", s["model"])
+    for key in ("convert", "trained"):
+        if s[key] is not None and (not isinstance(s[key], str) or not s[key].strip()):
+            raise _fail(path, f"start.{key} must be a non-empty string or null", s[key])
+    if s["factory_kwargs"] is not None and not isinstance(s["factory_kwargs"], dict):
+        raise _fail(path, "start.factory_kwargs must be a JSON object or null", s["factory_kwargs"])
+    if not isinstance(s["args"], list) or not all(isinstance(a, str) for a in s["args"]):
+        raise _fail(path, "start.args must be a list of strings", s["args"])
+    return copy.deepcopy(s)
 
 
 def _numbers(path: Path, where: str, data: Any) -> dict[str, float]:
@@ -284,6 +333,12 @@ def _parse(path: Path, data: Any) -> Recipe:
     generation = _generation(path, r["generation"])
     if ("{category}" in generation.prompt) != (r["dataset"] == "fashioniq"):
         raise _fail(path, "the FashionIQ prompt names {category}; the CIRR prompt does not", generation.prompt)
+    if r["dataset"] == "fashioniq" and generation.annotated_texts not in ANNOTATED_TEXTS:
+        raise _fail(path, "generation.annotated_texts must name FashionIQ's training texts", generation.annotated_texts,
+                    expected=ANNOTATED_TEXTS)
+    if r["dataset"] != "fashioniq" and generation.annotated_texts is not None:
+        raise _fail(path, "generation.annotated_texts is for FashionIQ (a CIRR triplet has one text): write null",
+                    generation.annotated_texts)
     bank = _keys(path, "bank", r["bank"], _BANK)
     _bool(path, "bank.dedup", bank["dedup"])
     if bank["images"] not in BANK_IMAGES:
@@ -300,13 +355,20 @@ def _parse(path: Path, data: Any) -> Recipe:
             raise _fail(path, f"{where} is not a valid {cls.__name__}: {error}", values) from None
     if generation.annotated is False and stage1 is None:
         raise _fail(path, "a recipe without annotated triplets (zero-shot) needs stage1_training", None)
+    share = stage2.get("annotated_fraction")
+    if share is None or (generation.annotated and not 0 < share < 1) or (not generation.annotated and share != 0):
+        raise _fail(path, "stage2.annotated_fraction must hold the release's annotated share: in (0, 1) with "
+                          "annotated triplets, 0 without", share)
+    if "annotated_fraction" not in r["sources"]:
+        raise _fail(path, "sources must say where stage2.annotated_fraction comes from (key 'annotated_fraction')",
+                    sorted(r["sources"]))
     evaluation = _keys(path, "evaluation", r["evaluation"], _EVALUATION)
     if evaluation["protocol"] != r["dataset"]:
         raise _fail(path, "evaluation.protocol must be the dataset's", evaluation["protocol"], expected=r["dataset"])
     _bool(path, "evaluation.remove_reference", evaluation["remove_reference"])
     if r["dataset"] == "cirr" and not evaluation["remove_reference"]:
         raise _fail(path, "the CIRR protocol always removes the reference", False)
-    for key in ("model_label", "stage1", "trains"):
+    for key in ("model_label", "stage1", "trains", "fusion"):
         if not isinstance(r[key], str) or not r[key].strip():
             raise _fail(path, f"{key} must be a non-empty string", r[key])
     if not isinstance(r["notes"], list) or not all(isinstance(n, str) for n in r["notes"]):
@@ -314,7 +376,8 @@ def _parse(path: Path, data: Any) -> Recipe:
     if not isinstance(r["sources"], dict) or not all(isinstance(v, str) for v in r["sources"].values()):
         raise _fail(path, "sources must be an object of strings", r["sources"])
     return Recipe(name=r["name"], model=r["model"], model_label=r["model_label"], dataset=r["dataset"],
-                  stage1=r["stage1"], generation=generation, bank=dict(bank), stage2=dict(stage2), trains=r["trains"],
+                  stage1=r["stage1"], start=_start(path, r["start"]), fusion=r["fusion"], generation=generation,
+                  bank=dict(bank), stage2=dict(stage2), trains=r["trains"],
                   evaluation=dict(evaluation), published=_published(path, r["published"]), notes=tuple(r["notes"]),
                   sources=dict(r["sources"]), stage1_training=dict(stage1) if stage1 is not None else None, path=path)
 
@@ -345,15 +408,14 @@ def load_recipe(name: str, folder: str | Path | None = None) -> Recipe:
     return _parse(path, data)
 
 
-def release_train_images(dataset: str) -> int:
-    """How many training images the release ranked partners among: the official training-split image count
-    (:data:`cir_plugins.data.check.OFFICIAL_COUNTS`; FashionIQ: its three categories together)."""
-    from ..data.check import OFFICIAL_COUNTS
-
-    if dataset not in DATASETS:
-        raise ConfigError(explain("no release image count for this dataset", got=dataset, expected=DATASETS))
-    counts = OFFICIAL_COUNTS[dataset]
-    return sum(v["images"] for k, v in counts.items() if k == "train" or k.endswith("/train"))
+def release_pool_images(dataset: str, pool: str = "triplets") -> int:
+    """How many images the release ranked partners among, in the official files (:data:`POOL_IMAGES`):
+    ``pool`` "triplets" (the release's: the images its annotated train triplets name; FashionIQ 25,136, CIRR
+    at most 16,939) or "all" (every training image once; FashionIQ 45,429, its three categories together)."""
+    if (dataset, pool) not in POOL_IMAGES:
+        raise ConfigError(explain("no release image count for this dataset and pool", got=(dataset, pool),
+                                  expected=sorted(POOL_IMAGES)))
+    return POOL_IMAGES[(dataset, pool)]
 
 
 def default_recipe(dataset: str) -> Recipe | None:

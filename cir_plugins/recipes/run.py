@@ -19,18 +19,22 @@ writes, or the release's own ``cap.*extend*`` files), which skips captioning and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from ..data.fashioniq import CATEGORIES
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
 from . import Recipe
 
-__all__ = ["TrainingData", "training_pool", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce"]
+__all__ = ["TrainingData", "training_pool", "load_training_data", "load_eval_splits", "ReproduceResult", "reproduce",
+           "pool_ids", "PRECISIONS", "TEXT_LENGTH", "RUN_FILE", "RESULTS_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +81,17 @@ def training_pool(splits: Sequence[Any]) -> TrainingData:
 
 
 def load_training_data(dataset: str, root: str | os.PathLike, split: str = "train", *,
-                       transform: Any = "clip", size: int = 224, on_bad_record: str = "error") -> TrainingData:
-    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq": its three categories together)."""
+                       transform: Any = "clip", size: int = 224, on_bad_record: str = "error",
+                       texts: str | None = None) -> TrainingData:
+    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq": its three categories together).
+    ``texts``: FashionIQ's training texts per annotated triplet (``load_fashioniq``'s ``texts``; None = its
+    default)."""
     from ..data.fashioniq import load_split
 
     if dataset == "fashioniq":
+        extra = {"texts": texts} if texts is not None else {}
         return training_pool([load_split(root, dataset, split, category, transform=transform, size=size,
-                                         on_bad_record=on_bad_record) for category in CATEGORIES])
+                                         on_bad_record=on_bad_record, **extra) for category in CATEGORIES])
     return training_pool([load_split(root, dataset, split, transform=transform, size=size,
                                      on_bad_record=on_bad_record)])
 
@@ -176,13 +184,79 @@ def _bank_ids(recipe: Recipe, data: TrainingData, triplets: Sequence[Triplet]) -
     return list(dict.fromkeys(i for t in triplets for i in (t.reference, t.target)))
 
 
+def pool_ids(recipe: Recipe, data: TrainingData) -> list[str]:
+    """The images generation pairs and ranks (``recipe.generation.pool``): "triplets" = the images the annotated
+    training triplets name, each once in order of first mention (reference, then target), as the release's
+    generation script lists them; "all" = every training image."""
+    if recipe.generation.pool == "all":
+        return list(data.image_ids)
+    named = list(dict.fromkeys(i for t in data.triplets for i in (t.reference, t.target)))
+    if not named:
+        raise DataError(explain(f"recipe {recipe.name}: the pool 'triplets' is the images the annotated train "
+                                "triplets name, and there is none", got=len(data.triplets),
+                                fix="check the dataset root (its train captions file)"))
+    return named
+
+
+PRECISIONS = ("ours", "release")
+TEXT_LENGTH = ("target", "truncate")
+RUN_FILE, STATE_FILE, RESULTS_FILE = "run.json", "run_state.json", "results.json"
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """The dotted keys where two JSON documents differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(saved.get(k), now.get(k), f"{where}.{k}" if where else str(k))]
+    return [] if saved == now else [where or "(document)"]
+
+
+def _open_run(out: Path, manifest: dict, resume: bool) -> dict:
+    """The run folder's state (what a killed run had finished), after checking the folder is this run's.
+
+    ``run.json`` records the recipe and every setting that changes a result. A folder that holds another run
+    is refused (ConfigError naming the differing keys); a folder of this run needs ``resume``."""
+    from .._atomic import atomic_write_json
+
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ConfigError(explain(f"{run_file} is unreadable ({error})",
+                                      fix="choose a new --out, or restore the file")) from error
+        differ = _differences(saved, manifest)
+        if differ:
+            raise ConfigError(explain(f"{out} holds a run of other settings or another recipe", got=differ[:12],
+                                      fix="choose a new output folder (--out), or rerun with the settings in "
+                                          f"{run_file}"))
+        if not resume:
+            raise ConfigError(explain(f"{out} already holds this run", got=str(run_file),
+                                      fix="pass resume=True (--resume) to continue it, or choose a new --out"))
+        state_file = out / STATE_FILE
+        state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
+        logger.info("resuming the run in %s (done: %s)", out, ", ".join(sorted(state)) or "nothing")
+        return state
+    if resume:
+        logger.info("resume: %s holds no run yet; starting it", out)
+    atomic_write_json(run_file, manifest, indent=1)
+    return {}
+
+
+def _save_state(out: Path, state: dict) -> None:
+    from .._atomic import atomic_write_json
+
+    atomic_write_json(out / STATE_FILE, state, indent=1)
+
+
 def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir: str | os.PathLike,
               captioner: Any = None, generated: str | os.PathLike | None = None, pair_encoder: Any = None,
               transform: Any = "clip", image_size: int = 224, rank_window: Any = None,
               stage2_overrides: Mapping[str, Any] | None = None, stage1_overrides: Mapping[str, Any] | None = None,
               train_stage1: bool | None = None, evaluate_before: bool = True, seed: int = 0,
               eval_batch_size: int = 64, caption_cache: str | os.PathLike | None = None,
-              show_progress: bool = True) -> ReproduceResult:
+              text_length: str = "target", precision: str = "ours", resume: bool = False,
+              settings: Mapping[str, Any] | None = None, show_progress: bool = True) -> ReproduceResult:
     """Run ``recipe`` on ``model`` (its stage-1 checkpoint, wrapped to the protocol) and the dataset at ``root``.
 
     Args:
@@ -190,13 +264,17 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
             differences).
         model: the CIR model (protocol: encode_image, compose_query, ...); trained in place.
         root: the dataset root (CIRR rc2 or FashionIQ layout).
-        output_dir: ``generated.json``, ``bank.safetensors``, ``stage2/`` (and ``stage1/``) checkpoints and
-            ``results.json`` go here.
+        output_dir: ``run.json`` (the recipe and settings), ``generated.json`` (+ ``groups.json``),
+            ``bank.safetensors`` (and its shard cache ``bank_shards/``), ``stage2/`` (and ``stage1/``)
+            checkpoints, ``run_state.json`` (the steps done) and ``results.json`` (written last: a folder
+            without it holds a run that has not finished).
         captioner: a captioner (see positives.captioners) for the generation step.
         generated: a generated-triplet file to use instead of captioning (either schema, see
             :func:`~cir_plugins.positives.annotations.read_generated`). With neither, stage 2 trains on the
             annotated triplets alone (the "+N" row: more negatives, no generated positives).
-        pair_encoder: the image encoder that ranks partners (default: ``model``; the release used Unicom).
+        pair_encoder: the image encoder that ranks partners (default: ``model``; the release used Unicom
+            ViT-L/14); one with an ``image_transform`` (e.g. ``cir_plugins._loading.load_image_encoder``'s)
+            gets the images preprocessed by it.
         transform, image_size: the ImageStore preprocessing of every split.
         rank_window: overrides the recipe's window (e.g. fractions of N on small data); None = the recipe's.
         stage2_overrides / stage1_overrides: Stage2Config / Stage1Config fields over the recipe's
@@ -207,13 +285,26 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         seed: the partner draw, subsample and training seed.
         eval_batch_size: images per encoder call when building the bank and evaluating.
         caption_cache: the caption cache folder (default ``{output_dir}/captions``).
+        text_length: a generated text longer than the model's tokenizer takes (``text_limit_of(model)``):
+            "target" (the default, as the release: replaced by the target caption alone) or "truncate" (cut
+            to the limit). A model that declares no limit leaves texts as they are (its tokenizer cuts them).
+        precision: "ours" (the trainer's ``amp="auto"``: bf16 autocast on CUDA, a bf16 bank there) or
+            "release" (fp16 autocast with a GradScaler and a float32 bank, as the release trains; CUDA only).
+        resume: continue the run in ``output_dir`` (see :func:`_open_run`): generation, the stage-1 and stage-2
+            checkpoints and the bank's shard cache are reused; a folder of other settings is refused.
+        settings: more JSON-ready settings that identify the run (the command line records the model spec);
+            a resumed run must have the same.
         show_progress: tqdm bars.
+
+    Generation keeps generated pairs whose two captions are equal, as the release does.
     """
     from .._atomic import atomic_write_json
+    from .._utils import model_device
     from ..evaluation import evaluate
     from ..negatives.bank import NegativeBank
     from ..positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
+    from ..positives.templates import fit_generated_texts, text_limit_of
     from ..training.evaluator import Evaluator
     from ..training.stage1 import Stage1Trainer
     from ..training.stage2 import Stage2Trainer
@@ -226,9 +317,34 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
                                   got={"captioner": captioner.name if hasattr(captioner, "name") else captioner,
                                        "generated": str(generated)},
                                   fix="pass captioner=... (generate here) or generated=PATH (skip captioning)"))
+    if precision not in PRECISIONS:
+        raise ConfigError(explain("unknown precision", got=precision, expected=PRECISIONS))
+    if text_length not in TEXT_LENGTH:
+        raise ConfigError(explain("unknown text_length policy", got=text_length, expected=TEXT_LENGTH))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_training_data(recipe.dataset, root, transform=transform, size=image_size)
+    window = rank_window if rank_window is not None else recipe.generation.augmenter_kwargs()["rank_window"]
+    train_first = train_stage1 if train_stage1 is not None else recipe.stage1_training is not None
+    if precision == "release" and model_device(model).type != "cuda":
+        raise ConfigError(explain("precision 'release' is fp16 autocast with a GradScaler, which needs a CUDA device",
+                                  got=str(model_device(model)), fix="run on a GPU, or use precision 'ours'"))
+    recipe_dict = recipe.to_dict()
+    manifest = json.loads(json.dumps({
+        # what changes a result: the recipe's settings (not its notes) and the run's
+        "recipe": {k: recipe_dict.get(k) for k in ("name", "generation", "bank", "stage2", "stage1_training",
+                                                   "evaluation")},
+        "settings": {"seed": seed, "rank_window": list(window) if isinstance(window, (tuple, list)) else window,
+                     "captioner": getattr(captioner, "name", None) if captioner is not None else None,
+                     "generated": str(generated) if generated is not None else None,
+                     "pair_encoder": getattr(pair_encoder, "name", None) if pair_encoder is not None else "model",
+                     "transform": transform if isinstance(transform, (str, type(None))) else repr(transform),
+                     "image_size": image_size, "stage2_overrides": dict(stage2_overrides or {}),
+                     "stage1_overrides": dict(stage1_overrides or {}), "train_stage1": train_first,
+                     "text_length": text_length, "precision": precision, **dict(settings or {})}},
+        default=str))
+    state = _open_run(out, manifest, resume)
+    data = load_training_data(recipe.dataset, root, transform=transform, size=image_size,
+                              texts=recipe.generation.annotated_texts)
     val = load_eval_splits(recipe.dataset, root, recipe.evaluation["split"], transform=transform, size=image_size)
     remove_reference = recipe.evaluation["remove_reference"]
 
@@ -237,32 +353,58 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
                         show_progress=False)
 
     selection = Evaluator(measure, metric="Rmean", mode="max")  # FashionIQ: Rmean of the categories' averages
-    before = measure(model) if evaluate_before else None
+    if "before" not in state:
+        state["before"] = measure(model) if evaluate_before else None
+        _save_state(out, state)
+    before = state["before"]
 
-    # 1. more positives
+    # 1. more positives; the length policy: a text the model's tokenizer cannot take -> the target caption
+    limit = text_limit_of(model)
+    length = {**limit, "fallback": text_length} if limit else {}
     groups: dict[str, str] | None = None
-    augment_info: dict | None = None
     made: list[Triplet] = []
-    if generated is not None:
+    if "augment" in state:  # generated (or read) before the run was stopped
+        made = [t for t in read_generated(out / "generated.json") if t.source == "generated"] \
+            if (out / "generated.json").is_file() else []
+        groups = json.loads((out / "groups.json").read_text()) if (out / "groups.json").is_file() else None
+        augment_info = state["augment"]
+    elif generated is not None:
         made = [t for t in read_generated(generated) if t.source == "generated"]
         augment_info = {"file": str(generated), "triplets": len(made)}
+        if limit:
+            made, counts = fit_generated_texts(made, **length)
+            augment_info["text_fallbacks"] = counts
     elif captioner is not None:
         kwargs = recipe.generation.augmenter_kwargs()
-        if rank_window is not None:
-            kwargs["rank_window"] = rank_window
-        augmenter = TripletAugmenter(captioner, pair_encoder if pair_encoder is not None else model, seed=seed,
-                                     dedup=recipe.bank["dedup"], cache_dir=caption_cache or out / "captions",
-                                     batch_size=eval_batch_size, show_progress=show_progress, **kwargs)
-        augmented = augmenter.augment(list(data.image_ids), data.images, annotated=list(data.triplets))
+        kwargs["rank_window"] = window
+        encoder = pair_encoder if pair_encoder is not None else model
+        own = getattr(encoder, "image_transform", None)  # a named encoder's own preprocessing
+        pool = pool_ids(recipe, data)
+        pair_images = data.images.with_transform(own) if callable(own) else data.images
+        augmenter = TripletAugmenter(captioner, encoder, seed=seed, dedup=recipe.bank["dedup"],
+                                     cache_dir=caption_cache or out / "captions", batch_size=eval_batch_size,
+                                     keep_equal_captions=True, show_progress=show_progress, **length, **kwargs)
+        augmented = augmenter.augment(pool, pair_images, annotated=list(data.triplets))
         made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
+        augment_info["pool"] = {"kind": recipe.generation.pool, "images": len(pool)}
         if not made:  # a run "with generated positives" that has none would silently be the +N row
             raise DataError(explain(
                 f"recipe {recipe.name}: the generation step made no triplets from {augment_info['images']} images",
                 got=augmented.why_empty(kwargs["rank_window"]),
                 fix="the recipe's absolute window suits the full data set: pass rank_window as fractions of N "
                     "(cir-plugins recipe run ... --rank-window fractions), or check the captioner"))
-        writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
-        writer(made, out / "generated.json")
+    else:
+        augment_info = None
+    if "augment" not in state:
+        if made:
+            writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
+            writer(made, out / "generated.json")
+            # trained as read back, so that a resumed run trains on exactly these triplets
+            made = [t for t in read_generated(out / "generated.json") if t.source == "generated"]
+        if groups is not None:
+            atomic_write_json(out / "groups.json", groups)
+        state["augment"] = augment_info
+        _save_state(out, state)
     annotated = list(data.triplets) if recipe.generation.annotated else []
     triplets = annotated + made
     if not triplets:
@@ -271,25 +413,39 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
                                       "needs rank_window as fractions of N), or the generated file"))
     logger.info("recipe %s: %d annotated + %d generated triplets", recipe.name, len(annotated), len(made))
 
+    def mix(overrides: Mapping[str, Any] | None, section: Mapping[str, Any]) -> dict:
+        """The recipe's annotated share, unless there is only one kind of triplet to sample."""
+        extra = {}
+        if "annotated_fraction" not in (overrides or {}) and section.get("annotated_fraction") is not None \
+                and (not annotated or not made):
+            extra["annotated_fraction"] = None  # one kind only: every triplet is one sample
+        if precision == "release":
+            extra["amp"] = "fp16"  # the release: torch.cuda.amp autocast (fp16) with a GradScaler
+        return {**extra, **dict(overrides or {})}
+
     # zero-shot rows: in-batch stage 1 on the generated triplets before the bank
     stage1_history = None
-    if train_stage1 if train_stage1 is not None else recipe.stage1_training is not None:
+    if train_first:
         config1 = recipe.stage1_config(**{"seed": seed, "output_dir": str(out / "stage1"),
-                                          "show_progress": show_progress, **(stage1_overrides or {})})
+                                          "show_progress": show_progress,
+                                          **mix(stage1_overrides, recipe.stage1_training or {})})
         stage1_history = Stage1Trainer(model, triplets, data.images, config=config1, evaluator=selection,
-                                       groups=groups).fit()  # ends on the best epoch's weights
+                                       groups=groups).fit(resume=resume)  # ends on the best epoch's weights
 
-    # 2. more negatives: the static bank (one row per group of identical images)
+    # 2. more negatives: the static bank (one row per group of identical images); its shard cache lets a
+    # stopped build (or a resumed run) reuse every row already encoded
     bank_ids = _bank_ids(recipe, data, triplets)
     bank_groups = {i: groups[i] for i in bank_ids if i in groups} if groups and recipe.bank["dedup"] else None
     bank = NegativeBank.build(model, bank_ids, data.images, groups=bank_groups, dedup=recipe.bank["dedup"],
-                              batch_size=eval_batch_size, show_progress=show_progress)
+                              batch_size=eval_batch_size, show_progress=show_progress, cache_dir=out / "bank_shards",
+                              dtype=torch.float32 if precision == "release" else None)
     bank.save(out / "bank.safetensors")
 
     # 3. stage 2 with the recipe's settings; the best epoch by the validation Rmean (FashionIQ: the average)
     config2 = recipe.stage2_config(**{"seed": seed, "output_dir": str(out / "stage2"),
-                                      "show_progress": show_progress, **(stage2_overrides or {})})
-    history = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluator=selection).fit()
+                                      "show_progress": show_progress, **mix(stage2_overrides, recipe.stage2)})
+    history = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluator=selection).fit(
+        resume=resume)
 
     # 4. evaluate with the recipe's protocol
     after = measure(model)
@@ -297,5 +453,5 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
                              triplets={"annotated": len(annotated), "generated": len(made)},
                              bank_shape=list(bank.embeddings.shape), output_dir=str(out),
                              stage1_history=stage1_history)
-    atomic_write_json(out / "results.json", result.to_dict(), indent=1)
+    atomic_write_json(out / RESULTS_FILE, result.to_dict(), indent=1)
     return result

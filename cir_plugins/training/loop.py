@@ -607,9 +607,9 @@ class Trainer(Checkpointing, abc.ABC):
             self.history.append(entry)
             self._epoch, self._micro = epoch + 1, 0
             self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
+            if improved:  # 'best' first: a run stopped between the two saves resumes from a 'last' that a 'best'
+                self._save("best")  # it names exists for (the other order left 'last' naming a best never written)
             self._save("last")
-            if improved:
-                self._save("best")
             if self.world > 1:
                 dist.barrier()
         self._restore_best()
