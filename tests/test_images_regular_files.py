@@ -138,3 +138,33 @@ def test_decode_image_tries_only_the_formats_it_is_given(root):
     with pytest.raises(ImageLoadError, match="accepted: PNG"):
         store.load_relative("t.tif", formats=("PNG",))
     assert store.load_relative("t.tif").size == (4, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_build_bank_skip_unreadable_skips_a_fifo_and_a_directory_instead_of_hanging(tmp_path, capsys):
+    from pathlib import Path
+
+    import cir_plugins as cp
+    from cir_plugins.cli import main
+    from cir_plugins.data.fixtures import build_cirr_tree
+
+    root = build_cirr_tree(tmp_path / "root", splits=("train",))
+    ids = list(cp.load_cirr(root, "train").gallery_ids)
+    paths = {i: cp.load_cirr(root, "train").images.path_of(i) for i in ids}
+    paths[ids[2]].unlink()
+    os.mkfifo(paths[ids[2]])
+    paths[ids[4]].unlink()
+    paths[ids[4]].mkdir()
+    tests = Path(__file__).resolve().parent
+    (tmp_path / "factory.py").write_text(f"import sys\nsys.path.insert(0, {str(tests)!r})\n"
+                                         "from test_training_toy import make_model\n\n\ndef build():\n"
+                                         "    return make_model(dim=16, seed=3)\n")
+    argv = ["build-bank", "--model", f"{tmp_path / 'factory.py'}:build", "--dataset", "cirr", "--root", str(root),
+            "--image-size", "4", "--out", str(tmp_path / "bank.safetensors"), "--no-progress"]
+    finished, code = _within(60, lambda: main(argv))
+    assert finished and code == 2  # stops at the first unreadable image by default, naming it
+    assert "not a regular file" in capsys.readouterr().err
+    finished, code = _within(60, lambda: main(argv + ["--skip-unreadable"]))
+    assert finished and code == 0, capsys.readouterr().err
+    bank = cp.NegativeBank.load(tmp_path / "bank.safetensors")
+    assert ids[2] not in bank and ids[4] not in bank and len(bank.ids) == len(ids) - 2
