@@ -87,8 +87,9 @@ def run_cycle(args: argparse.Namespace, spec: CycleSpec, logger: logging.Logger)
     logger.info("%s", report)
     report.raise_if_failed()
 
-    # 2-4. more positives (generated triplets from every train image, appended to the annotated ones), more
-    # negatives (a static bank of every train image), stage 2 with the example's row, evaluation on val
+    # 2-4. more positives (generated triplets, as the CIRR recipe makes them: partners among the images the annotated
+    # triplets name, appended to the annotated ones at the recipe's annotated share), more negatives (a static bank
+    # of every train image), stage 2 with the example's row, evaluation on val
     recipe = load_recipe("clip4cir-cirr").on_synthetic(CYCLE_WINDOW)
     stage2 = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "steps_per_epoch": args.steps_per_epoch, **spec.stage2}
