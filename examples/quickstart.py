@@ -102,6 +102,7 @@ from cir_plugins.data.split import Split  # noqa: E402
 from cir_plugins.data.synthetic import SyntheticCaptioner, SyntheticRewriter, load_scenes, make_world  # noqa: E402
 from cir_plugins.evaluation import extract_features, metrics_from_features  # noqa: E402
 from cir_plugins.positives.dedup import find_duplicates  # noqa: E402
+from cir_plugins.positives.templates import resolve_templates  # noqa: E402
 from cir_plugins.report import query_ranks, retrieval_report  # noqa: E402
 from cir_plugins.stats import paired_bootstrap  # noqa: E402
 
@@ -426,13 +427,15 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
     result = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
     triplets = [t for t in result.triplets if t.source == "generated"]
     texts = sum(len(t.texts) for t in triplets)
-    counts = {"triplets": len(triplets), "texts": texts, "over_limit": result.summary["text_fallbacks"],
-              "long_text": long_text, "caption_words": words}
+    # every pair is templated once per template before the length rule: that is what over_limit counts against
+    templated = result.summary["triplets_before_subsample"] * len(resolve_templates(templates))
+    counts = {"triplets": len(triplets), "texts": texts, "templated_texts": templated,
+              "over_limit": result.summary["text_fallbacks"], "long_text": long_text, "caption_words": words}
     if rewriter is not None:
         counts.update(rewritten=rewriter.rewritten, kept_templated=rewriter.kept)
     how = "replaced by the target caption" if long_text == "target" else "cut by the tokenizer"
-    print(f"     {len(triplets)} triplets, {texts} texts; {counts['over_limit']} over the text tower's "
-          f"{encoder.max_length} tokens, {how}"
+    print(f"     {len(triplets)} triplets, {texts} texts; {counts['over_limit']} of {templated} templated texts over "
+          f"the text tower's {encoder.max_length} tokens, {how}"
           + (f"; rewrite: {rewriter.rewritten} rewritten, {rewriter.kept} kept as templated" if rewriter else ""),
           flush=True)
     return triplets, counts
@@ -832,7 +835,8 @@ def main(argv=None) -> int:
                         help="torch CPU threads (default 1: a model this small gains little from a second thread, and "
                              "on a CPU other work shares, torch's spinning threads can make each step many times "
                              "slower; benchmarks/threads.py measures both; 0 = torch's own choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they are off anyway when stderr is not a terminal)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="instead of running: combine the results.json of runs of other seeds (same budget and "
                              "world) into one mean/spread table in --out (e.g. seeds run on different machines)")
@@ -864,7 +868,7 @@ def main(argv=None) -> int:
     budget = BUDGETS["quick" if args.quick else "default"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    show = not args.no_progress
+    show = not args.no_progress and sys.stderr.isatty()  # no bars filling a log file
     clock = Clock()
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"quickstart: seeds {seeds}, worlds {worlds if worlds else [args.world_seed]}, budget "

@@ -130,8 +130,8 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
     # make the paper recipe's texts fit far more often than the oracle's whole captions do
     assert generated["paper"]["long_text"] == "target" and generated["paper"]["caption_words"] == 8
     assert generated["oracle"]["caption_words"] is None and generated["oracle"]["rewritten"] > 0
-    assert generated["paper"]["over_limit"] / generated["paper"]["texts"] < \
-        generated["oracle"]["over_limit"] / generated["oracle"]["texts"]
+    assert generated["paper"]["over_limit"] / generated["paper"]["templated_texts"] < \
+        generated["oracle"]["over_limit"] / generated["oracle"]["templated_texts"]
     assert info["annotated_share"]["paper"] == pytest.approx(28225 / (28225 + 16939))
     assert "over the text tower's" in proc.stdout
     # the world's pixel-identical copies share a bank row: fewer rows (groups) than train images
