@@ -423,3 +423,19 @@ def test_a_factory_that_imports_a_sibling_when_called_loads(tmp_path):
                                        "    return VALUE\n")
     assert load_factory(f"{folder / 'factory.py'}:build")() == 7
     sys.modules.pop("sibling_for_lazy_import", None)
+
+
+def test_docs_recipes_page_is_the_recipe_files(capsys):
+    """docs/recipes.md is generated from the recipe files; each section is what `recipe show NAME --markdown` prints."""
+    from cir_plugins.cli import run_command
+    from cir_plugins.recipes import recipes_page
+
+    page = (REPO / "docs" / "recipes.md").read_text()
+    assert page == recipes_page(), "regenerate: python -c \"from cir_plugins.recipes import recipes_page; " \
+                                   "open('docs/recipes.md', 'w').write(recipes_page())\""
+    for name in list_recipes():
+        assert run_command("recipe", ["show", name, "--markdown"]) == 0
+        section = capsys.readouterr().out
+        assert section.rstrip("\n") in page and all(c in section for c in load_recipe(name).commands())
+        recipe = load_recipe(name)
+        assert f"Annotated share: {recipe.stage2['annotated_fraction']}" in section

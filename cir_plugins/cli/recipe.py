@@ -34,20 +34,21 @@ from typing import Any
 from .._loading import IMAGE_ENCODER_PREFIXES, load_image_encoder
 from ..data.images import TRANSFORM_NAMES
 from ..errors import ConfigError, explain
+from ..recipes import CAPTIONER
 from ._common import add_model_arguments, add_progress_argument, build_model, model_from_factory, show_progress
 from .augment import add_captioner_arguments, build_captioner
 
 __all__ = ["configure", "run", "command_of", "commands_of", "CAPTIONER"]
 
-# the captioner of the printed commands: the release captioned with LLaVA
-CAPTIONER = "hf:llava-hf/llava-1.5-7b-hf"
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
     sub.add_parser("list", help="the recipes: base model x dataset, with the published numbers")
-    show = sub.add_parser("show", help="one recipe's settings (JSON)")
+    show = sub.add_parser("show", help="one recipe's settings (JSON), or --markdown: what it runs and why")
     show.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
+    show.add_argument("--markdown", action="store_true",
+                      help="the recipe for a reader: its checkpoint and conversion, the command, what trains, the "
+                           "annotated share and the pool with their derivations, the release's values (docs/recipes.md)")
     go = sub.add_parser("run", help="generate, bank, stage 2, evaluate; print measured beside published")
     go.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
     add_model_arguments(go)  # --model (the base model's factory), --factory-kwargs, --trained (its stage 1), --device
@@ -92,23 +93,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def command_of(recipe: Any) -> str:
-    """The command line that runs ``recipe`` on the full data set (README: "Reproduce the paper"), from its
-    ``start`` block: the factory, its keyword arguments, a stage-1 result, further flags."""
-    start = recipe.start
-    words = ["cir-plugins", "recipe", "run", recipe.name, "--model", start["model"]]
-    if start["factory_kwargs"]:
-        words += ["--factory-kwargs", json.dumps(start["factory_kwargs"])]
-    if start["trained"]:
-        words += ["--trained", start["trained"]]
-    words += [*start["args"], "--root", f"DATA/{recipe.dataset}", "--captioner", CAPTIONER, "--out",
-              f"runs/{recipe.name}"]
-    return " ".join(shlex.quote(w) for w in words)
+    """The ``recipe run`` line that reproduces ``recipe`` on the full data set (README: "Reproduce the paper")."""
+    return recipe.commands()[-1]
 
 
 def commands_of(recipe: Any) -> list[str]:
     """What ``recipe list`` prints under ``recipe``: the conversion of its starting checkpoint (when it needs
-    one), then :func:`command_of`."""
-    return ([recipe.start["convert"]] if recipe.start["convert"] else []) + [command_of(recipe)]
+    one), then :func:`command_of` (:meth:`cir_plugins.recipes.Recipe.commands`)."""
+    return recipe.commands()
 
 
 def _list() -> int:
@@ -192,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe_command == "show":
         from ..recipes import load_recipe
 
-        print(json.dumps(load_recipe(args.name).to_dict(), indent=2))
+        recipe = load_recipe(args.name)
+        print(recipe.describe() if args.markdown else json.dumps(recipe.to_dict(), indent=2))
         return 0
     return _run(args)

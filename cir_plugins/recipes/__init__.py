@@ -64,6 +64,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,7 +72,8 @@ from typing import Any, Mapping
 from ..errors import ConfigError, explain
 
 __all__ = ["Recipe", "Generation", "RECIPE_DIR", "RELEASE_VALUES", "MODELS", "DATASETS", "list_recipes",
-           "load_recipe", "default_recipe", "release_pool_images", "POOLS", "POOL_IMAGES", "ANNOTATED_TEXTS"]
+           "load_recipe", "default_recipe", "release_pool_images", "recipes_page", "POOLS", "POOL_IMAGES",
+           "ANNOTATED_TEXTS", "CAPTIONER"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 MODELS = ("clip4cir", "tgcir", "blip4cir", "sprc", "zeroshot")
@@ -79,6 +81,8 @@ DATASETS = ("cirr", "fashioniq")
 BANK_IMAGES = ("all", "triplets")
 # the release's value of each deliberate difference (section, key) -> value
 RELEASE_VALUES: dict[tuple[str, str], Any] = {("stage2", "mask_reference"): False, ("bank", "images"): "triplets"}
+# the captioner of the printed commands: the release captioned with LLaVA
+CAPTIONER = "hf:llava-hf/llava-1.5-7b-hf"
 # the dataset's default recipe: where `cir-plugins augment` takes its per-dataset defaults from
 _DEFAULT_RECIPE = {"cirr": "clip4cir-cirr", "fashioniq": "clip4cir-fashioniq"}
 
@@ -215,6 +219,57 @@ class Recipe:
         for (section, key), value in RELEASE_VALUES.items():
             sections[section][key] = value
         return Recipe(**{**self.__dict__, **sections})
+
+    def commands(self) -> list[str]:
+        """The command lines that reproduce this recipe on the full data set, as ``cir-plugins recipe list``
+        prints them: the conversion of the starting checkpoint (when one is needed), then the ``recipe run``
+        line built from ``start`` (the factory, its keyword arguments, a stage-1 result, further flags).
+        ``DATA/<dataset>``, ``YOUR_<MODEL>.py`` and the ``runs/`` folders are the user's to fill."""
+        start = self.start
+        words = ["cir-plugins", "recipe", "run", self.name, "--model", start["model"]]
+        if start["factory_kwargs"]:
+            words += ["--factory-kwargs", json.dumps(start["factory_kwargs"])]
+        if start["trained"]:
+            words += ["--trained", start["trained"]]
+        words += [*start["args"], "--root", f"DATA/{self.dataset}", "--captioner", CAPTIONER, "--out",
+                  f"runs/{self.name}"]
+        run = " ".join(shlex.quote(w) for w in words)
+        return ([start["convert"]] if start["convert"] else []) + [run]
+
+    def describe(self) -> str:
+        """This recipe for a reader (Markdown): where it starts and how to convert it, the command, what trains,
+        the temperature, the annotated share and the partner pool with their derivations, and where the
+        library's defaults differ from the release with the option that restores the release's value."""
+        g, s2 = self.generation, self.stage2
+        tau = (f"{s2['temperature']} fixed" if not s2["learn_temperature"] else
+               f"{s2['temperature']} learned as {'tau itself in the AdamW group (weight decay ' + str(s2['weight_decay']) + '), as the release' if s2.get('temperature_param') == 'tau' else 'log tau'}")
+        window = ("any image (the release's random partner)" if g.rank_window is None else
+                  f"ranks [{g.rank_window[0]}, {g.rank_window[1]})"
+                  + (f", as fractions of the release's pool {self.generation.window_fractions(self.dataset)} "
+                     "(--rank-window fractions)" if self.dataset in DATASETS else ""))
+        count = POOL_IMAGES.get((self.dataset, g.pool))
+        pool = ("every training image" if g.pool == "all" else "the images the annotated train triplets name"
+                + ("" if count is None else f" (at most {count:,}, CIRR's training images)" if self.dataset == "cirr"
+                   else f" ({count:,} in the official files)"))
+        lines = [f"## {self.name}: {self.model_label} on {self.dataset}", "",
+                 f"- Starts from: {self.start['checkpoint']}.",
+                 *[f"- {'Convert' if k == 0 and self.start['convert'] else 'Run'}: `{c}`"
+                   for k, c in enumerate(self.commands())],
+                 f"- Fusion: {self.fusion}. Stage 2 trains: {self.trains}.",
+                 f"- Temperature: {tau}.",
+                 f"- Annotated share: {s2['annotated_fraction']}; {self.sources['annotated_fraction']}.",
+                 f"- Partner pool: {pool}; window {window}; "
+                 f"{'one partner' if g.partners_per_image == 1 else f'{g.partners_per_image} partners'} per "
+                 f"{'distinct annotated reference' if g.refer_only else 'image'}"
+                 + (f", K = {g.max_triplets:,} kept" if g.max_triplets else "") + ".",
+                 "- Where the defaults differ from the release (the option that restores its value): the "
+                 "reference row masked out of the stage-2 softmax and a bank of every training image (--release); "
+                 "bf16 mixed precision and a bf16 bank on CUDA (--precision release: fp16 autocast, GradScaler, "
+                 "float32 bank); partners ranked by the model's own image tower, where the release used Unicom "
+                 "ViT-L/14, not on PyPI (--pair-encoder open_clip:NAME or hf:NAME)."]
+        lines += [f"- {note}" + ("" if note.endswith(".") else ".") for note in self.notes
+                  if not note.startswith("annotated_fraction")]  # the share's derivation is above
+        return "\n".join(lines) + "\n"
 
     def on_synthetic(self, rank_window: tuple[float, float]) -> "Recipe":
         """This CIRR recipe on the synthetic world (CIRR layout, a few thousand images): the same settings,
@@ -416,6 +471,16 @@ def release_pool_images(dataset: str, pool: str = "triplets") -> int:
         raise ConfigError(explain("no release image count for this dataset and pool", got=(dataset, pool),
                                   expected=sorted(POOL_IMAGES)))
     return POOL_IMAGES[(dataset, pool)]
+
+
+def recipes_page(folder: str | Path | None = None) -> str:
+    """Every recipe for a reader (:meth:`Recipe.describe`), one section each: the text of ``docs/recipes.md``."""
+    head = ("# The paper's recipes\n\n"
+            "One section per recipe (`cir-plugins recipe show NAME --markdown`; the settings themselves: "
+            "`cir-plugins recipe show NAME`, the files `cir_plugins/recipes/*.json`). `cir-plugins recipe list` "
+            "prints the same commands. This page is generated from the recipe files "
+            "(`cir_plugins.recipes.recipes_page()`); a test keeps it equal to them.\n\n")
+    return head + "\n".join(load_recipe(name, folder).describe() for name in list_recipes(folder))
 
 
 def default_recipe(dataset: str) -> Recipe | None:
