@@ -23,7 +23,8 @@ CONFIG = dict(epochs=2, batch_size=15, lr=1e-2, show_progress=False, select_metr
               learn_temperature=True, temperature=0.05, max_grad_norm=1.0)
 # name -> config changes; batch 16 leaves a last micro-batch of 65 % 16 = 1 sample: rank 0 gets none and
 # takes part in the step's collectives with a weight-0 stand-in
-VARIANTS = {"sharded": {}, "replicated": {"shard_bank": False}, "sharded_last_batch_of_one": {"batch_size": 16}}
+VARIANTS = {"sharded": {}, "replicated": {"shard_bank": False}, "sharded_last_batch_of_one": {"batch_size": 16},
+            "tau_itself": {"temperature_param": "tau"}}  # tau learned as itself goes through DDP too
 
 
 def _train(**changes):
@@ -33,7 +34,7 @@ def _train(**changes):
     trainer = Stage2Trainer(model, bank, train, images, config=Stage2Config(**{**CONFIG, **changes}))
     history = trainer.fit()
     weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
-    weights["log_tau"] = trainer.log_tau.detach().clone()
+    weights["log_tau"] = (trainer.log_tau if trainer.log_tau is not None else trainer.learned_tau).detach().clone()
     layout = [trainer.negatives.sharded, trainer.negatives.row_offset, len(trainer.negatives.rows)]
     return weights, [h["loss"] for h in history], layout
 
