@@ -399,6 +399,45 @@ def test_a_pair_encoder_by_name_ranks_with_its_own_preprocessing(stand_ins, tmp_
             load_image_encoder(bad)
 
 
+def test_recipe_run_ranks_partners_with_a_named_encoder_on_its_own_preprocessing(stand_ins, tmp_path):
+    """The toy model sees 4-pixel images; the named CLIP ranks partners on its own 24-pixel preprocessing."""
+    from cir_plugins.cli import run_command
+
+    encoder = f"hf:{stand_ins['openai/clip-vit-large-patch14']}"
+    argv = _run_argv(stand_ins, tmp_path / "run", "--pair-encoder", encoder)
+    argv[argv.index("--epochs") + 1] = "1"
+    assert run_command("recipe", argv) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["pair_encoder"] == encoder
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["triplets"]["generated"] > 0
+
+
+def test_an_open_clip_encoder_by_name_uses_open_clip_and_its_transform(monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+    from cir_plugins._loading import load_image_encoder
+
+    made = {}
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 5)
+
+        def encode_image(self, images):
+            return self.proj(images.flatten(1))
+
+    def create(name, pretrained=None):
+        made.update(name=name, pretrained=pretrained)
+        return Tiny(), None, "the model's own transform"
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    encoder = load_image_encoder("open_clip:ViT-L-14:openai")
+    assert made == {"name": "ViT-L-14", "pretrained": "openai"}
+    assert encoder.image_transform == "the model's own transform"
+    assert encoder.encode_image(torch.rand(3, 3, 2, 2)).shape == (3, 5)
+    load_image_encoder("open_clip:RN50")
+    assert made == {"name": "RN50", "pretrained": None}
+
+
 def test_a_fashioniq_split_offers_the_release_texts_on_request(stand_ins):
     from cir_plugins.data.fashioniq import load_fashioniq
 

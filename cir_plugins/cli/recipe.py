@@ -48,7 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     show.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
     show.add_argument("--markdown", action="store_true",
                       help="the recipe for a reader: its checkpoint and conversion, the command, what trains, the "
-                           "annotated share and the pool with their derivations, the release's values (docs/recipes.md)")
+                           "annotated share and the pool with their derivations, the release's values "
+                           "(docs/recipes.md)")
     go = sub.add_parser("run", help="generate, bank, stage 2, evaluate; print measured beside published")
     go.add_argument("name", help="a recipe name (recipe list) or a recipe JSON file")
     add_model_arguments(go)  # --model (the base model's factory), --factory-kwargs, --trained (its stage 1), --device

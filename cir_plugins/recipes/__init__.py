@@ -241,8 +241,9 @@ class Recipe:
         the temperature, the annotated share and the partner pool with their derivations, and where the
         library's defaults differ from the release with the option that restores the release's value."""
         g, s2 = self.generation, self.stage2
-        tau = (f"{s2['temperature']} fixed" if not s2["learn_temperature"] else
-               f"{s2['temperature']} learned as {'tau itself in the AdamW group (weight decay ' + str(s2['weight_decay']) + '), as the release' if s2.get('temperature_param') == 'tau' else 'log tau'}")
+        learned = (f"tau itself in the AdamW group (weight decay {s2['weight_decay']}), as the release"
+                   if s2.get("temperature_param") == "tau" else "log tau")
+        tau = f"{s2['temperature']} fixed" if not s2["learn_temperature"] else f"{s2['temperature']} learned as {learned}"
         window = ("any image (the release's random partner)" if g.rank_window is None else
                   f"ranks [{g.rank_window[0]}, {g.rank_window[1]})"
                   + (f", as fractions of the release's pool {self.generation.window_fractions(self.dataset)} "
