@@ -31,6 +31,8 @@ ConfigError naming the file and the key):
   name, as the release's generation script does, 25,136 on FashionIQ; "all" = every training image) and
   ``annotated_texts`` (FashionIQ: which texts an annotated triplet draws from in training, "release" = the
   release's four, "c0 and c1", "c1 and c0", "c0", "c1"; "both_orders" = the loader's default two; null on CIRR).
+  Optional: ``rewriter`` (a text rewriter spec, ``"hf:<model name or path>"`` for
+  :class:`~cir_plugins.LLMRewriter`; null or absent = template texts, as the paper's rows).
   On FashionIQ partners are ranked over the three categories' training images together.
 - ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all": every training
   image; "triplets": the images the training triplets name).
@@ -151,13 +153,15 @@ class Generation:
     templates: tuple[str, ...]
     pool: str = "triplets"
     annotated_texts: str | None = None
+    # optional: a text rewriter spec ("hf:<model name or path>", positives.rewriters.rewriter_from_spec); None = templates
+    rewriter: str | None = None
 
     def augmenter_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~cir_plugins.positives.augmenter.TripletAugmenter` for these settings."""
         return {"templates": list(self.templates),
                 "rank_window": self.rank_window if self.rank_window is not None else (-1, -1),
                 "partners_per_image": self.partners_per_image, "refer_only": self.refer_only,
-                "max_triplets": self.max_triplets}
+                "max_triplets": self.max_triplets, **({"rewriter": self.rewriter} if self.rewriter else {})}
 
     def window_fractions(self, dataset: str) -> tuple[float, float] | None:
         """The rank window as fractions of N: the release's absolute ranks over the number of images it ranked
@@ -305,7 +309,10 @@ def _generation(path: Path, data: Any) -> Generation:
     from ..positives.pairing import parse_rank_window
     from ..positives.templates import validate_template
 
-    g = _keys(path, "generation", data, _GENERATION)
+    g = _keys(path, "generation", data, _GENERATION, {"rewriter"})
+    if g.get("rewriter") is not None and (not isinstance(g["rewriter"], str) or not g["rewriter"].strip()):
+        raise _fail(path, "generation.rewriter must be a rewriter spec such as 'hf:Qwen/Qwen2.5-1.5B-Instruct' or null",
+                    g["rewriter"])
     prompt = g["prompt"]
     if not isinstance(prompt, str) or "{k}" not in prompt:
         raise _fail(path, "generation.prompt must be a string with {k}", prompt)
@@ -335,7 +342,8 @@ def _generation(path: Path, data: Any) -> Generation:
                       partners_per_image=_positive_int(path, "generation.partners_per_image", g["partners_per_image"]),
                       refer_only=_bool(path, "generation.refer_only", g["refer_only"]),
                       max_triplets=_positive_int(path, "generation.max_triplets", g["max_triplets"], allow_none=True),
-                      templates=tuple(templates), pool=g["pool"], annotated_texts=g["annotated_texts"])
+                      templates=tuple(templates), pool=g["pool"], annotated_texts=g["annotated_texts"],
+                      rewriter=g.get("rewriter"))
 
 
 def _start(path: Path, data: Any) -> dict:
