@@ -21,7 +21,9 @@ equal captions dropped, and a text longer than the CIR model's tokenizer takes r
 caption alone (the limit is read from the pair encoder when it is the CIR model: see
 :func:`cir_plugins.positives.templates.text_limit_of`; ``--long-text truncate`` cuts instead). The caption
 word budget is the dataset's recipe's. ``--recipe NAME`` takes every generation setting from a recipe
-instead (the paper's, as its release runs them: ``cir-plugins recipe list``). FashionIQ generates over its
+instead (the paper's, as its release runs them: ``cir-plugins recipe list``), its partner pool included: the
+images the annotated training triplets name, as the release ranks (its window's fractions are shares of that
+pool, as in ``recipe run``; the summary's ``pool`` says which images were ranked). FashionIQ generates over its
 three categories' training images together, as the method's release does (with absolute ranks inside one
 category, whose size differs, the same window would fall elsewhere in the ranking); each image is captioned
 with its own category in the prompt. ``--category`` restricts a run to one category.
@@ -200,7 +202,7 @@ def _generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
     dataset_templates = "fashioniq" if args.dataset == "fashioniq" else "cirr"
     if args.recipe is None:
         return {**RECOMMENDED, "templates": [dataset_templates], "words": RECIPE_DEFAULTS[args.dataset]["words"],
-                "max_triplets": None}
+                "max_triplets": None, "recipe": None}
     from ..recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -213,7 +215,8 @@ def _generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
             "partners": generation.partners_per_image, "refer": generation.refer_only,
             "keep_equal_captions": True,  # the release keeps pairs with equal captions
             "long_text": "target", "rewriter": getattr(generation, "rewriter", None),
-            "templates": list(generation.templates), "words": generation.words, "max_triplets": generation.max_triplets}
+            "templates": list(generation.templates), "words": generation.words, "max_triplets": generation.max_triplets,
+            "recipe": recipe}
 
 
 def _length_policy(args: argparse.Namespace, encoder: Any, long_text: str) -> dict[str, Any]:
@@ -282,7 +285,7 @@ def _pair_encoder(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ..positives.annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
-    from ..recipes.run import training_pool
+    from ..recipes.run import pool_ids, training_pool
 
     fashion = args.dataset == "fashioniq"
     defaults = _generation_defaults(args)
@@ -319,7 +322,10 @@ def run(args: argparse.Namespace) -> int:
         caption_batch_size=args.caption_batch_size, skip_empty=args.skip_empty, rewriter=rewriter,
         keep_equal_captions=keep_equal, show_progress=show_progress(args), **length)
     unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
-    result = augmenter.augment(pool.image_ids, pool.images, pool.triplets)
+    # the images paired and ranked: every training image, or with --recipe the recipe's pool (the release's: the
+    # images the annotated triplets name), the same pool reproduce ranks in and the window's fractions refer to
+    ranked = pool.image_ids if defaults["recipe"] is None else pool_ids(defaults["recipe"], pool)
+    result = augmenter.augment(ranked, pool.images, pool.triplets)
     triplets = result.triplets
     if not triplets and not args.allow_empty:
         raise DataError(_nothing_generated(result, window, defaults["rank_window"]))
@@ -329,6 +335,8 @@ def run(args: argparse.Namespace) -> int:
         write_generated_cirr(triplets, out, first_pair_id=args.first_pair_id)
     summary = {"dataset": args.dataset, "split": args.split, "categories": categories if fashion else None,
                "recipe": defaults["name"], "captioner": captioner.name, "out": str(out), "rank_window": window,
+               "pool": {"kind": "all" if defaults["recipe"] is None else defaults["recipe"].generation.pool,
+                        "images": len(ranked)},
                "refer_only": refer, "keep_equal_captions": keep_equal, "long_text": long_text, "words": args.words,
                "unreadable_skipped": unreadable, **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
@@ -338,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
           f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']}, kept {s['kept_same_caption']} | "
           f"triplets {s['triplets']}")
     limit = s["text_limit"]
-    print(f"recipe: {defaults['name']} | texts over the limit: "
+    print(f"recipe: {defaults['name']} | ranked among {summary['pool']['images']} images "
+          f"({summary['pool']['kind']}) | texts over the limit: "
           + (f"{s['text_fallbacks']} ({'replaced by the target caption' if limit['fallback'] == 'target' else 'cut'}; "
              f"limit {limit['max_tokens']} tokens)" if limit else
              "not checked (no tokenizer limit known: pass --max-tokens, or stage1/stage2 apply the CIR model's)"))
