@@ -559,13 +559,17 @@ class ImageStore(Mapping):
         path = resolve_under_root(self.root, relative, what=what)
         return path, open_image_file(path, what=what)
 
-    def load_pil(self, image_id: str) -> Image.Image:
-        """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
+    def _open_id(self, image_id: str) -> tuple[Path, object]:
+        """:meth:`_open` of one of the store's ids (KeyError for another), its checked path remembered."""
         if image_id not in self._rel:
             raise KeyError(image_id)
-        what = f"image {image_id!r}"
-        path, handle = self._open(self._rel[image_id], what)
+        path, handle = self._open(self._rel[image_id], f"image {image_id!r}")
         self._abs[image_id] = path
+        return path, handle
+
+    def load_pil(self, image_id: str) -> Image.Image:
+        """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
+        path, handle = self._open_id(image_id)
         with handle:
             return self._decode(image_id, path, handle)
 
@@ -585,14 +589,10 @@ class ImageStore(Mapping):
         """The bytes of ``image_id``'s file as stored and its image format read from the header (PIL's name:
         ``"PNG"``, ``"JPEG"``, ...), never from the file name; same checks as :meth:`load_pil`. For serving the
         file as it is (the caller picks the content type from the format)."""
-        if image_id not in self._rel:
-            raise KeyError(image_id)
-        what = f"image {image_id!r}"
-        path, handle = self._open(self._rel[image_id], what)
-        self._abs[image_id] = path
+        _, handle = self._open_id(image_id)
         with handle:
             data = handle.read()
-        return data, image_format(io.BytesIO(data), what=what, fix=_FIX_FILE)
+        return data, image_format(io.BytesIO(data), what=f"image {image_id!r}", fix=_FIX_FILE)
 
     def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
         return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,
