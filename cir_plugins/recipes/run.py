@@ -296,7 +296,9 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
             a resumed run must have the same.
         show_progress: tqdm bars.
 
-    Generation keeps generated pairs whose two captions are equal, as the release does.
+    Generation keeps generated pairs whose two captions are equal, as the release does. A recipe's
+    ``generation.rewriter`` (e.g. ``"hf:Qwen/Qwen2.5-1.5B-Instruct"``) rewrites the generated texts with
+    :class:`~cir_plugins.LLMRewriter` on the model's device, its answers cached beside the captions.
     """
     from .._atomic import atomic_write_json
     from .._utils import model_device
@@ -377,6 +379,10 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     elif captioner is not None:
         kwargs = recipe.generation.augmenter_kwargs()
         kwargs["rank_window"] = window
+        if "rewriter" in kwargs:  # the recipe's rewriter spec: on the model's device, drawn with the run's seed
+            from ..positives.rewriters import rewriter_from_spec
+
+            kwargs["rewriter"] = rewriter_from_spec(kwargs["rewriter"], device=model_device(model), seed=seed)
         encoder = pair_encoder if pair_encoder is not None else model
         own = getattr(encoder, "image_transform", None)  # a named encoder's own preprocessing
         pool = pool_ids(recipe, data)
