@@ -9,7 +9,9 @@ write of such a folder (``.name.tmp-<pid>``, removed again when the write fails)
 
 What a killed write leaves (``name.tmp-<pid>`` files, ``.name.tmp-<pid>`` / ``.name.old-<pid>`` folders of a
 process that no longer runs) is cleaned by the next write to the same place (:func:`remove_leftovers`).
-A path that is an existing folder is refused before anything is written (IsADirectoryError naming it).
+A path that is an existing folder is refused before anything is written (IsADirectoryError naming it). The
+folders a write creates for its file (``make_parents``, :func:`folder_writer`) are removed again, while empty,
+when the write fails: nothing of a failed write is left.
 """
 
 from __future__ import annotations
@@ -57,15 +59,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bo
     failed write removes its temporary file and leaves ``path`` as it was.
     """
     path = Path(path)
-    if make_parents:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temporary(path, data)
+    created = _make_parents([path]) if make_parents else []
+    try:
+        tmp = _write_temporary(path, data)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         os.replace(tmp, path)
     finally:
         _unlink(tmp)
     fsync_dir(path.parent)
     return path
+
+
+def _make_parents(paths: list[Path]) -> list[Path]:
+    """Create the missing folders above ``paths``; returns those created, deepest first (for :func:`_remove_empty`)."""
+    created: list[Path] = []
+    for path in paths:
+        missing = []
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        try:
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # made meanwhile by another writer: not ours to remove
+                    continue
+                created.insert(0, folder)
+        except BaseException:
+            _remove_empty(created)
+            raise
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write created (deepest first), each only while it is still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def _unlink(path: Path) -> None:
@@ -104,13 +140,17 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes], *, make_parents
     for path in paths:  # refuse before writing anything
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-    if make_parents:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(paths) if make_parents else []
     written: list[Path] = []
     try:
         for path, data in zip(paths, files.values()):
             written.append(_write_temporary(path, data))
+    except BaseException:
+        for tmp in written:
+            _unlink(tmp)
+        _remove_empty(created)  # a failed write leaves no new empty folder either
+        raise
+    try:
         for tmp, path in zip(written, paths):
             os.replace(tmp, path)
     finally:
@@ -219,17 +259,22 @@ def folder_writer(final: str | os.PathLike) -> Iterator[Path]:
     removed), and when it raises, ``tmp`` is removed and ``final`` is left as it was. Leftovers of killed
     writes of ``final`` are removed first."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents([final])
     remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield tmp
         old = replace_folder(tmp, final, final.with_name(f".{final.name}.old-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # nor the folders made for it
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -96,7 +96,7 @@ def test_a_full_disk_is_one_line_for_every_writing_command(tmp_path, monkeypatch
         assert line.startswith(f"cir-plugins {name}: error: cannot use") and "No space left on device" in line
         assert str(target.name) in line and "free some space" in line and "Traceback" not in err
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "shared").exists()
-    assert not (tmp_path / "bank.safetensors").exists() and list((tmp_path / "show").iterdir()) == []
+    assert not (tmp_path / "bank.safetensors").exists() and not (tmp_path / "show").exists()  # not even its folder
     assert (tmp_path / "old.json").read_text() == "old"  # the old report is kept whole
     assert _leftovers(tmp_path) == []  # no temporary file or folder left behind
 
@@ -153,6 +153,24 @@ def _report(out):
     split = Split(dataset="synthetic", split="test", triplets=features.triplets, gallery_ids=features.gallery_ids,
                   images=images, protocol="cirr")
     return retrieval_report(None, split, out, features=features, k=3, n_queries=2)
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path, monkeypatch):
+    (tmp_path / "kept").mkdir()
+    _fill_disk(monkeypatch)
+    writes = {"one file": lambda: atomic_write_bytes(tmp_path / "kept" / "new" / "deeper" / "a", b"a"),
+              "files together": lambda: atomic_write_files({tmp_path / "kept" / "new" / "a": b"a",
+                                                            tmp_path / "kept" / "other" / "b": b"b"},
+                                                           make_parents=True)}
+    for name, write in writes.items():
+        with pytest.raises(OSError) as caught:
+            write()
+        assert caught.value.errno == errno.ENOSPC, name
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"], name  # the folder that was there stays
+    with pytest.raises(OSError):
+        with folder_writer(tmp_path / "kept" / "new" / "folder") as tmp:
+            atomic_write_bytes(tmp / "a", b"a")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
 
 
 def test_show_output_collisions_change_nothing(tmp_path):
