@@ -15,18 +15,11 @@ from cir_plugins.errors import ConfigError
 from cir_plugins.positives.augmenter import TripletAugmenter
 from cir_plugins.positives.templates import fit_generated_texts, text_limit_of
 
+from test_cli_new_user import CAPTIONS_AND_ENCODER as ENCODER  # the pair encoder file: pooled pixels, 8 dims
 from test_positives_augmenter import ColourCaptioner, encoder, make_store
 from test_positives_rewriter import build_tiny_chat_model
 
 HERE = Path(__file__).resolve().parent
-ENCODER = '''
-import torch
-
-def build(dim=8):
-    def encode(images):  # (n, C, H, W) -> (n, dim)
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
-    return encode
-'''
 # the toy CIR model of the training tests, declaring a text limit of 6 whitespace words
 FACTORY = f"""
 import sys
