@@ -19,7 +19,7 @@ from .errors import ConfigError, DataError, DeviceError, DTypeError, NonFiniteEr
 from .protocol import SIMILARITIES
 
 __all__ = ["settle", "check_similarity", "check_embeddings", "check_rows", "check_not_excluded", "as_temperature",
-           "check_chunk_size", "check_ks", "require_images", "FLOAT_DTYPES", "SIMILARITIES"]
+           "check_chunk_size", "check_positive_ints", "check_ks", "require_images", "FLOAT_DTYPES", "SIMILARITIES"]
 
 # Floating dtypes accepted for embeddings, queries and banks (float64 for tests).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -176,6 +176,13 @@ def check_chunk_size(chunk_size: Optional[int]) -> None:
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
                                   fix="leave it None to size chunks automatically"))
+
+
+def check_positive_ints(**values: object) -> None:
+    """Each keyword argument must be an int >= 1 (not a bool); the first that is not is a ConfigError naming it."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(explain(f"{name} must be an int >= 1", got=value))
 
 
 def check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..checks import require_images
+from ..checks import check_positive_ints, require_images
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import cache_file_name, caption_images, check_captioner, pil_source
@@ -183,10 +183,8 @@ class TripletAugmenter:
         self.text_maker = TextMaker(templates, max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback)
         self.keep_equal_captions = bool(keep_equal_captions)
         self.rank_window = parse_rank_window(rank_window)
-        for value, what in ((partners_per_image, "partners_per_image"), (batch_size, "batch_size"),
-                            (caption_batch_size, "caption_batch_size"), (chunk_size, "chunk_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        check_positive_ints(partners_per_image=partners_per_image, batch_size=batch_size,
+                            caption_batch_size=caption_batch_size, chunk_size=chunk_size)
         if max_triplets is not None and (isinstance(max_triplets, bool) or not isinstance(max_triplets, int)
                                          or max_triplets < 1):
             raise ConfigError(explain("max_triplets must be None or an int >= 1", got=max_triplets))

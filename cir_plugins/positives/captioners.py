@@ -42,6 +42,7 @@ try:
 except ImportError:  # not POSIX (Windows): the cache is then not locked against other processes
     fcntl = None
 
+from ..checks import check_positive_ints
 from ..data.images import to_pil
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
 
@@ -205,9 +206,7 @@ class HFCaptioner:
         if domain == "fashion" and "{category}" in self.prompt_template and category is None:
             raise ConfigError(explain("the fashion prompt needs a category", got=None,
                                       fix="pass category='dress' or a mapping id -> category"))
-        for value, what in ((k, "k"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        check_positive_ints(k=k, max_new_tokens=max_new_tokens, batch_size=batch_size)
         self.k, self.category, self.max_new_tokens, self.batch_size = k, category, max_new_tokens, batch_size
         self.device = torch.device(device)
         self.skip_empty = skip_empty

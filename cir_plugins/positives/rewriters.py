@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .._console import progress_bar
+from ..checks import check_positive_ints
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import CaptionCache, resolve_dtype, clean_caption
 
@@ -300,9 +301,7 @@ class LLMRewriter:
         generate_kwargs: Mapping[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        for value, what in ((max_words, "max_words"), (max_new_tokens, "max_new_tokens"), (batch_size, "batch_size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(explain(f"{what} must be an int >= 1", got=value))
+        check_positive_ints(max_words=max_words, max_new_tokens=max_new_tokens, batch_size=batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(explain("seed must be an int >= 0", got=seed))
         if long_output not in LONG_OUTPUT:

@@ -1,0 +1,25 @@
+"""The positives' integer settings share one check (cir_plugins.checks.check_positive_ints): a bool, 0 or a
+non-int is a ConfigError naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from cir_plugins.checks import check_positive_ints
+from cir_plugins.errors import ConfigError
+from cir_plugins.positives.augmenter import TripletAugmenter
+
+from test_positives_augmenter import ColourCaptioner, encoder
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5, "4", None])
+def test_check_positive_ints_names_the_first_bad_value(bad):
+    check_positive_ints(a=1, b=7)
+    with pytest.raises(ConfigError, match="b must be an int >= 1"):
+        check_positive_ints(a=1, b=bad, c=0)
+
+
+@pytest.mark.parametrize("setting", ["partners_per_image", "batch_size", "caption_batch_size", "chunk_size"])
+def test_the_augmenter_refuses_a_setting_below_one(setting):
+    with pytest.raises(ConfigError, match=f"{setting} must be an int >= 1"):
+        TripletAugmenter(ColourCaptioner(), encoder, **{setting: 0})
