@@ -15,16 +15,55 @@ __all__ = ["load_factory", "ImageEncoder", "load_image_encoder", "IMAGE_ENCODER_
 
 # the prefixes of an image encoder named by a library's own model name (not a factory spec)
 IMAGE_ENCODER_PREFIXES = ("open_clip:", "hf:")
+# the folders of factory files that _exec_file left on sys.path (at its end), newest first
+_FACTORY_FOLDERS: list[str] = []
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _folder_of(module: Any) -> str | None:
+    """The folder a top-level module was imported from (a package's parent folder), or None."""
+    where = getattr(module, "__file__", None)
+    if not isinstance(where, str):
+        return None
+    where = os.path.dirname(where)
+    return os.path.dirname(where) if os.path.basename(module.__file__) == "__init__.py" else where
+
+
+def _forget_if_stale(name: str) -> None:
+    """Drop the module ``name`` (and its submodules) from ``sys.modules`` when an import of it now would find
+    another file than the one it was loaded from (another working directory's or factory folder's module of the
+    same name, or one no longer on the path), so the import finds the file the path names now."""
+    cached = sys.modules.get(name)
+    loaded_from = getattr(cached, "__file__", None)
+    if loaded_from is None:  # not loaded, or not from a file (built in, a namespace package)
+        return
+    found = None
+    for finder in sys.meta_path:  # the import system's own search, without the module cache
+        find = getattr(finder, "find_spec", None)
+        found = find(name, None) if callable(find) else None
+        if found is not None:
+            break
+    if not _same_file(getattr(found, "origin", None), loaded_from):
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]
 
 
 def _import_module(where: str, spec: str) -> Any:
     """``where`` imported as a module, the working directory first on the path (a console script's
-    own folder is ``sys.path[0]``, not the folder the user runs it from)."""
+    own folder is ``sys.path[0]``, not the folder the user runs it from), the folders earlier factory files
+    left on the path not searched, and a module of that name loaded from elsewhere before not reused."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
         sys.path.insert(0, cwd)
+    hidden = [folder for folder in _FACTORY_FOLDERS if folder in sys.path and folder != cwd]
+    for folder in hidden:
+        sys.path.remove(folder)
     try:
+        _forget_if_stale(where.split(".")[0])
         return importlib.import_module(where)
     except ModuleNotFoundError as error:
         if error.name is None or not (where == error.name or where.startswith(error.name + ".")):
@@ -42,13 +81,15 @@ def _import_module(where: str, spec: str) -> Any:
     finally:
         if added:
             sys.path.remove(cwd)
+        sys.path.extend(hidden)
 
 
 def _exec_file(path: Path, spec: str) -> Any:
     """The file ``path`` executed as a fresh module, as ``python path`` would run it: its folder first on the
     path while it runs, so its own imports find their siblings first. Afterwards the folder stays on the path,
     last, so that an import the file makes later (inside its factory, when called) still finds its siblings
-    without any sibling shadowing an installed module."""
+    without any sibling shadowing an installed module. A sibling of the same name that an earlier factory file
+    in another folder imported is not reused: the file gets its own."""
     module_name = f"_cir_plugins_factory_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -56,6 +97,9 @@ def _exec_file(path: Path, spec: str) -> Any:
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
+        for name, loaded in list(sys.modules.items()):  # modules an earlier factory folder gave this name
+            if "." not in name and _folder_of(loaded) in _FACTORY_FOLDERS:
+                _forget_if_stale(name)
         module_spec.loader.exec_module(module)
     except Exception as error:  # the file's own code raised
         sys.modules.pop(module_name, None)
@@ -65,6 +109,7 @@ def _exec_file(path: Path, spec: str) -> Any:
         sys.path.remove(folder)  # the copy inserted above (the file may have added its folder itself)
         if folder not in sys.path:
             sys.path.append(folder)
+            _FACTORY_FOLDERS[:] = [folder, *(f for f in _FACTORY_FOLDERS if f != folder)]
     return module
 
 
