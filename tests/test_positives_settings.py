@@ -23,3 +23,20 @@ def test_check_positive_ints_names_the_first_bad_value(bad):
 def test_the_augmenter_refuses_a_setting_below_one(setting):
     with pytest.raises(ConfigError, match=f"{setting} must be an int >= 1"):
         TripletAugmenter(ColourCaptioner(), encoder, **{setting: 0})
+
+
+def test_a_loaded_model_without_its_tokenizer_or_processor_is_a_clear_error():
+    """HFCaptioner and LLMRewriter load (or take) their model through one function, captioners.load_pretrained."""
+    import torch
+
+    from cir_plugins.positives.captioners import HFCaptioner, load_pretrained
+    from cir_plugins.positives.rewriters import LLMRewriter
+
+    with pytest.raises(ConfigError, match="needs its processor"):
+        HFCaptioner(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="needs its tokenizer"):
+        LLMRewriter(torch.nn.Linear(2, 2))
+    model, companion, source = load_pretrained(torch.nn.Linear(2, 2), "tok", model_class="AutoModel",
+                                               companion_class="AutoTokenizer", companion_name="tokenizer",
+                                               dtype="bfloat16")
+    assert model.weight.dtype == torch.bfloat16 and companion == "tok" and source == "Linear"

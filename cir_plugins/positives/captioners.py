@@ -48,7 +48,7 @@ from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError
 
 __all__ = ["HFCaptioner", "PrecomputedCaptioner", "CaptionCache", "CaptionRun", "caption_images",
            "check_captioner", "pil_source", "default_prompt", "clean_caption", "cache_file_name",
-           "resolve_dtype"]
+           "resolve_dtype", "load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,34 @@ def _image_text_model_class() -> Any:
                               fix="upgrade transformers"))
 
 
+def load_pretrained(model: Any, companion: Any, *, model_class: str | Callable[[], Any], companion_class: str,
+                    companion_name: str, dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+    """A transformers model and its companion (processor or tokenizer): ``model`` a hub name or local path (both
+    loaded by ``from_pretrained``, the companion only when not given, the model in ``dtype``), or a loaded model
+    (its ``companion`` is then required, and ``dtype`` other than "auto" casts it). ``model_class`` /
+    ``companion_class``: the transformers auto classes by name (or a function returning the model's class);
+    transformers is imported only to load. Returns (model, companion, source: the name or path, or the loaded
+    model's class name)."""
+    if isinstance(model, (str, os.PathLike)):
+        import transformers
+
+        source = str(model)
+        if not companion:
+            companion = getattr(transformers, companion_class).from_pretrained(source,
+                                                                               trust_remote_code=trust_remote_code)
+        load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            load_kwargs["dtype"] = resolve_dtype(dtype)
+        loader = getattr(transformers, model_class) if isinstance(model_class, str) else model_class()
+        return loader.from_pretrained(source, **load_kwargs), companion, source
+    if companion is None:
+        raise ConfigError(explain(f"a loaded model needs its {companion_name}", fix=f"pass {companion_name}=..."))
+    source = type(model).__name__
+    if dtype is not None and dtype != "auto":
+        model = model.to(resolve_dtype(dtype))
+    return model, companion, source
+
+
 class HFCaptioner:
     """Caption images with a transformers image-to-text model.
 
@@ -211,22 +239,9 @@ class HFCaptioner:
         self.device = torch.device(device)
         self.skip_empty = skip_empty
         self.generate_kwargs = {"do_sample": False, "num_beams": 1, **dict(generate_kwargs or {})}
-        if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoProcessor
-
-            source = str(model)
-            self.processor = processor or AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-            if dtype is not None:
-                load_kwargs["dtype"] = resolve_dtype(dtype)
-            self.model = _image_text_model_class().from_pretrained(source, **load_kwargs)
-        else:
-            if processor is None:
-                raise ConfigError(explain("a loaded model needs its processor", fix="pass processor=..."))
-            source = type(model).__name__
-            self.model, self.processor = model, processor
-            if dtype is not None and dtype != "auto":
-                self.model = self.model.to(resolve_dtype(dtype))
+        self.model, self.processor, source = load_pretrained(
+            model, processor, model_class=_image_text_model_class, companion_class="AutoProcessor",
+            companion_name="processor", dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = self.model.to(self.device).eval()
         self.use_chat_template = (getattr(self.processor, "chat_template", None) is not None
                                   if use_chat_template is None else bool(use_chat_template))

@@ -51,7 +51,7 @@ import torch
 from .._console import progress_bar
 from ..checks import check_positive_ints
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
-from .captioners import CaptionCache, resolve_dtype, clean_caption
+from .captioners import CaptionCache, clean_caption, load_pretrained
 
 __all__ = ["LLMRewriter", "TextHookRewriter", "RewriteRun", "Example", "DEFAULT_EXAMPLES", "PROMPT_VERSION",
            "examples_from_triplets", "as_rewriter", "rewriter_from_spec", "unusable_reason", "LONG_OUTPUT"]
@@ -311,22 +311,9 @@ class LLMRewriter:
         self.batch_size, self.seed, self.system_message = batch_size, seed, bool(system_message)
         self.device = torch.device(device)
         self.generate_kwargs = {"do_sample": False, "num_beams": 1, **dict(generate_kwargs or {})}
-        if isinstance(model, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            source = str(model)
-            self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-            if dtype is not None:
-                load_kwargs["dtype"] = resolve_dtype(dtype)
-            self.model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-        else:
-            if tokenizer is None:
-                raise ConfigError(explain("a loaded model needs its tokenizer", fix="pass tokenizer=..."))
-            source = type(model).__name__
-            self.model, self.tokenizer = model, tokenizer
-            if dtype is not None and dtype != "auto":
-                self.model = self.model.to(resolve_dtype(dtype))
+        self.model, self.tokenizer, source = load_pretrained(
+            model, tokenizer, model_class="AutoModelForCausalLM", companion_class="AutoTokenizer",
+            companion_name="tokenizer", dtype=dtype, trust_remote_code=trust_remote_code)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ModelProtocolError(explain(f"the tokenizer of {source} has no chat template", got=source,
                                              fix="pick an instruct (chat) model, e.g. Qwen/Qwen2.5-0.5B-Instruct"))
