@@ -32,3 +32,11 @@ def test_snippet_names_exist():
     for name in set(re.findall(r"cp\.(\w+)", snippet)):
         assert hasattr(cp, name), name
     assert len(snippet.strip().splitlines()) <= 7
+
+
+def test_every_cp_name_in_the_readme_exists_and_the_api_table_has_the_generation_classes():
+    for name in set(re.findall(r"\bcp\.(\w+)", README)):
+        assert name in cp.__all__, name
+    api = README.split("## API", 1)[1].split("\n## ", 1)[0]
+    for name in ("TripletAugmenter", "LLMRewriter", "load_recipe", "Recipe", "reproduce"):
+        assert f"`cp.{name}" in api, name
