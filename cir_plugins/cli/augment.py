@@ -97,7 +97,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "of N (floats such as '0.6,0.9'), absolute ranks (ints such as '10000,15000', the "
                              "method's release on CIRR's 16,939 training images), or '-1' for any image. Default: "
                              f"{RECOMMENDED['rank_window']} (the nearest 1%%, the recommended recipe); with --recipe "
-                             "the recipe's window as a fraction of N (the release's: "
+                             "the recipe's window as a fraction of its pool, the images the annotated triplets "
+                             "name (the release's: "
                              + ", ".join(f"{d} {w}" for d, w in RELEASE_RANK_WINDOWS.items()) + ")")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the file and exit 0 even when no triplet was generated (default: an error)")
