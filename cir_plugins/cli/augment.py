@@ -52,8 +52,9 @@ __all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RAN
 
 def _recipe_defaults() -> dict[str, dict[str, Any]]:
     """Per dataset, the defaults of the dataset's recipe (cir_plugins/recipes, CLIP4Cir's row): the rank window
-    as fractions of N (the release's absolute window over its training set's size, so the same share of the
-    ranking is used whatever the gallery's size), refer-only and the caption word budget. The synthetic world
+    as fractions of N (the release's absolute window over the size of the pool it ranked in, the images its
+    annotated train triplets name, so the same share of the ranking is used whatever the data set's size),
+    refer-only and the caption word budget. The synthetic world
     (CIRR layout, no paper recipe) takes CIRR's."""
     from ..recipes import default_recipe
 
