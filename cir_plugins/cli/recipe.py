@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     go.add_argument("--image-size", type=int, default=224)
     go.add_argument("--rank-window", default=None,
                     help="override the recipe's window: 'a,b' (ints: ranks, floats: fractions of N), '-1' (any), "
-                         "or 'fractions' (the recipe's window as a share of the release's training set)")
+                         "or 'fractions' (the recipe's window as a share of the release's pool, the images its "
+                         "annotated triplets name)")
     go.add_argument("--release", action="store_true",
                     help="the release's values of our deliberate differences (reference row kept as a negative, "
                          "bank over the images the triplets name)")

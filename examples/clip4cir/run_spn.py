@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-noise", type=float, default=0.15, help="SyntheticCaptioner noise")
     parser.add_argument("--rank-window", default=None,
                         help="'a,b' ranks (ints) or fractions of N (floats), '-1' any image, or 'fractions' (the "
-                             "recipe's window as a share of the release's training set); default: the recipe's")
+                             "recipe's window as a share of the release's pool); default: the recipe's")
     parser.add_argument("--no-augment", action="store_true", help="stage 2 on the annotated triplets only (+N)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's (3)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
