@@ -3,7 +3,8 @@
 The folder holds what :func:`cir_plugins.load_trained` reads back, and what a reader needs to trust it::
 
     weights.safetensors   the trainable weights (and a learned temperature), by parameter name
-    cir_plugins.json      format, stage, config, the bank's fingerprint, the evaluation table, the history
+    cir_plugins.json      format, stage, config, the bank's fingerprint, the evaluation table, the history, and
+                          what it was made with (the images' preprocessing, the results it goes on top of)
     README.md             a model card: how to load it, the evaluation table, the recipe (config), the bank
 
 Only the weights training changed are saved, so the result is applied to the base model it was trained
@@ -81,7 +82,7 @@ def _from_trainer(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if tau is not None:
         weights[TEMPERATURE_NAME] = tau.double().log().float()
     info = {"stage": trainer.stage, "config": trainer.config.to_dict(), "history": list(trainer.history),
-            "best_epoch": getattr(trainer, "best_epoch", None)}
+            "best_epoch": getattr(trainer, "best_epoch", None), "made_with": getattr(trainer, "made_with", None)}
     return weights, info, getattr(trainer, "bank", None)
 
 
@@ -92,11 +93,31 @@ def _from_path(path: str | os.PathLike, checkpoint: str | None) -> tuple[dict[st
         weights[TEMPERATURE_NAME] = torch.tensor(math.log(result.temperature), dtype=torch.float32)
     info = {key: result.info[key] for key in ("stage", "config", "history", "best_epoch", "bank", "evaluation",
                                              "base_model", "recipe") if key in result.info}
+    info["made_with"], info["fingerprint"] = result.made_with, result.fingerprint
     fingerprints = result.info.get("fingerprints") or {}
     if "bank" not in info and fingerprints.get("bank"):
         info["bank"] = {"content_fingerprint": fingerprints["bank"]}
     info["source"] = str(result.source)
     return weights, info
+
+
+def _shared_made_with(made_with: Any, merged: list[dict[str, str]], source: Any) -> dict[str, Any] | None:
+    """What the shared folder records it was made with (``TrainedWeights.made_with``): the result's own record
+    (the images' preprocessing, the ``base`` it was trained on), less the base results ``on_top_of`` merged into
+    its weights, so that the folder alone loads as its base did. ConfigError when ``on_top_of`` is not the end of
+    the recorded base, in order (the merge would put the result on weights it was not trained on)."""
+    if not isinstance(made_with, dict):
+        return None  # a result that recorded nothing: nothing to carry
+    if "base" not in made_with or not merged:
+        return dict(made_with)
+    base = [b for b in made_with.get("base") or () if isinstance(b, dict)]
+    kept = base[:len(base) - len(merged)] if len(merged) <= len(base) else []
+    if [b.get("fingerprint") for b in base[len(kept):]] != [m["fingerprint"] for m in merged]:
+        named = ", then ".join(str(b.get("path")) for b in base) or "nothing (the factory's model)"
+        raise ConfigError(explain(f"{source} was trained on top of {named}, but on_top_of merges other results",
+                                  got=[m["path"] for m in merged], expected=[b.get("path") for b in base],
+                                  fix="pass on_top_of the results it was trained on, in training order"))
+    return {**made_with, "base": kept}
 
 
 def _bank_info(bank: Any) -> dict[str, Any]:
@@ -204,7 +225,9 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
             path :func:`cir_plugins.load_trained` accepts (a run's output folder, a checkpoint folder, ...).
         folder: the folder to write (a new one; ``overwrite=True`` replaces an existing one).
         on_top_of: earlier results this one was trained on (e.g. the stage-1 run under a stage-2 run):
-            their weights are merged under this result's, so one ``load_trained`` reproduces the model.
+            their weights are merged under this result's, so one ``load_trained`` reproduces the model. The
+            folder records what the result was made with (preprocessing, base) less these merged results
+            (ConfigError when they are not the results it recorded it was trained on, in that order).
         bank: the NegativeBank of a stage-2 result (a stage-2 trainer's own bank by default); its
             fingerprints go in the JSON and the card.
         evaluation: the evaluation table: ``{row name: cp.evaluate(...) dict}`` or one such dict; default:
@@ -229,10 +252,13 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
         raise ConfigError(explain("save_trained needs a trainer or the path of a trained result",
                                   got=type(source).__name__, fix="pass the trainer after fit, or its output_dir"))
     merged: dict[str, torch.Tensor] = {}
+    merged_from: list[dict[str, str]] = []
     for earlier in on_top_of:
-        below, _ = _from_path(earlier, None)
+        below, below_info = _from_path(earlier, None)
         below.pop(TEMPERATURE_NAME, None)  # the temperature is this result's own
         merged.update(below)
+        merged_from.append({"path": str(earlier), "fingerprint": below_info["fingerprint"]})
+    made_with = _shared_made_with(info.get("made_with"), merged_from, info.get("source", "the trainer's result"))
     merged.update(weights)
     parameters = {k: v for k, v in merged.items() if k != TEMPERATURE_NAME}
     document: dict[str, Any] = {
@@ -244,6 +270,7 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
         "bank": _bank_info(bank) if bank is not None else info.get("bank"),
         "evaluation": _evaluation_table(evaluation, info) or info.get("evaluation") or {},
         "recipe": dict(recipe) if recipe is not None else info.get("recipe"),
+        "made_with": made_with,
     }
     try:
         json.dumps(document)

@@ -134,7 +134,7 @@ _SHARED_FIELDS: dict[str, tuple[type, ...]] = {
     "version": (int,), "library_version": (str, type(None)), "name": (str, type(None)), "stage": (str, type(None)),
     "trainable": (list,), "trainable_scalars": (int,), "on_top_of": (list,), "base_model": (str, type(None)),
     "config": (dict, type(None)), "best_epoch": (int, type(None)), "history": (list,), "bank": (dict, type(None)),
-    "evaluation": (dict,), "recipe": (dict, type(None)),
+    "evaluation": (dict,), "recipe": (dict, type(None)), "made_with": (dict, type(None)),
 }
 
 

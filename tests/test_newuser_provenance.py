@@ -153,3 +153,31 @@ def test_old_results_and_banks_without_the_record_still_load(run, tmp_path, caps
 def test_a_shared_copy_has_the_fingerprint_of_its_run(run, tmp_path):
     folder = cp.save_trained(run.stage1, tmp_path / "shared")
     assert cp.trained.read_trained(folder).fingerprint == cp.trained.read_trained(run.stage1).fingerprint
+
+
+def _log(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_shared_folder_carries_what_its_result_was_made_with(run, tmp_path, capsys, caplog):
+    caplog.set_level("INFO")
+    stage1, stage2 = cp.trained.read_trained(run.stage1), cp.trained.read_trained(run.stage2)
+    assert cp.trained.read_trained(cp.save_trained(run.stage1, tmp_path / "s1")).made_with == stage1.made_with
+    # stage 2 merged onto its stage-1 base: the folder alone is the whole result, its preprocessing recorded
+    merged = str(cp.save_trained(run.stage2, tmp_path / "merged", on_top_of=[run.stage1]))
+    assert cp.trained.read_trained(merged).made_with == {**stage2.made_with, "base": []}
+    caplog.clear()
+    assert main(run.evaluate(merged)) == 0
+    assert "does not record" not in _log(caplog)
+    assert f"--trained {merged} recorded: --transform squarepad --image-size 4" in _log(caplog)
+    assert main(run.evaluate(merged, extra=("--transform", "clip"))) == 2
+    assert f"--transform squarepad --image-size 4 for --trained {merged}" in _error(capsys)
+    # stage 2 alone still needs its stage-1 base, as the run folder does
+    alone = str(cp.save_trained(run.stage2, tmp_path / "alone"))
+    assert main(run.evaluate(alone)) == 2 and f"--trained {alone} was trained on top of" in _error(capsys)
+    assert main(run.evaluate(run.stage1, alone)) == 0
+    # merging results it was not trained on is refused before anything is written
+    with pytest.raises(cp.errors.ConfigError, match="was trained on top of .*on_top_of merges other results"):
+        cp.save_trained(run.stage2, tmp_path / "wrong", on_top_of=[run.stage2])
+    assert not (tmp_path / "wrong").exists()
+
