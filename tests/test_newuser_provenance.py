@@ -181,3 +181,31 @@ def test_a_shared_folder_carries_what_its_result_was_made_with(run, tmp_path, ca
         cp.save_trained(run.stage2, tmp_path / "wrong", on_top_of=[run.stage2])
     assert not (tmp_path / "wrong").exists()
 
+
+def _python_stage2(run, tmp_path, transform: str, **kwargs):
+    """A stage-2 trainer made in Python (no made_with) on the world's train split under ``transform``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("provenance_model", run.root / "my_model.py")
+    factory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(factory)
+    model = cp.load_trained(factory.build(), run.stage1)
+    split = cp.load_split(run.world, "synthetic", "train", transform=transform, size=4)
+    config = cp.Stage2Config(epochs=1, batch_size=8, output_dir=str(tmp_path / "py_stage2"), show_progress=False)
+    return cp.Stage2Trainer(model, cp.NegativeBank.load(run.bank), split.triplets, split.images, config=config,
+                            **kwargs)
+
+
+def test_a_python_stage2_checks_its_images_against_the_bank(run, tmp_path, caplog):
+    with pytest.raises(cp.errors.DataError) as caught:
+        _python_stage2(run, tmp_path, "clip")  # the bank was built under squarepad
+    message = " ".join(str(caught.value).split())
+    assert "{'kind': 'clip'} here, {'kind': 'squarepad'} for the bank" in message
+    assert "allow_preprocessing_mismatch=True" in message
+    _python_stage2(run, tmp_path, "clip", allow_preprocessing_mismatch=True)
+    assert any("going on: allow_preprocessing_mismatch" in r.getMessage() for r in caplog.records)
+    # the same preprocessing trains; a result made in Python records no base, so its order is not checked
+    _python_stage2(run, tmp_path, "squarepad").fit()
+    caplog.set_level("INFO")
+    assert main(run.evaluate(run.stage1, str(tmp_path / "py_stage2"))) == 0
+    assert f"--trained {tmp_path / 'py_stage2'} does not record the results it was trained on" in _log(caplog)

@@ -150,6 +150,8 @@ def _read_trained_in_order(args: argparse.Namespace, *, keep_weights: bool) -> l
         if made_with is None:
             logger.info("--trained %s does not record what it was trained with (written before results recorded "
                         "it): its base and its preprocessing are not checked", path)
+        elif "base" not in made_with:  # trained in Python without made_with={"base": ...}: the base is unknown
+            logger.info("--trained %s does not record the results it was trained on: their order is not checked", path)
         else:
             base = [b for b in made_with.get("base") or () if isinstance(b, dict)]
             if [b.get("fingerprint") for b in base] != [s["fingerprint"] for s in sources]:
@@ -216,12 +218,14 @@ def resolve_preprocessing(args: argparse.Namespace) -> list[tuple[str, dict[str,
 def check_preprocessing(args: argparse.Namespace, images: Any, recorded: list[tuple[str, dict[str, Any]]]) -> None:
     """DataError (a warning with ``--allow-provenance-mismatch``) when ``images`` (an ImageStore) are
     preprocessed otherwise than a ``--trained`` result or ``--bank`` recorded, naming both sides."""
+    from ..data.images import preprocessing_differences
+
     describe = getattr(images, "preprocessing", None)
     here = describe() if callable(describe) else None
     for where, theirs in recorded:
-        if here is None or here == theirs:
+        differ = preprocessing_differences(here, theirs) if here is not None else []
+        if not differ:
             continue
-        differ = sorted(k for k in {*here, *theirs} if here.get(k) != theirs.get(k))
         _mismatch(args, DataError, explain(
             f"the images here are preprocessed otherwise than {where} recorded",
             got=f"{_as_flags(here)} here, {_as_flags(theirs)} for {where} (differing: {', '.join(differ)})",

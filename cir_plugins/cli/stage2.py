@@ -45,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
     bank = NegativeBank.load(args.bank, device=model_device(model))
     config = config_from_args(Stage2Config, args, output_dir=args.out, show_progress=show_progress(args))
     trainer = Stage2Trainer(model, bank, triplets, split.images, config=config, evaluator=val_evaluator(args),
-                            made_with=made_with(args))
+                            made_with=made_with(args),
+                            allow_preprocessing_mismatch=bool(getattr(args, "allow_provenance_mismatch", False)))
     return fit_and_report(trainer, args)

@@ -43,7 +43,7 @@ import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ __all__ = [
     "image_format",
     "resolve_under_root",
     "ClipTransform",
+    "preprocessing_differences",
 ]
 
 logger = logging.getLogger(__name__)
@@ -446,6 +447,12 @@ def make_transform(transform: str | Callable | None, size: int = 224, **kwargs) 
         return transform
     raise ConfigError(explain("transform must be a name or a callable PIL -> tensor", got=type(transform).__name__,
                               expected=TRANSFORM_NAMES, fix="pass e.g. transform='clip', size=224"))
+
+
+def preprocessing_differences(here: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """The keys in which two image preprocessing descriptions (:meth:`ImageStore.preprocessing`, or what a bank or
+    a trained result recorded of it) differ, sorted; empty when the images are preprocessed the same way."""
+    return sorted(k for k in {*here, *recorded} if here.get(k) != recorded.get(k))
 
 
 class ImageStore(Mapping):

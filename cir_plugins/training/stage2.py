@@ -31,6 +31,7 @@ from .. import protocol
 from ..data.triplet import Triplet
 from .._utils import eval_mode
 from ..errors import ConfigError, DataError, ShapeError, explain
+from ..data.images import preprocessing_differences
 from ..negatives.bank import NegativeBank, probe_split
 from .config import Stage2Config
 from .evaluator import Evaluator
@@ -78,6 +79,27 @@ class ReferenceCache:
 
 
 
+def _check_bank_preprocessing(bank: NegativeBank, images: Mapping[str, Tensor], allow: bool) -> None:
+    """DataError (a warning with ``allow``) when ``images`` describe their preprocessing (an ImageStore) and it is
+    not what ``bank`` recorded for its images."""
+    describe = getattr(images, "preprocessing", None)
+    if bank.preprocessing is None or not callable(describe):
+        return
+    here = describe()
+    differ = preprocessing_differences(here, bank.preprocessing)
+    if not differ:
+        return
+    message = explain("the training images are preprocessed otherwise than the bank's images were",
+                      got=f"{ {k: here.get(k) for k in differ} } here, "
+                          f"{ {k: bank.preprocessing.get(k) for k in differ} } for the bank",
+                      fix="give the trainer images with the bank's preprocessing (e.g. images.with_transform("
+                          f"{bank.preprocessing.get('kind')!r}, size={bank.preprocessing.get('size')!r})), build "
+                          "the bank from these images, or pass allow_preprocessing_mismatch=True to go on")
+    if not allow:
+        raise DataError(message)
+    logger.warning("%s (going on: allow_preprocessing_mismatch=True)", message)
+
+
 class Stage2Trainer(Trainer):
     """Fine-tune the query side of ``model`` against ``bank`` on ``triplets``.
 
@@ -94,13 +116,18 @@ class Stage2Trainer(Trainer):
         evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
         made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
             command line records ``base``: the stage-1 result this run starts from).
+        allow_preprocessing_mismatch: go on (with a warning) when ``images`` is an ImageStore preprocessing its
+            images otherwise than the bank recorded for its own (another transform or size: the queries would
+            be compared with rows of differently made images). Default: DataError naming both sides. A plain
+            mapping, or a bank that recorded nothing, is not checked.
     """
 
     stage = "stage2"
 
     def __init__(self, model: Any, bank: NegativeBank, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
                  *, config: Stage2Config | None = None, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None) -> None:
+                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None,
+                 allow_preprocessing_mismatch: bool = False) -> None:
         if not isinstance(bank, NegativeBank):
             raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
                                       fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
@@ -108,6 +135,7 @@ class Stage2Trainer(Trainer):
         if not isinstance(config, Stage2Config):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
         self.bank = bank
+        _check_bank_preprocessing(bank, images, allow_preprocessing_mismatch)
         super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate,
                          made_with=made_with)
 
