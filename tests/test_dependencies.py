@@ -73,6 +73,13 @@ def test_core_requirements_are_what_the_library_imports():
     assert missing == {}, f"imported by cir_plugins/ but neither a requirement nor an extra: {missing}"
 
 
+def test_the_library_extras_install_only_what_the_library_imports():
+    _, extras = _config()
+    imported = {DISTRIBUTION.get(name, name).lower() for name in _third_party_imports()}
+    unused = {extra: [r for r in extras[extra] if r not in imported] for extra in ("report", "hub", "faiss", "serve")}
+    assert not any(unused.values()), f"an extra installs packages cir_plugins/ never imports: {unused}"
+
+
 def test_examples_and_test_extras_cover_what_they_import():
     examples, test = _extra_closure("examples"), _extra_closure("test")
     assert {"matplotlib", "tokenizers"} <= examples and "timm" in _extra_closure("timm")

@@ -51,7 +51,7 @@ def browser_bits():
     paths = _browser_paths()
     if paths is None:
         _require("chromium and chromium-driver", f"install them with `{INSTALL}`")
-    for module in ("selenium", "starlette", "uvicorn", "python_multipart"):
+    for module in ("selenium", "starlette", "uvicorn"):
         try:
             __import__(module)
         except ImportError:
