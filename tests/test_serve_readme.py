@@ -20,6 +20,7 @@ from starlette.testclient import TestClient  # noqa: E402
 import cir_plugins as cp  # noqa: E402
 from cir_plugins.cli import main  # noqa: E402
 from cir_plugins.serve import GallerySearcher  # noqa: E402
+from cir_plugins.serve.app import SEARCH_FIELDS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 README = (HERE.parent / "README.md").read_text()
@@ -48,6 +49,21 @@ def serve_commands() -> list[list[str]]:
         assert words[0] == "cir-plugins", line
         commands.append(words[1:])
     return commands
+
+
+def _api_table() -> dict[str, tuple[str, str]]:
+    """The README's JSON API table: the request's method and path -> (the request cell, the answer cell)."""
+    section = README.split("The page and any script talk to the same JSON API:", 1)[1].strip().split("\n\n", 1)[0]
+    rows = {}
+    for line in section.strip().splitlines()[2:]:
+        request, answer = line.strip("|").split(" | ", 1)
+        rows[" ".join(request.strip("` ").split("`")[0].split()[:2])] = (request, answer)
+    return rows
+
+
+def _fields(cell: str) -> set[str]:
+    """The quoted names of a README answer cell's first JSON object."""
+    return set(re.findall(r'"(\w+)"', cell.split("}", 1)[0]))
 
 
 def test_the_readme_serve_example_runs_as_written(tmp_path, monkeypatch, capsys):
@@ -80,6 +96,16 @@ def test_the_readme_serve_example_runs_as_written(tmp_path, monkeypatch, capsys)
     bank = cp.NegativeBank.load("runs/bank_val.safetensors")
     expected = GallerySearcher(trained.eval(), bank, split.images).search(text, image_id=reference, k=5)
     assert [r["id"] for r in answer.json()["results"]] == [r["id"] for r in expected["results"]]
+    # the README's JSON API table names what the server answers and takes
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    api = _api_table()
+    assert _fields(api["GET /api/info"][1]) == set(client.get("/api/info").json())
+    assert _fields(api["GET /api/gallery?q=TEXT&offset=0&limit=60"][1]) == set(client.get("/api/gallery").json())
+    search_request, search_answer = api["POST /api/search"]
+    assert set(answer.json()) == {"index", "results"} and search_answer.startswith('`{"index": ')
+    assert {"rank", "id", "ids", "score", "url"} == set(answer.json()["results"][0]) == _fields(
+        search_answer.split("[", 1)[1])
+    assert all(f'"{name}"' in search_request for name in SEARCH_FIELDS)
     # the training bank (of train) with --split val: refused before serving, the error naming the fix
     capsys.readouterr()
     wrong = [w if w != "runs/bank_val.safetensors" else "runs/bank.safetensors" for w in commands[1]]
