@@ -43,6 +43,7 @@ BAD_DOCUMENTS = {
     "files is a string": (lambda d: {**d, "files": "x"}, "'files' must record"),
     "trainable is a number": (lambda d: {**d, "trainable": 5}, "'trainable' must list"),
     "history is an object": (lambda d: {**d, "history": {"a": 1}}, "field 'history'"),
+    "made_with is a list": (lambda d: {**d, "made_with": ["clip"]}, "field 'made_with'"),
     "files entry malformed": (lambda d: {**d, "files": {"weights.safetensors": {"bytes": "9"}}}, "malformed"),
     "files names a path": (lambda d: {**d, "files": {**d["files"], "../x": d["files"]["weights.safetensors"]}},
                            "directly inside the folder"),
