@@ -45,6 +45,23 @@ def test_check_data_checks_the_shipped_world_with_its_splits_and_counts(world, d
     assert all(u["counts_match"] for u in report.splits)
 
 
+def test_the_readme_check_data_command_runs_as_written_on_the_world(world, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**Check a dataset before training on it**", 1)[1].split("**Search a gallery", 1)[0]
+    lines = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].strip().splitlines()
+    assert len(lines) == 1
+    words = shlex.split(lines[0].split("  #", 1)[0].replace("data/CIRR", str(world)))
+    assert words[0] == "cir-plugins"
+    monkeypatch.chdir(tmp_path)
+    assert main(words[1:]) == 0  # the world detected under --dataset cirr
+    assert "COMPLETE" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "check.json").read_text())["ok"] is True
+
+
 def test_check_data_synthetic_compares_with_the_recorded_counts(world, tmp_path):
     import shutil
 
