@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     pair_encoder = None
     if args.pair_encoder and args.pair_encoder.startswith(IMAGE_ENCODER_PREFIXES):
         pair_encoder = load_image_encoder(args.pair_encoder, device=args.device,
-                                          trust_remote_code=getattr(args, "trust_remote_code", False))
+                                          trust_remote_code=args.trust_remote_code)
     elif args.pair_encoder:
         pair_encoder = model_from_factory(args, spec=args.pair_encoder)
     stage2 = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
