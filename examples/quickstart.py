@@ -56,8 +56,9 @@ fractions so that they carry over to a world of another size; only what belongs 
   - the tiny model's learning rates, step counts and temperatures are the same as every other row's, chosen on
     world 0's val split (see BUDGETS and benchmarks/RESULTS.md, "Selection protocol").
 
-Threads: --threads defaults to 1. A model this small gains little from a second thread, and where other work
-shares the CPU torch's spinning threads can make each step many times slower (benchmarks/threads.py).
+Threads: on the CPU, --threads defaults to 2 when two cores are idle at the start and to 1 otherwise. A second
+thread makes this tiny model 1.45x faster on an idle CPU, but where other work shares the CPU torch's spinning
+threads make each step slower than one thread would, and far slower on a busy machine (benchmarks/threads.py).
 
 With --worlds, OUT/world<W>/ holds each world's results and OUT/heldout.json / .md / .png the table of each row's
 Rmean difference to the baseline: mean, spread over runs and a 95% interval by a paired two-level bootstrap
@@ -261,6 +262,32 @@ class Clock:
         self.steps[name] = self.steps.get(name, 0.0) + seconds
         print(f"  [{time.perf_counter() - self.start:7.1f}s] {name}: {seconds:.1f}s", flush=True)
         return out
+
+
+def idle_cores(seconds: float = 0.5) -> float:
+    """How many CPU cores were idle over the last ``seconds`` (from /proc/stat; elsewhere the cores minus the
+    1-minute load average)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+        return (os.cpu_count() or cores) * (idle1 - idle0) / max(1, total1 - total0)
+    except (OSError, ValueError, IndexError):
+        return max(0.0, cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else 1.0
+
+
+def threads_for_this_cpu() -> int:
+    """The quickstart's thread count: 2 when at least 1.5 cores are idle, else 1. On an idle 2-core CPU a second thread
+    makes the tiny model's training steps 1.45x faster; beside another job it makes them 1.75x slower than one
+    thread, and on a busier machine torch's spinning threads have cost far more (benchmarks/threads.py)."""
+    return 2 if idle_cores() >= 1.5 else 1
 
 
 def seed_everything(seed: int) -> None:
@@ -831,10 +858,10 @@ def main(argv=None) -> int:
                         help="seed of the synthetic world and of the tiny CLIP's pretraining (shared by all seeds)")
     parser.add_argument("--quick", action="store_true", help="tiny budget for tests and CI (the numbers mean nothing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU when present)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: a model this small gains little from a second thread, and "
-                             "on a CPU other work shares, torch's spinning threads can make each step many times "
-                             "slower; benchmarks/threads.py measures both; 0 = torch's own choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 2 when two cores are idle at the start, else 1: a second "
+                             "thread makes this tiny model 1.45x faster on an idle CPU, and 1.75x slower than one "
+                             "thread beside another job, benchmarks/threads.py; 0 = torch's own choice)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (they are off anyway when stderr is not a terminal)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
@@ -859,8 +886,10 @@ def main(argv=None) -> int:
             parser.error(str(error))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU; use --device cpu")
-    if args.threads < 0:
+    if args.threads is not None and args.threads < 0:
         parser.error(f"--threads must be >= 0 (0 = torch's own choice), got {args.threads}")
+    if args.threads is None and args.device == "cpu":
+        args.threads = threads_for_this_cpu()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -869,11 +898,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress and sys.stderr.isatty()  # no bars filling a log file
+    if not show:  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     clock = Clock()
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"quickstart: seeds {seeds}, worlds {worlds if worlds else [args.world_seed]}, budget "
           f"{'quick' if args.quick else 'default'}, device {args.device}, torch threads {torch.get_num_threads()} "
-          f"(--threads N to change; 1 stays fast on a shared CPU), out {out}", flush=True)
+          f"(--threads N to change; 1 stays fast on a CPU other work shares), out {out}", flush=True)
     runs = {}
     for world_seed in (worlds or [args.world_seed]):
         per_seed = {}
