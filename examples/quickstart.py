@@ -56,9 +56,10 @@ fractions so that they carry over to a world of another size; only what belongs 
   - the tiny model's learning rates, step counts and temperatures are the same as every other row's, chosen on
     world 0's val split (see BUDGETS and benchmarks/RESULTS.md, "Selection protocol").
 
-Threads: on the CPU, --threads defaults to 2 when two cores are idle at the start and to 1 otherwise. A second
-thread makes this tiny model 1.45x faster on an idle CPU, but where other work shares the CPU torch's spinning
-threads make each step slower than one thread would, and far slower on a busy machine (benchmarks/threads.py).
+Threads: on the CPU, without --threads, the quickstart uses 2 threads while at least 1.5 cores are idle and 1
+otherwise, looking again before every step, so a job that starts beside it (or ends) is seen. A second thread
+makes this tiny model 1.45x faster on an idle CPU, but where other work shares the CPU torch's spinning threads
+make each step slower than one thread would, and far slower on a busy machine (benchmarks/threads.py).
 
 With --worlds, OUT/world<W>/ holds each world's results and OUT/heldout.json / .md / .png the table of each row's
 Rmean difference to the baseline: mean, spread over runs and a 95% interval by a paired two-level bootstrap
@@ -248,13 +249,20 @@ BUDGETS = {
 
 # ------------------------------------------------------------------------------------------ utilities
 class Clock:
-    """A line per step with its time, and the total."""
+    """A line per step with its time, and the total. With ``adapt_threads``, the torch thread count is chosen
+    again before every step (threads_for_this_cpu), so a job that starts beside the quickstart, or ends, is seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, adapt_threads: bool = False) -> None:
         self.start = time.perf_counter()
         self.steps: dict[str, float] = {}
+        self.adapt_threads = adapt_threads
 
     def run(self, name: str, fn, *args, **kwargs):
+        if self.adapt_threads:  # between steps this process is idle, so the sample sees only the other jobs
+            threads = threads_for_this_cpu(seconds=0.25)
+            if threads != torch.get_num_threads():
+                print(f"     torch threads {torch.get_num_threads()} -> {threads} (idle cores changed)", flush=True)
+                torch.set_num_threads(threads)
         started = time.perf_counter()
         print(f"  -> {name} ...", flush=True)
         out = fn(*args, **kwargs)
@@ -283,11 +291,11 @@ def idle_cores(seconds: float = 0.5) -> float:
         return max(0.0, cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else 1.0
 
 
-def threads_for_this_cpu() -> int:
+def threads_for_this_cpu(seconds: float = 0.5) -> int:
     """The quickstart's thread count: 2 when at least 1.5 cores are idle, else 1. On an idle 2-core CPU a second thread
     makes the tiny model's training steps 1.45x faster; beside another job it makes them 1.75x slower than one
     thread, and on a busier machine torch's spinning threads have cost far more (benchmarks/threads.py)."""
-    return 2 if idle_cores() >= 1.5 else 1
+    return 2 if idle_cores(seconds) >= 1.5 else 1
 
 
 def seed_everything(seed: int) -> None:
@@ -859,9 +867,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny budget for tests and CI (the numbers mean nothing)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU when present)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 2 when two cores are idle at the start, else 1: a second "
-                             "thread makes this tiny model 1.45x faster on an idle CPU, and 1.75x slower than one "
-                             "thread beside another job, benchmarks/threads.py; 0 = torch's own choice)")
+                        help="torch CPU threads (default: 2 while at least 1.5 cores are idle, else 1, looked at again "
+                             "before every step: a second thread makes this tiny model 1.45x faster on an idle CPU, "
+                             "and 1.75x slower than one thread beside another job, benchmarks/threads.py; "
+                             "0 = torch's own choice)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (they are off anyway when stderr is not a terminal)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
@@ -888,7 +897,8 @@ def main(argv=None) -> int:
         parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU; use --device cpu")
     if args.threads is not None and args.threads < 0:
         parser.error(f"--threads must be >= 0 (0 = torch's own choice), got {args.threads}")
-    if args.threads is None and args.device == "cpu":
+    adapt_threads = args.threads is None and args.device == "cpu"
+    if adapt_threads:
         args.threads = threads_for_this_cpu()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -902,7 +912,7 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    clock = Clock()
+    clock = Clock(adapt_threads=adapt_threads)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"quickstart: seeds {seeds}, worlds {worlds if worlds else [args.world_seed]}, budget "
           f"{'quick' if args.quick else 'default'}, device {args.device}, torch threads {torch.get_num_threads()} "

@@ -248,3 +248,24 @@ def test_merge_refuses_mixed_configurations_and_repeated_seeds(tmp_path):
         quickstart.main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "m")])
     with pytest.raises(SystemExit, match="no results.json"):
         quickstart.main(["--merge", str(tmp_path / "missing"), "--out", str(tmp_path / "m")])
+
+
+def test_the_thread_count_follows_the_idle_cores_between_steps(monkeypatch):
+    """Without --threads the quickstart looks at the idle cores again before every step: a job that starts beside
+    it takes it down to one thread, and back up to two when the job ends; with --threads it never changes."""
+    import torch
+
+    import quickstart
+
+    before = torch.get_num_threads()
+    idle = iter([0.4, 1.9])
+    monkeypatch.setattr(quickstart, "idle_cores", lambda seconds=0.5: next(idle))
+    try:
+        torch.set_num_threads(2)
+        clock = quickstart.Clock(adapt_threads=True)
+        seen = [clock.run("busy", torch.get_num_threads), clock.run("idle", torch.get_num_threads)]
+        assert seen == [1, 2]
+        fixed = quickstart.Clock()
+        assert fixed.run("fixed", torch.get_num_threads) == 2  # no sample taken: the iterator is spent
+    finally:
+        torch.set_num_threads(before)
