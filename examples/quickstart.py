@@ -543,8 +543,10 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
         f" of N, {budget.caption_words}-word captions, templates, no rewrite)", augment, root, clip_dir, train,
         images, budget, seed, device, show_progress, recipe="paper")
     paper_set, share = annotated + generated["paper"], budget.paper_annotated_fraction
+    # the stage-2 budget: stage2_steps, or (None) stage2_epochs passes over its triplets, as stage2() takes them
+    paper_steps = budget.stage2_steps or budget.stage2_epochs * -(-len(paper_set) // budget.stage2_batch)
     model = clock.run(f"{tag}: d. {PAPER_P}: in-batch negatives from the baseline", stage1, clip_dir, paper_set,
-                      images, budget, seed, device, steps=budget.stage2_steps, epochs=budget.stage2_epochs,
+                      images, budget, seed, device, steps=paper_steps, epochs=budget.stage2_epochs,
                       lr=budget.stage2_lr, share=share, start=baseline, run_name="plus_p_paper", **common)
     row(PAPER_P, model)
     del model
@@ -598,7 +600,7 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
     info["annotated_share"] = {"paper": budget.paper_annotated_fraction, "ours": budget.annotated_fraction}
     info["stage2_steps"] = steps2
     info["stage1_steps"] = {"baseline": budget.stage1_steps, "zero-shot": budget.stage1_steps,
-                            PAPER_P: f"baseline + {budget.stage2_steps}", OURS_P: plus_p_steps, ORACLE_P: plus_p_steps}
+                            PAPER_P: f"baseline + {paper_steps}", OURS_P: plus_p_steps, ORACLE_P: plus_p_steps}
     results = {name: results[name] for name in ROWS if name in results}  # table order
     per_query = {name: metrics.pop("per_query") for name, metrics in results.items()}
     return {"rows": results, "per_query": per_query, "info": info}

@@ -66,3 +66,23 @@ def test_a_recipe_rewriter_runs_on_the_model_device_with_the_run_seed(cirr, tmp_
     assert str(made["device"]) == str(next(model.parameters()).device)
     assert made["cache_path"] is not None and made["cache_path"].parent == tmp_path / "run" / "captions"
     assert result.augment["rewrite"]["rewriter"] == "echo"
+
+
+def test_copies_outside_the_pairing_pool_share_one_bank_row(tmp_path):
+    """The recipe pairs only the images its annotated triplets name, but its bank holds every train image: two
+    pixel-identical images outside that pool must still be one bank row (a copy of a target is never its
+    negative)."""
+    import shutil
+
+    root = build_cirr_tree(tmp_path / "cirr", n_images=16, n_triplets=4, splits=("train", "val"))
+    split = json.loads((root / "cirr" / "image_splits" / "split.rc2.train.json").read_text())
+    named = set()
+    for t in json.loads((root / "cirr" / "captions" / "cap.rc2.train.json").read_text()):
+        named |= {t["reference"], t["target_hard"], *t["img_set"]["members"]}
+    outside = [name for name in split if name not in named]
+    assert len(outside) >= 2
+    shutil.copyfile(root / split[outside[0]], root / split[outside[1]])  # a pixel-identical copy
+    result = reproduce(load_recipe("clip4cir-cirr"), make_model(), root, output_dir=tmp_path / "run",
+                       captioner=SameCaption(), transform="clip", image_size=4, rank_window=(0.0, 1.0),
+                       stage2_overrides=BUDGET, evaluate_before=False, show_progress=False)
+    assert result.bank_shape[0] == len(split) - 1

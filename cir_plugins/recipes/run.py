@@ -441,7 +441,11 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     # 2. more negatives: the static bank (one row per group of identical images); its shard cache lets a
     # stopped build (or a resumed run) reuse every row already encoded
     bank_ids = _bank_ids(recipe, data, triplets)
-    bank_groups = {i: groups[i] for i in bank_ids if i in groups} if groups and recipe.bank["dedup"] else None
+    # the augmenter's groups cover only the images it paired (the recipe's pool): reuse them only when they cover
+    # every bank image, else the bank finds the groups of all of them itself, so that no copy of a target outside
+    # the pool becomes its negative
+    covered = groups is not None and all(i in groups for i in bank_ids)
+    bank_groups = {i: groups[i] for i in bank_ids} if covered and recipe.bank["dedup"] else None
     bank = NegativeBank.build(model, bank_ids, data.images, groups=bank_groups, dedup=recipe.bank["dedup"],
                               batch_size=eval_batch_size, show_progress=show_progress, cache_dir=out / "bank_shards",
                               dtype=torch.float32 if precision == "release" else None)
