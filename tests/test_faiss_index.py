@@ -16,12 +16,7 @@ from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 from cir_plugins.negatives.faiss_index import FaissIndex, build_faiss_index  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _bank(n=301, d=24, seed=0, duplicates=0):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import threading
 
 import numpy as np
 import pytest
@@ -23,22 +22,6 @@ def _png(path, seed=0, size=(6, 5)):
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, "PNG")
 
 
-def _within(seconds, fn):
-    """Run fn in a thread; (finished, result or exception). A read that blocks forever shows as not finished."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as error:  # noqa: BLE001 (handed back to the test)
-            box["value"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return not thread.is_alive(), box.get("value")
-
-
 @pytest.fixture()
 def root(tmp_path):
     for i, name in enumerate(("a", "b", "c")):
@@ -47,18 +30,18 @@ def root(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
-def test_a_fifo_in_place_of_an_image_is_refused_at_once_and_skipped(root):
+def test_a_fifo_in_place_of_an_image_is_refused_at_once_and_skipped(root, within):
     store = ImageStore(root, {"a": "a.png", "b": "b.png", "c": "c.png"}, "none")
     (root / "b.png").unlink()
     os.mkfifo(root / "b.png")  # no writer will ever come: a blocking open waits forever
-    finished, outcome = _within(30, lambda: store.load_pil("b"))
+    finished, outcome = within(30, lambda: store.load_pil("b"))
     assert finished, "reading a FIFO blocked"
     assert isinstance(outcome, ImageLoadError) and "not a regular file (it is a FIFO)" in str(outcome)
-    finished, kept = _within(30, store.readable_ids)
+    finished, kept = within(30, store.readable_ids)
     assert finished and kept == ["a", "c"]
-    finished, outcome = _within(30, lambda: store.batch(["a", "b", "c"], on_error="skip"))
+    finished, outcome = within(30, lambda: store.batch(["a", "b", "c"], on_error="skip"))
     assert finished and outcome[1] == ["a", "c"]
-    finished, outcome = _within(30, lambda: store.read_file("b"))
+    finished, outcome = within(30, lambda: store.read_file("b"))
     assert finished and isinstance(outcome, ImageLoadError)
 
 
@@ -141,7 +124,7 @@ def test_decode_image_tries_only_the_formats_it_is_given(root):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
-def test_build_bank_skip_unreadable_skips_a_fifo_and_a_directory_instead_of_hanging(tmp_path, capsys):
+def test_build_bank_skip_unreadable_skips_a_fifo_and_a_directory_instead_of_hanging(tmp_path, capsys, within):
     from pathlib import Path
 
     import cir_plugins as cp
@@ -161,10 +144,10 @@ def test_build_bank_skip_unreadable_skips_a_fifo_and_a_directory_instead_of_hang
                                          "    return make_model(dim=16, seed=3)\n")
     argv = ["build-bank", "--model", f"{tmp_path / 'factory.py'}:build", "--dataset", "cirr", "--root", str(root),
             "--image-size", "4", "--out", str(tmp_path / "bank.safetensors"), "--no-progress"]
-    finished, code = _within(60, lambda: main(argv))
+    finished, code = within(60, lambda: main(argv))
     assert finished and code == 2  # stops at the first unreadable image by default, naming it
     assert "not a regular file" in capsys.readouterr().err
-    finished, code = _within(60, lambda: main(argv + ["--skip-unreadable"]))
+    finished, code = within(60, lambda: main(argv + ["--skip-unreadable"]))
     assert finished and code == 0, capsys.readouterr().err
     bank = cp.NegativeBank.load(tmp_path / "bank.safetensors")
     assert ids[2] not in bank and ids[4] not in bank and len(bank.ids) == len(ids) - 2

@@ -70,22 +70,6 @@ def client(world):
     return TestClient(_app(world), base_url=BASE)
 
 
-def _within(seconds, fn):
-    """fn() in a thread: (finished, result or exception); a call that blocks shows as not finished."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as error:  # noqa: BLE001 (handed back to the test)
-            box["value"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return not thread.is_alive(), box.get("value")
-
-
 def _json_error(response, status, words=""):
     assert response.status_code == status, (response.status_code, response.text[:300])
     assert response.headers["content-type"] == "application/json", response.headers["content-type"]
@@ -131,7 +115,7 @@ def test_a_file_is_served_with_the_type_of_its_bytes_and_every_answer_forbids_sn
 
 # --- finding 3: a FIFO or a directory in place of an image -------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
-def test_a_fifo_or_directory_in_place_of_an_image_is_a_quick_4xx_and_the_server_keeps_answering(world, client):
+def test_a_fifo_or_directory_in_place_of_an_image_is_a_quick_4xx_and_the_server_keeps_answering(world, client, within):
     root = world[0]
     original = (root / "img2.png").read_bytes()
     (root / "img2.png").unlink()
@@ -139,7 +123,7 @@ def test_a_fifo_or_directory_in_place_of_an_image_is_a_quick_4xx_and_the_server_
     try:
         for call in (lambda: client.post("/api/search", json={"text": "a", "image_id": "img2"}),
                      lambda: client.get("/image/img2")):
-            finished, response = _within(30, call)
+            finished, response = within(30, call)
             assert finished, "a FIFO hung the request"
             _json_error(response, 415, "not a regular file (it is a FIFO)")
         (root / "img2.png").unlink()
@@ -178,7 +162,7 @@ def _blocking_search(searcher, started, release):
     searcher.search = slow
 
 
-def test_a_slow_search_runs_off_the_event_loop_and_a_full_pool_answers_503(world):
+def test_a_slow_search_runs_off_the_event_loop_and_a_full_pool_answers_503(world, within):
     app = _app(world, workers=1, queue=0)
     started, release = threading.Event(), threading.Event()
     _blocking_search(app.state.searcher, started, release)
@@ -188,9 +172,9 @@ def test_a_slow_search_runs_off_the_event_loop_and_a_full_pool_answers_503(world
         slow.start()
         assert started.wait(30)
         try:
-            finished, info = _within(30, lambda: client.get("/api/info"))
+            finished, info = within(30, lambda: client.get("/api/info"))
             assert finished and info.status_code == 200 and info.json()["busy"] == 1  # the loop still answers
-            finished, second = _within(30, lambda: client.post("/api/search", json=body))
+            finished, second = within(30, lambda: client.post("/api/search", json=body))
             assert finished
             _json_error(second, 503, "busy")
             assert second.headers["retry-after"] == "1"
