@@ -6,12 +6,19 @@ file with a single tensor ``embeddings`` ((N, D) or (N, T, D)) and string metada
 each id, same order), ``dtype``, ``similarity``, ``shape`` (JSON list), ``fingerprint`` and ``checksum``
 (SHA-256 over the tensor's bytes and every other metadata entry), and, when the images' preprocessing was known
 at build time, ``preprocessing`` (JSON: the image store's description, see :func:`bank_preprocessing`).
+Files written with :func:`checksummed_metadata` also carry block checksums: ``block_rows`` (rows per block,
+:data:`BLOCK_ROWS`), ``block_checksums`` (JSON list, the SHA-256 of each block of rows' bytes) and
+``header_checksum`` (SHA-256 over every entry but the two checksums), so that a reader of rows
+``[start, stop)`` verifies the header and the blocks it touches, not the whole file.
 :func:`read_bank_file` verifies the
 checksum (a flipped bit or an edited id is refused), that every metadata key is there, and that every row
 is unit length (:data:`UNIT_TOLERANCE`: ``| ||row|| - 1 |`` at most 1e-3 in float32, 1e-2 in bf16 / fp16; a
 multi-vector row's tokens are each unit length or all-zero padding, at least one token real); a build
-checks its rows the same way. :class:`_ShardCache` holds the finished chunks of a resumable
-build. :mod:`cir_plugins.negatives.bank` re-exports the public names.
+checks its rows the same way. With ``span=`` or ``shard=`` it reads only those rows (safetensors' slice
+access: host memory holds the slice and at most two partial blocks) and verifies the blocks it touches; a file
+without block checksums is verified whole by streaming it from disk in chunks (host memory stays at the slice,
+the time is that of reading the whole file), with a warning to re-save it. :class:`_ShardCache` holds the
+finished chunks of a resumable build. :mod:`cir_plugins.negatives.bank` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from torch import Tensor
 from .._atomic import atomic_write_bytes
 from ..errors import ConfigError, DataError, explain
 
-__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "read_bank_file", "bank_preprocessing", "read_bank_header"]
+__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "BLOCK_ROWS", "read_bank_file", "bank_preprocessing",
+           "read_bank_header", "checksummed_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,10 @@ VERSION = "2"  # 2: metadata holds a checksum (version-1 files load with a warni
 UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 _REQUIRED_META = ("format", "version", "ids", "rows", "dtype", "similarity", "shape", "fingerprint")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' dtype names
+#: rows per block checksum written by :func:`checksummed_metadata` (recorded in each file as ``block_rows``)
+BLOCK_ROWS = 4096
+_BLOCK_KEYS = ("block_rows", "block_checksums", "header_checksum")
 
 
 def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -60,14 +72,48 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
+def _feed(digest: Any, tensor: Tensor) -> Any:
+    """``digest`` updated with ``tensor``'s bytes as stored, in chunks (no second full copy of a large bank)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    step = 1 << 24
+    for start in range(0, flat.numel(), step):
+        digest.update(flat[start:start + step].view(torch.uint8).numpy())  # a view: no copy of the bytes
+    return digest
+
+
+def _meta_digest(meta: Mapping[str, str], leave_out: Sequence[str] = ("checksum",)) -> Any:
+    return hashlib.sha256(json.dumps({k: v for k, v in sorted(meta.items()) if k not in leave_out}).encode())
+
+
 def _checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
     """SHA-256 over the metadata entries (but ``checksum``) and the embeddings' bytes, as stored."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in sorted(meta.items()) if k != "checksum"}).encode())
-    flat = embeddings.detach().to("cpu").contiguous().reshape(-1)
-    step = 1 << 24
-    for start in range(0, flat.numel(), step):  # chunks: no second full copy of a large bank
-        digest.update(flat[start:start + step].view(torch.uint8).numpy())  # a view: no copy of the bytes
+    return _feed(_meta_digest(meta), embeddings).hexdigest()
+
+
+def _file_checksum(path: Path, meta: Mapping[str, str]) -> str:
+    """:func:`_checksum` of a bank file, streamed from disk in 16 MiB reads: the data section of a one-tensor
+    safetensors file is exactly the tensor's bytes, so host memory stays at one chunk."""
+    digest = _meta_digest(meta)
+    with open(path, "rb") as handle:
+        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def checksummed_metadata(embeddings: Tensor, meta: Mapping[str, str], *,
+                         block_rows: int = BLOCK_ROWS) -> dict[str, str]:
+    """``meta`` (a bank file's string metadata) with its checksums (re)computed over ``embeddings``:
+    ``block_rows``, ``block_checksums`` (SHA-256 of the bytes of each ``block_rows`` rows), ``header_checksum``
+    (every entry but itself and ``checksum``) and ``checksum`` (every entry and the whole tensor, as before
+    block checksums: readers of that format accept these files)."""
+    meta = {k: v for k, v in meta.items() if k not in (*_BLOCK_KEYS, "checksum")}
+    meta["block_rows"] = str(block_rows)
+    meta["block_checksums"] = json.dumps([_feed(hashlib.sha256(), embeddings[s:s + block_rows]).hexdigest()
+                                          for s in range(0, embeddings.shape[0], block_rows)])
+    meta["header_checksum"] = _meta_digest(meta, ("checksum", "header_checksum")).hexdigest()
+    meta["checksum"] = _checksum(embeddings, meta)
+    return meta
 
 
 def _check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, str] | Sequence[str] = ()) -> None:
@@ -97,36 +143,124 @@ def _check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, s
                                 fix="rebuild the bank (cir-plugins build-bank); do not edit its embeddings"))
 
 
-def read_bank_file(path: str | os.PathLike) -> tuple[Tensor, list[str], list[int], dict[str, str]]:
+def _span(n: int, span: Any, shard: Any) -> tuple[int, int] | None:
+    """Rows [start, stop) to read of an ``n``-row bank, or None for all; ConfigError on bad bounds."""
+    if span is not None and shard is not None:
+        raise ConfigError(explain("pass span=(start, stop) or shard=(rank, world), not both", got=(span, shard)))
+    if shard is not None:
+        from .distributed import shard_rows  # noqa: PLC0415 (the package's one rule for a rank's rows)
+
+        if not (isinstance(shard, (tuple, list)) and len(shard) == 2):
+            raise ConfigError(explain("shard must be (rank, world)", got=shard, fix="pass (rank, world_size)"))
+        return shard_rows(n, *shard)
+    if span is None:
+        return None
+    if not (isinstance(span, (tuple, list)) and len(span) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in span) and 0 <= span[0] <= span[1] <= n):
+        raise ConfigError(explain("span must be (start, stop) ints with 0 <= start <= stop <= the bank's rows",
+                                  got=span, expected=f"0 <= start <= stop <= {n}",
+                                  fix="pass shard=(rank, world) for a rank's share"))
+    return int(span[0]), int(span[1])
+
+
+def _corrupt(path: Path, what: str, got: Any) -> DataError:
+    return DataError(explain(f"{path}: the bank does not match its checksum ({what})", got=got,
+                             fix="rebuild the bank, or copy the file again"))
+
+
+def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = None,
+                   shard: tuple[int, int] | None = None) -> tuple[Tensor, list[str], list[int], dict[str, str]]:
     """(embeddings on the CPU, ids, rows, metadata) of a bank file that passes every check of the module doc.
 
-    Raises DataError naming the file and what is wrong otherwise."""
+    ``span=(start, stop)`` reads only rows [start, stop); ``shard=(rank, world)`` reads the rank's rows
+    ``shard_rows(N, rank, world)`` (:mod:`cir_plugins.negatives.distributed`), N = ``json.loads(meta["shape"])[0]``.
+    The embeddings are then those rows alone; ``ids`` and ``rows`` stay the whole bank's (rows are global: a
+    query's target may sit in another rank's slice). Verified: the header and the blocks the slice touches when
+    the file has block checksums, else the whole file, streamed (see the module doc).
+
+    Raises DataError naming the file and what is wrong otherwise; ConfigError on bad bounds."""
     path = Path(path)
     if not path.is_file():
         raise DataError(explain("no negative bank at this path", got=str(path),
                                 fix="build one with NegativeBank.build(...).save(path) or cir-plugins build-bank"))
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # checked on the CPU, then moved
             meta = handle.metadata() or {}
-        tensors = load_file(str(path), device="cpu")  # checked on the CPU, then moved
+            if meta.get("format") != FORMAT or "embeddings" not in handle.keys():
+                raise DataError(explain("the file is not a cir_plugins negative bank", got=meta.get("format"),
+                                        expected=FORMAT))
+            stored = handle.get_slice("embeddings")
+            shape, dtype = list(stored.get_shape()), _STORED.get(stored.get_dtype(), stored.get_dtype())
+            bounds = _span(shape[0] if shape else 0, span, shard)
+            missing = [key for key in _REQUIRED_META if key not in meta]
+            if missing:
+                raise DataError(explain(f"{path}: the bank metadata lacks required keys", got=missing,
+                                        expected=list(_REQUIRED_META), fix="rebuild the bank")) from None
+            embeddings, blocks = (handle.get_tensor("embeddings") if bounds is None else None), None
+            whole = "edited or corrupt: a changed row, id or metadata entry"
+            if bounds is not None and any(key in meta for key in _BLOCK_KEYS):
+                blocks = _block_checksums(path, meta, shape[0])
+            elif "checksum" not in meta:
+                logger.warning("%s was written before banks carried a checksum: its content cannot be verified; "
+                               "re-save it (NegativeBank.load(path).save(path))", path)
+            elif bounds is None:
+                if _checksum(embeddings, meta) != meta["checksum"]:
+                    raise _corrupt(path, whole, meta["checksum"][:16])
+            else:
+                logger.warning("%s has no block checksums: verifying the whole file to read rows %s (re-save it "
+                               "to verify only the rows read: NegativeBank.load(path).save(path))", path, list(bounds))
+                if _file_checksum(path, meta) != meta["checksum"]:
+                    raise _corrupt(path, whole, meta["checksum"][:16])
+            ids, rows, shape_meta = _parse(path, meta)
+            if shape != shape_meta or dtype != meta.get("dtype"):
+                raise DataError(explain("the bank tensor disagrees with its metadata", got=(shape, dtype),
+                                        expected=(shape_meta, meta.get("dtype")), fix="rebuild the bank"))
+            if bounds is not None:
+                embeddings = _read_rows(path, stored, bounds, blocks, shape[0])
+    except (DataError, ConfigError):
+        raise
     except Exception as error:  # safetensors raises its own error types on corrupt files
         raise DataError(explain("the bank file is not a readable safetensors file", got=f"{path}: {error}",
                                 fix="rebuild the bank")) from error
-    if meta.get("format") != FORMAT or "embeddings" not in tensors:
-        raise DataError(explain("the file is not a cir_plugins negative bank", got=meta.get("format"),
-                                expected=FORMAT))
-    missing = [key for key in _REQUIRED_META if key not in meta]
-    if missing:
-        raise DataError(explain(f"{path}: the bank metadata lacks required keys", got=missing,
-                                expected=list(_REQUIRED_META), fix="rebuild the bank")) from None
-    if "checksum" in meta:
-        if _checksum(tensors["embeddings"], meta) != meta["checksum"]:
-            raise DataError(explain(f"{path}: the bank does not match its checksum (edited or corrupt: a changed "
-                                    "row, id or metadata entry)", got=meta["checksum"][:16],
-                                    fix="rebuild the bank, or copy the file again"))
-    else:
-        logger.warning("%s was written before banks carried a checksum: its content cannot be verified; "
-                       "re-save it (NegativeBank.load(path).save(path))", path)
+    start, stop = bounds if bounds is not None else (0, shape[0])
+    _check_unit_rows(embeddings, str(path) + (f" (rows counted from row {start})" if start else ""),
+                     {r - start: i for i, r in reversed(list(zip(ids, rows))) if start <= r < stop})
+    return embeddings, ids, rows, meta
+
+
+def _block_checksums(path: Path, meta: Mapping[str, str], n: int) -> tuple[int, list[str]]:
+    """(rows per block, SHA-256 of each block) of a file with block checksums, once its header is verified."""
+    if not all(key in meta for key in _BLOCK_KEYS) \
+            or _meta_digest(meta, ("checksum", "header_checksum")).hexdigest() != meta["header_checksum"]:
+        raise _corrupt(path, "its header: an edited id, row or metadata entry", meta.get("header_checksum", "")[:16])
+    try:
+        block_rows, checksums = int(meta["block_rows"]), json.loads(meta["block_checksums"])
+    except ValueError as error:
+        raise _corrupt(path, "unreadable block checksums", str(error)) from error
+    if block_rows < 1 or not isinstance(checksums, list) or len(checksums) != -(-n // block_rows):
+        raise _corrupt(path, "block checksums that do not cover its rows", (block_rows, n))
+    return block_rows, checksums
+
+
+def _read_rows(path: Path, stored: Any, bounds: tuple[int, int], blocks: tuple[int, list[str]] | None,
+               n: int) -> Tensor:
+    """Rows [start, stop) through safetensors' slice access; with ``blocks``, every block they touch is read
+    whole and checked against its checksum (DataError naming the block), then the rows are cut from it."""
+    start, stop = bounds
+    if blocks is None or start == stop:
+        return stored[start:stop]
+    size, checksums = blocks
+    lo, hi = start // size * size, min(-(-stop // size) * size, n)
+    part = stored[lo:hi]  # (hi - lo, ...) the touched blocks, nothing else
+    for first in range(lo, hi, size):
+        if _feed(hashlib.sha256(), part[first - lo:first - lo + size]).hexdigest() != checksums[first // size]:
+            raise _corrupt(path, f"block {first // size}, rows {first}..{min(first + size, n) - 1}: a changed row",
+                           checksums[first // size][:16])
+    return part[start - lo:stop - lo]
+
+
+def _parse(path: Path, meta: Mapping[str, str]) -> tuple[list[str], list[int], list]:
+    """(ids, rows, shape) from the metadata, DataError when they are not JSON of the right types."""
     try:
         ids = json.loads(meta["ids"])
         rows = json.loads(meta["rows"])
@@ -142,13 +276,7 @@ def read_bank_file(path: str | os.PathLike) -> tuple[Tensor, list[str], list[int
                                     f"shape {type(shape).__name__} in {path}",
                                 expected="ids: list of strings, rows: list of ints, shape: list",
                                 fix="rebuild the bank"))
-    embeddings = tensors["embeddings"]
-    if list(embeddings.shape) != shape or _dtype_name(embeddings.dtype) != meta.get("dtype"):
-        raise DataError(explain("the bank tensor disagrees with its metadata",
-                                got=(list(embeddings.shape), str(embeddings.dtype)),
-                                expected=(shape, meta.get("dtype")), fix="rebuild the bank"))
-    _check_unit_rows(embeddings, str(path), {r: i for i, r in reversed(list(zip(ids, rows)))})
-    return embeddings, ids, rows, meta
+    return ids, rows, shape
 
 
 def read_bank_header(path: str | os.PathLike) -> dict[str, str]:
