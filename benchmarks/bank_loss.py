@@ -1,4 +1,4 @@
-"""Benchmark: bank_contrastive_loss (automatic path) vs the full-logits reference.
+"""Benchmark: bank_contrastive_loss (backend="auto") vs the full-logits reference.
 
 For each (N, D, B) and implementation, a fresh subprocess builds a bf16-free float32 bank (N, D),
 a float32 query (B, D) that requires grad, and a learnable temperature, then measures:
@@ -10,6 +10,8 @@ a float32 query (B, D) that requires grad, and a learnable temperature, then mea
     measurement means no memory cached from earlier configurations is counted as free.
   - CUDA: torch.cuda.reset_peak_memory_stats(); extra = max_memory_allocated - memory_allocated.
 * time of forward + backward: median of --repeats warm calls (CUDA: synchronised).
+* path: the backend ``select_backend`` picks for the library ("torch" or "triton"; tables recorded before
+  the one loss entry point say "chunked" / "fused"), "full" for the reference.
 
 Rounds interleave the reference and the library subprocesses (every variant once per round, in
 turn) so that load from other users of a shared machine hits all alike; the table shows the median
@@ -51,10 +53,11 @@ def child(args) -> dict:
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from cir_plugins.negatives import core
     from cir_plugins.negatives import loss as L
 
     if args.chunk_budget:
-        L.CHUNK_BUDGET_BYTES = args.chunk_budget
+        core.CHUNK_BUDGET_BYTES = args.chunk_budget  # read by default_chunk_size at call time
     device = torch.device(args.device)
     torch.manual_seed(0)
     n, d, b = args.n, args.d, args.b
@@ -66,7 +69,7 @@ def child(args) -> dict:
     exclude = torch.randint(0, n, (b, 1), device=device)
     exclude[exclude == target[:, None]] = -1
     fn = L.naive_bank_contrastive_loss if args.impl == "naive" else L.bank_contrastive_loss
-    path = "full" if args.impl == "naive" else L.select_path(query, bank, "dot")
+    path = "full" if args.impl == "naive" else L.select_backend(query, bank, "dot")
 
     def step():
         loss = fn(query, bank, target, tau, exclude_rows=exclude)
@@ -111,7 +114,7 @@ def child(args) -> dict:
         times.append(time.perf_counter() - t0)
     return {"impl": args.impl, "n": n, "d": d, "b": b, "path": path, "peak_extra_bytes": int(extra),
             "memory_method": method, "times_s": times, "median_s": statistics.median(times),
-            "threads": torch.get_num_threads(), "chunk_budget": L.CHUNK_BUDGET_BYTES}
+            "threads": torch.get_num_threads(), "chunk_budget": core.CHUNK_BUDGET_BYTES}
 
 
 def run_child(base_args, impl, n, d, b, budget=0) -> dict:

@@ -12,8 +12,8 @@ CPU smoke run (tiny sizes, fused rows skipped: they need CUDA), used by the test
 Methods (query float32, requires grad; learnable temperature; 2 exclusions per query):
   naive_fp32  full (B, N) float32 logits over a float32 copy of the bank, F.cross_entropy
   naive_bf16  full (B, N) bf16 logits over the bf16 bank, F.cross_entropy
-  chunked     cir_plugins bank_contrastive_loss with chunk_size forced (the PyTorch fallback)
-  fused       cir_plugins.negatives.fused.fused_dot_bank_loss (Triton), precision="exact"
+  chunked     cir_plugins bank_contrastive_loss(..., backend="torch") with chunk_size forced
+  fused       bank_contrastive_loss(..., backend="triton") (the Triton kernel), precision="exact"
   fused_fast  the same kernel, precision="fast" (query and softmax weights rounded to bf16)
   fused_two_pass  precision="two_pass" (issue 20): pass 1 the kernel without the gradient accumulator,
               pass 2 bf16 softmax weights chunk by chunk + one cuBLAS GEMM each; --two-pass-tiles adds
@@ -24,8 +24,9 @@ Methods (query float32, requires grad; learnable temperature; 2 exclusions per q
               Run it in its own process (--grid must --methods chunked,cce,cce_exact): a crash inside
               it (seen with 25.1.1 on torch 2.11 / triton 3.6) poisons the process's CUDA context
   cce_exact   the same with filter_eps=None (no gradient filtering)
-Multi-vector rows (bank (N, T, D), max over T) run the same methods; their fused rows use
-fused_max_token_bank_loss.
+Multi-vector rows (bank (N, T, D), max over T) run the same methods with similarity="max_token".
+(The method labels chunked / fused name the torch / triton backends; they are kept so that the rows compare
+with the tables already recorded.)
 
 Columns: ms (median of CUDA-event timed iterations after warm-up), floor_ms = max(FLOPs / peak
 matmul rate, bank bytes / peak bandwidth) with FLOPs = 2 matmuls (logits and the query gradient)
@@ -41,7 +42,6 @@ figures of the issue (740 TFLOP/s bf16, 4200 GB/s) on an H200, measured on the d
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -54,6 +54,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _common import record_header, write_json  # noqa: E402
+
+from cir_plugins.negatives import core  # noqa: E402
 from cir_plugins.negatives import loss as L  # noqa: E402
 
 H200_TFLOPS = 740.0
@@ -73,13 +75,14 @@ def parse_two_pass_variants(spec):
 
 
 def with_two_pass_variant(variant, fn):
-    """Run fn with pass 2's tiles, chunk bytes (chunk_mb) and GEMM slice (gemm_slice columns, 0 = one GEMM)
-    of precision two_pass overridden."""
+    """Run fn with pass 2's tiles (bank_partials' weight_tiles), chunk bytes (chunk_mb) and GEMM slice
+    (gemm_slice columns, 0 = one GEMM) of precision two_pass overridden."""
     from cir_plugins.negatives import fused
 
-    saved = fused._weights_config, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE
+    saved = fused.bank_partials, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE
     tiles = {k: v for k, v in variant.items() if k not in ("chunk_mb", "gemm_slice")}
-    fused._weights_config = lambda b, device, _tiles=None: saved[0](b, device, tiles)
+    if tiles:  # the loss calls fused.bank_partials: hand it the pass-2 tiles
+        fused.bank_partials = lambda *a, **k: saved[0](*a, **k, weight_tiles=tiles)
     if "chunk_mb" in variant:
         fused.TWO_PASS_CHUNK_BYTES = variant["chunk_mb"] << 20
     if "gemm_slice" in variant:
@@ -87,7 +90,7 @@ def with_two_pass_variant(variant, fn):
     try:
         return fn()
     finally:
-        fused._weights_config, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE = saved
+        fused.bank_partials, fused.TWO_PASS_CHUNK_BYTES, fused.TWO_PASS_GEMM_SLICE = saved
 
 
 def float64_reference(query0, bank, target, tau_value, excl, similarity):
@@ -95,8 +98,8 @@ def float64_reference(query0, bank, target, tau_value, excl, similarity):
     q = query0.double().requires_grad_(True)
     tau = torch.tensor(tau_value, dtype=torch.float64, device=q.device, requires_grad=True)
     t = bank.shape[1] if bank.dim() == 3 else 1
-    loss = L.bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, similarity=similarity,
-                                   chunk_size=L.default_chunk_size(q.shape[0], t))
+    loss = L.bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, similarity=similarity, backend="torch",
+                                   chunk_size=core.default_chunk_size(q.shape[0], t))
     loss.backward()
     return float(loss.detach()), q.grad, tau.grad
 
@@ -188,7 +191,7 @@ def measure_peaks(device):
         y.copy_(x)
     ms = min(timer(lambda: y.copy_(x)) for _ in range(10))
     gbps = 2 * x.numel() / (ms * 1e-3) / 1e9
-    del a, x, y
+    a = x = y = None  # release the device memory (the timed lambdas share these names)
     return tflops, gbps
 
 
@@ -256,18 +259,17 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
             elif method == "naive_bf16":
                 out = naive_loss(query, inputs, target, tau, excl, similarity, torch.bfloat16)
             elif method == "chunked":
-                chunk = L.default_chunk_size(b, t)
+                chunk = core.default_chunk_size(b, t)
                 out = L.bank_contrastive_loss(query, inputs, target, tau, exclude_rows=excl, similarity=similarity,
-                                              chunk_size=chunk)
+                                              backend="torch", chunk_size=chunk)
             elif method.startswith("cce"):
                 extra = {} if method == "cce" else {"filter_eps": None}
                 out = linear_cross_entropy((query / tau).to(torch.bfloat16), inputs, target, **extra)
             else:
-                from cir_plugins.negatives import fused
-
-                fn = fused.fused_dot_bank_loss if similarity == "dot" else fused.fused_max_token_bank_loss
                 precision = FUSED_PRECISION[method.split(":")[0]]
-                out = with_two_pass_variant(variant, lambda: fn(query, inputs, target, tau, excl, precision=precision))
+                out = with_two_pass_variant(variant, lambda: L.bank_contrastive_loss(
+                    query, inputs, target, tau, exclude_rows=excl, similarity=similarity, backend="triton",
+                    precision=precision))
             out.backward()
             box["loss"], box["dq"], box["dtau"] = out.detach(), query.grad, tau.grad
             query.grad = None
@@ -299,7 +301,7 @@ def run_config(kind, n, b, d, t, methods, device, args, timer, bank_cache):
         except torch.OutOfMemoryError:
             row["note"] = "skipped: out of memory"
         finally:
-            del inputs, query, tau, box
+            inputs = query = tau = box = None  # release them (step's closure too) before empty_cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)

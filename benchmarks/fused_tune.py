@@ -4,15 +4,17 @@ For one shape (default the issue's B=256, D=768, N=1M over a bf16 bank) it runs 
 statistics (one pass over the bank, query-gradient accumulator on: the whole cost of forward +
 backward) under each tile setting and both precisions, and reports:
 
-  ms        median CUDA-event time of cir_plugins.negatives.fused.fused_dot_bank_partials
+  ms        median CUDA-event time of cir_plugins.negatives.fused.bank_partials (the statistics of
+            bank_contrastive_loss(..., backend="triton"))
   x_floor   ms over the floor (the larger of 2 matmuls' FLOPs over the bf16 peak and the bank's bytes
             over the bandwidth; the same floor as benchmarks/bank_loss_gpu.py)
   lse_rel   max |logsumexp - reference| / max |reference|
   eb_rel    max |E_p[b] - reference| / max |reference|  (the query gradient's bank term)
 
-The reference is the library's float32 chunked PyTorch loop (``bank_stats(..., backend="torch")``)
-over the same bf16 bank values. A setting that
-fails to compile or run is listed with its error, not dropped.
+The reference is the library's float32 chunked PyTorch backend (``core.torch_bank_stats``) over the
+same bf16 bank values, on inputs checked by ``validate_loss_inputs``. Each row also records the launch
+the setting resolved to (tiles, grid), read from the kernel's launches. A setting that fails to compile
+or run is listed with its error, not dropped.
 
     python benchmarks/fused_tune.py --out benchmarks/fused_tune_gpu.json
 
@@ -37,8 +39,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _common import record_header, write_json  # noqa: E402
 from bank_loss_gpu import H200_GBPS, H200_TFLOPS, Timer, make_bank, measure_peaks  # noqa: E402
+
 from cir_plugins.negatives import fused  # noqa: E402
-from cir_plugins.negatives.loss import bank_stats  # noqa: E402
+from cir_plugins.negatives.core import torch_bank_stats  # noqa: E402
+from cir_plugins.negatives.loss import validate_loss_inputs  # noqa: E402
 
 
 def settings(smoke=False):
@@ -56,8 +60,33 @@ def settings(smoke=False):
 
 def reference_stats(query, bank, tau, excl, chunk):
     """float32 logsumexp and E_p[b] from the library's torch backend of the one statistics core."""
-    st = bank_stats(query, bank, tau, excl, "dot", backend="torch", chunk_size=chunk)
+    st = torch_bank_stats(query, bank, tau, excl, "dot", chunk_size=chunk)
     return st.m + torch.log(st.z), st.w / st.z[:, None]
+
+
+class LaunchRecorder:
+    """Wraps fused.bank_partials_kernel while a setting runs: keeps the first launch's tiles and grid."""
+
+    KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "NUM_DV", "num_warps", "num_stages")
+
+    def __init__(self):
+        self.config = None
+        self.kernel = fused.bank_partials_kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            if self.config is None:
+                self.config = {k: meta[k] for k in self.KEYS if k in meta}
+                self.config.update(num_qb=grid[0] // meta["NUM_DV"], splits=grid[1], tiles_per_split=args[13])
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+    def __enter__(self):
+        fused.bank_partials_kernel = self
+        return self
+
+    def __exit__(self, *exc):
+        fused.bank_partials_kernel = self.kernel
 
 
 def main(argv=None) -> int:
@@ -91,7 +120,9 @@ def main(argv=None) -> int:
     g = torch.Generator(device=device).manual_seed(1)
     query = F.normalize(torch.randn(b, d, device=device, generator=g), dim=-1)
     excl = torch.randint(0, n, (b, 2), device=device, generator=g)
-    tau = torch.tensor(0.05, device=device)
+    target = torch.randint(0, n, (b,), device=device, generator=g)
+    excl[excl == target[:, None]] = -1  # a query never excludes its target
+    tau = validate_loss_inputs(query, bank, target, torch.tensor(0.05, device=device), excl, "dot")
     ref_lse, ref_eb = reference_stats(query, bank, tau, excl, chunk=300 if args.smoke else 65536)
     timer = Timer(device)
     rows = []
@@ -101,13 +132,14 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > args.max_seconds:
             row["note"] = f"skipped: time budget {args.max_seconds}s spent"
             continue
+        launches = LaunchRecorder()
         try:
-            row["config"] = fused._config(b, n, d, device, tiles)
-
             def step():
-                return fused.fused_dot_bank_partials(query, bank, tau, excl, precision=precision, tiles=tiles)
+                return fused.bank_partials(query, bank, tau, excl, precision=precision, tiles=tiles)
 
-            st = step()
+            with launches:
+                st = step()
+            row["config"] = launches.config
             if device.type == "cuda":
                 torch.cuda.synchronize()
             lse, eb = st.m + torch.log(st.z), st.w / st.z[:, None]
@@ -117,6 +149,7 @@ def main(argv=None) -> int:
             row["ms"] = statistics.median(times)
             row["x_floor"] = row["ms"] / floor_ms
         except Exception as exc:  # a setting Triton cannot build or run on this device
+            row["config"] = launches.config  # None when the tiles were refused before any launch
             row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     print(f"device: {name}; B={b} D={d} N={n} bf16 bank; floor {floor_ms:.3f} ms (peaks {tf:.0f} TFLOP/s, "
           f"{gb:.0f} GB/s, {source})")

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _common import record_header, write_json  # noqa: E402
-from cir_plugins import metrics  # noqa: E402
+
+from cir_plugins import metrics, similarity  # noqa: E402
 
 
 def bare_topk(query, gallery, k, chunk):
@@ -67,12 +68,12 @@ def _with_group(group, fn):
 
 def _upcast(fn):
     """Run fn with the library's bf16 scoring disabled (every chunk upcast to float32)."""
-    saved = metrics._use_bf16_scoring
-    metrics._use_bf16_scoring = lambda q, g: False
+    saved = similarity.use_bf16_scoring
+    similarity.use_bf16_scoring = lambda q, g: False
     try:
         return fn()
     finally:
-        metrics._use_bf16_scoring = saved
+        similarity.use_bf16_scoring = saved
 
 
 def main(argv=None) -> int:

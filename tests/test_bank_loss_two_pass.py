@@ -1,8 +1,10 @@
-"""precision="two_pass" of the bank-softmax core (issue 20): pass 1 = the fused kernel without the
+"""precision="two_pass" of the Triton backend (issue 20): pass 1 = the fused kernel without the
 query-gradient accumulator, pass 2 = softmax weights written chunk by chunk in the bank's dtype and
 one GEMM per chunk. Checked through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess, the
-harness of tests/test_fused.py) against the float64 full-logits reference, and against the
-single-pass "fast" precision (the same query rounding) at small odd sizes with several bank chunks.
+harness of tests/test_fused.py): the loss of ``bank_contrastive_loss(..., backend="triton",
+precision="two_pass")`` against the float64 full-logits reference, and the statistics of
+``fused.bank_partials`` against the single-pass "fast" precision (the same query rounding) at small
+odd sizes with several bank chunks.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ import textwrap
 
 import pytest
 import torch
+from test_fused import _SCRIPT, _interpret  # the same interpreter harness (cases -> loss and gradients vs float64)
 
 from cir_plugins.errors import ConfigError
-from cir_plugins.negatives import fused
 from cir_plugins.negatives.loss import bank_contrastive_loss
-from test_fused import _SCRIPT, _interpret  # the same interpreter harness (cases -> loss and gradients vs float64)
 
 CASES = {
     "two_pass_bf16": dict(bank="bfloat16", query="float32", B=5, N=203, D=40, K=3, precision="two_pass"),
@@ -51,8 +52,8 @@ _VS_FAST = textwrap.dedent(
         q = F.normalize(torch.randn(7, 40, generator=g), dim=-1)
         excl = torch.randint(-1, shape[0], (7, 3), generator=g) if ex else None
         tau = torch.tensor(0.07)
-        a = fused.fused_dot_bank_partials(q, bank, tau, excl, precision="two_pass")
-        b = fused.fused_dot_bank_partials(q, bank, tau, excl, precision="fast")
+        a = fused.bank_partials(q, bank, tau, excl, precision="two_pass")
+        b = fused.bank_partials(q, bank, tau, excl, precision="fast")
         rel = lambda x, y: float((x.double() - y.double()).abs().max() / y.double().abs().max())
         # float64 reference of E_p[b] over the bf16-rounded query
         qb, bk = q.bfloat16().double(), bank.double()
@@ -102,10 +103,10 @@ def test_two_pass_equals_single_pass_fast_statistics():
 
 
 def test_unknown_precision_is_a_config_error():
-    if not fused.triton_importable():
-        pytest.skip("triton not importable")
+    # the triton backend names the precisions it knows (checked before it asks whether the kernel can run)
     with pytest.raises(ConfigError, match="two_pass"):
-        fused.fused_dot_bank_partials(torch.randn(2, 4), torch.randn(5, 4), torch.tensor(0.1), precision="half")
+        bank_contrastive_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1),
+                              backend="triton", precision="half")
 
 
 def test_bank_contrastive_loss_takes_the_precision():
@@ -119,13 +120,41 @@ def test_bank_contrastive_loss_takes_the_precision():
     assert losses[0] == losses[1] == losses[2]
 
 
-@pytest.mark.parametrize("slice_cols", [0, 64, 100, 333, 5000])
-def test_weighted_chunk_sum_slices_equal_one_gemm(slice_cols, monkeypatch):
-    monkeypatch.setattr(fused, "TWO_PASS_GEMM_SLICE", slice_cols)
+# Pass 2's GEMM cut along the chunk into TWO_PASS_GEMM_SLICE-column slices (split-K, one batched GEMM plus a
+# tail) must give the sum of one plain GEMM (slice 0). 768-row chunks of a 997-row bf16 bank at B=7: a full
+# chunk and a last one of 229 rows, a strided view of the weight buffer; 64, 100 and 333 columns cut both into
+# several slices (333 only the full one), 5000 none.
+SLICES = (0, 64, 100, 333, 5000)
+_SLICED = textwrap.dedent(
+    r"""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import torch.nn.functional as F
+    from cir_plugins.negatives import fused
+    fused.TWO_PASS_CHUNK_BYTES = 7 * 768 * 2
     g = torch.Generator().manual_seed(0)
-    weights = torch.rand(7, 1000, generator=g).bfloat16()[:, :997]  # a strided view, as the last chunk's
-    vectors = torch.randn(997, 24, generator=g).bfloat16()
-    out = fused._weighted_chunk_sum(weights, vectors)
-    ref = weights.double() @ vectors.double()
-    assert out.dtype == torch.float32 and out.shape == (7, 24)
-    assert float((out.double() - ref).abs().max() / ref.abs().max()) <= 1e-6
+    bank = F.normalize(torch.randn(997, 24, generator=g), dim=-1).to(torch.bfloat16)
+    q = F.normalize(torch.randn(7, 24, generator=g), dim=-1)
+    excl = torch.randint(-1, 997, (7, 3), generator=g)
+    w = {}
+    for cols in json.loads(sys.argv[1]):
+        fused.TWO_PASS_GEMM_SLICE = cols
+        w[cols] = fused.bank_partials(q, bank, torch.tensor(0.07), excl, precision="two_pass").w
+    one = w[0].double()
+    print("RESULT " + json.dumps({str(c): {"rel": float((x.double() - one).abs().max() / one.abs().max()),
+                                            "dtype": str(x.dtype), "shape": list(x.shape)} for c, x in w.items()}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    return _interpret(_SLICED, json.dumps(SLICES))
+
+
+@pytest.mark.parametrize("slice_cols", SLICES)
+def test_weighted_chunk_sum_slices_equal_one_gemm(sliced, slice_cols):
+    r = sliced[str(slice_cols)]
+    assert r["dtype"] == "torch.float32" and r["shape"] == [7, 24]
+    assert r["rel"] <= 1e-6, r

@@ -1,4 +1,5 @@
-"""Sharded bank loss and sharded retrieval equal their single-process versions (gloo, 2 CPU ranks).
+"""The sharded bank loss, ``bank_contrastive_loss(..., shard=BankShard(...))``, equals the single-process
+reference (gloo, 2 CPU ranks).
 
 One ``torch.multiprocessing.spawn`` of two ranks runs every scenario (process start-up dominates)
 and writes its measurements to JSON; the tests below check them.
@@ -16,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cir_plugins.errors import ConfigError
-from cir_plugins.negatives.distributed import shard_rows, sharded_bank_contrastive_loss
+from cir_plugins.negatives.distributed import BankShard, shard_rows
+from cir_plugins.negatives.loss import bank_contrastive_loss
 
 WORLD = 2
 
@@ -31,8 +33,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
 
 
-def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, seed):
-    """Sharded vs single-process loss of this rank's queries; returns relative errors."""
+def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, seed, of_rank=False):
+    """Sharded vs single-process loss of this rank's queries; returns relative errors. ``of_rank``: the shard
+    from BankShard.of_rank instead of an explicit BankShard(start, n)."""
     from cir_plugins.negatives.loss import naive_bank_contrastive_loss
 
     g = torch.Generator().manual_seed(seed)  # same bank on every rank
@@ -53,8 +56,9 @@ def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, s
 
     q = q0.clone().requires_grad_()
     tau = torch.tensor(0.07, dtype=torch.float64 if qdtype == torch.float64 else torch.float32, requires_grad=True)
-    val = sharded_bank_contrastive_loss(q, bank[start:stop], start, n, target, tau, exclude_rows=excl,
-                                        similarity=similarity, chunk_size=4)
+    shard = BankShard.of_rank(n) if of_rank else BankShard(start, n)
+    val = bank_contrastive_loss(q, bank[start:stop], target, tau, exclude_rows=excl, similarity=similarity,
+                                shard=shard, chunk_size=4)
     val.backward()
 
     qr = q0.double().requires_grad_()
@@ -68,50 +72,7 @@ def _loss_case(rank, world, *, similarity, qdtype, bdtype, n, d, t, bsizes, k, s
         "dq_rel": _rel(q.grad, qr.grad),
         "dtau_rel": _rel(tau.grad, taur.grad),
         "dq_dtype": str(q.grad.dtype),
-    }
-
-
-def _retrieval_case(rank, world, *, similarity, n, q, d, t, seed):
-    """Sharded vs single-process metrics and top-k on integer-valued embeddings (exact scores, ties)."""
-    from cir_plugins.metrics import retrieval_metrics, topk_rows
-    from cir_plugins.negatives.distributed import sharded_retrieval_metrics, sharded_topk
-
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, d) if similarity == "dot" else (n, t, d)
-    # small integers / 4: every product and sum is exact in float32, and equal scores occur
-    gallery = torch.randint(-2, 3, shape, generator=g).float() / 4
-    query = torch.randint(-2, 3, (q, d), generator=g).float() / 4
-    target = torch.randint(0, n, (q,), generator=g)
-    excl = torch.randint(0, n, (q, 2), generator=g)
-    excl[excl == target[:, None]] = -1
-    subset = torch.randint(0, n, (q, 5), generator=g)
-    subset[:, 0] = target
-    subset[1, 3] = -1
-    start, stop = shard_rows(n, rank, world)
-    local = gallery[start:stop]
-    got = sharded_retrieval_metrics(query, local, start, n, target, ks=(1, 3, 5, 10), exclude_rows=excl,
-                                    subset_rows=subset, similarity=similarity, chunk_size=5)
-    want = retrieval_metrics(query, gallery, target, ks=(1, 3, 5, 10), exclude_rows=excl, subset_rows=subset,
-                             similarity=similarity)
-    ts, tr = sharded_topk(query, local, start, n, 7, exclude_rows=excl, similarity=similarity, chunk_size=5)
-    ws, wr = topk_rows(query, gallery, 7, exclude_rows=excl, similarity=similarity)
-    # a plain reference for recall, independent of metrics.py: full score matrix and sorting
-    if similarity == "dot":
-        full = query @ gallery.T
-    else:
-        full = torch.einsum("qd,ntd->qnt", query, gallery).amax(2)
-    full[torch.arange(q)[:, None].expand_as(excl)[excl >= 0], excl[excl >= 0]] = float("-inf")
-    ranks = []
-    for i in range(q):
-        keyed = sorted(range(n), key=lambda j: (-float(full[i, j]), j))
-        ranks.append(keyed.index(int(target[i])))
-    plain = {f"R@{k}": 100.0 * sum(r < k for r in ranks) / q for k in (1, 3, 5, 10)}
-    return {
-        "got": got,
-        "want": want,
-        "plain": plain,
-        "topk_equal": bool(torch.equal(tr, wr) and torch.equal(ts, ws)),
-        "topk_rows": tr.tolist(),
+        "shard": [shard.row_offset, shard.n_total, start],
     }
 
 
@@ -119,7 +80,7 @@ def _layout_error_case(rank, world):
     """Shards that overlap must be refused on every rank with a ConfigError."""
     bank = torch.randn(10, 4)
     try:
-        sharded_bank_contrastive_loss(torch.randn(2, 4), bank[:6], 0, 10, torch.tensor([0, 1]), 0.1)
+        bank_contrastive_loss(torch.randn(2, 4), bank[:6], torch.tensor([0, 1]), 0.1, shard=BankShard(0, 10))
     except ConfigError as exc:
         return str(exc)
     return None
@@ -132,7 +93,8 @@ def _refused_case(rank, world):
         query[1, 2] = float("nan")
     start, stop = shard_rows(10, rank, world)
     try:
-        sharded_bank_contrastive_loss(query, torch.randn(10, 4)[start:stop], start, 10, torch.tensor([0, 9]), 0.1)
+        bank_contrastive_loss(query, torch.randn(10, 4)[start:stop], torch.tensor([0, 9]), 0.1,
+                              shard=BankShard(start, 10))
     except Exception as exc:  # noqa: BLE001 - the test reads the type and message
         return [type(exc).__name__, str(exc)]
     return None
@@ -148,7 +110,8 @@ def _worker(rank, world, port, out_dir):
             "dot_f64": _loss_case(rank, world, similarity="dot", qdtype=torch.float64, bdtype=torch.float64,
                                   n=23, d=6, t=1, bsizes=(3, 4), k=3, seed=1),
             "max_token_f64": _loss_case(rank, world, similarity="max_token", qdtype=torch.float64,
-                                        bdtype=torch.float64, n=17, d=5, t=3, bsizes=(4, 2), k=2, seed=2),
+                                        bdtype=torch.float64, n=17, d=5, t=3, bsizes=(4, 2), k=2, seed=2,
+                                        of_rank=True),
             "dot_f32_bf16_bank": _loss_case(rank, world, similarity="dot", qdtype=torch.float32,
                                             bdtype=torch.bfloat16, n=29, d=8, t=1, bsizes=(5, 5), k=0, seed=3),
             # rank 0 passes no exclude_rows, rank 1 three columns: the shards pad to the largest K
@@ -157,9 +120,6 @@ def _worker(rank, world, port, out_dir):
             # a one-row bank: rank 1 holds an empty shard and still takes part
             "dot_f64_empty_shard": _loss_case(rank, world, similarity="dot", qdtype=torch.float64,
                                               bdtype=torch.float64, n=1, d=4, t=1, bsizes=(2, 3), k=0, seed=6),
-            "retrieval_dot": _retrieval_case(rank, world, similarity="dot", n=31, q=9, d=4, t=1, seed=4),
-            "retrieval_max_token": _retrieval_case(rank, world, similarity="max_token", n=19, q=7, d=3, t=2,
-                                                   seed=5),
             "layout_error": _layout_error_case(rank, world),
             "refused": _refused_case(rank, world),
         }
@@ -196,16 +156,12 @@ def test_sharded_loss_keeps_query_dtype(results):
     assert results[0]["dot_f64"]["dq_dtype"] == "torch.float64"
 
 
-@pytest.mark.parametrize("case", ["retrieval_dot", "retrieval_max_token"])
-def test_sharded_retrieval_equals_single_process(results, case):
+def test_bank_shard_of_rank_is_this_ranks_rows(results):
+    # BankShard.of_rank(n) holds shard_rows(n, rank, world)[0] and n (the max_token case uses it)
     for rank in range(WORLD):
-        r = results[rank][case]
-        assert r["got"] == r["want"], (rank, r)
-        for k, v in r["plain"].items():
-            assert r["got"][k] == pytest.approx(v)
-        assert set(r["got"]) == {"R@1", "R@3", "R@5", "R@10", "Rs@1", "Rs@2", "Rs@3", "Rmean"}
-        assert r["topk_equal"], rank
-    assert results[0][case]["topk_rows"] == results[1][case]["topk_rows"]
+        offset, n_total, start = results[rank]["max_token_f64"]["shard"]
+        assert (offset, n_total) == (start, 17)
+    assert [results[r]["max_token_f64"]["shard"][0] for r in range(WORLD)] == [0, 9]
 
 
 def test_overlapping_shards_are_refused_on_every_rank(results):
@@ -223,7 +179,7 @@ def test_bad_input_on_one_rank_is_an_error_on_every_rank(results):
 def test_shard_rows_tiles_the_bank(n, world):
     spans = [shard_rows(n, r, world) for r in range(world)]
     assert spans[0][0] == 0 and spans[-1][1] == n
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+    for (_, a1), (b0, _) in zip(spans, spans[1:]):
         assert a1 == b0
     sizes = [b - a for a, b in spans]
     assert max(sizes) - min(sizes) <= 1
@@ -239,4 +195,6 @@ def test_shard_rows_bad_arguments():
 def test_sharded_loss_without_process_group_explains():
     assert not dist.is_initialized(), "a test leaked a process group into the main pytest process"
     with pytest.raises(ConfigError, match="init_process_group"):
-        sharded_bank_contrastive_loss(torch.randn(2, 4), torch.randn(5, 4), 0, 5, torch.tensor([0, 1]), 0.1)
+        bank_contrastive_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), 0.1, shard=BankShard(0, 5))
+    with pytest.raises(ConfigError, match="init_process_group"):
+        BankShard.of_rank(5)

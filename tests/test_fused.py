@@ -1,10 +1,12 @@
-"""The fused Triton bank loss equals the full-logits reference, in value and gradients.
+"""The Triton backend of the bank loss equals the full-logits reference, in value and gradients.
 
 The kernel is run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``). That variable
 must be set before triton is imported and must not leak into other tests, so the interpreter
 cases run in one subprocess (module-scoped fixture) that prints JSON; the tests here check it.
-Sizes are odd and small (the interpreter runs numpy per program). A real-GPU variant is marked
-``gpu``.
+Sizes are odd and small (the interpreter runs numpy per program). The loss goes through the one
+entry point, ``bank_contrastive_loss(..., backend="triton")``; the statistics are compared with
+``fused.bank_partials`` against ``core.torch_bank_stats`` on the same validated inputs. Real-GPU
+variants are marked ``gpu``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from unittest import mock
 import pytest
 import torch
 
-from cir_plugins.negatives import fused, loss
+from cir_plugins.errors import ConfigError, ShapeError
+from cir_plugins.negatives import core, fused, loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,8 +69,12 @@ _SCRIPT = textwrap.dedent(
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
     import torch.nn.functional as F
-    from cir_plugins.negatives.fused import fused_dot_bank_loss, fused_max_token_bank_loss
-    from cir_plugins.negatives.loss import naive_bank_contrastive_loss
+    from cir_plugins.negatives import core, fused
+    from cir_plugins.negatives.loss import bank_contrastive_loss, naive_bank_contrastive_loss, validate_loss_inputs
+
+    # The interpreter runs the kernel on CPU tensors, which fused_available (CUDA tensors only) refuses: accept
+    # them in this process so that bank_contrastive_loss(..., backend="triton") reaches the kernel.
+    fused.fused_available = lambda query, bank, similarity="dot": fused.triton_importable()
 
     cases = json.loads(sys.argv[1])
     out = {}
@@ -96,8 +103,8 @@ _SCRIPT = textwrap.dedent(
 
         q = q0.clone().requires_grad_(want_q)
         tau = torch.tensor(0.05, requires_grad=True)
-        fn = fused_max_token_bank_loss if T > 1 else fused_dot_bank_loss
-        val = fn(q, bank, target, tau, excl, precision=c["precision"])
+        val = bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, similarity=similarity, backend="triton",
+                                    precision=c["precision"])
         val.backward()
         gq = q.grad.double() if want_q else None
 
@@ -121,32 +128,46 @@ _SCRIPT = textwrap.dedent(
             "loss_dtype": str(val.dtype),
         }
     if "partials" in sys.argv[2:]:
-        # the one statistics core: Triton backend vs torch backend, same bank
-        from cir_plugins.negatives.loss import bank_stats
+        # the one statistics core: Triton backend vs torch backend, same bank, same validated inputs
         g = torch.Generator().manual_seed(7)
         bank = F.normalize(torch.randn(61, 24, generator=g), dim=-1).to(torch.bfloat16)
         q = F.normalize(torch.randn(6, 24, generator=g), dim=-1)
         ex = torch.tensor([[3, -1], [-1, -1], [0, 60], [5, 5], [-1, 7], [59, -1]])
-        tau = torch.tensor(0.05)
-        a = bank_stats(q, bank, tau, ex, "dot", backend="triton")
-        b = bank_stats(q, bank, tau, ex, "dot", backend="torch", chunk_size=16)
+        target = torch.arange(6)  # none of them excluded
+        tau = validate_loss_inputs(q, bank, target, torch.tensor(0.05), ex, "dot")
+        a = fused.bank_partials(q, bank, tau, ex)
+        b = core.torch_bank_stats(q, bank, tau, ex, "dot", chunk_size=16)
         def norm(st):
             m, z, t, w = st.m, st.z, st.t, st.w
             return torch.cat([(m + torch.log(z))[:, None], (t / z)[:, None], w / z[:, None]], 1).double()
         out["partials"] = {"rel": float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())}
         bank3 = F.normalize(torch.randn(29, 3, 24, generator=g), dim=-1).to(torch.bfloat16)
-        a = bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", backend="triton")
-        b = bank_stats(q, bank3, tau, ex.clamp_max(28), "max_token", backend="torch", chunk_size=8)
+        tau3 = validate_loss_inputs(q, bank3, target, torch.tensor(0.05), ex.clamp_max(28), "max_token")
+        a = fused.bank_partials(q, bank3, tau3, ex.clamp_max(28))
+        b = core.torch_bank_stats(q, bank3, tau3, ex.clamp_max(28), "max_token", chunk_size=8)
         out["partials"]["rel_max_token"] = float((norm(a) - norm(b)).abs().max() / norm(b).abs().max())
         # tile overrides (the tuner's knob) change the schedule, not the statistics: 19 queries and D=24 give
-        # 2 query blocks x 2 column chunks x 4 splits of 16-row tiles, against 2 x 1 x 2 built in
-        from cir_plugins.negatives.fused import _config, fused_dot_bank_partials
+        # 2 query blocks x 2 column chunks x 4 splits of 16-row tiles, against 2 x 1 x 2 built in. The layout is
+        # read from the kernel's launches: grid = (query blocks * column chunks, splits).
+        real_kernel, layouts = fused.bank_partials_kernel, []
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **meta):
+                    layouts.append([grid[0] // meta["NUM_DV"], meta["NUM_DV"], grid[1]])
+                    return real_kernel[grid](*args, **meta)
+                return launch
+
+        fused.bank_partials_kernel = Recorder()
         q19 = F.normalize(torch.randn(19, 24, generator=g), dim=-1)
         ex19 = torch.randint(-1, 61, (19, 2), generator=g)
+        t19 = torch.tensor([min({0, 1, 2} - set(r)) for r in ex19.tolist()])  # a target no query excludes
+        tau19 = validate_loss_inputs(q19, bank, t19, tau, ex19, "dot")
         small = {"BLOCK_B": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_DV": 16, "programs_per_sm": 16}
-        cfg = _config(19, 61, 24, q19.device, small)
-        out["partials"]["tiles_layout"] = [cfg["num_qb"], cfg["NUM_DV"], cfg["splits"]]
-        st = [fused_dot_bank_partials(q19, bank, tau, ex19, tiles=t) for t in (None, small)]
+        st = [fused.bank_partials(q19, bank, tau19, ex19, tiles=t) for t in (None, small)]
+        fused.bank_partials_kernel = real_kernel
+        out["partials"]["tiles_layout"] = layouts[1]
+        out["partials"]["builtin_layout"] = layouts[0]
         out["partials"]["rel_tiles"] = float((norm(st[1]) - norm(st[0])).abs().max() / norm(st[0]).abs().max())
     print("RESULT " + json.dumps(out))
     """
@@ -213,7 +234,8 @@ def test_fused_matches_reference_more_dtypes(interpreted_extra, name):
 
 
 def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
-    # bank_stats takes the kernel on CUDA (single and sharded loss); it must equal the torch backend
+    # fused.bank_partials is the statistics of backend="triton" (single and sharded loss); on the same
+    # validated inputs it must equal core.torch_bank_stats, the torch backend
     assert interpreted["partials"]["rel"] <= 1e-5
     assert interpreted["partials"]["rel_max_token"] <= 1e-5
 
@@ -221,15 +243,43 @@ def test_fused_partials_match_torch_partials_for_sharded_loss(interpreted):
 def test_tile_overrides_keep_the_statistics(interpreted):
     # several query blocks, column chunks and bank splits: the same numbers as the built-in tiles
     assert interpreted["partials"]["tiles_layout"] == [2, 2, 4]
+    assert interpreted["partials"]["builtin_layout"] == [2, 1, 2]  # the override did change the schedule
     assert interpreted["partials"]["rel_tiles"] <= 1e-5
 
 
+class RecordingKernel:
+    """Stands for ``fused.bank_partials_kernel``: records each launch (grid, tiles per split, meta-parameters)
+    and writes neutral statistics (m = 0, z = 1, t = 0, w = 0); raises OUT_OF_RESOURCES for the query tile
+    ``fail_block_b``."""
+
+    def __init__(self, fail_block_b=None):
+        self.launches = []
+        self.fail_block_b = fail_block_b
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append(dict(grid=grid, tiles_per_split=args[13], **meta))
+            if meta["BLOCK_B"] == self.fail_block_b:
+                raise fused.OUT_OF_RESOURCES(262144, 232448, "shared memory")
+            m, z, t, w = args[5:9]
+            m.zero_(), z.fill_(1.0), t.zero_(), w.zero_()
+        return launch
+
+
 def test_tile_overrides_are_checked_and_applied():
-    cfg = fused._config(300, 10_000, 768, torch.device("cpu"), {"BLOCK_N": 16, "num_stages": 2, "BLOCK_DV": 128})
-    assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["BLOCK_DV"], cfg["NUM_DV"]) == (16, 2, 128, 6)
-    assert cfg["splits"] * cfg["tiles_per_split"] * cfg["BLOCK_N"] >= 10_000
-    with pytest.raises(ValueError, match="BLOCK_M"):
-        fused._config(4, 100, 8, torch.device("cpu"), {"BLOCK_M": 64})
+    kernel = RecordingKernel()
+    q, bank, tau = torch.randn(300, 768), torch.zeros(10_000, 768, dtype=torch.bfloat16), torch.tensor(0.05)
+    with mock.patch.object(fused, "bank_partials_kernel", kernel, create=True):
+        stats = fused.bank_partials(q, bank, tau, tiles={"BLOCK_N": 16, "num_stages": 2, "BLOCK_DV": 128})
+        assert stats.m.shape == (300,) and stats.w.shape == (300, 768)
+        (cfg,) = kernel.launches
+        assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["BLOCK_DV"], cfg["NUM_DV"]) == (16, 2, 128, 6)
+        assert cfg["grid"][1] * cfg["tiles_per_split"] * cfg["BLOCK_N"] >= 10_000  # splits cover the bank
+        with pytest.raises(ValueError, match="BLOCK_M"):
+            fused.bank_partials(q[:4, :8], bank[:100, :8], tau, tiles={"BLOCK_M": 64})
+        with pytest.raises(ValueError, match="BLOCK_M"):  # pass 2 of "two_pass" has its own tiles, checked alike
+            fused.bank_partials(q[:4, :8], bank[:100, :8], tau, precision="two_pass", weight_tiles={"BLOCK_M": 64})
+    assert len(kernel.launches) == 2  # the refused settings never reached the kernel (pass 1 of two_pass did)
 
 
 # ---------------------------------------------------------------- availability and dispatch
@@ -247,28 +297,28 @@ def test_fused_available_false_when_disabled(monkeypatch):
     assert fused.fused_available(torch.randn(3, 8), torch.randn(10, 8)) is False
 
 
-def test_select_path_picks_fused_when_available(monkeypatch):
+def test_select_backend_picks_triton_when_available(monkeypatch):
     fake_q = mock.Mock(is_cuda=True, shape=(4, 8))
     fake_b = mock.Mock(is_cuda=True, shape=(100, 8))
     monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": True)
-    assert loss.select_path(fake_q, fake_b, "dot") == "fused"
+    assert loss.select_backend(fake_q, fake_b, "dot") == "triton"
     monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": False)
-    assert loss.select_path(fake_q, fake_b, "dot") != "fused"
-    # multi-vector banks take the fused path when the kernel accepts them; a forced chunk size never does
+    assert loss.select_backend(fake_q, fake_b, "dot") == "torch"
+    # multi-vector banks take the triton backend when the kernel accepts them; a forced chunk size never does
     seen = []
     monkeypatch.setattr(fused, "fused_available", lambda q, b, similarity="dot": seen.append(similarity) or True)
-    assert loss.select_path(fake_q, fake_b, "max_token") == "fused" and seen == ["max_token"]
-    assert loss.select_path(fake_q, fake_b, "dot", chunk_size=64) == "chunked"
+    assert loss.select_backend(fake_q, fake_b, "max_token") == "triton" and seen == ["max_token"]
+    assert loss.select_backend(fake_q, fake_b, "dot", chunk_size=64) == "torch"
 
 
 def test_bank_loss_calls_fused_with_validated_arguments(monkeypatch):
     calls = []
 
     def recorder(query, bank, temperature, exclude_rows, *, need_w, precision):
-        calls.append((query, bank, temperature, exclude_rows, need_w))
-        return loss._bank_stats(query, bank, temperature, exclude_rows, "dot", backend="torch", need_w=need_w)
+        calls.append((query, bank, temperature, exclude_rows, need_w, precision))
+        return core.torch_bank_stats(query, bank, temperature, exclude_rows, "dot", need_w=need_w)
 
-    monkeypatch.setattr(loss, "select_path", lambda *a, **k: "fused")
+    monkeypatch.setattr(loss, "select_backend", lambda *a, **k: "triton")
     monkeypatch.setattr(fused, "bank_partials", recorder)
     q = torch.randn(3, 8, requires_grad=True)
     bank = torch.randn(11, 8)
@@ -276,27 +326,36 @@ def test_bank_loss_calls_fused_with_validated_arguments(monkeypatch):
     excl = torch.tensor([[1, -1], [2, 3], [-1, -1]])
     out = loss.bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
     assert len(calls) == 1
-    _, _, tau, ex, need_w = calls[0]
-    assert torch.equal(ex, excl) and need_w
+    _, _, tau, ex, need_w, precision = calls[0]
+    assert torch.equal(ex, excl) and need_w and precision == "exact"
     assert tau.dim() == 0 and tau.dtype == torch.float32 and abs(float(tau) - 0.1) < 1e-7
     ref = loss.naive_bank_contrastive_loss(q, bank, target, 0.1, exclude_rows=excl)
     assert torch.allclose(out, ref)
 
 
 def test_bad_inputs_raise_clear_errors():
-    from cir_plugins.errors import ConfigError, ShapeError
+    # backend="triton" validates like every backend, before it asks whether the kernel can run
+    def triton_loss(query, bank, target, tau, **kw):
+        return loss.bank_contrastive_loss(query, bank, target, tau, backend="triton", **kw)
 
     with pytest.raises(ShapeError, match="same D"):
-        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 3), torch.tensor([0, 1]), torch.tensor(0.1))
+        triton_loss(torch.randn(2, 4), torch.randn(5, 3), torch.tensor([0, 1]), torch.tensor(0.1))
     with pytest.raises(ConfigError, match="precision"):
-        fused.fused_dot_bank_loss(
-            torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1), precision="turbo"
-        )
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1), precision="turbo")
     with pytest.raises(ShapeError, match="target_rows"):
-        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0]), torch.tensor(0.1))
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0]), torch.tensor(0.1))
     with pytest.raises(ConfigError, match="excludes its own target"):
-        fused.fused_dot_bank_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1),
-                                  exclude_rows=torch.tensor([[3], [1]]))
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1),
+                    exclude_rows=torch.tensor([[3], [1]]))
+    # a 1-element temperature is refused as on every backend (the removed wrappers accepted it)
+    with pytest.raises(ShapeError, match="0-dim"):
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor([0.1]))
+    with pytest.raises(ConfigError, match="chunk_size is a setting of the torch backend"):
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1), chunk_size=64)
+    # valid inputs the kernel cannot take (CPU tensors here) are an error that says so, not a silent fallback
+    with pytest.raises(ConfigError, match="the triton backend cannot run on these tensors") as info:
+        triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1))
+    assert "Fix:" in str(info.value)
 
 
 # ---------------------------------------------------------------- benchmark smoke run
@@ -307,7 +366,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bank_loss_gpu.py"), "--smoke", "--device", "cpu", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "bank_loss_gpu.py"), "--smoke", "--device", "cpu",
+         "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -347,7 +407,7 @@ def test_fused_matches_reference_gpu(dtype, tol, b, n, d):
     bank, q0, target, excl = _gpu_case(n, d, b, dtype)
     q = q0.clone().requires_grad_()
     tau = torch.tensor(0.05, device="cuda", requires_grad=True)
-    val = fused.fused_dot_bank_loss(q, bank, target, tau, excl)
+    val = loss.bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, backend="triton")
     val.backward()
     qr = q0.double().requires_grad_()
     taur = torch.tensor(0.05, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -370,7 +430,7 @@ def test_fused_max_token_matches_reference_gpu(dtype, tol):
     target = torch.randint(0, n, (b,), device="cuda", generator=g)
     q = q0.clone().requires_grad_()
     tau = torch.tensor(0.05, device="cuda", requires_grad=True)
-    val = fused.fused_max_token_bank_loss(q, bank, target, tau)
+    val = loss.bank_contrastive_loss(q, bank, target, tau, similarity="max_token", backend="triton")
     val.backward()
     qr = q0.double().requires_grad_()
     taur = torch.tensor(0.05, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -393,9 +453,9 @@ def test_fused_handles_more_than_2_pow_31_elements_gpu():
     target[-1] = n - 1  # a positive in the last rows, past 2**31 elements
     q = q0.clone().requires_grad_()
     tau = torch.tensor(0.05, device="cuda", requires_grad=True)
-    val = fused.fused_dot_bank_loss(q, bank, target, tau, excl)
+    val = loss.bank_contrastive_loss(q, bank, target, tau, exclude_rows=excl, backend="triton")
     val.backward()
-    ref = loss.bank_contrastive_loss(q0, bank, target, 0.05, exclude_rows=excl, chunk_size=1 << 20)
+    ref = loss.bank_contrastive_loss(q0, bank, target, 0.05, exclude_rows=excl, backend="torch", chunk_size=1 << 20)
     assert abs(float(val) - float(ref)) <= 1e-3 * abs(float(ref))
     assert torch.isfinite(q.grad).all()
 
@@ -417,8 +477,8 @@ def _run_script(args, tmp_path):
 def test_retrieval_benchmark_smoke_runs_on_cpu(tmp_path):
     data = _run_script([str(REPO / "benchmarks" / "retrieval_gpu.py"), "--smoke", "--device", "cpu"], tmp_path)
     by = {r["method"]: r for r in data["rows"]}
-    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "topk_rows_fp32_upcast", "retrieval_metrics", "bare_bf16_topk",
-                       "topk_rows_no_filter", "topk_rows_group64", "topk_rows_group512"}
+    assert set(by) == {"topk_rows", "topk_rows_big_chunk", "topk_rows_fp32_upcast", "retrieval_metrics",
+                       "bare_bf16_topk", "topk_rows_no_filter", "topk_rows_group64", "topk_rows_group512"}
     for method in ("topk_rows_no_filter", "topk_rows_group64", "topk_rows_group512"):  # the candidate filter is exact
         assert by[method]["same_rows_and_scores_as_default"] is True, method
     assert by["topk_rows_fp32_upcast"]["share_rows_equal_to_default"] == 1.0  # on CPU both score in float32
@@ -440,19 +500,42 @@ def test_bank_build_benchmark_runs_on_cpu(tmp_path):
                                    {"num_stages": 0}, {"programs_per_sm": -1}, {"programs_per_sm": 2.0}])
 def test_bad_tile_values_are_refused_by_name(tiles):
     key = next(iter(tiles))
-    with pytest.raises(ValueError, match=key):
-        fused._config(4, 100, 8, torch.device("cpu"), tiles)
+    kernel = RecordingKernel()
+    with mock.patch.object(fused, "bank_partials_kernel", kernel, create=True), pytest.raises(ValueError, match=key):
+        fused.bank_partials(torch.randn(4, 8), torch.randn(100, 8), torch.tensor(0.1), tiles=tiles)
+    assert kernel.launches == []
 
 
-def test_cuda_tile_choice_and_warps_follow_the_query_tile():
-    from types import SimpleNamespace
+def test_explicit_tiles_that_run_out_of_resources_are_not_changed():
+    """Tiles the caller chose are the caller's: OUT_OF_RESOURCES propagates, no silent retry with other tiles."""
+    kernel = RecordingKernel(fail_block_b=128)
+    q, bank, tau = torch.randn(70, 8), torch.randn(50, 8), torch.tensor(0.05)
+    with mock.patch.object(fused, "bank_partials_kernel", kernel, create=True), pytest.raises(fused.OUT_OF_RESOURCES):
+        fused.bank_partials(q, bank, tau, tiles={"BLOCK_B": 128})
+    assert [(c["BLOCK_B"], c["num_warps"]) for c in kernel.launches] == [(128, 4)]
 
-    cuda = torch.device("cuda")
-    with mock.patch("torch.cuda.get_device_properties", return_value=SimpleNamespace(multi_processor_count=132)), \
-            mock.patch.object(fused, "_interpreting", return_value=False):
-        pick = {b: fused._config(b, 1_000_000, 768, cuda) for b in (8, 32, 64, 256)}
-        forced = fused._config(32, 1_000_000, 768, cuda, {"BLOCK_B": 128})
-        forced_warps = fused._config(256, 1_000_000, 768, cuda, {"num_warps": 2})
+
+# The built-in CUDA tile choice is made only for CUDA tensors (on the CPU and under the interpreter the small
+# interpreter tiles are used), so these two run where a GPU is; the kernel is replaced by RecordingKernel.
+
+
+@pytest.mark.gpu
+def test_cuda_tile_choice_and_warps_follow_the_query_tile(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bank, tau = torch.zeros(4096, 768, device="cuda", dtype=torch.bfloat16), torch.tensor(0.05, device="cuda")
+
+    def launch(b, tiles=None):
+        kernel = RecordingKernel()
+        with mock.patch.object(fused, "bank_partials_kernel", kernel):
+            fused.bank_partials(torch.randn(b, 768, device="cuda"), bank, tau, tiles=tiles)
+        (cfg,) = kernel.launches
+        return dict(cfg, num_qb=cfg["grid"][0] // cfg["NUM_DV"])
+
+    pick = {b: launch(b) for b in (8, 32, 64, 256)}
+    forced = launch(32, {"BLOCK_B": 128})
+    forced_warps = launch(256, {"num_warps": 2})
     assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
         [(16, 4), (32, 4), (64, 4), (128, 8)]
     assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
@@ -460,37 +543,23 @@ def test_cuda_tile_choice_and_warps_follow_the_query_tile():
     assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
 
 
-def test_out_of_resources_falls_back_to_64_query_tiles():
+@pytest.mark.gpu
+def test_out_of_resources_falls_back_to_64_query_tiles(monkeypatch):
     """A GPU with less shared memory than the tuning one: the built-in 128-query launch is retried with 64."""
-    calls = []
-    real_config = fused._config
-
-    def config(b, n, d, device, tiles=None, need_w=True):
-        cfg = real_config(b, n, d, device, tiles, need_w)
-        if tiles is None:
-            cfg = dict(cfg, BLOCK_B=128, num_qb=1, num_warps=8)  # what a CUDA device would get for B > 64
-        return cfg
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                calls.append((meta["BLOCK_B"], meta["num_warps"]))
-                if meta["BLOCK_B"] == 128:
-                    raise fused._OUT_OF_RESOURCES(262144, 232448, "shared memory")
-                m, z, t = args[5], args[6], args[7]
-                m.zero_(), z.fill_(1.0), t.zero_()
-            return launch
-
-    q, bank, tau = torch.randn(70, 8), torch.randn(50, 8), torch.tensor(0.05)
-    with mock.patch.object(fused, "_config", side_effect=config), \
-            mock.patch.object(fused, "_bank_partials_kernel", Kernel(), create=True):
-        m, z, t, w = fused._launch_partials(q, bank, tau, None, need_w=True, precision="exact")
-        assert calls == [(128, 8), (64, 4)]
-        assert m.shape[1] == 70 and w.shape[1:] == (70, 8)
-        calls.clear()
-        with pytest.raises(fused._OUT_OF_RESOURCES):  # explicit tiles are the caller's: no silent change
-            fused._launch_partials(q, bank, tau, None, need_w=True, precision="exact", tiles={"BLOCK_B": 128})
-        assert calls == [(128, 4)]
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernel = RecordingKernel(fail_block_b=128)
+    q, bank = torch.randn(70, 8, device="cuda"), torch.randn(50, 8, device="cuda")
+    tau = torch.tensor(0.05, device="cuda")
+    with mock.patch.object(fused, "bank_partials_kernel", kernel):
+        stats = fused.bank_partials(q, bank, tau)
+        assert [(c["BLOCK_B"], c["num_warps"]) for c in kernel.launches] == [(128, 8), (64, 4)]
+        assert stats.m.shape == (70,) and stats.w.shape == (70, 8)
+        kernel.launches.clear()
+        with pytest.raises(fused.OUT_OF_RESOURCES):  # explicit tiles are the caller's: no silent change
+            fused.bank_partials(q, bank, tau, tiles={"BLOCK_B": 128})
+        assert [(c["BLOCK_B"], c["num_warps"]) for c in kernel.launches] == [(128, 8)]
 
 
 def test_tile_sweep_smoke_runs_on_cpu(tmp_path):

@@ -1,6 +1,7 @@
 """bank_contrastive_loss against a float64 full-logits cross-entropy, on every path."""
 
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 import cir_plugins as cp
 import cir_plugins.negatives as negatives_pkg
 from cir_plugins.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
+from cir_plugins.negatives import core, fused
 from cir_plugins.negatives import loss as L
 
 B, N, D, T = 7, 1037, 19, 5
@@ -84,12 +86,13 @@ def test_automatic_chunk_size_follows_the_budget(similarity, monkeypatch):
     tokens = T if similarity == "max_token" else 1
     n = 2011
     query, bank, target, exclude = make_inputs(similarity, n=n, seed=3)
-    assert L.select_path(query, bank, similarity) == "chunked"  # no CUDA: the torch backend
-    assert L.select_path(query, bank, similarity, chunk_size=50) == "chunked"
-    monkeypatch.setattr(L, "CHUNK_BUDGET_BYTES", 4 * B * tokens * (n // 5))  # about five chunks
+    assert L.select_backend(query, bank, similarity) == "torch"  # no CUDA: the torch backend
+    assert L.select_backend(query, bank, similarity, chunk_size=50) == "torch"
+    monkeypatch.setattr(core, "CHUNK_BUDGET_BYTES", 4 * B * tokens * (n // 5))  # about five chunks
+    assert core.default_chunk_size(B, tokens) == n // 5
     sizes = []
-    real = L._chunk_stats
-    monkeypatch.setattr(L, "_chunk_stats", lambda *a: sizes.append(a[2].shape[0]) or real(*a))  # a[2]: the chunk
+    real = core.chunk_stats
+    monkeypatch.setattr(core, "chunk_stats", lambda *a: sizes.append(a[2].shape[0]) or real(*a))  # a[2]: the chunk
     got = loss_and_grads(cp.bank_contrastive_loss, query, bank, target, 0.05, exclude, similarity)
     assert sizes[0] == n // 5 and sum(sizes) == n and len(sizes) == 6
     monkeypatch.undo()
@@ -232,9 +235,15 @@ def test_bank_on_other_device_is_an_error():
 
 
 def test_missing_fused_module_is_tolerated_but_other_import_errors_are_not(monkeypatch):
+    cuda_q, cuda_b = mock.Mock(is_cuda=True, shape=(4, 8)), mock.Mock(is_cuda=True, shape=(100, 8))
+    query, bank = torch.randn(4, 8), torch.randn(100, 8)
+    rows = torch.tensor([0, 1, 2, 3])
     monkeypatch.delattr(negatives_pkg, "fused", raising=False)
     monkeypatch.setitem(sys.modules, "cir_plugins.negatives.fused", None)  # import -> ModuleNotFoundError
-    assert L._fused_module() is None
+    assert L.select_backend(cuda_q, cuda_b) == "torch"  # CUDA tensors, but no Triton module: the torch backend
+    with pytest.raises(ConfigError, match="the triton backend cannot run"):
+        L.bank_contrastive_loss(query, bank, rows, 0.1, backend="triton")
+    assert float(L.bank_contrastive_loss(query, bank, rows, 0.1)) > 0  # "auto" runs without the module
     monkeypatch.delitem(sys.modules, "cir_plugins.negatives.fused")
 
     class Broken:
@@ -244,8 +253,10 @@ def test_missing_fused_module_is_tolerated_but_other_import_errors_are_not(monke
             return None
 
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
-    with pytest.raises(ModuleNotFoundError):
-        L._fused_module()
+    with pytest.raises(ModuleNotFoundError, match="triton_dep"):
+        L.select_backend(cuda_q, cuda_b)
+    with pytest.raises(ModuleNotFoundError, match="triton_dep"):
+        L.bank_contrastive_loss(query, bank, rows, 0.1, backend="triton")
 
 
 @pytest.mark.gpu
@@ -284,21 +295,16 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
     bank = bank.clone().requires_grad_(True)
     seen = {}
 
-    class FakeFused:
-        @staticmethod
-        def fused_available(query, bank, similarity="dot"):
-            return similarity == "dot"
+    def bank_partials(query, bank, temperature, exclude_rows, *, need_w, precision):
+        seen.update(query=query, bank=bank, temperature=temperature, exclude=exclude_rows, need_w=need_w)
+        return core.torch_bank_stats(query, bank, temperature, exclude_rows, "dot", need_w=need_w)
 
-        @staticmethod
-        def bank_partials(query, bank, temperature, exclude_rows, *, need_w, precision):
-            seen.update(query=query, bank=bank, temperature=temperature, exclude=exclude_rows, need_w=need_w)
-            return L._bank_stats(query, bank, temperature, exclude_rows, "dot", backend="torch", need_w=need_w)
-
-    monkeypatch.setattr(L, "_fused_module", lambda: FakeFused)
+    monkeypatch.setattr(fused, "fused_available", lambda query, bank, similarity="dot": similarity == "dot")
+    monkeypatch.setattr(fused, "bank_partials", bank_partials)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # pretend the query is on CUDA
-    assert L.select_path(q, bank, "dot") == "fused"
-    assert L.select_path(q, bank, "dot", chunk_size=64) == "chunked"
-    assert L.select_path(q, bank[:, None], "max_token") != "fused"
+    assert L.select_backend(q, bank, "dot") == "triton"
+    assert L.select_backend(q, bank, "dot", chunk_size=64) == "torch"
+    assert L.select_backend(q, bank[:, None], "max_token") != "triton"
     tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     value = cp.bank_contrastive_loss(q, bank, target, tau, exclude_rows=exclude)
     monkeypatch.undo()
@@ -314,7 +320,7 @@ def test_fused_path_gets_validated_arguments(monkeypatch):
 @pytest.mark.parametrize("similarity", ["dot", "max_token"])
 def test_bank_stats_are_the_softmax_expectations(similarity):
     """The one statistics core against plain float64 softmax expectations, and parts merged by combine."""
-    query, bank, _, exclude = make_inputs(similarity, n=301, seed=7)
+    query, bank, target, exclude = make_inputs(similarity, n=301, seed=7)
     tau = 0.1
     q, b = query.double(), bank.double()
     tokens = torch.einsum("bd,ntd->bnt", q, b) if similarity == "max_token" else None
@@ -325,18 +331,20 @@ def test_bank_stats_are_the_softmax_expectations(similarity):
     p = logits.softmax(dim=1)  # (B, N)
     vecs = b if tokens is None else b[torch.arange(b.shape[0])[None, :], tokens.argmax(2)]  # (N, D) or (B, N, D)
     exp_b = p @ vecs if tokens is None else torch.einsum("bn,bnd->bd", p, vecs)
+    # the torch backend on inputs validated as the loss validates them (tau: a 0-dim float64 tensor here)
+    tau_t = L.validate_loss_inputs(query, bank, target, tau, exclude, similarity)
+    assert tau_t.dtype == torch.float64 and tau_t.dim() == 0
     for chunk in (None, 37):
-        st = L.bank_stats(query, bank, tau, exclude, similarity, backend="torch", chunk_size=chunk)
+        st = core.torch_bank_stats(query, bank, tau_t, exclude, similarity, chunk_size=chunk)
         assert_rel_close(st.m + st.z.log(), logits.logsumexp(1))
         assert_rel_close(st.t / st.z, (p * sims).sum(1))
         assert_rel_close(st.w / st.z[:, None], exp_b)
     # statistics of two halves merged by BankStats.combine equal those of the whole bank
-    halves = [L.bank_stats(query, bank[:150], tau, exclude.where(exclude < 150, -1), similarity, backend="torch"),
-              L.bank_stats(query, bank[150:], tau, (exclude - 150).where(exclude >= 150, -1), similarity,
-                           backend="torch")]
-    merged = L.BankStats.stack(halves).combine()
-    whole = L.bank_stats(query, bank, tau, exclude, similarity, backend="torch")
+    halves = [core.torch_bank_stats(query, bank[:150], tau_t, exclude.where(exclude < 150, -1), similarity),
+              core.torch_bank_stats(query, bank[150:], tau_t, (exclude - 150).where(exclude >= 150, -1), similarity)]
+    merged = core.BankStats.stack(halves).combine()
+    whole = core.torch_bank_stats(query, bank, tau_t, exclude, similarity)
     for name in ("m", "z", "t", "w"):
         assert_rel_close(getattr(merged, name), getattr(whole, name), rtol=1e-12)
     with pytest.raises(ConfigError, match="backend"):
-        L.bank_stats(query, bank, tau, exclude, similarity, backend="cuda")
+        cp.bank_contrastive_loss(query, bank, target, tau, exclude_rows=exclude, similarity=similarity, backend="cuda")
