@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _common import record_header, write_json  # noqa: E402
+
 from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 
 PRESETS = {
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
 
         tmp_images = tempfile.TemporaryDirectory()
         paths = {}
-        for k, i in enumerate(ids):  # 1.2x the tower's size, so the transform resizes and crops
+        for i in ids:  # 1.2x the tower's size, so the transform resizes and crops
             side = int(size * 1.2)
             pixels = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(os.path.join(tmp_images.name, f"{i}.jpg"), quality=90)

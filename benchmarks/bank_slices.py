@@ -39,14 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import record_header, write_json  # noqa: E402
 
-from cir_plugins.negatives.bank_format import FORMAT, VERSION, _checksum, checksummed_metadata  # noqa: E402
-from cir_plugins.negatives.bank_format import read_bank_file  # noqa: E402
+from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
+from cir_plugins.negatives.bank_format import (  # noqa: E402
+    FORMAT,
+    VERSION,
+    _checksum,
+    checksummed_metadata,  # noqa: E402
+)
 
 
 def read_rows(path: str, shard: tuple[int, int] | None) -> torch.Tensor:
-    """The one read each rank times: ``shard=None`` reads the whole file, else the rank's slice. (When
-    ``NegativeBank.load(path, shard=...)`` exists, this becomes ``NegativeBank.load(path, shard=shard).embeddings``.)"""
-    return read_bank_file(path, shard=shard)[0]
+    """The one read each rank times: ``shard=None`` reads the whole file, else the rank's slice."""
+    return NegativeBank.load(path, shard=shard).embeddings
 
 
 def _status() -> dict:

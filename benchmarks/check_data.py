@@ -42,12 +42,21 @@ def main() -> None:
         rows = []
         for decode in (False, True):
             report = check_dataset(root, "cirr", decode=decode, counts=None)
-            rows.append({"mode": report.mode, "image_files": report.images["checked"], "seconds": round(report.seconds, 2),
-                         "images_per_s": round(report.images["checked"] / report.seconds), "ok": report.ok})
+            rows.append(
+                {
+                    "mode": report.mode,
+                    "image_files": report.images["checked"],
+                    "seconds": round(report.seconds, 2),
+                    "images_per_s": round(report.images["checked"] / report.seconds),
+                    "ok": report.ok,
+                }
+            )
         print(f"tree: {3 * per_split} PNGs, {3 * args.triplets_per_split} triplets, built in {build_s:.1f} s at {root}")
         print(f"{'mode':8} {'files':>7} {'seconds':>8} {'files/s':>8}  ok")
         for row in rows:
-            print(f"{row['mode']:8} {row['image_files']:7d} {row['seconds']:8.2f} {row['images_per_s']:8d}  {row['ok']}")
+            print(
+                f"{row['mode']:8} {row['image_files']:7d} {row['seconds']:8.2f} {row['images_per_s']:8d}  {row['ok']}"
+            )
         record = _common.record_header("check_data")
         record.update(machine=f"{platform.node()} {platform.machine()}, {platform.processor() or 'cpu'}",
                       images=3 * per_split, triplets=3 * args.triplets_per_split, build_seconds=round(build_s, 1),

@@ -7,7 +7,8 @@ queries = gallery rows plus smaller noise (a composed query lands near its targe
 uses isotropic Gaussian rows instead (no structure: the hardest case for any compressed index).
 
 Exact = the library's ``metrics.topk_rows`` (and FAISS ``IndexFlatIP``, checked equal). Compressed =
-``IVF{nlist},PQ{D/4}x4fs`` (``build_faiss_index(bank, "ivfpq")``'s default codes: D/8 bytes a row), searched at several ``nprobe``.
+``IVF{nlist},PQ{D/4}x4fs`` (``build_faiss_index(bank, "ivfpq")``'s default codes: D/8 bytes a row), searched at several
+``nprobe``.
 recall@50 = |compressed top-50 ∩ exact top-50| / 50, averaged over queries. Memory = bytes of the
 serialised index. Runs with ``--threads`` FAISS/torch threads (default 1: the box is shared).
 

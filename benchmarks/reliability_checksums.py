@@ -122,9 +122,17 @@ def main() -> None:
     for what, checked_s, plain_s in rows:
         print(f"{what:<52} {checked_s:>10.3f} {plain_s:>10.3f} {checked_s / plain_s:>7.2f}")
     if args.out:
-        write_json(args.out, {**record_header("reliability_checksums"), "machine": platform.processor() or platform.machine(),
-                              "torch": torch.__version__, "threads": torch.get_num_threads(), "settings": vars(args),
-                              "rows": [{"what": w, "checked_s": c, "plain_s": p, "ratio": c / p} for w, c, p in rows]})
+        write_json(
+            args.out,
+            {
+                **record_header("reliability_checksums"),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "settings": vars(args),
+                "rows": [{"what": w, "checked_s": c, "plain_s": p, "ratio": c / p} for w, c, p in rows],
+            },
+        )
 
 
 if __name__ == "__main__":

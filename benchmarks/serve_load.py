@@ -120,7 +120,7 @@ def slow_client(port: int, every: float, give_up: float) -> dict:
                 sock.sendall(b"X")
                 if sock.recv(1024) == b"":
                     return {"closed_after_s": round(time.monotonic() - start, 2), "byte_every_s": every}
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 return {"closed_after_s": round(time.monotonic() - start, 2), "byte_every_s": every}

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from _common import record_header, write_json  # noqa: E402
+
 from cir_plugins.negatives.loss import bank_contrastive_loss  # noqa: E402
 from cir_plugins.training.stage1 import InBatchNegatives  # noqa: E402
 

@@ -108,7 +108,7 @@ def main() -> int:
     words = ["red", "blue", "with", "a", "dog", "cat", "bigger", "smaller", "on", "grass", "two", "more"]
     triplets = [Triplet(ids[i], (" ".join(words[(i + k) % 12] for k in range(6)),), ids[(i * 7 + 3) % n])
                 for i in range(args.batch_size * 2)]
-    common = dict(epochs=1, batch_size=args.batch_size, lr=2e-5, show_progress=False, select_metric=None,
+    common = dict(epochs=1, batch_size=args.batch_size, lr=2e-5, show_progress=False,
                   amp=args.amp)
 
     stage1 = Stage1Trainer(model, triplets, images, config=Stage1Config(**common))

@@ -85,7 +85,9 @@ def main(argv=None) -> int:
                 rival.wait()
     print(f"{'threads':>7} {'beside a job':>13} {'s/step (best)':>14} {'load avg':>9}")
     for row in record["rows"]:
-        print(f"{row['threads']:>7} {str(row['beside_a_job']):>13} {row['per_step_s']:>14.3f} {row['load_average']:>9.2f}")
+        print(
+            f"{row['threads']:>7} {str(row['beside_a_job']):>13} {row['per_step_s']:>14.3f} {row['load_average']:>9.2f}"
+        )
     write_json(args.out, record)
     print(f"written: {args.out}")
     return 0

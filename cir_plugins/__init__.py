@@ -10,45 +10,47 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _WHERE = {
-    "AugmentResult": "positives.augmenter",
-    "BankMismatchError": "errors",
+    # model
     "CIRModel": "protocol",
-    "CIRPluginsError": "errors",
-    "Evaluator": "training.evaluator",
-    "ImageStore": "data.images",
-    "LLMRewriter": "positives.rewriters",
-    "NegativeBank": "negatives.bank",
-    "Recipe": "recipes",
-    "Stage1Config": "training.config",
-    "Stage1Trainer": "training.stage1",
-    "Stage2Config": "training.config",
-    "Stage2Trainer": "training.stage2",
-    "SyntheticCaptioner": "data.synthetic",
-    "SyntheticRewriter": "data.synthetic",
-    "Split": "data.split",
-    "Triplet": "data.triplet",
-    "TripletAugmenter": "positives.augmenter",
-    "bank_contrastive_loss": "negatives.loss",
+    "wrap_model": "protocol",
     "check_model": "protocol",
-    "evaluate": "evaluation",
+    "reference_input": "protocol",
+    # data
+    "Triplet": "data.triplet",
+    "ImageStore": "data.images",
     "load_cirr": "data.cirr",
     "load_fashioniq": "data.fashioniq",
-    "load_recipe": "recipes",
-    "load_split": "data.fashioniq",
-    "load_trained": "trained",
     "make_world": "data.synthetic",
-    "push_to_hub": "share",
-    "rank_cirr": "evaluation",
-    "reference_input": "protocol",
-    "reproduce": "recipes.run",
+    # positives
+    "TripletAugmenter": "positives.augmenter",
+    "AugmentConfig": "positives.augmenter",
+    "AugmentResult": "positives.augmenter",
+    "LLMRewriter": "positives.rewriters",
+    # negatives
+    "NegativeBank": "negatives.bank",
+    "bank_contrastive_loss": "negatives.loss",
+    # training
+    "Stage1Trainer": "training.stage1",
+    "Stage2Trainer": "training.stage2",
+    "Stage1Config": "training.config",
+    "Stage2Config": "training.config",
+    "Evaluator": "training.evaluator",
+    # evaluation
     "retrieval_metrics": "metrics",
+    "evaluate": "evaluation",
+    "write_cirr_submission": "submission",
+    # results
+    "load_trained": "trained",
     "save_trained": "share",
-    "submit_cirr": "evaluation",
-    "wrap_model": "protocol",
-    "write_cirr_submission": "evaluation",
+    "push_to_hub": "share",
+    "load_recipe": "recipes",
+    "reproduce": "recipes.run",
+    # errors
+    "CIRPluginsError": "errors",
 }
 
-__all__ = sorted(["__version__", *_WHERE])
+# the public contract: these names and nothing else (``__version__`` is an attribute, not a name to import)
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):

@@ -22,8 +22,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 __all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_json", "check_writable", "folder_writer",
            "fsync_dir", "fsync_file", "remove_leftovers", "replace_folder"]

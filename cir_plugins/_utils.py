@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["eval_mode", "model_device", "file_sha256", "tensors_digest"]
+from .errors import ConfigError, explain
+
+__all__ = ["eval_mode", "model_device", "file_sha256", "tensors_digest", "shard_rows"]
 
 
 @contextmanager
@@ -76,3 +79,21 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         data = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): 0-dim tensors too
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``n`` rows (a bank, a list of images) held by ``rank`` out of ``world``.
+
+    Contiguous, balanced: the first ``n % world`` ranks hold one extra row. Ranks beyond ``n``
+    hold an empty slice.
+    """
+    for name, value in (("n", n), ("rank", rank), ("world", world)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(explain(f"{name} must be an int", got=type(value).__name__, fix="pass ints"))
+    if n < 0 or world < 1 or not 0 <= rank < world:
+        raise ConfigError(explain("shard_rows needs n >= 0, world >= 1 and 0 <= rank < world",
+                                  got=f"n={n}, rank={rank}, world={world}",
+                                  fix="pass torch.distributed.get_rank() and get_world_size()"))
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)

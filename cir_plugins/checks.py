@@ -11,7 +11,7 @@ check computes its detailed message.
 
 from __future__ import annotations
 
-from typing import Callable, Container, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Container, Sequence
 
 import torch
 
@@ -19,13 +19,14 @@ from .errors import ConfigError, DataError, DeviceError, DTypeError, NonFiniteEr
 from .protocol import SIMILARITIES
 
 __all__ = ["settle", "check_similarity", "check_embeddings", "check_rows", "check_not_excluded", "as_temperature",
-           "check_chunk_size", "check_positive_ints", "check_ks", "require_images", "FLOAT_DTYPES", "SIMILARITIES"]
+           "check_chunk_size", "check_positive_int", "check_positive_ints", "check_probability",
+           "dtype_from_name", "dtype_name", "DTYPE_NAMES", "check_ks", "require_images", "FLOAT_DTYPES", "SIMILARITIES"]
 
 # Floating dtypes accepted for embeddings, queries and banks (float64 for tests).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # A deferred value check: a 0-dim bool tensor that is True on failure, and the error to raise then.
-Check = Tuple[torch.Tensor, Callable[[], Exception]]
+Check = tuple[torch.Tensor, Callable[[], Exception]]
 
 
 def settle(checks: Sequence[Check]) -> None:
@@ -61,7 +62,7 @@ def _bad_rows(what: str, bad: torch.Tensor) -> Exception:
 
 
 def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *, what: str = "gallery",
-                     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, finite_rows: bool = True) -> List[Check]:
+                     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, finite_rows: bool = True) -> list[Check]:
     """Query (Q, D) against ``what`` rows (N, D) for "dot" or (N, T, D) for "max_token".
 
     Raises at once on a wrong type, similarity, layout, size, dtype or device; returns the deferred
@@ -101,8 +102,8 @@ def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *
     return checks
 
 
-def check_rows(name: str, rows: Optional[torch.Tensor], n_queries: int, n_rows: int, device, *, padded: bool,
-               queries: str = "Q") -> List[Check]:
+def check_rows(name: str, rows: torch.Tensor | None, n_queries: int, n_rows: int, device, *, padded: bool,
+               queries: str = "Q") -> list[Check]:
     """Row indices: (Q,) int64 in [0, n_rows), or (Q, K) with -1 padding when ``padded``; None passes.
 
     Raises at once on a wrong type, shape or device; returns the deferred range check.
@@ -129,7 +130,7 @@ def check_rows(name: str, rows: Optional[torch.Tensor], n_queries: int, n_rows: 
     return [(out.any(), error)]
 
 
-def check_not_excluded(target_rows: torch.Tensor, exclude_rows: Optional[torch.Tensor]) -> List[Check]:
+def check_not_excluded(target_rows: torch.Tensor, exclude_rows: torch.Tensor | None) -> list[Check]:
     """Deferred check that no query excludes its own target row."""
     if exclude_rows is None:
         return []
@@ -143,7 +144,7 @@ def check_not_excluded(target_rows: torch.Tensor, exclude_rows: Optional[torch.T
     return [(clash.any(), error)]
 
 
-def as_temperature(temperature, query: torch.Tensor) -> Tuple[torch.Tensor, List[Check]]:
+def as_temperature(temperature, query: torch.Tensor) -> tuple[torch.Tensor, list[Check]]:
     """A python float or 0-dim float tensor -> (0-dim tensor in the query's compute dtype, deferred value check).
 
     The compute dtype is float64 for a float64 query, float32 otherwise; a tensor stays attached to
@@ -172,20 +173,56 @@ def as_temperature(temperature, query: torch.Tensor) -> Tuple[torch.Tensor, List
                                               expected="> 0", fix="use e.g. 0.02; learn it as exp(log_tau)")))]
 
 
-def check_chunk_size(chunk_size: Optional[int]) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ConfigError(explain("chunk_size must be a positive int or None", got=chunk_size,
-                                  fix="leave it None to size chunks automatically"))
+def check_positive_int(name: str, value: object, *, minimum: int = 1, allow_none: bool = False,
+                       fix: str | None = None) -> None:
+    """``value`` must be an int >= ``minimum`` (a bool is not an int here), or None when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ConfigError(explain(f"{name} must be {wanted}", got=value, fix=fix))
 
 
 def check_positive_ints(**values: object) -> None:
-    """Each keyword argument must be an int >= 1 (not a bool); the first that is not is a ConfigError naming it."""
+    """Each keyword argument must be an int >= 1; the first that is not is a ConfigError naming it."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(explain(f"{name} must be an int >= 1", got=value))
+        check_positive_int(name, value)
 
 
-def check_ks(name: str, ks: Sequence[int]) -> Tuple[int, ...]:
+def check_chunk_size(chunk_size: int | None) -> None:
+    check_positive_int("chunk_size", chunk_size, allow_none=True, fix="leave it None to size chunks automatically")
+
+
+def check_probability(name: str, value: object, *, open_low: bool = False, open_high: bool = False,
+                      fix: str | None = None) -> None:
+    """``value`` must be a real number in [0, 1] (ends excluded where asked); a bool is not a number here."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0 \
+        and not (open_low and value == 0) and not (open_high and value == 1)
+    if not ok:
+        span = ("(" if open_low else "[") + "0, 1" + (")" if open_high else "]")
+        raise ConfigError(explain(f"{name} must be a number in {span}", got=value, fix=fix))
+
+
+#: dtype names accepted wherever a dtype is given as text (configs, CLI flags, bank metadata)
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def dtype_from_name(name: object, *, allowed: Sequence[torch.dtype] = FLOAT_DTYPES, what: str = "dtype") -> torch.dtype:
+    """A torch dtype from its name ("float32", "bf16", ...) or a torch.dtype; ConfigError naming the choices."""
+    dtype = name if isinstance(name, torch.dtype) else DTYPE_NAMES.get(str(name).lower().replace("torch.", ""))
+    if dtype is None or dtype not in allowed:
+        choices = sorted(n for n, d in DTYPE_NAMES.items() if d in allowed)
+        raise ConfigError(explain(f"unknown {what}", got=name, expected=choices))
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical name of a dtype ("float32", "bfloat16", ...): the inverse of :func:`dtype_from_name`."""
+    return str(dtype).replace("torch.", "")
+
+
+def check_ks(name: str, ks: Sequence[int]) -> tuple[int, ...]:
     try:
         values = tuple(ks)
     except TypeError:

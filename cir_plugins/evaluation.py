@@ -9,7 +9,8 @@ Protocols (see docs/method.md section 5):
   ``triplet.texts[0]`` ("c0 and c1"); R@10, R@50. The standard protocol keeps the reference in
   the gallery (``remove_reference=False``, default; the original CLIP4Cir code does too);
   ``remove_reference=True`` is how the method's release evaluated its CLIP4Cir and zero-shot rows
-  (it kept the reference for SPRC, BLIP4CIR and TG-CIR; each recipe in cir_plugins/recipes says which). Given the three category splits, also "Avg R@10", "Avg R@50" and
+  (it kept the reference for SPRC, BLIP4CIR and TG-CIR; each recipe in cir_plugins/recipes says which). Given the three
+  category splits, also "Avg R@10", "Avg R@50" and
   Rmean = (Avg R@10 + Avg R@50) / 2.
 
 Every result dict carries ``result["protocol"] = {"name", "reference_removed", "similarity", ...}``
@@ -25,39 +26,23 @@ tokens for (N, T, D) galleries).
 from __future__ import annotations
 
 import logging
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._console import format_values, progress_bar
+from ._console import format_values
 from ._utils import eval_mode, model_device
-from .checks import require_images
-from .errors import ConfigError, DataError, ModelProtocolError, NonFiniteError, ShapeError, explain
+from .checks import check_positive_int
+from .embedding import compose_triplets, embed_images
+from .errors import ConfigError, DataError, ShapeError, explain
 from .metrics import retrieval_metrics
-from .submission import (SUBMISSION_FORMAT, CIRRRanking, check_cirr_submission, rank_cirr,  # re-exported
-                         ranking_from_features, submit_cirr, validate_cirr_submission, write_cirr_submission)
+from .protocol import require_protocol, similarity_of
 
-__all__ = [
-    "evaluate",
-    "extract_features",
-    "EvalFeatures",
-    "metrics_from_features",
-    "rank_cirr",
-    "CIRRRanking",
-    "write_cirr_submission",
-    "submit_cirr",
-    "validate_cirr_submission",
-    "check_cirr_submission",
-    "ranking_from_features",
-    "SUBMISSION_FORMAT",
-    "embed_images",
-    "CIRR_KS",
-    "CIRR_SUBSET_KS",
-    "FASHIONIQ_KS",
-]
+__all__ = ["evaluate", "extract_features", "EvalFeatures", "metrics_from_features", "protocol_rows", "gallery_rows",
+           "ProtocolRows", "CIRR_KS", "CIRR_SUBSET_KS", "FASHIONIQ_KS"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,102 +50,6 @@ CIRR_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
 PROTOCOLS = ("cirr", "fashioniq")
-
-
-# --------------------------------------------------------------------------------------------
-# feature extraction
-
-
-def _similarity(model: Any) -> str:
-    from .protocol import similarity_of
-
-    return similarity_of(model)
-
-
-def _reference_encoder(model: Any):
-    encode_reference = getattr(model, "encode_reference", None)
-    return encode_reference if callable(encode_reference) else None
-
-
-def _stack(images: Mapping[str, torch.Tensor], ids: Sequence[str]) -> torch.Tensor:
-    """(n, C, H, W) tensor of ``ids`` from any Mapping (ImageStore.batch when it returns one row per id)."""
-    batch = getattr(images, "batch", None)
-    # an ImageStore in skip mode returns (tensor, kept ids) from .batch: one row per id is needed here
-    if callable(batch) and getattr(images, "on_error", "error") == "error":
-        return batch(list(ids))
-    return torch.stack([images[i] for i in ids])  # (n, C, H, W)
-
-
-def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
-                 images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
-                 device: torch.device | str | None = None, output_device: torch.device | str | None = None,
-                 pool_tokens: bool = False, texts: Sequence[str] | None = None, show_progress: bool = True,
-                 desc: str = "embed images") -> torch.Tensor:
-    """Run ``encoder`` (e.g. ``model.encode_image``) over ``image_ids`` in batches, under no_grad.
-
-    The package's one image-embedding loop (the bank's resumable, multi-worker build aside): evaluation,
-    pairing and the training reference cache use it. The caller chooses eval mode
-    (:func:`cir_plugins._utils.eval_mode`).
-
-    Args:
-        encoder: images (n, C, H, W) -> (n, ...) tensor, one row per image; with ``texts``,
-            ``encoder(images, texts)`` (a reference side that reads the text: protocol.reference_uses_text).
-        image_ids: the ids to embed, in output order.
-        images: id -> (C, H, W) tensor (any Mapping; an ImageStore reads from disk).
-        device: where each batch goes; None = the encoder's device (the module of a bound method such
-            as ``model.encode_image``), or left where it is for a plain function or offloaded (meta) weights.
-        output_device: where each output batch is moved before concatenation (e.g. "cpu"); None = kept.
-        pool_tokens: mean-pool multi-vector outputs (n, T, D) -> (n, D); then outputs must be 2-D or 3-D.
-        texts: one text per id (ids may then repeat), passed batch by batch beside the images.
-        show_progress, desc: a tqdm bar and its label.
-
-    Returns (len(image_ids), ...) in the encoder's dtype; (0, 0) for no ids. A missing id is a DataError,
-    a wrong row count a ModelProtocolError, a NaN or infinity a NonFiniteError naming the images.
-
-    The argument order (encoder, image_ids, images) is that of ``NegativeBank.build`` and ``pair_images``;
-    the former ``evaluation.embed_images(fn, images, ids)`` order still works, with a DeprecationWarning.
-    """
-    if isinstance(image_ids, Mapping) and not isinstance(images, Mapping):
-        warnings.warn("embed_images(fn, images, ids) is deprecated: pass embed_images(encoder, image_ids, images)",
-                      DeprecationWarning, stacklevel=2)
-        image_ids, images = images, image_ids
-    _check_batch_size(batch_size)
-    if not callable(encoder):
-        raise ModelProtocolError(explain("the image encoder must be callable (images (n, C, H, W) -> (n, D))",
-                                         got=type(encoder).__name__, fix="pass a function or a model's encode_image"))
-    image_ids = list(image_ids)
-    require_images(images, image_ids)
-    if texts is not None and len(texts) != len(image_ids):
-        raise ShapeError(explain(f"{desc}: one text per image id is needed", got=(len(image_ids), len(texts))))
-    device = torch.device(device) if device is not None else model_device(encoder, default=None)
-    outputs = []
-    with torch.no_grad():
-        for start in progress_bar(range(0, len(image_ids), batch_size), desc=desc, show_progress=show_progress, leave=False,
-                          unit="batch"):
-            ids = image_ids[start:start + batch_size]
-            pixels = _stack(images, ids)  # (n, C, H, W)
-            if device is not None:
-                pixels = pixels.to(device, non_blocking=True)
-            out = encoder(pixels) if texts is None else encoder(pixels, list(texts[start:start + batch_size]))
-            if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != len(ids) \
-                    or (pool_tokens and out.dim() not in (2, 3)):
-                raise ModelProtocolError(explain(f"{desc}: the encoder must return one row per image",
-                                                 got=getattr(out, "shape", type(out).__name__),
-                                                 expected=f"({len(ids)}, D)" + (f" or ({len(ids)}, T, D)"
-                                                                                 if pool_tokens else ", ..."),
-                                                 fix="return a (N, D) or (N, T, D) tensor"))
-            if pool_tokens and out.dim() == 3:
-                out = out.mean(dim=1)  # (n, T, D) -> (n, D): pool the tokens
-            finite = torch.isfinite(out.reshape(len(ids), -1)).all(dim=1)  # (n,) one flag per image
-            if not bool(finite.all()):
-                bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
-                raise NonFiniteError(explain(f"{desc}: the encoder returned NaN or infinity for {len(bad)} image(s)",
-                                             got=bad[:10], expected="finite embeddings",
-                                             fix="check those images (corrupt or constant pixels) or the model"))
-            outputs.append(out.detach() if output_device is None else out.detach().to(output_device))
-    if not outputs:
-        return torch.zeros(0, 0)
-    return torch.cat(outputs)
 
 
 @dataclass
@@ -187,11 +76,6 @@ class EvalFeatures:
             self.row_of = {image_id: row for row, image_id in enumerate(self.gallery_ids)}
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(explain("batch_size must be a positive int", got=batch_size, fix="e.g. batch_size=64"))
-
-
 def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: torch.device | str | None = None,
                      show_progress: bool = True) -> EvalFeatures:
     """Embed the split's gallery once and compose every query (no_grad; eval mode restored).
@@ -205,9 +89,7 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
     Returns:
         EvalFeatures with query (Q, D) and gallery (N, D) or (N, T, D), both L2-normalised.
     """
-    _check_batch_size(batch_size)
-    from .protocol import require_protocol
-
+    check_positive_int("batch_size", batch_size)
     require_protocol(model, "evaluation")
     triplets, gallery_ids = list(split.triplets), list(split.gallery_ids)
     if not triplets or not gallery_ids:
@@ -217,7 +99,7 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
         raise DataError(explain("the gallery lists an image twice", got=len(gallery_ids) - len(set(gallery_ids)),
                                 fix="de-duplicate split.gallery_ids"))
     device = torch.device(device) if device is not None else model_device(model)
-    similarity = _similarity(model)
+    similarity = similarity_of(model)
     with eval_mode(model), torch.no_grad():
         gallery = embed_images(model.encode_image, gallery_ids, split.images, batch_size=batch_size,
                                device=device, show_progress=show_progress, desc="evaluate: gallery")
@@ -227,7 +109,8 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
                                      f"similarity is {similarity!r}", got=tuple(gallery.shape),
                                      expected="(N, D)" if want == 2 else "(N, T, D)",
                                      fix="set model.similarity ('dot' for (N, D), 'max_token' for (N, T, D))"))
-        query = _compose_all(model, split.images, triplets, batch_size, device, show_progress)
+        query = compose_triplets(model, split.images, triplets, batch_size=batch_size, device=device,
+                                 show_progress=show_progress)
     if query.dim() != 2 or query.shape[0] != len(triplets) or query.shape[1] != gallery.shape[-1]:
         raise ShapeError(explain("compose_query must return (B, D) with the gallery's D", got=tuple(query.shape),
                                  expected=f"({len(triplets)}, {gallery.shape[-1]})", fix="check the model's output"))
@@ -237,51 +120,11 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
                         similarity=similarity)
 
 
-def _compose_all(model, images, triplets, batch_size, device, show_progress) -> torch.Tensor:
-    """(Q, D) raw composed queries; references encoded once per distinct id when possible (per query
-    batch when ``encode_reference`` reads the texts too: protocol.reference_uses_text)."""
-    from .protocol import compose, reference_input, reference_uses_text
-
-    encode_reference = _reference_encoder(model)
-    require_images(images, [t.reference for t in triplets])
-    cached = None
-    if encode_reference is not None and not reference_uses_text(model):
-        unique = list(dict.fromkeys(t.reference for t in triplets))
-        head = unique[:batch_size]
-        first = encode_reference(_stack(images, head).to(device))
-        if isinstance(first, torch.Tensor) and first.dim() >= 1 and first.shape[0] == len(head):
-            rest = unique[batch_size:]
-            parts = [first]
-            if rest:
-                parts.append(embed_images(encode_reference, rest, images, batch_size=batch_size, device=device,
-                                          show_progress=show_progress, desc="evaluate: references"))
-            cached = (torch.cat(parts), {r: i for i, r in enumerate(unique)})  # (R, ...) one row per reference id
-        else:  # structured (non-tensor) features cannot be indexed by row: encode per query batch
-            logger.debug("encode_reference returned %s; encoding references per query batch", type(first).__name__)
-    outputs = []
-    for start in progress_bar(range(0, len(triplets), batch_size), desc="evaluate: queries", show_progress=show_progress,
-                      leave=False):
-        chunk = triplets[start:start + batch_size]
-        if cached is not None:
-            feats, index = cached
-            reference = feats[torch.tensor([index[t.reference] for t in chunk], device=feats.device)]
-        else:
-            pixels = _stack(images, [t.reference for t in chunk]).to(device)
-            reference = reference_input(model, pixels, [t.texts[0] for t in chunk])
-        out = compose(model, reference, [t.texts[0] for t in chunk])
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(chunk):
-            raise ModelProtocolError(explain("compose_query must return a (B, D) tensor",
-                                             got=getattr(out, "shape", type(out).__name__),
-                                             expected=f"({len(chunk)}, D)", fix="return one embedding per query"))
-        outputs.append(out)
-    return torch.cat(outputs)  # (Q, D)
-
-
 # --------------------------------------------------------------------------------------------
 # metrics
 
 
-def _rows(features: EvalFeatures, ids: Sequence[str], what: str) -> torch.Tensor:
+def gallery_rows(features: EvalFeatures, ids: Sequence[str], what: str) -> torch.Tensor:
     missing = [i for i in ids if i not in features.row_of]
     if missing:
         raise DataError(explain(f"{what} not in the gallery", got=missing[:5],
@@ -315,8 +158,8 @@ def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bo
         raise DataError(explain("queries without targets cannot be scored locally", got=f"{len(no_target)} queries",
                                 fix="use rank_cirr / submit_cirr for the CIRR test split"))
     remove = (protocol == "cirr") if remove_reference is None else bool(remove_reference)
-    target_rows = _rows(features, [t.target for t in triplets], "target images")  # (Q,)
-    ref_rows = _rows(features, [t.reference for t in triplets], "reference images")  # (Q,)
+    target_rows = gallery_rows(features, [t.target for t in triplets], "target images")  # (Q,)
+    ref_rows = gallery_rows(features, [t.reference for t in triplets], "reference images")  # (Q,)
     same = int((ref_rows == target_rows).sum())
     exclude = None
     if remove:
@@ -330,7 +173,7 @@ def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bo
             if t.target not in others:
                 raise DataError(explain(f"query {i} (pair {t.pair_id}): the target is not in img_set.members",
                                         got=t.target, fix="fix the annotation's img_set"))
-            subset[i, :len(others)] = _rows(features, others, "img_set members")  # (S,) padded with -1
+            subset[i, :len(others)] = gallery_rows(features, others, "img_set members")  # (S,) padded with -1
     return ProtocolRows(target_rows, exclude, subset, remove, same)
 
 

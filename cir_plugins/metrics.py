@@ -46,12 +46,13 @@ own target is an error. ``subset_rows`` (Q, S), -1 padded: Recall_subset@K ranks
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
-from ._console import progress_bar
 
-from .checks import check_chunk_size, check_embeddings, check_ks, check_not_excluded, check_rows, settle
+from . import similarity as S
+from ._console import progress_bar
+from .checks import check_embeddings, check_ks, check_not_excluded, check_rows, settle
 from .errors import ConfigError, ShapeError, explain
 
 __all__ = [
@@ -60,20 +61,12 @@ __all__ = [
     "subset_ranks",
     "topk_rows",
     "recall_at",
-    "score_chunk",
-    "SCORE_BUDGET_BYTES",
-    "CUDA_SCORE_BUDGET_MAX",
 ]
 
 logger = logging.getLogger(__name__)
 
-# Bytes of one (query block, chunk, T) float32 score block.
-SCORE_BUDGET_BYTES = 32 << 20
-# Upper bound of the CUDA score block (bytes); the CUDA budget is a quarter of free memory, clamped.
-CUDA_SCORE_BUDGET_MAX = 1 << 30
 # Queries scored together; more queries than this are processed block by block.
 QUERY_BLOCK = 8192
-_MIN_CHUNK = 16
 
 
 def _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset_rows=None) -> None:
@@ -86,120 +79,6 @@ def _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset
     settle(checks + check_not_excluded(target_rows, exclude_rows))
 
 
-def _score_budget(device: torch.device) -> int:
-    """Bytes of one float32 score block: SCORE_BUDGET_BYTES on CPU, from free memory on CUDA."""
-    if device.type != "cuda":
-        return SCORE_BUDGET_BYTES
-    free, _ = torch.cuda.mem_get_info(device)  # once per call, outside the chunk loop
-    # the score block plus its comparison masks and top-k workspace stay within about half of free memory
-    return int(min(CUDA_SCORE_BUDGET_MAX, max(SCORE_BUDGET_BYTES, free // 4)))
-
-
-def _chunk_rows(n_queries: int, tokens: int, chunk_size: Optional[int], device: torch.device = torch.device("cpu")) -> int:
-    check_chunk_size(chunk_size)
-    if chunk_size is not None:
-        return chunk_size
-    return max(_MIN_CHUNK, _score_budget(device) // (4 * max(1, n_queries) * max(1, tokens)))
-
-
-def _use_bf16_scoring(query: torch.Tensor, gallery: torch.Tensor) -> bool:
-    """Score in bf16 with float32 output (tensor cores): CUDA and a bfloat16 gallery."""
-    return gallery.is_cuda and gallery.dtype == torch.bfloat16
-
-
-def split_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Exact three-way bfloat16 split of a float32 tensor: (..., D) -> (..., 3D) = [hi, mid, lo].
-
-    hi + mid + lo == x exactly (float32 has 24 significant bits, each bf16 part carries 8) for
-    normal values; the parts are concatenated along the last dim so one matrix product sums them.
-    """
-    x = x.float()
-    hi = x.to(torch.bfloat16)
-    rest = x - hi.float()  # exact in float32: x and hi agree in their leading bits
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)  # the remaining <= 8 significant bits: exact
-    return torch.cat([hi, mid, lo], dim=-1)
-
-
-def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) bf16 @ (K, N) bf16 -> (M, N) float32 with float32 accumulation.
-
-    On CUDA one cuBLAS bf16 GEMM with float32 output; elsewhere (tests) the same products in float32.
-    """
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # bf16 values are exact in float32, so are their products
-
-
-def score_chunk(query: torch.Tensor, gallery_chunk: torch.Tensor, similarity: str, *,
-                bf16: Optional[bool] = None) -> torch.Tensor:
-    """float32 scores of every query against every row of a gallery chunk.
-
-    query (Q, D); gallery_chunk (C, D) for "dot" or (C, T, D) for "max_token". Returns (Q, C).
-    ``bf16`` (None: CUDA with a bf16 gallery) scores through :func:`split_bf16` on tensor cores.
-    """
-    if bf16 is None:
-        bf16 = _use_bf16_scoring(query, gallery_chunk)
-    if bf16:
-        return _score_chunk_bf16(split_bf16(query), gallery_chunk, similarity)
-    q = query.float()
-    g = gallery_chunk.float()
-    if similarity == "dot":
-        return q @ g.T  # (Q, D) @ (D, C) -> (Q, C)
-    c, t, d = g.shape
-    return (q @ g.reshape(c * t, d).T).view(q.shape[0], c, t).amax(dim=2)  # (Q, C*T) -> (Q, C, T) -> (Q, C)
-
-
-def _score_chunk_bf16(q3: torch.Tensor, gallery_chunk: torch.Tensor, similarity: str) -> torch.Tensor:
-    """q3 (Q, 3D) bf16 from split_bf16; gallery_chunk (C, D) or (C, T, D) bf16 -> (Q, C) float32."""
-    g = gallery_chunk.to(torch.bfloat16)
-    d = g.shape[-1]
-    flat = g.reshape(-1, d)  # (C*T, D)
-    g3 = flat.repeat(1, 3)  # (C*T, 3D): [g, g, g] against [hi, mid, lo]
-    scores = _mm_fp32_out(q3, g3.T)  # (Q, 3D) @ (3D, C*T) -> (Q, C*T) float32
-    if similarity == "dot":
-        return scores
-    c, t = g.shape[0], g.shape[1]
-    return scores.view(q3.shape[0], c, t).amax(dim=2)  # (Q, C*T) -> (Q, C, T) -> (Q, C)
-
-
-def _scores_of_rows(query: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor, similarity: str,
-                    bf16: bool = False) -> torch.Tensor:
-    """float32 score of query i with gallery rows[i, j]. query (Q, D); rows (Q, S) valid rows -> (Q, S).
-
-    With ``bf16`` the query is split as in :func:`split_bf16` (the same exact products as the chunks).
-    """
-    if bf16:
-        q = split_bf16(query).float()  # (Q, 3D)
-        g = gallery[rows].float()
-        g = g.repeat(*([1] * (g.dim() - 1)), 3)  # (Q, S, 3D) or (Q, S, T, 3D)
-    else:
-        q = query.float()
-        g = gallery[rows].float()  # (Q, S, D) or (Q, S, T, D)
-    if similarity == "dot":
-        return torch.einsum("qd,qsd->qs", q, g)
-    return torch.einsum("qd,qstd->qst", q, g).amax(dim=2)
-
-
-def _mask_rows_(scores: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
-    """Set scores[i, rows[i, j] - start] = -inf for rows inside the chunk; no host sync, in place.
-
-    scores (Qb, C) float32; rows (Qb, K) int64, -1 padded, any gallery rows. Rows outside
-    [start, start + C) scatter +inf into an amin, which leaves the score unchanged.
-    """
-    c = scores.shape[1]
-    local = rows - start  # (Qb, K)
-    inside = (rows >= 0) & (local >= 0) & (local < c)
-    index = local.clamp(0, c - 1)
-    if scores.is_floating_point():
-        low, high = float("-inf"), float("inf")
-    else:  # int64 order keys of the exact fallback
-        low, high = torch.iinfo(scores.dtype).min, torch.iinfo(scores.dtype).max
-    src = torch.full(rows.shape, high, dtype=scores.dtype, device=scores.device)
-    src.masked_fill_(inside, low)
-    return scores.scatter_reduce_(1, index, src, reduce="amin")
-
-
 def _blocks(n_queries: int):
     for q0 in range(0, n_queries, QUERY_BLOCK):
         yield q0, min(q0 + QUERY_BLOCK, n_queries)
@@ -210,7 +89,7 @@ def _blocks(n_queries: int):
 # --------------------------------------------------------------------------------------------
 
 def target_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.Tensor, *,
-                 exclude_rows: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                 exclude_rows: torch.Tensor | None = None, chunk_size: int | None = None,
                  similarity: str = "dot", show_progress: bool = False) -> torch.Tensor:
     """0-based rank of each query's target in the whole gallery, by counting (see module docstring).
 
@@ -221,36 +100,28 @@ def target_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.
     return _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress)
 
 
-def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress, *,
-                  row_offset: int = 0, target_score: Optional[torch.Tensor] = None):
-    """Candidates of ``gallery`` that beat each target. With ``row_offset`` the gallery is the slice of
-    rows ``[row_offset, row_offset + G)`` of a sharded one: rows are global, ``target_score`` (Q,) is
-    given (the target may live on another shard), and the counts are this slice's share."""
+def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similarity, show_progress):
+    """Candidates of ``gallery`` that beat each target (checked inputs)."""
     n_q, n_g = query.shape[0], gallery.shape[0]
     tokens = gallery.shape[1] if similarity == "max_token" else 1
-    bf16 = _use_bf16_scoring(query, gallery)
+    bf16 = S.use_bf16_scoring(query, gallery)
     ranks = torch.zeros(n_q, dtype=torch.int64, device=query.device)
     for q0, q1 in _blocks(n_q):
         q = query[q0:q1]
-        q_in = split_bf16(q) if bf16 else q  # split once per block, not per chunk
+        q_split = S.split_bf16(q) if bf16 else None  # split once per block, not per chunk
         tr = target_rows[q0:q1]  # (Qb,) global rows
         ex = exclude_rows[q0:q1] if exclude_rows is not None else None
         # removed from counting: the excluded rows and the target itself (it never beats itself)
         masked = tr[:, None] if ex is None else torch.cat([tr[:, None], ex], dim=1)  # (Qb, 1 + K)
-        masked = torch.where(masked >= 0, masked - row_offset, -1)  # rows of this slice; -1 = elsewhere
-        if target_score is None:
-            ts = _scores_of_rows(q, gallery, tr[:, None], similarity, bf16)  # (Qb, 1)
-        else:
-            ts = target_score[q0:q1, None]
-        step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
+        ts = S.scores_of_rows(q, gallery, tr[:, None], similarity, bf16)  # (Qb, 1)
+        step = S.chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         counts = torch.zeros(q.shape[0], dtype=torch.int64, device=query.device)
         for start in progress_bar(range(0, n_g, step), desc="ranking gallery chunks", show_progress=show_progress,
                           leave=False):
             stop = min(start + step, n_g)
-            scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
-                score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
-            _mask_rows_(scores, masked, start)  # -inf never beats a finite target score
-            rows = torch.arange(start + row_offset, stop + row_offset, device=query.device)  # (C,) global
+            scores = S.similarity(q, gallery[start:stop], similarity, bf16=bf16, split_query=q_split)  # (Qb, C)
+            S.mask_rows_(scores, masked, start)  # -inf never beats a finite target score
+            rows = torch.arange(start, stop, device=query.device)  # (C,)
             # a candidate before the target's row beats it on a tie; one after it must score strictly higher
             beats = torch.where(rows[None, :] < tr[:, None], scores >= ts, scores > ts)
             counts += beats.sum(dim=1)
@@ -259,7 +130,7 @@ def _target_ranks(query, gallery, target_rows, exclude_rows, chunk_size, similar
 
 
 def subset_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.Tensor, subset_rows: torch.Tensor, *,
-                 exclude_rows: Optional[torch.Tensor] = None, similarity: str = "dot") -> torch.Tensor:
+                 exclude_rows: torch.Tensor | None = None, similarity: str = "dot") -> torch.Tensor:
     """0-based rank of each target among its query's subset rows only (same ordering rule).
 
     subset_rows (Q, S) int64, -1 padded; duplicates and excluded rows inside it are ignored; the
@@ -267,7 +138,7 @@ def subset_ranks(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.
     """
     _check_ranking(query, gallery, target_rows, exclude_rows, similarity, subset_rows)
     return _subset_ranks(target_rows, subset_rows, exclude_rows,
-                         lambda rows: _scores_of_rows(query, gallery, rows, similarity))
+                         lambda rows: S.scores_of_rows(query, gallery, rows, similarity))
 
 
 def _subset_ranks(target_rows, subset_rows, exclude_rows, score_rows: Callable[[torch.Tensor], torch.Tensor]):
@@ -292,13 +163,13 @@ def _subset_ranks(target_rows, subset_rows, exclude_rows, score_rows: Callable[[
     return beats.sum(dim=1)
 
 
-def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
+def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """Percentage of ranks below each k: {k: 100 * mean(ranks < k)}. ranks (Q,) int64."""
     return {k: float((ranks < k).double().mean()) * 100.0 for k in ks}
 
 
-def recall_table(ranks: torch.Tensor, ks: Sequence[int], subset: Optional[torch.Tensor] = None,
-                 subset_ks: Sequence[int] = (1, 2, 3)) -> Dict[str, float]:
+def recall_table(ranks: torch.Tensor, ks: Sequence[int], subset: torch.Tensor | None = None,
+                 subset_ks: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
     """{"R@k"} from the full ranks and, with subset ranks, {"Rs@k"} and "Rmean" = (R@5 + Rs@1) / 2."""
     full = recall_at(ranks, sorted(set(ks) | {5}))
     out = {f"R@{k}": full[k] for k in ks}
@@ -310,10 +181,10 @@ def recall_table(ranks: torch.Tensor, ks: Sequence[int], subset: Optional[torch.
 
 
 def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, target_rows: torch.Tensor, *,
-                      ks: Sequence[int] = (1, 5, 10, 50), exclude_rows: Optional[torch.Tensor] = None,
-                      subset_rows: Optional[torch.Tensor] = None, subset_ks: Sequence[int] = (1, 2, 3),
-                      chunk_size: Optional[int] = None, similarity: str = "dot",
-                      show_progress: bool = False) -> Dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10, 50), exclude_rows: torch.Tensor | None = None,
+                      subset_rows: torch.Tensor | None = None, subset_ks: Sequence[int] = (1, 2, 3),
+                      chunk_size: int | None = None, similarity: str = "dot",
+                      show_progress: bool = False) -> dict[str, float]:
     """Recall@K over the whole gallery (and Recall_subset@K over per-query subsets), in percent.
 
     Args:
@@ -342,7 +213,7 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, target_rows: t
     s_ranks = None
     if subset_rows is not None:
         s_ranks = _subset_ranks(target_rows, subset_rows, exclude_rows,
-                                lambda rows: _scores_of_rows(query, gallery, rows, similarity))
+                                lambda rows: S.scores_of_rows(query, gallery, rows, similarity))
     out = recall_table(ranks, ks, s_ranks, subset_ks)
     logger.debug("retrieval metrics over %d queries and %d gallery rows: %s", n_q, n_g, out)
     return out
@@ -367,16 +238,16 @@ def _order_keys(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return ordered.to(torch.int64) * (1 << 32) + (low[None, :] if low.dim() == 1 else low)
 
 
-def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _LOW32 - (keys & _LOW32)
     ordered = (keys >> 32).to(torch.int32)  # arithmetic shift: the high 32 bits
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)  # the map is its own inverse
     return bits.view(torch.float32), rows
 
 
-def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_rows: Optional[torch.Tensor] = None,
-              chunk_size: Optional[int] = None, similarity: str = "dot",
-              show_progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_rows: torch.Tensor | None = None,
+              chunk_size: int | None = None, similarity: str = "dot",
+              show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best gallery rows of each query, best first, ties to the lower row; chunked.
 
     query (Q, D); gallery (G, D) or (G, T, D); exclude_rows (Q, K) int64, -1 padded, never
@@ -393,25 +264,24 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
                                  fix="split the gallery"))
     settle(checks + check_rows("exclude_rows", exclude_rows, n_q, n_g, query.device, padded=True))
     tokens = gallery.shape[1] if similarity == "max_token" else 1
-    bf16 = _use_bf16_scoring(query, gallery)
+    bf16 = S.use_bf16_scoring(query, gallery)
     lowest = torch.iinfo(torch.int64).min
     out_scores = torch.empty(n_q, k, dtype=torch.float32, device=query.device)
     out_rows = torch.empty(n_q, k, dtype=torch.int64, device=query.device)
     for q0, q1 in _blocks(n_q):
         q = query[q0:q1]
-        q_in = split_bf16(q) if bf16 else q
+        q_split = S.split_bf16(q) if bf16 else None
         ex = exclude_rows[q0:q1] if exclude_rows is not None else None
-        step = _chunk_rows(q.shape[0], tokens, chunk_size, query.device)
+        step = S.chunk_rows(q.shape[0], tokens, chunk_size, query.device)
         best = torch.full((q.shape[0], k), lowest, dtype=torch.int64, device=query.device)  # (Qb, k) running keys
         # per query, the largest chunk k-th value at which torch.topk chose among more tied scores than it kept
         lost_tie = torch.full((q.shape[0],), float("-inf"), device=query.device)
         for start in progress_bar(range(0, n_g, step), desc="top-k over gallery chunks", show_progress=show_progress,
                           leave=False):
             stop = min(start + step, n_g)
-            scores = _score_chunk_bf16(q_in, gallery[start:stop], similarity) if bf16 else \
-                score_chunk(q, gallery[start:stop], similarity, bf16=False)  # (Qb, C)
+            scores = S.similarity(q, gallery[start:stop], similarity, bf16=bf16, split_query=q_split)  # (Qb, C)
             if ex is not None:
-                _mask_rows_(scores, ex, start)  # excluded rows -> -inf
+                S.mask_rows_(scores, ex, start)  # excluded rows -> -inf
             values, cols, lost = _chunk_topk(scores, min(k, stop - start))  # (Qb, kc), plain float values
             lost_tie = torch.maximum(lost_tie, lost)
             keys = _order_keys(values, cols + start)  # (Qb, kc): the row tie-break on the small merge only
@@ -423,7 +293,8 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
         redo = (lost_tie >= scores[:, -1]) | missing[:, -1]
         if bool(redo.any()):  # one host sync per query block, after the loop
             idx = redo.nonzero().flatten()
-            logger.debug("top-k: %d of %d queries have ties at the k-th score; exact keys for them", len(idx), len(redo))
+            logger.debug("top-k: %d of %d queries have ties at the k-th score; exact keys for them", len(idx),
+                         len(redo))
             best[idx] = _topk_keys_exact(q[idx], gallery, k, ex[idx] if ex is not None else None, step, similarity)
             scores, rows = _decode_keys(best)
             missing = best == lowest
@@ -438,7 +309,7 @@ def topk_rows(query: torch.Tensor, gallery: torch.Tensor, k: int, *, exclude_row
 TOPK_GROUP = 128
 
 
-def _chunk_topk(scores: torch.Tensor, kc: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunk_topk(scores: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kc largest scores of each row of a chunk (any order) and their columns, plus per row the largest
     value at which a tie may have been decided arbitrarily (-inf when none): the caller redoes the
     rows whose final k-th score is not above it with the exact keys.
@@ -480,14 +351,14 @@ def _topk_keys_exact(q, gallery, k, ex, step, similarity):
     q (Qr, D); ex (Qr, K) or None. Returns (Qr, k) int64 keys, best first; lowest int64 where missing.
     """
     n_g = gallery.shape[0]
-    bf16 = _use_bf16_scoring(q, gallery)
+    bf16 = S.use_bf16_scoring(q, gallery)
     lowest = torch.iinfo(torch.int64).min
     best = torch.full((q.shape[0], k), lowest, dtype=torch.int64, device=q.device)
     for start in range(0, n_g, step):
         stop = min(start + step, n_g)
-        scores = score_chunk(q, gallery[start:stop], similarity, bf16=bf16)  # (Qr, C)
+        scores = S.similarity(q, gallery[start:stop], similarity, bf16=bf16)  # (Qr, C)
         keys = _order_keys(scores, torch.arange(start, stop, device=q.device))  # (Qr, C)
         if ex is not None:
-            _mask_rows_(keys, ex, start)  # excluded rows -> lowest key
+            S.mask_rows_(keys, ex, start)  # excluded rows -> lowest key
         best = torch.cat([best, keys], dim=1).topk(k, dim=1).values  # (Qr, k + C) -> (Qr, k)
     return best

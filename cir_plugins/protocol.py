@@ -19,8 +19,9 @@ Nothing here subclasses anything: :func:`wrap_model` adapts any object in one ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +101,8 @@ def similarity_of(model: Any) -> str:
     similarity = getattr(model, "similarity", "dot")
     if similarity not in SIMILARITIES:
         raise ConfigError(explain(f"{type(model).__name__}.similarity is unknown", got=similarity,
-                                  expected=SIMILARITIES, fix="use 'dot' for (N, D) embeddings or 'max_token' for (N, T, D)"))
+                                  expected=SIMILARITIES,
+                                  fix="use 'dot' for (N, D) embeddings or 'max_token' for (N, T, D)"))
     return similarity
 
 
@@ -124,7 +126,8 @@ def reference_input(model: Any, images: Tensor, texts: Sequence[str] | None = No
     if reference_uses_text(model):
         if texts is None:
             raise ModelProtocolError(explain(
-                f"{type(model).__name__}.encode_reference reads the texts (reference_uses_text=True) but none were given",
+                f"{type(model).__name__}.encode_reference reads the texts (reference_uses_text=True) but none "
+                "were given",
                 fix="pass the query texts: reference_input(model, images, texts)"))
         return encode_reference(images, list(texts))
     return encode_reference(images)
@@ -437,7 +440,7 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def raise_if_failed(self) -> "CheckReport":
+    def raise_if_failed(self) -> CheckReport:
         if self.problems:
             raise ModelProtocolError("check_model found problems:\n- " + "\n- ".join(self.problems))
         return self

@@ -26,20 +26,21 @@ import html
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ._atomic import atomic_write_files
-from .data.images import to_pil
+from .checks import check_positive_int
+from .data.images import pil_loader, to_pil
 from .errors import ConfigError, DataError, explain
 from .evaluation import EvalFeatures, extract_features, protocol_rows
 from .metrics import subset_ranks, target_ranks, topk_rows
 from .negatives.bank import exclusion_rows
-from .positives.captioners import pil_source
 
 __all__ = ["query_ranks", "ReportResult", "retrieval_report"]
 
@@ -113,7 +114,8 @@ def _index_top(index, features: EvalFeatures, k: int, remove_reference: bool) ->
     _, rows = index.search(features.query.float(), min(k, len(index)), exclude_rows=exclude)  # (Q, k) bank rows
     top = torch.full((rows.shape[0], k), -1, dtype=torch.int64)
     for q, row_list in enumerate(rows.tolist()):
-        found = [next((gallery_pos[i] for i in index.ids_of_row(r) if i in gallery_pos), -1) for r in row_list if r >= 0]
+        found = [next((gallery_pos[i] for i in index.ids_of_row(r) if i in gallery_pos),
+                      -1) for r in row_list if r >= 0]
         found = [g for g in found if g >= 0][:k]
         top[q, :len(found)] = torch.tensor(found, dtype=torch.int64)
     return top
@@ -181,10 +183,8 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
             the first model's shown top-``k`` come from searching it (exact or compressed), its bank rows
             mapped to gallery images by id; the target ranks (and so the wins and losses) stay exact.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(explain("k must be a positive int", got=k, fix="e.g. k=5"))
-    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
-        raise ConfigError(explain("n_queries must be a positive int", got=n_queries, fix="e.g. 8"))
+    check_positive_int("k", k, fix="e.g. k=5")
+    check_positive_int("n_queries", n_queries, fix="e.g. 8")
     if model is None and features is None:
         raise ConfigError(explain("pass a model or its features", fix="retrieval_report(model, split, out_dir)"))
     protocol = protocol or getattr(split, "protocol", None) or "cirr"
@@ -205,7 +205,7 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
     losses = [int(q) for q in np.flatnonzero(rank_np > other_np)] if other_np is not None else []
     shown = _pick_shown(len(rank_np), rank_np, other_np, wins, losses, n_queries, queries, k)
 
-    load = pil_source(images if images is not None else split.images)
+    load = pil_loader(images if images is not None else split.images)
     ids = features.gallery_ids
     label = list(names) + ["compare"] * (2 - len(names))
     entries = []

@@ -27,8 +27,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +37,8 @@ from . import __version__
 from ._atomic import atomic_write_bytes, atomic_write_json, folder_writer
 from .convert import safetensors_bytes
 from .errors import CheckpointError, ConfigError, HubError, explain
-from .trained import SHARED_FILE, SHARED_FORMAT, TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE, read_trained
+from .trained import SHARED_FILE, SHARED_FORMAT, read_trained
+from .training.checkpoint import TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE
 
 __all__ = ["save_trained", "push_to_hub", "model_card", "check_repo_id"]
 

@@ -10,11 +10,12 @@ queries it approaches the bootstrap over runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 
+from .checks import check_positive_int
 from .errors import ConfigError, DataError, explain
 
 __all__ = ["BootstrapResult", "paired_bootstrap"]
@@ -64,8 +65,7 @@ def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 20
     bad = [i for i, r in enumerate(runs) if not np.isfinite(r).all()]
     if bad:
         raise DataError(explain("differences must be finite", got=f"runs {bad[:5]}", fix="check the per-query scores"))
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ConfigError(explain("n_boot must be a positive int", got=n_boot, fix="e.g. 2000"))
+    check_positive_int("n_boot", n_boot, fix="e.g. 2000")
     if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
         raise ConfigError(explain("level must be in (0, 1)", got=level, fix="e.g. 0.95"))
     rng = np.random.default_rng(seed)

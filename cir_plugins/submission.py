@@ -5,7 +5,6 @@ The test1 split has no targets, so nothing here computes a metric: :func:`rank_c
 :func:`cir_plugins.evaluation.extract_features` computes, :func:`validate_cirr_submission` rejects
 whatever the server would, :func:`write_cirr_submission` writes the two files atomically with a
 manifest, and :func:`check_cirr_submission` tells a complete pair from an interrupted write.
-Re-exported by :mod:`cir_plugins.evaluation`, whose names these were.
 """
 
 from __future__ import annotations
@@ -14,19 +13,19 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import torch
 
 from ._atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from ._utils import file_sha256
 from .errors import DataError, SubmissionError, explain
+from .evaluation import EvalFeatures, extract_features, gallery_rows
 from .metrics import topk_rows
-
-if TYPE_CHECKING:
-    from .evaluation import EvalFeatures
+from .similarity import similarity
 
 __all__ = ["CIRRRanking", "ranking_from_features", "rank_cirr", "validate_cirr_submission", "write_cirr_submission",
            "check_cirr_submission", "submit_cirr", "SUBMISSION_FORMAT"]
@@ -55,17 +54,15 @@ def _subset_order(features: EvalFeatures, query_index: int, rows: list[int]) -> 
     """Rows sorted best first (ties: lower row first) by the model's similarity."""
     q = features.query[query_index]  # (D,)
     g = features.gallery[torch.tensor(rows, device=q.device)]  # (S, D) or (S, T, D)
-    scores = g @ q if features.similarity == "dot" else (g @ q).amax(dim=1)  # (S,) or (S, T) -> (S,)
+    scores = similarity(q[None], g, features.similarity, bf16=False)[0]  # (1, S) -> (S,)
     return [r for _, r in sorted(zip((-scores).tolist(), rows))]
 
 
 def ranking_from_features(features: EvalFeatures, *, k: int = 50, subset_k: int = 3,
                           chunk_size: int | None = None) -> CIRRRanking:
     """Top-``k`` gallery names per query (reference removed) and top-``subset_k`` group names."""
-    from .evaluation import _rows  # noqa: PLC0415 (evaluation re-exports this module's names)
-
     triplets = features.triplets
-    ref_rows = _rows(features, [t.reference for t in triplets], "reference images")
+    ref_rows = gallery_rows(features, [t.reference for t in triplets], "reference images")
     _, rows = topk_rows(features.query, features.gallery, k, exclude_rows=ref_rows[:, None], chunk_size=chunk_size,
                         similarity=features.similarity)  # (Q, k)
     recall_names, subset_names = [], []
@@ -76,7 +73,7 @@ def ranking_from_features(features: EvalFeatures, *, k: int = 50, subset_k: int 
             raise DataError(explain(f"query {i} (pair {t.pair_id}) has too few group members for the subset ranking",
                                     got=len(others), expected=f">= {subset_k} besides the reference",
                                     fix="check img_set.members"))
-        order = _subset_order(features, i, _rows(features, others, "img_set members").tolist())
+        order = _subset_order(features, i, gallery_rows(features, others, "img_set members").tolist())
         subset_names.append([features.gallery_ids[r] for r in order[:subset_k]])
     return CIRRRanking(pair_ids=[t.pair_id for t in triplets], recall_names=recall_names, subset_names=subset_names)
 
@@ -84,8 +81,6 @@ def ranking_from_features(features: EvalFeatures, *, k: int = 50, subset_k: int 
 def rank_cirr(model: Any, split: Any, *, k: int = 50, subset_k: int = 3, batch_size: int = 64,
               device: torch.device | str | None = None, show_progress: bool = True) -> CIRRRanking:
     """The raw per-query rankings the CIRR server wants (works on splits without targets)."""
-    from .evaluation import extract_features  # noqa: PLC0415 (evaluation re-exports this module's names)
-
     features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
     return ranking_from_features(features, k=k, subset_k=subset_k)
 
@@ -124,7 +119,8 @@ def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Seq
                     fail(f"{label} of pair {pid} has a file extension in a name", got=name,
                          expected="image names without extension")
             if len(set(names)) != len(names):
-                fail(f"{label} of pair {pid} names an image twice", got=[n for n in names if list(names).count(n) > 1][:3])
+                fail(f"{label} of pair {pid} names an image twice",
+                     got=[n for n in names if list(names).count(n) > 1][:3])
     if split is None:
         logger.warning("CIRR submission validated without the split: pair coverage, reference exclusion, "
                        "group membership and gallery names were not checked")

@@ -37,16 +37,12 @@ from safetensors.torch import load_file
 
 from ._utils import file_sha256, tensors_digest
 from .errors import CheckpointError, explain
+from .training.checkpoint import TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE, copy_weights, find_checkpoint, has_checkpoint
 
-__all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained", "TEMPERATURE_NAME", "TAU_NAME"]
+__all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained"]
 
 logger = logging.getLogger(__name__)
 
-# the learned log-temperature is saved beside the weights under this name (not a model parameter)
-TEMPERATURE_NAME = "__temperature__.log_tau"
-# ... or, learned as tau itself (the training config's temperature_param "tau"), under this one
-TAU_NAME = "__temperature__.tau"
-WEIGHTS_FILE = "weights.safetensors"
 # the JSON document of a shared folder (save_trained)
 SHARED_FILE = "cir_plugins.json"
 SHARED_FORMAT = "cir_plugins.trained"
@@ -87,7 +83,6 @@ class TrainedWeights:
 
 def _weights_file(path: Path, checkpoint: str | None) -> Path:
     """The weights file ``path`` points at (see the module doc), or CheckpointError saying what was found."""
-    from .training.checkpoint import find_checkpoint, has_checkpoint  # noqa: PLC0415 (torch-heavy package)
 
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -266,7 +261,6 @@ def _unfinished(source: Path) -> str | None:
     """How far the run that wrote the checkpoint ``source`` (``.../checkpoints/{best,last}/weights...``) got, when
     it has not finished all its epochs ("epoch 5 of 40 done", read from its newest ``last`` checkpoint); None
     when it has, or when ``source`` is not a training checkpoint."""
-    from .training.checkpoint import find_checkpoint  # noqa: PLC0415 (torch-heavy package)
 
     root = source.parent.parent
     if root.name != "checkpoints" or not root.is_dir():
@@ -329,7 +323,6 @@ def apply_trained(model: Any, result: TrainedWeights) -> Any:
             f"{type(model).__name__}", got=f"{result.source}: {unknown[:10]}",
             expected=sorted(named)[:10],
             fix="build the model the result was trained from (the same factory; wrapped or not does not matter)"))
-    from .training.checkpoint import copy_weights  # noqa: PLC0415 (the one checked copy: shapes, dtypes)
 
     copy_weights(result.weights, [(name, named[mapping[name]]) for name in result.weights], source=result.source,
                  fix="build the same model configuration the result was trained with")

@@ -24,8 +24,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="pretrain a tiny CLIP on a synthetic world and save it by path")
-    parser.add_argument("--world", required=True, help="synthetic world root (python -m cir_plugins.data.synthetic)")
+    parser.add_argument("--world", required=True, help="synthetic world root (cir-plugins world --root DIR)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)

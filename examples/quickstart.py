@@ -96,21 +96,21 @@ for path in (HERE, HERE / "clip4cir"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import _tiny_clip  # noqa: E402
+from model import CLIP4Cir  # noqa: E402
+from wrap import wrap  # noqa: E402
+
 import cir_plugins as cp  # noqa: E402
 from cir_plugins._atomic import atomic_write_json  # noqa: E402
 from cir_plugins.convert import save_safetensors  # noqa: E402
+from cir_plugins.data.dedup import find_duplicates  # noqa: E402
 from cir_plugins.data.images import ClipTransform  # noqa: E402
 from cir_plugins.data.split import Split  # noqa: E402
 from cir_plugins.data.synthetic import SyntheticCaptioner, SyntheticRewriter, load_scenes, make_world  # noqa: E402
 from cir_plugins.evaluation import extract_features, metrics_from_features  # noqa: E402
-from cir_plugins.positives.dedup import find_duplicates  # noqa: E402
 from cir_plugins.positives.templates import resolve_templates  # noqa: E402
 from cir_plugins.report import query_ranks, retrieval_report  # noqa: E402
 from cir_plugins.stats import paired_bootstrap  # noqa: E402
-
-import _tiny_clip  # noqa: E402
-from model import CLIP4Cir  # noqa: E402
-from wrap import wrap  # noqa: E402
 
 logger = logging.getLogger("quickstart")
 
@@ -454,11 +454,11 @@ def augment(root: Path, clip_dir: Path, train: Split, images, budget: Budget, se
     limit = {"max_tokens": encoder.max_length,
              "count_tokens": lambda text: len(encoder.tokenizer(text, verbose=False)["input_ids"])}
     rewriter = SyntheticRewriter(budget.rewrite_max_edits) if recipe == "oracle" else None
-    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, templates=templates,
-                                    rank_window=tuple(window), partners_per_image=1, seed=seed,
-                                    max_triplets=budget.max_generated, batch_size=budget.eval_batch,
-                                    rewrite=rewriter, fallback=long_text, **limit,
-                                    caption_batch_size=1000, show_progress=show_progress)
+    config = cp.AugmentConfig(templates=templates, rank_window=tuple(window), partners_per_image=1, seed=seed,
+                              max_triplets=budget.max_generated, batch_size=budget.eval_batch, fallback=long_text,
+                              max_tokens=limit["max_tokens"], caption_batch_size=1000)
+    augmenter = cp.TripletAugmenter(captioner, encoder.encode_image, config=config, rewriter=rewriter,
+                                    count_tokens=limit["count_tokens"], show_progress=show_progress)
     result = augmenter.augment(list(train.gallery_ids), images, annotated=train.triplets)
     triplets = [t for t in result.triplets if t.source == "generated"]
     texts = sum(len(t.texts) for t in triplets)
@@ -569,9 +569,20 @@ def run_seed(seed: int, budget: Budget, out: Path, device: str, show_progress: b
                            budget, seed, device, steps=plus_p_steps, share=budget.annotated_fraction,
                            run_name=f"plus_p_{run}", **common)
         row(name_p, plus_p)
-        model, steps2[name_pn] = clock.run(f"{tag}: d. {name_pn} stage 2", stage2, plus_p, annotated + generated[recipe],
-                                           images, bank_ids, budget, seed, share=stage2_share(budget), groups=groups,
-                                           run_name=f"plus_pn_{run}", **common)
+        model, steps2[name_pn] = clock.run(
+            f"{tag}: d. {name_pn} stage 2",
+            stage2,
+            plus_p,
+            annotated + generated[recipe],
+            images,
+            bank_ids,
+            budget,
+            seed,
+            share=stage2_share(budget),
+            groups=groups,
+            run_name=f"plus_pn_{run}",
+            **common,
+        )
         del plus_p
         row(name_pn, model)
         if budget.report_row == name_pn:
@@ -798,9 +809,16 @@ def save_heldout(runs: dict, out: Path, *, budget: Budget, quick: bool, argv, se
     text = format_heldout(table, keys)
     print("\n" + text, flush=True)
     command = " ".join(["examples/quickstart.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    report = {"command": command, "runs": [{"world": w, "seed": s} for w, s in keys], "threads": torch.get_num_threads(),
-              "budget": "quick" if quick else "default", "budget_values": budget.to_dict(), "table": table,
-              "rows": {f"world {w} seed {s}": runs[(w, s)]["rows"] for w, s in keys}, "seconds": seconds}
+    report = {
+        "command": command,
+        "runs": [{"world": w, "seed": s} for w, s in keys],
+        "threads": torch.get_num_threads(),
+        "budget": "quick" if quick else "default",
+        "budget_values": budget.to_dict(),
+        "table": table,
+        "rows": {f"world {w} seed {s}": runs[(w, s)]["rows"] for w, s in keys},
+        "seconds": seconds,
+    }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "heldout.json", report, indent=2)
     tmp = out / f"heldout.md.tmp-{os.getpid()}"

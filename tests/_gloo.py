@@ -6,7 +6,7 @@ one intra-op thread and leaves the group when the body ends, raised or not.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from test_training_toy import make_model, make_world
 
 from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import BankMismatchError, DataError, ShapeError
 from cir_plugins.negatives.bank import NegativeBank, exclusion_rows, probe_split
 from cir_plugins.negatives.loss import bank_contrastive_loss
-from test_training_toy import make_model, make_world
 
 
 @pytest.fixture()

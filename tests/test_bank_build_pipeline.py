@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training_toy import make_model, make_world
 
 from cir_plugins.errors import NonFiniteError
 from cir_plugins.negatives.bank import NegativeBank, _prefetch_to
-from test_training_toy import make_model, make_world
 
 
 def test_prefetch_yields_every_batch_in_order_on_the_cpu():

@@ -7,13 +7,13 @@ import shutil
 
 import torch
 import torch.nn.functional as F
+from test_training_toy import make_model
 
 import cir_plugins as cp
 from cir_plugins.data.fixtures import build_fashioniq_tree
 from cir_plugins.data.triplet import Triplet
 from cir_plugins.negatives.bank import NegativeBank, exclusion_rows
 from cir_plugins.negatives.loss import bank_contrastive_loss
-from test_training_toy import make_model
 
 
 def _images_with_copies():

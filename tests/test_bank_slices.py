@@ -18,10 +18,10 @@ from safetensors.torch import save
 from test_reliability_bank import _rewrite_metadata
 
 from cir_plugins._atomic import atomic_write_bytes
+from cir_plugins._utils import shard_rows
 from cir_plugins.errors import ConfigError, DataError
 from cir_plugins.negatives.bank import NegativeBank
-from cir_plugins.negatives.bank_format import _checksum, checksummed_metadata, read_bank_file
-from cir_plugins.negatives.distributed import shard_rows
+from cir_plugins.negatives.bank_format import checksum, checksummed_metadata, read_bank_file
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -39,7 +39,7 @@ def _write(path: Path, bank: NegativeBank, block_rows: int | None = None) -> dic
     """The bank in the format with block checksums (``block_rows``), or in today's (None: whole-file checksum)."""
     meta = {k: v for k, v in bank.metadata().items() if k not in ("block_rows", "block_checksums", "header_checksum")}
     if block_rows is None:
-        meta["checksum"] = _checksum(bank.embeddings, meta)
+        meta["checksum"] = checksum(bank.embeddings, meta)
     else:
         meta = checksummed_metadata(bank.embeddings, meta, block_rows=block_rows)
     atomic_write_bytes(path, save({"embeddings": bank.embeddings.contiguous()}, metadata=meta))
@@ -62,7 +62,7 @@ def test_every_slice_equals_its_rows_of_a_full_read(tmp_path, n, block_rows, tok
     bank = _bank(n, tokens=tokens, dtype=dtype, seed=n)
     path = tmp_path / "bank.safetensors"
     meta = _write(path, bank, block_rows)
-    assert meta["checksum"] == _checksum(bank.embeddings, meta)  # what readers of the format before blocks check
+    assert meta["checksum"] == checksum(bank.embeddings, meta)  # what readers of the format before blocks check
     full, ids, rows, full_meta = read_bank_file(path)
     assert torch.equal(full, bank.embeddings) and ids == bank.ids and full_meta == meta
     for world in (1, 2, 3, 5, 8):
@@ -190,3 +190,23 @@ def test_two_gloo_ranks_each_read_half_and_together_equal_one_full_read(tmp_path
     bank = _bank(16383, d=2048)  # 128 MiB of float32 rows, an odd count
     _write(tmp_path / "bank.safetensors", bank, block_rows=256)
     spawn_gloo(_ranks_read_their_slices, tmp_path, world=2)
+
+
+def test_a_bank_loaded_as_a_slice_keeps_global_rows_and_refuses_to_be_saved(tmp_path):
+    from cir_plugins._utils import shard_rows
+    from cir_plugins.errors import ConfigError
+    from cir_plugins.negatives.distributed import BankShard
+
+    bank = _bank(n=23, d=6)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    whole = NegativeBank.load(path)
+    for rank in range(3):
+        part = NegativeBank.load(path, shard=(rank, 3))
+        start, stop = shard_rows(23, rank, 3)
+        assert part.shard == BankShard(start, 23) and len(part) == len(whole) == 23
+        assert torch.equal(part.embeddings, whole.embeddings[start:stop])
+        assert torch.equal(part.rows_of(whole.ids), whole.rows_of(whole.ids))  # global rows, every id
+        assert part.to(dtype=torch.bfloat16).shard == part.shard
+        with pytest.raises(ConfigError, match="slice"):
+            part.save(tmp_path / "part.safetensors")

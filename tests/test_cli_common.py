@@ -8,8 +8,13 @@ import json
 import pytest
 
 from cir_plugins._atomic import atomic_write_json
-from cir_plugins.cli._common import (add_factory_arguments, model_from_factory, parse_json_object, read_groups,
-                                     read_json_file)
+from cir_plugins.cli._common import (
+    add_factory_arguments,
+    model_from_factory,
+    parse_json_object,
+    read_groups,
+    read_json_file,
+)
 from cir_plugins.errors import ConfigError, DataError
 
 

@@ -15,6 +15,7 @@ import pytest
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.data.synthetic import load_scenes
+from cir_plugins.submission import submit_cirr
 
 HERE = Path(__file__).resolve().parent
 README = (HERE.parent / "README.md").read_text()
@@ -89,7 +90,7 @@ def test_readme_commands_from_world_to_leaderboard_file(workdir, capsys, caplog)
     val = cp.evaluate(trained, cp.load_cirr("world", "val", size=4), show_progress=False)
     assert json.loads(Path("runs/val.json").read_text())["Rmean"] == pytest.approx(val["Rmean"])
     for name, model in (("trained", trained), ("untrained", build())):
-        cp.submit_cirr(model, split, name, show_progress=False)
+        submit_cirr(model, split, name, show_progress=False)
     written = Path("runs/submission/recall_submission_cirr.json").read_text()
     assert written == Path("trained/recall_submission_cirr.json").read_text()
     assert written != Path("untrained/recall_submission_cirr.json").read_text()

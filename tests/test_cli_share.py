@@ -8,11 +8,11 @@ import types
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world
 
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.errors import DataError
-from test_training_toy import make_model, make_world
 
 
 @pytest.fixture(scope="module")

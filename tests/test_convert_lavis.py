@@ -54,9 +54,14 @@ def lavis_state_dict(vocab: int, positions: int, seed: int = 1) -> dict[str, tor
         return {f"{prefix}.weight": rnd(out, inp), f"{prefix}.bias": 0.1 * rnd(out, scale=1.0)}
 
     n_patches = (SIZE // PATCH) ** 2
-    sd = {"visual_encoder.cls_token": rnd(1, 1, DV, scale=1.0), "visual_encoder.pos_embed": rnd(1, n_patches + 1, DV, scale=0.5),
-          **linear("visual_encoder.patch_embed.proj", DV, 3 * PATCH * PATCH)}
-    sd["visual_encoder.patch_embed.proj.weight"] = sd["visual_encoder.patch_embed.proj.weight"].reshape(DV, 3, PATCH, PATCH)
+    sd = {
+        "visual_encoder.cls_token": rnd(1, 1, DV, scale=1.0),
+        "visual_encoder.pos_embed": rnd(1, n_patches + 1, DV, scale=0.5),
+        **linear("visual_encoder.patch_embed.proj", DV, 3 * PATCH * PATCH),
+    }
+    sd["visual_encoder.patch_embed.proj.weight"] = sd["visual_encoder.patch_embed.proj.weight"].reshape(
+        DV, 3, PATCH, PATCH
+    )
     for i in range(LV):
         b = f"visual_encoder.blocks.{i}"
         sd |= norm(f"{b}.norm1", DV) | norm(f"{b}.norm2", DV)
@@ -79,7 +84,9 @@ def lavis_state_dict(vocab: int, positions: int, seed: int = 1) -> dict[str, tor
         for ffn in ("", "_query"):
             sd |= linear(f"{layer}.intermediate{ffn}.dense", IQ, H) | linear(f"{layer}.output{ffn}.dense", H, IQ)
             sd |= norm(f"{layer}.output{ffn}.LayerNorm", H)
-    sd |= linear("Qformer.cls.predictions.transform.dense", H, H) | norm("Qformer.cls.predictions.transform.LayerNorm", H)
+    sd |= linear("Qformer.cls.predictions.transform.dense", H, H) | norm(
+        "Qformer.cls.predictions.transform.LayerNorm", H
+    )
     sd["Qformer.cls.predictions.bias"] = torch.zeros(vocab)
     sd |= linear("vision_proj", 256, H) | linear("text_proj", 256, H) | linear("itm_head", 2, H)
     sd["temp"] = torch.tensor(0.07)

@@ -26,7 +26,10 @@ def cirr(tmp_path):
 
 @pytest.mark.parametrize("decode", [False, True])
 def test_complete_trees_pass(tmp_path, decode):
-    for dataset, root in (("cirr", build_cirr_tree(tmp_path / "c")), ("fashioniq", build_fashioniq_tree(tmp_path / "f"))):
+    for dataset, root in (
+        ("cirr", build_cirr_tree(tmp_path / "c")),
+        ("fashioniq", build_fashioniq_tree(tmp_path / "f")),
+    ):
         report = check_dataset(root, dataset, counts=None, decode=decode)
         assert report.ok, report.format()
         assert report.problems == [] and report.images["duplicates"] == []

@@ -136,7 +136,10 @@ def test_fashioniq_texts_extensions_and_meta(fiq_root):
     assert split.protocol == "fashioniq" and split.category == "dress" and len(split.triplets) == len(records)
     for triplet, record in zip(split.triplets, records):
         c0, c1 = record["captions"]
-        assert triplet.texts == (f"{c0.strip('.?, ')} and {c1.strip('.?, ')}", f"{c1.strip('.?, ')} and {c0.strip('.?, ')}")
+        assert triplet.texts == (
+            f"{c0.strip('.?, ')} and {c1.strip('.?, ')}",
+            f"{c1.strip('.?, ')} and {c0.strip('.?, ')}",
+        )
         assert triplet.reference == record["candidate"] and triplet.target == record["target"]
         assert triplet.meta["category"] == "dress" and tuple(triplet.meta["captions"]) == (c0, c1)
     assert fashioniq_text(" is red.", "has no sleeves?") == "is red and has no sleeves"
@@ -225,12 +228,41 @@ def test_property_cirr_valid_records_round_trip(records):
 
 
 WRONG = {
-    "pairid": st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.lists(st.integers(), max_size=2)),
-    "reference": st.one_of(st.none(), st.integers(), st.just(""), st.just("  "), st.text(min_size=1).filter(lambda s: s not in NAMES), st.lists(st.text(), max_size=2)),
-    "target_hard": st.one_of(st.none(), st.integers(), st.just(""), st.text(min_size=1).filter(lambda s: s not in NAMES), st.dictionaries(st.text(), st.integers(), max_size=2)),
-    "caption": st.one_of(st.none(), st.integers(), st.text(alphabet=" \t\n", max_size=4), st.lists(st.text(), max_size=2)),
-    "img_set": st.one_of(st.none(), st.integers(), st.text(max_size=3), st.fixed_dictionaries({"members": st.one_of(st.just([]), st.integers(), st.lists(st.integers(), min_size=1, max_size=3))})),
-    "target_soft": st.one_of(st.none(), st.integers(), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.text(max_size=3), min_size=1, max_size=2)),
+    "pairid": st.one_of(
+        st.none(), st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.lists(st.integers(), max_size=2)
+    ),
+    "reference": st.one_of(
+        st.none(),
+        st.integers(),
+        st.just(""),
+        st.just("  "),
+        st.text(min_size=1).filter(lambda s: s not in NAMES),
+        st.lists(st.text(), max_size=2),
+    ),
+    "target_hard": st.one_of(
+        st.none(),
+        st.integers(),
+        st.just(""),
+        st.text(min_size=1).filter(lambda s: s not in NAMES),
+        st.dictionaries(st.text(), st.integers(), max_size=2),
+    ),
+    "caption": st.one_of(
+        st.none(), st.integers(), st.text(alphabet=" \t\n", max_size=4), st.lists(st.text(), max_size=2)
+    ),
+    "img_set": st.one_of(
+        st.none(),
+        st.integers(),
+        st.text(max_size=3),
+        st.fixed_dictionaries(
+            {"members": st.one_of(st.just([]), st.integers(), st.lists(st.integers(), min_size=1, max_size=3))}
+        ),
+    ),
+    "target_soft": st.one_of(
+        st.none(),
+        st.integers(),
+        st.lists(st.integers(), max_size=2),
+        st.dictionaries(st.text(max_size=3), st.text(max_size=3), min_size=1, max_size=2),
+    ),
 }
 
 
@@ -264,7 +296,8 @@ def test_property_cirr_corruptions_raise_annotation_error(records, data):
         _write_cirr(Path(tmp), records, text, splits_text)
         with pytest.raises(AnnotationError):
             load_cirr(tmp, "val")
-        if kind not in ("truncate", "splits_truncate", "splits_wrong_type"):  # record-level problems can be skipped instead, and are counted
+        # record-level problems can be skipped instead, and are counted
+        if kind not in ("truncate", "splits_truncate", "splits_wrong_type"):
             split = load_cirr(tmp, "val", on_bad_record="skip")
             assert split.info["skipped"] == 1 and len(split.triplets) == len(records) - 1
 

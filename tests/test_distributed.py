@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cir_plugins._utils import shard_rows
 from cir_plugins.errors import ConfigError
-from cir_plugins.negatives.distributed import BankShard, shard_rows
+from cir_plugins.negatives.distributed import BankShard
 from cir_plugins.negatives.loss import bank_contrastive_loss
 
 WORLD = 2

@@ -10,9 +10,9 @@ from torch import nn
 import cir_plugins as cp
 from cir_plugins.data.split import Split
 from cir_plugins.data.triplet import Triplet
-from cir_plugins.evaluation import (evaluate, rank_cirr, submit_cirr, validate_cirr_submission,
-                                    write_cirr_submission)
 from cir_plugins.errors import DataError, SubmissionError
+from cir_plugins.evaluation import evaluate
+from cir_plugins.submission import rank_cirr, submit_cirr, validate_cirr_submission, write_cirr_submission
 
 
 class TableModel(nn.Module):
@@ -66,17 +66,30 @@ def closed_form_world():
     n = 60
     weights = []
     # Q0: ref 0 scores highest, target 1 next -> rank 0 with the reference removed, 1 if kept
-    w = default_weights(n); w[0], w[1] = 1.0, 0.9; weights.append(w)
+    w = default_weights(n)
+    w[0], w[1] = 1.0, 0.9
+    weights.append(w)
     # Q1: 7 non-reference images above the target -> rank 7; subset: 12 and 13 above -> subset rank 2
-    w = default_weights(n); w[10], w[12], w[13] = 1.0, 0.9, 0.85; w[40:45] = [0.8, 0.75, 0.7, 0.65, 0.6]
-    w[11] = 0.5; weights.append(w)
+    w = default_weights(n)
+    w[10], w[12], w[13] = 1.0, 0.9, 0.85
+    w[40:45] = [0.8, 0.75, 0.7, 0.65, 0.6]
+    w[11] = 0.5
+    weights.append(w)
     # Q2: target below 51 non-reference images (52 with the reference); subset members below it -> subset rank 0
-    w = default_weights(n); w[21] = 0.005; w[56:59] = [0.001, 0.002, 0.003]; w[22:26] = [1e-4, 2e-4, 3e-4, 4e-4]
+    w = default_weights(n)
+    w[21] = 0.005
+    w[56:59] = [0.001, 0.002, 0.003]
+    w[22:26] = [1e-4, 2e-4, 3e-4, 4e-4]
     weights.append(w)
     # Q3: 51, 50, 32 above the target; reference low -> rank 3; subset: 32 above -> subset rank 1
-    w = default_weights(n); w[30], w[31], w[32], w[50], w[51] = 0.5, 0.9, 0.95, 0.97, 0.99; weights.append(w)
+    w = default_weights(n)
+    w[30], w[31], w[32], w[50], w[51] = 0.5, 0.9, 0.95, 0.97, 0.99
+    weights.append(w)
     # Q4: reference highest, 9 others above the target -> rank 9 removed, 10 kept
-    w = default_weights(n); w[45], w[46] = 1.0, 0.5; w[47:56] = np.linspace(0.6, 0.9, 9); weights.append(w)
+    w = default_weights(n)
+    w[45], w[46] = 1.0, 0.5
+    w[47:56] = np.linspace(0.6, 0.9, 9)
+    weights.append(w)
     queries = [(0, 1, [0, 1, 2, 3, 4, 5]), (10, 11, [10, 11, 12, 13, 14, 15]), (20, 21, [20, 21, 22, 23, 24, 25]),
                (30, 31, [30, 31, 32, 33, 34, 35]), (45, 46, [45, 46, 47, 48, 49, 52])]
     return np.eye(n), np.stack(weights), queries
@@ -195,7 +208,9 @@ def test_cirr_agrees_with_naive(seed, tokens):
         order = sorted((k for k in range(len(gallery)) if k != ref), key=lambda k: (-scores[k], k))
         assert ranking.recall_names[qi] == [split.gallery_ids[k] for k in order[:50]]
         members = [split.gallery_ids.index(m) for m in t.members if m != t.reference]
-        assert ranking.subset_names[qi] == [split.gallery_ids[k] for k in sorted(members, key=lambda k: (-scores[k], k))[:3]]
+        assert ranking.subset_names[qi] == [
+            split.gallery_ids[k] for k in sorted(members, key=lambda k: (-scores[k], k))[:3]
+        ]
 
 
 @pytest.mark.parametrize("seed,remove", [(4, False), (5, True)])
@@ -333,8 +348,8 @@ def _run(configure, run, argv):
 
 
 def test_command_line_evaluate_and_submit(tmp_path, capsys):
-    from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
     from cir_plugins.cli.evaluate import configure_evaluate, configure_submit, run_evaluate, run_submit
+    from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY)

@@ -21,11 +21,11 @@ EXAMPLE = REPO / "examples" / "blip2_sprc"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
+
 from examples.blip2_sprc import run as blip2_run  # noqa: E402
 from examples.blip2_sprc.model import SPRCRetriever, make_tiny_checkpoint  # noqa: E402
 from examples.blip2_sprc.wrap import load  # noqa: E402
-from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
-
 
 # the dev box's 2 cores are shared: one intra-op thread avoids oversubscription stalls
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -144,7 +144,7 @@ def test_stage2_bank_is_multi_vector_and_never_runs_the_vision_tower_or_the_fusi
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     bank_before = bank.embeddings.clone()
     config = cp.Stage2Config(epochs=1, batch_size=5, lr=1e-3, temperature=0.05, learn_temperature=True,
-                             show_progress=False, select_metric=None)
+                             show_progress=False)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     vision_calls = []
     handles = [model.blip.vision_model.register_forward_hook(lambda *_: vision_calls.append("vision")),

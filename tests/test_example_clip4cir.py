@@ -128,15 +128,19 @@ def world_clip_dir(quick_world, tmp_path_factory):
     scenes = json.loads((quick_world / "synthetic" / "scenes.json").read_text())
     texts = [s["caption"] for s in scenes.values()]
     for name in ("train", "val", "test"):
-        texts += [r["caption"] for r in json.loads((quick_world / "cirr" / "captions" / f"cap.rc2.{name}.json").read_text())]
+        texts += [
+            r["caption"] for r in json.loads((quick_world / "cirr" / "captions" / f"cap.rc2.{name}.json").read_text())
+        ]
     return _tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("wclip") / "clip", _tiny_clip.words_of(texts), seed=0,
                                      image_size=40, patch_size=10, width=32, projection_dim=32)
 
 
 def test_one_augment_stage2_evaluate_cycle_from_a_checkpoint_path(quick_world, world_clip_dir):
-    import cir_plugins as cp
     import wrap as clip4cir_wrap
+
+    import cir_plugins as cp
     from cir_plugins.data.images import ClipTransform
+    from cir_plugins.data.synthetic import SyntheticCaptioner
 
     model = clip4cir_model.CLIP4Cir.from_pretrained(str(world_clip_dir), fusion="sum")
     p = model.preprocess
@@ -153,16 +157,16 @@ def test_one_augment_stage2_evaluate_cycle_from_a_checkpoint_path(quick_world, w
     assert names and all(".text_model." in n or ".text_projection." in n for n in names)
     assert not any("vision_model" in n for n in names)
 
-    generated = cp.TripletAugmenter(cp.SyntheticCaptioner(quick_world, noise=0.1, seed=0), model.encode_image,
-                                    templates="cirr", rank_window=(0.02, 0.2), seed=0, max_triplets=64,
-                                    show_progress=False).augment(list(images), images)
+    config = cp.AugmentConfig(templates="cirr", rank_window=(0.02, 0.2), seed=0, max_triplets=64)
+    generated = cp.TripletAugmenter(SyntheticCaptioner(quick_world, noise=0.1, seed=0), model.encode_image,
+                                    config=config, show_progress=False).augment(list(images), images).triplets
     assert 0 < len(generated) <= 64 and all(t.source == "generated" for t in generated)
     assert any("instead of" in text for t in generated for text in t.texts)
 
     vision_before = {n: p.detach().clone() for n, p in model.clip.vision_model.named_parameters()}
     text_before = {n: p.detach().clone() for n, p in model.clip.text_model.named_parameters()}
     bank = cp.NegativeBank.build(wrapped, list(images), images, batch_size=256, show_progress=False)
-    config = cp.Stage2Config(epochs=1, batch_size=32, steps_per_epoch=2, lr=1e-3, select_metric=None,
+    config = cp.Stage2Config(epochs=1, batch_size=32, steps_per_epoch=2, lr=1e-3,
                              show_progress=False)
     cp.Stage2Trainer(wrapped, bank, list(train.triplets) + generated, images, config=config).fit()
     # stage 2 trained the text tower and left the vision tower (the bank's maker) bit-identical

@@ -20,10 +20,11 @@ EXAMPLE = REPO / "examples" / "timm_tirg"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
+
 from examples.timm_tirg import run as tirg_run  # noqa: E402
 from examples.timm_tirg.model import TimmTIRG, make_tiny_checkpoint  # noqa: E402
 from examples.timm_tirg.wrap import load  # noqa: E402
-from _example_helpers import check_integration_files, random_images, run_readme_commands  # noqa: E402
 
 TEXTS = ["make it red", "add a small blue star at the top left", "remove the circle"]
 
@@ -113,7 +114,7 @@ def test_stage2_freezes_the_backbone_and_never_runs_it(model):
     assert tuple(bank.embeddings.shape) == (11, 48)
     before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     bank_before = bank.embeddings.clone()
-    config = cp.Stage2Config(epochs=1, batch_size=4, lr=1e-3, show_progress=False, select_metric=None)
+    config = cp.Stage2Config(epochs=1, batch_size=4, lr=1e-3, show_progress=False)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     calls = []
     handle = model.image_backbone.register_forward_hook(lambda *_: calls.append(1))

@@ -18,7 +18,6 @@ from cir_plugins.negatives import faiss_index as fi  # noqa: E402
 from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 from cir_plugins.negatives.faiss_index import FaissIndex, _digest, build_faiss_index  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 

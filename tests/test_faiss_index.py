@@ -15,7 +15,6 @@ from cir_plugins.metrics import topk_rows  # noqa: E402
 from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 from cir_plugins.negatives.faiss_index import FaissIndex, build_faiss_index  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import cir_plugins as cp
-from cir_plugins.trained import read_trained
 from cir_plugins.cli import main
 from cir_plugins.errors import CheckpointError, ConfigError, HubError
 from cir_plugins.share import check_repo_id, model_card
+from cir_plugins.trained import read_trained
 
 TEMPERATURE = "__temperature__.log_tau"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_report import _random_features
 
 from cir_plugins import _atomic
 from cir_plugins._atomic import atomic_write_bytes, atomic_write_files, folder_writer, remove_leftovers
@@ -21,7 +22,6 @@ from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.data.split import Split
 from cir_plugins.errors import ConfigError
 from cir_plugins.report import retrieval_report
-from test_report import _random_features
 
 HERE = Path(__file__).resolve().parent
 

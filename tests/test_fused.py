@@ -72,10 +72,6 @@ _SCRIPT = textwrap.dedent(
     from cir_plugins.negatives import core, fused
     from cir_plugins.negatives.loss import bank_contrastive_loss, naive_bank_contrastive_loss, validate_loss_inputs
 
-    # The interpreter runs the kernel on CPU tensors, which fused_available (CUDA tensors only) refuses: accept
-    # them in this process so that bank_contrastive_loss(..., backend="triton") reaches the kernel.
-    fused.fused_available = lambda query, bank, similarity="dot": fused.triton_importable()
-
     cases = json.loads(sys.argv[1])
     out = {}
     for name, c in cases.items():

@@ -5,6 +5,7 @@ import torch
 
 import cir_plugins as cp
 from cir_plugins import metrics as M
+from cir_plugins import similarity as S
 from cir_plugins.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
 
 
@@ -263,8 +264,8 @@ def _tie_world(similarity, n_q=19, n_g=263, d=5, t=3, seed=21):
 @pytest.mark.parametrize("budget", [1 << 40, 4 * 19 * 3 * 37])  # one chunk for everything; odd chunks of 37 rows
 @pytest.mark.parametrize("bf16", [False, True])
 def test_forced_cuda_paths_match_naive_sort_with_ties(similarity, budget, bf16, monkeypatch):
-    monkeypatch.setattr(M, "_score_budget", lambda device: budget)
-    monkeypatch.setattr(M, "_use_bf16_scoring", lambda q, g: bf16 and g.dtype == torch.bfloat16)
+    monkeypatch.setattr(S, "score_budget", lambda device: budget)
+    monkeypatch.setattr(S, "use_bf16_scoring", lambda q, g: bf16 and g.dtype == torch.bfloat16)
     query, gallery, targets, exclude, full, orders = _tie_world(similarity)
     want_ranks = [orders[i].index(int(targets[i])) for i in range(len(orders))]
     assert len(set(want_ranks)) > 3
@@ -301,22 +302,25 @@ def test_float_topk_fast_path_is_used_and_ties_fall_back_exactly(monkeypatch):
 def test_bf16_split_is_exact_and_scores_equal_the_upcast_path():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 29, generator=g) * torch.logspace(-20, 20, 29)  # normal float32 values of any size
-    parts = M.split_bf16(x)  # (37, 87)
+    parts = S.split_bf16(x)  # (37, 87)
     assert parts.dtype == torch.bfloat16 and parts.shape == (37, 87)
     hi, mid, lo = parts.double().split(29, dim=1)
     assert torch.equal(hi + mid + lo, x.double())
-    # dyadic values needing more than 8 bits (13) but summing exactly (<= 24 bits): the bf16 path and the float32 upcast give identical scores
-    query = torch.randint(-64, 65, (7, 11), generator=g).float() / 64 + torch.randint(-3, 4, (7, 11), generator=g) / 2**12
+    # dyadic values needing more than 8 bits (13) but summing exactly (<= 24 bits): the bf16 path and the float32 upcast
+    # give identical scores
+    query = (
+        torch.randint(-64, 65, (7, 11), generator=g).float() / 64 + torch.randint(-3, 4, (7, 11), generator=g) / 2**12
+    )
     gallery = (torch.randint(-8, 9, (23, 4, 11), generator=g).float() / 8).to(torch.bfloat16)
     for sim, gal in (("dot", gallery[:, 0]), ("max_token", gallery)):
-        assert torch.equal(M.score_chunk(query, gal, sim, bf16=True), M.score_chunk(query, gal, sim, bf16=False))
+        assert torch.equal(S.similarity(query, gal, sim, bf16=True), S.similarity(query, gal, sim, bf16=False))
     # general floats: the same quantity up to float32 summation order
     query = torch.randn(7, 300, generator=g)
     gallery = torch.randn(23, 300, generator=g).to(torch.bfloat16)
     exact = query.double() @ gallery.double().T
-    assert torch.allclose(M.score_chunk(query, gallery, "dot", bf16=True).double(), exact, atol=1e-4)
+    assert torch.allclose(S.similarity(query, gallery, "dot", bf16=True).double(), exact, atol=1e-4)
     bf16_rounded_query = query.bfloat16().double() @ gallery.double().T  # what a plain bf16 cast would score
-    assert (M.score_chunk(query, gallery, "dot", bf16=True).double() - exact).abs().max() < \
+    assert (S.similarity(query, gallery, "dot", bf16=True).double() - exact).abs().max() < \
         (bf16_rounded_query - exact).abs().max() / 100
 
 
@@ -330,26 +334,26 @@ def test_scatter_mask_matches_a_loop():
         for r in rows[i].tolist():
             if 30 <= r < 47:
                 want[i, r - 30] = float("-inf")
-    got = M._mask_rows_(scores.clone(), rows, 30)
+    got = S.mask_rows_(scores.clone(), rows, 30)
     assert torch.equal(got, want)
     keys = torch.randint(-100, 100, (11, 17), generator=g)
-    masked = M._mask_rows_(keys.clone(), rows, 30)
+    masked = S.mask_rows_(keys.clone(), rows, 30)
     assert torch.equal(masked == torch.iinfo(torch.int64).min, torch.isinf(want))
     assert torch.equal(masked[~torch.isinf(want)], keys[~torch.isinf(want)])
 
 
 def test_cuda_budget_is_larger_and_bounded(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
-    assert M._score_budget(torch.device("cuda", 0)) == M.CUDA_SCORE_BUDGET_MAX
+    assert S.score_budget(torch.device("cuda", 0)) == S.CUDA_SCORE_BUDGET_MAX
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
-    assert M._score_budget(torch.device("cuda", 0)) == M.SCORE_BUDGET_BYTES
+    assert S.score_budget(torch.device("cuda", 0)) == S.SCORE_BUDGET_BYTES
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
-    assert M._score_budget(torch.device("cuda", 0)) == 1 << 28
-    assert M._score_budget(torch.device("cpu")) == M.SCORE_BUDGET_BYTES
+    assert S.score_budget(torch.device("cuda", 0)) == 1 << 28
+    assert S.score_budget(torch.device("cpu")) == S.SCORE_BUDGET_BYTES
     # 4k queries over 1M rows: 16 chunks at the cap instead of ~490 at the CPU budget
-    assert M._chunk_rows(4096, 1, None, torch.device("cpu")) == 2048
+    assert S.chunk_rows(4096, 1, None, torch.device("cpu")) == 2048
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
-    assert -(-1_000_000 // M._chunk_rows(4096, 1, None, torch.device("cuda", 0))) == 16
+    assert -(-1_000_000 // S.chunk_rows(4096, 1, None, torch.device("cuda", 0))) == 16
 
 
 @pytest.mark.parametrize("similarity", ["dot", "max_token"])

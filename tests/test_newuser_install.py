@@ -25,7 +25,7 @@ def _name(text: str) -> str:
 def _extra(name: str) -> list[Requirement]:
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    lines = [l.strip() for l in config["options.extras_require"][name].strip().splitlines() if l.strip()]
+    lines = [x.strip() for x in config["options.extras_require"][name].strip().splitlines() if x.strip()]
     out = []
     for line in lines:
         own = re.fullmatch(r"cir-plugins\[(.*)\]", line)
@@ -36,8 +36,8 @@ def _extra(name: str) -> list[Requirement]:
 def _core() -> list[Requirement]:
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
-    return [Requirement(l.strip()) for l in config["options"]["install_requires"].strip().splitlines()
-            if l.strip() and not l.strip().startswith("#")]
+    return [Requirement(x.strip()) for x in config["options"]["install_requires"].strip().splitlines()
+            if x.strip() and not x.strip().startswith("#")]
 
 
 def _closure(roots: list[Requirement]) -> tuple[dict[str, str], set[str]]:
@@ -67,7 +67,10 @@ def _closure(roots: list[Requirement]) -> tuple[dict[str, str], set[str]]:
 
 def test_the_examples_extra_needs_no_torchvision_and_nothing_cuda():
     found, missing = _closure(_core() + _extra("examples"))
-    assert {"torch", "transformers", "matplotlib", "tokenizers"} <= set(found) and not {"torch", "transformers"} & missing
+    assert {"torch", "transformers", "matplotlib", "tokenizers"} <= set(found) and not {
+        "torch",
+        "transformers",
+    } & missing
     cuda = {name: parent for name, parent in found.items() if CUDA_ONLY.match(name)}
     assert cuda == {}, f"pulled in by the examples extra (name: required by): {cuda}"
     assert "timm" not in found

@@ -14,6 +14,7 @@ import pytest
 
 import cir_plugins as cp
 from cir_plugins.cli import main
+from cir_plugins.data.fashioniq import load_split
 
 HERE = Path(__file__).resolve().parent
 FACTORY = f"""
@@ -190,7 +191,7 @@ def _python_stage2(run, tmp_path, transform: str, **kwargs):
     factory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(factory)
     model = cp.load_trained(factory.build(), run.stage1)
-    split = cp.load_split(run.world, "synthetic", "train", transform=transform, size=4)
+    split = load_split(run.world, "synthetic", "train", transform=transform, size=4)
     config = cp.Stage2Config(epochs=1, batch_size=8, output_dir=str(tmp_path / "py_stage2"), show_progress=False)
     return cp.Stage2Trainer(model, cp.NegativeBank.load(run.bank), split.triplets, split.images, config=config,
                             **kwargs)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 from matplotlib.figure import Figure
+from test_report import _Lookup, _random_features
 
 from cir_plugins.data.split import Split
 from cir_plugins.report import retrieval_report
-from test_report import _Lookup, _random_features
 
 
 def test_the_png_shows_the_better_and_worse_counts(tmp_path, monkeypatch):

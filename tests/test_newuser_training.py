@@ -8,12 +8,12 @@ import logging
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world
 
 import cir_plugins as cp
 from cir_plugins.errors import ConfigError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
-from test_training_toy import make_model, make_world
 
 
 class Scripted:
@@ -40,7 +40,9 @@ def _fit(values, *, epochs, min_change=1.0, lr=1e-2):
 
 
 def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "has not moved" in r.getMessage()]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "has not moved" in r.getMessage()
+    ]
 
 
 def test_a_metric_still_at_its_start_after_half_the_epochs_is_warned_about_naming_the_lr(caplog):
@@ -80,8 +82,10 @@ def test_the_training_command_warns_by_default(tmp_path, caplog):
     from cir_plugins.cli import main
 
     here = Path(__file__).resolve().parent
-    (tmp_path / "tiny.py").write_text(f"import sys\nsys.path.insert(0, {str(here)!r})\n"
-                                      "from test_training_toy import make_model\n\ndef build():\n    return make_model()\n")
+    (tmp_path / "tiny.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(here)!r})\n"
+        "from test_training_toy import make_model\n\ndef build():\n    return make_model()\n"
+    )
     world = str(tmp_path / "world")
     config = json.dumps(dict(n_train_triplets=12, n_train_unlabelled=4, n_val_queries=6, n_val_distractors=4,
                              n_test_queries=2, n_test_distractors=2))

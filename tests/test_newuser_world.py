@@ -46,9 +46,9 @@ def test_check_data_checks_the_shipped_world_with_its_splits_and_counts(world, d
 
 
 def test_the_readme_check_data_command_runs_as_written_on_the_world(world, tmp_path, monkeypatch, capsys):
-    from pathlib import Path
     import re
     import shlex
+    from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("**Check a dataset before training on it**", 1)[1].split("**Search a gallery", 1)[0]

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 
 import pytest
@@ -26,7 +27,7 @@ def test_errors_subclass_builtins_and_explain():
 def test_triplet_validates_and_is_immutable():
     t = cp.Triplet("a", ["make it red"], "b", members=["a", "b"], meta={"target_soft": {"b": 1.0}})
     assert t.texts == ("make it red",) and t.text == "make it red" and t.members == ("a", "b")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         t.reference = "c"
     with pytest.raises(TypeError):
         t.meta["x"] = 1

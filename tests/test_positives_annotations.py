@@ -6,8 +6,7 @@ import pytest
 import cir_plugins as cp
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 from cir_plugins.errors import AnnotationError, ConfigError
-from cir_plugins.positives.annotations import (read_generated_cirr, read_generated_fashioniq, write_generated_cirr,
-                                               write_generated_fashioniq)
+from cir_plugins.positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
 
 
 def generated(ids, n_texts=2):
@@ -32,7 +31,7 @@ def test_cirr_round_trip_and_loader_reads_it(tmp_path):
     out = root / "cirr" / "captions" / "cap.rc2.gen.json"
     write_generated_cirr(triplets, out, first_pair_id=1000)
     assert not list(out.parent.glob("*.tmp-*"))
-    back = read_generated_cirr(out)
+    back = read_generated(out)
     assert [_key(t) for t in back] == [_key(t) for t in triplets]
     assert [t.pair_id for t in back] == list(range(1000, 1006))
     record = json.loads(out.read_text())[0]
@@ -52,7 +51,7 @@ def test_fashioniq_round_trip_and_loader_reads_it(tmp_path):
         triplets = generated(list(train.gallery_ids)[:5], n_texts)
         out = root / "captions" / "cap.dress.gen.json"
         write_generated_fashioniq(triplets, out)
-        back = read_generated_fashioniq(out)
+        back = read_generated(out)
         assert [_key(t) for t in back] == [_key(t) for t in triplets]
         shutil.copy(root / "image_splits" / "split.dress.train.json", root / "image_splits" / "split.dress.gen.json")
         loaded = cp.load_fashioniq(root, "dress", "gen")
@@ -65,13 +64,13 @@ def test_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"reference": "a", "target_hard": "b", "captions": []}]')
     with pytest.raises(AnnotationError, match="record 0"):
-        read_generated_cirr(bad)
+        read_generated(bad)
     bad.write_text('{"not": "a list"}')
     with pytest.raises(AnnotationError):
-        read_generated_fashioniq(bad)
+        read_generated(bad)
     bad.write_text('[{"candidate": "a", "target": "b", "captions"')
     with pytest.raises(AnnotationError):
-        read_generated_fashioniq(bad)
+        read_generated(bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +96,7 @@ def test_release_cirr_file_loads_as_generated_triplets(tmp_path):
     ids = [f"train-{k}-0-img0" for k in range(5)]
     path = tmp_path / "cap.rc2.train.extend_clip.json"
     path.write_text(json.dumps(_release_cirr_records(ids)))
-    back = read_generated_cirr(path)
+    back = read_generated(path)
     assert len(back) == 4
     for k, t in enumerate(back):
         assert (t.reference, t.target, t.source) == (ids[k], ids[k + 1], "generated")
@@ -110,7 +109,7 @@ def test_release_fashioniq_file_loads_as_generated_triplets(tmp_path):
     ids = [f"B00{k}" for k in range(4)]
     path = tmp_path / "cap.extend_clip.train.json"
     path.write_text(json.dumps(_release_fashioniq_records(ids)))
-    back = read_generated_fashioniq(path)
+    back = read_generated(path)
     assert [(t.reference, t.target, t.texts, t.source) for t in back] == \
         [(ids[k], ids[k + 1], (f"long red dress {k}",), "generated") for k in range(3)]
     assert back[0].meta["reference_caption"] == "short blue dress 0"
@@ -122,19 +121,19 @@ def test_generated_readers_keep_an_explicit_source_and_refuse_an_unknown_one(tmp
     records[0]["source"] = "annotated"
     path = tmp_path / "gen.json"
     path.write_text(json.dumps(records))
-    assert [t.source for t in read_generated_fashioniq(path)] == ["annotated", "generated"]
+    assert [t.source for t in read_generated(path)] == ["annotated", "generated"]
     records[1]["source"] = "llm"
     path.write_text(json.dumps(records))
     with pytest.raises(AnnotationError, match="record 1.*source"):
-        read_generated_fashioniq(path)
+        read_generated(path)
 
 
 def test_stage2_reads_the_release_files_by_their_keys(tmp_path):
-    from cir_plugins.cli._common import read_triplets
+    from cir_plugins.positives.annotations import read_generated
 
     ids = [f"train-{k}-0-img0" for k in range(3)]
     path = tmp_path / "cirr.json"
     path.write_text(json.dumps(_release_cirr_records(ids)))
-    assert [t.source for t in read_triplets(path)] == ["generated", "generated"]
+    assert [t.source for t in read_generated(path)] == ["generated", "generated"]
     path.write_text(json.dumps(_release_fashioniq_records(ids)))
-    assert [t.texts for t in read_triplets(path)] == [("long red dress 0",), ("long red dress 1",)]
+    assert [t.texts for t in read_generated(path)] == [("long red dress 0",), ("long red dress 1",)]

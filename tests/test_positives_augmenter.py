@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ from PIL import Image
 
 import cir_plugins as cp
 from cir_plugins.errors import ConfigError, ModelProtocolError
-from cir_plugins.positives.augmenter import TripletAugmenter
+from cir_plugins.positives.augmenter import AugmentConfig, TripletAugmenter
 
 
 class Store(dict):
@@ -49,8 +51,13 @@ def encoder(batch):
 
 def test_augment_end_to_end_dedup_records_and_summary(tmp_path):
     store = make_store()
-    aug = TripletAugmenter(ColourCaptioner(), encoder, templates="cirr", rank_window=(2, 10), partners_per_image=2,
-                           seed=0, cache_dir=tmp_path, show_progress=False)
+    aug = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(templates="cirr", rank_window=(2, 10), partners_per_image=2, seed=0),
+        cache_dir=tmp_path,
+        show_progress=False,
+    )
     result = aug.augment(list(store), store)
     triplets, summary, groups = result.triplets, result.summary, result.groups
     assert summary["images"] == 43 and summary["unique_images"] == 40
@@ -79,8 +86,10 @@ def test_same_seed_same_triplets_other_seed_other_pairs():
     store = make_store()
 
     def run(seed):
-        aug = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0.1, 0.6), seed=seed, show_progress=False)
-        return [(t.reference, t.texts, t.target) for t in aug.augment(list(store), store)]
+        aug = TripletAugmenter(
+            ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0.1, 0.6), seed=seed), show_progress=False
+        )
+        return [(t.reference, t.texts, t.target) for t in aug.augment(list(store), store).triplets]
 
     assert run(3) == run(3)
     pairs = lambda triplets: [(r, g) for r, _, g in triplets]  # noqa: E731
@@ -90,51 +99,77 @@ def test_same_seed_same_triplets_other_seed_other_pairs():
 def test_second_run_captions_nothing_new_and_cache_is_per_captioner(tmp_path):
     store = make_store()
     first_captioner = ColourCaptioner()
-    aug = TripletAugmenter(first_captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
+    aug = TripletAugmenter(
+        first_captioner, encoder, config=AugmentConfig(rank_window=(-1, 0)), cache_dir=tmp_path, show_progress=False
+    )
     first = aug.augment(list(store), store)
     assert first_captioner.calls > 0 and first.summary["captions"]["new"] > 0
     second_captioner = ColourCaptioner()
-    again = TripletAugmenter(second_captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
+    again = TripletAugmenter(
+        second_captioner, encoder, config=AugmentConfig(rank_window=(-1, 0)), cache_dir=tmp_path, show_progress=False
+    )
     second = again.augment(list(store), store)
-    assert [t.texts for t in second] == [t.texts for t in first]
+    assert [t.texts for t in second.triplets] == [t.texts for t in first.triplets]
     assert second_captioner.calls == 0 and second.summary["captions"]["new"] == 0
 
     class Other(ColourCaptioner):
         name = "other-v1"
 
-    other = TripletAugmenter(Other(), encoder, rank_window=(-1, 0), cache_dir=tmp_path, show_progress=False)
+    other = TripletAugmenter(
+        Other(), encoder, config=AugmentConfig(rank_window=(-1, 0)), cache_dir=tmp_path, show_progress=False
+    )
     assert other.cache_path != aug.cache_path and other.augment(list(store), store).summary["captions"]["new"] > 0
 
 
 def test_refer_only_subsample_same_caption_skip_and_groups():
     store = make_store(duplicates=())
     annotated = [cp.Triplet("im1", ["x"], "im2"), cp.Triplet("im5", ["y"], "im9"), cp.Triplet("zz", ["z"], "im9")]
-    aug = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(-1, 0), partners_per_image=3, refer_only=True,
-                           show_progress=False)
-    triplets = aug.augment(list(store), store, annotated)
+    aug = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(rank_window=(-1, 0), partners_per_image=3, refer_only=True),
+        show_progress=False,
+    )
+    triplets = aug.augment(list(store), store, annotated).triplets
     assert {t.reference for t in triplets} == {"im1", "im5"} and len(triplets) == 6
 
-    sub = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(-1, 0), partners_per_image=2, max_triplets=7,
-                           seed=1, show_progress=False)
+    sub = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(rank_window=(-1, 0), partners_per_image=2, max_triplets=7, seed=1),
+        show_progress=False,
+    )
     subset = sub.augment(list(store), store)
-    full = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(-1, 0), partners_per_image=2, seed=1,
-                            show_progress=False).augment(list(store), store)
-    keys = [(t.reference, t.target) for t in full]
-    assert len(subset) == 7 and subset.summary["triplets_before_subsample"] == 80
-    positions = [keys.index((t.reference, t.target)) for t in subset]
+    full = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(rank_window=(-1, 0), partners_per_image=2, seed=1),
+        show_progress=False,
+    ).augment(list(store), store)
+    keys = [(t.reference, t.target) for t in full.triplets]
+    assert len(subset.triplets) == 7 and subset.summary["triplets_before_subsample"] == 80
+    positions = [keys.index((t.reference, t.target)) for t in subset.triplets]
     assert positions == sorted(positions)
 
     same = {f"im{k}" for k in range(0, 40, 2)}
-    dup_caps = TripletAugmenter(ColourCaptioner(same=same), encoder, rank_window=(-1, 0), partners_per_image=39,
-                                templates="fashioniq", show_progress=False)
-    triplets = dup_caps.augment(list(store), store)
-    assert triplets.summary["skipped_same_caption"] == 20 * 19
-    assert len(triplets) == 40 * 39 - 20 * 19
-    assert all(t.texts == (t.meta["target_caption"],) for t in triplets)
+    dup_caps = TripletAugmenter(
+        ColourCaptioner(same=same),
+        encoder,
+        config=AugmentConfig(rank_window=(-1, 0), partners_per_image=39, templates="fashioniq"),
+        show_progress=False,
+    )
+    result = dup_caps.augment(list(store), store)
+    assert result.summary["skipped_same_caption"] == 20 * 19
+    assert len(result.triplets) == 40 * 39 - 20 * 19
+    assert all(t.texts == (t.meta["target_caption"],) for t in result.triplets)
 
     labels = {i: ("odd" if int(i[2:]) % 2 else "even") for i in store}
-    grouped = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0.0, 0.5), show_progress=False)
-    assert all(labels[t.reference] == labels[t.target] for t in grouped.augment(list(store), store, groups=labels))
+    grouped = TripletAugmenter(
+        ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0.0, 0.5)), show_progress=False
+    )
+    assert all(
+        labels[t.reference] == labels[t.target] for t in grouped.augment(list(store), store, groups=labels).triplets
+    )
 
 
 def test_hf_captioner_through_the_augmenter_caches(tmp_path):
@@ -145,30 +180,28 @@ def test_hf_captioner_through_the_augmenter_caches(tmp_path):
     path = build_tiny_blip(tmp_path / "blip")
     store = make_store(n=6, duplicates=())
     captioner = HFCaptioner(str(path), max_new_tokens=4, batch_size=4)
-    aug = TripletAugmenter(captioner, encoder, rank_window=(-1, 0), cache_dir=tmp_path / "cache", show_progress=False)
+    aug = TripletAugmenter(
+        captioner, encoder, config=AugmentConfig(rank_window=(-1, 0)), cache_dir=tmp_path / "cache", show_progress=False
+    )
     triplets = aug.augment(list(store), store)
     calls = captioner.generate_calls
     assert calls == 2 and triplets.summary["captions"]["new"] == 6
-    assert len(triplets) + triplets.summary["skipped_same_caption"] == 6
+    assert len(triplets.triplets) + triplets.summary["skipped_same_caption"] == 6
     again = aug.augment(list(store), store)
     assert captioner.generate_calls == calls and again.summary["captions"]["cached"] == 6
 
 
-def test_result_reads_as_its_list_and_old_attributes_warn():
+def test_result_is_an_object_and_config_round_trips():
     store = make_store()
-    aug = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(2, 10), seed=0, show_progress=False)
+    config = AugmentConfig(rank_window=(2, 10), seed=0)
+    aug = TripletAugmenter(ColourCaptioner(), encoder, config=config, show_progress=False)
     result = aug.augment(list(store), store)
-    assert isinstance(result, cp.AugmentResult) and list(result) == result.triplets and len(result) == 40
-    assert result[0] is result.triplets[0] and result[:2] == result.triplets[:2]
-    annotated = [cp.Triplet("im1", ["x"], "im2")]
-    assert annotated + result == annotated + result.triplets and result + annotated == result.triplets + annotated
-    with pytest.warns(DeprecationWarning, match="AugmentResult"):
-        assert aug.last_summary == result.summary
-    with pytest.warns(DeprecationWarning, match="AugmentResult"):
-        assert aug.last_groups == result.groups
-    fresh = TripletAugmenter(ColourCaptioner(), encoder, show_progress=False)
-    with pytest.warns(DeprecationWarning):
-        assert fresh.last_summary == {}
+    assert isinstance(result, cp.AugmentResult) and len(result.triplets) == 40
+    assert result.summary["triplets"] == 40 and set(result.groups) == set(store)
+    assert not hasattr(aug, "last_summary") and not hasattr(aug, "last_groups")
+    assert AugmentConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="AugmentConfig"):
+        TripletAugmenter(ColourCaptioner(), encoder, config={"seed": 0})
 
 
 def test_bad_arguments():
@@ -177,11 +210,13 @@ def test_bad_arguments():
     with pytest.raises(ModelProtocolError):
         TripletAugmenter(ColourCaptioner(), 42)
     with pytest.raises(ConfigError):
-        TripletAugmenter(ColourCaptioner(), encoder, rank_window=(5, 1))
+        TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(5, 1)))
     with pytest.raises(ConfigError):
-        TripletAugmenter(ColourCaptioner(), encoder, max_triplets=0)
+        TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(max_triplets=0))
     with pytest.raises(ConfigError):
-        TripletAugmenter(ColourCaptioner(), encoder, templates="{colour}")
+        TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(templates="{colour}"))
     store = make_store(n=4, duplicates=())
     with pytest.raises(ConfigError):
-        TripletAugmenter(ColourCaptioner(), encoder, refer_only=True, show_progress=False).augment(list(store), store)
+        TripletAugmenter(
+            ColourCaptioner(), encoder, config=AugmentConfig(refer_only=True), show_progress=False
+        ).augment(list(store), store)

@@ -11,9 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from cir_plugins.data.images import pil_loader
 from cir_plugins.errors import AnnotationError, ConfigError, DataError, ModelProtocolError
-from cir_plugins.positives.captioners import (CaptionCache, HFCaptioner, PrecomputedCaptioner, caption_images,
-                                              clean_caption, pil_source)
+from cir_plugins.positives.captioners import (
+    CaptionCache,
+    HFCaptioner,
+    PrecomputedCaptioner,
+    caption_images,
+    clean_caption,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "please briefly describe the image in 10 words dress shirt toptee a red blue green cat dog on with".split()
@@ -22,8 +28,13 @@ WORDS = "please briefly describe the image in 10 words dress shirt toptee a red 
 def build_tiny_blip(path: Path) -> Path:
     """A randomly initialised BLIP captioner with a 60-word WordPiece tokenizer, saved to ``path``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + WORDS + [f"w{i}" for i in range(40)]
     backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
@@ -173,7 +184,7 @@ def test_caption_images_validates_captioner_and_tensor_images():
     with pytest.raises(ModelProtocolError):
         caption_images(lambda ids, imgs: ["x"] * len(ids), ["a"], {"a": Image.new("RGB", (2, 2))}, show_progress=False)
     tensor = torch.rand(3, 5, 4)
-    image = pil_source({"t": tensor})("t")
+    image = pil_loader({"t": tensor})("t")
     assert image.size == (4, 5) and image.mode == "RGB"
 
     class Bad:

@@ -5,7 +5,7 @@ import pytest
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
-from cir_plugins.positives.annotations import read_generated_cirr, read_generated_fashioniq
+from cir_plugins.positives.annotations import read_generated
 
 ENCODER = '''
 import torch
@@ -30,13 +30,13 @@ def test_augment_command_cirr_with_captions_file(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "images" in printed and "duplicate groups" in printed and "triplets" in printed and "seconds" in printed
-    triplets = read_generated_cirr(out)
+    triplets = read_generated(out)
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
     assert len(triplets) == summary["triplets"] > 0
     assert all(t.source == "generated" and len(t.texts) == 2 for t in triplets)
     assert main(argv) == 0  # a re-run reuses the caption cache
     assert json.loads(out.with_name(out.name + ".summary.json").read_text())["captions"]["new"] == 0
-    assert [(t.reference, t.target) for t in read_generated_cirr(out)] == [(t.reference, t.target) for t in triplets]
+    assert [(t.reference, t.target) for t in read_generated(out)] == [(t.reference, t.target) for t in triplets]
 
 
 def test_augment_command_fashioniq_and_bad_spec(tmp_path, capsys):
@@ -50,7 +50,7 @@ def test_augment_command_fashioniq_and_bad_spec(tmp_path, capsys):
             "--pair-encoder", f"{tmp_path / 'enc.py'}:build", "--rank-window", "-1", "--image-size", "16",
             "--out", str(out), "--no-progress"]
     assert main(base + ["--captioner", f"file:{tmp_path / 'c.jsonl'}"]) == 0
-    triplets = read_generated_fashioniq(out)
+    triplets = read_generated(out)
     assert triplets and all(t.texts == (t.meta["target_caption"],) for t in triplets)
     assert main(base + ["--captioner", "magic:thing"]) == 2
     assert "unknown captioner spec" in capsys.readouterr().err
@@ -66,6 +66,6 @@ def test_augment_command_synthetic(tmp_path):
     assert main(["augment", "--dataset", "synthetic", "--root", str(root), "--captioner", "synthetic:0.1",
                  "--pair-encoder", f"{tmp_path / 'enc.py'}:build", "--rank-window", "0.1,0.3",
                  "--max-triplets", "20", "--image-size", "16", "--out", str(out), "--no-progress"]) == 0
-    triplets = read_generated_cirr(out)
+    triplets = read_generated(out)
     assert 0 < len(triplets) <= 20
     assert all(t.meta["reference_caption"] != t.meta["target_caption"] for t in triplets)

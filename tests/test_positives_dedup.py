@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from cir_plugins.data.dedup import find_duplicates, near_duplicate_groups, pixel_hash
 from cir_plugins.errors import ConfigError, DataError
-from cir_plugins.positives.dedup import find_duplicates, near_duplicate_groups, pixel_hash
 
 
 def _png_roundtrip(image, **kwargs):

@@ -199,8 +199,6 @@ def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
     # a-th largest and the draw must take its masked (unequal-count) branch; still the reference rule
     from cir_plugins.positives.pairing import _key
 
-    import cir_plugins.positives.pairing as pairing
-
     widths = _spy_draw_widths(monkeypatch)
     emb = (torch.randint(0, 2, (31, 3), generator=torch.Generator().manual_seed(6)) * 2 - 1).double()
     windows = brute_force_windows(emb, (2, 6))
@@ -317,7 +315,7 @@ class _DeviceCheckingEncoder(torch.nn.Module):
 
 
 def test_embed_images_moves_batches_to_the_encoders_device():
-    from cir_plugins import evaluation
+    from cir_plugins import embedding
     from cir_plugins._utils import model_device
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
@@ -330,17 +328,17 @@ def test_embed_images_moves_batches_to_the_encoders_device():
     assert model_device(lambda x: x) == torch.device("cpu")  # the default default
     # the move itself: batches go to whatever device the encoder reports (meta needs no memory)
     enc = _DeviceCheckingEncoder("cpu")
-    with mock.patch.object(evaluation, "model_device", return_value=torch.device("meta")):
-        out = evaluation.embed_images(enc.encode_image, list(images), images, batch_size=2, output_device="cpu")
+    with mock.patch.object(embedding, "model_device", return_value=torch.device("meta")):
+        out = embedding.embed_images(enc.encode_image, list(images), images, batch_size=2, output_device="cpu")
     assert out.shape == (5, 2) and out.device.type == "cpu"
     assert [d.type for d in enc.seen] == ["meta"] * 3
     seen = []
-    evaluation.embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)
+    embedding.embed_images(lambda x: seen.append(x.device) or torch.ones(x.shape[0], 2), list(images), images)
     assert [d.type for d in seen] == ["cpu"]
 
 
-def test_pairing_embed_images_is_a_deprecated_alias_with_its_old_behaviour():
-    from cir_plugins import evaluation
+def test_pair_embeddings_pools_tokens_into_float32_cpu_rows():
+    from cir_plugins import embedding
     from cir_plugins.positives import pairing
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
@@ -348,8 +346,7 @@ def test_pairing_embed_images_is_a_deprecated_alias_with_its_old_behaviour():
     def tokens(x):  # (n, 3, 4, 4) -> (n, 3, 16): a multi-vector encoder
         return x.flatten(2).double()
 
-    with pytest.warns(DeprecationWarning, match="evaluation.embed_images"):
-        old = pairing.embed_images(tokens, list(images), images, batch_size=2)
-    assert old.dtype == torch.float32 and old.shape == (5, 16)  # pooled over tokens, float32, as before
-    new = evaluation.embed_images(tokens, list(images), images, batch_size=2, show_progress=False)
-    assert torch.allclose(old, new.mean(dim=1).float())
+    pooled = pairing.pair_embeddings(tokens, list(images), images, batch_size=2)
+    assert pooled.dtype == torch.float32 and pooled.shape == (5, 16)  # pooled over tokens, float32
+    new = embedding.embed_images(tokens, list(images), images, batch_size=2, show_progress=False)
+    assert torch.allclose(pooled, new.mean(dim=1).float())

@@ -12,8 +12,13 @@ import torch
 
 import cir_plugins as cp
 from cir_plugins.errors import ConfigError, DataError, ModelProtocolError
-from cir_plugins.positives.rewriters import (DEFAULT_EXAMPLES, LLMRewriter, TextHookRewriter, examples_from_triplets,
-                                             unusable_reason)
+from cir_plugins.positives.rewriters import (
+    DEFAULT_EXAMPLES,
+    LLMRewriter,
+    TextHookRewriter,
+    examples_from_triplets,
+    unusable_reason,
+)
 from cir_plugins.positives.templates import TextMaker
 
 WORDS = ("a an the of on in with and to make it more less red blue green black white dog cat car man woman shirt "

@@ -3,21 +3,21 @@ training (`cir-plugins stage1`), and the release's equal-caption pairs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+from test_cli_new_user import CAPTIONS_AND_ENCODER as ENCODER  # the pair encoder file: pooled pixels, 8 dims
+from test_positives_augmenter import ColourCaptioner, encoder, make_store
+from test_positives_rewriter import build_tiny_chat_model
 
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import ConfigError
-from cir_plugins.positives.augmenter import TripletAugmenter
+from cir_plugins.positives.augmenter import AugmentConfig, TripletAugmenter
 from cir_plugins.positives.templates import fit_generated_texts, text_limit_of
-
-from test_cli_new_user import CAPTIONS_AND_ENCODER as ENCODER  # the pair encoder file: pooled pixels, 8 dims
-from test_positives_augmenter import ColourCaptioner, encoder, make_store
-from test_positives_rewriter import build_tiny_chat_model
 
 HERE = Path(__file__).resolve().parent
 # the toy CIR model of the training tests, declaring a text limit of 6 whitespace words
@@ -43,61 +43,75 @@ def tiny(tmp_path_factory):
 def test_augmenter_runs_the_llm_rewriter_once_per_pair_and_caches_it(tiny, tmp_path):
     store = make_store(n=12, duplicates=())
     rewriter = cp.LLMRewriter(tiny, max_new_tokens=6, max_words=6)
-    result = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), rewriter=rewriter, cache_dir=tmp_path,
-                              show_progress=False).augment(list(store), store)
+    result = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(rank_window=(0, 3)),
+        rewriter=rewriter,
+        cache_dir=tmp_path,
+        show_progress=False,
+    ).augment(list(store), store)
     rewrite = result.summary["rewrite"]
-    assert rewrite["rewritten"] + rewrite["fallback"] == len(result) == 12 and rewrite["new"] == 12
+    assert rewrite["rewritten"] + rewrite["fallback"] == len(result.triplets) == 12 and rewrite["new"] == 12
     assert "rewrite" in result.summary["seconds"]
-    for t in result:
+    for t in result.triplets:
         assert t.meta["rewriter"] == rewriter.name
         if t.meta["templates"] == [f"rewrite:{rewriter.name}"]:
             assert len(t.texts) == 1 and len(t.texts[0].split()) <= 6
         else:
             assert list(t.meta["templates"]) == list(cp.positives.templates.PRESETS["cirr"])
     assert len(list(tmp_path.glob("rewrites-*.jsonl"))) == 1
-    again = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), rewriter=rewriter, cache_dir=tmp_path,
-                             show_progress=False).augment(list(store), store)
+    again = TripletAugmenter(
+        ColourCaptioner(),
+        encoder,
+        config=AugmentConfig(rank_window=(0, 3)),
+        rewriter=rewriter,
+        cache_dir=tmp_path,
+        show_progress=False,
+    ).augment(list(store), store)
     assert again.summary["rewrite"]["cached"] == 12 and again.summary["rewrite"]["model_calls"] == 0
-    assert [t.texts for t in again] == [t.texts for t in result]
+    assert [t.texts for t in again.triplets] == [t.texts for t in result.triplets]
 
 
 def test_per_text_hook_and_rewriter_are_one_step():
     store = make_store(n=10, duplicates=())
-    hooked = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), rewrite=str.upper,
-                              show_progress=False).augment(list(store), store)
-    given = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), rewriter=str.upper,
+    hooked = TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3)),
+                              rewriter=str.upper, show_progress=False).augment(list(store), store)
+    plain = TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3)),
                              show_progress=False).augment(list(store), store)
-    assert [t.texts for t in hooked] == [t.texts for t in given] and all(t.texts[0].isupper() for t in hooked)
-    assert hooked.summary["rewrite"]["rewritten"] == 10
-    with pytest.raises(ConfigError, match="one of rewrite"):
-        TripletAugmenter(ColourCaptioner(), encoder, rewrite=str.upper, rewriter=str.lower)
+    assert [tuple(x.upper() for x in t.texts) for t in plain.triplets] == [t.texts for t in hooked.triplets]
+    assert hooked.summary["rewrite"]["rewritten"] == 10 and plain.summary["rewrite"] is None
 
 
 def test_equal_captions_are_dropped_by_default_and_kept_as_the_release_does():
     store = make_store(n=10, duplicates=())
     same = {f"im{k}" for k in range(10)}  # every image "a plain image"
-    kwargs = dict(templates="fashioniq", rank_window=(0, 3), show_progress=False)
-    dropped = TripletAugmenter(ColourCaptioner(same=same), encoder, **kwargs).augment(list(store), store)
-    assert len(dropped) == 0 and dropped.summary["skipped_same_caption"] == 10
-    kept = TripletAugmenter(ColourCaptioner(same=same), encoder, keep_equal_captions=True,
-                            **kwargs).augment(list(store), store)
-    assert len(kept) == 10 and kept.summary["kept_same_caption"] == 10
-    assert all(t.texts == ("a plain image",) for t in kept)  # "{target}": a valid description of the target
+    config = AugmentConfig(templates="fashioniq", rank_window=(0, 3))
+    dropped = TripletAugmenter(ColourCaptioner(same=same), encoder, config=config,
+                               show_progress=False).augment(list(store), store)
+    assert len(dropped.triplets) == 0 and dropped.summary["skipped_same_caption"] == 10
+    keep = dataclasses.replace(config, keep_equal_captions=True)
+    kept = TripletAugmenter(ColourCaptioner(same=same), encoder, config=keep, show_progress=False).augment(list(store),
+                                                                                                        store)
+    assert len(kept.triplets) == 10 and kept.summary["kept_same_caption"] == 10
+    assert all(t.texts == ("a plain image",) for t in kept.triplets)  # "{target}": a valid description of the target
 
 
 def test_long_texts_fall_back_to_the_target_caption_and_are_counted():
     store = make_store(n=10, duplicates=())
     model = type("M", (), {"max_text_tokens": 9, "count_text_tokens": staticmethod(lambda text: len(text.split()))})()
     limit = text_limit_of(model)
-    result = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), show_progress=False,
-                              **limit).augment(list(store), store)
+    result = TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3),
+                              max_tokens=limit["max_tokens"]), count_tokens=limit["count_tokens"],
+                              show_progress=False).augment(list(store), store)
     # captions have 8 words: every templated text is longer than 9, so each becomes the target caption
     assert result.summary["text_fallbacks"] == 20 and result.summary["text_limit"] == {"max_tokens": 9,
                                                                                       "fallback": "target"}
-    assert all(t.texts == (t.meta["target_caption"],) for t in result)
-    cut = TripletAugmenter(ColourCaptioner(), encoder, rank_window=(0, 3), show_progress=False, fallback="truncate",
-                           **limit).augment(list(store), store)
-    assert all(len(text.split()) == 9 for t in cut for text in t.texts)
+    assert all(t.texts == (t.meta["target_caption"],) for t in result.triplets)
+    cut = TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3), fallback="truncate",
+                           max_tokens=limit["max_tokens"]), count_tokens=limit["count_tokens"],
+                           show_progress=False).augment(list(store), store)
+    assert all(len(text.split()) == 9 for t in cut.triplets for text in t.texts)
 
 
 def test_text_limit_of_reads_a_tokenizer_and_fit_generated_texts_keeps_annotated():
@@ -161,13 +175,13 @@ def test_recipe_generation_rewriter_key_reaches_the_augmenter(tiny, tmp_path):
 
     data = json.loads((RECIPE_DIR / "clip4cir-cirr.json").read_text())
     assert load_recipe("clip4cir-cirr").generation.rewriter is None  # null by default: the paper's template texts
-    assert "rewriter" not in load_recipe("clip4cir-cirr").generation.augmenter_kwargs()
+    assert load_recipe("clip4cir-cirr").generation.rewriter is None
     data["generation"]["rewriter"] = f"hf:{tiny}"
     (tmp_path / "clip4cir-cirr.json").write_text(json.dumps(data))
     recipe = load_recipe(str(tmp_path / "clip4cir-cirr.json"))
-    kwargs = recipe.generation.augmenter_kwargs()
-    assert kwargs["rewriter"] == f"hf:{tiny}" and recipe.to_dict()["generation"]["rewriter"] == f"hf:{tiny}"
-    augmenter = TripletAugmenter(ColourCaptioner(), encoder, **kwargs)
+    assert recipe.generation.rewriter == f"hf:{tiny}" and recipe.to_dict()["generation"]["rewriter"] == f"hf:{tiny}"
+    augmenter = TripletAugmenter(ColourCaptioner(), encoder, config=recipe.generation,
+                                 rewriter=recipe.generation.rewriter)
     assert isinstance(augmenter.rewriter, cp.LLMRewriter)
     data["generation"]["rewriter"] = 3
     (tmp_path / "clip4cir-cirr.json").write_text(json.dumps(data))

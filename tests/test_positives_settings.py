@@ -7,9 +7,7 @@ import pytest
 
 from cir_plugins.checks import check_positive_ints
 from cir_plugins.errors import ConfigError
-from cir_plugins.positives.augmenter import TripletAugmenter
-
-from test_positives_augmenter import ColourCaptioner, encoder
+from cir_plugins.positives.augmenter import AugmentConfig
 
 
 @pytest.mark.parametrize("bad", [0, -2, True, 1.5, "4", None])
@@ -20,9 +18,9 @@ def test_check_positive_ints_names_the_first_bad_value(bad):
 
 
 @pytest.mark.parametrize("setting", ["partners_per_image", "batch_size", "caption_batch_size", "chunk_size"])
-def test_the_augmenter_refuses_a_setting_below_one(setting):
+def test_the_augmenter_config_refuses_a_setting_below_one(setting):
     with pytest.raises(ConfigError, match=f"{setting} must be an int >= 1"):
-        TripletAugmenter(ColourCaptioner(), encoder, **{setting: 0})
+        AugmentConfig(**{setting: 0})
 
 
 def test_a_loaded_model_without_its_tokenizer_or_processor_is_a_clear_error():

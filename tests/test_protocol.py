@@ -4,8 +4,7 @@ from torch import nn
 
 import cir_plugins as cp
 from cir_plugins.errors import ConfigError, ModelProtocolError
-from cir_plugins.protocol import (WrappedModel, parameter_split, reference_input, similarity_of,
-                                  target_fingerprint)
+from cir_plugins.protocol import WrappedModel, parameter_split, reference_input, similarity_of, target_fingerprint
 
 D = 8
 

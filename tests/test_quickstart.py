@@ -136,12 +136,14 @@ def test_quick_run_writes_every_row_and_metric(tmp_path):
     assert "over the text tower's" in proc.stdout
     # the world's pixel-identical copies share a bank row: fewer rows (groups) than train images
     assert info["duplicate_groups"] < info["train_images"]
-    assert "bank: %d rows for %d train images" % (info["duplicate_groups"], info["train_images"]) in proc.stdout
+    assert f"bank: {info['duplicate_groups']} rows for {info['train_images']} train images" in proc.stdout
     # per-query ranks reproduce the table's recalls
     for row, ranks in run["per_query"].items():
         hits5 = sum(r < 5 for r in ranks["rank"]) / len(ranks["rank"]) * 100
         hits1 = sum(r < 1 for r in ranks["subset_rank"]) / len(ranks["subset_rank"]) * 100
-        assert hits5 == pytest.approx(report["rows"][row]["R@5"]) and hits1 == pytest.approx(report["rows"][row]["Rs@1"])
+        assert hits5 == pytest.approx(report["rows"][row]["R@5"]) and hits1 == pytest.approx(
+            report["rows"][row]["Rs@1"]
+        )
     # every val-selected run left its epochs' val Rmean: the numbers the choices are made on
     assert {"baseline", "plus_p_paper", "plus_n", "plus_pn_paper", "plus_p_ours", "plus_pn_ours", "plus_p_oracle",
             "plus_pn_oracle"} <= set(info["val"])
@@ -227,7 +229,9 @@ def test_merge_averages_runs_of_one_configuration(tmp_path):
     budget = quickstart.BUDGETS["default"].to_dict()
     for seed in (0, 1, 2):
         _fake_report(tmp_path / f"s{seed}", seed, budget)
-    assert quickstart.main(["--merge", *(str(tmp_path / f"s{s}") for s in (0, 1, 2)), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        quickstart.main(["--merge", *(str(tmp_path / f"s{s}") for s in (0, 1, 2)), "--out", str(tmp_path / "m")]) == 0
+    )
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["seeds"] == [0, 1, 2]
     assert merged["rows"]["baseline"]["R@1"] == pytest.approx(1.0)  # mean of 0, 1, 2
@@ -253,9 +257,8 @@ def test_merge_refuses_mixed_configurations_and_repeated_seeds(tmp_path):
 def test_the_thread_count_follows_the_idle_cores_between_steps(monkeypatch):
     """Without --threads the quickstart looks at the idle cores again before every step: a job that starts beside
     it takes it down to one thread, and back up to two when the job ends; with --threads it never changes."""
-    import torch
-
     import quickstart
+    import torch
 
     before = torch.get_num_threads()
     idle = iter([0.4, 1.9])

@@ -12,8 +12,15 @@ import pytest
 from cir_plugins.cli import run_command
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 from cir_plugins.errors import ConfigError
-from cir_plugins.recipes import (DATASETS, MODELS, RELEASE_VALUES, default_recipe, list_recipes, load_recipe,
-                                 release_pool_images)
+from cir_plugins.recipes import (
+    DATASETS,
+    MODELS,
+    RELEASE_VALUES,
+    default_recipe,
+    list_recipes,
+    load_recipe,
+    release_pool_images,
+)
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -179,7 +186,7 @@ def test_every_recipe_runs_end_to_end_on_tiny_fixtures(trees, tmp_path, capsys, 
     assert protocol["name"] == recipe.dataset and protocol["reference_removed"] == recipe.evaluation["remove_reference"]
     if recipe.dataset == "fashioniq":
         assert protocol["categories"] == ["dress", "shirt", "toptee"]
-    for metric, p_before, p_after, m_before, m_after in results["rows"]:
+    for metric, p_before, p_after, _m_before, m_after in results["rows"]:
         assert m_after == pytest.approx(results["after"][metric])
         if recipe.published is not None and metric in recipe.published["after"]:
             assert (p_before, p_after) == (recipe.published["before"][metric], recipe.published["after"][metric])
@@ -188,10 +195,22 @@ def test_every_recipe_runs_end_to_end_on_tiny_fixtures(trees, tmp_path, capsys, 
 
 
 def _release_cirr_file(path, train_ids):
-    path.write_text(json.dumps([{"target_hard": train_ids[k + 1], "reference": train_ids[k],
-                                 "caption": [f"thing {k + 1} instead of thing {k}", f"Unlike thing {k}, I want {k + 1}"],
-                                 "pairid": 0, "img_set": {"members": ["xxx"]},
-                                 "caption1": f"thing {k}", "caption2": f"thing {k + 1}"} for k in range(6)]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "target_hard": train_ids[k + 1],
+                    "reference": train_ids[k],
+                    "caption": [f"thing {k + 1} instead of thing {k}", f"Unlike thing {k}, I want {k + 1}"],
+                    "pairid": 0,
+                    "img_set": {"members": ["xxx"]},
+                    "caption1": f"thing {k}",
+                    "caption2": f"thing {k + 1}",
+                }
+                for k in range(6)
+            ]
+        )
+    )
 
 
 def test_a_recipe_runs_from_the_release_generated_file_without_captioning(trees, tmp_path, capsys):

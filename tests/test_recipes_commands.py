@@ -43,13 +43,13 @@ WORDS = ["a", "photo", "number", "of", "thing", "dress", "shirt", "toptee", "wit
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """The tiny data sets, checkpoint files, captions and factories that the printed placeholders name."""
-    from safetensors.torch import save_file
-
     import _tiny_clip
-    from examples.blip2_sprc.model import make_tiny_checkpoint
+    from safetensors.torch import save_file
     from test_convert_clip4cir import tiny_openai_clip
     from test_convert_lavis import _saved, _sizes, lavis_state_dict
     from test_training_toy import make_model
+
+    from examples.blip2_sprc.model import make_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("printed")
     made = {"DATA/cirr": build_cirr_tree(base / "cirr", n_images=12, n_triplets=5, splits=("train", "val")),
@@ -317,9 +317,10 @@ def test_the_recipe_share_pool_texts_and_length_rule_reach_the_run(stand_ins, tm
     """clip4cir-fashioniq: the sampler gets the release's share (0.59), generation pairs only the images the
     annotated triplets name, annotated triplets carry FashionIQ's four texts, and a text too long for the model's
     tokenizer becomes the target caption alone."""
+    from test_training_toy import make_model
+
     from cir_plugins.recipes.run import reproduce
     from cir_plugins.training import stage2 as stage2_module
-    from test_training_toy import make_model
 
     seen = {}
     original_init = stage2_module.Stage2Trainer.__init__
@@ -374,8 +375,9 @@ def test_the_recipe_share_pool_texts_and_length_rule_reach_the_run(stand_ins, tm
 
 
 def test_release_precision_needs_cuda_and_is_refused_clearly_on_cpu(stand_ins, tmp_path):
-    from cir_plugins.recipes.run import reproduce
     from test_training_toy import make_model
+
+    from cir_plugins.recipes.run import reproduce
 
     with pytest.raises(ConfigError, match="CUDA"):
         reproduce(load_recipe("clip4cir-cirr"), make_model(), stand_ins["DATA/cirr"], output_dir=tmp_path,
@@ -386,8 +388,9 @@ def test_release_precision_needs_cuda_and_is_refused_clearly_on_cpu(stand_ins, t
 
 
 def test_a_pair_encoder_by_name_ranks_with_its_own_preprocessing(stand_ins, tmp_path):
-    from cir_plugins._loading import load_image_encoder
     from PIL import Image
+
+    from cir_plugins._loading import load_image_encoder
 
     encoder = load_image_encoder(f"hf:{stand_ins['openai/clip-vit-large-patch14']}")
     pixels = encoder.image_transform(Image.new("RGB", (40, 30), (200, 10, 10)))

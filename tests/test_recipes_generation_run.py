@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_training_toy import make_model
 
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.recipes import RECIPE_DIR, load_recipe
 from cir_plugins.recipes.run import reproduce
-
-from test_training_toy import make_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BUDGET = {"epochs": 1, "batch_size": 4, "steps_per_epoch": 1}

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import cir_plugins as cp
+from cir_plugins.embedding import compose_triplets
 from cir_plugins.errors import ModelProtocolError
-from cir_plugins.evaluation import _compose_all
 from cir_plugins.protocol import parameter_split, reference_input, reference_uses_text
 
 
@@ -97,7 +97,7 @@ def test_stage2_caches_one_row_per_reference_and_text_and_never_runs_the_fusion(
     model = FusionToy()
     bank = cp.NegativeBank.build(model, list(images), images, show_progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = cp.Stage2Config(epochs=2, batch_size=4, lr=1e-2, show_progress=False, select_metric=None)
+    config = cp.Stage2Config(epochs=2, batch_size=4, lr=1e-2, show_progress=False)
     trainer = cp.Stage2Trainer(model, bank, triplets, images, config=config)
     cache = trainer.reference_cache
     pairs = {(t.reference, text) for t in triplets for text in t.texts}
@@ -121,7 +121,7 @@ def test_evaluation_composes_with_each_querys_own_text():
     images, triplets = _world()
     model = FusionToy().eval()
     with torch.no_grad():
-        got = _compose_all(model, images, triplets, 4, torch.device("cpu"), False)
+        got = compose_triplets(model, images, triplets, batch_size=4, device=torch.device("cpu"))
         texts = [t.texts[0] for t in triplets]
         pixels = torch.stack([images[t.reference] for t in triplets])
         expected = model.compose_query(model.encode_reference(pixels, texts), texts)

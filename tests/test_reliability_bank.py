@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training_toy import make_model, make_world
 
 from cir_plugins.errors import BankMismatchError, DataError, NonFiniteError
-from cir_plugins.negatives.bank import NegativeBank, probe_split
+from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training.config import Stage2Config
 from cir_plugins.training.stage2 import Stage2Trainer
-from test_training_toy import make_model, make_world
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -201,14 +201,14 @@ def _rewrite_metadata(path: Path, *, forge_checksum: bool = True, **changes: str
     checksum is recomputed as a careful forger would, so the checks behind it are what refuses the file."""
     from safetensors.torch import load_file
 
-    from cir_plugins.negatives.bank import _checksum
+    from cir_plugins.negatives.bank_format import checksum
 
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])
     header["__metadata__"].update(changes)
     if forge_checksum:
-        header["__metadata__"]["checksum"] = _checksum(load_file(str(path))["embeddings"], header["__metadata__"])
+        header["__metadata__"]["checksum"] = checksum(load_file(str(path))["embeddings"], header["__metadata__"])
     new_header = json.dumps(header).encode()
     new_header += b" " * ((8 - len(new_header) % 8) % 8)
     path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + raw[8 + header_len:])

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from test_reliability_bank import _rewrite_metadata
+from test_training_toy import ToyCIRWithReference, make_model, make_world
 
 import cir_plugins._atomic as atomic
 from cir_plugins.data.images import ImageStore
 from cir_plugins.errors import DataError
-from cir_plugins.negatives.bank import UNIT_TOLERANCE, NegativeBank, _checksum
-from test_reliability_bank import _rewrite_metadata
-from test_training_toy import ToyCIRWithReference, make_model, make_world
+from cir_plugins.negatives.bank import NegativeBank
+from cir_plugins.negatives.bank_format import UNIT_TOLERANCE, checksum
 
 
 class PooledToy(ToyCIRWithReference):
@@ -138,7 +139,7 @@ def test_rows_off_unit_length_are_refused_at_load(saved, scale):
     bank, path = saved
     embeddings = bank.embeddings * scale
     meta = bank.metadata()
-    meta["checksum"] = _checksum(embeddings, meta)  # forged: only the unit-length check can refuse it
+    meta["checksum"] = checksum(embeddings, meta)  # forged: only the unit-length check can refuse it
     path.write_bytes(save({"embeddings": embeddings.contiguous()}, metadata=meta))
     with pytest.raises(DataError, match=r"bank rows are not unit length.*rows \[0, 1, 2.*\(images \['img000'"):
         NegativeBank.load(path)
@@ -163,7 +164,9 @@ def test_multi_vector_rows_allow_zero_padding_tokens_but_not_all_zero_rows(tmp_p
     bank.save(tmp_path / "m.safetensors")
     assert torch.equal(NegativeBank.load(tmp_path / "m.safetensors").embeddings, rows)
     rows[2] = 0
-    NegativeBank(rows, list("abcd"), [0, 1, 2, 3], similarity="max_token", fingerprint="f").save(tmp_path / "z.safetensors")
+    NegativeBank(rows, list("abcd"), [0, 1, 2, 3], similarity="max_token", fingerprint="f").save(
+        tmp_path / "z.safetensors"
+    )
     with pytest.raises(DataError, match=r"rows \[2\]"):
         NegativeBank.load(tmp_path / "z.safetensors")
 
@@ -177,7 +180,7 @@ def test_a_missing_metadata_key_is_named(saved, key):
     meta = header["__metadata__"]
     del meta[key]
     embeddings = load_file(str(path))["embeddings"]
-    meta["checksum"] = _checksum(embeddings, meta)
+    meta["checksum"] = checksum(embeddings, meta)
     path.write_bytes(save({"embeddings": embeddings}, metadata=meta))
     with pytest.raises(DataError, match=rf"lacks required keys; got \['{key}'\]"):
         NegativeBank.load(path)

@@ -8,8 +8,13 @@ import json
 import threading
 import time
 
-from cir_plugins.positives.captioners import (CaptionCache, PrecomputedCaptioner, _CacheLock, cache_file_name,
-                                              caption_images)
+from cir_plugins.positives.captioners import (
+    CaptionCache,
+    PrecomputedCaptioner,
+    _CacheLock,
+    cache_file_name,
+    caption_images,
+)
 
 IDS = [f"im{i}" for i in range(5)]
 
@@ -22,8 +27,13 @@ def _write(path, captions):
 
 def _run(captioner, cache_dir):
     # as the augmenter does: one cache file per captioner name, in one cache folder
-    return caption_images(captioner, IDS, {i: None for i in IDS}, cache_path=cache_dir / cache_file_name(captioner.name),
-                          show_progress=False)
+    return caption_images(
+        captioner,
+        IDS,
+        {i: None for i in IDS},
+        cache_path=cache_dir / cache_file_name(captioner.name),
+        show_progress=False,
+    )
 
 
 def test_a_captions_file_of_the_same_name_in_another_folder_is_not_served_from_the_cache(tmp_path):

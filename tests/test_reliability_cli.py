@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from cir_plugins.data.fixtures import build_cirr_tree
-from cir_plugins.errors import AnnotationError
 from cir_plugins.cli import augment as augment_command
 from cir_plugins.cli import build_bank as bank_command
 from cir_plugins.cli._common import load_dataset
+from cir_plugins.data.fixtures import build_cirr_tree
+from cir_plugins.errors import AnnotationError
 
 
 @pytest.fixture()

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training_toy import make_model, make_world
 
 import cir_plugins._atomic as atomic
 import cir_plugins.training.checkpoint as ckpt
 import cir_plugins.training.resume as resume
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
-from test_training_toy import make_model, make_world
 
 FAKE_PID = 4242
 STEPS_PER_EPOCH = 5  # 40 triplets, batch 8
@@ -46,7 +46,7 @@ def _world():
 
 
 def _config(out, epochs):
-    return Stage2Config(epochs=epochs, batch_size=8, lr=1e-2, show_progress=False, select_metric=None,
+    return Stage2Config(epochs=epochs, batch_size=8, lr=1e-2, show_progress=False,
                         output_dir=str(out))
 
 
@@ -135,7 +135,9 @@ def _expected_step(names: list[str], killed_at: int, mode: str) -> int:
     """The oracle: the epoch-2 save (step 10) is complete once its state.json has been written whole, i.e.
     the kill came after the 'write state.json' point and did not tear that file; else epoch 1 (step 5)."""
     # the last point that writes state.json: the write itself, or the rename of its temp file into place
-    written = max(i for i, n in enumerate(names, 1) if n == "write state.json" or n.startswith("replace state.json.tmp-"))
+    written = max(
+        i for i, n in enumerate(names, 1) if n == "write state.json" or n.startswith("replace state.json.tmp-")
+    )
     torn_state = mode == "half" and names[killed_at - 1].startswith("fsync_dir .tmp-")
     return 2 * STEPS_PER_EPOCH if killed_at > written and not torn_state else STEPS_PER_EPOCH
 

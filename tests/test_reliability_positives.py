@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
+from cir_plugins.embedding import embed_images  # the one embedding loop
 from cir_plugins.errors import NonFiniteError
-from cir_plugins.evaluation import embed_images  # the one embedding loop (pairing's is a deprecated alias)
 from cir_plugins.positives.templates import TextMaker
 
 

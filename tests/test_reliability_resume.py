@@ -12,15 +12,15 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_reliability_training import _config
+from test_reliability_training import _setup as _training_setup
+from test_training_toy import make_model, make_world
 
 from cir_plugins._utils import file_sha256
 from cir_plugins.errors import CheckpointError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
 from cir_plugins.training import checkpoint as ckpt
-from test_reliability_training import _config
-from test_reliability_training import _setup as _training_setup
-from test_training_toy import make_model, make_world
 
 
 def _setup(n_train=40):

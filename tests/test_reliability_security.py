@@ -135,8 +135,12 @@ def remote_code_problems(source: str, where: str = "<snippet>") -> list[str]:
             defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
             pairs = list(zip(positional, defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
             for arg, default in pairs:
-                if arg.arg == "trust_remote_code" and not (isinstance(default, ast.Constant) and default.value is False):
-                    problems.append(f"{where}:{node.lineno}: {node.name}(trust_remote_code=...) does not default to False")
+                if arg.arg == "trust_remote_code" and not (
+                    isinstance(default, ast.Constant) and default.value is False
+                ):
+                    problems.append(
+                        f"{where}:{node.lineno}: {node.name}(trust_remote_code=...) does not default to False"
+                    )
         elif isinstance(node, ast.Assign):  # kwargs["trust_remote_code"] = True
             for target in node.targets:
                 if isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Constant) \

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_evaluation import submission_case
 
 import cir_plugins.submission as submission
 from cir_plugins.errors import SubmissionError
-from cir_plugins.evaluation import check_cirr_submission, write_cirr_submission
-from test_evaluation import submission_case
+from cir_plugins.submission import check_cirr_submission, write_cirr_submission
 
 
 class Killed(BaseException):

@@ -16,6 +16,7 @@ for path in (str(REPO), str(REPO / "examples")):
         sys.path.insert(0, path)
 
 import _tiny_clip  # noqa: E402
+
 from examples.blip2_sprc import run as blip2_run  # noqa: E402
 from examples.blip2_sprc.model import SPRCRetriever  # noqa: E402
 from examples.blip2_sprc.model import make_tiny_checkpoint as make_tiny_blip2  # noqa: E402

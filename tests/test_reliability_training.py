@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training_toy import make_model, make_world
 
 from cir_plugins.errors import ConfigError, NonFiniteError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage1Config, Stage2Config, Stage2Trainer
-from test_training_toy import make_model, make_world
 
 
 def _setup():
@@ -24,7 +24,7 @@ def _setup():
 
 
 def _config(tmp_path, **kwargs):
-    base = dict(epochs=1, batch_size=8, lr=1e-2, show_progress=False, select_metric=None, output_dir=str(tmp_path))
+    base = dict(epochs=1, batch_size=8, lr=1e-2, show_progress=False, output_dir=str(tmp_path))
     return Stage2Config(**(base | kwargs))
 
 

@@ -122,15 +122,23 @@ def test_refusals_are_clear_and_the_server_keeps_serving(world, client, tmp_path
     finally:
         link.unlink()
     refused(client.post("/api/search", json={"text": "a", "reference_path": "nothing/here.png"}), 404, "is missing")
-    refused(client.post("/api/search", json={"text": "a", "image_id": "../cirr/captions/cap.rc2.val"}), 404, "no gallery image")
+    refused(
+        client.post("/api/search", json={"text": "a", "image_id": "../cirr/captions/cap.rc2.val"}),
+        404,
+        "no gallery image",
+    )
     refused(client.post("/api/search", json={"text": "  ", "image_id": split.gallery_ids[0]}), 400, "text")
-    refused(client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 0}), 400, "out of range")
+    refused(
+        client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "k": 0}), 400, "out of range"
+    )
     refused(client.post("/api/search", json={"text": "a"}), 400, "exactly one reference")
     refused(client.post("/api/search", content=b"text=a", headers={"content-type": "text/plain"}), 415, "as JSON")
     refused(client.post("/api/search", data={"text": "a", "image_id": split.gallery_ids[0]}), 415, "as JSON")
     refused(client.post("/api/search", json={"text": "a", "image_id": split.gallery_ids[0], "file": "x"}), 400,
             "unknown fields")
-    refused(client.post("/api/search", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON")
+    refused(
+        client.post("/api/search", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"
+    )
     for url in ("/image/..%2F..%2Fetc%2Fpasswd", "/image/../../etc/passwd", "/image/cirr/captions/cap.rc2.val.json"):
         response = client.get(url)
         assert response.status_code == 404, (url, response.status_code)
@@ -145,7 +153,9 @@ def test_page_info_gallery(world, client):
     assert script.status_code == 200 and "/api/search" in script.text
     assert script.headers["content-type"].startswith("text/javascript")
     info = client.get("/api/info").json()
-    assert info["gallery"] == len(split.gallery_ids) and info["rows"] == len(bank) and info["max_upload_bytes"] == 20_000
+    assert (
+        info["gallery"] == len(split.gallery_ids) and info["rows"] == len(bank) and info["max_upload_bytes"] == 20_000
+    )
     listed = client.get("/api/gallery", params={"q": split.gallery_ids[3], "limit": 5}).json()
     assert split.gallery_ids[3] in listed["ids"] and listed["total"] >= 1
     assert client.get("/api/gallery", params={"limit": "x"}).status_code == 400
@@ -188,8 +198,10 @@ def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatc
     bank_path = tmp_path / "bank.safetensors"
     bank.save(bank_path)
     factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-                       "from test_training_toy import make_model\n\n\ndef build():\n    return make_model(dim=16, seed=3)\n")
+    factory.write_text(
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from test_training_toy import make_model\n\n\ndef build():\n    return make_model(dim=16, seed=3)\n"
+    )
     calls = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda server: calls.append((server.config.app, {
         "host": server.config.host, "port": server.config.port})))
@@ -200,7 +212,9 @@ def test_command_binds_localhost_and_serves_the_bank(world, tmp_path, monkeypatc
     assert options["host"] == "127.0.0.1" and options["port"] == 8000  # the local machine only, by default
     body = {"text": "make it red", "image_id": split.gallery_ids[2], "k": 5}
     exact = _client(app).post("/api/search", json=body).json()
-    ids, _ = _exact(model, bank, split.images[split.gallery_ids[2]], "make it red", 5, bank.row_of(split.gallery_ids[2]))
+    ids, _ = _exact(
+        model, bank, split.images[split.gallery_ids[2]], "make it red", 5, bank.row_of(split.gallery_ids[2])
+    )
     assert [r["id"] for r in exact["results"]] == ids
     # a bank made by other weights is refused before serving
     other = tmp_path / "other.py"

@@ -66,7 +66,7 @@ def _dribble(port: int, head: bytes, drip: bytes, *, every: float = 0.2, give_up
                 return True, answer
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 return True, answer

@@ -8,10 +8,10 @@ import types
 
 import pytest
 import torch
+from test_training_toy import make_model
 
 import cir_plugins as cp
 from cir_plugins.errors import CheckpointError, ConfigError
-from test_training_toy import make_model
 
 WORLD = dict(n_train_triplets=16, n_train_unlabelled=24, n_val_queries=8, n_val_distractors=8,
              n_test_queries=8, n_test_distractors=8, duplicate_rate=0.0)

@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from _example_helpers import random_images  # noqa: E402
+
 from examples.blip2_sprc import run as blip2_run  # noqa: E402
 from examples.blip2_sprc.model import make_tiny_checkpoint  # noqa: E402
 from examples.blip2_sprc.wrap import load  # noqa: E402
-from _example_helpers import random_images  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,7 +50,7 @@ def test_stage2_keeps_the_fusion_qformer_and_vision_tower_bit_identical_while_th
     imgs, triplets = _world()
     bank = cp.NegativeBank.build(model, list(imgs), imgs, batch_size=5, show_progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = cp.Stage2Config(epochs=2, batch_size=5, lr=1e-3, show_progress=False, select_metric=None,
+    config = cp.Stage2Config(epochs=2, batch_size=5, lr=1e-3, show_progress=False,
                              **blip2_run.SPEC.stage2)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     history = trainer.fit()
@@ -73,7 +74,7 @@ def test_stage2_caches_the_fusion_prompt_per_reference_and_text(checkpoint):
     model = load(str(checkpoint))
     imgs, triplets = _world(6)
     bank = cp.NegativeBank.build(model, list(imgs), imgs, batch_size=6, show_progress=False)
-    config = cp.Stage2Config(epochs=1, batch_size=6, show_progress=False, select_metric=None, **blip2_run.SPEC.stage2)
+    config = cp.Stage2Config(epochs=1, batch_size=6, show_progress=False, **blip2_run.SPEC.stage2)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     cache = trainer.reference_cache
     pairs = {(t.reference, text) for t in triplets for text in t.texts}
@@ -89,7 +90,7 @@ def test_optimiser_is_sprcs_adamw(checkpoint):
     model = load(str(checkpoint))
     imgs, triplets = _world(5)
     bank = cp.NegativeBank.build(model, list(imgs), imgs, show_progress=False)
-    config = cp.Stage2Config(epochs=1, batch_size=5, show_progress=False, select_metric=None, **blip2_run.SPEC.stage2)
+    config = cp.Stage2Config(epochs=1, batch_size=5, show_progress=False, **blip2_run.SPEC.stage2)
     trainer = cp.Stage2Trainer(model, bank, triplets, imgs, config=config)
     weights = trainer.optimizer.param_groups[0]
     assert isinstance(trainer.optimizer, torch.optim.AdamW)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import cir_plugins as cp
+from cir_plugins.cli import run_command
 from cir_plugins.data import synthetic as syn
 from cir_plugins.errors import ConfigError
 
@@ -187,7 +188,7 @@ def test_captioner_exact_and_noisy(world):
 
 def test_docstring_documents_the_statistics():
     doc = syn.__doc__
-    assert "python -m cir_plugins.data.synthetic --root DIR" in doc
+    assert "cir-plugins world --root DIR" in doc
     d = syn.WorldConfig()
     numbers = re.search(r"train (\d+) annotated triplets \((\d+) group images\) plus (\d+)\s+unlabelled images "
                         r"\((\d+) train images\); val (\d+) queries \+ (\d+) distractors \((\d+) images\);\s+"
@@ -198,25 +199,28 @@ def test_docstring_documents_the_statistics():
                    6 * d.n_train_triplets + d.n_train_unlabelled, d.n_val_queries, d.n_val_distractors,
                    6 * d.n_val_queries + d.n_val_distractors, d.n_test_queries, d.n_test_distractors,
                    6 * d.n_test_queries + d.n_test_distractors]
-    assert f"({len(syn.SHAPES)}: {', '.join(syn.SHAPES)})" in doc and f"({len(syn.COLORS)}: {', '.join(syn.COLORS)})" in doc
+    assert (
+        f"({len(syn.SHAPES)}: {', '.join(syn.SHAPES)})" in doc
+        and f"({len(syn.COLORS)}: {', '.join(syn.COLORS)})" in doc
+    )
     for edit in syn.EDIT_TYPES:
         assert edit in doc
 
 
 @pytest.mark.slow
 def test_command_line_quick_world(tmp_path):
-    assert syn.main(["--root", str(tmp_path / "q"), "--quick", "--seed", "4"]) == 0
+    assert run_command("world", ["--root", str(tmp_path / "q"), "--quick", "--seed", "4"]) == 0
     stats = json.loads((tmp_path / "q/synthetic/world.json").read_text())["stats"]
     assert stats["queries"] == {"train": 120, "val": 40, "test": 40}
 
 
 def test_command_line_config_overrides(tmp_path, capsys):
     tiny = json.dumps({**TINY, "pixel_noise": 3.0})
-    assert syn.main(["--root", str(tmp_path / "t"), "--config", tiny]) == 0
+    assert run_command("world", ["--root", str(tmp_path / "t"), "--config", tiny]) == 0
     params = json.loads((tmp_path / "t/synthetic/world.json").read_text())["params"]
     assert params["pixel_noise"] == 3.0 and params["n_val_queries"] == TINY["n_val_queries"]
-    # `python -m cir_plugins.data.synthetic` is `cir-plugins world`: a bad value is one line and exit code 2
-    assert syn.main(["--root", str(tmp_path / "u"), "--config", "[1]"]) == 2
+    # a bad value is one line and exit code 2
+    assert run_command("world", ["--root", str(tmp_path / "u"), "--config", "[1]"]) == 2
     assert "--config must be a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
 
@@ -256,21 +260,43 @@ def test_rewriter_turns_a_template_into_the_edits_between_the_captions():
     assert rewriter.rewritten == 2 and rewriter.kept == 0
 
     cases = [  # (reference, target, phrase)
-        ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "red", "large", 0, 0)], "turn the circle into a square"),
-        ([_obj("circle", "red", "large", 0, 0)], [_obj("square", "blue", "large", 0, 0)],
-         "replace the circle with a blue square"),
-        ([_obj("circle", "red", "large", 0, 0)], [_obj("star", "orange", "large", 0, 0)],
-         "replace the circle with an orange star"),
-        ([_obj("star", "red", "large", 0, 0)], [_obj("cross", "red", "large", 0, 0), _obj(None, "orange", None, 1, 1)],
-         "turn the star into a cross and add an orange shape in the centre"),  # a noisy caption's missing attributes stay out of the phrase
+        (
+            [_obj("circle", "red", "large", 0, 0)],
+            [_obj("square", "red", "large", 0, 0)],
+            "turn the circle into a square",
+        ),
+        (
+            [_obj("circle", "red", "large", 0, 0)],
+            [_obj("square", "blue", "large", 0, 0)],
+            "replace the circle with a blue square",
+        ),
+        (
+            [_obj("circle", "red", "large", 0, 0)],
+            [_obj("star", "orange", "large", 0, 0)],
+            "replace the circle with an orange star",
+        ),
+        (
+            [_obj("star", "red", "large", 0, 0)],
+            [_obj("cross", "red", "large", 0, 0), _obj(None, "orange", None, 1, 1)],
+            "turn the star into a cross and add an orange shape in the centre",
+        ),  # a noisy caption's missing attributes stay out of the phrase
         ([_obj("circle", "red", "small", 0, 0)], [_obj("circle", "red", "large", 0, 0)], "make the circle bigger"),
-        ([_obj("circle", "red", "small", 0, 0), _obj("star", "red", "small", 0, 1)], [_obj("star", "red", "small", 0, 1)],
-         "remove the circle"),
-        ([_obj("star", "red", "small", 0, 1)], [_obj("star", "red", "small", 0, 1), _obj("cross", "cyan", "large", 2, 0)],
-         "add a large cyan cross at the bottom left"),
+        (
+            [_obj("circle", "red", "small", 0, 0), _obj("star", "red", "small", 0, 1)],
+            [_obj("star", "red", "small", 0, 1)],
+            "remove the circle",
+        ),
+        (
+            [_obj("star", "red", "small", 0, 1)],
+            [_obj("star", "red", "small", 0, 1), _obj("cross", "cyan", "large", 2, 0)],
+            "add a large cyan cross at the bottom left",
+        ),
         # two circles: the name needs the colour
-        ([_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "small", 0, 2)],
-         [_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "large", 0, 2)], "make the blue circle bigger"),
+        (
+            [_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "small", 0, 2)],
+            [_obj("circle", "red", "small", 0, 0), _obj("circle", "blue", "large", 0, 2)],
+            "make the blue circle bigger",
+        ),
     ]
     for before, after, phrase in cases:
         assert rewriter(f"{syn.describe_scene(after)} instead of {syn.describe_scene(before)}") == phrase
@@ -311,7 +337,7 @@ def test_rewriter_reads_noisy_captions_of_a_world(world):
 
 def test_duplicates_are_pixel_identical_within_and_across_splits(tmp_path):
     """A few percent of each split are copies of another image; dedup finds exactly those groups."""
-    from cir_plugins.positives.dedup import find_duplicates
+    from cir_plugins.data.dedup import find_duplicates
 
     size = dict(TINY, n_train_unlabelled=200, n_test_distractors=100, duplicate_rate=0.05)
     root = syn.make_world(tmp_path / "w", seed=5, size=size, image_size=36)

@@ -4,9 +4,9 @@ asc), with exclusions, many exact ties and chunks that are not a whole number of
 
 import pytest
 import torch
+from test_metrics import _tie_world, naive_order
 
 from cir_plugins import metrics as M
-from test_metrics import _tie_world, naive_order
 
 
 @pytest.mark.parametrize("similarity", ["dot", "max_token"])

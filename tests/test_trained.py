@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_training_toy import make_model, make_world, recall_at
 
 import cir_plugins as cp
 from cir_plugins.errors import CheckpointError
@@ -12,7 +13,6 @@ from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.protocol import wrap_model
 from cir_plugins.training import Stage1Config, Stage1Trainer, Stage2Config, Stage2Trainer
 from cir_plugins.training.checkpoint import load_checkpoint
-from test_training_toy import make_model, make_world, recall_at
 
 
 def _trained_stage2(tmp_path, *, evaluate=True):
@@ -77,7 +77,7 @@ def test_load_trained_across_the_wrapper_prefix(tmp_path):
     wrapped = wrap_model(make_model(), trainable=["text", "fuse"])
     run = tmp_path / "s1"
     Stage1Trainer(wrapped, train, images, config=Stage1Config(epochs=1, batch_size=16, lr=1e-2, show_progress=False,
-                                                              select_metric=None, output_dir=str(run)),
+                                                              output_dir=str(run)),
                   trainable=["model.text", "model.fuse"]).fit()
     bare = cp.load_trained(make_model(), run)
     assert torch.equal(dict(bare.named_parameters())["fuse.weight"], wrapped.model.fuse.weight)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import BankMismatchError
@@ -81,13 +80,12 @@ def test_stage2_refuses_bank_of_other_model(tree, tmp_path, capsys):
 def test_read_triplets_accepts_what_augment_writes(tmp_path):
     """`stage2 --generated` reads the augmenter's CIRR and FashionIQ files as well as the plain list."""
     from cir_plugins.data.triplet import Triplet
-    from cir_plugins.positives.annotations import write_generated_cirr, write_generated_fashioniq
-    from cir_plugins.cli._common import read_triplets
+    from cir_plugins.positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
 
     generated = [Triplet("a", ("b instead of a", "Unlike a, I want b"), "b", source="generated"),
                  Triplet("c", ("d",), "d", source="generated")]
     for writer in (write_generated_cirr, write_generated_fashioniq):
         path = writer(generated, tmp_path / f"{writer.__name__}.json")
-        back = read_triplets(path)
+        back = read_generated(path)
         assert [(t.reference, t.texts, t.target, t.source) for t in back] == \
             [(t.reference, t.texts, t.target, t.source) for t in generated]

@@ -23,7 +23,7 @@ def test_round_trip_json():
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=-1), dict(lr=0.0), dict(amp="fp8"),
                                  dict(schedule="step"), dict(annotated_fraction=1.5), dict(max_grad_norm=0),
-                                 dict(temperature_range=(0.5, 0.1)), dict(select_mode="up"),
+                                 dict(temperature_range=(0.5, 0.1)), dict(warmup_steps=-1),
                                  dict(learn_temperature=True, temperature=5.0), dict(grad_accum_steps=0)])
 def test_invalid_values_are_refused(bad):
     with pytest.raises(ConfigError):

@@ -8,30 +8,39 @@ per rank). Gradients are averaged by DistributedDataParallel around the query si
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 import torch
+from _gloo import spawn_gloo
 from safetensors.torch import load_file, save_file
+from test_training_toy import make_model, make_world
 
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage2Config, Stage2Trainer
-from _gloo import spawn_gloo
-from test_training_toy import make_model, make_world
 
 # batch 15 over 2 ranks: uneven slices (7 + 8), and a last micro-batch of 65 % 15 = 5 (2 + 3)
-CONFIG = dict(epochs=2, batch_size=15, lr=1e-2, show_progress=False, select_metric=None,
+CONFIG = dict(epochs=2, batch_size=15, lr=1e-2, show_progress=False,
               learn_temperature=True, temperature=0.05, max_grad_norm=1.0)
 # name -> config changes; batch 16 leaves a last micro-batch of 65 % 16 = 1 sample: rank 0 gets none and
 # takes part in the step's collectives with a weight-0 stand-in
 VARIANTS = {"sharded": {}, "replicated": {"shard_bank": False}, "sharded_last_batch_of_one": {"batch_size": 16},
-            "tau_itself": {"temperature_param": "tau"}}  # tau learned as itself goes through DDP too
+            "tau_itself": {"temperature_param": "tau"},  # tau learned as itself goes through DDP too
+            # the trainer given the bank's file: each rank reads only its rows (NegativeBank.load(shard=...))
+            "sharded_from_path": {"from_path": True}}
 
 
-def _train(**changes):
+def _train(from_path=False, **changes):
     images, train, _ = make_world(n_train=45, generated=20)
     model = make_model()
     bank = NegativeBank.build(model, list(images), images, show_progress=False)
+    if from_path:
+        folder = tempfile.mkdtemp()
+        bank.save(f"{folder}/bank.safetensors")
+        bank = f"{folder}/bank.safetensors"
     trainer = Stage2Trainer(model, bank, train, images, config=Stage2Config(**{**CONFIG, **changes}))
+    if from_path:  # a slice under two ranks, the whole bank in one process
+        assert (trainer.bank.shard is not None) == (trainer.world > 1)
     history = trainer.fit()
     weights = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
     weights["log_tau"] = (trainer.log_tau if trainer.log_tau is not None else trainer.learned_tau).detach().clone()

@@ -1,16 +1,16 @@
-"""Trainer API: the best epoch's weights restored by fit, the Evaluator, the deprecated evaluate=, train_step."""
+"""Trainer API: the best epoch's weights restored by fit, the Evaluator, train_step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world
 
 import cir_plugins as cp
 from cir_plugins.errors import ConfigError, DataError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage1Config, Stage1Trainer, Stage2Config, Stage2Trainer
 from cir_plugins.training.checkpoint import load_checkpoint
-from test_training_toy import make_model, make_world
 
 QUERY_SIDE = ("text.weight", "fuse.weight", "fuse.bias")
 
@@ -94,11 +94,11 @@ def test_evaluator_without_metric_selects_nothing_and_keeps_the_last():
     assert all(torch.equal(_query(model)[n], scripted.seen[-1][n]) for n in QUERY_SIDE)
 
 
-def test_deprecated_evaluate_still_selects_with_config_select_metric():
+def test_evaluator_selects_the_best_epoch_by_its_metric():
     model, bank, images, train = _setup()
     scripted = ScriptedEvaluator([1.0, 3.0, 2.0])
-    with pytest.warns(DeprecationWarning, match="evaluator=cp.Evaluator"):
-        trainer = Stage2Trainer(model, bank, train, images, config=_config(select_metric="score"), evaluate=scripted)
+    trainer = Stage2Trainer(model, bank, train, images, config=_config(),
+                            evaluator=cp.Evaluator(scripted, metric="score"))
     trainer.fit()
     assert trainer.best_epoch == 2
     assert all(torch.equal(_query(model)[n], scripted.seen[1][n]) for n in QUERY_SIDE)
@@ -106,9 +106,6 @@ def test_deprecated_evaluate_still_selects_with_config_select_metric():
 
 def test_evaluator_errors():
     model, bank, images, train = _setup()
-    with pytest.raises(ConfigError, match="not both"):
-        Stage2Trainer(model, bank, train, images, config=_config(), evaluator=cp.Evaluator(len),
-                      evaluate=lambda m: {})
     with pytest.raises(ConfigError, match="cir_plugins.Evaluator"):
         Stage2Trainer(model, bank, train, images, config=_config(), evaluator=lambda m: {})
     with pytest.raises(ConfigError, match="mode"):
@@ -142,7 +139,7 @@ def test_train_step_equals_one_micro_batch_of_fit():
     torch.manual_seed(0)
     model_a, bank, images, train = _setup()
     model_b = make_model()
-    config = _config(epochs=1, batch_size=len(train), steps_per_epoch=1, select_metric=None)
+    config = _config(epochs=1, batch_size=len(train), steps_per_epoch=1)
     fitted = Stage2Trainer(model_a, bank, train, images, config=config)
     plan = fitted.sampler.epoch_plan(0)[0]
     batch = [fitted.triplets[s.index] for s in plan]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _gloo import spawn_gloo
 from safetensors.torch import load_file, save_file
+from test_training_toy import make_model, make_world
 
 import cir_plugins as cp
 from cir_plugins.negatives.bank import NegativeBank
-from _gloo import spawn_gloo
-from test_training_toy import make_model, make_world
 
 QUERY_SIDE = ("text.weight", "fuse.weight", "fuse.bias")
 SCORES = [1.0, 3.0, 2.0]  # the best epoch (2) is not the last

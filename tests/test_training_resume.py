@@ -12,19 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world
 
 from cir_plugins.errors import CheckpointError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage1Config, Stage1Trainer, Stage2Config, Stage2Trainer
-from cir_plugins.training.checkpoint import (capture_rng, flatten_optimizer_state, restore_rng,
-                                             unflatten_optimizer_state)
-from test_training_toy import make_model, make_world
+from cir_plugins.training.checkpoint import capture_rng, flatten_optimizer_state, restore_rng, unflatten_optimizer_state
 
 HERE = Path(__file__).resolve().parent
 
 
 def _cfg(out, **kw):
-    base = dict(epochs=2, batch_size=16, lr=1e-2, show_progress=False, select_metric=None, output_dir=str(out),
+    base = dict(epochs=2, batch_size=16, lr=1e-2, show_progress=False, output_dir=str(out),
                 learn_temperature=True, temperature=0.05, schedule="cosine", warmup_steps=2, max_grad_norm=5.0)
     return Stage2Config(**(base | kw))
 
@@ -108,7 +107,7 @@ def test_stage1_resume_equals_straight(tmp_path):
     def run(out, epochs, resume=False):
         images, train, _ = make_world(n_train=40)
         model = make_model()
-        cfg = Stage1Config(epochs=epochs, batch_size=8, lr=1e-2, show_progress=False, select_metric=None,
+        cfg = Stage1Config(epochs=epochs, batch_size=8, lr=1e-2, show_progress=False,
                            output_dir=str(out))
         trainer = Stage1Trainer(model, train, images, config=cfg)
         trainer.fit(resume=resume)
@@ -170,7 +169,7 @@ def compose(reference, texts):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(reference, texts)
 model.compose_query = compose
-cfg = Stage2Config(epochs=2, batch_size=16, lr=1e-2, show_progress=False, select_metric=None, output_dir=out,
+cfg = Stage2Config(epochs=2, batch_size=16, lr=1e-2, show_progress=False, output_dir=out,
                    checkpoint_every=2, annotated_fraction=0.5, learn_temperature=True, temperature=0.05)
 Stage2Trainer(model, bank, train, images, config=cfg).fit(resume=resume)
 from safetensors.torch import save_file

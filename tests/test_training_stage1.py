@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_training_toy import make_model, make_world
 
 from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import ConfigError
 from cir_plugins.training import Stage1Config, Stage1Trainer
-from test_training_toy import make_model, make_world
 
 
 def cfg(**kw):
-    return Stage1Config(**(dict(epochs=1, batch_size=64, lr=1e-12, show_progress=False, select_metric=None) | kw))
+    return Stage1Config(**(dict(epochs=1, batch_size=64, lr=1e-12, show_progress=False) | kw))
 
 
 def _plain_loss(model, triplets, images, groups, tau):

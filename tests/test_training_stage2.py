@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world, recall_at
 
+import cir_plugins as cp
 from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import BankMismatchError, ConfigError, DataError, NonFiniteError
 from cir_plugins.negatives.bank import NegativeBank
 from cir_plugins.training import Stage1Config, Stage1Trainer, Stage2Config, Stage2Trainer
-from test_training_toy import make_model, make_world, recall_at
 
 
 def setup(tokens_per_image=0, use_reference=True, **world):
@@ -20,7 +21,7 @@ def setup(tokens_per_image=0, use_reference=True, **world):
 
 
 def config(**kwargs):
-    base = dict(epochs=1, batch_size=16, lr=1e-2, show_progress=False, select_metric=None)
+    base = dict(epochs=1, batch_size=16, lr=1e-2, show_progress=False)
     return Stage2Config(**(base | kwargs))
 
 
@@ -73,7 +74,9 @@ def test_one_step_equals_plain_reference_loss():
     texts = [t.texts[s.text_index] for t, s in zip(trips, plan)]
     with torch.no_grad():
         q = torch.nn.functional.normalize(
-            model.compose_query(model.encode_reference(torch.stack([images[t.reference] for t in trips])), texts), dim=-1)
+            model.compose_query(model.encode_reference(torch.stack([images[t.reference] for t in trips])), texts),
+            dim=-1,
+        )
         logits = (q.double() @ bank.embeddings.double().T) / 0.02  # (B, N)
         for i, t in enumerate(trips):
             if bank.row_of(t.reference) != bank.row_of(t.target):
@@ -137,17 +140,17 @@ def test_multi_vector_model_trains():
 def test_evaluate_callback_and_best_checkpoint(tmp_path):
     model, bank, images, train, val = setup()
     scores = iter([10.0, 30.0, 20.0])
-    cfg = config(epochs=3, output_dir=str(tmp_path), select_metric="Rmean")
-    with pytest.warns(DeprecationWarning, match="evaluator="):  # the older evaluate= + select_metric still works
-        trainer = Stage2Trainer(model, bank, train, images, config=cfg, evaluate=lambda m: {"Rmean": next(scores)})
+    cfg = config(epochs=3, output_dir=str(tmp_path))
+    evaluator = cp.Evaluator(lambda m: {"Rmean": next(scores)}, metric="Rmean")
+    trainer = Stage2Trainer(model, bank, train, images, config=cfg, evaluator=evaluator)
     history = trainer.fit()
     assert [h["metrics"]["Rmean"] for h in history] == [10.0, 30.0, 20.0]
     import json
     best = json.loads((tmp_path / "checkpoints" / "best" / "state.json").read_text())
     assert best["epoch"] == 2 and best["best"] == 30.0
-    with pytest.raises(ConfigError, match="select_metric"), pytest.warns(DeprecationWarning):
-        Stage2Trainer(model, bank, train, images, config=config(select_metric="R@1"),
-                      evaluate=lambda m: {"Rmean": 1.0}).fit()
+    with pytest.raises(ConfigError, match="not among the metrics"):
+        Stage2Trainer(model, bank, train, images, config=config(),
+                      evaluator=cp.Evaluator(lambda m: {"Rmean": 1.0}, metric="R@1")).fit()
 
 
 def test_stage2_lowers_loss_and_raises_recall_over_stage1():
@@ -158,8 +161,7 @@ def test_stage2_lowers_loss_and_raises_recall_over_stage1():
     granularity of one query, so float noise across platforms cannot flip it."""
     images, train, val = make_world(generated=60)
     model = make_model()
-    Stage1Trainer(model, train, images, config=Stage1Config(epochs=1, batch_size=8, lr=1e-2, show_progress=False,
-                                                            select_metric=None)).fit()
+    Stage1Trainer(model, train, images, config=Stage1Config(epochs=1, batch_size=8, lr=1e-2, show_progress=False)).fit()
     bank = NegativeBank.build(model, list(images), images, show_progress=False)
     before = recall_at(model, bank, val, images, k=5)
     history = Stage2Trainer(model, bank, train, images,

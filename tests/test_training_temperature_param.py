@@ -7,20 +7,20 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
+from test_training_toy import make_model, make_world
 
 from cir_plugins.errors import CheckpointError, ConfigError
 from cir_plugins.negatives.bank import NegativeBank
-from cir_plugins.trained import TAU_NAME, TEMPERATURE_NAME, read_trained
+from cir_plugins.trained import read_trained
 from cir_plugins.training import Stage2Config, Stage2Trainer
-from test_training_toy import make_model, make_world
+from cir_plugins.training.checkpoint import TAU_NAME, TEMPERATURE_NAME
 
 
 def _trainer(tmp_path=None, **kwargs):
     images, train, _ = make_world()
     model = make_model()
     bank = NegativeBank.build(model, list(images), images, show_progress=False)
-    base = dict(epochs=1, batch_size=16, show_progress=False, select_metric=None, learn_temperature=True,
+    base = dict(epochs=1, batch_size=16, show_progress=False, learn_temperature=True,
                 temperature=0.05, output_dir=str(tmp_path) if tmp_path is not None else None)
     return Stage2Trainer(model, bank, train, images, config=Stage2Config(**(base | kwargs)))
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_training_distributed import CONFIG, _train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def _initial_weights():
 def test_init_distributed_without_a_job_stays_single_process(monkeypatch):
     import torch.distributed as dist
 
-    from cir_plugins.training.loop import _distributed, init_distributed
+    from cir_plugins.training.loop import distributed_rank, init_distributed
 
     for world in (None, "1"):
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -93,4 +92,4 @@ def test_init_distributed_without_a_job_stays_single_process(monkeypatch):
             monkeypatch.setenv("WORLD_SIZE", world)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert init_distributed() == torch.device("cpu")
-        assert not dist.is_initialized() and _distributed() == (0, 1)
+        assert not dist.is_initialized() and distributed_rank() == (0, 1)

@@ -107,6 +107,7 @@ def make_world(n_images: int = 61, n_train: int = 120, n_val: int = 40, seed: in
 def recall_at(model, bank, triplets, images, k: int = 1) -> float:
     """Plain reference recall@k (percent) against the bank, reference row masked."""
     import torch.nn.functional as F
+
     from cir_plugins.protocol import reference_input
 
     model.eval()

@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
+from test_training_toy import make_model, make_world
 from torch import nn
 
-from cir_plugins import _atomic, evaluation, protocol
+from cir_plugins import _atomic, embedding, protocol
 from cir_plugins._utils import eval_mode, model_device
 from cir_plugins.errors import ConfigError, DataError, ModelProtocolError, NonFiniteError
 from cir_plugins.training import Stage1Config, Stage1Trainer
-from test_training_toy import make_model, make_world
 
 
 def test_eval_mode_restores_each_modules_own_flag_even_on_error():
@@ -51,10 +51,6 @@ def test_atomic_write_bytes_replaces_whole_and_leaves_no_temp(tmp_path):
         _atomic.atomic_write_bytes(tmp_path / "missing" / "g.bin", b"x", make_parents=False)
     _atomic.atomic_write_json(path, {"é": 1}, indent=1, ensure_ascii=False, trailing_newline=True)
     assert path.read_text(encoding="utf-8") == '{\n "é": 1\n}\n'
-    # the re-exports are the same function, not copies
-    from cir_plugins.negatives.bank import atomic_write_bytes
-
-    assert atomic_write_bytes is _atomic.atomic_write_bytes
 
 
 def test_embed_images_equals_a_plain_loop_and_checks_inputs():
@@ -66,20 +62,17 @@ def test_embed_images_equals_a_plain_loop_and_checks_inputs():
         return torch.einsum("ni,itd->ntd", x.flatten(1), weight)  # (n, 3, 5)
 
     reference = torch.stack([encoder(images[i][None])[0] for i in ids])  # one image at a time
-    out = evaluation.embed_images(encoder, ids, images, batch_size=2, show_progress=False)
+    out = embedding.embed_images(encoder, ids, images, batch_size=2, show_progress=False)
     assert out.shape == (5, 3, 5) and torch.allclose(out, reference, atol=1e-6)
-    pooled = evaluation.embed_images(encoder, ids, images, batch_size=3, pool_tokens=True, show_progress=False)
+    pooled = embedding.embed_images(encoder, ids, images, batch_size=3, pool_tokens=True, show_progress=False)
     assert torch.allclose(pooled, reference.mean(dim=1), atol=1e-6)
-    with pytest.warns(DeprecationWarning, match="deprecated"):
-        old = evaluation.embed_images(encoder, images, ids, batch_size=4, show_progress=False)  # the old order
-    assert torch.allclose(old, reference, atol=1e-6)
     with pytest.raises(DataError, match="nope"):
-        evaluation.embed_images(encoder, ["i0", "nope"], images, show_progress=False)
+        embedding.embed_images(encoder, ["i0", "nope"], images, show_progress=False)
     with pytest.raises(ModelProtocolError, match="one row per image"):
-        evaluation.embed_images(lambda x: x[:1], ids, images, show_progress=False)
+        embedding.embed_images(lambda x: x[:1], ids, images, show_progress=False)
     with pytest.raises(NonFiniteError, match="i0"):
-        evaluation.embed_images(lambda x: x.flatten(1) / 0.0 * 0.0, ["i0"], images, show_progress=False)
-    assert evaluation.embed_images(encoder, [], images, show_progress=False).shape == (0, 0)
+        embedding.embed_images(lambda x: x.flatten(1) / 0.0 * 0.0, ["i0"], images, show_progress=False)
+    assert embedding.embed_images(encoder, [], images, show_progress=False).shape == (0, 0)
 
 
 class _Inner(nn.Module):
@@ -121,6 +114,6 @@ def test_stage1_and_wrap_model_resolve_trainable_names_alike():
     wrapped = protocol.wrap_model(make_model(), trainable=spec)
     split = protocol.parameter_split(wrapped, torch.zeros(1, 3, 4, 4), ["red"], torch.zeros(1, 3, 4, 4))
     trainer = Stage1Trainer(wrapped, train, images, trainable=spec,
-                            config=Stage1Config(epochs=1, batch_size=16, show_progress=False, select_metric=None))
+                            config=Stage1Config(epochs=1, batch_size=16, show_progress=False))
     assert tuple(name for name, _ in trainer.trainable) == split.query
     assert split.query == ("model.text.weight", "model.fuse.weight", "model.fuse.bias")

@@ -14,7 +14,7 @@ import errno
 import importlib
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .. import __version__
 from ..errors import CIRPluginsError
@@ -31,9 +31,11 @@ COMMANDS = {
     "share": ("cir_plugins.cli.share", "a trained result as a folder to publish (weights, config, model card), --push"),
     "convert": ("cir_plugins.cli.convert", "a torch.save checkpoint -> safetensors, read weights-only (no code runs)"),
     "recipe": ("cir_plugins.cli.recipe", "the paper's recipes per model and dataset: list, show, run one end to end"),
-    "check-data": ("cir_plugins.cli.check_data", "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
+    "check-data": ("cir_plugins.cli.check_data",
+                   "check a CIRR or FashionIQ download: files, images, duplicates, counts"),
     "serve": ("cir_plugins.cli.serve", "a local web page: composed search over a saved bank and its images"),
-    "show": ("cir_plugins.cli.show", "what a model retrieves: an HTML page and a PNG of top-k per query, --compare two"),
+    "show": ("cir_plugins.cli.show",
+             "what a model retrieves: an HTML page and a PNG of top-k per query, --compare two"),
 }
 
 

@@ -10,7 +10,6 @@
 - :func:`add_transform_arguments`: ``--transform`` and ``--image-size`` alone (check-data: clip / 224).
 - :func:`add_groups_arguments` / :func:`read_groups`: duplicate groups (``--groups`` / ``--dedup``).
 - :func:`add_progress_argument` / :func:`show_progress`: ``--progress`` (and ``--no-progress``).
-- :func:`read_triplets`: the triplet files that ``--generated`` names.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from ..data.fashioniq import CATEGORIES
 from ..data.images import TRANSFORM_NAMES
 from ..data.triplet import Triplet
 from ..errors import CheckpointError, ConfigError, DataError, explain
+from ..positives.annotations import read_generated
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ OVERRIDE_FLAG = "--allow-provenance-mismatch"
 # --- model -------------------------------------------------------------------------------------------
 
 def add_factory_arguments(parser: argparse.ArgumentParser, *, flag: str = "--model",
-                          help: str = "factory spec 'file.py:function' or 'pkg.module:function' returning the model") -> None:
+                          help: str = "factory spec 'file.py:function' or 'pkg.module:function' returning "
+                                      "the model") -> None:
     """``flag`` (a factory spec) and ``--factory-kwargs`` (its JSON keyword arguments)."""
     parser.add_argument(flag, required=True, help=help)
     parser.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
@@ -331,7 +332,8 @@ def add_groups_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dedup", action="store_true",
                         help="group pixel-identical images (the default unless --groups is given; overrides --groups)")
     parser.add_argument("--no-dedup", action="store_true",
-                        help="one row per image id: pixel-identical copies stay separate rows (negatives of each other)")
+                        help="one row per image id: pixel-identical copies stay separate rows "
+                             "(negatives of each other)")
 
 
 def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> dict[str, str] | None:
@@ -340,7 +342,7 @@ def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> di
     if args.dedup and args.no_dedup:
         raise ConfigError(explain("--dedup and --no-dedup contradict each other", fix="pass one of them"))
     if args.dedup or (args.groups is None and not args.no_dedup):
-        from ..positives.dedup import find_duplicates
+        from ..data.dedup import find_duplicates
 
         return find_duplicates(list(split.gallery_ids), split.images, show_progress=show_progress)
     if args.groups is None:
@@ -351,32 +353,6 @@ def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> di
         raise DataError(explain("the groups file must be a JSON object of strings", got=f"{args.groups}: {bad}",
                                 expected="image id -> group id"))
     return groups
-
-
-def read_triplets(path: str | Path) -> list[Triplet]:
-    """Triplets from a JSON file: what ``cir-plugins augment`` writes (the CIRR or FashionIQ annotation
-    schema, recognised by their keys), or a plain list (or ``{"triplets": [...]}``) of objects with
-    ``reference``, ``texts`` (or ``text``), ``target`` and optionally ``source`` / ``meta``.
-    A bad record raises DataError naming its index."""
-    path = Path(path)
-    data = read_json_file(path, "the triplets file", kind=(dict, list))
-    records = data.get("triplets") if isinstance(data, dict) else data
-    if not isinstance(records, list):
-        raise DataError(explain("the triplets file must hold a list of records", got=type(records).__name__))
-    first = records[0] if records and isinstance(records[0], dict) else {}
-    if "target_hard" in first or "candidate" in first:  # the CIRR or FashionIQ schema `cir-plugins augment` writes
-        from ..positives.annotations import read_generated
-        return read_generated(path)
-    out = []
-    for index, record in enumerate(records):
-        try:
-            texts = record.get("texts", record.get("text"))
-            out.append(Triplet(record["reference"], texts, record["target"], source=record.get("source", "generated"),
-                               meta=record.get("meta", {})))
-        except (KeyError, TypeError, AttributeError, DataError) as error:
-            raise DataError(explain(f"bad triplet record #{index} in {path}", got=str(error),
-                                    expected="an object with reference, texts and target")) from error
-    return out
 
 
 # --- console ------------------------------------------------------------------------------------------
@@ -430,7 +406,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
 
     from ..training.config import AMP_MODES, SCHEDULES, field_docs
 
-    choices = {"schedule": SCHEDULES, "amp": AMP_MODES, "select_mode": ("max", "min")}
+    choices = {"schedule": SCHEDULES, "amp": AMP_MODES}
     docs, hints, defaults = field_docs(config_cls), typing.get_type_hints(config_cls), config_cls()
     group = parser.add_argument_group(f"{config_cls.__name__} fields")
     for f in dataclasses.fields(config_cls):
@@ -472,6 +448,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) ->
     parser.add_argument("--val-split", default=None,
                         help="split to evaluate after each epoch (e.g. val); the best epoch by --select-metric is "
                              "kept as {out}/checkpoints/best")
+    parser.add_argument("--select-metric", default="Rmean",
+                        help="with --val-split: the metric that picks the best epoch (a key of the evaluation's "
+                             "result, default: Rmean)")
+    parser.add_argument("--select-mode", choices=("max", "min"), default="max",
+                        help="with --val-split: 'max' for recall-like metrics (default), 'min' for loss-like ones")
     parser.add_argument("--min-val-change", type=_number_or_none, default=1.0, metavar="X",
                         help="with --val-split: evaluate once before training too, and warn (naming the learning "
                              "rate) when after half the epochs the --select-metric has moved less than X from that "
@@ -492,7 +473,7 @@ def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool =
     """The split's triplets (unless ``annotated`` is False) plus every ``--generated`` file's."""
     triplets = list(split.triplets) if annotated else []
     for path in args.generated or ():
-        triplets += drop_unreadable_triplets(read_triplets(path), split, f"generated triplets of {path}")
+        triplets += drop_unreadable_triplets(read_generated(path), split, f"generated triplets of {path}")
     if not triplets:
         raise DataError(explain("no training triplets", got=f"{args.dataset} {args.split}"
                                 + ("" if annotated else " with --generated-only"),

@@ -31,6 +31,14 @@ with its own category in the prompt. ``--category`` restricts a run to one categ
 ``--rewriter hf:<name or local path>`` (or a local model folder) rewrites each pair's template texts into
 one relative text with a chat model (:class:`cir_plugins.LLMRewriter`; answers cached beside the captions);
 a pair whose answer is unusable keeps its template texts, and the summary counts both.
+
+Under torchrun (``torchrun --nproc_per_node 2 -m cir_plugins.cli augment ...``, same arguments on every rank)
+the work is shared out rank by rank: each rank embeds a share of the images, draws the partners of a share of
+the query rows, and captions a share of the images the cache lacks into its own file beside the cache
+(``captions-<name>.rank<r>-of-<w>.jsonl``); rank 0 merges those files into the cache, then alone rewrites,
+writes the file and the summary, and prints, exactly as one process with the same arguments would. A run
+killed on any rank resumes from the caches when run again (with any number of ranks). The ranks must see the
+same cache folder (``--cache-dir``); ``--device cuda`` is each rank's own GPU.
 """
 
 from __future__ import annotations
@@ -42,8 +50,15 @@ from typing import Any
 from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, DataError, explain
 from ..positives.augmenter import RECOMMENDED_RANK_WINDOW
-from ._common import (add_dataset_arguments, add_device_argument, add_factory_arguments, add_progress_argument,
-                      load_dataset, model_from_factory, show_progress)
+from ._common import (
+    add_dataset_arguments,
+    add_device_argument,
+    add_factory_arguments,
+    add_progress_argument,
+    load_dataset,
+    model_from_factory,
+    show_progress,
+)
 from ._long_text import LONG_TEXT
 
 __all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RANK_WINDOWS", "RECOMMENDED"]
@@ -285,10 +300,13 @@ def _pair_encoder(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..positives.annotations import atomic_write_json, write_generated_cirr, write_generated_fashioniq
-    from ..positives.augmenter import TripletAugmenter
+    from .._atomic import atomic_write_json
+    from ..positives.annotations import write_generated_cirr, write_generated_fashioniq
+    from ..positives.augmenter import AugmentConfig, TripletAugmenter
     from ..recipes.run import pool_ids, training_pool
+    from ..training.loop import distributed_rank
 
+    rank, world = distributed_rank()  # joins the torchrun job, if any (1 process: 0, 1)
     fashion = args.dataset == "fashioniq"
     defaults = _generation_defaults(args)
     window = args.rank_window or defaults["rank_window"]
@@ -310,24 +328,29 @@ def run(args: argparse.Namespace) -> int:
     encoder = _pair_encoder(args)
     cache_dir = Path(args.cache_dir or f"{out}.cache")
     rewriter = None
-    if rewriter_spec:
+    if rewriter_spec and rank == 0:  # rank 0 alone rewrites
         from ..positives.captioners import cache_file_name
 
         examples = _rewriter_examples(args, captioner, pool, cache_dir / cache_file_name(captioner.name))
         rewriter = build_rewriter(rewriter_spec, args, examples)
     length = _length_policy(args, encoder, long_text)
-    augmenter = TripletAugmenter(
-        captioner, encoder, templates=args.templates or defaults["templates"],
-        rank_window=window, partners_per_image=defaults["partners"] if args.partners is None else args.partners, seed=args.seed,
+    config = AugmentConfig(
+        templates=args.templates or defaults["templates"], rank_window=window, seed=args.seed,
+        partners_per_image=defaults["partners"] if args.partners is None else args.partners,
         dedup=not args.no_dedup, near_duplicate_threshold=args.near_duplicate_threshold, refer_only=refer,
-        max_triplets=defaults["max_triplets"] if args.max_triplets is None else args.max_triplets, cache_dir=cache_dir, batch_size=args.batch_size,
-        caption_batch_size=args.caption_batch_size, skip_empty=args.skip_empty, rewriter=rewriter,
-        keep_equal_captions=keep_equal, show_progress=show_progress(args), **length)
+        max_triplets=defaults["max_triplets"] if args.max_triplets is None else args.max_triplets,
+        max_tokens=length.get("max_tokens"), fallback=length.get("fallback", "target"), keep_equal_captions=keep_equal,
+        skip_empty=args.skip_empty, batch_size=args.batch_size, caption_batch_size=args.caption_batch_size)
+    augmenter = TripletAugmenter(captioner, encoder, config=config, rewriter=rewriter,
+                                 count_tokens=length.get("count_tokens"), cache_dir=cache_dir,
+                                 show_progress=show_progress(args) and rank == 0)
     unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
     # the images paired and ranked: every training image, or with --recipe the recipe's pool (the release's: the
     # images the annotated triplets name), the same pool reproduce ranks in and the window's fractions refer to
     ranked = pool.image_ids if defaults["recipe"] is None else pool_ids(defaults["recipe"], pool)
-    result = augmenter.augment(ranked, pool.images, pool.triplets)
+    result = augmenter.augment(ranked, pool.images, pool.triplets, shard=(rank, world) if world > 1 else None)
+    if result is None:  # not rank 0: its share is in the merged cache; rank 0 writes everything
+        return 0
     triplets = result.triplets
     if not triplets and not args.allow_empty:
         raise DataError(_nothing_generated(result, window, defaults["rank_window"]))
@@ -344,9 +367,10 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(f"{out}.summary.json", summary)
     s = result.summary
     print(f"images {s['images']} | duplicate groups {s['duplicate_groups']} ({s['duplicates_merged']} merged) | "
-          f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, {s['captions']['skipped']} skipped | "
+          f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, "
+          f"{s['captions']['skipped']} skipped | "
           f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']}, kept {s['kept_same_caption']} | "
-          f"triplets {s['triplets']}")
+          f"triplets {s['triplets']}" + (f" | ranks {world}" if world > 1 else ""))
     limit = s["text_limit"]
     print(f"recipe: {defaults['name']} | ranked among {summary['pool']['images']} images "
           f"({summary['pool']['kind']}) | texts over the limit: "

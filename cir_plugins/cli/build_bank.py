@@ -5,7 +5,7 @@ Example::
     cir-plugins build-bank --model my_model.py:build --dataset cirr --root /data/cirr --split train \
         --out runs/bank.safetensors
 
-Pixel-identical images share one row by default (:func:`cir_plugins.positives.dedup.find_duplicates`), so
+Pixel-identical images share one row by default (:func:`cir_plugins.data.dedup.find_duplicates`), so
 a copy of a query's target is never its negative; ``--groups groups.json`` (a JSON object id -> group id)
 gives the groups instead, ``--no-dedup`` keeps one row per image id. ``--cache-dir``
 makes the build resumable: rerun the same command after a kill and finished chunks are reused.
@@ -16,8 +16,16 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ._common import (add_dataset_arguments, add_groups_arguments, add_model_arguments, add_progress_argument,
-                      build_model, load_dataset, read_groups, show_progress)
+from ._common import (
+    add_dataset_arguments,
+    add_groups_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
+    load_dataset,
+    read_groups,
+    show_progress,
+)
 
 __all__ = ["configure", "run"]
 

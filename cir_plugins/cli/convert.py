@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     if target.exists() and source.exists() and os.path.samefile(source, target):
-        raise ConfigError(explain("the output would overwrite the input checkpoint", got=f"{args.input} -> {args.output}",
+        raise ConfigError(explain("the output would overwrite the input checkpoint",
+                                  got=f"{args.input} -> {args.output}",
                                   fix="name another output file, e.g. " + str(source.with_suffix(".safetensors"))))
     tensors = read_torch_checkpoint(args.input, key=args.key)
     path = save_safetensors(tensors, args.output, metadata={"source": str(args.input), "key": str(args.key or "")})

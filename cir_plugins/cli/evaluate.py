@@ -20,8 +20,15 @@ from typing import Any
 
 from .._atomic import atomic_write_json
 from ..errors import ConfigError, explain
-from ._common import (CATEGORIES, add_dataset_arguments, add_model_arguments, add_progress_argument,
-                      build_model, load_dataset, show_progress)
+from ._common import (
+    CATEGORIES,
+    add_dataset_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
+    load_dataset,
+    show_progress,
+)
 
 __all__ = ["configure_evaluate", "run_evaluate", "configure_submit", "run_submit"]
 

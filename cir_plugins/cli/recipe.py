@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from typing import Any
 
 from .._loading import IMAGE_ENCODER_PREFIXES, load_image_encoder

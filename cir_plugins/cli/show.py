@@ -22,8 +22,14 @@ from pathlib import Path
 
 from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, explain
-from ._common import (add_dataset_arguments, add_model_arguments, add_progress_argument, build_model, load_dataset,
-                      show_progress)
+from ._common import (
+    add_dataset_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
+    load_dataset,
+    show_progress,
+)
 
 __all__ = ["configure", "run"]
 

@@ -18,8 +18,19 @@ import argparse
 import logging
 
 from ..training.config import Stage1Config
-from ._common import (add_groups_arguments, add_training_arguments, build_model, config_from_args, fit_and_report,
-                      load_dataset, made_with, read_groups, show_progress, training_triplets, val_evaluator)
+from ._common import (
+    add_groups_arguments,
+    add_training_arguments,
+    build_model,
+    config_from_args,
+    fit_and_report,
+    load_dataset,
+    made_with,
+    read_groups,
+    show_progress,
+    training_triplets,
+    val_evaluator,
+)
 from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]

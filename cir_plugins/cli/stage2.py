@@ -6,7 +6,7 @@ Example::
         --dataset cirr --root /data/cirr --generated runs/generated.json --out runs/stage2 --epochs 3
 
 ``--trained`` puts a stage-1 result on the model first (build the bank from the same model).
-``--generated`` names a JSON file of generated triplets (:func:`cir_plugins.cli._common.read_triplets`).
+``--generated`` names a JSON file of generated triplets (:func:`cir_plugins.positives.annotations.read_generated`).
 With ``--val-split`` the model is evaluated after every epoch and the best epoch (``--select-metric``)
 is kept as ``{out}/checkpoints/best``. ``--resume`` continues ``{out}/checkpoints/last``. Every
 :class:`~cir_plugins.Stage2Config` field is a flag (``--help`` lists them with their meaning). Evaluate
@@ -19,8 +19,17 @@ import argparse
 import logging
 
 from ..training.config import Stage2Config
-from ._common import (add_training_arguments, build_model, config_from_args, fit_and_report, load_dataset, made_with,
-                      show_progress, training_triplets, val_evaluator)
+from ._common import (
+    add_training_arguments,
+    build_model,
+    config_from_args,
+    fit_and_report,
+    load_dataset,
+    made_with,
+    show_progress,
+    training_triplets,
+    val_evaluator,
+)
 from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]

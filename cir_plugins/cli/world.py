@@ -2,7 +2,7 @@
 
     cir-plugins world --root runs/world [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
-(``python -m cir_plugins.data.synthetic`` runs the same command.) Prints a short summary (images and queries per
+Prints a short summary (images and queries per
 split, duplicates, edit kinds); the full statistics are in ``{root}/synthetic/world.json``.
 """
 
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.synthetic import PRESETS, _marker_path, make_world
+    from ..data.synthetic import PRESETS, make_world, marker_path
 
     size: Any = "quick" if args.quick else "default"
     if args.config:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         size = {**PRESETS[size], **overrides}
     root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
                       show_progress=show_progress(args))
-    marker = _marker_path(root)
+    marker = marker_path(root)
     print(summary(json.loads(marker.read_text())["stats"], root, marker))
     return 0
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import AnnotationError, ConfigError, explain
 
@@ -38,7 +39,8 @@ def _is(path: Path, kind: str) -> bool:
         return path.is_file() if kind == "file" else path.is_dir()
     except OSError as error:  # ENAMETOOLONG and the like: is_file / is_dir only swallow "not there"
         raise AnnotationError(explain("the path cannot be checked (a name over the filesystem's limit?)",
-                                      got=f"{path}: {error}", fix="shorten the root folder or the split name")) from error
+                                      got=f"{path}: {error}",
+                                      fix="shorten the root folder or the split name")) from error
 
 
 def require_root(root: Path, dataset: str, holds: str) -> None:

@@ -15,7 +15,7 @@ they name is checked once:
   cut-off download without decoding pixels; ``decode=True`` decodes every image fully through
   :meth:`ImageStore.load_pil` (what training will do);
 - it is not a copy of another name: files of equal size are hashed (blake2b of the bytes), with
-  ``decode=True`` the decoded pixels are hashed (:func:`cir_plugins.positives.dedup.pixel_hash`),
+  ``decode=True`` the decoded pixels are hashed (:func:`cir_plugins.data.dedup.pixel_hash`),
   and two names that resolve to the same file count too.
 
 Counts per split (images in the split file, records in the captions file) are compared with
@@ -34,17 +34,18 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from PIL import Image
-from .._console import progress_bar
 
 from .._atomic import atomic_write_json
+from .._console import progress_bar
 from ..errors import AnnotationError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
 from .fashioniq import CATEGORIES, load_split
-from .images import DEFAULT_MAX_PIXELS, _OwnPixelLimit, make_transform, open_image_file
+from .images import DEFAULT_MAX_PIXELS, OwnPixelLimit, make_transform, open_image_file
 
 __all__ = ["check_dataset", "DataCheckReport", "OFFICIAL_COUNTS", "DEFAULT_SPLITS", "COUNTS_SOURCE"]
 
@@ -185,7 +186,8 @@ class DataCheckReport:
         return "\n".join(lines)
 
 
-def _units(dataset: str, splits: Iterable[str] | None, categories: Iterable[str] | None) -> list[tuple[str, str | None, str]]:
+def _units(dataset: str, splits: Iterable[str] | None,
+           categories: Iterable[str] | None) -> list[tuple[str, str | None, str]]:
     """(unit name, category, split) for every split (and FashionIQ category) to check."""
     if dataset not in DEFAULT_SPLITS:
         raise ConfigError(explain("check-data knows CIRR and FashionIQ (and the synthetic world) only", got=dataset,
@@ -275,7 +277,7 @@ def _header(entry: _Image, max_pixels: int | None) -> tuple[str, int] | None:
         return None
     what = f"image {entry.names[0]!r}"
     try:
-        with open_image_file(path, what=what) as handle, _OwnPixelLimit(), Image.open(handle) as image:
+        with open_image_file(path, what=what) as handle, OwnPixelLimit(), Image.open(handle) as image:
             width, height = image.size
             kind = image.format
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
@@ -297,7 +299,7 @@ def _header(entry: _Image, max_pixels: int | None) -> tuple[str, int] | None:
 def _inspect_decode(entry: _Image, max_pixels: int | None) -> None:
     """Full decode through the split's ImageStore (the loader's own checks) after the header's; pixel hash for
     duplicates."""
-    from ..positives.dedup import pixel_hash
+    from .dedup import pixel_hash
 
     if _header(entry, max_pixels) is None:
         return
@@ -328,7 +330,8 @@ def _duplicate_groups(entries: list[_Image], decode: bool) -> list[dict]:
             by_digest[entry.digest].append(entry)
     for same in by_digest.values():
         if len(same) > 1:
-            groups.append({"names": sorted(n for e in same for n in e.names), "paths": sorted(str(e.path) for e in same),
+            groups.append({"names": sorted(n for e in same for n in e.names),
+                           "paths": sorted(str(e.path) for e in same),
                            "kind": "equal pixels" if decode else "equal bytes"})
     return sorted(groups, key=lambda g: g["names"])
 
@@ -406,7 +409,8 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
             entry.units.append(name)
         loaded.append((unit, data))
     entries = list(files.values())
-    for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images", show_progress=show_progress):
+    for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images",
+                              show_progress=show_progress):
         if decode:
             _inspect_decode(entry, max_pixels)
         else:
@@ -430,7 +434,8 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     return report
 
 
-def _fill_unit(unit: dict, data: Any, bad: Mapping[str, _Image], twin: Mapping[str, set], report: DataCheckReport) -> None:
+def _fill_unit(unit: dict, data: Any, bad: Mapping[str, _Image], twin: Mapping[str, set],
+               report: DataCheckReport) -> None:
     """Per split: the bad images, the triplets and gallery entries they break, counts against the official ones."""
     name = unit["name"]
     gallery = set(data.gallery_ids)
@@ -453,7 +458,8 @@ def _fill_unit(unit: dict, data: Any, bad: Mapping[str, _Image], twin: Mapping[s
     if unit["skipped_records"]:
         first = unit["skipped_records"][0]
         report.problems.append(f"{name}: {len(unit['skipped_records'])} annotation records are invalid (first: "
-                               f"{first['file']} record {first['index']}, field {first['field']!r}: {first['problem']})")
+                               f"{first['file']} record {first['index']}, field {first['field']!r}: "
+                               f"{first['problem']})")
     if unit["ambiguous_targets"]:
         report.warnings.append(f"{name}: {len(unit['ambiguous_targets'])} triplets have a target with an identical "
                                "copy under another name in the same gallery")

@@ -16,10 +16,12 @@ Any split name present on disk loads ("train", "val", "test1", or the synthetic 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import AnnotationError, ConfigError, explain
+from ..checks import check_positive_int
+from ..errors import AnnotationError, explain
 from ._annotations import RecordChecker, read_json, read_records, require_root
 from .images import DEFAULT_MAX_PIXELS, ImageStore
 from .split import Split
@@ -67,8 +69,7 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
     """
     root_path = Path(root)
     require_root(root_path, "CIRR", "cirr/captions and cirr/image_splits")
-    if set_size is not None and (not isinstance(set_size, int) or isinstance(set_size, bool) or set_size < 2):
-        raise ConfigError(explain("set_size must be an int >= 2 or None", got=set_size, expected=CIRR_SET_SIZE))
+    check_positive_int("set_size", set_size, minimum=2, allow_none=True, fix=f"CIRR's is {CIRR_SET_SIZE}")
     available = cirr_splits(root_path)
     captions_path = root_path / "cirr" / "captions" / f"cap.rc2.{split}.json"
     splits_path = root_path / "cirr" / "image_splits" / f"split.rc2.{split}.json"

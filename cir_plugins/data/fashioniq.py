@@ -16,8 +16,9 @@ step: ``("c0 and c1", "c1 and c0", "c0", "c1")`` (texts[0] is still the evaluati
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import AnnotationError, ConfigError, explain
 from ._annotations import RecordChecker, read_json, read_records, require_root

@@ -30,7 +30,8 @@ Preprocessing (``transform=``) is a name with a size, or any callable ``PIL.Imag
 - ``"none"``: no resize, [0, 1] floats, no normalisation.
 
 Every image is converted to RGB first: grayscale ("L", "1"), palette ("P", with or without
-transparency), "LA", "RGBA" (alpha dropped, as PIL's ``convert("RGB")`` does), "CMYK", and 16/32-bit integer images ("I;16", "I", scaled from
+transparency), "LA", "RGBA" (alpha dropped, as PIL's ``convert("RGB")`` does), "CMYK", and 16/32-bit integer images
+("I;16", "I", scaled from
 their full range to 8 bits) and float images ("F", assumed in [0, 1] if its max <= 1 else [0, 255]).
 """
 
@@ -41,17 +42,19 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from ..checks import check_positive_int
 from ..errors import ConfigError, DataError, ImageLoadError, ShapeError, UnsafePathError, explain
 
 __all__ = [
+    "pil_loader",
     "ImageStore",
     "CLIP_MEAN",
     "CLIP_STD",
@@ -201,11 +204,11 @@ def open_image_file(path: str | os.PathLike, *, what: str, fix: str = _FIX_FILE)
 
 class _OpenedImage:
     """``with _OpenedImage(source, what, formats, fix) as image``: PIL's lazy open (header only) with the package's
-    pixel-limit settings on (:class:`_OwnPixelLimit`) and every PIL failure turned into ImageLoadError."""
+    pixel-limit settings on (:class:`OwnPixelLimit`) and every PIL failure turned into ImageLoadError."""
 
     def __init__(self, source, what: str, formats: Sequence[str] | None, fix: str) -> None:
         self.source, self.what, self.formats, self.fix = source, what, formats, fix
-        self._limit = _OwnPixelLimit()
+        self._limit = OwnPixelLimit()
         self._image = None
 
     def __enter__(self) -> Image.Image:
@@ -242,7 +245,7 @@ def decode_image(source, *, what: str, max_pixels: int | None = DEFAULT_MAX_PIXE
 
     The size is checked from the header before any pixel is decoded: more than ``max_pixels`` pixels (the
     decompression-bomb guard), then ``check_size(w, h, max_pixels=..., what=...)`` when given (a named
-    transform's bound on the images it makes). PIL's global limit is off meanwhile (:class:`_OwnPixelLimit`).
+    transform's bound on the images it makes). PIL's global limit is off meanwhile (:class:`OwnPixelLimit`).
     ``formats``: the PIL format names tried (e.g. ``("PNG", "JPEG")``; None: every format PIL reads), so
     data from the network reaches only the decoders on that list.
     Raises ImageLoadError naming ``what``: with ``limit_fix`` for an image over the limit, with ``fix`` for
@@ -279,6 +282,28 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
     array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def pil_loader(images: Any, *, convert_tensors: bool = True) -> Callable[[str], Image.Image]:
+    """id -> RGB PIL image, the package's one: an ImageStore's ``load_pil`` (exact pixels, checked open), a
+    Mapping id -> PIL image or (C, H, W) tensor (tensors through :func:`to_pil`, or as they are with
+    ``convert_tensors=False``: exact values for hashing), or a callable id -> image."""
+    load_pil = getattr(images, "load_pil", None)
+    if callable(load_pil):
+        return load_pil
+    if isinstance(images, Mapping):
+        def load(image_id: str) -> Any:
+            if image_id not in images:
+                raise DataError(explain("no image for this id", got=image_id, fix="pass images covering every id"))
+            value = images[image_id]
+            if isinstance(value, torch.Tensor):
+                return to_pil(value) if convert_tensors else value
+            return value.convert("RGB") if hasattr(value, "convert") else value
+        return load
+    if callable(images):
+        return images
+    raise ConfigError(explain("cannot get PIL images from this object", got=type(images).__name__,
+                              expected="an ImageStore, a Mapping id -> PIL/tensor, or a callable id -> PIL"))
 
 
 def to_pil(image: Image.Image | torch.Tensor | np.ndarray) -> Image.Image:
@@ -321,7 +346,7 @@ def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
     return canvas
 
 
-class _OwnPixelLimit:
+class OwnPixelLimit:
     """While any store is decoding, PIL's global bomb limit is off (each store checks its own
     ``max_pixels`` first, with our message) and truncated files are refused; the previous global
     settings come back when the last decoding thread leaves (reference-counted, thread-safe)."""
@@ -332,17 +357,17 @@ class _OwnPixelLimit:
 
     def __enter__(self) -> None:
         with self._lock:
-            if _OwnPixelLimit._depth == 0:
-                _OwnPixelLimit._saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+            if OwnPixelLimit._depth == 0:
+                OwnPixelLimit._saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
                 Image.MAX_IMAGE_PIXELS = None
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
-            _OwnPixelLimit._depth += 1
+            OwnPixelLimit._depth += 1
 
     def __exit__(self, *exc) -> None:
         with self._lock:
-            _OwnPixelLimit._depth -= 1
-            if _OwnPixelLimit._depth == 0:
-                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _OwnPixelLimit._saved
+            OwnPixelLimit._depth -= 1
+            if OwnPixelLimit._depth == 0:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = OwnPixelLimit._saved
 
 
 class ClipTransform:
@@ -364,12 +389,10 @@ class ClipTransform:
         if kind not in TRANSFORM_NAMES:
             raise ConfigError(explain("unknown transform name", got=kind, expected=TRANSFORM_NAMES,
                                       fix="pick one of the names or pass a callable PIL -> tensor"))
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ConfigError(explain("transform size must be a positive int", got=size, fix="e.g. size=224"))
+        check_positive_int("transform size", size, fix="e.g. size=224")
         if not (isinstance(target_ratio, (int, float)) and target_ratio >= 1.0):
             raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
-        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
-            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
+        check_positive_int("max_pixels", max_pixels, allow_none=True)
         self.kind, self.size, self.target_ratio = kind, size, float(target_ratio)
         self.max_pixels = max_pixels
         self.mean = tuple(float(m) for m in mean)
@@ -486,8 +509,7 @@ class ImageStore(Mapping):
                                       fix="pass a dict"))
         if on_error not in ("error", "skip"):
             raise ConfigError(explain("on_error must be 'error' or 'skip'", got=on_error, expected=("error", "skip")))
-        if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
-            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
+        check_positive_int("max_pixels", max_pixels, allow_none=True)
         self._rel: dict[str, str] = {}
         self._abs: dict[str, Path] = {}
         where = f" in {source}" if source else ""
@@ -538,7 +560,8 @@ class ImageStore(Mapping):
         """The preprocessed tensor (C, H, W) of ``image_id``."""
         tensor = self.transform(self.load_pil(image_id))
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
-            raise ShapeError(explain(f"the transform returned something that is not a (C, H, W) tensor for {image_id!r}",
+            raise ShapeError(explain("the transform returned something that is not a (C, H, W) tensor for "
+                                     f"{image_id!r}",
                                      got=getattr(tensor, "shape", type(tensor).__name__), expected="(C, H, W) tensor",
                                      fix="make the transform return a 3-d float tensor"))
         return tensor
@@ -619,7 +642,8 @@ class ImageStore(Mapping):
             kept.append(image_id)
         return kept
 
-    def batch(self, ids: Sequence[str], *, on_error: str | None = None) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+    def batch(self, ids: Sequence[str], *, on_error: str | None = None) -> torch.Tensor | tuple[torch.Tensor,
+                                                                                                list[str]]:
         """Stack the tensors of ``ids`` into ``(n, C, H, W)``.
 
         With ``on_error="skip"`` (argument or the store's setting) unreadable images are dropped
@@ -647,7 +671,7 @@ class ImageStore(Mapping):
             stacked = torch.stack(tensors)  # (n, C, H, W)
         return (stacked, kept) if mode == "skip" else stacked
 
-    def with_transform(self, transform: str | Callable | None, *, size: int | None = None) -> "ImageStore":
+    def with_transform(self, transform: str | Callable | None, *, size: int | None = None) -> ImageStore:
         """A copy of this store with another transform (paths are not re-checked)."""
         clone = object.__new__(ImageStore)
         clone.__dict__.update(self.__dict__)
@@ -657,7 +681,7 @@ class ImageStore(Mapping):
         clone.transform = clone._make_transform(transform, clone.size)
         return clone
 
-    def subset(self, ids: Iterable[str]) -> "ImageStore":
+    def subset(self, ids: Iterable[str]) -> ImageStore:
         """A store over only ``ids`` (same root and transform)."""
         clone = self.with_transform(self.transform_spec, size=self.size)
         clone.transform = self.transform

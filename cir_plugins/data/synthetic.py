@@ -2,7 +2,7 @@
 
 Regenerate (or create) it with::
 
-    python -m cir_plugins.data.synthetic --root DIR [--seed 0] [--quick] [--image-size 40] [--config JSON]
+    cir-plugins world --root DIR [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
 or from Python with ``make_world(root, seed=0, size="default")``. Every loader and metric runs on it
 exactly as on CIRR: ``load_cirr(root, "train" | "val" | "test")`` reads it (the ``test`` split
@@ -21,7 +21,7 @@ World statistics (defaults):
   named ``syn-{split}-d{k:05d}`` (never a query's reference or target), rendered with its source's
   seed, so its decoded pixels equal the source's; ``scenes.json`` repeats the source's scene and
   ``world.json`` lists every copy (``stats.duplicates``: copy -> source). Inside a split a copy is a
-  false negative unless duplicates are grouped (``cir_plugins.positives.dedup.find_duplicates``).
+  false negative unless duplicates are grouped (``cir_plugins.data.dedup.find_duplicates``).
   The copies come from their own random stream: the rest of the world is the same as with
   ``duplicate_rate=0``.
 - Rendering: PIL, ``image_size`` x ``image_size`` RGB (40 px by default) on a grey background;
@@ -67,21 +67,38 @@ import logging
 import os
 import random
 import shutil
-import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .._atomic import atomic_write_json
 from ..errors import ConfigError, explain
-from .synthetic_scenes import (BACKGROUND, COLOR_RGB, COLORS, COLS, EDIT_TYPES, POSITIONS, ROWS,  # re-exported
-                               SHAPES, SIZES, SyntheticCaptioner, SyntheticRewriter, _position_phrase, _seed_of,
-                               describe_scene, load_scenes, parse_caption, position_name, render_scene)
+from .synthetic_scenes import (  # re-exported
+    BACKGROUND,
+    COLOR_RGB,
+    COLORS,
+    COLS,
+    EDIT_TYPES,
+    POSITIONS,
+    ROWS,
+    SHAPES,
+    SIZES,
+    SyntheticCaptioner,
+    SyntheticRewriter,
+    describe_scene,
+    load_scenes,
+    parse_caption,
+    position_name,
+    position_phrase,
+    render_scene,
+    seed_of,
+)
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
     "WorldConfig", "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner",
-    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "main", "world_record",
+    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "world_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,7 +159,7 @@ class WorldConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "WorldConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> WorldConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -210,7 +227,7 @@ def _refer(scene: Sequence[Mapping[str, Any]], index: int, rng: random.Random, *
             if keys == ("shape",) and rng.random() < 0.3:  # people often over-specify
                 keys = ("color", "shape")
             return "the " + " ".join(obj[k] for k in keys)
-    return f"the {obj['color']} {obj['shape']} {_position_phrase(obj['row'], obj['col'])}"
+    return f"the {obj['color']} {obj['shape']} {position_phrase(obj['row'], obj['col'])}"
 
 
 def _pick(rng: random.Random, options: Sequence[str]) -> str:
@@ -227,7 +244,7 @@ def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig)
         cell = rng.choice(free)
         obj = _random_object(rng, cell // 3, cell % 3)
         new.append(obj)
-        where = _position_phrase(obj["row"], obj["col"])
+        where = position_phrase(obj["row"], obj["col"])
         phrase = _pick(rng, [
             f"add a {obj['color']} {obj['shape']} {where}",
             f"add a {obj['size']} {obj['color']} {obj['shape']} {where}",
@@ -284,9 +301,10 @@ def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig)
             far = abs(d_row) + abs(d_col) == 2
             to = f"to the {direction}" if direction in ("left", "right") else direction
             options = [f"move {ref} {to}", f"shift {ref} {'all the way ' if far else ''}{to}",
-                       f"{ref} goes further {direction}" if direction in ("left", "right") else f"move {ref} {to} a bit"]
+                       f"{ref} goes further {direction}" if direction in ("left",
+                                                                          "right") else f"move {ref} {to} a bit"]
         else:
-            where, name = _position_phrase(row, col), position_name(row, col)
+            where, name = position_phrase(row, col), position_name(row, col)
             to = "to the centre" if name == "centre" else f"to the {name}"
             options = [f"move {ref} {to}", f"put {ref} {where}", f"{ref} should be {where}",
                        f"place {ref} {where} instead", f"{ref} goes {to} corner" if " " in name else f"move {ref} {to}"]
@@ -380,7 +398,7 @@ class _Builder:
                             "target_rank": order.index(1)}}
 
 
-def _marker_path(root: Path) -> Path:
+def marker_path(root: Path) -> Path:
     return root / "synthetic" / "world.json"
 
 
@@ -388,7 +406,7 @@ def world_record(root: str | os.PathLike) -> dict[str, Any] | None:
     """What :func:`make_world` recorded about the world under ``root`` (``{root}/synthetic/world.json``):
     ``{"params": ..., "stats": {"images": {split: n}, "queries": {split: n}, ...}, "path": the file}``; None
     when ``root`` holds no finished synthetic world (or the record is unreadable)."""
-    marker = _marker_path(Path(root))
+    marker = marker_path(Path(root))
     if not marker.is_file() or (Path(root) / "synthetic" / "GENERATING").exists():
         return None
     try:
@@ -399,7 +417,7 @@ def world_record(root: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _is_complete(root: Path, params: Mapping[str, Any]) -> bool:
-    marker = _marker_path(root)
+    marker = marker_path(root)
     if not marker.is_file() or (root / "synthetic" / "GENERATING").exists():
         return False
     try:
@@ -452,7 +470,7 @@ def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[st
     (root / "synthetic").mkdir(exist_ok=True)
     generating = root / "synthetic" / "GENERATING"
     generating.write_text(json.dumps(params))
-    marker = _marker_path(root)
+    marker = marker_path(root)
     if marker.exists():
         marker.unlink()
     for name in ("cirr", "train", "val", "test"):
@@ -471,7 +489,7 @@ def _add_duplicates(builder: _Builder, image_lists: dict[str, list[str]], config
     the same split or (with probability 1/2, when there is another split) from another split's
     original images. Uses its own random stream, so the rest of the world does not change.
     """
-    rng = random.Random(_seed_of("duplicates", seed))
+    rng = random.Random(seed_of("duplicates", seed))
     originals = {split: list(names) for split, names in image_lists.items()}
     copies: dict[str, str] = {}
     for split, names in image_lists.items():
@@ -537,7 +555,7 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             paths[split][name] = rel
             # a copy is rendered with its source's seed: the same pixels under another name
-            jobs.append((str(root / rel), builder.scenes[name]["objects"], _seed_of(seed, duplicates.get(name, name))))
+            jobs.append((str(root / rel), builder.scenes[name]["objects"], seed_of(seed, duplicates.get(name, name))))
     style = dict(image_size=config.image_size, position_jitter=config.position_jitter,
                  color_jitter=config.color_jitter, pixel_noise=config.pixel_noise)
     chunks = [(jobs[i:i + 500], style) for i in range(0, len(jobs), 500)]
@@ -568,17 +586,6 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
                               for n in range(config.min_objects, config.max_objects + 1)},
     }
     params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
-    atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
+    atomic_write_json(marker_path(root), {"params": params, "stats": stats})
     logger.info("synthetic world written to %s: %d images, %d queries", root, sum(stats["images"].values()),
                 sum(stats["queries"].values()))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cir_plugins.data.synthetic ...``: the same as ``cir-plugins world ...``."""
-    from ..cli import run_command
-
-    return run_command("world", None if argv is None else list(argv), prog="python -m cir_plugins.data.synthetic")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,12 +18,14 @@ import json
 import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..checks import check_positive_int
 from ..errors import ConfigError, DataError, explain
 
 __all__ = [
@@ -55,7 +57,7 @@ def position_name(row: int, col: int) -> str:
     return POSITIONS[row * 3 + col]
 
 
-def _position_phrase(row: int, col: int) -> str:
+def position_phrase(row: int, col: int) -> str:
     name = position_name(row, col)
     if name == "centre":
         return "in the centre"
@@ -71,7 +73,7 @@ def _object_phrase(obj: Mapping[str, Any]) -> str:
     article = "an" if text[0] in "aeiou" else "a"
     phrase = f"{article} {text}"
     if obj.get("row") is not None and obj.get("col") is not None:
-        phrase += " " + _position_phrase(obj["row"], obj["col"])
+        phrase += " " + position_phrase(obj["row"], obj["col"])
     return phrase
 
 
@@ -112,7 +114,7 @@ def describe_scene(objects: Sequence[Mapping[str, Any]], words: int | None = Non
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _seed_of(*parts: Any) -> int:
+def seed_of(*parts: Any) -> int:
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
@@ -192,8 +194,7 @@ class SyntheticCaptioner:
     def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0, words: int | None = None) -> None:
         if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
             raise ConfigError(explain("noise must be a probability in [0, 1]", got=noise))
-        if words is not None and (isinstance(words, bool) or not isinstance(words, int) or words < 2):
-            raise ConfigError(explain("words must be None or an int >= 2 (a word budget such as 8)", got=words))
+        check_positive_int("words", words, minimum=2, allow_none=True, fix="a word budget such as 8")
         self.root, self.noise, self.seed, self.words = Path(root), float(noise), int(seed), words
         self.scenes = load_scenes(root)
         self.name = f"synthetic-scene(noise={self.noise:g},seed={self.seed}" + (
@@ -206,7 +207,7 @@ class SyntheticCaptioner:
         scene = self.scenes[image_id]
         if self.noise == 0.0:
             return scene["caption"] if self.words is None else describe_scene(scene["objects"], words=self.words)
-        rng = random.Random(_seed_of("captioner", self.seed, image_id))
+        rng = random.Random(seed_of("captioner", self.seed, image_id))
         noisy = []
         for obj in scene["objects"]:
             obj = dict(obj)
@@ -298,7 +299,7 @@ class SyntheticRewriter:
             if sum(all(o.get(k) == obj[k] for k in keys) for o in scene) == 1:
                 return "the " + " ".join(obj[k] for k in keys)
         words = " ".join(obj[k] for k in ("color", "shape") if obj.get(k)) or "shape"
-        return f"the {words} {_position_phrase(obj['row'], obj['col'])}"
+        return f"the {words} {position_phrase(obj['row'], obj['col'])}"
 
     def edits(self, reference: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]]) -> list[str] | None:
         """Edit phrases turning ``reference`` into ``target`` (objects matched by cell), or None if unknown."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import DataError, explain
 
@@ -57,7 +58,8 @@ class Triplet:
                                     got=self.texts, fix="give at least one modification text"))
         for text in self.texts:
             if not isinstance(text, str) or not text.strip():
-                raise DataError(explain(f"Triplet({self.reference!r} -> {self.target!r}) has an empty or non-string text",
+                raise DataError(explain(f"Triplet({self.reference!r} -> {self.target!r}) has an empty or "
+                                        "non-string text",
                                         got=text, fix="drop the triplet or supply a non-empty text"))
         if self.source not in SOURCES:
             raise DataError(explain("Triplet.source is unknown", got=self.source, expected=SOURCES))

@@ -2,7 +2,8 @@
 
 A :class:`NegativeBank` holds one L2-normalised row per de-duplicated image (ids that are
 duplicates share a row: by default :meth:`NegativeBank.build` finds pixel-identical images itself, so
-a copy of a query's target is the target's own row, never a negative), resident on its device in a compact dtype (bf16 on CUDA, float32 on CPU
+a copy of a query's target is the target's own row, never a negative), resident on its device in a compact dtype (bf16
+on CUDA, float32 on CPU
 by default). It remembers a fingerprint of the target-side weights that made it, so a bank built
 by another model, or by changed weights, is refused (:class:`~cir_plugins.errors.BankMismatchError`)
 instead of silently training against stale negatives.
@@ -15,7 +16,7 @@ load and after a build (:mod:`cir_plugins.negatives.bank_format`).
 Building can resume: with ``cache_dir=`` every finished chunk of rows is written atomically as a
 shard ``rows-<start>-<count>-<key>.safetensors``; a build that was killed picks the finished shards
 up and encodes only the rest. A shard is reused only when everything that changes a row matches
-(:meth:`_ShardCache.key`): the target-side weights' fingerprint, the representative ids, the bank
+(:meth:`ShardCache.key`): the target-side weights' fingerprint, the representative ids, the bank
 dtype, the similarity, the device type (autocast), the images' preprocessing (an ImageStore's
 ``preprocessing()``: transform, size, normalisation) and each image file's size and modification
 time. A plain mapping of tensors has no description: its shards are keyed on its ids only.
@@ -26,7 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +37,25 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .. import protocol
-from .._atomic import atomic_write_bytes  # re-exported: the package's one atomic writer
+from .._atomic import atomic_write_bytes
 from .._console import progress_bar
-from .._utils import eval_mode, model_device
-from ..checks import require_images
+from .._utils import eval_mode, model_device, shard_rows
+from ..checks import check_positive_int, dtype_name, require_images
+from ..data.dedup import find_duplicates, group_rows
 from ..errors import BankMismatchError, ConfigError, DataError, NonFiniteError, ShapeError, explain
-from .bank_format import (FORMAT, UNIT_TOLERANCE, VERSION, _check_unit_rows, _checksum,  # noqa: F401 (re-exported)
-                          _dtype_name, _resolve_dtype, _ShardCache, bank_preprocessing, read_bank_file)
+from .bank_format import (
+    FORMAT,
+    VERSION,
+    ShardCache,
+    bank_preprocessing,
+    check_unit_rows,
+    checksummed_metadata,
+    read_bank_file,
+    resolve_bank_dtype,
+)
+from .distributed import BankShard
 
-__all__ = ["NegativeBank", "exclusion_rows", "atomic_write_bytes", "probe_split", "FORMAT", "VERSION",
-           "UNIT_TOLERANCE"]
+__all__ = ["NegativeBank", "exclusion_rows", "probe_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +151,15 @@ class NegativeBank:
 
     Build with :meth:`build`, persist with :meth:`save` / :meth:`load`. ``ids`` lists every image id
     the bank covers (duplicates included); ``row_of(id)`` gives its row.
+
+    A bank loaded with ``load(path, shard=(rank, world))`` holds only that rank's rows: ``embeddings`` is the
+    slice ``[shard.row_offset, shard.row_offset + n_local)`` and ``shard`` says where it sits; ids and rows stay
+    global (``len(bank)`` is the whole bank's N), which is what the sharded loss takes.
     """
 
     def __init__(self, embeddings: Tensor, ids: Sequence[str], rows: Sequence[int], *,
-                 similarity: str, fingerprint: str, preprocessing: Mapping[str, Any] | None = None) -> None:
+                 similarity: str, fingerprint: str, preprocessing: Mapping[str, Any] | None = None,
+                 shard: BankShard | None = None) -> None:
         """Low-level constructor; prefer :meth:`build` or :meth:`load`.
 
         Args:
@@ -155,6 +171,7 @@ class NegativeBank:
             preprocessing: what the images were made with (an ImageStore's ``preprocessing()``: transform,
                 size, normalisation), saved with the bank so that a command using other preprocessing is
                 refused; None when unknown (a plain mapping of tensors, a bank saved before banks recorded it).
+            shard: for a slice of a bank, its place (``row_offset``, ``n_total``); None = the whole bank.
         """
         if not torch.is_tensor(embeddings) or embeddings.dim() not in (2, 3):
             raise ShapeError(explain("bank embeddings must be (N, D) or (N, T, D)",
@@ -173,7 +190,10 @@ class NegativeBank:
         dupes = _repeated(ids)
         if dupes:
             raise DataError(explain("bank ids must be unique", got=dupes[:5]))
-        n = embeddings.shape[0]
+        n = embeddings.shape[0] if shard is None else shard.n_total
+        if shard is not None and not 0 <= shard.row_offset <= shard.row_offset + embeddings.shape[0] <= n:
+            raise DataError(explain("the bank slice lies outside the bank", got=(shard.row_offset, embeddings.shape[0]),
+                                    expected=f"rows within [0, {n})"))
         if rows and (min(rows) < 0 or max(rows) >= n):
             raise DataError(explain("bank rows out of range", got=(min(rows), max(rows)), expected=f"[0, {n})"))
         if set(rows) != set(range(n)):
@@ -185,11 +205,12 @@ class NegativeBank:
         self.similarity = similarity
         self.fingerprint = str(fingerprint)
         self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+        self.shard = shard
 
     # ---------------------------------------------------------------------------------------- views
     def __len__(self) -> int:
-        """Number of rows N (de-duplicated images)."""
-        return int(self.embeddings.shape[0])
+        """Number of rows N (de-duplicated images) of the whole bank, a slice's too."""
+        return int(self.embeddings.shape[0]) if self.shard is None else self.shard.n_total
 
     def __repr__(self) -> str:
         return (f"NegativeBank(rows={len(self)}, ids={len(self.ids)}, shape={tuple(self.embeddings.shape)}, "
@@ -224,15 +245,15 @@ class NegativeBank:
                                     fix="build the bank over the split that holds these images"))
         return torch.tensor([self._row_of[i] for i in image_ids], dtype=torch.long, device=self.device)
 
-    def to(self, device: Any = None, dtype: Any = None) -> "NegativeBank":
+    def to(self, device: Any = None, dtype: Any = None) -> NegativeBank:
         """A bank with the embeddings on ``device`` (and in ``dtype``); self when nothing changes."""
         device = torch.device(device) if device is not None else self.device
-        dtype = _resolve_dtype(dtype, device) if dtype is not None else self.dtype
+        dtype = resolve_bank_dtype(dtype, device) if dtype is not None else self.dtype
         if device == self.device and dtype == self.dtype:
             return self
         moved = self.embeddings.to(device=device, dtype=dtype)
-        return NegativeBank(moved, self.ids, [self._row_of[i] for i in self.ids],
-                            similarity=self.similarity, fingerprint=self.fingerprint, preprocessing=self.preprocessing)
+        return NegativeBank(moved, self.ids, [self._row_of[i] for i in self.ids], similarity=self.similarity,
+                            fingerprint=self.fingerprint, preprocessing=self.preprocessing, shard=self.shard)
 
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata (all strings), its ``checksum`` included."""
@@ -241,15 +262,14 @@ class NegativeBank:
             "version": VERSION,
             "ids": json.dumps(self.ids),
             "rows": json.dumps([self._row_of[i] for i in self.ids]),
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "similarity": self.similarity,
             "shape": json.dumps(list(self.embeddings.shape)),
             "fingerprint": self.fingerprint,
         }
         if self.preprocessing is not None:
             meta["preprocessing"] = json.dumps(self.preprocessing, sort_keys=True)
-        meta["checksum"] = _checksum(self.embeddings, meta)
-        return meta
+        return checksummed_metadata(self.embeddings, meta)
 
     # ---------------------------------------------------------------------------------------- checks
     def check_compatible(self, model: Any, *, sample: Tensor | None = None,
@@ -293,18 +313,18 @@ class NegativeBank:
               device: Any = None,
               dtype: Any = None, num_workers: int = 0, show_progress: bool = True,
               cache_dir: str | os.PathLike | None = None, split: protocol.ParameterSplit | None = None,
-              ) -> "NegativeBank":
+              ) -> NegativeBank:
         """Encode every image once with ``model.encode_image`` (no_grad, eval mode).
 
         Args:
             model: a CIR model (its target side makes the rows).
             image_ids: the ids to cover, unique.
             images: id -> preprocessed image (C, H, W).
-            groups: id -> duplicate-group id (from positives.dedup, e.g. the augmenter's groups); ids
+            groups: id -> duplicate-group id (from data.dedup, e.g. the augmenter's groups); ids
                 of one group share a row, encoded once from the group's first id. Ids absent from
                 ``groups`` are their own group.
             dedup: when ``groups`` is None, find the groups here: pixel-identical images
-                (:func:`cir_plugins.positives.dedup.find_duplicates`: decoded pixels through the
+                (:func:`cir_plugins.data.dedup.find_duplicates`: decoded pixels through the
                 mapping's ``load_pil`` when it has one, as an ImageStore does, else the image tensors'
                 exact values). Default on (the method de-duplicates before stage 2); False = one row
                 per id. Ignored when ``groups`` is given.
@@ -327,35 +347,22 @@ class NegativeBank:
             raise DataError(explain("image ids must be non-empty strings", got=bad[:5]))
         dupes = _repeated(image_ids)
         if dupes:
-            raise DataError(explain("image ids repeat", got=dupes[:5], fix="pass each id once; use groups= for duplicates"))
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(explain("batch_size must be a positive int", got=batch_size))
+            raise DataError(explain("image ids repeat", got=dupes[:5],
+                                    fix="pass each id once; use groups= for duplicates"))
+        check_positive_int("batch_size", batch_size)
         device = torch.device(device) if device is not None else model_device(model)
-        dtype = _resolve_dtype(dtype, device)
+        dtype = resolve_bank_dtype(dtype, device)
         similarity = protocol.similarity_of(model)
         if groups is None and dedup:
-            from ..positives.dedup import find_duplicates  # noqa: PLC0415 (positives does not import negatives)
-
             groups = find_duplicates(image_ids, images, show_progress=show_progress)
-        groups = dict(groups or {})
-
-        # one representative (the first id met) per group; row r <-> representatives[r]
-        row_of_group: dict[str, int] = {}
-        representatives: list[str] = []
-        rows: list[int] = []
-        for image_id in image_ids:
-            group = groups.get(image_id, f"\0{image_id}")
-            if group not in row_of_group:
-                row_of_group[group] = len(representatives)
-                representatives.append(image_id)
-            rows.append(row_of_group[group])
+        representatives, rows = group_rows(image_ids, groups)  # row r <-> representatives[r]
         require_images(images, representatives)
 
         if split is None:
             split = probe_split(model, images[representatives[0]].unsqueeze(0).to(device))
         fingerprint = protocol.target_fingerprint(model, split)
 
-        shards = (_ShardCache(cache_dir, _ShardCache.key(representatives, images, fingerprint=fingerprint,
+        shards = (ShardCache(cache_dir, ShardCache.key(representatives, images, fingerprint=fingerprint,
                                                          dtype=dtype, similarity=similarity, device=device))
                   if cache_dir is not None else None)
         done = shards.load(device) if shards is not None else {}
@@ -400,7 +407,7 @@ class NegativeBank:
                     pending = []
         _raise_non_finite(deferred, representatives, todo)
         embeddings = torch.stack([out[r].to(device=device, dtype=dtype) for r in range(len(representatives))])
-        _check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
+        check_unit_rows(embeddings, f"the bank built from {len(image_ids)} ids"
                          + (f" (shard cache {cache_dir})" if done else ""), representatives)
         describe = getattr(images, "preprocessing", None)
         bank = cls(embeddings, image_ids, rows, similarity=similarity, fingerprint=fingerprint,
@@ -411,19 +418,32 @@ class NegativeBank:
     # ---------------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file (tensor ``embeddings`` + string metadata), atomically."""
+        if self.shard is not None:
+            raise ConfigError(explain("a slice of a bank cannot be saved as a bank", got=self.shard,
+                                      fix="save the whole bank (load it without shard=)"))
         data = save({"embeddings": self.embeddings.detach().to("cpu").contiguous()}, metadata=self.metadata())
         atomic_write_bytes(path, data)
         logger.info("saved %r to %s", self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: Any = "cpu", dtype: Any = None) -> "NegativeBank":
-        """Read a bank written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``)."""
-        embeddings, ids, rows, meta = read_bank_file(path)
+    def load(cls, path: str | os.PathLike, *, device: Any = "cpu", dtype: Any = None,
+             shard: tuple[int, int] | None = None) -> NegativeBank:
+        """Read a bank written by :meth:`save` onto ``device`` (in its saved dtype unless ``dtype``).
+
+        ``shard=(rank, world)`` reads only that rank's rows ``shard_rows(N, rank, world)`` (safetensors' slice
+        access; only the checksum blocks it touches are verified), so each rank of a torchrun job holds about
+        N / world rows in host memory instead of the whole file.
+        """
+        embeddings, ids, rows, meta = read_bank_file(path, shard=shard)
+        place = None
+        if shard is not None:
+            n_total = json.loads(meta["shape"])[0]
+            place = BankShard(shard_rows(n_total, *shard)[0], n_total)
         embeddings = embeddings.to(torch.device(device))
         if dtype is not None:
-            embeddings = embeddings.to(_resolve_dtype(dtype, embeddings.device))
+            embeddings = embeddings.to(resolve_bank_dtype(dtype, embeddings.device))
         return cls(embeddings, ids, rows, similarity=meta["similarity"], fingerprint=meta["fingerprint"],
-                   preprocessing=bank_preprocessing(meta, path))
+                   preprocessing=bank_preprocessing(meta, path), shard=place)
 
 
 def exclusion_rows(bank: NegativeBank, triplets: Sequence[Any]) -> Tensor:

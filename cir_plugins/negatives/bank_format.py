@@ -17,7 +17,7 @@ multi-vector row's tokens are each unit length or all-zero padding, at least one
 checks its rows the same way. With ``span=`` or ``shard=`` it reads only those rows (safetensors' slice
 access: host memory holds the slice and at most two partial blocks) and verifies the blocks it touches; a file
 without block checksums is verified whole by streaming it from disk in chunks (host memory stays at the slice,
-the time is that of reading the whole file), with a warning to re-save it. :class:`_ShardCache` holds the
+the time is that of reading the whole file), with a warning to re-save it. :class:`ShardCache` holds the
 finished chunks of a resumable build. :mod:`cir_plugins.negatives.bank` re-exports the public names.
 """
 
@@ -28,8 +28,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -37,10 +38,13 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from .._atomic import atomic_write_bytes
+from .._utils import shard_rows
+from ..checks import dtype_from_name, dtype_name
 from ..errors import ConfigError, DataError, explain
 
-__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "BLOCK_ROWS", "read_bank_file", "bank_preprocessing",
-           "read_bank_header", "checksummed_metadata"]
+__all__ = ["FORMAT", "VERSION", "UNIT_TOLERANCE", "BLOCK_ROWS", "BANK_DTYPES", "read_bank_file",
+           "read_bank_header", "bank_preprocessing", "checksummed_metadata", "checksum", "check_unit_rows",
+           "resolve_bank_dtype", "ShardCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +53,18 @@ VERSION = "2"  # 2: metadata holds a checksum (version-1 files load with a warni
 #: largest allowed | ||row|| - 1 | of a bank row, by dtype (rows are normalised in float32, then cast)
 UNIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 _REQUIRED_META = ("format", "version", "ids", "rows", "dtype", "similarity", "shape", "fingerprint")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' dtype names
 #: rows per block checksum written by :func:`checksummed_metadata` (recorded in each file as ``block_rows``)
 BLOCK_ROWS = 4096
 _BLOCK_KEYS = ("block_rows", "block_checksums", "header_checksum")
 
 
-def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+def resolve_bank_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """A bank's dtype from a name or torch dtype; None = bf16 on CUDA, float32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ConfigError(explain("unknown bank dtype", got=dtype, expected=sorted(_DTYPES)))
-        return _DTYPES[dtype]
-    if dtype not in _DTYPES.values():
-        raise ConfigError(explain("unsupported bank dtype", got=dtype, expected=sorted(_DTYPES)))
-    return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in _DTYPES.items()}[dtype]
+    return dtype_from_name(dtype, allowed=BANK_DTYPES, what="bank dtype")
 
 
 def _feed(digest: Any, tensor: Tensor) -> Any:
@@ -85,7 +80,7 @@ def _meta_digest(meta: Mapping[str, str], leave_out: Sequence[str] = ("checksum"
     return hashlib.sha256(json.dumps({k: v for k, v in sorted(meta.items()) if k not in leave_out}).encode())
 
 
-def _checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
+def checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
     """SHA-256 over the metadata entries (but ``checksum``) and the embeddings' bytes, as stored."""
     return _feed(_meta_digest(meta), embeddings).hexdigest()
 
@@ -112,11 +107,11 @@ def checksummed_metadata(embeddings: Tensor, meta: Mapping[str, str], *,
     meta["block_checksums"] = json.dumps([_feed(hashlib.sha256(), embeddings[s:s + block_rows]).hexdigest()
                                           for s in range(0, embeddings.shape[0], block_rows)])
     meta["header_checksum"] = _meta_digest(meta, ("checksum", "header_checksum")).hexdigest()
-    meta["checksum"] = _checksum(embeddings, meta)
+    meta["checksum"] = checksum(embeddings, meta)
     return meta
 
 
-def _check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, str] | Sequence[str] = ()) -> None:
+def check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, str] | Sequence[str] = ()) -> None:
     """DataError unless every row is unit length (dot) or every token unit length or all-zero padding with at
     least one real token (max_token), within UNIT_TOLERANCE of the dtype; checked in chunks of rows. The error
     names the rows, and their image ids when ``ids_of_rows`` (row -> id) is given."""
@@ -148,7 +143,6 @@ def _span(n: int, span: Any, shard: Any) -> tuple[int, int] | None:
     if span is not None and shard is not None:
         raise ConfigError(explain("pass span=(start, stop) or shard=(rank, world), not both", got=(span, shard)))
     if shard is not None:
-        from .distributed import shard_rows  # noqa: PLC0415 (the package's one rule for a rank's rows)
 
         if not (isinstance(shard, (tuple, list)) and len(shard) == 2):
             raise ConfigError(explain("shard must be (rank, world)", got=shard, fix="pass (rank, world_size)"))
@@ -173,7 +167,7 @@ def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = No
     """(embeddings on the CPU, ids, rows, metadata) of a bank file that passes every check of the module doc.
 
     ``span=(start, stop)`` reads only rows [start, stop); ``shard=(rank, world)`` reads the rank's rows
-    ``shard_rows(N, rank, world)`` (:mod:`cir_plugins.negatives.distributed`), N = ``json.loads(meta["shape"])[0]``.
+    ``shard_rows(N, rank, world)`` (:func:`cir_plugins._utils.shard_rows`), N = ``json.loads(meta["shape"])[0]``.
     The embeddings are then those rows alone; ``ids`` and ``rows`` stay the whole bank's (rows are global: a
     query's target may sit in another rank's slice). Verified: the header and the blocks the slice touches when
     the file has block checksums, else the whole file, streamed (see the module doc).
@@ -204,7 +198,7 @@ def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = No
                 logger.warning("%s was written before banks carried a checksum: its content cannot be verified; "
                                "re-save it (NegativeBank.load(path).save(path))", path)
             elif bounds is None:
-                if _checksum(embeddings, meta) != meta["checksum"]:
+                if checksum(embeddings, meta) != meta["checksum"]:
                     raise _corrupt(path, whole, meta["checksum"][:16])
             else:
                 logger.warning("%s has no block checksums: verifying the whole file to read rows %s (re-save it "
@@ -223,7 +217,7 @@ def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = No
         raise DataError(explain("the bank file is not a readable safetensors file", got=f"{path}: {error}",
                                 fix="rebuild the bank")) from error
     start, stop = bounds if bounds is not None else (0, shape[0])
-    _check_unit_rows(embeddings, str(path) + (f" (rows counted from row {start})" if start else ""),
+    check_unit_rows(embeddings, str(path) + (f" (rows counted from row {start})" if start else ""),
                      {r - start: i for i, r in reversed(list(zip(ids, rows))) if start <= r < stop})
     return embeddings, ids, rows, meta
 
@@ -315,7 +309,7 @@ def bank_preprocessing(meta: Mapping[str, str], path: str | os.PathLike) -> dict
     return value
 
 
-class _ShardCache:
+class ShardCache:
     """Finished chunks of bank rows on disk, so a killed build resumes.
 
     Each shard ``rows-<first>-<count>-<key hash>.safetensors`` holds ``rows`` (k,) and ``embeddings``;
@@ -348,7 +342,7 @@ class _ShardCache:
                     stamps.update(f"{image_id}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
                 except (OSError, KeyError, ValueError):  # unreadable now: the build itself will say so
                     stamps.update(f"{image_id}\0?\n".encode())
-        return {"fingerprint": fingerprint, "dtype": _dtype_name(dtype), "similarity": similarity,
+        return {"fingerprint": fingerprint, "dtype": dtype_name(dtype), "similarity": similarity,
                 "device": torch.device(device).type, "preprocessing": preprocessing,
                 "ids": hashlib.blake2b("\n".join(representatives).encode(), digest_size=8).hexdigest(),
                 "files": stamps.hexdigest() if callable(path_of) else None}

@@ -35,8 +35,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -250,7 +251,8 @@ class FaissIndex:
             (exclusions, or an IVF search that visited too few lists), the tail is -inf / -1.
         """
         if not torch.is_tensor(query) or query.dim() != 2 or query.shape[1] != self.dim:
-            raise ShapeError(explain("query must be (Q, D) with the index's D", got=getattr(query, "shape", type(query)),
+            raise ShapeError(explain("query must be (Q, D) with the index's D", got=getattr(query, "shape",
+                                                                                            type(query)),
                                      expected=f"(Q, {self.dim})"))
         n = len(self)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
@@ -295,7 +297,7 @@ class FaissIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FaissIndex":
+    def load(cls, path: str | os.PathLike) -> FaissIndex:
         """Read an index written by :meth:`save`; DataError naming the file (and the entry) when it is missing,
         edited or malformed. Check it against the bank it is used with: :meth:`check_bank`."""
         faiss = _faiss()
@@ -333,7 +335,8 @@ class FaissIndex:
             raise DataError(explain("FAISS cannot read this index file", got=f"{path}: {str(error).strip()[-200:]}",
                                     fix="export the index again")) from error
         if int(index.ntotal) != meta["rows"] or int(index.d) != meta["dim"]:
-            raise DataError(explain("the FAISS index disagrees with its metadata", got=(int(index.ntotal), int(index.d)),
+            raise DataError(explain("the FAISS index disagrees with its metadata", got=(int(index.ntotal),
+                                                                                        int(index.d)),
                                     expected=(meta["rows"], meta["dim"]), fix="export the index again"))
         return cls(index, kind=meta["kind"], factory=meta["factory"], ids=meta["ids"], rows=meta["id_rows"],
                    fingerprint=meta["fingerprint"], bank_checksum=meta["bank_checksum"], nprobe=meta.get("nprobe"),

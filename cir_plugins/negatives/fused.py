@@ -1,13 +1,13 @@
-"""The Triton backend of the bank-softmax statistics (:mod:`cir_plugins.negatives.loss`).
+"""The Triton backend of the bank-softmax statistics (``bank_contrastive_loss(..., backend="triton")``).
 
 The kernel streams the bank once and returns, per query, the statistics of
-:class:`~cir_plugins.negatives.loss.BankStats` (max logit ``m``, ``z = sum exp(l - m)``,
+:class:`~cir_plugins.negatives.core.BankStats` (max logit ``m``, ``z = sum exp(l - m)``,
 ``t = sum exp(l - m) s``, ``w = sum exp(l - m) b``). Each program owns a block of queries, one
 split of the bank rows and one chunk of the embedding columns, and keeps the online running state;
 the per-split partials are merged by ``BankStats.combine`` (a (S, B, D) reduction, tiny next to the
 bank). Parallelism comes from splitting N (B is small, N is huge). Row offsets are computed in
 int64 so banks with more than 2**31 elements work. The loss, the target term and the backward are
-the library's one implementation in :mod:`cir_plugins.negatives.loss`.
+the library's one implementation in :mod:`cir_plugins.negatives.core`.
 
 Precision: logits and all accumulators are float32. For a bf16/fp16 bank and a float32 query the
 query is split into ``hi + lo`` halves in the bank's dtype and both are multiplied (likewise the
@@ -19,7 +19,7 @@ the tensor-core work). A float32 bank is multiplied in IEEE float32.
 ``precision="two_pass"`` rounds like "fast" but splits the work in two passes so that each logit tile
 is computed once per pass instead of once per column chunk of ``w``: pass 1 is the kernel without
 the ``w`` accumulator (max, normaliser and ``t`` only); pass 2 recomputes the logits chunk by chunk
-of the bank (``_softmax_weights_kernel``), writes the chunk's softmax weights ``exp(l - m)`` in the
+of the bank (``softmax_weights_kernel``), writes the chunk's softmax weights ``exp(l - m)`` in the
 bank's dtype (a (B, chunk * T) block of ``TWO_PASS_CHUNK_BYTES``) and lets one cuBLAS GEMM with float32
 accumulation add them up against the chunk (batched over slices of ``TWO_PASS_GEMM_SLICE`` bank rows,
 so the small (B, D) output still fills the GPU). About three B x N x D products in all against the
@@ -30,11 +30,9 @@ tokens of each bank tile, keeps the best score and the winning token per (query,
 each row's winning token to ``w`` (one masked product per token), so the batch is never looped
 over in Python.
 
-Public entry points:
-
-* :func:`fused_available` ``(query, bank, similarity="dot") -> bool``
-* :func:`fused_dot_bank_partials` the statistics (checked); :func:`bank_partials` unchecked
-* :func:`fused_dot_bank_loss` / :func:`fused_max_token_bank_loss` the loss on this backend
+Public names: :func:`fused_available` ``(query, bank, similarity="dot") -> bool`` and
+:func:`bank_partials`, the statistics on inputs that ``bank_contrastive_loss(..., backend="triton")``
+has validated (``tiles`` overrides the tile sizes for benchmarks/fused_tune.py).
 
 The jit kernels live in :mod:`cir_plugins.negatives.fused_kernels`; this module is their host side.
 
@@ -49,29 +47,20 @@ import os
 
 import torch
 
-from ..checks import as_temperature, check_embeddings, check_not_excluded, check_rows, settle
 from ..errors import ConfigError, explain
-from ..metrics import _mm_fp32_out
-from .fused_kernels import _OUT_OF_RESOURCES, _TRITON_ERROR, triton
-from .loss import PRECISIONS, BankStats, sharded_loss
+from ..similarity import mm_fp32_out
+from .core import BankStats
+from .fused_kernels import OUT_OF_RESOURCES, triton
 
 if triton is not None:  # the jit kernels exist only where triton imported
-    from .fused_kernels import _bank_partials_kernel, _softmax_weights_kernel
+    from .fused_kernels import bank_partials_kernel, softmax_weights_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BankStats",
-    "bank_partials",
-    "fused_available",
-    "fused_dot_bank_loss",
-    "fused_dot_bank_partials",
-    "fused_max_token_bank_loss",
-    "triton_importable",
-]
+__all__ = ["bank_partials", "fused_available", "triton_importable"]
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PRECISIONS = PRECISIONS
+
 
 
 def triton_importable() -> bool:
@@ -86,10 +75,10 @@ def _interpreting() -> bool:
 def fused_available(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot") -> bool:
     """Whether the fused kernel can run on these tensors.
 
-    True when both are CUDA tensors on the same device, triton is importable, ``query`` is
-    (B, D) and ``bank`` is (N, D) for ``similarity="dot"`` (or (N, T, D) for ``"max_token"``) with
-    the same D, bank and query are float32/bf16/fp16, and ``CIR_PLUGINS_DISABLE_FUSED`` is not
-    set. Never raises.
+    True when both are CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``) on the same device, triton is
+    importable, ``query`` is (B, D) and ``bank`` is (N, D) for ``similarity="dot"`` (or (N, T, D) for
+    ``"max_token"``) with the same D, bank and query are float32/bf16/fp16, and ``CIR_PLUGINS_DISABLE_FUSED``
+    is not set. Never raises.
     """
     if os.environ.get("CIR_PLUGINS_DISABLE_FUSED", "0") not in ("", "0"):
         return False
@@ -97,7 +86,7 @@ def fused_available(query: torch.Tensor, bank: torch.Tensor, similarity: str = "
         return False
     if not (isinstance(query, torch.Tensor) and isinstance(bank, torch.Tensor)):
         return False
-    if not (query.is_cuda and bank.is_cuda and query.device == bank.device):
+    if query.device != bank.device or not (query.is_cuda or _interpreting()):  # the interpreter runs on CPU
         return False
     want = {"dot": 2, "max_token": 3}.get(similarity)
     if query.dim() != 2 or bank.dim() != want or query.shape[1] != bank.shape[-1]:
@@ -174,29 +163,6 @@ def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = N
                 splits=splits, tiles_per_split=tiles_per_split, num_warps=num_warps, num_stages=num_stages)
 
 
-def _check_inputs(query, bank, temperature, exclude_rows, precision, similarity, target_rows=None) -> torch.Tensor:
-    """The library's validators (shared with the loss and the metrics) plus what only the kernel needs, in one
-    host sync (with ``target_rows``, also theirs); returns the temperature as a float32 0-dim tensor."""
-    if triton is None:
-        raise ConfigError(explain("the fused bank loss needs triton, which did not import", got=_TRITON_ERROR,
-                                  fix="install triton (it ships with CUDA builds of torch) or use the chunked path"))
-    if precision not in _PRECISIONS:
-        raise ConfigError(explain("unknown precision", got=precision, expected=_PRECISIONS,
-                                  fix="use 'exact' (default), 'fast' or 'two_pass'"))
-    checks = check_embeddings(query, bank, similarity, what="bank", dtypes=_BANK_DTYPES, finite_rows=False)
-    checks += check_rows("exclude_rows", exclude_rows, query.shape[0], bank.shape[0], query.device, padded=True,
-                         queries="B")
-    if target_rows is not None:
-        checks += check_rows("target_rows", target_rows, query.shape[0], bank.shape[0], query.device, padded=False,
-                             queries="B")
-        checks += check_not_excluded(target_rows, exclude_rows)
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.reshape(())  # a 1-element tensor is accepted here
-    tau, tau_checks = as_temperature(temperature, query)  # float32: the query is never float64 here
-    settle(checks + tau_checks)
-    return tau
-
-
 def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str, tiles=None):
     """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None.
 
@@ -224,7 +190,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         launch = {"num_warps": cfg["num_warps"]}
         if cfg["num_stages"] is not None:
             launch["num_stages"] = cfg["num_stages"]
-        _bank_partials_kernel[grid](
+        bank_partials_kernel[grid](
             qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"], K=k, MULTI=multi,
             SPLIT_Q=split_q, SPLIT_P=split_p, NEED_W=need_w, IEEE=ieee,
             # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
@@ -234,7 +200,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
 
     try:
         return run(cfg)
-    except _OUT_OF_RESOURCES as exc:
+    except OUT_OF_RESOURCES as exc:
         # the built-in 128-query tiles were tuned on an H200 (232 KB of shared memory per block); a GPU
         # with less gets the 64-query tiles, which need about half
         if tiles is not None or cfg["BLOCK_B"] <= 64:
@@ -286,12 +252,12 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     size = TWO_PASS_GEMM_SLICE
     slices = p.shape[1] // size if size else 0
     if slices < 2 or (p.is_cuda and not _BMM_OUT_DTYPE):
-        return _mm_fp32_out(p, g)
+        return mm_fp32_out(p, g)
     whole = slices * size
     a = p[:, :whole].unflatten(1, (slices, size)).transpose(0, 1)  # (S, B, size), a strided view
     out = _bmm_fp32_out(a, g[:whole].view(slices, size, g.shape[1])).sum(0)  # (S, B, D) -> (B, D)
     if whole < p.shape[1]:
-        out += _mm_fp32_out(p[:, whole:], g[whole:])
+        out += mm_fp32_out(p[:, whole:], g[whole:])
     return out
 
 
@@ -336,7 +302,7 @@ def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=N
         c = min(rows, n - start)
         num_qb = triton.cdiv(bsz, cfg["BLOCK_B"])
         grid = (triton.cdiv(c, cfg["BLOCK_N"]) * num_qb,)
-        _softmax_weights_kernel[grid](
+        softmax_weights_kernel[grid](
             qh, bank, excl, tau, m, weights, bsz, n, dim, tokens, start, c, weights.stride(0), num_qb, K=k,
             MULTI=multi,
             IEEE=bank.dtype == torch.float32, UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
@@ -349,7 +315,7 @@ def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=N
 
 def bank_partials(query, bank, temperature, exclude_rows=None, *, need_w=True, precision="exact",
                   tiles=None, weight_tiles=None) -> BankStats:
-    """The Triton backend of :func:`cir_plugins.negatives.loss.bank_stats` on validated inputs: the
+    """The Triton backend of the bank statistics on inputs the loss has validated: the
     kernel's per-split partials merged by :meth:`BankStats.combine`. float32, no autograd history."""
     with torch.no_grad():
         if precision != "two_pass":
@@ -363,62 +329,3 @@ def bank_partials(query, bank, temperature, exclude_rows=None, *, need_w=True, p
         if need_w:  # pass 2: the logits again, chunk by chunk, into bf16 weights and one GEMM per chunk
             stats.w = _two_pass_weighted_sum(query, bank, temperature, exclude_rows, stats.m, tiles=weight_tiles)
         return stats
-
-
-def fused_dot_bank_partials(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    temperature: torch.Tensor,
-    exclude_rows: torch.Tensor | None = None,
-    *,
-    need_w: bool = True,
-    precision: str = "exact",
-    tiles: dict | None = None,
-) -> BankStats:
-    """Softmax statistics of ``sim(query, bank) / temperature`` in one pass over the bank (checked).
-
-    Args:
-        query: (B, D) float32/bf16/fp16.
-        bank: (N, D) float32/bf16/fp16 for dot similarity, or (N, T, D) for the max over the T
-            tokens (then ``w`` sums each row's winning token); made contiguous.
-        temperature: 0-dim (or 1-element) float tensor, > 0.
-        exclude_rows: (B, K) int64 rows of ``bank`` to leave out for each query, -1 = padding.
-        need_w: also accumulate ``w = sum_j exp(l_j - m) b_j`` (B, D) for the query gradient.
-        precision: "exact" (float32-grade products over a half bank), "fast" or "two_pass" (the products
-            of "fast" in two passes, ``w`` from bf16 softmax weights and one GEMM per bank chunk).
-        tiles: tile-size overrides for tuning, any of BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_DV (powers of
-            two, at least 16), num_warps, num_stages, programs_per_sm (used by
-            benchmarks/fused_tune.py); None = the built-in choice.
-
-    Returns:
-        :class:`~cir_plugins.negatives.loss.BankStats` with no autograd history.
-    """
-    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, "dot" if bank.dim() == 2 else "max_token")
-    return bank_partials(query, bank, tau, exclude_rows, need_w=need_w, precision=precision, tiles=tiles)
-
-
-def fused_dot_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor, temperature: torch.Tensor,
-                        exclude_rows: torch.Tensor | None = None, *, precision: str = "exact") -> torch.Tensor:
-    """Mean over queries of ``-log softmax(query @ bank.T / temperature)[target]`` on the Triton backend.
-
-    query (B, D) float32/bf16/fp16, may require grad; bank (N, D) float32/bf16/fp16, never receives a
-    gradient; target_rows (B,) int64; temperature 0-dim float tensor, may require grad; exclude_rows
-    (B, K) int64, -1 padded, or None; precision "exact" (default), "two_pass" or "fast" (query and weights
-    rounded once to a half bank's dtype; about 2x fewer tensor-core operations). Returns the 0-dim
-    float32 loss: :func:`cir_plugins.negatives.loss.bank_contrastive_loss` with the kernel's statistics.
-    """
-    return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "dot")
-
-
-def fused_max_token_bank_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
-                              temperature: torch.Tensor, exclude_rows: torch.Tensor | None = None, *,
-                              precision: str = "exact") -> torch.Tensor:
-    """:func:`fused_dot_bank_loss` for multi-vector banks (N, T, D): score = max over T of ``q . b_t``; the
-    query gradient flows through each row's winning token, as autograd through ``amax`` does (ties aside)."""
-    return _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, "max_token")
-
-
-def _fused_loss(query, bank, target_rows, temperature, exclude_rows, precision, similarity):
-    tau = _check_inputs(query, bank, temperature, exclude_rows, precision, similarity, target_rows)
-    return sharded_loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend="triton",
-                        precision=precision)

@@ -1,10 +1,10 @@
 """The Triton device code of the fused bank-softmax statistics: the jit kernels and their jit helpers.
 
-:mod:`cir_plugins.negatives.fused` is the host side (availability, input checks, tile choice, launches, the
+:mod:`cir_plugins.negatives.fused` is the host side (availability, tile choice, launches, the
 two-pass GEMM) and describes the algorithm and its precisions; this module holds only what triton compiles:
-``_bank_partials_kernel`` (one pass over the bank: max logit, normaliser, ``t`` and, when asked, ``w``) and
-``_softmax_weights_kernel`` (pass 2 of precision "two_pass": a bank chunk's softmax weights). Without triton
-(a CPU-only install) it defines no kernels and ``triton`` is None; ``_TRITON_ERROR`` says why.
+``bank_partials_kernel`` (one pass over the bank: max logit, normaliser, ``t`` and, when asked, ``w``) and
+``softmax_weights_kernel`` (pass 2 of precision "two_pass": a bank chunk's softmax weights). Without triton
+(a CPU-only install) it defines no kernels and ``triton`` is None; ``TRITON_ERROR`` says why.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ try:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
     import triton.language as tl
 
-    _TRITON_ERROR: str | None = None
+    TRITON_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the install
     triton = None
     tl = None
-    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+    TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 class _NoSuchError(Exception):
@@ -25,9 +25,9 @@ class _NoSuchError(Exception):
 
 
 try:
-    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+    from triton.runtime.errors import OutOfResources as OUT_OF_RESOURCES
 except ImportError:  # pragma: no cover - no triton, or another layout
-    _OUT_OF_RESOURCES = _NoSuchError
+    OUT_OF_RESOURCES = _NoSuchError
 
 
 if triton is not None:
@@ -114,7 +114,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _bank_partials_kernel(
+    def bank_partials_kernel(
         qh_ptr, ql_ptr,  # (B, D) query in the bank's dtype: hi half, and lo half (only read when SPLIT_Q)
         bank_ptr,  # (N, D), or (N, T, D) when MULTI; contiguous
         excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)
@@ -188,7 +188,7 @@ if triton is not None:
             )
 
     @triton.jit
-    def _softmax_weights_kernel(
+    def softmax_weights_kernel(
         qh_ptr,  # (B, D) query in the bank's dtype (the same rounding as pass 1)
         bank_ptr,  # (N, D) or (N, T, D), contiguous
         excl_ptr,  # (B, K) int64, -1 padded (only read when K > 0)

@@ -17,7 +17,7 @@ A generated pair has no 6-image set, so ``load_cirr(root, split, set_size=None)`
 generated records (its default insists on CIRR's 6 members). The FashionIQ loader expects exactly two
 ``captions``; a triplet with one candidate text is written
 with ``captions = [t, t]`` (and with three or more, the first two), so ``load_fashioniq`` can read
-the file; the exact candidate texts are in ``texts``, which :func:`read_generated_fashioniq` uses.
+the file; the exact candidate texts are in ``texts``, which :func:`read_generated` uses.
 The dataset loaders ignore the extra fields. Files are written atomically (temp file in the same
 folder, fsync, ``os.replace``).
 
@@ -39,16 +39,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .. import _atomic
-from ..data._annotations import read_records
+from ..data._annotations import read_json
 from ..data.triplet import Triplet
 from ..errors import AnnotationError, ConfigError, explain
 
-__all__ = ["write_generated_cirr", "read_generated_cirr", "write_generated_fashioniq", "read_generated_fashioniq",
-           "read_generated", "atomic_write_json"]
+__all__ = ["write_generated_cirr", "write_generated_fashioniq", "read_generated"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +112,6 @@ def write_generated_fashioniq(triplets: Sequence[Triplet], path: str | os.PathLi
     return atomic_write_json(path, records)
 
 
-def _read_list(path: str | os.PathLike) -> tuple[Path, list]:
-    """(path, its JSON list of records), read by the loaders' strict reader (AnnotationError naming the file)."""
-    path = Path(path)
-    return path, read_records(path, available=None, fix="pass a file of generated triplets (a JSON list of records)")
-
-
 def _texts(path: Path, index: int, record: dict, key: str) -> tuple[str, ...]:
     texts = record.get(key)
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -156,16 +150,6 @@ def _source(path: Path, index: int, record: dict) -> str:
     return source
 
 
-def read_generated_cirr(path: str | os.PathLike) -> list[Triplet]:
-    """Read a file written by :func:`write_generated_cirr` (or any cap.rc2 list) into Triplets.
-
-    texts = ``captions`` when present, else ``caption`` (a list of texts, as the release stores it, or
-    one string); source = the record's ``source``, "generated" when absent; ``caption1`` /
-    ``caption2`` -> meta reference / target caption (module notes).
-    """
-    return _cirr_triplets(*_read_list(path))
-
-
 def _cirr_triplets(path: Path, records: list) -> list[Triplet]:
     out = []
     for index, record in enumerate(records):
@@ -184,13 +168,6 @@ def _cirr_triplets(path: Path, records: list) -> list[Triplet]:
     return out
 
 
-def read_generated_fashioniq(path: str | os.PathLike) -> list[Triplet]:
-    """Read a file written by :func:`write_generated_fashioniq` (or the release's
-    ``cap.extend_{model}.train.json``) into Triplets: texts = ``texts``, else ``captions``; source =
-    the record's ``source``, "generated" when absent."""
-    return _fashioniq_triplets(*_read_list(path))
-
-
 def _fashioniq_triplets(path: Path, records: list) -> list[Triplet]:
     out = []
     for index, record in enumerate(records):
@@ -203,15 +180,40 @@ def _fashioniq_triplets(path: Path, records: list) -> list[Triplet]:
     return out
 
 
+def _plain_triplets(path: Path, records: list) -> list[Triplet]:
+    out = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
+        texts = record.get("texts", record.get("text"))
+        texts = _texts(path, index, {"texts": [texts] if isinstance(texts, str) else texts}, "texts")
+        out.append(Triplet(reference=_name(path, index, record, "reference"), texts=texts,
+                           target=_name(path, index, record, "target"), source=_source(path, index, record),
+                           meta=record.get("meta") or {}))
+    return out
+
+
 def read_generated(path: str | os.PathLike) -> list[Triplet]:
-    """Read a generated-triplet file in either schema, told apart by its first record's keys: CIRR
-    (``target_hard``) or FashionIQ (``candidate``); AnnotationError for anything else."""
-    path, records = _read_list(path)
+    """The package's one reader of triplet files, told apart by the first record's keys: the CIRR schema
+    (``target_hard``; what :func:`write_generated_cirr` writes and the release's cap.rc2 lists), the FashionIQ
+    schema (``candidate``; :func:`write_generated_fashioniq`, the release's ``cap.extend_*`` files), or plain
+    records (``reference``, ``texts`` or ``text``, ``target``, optional ``source`` / ``meta``), as a list or
+    under ``{"triplets": [...]}``. Texts: CIRR ``captions`` else ``caption``; FashionIQ ``texts`` else
+    ``captions``; ``source`` "generated" when absent; ``caption1`` / ``caption2`` -> meta reference / target
+    caption. AnnotationError naming the file and the record for anything else."""
+    path = Path(path)
+    data = read_json(path, available=None)
+    records = data.get("triplets") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise AnnotationError(explain(f"{path} must hold a JSON list of triplet records", got=type(data).__name__,
+                                      fix="pass a file of generated triplets (a JSON list of records)"))
     first = records[0] if records and isinstance(records[0], dict) else {}
     if "target_hard" in first:
         return _cirr_triplets(path, records)
     if "candidate" in first:
         return _fashioniq_triplets(path, records)
-    raise AnnotationError(explain(f"{path} is in neither generated-triplet schema", got=sorted(first)[:8],
-                                  expected="CIRR records (reference, target_hard, caption) or FashionIQ records "
-                                           "(candidate, target, captions)"))
+    if "reference" in first or not records:
+        return _plain_triplets(path, records)
+    raise AnnotationError(explain(f"{path} is in no triplet schema", got=sorted(first)[:8],
+                                  expected="CIRR records (reference, target_hard, caption), FashionIQ records "
+                                           "(candidate, target, captions) or (reference, texts, target)"))

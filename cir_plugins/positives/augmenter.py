@@ -1,8 +1,9 @@
 """The triplet augmenter: de-duplicate, pair, caption, template -> generated triplets.
 
-    augmenter = cp.TripletAugmenter(captioner, model, templates="cirr")   # near partners: rank window [0, 1%)
+    config = cp.AugmentConfig(templates="cirr")                   # near partners: rank window [0, 1%)
+    augmenter = cp.TripletAugmenter(captioner, model, config=config)
     result = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
-    result.triplets, result.groups, result.summary      # an AugmentResult; iterating it gives the triplets
+    result.triplets, result.groups, result.summary      # an AugmentResult
 
 Steps (timed in ``result.summary["seconds"]``):
 1. embed every image with the pair encoder (``pair_encoder.encode_image`` when it has one, else
@@ -19,10 +20,9 @@ Steps (timed in ``result.summary["seconds"]``):
    carries no modification: by default it is skipped and counted; ``keep_equal_captions=True`` keeps
    it, as the method's release does (with FashionIQ's ``"{target}"`` template its text is still a
    valid description of the target);
-6. rewrite (with ``rewriter=``, e.g. :class:`~cir_plugins.positives.rewriters.LLMRewriter`): the
-   template texts of all pairs go through the rewriter in batches (cached beside the captions); a
-   pair the rewriter cannot serve keeps its template texts. The per-text ``rewrite=`` hook is run by
-   the same step;
+6. rewrite (with ``rewriter=``, e.g. :class:`~cir_plugins.positives.rewriters.LLMRewriter`, or a
+   callable text -> text): the template texts of all pairs go through the rewriter in batches (cached
+   beside the captions); a pair the rewriter cannot serve keeps its template texts;
 7. fit: a text longer than ``max_tokens`` (counted by ``count_tokens``; give the CIR model's with
    ``**text_limit_of(model)``) is replaced by the target caption alone (``fallback="target"``, as the
    release does), cut (``"truncate"``) or refused (``"error"``); ``summary["text_fallbacks"]`` counts
@@ -31,7 +31,20 @@ Steps (timed in ``result.summary["seconds"]``):
 The defaults are this library's recommended recipe, "ours, no rewrite": partners from the nearest 1%
 of the pair encoder's ranking (``rank_window=(0.0, 0.01)``), one partner per image, the dataset's
 templates, over-long texts replaced by the target caption. The paper's own settings per model and
-dataset are the recipes (``cp.load_recipe(name).generation.augmenter_kwargs()``).
+dataset are the recipes: ``cp.load_recipe(name).generation`` is an :class:`AugmentConfig`.
+
+Across ranks (torchrun; ``augment(..., shard=(rank, world))`` on every rank with the same arguments, as
+``cir-plugins augment`` does): each rank embeds its contiguous share of the images (shares start on a
+``batch_size`` boundary, so every batch is one a single process would run) and the embeddings are
+all-gathered; rank 0 de-duplicates and broadcasts the groups; each rank draws the partners of its share of
+the query rows (shares start on a ``chunk_size`` boundary: the same score blocks as one process) and the
+pairs are all-gathered; the images still missing from the caption cache are split among the ranks, each
+captioning its share into its own file beside the cache (:func:`~cir_plugins.positives.captioners.rank_cache_path`,
+resumable like the cache); rank 0 merges those files into the cache
+(:func:`~cir_plugins.positives.captioners.merge_rank_caches`), then alone fills the templates, rewrites and
+returns the result, which equals one process's for a deterministic pair encoder and captioner. Other ranks
+return None once the cache is merged. A run killed on any rank resumes: the next run (any number of ranks,
+or one process) first merges what the killed one cached. The ranks must share the cache folder.
 """
 
 from __future__ import annotations
@@ -40,23 +53,34 @@ import logging
 import os
 import random
 import time
-import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ..checks import check_positive_ints, require_images
+from .._config import Config, document, option
+from .._utils import shard_rows
+from ..checks import check_positive_int, check_probability, require_images
+from ..data.dedup import find_duplicates
+from ..data.images import pil_loader
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
-from .captioners import cache_file_name, caption_images, check_captioner, pil_source
-from .dedup import find_duplicates
-from .pairing import _embed, parse_rank_window, select_partners
+from .captioners import (
+    CaptionCache,
+    cache_file_name,
+    caption_images,
+    check_captioner,
+    merge_rank_caches,
+    rank_cache_path,
+)
+from .pairing import pair_embeddings, parse_rank_window, select_partners
 from .rewriters import as_rewriter
-from .templates import TextMaker
+from .templates import FALLBACKS, TextMaker, resolve_templates
 
-__all__ = ["TripletAugmenter", "AugmentResult", "RECOMMENDED_RANK_WINDOW"]
+__all__ = ["TripletAugmenter", "AugmentConfig", "AugmentResult", "RECOMMENDED_RANK_WINDOW"]
 
 # the recommended recipe's pairing: a partner among the nearest 1% of each image's ranking
 RECOMMENDED_RANK_WINDOW = (0.0, 0.01)
@@ -74,6 +98,61 @@ def _encoder_of(pair_encoder: Any) -> Callable[[torch.Tensor], torch.Tensor]:
                                      got=type(pair_encoder).__name__, fix="pass your CIR model or a function"))
 
 
+@document
+@dataclass
+class AugmentConfig(Config):
+    """What the augmenter generates: its settings as data (validated, JSON round-trip); a recipe's
+    ``generation`` is one. The defaults are the recommended recipe, "ours, no rewrite"."""
+
+    templates: Any = option("cirr", "a template preset (\"cirr\", \"fashioniq\", \"all\") or template strings")
+    rank_window: Any = option(RECOMMENDED_RANK_WINDOW,
+        "(a, b): partners drawn from ranks [a, b) of each image's ranking; ints are ranks, floats fractions of the "
+        "images ranked; None (or a < 0) = any image")
+    partners_per_image: int = option(1, "partners drawn per query image")
+    seed: int = option(0, "seeds the partner draw and the max_triplets subsample")
+    dedup: bool = option(True, "merge pixel-identical images before pairing (one group, one candidate)")
+    near_duplicate_threshold: float | None = option(None,
+        "also merge images whose pair-encoder cosine is at least this; None = off")
+    refer_only: bool = option(False, "only the references of the annotated triplets get partners (\"refer\")")
+    max_triplets: int | None = option(None, "keep at most this many generated triplets (seeded subsample); None = all")
+    max_tokens: int | None = option(None,
+        "longest text in the counter's units (the CIR model's: text_limit_of(model)); None = no limit")
+    fallback: str = option("target",
+        "a text over max_tokens: \"target\" (the target caption, as the release), \"truncate\" or \"error\"")
+    keep_equal_captions: bool = option(False,
+        "keep pairs whose two captions are equal (the release does); False = skip and count them")
+    skip_empty: bool = option(False, "skip (and count) images whose caption is empty instead of raising")
+    batch_size: int = option(64, "images per pair-encoder call")
+    caption_batch_size: int = option(16, "images per captioner call (and per caption-cache flush)")
+    chunk_size: int = option(256, "query rows per similarity block in pairing")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.templates, list):
+            self.templates = tuple(self.templates)
+        resolve_templates(self.templates)  # ConfigError for an unknown preset or a bad template
+        if isinstance(self.rank_window, list):
+            self.rank_window = tuple(self.rank_window)
+        if self.rank_window is not None:
+            parse_rank_window(self.rank_window)
+        for name in ("partners_per_image", "batch_size", "caption_batch_size", "chunk_size"):
+            check_positive_int(f"AugmentConfig.{name}", getattr(self, name))
+        check_positive_int("AugmentConfig.max_triplets", self.max_triplets, allow_none=True)
+        check_positive_int("AugmentConfig.max_tokens", self.max_tokens, allow_none=True)
+        check_positive_int("AugmentConfig.seed", self.seed, minimum=0)
+        if self.near_duplicate_threshold is not None:
+            check_probability("AugmentConfig.near_duplicate_threshold", self.near_duplicate_threshold)
+        if self.fallback not in FALLBACKS:
+            raise ConfigError(explain("unknown AugmentConfig.fallback", got=self.fallback, expected=FALLBACKS))
+        for name in ("dedup", "refer_only", "keep_equal_captions", "skip_empty"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(explain(f"AugmentConfig.{name} must be True or False", got=getattr(self, name)))
+
+    @property
+    def window(self):
+        """The rank window as a :class:`~cir_plugins.positives.pairing.RankWindow` (None: any image)."""
+        return parse_rank_window(self.rank_window if self.rank_window is not None else (-1, -1))
+
+
 @dataclass
 class AugmentResult:
     """What one :meth:`TripletAugmenter.augment` call produced.
@@ -83,29 +162,11 @@ class AugmentResult:
         groups: image id -> duplicate-group id (the group's first id) over every input image.
         summary: counts (images, duplicates merged, pairs, captions new/cached, skips, triplets) and
             ``seconds`` per step.
-
-    The result also reads as the list of its triplets (iteration, ``len``, indexing, ``list + result``),
-    as ``augment`` returned a bare list before.
     """
 
     triplets: list[Triplet]
     groups: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-
-    def __iter__(self) -> Iterator[Triplet]:
-        return iter(self.triplets)
-
-    def __len__(self) -> int:
-        return len(self.triplets)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.triplets[index]
-
-    def __add__(self, other: Sequence[Triplet]) -> list[Triplet]:
-        return self.triplets + list(other)
-
-    def __radd__(self, other: Sequence[Triplet]) -> list[Triplet]:
-        return list(other) + self.triplets
 
     def why_empty(self, window: Any) -> str:
         """Why no triplet came out, from the summary (for the error of a caller that needs triplets)."""
@@ -124,92 +185,31 @@ class TripletAugmenter:
     Args:
         captioner: callable (image_ids, PIL images) -> captions, with a ``name`` (see captioners.py).
         pair_encoder: a model with ``encode_image`` or a callable images (n, C, H, W) -> (n, D).
-        templates: preset ("cirr", "fashioniq", "all") or template strings.
-        rank_window: (a, b) ranks or fractions of N (see pairing.parse_rank_window); a < 0 = any.
-            Default :data:`RECOMMENDED_RANK_WINDOW`, the nearest 1%.
-        partners_per_image: partners drawn per query image.
-        seed: seeds the partner draw and the ``max_triplets`` subsample.
-        dedup: merge pixel-identical images before pairing.
-        near_duplicate_threshold: also merge images whose pair-encoder cosine is >= this (None: off).
-        refer_only: only references of the ``annotated`` triplets get partners ("refer").
-        max_triplets: keep at most this many generated triplets (seeded subsample), None = all.
+        config: an :class:`AugmentConfig` (default: the recommended recipe).
+        rewriter: a batched rewriter (``rewrite_pairs(pairs, texts)``, e.g. ``cp.LLMRewriter``), a spec such
+            as ``"hf:NAME"``, or a callable text -> text; None = the template texts.
+        count_tokens: what ``config.max_tokens`` counts in: a callable text -> int or a tokenizer
+            (default: words); ``**text_limit_of(model)`` gives the CIR model's.
         cache_dir: folder for the caption cache (one JSONL file per captioner name) and the rewriter's
             answers (one per rewriter name); None = no cache.
-        batch_size: images per pair-encoder call; caption_batch_size: images per captioner call
-            (and per cache flush).
-        max_tokens, count_tokens, fallback, rewrite: text length policy and per-text rewrite hook (TextMaker).
-        rewriter: a batched rewriter (``rewrite_pairs(pairs, texts)``, e.g. ``cp.LLMRewriter``), or a
-            callable text -> text; not together with ``rewrite``.
-        keep_equal_captions: keep pairs whose two captions are equal (the release does); default False
-            (skipped and counted in ``skipped_same_caption``).
-        skip_empty: skip (and count) images whose caption is empty instead of raising.
-        chunk_size: query rows per similarity block in pairing.
         show_progress: tqdm bars.
     """
 
-    def __init__(
-        self,
-        captioner: Any,
-        pair_encoder: Any,
-        *,
-        templates: Any = "cirr",
-        rank_window: Any = RECOMMENDED_RANK_WINDOW,
-        partners_per_image: int = 1,
-        seed: int = 0,
-        dedup: bool = True,
-        near_duplicate_threshold: float | None = None,
-        refer_only: bool = False,
-        max_triplets: int | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        batch_size: int = 64,
-        caption_batch_size: int = 16,
-        max_tokens: int | None = None,
-        count_tokens: Any = None,
-        fallback: str = "target",
-        rewrite: Callable[[str], str] | None = None,
-        rewriter: Any = None,
-        keep_equal_captions: bool = False,
-        skip_empty: bool = False,
-        chunk_size: int = 256,
-        show_progress: bool = True,
-    ) -> None:
+    def __init__(self, captioner: Any, pair_encoder: Any, *, config: AugmentConfig | None = None, rewriter: Any = None,
+                 count_tokens: Any = None, cache_dir: str | os.PathLike | None = None,
+                 show_progress: bool = True) -> None:
+        self.config = config if config is not None else AugmentConfig()
+        if not isinstance(self.config, AugmentConfig):
+            raise ConfigError(explain("config must be a cir_plugins.AugmentConfig", got=type(self.config).__name__,
+                                      fix="TripletAugmenter(captioner, encoder, config=cp.AugmentConfig(...))"))
         self.captioner = check_captioner(captioner)
         self.encoder = _encoder_of(pair_encoder)
-        if rewrite is not None and rewriter is not None:
-            raise ConfigError(explain("pass one of rewrite (a per-text hook) and rewriter", got="both",
-                                      fix="drop rewrite=, or pass the hook as rewriter="))
-        # the per-text hook runs as a rewriter, so one step rewrites whichever was given
-        self.rewriter = as_rewriter(rewriter if rewriter is not None else rewrite)
-        self.text_maker = TextMaker(templates, max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback)
-        self.keep_equal_captions = bool(keep_equal_captions)
-        self.rank_window = parse_rank_window(rank_window)
-        check_positive_ints(partners_per_image=partners_per_image, batch_size=batch_size,
-                            caption_batch_size=caption_batch_size, chunk_size=chunk_size)
-        if max_triplets is not None and (isinstance(max_triplets, bool) or not isinstance(max_triplets, int)
-                                         or max_triplets < 1):
-            raise ConfigError(explain("max_triplets must be None or an int >= 1", got=max_triplets))
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(explain("seed must be an int >= 0", got=seed))
-        self.partners_per_image, self.seed, self.dedup = partners_per_image, seed, bool(dedup)
-        self.near_duplicate_threshold, self.refer_only, self.max_triplets = near_duplicate_threshold, refer_only, max_triplets
+        self.rewriter = as_rewriter(rewriter)
+        c = self.config
+        self.text_maker = TextMaker(c.templates, max_tokens=c.max_tokens, count_tokens=count_tokens,
+                                    fallback=c.fallback)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.batch_size, self.caption_batch_size, self.chunk_size = batch_size, caption_batch_size, chunk_size
-        self.skip_empty, self.show_progress = skip_empty, show_progress
-        self._last: AugmentResult | None = None  # only for the deprecated last_summary / last_groups
-
-    @property
-    def last_summary(self) -> dict[str, Any]:
-        """Deprecated: the summary of the last ``augment`` call; use the returned ``AugmentResult.summary``."""
-        warnings.warn("TripletAugmenter.last_summary is deprecated: use the summary of the AugmentResult that "
-                      "augment() returns", DeprecationWarning, stacklevel=2)
-        return self._last.summary if self._last is not None else {}
-
-    @property
-    def last_groups(self) -> dict[str, str]:
-        """Deprecated: the duplicate groups of the last ``augment`` call; use ``AugmentResult.groups``."""
-        warnings.warn("TripletAugmenter.last_groups is deprecated: use the groups of the AugmentResult that "
-                      "augment() returns", DeprecationWarning, stacklevel=2)
-        return self._last.groups if self._last is not None else {}
+        self.show_progress = show_progress
 
     @property
     def cache_path(self) -> Path | None:
@@ -223,14 +223,10 @@ class TripletAugmenter:
             return None
         return self.cache_dir / cache_file_name(self.rewriter.name, kind="rewrites")
 
-    def augment(
-        self,
-        image_ids: Sequence[str],
-        images: Mapping[str, torch.Tensor],
-        annotated: Sequence[Triplet] | None = None,
-        *,
-        groups: Mapping[str, Any] | None = None,
-    ) -> AugmentResult:
+    def augment(self, image_ids: Sequence[str], images: Mapping[str, torch.Tensor],
+                annotated: Sequence[Triplet] | None = None, *,
+                groups: Mapping[str, Any] | None = None,
+                shard: tuple[int, int] | None = None) -> AugmentResult | None:
         """Generated triplets for ``image_ids`` (source="generated"), with the duplicate groups and a summary.
 
         Args:
@@ -239,132 +235,57 @@ class TripletAugmenter:
             annotated: the annotated triplets; needed with ``refer_only``.
             groups: optional id -> label; partners must share the query's label (FashionIQ
                 category), ranks counted within the label.
+            shard: ``(rank, world)`` of an initialised process group (``distributed_rank()`` under
+                torchrun): the work is shared out rank by rank (see the module doc); every rank must call
+                with the same arguments, and ``cache_dir`` (one folder all ranks see) is needed. None or
+                ``(0, 1)``: one process.
 
-        Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``). Each triplet's
-        ``meta``: reference_caption, target_caption, templates (one per text: the template it was filled
-        from, or ``"rewrite:<rewriter name>"``), rank_window, seed, captioner, and rewriter when one ran.
+        Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``); with ``shard`` on a
+        rank other than 0, None (rank 0 holds the result). Each triplet's ``meta``: reference_caption,
+        target_caption, templates (one per text: the template it was filled from, or
+        ``"rewrite:<rewriter name>"``), rank_window, seed, captioner, and rewriter when one ran.
         """
+        ids = self._check(image_ids, images, annotated, groups)
+        ranks = _Ranks.of(shard)
+        if ranks.world > 1 and self.cache_dir is None:
+            raise ConfigError(explain("generation across ranks passes the captions through the cache folder",
+                                      got="cache_dir=None", fix="pass cache_dir=, a folder every rank can read"))
         timings: dict[str, float] = {}
-        ids = list(image_ids)
-        if not ids:
-            raise DataError(explain("no image ids to augment", got=0, fix="pass the training split's image ids"))
-        if len(set(ids)) != len(ids):
-            raise DataError(explain("image_ids contain repeats", fix="pass each id once"))
-        require_images(images, ids)
-        if self.refer_only and annotated is None:
-            raise ConfigError(explain("refer_only needs the annotated triplets", fix="pass annotated=split.triplets"))
-        if groups is not None:
-            lacking = [i for i in ids if i not in groups]
-            if lacking:
-                raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
-
-        clock = time.perf_counter()
-        embeddings = _embed(self.encoder, ids, images, batch_size=self.batch_size,
-                            show_progress=self.show_progress)  # (N, D) float32, tokens pooled
-        timings["embed"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        load = pil_source(images)
-        if self.dedup:
-            dup = find_duplicates(ids, load, embeddings=embeddings, near_duplicate_threshold=self.near_duplicate_threshold,
-                                  show_progress=self.show_progress)
-        else:
-            dup = {i: i for i in ids}
-        timings["dedup"] = time.perf_counter() - clock
-        reps = [i for i in ids if dup[i] == i]
-        row_of = {i: r for r, i in enumerate(ids)}
+        step = _Timer(timings)
+        with step("embed"):
+            embeddings = self._embed(ids, images, ranks)  # (N, D) float32, tokens pooled
+        with step("dedup"):
+            dup = self._dedup(ids, images, embeddings, ranks)
+        with step("pair"):
+            queries, pairs, empty = self._pair(ids, dup, embeddings, annotated, groups, ranks)
+        with step("caption"):
+            needed = list(dict.fromkeys(i for pair in pairs for i in pair))
+            captions, caption_counts = self._caption(needed, images, ranks)
+        if ranks.rank != 0:
+            return None
+        with step("template"):
+            kept, dropped = self._keep(pairs, captions)
+            filled = [self.text_maker.fill(r_cap, t_cap) for _, _, r_cap, t_cap in kept]
+        rewrite_summary = None
+        if self.rewriter is not None:
+            with step("rewrite"):
+                filled, rewrite_summary = self._rewrite(kept, filled)
+        with step("template"):  # filling and fitting; the rewrite is timed apart
+            triplets, before_subsample = self._triplets(kept, filled)
+        reps = sum(1 for i in ids if dup[i] == i)
         sizes: dict[str, int] = {}
         for gid in dup.values():
             sizes[gid] = sizes.get(gid, 0) + 1
-
-        if self.refer_only:
-            refs = {t.reference for t in annotated}
-            unknown = sorted(refs - set(ids))
-            if unknown:
-                logger.info("refer_only: %d annotated references are not among image_ids (ignored)", len(unknown))
-            wanted = {dup[r] for r in refs if r in dup}
-            queries = [r for r in reps if r in wanted]
-        else:
-            queries = reps
-        rep_row = {i: k for k, i in enumerate(reps)}
-
-        clock = time.perf_counter()
-        picks = select_partners(
-            embeddings[[row_of[i] for i in reps]], rank_window=self.rank_window,
-            partners_per_image=self.partners_per_image, seed=self.seed,
-            groups=[groups[i] for i in reps] if groups is not None else None,
-            query_rows=[rep_row[q] for q in queries], chunk_size=self.chunk_size, show_progress=self.show_progress)
-        pairs = [(q, reps[p]) for q, row in zip(queries, picks) for p in row]
-        timings["pair"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        needed = list(dict.fromkeys(i for pair in pairs for i in pair))
-        run = caption_images(self.captioner, needed, load, cache_path=self.cache_path,
-                             batch_size=self.caption_batch_size, skip_empty=self.skip_empty,
-                             show_progress=self.show_progress)
-        timings["caption"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        self.text_maker.fallbacks_used = 0
-        kept: list[tuple[str, str, str, str]] = []  # (reference, target, reference caption, target caption)
-        same_caption = kept_same = no_caption = 0
-        window = (self.rank_window.start, self.rank_window.stop) if not self.rank_window.is_any else (-1, -1)
-        for reference, target in pairs:
-            r_cap, t_cap = run.captions.get(reference), run.captions.get(target)
-            if r_cap is None or t_cap is None:
-                no_caption += 1
-                continue
-            if " ".join(r_cap.split()).lower() == " ".join(t_cap.split()).lower():
-                if not self.keep_equal_captions:
-                    same_caption += 1  # the text would carry no modification
-                    continue
-                kept_same += 1
-            kept.append((reference, target, r_cap, t_cap))
-        filled = [self.text_maker.fill(r_cap, t_cap) for _, _, r_cap, t_cap in kept]
-        timings["template"] = time.perf_counter() - clock
-
-        rewrite_summary = None
-        if self.rewriter is not None:
-            clock = time.perf_counter()
-            rewrite_run = self.rewriter.rewrite_pairs([(r_cap, t_cap) for _, _, r_cap, t_cap in kept], filled,
-                                                      cache_path=self.rewrite_cache_path,
-                                                      show_progress=self.show_progress)
-            if len(rewrite_run.texts) != len(kept):
-                raise ModelProtocolError(explain(f"rewriter {self.rewriter.name} returned the wrong number of pairs",
-                                                 got=len(rewrite_run.texts), expected=len(kept)))
-            filled, rewrite_summary = rewrite_run.texts, rewrite_run.summary(self.rewriter.name)
-            timings["rewrite"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        triplets: list[Triplet] = []
-        for (reference, target, r_cap, t_cap), candidates in zip(kept, filled):
-            made = self.text_maker.finish(candidates, t_cap)
-            meta = {"reference_caption": r_cap, "target_caption": t_cap,
-                    "templates": [origin for origin, _ in made], "rank_window": list(window),
-                    "seed": self.seed, "captioner": self.captioner.name}
-            if self.rewriter is not None:
-                meta["rewriter"] = self.rewriter.name
-            triplets.append(Triplet(reference=reference, texts=tuple(text for _, text in made), target=target,
-                                    source="generated", meta=meta))
-        before_subsample = len(triplets)
-        if self.max_triplets is not None and len(triplets) > self.max_triplets:
-            keep = sorted(random.Random(self.seed).sample(range(len(triplets)), self.max_triplets))
-            triplets = [triplets[k] for k in keep]
-        timings["template"] += time.perf_counter() - clock  # filling and fitting; the rewrite is timed apart
-
         summary = {
             "images": len(ids),
-            "unique_images": len(reps),
-            "duplicate_groups": sum(1 for s in sizes.values() if s > 1),
-            "duplicates_merged": len(ids) - len(reps),
-            "queries": len(queries),
-            "empty_windows": sum(1 for row in picks if not row),
+            "unique_images": reps,
+            "duplicate_groups": sum(1 for n in sizes.values() if n > 1),
+            "duplicates_merged": len(ids) - reps,
+            "queries": queries,
+            "empty_windows": empty,
             "pairs": len(pairs),
-            "captions": {"needed": len(needed), "new": run.new, "cached": run.cached, "skipped": len(run.skipped),
-                         "torn_cache_lines": run.torn_lines},
-            "skipped_same_caption": same_caption,
-            "kept_same_caption": kept_same,
-            "skipped_no_caption": no_caption,
+            "captions": caption_counts,
+            **dropped,
             "rewrite": rewrite_summary,
             # texts over max_tokens that the fallback policy replaced (by the target caption) or cut
             "text_fallbacks": self.text_maker.fallbacks_used,
@@ -372,8 +293,251 @@ class TripletAugmenter:
                            if self.text_maker.max_tokens is not None else None),
             "triplets_before_subsample": before_subsample,
             "triplets": len(triplets),
+            "ranks": ranks.world,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
         logger.info("augment: %d triplets from %d images (%d pairs)", len(triplets), len(ids), len(pairs))
-        self._last = AugmentResult(triplets=triplets, groups=dict(dup), summary=summary)
-        return self._last
+        return AugmentResult(triplets=triplets, groups=dict(dup), summary=summary)
+
+    def _check(self, image_ids, images, annotated, groups) -> list[str]:
+        ids = list(image_ids)
+        if not ids:
+            raise DataError(explain("no image ids to augment", got=0, fix="pass the training split's image ids"))
+        if len(set(ids)) != len(ids):
+            raise DataError(explain("image_ids contain repeats", fix="pass each id once"))
+        require_images(images, ids)
+        if self.config.refer_only and annotated is None:
+            raise ConfigError(explain("refer_only needs the annotated triplets", fix="pass annotated=split.triplets"))
+        if groups is not None:
+            lacking = [i for i in ids if i not in groups]
+            if lacking:
+                raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
+        return ids
+
+    def _embed(self, ids, images, ranks: _Ranks) -> torch.Tensor:
+        """(N, D) float32 pair embeddings; across ranks each rank embeds its share of whole batches and
+        the shares are all-gathered (every rank then holds the same rows)."""
+        size = self.config.batch_size
+        start, stop = ranks.span(len(ids), size)
+        local = pair_embeddings(self.encoder, ids[start:stop], images, batch_size=size,
+                                show_progress=self.show_progress and ranks.rank == 0) if stop > start else None
+        if ranks.world == 1:
+            return local
+        # rank 0 always holds the first batch: its width is the one every rank gathers
+        width = int(ranks.broadcast(torch.tensor([local.shape[1] if ranks.rank == 0 else 0]))[0])
+        if local is None:
+            local = torch.empty(0, width)
+        elif local.shape[1] != width:
+            raise ModelProtocolError(explain(f"rank {ranks.rank}'s pair encoder gives another embedding width "
+                                             "than rank 0's", got=local.shape[1], expected=width,
+                                             fix="load the same pair encoder on every rank"))
+        return ranks.gather(local, len(ids), size)
+
+    def _dedup(self, ids, images, embeddings, ranks: _Ranks) -> dict[str, str]:
+        """id -> its duplicate group's first id (every id its own group without dedup); across ranks rank 0
+        finds the groups and broadcasts them, so every rank pairs the same representatives."""
+        if not self.config.dedup:
+            return {i: i for i in ids}
+        found = None
+        if ranks.rank == 0:
+            found = find_duplicates(ids, pil_loader(images), embeddings=embeddings,
+                                    near_duplicate_threshold=self.config.near_duplicate_threshold,
+                                    show_progress=self.show_progress)
+        if ranks.world == 1:
+            return found
+        row_of = {i: r for r, i in enumerate(ids)}
+        first = torch.tensor([row_of[found[i]] for i in ids] if found is not None else [0] * len(ids),
+                             dtype=torch.int64)  # (N,) the row of each image's group id
+        return {i: ids[r] for i, r in zip(ids, ranks.broadcast(first).tolist())}
+
+    def _pair(self, ids, dup, embeddings, annotated, groups, ranks: _Ranks) -> tuple[int, list[tuple[str, str]], int]:
+        """(number of query images, (reference, target) pairs, queries with an empty window); only the
+        groups' representatives are ranked, so a group is one candidate and never its own partner. Across
+        ranks each rank draws the partners of its share of whole ``chunk_size`` blocks of query rows (the
+        draw depends on the seed, the row and the candidates only) and the shares are all-gathered."""
+        reps = [i for i in ids if dup[i] == i]
+        queries = reps
+        if self.config.refer_only:
+            refs = {t.reference for t in annotated}
+            unknown = sorted(refs - set(ids))
+            if unknown:
+                logger.info("refer_only: %d annotated references are not among image_ids (ignored)", len(unknown))
+            wanted = {dup[r] for r in refs if r in dup}
+            queries = [r for r in reps if r in wanted]
+        row_of = {i: r for r, i in enumerate(ids)}
+        rep_row = {i: k for k, i in enumerate(reps)}
+        chunk = self.config.chunk_size
+        start, stop = ranks.span(len(queries), chunk)
+        picks = select_partners(
+            embeddings[[row_of[i] for i in reps]], rank_window=self.config.window,
+            partners_per_image=self.config.partners_per_image, seed=self.config.seed,
+            groups=[groups[i] for i in reps] if groups is not None else None,
+            query_rows=[rep_row[q] for q in queries[start:stop]], chunk_size=chunk,
+            show_progress=self.show_progress and ranks.rank == 0)
+        if ranks.world > 1:
+            k = self.config.partners_per_image
+            local = torch.full((len(picks), k), -1, dtype=torch.int64)  # (q_local, k), -1 = no partner
+            for row, partners in enumerate(picks):
+                local[row, :len(partners)] = torch.tensor(partners, dtype=torch.int64)
+            picks = [[p for p in row if p >= 0] for row in ranks.gather(local, len(queries), chunk).tolist()]
+        pairs = [(q, reps[p]) for q, row in zip(queries, picks) for p in row]
+        return len(queries), pairs, sum(1 for row in picks if not row)
+
+    def _caption(self, needed, images, ranks: _Ranks) -> tuple[dict[str, str] | None, dict[str, int]]:
+        """Captions of ``needed`` (id -> caption) and their counts; across ranks the ids the cache lacks are
+        split among the ranks, each captioning its share into its rank file, and rank 0 merges the files into
+        the cache (between barriers); other ranks get (None, {}) once the cache is merged."""
+        c, path, name = self.config, self.cache_path, self.captioner.name
+        leftovers = merge_rank_caches(path, name) if path is not None and ranks.rank == 0 else None
+        torn = leftovers.torn_lines if leftovers is not None else 0  # what a killed run's ranks left
+        if ranks.world == 1:
+            run = caption_images(self.captioner, needed, pil_loader(images), cache_path=path,
+                                 batch_size=c.caption_batch_size, skip_empty=c.skip_empty,
+                                 show_progress=self.show_progress)
+            return run.captions, {"needed": len(needed), "new": run.new, "cached": run.cached,
+                                  "skipped": len(run.skipped), "torn_cache_lines": torn + run.torn_lines}
+        ranks.barrier()  # every rank reads the cache after rank 0 merged what a killed run left
+        known = CaptionCache(path, name).captions
+        todo = [i for i in needed if i not in known]
+        start, stop = ranks.span(len(todo))
+        caption_images(self.captioner, todo[start:stop], pil_loader(images),
+                       cache_path=rank_cache_path(path, ranks.rank, ranks.world), batch_size=c.caption_batch_size,
+                       skip_empty=c.skip_empty, show_progress=self.show_progress and ranks.rank == 0)
+        ranks.barrier()  # every share captioned
+        captions: dict[str, str] | None = None
+        if ranks.rank == 0:
+            merged = merge_rank_caches(path, name) or CaptionCache(path, name)
+            captions = {i: merged.captions[i] for i in needed if i in merged.captions}
+        ranks.barrier()  # the cache holds every caption; the rank files are gone
+        if captions is None:
+            return None, {}
+        new = sum(1 for i in todo if i in captions)
+        return captions, {"needed": len(needed), "new": new, "cached": len(needed) - len(todo),
+                          "skipped": len(todo) - new, "torn_cache_lines": torn + merged.torn_lines}
+
+    def _keep(self, pairs, captions) -> tuple[list[tuple[str, str, str, str]], dict[str, int]]:
+        """(reference, target, reference caption, target caption) of the pairs that carry a modification,
+        and what was dropped (or kept although equal)."""
+        kept, same, kept_same, missing = [], 0, 0, 0
+        for reference, target in pairs:
+            r_cap, t_cap = captions.get(reference), captions.get(target)
+            if r_cap is None or t_cap is None:
+                missing += 1
+                continue
+            if " ".join(r_cap.split()).lower() == " ".join(t_cap.split()).lower():
+                if not self.config.keep_equal_captions:
+                    same += 1  # the text would carry no modification
+                    continue
+                kept_same += 1
+            kept.append((reference, target, r_cap, t_cap))
+        return kept, {"skipped_same_caption": same, "kept_same_caption": kept_same, "skipped_no_caption": missing}
+
+    def _rewrite(self, kept, filled):
+        run = self.rewriter.rewrite_pairs([(r_cap, t_cap) for _, _, r_cap, t_cap in kept], filled,
+                                          cache_path=self.rewrite_cache_path, show_progress=self.show_progress)
+        if len(run.texts) != len(kept):
+            raise ModelProtocolError(explain(f"rewriter {self.rewriter.name} returned the wrong number of pairs",
+                                             got=len(run.texts), expected=len(kept)))
+        return run.texts, run.summary(self.rewriter.name)
+
+    def _triplets(self, kept, filled) -> tuple[list[Triplet], int]:
+        """The length rule on each pair's candidate texts, then the seeded ``max_triplets`` subsample."""
+        c, window = self.config, self.config.window
+        span = (window.start, window.stop) if not window.is_any else (-1, -1)
+        self.text_maker.fallbacks_used = 0
+        triplets = []
+        for (reference, target, r_cap, t_cap), candidates in zip(kept, filled):
+            made = self.text_maker.finish(candidates, t_cap)
+            meta = {"reference_caption": r_cap, "target_caption": t_cap,
+                    "templates": [origin for origin, _ in made], "rank_window": list(span),
+                    "seed": c.seed, "captioner": self.captioner.name}
+            if self.rewriter is not None:
+                meta["rewriter"] = self.rewriter.name
+            triplets.append(Triplet(reference=reference, texts=tuple(text for _, text in made), target=target,
+                                    source="generated", meta=meta))
+        before = len(triplets)
+        if c.max_triplets is not None and len(triplets) > c.max_triplets:
+            keep = sorted(random.Random(c.seed).sample(range(len(triplets)), c.max_triplets))
+            triplets = [triplets[k] for k in keep]
+        return triplets, before
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place among the ranks generating together, and the collectives the augmenter needs
+    (no-ops in one process). Collectives run on the rank's CUDA device under nccl, else on CPU."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, shard: Any) -> _Ranks:
+        if shard is None:
+            return cls()
+        if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+            raise ConfigError(explain("shard must be (rank, world)", got=shard,
+                                      fix="pass shard=distributed_rank() under torchrun, or None"))
+        rank, world = shard
+        shard_rows(0, rank, world)  # ConfigError unless ints with 0 <= rank < world
+        if world > 1:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ConfigError(explain("augment(shard=...) over several ranks needs an initialised process group",
+                                          got=shard, fix="run under torchrun and pass shard=distributed_rank() "
+                                                         "(cir_plugins.training.loop), or shard=None"))
+            if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+                raise ConfigError(explain("shard is not this process's place in the process group", got=shard,
+                                          expected=(dist.get_rank(), dist.get_world_size()),
+                                          fix="pass shard=distributed_rank()"))
+        return cls(rank, world)
+
+    def span(self, n: int, align: int = 1, rank: int | None = None) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of ``n`` that ``rank`` (default: this one) takes: ``shard_rows`` over blocks of
+        ``align`` rows, so every share but the last ends on a block boundary."""
+        start, stop = shard_rows(-(-n // align), self.rank if rank is None else rank, self.world)
+        return min(start * align, n), min(stop * align, n)
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    def gather(self, local: torch.Tensor, n: int, align: int) -> torch.Tensor:
+        """Every rank's ``span(n, align)`` rows, in rank order: ``local`` (m, ...) -> (n, ...) on CPU, alike on
+        every rank (shares are padded to the widest for the all-gather)."""
+        if self.world == 1:
+            return local
+        spans = [self.span(n, align, r) for r in range(self.world)]
+        width = max(stop - start for start, stop in spans)
+        padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype, device=self._device())
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:stop - start] for part, (start, stop) in zip(parts, spans)]).cpu()
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (each passes one of the same shape and dtype)."""
+        if self.world == 1:
+            return tensor
+        moved = tensor.to(self._device())
+        dist.broadcast(moved, src=0)
+        return moved.cpu()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+class _Timer:
+    """``with step("name"):`` adds the block's wall time to ``timings["name"]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, name: str) -> _Timer:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start

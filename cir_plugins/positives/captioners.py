@@ -21,6 +21,11 @@ captions. Processes sharing one cache take an exclusive lock (``<cache>.lock``, 
 POSIX only) to read, cut or append it, so an opener never cuts off a line another live process is
 still writing: a torn last line can only come from a dead writer. An empty cached caption is never
 returned: the line is ignored (counted in ``empty_lines``) and the image captioned again.
+
+Ranks that caption together (generation under torchrun) each append to their own file beside the cache,
+:func:`rank_cache_path` (``captions-<name>.rank<r>-of-<w>.jsonl``, the same format), so no two processes
+write one file; :func:`merge_rank_caches` folds every such file into the cache and deletes it, after the
+ranks finished or after a kill (the next run merges what the killed one wrote before captioning anything).
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+
+from .._atomic import fsync_dir
 from .._console import progress_bar
 
 try:
@@ -42,13 +50,13 @@ try:
 except ImportError:  # not POSIX (Windows): the cache is then not locked against other processes
     fcntl = None
 
-from ..checks import check_positive_ints
-from ..data.images import to_pil
+from ..checks import check_positive_int, check_positive_ints, dtype_from_name
+from ..data.images import pil_loader
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
 
 __all__ = ["HFCaptioner", "PrecomputedCaptioner", "CaptionCache", "CaptionRun", "caption_images",
-           "check_captioner", "pil_source", "default_prompt", "clean_caption", "cache_file_name",
-           "resolve_dtype", "load_pretrained"]
+           "check_captioner", "default_prompt", "clean_caption", "cache_file_name", "rank_cache_path",
+           "merge_rank_caches", "resolve_dtype", "load_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,38 +115,12 @@ def clean_caption(text: str, *prompts: str | None) -> str:
     return text.strip(_QUOTES + ":.,;-").strip(_QUOTES)
 
 
-def pil_source(images: Any) -> Callable[[str], Any]:
-    """id -> RGB PIL image from an ImageStore (``load_pil``), a Mapping id -> PIL or tensor, or a callable.
-
-    Tensors are converted back with a per-image min-max scaling (see :func:`cir_plugins.data.images.to_pil`).
-    """
-    load_pil = getattr(images, "load_pil", None)
-    if callable(load_pil):
-        return load_pil
-    if isinstance(images, Mapping):
-        def load(image_id: str) -> Any:
-            if image_id not in images:
-                raise DataError(explain("no image for this id", got=image_id, fix="pass images covering every id"))
-            value = images[image_id]
-            if isinstance(value, torch.Tensor):
-                return to_pil(value)
-            return value.convert("RGB") if hasattr(value, "convert") else value
-        return load
-    if callable(images):
-        return images
-    raise ConfigError(explain("cannot get PIL images from this object", got=type(images).__name__,
-                              expected="an ImageStore, a Mapping id -> PIL/tensor, or a callable id -> PIL"))
-
-
 def resolve_dtype(dtype: Any) -> Any:
-    """A dtype name ("float32", "fp16", "bfloat16", ...), a torch dtype, "auto" or None -> what from_pretrained takes."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+    """A dtype name ("float32", "fp16", "bfloat16", ...), a torch dtype, "auto" or None -> what from_pretrained
+    takes."""
+    if dtype is None or dtype == "auto":
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ConfigError(explain("unknown dtype", got=dtype, expected=sorted(table) + ["auto"]))
-    return table[dtype]
+    return dtype_from_name(dtype, allowed=(torch.float32, torch.float16, torch.bfloat16))
 
 
 def _image_text_model_class() -> Any:
@@ -338,7 +320,8 @@ def _read_caption_file(path: Path) -> dict[str, str]:
         except json.JSONDecodeError as error:
             raise AnnotationError(explain(f"{path}:{number}: not a JSON line ({error.msg})", got=line[:80],
                                           expected='{"id": ..., "caption": ...}')) from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not isinstance(record.get("caption"), str):
+        if not isinstance(record, dict) or not isinstance(record.get("id"),
+                                                          str) or not isinstance(record.get("caption"), str):
             raise AnnotationError(explain(f"{path}:{number}: a record needs string 'id' and 'caption'", got=line[:80]))
         captions[record["id"]] = record["caption"]
     return captions
@@ -385,7 +368,7 @@ class _CacheLock:
         self.path = path.with_name(path.name + ".lock")
         self.fd: int | None = None
 
-    def __enter__(self) -> "_CacheLock":
+    def __enter__(self) -> _CacheLock:
         if fcntl is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -488,6 +471,69 @@ class CaptionCache:
             self.captions[image_id] = caption
 
 
+_RANK_SUFFIX = re.compile(r"\.rank(\d+)-of-(\d+)\.jsonl$")
+
+
+def _stem(path: Path) -> str:
+    return path.name[:-len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+
+
+def rank_cache_path(cache_path: str | os.PathLike, rank: int, world: int) -> Path:
+    """The file rank ``rank`` of ``world`` appends its captions to, beside ``cache_path``:
+    ``captions-<name>.rank<r>-of-<w>.jsonl`` for ``captions-<name>.jsonl`` (same format, same captioner)."""
+    check_positive_int("world", world)
+    check_positive_int("rank", rank, minimum=0)
+    if rank >= world:
+        raise ConfigError(explain("a rank cache needs 0 <= rank < world", got=(rank, world),
+                                  fix="pass torch.distributed.get_rank() and get_world_size()"))
+    path = Path(cache_path)
+    return path.with_name(f"{_stem(path)}.rank{rank}-of-{world}.jsonl")
+
+
+def _rank_cache_files(cache_path: Path) -> list[Path]:
+    """The rank files of ``cache_path`` that exist (any world size), by (world, rank)."""
+    stem = _stem(cache_path)
+    found = []
+    if cache_path.parent.is_dir():
+        for path in cache_path.parent.iterdir():
+            tail = path.name[len(stem):] if path.name.startswith(stem) else ""
+            match = _RANK_SUFFIX.fullmatch(tail)
+            if match and path.is_file():
+                found.append(((int(match.group(2)), int(match.group(1))), path))
+    return [path for _, path in sorted(found)]
+
+
+def merge_rank_caches(cache_path: str | os.PathLike, captioner_name: str) -> CaptionCache | None:
+    """Fold the rank files of ``cache_path`` (:func:`rank_cache_path`, of any world size) into it, then delete
+    them; None when there is none (nothing is opened).
+
+    Rank files are read in (world, rank) order and their captions appended (one flushed, fsync'ed write) in
+    that order, each id once; an id the cache already holds keeps its caption, so a merge cut short by a kill
+    is merged again without repeats. Returns the merged cache; its ``torn_lines`` also counts the torn last
+    lines cut from the rank files (captions a killed rank was writing). Only one process may merge at a time,
+    while no rank appends (the augmenter merges on rank 0 between barriers).
+    """
+    path = Path(cache_path)
+    files = _rank_cache_files(path)
+    if not files:
+        return None
+    cache = CaptionCache(path, captioner_name)
+    new: dict[str, str] = {}
+    for rank_file in files:
+        part = CaptionCache(rank_file, captioner_name)
+        cache.torn_lines += part.torn_lines
+        for image_id, caption in part.captions.items():
+            if image_id not in cache.captions:
+                new.setdefault(image_id, caption)
+    cache.append(list(new.items()))
+    for rank_file in files:
+        rank_file.unlink()
+        rank_file.with_name(rank_file.name + ".lock").unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    logger.info("caption cache %s: merged %d captions from %d rank files", path, len(new), len(files))
+    return cache
+
+
 @dataclass
 class CaptionRun:
     """What :func:`caption_images` did: captions by id, and counts."""
@@ -522,22 +568,22 @@ def caption_images(
             counted in ``skipped`` and not cached (True).
     """
     check_captioner(captioner)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(explain("batch_size must be an int >= 1", got=batch_size))
+    check_positive_int("batch_size", batch_size)
     ids = list(dict.fromkeys(image_ids))
     cache = CaptionCache(cache_path, captioner.name) if cache_path is not None else None
     known = cache.captions if cache is not None else {}
     todo = [i for i in ids if i not in known]
     run = CaptionRun(captions={}, cached=len(ids) - len(todo), torn_lines=cache.torn_lines if cache else 0,
                      empty_lines=cache.empty_lines if cache else 0)
-    load = pil_source(images)
+    load = pil_loader(images)
     bar = progress_bar(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", show_progress=show_progress)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         captions = captioner(batch, [load(i) for i in batch])
         if not isinstance(captions, (list, tuple)) or len(captions) != len(batch):
             raise ModelProtocolError(explain(f"captioner {captioner.name} returned the wrong number of captions",
-                                             got=len(captions) if isinstance(captions, (list, tuple)) else type(captions),
+                                             got=len(captions) if isinstance(captions, (list,
+                                                                                        tuple)) else type(captions),
                                              expected=len(batch)))
         keep = []
         for image_id, caption in zip(batch, captions):

@@ -24,20 +24,21 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from .._console import progress_bar
 
-from .. import evaluation
+from .._console import progress_bar
+from ..checks import check_positive_ints
+from ..embedding import embed_images
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
 
-__all__ = ["RankWindow", "parse_rank_window", "select_partners", "embed_images", "pair_images", "PairingResult"]
+__all__ = ["RankWindow", "parse_rank_window", "select_partners", "pair_embeddings", "pair_images", "PairingResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def parse_rank_window(window: Any) -> RankWindow:
             values = None
         if values is None or len(values) not in (1, 2):
             raise ConfigError(explain("cannot parse the rank window", got=window,
-                                      expected="'a,b' with ints (ranks) or floats in [0,1] (fractions), or '-1' for any",
+                                      expected="'a,b' with ints (ranks) or floats in [0,1] (fractions), "
+                                               "or '-1' for any",
                                       fix="write e.g. '10000,15000' or '0.2,0.3'"))
         window = tuple(values) if len(values) == 2 else (values[0], values[0])
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -347,10 +349,7 @@ def select_partners(
                                  got=getattr(embeddings, "shape", type(embeddings).__name__)))
     if not embeddings.is_floating_point():
         raise ShapeError(explain("pairing embeddings must be floating point", got=embeddings.dtype))
-    if isinstance(partners_per_image, bool) or not isinstance(partners_per_image, int) or partners_per_image < 1:
-        raise ConfigError(explain("partners_per_image must be an int >= 1", got=partners_per_image))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(explain("chunk_size must be an int >= 1", got=chunk_size))
+    check_positive_ints(partners_per_image=partners_per_image, chunk_size=chunk_size)
     if not bool(torch.isfinite(embeddings).all()):
         raise NonFiniteError(explain("pairing embeddings contain NaN or infinity",
                                      fix="check the pair encoder's output"))
@@ -413,25 +412,13 @@ def select_partners(
     return result
 
 
-def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
-                 images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
-                 show_progress: bool = False) -> torch.Tensor:
-    """Deprecated: :func:`cir_plugins.evaluation.embed_images` with ``pool_tokens=True, output_device="cpu"``.
-
-    Kept with its old behaviour: (N, D) float32 on the CPU, multi-vector outputs mean-pooled over tokens.
-    """
-    warnings.warn("cir_plugins.positives.pairing.embed_images is deprecated: use cir_plugins.evaluation.embed_images"
-                  "(encoder, image_ids, images, pool_tokens=True, output_device='cpu')", DeprecationWarning,
-                  stacklevel=2)
-    return _embed(encoder, image_ids, images, batch_size=batch_size, show_progress=show_progress)
-
-
-def _embed(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
-           images: Mapping[str, torch.Tensor], *, batch_size: int, show_progress: bool) -> torch.Tensor:
+def pair_embeddings(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
+                    images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
+                    show_progress: bool = False) -> torch.Tensor:
     """(N, D) float32 CPU pair embeddings through the package's one embedding loop (tokens mean-pooled)."""
-    return evaluation.embed_images(encoder, image_ids, images, batch_size=batch_size, output_device="cpu",
-                                   pool_tokens=True, show_progress=show_progress,
-                                   desc="pairing: embedding images").float()  # (N, D)
+    return embed_images(encoder, image_ids, images, batch_size=batch_size, output_device="cpu",
+                        pool_tokens=True, show_progress=show_progress,
+                        desc="pairing: embedding images").float()  # (N, D)
 
 
 @dataclass
@@ -461,7 +448,7 @@ def pair_images(
     """Embed ``image_ids`` and draw partners for ``query_ids`` (default all) among ``image_ids``.
 
     ``groups``: id -> label constraint (e.g. FashionIQ category); ``duplicates``: id -> duplicate
-    group id (from :func:`cir_plugins.positives.dedup.find_duplicates`), excluded as partners.
+    group id (from :func:`cir_plugins.data.dedup.find_duplicates`), excluded as partners.
     """
     ids = list(image_ids)
     if len(set(ids)) != len(ids):
@@ -477,7 +464,7 @@ def pair_images(
             if lacking:
                 raise DataError(explain(f"{name} has no entry for some image ids", got=lacking[:5],
                                         fix=f"give every image id a {name} label"))
-    embeddings = _embed(encoder, ids, images, batch_size=batch_size, show_progress=show_progress)  # (N, D)
+    embeddings = pair_embeddings(encoder, ids, images, batch_size=batch_size, show_progress=show_progress)  # (N, D)
     picks = select_partners(
         embeddings, rank_window=rank_window, partners_per_image=partners_per_image, seed=seed,
         groups=[groups[i] for i in ids] if groups is not None else None,

@@ -43,13 +43,14 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from .._console import progress_bar
-from ..checks import check_positive_ints
+from ..checks import check_positive_int, check_positive_ints
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import CaptionCache, clean_caption, load_pretrained
 
@@ -117,7 +118,8 @@ def _clean_output(text: str) -> str:
 def _check_examples(examples: Any) -> tuple[Example, ...]:
     if not isinstance(examples, (list, tuple)) or not examples:
         raise ConfigError(explain("examples must be a non-empty list of (reference caption, target caption, text)",
-                                  got=type(examples).__name__, fix="pass DEFAULT_EXAMPLES or examples_from_triplets(...)"))
+                                  got=type(examples).__name__,
+                                  fix="pass DEFAULT_EXAMPLES or examples_from_triplets(...)"))
     out = []
     for index, example in enumerate(examples):
         if (not isinstance(example, (list, tuple)) or len(example) != 3
@@ -140,8 +142,7 @@ def examples_from_triplets(triplets: Sequence[Any], captions: Mapping[str, str],
     Raises DataError when fewer than ``k`` triplets have both captions."""
     import random
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(explain("k must be an int >= 1", got=k))
+    check_positive_int("k", k)
     usable = [t for t in triplets if captions.get(t.reference, "").strip() and captions.get(t.target, "").strip()
               and t.texts and t.texts[0].strip()]
     if len(usable) < k:
@@ -222,7 +223,7 @@ class TextHookRewriter:
         return run
 
 
-def rewriter_from_spec(spec: str, **kwargs: Any) -> "LLMRewriter":
+def rewriter_from_spec(spec: str, **kwargs: Any) -> LLMRewriter:
     """A rewriter from a spec: ``"hf:<hub name or local path>"``, or the path of a local model folder;
     ``kwargs`` go to :class:`LLMRewriter` (device, batch_size, max_words, examples, ...)."""
     kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
@@ -302,8 +303,7 @@ class LLMRewriter:
         trust_remote_code: bool = False,
     ) -> None:
         check_positive_ints(max_words=max_words, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(explain("seed must be an int >= 0", got=seed))
+        check_positive_int("seed", seed, minimum=0)
         if long_output not in LONG_OUTPUT:
             raise ConfigError(explain("unknown long_output policy", got=long_output, expected=LONG_OUTPUT))
         self.examples = _check_examples(DEFAULT_EXAMPLES if examples is None else examples)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from ..checks import check_positive_int
 from ..errors import ConfigError, DataError, explain
 
 __all__ = ["PRESETS", "FALLBACKS", "resolve_templates", "validate_template", "fill_template", "TextMaker",
@@ -134,9 +136,7 @@ class TextMaker:
 
     def __post_init__(self) -> None:
         self.templates = resolve_templates(self.templates)
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise ConfigError(explain("max_tokens must be None or an int >= 1", got=self.max_tokens))
+        check_positive_int("max_tokens", self.max_tokens, allow_none=True)
         if self.fallback not in FALLBACKS:
             raise ConfigError(explain("unknown fallback policy", got=self.fallback, expected=FALLBACKS))
         from .rewriters import TextHookRewriter
@@ -197,7 +197,8 @@ class TextMaker:
 
 def text_limit_of(model: Any) -> dict[str, Any]:
     """The length policy of a CIR model's text side: ``{"max_tokens": L, "count_tokens": f}``, or ``{}``
-    when the model says nothing about it. Pass it to ``TripletAugmenter(..., **text_limit_of(model))`` or
+    when the model says nothing about it. Pass it to the augmenter (``AugmentConfig(max_tokens=...)`` and
+    ``TripletAugmenter(count_tokens=...)``) or
     :func:`fit_generated_texts`.
 
     Read from, in order: ``model.max_text_tokens`` with ``model.count_text_tokens(text) -> int`` (declare
@@ -247,5 +248,6 @@ def fit_generated_texts(triplets: Sequence[Any], *, max_tokens: int, count_token
             out.append(triplet)
             continue
         texts = [text for _, text in maker.finish([("", text) for text in triplet.texts], target or triplet.texts[0])]
-        out.append(triplet if tuple(texts) == tuple(triplet.texts) else dataclasses.replace(triplet, texts=tuple(texts)))
+        out.append(triplet if tuple(texts) == tuple(triplet.texts) else dataclasses.replace(triplet,
+                                                                                            texts=tuple(texts)))
     return out, {"texts": checked, "fallbacks": maker.fallbacks_used, "no_caption": no_caption}

@@ -2,7 +2,7 @@
 
     from cir_plugins.recipes import load_recipe
     recipe = load_recipe("clip4cir-fashioniq")
-    recipe.generation.augmenter_kwargs()          # templates, rank_window, refer_only, max_triplets, ...
+    recipe.generation                             # an AugmentConfig: templates, rank_window, refer_only, ...
     recipe.stage2_config(output_dir="runs/s2")    # a validated Stage2Config
     recipe.evaluation["remove_reference"]         # True: the release removed it for its CLIP4Cir rows
 
@@ -64,14 +64,19 @@ Where this project deliberately differs from the method's release, the recipe ho
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from .._config import option
+from ..checks import check_positive_int
 from ..errors import ConfigError, explain
+from ..positives.augmenter import AugmentConfig
 
 __all__ = ["Recipe", "Generation", "RECIPE_DIR", "RELEASE_VALUES", "MODELS", "DATASETS", "list_recipes",
            "load_recipe", "default_recipe", "release_pool_images", "recipes_page", "POOLS", "POOL_IMAGES",
@@ -139,29 +144,40 @@ def _positive_int(path: Path, where: str, value: Any, allow_none: bool = False) 
     return value
 
 
-@dataclass(frozen=True)
-class Generation:
-    """The generation settings of a recipe (see the module docstring)."""
+@dataclass
+class Generation(AugmentConfig):
+    """A recipe's generation settings: the augmenter's :class:`~cir_plugins.positives.augmenter.AugmentConfig`
+    (``TripletAugmenter(captioner, encoder, config=recipe.generation)``) plus how the release made its inputs
+    (see the module docstring)."""
 
-    annotated: bool
-    prompt: str
-    words: int
-    rank_window: tuple[int | float, int | float] | None
-    partners_per_image: int
-    refer_only: bool
-    max_triplets: int | None
-    templates: tuple[str, ...]
-    pool: str = "triplets"
-    annotated_texts: str | None = None
-    # optional: a text rewriter spec ("hf:<model name or path>", positives.rewriters.rewriter_from_spec); None = templates
-    rewriter: str | None = None
+    annotated: bool = option(True, "train on the annotated triplets too; False = zero-shot")
+    prompt: str = option("Describe the image in {k} words.", "the captioner prompt, with {k} (and {category})")
+    words: int = option(10, "k, the caption length the prompt asks for")
+    pool: str = option("triplets", "the images ranked for partners: \"triplets\" or \"all\" (POOLS)")
+    annotated_texts: str | None = option(None, "FashionIQ's training texts (ANNOTATED_TEXTS); None for CIRR")
+    rewriter: str | None = option(None, "a text rewriter spec (\"hf:<model name or path>\"); None = templates")
 
-    def augmenter_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~cir_plugins.positives.augmenter.TripletAugmenter` for these settings."""
-        return {"templates": list(self.templates),
-                "rank_window": self.rank_window if self.rank_window is not None else (-1, -1),
-                "partners_per_image": self.partners_per_image, "refer_only": self.refer_only,
-                "max_triplets": self.max_triplets, **({"rewriter": self.rewriter} if self.rewriter else {})}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank_window is not None and self.window.is_any:
+            raise ConfigError(explain("generation.rank_window starts below 0, which means 'any image' (written null "
+                                      "in a recipe); a window needs 0 <= a < b: ints are ranks, floats fractions of "
+                                      "the images ranked, e.g. [0.2, 0.3]", got=self.rank_window))
+        if not isinstance(self.prompt, str) or "{k}" not in self.prompt:
+            raise ConfigError(explain("generation.prompt must be a string with {k}", got=self.prompt))
+        if self.pool not in POOLS:
+            raise ConfigError(explain("generation.pool is unknown", got=self.pool, expected=POOLS))
+        if not isinstance(self.annotated, bool):
+            raise ConfigError(explain("generation.annotated must be true or false", got=self.annotated))
+        check_positive_int("generation.words", self.words)
+        if self.rewriter is not None and (not isinstance(self.rewriter, str) or not self.rewriter.strip()):
+            raise ConfigError(explain("generation.rewriter must be a rewriter spec such as "
+                                      "'hf:Qwen/Qwen2.5-1.5B-Instruct' or null", got=self.rewriter))
+
+    @property
+    def window_or_any(self) -> Any:
+        """The rank window, with (-1, -1) for "any image" (a recipe's null)."""
+        return self.rank_window if self.rank_window is not None else (-1, -1)
 
     def window_fractions(self, dataset: str) -> tuple[float, float] | None:
         """The rank window as fractions of N: the release's absolute ranks over the number of images it ranked
@@ -217,7 +233,7 @@ class Recipe:
                                       fix="pass the stage-1 checkpoint; only the zeroshot-* recipes train stage 1"))
         return Stage1Config(**{**self.stage1_training, **overrides})
 
-    def as_release(self) -> "Recipe":
+    def as_release(self) -> Recipe:
         """This recipe with the release's value of every deliberate difference (:data:`RELEASE_VALUES`)."""
         sections = {"stage2": dict(self.stage2), "bank": dict(self.bank)}
         for (section, key), value in RELEASE_VALUES.items():
@@ -247,7 +263,8 @@ class Recipe:
         g, s2 = self.generation, self.stage2
         learned = (f"tau itself in the AdamW group (weight decay {s2['weight_decay']}), as the release"
                    if s2.get("temperature_param") == "tau" else "log tau")
-        tau = f"{s2['temperature']} fixed" if not s2["learn_temperature"] else f"{s2['temperature']} learned as {learned}"
+        tau = (f"{s2['temperature']} fixed" if not s2["learn_temperature"]
+               else f"{s2['temperature']} learned as {learned}")
         window = ("any image (the release's random partner)" if g.rank_window is None else
                   f"ranks [{g.rank_window[0]}, {g.rank_window[1]})"
                   + (f", as fractions of the release's pool {self.generation.window_fractions(self.dataset)} "
@@ -276,14 +293,14 @@ class Recipe:
                   if not note.startswith("annotated_fraction")]  # the share's derivation is above
         return "\n".join(lines) + "\n"
 
-    def on_synthetic(self, rank_window: tuple[float, float]) -> "Recipe":
+    def on_synthetic(self, rank_window: tuple[float, float]) -> Recipe:
         """This CIRR recipe on the synthetic world (CIRR layout, a few thousand images): the same settings,
         the rank window as fractions of N (the release's absolute ranks exceed the world's size), no
         published numbers. Named ``<model>-synthetic``."""
         if self.dataset != "cirr":
             raise ConfigError(explain("the synthetic world has the CIRR layout and protocol: start from a CIRR "
                                       "recipe", got=self.name, fix=f"use {self.model}-cirr"))
-        generation = Generation(**{**self.generation.__dict__, "rank_window": tuple(rank_window)})
+        generation = dataclasses.replace(self.generation, rank_window=tuple(rank_window))
         return Recipe(**{**self.__dict__, "name": f"{self.model}-synthetic", "dataset": "synthetic",
                          "generation": generation, "published": None})
 
@@ -291,9 +308,7 @@ class Recipe:
         """The recipe as its JSON file holds it."""
         out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,
                "stage1": self.stage1, "start": copy.deepcopy(dict(self.start)), "fusion": self.fusion,
-               "generation": {**self.generation.__dict__,
-                              "rank_window": list(self.generation.rank_window) if self.generation.rank_window else None,
-                              "templates": list(self.generation.templates)},
+               "generation": {k: v for k, v in self.generation.to_dict().items() if k in _GENERATION | {"rewriter"}},
                "bank": dict(self.bank), "stage2": {k: (list(v) if isinstance(v, tuple) else v)
                                                    for k, v in self.stage2.items()},
                "trains": self.trains, "evaluation": dict(self.evaluation),
@@ -306,44 +321,11 @@ class Recipe:
 
 
 def _generation(path: Path, data: Any) -> Generation:
-    from ..positives.pairing import parse_rank_window
-    from ..positives.templates import validate_template
-
-    g = _keys(path, "generation", data, _GENERATION, {"rewriter"})
-    if g.get("rewriter") is not None and (not isinstance(g["rewriter"], str) or not g["rewriter"].strip()):
-        raise _fail(path, "generation.rewriter must be a rewriter spec such as 'hf:Qwen/Qwen2.5-1.5B-Instruct' or null",
-                    g["rewriter"])
-    prompt = g["prompt"]
-    if not isinstance(prompt, str) or "{k}" not in prompt:
-        raise _fail(path, "generation.prompt must be a string with {k}", prompt)
-    window = g["rank_window"]
-    if window is not None:
-        try:
-            parsed = parse_rank_window(window)
-        except ConfigError as error:
-            raise _fail(path, f"generation.rank_window is not a window ({error})", window) from None
-        if parsed.is_any:
-            raise _fail(path, "generation.rank_window starts below 0, which means 'any image' (written null in a "
-                              "recipe); a window needs 0 <= a < b: ints are ranks, floats fractions of the images "
-                              "ranked, e.g. [0.2, 0.3]", window)
-        window = (parsed.start, parsed.stop)
-    templates = g["templates"]
-    if not isinstance(templates, list) or not templates:
-        raise _fail(path, "generation.templates must be a non-empty list", templates)
-    for template in templates:
-        try:
-            validate_template(template)
-        except ConfigError as error:
-            raise _fail(path, f"generation.templates: {error}", template) from None
-    if g["pool"] not in POOLS:
-        raise _fail(path, "generation.pool is unknown", g["pool"], expected=POOLS)
-    return Generation(annotated=_bool(path, "generation.annotated", g["annotated"]), prompt=prompt,
-                      words=_positive_int(path, "generation.words", g["words"]), rank_window=window,
-                      partners_per_image=_positive_int(path, "generation.partners_per_image", g["partners_per_image"]),
-                      refer_only=_bool(path, "generation.refer_only", g["refer_only"]),
-                      max_triplets=_positive_int(path, "generation.max_triplets", g["max_triplets"], allow_none=True),
-                      templates=tuple(templates), pool=g["pool"], annotated_texts=g["annotated_texts"],
-                      rewriter=g.get("rewriter"))
+    g = _keys(path, "generation", data, _GENERATION, {f.name for f in dataclasses.fields(Generation)} - _GENERATION)
+    try:
+        return Generation(**g)
+    except ConfigError as error:
+        raise _fail(path, f"generation: {error}", g) from None
 
 
 def _start(path: Path, data: Any) -> dict:

@@ -19,12 +19,14 @@ writes, or the release's own ``cap.*extend*`` files), which skips captioning and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -306,6 +308,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     from ..negatives.bank import NegativeBank
     from ..positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
+    from ..positives.pairing import parse_rank_window
     from ..positives.templates import fit_generated_texts, text_limit_of
     from ..training.evaluator import Evaluator
     from ..training.stage1 import Stage1Trainer
@@ -325,7 +328,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         raise ConfigError(explain("unknown text_length policy", got=text_length, expected=TEXT_LENGTH))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    window = rank_window if rank_window is not None else recipe.generation.augmenter_kwargs()["rank_window"]
+    window = rank_window if rank_window is not None else recipe.generation.window_or_any
     train_first = train_stage1 if train_stage1 is not None else recipe.stage1_training is not None
     if precision == "release" and model_device(model).type != "cuda":
         raise ConfigError(explain("precision 'release' is fp16 autocast with a GradScaler, which needs a CUDA device",
@@ -377,26 +380,30 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
             made, counts = fit_generated_texts(made, **length)
             augment_info["text_fallbacks"] = counts
     elif captioner is not None:
-        kwargs = recipe.generation.augmenter_kwargs()
-        kwargs["rank_window"] = window
-        if "rewriter" in kwargs:  # the recipe's rewriter spec: on the model's device, drawn with the run's seed
+        rewriter = None
+        if recipe.generation.rewriter:  # the recipe's rewriter spec: on the model's device, drawn with the run's seed
             from ..positives.rewriters import rewriter_from_spec
 
-            kwargs["rewriter"] = rewriter_from_spec(kwargs["rewriter"], device=model_device(model), seed=seed)
+            rewriter = rewriter_from_spec(recipe.generation.rewriter, device=model_device(model), seed=seed)
+        any_image = parse_rank_window(window).is_any  # a recipe writes 'any image' as null
+        config = dataclasses.replace(recipe.generation, rank_window=None if any_image else window, seed=seed,
+                                     dedup=recipe.bank["dedup"], batch_size=eval_batch_size, keep_equal_captions=True,
+                                     **{k: v for k, v in length.items() if k != "count_tokens"})
         encoder = pair_encoder if pair_encoder is not None else model
         own = getattr(encoder, "image_transform", None)  # a named encoder's own preprocessing
         pool = pool_ids(recipe, data)
         pair_images = data.images.with_transform(own) if callable(own) else data.images
-        augmenter = TripletAugmenter(captioner, encoder, seed=seed, dedup=recipe.bank["dedup"],
-                                     cache_dir=caption_cache or out / "captions", batch_size=eval_batch_size,
-                                     keep_equal_captions=True, show_progress=show_progress, **length, **kwargs)
+        augmenter = TripletAugmenter(captioner, encoder, config=config, rewriter=rewriter,
+                                     count_tokens=length.get("count_tokens"),
+                                     cache_dir=caption_cache or out / "captions",
+                                     show_progress=show_progress)
         augmented = augmenter.augment(pool, pair_images, annotated=list(data.triplets))
         made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
         augment_info["pool"] = {"kind": recipe.generation.pool, "images": len(pool)}
         if not made:  # a run "with generated positives" that has none would silently be the +N row
             raise DataError(explain(
                 f"recipe {recipe.name}: the generation step made no triplets from {augment_info['images']} images",
-                got=augmented.why_empty(kwargs["rank_window"]),
+                got=augmented.why_empty(window),
                 fix="the recipe's absolute window suits the full data set: pass rank_window as fractions of N "
                     "(cir-plugins recipe run ... --rank-window fractions), or check the captioner"))
     else:

@@ -50,7 +50,8 @@ import threading
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ..errors import (CIRPluginsError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain)
+from ..checks import check_positive_int
+from ..errors import CIRPluginsError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
 from .searcher import MIME_TYPES, UPLOAD_FORMATS, GallerySearcher, decode_image_bytes
 
 __all__ = ["create_app", "ALLOWED_TYPES", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_WORKERS", "DEFAULT_QUEUE",
@@ -177,13 +178,11 @@ def create_app(searcher: GallerySearcher, *, max_upload_bytes: int = DEFAULT_MAX
     from starlette.routing import Route
 
     def positive_int(name, value):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(explain(f"{name} must be a positive int", got=value))
+        check_positive_int(name, value)
 
     positive_int("max_upload_bytes", max_upload_bytes)
     positive_int("workers", workers)
-    if not isinstance(queue, int) or isinstance(queue, bool) or queue < 0:
-        raise ConfigError(explain("queue must be an int >= 0", got=queue))
+    check_positive_int("queue", queue, minimum=0)
     if isinstance(allowed_hosts, str) or not all(isinstance(h, str) and h for h in allowed_hosts):
         raise ConfigError(explain("allowed_hosts must be a tuple of host names", got=allowed_hosts,
                                   fix="e.g. ('127.0.0.1', 'localhost')"))
@@ -383,7 +382,8 @@ _PAGE = r"""<!doctype html>
  <div class="panel"><b>1. Reference image</b>: pick one from the gallery
   <div><input id="filter" type="text" placeholder="filter ids"> <span class="muted" id="count"></span></div>
   <div id="thumbs"></div>
-  <div class="upload">or upload one: <input id="file" type="file" accept="image/png,image/jpeg,image/webp,image/gif,image/bmp"></div>
+  <div class="upload">or upload one: <input id="file" type="file"
+  accept="image/png,image/jpeg,image/webp,image/gif,image/bmp"></div>
  </div>
  <div class="panel"><b>Chosen</b><div id="chosen" class="muted">none yet</div></div>
 </div>
@@ -403,7 +403,8 @@ _STYLE = """ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;backg
  .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
  .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.8em;margin:.6em 0}
  #thumbs{display:grid;grid-template-columns:repeat(auto-fill,72px);gap:6px;max-width:640px;max-height:260px;overflow:auto}
- #thumbs img{width:72px;height:72px;object-fit:cover;border:3px solid transparent;cursor:pointer;image-rendering:pixelated}
+ # thumbs img{width:72px;height:72px;object-fit:cover;border:3px solid transparent;cursor:pointer;image-
+ # rendering:pixelated}
  #thumbs img.selected{border-color:#1565c0}
  #chosen img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc;image-rendering:pixelated}
  #results{display:grid;grid-template-columns:repeat(auto-fill,150px);gap:10px}
@@ -421,8 +422,10 @@ function choose(id, file) {
   chosenId = id; chosenFile = file;
   document.querySelectorAll("#thumbs img").forEach((img) => img.classList.toggle("selected", img.dataset.id === id));
   const box = $("chosen"); box.innerHTML = "";
-  if (id) { const img = new Image(); img.src = "/image/" + encodeURIComponent(id); box.append(img, document.createElement("br"), id); }
-  else if (file) { const img = new Image(); img.src = URL.createObjectURL(file); box.append(img, document.createElement("br"), "upload: " + file.name); }
+  if (id) { const img = new Image(); img.src = "/image/" + encodeURIComponent(id); box.append(img,
+  document.createElement("br"), id); }
+  else if (file) { const img = new Image(); img.src = URL.createObjectURL(file); box.append(img,
+  document.createElement("br"), "upload: " + file.name); }
   else { box.textContent = "none yet"; }
 }
 async function loadGallery() {
@@ -473,7 +476,9 @@ $("search").addEventListener("click", search);
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
 fetch("/api/info").then((r) => r.json()).then((data) => {
   limits = data; $("k").max = data.max_k; $("k").value = data.default_k;
-  $("info").textContent = `${data.gallery} gallery images, ${data.rows} bank rows, search: ${data.index}, uploads up to ${data.max_upload_bytes >= 1048576 ? (data.max_upload_bytes / 1048576).toFixed(1) + " MB" : Math.round(data.max_upload_bytes / 1024) + " kB"}`;
+  $("info").textContent = `${data.gallery} gallery images, ${data.rows} bank rows, search: ${data.index}, uploads up to
+  ${data.max_upload_bytes >= 1048576 ? (data.max_upload_bytes / 1048576).toFixed(1) + " MB" :
+  Math.round(data.max_upload_bytes / 1024) + " kB"}`;
 });
 loadGallery();
 """

@@ -1,7 +1,7 @@
 """Composed search over a saved bank, without any web framework: :class:`GallerySearcher`.
 
 A query is a reference image (a gallery id, or an uploaded image) plus a modification text; the
-model composes it (the evaluation's own composition, :func:`cir_plugins.evaluation._compose_all`),
+model composes it (the library's one composition, :func:`cir_plugins.embedding.compose_batch`),
 the query is L2-normalised and the bank is searched exactly (:func:`cir_plugins.metrics.topk_rows`)
 or through a FAISS index exported from the same bank
 (:class:`cir_plugins.negatives.faiss_index.FaissIndex`, checked with its ``check_bank``). Results
@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .._utils import eval_mode, model_device
+from ..checks import check_positive_int
 from ..data.images import ImageStore, decode_image, to_rgb
-from ..data.triplet import Triplet
+from ..embedding import compose_batch
 from ..errors import ConfigError, DataError, ImageLoadError, explain
+from ..metrics import topk_rows
 
 __all__ = ["GallerySearcher", "decode_image_bytes", "UPLOAD_FORMATS", "DEFAULT_UPLOAD_PIXELS", "MIME_TYPES"]
 
 logger = logging.getLogger(__name__)
 
-_QUERY_ID = "__query_image__"
 #: the PIL decoders an uploaded image may reach (the formats browsers show); nothing else is tried
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 #: the content type a file is served with, by the format read from its header
@@ -75,9 +76,7 @@ class GallerySearcher:
         if not isinstance(images, ImageStore):
             raise ConfigError(explain("images must be an ImageStore (the gallery's files are served from it)",
                                       got=type(images).__name__, fix="pass split.images of a loaded split"))
-        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
-                                       or max_pixels < 1):
-            raise ConfigError(explain("max_pixels must be a positive int or None", got=max_pixels))
+        check_positive_int("max_pixels", max_pixels, allow_none=True)
         self.model, self.bank, self.images, self.index = model, bank, images, index
         self.device = torch.device(device) if device is not None else model_device(model)
         self.max_pixels = max_pixels
@@ -133,11 +132,10 @@ class GallerySearcher:
         return self.images.transform(to_rgb(image))  # (C, H, W)
 
     def _compose(self, text: str, pixels: torch.Tensor) -> torch.Tensor:
-        triplet = Triplet(_QUERY_ID, (text,), None)  # DataError for an empty text
-        from ..evaluation import _compose_all
-
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(explain("the modification text is empty", got=text, fix="type what should change"))
         with eval_mode(self.model), torch.no_grad():
-            query = _compose_all(self.model, {_QUERY_ID: pixels}, [triplet], 1, self.device, False)  # (1, D)
+            query = compose_batch(self.model, pixels[None].to(self.device), [text])  # (1, D)
         return F.normalize(query.float(), dim=-1)
 
     def compose(self, text: str, *, image_id: str | None = None, image: Image.Image | None = None) -> torch.Tensor:
@@ -166,8 +164,6 @@ class GallerySearcher:
             if self.index is not None:
                 scores, rows = self.index.search(query, k, exclude_rows=exclude)
             else:
-                from ..metrics import topk_rows
-
                 bank = self.bank.embeddings
                 q = query.to(bank.device, bank.dtype)
                 scores, rows = topk_rows(q, bank, k, similarity=self.bank.similarity,

@@ -45,15 +45,20 @@ from safetensors.torch import load_file, save_file
 from .._atomic import atomic_write_bytes, fsync_file, replace_folder
 from .._utils import file_sha256
 from ..errors import CheckpointError, explain
-from ..trained import WEIGHTS_FILE
 
-__all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint", "capture_rng",
+__all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint",
+           "capture_rng",
            "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
            "restore_optimizer", "triplets_fingerprint", "bank_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "cir_plugins.checkpoint"
+WEIGHTS_FILE = "weights.safetensors"
+# the learned log-temperature is saved beside the weights under this name (not a model parameter)
+TEMPERATURE_NAME = "__temperature__.log_tau"
+# ... or, learned as tau itself (the training config's temperature_param "tau"), under this one
+TAU_NAME = "__temperature__.tau"
 # a checkpoint folder's files (the weights file is named as load_trained reads it)
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -104,7 +109,8 @@ def restore_rng(state: dict[str, Any], *, source: object = "the checkpoint") -> 
             torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as error:
         raise CheckpointError(explain(f"the RNG state in {source} is malformed", got=f"{type(error).__name__}: {error}",
-                                      fix="restore the checkpoint folder from a copy, or start the run again")) from error
+                                      fix="restore the checkpoint folder from a copy, or start the run "
+                                          "again")) from error
 
 
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -329,7 +335,8 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(explain(f"{path / 'optimizer.safetensors'}: the optimiser state is malformed",
                                       got=f"{type(error).__name__}: {error}",
-                                      fix="restore the checkpoint folder from a copy, or start the run again")) from error
+                                      fix="restore the checkpoint folder from a copy, or start the run "
+                                          "again")) from error
     return Checkpoint(path=path, weights=weights, optimizer=optimizer, state=state)
 
 
@@ -385,12 +392,14 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
                                 f"{tuple(params[index].shape)}")
     if problems:
         raise CheckpointError(explain(f"{where}: the optimiser state does not fit the parameters",
-                                      got=problems[:10], fix="restore the checkpoint folder from a copy, or start again"))
+                                      got=problems[:10],
+                                      fix="restore the checkpoint folder from a copy, or start again"))
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, TypeError, KeyError, RuntimeError) as error:
         raise CheckpointError(explain(f"{where}: the optimiser state does not load", got=f"{type(error).__name__}: "
-                                      f"{error}", fix="restore the checkpoint folder from a copy, or start again")) from error
+                                      f"{error}",
+                                      fix="restore the checkpoint folder from a copy, or start again")) from error
 
 
 def _hash_json(value: Any) -> str:

@@ -9,13 +9,11 @@ none); ``schedule="cosine"`` uses transformers' ``get_cosine_schedule_with_warmu
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-import re
 from dataclasses import dataclass
-from typing import Any
 
+from .._config import Config, document, field_docs, option
+from ..checks import check_positive_int, check_probability
 from ..errors import ConfigError, explain
 
 __all__ = ["TrainConfig", "Stage1Config", "Stage2Config", "AMP_MODES", "SCHEDULES", "TEMPERATURE_PARAMS", "field_docs"]
@@ -32,84 +30,59 @@ RESUMABLE_CHANGES = ("epochs", "show_progress", "checkpoint_every", "output_dir"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Fields shared by both stages (see Stage1Config / Stage2Config for the stage defaults)."""
 
-    # passes over the (sampled) training triplets
-    epochs: int = 3
-    # triplets per optimiser micro-batch (the global batch under torchrun; each rank takes a slice)
-    batch_size: int = 32
-    # AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR); finite, in (0, 1]
-    lr: float = 2e-5
-    # AdamW decoupled weight decay; 0.01 = torch's default, left in place by the CLIP4Cir / SPN code
-    weight_decay: float = 0.01
-    # AdamW betas (torch defaults)
-    betas: tuple[float, float] = (0.9, 0.999)
-    # AdamW epsilon (1e-7 as in the CLIP4Cir / SPN fine-tuning code)
-    eps: float = 1e-7
-    # softmax temperature tau (logits = similarity / tau); the initial value when learnable
-    temperature: float = 0.02
-    # learn tau (BLIP4CIR / SPRC style)
-    learn_temperature: bool = False
-    # what a learned tau is as a parameter: "log_tau" (log tau, kept out of weight decay: a step moves tau by a
-    # factor of about exp(lr), so at lr 1e-5 it barely moves) or "tau" (tau itself in the trained weights' AdamW
-    # group, with their weight decay, as the BLIP4CIR / SPRC releases: a step moves tau by about lr); both
-    # clamped to temperature_range
-    temperature_param: str = "log_tau"
-    # a learnable tau is clamped to [min, max]
-    temperature_range: tuple[float, float] = (1e-3, 1.0)
-    # "constant" (no schedule, the release) or "cosine" (linear warmup then cosine decay to 0)
-    schedule: str = "constant"
-    # optimiser steps of linear warmup (used by "cosine"; with "constant" it is a linear warmup too)
-    warmup_steps: int = 0
-    # mixed precision: "auto" (bf16 on CUDA when supported, else off), "bf16", "fp16" (GradScaler), "off"
-    amp: str = "auto"
-    # micro-batches whose gradients are averaged per optimiser step (each loss / grad_accum_steps; an
-    # epoch's last, shorter group keeps that divisor)
-    grad_accum_steps: int = 1
-    # clip the global gradient norm to this value; None = no clipping
-    max_grad_norm: float | None = None
-    # seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)
-    seed: int = 0
-    # metric (a key of the evaluation's dict) that picks the 'best' epoch; None = the last epoch. The
-    # command line builds its validation Evaluator with it; in Python an Evaluator carries its own metric
-    # and this field only serves the older evaluate= callable
-    select_metric: str | None = "Rmean"
-    # "max" (recall-like) or "min" (loss-like), used like select_metric
-    select_mode: str = "max"
-    # at the end of fit, put the best evaluated epoch's weights back on the model; False = keep the last epoch's
-    restore_best: bool = True
-    # share of annotated triplets in each epoch when generated ones are mixed in; None = natural mix
-    annotated_fraction: float | None = None
-    # micro-batches per epoch; None = derived: ceil(number of triplets / batch_size)
-    steps_per_epoch: int | None = None
-    # also write the 'last' checkpoint every N optimiser steps (mid-epoch); None = only per epoch
-    checkpoint_every: int | None = None
-    # where checkpoints go ({output_dir}/checkpoints/{last,best}); None = no checkpoints
-    output_dir: str | None = None
-    # triplets whose target is not in the bank / images: False = DataError naming them, True = drop (logged)
-    skip_missing: bool = False
-    # tqdm bar with loss and throughput
-    show_progress: bool = True
+    epochs: int = option(3, "passes over the (sampled) training triplets")
+    batch_size: int = option(32,
+        "triplets per optimiser micro-batch (the global batch under torchrun; each rank takes a slice)")
+    lr: float = option(2e-5, "AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR); finite, in (0, 1]")
+    weight_decay: float = option(0.01,
+        "AdamW decoupled weight decay; 0.01 = torch's default, left in place by the CLIP4Cir / SPN code")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas (torch defaults)")
+    eps: float = option(1e-7, "AdamW epsilon (1e-7 as in the CLIP4Cir / SPN fine-tuning code)")
+    temperature: float = option(0.02,
+        "softmax temperature tau (logits = similarity / tau); the initial value when learnable")
+    learn_temperature: bool = option(False, "learn tau (BLIP4CIR / SPRC style)")
+    temperature_param: str = option("log_tau",
+        "what a learned tau is as a parameter: \"log_tau\" (log tau, kept out of weight decay: a step moves tau by a "
+        "factor of about exp(lr), so at lr 1e-5 it barely moves) or \"tau\" (tau itself in the trained weights' AdamW "
+        "group, with their weight decay, as the BLIP4CIR / SPRC releases: a step moves tau by about lr); both clamped "
+        "to temperature_range")
+    temperature_range: tuple[float, float] = option((1e-3, 1.0), "a learnable tau is clamped to [min, max]")
+    schedule: str = option("constant",
+        "\"constant\" (no schedule, the release) or \"cosine\" (linear warmup then cosine decay to 0)")
+    warmup_steps: int = option(0,
+        "optimiser steps of linear warmup (used by \"cosine\"; with \"constant\" it is a linear warmup too)")
+    amp: str = option("auto",
+        "mixed precision: \"auto\" (bf16 on CUDA when supported, else off), \"bf16\", \"fp16\" (GradScaler), \"off\"")
+    grad_accum_steps: int = option(1,
+        "micro-batches whose gradients are averaged per optimiser step (each loss / grad_accum_steps; an epoch's last, "
+        "shorter group keeps that divisor)")
+    max_grad_norm: float | None = option(None, "clip the global gradient norm to this value; None = no clipping")
+    seed: int = option(0, "seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)")
+    restore_best: bool = option(True,
+        "at the end of fit, put the best evaluated epoch's weights back on the model; False = keep the last epoch's")
+    annotated_fraction: float | None = option(None,
+        "share of annotated triplets in each epoch when generated ones are mixed in; None = natural mix")
+    steps_per_epoch: int | None = option(None,
+        "micro-batches per epoch; None = derived: ceil(number of triplets / batch_size)")
+    checkpoint_every: int | None = option(None,
+        "also write the 'last' checkpoint every N optimiser steps (mid-epoch); None = only per epoch")
+    output_dir: str | None = option(None,
+        "where checkpoints go ({output_dir}/checkpoints/{last,best}); None = no checkpoints")
+    skip_missing: bool = option(False,
+        "triplets whose target is not in the bank / images: False = DataError naming them, True = drop (logged)")
+    show_progress: bool = option(True, "tqdm bar with loss and throughput")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.temperature_range = tuple(self.temperature_range)
 
-        def positive_int(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if allow_none and value is None:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(explain(f"{type(self).__name__}.{name} must be a positive int"
-                                          + (" or None" if allow_none else ""), got=value))
-
-        for name in ("epochs", "batch_size", "grad_accum_steps"):
-            positive_int(name)
-        for name in ("steps_per_epoch", "checkpoint_every"):
-            positive_int(name, allow_none=True)
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(explain("warmup_steps must be an int >= 0", got=self.warmup_steps))
+        for name in ("epochs", "batch_size", "grad_accum_steps", "steps_per_epoch", "checkpoint_every"):
+            check_positive_int(f"{type(self).__name__}.{name}", getattr(self, name),
+                               allow_none=name in ("steps_per_epoch", "checkpoint_every"))
+        check_positive_int("warmup_steps", self.warmup_steps, minimum=0)
         for name in ("lr", "temperature", "eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -144,86 +117,30 @@ class TrainConfig:
                                       got=self.lr, expected=f"at most {MAX_LR}", fix="e.g. lr=2e-5 (the release)"))
         if not isinstance(self.restore_best, bool):
             raise ConfigError(explain("restore_best must be True or False", got=self.restore_best))
-        if self.select_mode not in ("max", "min"):
-            raise ConfigError(explain("select_mode must be 'max' or 'min'", got=self.select_mode))
-        if self.annotated_fraction is not None and not (0.0 <= self.annotated_fraction <= 1.0):
-            raise ConfigError(explain("annotated_fraction must be in [0, 1] or None", got=self.annotated_fraction))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are a ConfigError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(explain(f"unknown {cls.__name__} fields", got=unknown, expected=sorted(names)))
-        return cls(**data)
+        if self.annotated_fraction is not None:
+            check_probability("annotated_fraction", self.annotated_fraction, fix="or None for the natural mix")
 
 
 @dataclass
 class Stage2Config(TrainConfig):
     """Stage 2: the query side against the static bank; the target side frozen."""
 
-    # mask each query's reference row (and its duplicates) out of the softmax; False = the release
-    mask_reference: bool = True
-    # cache encode_reference once per reference id, so a step never runs the vision tower
-    cache_reference: bool = True
-    # under torchrun: each rank keeps only its N / world bank rows on its device and the loss combines the
-    # softmax statistics of all shards (a bank larger than one GPU trains on several); False = a full copy per rank
-    shard_bank: bool = True
-
+    mask_reference: bool = option(True,
+        "mask each query's reference row (and its duplicates) out of the softmax; False = the release")
+    cache_reference: bool = option(True,
+        "cache encode_reference once per reference id, so a step never runs the vision tower")
+    shard_bank: bool = option(True,
+        "under torchrun: each rank keeps only its N / world bank rows on its device and the loss combines the softmax "
+        "statistics of all shards (a bank larger than one GPU trains on several); False = a full copy per rank")
 
 @dataclass
 class Stage1Config(TrainConfig):
     """Stage 1: in-batch negatives; both towers trainable unless the trainer gets ``trainable=``."""
 
-    # in-batch: a batch's targets that are the same image (or duplicates) count once, never as negatives
-    mask_duplicates: bool = True
-    temperature: float = 0.01
-
-
-_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=]+(=.*)?$")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its documentation: the ``#`` comment lines just above the field in the class body
-    (the nearest class in the MRO that documents it). The one source of each field's text: the class
-    docstrings' Attributes sections and the command line's ``--help`` are built from it."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass) or klass.__module__ != __name__:
-            continue
-        comment: list[str] = []
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # no source shipped (a frozen or .pyc-only install): names only
-            continue
-        for line in source.splitlines()[1:]:
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                comment.append(stripped.lstrip("#").strip())
-                continue
-            match = _FIELD_LINE.match(line)
-            if match and comment:
-                docs[match.group(1)] = " ".join(comment)
-            comment = []
-    return docs
-
-
-def _document(cls: type) -> None:
-    """Append an ``Attributes:`` section (every field: type, default, documentation) to ``cls.__doc__``,
-    so ``help(cls)`` and IDEs show what each field means."""
-    docs = field_docs(cls)
-    lines = ["", "", "    Attributes:"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"        {f.name} ({f.type}, default {default!r}): {docs.get(f.name, 'undocumented')}")
-    cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n".join(lines) + "\n"
+    mask_duplicates: bool = option(True,
+        "in-batch: a batch's targets that are the same image (or duplicates) count once, never as negatives")
+    temperature: float = option(0.01, "softmax temperature tau of the in-batch loss; the initial value when learnable")
 
 
 for _cls in (TrainConfig, Stage1Config, Stage2Config):
-    _document(_cls)
+    document(_cls)

@@ -12,17 +12,15 @@ One object carries the evaluation function and its primary metric, so the two ca
 Training that does not move the metric can be called out: with ``min_change`` set (the training commands set
 1.0, ``--min-val-change``), ``fit`` also evaluates once before the first step, and when after :data:`STALL_SHARE`
 of the epochs the metric has moved less than ``min_change`` from that start, it logs a warning naming the learning
-rate (:meth:`Evaluator.stalled`). The older
-``evaluate=callable`` argument with ``config.select_metric`` / ``config.select_mode`` still works and
-becomes an Evaluator (with a DeprecationWarning).
+rate (:meth:`Evaluator.stalled`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..errors import ConfigError, explain
 
@@ -65,7 +63,7 @@ class Evaluator:
 
     @classmethod
     def on_split(cls, split: Any, *, metric: str | None = "Rmean", mode: str = "max", min_change: float | None = None,
-                 **evaluate_kwargs: Any) -> "Evaluator":
+                 **evaluate_kwargs: Any) -> Evaluator:
         """Evaluate with :func:`cir_plugins.evaluate` on ``split`` (its keyword arguments pass through),
         selecting on ``metric`` ("Rmean" is the CIRR protocol's; a FashionIQ split reports e.g. "R@10")."""
         from ..evaluation import evaluate  # noqa: PLC0415 (evaluation imports metrics; keep training light)
@@ -89,8 +87,7 @@ class Evaluator:
         if self.metric is not None and self.metric not in metrics:
             raise ConfigError(explain("the evaluator's metric is not among the metrics it returned",
                                       got=self.metric, expected=sorted(metrics),
-                                      fix="set Evaluator(metric=...) (config.select_metric with the older "
-                                          "evaluate=) to one of them, or None"))
+                                      fix="set Evaluator(metric=...) to one of them, or None"))
         return metrics
 
     def value(self, metrics: Mapping[str, Any]) -> float | None:
@@ -128,21 +125,9 @@ class Evaluator:
         return f"{self.metric} {before:.2f} before training, {after:.2f} now (moved {after - before:+.2f})"
 
 
-def as_evaluator(evaluator: Evaluator | None, evaluate: Callable[[Any], Mapping[str, Any]] | None,
-                 config: Any) -> Evaluator | None:
-    """The trainers' ``evaluator=`` / deprecated ``evaluate=`` arguments as one Evaluator (or None)."""
-    if evaluator is not None and evaluate is not None:
-        raise ConfigError(explain("pass evaluator= or the older evaluate=, not both",
-                                  fix="evaluator=cp.Evaluator(fn, metric=...)"))
-    if evaluator is not None:
-        if not isinstance(evaluator, Evaluator):
-            raise ConfigError(explain("evaluator must be a cir_plugins.Evaluator", got=type(evaluator).__name__,
-                                      fix="cp.Evaluator(fn, metric='Rmean') or cp.Evaluator.on_split(val_split)"))
-        return evaluator
-    if evaluate is None:
-        return None
-    if not callable(evaluate):
-        raise ConfigError(explain("evaluate must be a callable(model) -> dict", got=type(evaluate).__name__))
-    warnings.warn("evaluate=callable with config.select_metric is deprecated: pass "
-                  "evaluator=cp.Evaluator(callable, metric=..., mode=...)", DeprecationWarning, stacklevel=4)
-    return Evaluator(evaluate, metric=config.select_metric, mode=config.select_mode)
+def as_evaluator(evaluator: Evaluator | None) -> Evaluator | None:
+    """The trainers' ``evaluator=`` argument, checked (None: no evaluation, the last epoch is kept)."""
+    if evaluator is not None and not isinstance(evaluator, Evaluator):
+        raise ConfigError(explain("evaluator must be a cir_plugins.Evaluator", got=type(evaluator).__name__,
+                                  fix="cp.Evaluator(fn, metric='Rmean') or cp.Evaluator.on_split(val_split)"))
+    return evaluator

@@ -30,10 +30,11 @@ Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE`
     torchrun --nproc_per_node 2 train_stage2.py      # or: python -m torch.distributed.run ...
 
     # train_stage2.py
-    device = cp.training.loop.init_distributed()      # optional: the trainer calls it too
+    from cir_plugins.training.loop import init_distributed
+    device = init_distributed()                       # optional: the trainer calls it too
     model = make_model().to(device)                   # each rank on its own GPU
-    bank = cp.NegativeBank.load("bank.safetensors")   # on the CPU: each rank moves only its rows
-    Stage2Trainer(model, bank, triplets, images, config=cfg).fit()  # rank 0 writes the checkpoints
+    # a path: each rank reads only its rows of the file (NegativeBank.load(path, shard=(rank, world)))
+    cp.Stage2Trainer(model, "bank.safetensors", triplets, images, config=cfg).fit()  # rank 0 writes checkpoints
 """
 
 from __future__ import annotations
@@ -44,36 +45,33 @@ import math
 import os
 import random
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from .._console import format_values, progress_bar
 
 from .. import protocol
-from .._utils import eval_mode, model_device
+from .._console import format_values, progress_bar
+from .._utils import eval_mode, model_device, shard_rows
 from ..data.triplet import Triplet
+from ..embedding import stack_images
 from ..errors import ConfigError, DataError, NonFiniteError, ShapeError, explain
 from ..negatives.bank import exclusion_rows
-from ..negatives.distributed import shard_rows, sharded_bank_contrastive_loss
+from ..negatives.distributed import BankShard
 from ..negatives.loss import bank_contrastive_loss
-from ..trained import TAU_NAME, TEMPERATURE_NAME
+from .checkpoint import TAU_NAME, TEMPERATURE_NAME
 from .config import TrainConfig
 from .evaluator import Evaluator, as_evaluator
 from .resume import Checkpointing
 from .sampler import EpochSampler
 
-__all__ = ["Trainer", "BankNegatives", "QuerySide", "stack_images", "init_distributed", "non_finite_tensors"]
+__all__ = ["Trainer", "BankNegatives", "QuerySide", "init_distributed", "distributed_rank", "non_finite_tensors"]
 
 logger = logging.getLogger(__name__)
-
-def stack_images(images: Mapping[str, Tensor], ids: Sequence[str], device: torch.device) -> Tensor:
-    """(n, C, H, W) images of ``ids`` on ``device``."""
-    return torch.stack([images[i] for i in ids]).to(device, non_blocking=True)
-
 
 def _made_with(images: Mapping[str, Tensor], given: Mapping[str, Any] | None) -> dict[str, Any]:
     """What every checkpoint records the result was made with (``TrainedWeights.made_with``): ``given`` (JSON-ready,
@@ -107,7 +105,7 @@ def init_distributed() -> torch.device:
     return torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
 
 
-def _distributed() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
     init_distributed()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -127,11 +125,20 @@ class BankNegatives:
         self.bank = bank
         self.mask_reference = mask_reference
         self.similarity = bank.similarity
-        rank, world = _distributed()
+        rank, world = distributed_rank()
         self.sharded = shard and world > 1
-        self.n_total = len(bank.embeddings)
-        self.row_offset, stop = shard_rows(self.n_total, rank, world) if self.sharded else (0, self.n_total)
-        rows = bank.embeddings[self.row_offset:stop]  # (n_local, ...) a view: only this slice is moved
+        self.n_total = len(bank)
+        row_offset, stop = shard_rows(self.n_total, rank, world) if self.sharded else (0, self.n_total)
+        self.shard = BankShard(row_offset, self.n_total) if self.sharded else None
+        self.row_offset = row_offset  # the first global row this rank holds
+        if bank.shard is not None:  # a bank loaded as this rank's slice: its rows are already the local ones
+            if bank.shard != self.shard:
+                raise ConfigError(explain("the bank slice is not this rank's share of the bank",
+                                          got=bank.shard, expected=self.shard,
+                                          fix="load it with NegativeBank.load(path, shard=(rank, world)) on each "
+                                              "rank, and keep Stage2Config.shard_bank on"))
+            row_offset, stop = 0, bank.embeddings.shape[0]
+        rows = bank.embeddings[row_offset:stop]  # (n_local, ...) a view: only this slice is moved
         self.rows = rows.to(device) if device is not None else rows
 
     def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
@@ -144,11 +151,8 @@ class BankNegatives:
     def loss(self, query: Tensor, bank: Tensor, target_rows: Tensor, exclude: Tensor | None,
              temperature: Tensor) -> Tensor:
         """The static bank never receives a gradient: the exact, chunked (or sharded) bank loss."""
-        if self.sharded:
-            return sharded_bank_contrastive_loss(query, bank, self.row_offset, self.n_total, target_rows,
-                                                 temperature, exclude_rows=exclude, similarity=self.similarity)
         return bank_contrastive_loss(query, bank, target_rows, temperature, exclude_rows=exclude,
-                                     similarity=self.similarity)
+                                     similarity=self.similarity, shard=self.shard)
 
 
 class QuerySide(nn.Module):
@@ -199,17 +203,17 @@ class Trainer(Checkpointing, abc.ABC):
 
     def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
                  config: TrainConfig, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None) -> None:
+                 made_with: Mapping[str, Any] | None = None) -> None:
         if not isinstance(config, TrainConfig):
             raise ConfigError(explain("config must be a training config dataclass", got=type(config).__name__,
                                       expected="Stage1Config or Stage2Config"))
         protocol.require_protocol(model, type(self).__name__)
-        self.evaluator = as_evaluator(evaluator, evaluate, config)  # evaluate= (deprecated) becomes an Evaluator
+        self.evaluator = as_evaluator(evaluator)
         self.model = model
         self.images = images
         self.config = config
         self.made_with = _made_with(images, made_with)
-        self.rank, self.world = _distributed()
+        self.rank, self.world = distributed_rank()
         self.triplets = self._check_triplets(list(triplets))
         self.device = model_device(self.model)
         self.history: list[dict[str, Any]] = []
@@ -252,7 +256,8 @@ class Trainer(Checkpointing, abc.ABC):
             named = [f"{t.reference}->{t.target} ({why})" for t, why in bad[:10]]
             if not self.config.skip_missing:
                 raise DataError(explain(f"{len(bad)} training triplets cannot be used", got=named,
-                                        fix="fix the data, rebuild the bank over these images, or set skip_missing=True"))
+                                        fix="fix the data, rebuild the bank over these images, or set "
+                                            "skip_missing=True"))
             logger.warning("skipping %d triplets that cannot be used, e.g. %s", len(bad), named[:3])
             dropped = {id(t) for t, _ in bad}
             triplets = [t for t in triplets if id(t) not in dropped]
@@ -553,7 +558,8 @@ class Trainer(Checkpointing, abc.ABC):
             epoch = self._epoch
             plan = self.sampler.epoch_plan(epoch)
             self._train_mode()
-            bar = progress_bar(total=len(plan), initial=self._micro, desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
+            bar = progress_bar(total=len(plan), initial=self._micro,
+                               desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
                        show_progress=config.show_progress if self.rank == 0 else False, unit="batch")
             started = time.perf_counter()
             time_before = self._epoch_stats["time"]

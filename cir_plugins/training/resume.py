@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError, explain
-from .checkpoint import (STATE_FILE, bank_fingerprint, capture_rng, has_checkpoint, load_checkpoint, restore_optimizer,
-                         restore_rng, restore_weights, save_checkpoint, triplets_fingerprint)
+from .checkpoint import (
+    STATE_FILE,
+    bank_fingerprint,
+    capture_rng,
+    has_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    restore_weights,
+    save_checkpoint,
+    triplets_fingerprint,
+)
 from .config import RESUMABLE_CHANGES
 
 __all__ = ["Checkpointing"]

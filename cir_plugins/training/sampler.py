@@ -15,8 +15,8 @@ asks for more). Each sample also fixes which of the triplet's texts it uses, dra
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

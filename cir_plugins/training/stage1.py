@@ -11,18 +11,22 @@ other's negatives).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import protocol
+from ..data.dedup import group_rows
 from ..data.triplet import Triplet
+from ..embedding import stack_images
 from ..errors import ConfigError, explain
+from ..similarity import similarity
 from .config import Stage1Config
 from .evaluator import Evaluator
-from .loop import Trainer, stack_images
+from .loop import Trainer
 
 __all__ = ["Stage1Trainer", "InBatchNegatives"]
 
@@ -42,15 +46,7 @@ class InBatchNegatives:
                  device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.mask_duplicates:
             # one row per duplicate group: a target's duplicates are its positive, never a negative
-            row_of_group: dict[str, int] = {}
-            encode_ids: list[str] = []
-            rows = []
-            for t in triplets:
-                group = self.groups.get(t.target, t.target)
-                if group not in row_of_group:
-                    row_of_group[group] = len(encode_ids)
-                    encode_ids.append(t.target)
-                rows.append(row_of_group[group])
+            encode_ids, rows = group_rows([t.target for t in triplets], self.groups)
         else:
             encode_ids = [t.target for t in triplets]
             rows = list(range(len(triplets)))
@@ -65,12 +61,8 @@ class InBatchNegatives:
         query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u). The (b, u) matrix is
         small (u <= b), so no chunking is needed.
         """
-        if self.similarity == "max_token":
-            # (b, D) x (u, T, D) -> (b, u, T), best token per target
-            logits = torch.einsum("bd,utd->but", query, targets.to(query.dtype)).amax(dim=-1)
-        else:
-            logits = query @ targets.to(query.dtype).T  # (b, D) @ (D, u) -> (b, u)
-        return F.cross_entropy(logits.float() / temperature, target_rows)
+        logits = similarity(query, targets, self.similarity, bf16=False)  # (b, u) float32, differentiable
+        return F.cross_entropy(logits / temperature, target_rows)
 
 
 
@@ -84,7 +76,6 @@ class Stage1Trainer(Trainer):
         config: :class:`Stage1Config`.
         evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch; its metric
             picks the best epoch, whose weights ``fit`` restores (``config.restore_best``).
-        evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
         groups: id -> duplicate-group id; targets of one group in a batch are one row.
         trainable: parameter names or dotted prefixes, a predicate ``(name, parameter) -> bool``, or the
             parameters themselves (the rule of :func:`cir_plugins.protocol.select_trainable`, as for
@@ -97,7 +88,6 @@ class Stage1Trainer(Trainer):
 
     def __init__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor], *,
                  config: Stage1Config | None = None, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None,
                  groups: Mapping[str, str] | None = None,
                  trainable: Sequence[str] | Callable[[str, nn.Parameter], bool] | None = None,
                  made_with: Mapping[str, Any] | None = None) -> None:
@@ -106,7 +96,7 @@ class Stage1Trainer(Trainer):
             raise ConfigError(explain("Stage1Trainer needs a Stage1Config", got=type(config).__name__))
         self._groups = groups
         self._trainable_spec = trainable
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate,
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator,
                          made_with=made_with)
         if self.world > 1:
             raise ConfigError(explain("Stage1Trainer runs in one process: in-batch negatives across ranks are not "

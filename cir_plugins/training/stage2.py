@@ -22,20 +22,23 @@ as the method's release does). See :mod:`cir_plugins.training.loop` for the loop
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import protocol
-from ..data.triplet import Triplet
 from .._utils import eval_mode
-from ..errors import ConfigError, DataError, ShapeError, explain
 from ..data.images import preprocessing_differences
+from ..data.triplet import Triplet
+from ..embedding import embed_images, stack_images
+from ..errors import ConfigError, DataError, ShapeError, explain
 from ..negatives.bank import NegativeBank, probe_split
 from .config import Stage2Config
 from .evaluator import Evaluator
-from .loop import BankNegatives, Trainer, stack_images
+from .loop import BankNegatives, Trainer, distributed_rank
 
 __all__ = ["Stage2Trainer", "ReferenceCache"]
 
@@ -57,7 +60,6 @@ class ReferenceCache:
         self.with_text = texts is not None
         keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
         ids = [k[0] for k in keys] if self.with_text else keys
-        from ..evaluation import embed_images  # noqa: PLC0415 (the one embedding loop)
 
         with eval_mode(model):
             features = embed_images(model.encode_reference, ids, images, batch_size=batch_size, device=device,
@@ -105,7 +107,8 @@ class Stage2Trainer(Trainer):
 
     Args:
         model: a CIR model (see :mod:`cir_plugins.protocol`), usually the stage-1 checkpoint.
-        bank: a :class:`NegativeBank` built by this model's target side (else BankMismatchError).
+        bank: a :class:`NegativeBank` built by this model's target side (else BankMismatchError), or the path
+            of a saved one: under torchrun (``shard_bank``) each rank then reads only its rows of the file.
         triplets: training triplets; every target must be in the bank (else DataError naming them,
             or dropped with ``config.skip_missing``).
         images: id -> (C, H, W) reference images (only references are read, once each when cached).
@@ -113,7 +116,6 @@ class Stage2Trainer(Trainer):
         evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch (eval mode,
             no_grad); its metric picks the 'best' checkpoint, whose weights ``fit`` restores at the end
             (``config.restore_best``; False keeps the last epoch's).
-        evaluate: deprecated: ``callable(model) -> dict`` with ``config.select_metric``; use ``evaluator``.
         made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
             command line records ``base``: the stage-1 result this run starts from).
         allow_preprocessing_mismatch: go on (with a warning) when ``images`` is an ImageStore preprocessing its
@@ -124,10 +126,14 @@ class Stage2Trainer(Trainer):
 
     stage = "stage2"
 
-    def __init__(self, model: Any, bank: NegativeBank, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
-                 *, config: Stage2Config | None = None, evaluator: Evaluator | None = None,
-                 evaluate: Callable[[Any], dict] | None = None, made_with: Mapping[str, Any] | None = None,
+    def __init__(self, model: Any, bank: NegativeBank | str | os.PathLike, triplets: Sequence[Triplet],
+                 images: Mapping[str, Tensor], *, config: Stage2Config | None = None,
+                 evaluator: Evaluator | None = None, made_with: Mapping[str, Any] | None = None,
                  allow_preprocessing_mismatch: bool = False) -> None:
+        if isinstance(bank, (str, os.PathLike)):  # under torchrun each rank reads only its rows of the file
+            rank, world = distributed_rank()
+            sharded = (config.shard_bank if isinstance(config, Stage2Config) else True) and world > 1
+            bank = NegativeBank.load(bank, shard=(rank, world) if sharded else None)
         if not isinstance(bank, NegativeBank):
             raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
                                       fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
@@ -136,7 +142,7 @@ class Stage2Trainer(Trainer):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
         self.bank = bank
         _check_bank_preprocessing(bank, images, allow_preprocessing_mismatch)
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator, evaluate=evaluate,
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator,
                          made_with=made_with)
 
     def _missing(self, triplet: Triplet) -> str | None:
@@ -148,7 +154,7 @@ class Stage2Trainer(Trainer):
     def _setup(self) -> None:
         model, config = self.model, self.config
         sharded = config.shard_bank and self.world > 1  # then BankNegatives moves only this rank's rows
-        if self.bank.device != self.device and not sharded:
+        if self.bank.device != self.device and not sharded and self.bank.shard is None:
             logger.info("moving the bank from %s to the model's device %s", self.bank.device, self.device)
             self.bank = self.bank.to(self.device)
         probe = self.triplets[:2]

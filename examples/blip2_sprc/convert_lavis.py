@@ -34,12 +34,11 @@ Known difference: transformers' ``post_layernorm`` uses the vision config's eps 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -147,9 +146,13 @@ def convert_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path
     wrong = [f"{n}: {tuple(converted[n].shape)} vs {tuple(expected[n].shape)}" for n in converted
              if n in expected and converted[n].shape != expected[n].shape]
     if foreign or wrong:
-        raise CheckpointError(explain(f"{checkpoint} does not fit the architecture of {base}",
-                                      got=(foreign + wrong)[:10],
-                                      fix="pass --base with the BLIP-2 retrieval checkpoint the model was trained from"))
+        raise CheckpointError(
+            explain(
+                f"{checkpoint} does not fit the architecture of {base}",
+                got=(foreign + wrong)[:10],
+                fix="pass --base with the BLIP-2 retrieval checkpoint the model was trained from",
+            )
+        )
     missing = sorted(set(expected) - set(converted))
     from_base = [n for n in missing if n.startswith("vision_model.")]
     absent = [n for n in missing if n not in from_base]
@@ -178,7 +181,9 @@ def convert_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.blip2_sprc.convert_lavis", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.blip2_sprc.convert_lavis", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("checkpoint", help="the SPRC / LAVIS .pt/.pth file")
     parser.add_argument("--base", required=True,
                         help="Blip2ForImageTextRetrieval Hub name or folder (architecture, tokenizer, image processor)")

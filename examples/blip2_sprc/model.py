@@ -30,8 +30,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,7 @@ class SPRCRetriever(nn.Module):
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, max_text_length: int = 32, clean_texts: bool = True,
-                        trust_remote_code: bool = False, **kwargs) -> "SPRCRetriever":
+                        trust_remote_code: bool = False, **kwargs) -> SPRCRetriever:
         """Load a Hub name or a local directory holding a BLIP-2 retrieval checkpoint + tokenizer.
 
         ``trust_remote_code`` stays off unless the caller turns it on; ``kwargs`` go to

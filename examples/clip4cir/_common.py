@@ -22,11 +22,11 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import cir_plugins as cp  # noqa: E402
-from cir_plugins.data.images import CLIP_MEAN, CLIP_STD, ClipTransform  # noqa: E402
-
 from model import CLIP4Cir  # noqa: E402
 from wrap import wrap  # noqa: E402  (imported here, not inside factory: a loader may take this folder off the path)
+
+import cir_plugins as cp  # noqa: E402
+from cir_plugins.data.images import CLIP_MEAN, CLIP_STD, ClipTransform  # noqa: E402
 
 logger = logging.getLogger("clip4cir")
 

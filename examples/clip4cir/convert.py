@@ -41,8 +41,14 @@ def combiner_to_example(state_dict: dict) -> dict:
         else:
             unknown.append(name)
     if unknown:
-        raise CheckpointError(explain("these names are not CLIP4Cir Combiner parameters", got=unknown[:10],
-                                      expected=sorted(COMBINER_NAMES), fix="pass the Combiner checkpoint as --combiner"))
+        raise CheckpointError(
+            explain(
+                "these names are not CLIP4Cir Combiner parameters",
+                got=unknown[:10],
+                expected=sorted(COMBINER_NAMES),
+                fix="pass the Combiner checkpoint as --combiner",
+            )
+        )
     return out
 
 
@@ -55,9 +61,13 @@ def convert_checkpoints(clip: str | Path, out: str | Path, *, combiner: str | Pa
     try:  # builds the architecture from the shapes and loads every tensor: a wrong file fails here, not later
         CLIP4Cir.from_openai_state_dict(clip_state, fusion=fusion, combiner_state=combiner_state)
     except (KeyError, RuntimeError, ValueError, AssertionError) as error:
-        raise CheckpointError(explain(f"{clip}{' / ' + str(combiner) if combiner else ''} is not an OpenAI-format "
-                                      f"CLIP (+ CLIP4Cir Combiner) checkpoint: {str(error).splitlines()[0]}",
-                                      fix="pass CLIP4Cir's saved CLIP (--clip) and Combiner (--combiner) files")) from error
+        raise CheckpointError(
+            explain(
+                f"{clip}{' / ' + str(combiner) if combiner else ''} is not an OpenAI-format "
+                f"CLIP (+ CLIP4Cir Combiner) checkpoint: {str(error).splitlines()[0]}",
+                fix="pass CLIP4Cir's saved CLIP (--clip) and Combiner (--combiner) files",
+            )
+        ) from error
     out = Path(out)
     save_safetensors(clip_state, out / OPEN_CLIP_WEIGHTS, metadata={"source": str(clip), "names": "openai"})
     if combiner_state is not None:

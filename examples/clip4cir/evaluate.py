@@ -21,7 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+
 import cir_plugins as cp  # noqa: E402
+from cir_plugins.submission import submit_cirr  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     split_name = args.split or C.EVAL_SPLIT[args.dataset]
     splits = C.load_splits(args.dataset, args.root, split_name, C.targetpad(model), world_size=args.world_size)
     if args.submit:
-        recall, subset = cp.submit_cirr(model, splits[0], args.submit, batch_size=args.batch_size_eval,
+        recall, subset = submit_cirr(model, splits[0], args.submit, batch_size=args.batch_size_eval,
                                         show_progress=not args.no_progress)
         print(f"CIRR submission: {recall}  {subset}")
         return 0

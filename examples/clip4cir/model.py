@@ -20,7 +20,7 @@ Two backbones: a ``transformers.CLIPModel`` (the default), or an OpenAI-format C
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +133,10 @@ def preprocess_settings(processor) -> dict:
         get = crop.get if isinstance(crop, dict) else (lambda key: getattr(crop, key, None))
         size = get("height") or get("shortest_edge") or get("width")
     if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"cannot read an image size from {type(image_processor).__name__} (crop_size/size = {crop!r}); "
-                         "expected a positive int. Fix: pass a CLIP image processor.")
+        raise ValueError(
+            f"cannot read an image size from {type(image_processor).__name__} (crop_size/size = {crop!r}); "
+            "expected a positive int. Fix: pass a CLIP image processor."
+        )
     return {"size": int(size), "mean": [float(v) for v in image_processor.image_mean],
             "std": [float(v) for v in image_processor.image_std]}
 
@@ -187,7 +189,7 @@ class OpenCLIPBackbone(nn.Module):
                                       text_config=SimpleNamespace(max_position_embeddings=int(model.context_length)))
 
     @classmethod
-    def from_openai_state_dict(cls, state_dict: dict) -> "OpenCLIPBackbone":
+    def from_openai_state_dict(cls, state_dict: dict) -> OpenCLIPBackbone:
         """Build the architecture the OpenAI-format ``state_dict`` describes (RN50x4 or any size, inferred
         from the tensor shapes; QuickGELU as OpenAI trained) and load it in float32, exactly."""
         from open_clip.model import build_model_from_openai_state_dict
@@ -257,7 +259,7 @@ class CLIP4Cir(nn.Module):
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, fusion: str | None = None, combiner_path: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **kwargs) -> "CLIP4Cir":
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> CLIP4Cir:
         """Load CLIP, its tokenizer and image processor from a hub name or a local directory.
 
         The model is built by ``AutoModel``: ``CLIPModel`` for every CLIP checkpoint, or a CLIP-like class
@@ -288,7 +290,7 @@ class CLIP4Cir(nn.Module):
 
     @classmethod
     def from_openai_state_dict(cls, state_dict: dict, *, fusion: str = "combiner",
-                               combiner_state: dict | None = None, **kwargs) -> "CLIP4Cir":
+                               combiner_state: dict | None = None, **kwargs) -> CLIP4Cir:
         """CLIP4Cir on an OpenAI-format CLIP state dict (open_clip backbone, float32), optionally with
         Combiner weights in this file's names; preprocessing: targetpad at the tower's size, OpenAI's
         mean / std."""
@@ -309,7 +311,7 @@ class CLIP4Cir(nn.Module):
 
     @classmethod
     def from_open_clip(cls, path, *, fusion: str | None = None, combiner_path: str | None = None,
-                       **kwargs) -> "CLIP4Cir":
+                       **kwargs) -> CLIP4Cir:
         """Load a folder written by ``convert.py`` (``open_clip.safetensors``, optional ``combiner.safetensors``);
         ``fusion`` defaults to the one its ``clip4cir.json`` names, else "combiner"."""
         import json

@@ -28,10 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-import cir_plugins as cp  # noqa: E402
+from wrap import wrap  # noqa: E402
+
+from cir_plugins.data.synthetic import SyntheticCaptioner  # noqa: E402
 from cir_plugins.recipes import Recipe, load_recipe  # noqa: E402
 from cir_plugins.recipes.run import load_training_data, reproduce  # noqa: E402
-from wrap import wrap  # noqa: E402
 
 # the synthetic world (a few thousand images) takes the CIRR recipe with its window as a share of N
 SYNTHETIC_WINDOW = (0.02, 0.2)
@@ -87,7 +88,7 @@ def captioner_kwargs(recipe: Recipe, categories: dict[str, str] | None) -> dict:
 def make_captioner(spec: str, root: str, recipe: Recipe, categories: dict[str, str] | None, *, noise: float,
                    seed: int, device: str):
     if spec == "synthetic":
-        return cp.SyntheticCaptioner(root, noise=noise, seed=seed)
+        return SyntheticCaptioner(root, noise=noise, seed=seed)
     if spec.startswith("file:"):
         from cir_plugins.positives.captioners import PrecomputedCaptioner
 

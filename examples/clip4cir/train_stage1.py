@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+
 import cir_plugins as cp  # noqa: E402
 
 CLIP_TOWERS = ["clip.text_model", "clip.text_projection", "clip.vision_model", "clip.visual_projection"]

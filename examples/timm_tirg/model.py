@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +144,7 @@ class TimmTIRG(nn.Module):
     @classmethod
     def build(cls, image_model: str, text_model: str | Path, *, pretrained: bool = True, embed_dim: int = 64,
               image_size: int | None = None, text_pooling: str = "cls", max_text_length: int = 32,
-              trust_remote_code: bool = False) -> "TimmTIRG":
+              trust_remote_code: bool = False) -> TimmTIRG:
         """A fresh model (random heads) from a timm model name and a transformers name or path."""
         import timm
         from transformers import AutoModel, AutoTokenizer
@@ -158,7 +158,7 @@ class TimmTIRG(nn.Module):
                    max_text_length=max_text_length)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False) -> "TimmTIRG":
+    def from_pretrained(cls, path: str | Path, *, trust_remote_code: bool = False) -> TimmTIRG:
         """Load a directory written by :meth:`save_pretrained`."""
         import timm
         from safetensors.torch import load_file

@@ -7,7 +7,8 @@ Run from the repository root (see README.md for the commands):
         --out runs/tirg_spn --world-size tiny --epochs 1
 
 ``--model`` is a checkpoint directory written by ``TimmTIRG.save_pretrained`` (make one from a
-timm name and a transformers name or path with the ``init`` command); it is loaded by ``wrap.load`` (the 10-line integration). The world is the library's synthetic CIR world
+timm name and a transformers name or path with the ``init`` command); it is loaded by ``wrap.load`` (the 10-line
+integration). The world is the library's synthetic CIR world
 in the CIRR layout; ``--data`` points at a real CIRR root instead.
 """
 from __future__ import annotations

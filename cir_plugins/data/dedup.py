@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+
 from .._console import progress_bar
-
 from ..errors import ConfigError, DataError, ShapeError, explain
+from .images import pil_loader
 
-__all__ = ["pixel_hash", "find_duplicates", "near_duplicate_groups", "image_loader"]
+__all__ = ["pixel_hash", "find_duplicates", "near_duplicate_groups", "group_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +49,21 @@ def pixel_hash(image: Any) -> str:
     return digest.hexdigest()
 
 
-def image_loader(source: Any) -> Callable[[str], Any]:
-    """id -> PIL image from an object with ``load_pil``, a Mapping id -> PIL image, or a callable."""
-    load_pil = getattr(source, "load_pil", None)
-    if callable(load_pil):
-        return load_pil
-    if isinstance(source, Mapping):
-        def from_mapping(image_id: str) -> Any:
-            if image_id not in source:
-                raise DataError(explain("no image for this id", got=image_id,
-                                        fix="pass a mapping that covers every id"))
-            return source[image_id]
-        return from_mapping
-    if callable(source):
-        return source
-    raise ConfigError(explain("cannot get PIL images from this object", got=type(source).__name__,
-                              expected="an ImageStore (load_pil), a Mapping id -> PIL.Image, or a callable id -> PIL.Image"))
+def group_rows(image_ids: Sequence[str], groups: Mapping[str, Any] | None) -> tuple[list[str], list[int]]:
+    """One row per duplicate group: (representatives, row of each id). The representative of a group is its
+    first id met; ``rows[i]`` is the row of ``image_ids[i]``. Ids missing from ``groups`` are their own group
+    (never merged with a group that happens to share their name)."""
+    groups = groups or {}
+    row_of_group: dict[Any, int] = {}
+    representatives: list[str] = []
+    rows: list[int] = []
+    for image_id in image_ids:
+        group = groups[image_id] if image_id in groups else ("\0own", image_id)
+        if group not in row_of_group:
+            row_of_group[group] = len(representatives)
+            representatives.append(image_id)
+        rows.append(row_of_group[group])
+    return representatives, rows
 
 
 class _UnionFind:
@@ -147,7 +148,7 @@ def find_duplicates(
         seen: set[str] = set()
         repeats = [i for i in ids if i in seen or seen.add(i)]
         raise DataError(explain("image_ids contain repeats", got=repeats[:5], fix="pass each id once"))
-    load = image_loader(images)
+    load = pil_loader(images, convert_tensors=False)  # tensors are hashed by their exact values
     first_of_hash: dict[str, int] = {}
     rep = []
     for row, image_id in enumerate(progress_bar(ids, desc="dedup: hashing pixels", show_progress=show_progress)):
