@@ -1,10 +1,12 @@
-"""Streaming partner selection vs today's path: time and peak RSS, each configuration in a fresh subprocess.
+"""Streaming partner selection: time and peak RSS, each configuration in a fresh subprocess.
 
 Usage: python benchmarks/pairing_streaming.py [--n 200000] [--compare-n 20000] [--dim 256] [--threads 2]
        [--window 0.590,0.886] [--chunk 256] [--json benchmarks/pairing_streaming.json]
 
-Runs today's ``select_partners`` and ``select_partners_streaming`` side by side at --compare-n (their partners
-must be identical: the digests of the two outputs are compared), then the streaming path alone at --n. Random
+Runs ``select_partners``' two selection paths (numpy per row, the CPU's; torch per block, a GPU's) side by side
+at --compare-n (their partners must be identical: the digests of the two outputs are compared), then the numpy
+path alone at --n. (Until it replaced the earlier top-b selection, the first row was that selection: the
+numbers in benchmarks/RESULTS.md name which.) Random
 (N, D) float32 embeddings (seed 0), one partner per image, CPU. Peak RSS is the child's ru_maxrss (the whole
 process, Python + torch included); "baseline" is the RSS after the imports and the embeddings. Last, an
 ESTIMATE (not a measurement) of N = 1e6 on one H100 from the measured rates and the assumptions printed.
@@ -39,13 +41,13 @@ def child(cfg: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from cir_plugins.positives.pairing import select_partners
-    from cir_plugins.positives.streaming import select_partners_streaming
+    from cir_plugins.positives import pairing
 
     torch.set_num_threads(cfg["threads"])
     emb = torch.randn(cfg["n"], cfg["dim"], generator=torch.Generator().manual_seed(0))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fn = select_partners if cfg["path"] == "today" else select_partners_streaming
+    pairing._NUMPY_ON_CPU = cfg["path"] == "numpy-rows"  # the benchmark's switch between the two paths
+    fn = pairing.select_partners
     start, cpu = time.perf_counter(), time.process_time()
     picks = fn(emb, rank_window=tuple(cfg["window"]), partners_per_image=1, seed=0, chunk_size=cfg["chunk"])
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -109,7 +111,7 @@ def main() -> int:
     base = {"dim": args.dim, "threads": args.threads, "chunk": args.chunk,
             "window": [float(v) for v in args.window.split(",")]}
     rows = [run({**base, "path": path, "n": n}) for path, n in
-            [("today", args.compare_n), ("streaming", args.compare_n), ("streaming", args.n)]]
+            [("numpy-rows", args.compare_n), ("torch-blocks", args.compare_n), ("numpy-rows", args.n)]]
     equal = rows[0]["digest"] == rows[1]["digest"]
     print(f"{'path':>10} {'N':>8} {'D':>4} {'thr':>3} {'wall s':>7} {'CPU s':>7} {'GEMM s (est)':>12} "
           f"{'peak RSS MB':>11} {'baseline MB':>11} digest")

@@ -9,6 +9,15 @@ from cir_plugins.errors import ConfigError, NonFiniteError, ShapeError
 from cir_plugins.positives.pairing import pair_images, parse_rank_window, select_partners
 
 
+def scalar_key(seed, q, n, j):
+    """The documented draw key, one Python integer at a time: splitmix64(seed * 2**40 + q * n + j), signed."""
+    z = (seed * 2**40 + q * n + j + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return z - 2**64 if z >= 2**63 else z
+
+
 def brute_force_windows(emb, window, groups=None, duplicates=None):
     """Full sort of every row (the plain reference): list of window row lists per query."""
     x = emb.double().numpy()
@@ -140,17 +149,6 @@ def test_bad_windows_and_inputs_are_clear_errors():
         select_partners(torch.randn(5, 3), rank_window=(0, 2), partners_per_image=0)
 
 
-def test_vectorised_draw_keys_match_scalar_reference():
-    from cir_plugins.positives.pairing import _key, _keys
-
-    q = torch.tensor([0, 5, 99999, 31])
-    js = torch.randint(0, 100000, (4, 13))
-    for seed in (0, 7, 2**31 + 5):
-        got = _keys(seed, q, 100003, js)
-        want = torch.tensor([[_key(seed, int(q[r]), 100003, int(j)) for j in js[r]] for r in range(4)])
-        assert torch.equal(got, want)
-
-
 def test_non_finite_encoder_output_names_the_images():
     images = {f"p{k}": torch.full((3, 2, 2), float(k)) for k in range(5)}
 
@@ -168,68 +166,43 @@ def test_non_finite_encoder_output_names_the_images():
 def test_draw_is_the_smallest_hash_keys_of_the_brute_force_window(window):
     # the documented draw rule, checked against a plain reference: per query, the window members
     # (brute-force full sort) ordered by the scalar splitmix64 key, first partners_per_image of them
-    from cir_plugins.positives.pairing import _key
-
     n, d = 47, 5
     emb = torch.randn(n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     windows = brute_force_windows(emb, window)
     for chunk_size in (4, 47):
         picks = select_partners(emb, rank_window=window, partners_per_image=3, seed=13, chunk_size=chunk_size)
         for q, (row, members) in enumerate(zip(picks, windows)):
-            assert row == sorted(members, key=lambda j: _key(13, q, n, j))[:3]
+            assert row == sorted(members, key=lambda j: scalar_key(13, q, n, j))[:3]
 
 
-def _spy_draw_widths(monkeypatch) -> list[int]:
-    """Record the candidate width of every call to the pairing's hash draw (the list fills as it runs)."""
-    import cir_plugins.positives.pairing as pairing
-
-    widths = []
-    real_draw = pairing._draw
-
-    def spy(seed, q, n, js, valid, k):
-        widths.append(js.shape[1])
-        return real_draw(seed, q, n, js, valid, k)
-
-    monkeypatch.setattr(pairing, "_draw", spy)
-    return widths
-
-
-def test_draw_rule_holds_with_ties_at_the_a_boundary(monkeypatch):
-    # +-1 entries: many exact ties, so some rows hold more or fewer than b - a values below the
-    # a-th largest and the draw must take its masked (unequal-count) branch; still the reference rule
-    from cir_plugins.positives.pairing import _key
-
-    widths = _spy_draw_widths(monkeypatch)
+def test_draw_rule_holds_with_ties_at_the_a_boundary():
+    # +-1 entries: many exact ties, so some rows hold more values equal to a boundary score than the window
+    # can take and the tie rule decides; still the reference rule
     emb = (torch.randint(0, 2, (31, 3), generator=torch.Generator().manual_seed(6)) * 2 - 1).double()
     windows = brute_force_windows(emb, (2, 6))
     picks = select_partners(emb, rank_window=(2, 6), partners_per_image=2, seed=1, chunk_size=8)
-    assert 6 in widths  # the masked draw over all top-b entries ran (unequal member counts)
     for q, (row, members) in enumerate(zip(picks, windows)):
-        assert row == sorted(members, key=lambda j: _key(1, q, 31, j))[:2]
+        assert row == sorted(members, key=lambda j: scalar_key(1, q, 31, j))[:2]
 
 
-def test_member_only_draw_path_is_taken_and_matches_reference(monkeypatch):
-    # distinct random scores: every row holds exactly b - a members, so only those are hashed
-    import cir_plugins.positives.pairing as pairing
-
-    widths = _spy_draw_widths(monkeypatch)
+def test_distinct_scores_match_the_reference():
+    # distinct random scores: every row holds exactly b - a members
     emb = torch.randn(59, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     windows = brute_force_windows(emb, (4, 13))
     picks = select_partners(emb, rank_window=(4, 13), partners_per_image=2, seed=2, chunk_size=11)
-    assert widths and set(widths) == {9}
     for q, (row, members) in enumerate(zip(picks, windows)):
-        assert row == sorted(members, key=lambda j: pairing._key(2, q, 59, j))[:2]
+        assert row == sorted(members, key=lambda j: scalar_key(2, q, 59, j))[:2]
 
 
 def _both_paths(monkeypatch, emb, **kwargs):
-    """(partition path, topk path) outputs of select_partners for the same arguments."""
+    """(numpy per-row path, torch per-block path, as on a GPU) outputs of select_partners for the same arguments."""
     import cir_plugins.positives.pairing as pairing
 
-    new = select_partners(emb, **kwargs)
-    monkeypatch.setattr(pairing, "_USE_PARTITION", False)
-    old = select_partners(emb, **kwargs)
-    monkeypatch.setattr(pairing, "_USE_PARTITION", True)
-    return new, old
+    rows = select_partners(emb, **kwargs)
+    monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", False)
+    blocks = select_partners(emb, **kwargs)
+    monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", True)
+    return rows, blocks
 
 
 def _pairing_inputs():
@@ -249,9 +222,9 @@ def _pairing_inputs():
 
 
 @pytest.mark.parametrize("window", [(3, 29), (0, 9), (0.2, 0.45), (-1, 0), (12, 13), (0.5, 1.0)])
-def test_partition_path_equals_topk_path(monkeypatch, window):
-    # the partition fast path must give the very same partners as the exact topk path, on random,
-    # tied, duplicated and grouped inputs (chunks of 64+ rows also split rows over 2 threads)
+def test_numpy_rows_path_equals_torch_blocks_path(monkeypatch, window):
+    # the two selection paths must give the very same partners, on random, tied, duplicated and grouped
+    # inputs (rows spread over 2 threads)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for name, emb, extra in _pairing_inputs():
         for chunk_size in (5, 70):
@@ -260,45 +233,21 @@ def test_partition_path_equals_topk_path(monkeypatch, window):
             assert new == old, (name, chunk_size)
 
 
-def test_partition_path_matches_brute_force_and_falls_back_only_on_ties(monkeypatch):
+def test_both_paths_match_the_brute_force_reference(monkeypatch):
     import cir_plugins.positives.pairing as pairing
 
-    fallback_rows = []
-    real = pairing._windows_for_block_topk
-
-    def spy(block, a, b, q, seed, k):
-        fallback_rows.append(block.shape[0])
-        return real(block, a, b, q, seed, k)
-
-    monkeypatch.setattr(pairing, "_windows_for_block_topk", spy)
-    emb = torch.randn(67, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    windows = brute_force_windows(emb, (6, 21))
-    picks = select_partners(emb, rank_window=(6, 21), partners_per_image=4, seed=3, chunk_size=67)
-    assert fallback_rows == []  # distinct scores: the partition path alone decided every row
-    for q, (row, members) in enumerate(zip(picks, windows)):
-        assert row == sorted(members, key=lambda j: pairing._key(3, q, 67, j))[:4]
-
-    emb = (torch.randint(0, 2, (40, 3), generator=torch.Generator().manual_seed(2)) * 2 - 1).double()
-    windows = brute_force_windows(emb, (2, 9))
-    picks = select_partners(emb, rank_window=(2, 9), partners_per_image=2, seed=1, chunk_size=40)
-    assert fallback_rows and 0 < sum(fallback_rows) <= 40  # tied boundaries went to the exact path
-    for q, (row, members) in enumerate(zip(picks, windows)):
-        assert row == sorted(members, key=lambda j: pairing._key(1, q, 40, j))[:2]
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_argselect_matches_full_sort(workers):
-    from cir_plugins.positives.pairing import _argselect
-
-    values = torch.randn(97, 61, generator=torch.Generator().manual_seed(workers))  # distinct values
-    ranked = torch.argsort(values, dim=1)  # (97, 61) plain reference: full ascending sort
-    for kth, lo, hi in [(40, 40, 61), (0, 0, 1), (60, 60, 61), (17, 0, 18), (30, 0, 31), (30, 30, 61)]:
-        got = _argselect(values, kth, lo, hi, workers)
-        assert got.shape == (97, hi - lo) and got.dtype == torch.int64 and got.is_contiguous()
-        assert torch.equal(got.sort(dim=1).values, ranked[:, lo:hi].sort(dim=1).values)
-        kth_in = kth - lo
-        if 0 <= kth_in < hi - lo:
-            assert torch.equal(got[:, kth_in], ranked[:, kth])
+    for numpy_rows in (True, False):
+        monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", numpy_rows)
+        emb = torch.randn(67, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        windows = brute_force_windows(emb, (6, 21))
+        picks = select_partners(emb, rank_window=(6, 21), partners_per_image=4, seed=3, chunk_size=67)
+        for q, (row, members) in enumerate(zip(picks, windows)):
+            assert row == sorted(members, key=lambda j: scalar_key(3, q, 67, j))[:4]
+        emb = (torch.randint(0, 2, (40, 3), generator=torch.Generator().manual_seed(2)) * 2 - 1).double()
+        windows = brute_force_windows(emb, (2, 9))
+        picks = select_partners(emb, rank_window=(2, 9), partners_per_image=2, seed=1, chunk_size=40)
+        for q, (row, members) in enumerate(zip(picks, windows)):  # tied boundaries: the tie rule
+            assert row == sorted(members, key=lambda j: scalar_key(1, q, 40, j))[:2]
 
 
 class _DeviceCheckingEncoder(torch.nn.Module):

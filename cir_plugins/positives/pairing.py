@@ -5,11 +5,14 @@ duplicates, and, with ``groups``, minus images of another group) are ranked by c
 to the query, best first. Rank 0 is the most similar candidate. Partners are drawn uniformly,
 without replacement, from the ranks ``[a, b)`` of that ranking.
 
-Never materialises the N x N similarity matrix: query rows are processed ``chunk_size`` at a
-time; each chunk holds one ``(chunk, N)`` score block. On CPU, ``np.argpartition`` selects the
-top ``b`` of each row and a second introselect over those the ranks ``[a, b)``; rows whose boundary
-scores are tied (where the tie rule matters) and non-CPU blocks take the exact ``torch.topk`` path,
-which also uses an exact (chunk, N) mask for ties straddling a boundary. Both give the same draw.
+Streams, for N up to 1e6: query rows are processed ``chunk_size`` at a time, each chunk holding one
+``(chunk, N)`` score block, never the N x N matrix, and never a top-b of width ~N. Per query row the
+window is found by order statistics: the scores at rank a and rank b - 1 (two selections) bound it,
+every score between them is a member, and a row holding more than b - a such scores (equal scores at a
+boundary) is resolved by the tie rule. Only the b - a members are hashed. CPU float32/float64 input:
+numpy's introselect per row, rows spread over ``torch.get_num_threads()`` threads; any other device or
+dtype: ``torch.kthvalue`` and a masked ``topk`` per block on the input's device. Both are exact and give
+the same draw (benchmarks/RESULTS.md: N = 200k on 2 CPU threads, and the estimate for 1e6 on a GPU).
 
 Tie rule: candidates with equal cosine are ordered by their position in the input (earlier
 first).
@@ -28,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -126,190 +130,94 @@ def _codes(labels: Sequence[Any], n: int, what: str) -> torch.Tensor:
     return torch.tensor([table.setdefault(label, len(table)) for label in labels], dtype=torch.int64)
 
 
-def _in_top(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean (c, N): entry is among the top ``k[r]`` of row r (score desc, ties by lower index).
-
-    scores (c, N) with -inf at excluded entries; k (c,) int64 with 0 <= k[r] <= finite count of row r.
-    """
-    c, n = scores.shape
-    out = torch.zeros(c, n, dtype=torch.bool, device=scores.device)
-    kmax = int(k.max()) if c else 0
-    if kmax == 0:
-        return out
-    rows = torch.nonzero(k > 0).squeeze(1)
-    if bool((k == kmax).all()):
-        # one k for the chunk: the k-th largest is the minimum of an unsorted top-k (cheaper)
-        boundary = torch.topk(scores, kmax, dim=1, sorted=False).values.min(dim=1).values  # (c,)
-    else:
-        top = torch.topk(scores, kmax, dim=1, sorted=True).values  # (c, kmax), descending
-        # the k-th largest value of each row: its boundary value
-        boundary = top[rows, k[rows] - 1]  # (r,)
-    sub = scores[rows]  # (r, N)
-    greater = sub > boundary[:, None]
-    equal = sub == boundary[:, None]
-    need = k[rows] - greater.sum(1)  # how many boundary-equal entries fit, >= 1
-    if bool((equal.sum(1) > need).any()):
-        # ties straddle the boundary: keep the lowest-index equal entries (documented tie rule)
-        order = torch.cumsum(equal, dim=1, dtype=torch.int32)  # (r, N) running count of equals
-        equal &= order <= need[:, None]
-    out[rows] = greater | equal
-    return out
-
-
+# False sends CPU blocks through the torch path too (the tests compare both paths)
+_NUMPY_ON_CPU = True
 _MASK64 = (1 << 64) - 1
+_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB, None)
 
 
-def _key(seed: int, q: int, n: int, j: int) -> int:
-    """splitmix64(seed * 2**40 + q * n + j) as a signed int64 (the draw key of candidate j for query q)."""
-    z = (int(seed) * (1 << 40) + q * n + j + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return z - (1 << 64) if z >= (1 << 63) else z
+def _key_offset(seed: int, q: int, n: int) -> int:
+    """The draw key of candidate j for query q is ``splitmix64(offset + j)`` (mod 2**64); this is the offset."""
+    return (int(seed) * (1 << 40) + 0x9E3779B97F4A7C15 + q * n) & _MASK64
 
 
-def _keys(seed: int, q: torch.Tensor, n: int, js: torch.Tensor) -> torch.Tensor:
-    """Vectorised :func:`_key`: queries ``q`` (r,) and candidate rows ``js`` (r, w) -> (r, w) int64."""
-    base = (np.asarray(q.cpu().numpy(), dtype=np.int64).astype(np.uint64) * np.uint64(n)
-            + np.uint64((int(seed) * (1 << 40) + 0x9E3779B97F4A7C15) & _MASK64))  # (r,)
-    with np.errstate(over="ignore"):
-        z = js.cpu().numpy().astype(np.uint64) + base[:, None]  # (r, w), wraps mod 2**64
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy(z.view(np.int64)).to(js.device)
+def _splitmix(z: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """splitmix64's mixer as signed int64: ``z`` uint64 numpy (changed in place) or int64 torch (any device)."""
+    if isinstance(z, np.ndarray):
+        with np.errstate(over="ignore"):
+            for shift, mult in zip((30, 27, 31), _MULTIPLIERS):
+                z ^= z >> np.uint64(shift)
+                if mult:
+                    z *= np.uint64(mult)
+        return z.view(np.int64)
+    for shift, mult in zip((30, 27, 31), _MULTIPLIERS):  # int64 wraps like uint64; >> is arithmetic, so mask
+        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
+        if mult:
+            z = z * (mult - (1 << 64))
+    return z
 
 
-def _draw(seed: int, q: torch.Tensor, n: int, js: torch.Tensor, valid: torch.Tensor, k: int) -> list[list[int]]:
-    """Per row r: the (up to) k entries of ``js[r]`` where ``valid[r]`` with the smallest keys.
+def _tie_window(block: torch.Tensor, a: int, b: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Exact window mask (r, N) of score rows ``block`` (r, N) whose rank-a score is hi (r,), rank-(b-1) lo (r,).
 
-    q (r,), js (r, w) candidate rows, valid (r, w) bool. Returns row lists in ascending key order.
+    Scores strictly between lo and hi are members; a score equal to either has rank
+    ``#greater + (its position among the equal ones, by index)`` and is a member when that lies in [a, b).
     """
-    if js.shape[1] == 0:
-        return [[] for _ in range(js.shape[0])]
-    keys = _keys(seed, q, n, js).masked_fill(~valid, torch.iinfo(torch.int64).max)  # (r, w)
-    take = min(k, js.shape[1])
-    order = torch.topk(keys, take, dim=1, largest=False, sorted=True).indices  # (r, take)
-    picked = torch.gather(js, 1, order).tolist()
-    counts = valid.sum(1).tolist()
-    return [row[:min(take, cnt)] for row, cnt in zip(picked, counts)]
+    lo, hi = lo[:, None], hi[:, None]
+    inside = (block > lo) & (block < hi)
+    for v in (lo, hi):
+        equal = block == v
+        rank = (block > v).sum(1, keepdim=True) + torch.cumsum(equal, 1) - 1  # (r, N), valid where equal
+        inside |= equal & (rank >= a) & (rank < b)
+    return inside
 
 
-def _windows_for_block_topk(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int,
-                            k: int) -> list[list[int]]:
-    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row (topk path).
+def _row_partners(s: np.ndarray, a: int, b: int, offset: int, k: int) -> list[int]:
+    """The draw of one query row: scores s (N,) (-inf where excluded), window [a, b) with b <= candidates.
 
-    The exact general path (any device, any ties); also the fallback of :func:`_windows_for_block`.
-    Fast path: top-b by ``torch.topk``; the a-th largest of those is the upper edge. Exact when no
-    equal scores straddle either boundary; rows where they do use the (r, N) mask path. When every
-    row holds exactly b - a members, only those are hashed for the draw (same result, less work).
-    Boundary-tie counts are float 0/1 sums (a bool sum over (r, N) costs several times more).
-    q (r,) are the rows' global indices (for the draw keys).
+    Ascending position N - 1 - t of a partitioned copy holds rank t. Two single-kth introselects: the
+    first at whichever boundary leaves the narrower side, the second within that side.
     """
-    r, n = block.shape
-    values, indices = torch.topk(block, b, dim=1, sorted=False)  # (r, b) each
-    low = values.min(dim=1).values  # (r,) b-th largest score
-    # equality counts as a float 0/1 sum: much cheaper than summing a bool tensor, exact below 2**24 terms
-    count_dtype = block.dtype if n < 2**24 else torch.float64
-    buf = torch.empty_like(block)  # (r, N) scratch: 1.0 where the score equals the b-th largest
-    straddle = torch.eq(block, low[:, None], out=buf).sum(1, dtype=count_dtype) > 1  # (r,) b-boundary ties
-    del buf
-    if a > 0:
-        high = torch.topk(values, a, dim=1, sorted=False).values.min(dim=1).values  # (r,) a-th largest
-        equal_a = torch.empty_like(values)  # (r, b) scratch: 1.0 where the score equals the a-th largest
-        straddle |= torch.eq(values, high[:, None], out=equal_a).sum(1, dtype=count_dtype) > 1
-        inside = values < high[:, None]  # (r, b): ranks >= a
-        if bool((inside.sum(1) == b - a).all()):
-            # every row holds exactly b - a members: hash only those (row-major selection keeps rows apart)
-            members = indices[inside].view(r, b - a)  # (r, b - a)
-            out = _draw(seed, q, n, members, torch.ones_like(members, dtype=torch.bool), k)
-        else:
-            out = _draw(seed, q, n, indices, inside, k)
-    else:
-        out = _draw(seed, q, n, indices, torch.ones_like(values, dtype=torch.bool), k)
-    if bool(straddle.any()):
-        tied = torch.nonzero(straddle).squeeze(1)
-        sub = block[tied]  # (t, N)
-        k_b = torch.full((tied.numel(),), b, dtype=torch.int64, device=block.device)
-        exact = _in_top(sub, k_b) & ~_in_top(sub, torch.full_like(k_b, a))  # (t, N): rank in [a, b)
-        all_rows = torch.arange(n, device=block.device).expand(tied.numel(), n)  # (t, N)
-        for t, picks in zip(tied.tolist(), _draw(seed, q[tied], n, all_rows, exact, k)):
-            out[t] = picks
-    return out
+    n = s.size
+    if a >= b:
+        return []
+    if b - 1 <= n - 1 - a:  # rank b-1 first; above it ranks 0 .. b-2, rank t at ascending position b-2-t
+        p = np.partition(s, n - b)
+        lo = hi = p[n - b]
+        if a < b - 1:
+            above = p[n - b + 1:]
+            above.partition(b - 2 - a)
+            hi = above[b - 2 - a]
+    else:  # rank a first; below it ranks a+1 .. N-1, rank t at ascending position N-1-t
+        p = np.partition(s, n - 1 - a)
+        lo = hi = p[n - 1 - a]
+        if a < b - 1:
+            below = p[:n - 1 - a]
+            below.partition(n - b)
+            lo = below[n - b]
+    members = np.flatnonzero((s >= lo) & (s <= hi))
+    if members.size != b - a:  # equal scores at a boundary: the tie rule decides which belong
+        x = torch.from_numpy(s)[None]
+        members = torch.nonzero(_tie_window(x, a, b, x.new_tensor([lo]), x.new_tensor([hi]))[0]).squeeze(1).numpy()
+    keys = _splitmix(members.astype(np.uint64) + np.uint64(offset))
+    if k == 1:
+        return [int(members[keys.argmin()])]
+    take = np.argpartition(keys, k - 1)[:k] if keys.size > k else np.arange(keys.size)
+    return members[take[np.argsort(keys[take])]].tolist()
 
 
-# the partition path below; False routes every block through _windows_for_block_topk (tests compare both)
-_USE_PARTITION = True
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _row_pool(workers: int) -> ThreadPoolExecutor:
-    """A shared thread pool of ``workers`` threads (numpy's partition releases the GIL)."""
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cir-pairing")
-    return pool
-
-
-def _argselect(values: torch.Tensor, kth: int, lo: int, hi: int, workers: int) -> torch.Tensor:
-    """Columns ``lo:hi`` of ``np.argpartition(values, kth, axis=1)``, as a contiguous int64 tensor (r, hi - lo).
-
-    values (r, w) CPU float. After the introselect, ascending position ``kth`` holds the row's
-    (kth+1)-th smallest value, positions before it nothing larger, positions after it nothing
-    smaller. Rows are split over ``workers`` threads (numpy releases the GIL while it partitions).
-    """
-    x = values.numpy()  # (r, w) view
-
-    def part(bounds: tuple[int, int]) -> np.ndarray:
-        return np.ascontiguousarray(np.argpartition(x[bounds[0]:bounds[1]], kth, axis=1)[:, lo:hi])
-
-    r = x.shape[0]
-    workers = max(1, min(workers, r // 32))  # small blocks: threads cost more than they save
-    if workers == 1:
-        return torch.from_numpy(part((0, r)))
-    cuts = np.linspace(0, r, workers + 1).astype(int)
-    return torch.from_numpy(np.concatenate(list(_row_pool(workers).map(part, zip(cuts[:-1], cuts[1:])))))
-
-
-def _windows_for_block(block: torch.Tensor, a: int, b: int, q: torch.Tensor, seed: int, k: int) -> list[list[int]]:
-    """Partners for each row of ``block`` (r, N): the draw among ranks [a, b) of that row.
-
-    CPU float path: ``np.argpartition`` (one introselect for the b-th largest, a second over the
-    top b for the a-th) finds the window's members; rows split across torch's thread count. Exact
-    whenever the b-th largest score is unique in its row and the a-th largest unique among the top
-    b (then the member set cannot depend on tie order); every other row (ties at a boundary, NaN)
-    goes through :func:`_windows_for_block_topk`, as do non-CPU blocks. Same draw either way.
-    q (r,) are the rows' global indices (for the draw keys).
-    """
-    r, n = block.shape
-    if (not _USE_PARTITION or block.device.type != "cpu" or block.dtype not in (torch.float32, torch.float64)
-            or r == 0):
-        return _windows_for_block_topk(block, a, b, q, seed, k)
-    block = block.detach().contiguous()
-    workers = torch.get_num_threads()
-    # ascending position N - 1 - t holds rank t: positions N - b .. N - 1 hold the top b
-    top = _argselect(block, n - b, n - b, n, workers)  # (r, b) column indices; column 0 is rank b - 1
-    top_values = torch.gather(block, 1, top)  # (r, b)
-    low = top_values[:, :1]  # (r, 1) the b-th largest score
-    # ties at the b boundary, counted as a float 0/1 sum over the row (cheaper than a bool sum)
-    count_dtype = block.dtype if n < 2**24 else torch.float64
-    buf = torch.empty_like(block)  # (r, N) scratch: 1.0 where the score equals the b-th largest
-    inexact = torch.eq(block, low, out=buf).sum(1, dtype=count_dtype) != 1  # (r,) tie at b, or NaN
-    del buf
-    if a == 0:
-        members = top
-    else:
-        # within the top b, ascending position b - 1 - a holds rank a: positions 0 .. b - a - 1 are the window
-        inner = _argselect(top_values, b - a - 1, 0, b - a, workers)  # (r, b - a) positions into top
-        high = torch.gather(top_values, 1, inner[:, -1:])  # (r, 1) the a-th largest score
-        inexact |= torch.eq(top_values, high).to(count_dtype).sum(1) != 1  # tie at a, or NaN
-        members = torch.gather(top, 1, inner)  # (r, b - a) column indices of ranks a .. b - 1
-    out = _draw(seed, q, n, members, torch.ones_like(members, dtype=torch.bool), k)
-    if bool(inexact.any()):
-        bad = torch.nonzero(inexact).squeeze(1)
-        for t, picks in zip(bad.tolist(), _windows_for_block_topk(block[bad], a, b, q[bad], seed, k)):
-            out[t] = picks
-    return out
+def _block_partners(block: torch.Tensor, a: int, b: int, offsets: torch.Tensor, k: int) -> list[list[int]]:
+    """The draws of score rows ``block`` (r, N) sharing the window [a, b), on block's device; offsets (r,) int64."""
+    n = block.shape[1]
+    hi = torch.kthvalue(block, n - a, dim=1).values  # (r,) score at rank a
+    lo = torch.kthvalue(block, n - b + 1, dim=1).values  # (r,) score at rank b - 1
+    inside = (block >= lo[:, None]) & (block <= hi[:, None])  # (r, N)
+    tied = torch.nonzero(inside.sum(1) != b - a).squeeze(1)
+    if tied.numel():
+        inside[tied] = _tie_window(block[tied], a, b, lo[tied], hi[tied])
+    keys = _splitmix(offsets[:, None] + torch.arange(n, device=block.device))  # (r, N) int64
+    keys.masked_fill_(~inside, torch.iinfo(torch.int64).max)
+    return torch.topk(keys, min(k, b - a), dim=1, largest=False, sorted=True).indices.tolist()
 
 
 def select_partners(
@@ -325,7 +233,7 @@ def select_partners(
     normalize: bool = True,
     show_progress: bool = False,
 ) -> list[list[int]]:
-    """Draw partners for each query row from its rank window.
+    """Draw partners for each query row from its rank window (streaming: see the module docstring).
 
     Args:
         embeddings: (N, D) float; rows are L2-normalised here unless ``normalize=False``.
@@ -344,71 +252,59 @@ def select_partners(
         one list of partner row indices per query row (in draw order); empty if the window is empty.
     """
     window = parse_rank_window(rank_window)
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        raise ShapeError(explain("pairing embeddings must be a 2-D tensor (N, D)",
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+        raise ShapeError(explain("pairing embeddings must be a 2-D floating-point tensor (N, D)",
                                  got=getattr(embeddings, "shape", type(embeddings).__name__)))
-    if not embeddings.is_floating_point():
-        raise ShapeError(explain("pairing embeddings must be floating point", got=embeddings.dtype))
     check_positive_ints(partners_per_image=partners_per_image, chunk_size=chunk_size)
     if not bool(torch.isfinite(embeddings).all()):
         raise NonFiniteError(explain("pairing embeddings contain NaN or infinity",
                                      fix="check the pair encoder's output"))
-    n = embeddings.shape[0]
-    device = embeddings.device
+    n, device, k = embeddings.shape[0], embeddings.device, partners_per_image
     emb = torch.nn.functional.normalize(embeddings, dim=1) if normalize else embeddings
     emb_t = emb.t().contiguous()  # (D, N): contiguous for the chunk matmuls
-    group_codes = _codes(groups, n, "groups").to(device) if groups is not None else None
-    dup_codes = _codes(duplicates, n, "duplicates") if duplicates is not None else None
-    dup_members: dict[int, torch.Tensor] = {}
-    if dup_codes is not None:
-        counts = torch.bincount(dup_codes)
-        for code in torch.nonzero(counts > 1).squeeze(1).tolist():
-            dup_members[code] = torch.nonzero(dup_codes == code).squeeze(1).to(device)
+    group = _codes(groups, n, "groups") if groups is not None else None
+    dup = _codes(duplicates, n, "duplicates") if duplicates is not None else None
     rows_all = torch.arange(n) if query_rows is None else torch.as_tensor(list(query_rows), dtype=torch.int64)
     if rows_all.numel() and (int(rows_all.min()) < 0 or int(rows_all.max()) >= n):
         raise ConfigError(explain("query_rows out of range", got=(int(rows_all.min()), int(rows_all.max())),
                                   expected=f"0 <= row < {n}"))
-    q = rows_all.numel()
-    # candidates per row, counted from labels (no pass over the scores): same group, not a duplicate
-    group_list = group_codes.tolist() if group_codes is not None else [0] * n
-    dup_list = dup_codes.tolist() if dup_codes is not None else list(range(n))
-    group_size = Counter(group_list)
-    same_both = Counter(zip(group_list, dup_list))
-    candidate_count = [group_size[g] - same_both[(g, d)] for g, d in zip(group_list, dup_list)]
+    # candidates per row from the labels: same group, not the row's duplicate group (itself included)
+    g_list = group.tolist() if group is not None else [0] * n
+    d_list = dup.tolist() if dup is not None else list(range(n))
+    g_size, gd_size = Counter(g_list), Counter(zip(g_list, d_list))
+    group, dup = (None if t is None else t.to(device) for t in (group, dup))
+    numpy_rows = _NUMPY_ON_CPU and device.type == "cpu" and emb.dtype in (torch.float32, torch.float64)
     result: list[list[int]] = []
-    bar = progress_bar(total=q, desc="pairing: rank windows", unit="img", show_progress=show_progress)
-    for start in range(0, q, chunk_size):
-        rows = rows_all[start:start + chunk_size].to(device)  # (c,)
-        c = rows.numel()
-        scores = emb[rows] @ emb_t  # (c, D) @ (D, N) -> (c, N) cosine scores
-        scores[torch.arange(c, device=device), rows] = float("-inf")  # never the query itself
-        if group_codes is not None:
-            scores.masked_fill_(group_codes[rows][:, None] != group_codes[None, :], float("-inf"))
-        if dup_codes is not None:
-            for i, r in enumerate(rows.tolist()):
-                members = dup_members.get(int(dup_codes[r]))
-                if members is not None:
-                    scores[i, members] = float("-inf")
-        candidates = [candidate_count[r] for r in rows.tolist()]  # M per query row
-        bounds = [window.resolve(m) for m in candidates]
-        by_bounds: dict[tuple[int, int], list[int]] = {}
-        for i, ab in enumerate(bounds):
-            by_bounds.setdefault(ab, []).append(i)
-        picks: list[list[int]] = [[] for _ in range(c)]
-        for (a, b), members in by_bounds.items():
-            if b <= a:
-                continue  # empty window
-            local = torch.tensor(members, dtype=torch.int64, device=device)
-            block = scores if len(members) == c else scores[local]  # (r, N)
-            for i, row_picks in zip(members, _windows_for_block(block, a, b, rows[local], seed, partners_per_image)):
-                picks[i] = row_picks
-        del scores
-        result.extend(picks)
-        bar.update(c)
+    bar = progress_bar(total=rows_all.numel(), desc="pairing: rank windows", unit="img", show_progress=show_progress)
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        for start in range(0, rows_all.numel(), chunk_size):
+            rows = rows_all[start:start + chunk_size].to(device)  # (c,)
+            c, row_list = rows.numel(), rows.tolist()
+            scores = emb[rows] @ emb_t  # (c, D) @ (D, N) -> (c, N) cosine scores
+            scores[torch.arange(c, device=device), rows] = float("-inf")  # never the query itself
+            if group is not None:
+                scores.masked_fill_(group[rows][:, None] != group[None, :], float("-inf"))
+            if dup is not None:
+                scores.masked_fill_(dup[rows][:, None] == dup[None, :], float("-inf"))
+            bounds = [window.resolve(g_size[g_list[r]] - gd_size[(g_list[r], d_list[r])]) for r in row_list]
+            offsets = [_key_offset(seed, r, n) for r in row_list]
+            if numpy_rows:
+                picks = list(pool.map(_row_partners, scores.detach().numpy(), *zip(*bounds), offsets, repeat(k)))
+            else:
+                picks = [[] for _ in range(c)]
+                for (a, b) in set(bounds):
+                    if a < b:
+                        local = [i for i in range(c) if bounds[i] == (a, b)]
+                        signed = torch.tensor([o - (1 << 64) if o >> 63 else o for o in (offsets[i] for i in local)],
+                                              dtype=torch.int64, device=device)
+                        for i, p in zip(local, _block_partners(scores[local], a, b, signed, k)):
+                            picks[i] = p
+            result.extend(picks)
+            bar.update(c)
     bar.close()
     empty = sum(1 for r in result if not r)
     if empty:
-        logger.info("pairing: %d of %d query images have an empty rank window", empty, q)
+        logger.info("pairing: %d of %d query images have an empty rank window", empty, len(result))
     return result
 
 
