@@ -238,7 +238,7 @@ class TripletAugmenter:
             shard: ``(rank, world)`` of an initialised process group (``distributed_rank()`` under
                 torchrun): the work is shared out rank by rank (see the module doc); every rank must call
                 with the same arguments, and ``cache_dir`` (one folder all ranks see) is needed. None or
-                ``(0, 1)``: one process.
+                ``(0, 1)``: one process. The rewriter, if any, runs on rank 0 alone.
 
         Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``); with ``shard`` on a
         rank other than 0, None (rank 0 holds the result). Each triplet's ``meta``: reference_caption,
@@ -388,15 +388,19 @@ class TripletAugmenter:
         split among the ranks, each captioning its share into its rank file, and rank 0 merges the files into
         the cache (between barriers); other ranks get (None, {}) once the cache is merged."""
         c, path, name = self.config, self.cache_path, self.captioner.name
+        # first what a killed run's ranks left; across ranks rank 0 also opens the cache alone, so that it cuts
+        # (and counts) a torn last line before the ranks read it
         leftovers = merge_rank_caches(path, name) if path is not None and ranks.rank == 0 else None
-        torn = leftovers.torn_lines if leftovers is not None else 0  # what a killed run's ranks left
+        if leftovers is None and ranks.world > 1 and ranks.rank == 0:
+            leftovers = CaptionCache(path, name)
+        torn = leftovers.torn_lines if leftovers is not None else 0
         if ranks.world == 1:
             run = caption_images(self.captioner, needed, pil_loader(images), cache_path=path,
                                  batch_size=c.caption_batch_size, skip_empty=c.skip_empty,
                                  show_progress=self.show_progress)
             return run.captions, {"needed": len(needed), "new": run.new, "cached": run.cached,
                                   "skipped": len(run.skipped), "torn_cache_lines": torn + run.torn_lines}
-        ranks.barrier()  # every rank reads the cache after rank 0 merged what a killed run left
+        ranks.barrier()  # every rank reads the cache once rank 0 has merged and cut it
         known = CaptionCache(path, name).captions
         todo = [i for i in needed if i not in known]
         start, stop = ranks.span(len(todo))
