@@ -54,8 +54,8 @@ FAILED=""
 } 2>&1 | tee "$DEST/env.log"
 # correctness first: the kernels (incl. two_pass at B=256 N=100,003 D=768) against float64, the build's copy stream
 # shellcheck disable=SC2086
-step tests_gpu 90 python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS tests/test_fused.py tests/test_loss.py \
-    tests/test_evaluation.py tests/test_gpu_scripts.py
+step tests_gpu 90 python3 -m pytest -q -m gpu -p no:cacheprovider $TESTS tests/negatives/test_fused.py tests/negatives/test_loss.py \
+    tests/evaluation/test_evaluation.py tests/test_gpu_scripts.py
 # shellcheck disable=SC2086  # the option strings split into words on purpose
 step bank_loss 130 python3 benchmarks/bank_loss_gpu.py $DEV $BANK_LOSS \
     --methods naive_bf16,fused,fused_fast,fused_two_pass --out "$DEST/bank_loss_gpu.json"

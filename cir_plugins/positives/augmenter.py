@@ -80,7 +80,7 @@ from .pairing import pair_embeddings, parse_rank_window, select_partners
 from .rewriters import as_rewriter
 from .templates import FALLBACKS, TextMaker, resolve_templates
 
-__all__ = ["TripletAugmenter", "AugmentConfig", "AugmentResult", "RECOMMENDED_RANK_WINDOW"]
+__all__ = ["TripletAugmenter", "AugmentConfig", "AugmentResult", "RankShare", "RECOMMENDED_RANK_WINDOW"]
 
 # the recommended recipe's pairing: a partner among the nearest 1% of each image's ranking
 RECOMMENDED_RANK_WINDOW = (0.0, 0.01)
@@ -246,7 +246,7 @@ class TripletAugmenter:
         ``"rewrite:<rewriter name>"``), rank_window, seed, captioner, and rewriter when one ran.
         """
         ids = self._check(image_ids, images, annotated, groups)
-        ranks = _Ranks.of(shard)
+        ranks = RankShare.of(shard)
         if ranks.world > 1 and self.cache_dir is None:
             raise ConfigError(explain("generation across ranks passes the captions through the cache folder",
                                       got="cache_dir=None", fix="pass cache_dir=, a folder every rank can read"))
@@ -314,7 +314,7 @@ class TripletAugmenter:
                 raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
         return ids
 
-    def _embed(self, ids, images, ranks: _Ranks) -> torch.Tensor:
+    def _embed(self, ids, images, ranks: RankShare) -> torch.Tensor:
         """(N, D) float32 pair embeddings; across ranks each rank embeds its share of whole batches and
         the shares are all-gathered (every rank then holds the same rows)."""
         size = self.config.batch_size
@@ -333,7 +333,7 @@ class TripletAugmenter:
                                              fix="load the same pair encoder on every rank"))
         return ranks.gather(local, len(ids), size)
 
-    def _dedup(self, ids, images, embeddings, ranks: _Ranks) -> dict[str, str]:
+    def _dedup(self, ids, images, embeddings, ranks: RankShare) -> dict[str, str]:
         """id -> its duplicate group's first id (every id its own group without dedup); across ranks rank 0
         finds the groups and broadcasts them, so every rank pairs the same representatives."""
         if not self.config.dedup:
@@ -350,7 +350,8 @@ class TripletAugmenter:
                              dtype=torch.int64)  # (N,) the row of each image's group id
         return {i: ids[r] for i, r in zip(ids, ranks.broadcast(first).tolist())}
 
-    def _pair(self, ids, dup, embeddings, annotated, groups, ranks: _Ranks) -> tuple[int, list[tuple[str, str]], int]:
+    def _pair(self, ids, dup, embeddings, annotated, groups,
+              ranks: RankShare) -> tuple[int, list[tuple[str, str]], int]:
         """(number of query images, (reference, target) pairs, queries with an empty window); only the
         groups' representatives are ranked, so a group is one candidate and never its own partner. Across
         ranks each rank draws the partners of its share of whole ``chunk_size`` blocks of query rows (the
@@ -383,7 +384,7 @@ class TripletAugmenter:
         pairs = [(q, reps[p]) for q, row in zip(queries, picks) for p in row]
         return len(queries), pairs, sum(1 for row in picks if not row)
 
-    def _caption(self, needed, images, ranks: _Ranks) -> tuple[dict[str, str] | None, dict[str, int]]:
+    def _caption(self, needed, images, ranks: RankShare) -> tuple[dict[str, str] | None, dict[str, int]]:
         """Captions of ``needed`` (id -> caption) and their counts; across ranks the ids the cache lacks are
         split among the ranks, each captioning its share into its rank file, and rank 0 merges the files into
         the cache (between barriers); other ranks get (None, {}) once the cache is merged."""
@@ -467,7 +468,7 @@ class TripletAugmenter:
 
 
 @dataclass(frozen=True)
-class _Ranks:
+class RankShare:
     """This process's place among the ranks generating together, and the collectives the augmenter needs
     (no-ops in one process). Collectives run on the rank's CUDA device under nccl, else on CPU."""
 
@@ -475,7 +476,7 @@ class _Ranks:
     world: int = 1
 
     @classmethod
-    def of(cls, shard: Any) -> _Ranks:
+    def of(cls, shard: Any) -> RankShare:
         if shard is None:
             return cls()
         if not isinstance(shard, (tuple, list)) or len(shard) != 2:

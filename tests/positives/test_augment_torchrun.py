@@ -22,7 +22,7 @@ from torch.multiprocessing.spawn import ProcessException
 from cir_plugins.cli import main
 from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import ConfigError
-from cir_plugins.positives.augmenter import AugmentConfig, TripletAugmenter, _Ranks
+from cir_plugins.positives.augmenter import AugmentConfig, RankShare, TripletAugmenter
 from cir_plugins.positives.captioners import CaptionCache, merge_rank_caches, rank_cache_path
 
 ENCODER = '''
@@ -65,17 +65,17 @@ def test_rank_shares_are_whole_blocks_in_order():
     draw = np.random.default_rng(0)
     for _ in range(300):
         n, align, world = int(draw.integers(0, 200)), int(draw.integers(1, 40)), int(draw.integers(1, 9))
-        spans = [_Ranks(rank, world).span(n, align) for rank in range(world)]
+        spans = [RankShare(rank, world).span(n, align) for rank in range(world)]
         assert spans[0][0] == 0 and spans[-1][1] == n
         assert all(stop == start for (_, stop), (start, _) in zip(spans, spans[1:]))  # contiguous, in rank order
         assert all(x % align == 0 or x == n for span in spans for x in span)  # block boundaries (or the end)
         sizes = [-(-stop // align) - start // align for start, stop in spans]  # blocks per rank: balanced
         assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ConfigError, match="process group"):
-        _Ranks.of((0, 2))  # no process group in this process
+        RankShare.of((0, 2))  # no process group in this process
     with pytest.raises(ConfigError):
-        _Ranks.of((2, 2))
-    assert _Ranks.of(None) == _Ranks.of((0, 1)) == _Ranks(0, 1)
+        RankShare.of((2, 2))
+    assert RankShare.of(None) == RankShare.of((0, 1)) == RankShare(0, 1)
 
 
 # --- the library on 2 gloo ranks ----------------------------------------------------------------------------------
