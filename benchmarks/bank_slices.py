@@ -43,7 +43,7 @@ from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
 from cir_plugins.negatives.bank_format import (  # noqa: E402
     FORMAT,
     VERSION,
-    _checksum,
+    checksum,
     checksummed_metadata,  # noqa: E402
 )
 
@@ -92,7 +92,7 @@ def _write_bank(path: Path, rows: int, dim: int, dtype: torch.dtype, old: Path |
             "fingerprint": "bench"}
     save_file({"embeddings": emb}, str(path), metadata=checksummed_metadata(emb, meta))
     if old is not None:  # the format before block checksums: the whole-file checksum only
-        save_file({"embeddings": emb}, str(old), metadata={**meta, "checksum": _checksum(emb, meta)})
+        save_file({"embeddings": emb}, str(old), metadata={**meta, "checksum": checksum(emb, meta)})
     return path.stat().st_size
 
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import record_header, write_json  # noqa: E402
 
-from cir_plugins.negatives.bank import NegativeBank, _check_unit_rows, _checksum  # noqa: E402
+from cir_plugins.negatives.bank import NegativeBank  # noqa: E402
+from cir_plugins.negatives.bank_format import check_unit_rows, checksum  # noqa: E402
 from cir_plugins.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 
@@ -77,8 +78,8 @@ def main() -> None:
             rows.append((f"{name}: load", _median(lambda: NegativeBank.load(checked), args.repeats), plain_load))
             # the two checks alone, against the same plain load
             meta = bank.metadata()
-            rows.append((f"{name}: checksum alone", _median(lambda: _checksum(emb, meta), args.repeats), plain_load))
-            rows.append((f"{name}: unit-row check alone", _median(lambda: _check_unit_rows(emb, "bench"), args.repeats),
+            rows.append((f"{name}: checksum alone", _median(lambda: checksum(emb, meta), args.repeats), plain_load))
+            rows.append((f"{name}: unit-row check alone", _median(lambda: check_unit_rows(emb, "bench"), args.repeats),
                          plain_load))
         weights = {f"layer{k}.weight": torch.randn(args.params // 20) for k in range(20)}
         optimizer = {"state": {k: {"step": torch.tensor(10.0), "exp_avg": torch.randn(args.params // 20),
