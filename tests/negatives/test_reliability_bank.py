@@ -34,7 +34,7 @@ SHARD_GLOB = "rows-*.safetensors"
 # parent can kill it part-way; it logs the number of images it encodes per call to count re-work.
 BUILD_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests_root!r}]
     import torch
     torch.set_num_threads(1)
     from cir_plugins.negatives.bank import NegativeBank
@@ -59,7 +59,7 @@ BUILD_SCRIPT = textwrap.dedent("""
 
 def _script(tmp_path: Path) -> Path:
     script = tmp_path / "build_bank.py"
-    script.write_text(BUILD_SCRIPT.format(tests=str(TESTS)))
+    script.write_text(BUILD_SCRIPT.format(tests=str(TESTS), tests_root=str(TESTS.parent)))
     return script
 
 

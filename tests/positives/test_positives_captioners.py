@@ -200,7 +200,7 @@ def test_caption_images_validates_captioner_and_tensor_images():
 KILL_SCRIPT = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, {repo!r})
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests_root!r}]
     from test_positives_captioners import Slow, slow_images
     from cir_plugins.positives.captioners import caption_images
 
@@ -228,7 +228,8 @@ def slow_images():
 
 def test_kill_mid_run_then_rerun_matches_uninterrupted(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent)))
+    script.write_text(KILL_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                         tests_root=str(Path(__file__).parents[1])))
     killed_cache = tmp_path / "killed.jsonl"
     proc = subprocess.Popen([sys.executable, str(script), str(killed_cache), "0.05"])
     deadline = time.time() + 120

@@ -226,7 +226,7 @@ def test_kill_at_every_point_of_a_save_with_a_repeated_pid_resumes_from_the_newe
 
 CHILD = """
 import os, signal, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests_root!r}]
 import test_reliability_kill as t
 t._child({out!r}, {at}, {mode!r})
 """
@@ -255,7 +255,8 @@ def test_sigkill_in_a_subprocess_during_a_save_resumes_from_the_newest_complete(
     mode, at = pick[label]
     out = tmp_path / "run"
     shutil.copytree(epoch1, out)
-    script = CHILD.format(tests=str(Path(__file__).parent), out=str(out), at=at, mode=mode)
+    script = CHILD.format(tests=str(Path(__file__).parent), tests_root=str(Path(__file__).parents[1]), out=str(out),
+                         at=at, mode=mode)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
