@@ -136,14 +136,6 @@ def _bool(path: Path, where: str, value: Any) -> bool:
     return value
 
 
-def _positive_int(path: Path, where: str, value: Any, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(path, f"{where} must be a positive int" + (" or null" if allow_none else ""), value)
-    return value
-
-
 @dataclass
 class Generation(AugmentConfig):
     """A recipe's generation settings: the augmenter's :class:`~cir_plugins.positives.augmenter.AugmentConfig`
