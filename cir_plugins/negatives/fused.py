@@ -57,7 +57,7 @@ if triton is not None:  # the jit kernels exist only where triton imported
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bank_partials", "fused_available", "triton_importable"]
+__all__ = ["bank_partials", "fused_available", "tile_config", "triton_importable"]
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -125,7 +125,7 @@ def _check_tiles(tiles: dict) -> None:
             raise ConfigError(explain(f"bad tile setting {key}", got=value, expected=expected))
 
 
-def _config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None, need_w: bool = True) -> dict:
+def tile_config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None, need_w: bool = True) -> dict:
     """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``. Without ``w``
     there are no column chunks (one program per query block and split)."""
     tiles = dict(tiles or {})
@@ -173,7 +173,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
     multi = bank.dim() == 3
     tokens = bank.shape[1] if multi else 1
     bank = bank.contiguous()
-    cfg = _config(bsz, n, dim, bank.device, tiles, need_w)
+    cfg = tile_config(bsz, n, dim, bank.device, tiles, need_w)
     ieee = bank.dtype == torch.float32
     qh, ql, split_q = _query_halves(query, bank.dtype, precision)
     split_p = (not ieee) and precision == "exact"
@@ -206,7 +206,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
         if tiles is not None or cfg["BLOCK_B"] <= 64:
             raise
         logger.warning("fused bank loss: %s; falling back to 64-query tiles", str(exc).splitlines()[0])
-        return run(_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}, need_w))
+        return run(tile_config(bsz, n, dim, bank.device, {"BLOCK_B": 64}, need_w))
 
 
 def _query_halves(query, dtype, precision):

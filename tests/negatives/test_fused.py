@@ -515,6 +515,23 @@ def test_explicit_tiles_that_run_out_of_resources_are_not_changed():
 # interpreter tiles are used), so these two run where a GPU is; the kernel is replaced by RecordingKernel.
 
 
+def test_cuda_tile_choice_and_warps_follow_the_query_tile_on_cpu(monkeypatch):
+    """The CUDA branch of the tile choice, from a stand-in for the device's properties (132 SMs, an H100)."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    pick = {b: fused.tile_config(b, 1_000_000, 768, cuda) for b in (8, 32, 64, 256)}
+    forced = fused.tile_config(32, 1_000_000, 768, cuda, {"BLOCK_B": 128})
+    forced_warps = fused.tile_config(256, 1_000_000, 768, cuda, {"num_warps": 2})
+    assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
+        [(16, 4), (32, 4), (64, 4), (128, 8)]
+    assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
+    assert (forced_warps["BLOCK_B"], forced_warps["num_warps"]) == (128, 2)
+    assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
+
+
 @pytest.mark.gpu
 def test_cuda_tile_choice_and_warps_follow_the_query_tile(monkeypatch):
     if not torch.cuda.is_available():
