@@ -1,8 +1,5 @@
-"""Shared helpers of the annotation loaders: strict JSON reading and per-record validation.
-
-Every problem becomes an :class:`~cir_plugins.errors.AnnotationError` that names the file and the
-record index / field (or, for malformed JSON, the line, column and character offset).
-"""
+"""Shared helpers of the annotation loaders: strict JSON reading and per-record validation. Every problem is an
+:class:`~cir_plugins.errors.AnnotationError` naming the file and the record index / field (or the JSON position)."""
 
 from __future__ import annotations
 
@@ -108,11 +105,8 @@ class RecordChecker:
     def fail(self, index: int, field: str, problem: str, got: Any = None, expected: Any = None,
              fix: str = "fix or remove this record, or load with on_bad_record='skip'") -> None:
         """Raise AnnotationError (mode "error") or raise BadRecord after recording the skip."""
-        shown = got
-        if got is not None and not isinstance(got, (str, int, float, bool)):
-            shown = repr(got)
-            if len(shown) > 120:
-                shown = shown[:117] + "..."
+        shown = got if got is None or isinstance(got, (str, int, float, bool)) else repr(got)
+        shown = shown[:117] + "..." if shown is not got and len(shown) > 120 else shown
         message = explain(f"{self.path}, record {index}, field {field!r}: {problem}", got=shown,
                           expected=expected, fix=fix if self.mode == "error" else None)  # skipping is already on
         if self.mode == "error":

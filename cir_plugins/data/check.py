@@ -1,30 +1,19 @@
 """Check a CIRR or FashionIQ download before training on it: :func:`check_dataset`.
 
-Every annotation and split file is read with the package's own loaders (``load_cirr`` /
-``load_fashioniq``, records validated, bad records counted instead of raised), then every image
-they name is checked once:
-
-- its path stays under the root and resolves (a symlink leading out or looping, a name over the file
-  system's limit, a NUL or ``..`` in the split file are reported for that image, the rest of its split is
-  still checked);
-- it exists, is a regular file and is not empty;
-- its size passes the decompression-bomb limit, for the source and for every image the ``transform`` makes
-  on the way (as training and build-bank with the same ``--transform`` would refuse a 200000 x 1 PNG);
-- it opens: by default only the header is read (format and size),
-  plus, for PNG and JPEG, the end-of-file marker (``IEND`` / ``FFD9``), which catches the usual
-  cut-off download without decoding pixels; ``decode=True`` decodes every image fully through
-  :meth:`ImageStore.load_pil` (what training will do);
-- it is not a copy of another name: files of equal size are hashed (blake2b of the bytes), with
-  ``decode=True`` the decoded pixels are hashed (:func:`cir_plugins.data.dedup.pixel_hash`),
-  and two names that resolve to the same file count too.
+The annotation and split files are read with the package's own loaders (bad records counted, not raised), then
+every image they name is checked once: its path stays under the root and resolves (a bad path is that image's
+problem, the rest of its split is still checked); it is a regular, non-empty file; its size passes the
+decompression-bomb limit, itself and inside the ``transform`` (as training and build-bank would refuse it); it opens
+(by default the header only, plus for PNG and JPEG the end-of-file marker ``IEND`` / ``FFD9``, which catches the
+usual cut-off download; ``decode=True`` decodes every image through :meth:`ImageStore.load_pil`, as training does);
+it is not a copy of another name (files of equal size hashed, blake2b of the bytes; with ``decode=True`` the pixels,
+:func:`cir_plugins.data.dedup.pixel_hash`; two names resolving to one file count too).
 
 Counts per split (images in the split file, records in the captions file) are compared with
-:data:`OFFICIAL_COUNTS`; for the synthetic world (``dataset="synthetic"``, or a ``"cirr"`` root that holds the
-world's record ``synthetic/world.json``) the splits are train, val and test and the counts those the world
-recorded when it was made. The result is a :class:`DataCheckReport`: what is missing, corrupt or
-duplicated, which triplets and gallery entries that breaks, and what to do. The library never
-prints; ``cir-plugins check-data`` prints :meth:`DataCheckReport.format` and exits non-zero when
-:attr:`DataCheckReport.ok` is false.
+:data:`OFFICIAL_COUNTS`; for the synthetic world (``dataset="synthetic"``, or a ``"cirr"`` root holding
+``synthetic/world.json``) the splits are train, val and test and the counts those the world recorded. The library
+never prints; ``cir-plugins check-data`` prints :meth:`DataCheckReport.format` and exits non-zero unless
+:attr:`DataCheckReport.ok`.
 """
 
 from __future__ import annotations
@@ -44,8 +33,10 @@ from PIL import Image
 from .._atomic import atomic_write_json
 from .._console import progress_bar
 from ..errors import AnnotationError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
+from .dedup import pixel_hash
 from .fashioniq import CATEGORIES, load_split
 from .images import DEFAULT_MAX_PIXELS, OwnPixelLimit, make_transform, open_image_file
+from .synthetic import world_record
 
 __all__ = ["check_dataset", "DataCheckReport", "OFFICIAL_COUNTS", "DEFAULT_SPLITS", "COUNTS_SOURCE"]
 
@@ -75,14 +66,11 @@ OFFICIAL_COUNTS: dict[str, dict[str, dict[str, int]]] = {
         "test1": {"images": 2315, "triplets": 4148},
     },
     "fashioniq": {
-        "dress/train": {"images": 11452, "triplets": 5985},
-        "dress/val": {"images": 3817, "triplets": 2017},
+        "dress/train": {"images": 11452, "triplets": 5985}, "dress/val": {"images": 3817, "triplets": 2017},
         "dress/test": {"images": 3818, "triplets": 2024},
-        "shirt/train": {"images": 19036, "triplets": 5988},
-        "shirt/val": {"images": 6346, "triplets": 2038},
+        "shirt/train": {"images": 19036, "triplets": 5988}, "shirt/val": {"images": 6346, "triplets": 2038},
         "shirt/test": {"images": 6346, "triplets": 2038},
-        "toptee/train": {"images": 16121, "triplets": 6027},
-        "toptee/val": {"images": 5373, "triplets": 1961},
+        "toptee/train": {"images": 16121, "triplets": 6027}, "toptee/val": {"images": 5373, "triplets": 1961},
         "toptee/test": {"images": 5374, "triplets": 2056},
     },
 }
@@ -111,21 +99,16 @@ class _Image:
 
 @dataclass
 class DataCheckReport:
-    """What :func:`check_dataset` found. ``ok`` is False when anything makes the tree incomplete.
+    """What :func:`check_dataset` found; ``ok`` is False when anything makes the tree incomplete.
 
-    Fields:
-        dataset, root, mode: the inputs ("header" or "decode").
-        splits: one dict per split (CIRR) or category/split (FashionIQ): ``name``, ``images``,
-            ``triplets`` (records in the file), ``official`` (counts or None), ``counts_match``,
-            ``error`` (a file-level problem that stopped the split from loading), ``skipped_records``,
-            ``bad_images``, ``broken_triplets``, ``broken_gallery``, ``ambiguous_targets``.
-        images: ``checked`` (files), ``bad_path`` / ``missing`` / ``empty`` / ``truncated`` / ``corrupt`` /
-            ``too_large`` (lists of ``{"names", "path", "error"}``; ``path`` is None for a bad path) and
-            ``duplicates`` (lists of ``{"names", "paths", "kind"}``).
-        problems: sentences, one per problem that makes the tree incomplete.
-        warnings: sentences about things that do not (duplicates).
-        advice: what to do, one sentence per kind of problem found.
-        seconds: wall time of the check.
+    ``mode``: "header" or "decode". ``splits``: one dict per split (CIRR) or category/split (FashionIQ): ``name``,
+    ``images``, ``triplets`` (records in the file), ``official`` (counts or None), ``counts_match``, ``error`` (a
+    file-level problem that stopped the split from loading), ``skipped_records``, ``bad_images``,
+    ``broken_triplets``, ``broken_gallery``, ``ambiguous_targets``. ``images``: ``checked`` (files), one list of
+    ``{"names", "path", "error"}`` per kind in ``bad_path`` / ``missing`` / ``empty`` / ``truncated`` / ``corrupt``
+    / ``too_large`` (``path`` None for a bad path), ``duplicates`` (``{"names", "paths", "kind"}``). ``problems``:
+    one sentence per problem that makes the tree incomplete; ``warnings``: those that do not (duplicates);
+    ``advice``: what to do, one per kind of problem; ``seconds``: wall time.
     """
 
     dataset: str
@@ -216,10 +199,7 @@ def _official(dataset: str, counts: Any, root: Path) -> Mapping[str, Mapping[str
             raise ConfigError(explain("counts must be 'official', None or a mapping", got=counts,
                                       fix="pass counts=None to skip the comparison (a subset of a dataset)"))
         if dataset == "synthetic":
-            from .synthetic import world_record  # noqa: PLC0415 (the world's generator, only for its record)
-
-            record = world_record(root)
-            if record is None:
+            if (record := world_record(root)) is None:
                 raise DataError(explain("no synthetic world under this root", got=str(root),
                                         fix="make one with cir-plugins world --root ROOT, or pass counts=None"))
             stats = record["stats"]
@@ -240,75 +220,57 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _inspect_header(entry: _Image, max_pixels: int | None) -> None:
-    """Header-only check of one file: sets ``entry.status`` / ``entry.error``."""
-    header = _header(entry, max_pixels)
-    if header is None:
-        return
-    kind, size = header
-    marker = {"PNG": _PNG_END, "JPEG": _JPEG_END}.get(kind)
-    if marker is not None:
-        with open_image_file(entry.path, what=f"image {entry.names[0]!r}") as handle:
-            handle.seek(max(0, size - _TAIL_BYTES))
-            tail = handle.read()
-        if marker not in tail:
-            entry.status = "truncated"
-            entry.error = f"{kind} file without its end marker ({size} bytes): cut off"
+class _Bad(Exception):
+    """One image's problem: ``args`` = (status, error)."""
 
 
-def _header(entry: _Image, max_pixels: int | None) -> tuple[str, int] | None:
-    """(format, bytes) of one file from its header, through the loaders' checked open (regular files only);
-    None with ``entry.status`` set when it is missing, not a regular file, empty, unreadable, or too large
-    (over ``max_pixels``, itself or inside the split's transform, as :meth:`ImageStore.load_pil` refuses)."""
+def _inspect(entry: _Image, max_pixels: int | None, decode: bool) -> None:
+    """Check one file (:func:`_header`, then its end marker, or with ``decode`` a full decode through the split's
+    ImageStore and a pixel hash for duplicates): sets ``entry.status`` / ``entry.error`` / ``entry.digest``."""
+    try:
+        kind, size = _header(entry, max_pixels)
+        if decode:
+            try:
+                entry.digest = pixel_hash(entry.store.load_pil(entry.names[0]))
+            except ImageLoadError as error:
+                raise _Bad("corrupt", str(error)) from None
+        elif (marker := {"PNG": _PNG_END, "JPEG": _JPEG_END}.get(kind)) is not None:
+            with open_image_file(entry.path, what=f"image {entry.names[0]!r}") as handle:
+                handle.seek(max(0, size - _TAIL_BYTES))
+                if marker not in handle.read():
+                    raise _Bad("truncated", f"{kind} file without its end marker ({size} bytes): cut off")
+    except _Bad as bad:
+        entry.status, entry.error = bad.args
+
+
+def _header(entry: _Image, max_pixels: int | None) -> tuple[str, int]:
+    """(format, bytes) of one file from its header (the loaders' checked open); _Bad when it is missing, not a
+    regular file, empty, unreadable, or too large (as :meth:`ImageStore.load_pil` refuses)."""
     path = entry.path
     try:
         info = path.stat()
     except FileNotFoundError:
-        entry.status, entry.error = "missing", "no such file"
-        return None
+        raise _Bad("missing", "no such file") from None
     except OSError as error:
-        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error.strerror or error}"
-        return None
+        raise _Bad("corrupt", f"{type(error).__name__}: {error.strerror or error}") from None
     if not path.is_file():
-        entry.status, entry.error = "corrupt", "not a regular file"
-        return None
+        raise _Bad("corrupt", "not a regular file")
     if info.st_size == 0:
-        entry.status, entry.error = "empty", "zero-byte file"
-        return None
+        raise _Bad("empty", "zero-byte file")
     what = f"image {entry.names[0]!r}"
     try:
         with open_image_file(path, what=what) as handle, OwnPixelLimit(), Image.open(handle) as image:
-            width, height = image.size
-            kind = image.format
+            (width, height), kind = image.size, image.format
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad files
-        entry.status, entry.error = "corrupt", f"{type(error).__name__}: {error}"
-        return None
+        raise _Bad("corrupt", f"{type(error).__name__}: {error}") from None
     if max_pixels is not None and width * height > max_pixels:
-        entry.status, entry.error = "too_large", f"{width}x{height} pixels exceed the limit {max_pixels}"
-        return None
-    check_size = getattr(entry.store.transform, "check_size", None)  # a named transform's bound on what it makes
-    if callable(check_size):
+        raise _Bad("too_large", f"{width}x{height} pixels exceed the limit {max_pixels}")
+    if callable(check_size := getattr(entry.store.transform, "check_size", None)):  # a named transform's bound
         try:
             check_size(width, height, what=what)
         except ImageLoadError as error:
-            entry.status, entry.error = "too_large", str(error)
-            return None
+            raise _Bad("too_large", str(error)) from None
     return kind, info.st_size
-
-
-def _inspect_decode(entry: _Image, max_pixels: int | None) -> None:
-    """Full decode through the split's ImageStore (the loader's own checks) after the header's; pixel hash for
-    duplicates."""
-    from .dedup import pixel_hash
-
-    if _header(entry, max_pixels) is None:
-        return
-    try:
-        image = entry.store.load_pil(entry.names[0])
-    except ImageLoadError as error:
-        entry.status, entry.error = "corrupt", str(error)
-        return
-    entry.digest = pixel_hash(image)
 
 
 def _duplicate_groups(entries: list[_Image], decode: bool) -> list[dict]:
@@ -340,21 +302,19 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
                   categories: Iterable[str] | None = None, counts: Any = "official",
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, transform: str = "clip", image_size: int = 224,
                   show_progress: bool = False) -> DataCheckReport:
-    """Check a dataset tree: annotation files, every image they name, duplicates and official counts.
+    """Check a dataset tree (module doc): annotation files, every image they name, duplicates and official counts.
 
     Args:
-        root: the dataset root (CIRR: holds ``cirr/``; FashionIQ: holds ``captions/``, ``image_splits/``,
-            ``images/``).
-        dataset: "cirr" (also the synthetic world's layout) or "fashioniq".
+        root: the dataset root (CIRR: holds ``cirr/``; FashionIQ: ``captions/``, ``image_splits/``, ``images/``).
+        dataset: "cirr" (also the synthetic world's layout), "fashioniq" or "synthetic".
         decode: False (default) reads headers and end markers only; True decodes every image.
         splits: split names to check (default: all the dataset ships, :data:`DEFAULT_SPLITS`).
         categories: FashionIQ categories (default all three).
-        counts: "official" compares with :data:`OFFICIAL_COUNTS`; None skips the comparison; or a
-            mapping unit name -> {"images": n, "triplets": m} (unit: split, or "category/split").
+        counts: "official" compares with :data:`OFFICIAL_COUNTS`; None skips the comparison; or a mapping unit name
+            (split, or "category/split") -> {"images": n, "triplets": m}.
         max_pixels: decompression-bomb limit (as :class:`ImageStore`).
-        transform, image_size: the preprocessing training or build-bank will use (a name in
-            :data:`~cir_plugins.data.images.TRANSFORM_NAMES`): an image that would grow past ``max_pixels``
-            inside it (a very thin image padded or resized) is reported as too large.
+        transform, image_size: the preprocessing training or build-bank will use (a name in TRANSFORM_NAMES): an
+            image that would grow past ``max_pixels`` inside it is reported as too large.
         show_progress: a labelled tqdm bar over the image files.
 
     Returns:
@@ -366,8 +326,6 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     if not root_path.is_dir():
         raise DataError(explain("the dataset root is not a directory", got=str(root),
                                 fix="pass the folder that holds the annotation files and images"))
-    from .synthetic import world_record  # noqa: PLC0415 (the world's generator, only for its record)
-
     if dataset == "cirr" and world_record(root_path) is not None:
         logger.info("%s holds the synthetic world (synthetic/world.json): checking it as dataset 'synthetic' (its "
                     "splits train, val, test and the counts it recorded)", root_path)
@@ -380,12 +338,11 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     bad_paths: dict[str, _Image] = {}  # image id -> its entry, for paths that leave the root or do not resolve
     loaded: list[tuple[dict, Any]] = []
     for name, category, split in units:
-        unit: dict[str, Any] = {"name": name, "images": None, "triplets": None, "official": None,
+        unit: dict[str, Any] = {"name": name, "images": None, "triplets": None,
+                                "official": dict(official[name]) if official and name in official else None,
                                 "counts_match": None, "error": None, "skipped_records": [], "bad_images": [],
                                 "broken_triplets": [], "broken_gallery": [], "ambiguous_targets": []}
         report.splits.append(unit)
-        if official is not None:
-            unit["official"] = dict(official[name]) if name in official else None
         try:
             data = load_split(root_path, dataset, split, category, transform=transform, size=image_size,
                               on_bad_record="skip", max_pixels=max_pixels, check_paths=False)
@@ -398,12 +355,9 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
         for image_id in data.gallery_ids:
             try:  # each path on its own: one bad entry is that image's problem, not the whole split's
                 path = data.images.path_of(image_id)
+                entry = files.get(path) or files.setdefault(path, _Image(path=path, store=data.images))
             except (UnsafePathError, ImageLoadError) as error:
-                path = bad_paths[image_id] = bad_paths.get(image_id) or _Image(path=None, status="bad_path",
-                                                                               error=str(error))
-            entry = path if isinstance(path, _Image) else files.get(path)
-            if entry is None:
-                entry = files[path] = _Image(path=path, store=data.images)
+                entry = bad_paths.setdefault(image_id, _Image(path=None, status="bad_path", error=str(error)))
             if image_id not in entry.names:
                 entry.names.append(image_id)
             entry.units.append(name)
@@ -411,17 +365,14 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
     entries = list(files.values())
     for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images",
                               show_progress=show_progress):
-        if decode:
-            _inspect_decode(entry, max_pixels)
-        else:
-            _inspect_header(entry, max_pixels)
+        _inspect(entry, max_pixels, decode)
     duplicates = _duplicate_groups(entries, decode)
     entries += bad_paths.values()
     bad = {n: e for e in entries if e.status != "ok" for n in e.names}
-    twin: dict[str, set[str]] = {}
+    twin: dict[str, set[str]] = defaultdict(set)
     for group in duplicates:
         for image_id in group["names"]:
-            twin.setdefault(image_id, set()).update(n for n in group["names"] if n != image_id)
+            twin[image_id].update(n for n in group["names"] if n != image_id)
     report.images = {"checked": len(files), "duplicates": duplicates}
     for kind in _KINDS:
         report.images[kind] = [{"names": sorted(e.names), "path": None if e.path is None else str(e.path),
@@ -474,41 +425,37 @@ def _fill_unit(unit: dict, data: Any, bad: Mapping[str, _Image], twin: Mapping[s
 
 
 def _advise(report: DataCheckReport, dataset: str, decode: bool) -> None:
-    images = report.images
+    images, splits = report.images, report.splits
     source = ("CIRR's images come from NLVR2: ask the NLVR2 authors for the direct image download (the URL list "
               "has many dead links)" if dataset == "cirr" else
               "make the world again (cir-plugins world --root ROOT --overwrite)" if dataset == "synthetic" else
               "FashionIQ's image links are partly dead: get the missing files from a complete copy")
-    if images["missing"] or images["empty"]:
-        report.advice.append(f"missing or empty files: {source}, then run check-data again; until then, evaluating "
-                             "on this tree does not give numbers comparable with published ones")
-    if images["bad_path"]:
-        report.advice.append("bad image paths: an image linked from outside the root or through a looping link "
-                             "(put the image file itself under the root), a file or folder name over the file "
-                             "system's limit (shorten it), or a split-file entry with '..', an absolute path or a NUL "
-                             "(fix that entry); the images are listed above with the cause")
-    if images["too_large"]:
-        report.advice.append("images too large for the pixel limit (a decompression-bomb guard; a very thin image "
-                             "grows inside the padding or resize of --transform): drop them (--skip-unreadable) or "
-                             "replace them with sane-sized images")
-    if images["truncated"] or images["corrupt"]:
-        report.advice.append("truncated or corrupt files: download those files again (the list is in --report); "
-                             "to train now, drop them with ImageStore.readable_ids or augment --skip-unreadable")
-    if any(u["error"] for u in report.splits):
-        report.advice.append("an annotation or split file did not load: put the official file at the path named "
-                             "above (or restrict the check with --splits)")
-    if any(u["skipped_records"] for u in report.splits):
-        report.advice.append("invalid records: replace the annotation file with the official one (loaders skip such "
-                             "records only with on_bad_record='skip')")
-    if any(u["counts_match"] is False for u in report.splits):
-        report.advice.append("counts differ from the official release: the annotation files are of another version "
-                             "or cut short; use the official files (pass --counts none for a subset on purpose)")
     if images["duplicates"]:
         big = max(len(g["names"]) for g in images["duplicates"])
         report.warnings.append(f"{len(images['duplicates'])} groups of names hold the same image (largest: {big} "
                                "names)")
-        report.advice.append("duplicates: a large group of one image is usually a placeholder saved for dead links "
-                             "(download those again); a few identical pairs can be genuine, and the library groups "
-                             "them (positives/dedup.py, the bank's shared rows)")
-    if not decode and report.ok:
-        report.advice.append("headers and end markers only were read: run with --decode once to decode every image")
+    report.advice += [advice for wanted, advice in [
+        (images["missing"] or images["empty"], f"missing or empty files: {source}, then run check-data again; until "
+         "then, evaluating on this tree does not give numbers comparable with published ones"),
+        (images["bad_path"], "bad image paths: an image linked from outside the root or through a looping link (put "
+         "the image file itself under the root), a file or folder name over the file system's limit (shorten it), or "
+         "a split-file entry with '..', an absolute path or a NUL (fix that entry); the images are listed above with "
+         "the cause"),
+        (images["too_large"], "images too large for the pixel limit (a decompression-bomb guard; a very thin image "
+         "grows inside the padding or resize of --transform): drop them (--skip-unreadable) or replace them with "
+         "sane-sized images"),
+        (images["truncated"] or images["corrupt"], "truncated or corrupt files: download those files again (the list "
+         "is in --report); to train now, drop them with ImageStore.readable_ids or augment --skip-unreadable"),
+        (any(u["error"] for u in splits), "an annotation or split file did not load: put the official file at the "
+         "path named above (or restrict the check with --splits)"),
+        (any(u["skipped_records"] for u in splits), "invalid records: replace the annotation file with the official "
+         "one (loaders skip such records only with on_bad_record='skip')"),
+        (any(u["counts_match"] is False for u in splits), "counts differ from the official release: the annotation "
+         "files are of another version or cut short; use the official files (pass --counts none for a subset on "
+         "purpose)"),
+        (images["duplicates"], "duplicates: a large group of one image is usually a placeholder saved for dead links "
+         "(download those again); a few identical pairs can be genuine, and the library groups them "
+         "(positives/dedup.py, the bank's shared rows)"),
+        (not decode and report.ok, "headers and end markers only were read: run with --decode once to decode every "
+         "image"),
+    ] if wanted]

@@ -37,9 +37,7 @@ CIRR_SET_SIZE = 6
 def cirr_splits(root: str | os.PathLike) -> list[str]:
     """Split names that have a captions file under ``root/cirr/captions``."""
     folder = Path(root) / "cirr" / "captions"
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[len("cap.rc2."):-len(".json")] for p in folder.glob("cap.rc2.*.json"))
+    return sorted(p.name[len("cap.rc2."):-5] for p in folder.glob("cap.rc2.*.json")) if folder.is_dir() else []
 
 
 def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable | None = "clip", size: int = 224,
@@ -49,23 +47,20 @@ def load_cirr(root: str | os.PathLike, split: str, *, transform: str | Callable 
 
     Args:
         root: dataset root (holds ``cirr/`` and the image folders).
-        split: split name as on disk ("train", "val", "test1"; "train"/"val"/"test" for the
-            synthetic world).
-        transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (``check_paths=False``: each
-            image path is checked when it is first used, not all at load time; what check-data uses to report
-            a bad path per image).
-        on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops bad
-            records (logged, counted in ``split.info["skipped"]``). File-level problems (missing,
-            malformed or truncated JSON, wrong top-level type, unsafe image paths) always raise.
-        set_size: images in every ``img_set.members`` list, the reference included (CIRR: 6); a
-            record with another count, or whose target is not a member, is a bad record (Rs@k
-            computed over a wrong set is meaningless). None accepts any size (a CIRR-like dataset
-            of your own).
+        split: split name as on disk ("train", "val", "test1"; "train"/"val"/"test" for the synthetic world).
+        transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (``check_paths=False``: each image
+            path is checked when first used, so check-data can report a bad path per image).
+        on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops bad records (logged,
+            counted in ``split.info["skipped"]``). File-level problems (missing, malformed or truncated JSON, wrong
+            top-level type, unsafe image paths) always raise.
+        set_size: images in every ``img_set.members`` list, the reference included (CIRR: 6); a record with another
+            count, or whose target is not a member, is a bad record (Rs@k over a wrong set is meaningless). None
+            accepts any size (a CIRR-like dataset of your own).
 
     Returns:
-        Split with one Triplet per caption record: ``texts = (caption,)``, ``target`` (None where the
-        file has no targets), ``pair_id``, ``members`` (img_set.members) and ``meta`` with
-        ``target_soft``, ``img_set_id``, ``reference_rank``, ``target_rank``, ``caption`` (raw).
+        Split with one Triplet per caption record: ``texts = (caption,)``, ``target`` (None where the file has no
+        targets), ``pair_id``, ``members`` (img_set.members) and ``meta`` with ``target_soft``, ``img_set_id``,
+        ``reference_rank``, ``target_rank``, ``caption`` (raw).
     """
     root_path = Path(root)
     require_root(root_path, "CIRR", "cirr/captions and cirr/image_splits")
@@ -121,8 +116,7 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[
         checker.fail(index, "caption", "must be a string", got=caption)
     if not caption.strip():
         checker.fail(index, "caption", "is empty or whitespace", got=caption)
-    target = record.get("target_hard")
-    has_target = "target_hard" in record
+    target, has_target = record.get("target_hard"), "target_hard" in record
     if has_target:
         checker.check_image(index, "target_hard", target, gallery, fix=_SAME_SPLIT)
     checker.check_target_presence(index, "target_hard", has_target, with_target)
@@ -137,8 +131,7 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: set[
         checker.fail(index, "img_set.members", "must be a non-empty list of image names", got=members)
     if len(set(members)) != len(members):
         checker.fail(index, "img_set.members", "lists an image twice", got=members)
-    missing = [m for m in members if m not in gallery]
-    if missing:
+    if missing := [m for m in members if m not in gallery]:
         checker.fail(index, "img_set.members", "names images not in the split's image list", got=missing)
     if reference not in members:
         checker.fail(index, "img_set.members", "does not contain the reference", got=members,

@@ -1,20 +1,16 @@
-"""Group duplicate images: every image id maps to a group id.
+"""Group duplicate images: every image id maps to a group id, the first id of its group in input order.
 
-Exact duplicates are images whose *decoded* pixels are identical (the file bytes may differ:
-another encoder, metadata, a re-save): each image is decoded to RGB and hashed with blake2b over
-its mode, size and raw bytes. One pass, linear in the number of images.
-
-Optional near-duplicates: rows whose embedding cosine is at least ``near_duplicate_threshold``
-are merged (union-find) into one group. Scores are computed ``chunk_size`` rows at a time; the
-N x N matrix is never held.
-
-The group id is the first id of the group in input order.
+Exact duplicates are images whose *decoded* pixels are identical (the file bytes may differ: another encoder,
+metadata, a re-save), found in one pass by :func:`pixel_hash`. Optional near-duplicates: rows whose embedding cosine
+is at least ``near_duplicate_threshold`` are merged (union-find), ``chunk_size`` rows at a time (the N x N matrix is
+never held).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,14 +31,13 @@ def pixel_hash(image: Any) -> str:
     A tensor (an image already decoded and preprocessed, as in a plain ``{id: tensor}`` mapping) is
     hashed by its dtype, shape and exact values: equal tensors, and only those, share a digest.
     """
+    digest = hashlib.blake2b(digest_size=20)
     if isinstance(image, torch.Tensor):
         flat = image.detach().to("cpu").contiguous().reshape(-1)
-        digest = hashlib.blake2b(digest_size=20)
         digest.update(f"tensor:{flat.dtype}:{tuple(image.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())  # the raw bytes, whatever the dtype
         return digest.hexdigest()
     rgb = image.convert("RGB") if getattr(image, "mode", None) != "RGB" else image
-    digest = hashlib.blake2b(digest_size=20)
     digest.update(rgb.mode.encode())
     digest.update(f"{rgb.size[0]}x{rgb.size[1]}".encode())
     digest.update(rgb.tobytes())
@@ -55,8 +50,7 @@ def group_rows(image_ids: Sequence[str], groups: Mapping[str, Any] | None) -> tu
     (never merged with a group that happens to share their name)."""
     groups = groups or {}
     row_of_group: dict[Any, int] = {}
-    representatives: list[str] = []
-    rows: list[int] = []
+    representatives, rows = [], []
     for image_id in image_ids:
         group = groups[image_id] if image_id in groups else ("\0own", image_id)
         if group not in row_of_group:
@@ -87,14 +81,8 @@ class _UnionFind:
             self.parent[hi] = lo
 
 
-def near_duplicate_groups(
-    embeddings: torch.Tensor,
-    threshold: float,
-    *,
-    start_groups: Sequence[int] | None = None,
-    chunk_size: int = 1024,
-    show_progress: bool = False,
-) -> list[int]:
+def near_duplicate_groups(embeddings: torch.Tensor, threshold: float, *, start_groups: Sequence[int] | None = None,
+                          chunk_size: int = 1024, show_progress: bool = False) -> list[int]:
     """Row -> representative row (the smallest row of its group) by cosine >= ``threshold``.
 
     Args:
@@ -124,15 +112,9 @@ def near_duplicate_groups(
     return [uf.find(i) for i in range(n)]
 
 
-def find_duplicates(
-    image_ids: Sequence[str],
-    images: Any,
-    *,
-    embeddings: torch.Tensor | None = None,
-    near_duplicate_threshold: float | None = None,
-    chunk_size: int = 1024,
-    show_progress: bool = True,
-) -> dict[str, str]:
+def find_duplicates(image_ids: Sequence[str], images: Any, *, embeddings: torch.Tensor | None = None,
+                    near_duplicate_threshold: float | None = None, chunk_size: int = 1024,
+                    show_progress: bool = True) -> dict[str, str]:
     """Map every id to its duplicate-group id (the first id of its group in input order).
 
     Args:
@@ -145,15 +127,12 @@ def find_duplicates(
     """
     ids = list(image_ids)
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        repeats = [i for i in ids if i in seen or seen.add(i)]
+        repeats = [i for i, n in Counter(ids).items() if n > 1]
         raise DataError(explain("image_ids contain repeats", got=repeats[:5], fix="pass each id once"))
     load = pil_loader(images, convert_tensors=False)  # tensors are hashed by their exact values
     first_of_hash: dict[str, int] = {}
-    rep = []
-    for row, image_id in enumerate(progress_bar(ids, desc="dedup: hashing pixels", show_progress=show_progress)):
-        key = pixel_hash(load(image_id))
-        rep.append(first_of_hash.setdefault(key, row))
+    rep = [first_of_hash.setdefault(pixel_hash(load(image_id)), row) for row, image_id in
+           enumerate(progress_bar(ids, desc="dedup: hashing pixels", show_progress=show_progress))]
     if near_duplicate_threshold is not None:
         if embeddings is None:
             raise ConfigError(explain("near_duplicate_threshold needs embeddings",
@@ -163,8 +142,6 @@ def find_duplicates(
                                      got=tuple(embeddings.shape), expected=f"({len(ids)}, D)"))
         rep = near_duplicate_groups(embeddings, near_duplicate_threshold, start_groups=rep,
                                     chunk_size=chunk_size, show_progress=show_progress)
-    groups = {image_id: ids[r] for image_id, r in zip(ids, rep)}
-    merged = len(ids) - len(set(rep))
-    if merged:
+    if merged := len(ids) - len(set(rep)):
         logger.info("dedup: %d images fall into %d groups (%d merged)", len(ids), len(set(rep)), merged)
-    return groups
+    return {image_id: ids[r] for image_id, r in zip(ids, rep)}

@@ -31,8 +31,7 @@ __all__ = ["load_fashioniq", "load_split", "CATEGORIES", "fashioniq_text", "STRI
 
 CATEGORIES = ("dress", "shirt", "toptee")
 STRIP_CHARS = ".?, "
-# the texts of an annotated triplet: "both_orders" ("c0 and c1", "c1 and c0"), or "release" (those two and each
-# caption alone, the four the method's release draws from when training)
+#: the texts of an annotated triplet (module doc)
 TEXT_VARIANTS = ("both_orders", "release")
 
 
@@ -58,14 +57,12 @@ def load_fashioniq(root: str | os.PathLike, category: str, split: str, *, transf
         root: dataset root (holds ``captions/``, ``image_splits/``, ``images/``).
         category: "dress", "shirt" or "toptee".
         split: "train", "val", "test" (any name present on disk).
-        transform, size, max_pixels, check_paths: passed to :class:`ImageStore` (as :func:`load_cirr`).
-        on_bad_record: "error" raises AnnotationError on the first bad record; "skip" drops it
-            (logged, counted in ``split.info["skipped"]``). File-level problems always raise.
+        transform, size, max_pixels, check_paths, on_bad_record: as :func:`load_cirr`.
         texts: "both_orders" (default) or "release" (see the module doc: the release's four training texts).
 
     Returns:
-        Split with ``protocol="fashioniq"``, ``category``, triplets whose ``meta`` holds
-        ``category`` and the raw ``captions`` (c0, c1); ``target`` is None for the test split.
+        Split with ``protocol="fashioniq"``, ``category``, triplets whose ``meta`` holds ``category`` and the raw
+        ``captions`` (c0, c1); ``target`` is None for the test split.
     """
     if category not in CATEGORIES:
         raise ConfigError(explain("unknown FashionIQ category", got=category, expected=CATEGORIES))
@@ -111,8 +108,7 @@ def _parse_record(record: Any, index: int, checker: RecordChecker, gallery: dict
     checker.require_fields(index, record, ("candidate", "captions"))
     candidate = record["candidate"]
     checker.check_image(index, "candidate", candidate, gallery, fix=_SAME_SPLIT)
-    has_target = "target" in record
-    target = record.get("target")
+    target, has_target = record.get("target"), "target" in record
     if has_target:
         checker.check_image(index, "target", target, gallery, fix=_SAME_SPLIT)
     checker.check_target_presence(index, "target", has_target, with_target)

@@ -1,16 +1,7 @@
-"""Builders of tiny FashionIQ and CIRR trees in the exact on-disk formats, for tests and examples.
-
-They reproduce the real files' quirks that loaders must cope with:
-
-- FashionIQ: captions with leading spaces, trailing punctuation (".", "?", ","), a typo or two,
-  images stored as ``.jpg`` for most names and ``.png`` for some, non-square images of varied
-  aspect ratio (some grayscale / RGBA), a test split without "target".
-- CIRR: nested image paths ``./train/34/name.png``, ``./dev/name.png``, ``./test1/name.png``;
-  captions with leading spaces and trailing full stops; ``target_soft`` values of 1.0, 0.5 and
-  -1.0; 6-member ``img_set`` groups; a test1 split without target fields.
-
-Each builder returns the root as a Path; the trees are small enough (tens of images) for
-per-test use (``tmp_path``). Everything is seeded.
+"""Builders of tiny, seeded FashionIQ and CIRR trees (tens of images) in the exact on-disk formats, for tests and
+examples, with the real files' quirks that loaders must cope with: captions with leading spaces, trailing
+punctuation and typos, ``.jpg`` and ``.png`` images of varied aspect ratio and mode, nested CIRR image paths,
+``target_soft`` values of 1.0, 0.5 and -1.0, test splits without targets. Each builder returns the root as a Path.
 """
 
 from __future__ import annotations
@@ -40,14 +31,9 @@ _CIRR_CAPTIONS = [
 
 def write_image(path: Path, size: tuple[int, int], seed: int, mode: str = "RGB") -> None:
     """Write a random image of ``size`` (width, height) in ``mode`` at ``path`` (format from suffix)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    image = Image.fromarray(array, "RGB")
-    if mode != "RGB":
-        image = image.convert(mode)
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    (image if mode == "RGB" else image.convert(mode)).save(path)
 
 
 def _dump(path: Path, data) -> None:
@@ -58,10 +44,9 @@ def build_fashioniq_tree(root: str | os.PathLike, *, n_images: int = 8, n_triple
                          categories=CATEGORIES, splits=("train", "val", "test"), seed: int = 0) -> Path:
     """A tiny FashionIQ tree: per category and split ``n_images`` images and ``n_triplets`` records.
 
-    Image names are ``B0{category}_{split}{k:02d}`` (e.g. "B0dress_val03");
-    every third image is a ``.png`` (the rest ``.jpg``); sizes vary (e.g. 24x40, 40x24, 30x30);
-    one image per split is grayscale and one RGBA (stored as PNG). The ``test`` split has no
-    "target" fields.
+    Image names are ``B0{category}_{split}{k:02d}`` (e.g. "B0dress_val03"); every third image is a ``.png`` (the rest
+    ``.jpg``); sizes vary (e.g. 24x40, 40x24, 30x30); one image per split is grayscale and one RGBA (stored as PNG).
+    Captions with leading spaces, trailing ".", "?", ",", typos. The ``test`` split has no "target" fields.
     """
     root = Path(root)
     rng = random.Random(seed)
@@ -78,11 +63,8 @@ def build_fashioniq_tree(root: str | os.PathLike, *, n_images: int = 8, n_triple
             records = []
             for t in range(n_triplets):
                 candidate, target = rng.sample(names, 2)
-                c0, c1 = _FIQ_CAPTIONS[(t + len(split)) % len(_FIQ_CAPTIONS)]
-                record = {"candidate": candidate, "captions": [c0, c1]}
-                if split != "test":
-                    record = {"target": target, **record}
-                records.append(record)
+                record = {"candidate": candidate, "captions": _FIQ_CAPTIONS[(t + len(split)) % len(_FIQ_CAPTIONS)]}
+                records.append(record if split == "test" else {"target": target, **record})
             _dump(root / "captions" / f"cap.{category}.{split}.json", records)
     return root
 
@@ -91,10 +73,10 @@ def build_cirr_tree(root: str | os.PathLike, *, n_images: int = 12, n_triplets: 
                     splits=("train", "val", "test1")) -> Path:
     """A tiny CIRR (rc2) tree: per split ``n_images`` images (>= 6) and ``n_triplets`` records.
 
-    Image folders: train -> ``./train/{k % 3 + 30}/name.png`` (nested), val -> ``./dev/name.png``,
-    test1 -> ``./test1/name.png``. Names look like "train-10108-0-img0". Records carry
-    ``target_soft`` with 1.0 / 0.5 / -1.0 values and 6-member img_sets that include reference and
-    target; test1 records have no ``target_hard`` / ``target_soft`` / ``target_rank``.
+    Image folders: train -> ``./train/{k % 3 + 30}/name.png`` (nested), val -> ``./dev/name.png``, test1 ->
+    ``./test1/name.png``. Names look like "train-10108-0-img0". Captions with leading spaces and trailing full stops;
+    ``target_soft`` with 1.0 / 0.5 / -1.0 values; 6-member img_sets that include reference and target; test1 records
+    have no ``target_hard`` / ``target_soft`` / ``target_rank``.
     """
     if n_images < 6:
         raise ValueError("build_cirr_tree needs n_images >= 6 (one img_set)")
@@ -107,8 +89,7 @@ def build_cirr_tree(root: str | os.PathLike, *, n_images: int = 12, n_triplets: 
         names = [f"{prefix}-{1000 + k // 2}-{k % 2}-img{k % 2}" for k in range(n_images)]
         paths = {}
         for k, name in enumerate(names):
-            rel = f"./{prefix}/{k % 3 + 30}/{name}.png" if split == "train" else f"./{prefix}/{name}.png"
-            paths[name] = rel
+            paths[name] = rel = f"./{prefix}/{k % 3 + 30}/{name}.png" if split == "train" else f"./{prefix}/{name}.png"
             write_image(root / rel, (28 + 4 * (k % 3), 24), seed=rng.randrange(1 << 30))
         _dump(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths)
         records = []

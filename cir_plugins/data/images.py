@@ -1,38 +1,29 @@
-"""Images on disk as a lazy ``Mapping[str, Tensor]``, plus the preprocessing CIR models use.
+"""Images on disk as a lazy ``Mapping[str, Tensor]`` (:class:`ImageStore`), plus the preprocessing CIR models use.
 
-:class:`ImageStore` maps an image id (file name without extension) to a preprocessed float tensor
-``(C, H, W)``, reading the file only when asked. Paths are resolved under the store's root and
-may not leave it (``../``, absolute paths, symlinks pointing outside raise
-:class:`~cir_plugins.errors.UnsafePathError`), checked when the store is made and again at every
-read (a file replaced afterwards by a symlink leading out is refused; the file is then opened with
-``O_NOFOLLOW``, so it cannot be swapped for a symlink between the check and the open). Every read goes
-through one checked open, :func:`open_image_file`: non-blocking, without following a symlink, and
-only a regular file is read (``fstat`` on the open descriptor): a FIFO, a socket, a device or a
-directory in place of an image is an :class:`~cir_plugins.errors.ImageLoadError` at once, never a
-hang, so the skip options drop it like any unreadable file. A path that cannot be resolved at all (a
-name over the filesystem's limit, a symlink loop) is an ImageLoadError naming the id; a NUL
-character in a path is an :class:`~cir_plugins.errors.UnsafePathError`.
+A store maps an image id (file name without extension) to a preprocessed float tensor ``(C, H, W)``, reading the file
+only when asked. Paths stay under the store's root (``../``, absolute paths, a NUL, symlinks leading out:
+:class:`~cir_plugins.errors.UnsafePathError`), checked when the store is made and again at every read. Every read
+goes through :func:`open_image_file` (non-blocking, ``O_NOFOLLOW``, regular files only): a file swapped for a symlink
+after the check, a FIFO, a socket, a device or a directory is an :class:`~cir_plugins.errors.ImageLoadError` at once,
+never a hang, as is a path that cannot be resolved (a name over the filesystem's limit, a symlink loop).
 
-The pixel limit (``max_pixels``, a decompression-bomb guard) bounds the source image from its header
-and, for the named transforms, every image the transform makes on the way (the pad canvas and the
-resized image before the crop): a 200000 x 1 PNG of a few hundred bytes would otherwise ask for
-gigabytes inside the resize. Such an image is refused before anything is allocated, so
-:meth:`ImageStore.readable_ids` and the skip options drop it like any unreadable file.
+The pixel limit (``max_pixels``, a decompression-bomb guard) bounds the source image from its header and, for the
+named transforms, every image the transform makes on the way (pad canvas, resize before the crop: a 200000 x 1 PNG
+of a few hundred bytes would ask for gigabytes), refused before anything is allocated; :meth:`ImageStore.readable_ids`
+and the skip options drop such an image like any unreadable file.
 
 Preprocessing (``transform=``) is a name with a size, or any callable ``PIL.Image (RGB) -> Tensor``:
 
-- ``"clip"``: resize the shorter side to ``size`` (bicubic), centre-crop ``size x size``,
-  scale to [0, 1], normalise with CLIP's mean / std.
-- ``"targetpad"``: CLIP4Cir's padding: if the aspect ratio (long / short side) exceeds
-  ``target_ratio`` (1.25), pad the shorter side with black, centred, until the ratio equals
-  ``target_ratio``; then as ``"clip"``.
+- ``"clip"``: resize the shorter side to ``size`` (bicubic), centre-crop ``size x size``, scale to [0, 1], normalise
+  with CLIP's mean / std.
+- ``"targetpad"``: CLIP4Cir's padding: if the aspect ratio (long / short side) exceeds ``target_ratio`` (1.25), pad
+  the shorter side with black, centred, until the ratio equals ``target_ratio``; then as ``"clip"``.
 - ``"squarepad"``: pad the shorter side to a square, centred; then as ``"clip"``.
 - ``"none"``: no resize, [0, 1] floats, no normalisation.
 
-Every image is converted to RGB first: grayscale ("L", "1"), palette ("P", with or without
-transparency), "LA", "RGBA" (alpha dropped, as PIL's ``convert("RGB")`` does), "CMYK", and 16/32-bit integer images
-("I;16", "I", scaled from
-their full range to 8 bits) and float images ("F", assumed in [0, 1] if its max <= 1 else [0, 255]).
+Every image is converted to RGB first: grayscale ("L", "1"), palette ("P", with or without transparency), "LA",
+"RGBA" (alpha dropped, as PIL's ``convert("RGB")``), "CMYK", 16/32-bit integer images ("I;16", "I", scaled from their
+full range to 8 bits) and float images ("F", assumed in [0, 1] if its max <= 1 else [0, 255]).
 """
 
 from __future__ import annotations
@@ -43,6 +34,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +45,9 @@ from PIL import Image, ImageFile
 from ..checks import check_positive_int
 from ..errors import ConfigError, DataError, ImageLoadError, ShapeError, UnsafePathError, explain
 
-__all__ = [
-    "pil_loader",
-    "ImageStore",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "TRANSFORM_NAMES",
-    "DEFAULT_MAX_PIXELS",
-    "make_transform",
-    "to_rgb",
-    "to_pil",
-    "decode_image",
-    "open_image_file",
-    "image_format",
-    "resolve_under_root",
-    "ClipTransform",
-    "preprocessing_differences",
-]
+__all__ = ["pil_loader", "ImageStore", "CLIP_MEAN", "CLIP_STD", "TRANSFORM_NAMES", "DEFAULT_MAX_PIXELS",
+           "make_transform", "to_rgb", "to_pil", "decode_image", "open_image_file", "image_format",
+           "resolve_under_root", "ClipTransform", "preprocessing_differences"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +56,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TRANSFORM_NAMES = ("clip", "targetpad", "squarepad", "none")
 #: Default decompression-bomb limit (pixels). PIL's own default is ~89M; we state ours explicitly.
 DEFAULT_MAX_PIXELS = 64_000_000
-_FIX_FILE = "re-download or replace the file, or drop this id from the split"  # an image of a store that fails
+_FIX_FILE = "re-download or replace the file, or drop this id from the split"
 
 
 def _resolved(path: Path, what: str) -> Path:
-    """``path.resolve()``; a name too long for the filesystem or a symlink loop is an ImageLoadError naming
-    ``what`` (Python raises OSError or, before 3.13, RuntimeError for those)."""
+    """``path.resolve()``; a name over the filesystem's limit or a symlink loop is an ImageLoadError naming ``what``."""
     try:
         resolved = path.resolve()
         resolved.exists()  # a name over the limit passes resolve() but fails every stat: find out here
         return resolved
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop before Python 3.13
         raise ImageLoadError(explain(f"{what}: the path cannot be resolved (a name over the filesystem's limit or "
                                      "a symlink loop)", got=f"{path}: {error}",
                                      fix="shorten the file or folder name, or replace the looping symlink with the "
@@ -96,21 +73,15 @@ def _resolved(path: Path, what: str) -> Path:
 
 
 def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | None = None) -> Path:
-    """Resolve ``relative`` under ``root``; refuse anything that would leave it.
+    """Resolve ``relative`` (from an annotation file, "./train/34/x.png") under ``root`` (already resolved).
 
-    Args:
-        root: the dataset root (already resolved).
-        relative: a path from an annotation file ("./train/34/x.png", "images/x.jpg").
-        what: a short description for the error ("image 'x' in file ...").
-    Raises:
-        UnsafePathError: absolute path, a ``..`` component, or a symlink resolving outside root.
-        ImageLoadError: a path that cannot be resolved (too long a name, a symlink loop).
+    UnsafePathError for an absolute path, a ``..`` component or a symlink resolving outside root; ImageLoadError
+    for a path that cannot be resolved. ``what`` names the image in errors; ``parents`` caches resolved folders.
     """
     if not isinstance(relative, str) or not relative:
         raise UnsafePathError(explain(f"{what}: the image path is empty or not a string", got=relative,
-                                      expected="a path relative to the dataset root",
-                                      fix="fix the annotation file"))
-    if "\x00" in relative:  # no file system allows it; os calls would raise a bare ValueError
+                                      expected="a path relative to the dataset root", fix="fix the annotation file"))
+    if "\x00" in relative:  # os calls would raise a bare ValueError
         raise UnsafePathError(explain(f"{what}: the image path holds a NUL character", got=repr(relative),
                                       expected="a path relative to the dataset root",
                                       fix="fix the annotation file (or the request)"))
@@ -118,8 +89,7 @@ def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | 
         raise UnsafePathError(explain(f"{what}: absolute image paths are not allowed", got=relative,
                                       expected=f"a path relative to {str(root)!r}",
                                       fix="make the path relative to the dataset root"))
-    parts = relative.replace("\\", "/").split("/")
-    if ".." in parts:
+    if ".." in relative.replace("\\", "/").split("/"):
         raise UnsafePathError(explain(f"{what}: the image path climbs out with '..'", got=relative,
                                       expected=f"a path inside {str(root)!r}",
                                       fix="remove the '..' components or move the image under the root"))
@@ -127,8 +97,7 @@ def resolve_under_root(root: Path, relative: str, *, what: str, parents: dict | 
     if parents is None:
         resolved = _resolved(candidate, what)
     else:  # resolve each folder once (many images share one), then only the file itself
-        folder = parents.get(candidate.parent)
-        if folder is None:
+        if (folder := parents.get(candidate.parent)) is None:
             folder = parents[candidate.parent] = _resolved(candidate.parent, what)
         resolved = folder / candidate.name
         try:
@@ -169,13 +138,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image_file(path: str | os.PathLike, *, what: str, fix: str = _FIX_FILE):
-    """Open ``path`` for reading as a regular file: the one checked open of the package. Binary file object.
-
-    Opened non-blocking (a FIFO with no writer cannot hang the caller) and without following a final
-    symlink (``O_NOFOLLOW``: a file swapped for a link after its path was checked is refused), then
-    ``fstat`` on the descriptor: anything but a regular, non-empty file (a FIFO, socket, device or
-    directory) is refused. Raises ImageLoadError naming ``what`` and the cause.
-    """
+    """The package's one checked open (see the module doc): a binary file object of a regular, non-empty file, or
+    ImageLoadError naming ``what`` and the cause."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -202,86 +166,51 @@ def open_image_file(path: str | os.PathLike, *, what: str, fix: str = _FIX_FILE)
         raise
 
 
-class _OpenedImage:
-    """``with _OpenedImage(source, what, formats, fix) as image``: PIL's lazy open (header only) with the package's
-    pixel-limit settings on (:class:`OwnPixelLimit`) and every PIL failure turned into ImageLoadError."""
-
-    def __init__(self, source, what: str, formats: Sequence[str] | None, fix: str) -> None:
-        self.source, self.what, self.formats, self.fix = source, what, formats, fix
-        self._limit = OwnPixelLimit()
-        self._image = None
-
-    def __enter__(self) -> Image.Image:
-        self._limit.__enter__()
+@contextmanager
+def _opened_image(source, what: str, formats: Sequence[str] | None, fix: str) -> Iterator[Image.Image]:
+    """PIL's lazy open (header only) with :class:`OwnPixelLimit` on; any failure in the block is an ImageLoadError."""
+    with OwnPixelLimit():
         try:
-            self._image = Image.open(self.source, formats=None if self.formats is None else list(self.formats))
-        except BaseException as error:
-            self._limit.__exit__(None, None, None)
-            raise self.wrap(error) from error
-        return self._image
-
-    def wrap(self, error: BaseException) -> BaseException:
-        if isinstance(error, ImageLoadError) or not isinstance(error, Exception):
-            return error
-        accepted = "" if self.formats is None else f" (accepted: {', '.join(self.formats)})"
-        return ImageLoadError(explain(f"{self.what} cannot be decoded: not a readable image{accepted} (corrupt, "
-                                      "truncated or not an image format PIL reads)",
-                                      got=f"{type(error).__name__}: {error}", fix=self.fix))
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self._image is not None:
-                self._image.close()
-        finally:
-            self._limit.__exit__(*exc)
+            with Image.open(source, formats=None if formats is None else list(formats)) as image:
+                yield image
+        except ImageLoadError:
+            raise
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            accepted = "" if formats is None else f" (accepted: {', '.join(formats)})"
+            raise ImageLoadError(explain(f"{what} cannot be decoded: not a readable image{accepted} (corrupt, "
+                                         "truncated or not an image format PIL reads)",
+                                         got=f"{type(error).__name__}: {error}", fix=fix)) from error
 
 
 def decode_image(source, *, what: str, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  check_size: Callable | None = None, fix: str = "replace the file",
                  limit_fix: str = "raise max_pixels if the file is trusted",
                  formats: Sequence[str] | None = None) -> Image.Image:
-    """Decode ``source`` (a path or binary file object) into an RGB PIL image: the one image-open path of the
-    package (ImageStore reads and the server's uploads).
+    """Decode ``source`` (a path or binary file object) into an RGB PIL image: the package's one image-open path.
 
-    The size is checked from the header before any pixel is decoded: more than ``max_pixels`` pixels (the
-    decompression-bomb guard), then ``check_size(w, h, max_pixels=..., what=...)`` when given (a named
-    transform's bound on the images it makes). PIL's global limit is off meanwhile (:class:`OwnPixelLimit`).
-    ``formats``: the PIL format names tried (e.g. ``("PNG", "JPEG")``; None: every format PIL reads), so
-    data from the network reaches only the decoders on that list.
-    Raises ImageLoadError naming ``what``: with ``limit_fix`` for an image over the limit, with ``fix`` for
-    anything PIL cannot read.
+    From the header, before any pixel is decoded: over ``max_pixels`` pixels, then ``check_size(w, h, max_pixels=...,
+    what=...)`` when given (a named transform's bound). ``formats``: the PIL format names tried (e.g. ``("PNG",
+    "JPEG")``; None: all). ImageLoadError naming ``what``, with ``limit_fix`` over the limit, else ``fix``.
     """
-    opened = _OpenedImage(source, what, formats, fix)
-    with opened as image:
-        try:
-            w, h = image.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageLoadError(explain(f"{what} has more pixels than allowed by the pixel limit "
-                                             "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels",
-                                             expected=f"at most max_pixels={max_pixels}", fix=limit_fix))
-            if callable(check_size):  # refused from the header, before the transform allocates anything
-                check_size(w, h, max_pixels=max_pixels, what=what)
-            image.load()
-            return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
-        except ImageLoadError:
-            raise
-        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
-            raise opened.wrap(error) from error
+    with _opened_image(source, what, formats, fix) as image:
+        w, h = image.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageLoadError(explain(f"{what} has more pixels than allowed by the pixel limit "
+                                         "(decompression-bomb guard)", got=f"{w}x{h} = {w * h} pixels",
+                                         expected=f"at most max_pixels={max_pixels}", fix=limit_fix))
+        if callable(check_size):  # refused from the header, before the transform allocates anything
+            check_size(w, h, max_pixels=max_pixels, what=what)
+        image.load()
+        return to_rgb(image).copy() if image.mode == "RGB" else to_rgb(image)
 
 
 def image_format(source, *, what: str, formats: Sequence[str] | None = None, fix: str = "replace the file") -> str:
     """The PIL format name (``"PNG"``, ``"JPEG"``, ...) of ``source`` read from its header (nothing decoded);
     ImageLoadError naming ``what`` when PIL does not recognise it (among ``formats`` when given)."""
-    with _OpenedImage(source, what, formats, fix) as image:
+    with _opened_image(source, what, formats, fix) as image:
         if not image.format:
             raise ImageLoadError(explain(f"{what}: the image format is unknown", fix=fix))
         return str(image.format)
-
-
-def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
-    array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)  # (H, W, 3)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
 
 
 def pil_loader(images: Any, *, convert_tensors: bool = True) -> Callable[[str], Image.Image]:
@@ -335,17 +264,6 @@ def _padded_size(w: int, h: int, target_ratio: float) -> tuple[int, int]:
     return (w, new_short) if w >= h else (new_short, h)
 
 
-def _pad_to_ratio(image: Image.Image, target_ratio: float) -> Image.Image:
-    """Pad the shorter side (black, centred) so that long/short <= target_ratio."""
-    w, h = image.size
-    new_w, new_h = _padded_size(w, h, target_ratio)
-    if (new_w, new_h) == (w, h):
-        return image
-    canvas = Image.new("RGB", (new_w, new_h), (0, 0, 0))
-    canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
-    return canvas
-
-
 class OwnPixelLimit:
     """While any store is decoding, PIL's global bomb limit is off (each store checks its own
     ``max_pixels`` first, with our message) and truncated files are refused; the previous global
@@ -371,17 +289,10 @@ class OwnPixelLimit:
 
 
 class ClipTransform:
-    """Picklable PIL (RGB) -> tensor (3, size, size) transform (see module docstring).
-
-    Args:
-        kind: one of TRANSFORM_NAMES.
-        size: output side in pixels (ignored for "none").
-        target_ratio: for "targetpad", the largest aspect ratio kept without padding.
-        mean, std: normalisation constants (CLIP's by default).
-        max_pixels: the largest image (pixels) the transform makes on the way, the pad canvas and the
-            resized image before the crop (see :meth:`peak_pixels`); a bigger one is an ImageLoadError
-            before anything is allocated. None: no bound (only for trusted images).
-    """
+    """Picklable PIL (RGB) -> tensor (3, size, size) transform: ``kind`` in TRANSFORM_NAMES (module doc), ``size``
+    the output side (ignored for "none"), ``target_ratio`` the largest aspect ratio "targetpad" keeps unpadded,
+    ``mean`` / ``std`` the normalisation (CLIP's), ``max_pixels`` the largest image it makes on the way
+    (:meth:`peak_pixels`; a bigger one is an ImageLoadError before anything is allocated; None: no bound)."""
 
     def __init__(self, kind: str = "clip", size: int = 224, *, target_ratio: float = 1.25,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
@@ -393,8 +304,7 @@ class ClipTransform:
         if not (isinstance(target_ratio, (int, float)) and target_ratio >= 1.0):
             raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
         check_positive_int("max_pixels", max_pixels, allow_none=True)
-        self.kind, self.size, self.target_ratio = kind, size, float(target_ratio)
-        self.max_pixels = max_pixels
+        self.kind, self.size, self.target_ratio, self.max_pixels = kind, size, float(target_ratio), max_pixels
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(v) for v in std)
         self._mean_np = np.asarray(self.mean, dtype=np.float32)
@@ -413,11 +323,10 @@ class ClipTransform:
         """(size after padding, size after resizing) of a w x h image; the crop then takes size x size."""
         if self.kind == "none":
             return (w, h), (w, h)
-        padded = {"targetpad": lambda: _padded_size(w, h, self.target_ratio),
-                  "squarepad": lambda: _padded_size(w, h, 1.0)}.get(self.kind, lambda: (w, h))()
-        pw, ph = padded
+        ratio = {"targetpad": self.target_ratio, "squarepad": 1.0}.get(self.kind)
+        pw, ph = (w, h) if ratio is None else _padded_size(w, h, ratio)
         scale = self.size / max(min(pw, ph), 1)
-        return padded, (max(self.size, int(round(pw * scale))), max(self.size, int(round(ph * scale))))
+        return (pw, ph), (max(self.size, int(round(pw * scale))), max(self.size, int(round(ph * scale))))
 
     def peak_pixels(self, w: int, h: int) -> int:
         """The most pixels any image made while transforming a w x h image holds (source, pad canvas, resize)."""
@@ -428,10 +337,7 @@ class ClipTransform:
         """ImageLoadError when transforming a w x h image would make one over ``max_pixels`` (default: the
         transform's own bound) pixels."""
         limit = self.max_pixels if max_pixels is None else max_pixels
-        if limit is None:
-            return
-        peak = self.peak_pixels(w, h)
-        if peak > limit:
+        if limit is not None and (peak := self.peak_pixels(w, h)) > limit:
             raise ImageLoadError(explain(
                 f"{what} would grow past the pixel limit inside the {self.kind!r} transform (pad or resize of a "
                 "very thin image; decompression-bomb guard)",
@@ -442,19 +348,20 @@ class ClipTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         self.check_size(*image.size)
         image = to_rgb(image)
+        # numpy (single-threaded, no per-op thread-pool overhead): (H, W, 3) uint8 -> float32 in [0, 1]
         if self.kind == "none":
-            return _pil_to_tensor(image)
-        if self.kind == "targetpad":
-            image = _pad_to_ratio(image, self.target_ratio)
-        elif self.kind == "squarepad":
-            image = _pad_to_ratio(image, 1.0)
+            array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+            return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
         w, h = image.size
-        new_w, new_h = self._sizes(w, h)[1]
-        if (new_w, new_h) != (w, h):
+        (pw, ph), (new_w, new_h) = self._sizes(w, h)
+        if (pw, ph) != (w, h):  # pad the shorter side, black, centred
+            canvas = Image.new("RGB", (pw, ph), (0, 0, 0))
+            canvas.paste(image, ((pw - w) // 2, (ph - h) // 2))
+            image = canvas
+        if (new_w, new_h) != (pw, ph):
             image = image.resize((new_w, new_h), Image.BICUBIC)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        # numpy (single-threaded, no per-op thread-pool overhead): (H, W, 3) uint8 -> normalised float32
         array = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
         array = (array - self._mean_np) * self._inv_std_np  # (H, W, 3), broadcast over the channel axis
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, size, size)
@@ -472,6 +379,12 @@ def make_transform(transform: str | Callable | None, size: int = 224, **kwargs) 
                               expected=TRANSFORM_NAMES, fix="pass e.g. transform='clip', size=224"))
 
 
+def _check_on_error(mode: str) -> str:
+    if mode not in ("error", "skip"):
+        raise ConfigError(explain("on_error must be 'error' or 'skip'", got=mode, expected=("error", "skip")))
+    return mode
+
+
 def preprocessing_differences(here: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """The keys in which two image preprocessing descriptions (:meth:`ImageStore.preprocessing`, or what a bank or
     a trained result recorded of it) differ, sorted; empty when the images are preprocessed the same way."""
@@ -479,20 +392,17 @@ def preprocessing_differences(here: Mapping[str, Any], recorded: Mapping[str, An
 
 
 class ImageStore(Mapping):
-    """Lazy ``Mapping[str, Tensor]``: image id -> preprocessed float tensor ``(C, H, W)``.
+    """Lazy ``Mapping[str, Tensor]``: image id -> preprocessed float tensor ``(C, H, W)`` (module doc).
 
     Args:
         root: directory that every path is relative to (paths may not leave it).
         paths: image id -> path relative to root (e.g. ``{"dev-0-0-img0": "./dev/dev-0-0-img0.png"}``).
-        transform: a name in TRANSFORM_NAMES (with ``size``) or a callable PIL (RGB) -> Tensor.
-        size: output size for named transforms.
-        max_pixels: decompression-bomb limit; an image with more pixels raises ImageLoadError.
-            None disables the check (only for trusted data).
-        on_error: "error" (default) raises ImageLoadError for any unreadable image. "skip" makes
-            ``.batch(ids, on_error=...)`` / :meth:`readable_ids` drop the unreadable ids (logged);
-            ``store[id]`` always raises, because a Mapping cannot return "nothing".
-        check_paths: resolve every path at construction (raises UnsafePathError early). Cheap; on
-            by default.
+        transform: a name in TRANSFORM_NAMES (with ``size``, the output side) or a callable PIL (RGB) -> Tensor.
+        max_pixels: decompression-bomb limit (ImageLoadError above it); None disables it (trusted data only).
+        on_error: "error" (default) raises ImageLoadError for any unreadable image; "skip" makes :meth:`batch` /
+            :meth:`readable_ids` drop (and log) unreadable ids. ``store[id]`` always raises.
+        check_paths: resolve every path at construction (UnsafePathError early; cheap, on by default).
+        source: the file the paths come from, named in errors.
 
     Picklable (DataLoader workers): it holds only paths and the transform.
     """
@@ -507,13 +417,11 @@ class ImageStore(Mapping):
         if not isinstance(paths, Mapping):
             raise ConfigError(explain("paths must be a mapping image id -> relative path", got=type(paths).__name__,
                                       fix="pass a dict"))
-        if on_error not in ("error", "skip"):
-            raise ConfigError(explain("on_error must be 'error' or 'skip'", got=on_error, expected=("error", "skip")))
+        _check_on_error(on_error)
         check_positive_int("max_pixels", max_pixels, allow_none=True)
         self._rel: dict[str, str] = {}
         self._abs: dict[str, Path] = {}
-        where = f" in {source}" if source else ""
-        parents: dict = {}
+        where, parents = f" in {source}" if source else "", {}
         for image_id, rel in paths.items():
             if not isinstance(image_id, str) or not image_id:
                 raise ConfigError(explain("image ids must be non-empty strings", got=image_id))
@@ -521,10 +429,7 @@ class ImageStore(Mapping):
             if check_paths:
                 self._abs[image_id] = resolve_under_root(self.root, rel, what=f"image {image_id!r}{where}",
                                                          parents=parents)
-        self.check_paths = check_paths
-        self.transform_spec = transform
-        self.size = size
-        self.max_pixels = max_pixels
+        self.check_paths, self.transform_spec, self.size, self.max_pixels = check_paths, transform, size, max_pixels
         self.transform = self._make_transform(transform, size)
         self.on_error = on_error
 
@@ -546,7 +451,6 @@ class ImageStore(Mapping):
             text = f"{type(self.transform).__module__}.{type(self.transform).__qualname__}"
         return {"transform": text}
 
-    # -- Mapping ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._rel)
 
@@ -560,39 +464,33 @@ class ImageStore(Mapping):
         """The preprocessed tensor (C, H, W) of ``image_id``."""
         tensor = self.transform(self.load_pil(image_id))
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
-            raise ShapeError(explain("the transform returned something that is not a (C, H, W) tensor for "
-                                     f"{image_id!r}",
-                                     got=getattr(tensor, "shape", type(tensor).__name__), expected="(C, H, W) tensor",
-                                     fix="make the transform return a 3-d float tensor"))
+            raise ShapeError(explain(f"the transform returned something that is not a (C, H, W) tensor for "
+                                     f"{image_id!r}", got=getattr(tensor, "shape", type(tensor).__name__),
+                                     expected="(C, H, W) tensor", fix="make the transform return a 3-d float tensor"))
         return tensor
 
     def __repr__(self) -> str:
         return f"ImageStore(root={str(self.root)!r}, images={len(self)}, transform={self.transform!r})"
 
-    # -- extras ------------------------------------------------------------------------------
     @property
     def ids(self) -> list[str]:
         """Every image id, in the order given."""
         return list(self._rel)
 
     def path_of(self, image_id: str) -> Path:
-        """Absolute path of ``image_id`` (checked to be under the root)."""
-        if image_id not in self._rel:
-            raise KeyError(image_id)
+        """Absolute path of ``image_id`` (checked to be under the root); KeyError for an id not in the store."""
         if image_id not in self._abs:
             self._abs[image_id] = resolve_under_root(self.root, self._rel[image_id], what=f"image {image_id!r}")
         return self._abs[image_id]
 
     def _open(self, relative: str, what: str) -> tuple[Path, object]:
-        """Re-check ``relative`` under the root now (it may have been replaced by a symlink leading out since the
-        store was made) and open it through :func:`open_image_file`: (path, binary file object)."""
+        """(path, binary file object) of ``relative``, re-checked under the root now (it may have become a symlink
+        leading out since the store was made)."""
         path = resolve_under_root(self.root, relative, what=what)
         return path, open_image_file(path, what=what)
 
     def _open_id(self, image_id: str) -> tuple[Path, object]:
         """:meth:`_open` of one of the store's ids (KeyError for another), its checked path remembered."""
-        if image_id not in self._rel:
-            raise KeyError(image_id)
         path, handle = self._open(self._rel[image_id], f"image {image_id!r}")
         self._abs[image_id] = path
         return path, handle
@@ -601,7 +499,9 @@ class ImageStore(Mapping):
         """Open ``image_id`` as an RGB PIL image; ImageLoadError naming id, path and fix if it cannot."""
         path, handle = self._open_id(image_id)
         with handle:
-            return self._decode(image_id, path, handle)
+            return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,
+                                check_size=getattr(self.transform, "check_size", None), fix=_FIX_FILE,
+                                limit_fix="raise ImageStore(max_pixels=...) if the file is trusted")
 
     def load_relative(self, relative: str, *, what: str | None = None, max_pixels: int | None = None,
                       formats: Sequence[str] | None = None) -> Image.Image:
@@ -624,12 +524,6 @@ class ImageStore(Mapping):
             data = handle.read()
         return data, image_format(io.BytesIO(data), what=f"image {image_id!r}", fix=_FIX_FILE)
 
-    def _decode(self, image_id: str, path: Path, handle) -> Image.Image:
-        return decode_image(handle, what=f"image {image_id!r} at {path}", max_pixels=self.max_pixels,
-                            check_size=getattr(self.transform, "check_size", None),
-                            fix=_FIX_FILE,
-                            limit_fix="raise ImageStore(max_pixels=...) if the file is trusted")
-
     def readable_ids(self, ids: Iterable[str] | None = None) -> list[str]:
         """The ids (all by default) whose image decodes; unreadable ones are logged and dropped."""
         kept = []
@@ -642,41 +536,28 @@ class ImageStore(Mapping):
             kept.append(image_id)
         return kept
 
-    def batch(self, ids: Sequence[str], *, on_error: str | None = None) -> torch.Tensor | tuple[torch.Tensor,
-                                                                                                list[str]]:
-        """Stack the tensors of ``ids`` into ``(n, C, H, W)``.
-
-        With ``on_error="skip"`` (argument or the store's setting) unreadable images are dropped
-        and the result is ``(tensor (m, C, H, W), kept_ids)``; with "error" it is the tensor alone.
-        """
-        mode = self.on_error if on_error is None else on_error
-        if mode not in ("error", "skip"):
-            raise ConfigError(explain("on_error must be 'error' or 'skip'", got=mode, expected=("error", "skip")))
+    def batch(self, ids: Sequence[str], *, on_error: str | None = None) -> torch.Tensor | tuple[torch.Tensor, list]:
+        """The tensors of ``ids`` stacked, ``(n, C, H, W)``; with ``on_error="skip"`` (argument or the store's
+        setting) unreadable images are dropped and the result is ``(tensor (m, C, H, W), kept_ids)``."""
+        mode = _check_on_error(self.on_error if on_error is None else on_error)
         tensors, kept = [], []
         for image_id in ids:
-            if image_id not in self._rel:
-                raise KeyError(image_id)
-            if mode == "skip":
-                try:
-                    tensors.append(self[image_id])
-                except ImageLoadError as error:
-                    logger.warning("skipping unreadable image: %s", error)
-                    continue
-            else:
-                tensors.append(self[image_id])
+            try:
+                tensors.append(self[image_id])  # KeyError for an id not in the store
+            except ImageLoadError as error:
+                if mode == "error":
+                    raise
+                logger.warning("skipping unreadable image: %s", error)
+                continue
             kept.append(image_id)
-        if not tensors:
-            stacked = torch.empty(0)
-        else:
-            stacked = torch.stack(tensors)  # (n, C, H, W)
+        stacked = torch.stack(tensors) if tensors else torch.empty(0)
         return (stacked, kept) if mode == "skip" else stacked
 
     def with_transform(self, transform: str | Callable | None, *, size: int | None = None) -> ImageStore:
         """A copy of this store with another transform (paths are not re-checked)."""
         clone = object.__new__(ImageStore)
         clone.__dict__.update(self.__dict__)
-        clone._rel, clone._abs = dict(self._rel), dict(self._abs)
-        clone.transform_spec = transform
+        clone._rel, clone._abs, clone.transform_spec = dict(self._rel), dict(self._abs), transform
         clone.size = self.size if size is None else size
         clone.transform = clone._make_transform(transform, clone.size)
         return clone
@@ -686,9 +567,6 @@ class ImageStore(Mapping):
         clone = self.with_transform(self.transform_spec, size=self.size)
         clone.transform = self.transform
         wanted = list(ids)
-        for image_id in wanted:
-            if image_id not in self._rel:
-                raise KeyError(image_id)
-        clone._rel = {i: self._rel[i] for i in wanted}
+        clone._rel = {i: self._rel[i] for i in wanted}  # KeyError for an id not in the store
         clone._abs = {i: self._abs[i] for i in wanted if i in self._abs}
         return clone

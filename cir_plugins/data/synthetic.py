@@ -4,66 +4,55 @@ Regenerate (or create) it with::
 
     cir-plugins world --root DIR [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
-or from Python with ``make_world(root, seed=0, size="default")``. Every loader and metric runs on it
-exactly as on CIRR: ``load_cirr(root, "train" | "val" | "test")`` reads it (the ``test`` split
-HAS targets, so it can be evaluated locally).
+or ``make_world(root, seed=0, size="default")``. Every loader and metric runs on it exactly as on CIRR:
+``load_cirr(root, "train" | "val" | "test")`` reads it (the ``test`` split HAS targets, so it can be evaluated locally).
 
-World statistics (defaults):
+World statistics (defaults; the parameters are :class:`WorldConfig` fields):
 
-- Objects: a scene holds 1-3 objects (``min_objects``/``max_objects``), each in its own cell of a
-  3 x 3 grid. Attributes: shape (6: circle, square, triangle, star, diamond, cross), colour
-  (7: red, green, blue, yellow, purple, orange, cyan), size (2: small, large), position
-  (9 cells: rows top/middle/bottom x columns left/centre/right). 84 object kinds per cell;
-  every generated scene is distinct (no scene is drawn twice inside or across splits).
-- Duplicates: like CIRR and FashionIQ, a few images are pixel-identical copies of another image
-  under another name (``duplicate_rate``, 3% of each split's images by default): half of them copy
-  an image of the same split, half an image of another split. A copy is an extra gallery image
-  named ``syn-{split}-d{k:05d}`` (never a query's reference or target), rendered with its source's
-  seed, so its decoded pixels equal the source's; ``scenes.json`` repeats the source's scene and
-  ``world.json`` lists every copy (``stats.duplicates``: copy -> source). Inside a split a copy is a
-  false negative unless duplicates are grouped (``cir_plugins.data.dedup.find_duplicates``).
-  The copies come from their own random stream: the rest of the world is the same as with
-  ``duplicate_rate=0``.
-- Rendering: PIL, ``image_size`` x ``image_size`` RGB (40 px by default) on a grey background;
-  each object's centre is jittered by up to ``position_jitter`` of a cell, each colour channel by up
-  to ``color_jitter`` levels, and Gaussian pixel noise of std ``pixel_noise`` is added, so the
-  attributes are not trivially separable. Rendering is seeded per image id (order-independent).
-- Edit types (6): recolour, reshape, resize, move, add, remove. An annotated triplet applies one
-  edit, or two with probability ``two_edit_rate`` (0.3).
-- Phrasing: human-style, CIRR-like, describing the change rather than the target, relative and
-  partial: 3-6 templates per edit type ("make the circle blue", "change the red square into a
-  triangle", "remove the small star", "add a green circle at the bottom right", "move it to the
-  left", "shrink the star", ...), objects named by the shortest description that singles them out
-  (sometimes "it", sometimes over-specified), two edits joined 4 ways ("and", ", then", "; ",
-  ". also"), random capitalisation and trailing full stops. Deliberately unlike the augmenter's
-  templates ("{T} instead of {R}", "Unlike {R}, I want {T}", "{T}").
-- Groups: each query has a CIRR-style ``img_set`` of 6 images: reference, target and 4 near
-  variants (2 images one edit away from the reference, 2 one edit away from the target), in a
-  seeded random order; Recall_subset ranks the 5 members other than the reference.
-  ``target_soft`` is ``{target: 1.0}``.
+- Objects: a scene holds 1-3 objects (``min_objects``/``max_objects``), each in its own cell of a 3 x 3 grid.
+  Attributes: shape (6: circle, square, triangle, star, diamond, cross), colour
+  (7: red, green, blue, yellow, purple, orange, cyan), size (2: small, large), position (9 cells: rows
+  top/middle/bottom x columns left/centre/right). 84 object kinds per cell; no scene is drawn twice inside or
+  across splits.
+- Duplicates: like CIRR and FashionIQ, a few images (``duplicate_rate``, 3% of each split's) are pixel-identical
+  copies of another image under another name, half of the same split, half of another split: ``syn-{split}-d{k:05d}``,
+  an extra gallery image (never a query's reference or target) rendered with its source's seed. ``scenes.json``
+  repeats the source's scene and ``world.json`` lists every copy (``stats.duplicates``: copy -> source). Inside a
+  split a copy is a false negative unless duplicates are grouped (``cir_plugins.data.dedup.find_duplicates``). The
+  copies have their own random stream: the rest of the world is the same as with ``duplicate_rate=0``.
+- Rendering: PIL, ``image_size`` x ``image_size`` RGB (40 px) on a grey background; each object's centre is jittered
+  by up to ``position_jitter`` of a cell, each colour channel by up to ``color_jitter`` levels, plus Gaussian pixel
+  noise of std ``pixel_noise``, so the attributes are not trivially separable. Seeded per image id.
+- Edit types (6): recolour, reshape, resize, move, add, remove. An annotated triplet applies one edit, or two with
+  probability ``two_edit_rate`` (0.3).
+- Phrasing: human-style, CIRR-like, describing the change rather than the target, relative and partial: 3-6
+  templates per edit type ("make the circle blue", "change the red square into a triangle", "remove the small star",
+  "move it to the left", ...), objects named by the shortest description that singles them out (sometimes "it",
+  sometimes over-specified), two edits joined 4 ways, random capitalisation and full stops. Deliberately unlike the
+  augmenter's templates ("{T} instead of {R}", "Unlike {R}, I want {T}", "{T}").
+- Groups: each query has a CIRR-style ``img_set`` of 6 images: reference, target and 4 near variants (2 one edit
+  away from the reference, 2 from the target), in a seeded random order; Recall_subset ranks the 5 members other
+  than the reference. ``target_soft`` is ``{target: 1.0}``.
 - Counts (``size="default"``): train 1000 annotated triplets (6000 group images) plus 6000
   unlabelled images (12000 train images); val 500 queries + 1000 distractors (4000 images);
   test 500 queries + 2000 distractors (5000 images). ``size="quick"``: train 120 + 300, val 40 + 60,
-  test 40 + 60. Custom counts: a dict of :class:`WorldConfig` fields or a WorldConfig.
+  test 40 + 60. Custom counts: a dict of WorldConfig fields or a WorldConfig.
 
-Files under ``root``:
+Files under ``root``: ``cirr/captions/cap.rc2.{train,val,test}.json`` and ``cirr/image_splits/split.rc2.{split}.json``
+exactly as CIRR rc2 (image paths ``./{split}/{bucket}/{name}.png``); ``synthetic/scenes.json``: ``{image_id:
+{"objects": [{"shape", "color", "size", "row", "col"}], "caption": str}}``, the exact scene description (what an ideal
+captioner would say); ``synthetic/world.json``: the completion marker (parameters + statistics), written last and
+atomically (``synthetic/GENERATING`` exists while a generation runs, so a killed run is never taken for a world).
 
-- ``cirr/captions/cap.rc2.{train,val,test}.json`` and ``cirr/image_splits/split.rc2.{split}.json``
-  exactly as CIRR rc2 (image paths ``./{split}/{bucket}/{name}.png``).
-- ``synthetic/scenes.json``: ``{image_id: {"objects": [{"shape", "color", "size", "row", "col"}],
-  "caption": str}}``, the exact scene description (what an ideal captioner would say).
-- ``synthetic/world.json``: the completion marker (parameters + statistics), written last and
-  atomically; ``synthetic/GENERATING`` exists while a generation runs, so a killed run is never
-  taken for a complete world.
-
-Scene vocabulary, captions, rendering and the captioner / rewriter stand-ins:
-:mod:`cir_plugins.data.synthetic_scenes` (every name is re-exported here).
+Scene vocabulary, captions, rendering and the captioner / rewriter stand-ins: :mod:`cir_plugins.data.synthetic_scenes`
+(every name is re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -73,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_json
+from .._console import progress_bar
 from ..errors import ConfigError, explain
 from .synthetic_scenes import (  # re-exported
     BACKGROUND,
@@ -104,10 +94,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = 1
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
 
 
 @dataclass
@@ -161,8 +147,7 @@ class WorldConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorldConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
+        if unknown := sorted(set(data) - known):
             raise ConfigError(explain("unknown WorldConfig fields", got=unknown, expected=sorted(known)))
         return cls(**dict(data))
 
@@ -191,10 +176,6 @@ def _config_of(size: str | Mapping[str, Any] | WorldConfig, image_size: int | No
     return config
 
 
-# --------------------------------------------------------------------------------------------
-# scenes and edits (a scene is a list of object dicts; one object per cell)
-
-
 def _signature(scene: Sequence[Mapping[str, Any]]) -> tuple:
     return tuple(sorted((o["row"], o["col"], o["shape"], o["color"], o["size"]) for o in scene))
 
@@ -205,8 +186,8 @@ def _random_object(rng: random.Random, row: int, col: int) -> dict:
 
 
 def _random_scene(rng: random.Random, config: WorldConfig) -> list[dict]:
-    count = rng.randint(config.min_objects, config.max_objects)
-    cells = rng.sample(range(9), count)
+    """A scene: a list of object dicts, one object per cell."""
+    cells = rng.sample(range(9), rng.randint(config.min_objects, config.max_objects))
     return [_random_object(rng, c // 3, c % 3) for c in cells]
 
 
@@ -220,8 +201,7 @@ def _refer(scene: Sequence[Mapping[str, Any]], index: int, rng: random.Random, *
     obj = scene[index]
     if allow_it and len(scene) == 1 and rng.random() < 0.35:
         return "it"
-    options = [("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape")]
-    for keys in options:
+    for keys in [("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape")]:
         matches = [o for o in scene if all(o[k] == obj[k] for k in keys)]
         if len(matches) == 1:
             if keys == ("shape",) and rng.random() < 0.3:  # people often over-specify
@@ -242,17 +222,11 @@ def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig)
         if len(scene) >= config.max_objects or not free:
             return None
         cell = rng.choice(free)
-        obj = _random_object(rng, cell // 3, cell % 3)
-        new.append(obj)
-        where = position_phrase(obj["row"], obj["col"])
-        phrase = _pick(rng, [
-            f"add a {obj['color']} {obj['shape']} {where}",
-            f"add a {obj['size']} {obj['color']} {obj['shape']} {where}",
-            f"there should also be a {obj['size']} {obj['color']} {obj['shape']} {where}",
-            f"put a {obj['color']} {obj['shape']} {where}",
-            f"include another object, a {obj['color']} {obj['shape']} {where}",
-        ])
-        return new, phrase
+        new.append(obj := _random_object(rng, cell // 3, cell % 3))
+        where, kind = position_phrase(obj["row"], obj["col"]), f"{obj['color']} {obj['shape']}"
+        return new, _pick(rng, [f"add a {kind} {where}", f"add a {obj['size']} {kind} {where}",
+                                f"there should also be a {obj['size']} {kind} {where}", f"put a {kind} {where}",
+                                f"include another object, a {kind} {where}"])
     if not scene:
         return None
     index = rng.randrange(len(scene))
@@ -262,24 +236,18 @@ def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig)
             return None
         del new[index]
         ref = _refer(scene, index, rng, allow_it=False)
-        phrase = _pick(rng, [f"remove {ref}", f"take away {ref}", f"get rid of {ref}",
-                             f"no {ref[4:]}", f"delete {ref} and keep the rest"])
-        return new, phrase
+        return new, _pick(rng, [f"remove {ref}", f"take away {ref}", f"get rid of {ref}", f"no {ref[4:]}",
+                                f"delete {ref} and keep the rest"])
     if kind == "recolour":
-        color = rng.choice([c for c in COLORS if c != obj["color"]])
-        obj["color"] = color
-        phrase = _pick(rng, [f"make {ref} {color}", f"change {ref} to {color}", f"{ref} should be {color}",
-                             f"paint {ref} {color}", f"{color} instead of {scene[index]['color']}",
-                             f"same but {ref} is {color}"])
-        return new, phrase
+        obj["color"] = color = rng.choice([c for c in COLORS if c != obj["color"]])
+        return new, _pick(rng, [f"make {ref} {color}", f"change {ref} to {color}", f"{ref} should be {color}",
+                                f"paint {ref} {color}", f"{color} instead of {scene[index]['color']}",
+                                f"same but {ref} is {color}"])
     if kind == "reshape":
-        shape = rng.choice([s for s in SHAPES if s != obj["shape"]])
-        obj["shape"] = shape
-        article = "an" if shape[0] in "aeiou" else "a"
-        phrase = _pick(rng, [f"change {ref} into {article} {shape}", f"turn {ref} into {article} {shape}",
-                             f"replace {ref} with {article} {shape}", f"make {ref} {article} {shape}",
-                             f"{article} {shape} instead"])
-        return new, phrase
+        obj["shape"] = shape = rng.choice([s for s in SHAPES if s != obj["shape"]])
+        shape = ("an " if shape[0] in "aeiou" else "a ") + shape
+        return new, _pick(rng, [f"change {ref} into {shape}", f"turn {ref} into {shape}",
+                                f"replace {ref} with {shape}", f"make {ref} {shape}", f"{shape} instead"])
     if kind == "resize":
         bigger = obj["size"] == "small"
         obj["size"] = "large" if bigger else "small"
@@ -299,10 +267,10 @@ def _edit(scene: list[dict], kind: str, rng: random.Random, config: WorldConfig)
         if d_row == 0 or d_col == 0:
             direction = ("left" if d_col < 0 else "right") if d_row == 0 else ("up" if d_row < 0 else "down")
             far = abs(d_row) + abs(d_col) == 2
-            to = f"to the {direction}" if direction in ("left", "right") else direction
+            sideways = direction in ("left", "right")
+            to = f"to the {direction}" if sideways else direction
             options = [f"move {ref} {to}", f"shift {ref} {'all the way ' if far else ''}{to}",
-                       f"{ref} goes further {direction}" if direction in ("left",
-                                                                          "right") else f"move {ref} {to} a bit"]
+                       f"{ref} goes further {direction}" if sideways else f"move {ref} {to} a bit"]
         else:
             where, name = position_phrase(row, col), position_name(row, col)
             to = "to the centre" if name == "centre" else f"to the {name}"
@@ -319,10 +287,6 @@ def _style(text: str, rng: random.Random) -> str:
     if rng.random() < 0.3:
         text += "."
     return text
-
-
-# --------------------------------------------------------------------------------------------
-# world generation
 
 
 class _Builder:
@@ -362,23 +326,18 @@ class _Builder:
         n_edits = 2 if rng.random() < cfg.two_edit_rate else 1
         scene, phrases, kinds = reference, [], []
         for _ in range(n_edits):
-            step = self.one_edit(scene, {sig_ref})
-            if step is None:
+            if (step := self.one_edit(scene, {sig_ref})) is None:
                 return None
-            kinds.append(step[0])
-            scene, phrase = step[1], step[2]
+            kind, scene, phrase = step
+            kinds.append(kind)
             phrases.append(phrase)
         target, sig_target = scene, _signature(scene)
-        if len(phrases) == 1:
-            caption = phrases[0]
-        else:
-            joiner = _pick(rng, [" and ", ", then ", "; ", ". also "])
-            caption = phrases[0] + joiner + phrases[1]
-        caption = _style(caption, rng)
+        if len(phrases) == 2:
+            phrases = [phrases[0] + _pick(rng, [" and ", ", then ", "; ", ". also "]) + phrases[1]]
+        caption = _style(phrases[0], rng)
         variants, taken = [], {sig_ref, sig_target}
         for source in (reference, reference, target, target):
-            step = self.one_edit(source, taken)
-            if step is None:
+            if (step := self.one_edit(source, taken)) is None:
                 return None
             variants.append(step[1])
             taken.add(_signature(step[1]))
@@ -416,17 +375,6 @@ def world_record(root: str | os.PathLike) -> dict[str, Any] | None:
     return {**record, "path": str(marker)} if isinstance(record, dict) and "stats" in record else None
 
 
-def _is_complete(root: Path, params: Mapping[str, Any]) -> bool:
-    marker = marker_path(root)
-    if not marker.is_file() or (root / "synthetic" / "GENERATING").exists():
-        return False
-    try:
-        with open(marker, encoding="utf-8") as handle:
-            return json.load(handle).get("params") == json.loads(json.dumps(params))
-    except (OSError, ValueError):
-        return False
-
-
 _OURS = ("cirr", "synthetic", "train", "val", "test")
 
 
@@ -455,40 +403,32 @@ def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[st
         raise ConfigError(explain("seed must be an int", got=seed))
     root = Path(root)
     params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
-    if not overwrite and _is_complete(root, params):
+    if not overwrite and (record := world_record(root)) is not None and record.get("params") == params:
         logger.info("synthetic world at %s is up to date (seed %d)", root, seed)
         return root
     root.mkdir(parents=True, exist_ok=True)
     existing = [p.name for p in root.iterdir()]
-    foreign = [n for n in existing if n not in _OURS]
-    is_world = (root / "synthetic").is_dir()
-    if existing and not is_world and not overwrite:
+    if existing and not (root / "synthetic").is_dir() and not overwrite:
         raise ConfigError(explain("the root is not empty and holds no synthetic world", got=sorted(existing)[:10],
                                   fix="pick an empty directory or pass overwrite=True"))
-    if foreign:
+    if foreign := [n for n in existing if n not in _OURS]:
         logger.info("leaving unrelated entries in %s untouched: %s", root, foreign[:10])
     (root / "synthetic").mkdir(exist_ok=True)
     generating = root / "synthetic" / "GENERATING"
     generating.write_text(json.dumps(params))
-    marker = marker_path(root)
-    if marker.exists():
-        marker.unlink()
+    marker_path(root).unlink(missing_ok=True)
     for name in ("cirr", "train", "val", "test"):
         if (root / name).exists():
             shutil.rmtree(root / name)
-    _generate(root, config, seed, show_progress, workers)
+    _generate(root, config, params, show_progress, workers)
     generating.unlink()
     return root
 
 
 def _add_duplicates(builder: _Builder, image_lists: dict[str, list[str]], config: WorldConfig,
                     seed: int) -> dict[str, str]:
-    """Append pixel-identical copies to each split's image list; returns copy name -> source name.
-
-    Each split gains ``round(duplicate_rate * len(split))`` copies; each copy's source is drawn from
-    the same split or (with probability 1/2, when there is another split) from another split's
-    original images. Uses its own random stream, so the rest of the world does not change.
-    """
+    """Append ``round(duplicate_rate * len(split))`` copies to each split's image list (module doc); returns copy
+    name -> source name."""
     rng = random.Random(seed_of("duplicates", seed))
     originals = {split: list(names) for split, names in image_lists.items()}
     copies: dict[str, str] = {}
@@ -496,14 +436,11 @@ def _add_duplicates(builder: _Builder, image_lists: dict[str, list[str]], config
         others = [s for s in originals if s != split and originals[s]]
         for k in range(round(config.duplicate_rate * len(originals[split]))):
             pool = originals[rng.choice(others)] if others and rng.random() < 0.5 else originals[split]
-            if not pool:
-                continue
-            source = rng.choice(pool)
-            name = f"syn-{split}-d{k:05d}"
-            builder.scenes[name] = {"objects": [dict(o) for o in builder.scenes[source]["objects"]],
-                                    "caption": builder.scenes[source]["caption"]}
-            names.append(name)
-            copies[name] = source
+            if pool:
+                copies[name := f"syn-{split}-d{k:05d}"] = source = rng.choice(pool)
+                names.append(name)
+                builder.scenes[name] = {"objects": [dict(o) for o in builder.scenes[source]["objects"]],
+                                        "caption": builder.scenes[source]["caption"]}
     return copies
 
 
@@ -515,16 +452,15 @@ def _render_chunk(task: tuple[list[tuple[str, list[dict], int]], dict]) -> int:
     return len(jobs)
 
 
-def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, workers: int | None) -> None:
-    from .._console import progress_bar
-
+def _generate(root: Path, config: WorldConfig, params: dict, show_progress: bool, workers: int | None) -> None:
+    seed = params["seed"]
     builder = _Builder(config, seed)
     plan = [("train", config.n_train_triplets, config.n_train_unlabelled),
             ("val", config.n_val_queries, config.n_val_distractors),
             ("test", config.n_test_queries, config.n_test_distractors)]
     annotations: dict[str, list[dict]] = {}
     image_lists: dict[str, list[str]] = {}
-    pair_id, set_id = 0, 0
+    n_records = 0  # pair ids and img_set ids count the queries of all splits
     for split, n_queries, n_extra in plan:
         records, names = [], []
         index = 0
@@ -533,27 +469,23 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
             index += 1
             if record is None:
                 continue
-            record["pairid"], record["img_set"]["id"] = pair_id, set_id
-            pair_id += 1
-            set_id += 1
+            record["pairid"] = record["img_set"]["id"] = n_records
+            n_records += 1
             records.append(record)
             names.extend(record["img_set"]["members"])
         prefix = "u" if split == "train" else "x"
         for k in range(n_extra):
             names.append(builder.add(f"syn-{split}-{prefix}{k:05d}", builder.fresh_scene()))
-        annotations[split] = records
-        image_lists[split] = names
+        annotations[split], image_lists[split] = records, names
     duplicates = _add_duplicates(builder, image_lists, config, seed)
     # render every image (seeded per id, so order and worker count do not change a byte)
     total = sum(len(v) for v in image_lists.values())
-    paths: dict[str, dict[str, str]] = {}
+    paths: dict[str, dict[str, str]] = {split: {} for split in image_lists}
     jobs: list[tuple[str, list[dict], int]] = []
     for split, names in image_lists.items():
-        paths[split] = {}
         for k, name in enumerate(names):
-            rel = f"./{split}/{k // 1000}/{name}.png"
+            paths[split][name] = rel = f"./{split}/{k // 1000}/{name}.png"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            paths[split][name] = rel
             # a copy is rendered with its source's seed: the same pixels under another name
             jobs.append((str(root / rel), builder.scenes[name]["objects"], seed_of(seed, duplicates.get(name, name))))
     style = dict(image_size=config.image_size, position_jitter=config.position_jitter,
@@ -562,8 +494,6 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
     n_workers = min(workers if workers is not None else (os.cpu_count() or 1), len(chunks))
     bar = progress_bar(total=total, desc="render synthetic world", show_progress=show_progress)
     if n_workers > 1 and total > 2000:
-        import multiprocessing
-
         with multiprocessing.get_context("spawn").Pool(n_workers) as pool:
             for done in pool.imap_unordered(_render_chunk, chunks):
                 bar.update(done)
@@ -571,21 +501,15 @@ def _generate(root: Path, config: WorldConfig, seed: int, show_progress: bool, w
         for chunk in chunks:
             bar.update(_render_chunk(chunk))
     bar.close()
-    (root / "cirr" / "captions").mkdir(parents=True, exist_ok=True)
-    (root / "cirr" / "image_splits").mkdir(parents=True, exist_ok=True)
     for split in annotations:
-        atomic_write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", annotations[split])
-        atomic_write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths[split])
+        atomic_write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", annotations[split], make_parents=True)
+        atomic_write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", paths[split], make_parents=True)
     atomic_write_json(root / "synthetic" / "scenes.json", builder.scenes)
-    stats = {
-        "images": {s: len(v) for s, v in image_lists.items()},
-        "queries": {s: len(v) for s, v in annotations.items()},
-        "edit_counts": builder.edit_counts,
-        "duplicates": duplicates,
-        "objects_per_image": {str(n): sum(1 for s in builder.scenes.values() if len(s["objects"]) == n)
-                              for n in range(config.min_objects, config.max_objects + 1)},
-    }
-    params = {"format": WORLD_FORMAT, "seed": seed, **config.to_dict()}
+    stats = {"images": {s: len(v) for s, v in image_lists.items()},
+             "queries": {s: len(v) for s, v in annotations.items()}, "edit_counts": builder.edit_counts,
+             "duplicates": duplicates,
+             "objects_per_image": {str(n): sum(1 for s in builder.scenes.values() if len(s["objects"]) == n)
+                                   for n in range(config.min_objects, config.max_objects + 1)}}
     atomic_write_json(marker_path(root), {"params": params, "stats": stats})
     logger.info("synthetic world written to %s: %d images, %d queries", root, sum(stats["images"].values()),
                 sum(stats["queries"].values()))

@@ -1,14 +1,9 @@
 """The synthetic world's scenes: vocabulary, captions (describe / parse), pixels, and the model stand-ins.
 
-A scene is a list of objects ``{"shape", "color", "size", "row", "col"}`` on a 3 x 3 grid.
-:func:`describe_scene` writes its exact caption and :func:`parse_caption` reads one back;
-:func:`render_scene` draws it (seeded jitter and noise). The stand-ins speak this language:
-:class:`SyntheticCaptioner` reads ``scenes.json`` and returns the exact caption, or a noisy one
-(attributes dropped or swapped at rate ``noise``), deterministic per (seed, image id).
-:class:`SyntheticRewriter` rewrites the augmenter's template texts into short relative edits.
-
-The world itself (configuration, edits, splits and files) is :mod:`cir_plugins.data.synthetic`, which
-re-exports every public name of this module.
+A scene is a list of objects ``{"shape", "color", "size", "row", "col"}`` on a 3 x 3 grid. :func:`describe_scene`
+writes its exact caption, :func:`parse_caption` reads one back, :func:`render_scene` draws it;
+:class:`SyntheticCaptioner` and :class:`SyntheticRewriter` stand in for the method's models. The world itself is
+:mod:`cir_plugins.data.synthetic`, which re-exports every public name of this module.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..checks import check_positive_int
+from ..checks import check_positive_int, check_probability
 from ..errors import ConfigError, DataError, explain
 
 __all__ = [
@@ -58,41 +53,36 @@ def position_name(row: int, col: int) -> str:
 
 
 def position_phrase(row: int, col: int) -> str:
+    """Where a caption places cell (row, col): "in the centre", "on the left", "at the top right", ..."""
     name = position_name(row, col)
-    if name == "centre":
-        return "in the centre"
-    if name in ("left", "right"):
-        return f"on the {name}"
-    return f"at the {name}"
+    return "in the centre" if name == "centre" else f"on the {name}" if name in ("left", "right") else f"at the {name}"
 
 
 def _object_phrase(obj: Mapping[str, Any]) -> str:
-    words = [obj[k] for k in ("size", "color") if obj.get(k)]
-    noun = obj.get("shape") or "shape"
-    text = " ".join(words + [noun])
-    article = "an" if text[0] in "aeiou" else "a"
-    phrase = f"{article} {text}"
+    text = " ".join([obj[k] for k in ("size", "color") if obj.get(k)] + [obj.get("shape") or "shape"])
+    phrase = f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
     if obj.get("row") is not None and obj.get("col") is not None:
         phrase += " " + position_phrase(obj["row"], obj["col"])
     return phrase
 
 
+def _reading_order(obj: Mapping[str, Any]) -> tuple[int, int]:
+    return (obj["row"] if obj.get("row") is not None else 9, obj["col"] if obj.get("col") is not None else 9)
+
+
 def describe_scene(objects: Sequence[Mapping[str, Any]], words: int | None = None) -> str:
     """The exact caption of a scene, objects in reading order (row, then column).
 
-    Example: ``"a large red circle at the top left and a small blue square in the centre"``.
-    Missing attributes (``None`` or absent keys) are left out, so a noisy captioner can describe a
-    partial scene; a missing position drops the location phrase. With a word budget ``words``, a
-    longer caption loses detail least salient first (every position, then every size, then every
-    colour, then trailing objects) until it fits, as a captioner told "in {k} words" would.
+    Example: ``"a large red circle at the top left and a small blue square in the centre"``. Missing attributes
+    (``None`` or absent keys, a noisy captioner's partial scene) are left out. With a word budget ``words``, a longer
+    caption loses detail least salient first (every position, then every size, then every colour, then trailing
+    objects) until it fits, as a captioner told "in {k} words" would.
     """
     if words is not None:
         caption = describe_scene(objects)
         if len(caption.split()) <= words:
             return caption
-        # reading order first, so that objects stay in it once their positions are gone
-        kept = sorted((dict(obj) for obj in objects), key=lambda o: (
-            o.get("row") if o.get("row") is not None else 9, o.get("col") if o.get("col") is not None else 9))
+        kept = sorted((dict(obj) for obj in objects), key=_reading_order)  # stays in order once positions are gone
         for keys in (("row", "col"), ("size",), ("color",)):
             for obj in kept:
                 for key in keys:
@@ -106,15 +96,12 @@ def describe_scene(objects: Sequence[Mapping[str, Any]], words: int | None = Non
         return caption
     if not objects:
         return "an empty grey picture"
-    ordered = sorted(objects, key=lambda o: (o.get("row") if o.get("row") is not None else 9,
-                                             o.get("col") if o.get("col") is not None else 9))
-    parts = [_object_phrase(o) for o in ordered]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    parts = [_object_phrase(o) for o in sorted(objects, key=_reading_order)]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def seed_of(*parts: Any) -> int:
+    """A 64-bit seed from any values (sha256 of their text): the same parts, the same seed, in any process."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
@@ -124,13 +111,9 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
-    if shape == "star":
-        points = []
-        for k in range(10):
-            angle = -np.pi / 2 + k * np.pi / 5
-            radius = r if k % 2 == 0 else r * 0.45
-            points.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
-        return points
+    if shape == "star":  # 10 corners, alternately r and 0.45 r from the centre, the first one up
+        return [(cx + (r if k % 2 == 0 else r * 0.45) * np.cos(-np.pi / 2 + k * np.pi / 5),
+                 cy + (r if k % 2 == 0 else r * 0.45) * np.sin(-np.pi / 2 + k * np.pi / 5)) for k in range(10)]
     if shape == "cross":
         t = r * 0.35
         return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
@@ -152,14 +135,12 @@ def render_scene(objects: Sequence[Mapping[str, Any]], *, image_size: int = 40, 
         r = cell * (0.46 if obj["size"] == "large" else 0.27)
         base = np.array(COLOR_RGB[obj["color"]])
         fill = tuple(int(v) for v in np.clip(base + rng.integers(-color_jitter, color_jitter + 1, 3), 0, 255))
-        points = _shape_points(obj["shape"], cx, cy, r)
         if obj["shape"] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif obj["shape"] == "square":
-            s = r * 0.85
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+            draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
         else:
-            draw.polygon(points, fill=fill)
+            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=fill)
     if pixel_noise > 0:
         array = np.asarray(image, dtype=np.float32)  # (H, W, 3)
         array = array + rng.normal(0.0, pixel_noise, array.shape).astype(np.float32)
@@ -180,20 +161,15 @@ def load_scenes(root: str | os.PathLike) -> dict[str, dict]:
 class SyntheticCaptioner:
     """A captioner for the synthetic world (the captioner seam: ``(image_ids, images) -> captions``).
 
-    Returns each image's exact scene caption from ``scenes.json``; with ``noise > 0`` every attribute
-    (shape, colour, size, position) of every object is, with probability ``noise``, dropped or
-    swapped for another value (half each), mimicking an imperfect MLLM. Deterministic per
-    (seed, image id); ``images`` is ignored (the scene is known).
-
-    ``words`` is the word budget of a captioning prompt ("describe the image in {k} words"): a caption
-    longer than ``words`` words loses detail the way a terse captioner drops it, least salient first
-    (every position, then every size, then every colour, then trailing objects) until it fits.
-    None (the default) keeps the whole scene.
+    Returns each image's exact scene caption from ``scenes.json``; with ``noise > 0`` every attribute (shape, colour,
+    size, position) of every object is, with probability ``noise``, dropped or swapped for another value (half
+    each), mimicking an imperfect MLLM. Deterministic per (seed, image id); ``images`` is ignored (the scene is
+    known). ``words``: a captioning prompt's word budget ("describe the image in {k} words"), applied as
+    :func:`describe_scene` does; None (the default) keeps the whole scene.
     """
 
     def __init__(self, root: str | os.PathLike, noise: float = 0.0, seed: int = 0, words: int | None = None) -> None:
-        if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
-            raise ConfigError(explain("noise must be a probability in [0, 1]", got=noise))
+        check_probability("noise", noise)
         check_positive_int("words", words, minimum=2, allow_none=True, fix="a word budget such as 8")
         self.root, self.noise, self.seed, self.words = Path(root), float(noise), int(seed), words
         self.scenes = load_scenes(root)
@@ -267,25 +243,22 @@ def parse_caption(caption: str) -> list[dict] | None:
 class SyntheticRewriter:
     """Stands in for the method's optional LLM rewrite of generated texts (the ``rewrite`` hook, text -> text).
 
-    Given a filled template that names both captions (``"{target} instead of {reference}"`` or
-    ``"Unlike {reference}, I want {target}"``), it writes what an LLM asked for the style of human
-    annotations would: a short relative edit ("make the circle blue and remove the small star"). It
-    sees only the text, that is the two (possibly noisy) captions, never the scenes; objects are
-    matched by grid cell. Its phrasing is its own small set ("make X blue", "turn X into a star",
-    "make X bigger", "replace X with a red star", "move X to the left", "remove X", "add a ...").
+    Given a filled template that names both captions (``"{target} instead of {reference}"`` or ``"Unlike
+    {reference}, I want {target}"``), it writes what an LLM asked for the style of human annotations would: a short
+    relative edit ("make the circle blue and remove the small star"). It sees only the two (possibly noisy)
+    captions, never the scenes; objects are matched by grid cell. Its phrasing is its own ("make X blue", "turn X
+    into a star", "make X bigger", "replace X with a red star", "move X to the left", "remove X", "add a ...").
 
-    The text comes back unchanged when it names only one caption (the ``"{target}"`` template), when a
-    caption does not parse, when an object has no stated position, when the captions describe the
-    same scene, or when the pair differs by more than ``max_edits`` changes (a long list of edits is
-    no more useful than the template). ``rewritten`` / ``kept`` count both outcomes.
+    The text comes back unchanged when it names only one caption (the ``"{target}"`` template), when a caption does
+    not parse, when an object has no stated position, when the captions describe the same scene, or when they differ
+    by more than ``max_edits`` changes. ``rewritten`` / ``kept`` count both outcomes.
     """
 
     _PAIR = (re.compile(r"^(?P<target>.+) instead of (?P<reference>.+)$"),
              re.compile(r"^Unlike (?P<reference>.+), I want (?P<target>.+)$"))
 
     def __init__(self, max_edits: int = 2) -> None:
-        if isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1:
-            raise ConfigError(explain("max_edits must be an int >= 1", got=max_edits))
+        check_positive_int("max_edits", max_edits)
         self.max_edits = max_edits
         self.rewritten = self.kept = 0
         self.name = f"synthetic-rewrite(max_edits={max_edits})"
@@ -315,13 +288,9 @@ class SyntheticRewriter:
             if "shape" in changed and "color" in changed:
                 phrases.append(f"replace {name} with {_object_phrase({'color': new['color'], 'shape': new['shape']})}")
                 changed = [k for k in changed if k == "size"]
-            for key in changed:
-                if key == "shape":
-                    phrases.append(f"turn {name} into {_object_phrase({'shape': new['shape']})}")
-                elif key == "color":
-                    phrases.append(f"make {name} {new['color']}")
-                else:
-                    phrases.append(f"make {name} {'bigger' if new['size'] == 'large' else 'smaller'}")
+            phrases += [f"turn {name} into {_object_phrase({'shape': new['shape']})}" if key == "shape" else
+                        f"make {name} {new['color']}" if key == "color" else
+                        f"make {name} {'bigger' if new['size'] == 'large' else 'smaller'}" for key in changed]
         gone = [before[c] for c in sorted(set(before) - set(after))]
         came = [after[c] for c in sorted(set(after) - set(before))]
         for old in list(gone):  # the same object in another cell: a move
@@ -332,10 +301,8 @@ class SyntheticRewriter:
                 phrases.append(f"move {self._name(old, reference)} to the {where}")
                 gone.remove(old)
                 came.remove(new)
-        phrases += [f"remove {self._name(old, reference)}" for old in gone]
-        for new in came:
-            phrases.append(f"add {_object_phrase(new)}")
-        return phrases
+        return phrases + [f"remove {self._name(old, reference)}" for old in gone] + [
+            f"add {_object_phrase(new)}" for new in came]
 
     def __call__(self, text: str) -> str:
         for pattern in self._PAIR:

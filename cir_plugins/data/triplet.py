@@ -41,10 +41,7 @@ class Triplet:
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.texts, str):
-            object.__setattr__(self, "texts", (self.texts,))
-        else:
-            object.__setattr__(self, "texts", tuple(self.texts))
+        object.__setattr__(self, "texts", (self.texts,) if isinstance(self.texts, str) else tuple(self.texts))
         object.__setattr__(self, "members", tuple(self.members))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
         if not isinstance(self.reference, str) or not self.reference:
@@ -58,9 +55,8 @@ class Triplet:
                                     got=self.texts, fix="give at least one modification text"))
         for text in self.texts:
             if not isinstance(text, str) or not text.strip():
-                raise DataError(explain(f"Triplet({self.reference!r} -> {self.target!r}) has an empty or "
-                                        "non-string text",
-                                        got=text, fix="drop the triplet or supply a non-empty text"))
+                raise DataError(explain(f"Triplet({self.reference!r} -> {self.target!r}) has an empty or non-string "
+                                        "text", got=text, fix="drop the triplet or supply a non-empty text"))
         if self.source not in SOURCES:
             raise DataError(explain("Triplet.source is unknown", got=self.source, expected=SOURCES))
 
