@@ -1,24 +1,17 @@
 """The negative bank's on-disk side: its file format, the checks every stored row passes, and the shard cache.
 
-A bank file (:meth:`NegativeBank.save <cir_plugins.negatives.bank.NegativeBank.save>`) is one safetensors
-file with a single tensor ``embeddings`` ((N, D) or (N, T, D)) and string metadata: ``format``
-("cir_plugins.bank"), ``version``, ``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of
-each id, same order), ``dtype``, ``similarity``, ``shape`` (JSON list), ``fingerprint`` and ``checksum``
-(SHA-256 over the tensor's bytes and every other metadata entry), and, when the images' preprocessing was known
-at build time, ``preprocessing`` (JSON: the image store's description, see :func:`bank_preprocessing`).
-Files written with :func:`checksummed_metadata` also carry block checksums: ``block_rows`` (rows per block,
-:data:`BLOCK_ROWS`), ``block_checksums`` (JSON list, the SHA-256 of each block of rows' bytes) and
-``header_checksum`` (SHA-256 over every entry but the two checksums), so that a reader of rows
-``[start, stop)`` verifies the header and the blocks it touches, not the whole file.
-:func:`read_bank_file` verifies the
-checksum (a flipped bit or an edited id is refused), that every metadata key is there, and that every row
-is unit length (:data:`UNIT_TOLERANCE`: ``| ||row|| - 1 |`` at most 1e-3 in float32, 1e-2 in bf16 / fp16; a
-multi-vector row's tokens are each unit length or all-zero padding, at least one token real); a build
-checks its rows the same way. With ``span=`` or ``shard=`` it reads only those rows (safetensors' slice
-access: host memory holds the slice and at most two partial blocks) and verifies the blocks it touches; a file
-without block checksums is verified whole by streaming it from disk in chunks (host memory stays at the slice,
-the time is that of reading the whole file), with a warning to re-save it. :class:`ShardCache` holds the
-finished chunks of a resumable build. :mod:`cir_plugins.negatives.bank` re-exports the public names.
+A bank file (:meth:`NegativeBank.save <cir_plugins.negatives.bank.NegativeBank.save>`) is one safetensors file with
+one tensor ``embeddings`` ((N, D) or (N, T, D)) and string metadata: ``format`` ("cir_plugins.bank"), ``version``,
+``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of each id), ``dtype``, ``similarity``,
+``shape`` (JSON list), ``fingerprint``, optionally ``preprocessing`` (:func:`bank_preprocessing`), and the checksums
+of :func:`checksummed_metadata`: ``checksum`` (SHA-256 over the tensor's bytes and every other entry),
+``block_rows`` (:data:`BLOCK_ROWS`), ``block_checksums`` (SHA-256 of each block of rows) and ``header_checksum``
+(every entry but the two checksums), so that a reader of rows ``[start, stop)`` verifies the header and the blocks
+it touches, not the whole file. :func:`read_bank_file` refuses a file that fails its checksum, lacks a metadata
+key, or has a row off unit length (:data:`UNIT_TOLERANCE`; a multi-vector row's tokens are each unit length or
+all-zero padding, at least one real); a build checks its rows the same way. A file without block checksums read
+in part is verified whole, streamed from disk, with a warning to re-save it. :class:`ShardCache` holds the finished
+chunks of a resumable build.
 """
 
 from __future__ import annotations
@@ -68,7 +61,7 @@ def resolve_bank_dtype(dtype: Any, device: torch.device) -> torch.dtype:
 
 
 def _feed(digest: Any, tensor: Tensor) -> Any:
-    """``digest`` updated with ``tensor``'s bytes as stored, in chunks (no second full copy of a large bank)."""
+    """``digest`` updated with ``tensor``'s bytes as stored, in chunks (no second copy of a large bank)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     step = 1 << 24
     for start in range(0, flat.numel(), step):
@@ -86,8 +79,7 @@ def checksum(embeddings: Tensor, meta: Mapping[str, str]) -> str:
 
 
 def _file_checksum(path: Path, meta: Mapping[str, str]) -> str:
-    """:func:`_checksum` of a bank file, streamed from disk in 16 MiB reads: the data section of a one-tensor
-    safetensors file is exactly the tensor's bytes, so host memory stays at one chunk."""
+    """:func:`checksum` of a bank file, streamed in 16 MiB reads (a one-tensor file's data is the tensor's bytes)."""
     digest = _meta_digest(meta)
     with open(path, "rb") as handle:
         handle.seek(8 + int.from_bytes(handle.read(8), "little"))
@@ -98,10 +90,8 @@ def _file_checksum(path: Path, meta: Mapping[str, str]) -> str:
 
 def checksummed_metadata(embeddings: Tensor, meta: Mapping[str, str], *,
                          block_rows: int = BLOCK_ROWS) -> dict[str, str]:
-    """``meta`` (a bank file's string metadata) with its checksums (re)computed over ``embeddings``:
-    ``block_rows``, ``block_checksums`` (SHA-256 of the bytes of each ``block_rows`` rows), ``header_checksum``
-    (every entry but itself and ``checksum``) and ``checksum`` (every entry and the whole tensor, as before
-    block checksums: readers of that format accept these files)."""
+    """``meta`` (a bank file's string metadata) with the checksums of the module doc (re)computed over
+    ``embeddings``, ``block_rows`` rows a block."""
     meta = {k: v for k, v in meta.items() if k not in (*_BLOCK_KEYS, "checksum")}
     meta["block_rows"] = str(block_rows)
     meta["block_checksums"] = json.dumps([_feed(hashlib.sha256(), embeddings[s:s + block_rows]).hexdigest()
@@ -112,9 +102,8 @@ def checksummed_metadata(embeddings: Tensor, meta: Mapping[str, str], *,
 
 
 def check_unit_rows(embeddings: Tensor, where: str, ids_of_rows: Mapping[int, str] | Sequence[str] = ()) -> None:
-    """DataError unless every row is unit length (dot) or every token unit length or all-zero padding with at
-    least one real token (max_token), within UNIT_TOLERANCE of the dtype; checked in chunks of rows. The error
-    names the rows, and their image ids when ``ids_of_rows`` (row -> id) is given."""
+    """DataError unless every row (dot) or token (max_token: or all-zero padding, one real token at least) is unit
+    length within UNIT_TOLERANCE; names the rows, and their image ids when ``ids_of_rows`` (row -> id) is given."""
     tolerance = UNIT_TOLERANCE.get(embeddings.dtype, 1e-3)
     bad: list[int] = []
     for start in range(0, embeddings.shape[0], 65536):
@@ -143,7 +132,6 @@ def _span(n: int, span: Any, shard: Any) -> tuple[int, int] | None:
     if span is not None and shard is not None:
         raise ConfigError(explain("pass span=(start, stop) or shard=(rank, world), not both", got=(span, shard)))
     if shard is not None:
-
         if not (isinstance(shard, (tuple, list)) and len(shard) == 2):
             raise ConfigError(explain("shard must be (rank, world)", got=shard, fix="pass (rank, world_size)"))
         return shard_rows(n, *shard)
@@ -164,15 +152,12 @@ def _corrupt(path: Path, what: str, got: Any) -> DataError:
 
 def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = None,
                    shard: tuple[int, int] | None = None) -> tuple[Tensor, list[str], list[int], dict[str, str]]:
-    """(embeddings on the CPU, ids, rows, metadata) of a bank file that passes every check of the module doc.
+    """(embeddings on the CPU, ids, rows, metadata) of a bank file that passes every check of the module doc, else
+    DataError naming the file and the fault (ConfigError on bad bounds).
 
-    ``span=(start, stop)`` reads only rows [start, stop); ``shard=(rank, world)`` reads the rank's rows
-    ``shard_rows(N, rank, world)`` (:func:`cir_plugins._utils.shard_rows`), N = ``json.loads(meta["shape"])[0]``.
-    The embeddings are then those rows alone; ``ids`` and ``rows`` stay the whole bank's (rows are global: a
-    query's target may sit in another rank's slice). Verified: the header and the blocks the slice touches when
-    the file has block checksums, else the whole file, streamed (see the module doc).
-
-    Raises DataError naming the file and what is wrong otherwise; ConfigError on bad bounds."""
+    ``span=(start, stop)`` reads only rows [start, stop), ``shard=(rank, world)`` the rank's rows
+    ``shard_rows(N, rank, world)``, N = ``json.loads(meta["shape"])[0]``: the embeddings are those rows alone, while
+    ``ids`` and ``rows`` stay the whole bank's (a query's target may sit in another rank's slice)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(explain("no negative bank at this path", got=str(path),
@@ -238,8 +223,7 @@ def _block_checksums(path: Path, meta: Mapping[str, str], n: int) -> tuple[int, 
 
 def _read_rows(path: Path, stored: Any, bounds: tuple[int, int], blocks: tuple[int, list[str]] | None,
                n: int) -> Tensor:
-    """Rows [start, stop) through safetensors' slice access; with ``blocks``, every block they touch is read
-    whole and checked against its checksum (DataError naming the block), then the rows are cut from it."""
+    """Rows [start, stop) through safetensors' slice access; with ``blocks``, each block touched is checked first."""
     start, stop = bounds
     if blocks is None or start == stop:
         return stored[start:stop]
@@ -256,9 +240,7 @@ def _read_rows(path: Path, stored: Any, bounds: tuple[int, int], blocks: tuple[i
 def _parse(path: Path, meta: Mapping[str, str]) -> tuple[list[str], list[int], list]:
     """(ids, rows, shape) from the metadata, DataError when they are not JSON of the right types."""
     try:
-        ids = json.loads(meta["ids"])
-        rows = json.loads(meta["rows"])
-        shape = json.loads(meta["shape"])
+        ids, rows, shape = (json.loads(meta[key]) for key in ("ids", "rows", "shape"))
     except (ValueError, RecursionError) as error:
         raise DataError(explain(f"{path}: the bank metadata is corrupt", got=f"{type(error).__name__}: {error}",
                                 fix="rebuild the bank")) from error
@@ -274,8 +256,8 @@ def _parse(path: Path, meta: Mapping[str, str]) -> tuple[list[str], list[int], l
 
 
 def read_bank_header(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of the bank file at ``path``, read from its header alone (no rows, no checksum: a
-    cheap look before :func:`read_bank_file` loads and verifies it). DataError when it is not a bank."""
+    """The metadata of the bank file at ``path`` from its header alone (no rows, no checksum verified); DataError
+    when it is not a bank."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -291,9 +273,8 @@ def read_bank_header(path: str | os.PathLike) -> dict[str, str]:
 
 
 def bank_preprocessing(meta: Mapping[str, str], path: str | os.PathLike) -> dict[str, Any] | None:
-    """The images' preprocessing a bank records (the image store's ``preprocessing()``: ``kind``, ``size``,
-    normalisation), or None for a bank built from a plain mapping or saved before banks recorded it (said
-    in a log line). DataError when the entry is not a JSON object."""
+    """The images' preprocessing a bank records (an image store's ``preprocessing()``: ``kind``, ``size``,
+    normalisation), or None (logged) when it records none; DataError when the entry is not a JSON object."""
     text = meta.get("preprocessing")
     if text is None:
         logger.info("%s does not record its images' preprocessing (built from a plain mapping, or before banks "
@@ -310,10 +291,10 @@ def bank_preprocessing(meta: Mapping[str, str], path: str | os.PathLike) -> dict
 
 
 class ShardCache:
-    """Finished chunks of bank rows on disk, so a killed build resumes.
+    """Finished chunks of bank rows on disk, so a killed build resumes and encodes only the rest.
 
-    Each shard ``rows-<first>-<count>-<key hash>.safetensors`` holds ``rows`` (k,) and ``embeddings``;
-    its metadata holds the key (:meth:`key`, everything that changes a row) as JSON, so shards made
+    Each shard ``rows-<first>-<count>-<key hash>.safetensors``, written atomically, holds ``rows`` (k,) and
+    ``embeddings``; its metadata holds the key (:meth:`key`, everything that changes a row) as JSON, so shards made
     with another key are ignored, the log naming the entries that differ.
     """
 
@@ -329,8 +310,9 @@ class ShardCache:
     @staticmethod
     def key(representatives: Sequence[str], images: Mapping[str, Tensor], *, fingerprint: str, dtype: torch.dtype,
             similarity: str, device: torch.device) -> dict[str, Any]:
-        """Everything that changes a bank row, JSON-ready: the weights' fingerprint, the ids (hashed), the
-        dtype, the similarity, the device type, the images' preprocessing and their files' size and mtime."""
+        """Everything that changes a bank row, JSON-ready: the weights' fingerprint, the ids (hashed), the dtype,
+        the similarity, the device type, the images' preprocessing (an ImageStore's ``preprocessing()``) and their
+        files' size and mtime; a plain mapping of tensors is keyed on its ids only."""
         describe = getattr(images, "preprocessing", None)
         preprocessing = describe() if callable(describe) else {"mapping": type(images).__name__}
         path_of = getattr(images, "path_of", None)
@@ -378,6 +360,5 @@ class ShardCache:
             return
         rows = torch.tensor([r for r, _ in items], dtype=torch.long)
         embeddings = torch.stack([e.detach().to("cpu") for _, e in items]).contiguous()
-        name = f"rows-{int(rows[0]):09d}-{len(items):06d}-{self.ids_hash}.safetensors"
-        atomic_write_bytes(self.folder / name, save({"rows": rows, "embeddings": embeddings},
-                                                    metadata={"key": self.key_json}))
+        atomic_write_bytes(self.folder / f"rows-{int(rows[0]):09d}-{len(items):06d}-{self.ids_hash}.safetensors",
+                           save({"rows": rows, "embeddings": embeddings}, metadata={"key": self.key_json}))

@@ -4,19 +4,16 @@ For query ``q_i`` with positive bank row ``y_i`` the loss is
 
     L = mean_i [ logsumexp_j( s(q_i, b_j) / tau ) - s(q_i, b_{y_i}) / tau ]
 
-over every bank row j not excluded for query i. ``s`` is the dot product (bank ``(N, D)``) or the maximum
-over a target's tokens of the dot product (bank ``(N, T, D)``, ``"max_token"``). Everything the loss and
-its gradients need is a softmax statistic over the bank (:class:`BankStats`): the max logit ``m``, the
-normaliser ``z = sum exp(l - m)``, ``t = sum exp(l - m) s`` (so ``E_p[s] = t / z``) and
-``w = sum exp(l - m) g`` with ``g`` the bank row (its winning token for max_token; ``E_p[b] = w / z``):
+over every bank row j not excluded for query i. ``s`` is the dot product (bank ``(N, D)``) or its maximum over a
+target's tokens (bank ``(N, T, D)``, ``"max_token"``). The loss and its gradients need only softmax statistics over
+the bank (:class:`BankStats`): the max logit ``m``, ``z = sum exp(l - m)``, ``t = sum exp(l - m) s`` (``E_p[s] =
+t / z``) and ``w = sum exp(l - m) g``, ``g`` the bank row (its winning token for max_token; ``E_p[b] = w / z``):
 
     L_i = m_i + log z_i - s_iy / tau,   dL_i/dq_i = (E_p[b] - b_y) / tau,   dL_i/dtau = (s_iy - E_p[s]) / tau^2.
 
-Chunks of the bank (:func:`torch_bank_stats`), the Triton kernel's splits
-(:mod:`cir_plugins.negatives.fused`) and the ranks of a sharded bank
-(:mod:`cir_plugins.negatives.distributed`) are all merged by :meth:`BankStats.combine`; :class:`BankLoss`
-turns the merged statistics and the target term into the loss and its backward. The entry point that
-picks a backend is :func:`cir_plugins.negatives.loss.bank_contrastive_loss`.
+Chunks of the bank (:func:`torch_bank_stats`), the Triton kernel's splits and the ranks of a sharded bank are all
+merged by :meth:`BankStats.combine`; :class:`BankLoss` turns the statistics and the target term into the loss and
+its backward. The entry point is :func:`cir_plugins.negatives.loss.bank_contrastive_loss`.
 """
 
 from __future__ import annotations
@@ -31,8 +28,7 @@ from ..similarity import mask_rows_
 __all__ = ["BankStats", "BankLoss", "torch_bank_stats", "target_term", "default_chunk_size", "check_finite_loss",
            "CHUNK_BUDGET_BYTES", "EMPTY_MAX", "PRECISIONS"]
 
-# Bytes of one chunk's (B, chunk, T) float32 score block in the torch backend; see
-# benchmarks/RESULTS.md (bank loss on CPU) for how it was chosen.
+# Bytes of one chunk's (B, chunk, T) float32 score block in the torch backend (benchmarks/RESULTS.md, bank loss on CPU)
 CHUNK_BUDGET_BYTES = 16 << 20
 MIN_CHUNK = 64
 # The running max of queries with no admissible row (yet): exp(EMPTY_MAX - m) == 0 for any real m.
@@ -43,14 +39,9 @@ PRECISIONS = ("exact", "fast", "two_pass")
 
 @dataclass
 class BankStats:
-    """Softmax statistics of ``s / tau`` over (a part of) the bank, per query.
-
-    Fields (B queries, D dims; a leading split dim S before :meth:`combine`), compute dtype:
-        m: (B,) max logit (``EMPTY_MAX`` when no row is admissible).
-        z: (B,) ``sum_j exp(l_j - m)``.
-        t: (B,) ``sum_j exp(l_j - m) * s_j`` (raw similarities, not divided by tau), or None.
-        w: (B, D) ``sum_j exp(l_j - m) * g_j``, or None when not requested.
-    """
+    """Softmax statistics of ``s / tau`` over (a part of) the bank, per query, in the compute dtype (a leading split
+    dim S before :meth:`combine`): m (B,) max logit (``EMPTY_MAX`` when no row is admissible), z (B,), t (B,) (of
+    the raw similarities, not divided by tau) or None, w (B, D) or None when not requested (module doc)."""
 
     m: torch.Tensor
     z: torch.Tensor
@@ -73,15 +64,13 @@ class BankStats:
 
     @staticmethod
     def stack(parts) -> BankStats:
-        def cat(name):
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.stack(values)
-        return BankStats(cat("m"), cat("z"), cat("t"), cat("w"))
+        fields = zip(*((p.m, p.z, p.t, p.w) for p in parts))
+        return BankStats(*(None if values[0] is None else torch.stack(values) for values in fields))
 
 
 def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: int | None = None) -> int:
-    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes``
-    (default: the module's CHUNK_BUDGET_BYTES, read at call time)."""
+    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes`` (default:
+    CHUNK_BUDGET_BYTES, read at call time)."""
     budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
     return max(MIN_CHUNK, budget // (4 * max(1, batch) * max(1, tokens)))
 
@@ -124,18 +113,14 @@ def torch_bank_stats(q, bank, tau, exclude_rows, similarity, *, chunk_size=None,
         part = chunk_stats(q_tau, q, chunk, exclude_rows, start, similarity, need_w, buffer)
         running = part if running is None else BankStats.stack([running, part]).combine()
     if running is None:  # an empty shard
-        b, d = q.shape
-        zeros = q.new_zeros(b)
-        running = BankStats(torch.full_like(zeros, EMPTY_MAX), zeros, zeros.clone(), q.new_zeros(b, d))
+        zeros = q.new_zeros(q.shape[0])
+        running = BankStats(torch.full_like(zeros, EMPTY_MAX), zeros, zeros.clone(), torch.zeros_like(q))
     return running
 
 
 def target_term(query: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, similarity: str):
-    """s(q_i, b_{y_i}) (B,) and the bank vector it came from (B, D) (the winning token for max_token).
-
-    query (B, D) compute dtype; rows (B,) rows of ``bank``, -1 where another shard owns the target:
-    those get zeros (the owner contributes them when the shards are combined).
-    """
+    """s(q_i, b_{y_i}) (B,) and the bank vector it came from (B, D) (the winning token for max_token); query (B, D)
+    compute dtype; rows (B,), -1 where another shard owns the target: zeros there (the owner adds them)."""
     if bank.shape[0] == 0:  # an empty shard owns no target
         return query.new_zeros(query.shape[0]), torch.zeros_like(query)
     own = rows >= 0
@@ -149,14 +134,9 @@ def target_term(query: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, sim
     return torch.where(own, scores, 0.0), torch.where(own[:, None], vecs, 0.0)
 
 
-
 class BankLoss(torch.autograd.Function):
-    """Statistics plus the target term -> mean loss; backward from the saved expectations.
-
-    forward(query (B, D), tau 0-dim, m, z (B,), t (B,) or None, w (B, D) or None, s_y (B,), g_y (B, D))
-    -> 0-dim mean of ``m + log z - s_y / tau``. Only ``query`` and ``tau`` receive gradients:
-    ``(w / z - g_y) / tau / B`` and ``sum(s_y - t / z) / tau^2 / B`` (times the incoming gradient).
-    """
+    """forward(query (B, D), tau 0-dim, m, z (B,), t (B,) or None, w (B, D) or None, s_y (B,), g_y (B, D)) -> the
+    0-dim mean of ``m + log z - s_y / tau``; only ``query`` and ``tau`` get gradients (module doc's formulas)."""
 
     @staticmethod
     def forward(ctx, query, tau, m, z, t, w, s_y, g_y):
@@ -177,6 +157,7 @@ class BankLoss(torch.autograd.Function):
 
 
 def check_finite_loss(loss: torch.Tensor) -> None:
+    """NonFiniteError when the loss is NaN or inf."""
     if not bool(torch.isfinite(loss.detach())):
         raise NonFiniteError(explain("the bank loss is not finite", got=float(loss.detach()),
                                      fix="check the bank for NaN/inf rows (rebuild it) and the temperature"))

@@ -1,22 +1,17 @@
-"""A bank sharded across the ranks of a torchrun job: only per-query statistics travel.
+"""A bank sharded across the ranks of a torchrun job: only per-query statistics travel, never the bank.
 
-Each rank holds a contiguous slice of the bank rows, ``[row_offset, row_offset + n_local)`` with
-``shard_rows(n_total, rank, world)``; nothing here ever gathers the bank itself. Every rank brings its own
-queries (data-parallel training). With ``bank_contrastive_loss(..., shard=BankShard(...))`` the queries of
-all ranks are all-gathered (B_total x D, small); every rank computes for all of them the statistics over
-its slice with the one core (:mod:`cir_plugins.negatives.core`) and the target term of the targets it
-owns; :class:`Exchange` then combines them across ranks exactly as the chunks of one bank are combined:
-one all-reduce of the max, one all-reduce of the rescaled sums together with the owners' target terms
-(B x (3 + 2D) floats). Each rank keeps its own queries; the backward is local. The loss is the mean over
-this rank's queries, equal (to rounding) to the loss of these queries against the full bank; with equal
-batch sizes DDP's gradient averaging then gives the gradient of the global mean.
-
-All collectives use the shard's ``group`` (default: the world); the process group must be initialised.
+Each rank holds the contiguous rows ``shard_rows(n_total, rank, world)`` of the bank and brings its own queries. With
+``bank_contrastive_loss(..., shard=BankShard(...))`` the queries of all ranks are all-gathered (B_total x D, small);
+each rank computes their statistics over its slice (:mod:`cir_plugins.negatives.core`) and the target terms of the
+targets it owns; :class:`Exchange` combines them as the chunks of one bank are: one all-reduce of the max, one of
+the rescaled sums with the owners' target terms (B x (3 + 2D) floats). The backward is local; the loss is the mean
+over this rank's queries, equal (to rounding) to their loss against the full bank, so with equal batch sizes DDP's
+gradient averaging gives the gradient of the global mean. Collectives use the shard's ``group`` (default: the
+world) of an initialised process group.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +23,7 @@ from .._utils import shard_rows
 from ..errors import CIRPluginsError, ConfigError, explain
 from .core import BankStats
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["BankShard", "Exchange", "shard_rows"]
-
-
 
 
 def _require_group(group):
@@ -51,14 +42,10 @@ def _gather_sizes(values, group, world, device):
 
 
 def _check_layout(query, local, row_offset, n_total, group, checks):
-    """Run this rank's input ``checks`` (a callable returning this rank's K of exclude_rows, or None),
-    then gather (row_offset, n_local, n_total, B, failed, K) of every rank and check that the shards
-    tile [0, n_total).
-
-    Every rank reaches the exchange even when its own inputs are refused, so a bad input on one
-    rank is an error on all of them instead of a wait for a collective that never comes.
-    Returns (rank, world, batch sizes per rank, the largest K of any rank).
-    """
+    """Run this rank's input ``checks`` (returning its K of exclude_rows, or None), gather (row_offset, n_local,
+    n_total, B, failed, K) of every rank and check that the shards tile [0, n_total); every rank reaches the
+    exchange even when its inputs are refused, so a bad input on one rank is an error on all (not a hang).
+    Returns (rank, world, batch sizes per rank, the largest K of any rank)."""
     rank, world = _require_group(group)
     error, k = None, 0
     try:
@@ -80,8 +67,7 @@ def _check_layout(query, local, row_offset, n_total, group, checks):
     if any(r[2] != n_total for r in table):
         raise ConfigError(explain("ranks disagree on n_total", got=[r[2] for r in table],
                                   fix="pass the full bank size"))
-    fix = "give rank r the rows shard_rows(n_total, r, world)"
-    expected_start = 0
+    fix, expected_start = "give rank r the rows shard_rows(n_total, r, world)", 0
     for off, n, *_ in sorted(table, key=lambda r: r[0]):
         if off != expected_start:
             raise ConfigError(explain("the bank shards do not tile the rows [0, n_total) without gaps or overlaps",
@@ -100,16 +86,13 @@ def _local_rows(rows: torch.Tensor, row_offset: int, n_local: int) -> torch.Tens
     return torch.where((rows >= 0) & (local >= 0) & (local < n_local), local, torch.full_like(rows, -1))
 
 
-
-
 class Exchange:
     """What the loss needs to run over a sharded bank (made by :meth:`BankShard.join`): gather every
     rank's queries and rows, and combine the per-shard statistics across ranks (the same merge as for chunks)."""
 
     def __init__(self, group, rank, sizes, row_offset, n_local, k):
         self.group, self.rank, self.sizes, self.k = group, rank, sizes, k  # k: the largest K of any rank
-        self.row_offset, self.n_local = row_offset, n_local
-        self.bmax = max(sizes)
+        self.row_offset, self.n_local, self.bmax = row_offset, n_local, max(sizes)
 
     def _gather(self, x, fill):
         """(b, ...) -> (world * bmax, ...): every rank's rows, padded to bmax each."""
@@ -139,8 +122,8 @@ class Exchange:
         dim = r.w.shape[1]
         packed = torch.cat([r.z[:, None], r.t[:, None], s_y[:, None], r.w, g_y], 1)  # (world * bmax, 3 + 2D)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
-        mine = packed[self.rank * self.bmax: self.rank * self.bmax + self.sizes[self.rank]]
-        m = m[self.rank * self.bmax: self.rank * self.bmax + self.sizes[self.rank]]
+        start = self.rank * self.bmax
+        mine, m = packed[start:start + self.sizes[self.rank]], m[start:start + self.sizes[self.rank]]
         return BankStats(m, mine[:, 0], mine[:, 1], mine[:, 3:3 + dim]), mine[:, 2], mine[:, 3 + dim:]
 
 

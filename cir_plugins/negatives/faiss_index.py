@@ -2,31 +2,23 @@
 
 Kinds (optional dependency: ``pip install "cir-plugins[faiss]"``, the ``faiss-cpu`` wheel):
 
-- ``"auto"`` (the default): ``"flat"`` for a bank of fewer than :data:`FLAT_BELOW` rows, else
-  ``"ivfpq"``. A small bank gains nothing from compression: its exact scan is fast and small, and
-  an IVF index trained on few rows recalls little of the exact top-k.
-- ``"flat"``: ``IndexFlatIP``, exact inner product over every row; its results equal
-  :func:`cir_plugins.metrics.topk_rows` (the bank rows are L2-normalised, so inner product is cosine).
-  Memory: N x D x 4 bytes.
-- ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``) with inner product: the rows are clustered
-  into ``nlist`` lists and each row is stored as ``m`` codes of ``nbits`` bits (``m * nbits / 8`` bytes a
-  row instead of ``4 D``; default D/8 bytes); a search visits ``nprobe`` lists. Approximate: when it is
-  built, its recall@10 against exact search is measured on a seeded sample of bank rows used as
-  queries (:meth:`FaissIndex.measure_recall`), logged, kept in ``index.recall`` and saved with it;
-  benchmarks/faiss_index.py measures recall@50 on a 1M-row bank. Any other FAISS factory string (e.g.
-  ``"OPQ32,IVF1024,PQ32"`` or ``"HNSW32,PQ32"``) is accepted with ``factory=``.
+- ``"auto"`` (default): ``"flat"`` below :data:`FLAT_BELOW` rows, else ``"ivfpq"`` (a small bank's exact scan is
+  fast, and an IVF index trained on few rows recalls little of the exact top-k).
+- ``"flat"``: ``IndexFlatIP``, exact inner product (cosine: the rows are unit length), results equal to
+  :func:`cir_plugins.metrics.topk_rows`; N x D x 4 bytes.
+- ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``), inner product: ``nlist`` clusters, each row stored as
+  ``m`` codes of ``nbits`` bits (default D/8 bytes a row), ``nprobe`` lists visited per search. Approximate: its
+  recall@10 against exact search on seeded bank rows as queries (:meth:`FaissIndex.measure_recall`) is logged,
+  kept in ``index.recall`` and saved. Any other FAISS factory string is accepted with ``factory=``.
 
-Only single-vector (``"dot"``) banks export; a multi-vector (``"max_token"``) bank raises ConfigError.
+Only single-vector (``"dot"``) banks export; a ``"max_token"`` bank raises ConfigError.
 
-Files (:meth:`FaissIndex.save` / :meth:`FaissIndex.load`): ``PATH`` holds the index in FAISS's own
-binary format (``faiss.serialize_index``; a documented binary layout read by ``faiss.deserialize_index``,
-not a pickle: nothing executes on load), written atomically; ``PATH.json`` holds the metadata: format,
-kind, factory string, dim, rows, the model fingerprint, the checksum of the bank it was built from
-(:func:`bank_checksum`: its rows, ids and fingerprint), the bank's ids/rows (so the index alone maps
-results back to image ids), nprobe, the measured recall, and one blake2b digest over the index bytes
-and every other metadata entry (checked on load: an edited sidecar is refused like an edited index).
-Every entry is checked on load (a DataError names the bad one), and :meth:`FaissIndex.check_bank`
-accepts the index only for the bank it was built from (the same checksum and id -> row map).
+Files (:meth:`FaissIndex.save` / :meth:`FaissIndex.load`, written atomically): ``PATH``, the index in FAISS's
+binary format (``faiss.serialize_index``, not a pickle: nothing executes on load), and ``PATH.json``: format, kind,
+factory, dim, rows, the model fingerprint, the :func:`bank_checksum` of the bank it came from, the bank's ids/rows
+(so the index alone maps results to image ids), nprobe, the measured recall, and a blake2b digest over the index
+bytes and every other entry. Every entry is checked on load (a DataError names the bad one), and
+:meth:`FaissIndex.check_bank` accepts the index only for the bank it was built from.
 """
 
 from __future__ import annotations
@@ -41,10 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._atomic import atomic_write_bytes, atomic_write_json
-from ..checks import check_rows, settle
+from ..checks import check_positive_int, check_rows, settle
 from ..errors import BankMismatchError, ConfigError, DataError, ShapeError, explain
 
 __all__ = ["FaissIndex", "build_faiss_index", "bank_checksum", "faiss_available", "KINDS", "FLAT_BELOW"]
@@ -69,6 +62,7 @@ def faiss_available() -> bool:
 
 
 def _faiss():
+    """The faiss module, or ConfigError saying how to install it."""
     try:
         import faiss
     except ImportError as error:
@@ -85,8 +79,8 @@ def _digest(data: bytes, meta: dict) -> str:
 
 
 def bank_checksum(bank: Any) -> str:
-    """SHA-256 naming what an index is built from: the bank's rows as float32 (what FAISS holds), its ids, their
-    rows and the model fingerprint. Equal for the same bank in any dtype that float32 holds exactly."""
+    """SHA-256 over the bank's rows as float32 (what FAISS holds), its ids, their rows and the model fingerprint
+    (equal for the same bank in any dtype that float32 holds exactly)."""
     embeddings = bank.embeddings.detach().to("cpu", torch.float32).contiguous()  # (N, D)
     ids = list(bank.ids)
     digest = hashlib.sha256(json.dumps({"ids": ids, "rows": [bank.row_of(i) for i in ids],
@@ -134,10 +128,8 @@ def _checked_meta(meta: dict, meta_path: Path) -> dict:
 
 
 class FaissIndex:
-    """A FAISS index over a bank's rows, plus the bank's id -> row map.
-
-    Build with :func:`build_faiss_index`, persist with :meth:`save` / :meth:`load`, query with
-    :meth:`search` (same contract as :func:`cir_plugins.metrics.topk_rows`).
+    """A FAISS index over a bank's rows, plus the bank's id -> row map. Build with :func:`build_faiss_index`, persist
+    with :meth:`save` / :meth:`load`, query with :meth:`search` (the contract of :func:`cir_plugins.metrics.topk_rows`).
     """
 
     def __init__(self, index: Any, *, kind: str, factory: str, ids: Sequence[str], rows: Sequence[int],
@@ -146,23 +138,18 @@ class FaissIndex:
         self.kind, self.factory = kind, factory
         self.ids, self._rows = list(ids), [int(r) for r in rows]
         self._row_of = dict(zip(self.ids, self._rows))  # id -> row, as NegativeBank's (exclusion_rows reads it)
-        self.fingerprint = str(fingerprint)
-        self.bank_checksum = str(bank_checksum)
+        self.fingerprint, self.bank_checksum = str(fingerprint), str(bank_checksum)
         self._ids_of_row: list[list[str]] | None = None
         self.nprobe = None
-        #: {"recall", "k", "queries", "nprobe"}: recall@k against exact search measured on bank rows (compressed
-        #: indexes; None for an exact one or when not measured)
+        #: {"recall", "k", "queries", "nprobe"} measured against exact search (None for an exact index or unmeasured)
         self.recall = dict(recall) if recall is not None else None
         if nprobe is not None:
             self.set_nprobe(nprobe)
 
     def check_bank(self, bank: Any) -> None:
-        """BankMismatchError unless this index was built from ``bank`` (its checksum: same rows, ids, embeddings
-        and model fingerprint; the id -> row map is what turns the index's answers into images)."""
+        """BankMismatchError unless this index was built from ``bank`` (its :func:`bank_checksum`, id -> row map)."""
         checksum = bank_checksum(bank)
-        bank_rows = dict(zip(bank.ids, (bank.row_of(i) for i in bank.ids)))
-        same_rows = bank_rows == self._row_of
-        if checksum != self.bank_checksum or not same_rows:
+        if checksum != self.bank_checksum or {i: bank.row_of(i) for i in bank.ids} != self._row_of:
             raise BankMismatchError(explain(
                 "the FAISS index was not exported from this bank (its answers would name other images)",
                 got=f"index built from bank {self.bank_checksum[:16]} ({len(self)} rows, fingerprint "
@@ -173,9 +160,9 @@ class FaissIndex:
 
     def measure_recall(self, embeddings: Tensor, *, queries: int = RECALL_QUERIES, k: int = RECALL_K,
                        seed: int = 0) -> dict:
-        """Recall@k of this index against exact search (:func:`cir_plugins.metrics.topk_rows`) over
-        ``embeddings`` (N, D), the bank rows it was built from, with ``queries`` seeded bank rows as queries:
-        the share of each exact top-k found in the index's top-k, averaged. Kept in ``self.recall``."""
+        """Recall@k against exact search (:func:`cir_plugins.metrics.topk_rows`) over ``embeddings`` (N, D), the rows
+        it was built from, ``queries`` seeded rows as queries: the mean share of each exact top-k found in the
+        index's top-k. Kept in ``self.recall``."""
         from ..metrics import topk_rows
 
         n = len(self)
@@ -214,11 +201,9 @@ class FaissIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists visited per query (IVF indexes only; more = slower and closer to exact)."""
-        faiss = _faiss()
-        if not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1:
-            raise ConfigError(explain("nprobe must be a positive int", got=nprobe, fix="e.g. nprobe=32"))
+        check_positive_int("nprobe", nprobe, fix="e.g. nprobe=32")
         try:
-            ivf = faiss.extract_index_ivf(self.index)
+            ivf = _faiss().extract_index_ivf(self.index)
         except RuntimeError as error:
             raise ConfigError(explain("nprobe applies to IVF indexes only", got=self.factory,
                                       fix="leave nprobe unset for this index")) from error
@@ -228,17 +213,15 @@ class FaissIndex:
     def ids_of_row(self, row: int) -> list[str]:
         """Every image id stored in bank row ``row`` (duplicates share a row)."""
         if self._ids_of_row is None:
-            table: list[list[str]] = [[] for _ in range(len(self))]
+            self._ids_of_row = [[] for _ in range(len(self))]
             for image_id, r in zip(self.ids, self._rows):
-                table[r].append(image_id)
-            self._ids_of_row = table
+                self._ids_of_row[r].append(image_id)
         return self._ids_of_row[row]
 
     def memory_bytes(self) -> int:
         """Bytes of the serialised index (what it takes in memory, to within FAISS's small headers)."""
         return int(_faiss().serialize_index(self.index).nbytes)
 
-    # ----------------------------------------------------------------------------------------- search
     def search(self, query: Tensor, k: int, *, exclude_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The k best rows per query, best first, as :func:`cir_plugins.metrics.topk_rows`.
 
@@ -251,9 +234,8 @@ class FaissIndex:
             (exclusions, or an IVF search that visited too few lists), the tail is -inf / -1.
         """
         if not torch.is_tensor(query) or query.dim() != 2 or query.shape[1] != self.dim:
-            raise ShapeError(explain("query must be (Q, D) with the index's D", got=getattr(query, "shape",
-                                                                                            type(query)),
-                                     expected=f"(Q, {self.dim})"))
+            raise ShapeError(explain("query must be (Q, D) with the index's D",
+                                     got=getattr(query, "shape", type(query)), expected=f"(Q, {self.dim})"))
         n = len(self)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
             raise ConfigError(explain("k must be a positive int no larger than the index", got=k, expected=f"1..{n}"))
@@ -271,18 +253,12 @@ class FaissIndex:
             ex = exclude_rows.to("cpu", torch.int64)
             hit = (rows[:, :, None] == ex[:, None, :]) & (ex[:, None, :] >= 0)  # (Q, k+K, K)
             dropped = hit.any(dim=2) | (rows < 0)  # (Q, k+K)
-            # stable reorder: kept rows first in their order, dropped ones after (then cut to k)
-            order = torch.argsort(dropped.to(torch.int8), dim=1, stable=True)
+            order = torch.argsort(dropped.to(torch.int8), dim=1, stable=True)  # kept rows first, in their order
             rows, scores, dropped = rows.gather(1, order), scores.gather(1, order), dropped.gather(1, order)
-            rows = rows.masked_fill(dropped, -1)
-            scores = scores.masked_fill(dropped, float("-inf"))
-        out_scores = torch.full((q.shape[0], k), float("-inf"))
-        out_rows = torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        width = min(k, rows.shape[1])
-        out_scores[:, :width], out_rows[:, :width] = scores[:, :width], rows[:, :width]
-        return out_scores, out_rows
+            rows, scores = rows.masked_fill(dropped, -1), scores.masked_fill(dropped, float("-inf"))
+        pad = (0, k - min(k, rows.shape[1]))  # an IVF search may return fewer than k columns
+        return F.pad(scores[:, :k], pad, value=float("-inf")), F.pad(rows[:, :k], pad, value=-1)
 
-    # ------------------------------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (FAISS binary, atomically) and ``path.json`` (metadata, atomically)."""
         path = Path(path)
@@ -300,8 +276,7 @@ class FaissIndex:
     def load(cls, path: str | os.PathLike) -> FaissIndex:
         """Read an index written by :meth:`save`; DataError naming the file (and the entry) when it is missing,
         edited or malformed. Check it against the bank it is used with: :meth:`check_bank`."""
-        faiss = _faiss()
-        path = Path(path)
+        faiss, path = _faiss(), Path(path)
         meta_path = path.with_name(path.name + ".json")
         if not path.is_file() or not meta_path.is_file():
             raise DataError(explain("no FAISS index (and its .json metadata) at this path", got=str(path),
@@ -335,15 +310,15 @@ class FaissIndex:
             raise DataError(explain("FAISS cannot read this index file", got=f"{path}: {str(error).strip()[-200:]}",
                                     fix="export the index again")) from error
         if int(index.ntotal) != meta["rows"] or int(index.d) != meta["dim"]:
-            raise DataError(explain("the FAISS index disagrees with its metadata", got=(int(index.ntotal),
-                                                                                        int(index.d)),
-                                    expected=(meta["rows"], meta["dim"]), fix="export the index again"))
+            raise DataError(explain("the FAISS index disagrees with its metadata", expected=(meta["rows"], meta["dim"]),
+                                    got=(int(index.ntotal), int(index.d)), fix="export the index again"))
         return cls(index, kind=meta["kind"], factory=meta["factory"], ids=meta["ids"], rows=meta["id_rows"],
                    fingerprint=meta["fingerprint"], bank_checksum=meta["bank_checksum"], nprobe=meta.get("nprobe"),
                    recall=meta.get("recall"))
 
 
 def _default_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: int) -> str:
+    """The IVF-PQ factory string for n rows of dim, defaults filled in (see :func:`build_faiss_index`)."""
     if nlist is None:  # ~4 sqrt(N) lists (FAISS's usual advice), at most 4096 and at least 39 training rows a list
         nlist = int(max(1, min(4096, round(4 * n ** 0.5), n // 39)))
     if m is None:  # 4-bit codes: D/4 sub-quantizers (D/8 bytes a row); 8-bit: D/8 (D/8 bytes a row)
@@ -366,10 +341,9 @@ def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = No
     ``fingerprint``) to a FAISS index.
 
     Args:
-        kind: "auto" ("flat" below :data:`FLAT_BELOW` rows, else "ivfpq"), "flat" (exact ``IndexFlatIP``) or
-            "ivfpq" (compressed, approximate).
+        kind: "auto", "flat" or "ivfpq" (module doc).
         factory: a FAISS factory string used instead of ``kind``'s (inner-product metric), e.g.
-            "OPQ32,IVF1024,PQ32"; ``kind`` then only names it in the metadata.
+            "OPQ32,IVF1024,PQ32" or "HNSW32,PQ32"; ``kind`` then only names it in the metadata.
         nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096 and at most N / 39), PQ sub-quantizers
             (default D/4 for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way) and bits per code
             (default 4: FAISS's fast-scan PQ, which trains and searches much faster than 8-bit codes on a CPU).
@@ -387,8 +361,7 @@ def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = No
         raise ConfigError(explain("FAISS export needs a single-vector bank (N, D)",
                                   got=getattr(embeddings, "shape", type(embeddings).__name__),
                                   fix="multi-vector (max_token) banks are searched exactly with metrics.topk_rows"))
-    if not isinstance(recall_queries, int) or isinstance(recall_queries, bool) or recall_queries < 0:
-        raise ConfigError(explain("recall_queries must be an int >= 0", got=recall_queries))
+    check_positive_int("recall_queries", recall_queries, minimum=0)
     n, dim = embeddings.shape
     if kind == "auto":
         kind = "flat" if n < FLAT_BELOW else "ivfpq"
@@ -411,16 +384,15 @@ def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = No
                                       fix="use fewer lists (nlist) or codes (nbits), or kind='flat' for a small "
                                           "bank")) from error
     index.add(x)
-    ids = list(bank.ids)
-    rows = [bank.row_of(i) for i in ids]
-    checksum = bank_checksum(bank)
-    is_ivf = True
     try:
         faiss.extract_index_ivf(index)
+        is_ivf = True
     except RuntimeError:
         is_ivf = False
-    result = FaissIndex(index, kind=kind, factory=factory, ids=ids, rows=rows, fingerprint=bank.fingerprint,
-                        bank_checksum=checksum, nprobe=nprobe if is_ivf else None)
+    ids = list(bank.ids)
+    result = FaissIndex(index, kind=kind, factory=factory, ids=ids, rows=[bank.row_of(i) for i in ids],
+                        fingerprint=bank.fingerprint, bank_checksum=bank_checksum(bank),
+                        nprobe=nprobe if is_ivf else None)
     if factory != "Flat" and recall_queries:
         measured = result.measure_recall(embeddings, queries=recall_queries, seed=seed)
         logger.info("%s on %d rows: recall@%d %.3f against exact search (%d bank rows as queries, nprobe %s)",

@@ -1,43 +1,21 @@
-"""The Triton backend of the bank-softmax statistics (``bank_contrastive_loss(..., backend="triton")``).
+"""The Triton backend of the bank-softmax statistics (``bank_contrastive_loss(..., backend="triton")``), host side.
 
-The kernel streams the bank once and returns, per query, the statistics of
-:class:`~cir_plugins.negatives.core.BankStats` (max logit ``m``, ``z = sum exp(l - m)``,
-``t = sum exp(l - m) s``, ``w = sum exp(l - m) b``). Each program owns a block of queries, one
-split of the bank rows and one chunk of the embedding columns, and keeps the online running state;
-the per-split partials are merged by ``BankStats.combine`` (a (S, B, D) reduction, tiny next to the
-bank). Parallelism comes from splitting N (B is small, N is huge). Row offsets are computed in
-int64 so banks with more than 2**31 elements work. The loss, the target term and the backward are
-the library's one implementation in :mod:`cir_plugins.negatives.core`.
+The kernel (:mod:`cir_plugins.negatives.fused_kernels`) streams the bank once and returns, per query, the statistics
+of :class:`~cir_plugins.negatives.core.BankStats`. Each program owns a block of queries, one split of the bank rows
+(parallelism comes from splitting N: B is small, N huge) and one chunk of the embedding columns; the per-split
+partials are merged by ``BankStats.combine``. Row offsets are int64 (banks over 2**31 elements work). Multi-vector
+banks (N, T, D) loop over each tile's tokens, keep the best score and winning token per (query, row), and add the
+winning token to ``w``. Loss, target term and backward live in :mod:`cir_plugins.negatives.core`.
 
-Precision: logits and all accumulators are float32. For a bf16/fp16 bank and a float32 query the
-query is split into ``hi + lo`` halves in the bank's dtype and both are multiplied (likewise the
-softmax weights in the ``w`` update), which keeps the products as exact as a float32 matmul over
-the same bank values while still running on the half-precision tensor cores (``precision="exact"``,
-the default). ``precision="fast"`` rounds the query and the weights once to the bank's dtype (half
-the tensor-core work). A float32 bank is multiplied in IEEE float32.
+Precision: logits and accumulators are float32; a float32 bank is multiplied in IEEE float32. For a bf16/fp16 bank:
+``"exact"`` (default) splits a float32 query (and the softmax weights in the ``w`` update) into ``hi + lo`` halves
+in the bank's dtype and multiplies both, as exact as a float32 matmul over the same bank values but on the half
+tensor cores; ``"fast"`` rounds them once to the bank's dtype; ``"two_pass"`` rounds like "fast" and computes each
+logit tile once per pass instead of once per column chunk of ``w``: pass 1 is the kernel without ``w``, pass 2
+(``softmax_weights_kernel``) writes each bank chunk's softmax weights ``exp(l - m)`` in the bank's dtype (a
+:data:`TWO_PASS_CHUNK_BYTES` block) and one float32-accumulating cuBLAS GEMM adds them up against the chunk.
 
-``precision="two_pass"`` rounds like "fast" but splits the work in two passes so that each logit tile
-is computed once per pass instead of once per column chunk of ``w``: pass 1 is the kernel without
-the ``w`` accumulator (max, normaliser and ``t`` only); pass 2 recomputes the logits chunk by chunk
-of the bank (``softmax_weights_kernel``), writes the chunk's softmax weights ``exp(l - m)`` in the
-bank's dtype (a (B, chunk * T) block of ``TWO_PASS_CHUNK_BYTES``) and lets one cuBLAS GEMM with float32
-accumulation add them up against the chunk (batched over slices of ``TWO_PASS_GEMM_SLICE`` bank rows,
-so the small (B, D) output still fills the GPU). About three B x N x D products in all against the
-single-pass kernel's (column chunks) x (1 or 2) x 2.
-
-Multi-vector banks (N, T, D), score = max over the T tokens: the same kernel loops over the
-tokens of each bank tile, keeps the best score and the winning token per (query, row), and adds
-each row's winning token to ``w`` (one masked product per token), so the batch is never looped
-over in Python.
-
-Public names: :func:`fused_available` ``(query, bank, similarity="dot") -> bool`` and
-:func:`bank_partials`, the statistics on inputs that ``bank_contrastive_loss(..., backend="triton")``
-has validated (``tiles`` overrides the tile sizes for benchmarks/fused_tune.py).
-
-The jit kernels live in :mod:`cir_plugins.negatives.fused_kernels`; this module is their host side.
-
-Set the environment variable ``CIR_PLUGINS_DISABLE_FUSED=1`` to make :func:`fused_available`
-return False (the chunked PyTorch path is then used).
+``CIR_PLUGINS_DISABLE_FUSED=1`` makes :func:`fused_available` return False (the torch backend is then used).
 """
 
 from __future__ import annotations
@@ -62,7 +40,6 @@ __all__ = ["bank_partials", "fused_available", "tile_config", "triton_importable
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-
 def triton_importable() -> bool:
     """True when ``triton`` imported cleanly in this process."""
     return triton is not None
@@ -73,16 +50,10 @@ def _interpreting() -> bool:
 
 
 def fused_available(query: torch.Tensor, bank: torch.Tensor, similarity: str = "dot") -> bool:
-    """Whether the fused kernel can run on these tensors.
-
-    True when both are CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``) on the same device, triton is
-    importable, ``query`` is (B, D) and ``bank`` is (N, D) for ``similarity="dot"`` (or (N, T, D) for
-    ``"max_token"``) with the same D, bank and query are float32/bf16/fp16, and ``CIR_PLUGINS_DISABLE_FUSED``
-    is not set. Never raises.
-    """
-    if os.environ.get("CIR_PLUGINS_DISABLE_FUSED", "0") not in ("", "0"):
-        return False
-    if triton is None:
+    """Whether the fused kernel can run on these tensors (never raises): both CUDA tensors (CPU ones under
+    ``TRITON_INTERPRET=1``) on one device, triton importable, ``query`` (B, D) and ``bank`` (N, D) for "dot" or
+    (N, T, D) for "max_token" with the same D, both float32/bf16/fp16, ``CIR_PLUGINS_DISABLE_FUSED`` not set."""
+    if os.environ.get("CIR_PLUGINS_DISABLE_FUSED", "0") not in ("", "0") or triton is None:
         return False
     if not (isinstance(query, torch.Tensor) and isinstance(bank, torch.Tensor)):
         return False
@@ -104,8 +75,7 @@ _TILE_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "num_warps", "num_sta
 
 
 def _check_tiles(tiles: dict) -> None:
-    """Tile overrides: known keys; block sizes powers of two >= 16; warps a power of two 1..32; stages and
-    programs per SM positive ints (num_stages may be None)."""
+    """ConfigError unless every tile override is a known key with a valid value."""
     unknown = sorted(set(tiles) - set(_TILE_KEYS))
     if unknown:
         raise ConfigError(explain("unknown tile settings", got=unknown, expected=_TILE_KEYS))
@@ -126,83 +96,55 @@ def _check_tiles(tiles: dict) -> None:
 
 
 def tile_config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None, need_w: bool = True) -> dict:
-    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS``. Without ``w``
-    there are no column chunks (one program per query block and split)."""
+    """Tile sizes and the number of bank splits; ``tiles`` overrides any of ``_TILE_KEYS`` (block sizes powers of two
+    >= 16, num_warps 1..32, the rest ints >= 1, num_stages also None). Without ``w`` there are no column chunks."""
     tiles = dict(tiles or {})
     _check_tiles(tiles)
     if _interpreting() or device.type != "cuda":
         # the interpreter runs numpy per program: small tiles, few programs
-        block_b = tiles.get("BLOCK_B", 16)
-        block_n, block_k = 32, 32
-        block_dv = min(64, max(16, _pow2(d)))
-        programs_per_sm, sms = 4, 1
-        num_warps = 4
+        block_b, block_n, block_k, block_dv = tiles.get("BLOCK_B", 16), 32, 32, min(64, max(16, _pow2(d)))
+        programs_per_sm, sms, num_warps = 4, 1, 4
     else:
-        # measured on an H200 (benchmarks/fused_tune.py, B=256 D=768 N=1M, bf16 bank): 128 queries with 8
-        # warps was the fastest of the 18 settings measured for both precisions (8.1 ms exact, 6.1 ms fast,
-        # against 29.1 / 9.9 ms for the former 64 queries with 8 warps); 64 queries want 4 warps
+        # benchmarks/fused_tune.py on an H200 (B=256 D=768 N=1M, bf16 bank): 128 queries with 8 warps was the fastest
+        # of 18 settings for both precisions (8.1 ms exact, 6.1 ms fast); 64 queries want 4 warps
         block_b = tiles.get("BLOCK_B", 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16)))
-        block_n, block_k = 64, 64
-        block_dv = min(256, max(16, _pow2(d)))
+        block_n, block_k, block_dv = 64, 64, min(256, max(16, _pow2(d)))
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs_per_sm = 4
-        num_warps = 8 if block_b >= 128 else 4  # from the (possibly overridden) query tile
-    block_n = tiles.get("BLOCK_N", block_n)
-    block_k = tiles.get("BLOCK_K", block_k)
+        programs_per_sm, num_warps = 4, 8 if block_b >= 128 else 4  # from the (possibly overridden) query tile
+    block_n, block_k = tiles.get("BLOCK_N", block_n), tiles.get("BLOCK_K", block_k)
     block_dv = tiles.get("BLOCK_DV", block_dv)
-    num_warps = tiles.get("num_warps", num_warps)
     target_programs = tiles.get("programs_per_sm", programs_per_sm) * sms
-    num_qb = triton.cdiv(b, block_b)
-    num_dv = triton.cdiv(d, block_dv) if need_w else 1
-    num_stages = tiles.get("num_stages")
+    num_qb, num_dv = triton.cdiv(b, block_b), triton.cdiv(d, block_dv) if need_w else 1
     n_tiles = triton.cdiv(n, block_n)
     splits = max(1, min(n_tiles, triton.cdiv(target_programs, num_qb * num_dv)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DV=block_dv, NUM_DV=num_dv, num_qb=num_qb,
-                splits=splits, tiles_per_split=tiles_per_split, num_warps=num_warps, num_stages=num_stages)
+                splits=splits, tiles_per_split=tiles_per_split, num_warps=tiles.get("num_warps", num_warps),
+                num_stages=tiles.get("num_stages"))
 
 
 def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, precision: str, tiles=None):
-    """Run the kernel; returns the per-split partials m, z, t (S, B) and w (S, B, D) or None.
-
-    bank (N, D) for dot similarity, (N, T, D) for max over tokens.
-    """
-    bsz, dim = query.shape
-    n = bank.shape[0]
-    multi = bank.dim() == 3
-    tokens = bank.shape[1] if multi else 1
-    bank = bank.contiguous()
+    """Run the kernel on bank (N, D) or (N, T, D): the per-split partials m, z, t (S, B) and w (S, B, D) or None."""
+    bank, bsz, dim, n, tokens, excl, k, tau = _operands(query, bank, temperature, exclude_rows)
     cfg = tile_config(bsz, n, dim, bank.device, tiles, need_w)
     ieee = bank.dtype == torch.float32
     qh, ql, split_q = _query_halves(query, bank.dtype, precision)
-    split_p = (not ieee) and precision == "exact"
-    excl, k = _exclusions(exclude_rows, bank.device)
-    tau = temperature.detach().reshape(()).float().contiguous()
 
     def run(cfg):
-        s = cfg["splits"]
-        m = torch.empty((s, bsz), dtype=torch.float32, device=bank.device)
-        z = torch.empty_like(m)
-        t = torch.empty_like(m)
-        w = torch.empty((s, bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
-        grid = (cfg["num_qb"] * cfg["NUM_DV"], s)
-        launch = {"num_warps": cfg["num_warps"]}
-        if cfg["num_stages"] is not None:
-            launch["num_stages"] = cfg["num_stages"]
-        bank_partials_kernel[grid](
-            qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"], K=k, MULTI=multi,
-            SPLIT_Q=split_q, SPLIT_P=split_p, NEED_W=need_w, IEEE=ieee,
-            # the interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values
-            UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
-            **{key: cfg[key] for key in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "NUM_DV")}, **launch)
+        m, z, t = torch.empty((3, cfg["splits"], bsz), dtype=torch.float32, device=bank.device)
+        w = torch.empty((cfg["splits"], bsz, dim) if need_w else (1,), dtype=torch.float32, device=bank.device)
+        bank_partials_kernel[(cfg["num_qb"] * cfg["NUM_DV"], cfg["splits"])](
+            qh, ql, bank, excl, tau, m, z, t, w, bsz, n, dim, tokens, cfg["tiles_per_split"], K=k,
+            MULTI=bank.dim() == 3, SPLIT_Q=split_q, SPLIT_P=not ieee and precision == "exact", NEED_W=need_w,
+            IEEE=ieee, UPCAST=_upcast(bank), **_launch(cfg),
+            **{key: cfg[key] for key in ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_DV", "NUM_DV")})
         return m, z, t, (w if need_w else None)
 
     try:
         return run(cfg)
     except OUT_OF_RESOURCES as exc:
-        # the built-in 128-query tiles were tuned on an H200 (232 KB of shared memory per block); a GPU
-        # with less gets the 64-query tiles, which need about half
+        # the 128-query tiles were tuned on an H200 (232 KB of shared memory per block); the 64-query ones need half
         if tiles is not None or cfg["BLOCK_B"] <= 64:
             raise
         logger.warning("fused bank loss: %s; falling back to 64-query tiles", str(exc).splitlines()[0])
@@ -219,30 +161,36 @@ def _query_halves(query, dtype, precision):
     return qh, ql, split_q
 
 
-def _exclusions(exclude_rows, device):
-    """(B, K) int64 contiguous exclusions and K; a 1-element dummy and K = 0 when there are none."""
+def _operands(query, bank, temperature, exclude_rows):
+    """(contiguous bank, B, D, N, T (1 for dot), (B, K) int64 exclusions (a 1-element dummy when none), K, tau)."""
+    bank = bank.contiguous()
     if exclude_rows is not None and exclude_rows.shape[1] > 0:
-        return exclude_rows.to(device=device, dtype=torch.int64).contiguous(), int(exclude_rows.shape[1])
-    return torch.full((1,), -1, dtype=torch.int64, device=device), 0
+        excl, k = exclude_rows.to(device=bank.device, dtype=torch.int64).contiguous(), int(exclude_rows.shape[1])
+    else:
+        excl, k = torch.full((1,), -1, dtype=torch.int64, device=bank.device), 0
+    tau = temperature.detach().reshape(()).float().contiguous()
+    return bank, *query.shape, bank.shape[0], bank.shape[1] if bank.dim() == 3 else 1, excl, k, tau
 
 
-# Bytes of pass 2's softmax-weight block (B, chunk * T) in the bank's dtype (precision "two_pass"): the
-# extra memory of that pass, and the size of each cuBLAS GEMM that accumulates the query gradient.
+def _upcast(bank):
+    """The interpreter mis-multiplies bf16 tl.dot operands: multiply their exact float32 values there."""
+    return _interpreting() and bank.dtype == torch.bfloat16
+
+
+def _launch(cfg):
+    """The launch options of a tile config: num_warps, and num_stages when set."""
+    stages = cfg.get("num_stages")
+    return {"num_warps": cfg["num_warps"]} | ({} if stages is None else {"num_stages": stages})
+
+
+# Bytes of pass 2's softmax-weight block (B, chunk * T) in the bank's dtype (precision "two_pass"): that pass's
+# extra memory, and the size of each cuBLAS GEMM that accumulates the query gradient.
 TWO_PASS_CHUNK_BYTES = 64 << 20
-# Columns of the weight block per slice of that GEMM: the (B, chunk) x (chunk, D) product is cut along the
-# chunk into slices multiplied as one batched GEMM and summed (split-K), so the small (B, D) output still
-# spreads over every SM; 0 = one plain GEMM per chunk.
+# Columns per slice of that GEMM: the (B, chunk) x (chunk, D) product is cut along the chunk into slices multiplied
+# as one batched GEMM and summed (split-K), so the small (B, D) output spreads over every SM; 0 = one plain GEMM.
 TWO_PASS_GEMM_SLICE = 8192
 # torch.bmm(..., out_dtype=) exists in recent torch only; without it each chunk is one plain GEMM
 _BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
-
-
-def _bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(S, M, K) @ (S, K, N) half -> (S, M, N) float32 with float32 accumulation; on the CPU the same products
-    in float32 (half values are exact in float32)."""
-    if a.is_cuda:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
 
 
 def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -255,7 +203,9 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return mm_fp32_out(p, g)
     whole = slices * size
     a = p[:, :whole].unflatten(1, (slices, size)).transpose(0, 1)  # (S, B, size), a strided view
-    out = _bmm_fp32_out(a, g[:whole].view(slices, size, g.shape[1])).sum(0)  # (S, B, D) -> (B, D)
+    b = g[:whole].view(slices, size, g.shape[1])
+    # float32 accumulation; on the CPU the same products in float32 (half values are exact in float32)
+    out = (torch.bmm(a, b, out_dtype=torch.float32) if p.is_cuda else torch.bmm(a.float(), b.float())).sum(0)
     if whole < p.shape[1]:
         out += mm_fp32_out(p[:, whole:], g[whole:])
     return out
@@ -263,7 +213,7 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> dict:
     """Tiles of pass 2 (one program per (query block, BLOCK_N rows)); ``tiles`` overrides BLOCK_B, BLOCK_N,
-    BLOCK_K, num_warps, num_stages (programs_per_sm and BLOCK_DV mean nothing here)."""
+    BLOCK_K, num_warps, num_stages (the other keys mean nothing here)."""
     tiles = dict(tiles or {})
     _check_tiles(tiles)
     if _interpreting() or device.type != "cuda":
@@ -272,56 +222,41 @@ def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> 
         block_b = 128 if b > 64 else (64 if b > 32 else (32 if b > 16 else 16))
         cfg = dict(BLOCK_B=block_b, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_b >= 128 else 4)
     keys = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    cfg.update({key: tiles[key] for key in keys if key in tiles})
-    return cfg
+    return cfg | {key: tiles[key] for key in keys if key in tiles}
 
 
 def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=None):
-    """w = sum_j exp(l_j - m) g_j (B, D) float32 for precision "two_pass", chunk by chunk of the bank: the
-    kernel writes a chunk's softmax weights in the bank's dtype, one GEMM (float32 accumulation) adds
-    them up against the chunk. ``m`` (B,) float32 the max logit from pass 1 (same query rounding)."""
-    bsz, dim = query.shape
-    n = bank.shape[0]
-    multi = bank.dim() == 3
-    tokens = bank.shape[1] if multi else 1
-    bank = bank.contiguous()
+    """Pass 2 of precision "two_pass": w = sum_j exp(l_j - m) g_j (B, D) float32, chunk by chunk of the bank;
+    ``m`` (B,) float32 is the max logit of pass 1 (same query rounding)."""
+    bank, bsz, dim, n, tokens, excl, k, tau = _operands(query, bank, temperature, exclude_rows)
     cfg = _weights_config(bsz, bank.device, tiles)
     qh, _, _ = _query_halves(query, bank.dtype, "fast")
-    excl, k = _exclusions(exclude_rows, bank.device)
-    tau = temperature.detach().reshape(()).float().contiguous()
     m = m.float().contiguous()
     rows = TWO_PASS_CHUNK_BYTES // (bsz * tokens * bank.element_size())
     rows = min(max(cfg["BLOCK_N"], rows // cfg["BLOCK_N"] * cfg["BLOCK_N"]), n)
     weights = torch.empty((bsz, rows * tokens), dtype=bank.dtype, device=bank.device)
     flat = bank.view(n * tokens, dim)
     w = torch.zeros((bsz, dim), dtype=torch.float32, device=bank.device)
-    launch = {"num_warps": cfg["num_warps"]}
-    if cfg.get("num_stages") is not None:
-        launch["num_stages"] = cfg["num_stages"]
+    num_qb = triton.cdiv(bsz, cfg["BLOCK_B"])
     for start in range(0, n, rows):
         c = min(rows, n - start)
-        num_qb = triton.cdiv(bsz, cfg["BLOCK_B"])
-        grid = (triton.cdiv(c, cfg["BLOCK_N"]) * num_qb,)
-        softmax_weights_kernel[grid](
+        softmax_weights_kernel[(triton.cdiv(c, cfg["BLOCK_N"]) * num_qb,)](
             qh, bank, excl, tau, m, weights, bsz, n, dim, tokens, start, c, weights.stride(0), num_qb, K=k,
-            MULTI=multi,
-            IEEE=bank.dtype == torch.float32, UPCAST=_interpreting() and bank.dtype == torch.bfloat16,
-            BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **launch)
-        p = weights[:, :c * tokens]  # (B, C*T)
-        g = flat[start * tokens:(start + c) * tokens]  # (C*T, D)
-        w += _weighted_chunk_sum(p, g)
+            MULTI=bank.dim() == 3, IEEE=bank.dtype == torch.float32, UPCAST=_upcast(bank),
+            BLOCK_B=cfg["BLOCK_B"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], **_launch(cfg))
+        # the chunk's weights (B, C*T) against its bank vectors (C*T, D), one GEMM
+        w += _weighted_chunk_sum(weights[:, :c * tokens], flat[start * tokens:(start + c) * tokens])
     return w
 
 
 def bank_partials(query, bank, temperature, exclude_rows=None, *, need_w=True, precision="exact",
                   tiles=None, weight_tiles=None) -> BankStats:
-    """The Triton backend of the bank statistics on inputs the loss has validated: the
-    kernel's per-split partials merged by :meth:`BankStats.combine`. float32, no autograd history."""
+    """The Triton backend's :class:`BankStats` (float32, no autograd history) on inputs the loss has validated.
+    ``tiles`` / ``weight_tiles`` override the tiles of the kernel / of pass 2 (benchmarks/fused_tune.py)."""
     with torch.no_grad():
         if precision != "two_pass":
-            m, z, t, w = _launch_partials(query, bank, temperature, exclude_rows, need_w=need_w, precision=precision,
-                                          tiles=tiles)
-            return BankStats(m, z, t, w).combine()
+            return BankStats(*_launch_partials(query, bank, temperature, exclude_rows, need_w=need_w,
+                                               precision=precision, tiles=tiles)).combine()
         # pass 1: the fused product and online logsumexp only (one program per query block and split)
         m, z, t, _ = _launch_partials(query, bank, temperature, exclude_rows, need_w=False, precision="fast",
                                       tiles=tiles)

@@ -1,11 +1,6 @@
-"""The Triton device code of the fused bank-softmax statistics: the jit kernels and their jit helpers.
-
-:mod:`cir_plugins.negatives.fused` is the host side (availability, tile choice, launches, the
-two-pass GEMM) and describes the algorithm and its precisions; this module holds only what triton compiles:
-``bank_partials_kernel`` (one pass over the bank: max logit, normaliser, ``t`` and, when asked, ``w``) and
-``softmax_weights_kernel`` (pass 2 of precision "two_pass": a bank chunk's softmax weights). Without triton
-(a CPU-only install) it defines no kernels and ``triton`` is None; ``TRITON_ERROR`` says why.
-"""
+"""The Triton jit kernels of the fused bank-softmax statistics; :mod:`cir_plugins.negatives.fused` is their host
+side and describes the algorithm. Without triton it defines no kernels, ``triton`` is None and ``TRITON_ERROR``
+says why."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
 
 
 class _NoSuchError(Exception):
-    """Stands for triton's OutOfResources where triton lacks it (never raised)."""
+    """Stands for triton's OutOfResources where triton lacks it."""
 
 
 try:
@@ -34,8 +29,7 @@ if triton is not None:
 
     @triton.jit
     def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b, accumulated in float32 (in place on the tensor cores); UPCAST multiplies the
-        exact float32 values of the operands (the interpreter mis-multiplies bf16)."""
+        """acc + a @ b in float32; UPCAST: in float32 (the interpreter mis-multiplies bf16)."""
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif IEEE:
@@ -126,8 +120,7 @@ if triton is not None:
         IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_DV: tl.constexpr,
     ):
-        # program id 0 enumerates (query block, column chunk) fastest so programs that read the
-        # same bank rows run side by side and share them through L2; id 1 is the bank split.
+        # id 0: (query block, column chunk), fastest, so programs reading the same rows share L2; id 1: the split
         pid0 = tl.program_id(0)
         split = tl.program_id(1)
         qblock = pid0 // NUM_DV
@@ -199,10 +192,8 @@ if triton is not None:
         K: tl.constexpr, MULTI: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Pass 2 of precision="two_pass": the softmax weights of bank rows [row_start, row_start + C),
-        recomputed tile by tile; the caller multiplies them into the bank chunk with one GEMM. One grid
-        axis (up to 2**31 - 1 programs; axis 1 allows only 65535) enumerating (row tile, query block) with
-        the query block fastest, so the programs that read the same bank tile run side by side (L2)."""
+        """Pass 2 of "two_pass": the softmax weights of bank rows [row_start, row_start + C). One grid axis (2**31 - 1
+        programs; axis 1 allows 65535) over (row tile, query block), query block fastest to share tiles in L2."""
         pid = tl.program_id(0)
         offs_b = (pid % NUM_QB) * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = offs_b < B

@@ -5,19 +5,14 @@
 
 * ``backend``: "torch" (chunks of the bank, never holding ``B x N``), "triton" (the fused CUDA kernel of
   :mod:`cir_plugins.negatives.fused`) or "auto" (Triton on CUDA when it accepts the tensors, else torch).
-* ``precision``: the Triton backend's products over a half-precision bank (:data:`PRECISIONS`): "exact"
-  (float32-grade, the default), "fast" and "two_pass" (the query rounded once to the bank's dtype). The
+* ``precision``: the Triton backend's products over a half bank (:data:`PRECISIONS`, see the fused module); the
   torch backend accumulates in float32 (float64 for a float64 query) whatever the bank's dtype.
-* ``shard``: a :class:`~cir_plugins.negatives.distributed.BankShard` when each rank of a torchrun job holds
-  only its rows of the bank; the statistics are then combined across ranks before the loss.
+* ``shard``: a :class:`~cir_plugins.negatives.distributed.BankShard` when each rank holds only its rows.
 
-:func:`naive_bank_contrastive_loss` (full ``(B, N)`` logits, ``F.cross_entropy``, plain autograd) is the
-reference every backend and the sharded path are tested against.
+:func:`naive_bank_contrastive_loss` is the reference every backend and the sharded path are tested against.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +26,13 @@ from .distributed import BankShard
 __all__ = ["bank_contrastive_loss", "naive_bank_contrastive_loss", "select_backend", "validate_loss_inputs",
            "BACKENDS", "PRECISIONS"]
 
-logger = logging.getLogger(__name__)
-
 BACKENDS = ("auto", "torch", "triton")
 
 Temperature = float | torch.Tensor
 
 
 def _fused_module():
-    """The optional Triton module, or None when it is not installed in this checkout."""
+    """The optional Triton module, or None when it is absent from this checkout."""
     try:
         from . import fused  # noqa: PLC0415 - optional, imported lazily
     except ModuleNotFoundError as exc:  # only the absence of that very module is tolerated
@@ -63,14 +56,9 @@ def select_backend(query: torch.Tensor, bank: torch.Tensor, similarity: str = "d
 def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                          temperature: Temperature, exclude_rows: torch.Tensor | None, similarity: str,
                          n_rows: int | None = None) -> torch.Tensor:
-    """Check every argument of the loss (one host sync); return tau as a tensor.
-
-    Shapes: query (B, D); bank (N, D) for "dot" or (N, T, D) for "max_token"; target_rows (B,)
-    int64 in [0, n_rows); exclude_rows None or (B, K) int64 in [0, n_rows) or -1 (padding), never a
-    query's target. ``n_rows`` defaults to N (a sharded bank passes the whole bank's size).
-    Returns the temperature as a 0-dim tensor in the compute dtype (float32, or float64 for a
-    float64 query), still attached to the caller's graph.
-    """
+    """Check every argument of the loss (shapes: :func:`bank_contrastive_loss`; ``n_rows``, the whole bank's N,
+    defaults to N) in one host sync; return tau as a 0-dim tensor in the compute dtype (float32, float64 for a
+    float64 query), still attached to the caller's graph."""
     checks = check_embeddings(query, bank, similarity, what="bank", finite_rows=False)  # similarity too
     n = bank.shape[0] if n_rows is None else n_rows
     checks += check_rows("target_rows", target_rows, query.shape[0], n, query.device, padded=False, queries="B")
@@ -83,11 +71,8 @@ def validate_loss_inputs(query: torch.Tensor, bank: torch.Tensor, target_rows: t
 def naive_bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                                 temperature: Temperature, *, exclude_rows: torch.Tensor | None = None,
                                 similarity: str = "dot") -> torch.Tensor:
-    """The reference: full (B, N) logits, excluded ones at -inf, ``F.cross_entropy``, plain autograd.
-
-    Same arguments, checks and precision rule as :func:`bank_contrastive_loss`; holds B x N (x T)
-    floats, so use it only for small banks or as a test oracle. Returns the 0-dim mean loss.
-    """
+    """The reference: full (B, N) logits, excluded ones at -inf, ``F.cross_entropy``, plain autograd. Arguments,
+    checks and precision as :func:`bank_contrastive_loss`; holds B x N (x T) floats (small banks, test oracle)."""
     tau = validate_loss_inputs(query, bank, target_rows, temperature, exclude_rows, similarity)
     logits = scores(query, bank.detach(), similarity, bf16=False, dtype=tau.dtype) / tau  # (B, N)
     if exclude_rows is not None:
@@ -107,8 +92,8 @@ def _check_options(backend: str, precision: str, chunk_size: int | None) -> None
                                   fix="use 'exact' (default), 'fast' or 'two_pass'"))
     check_chunk_size(chunk_size)
     if chunk_size is not None and backend == "triton":
-        raise ConfigError(explain("chunk_size is a setting of the torch backend", got=f"backend='triton', "
-                                  f"chunk_size={chunk_size}", fix="drop chunk_size, or use backend='torch'"))
+        raise ConfigError(explain("chunk_size is a setting of the torch backend", got=f"backend='triton', chunk_size="
+                                  f"{chunk_size}", fix="drop chunk_size, or use backend='torch'"))
 
 
 def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
@@ -127,16 +112,14 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
         exclude_rows: (B, K) int64, -1 padded: bank rows removed from query i's softmax
             (false negatives such as its reference image). Excluding the target is an error.
         similarity: "dot" or "max_token".
-        backend: "auto", "torch" or "triton" (see the module docstring).
-        precision: the Triton backend's products over a half bank: "exact", "fast" or "two_pass".
+        backend: "auto", "torch" or "triton"; precision: "exact", "fast" or "two_pass" (module doc).
         shard: None for a whole bank, or this rank's :class:`BankShard` under torchrun (every rank
             must call; B may differ between ranks).
         chunk_size: bank rows per chunk of the torch backend (None: from CHUNK_BUDGET_BYTES).
 
     Returns:
-        0-dim tensor in float32 (float64 for a float64 query): equals
-        ``F.cross_entropy(sim(query, bank) / temperature, target_rows)`` with excluded logits at
-        -inf, to float rounding, without holding the (B, N) matrix.
+        0-dim tensor in float32 (float64 for a float64 query): ``F.cross_entropy(sim(query, bank) / temperature,
+        target_rows)`` with excluded logits at -inf, to float rounding, without holding the (B, N) matrix.
     """
     _check_options(backend, precision, chunk_size)
     exchange = None
