@@ -1,13 +1,10 @@
-"""Read a checkpoint that another project saved with ``torch.save``, without running its code, and keep it
-as safetensors from then on.
+"""Read a checkpoint another project saved with ``torch.save``, without running its code, and keep it as safetensors.
 
-Published stage-1 checkpoints of CIR models are pickles: CLIP4Cir saves ``{"epoch": int, "CLIP": state_dict}``
-and ``{"epoch": int, "Combiner": state_dict}``, SPRC ``{"epoch": int, "Blip2QformerCirAlignPrompt":
-state_dict}``, LAVIS ``{"model": state_dict, ...}``. :func:`read_torch_checkpoint` opens such a file with
-``torch.load(weights_only=True)`` (tensors, numbers, strings and containers only: a pickle that would
-run code is refused) and returns the one state dict inside; :func:`save_safetensors` writes tensors as
-one safetensors file, atomically. Renaming parameters to a model's own names is the model's business
-(see the examples' converters); ``cir-plugins convert`` is these two steps on the command line.
+Published CIR checkpoints are pickles: CLIP4Cir ``{"epoch": int, "CLIP" or "Combiner": state_dict}``, SPRC
+``{"epoch": int, "Blip2QformerCirAlignPrompt": state_dict}``, LAVIS ``{"model": state_dict, ...}``.
+:func:`read_torch_checkpoint` opens one with ``torch.load(weights_only=True)`` (a pickle that would run code is
+refused) and returns the state dict inside; :func:`save_safetensors` writes tensors atomically. Renaming to a
+model's own names is the model's business (the examples' converters); ``cir-plugins convert`` does both steps.
 """
 
 from __future__ import annotations
@@ -43,8 +40,7 @@ def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> di
         key: the entry that holds the state dict (e.g. "CLIP", "Combiner", "model"); None = the file is
             a state dict itself, or holds exactly one (the other entries being numbers, strings, configs).
 
-    Loads with ``weights_only=True``: nothing in the file is executed. A file that needs code to load,
-    a missing or ambiguous key, or non-tensor values are a CheckpointError naming the file and the fix.
+    A file that needs code to load, a missing or ambiguous key, or non-tensor values are a CheckpointError.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,9 +84,8 @@ def read_torch_checkpoint(path: str | os.PathLike, key: str | None = None) -> di
 
 
 def check_savable(name: Any, tensor: Any) -> None:
-    """CheckpointError unless ``name`` -> ``tensor`` can go into a safetensors file: a non-empty string name
-    other than the header's reserved ``__metadata__``, and a dense tensor with data (not sparse, quantized or
-    on the ``meta`` device)."""
+    """CheckpointError unless ``name`` -> ``tensor`` can go into a safetensors file: a non-empty name other than
+    ``__metadata__``, and a dense tensor with data (not sparse, quantized or on the ``meta`` device)."""
     if not isinstance(name, str) or not name or name == "__metadata__":
         raise CheckpointError(explain("a tensor name safetensors cannot store", got=name,
                                       expected="a non-empty name other than '__metadata__' (the file header's own key)",
@@ -108,12 +103,11 @@ def check_savable(name: Any, tensor: Any) -> None:
 
 
 def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """``tensors`` (moved to the CPU, made contiguous; tensors sharing storage are copied, since
-    safetensors refuses tied or viewed weights) serialised as one safetensors file with string ``metadata``."""
+    """``tensors`` as one safetensors file with string ``metadata`` (on the CPU, contiguous; tensors sharing storage
+    are copied, since safetensors refuses tied or viewed weights)."""
     from safetensors.torch import save
 
-    seen: set[int] = set()  # storages already written
-    out = {}
+    seen, out = set(), {}  # storages already written
     for name, tensor in tensors.items():
         check_savable(name, tensor)
         tensor = tensor.detach().to("cpu").contiguous()

@@ -1,22 +1,13 @@
-"""What a model retrieves: per-query target ranks, and a retrieval report (HTML page + PNG grid).
+"""What a model retrieves: per-query target ranks (:func:`query_ranks`, counted as the metrics count, so per-query
+hits average to the reported recalls) and a retrieval report (:func:`retrieval_report`) of a model on a split:
 
-:func:`query_ranks` gives each query's 0-based target rank over the gallery (and over its CIRR
-``img_set`` members) from :class:`~cir_plugins.evaluation.EvalFeatures`, by the same counting as the
-metrics (:func:`cir_plugins.metrics.target_ranks` / :func:`~cir_plugins.metrics.subset_ranks`), so
-per-query hits average to the reported recalls; the quickstart's confidence intervals resample them.
-
-:func:`retrieval_report` writes, for a model on a split (CIRR, FashionIQ or the synthetic world):
-
-- ``report.html``: a self-contained page (images inlined as base64 PNG): per shown query the
-  reference image, the modification text, the top-``k`` candidates with the target outlined, and
-  the target's rank; with ``compare=`` a second model's top-``k`` beside the first, and the lists of
-  queries the first model wins (its target rank is better) and loses;
+- ``report.html``: a self-contained page (images inlined as base64 PNG): per shown query the reference, the
+  text, the top-``k`` candidates with the target outlined and the target's rank; with ``compare=`` a second
+  model's top-``k`` beside the first, and the queries the first model wins (better target rank) and loses;
 - ``report.png``: the same queries as one image grid (matplotlib);
-- ``report.json``: every query's ranks (and, shown queries, their top-``k`` ids).
+- ``report.json``: every query's ranks (and, for shown queries, their top-``k`` ids).
 
-Rankings come from :func:`cir_plugins.evaluation.extract_features` and
-:func:`cir_plugins.metrics.topk_rows` with the split's protocol (CIRR: the reference is removed from
-the candidates; FashionIQ: kept), so the pictures show what the metrics count.
+Rankings use the split's protocol (CIRR: the reference removed from the candidates; FashionIQ: kept).
 """
 
 from __future__ import annotations
@@ -50,31 +41,25 @@ TARGET_COLOR = "#1a9e3a"  # the outline of the target image
 def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_reference: bool | None = None) -> dict:
     """Per-query 0-based target ranks: ``{"rank": (Q,) int64, "subset_rank": (Q,) int64 or None}``.
 
-    ``rank`` counts the gallery candidates that beat the target (the reference removed under the CIRR
-    protocol unless ``remove_reference`` says otherwise); ``subset_rank`` ranks the target among the
-    query's ``img_set`` members minus its reference (CIRR, when every query has members). Hence
-    ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K. The rows come from
-    :func:`cir_plugins.evaluation.protocol_rows`, as the metrics' do.
+    ``rank`` counts the gallery candidates that beat the target (the reference removed under the CIRR protocol
+    unless ``remove_reference`` says otherwise); ``subset_rank`` ranks it among the query's ``img_set`` members
+    minus its reference (CIRR). So ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K.
     """
     rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
-    ranks = target_ranks(features.query, features.gallery, rows.target, exclude_rows=rows.exclude,
-                         similarity=features.similarity)
-    subset = None
-    if rows.subset is not None:
-        subset = subset_ranks(features.query, features.gallery, rows.target, rows.subset, exclude_rows=rows.exclude,
-                              similarity=features.similarity)
+    args = (features.query, features.gallery, rows.target)
+    ranks = target_ranks(*args, exclude_rows=rows.exclude, similarity=features.similarity)
+    subset = (subset_ranks(*args, rows.subset, exclude_rows=rows.exclude, similarity=features.similarity)
+              if rows.subset is not None else None)
     return {"rank": ranks, "subset_rank": subset}
 
 
-# ----------------------------------------------------------------------------------------------- images
 def _thumbnail(image, side: int):
     from PIL import Image
 
     image = to_pil(image)
     scale = side / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    small = max(image.size) < side  # tiny synthetic images: keep their pixels sharp
-    return image.resize(size, Image.NEAREST if small else Image.BICUBIC)
+    return image.resize(size, Image.NEAREST if max(image.size) < side else Image.BICUBIC)  # tiny images stay sharp
 
 
 def _data_uri(image, side: int) -> str:
@@ -83,14 +68,10 @@ def _data_uri(image, side: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-# ----------------------------------------------------------------------------------------------- report
 @dataclass
 class ReportResult:
-    """Paths written and the comparison's outcome.
-
-    ``wins`` / ``losses``: query indices where the first model's target rank is better / worse than the
-    second's (empty without ``compare``); ``shown``: the indices drawn in the picture and on the page.
-    """
+    """Paths written and the comparison's outcome: ``wins`` / ``losses`` are the query indices where the first model's
+    target rank is better / worse (empty without ``compare``); ``shown`` the indices drawn."""
 
     html: Path
     png: Path
@@ -109,14 +90,12 @@ def _index_top(index, features: EvalFeatures, k: int, remove_reference: bool) ->
     if missing:
         raise DataError(explain("the FAISS index's bank lacks reference images of this split", got=missing[:5],
                                 fix="export the index from a bank built on this split's gallery"))
-    # the reference's bank row, unless the target shares it (then it stays, as in the metrics and the loss)
-    exclude = exclusion_rows(index, features.triplets) if remove_reference else None  # (Q, 1)
+    exclude = exclusion_rows(index, features.triplets) if remove_reference else None  # (Q, 1) as in the metrics
     _, rows = index.search(features.query.float(), min(k, len(index)), exclude_rows=exclude)  # (Q, k) bank rows
     top = torch.full((rows.shape[0], k), -1, dtype=torch.int64)
     for q, row_list in enumerate(rows.tolist()):
-        found = [next((gallery_pos[i] for i in index.ids_of_row(r) if i in gallery_pos),
-                      -1) for r in row_list if r >= 0]
-        found = [g for g in found if g >= 0][:k]
+        found = [g for r in row_list if r >= 0
+                 if (g := next((gallery_pos[i] for i in index.ids_of_row(r) if i in gallery_pos), -1)) >= 0][:k]
         top[q, :len(found)] = torch.tensor(found, dtype=torch.int64)
     return top
 
@@ -149,8 +128,7 @@ def _pick_shown(n: int, ranks: np.ndarray, other: np.ndarray | None, wins: list[
     # first the wins (losses) where the winner's target is among the shown top-k, then by the size of the gap
     by_win = sorted(wins, key=lambda q: (ranks[q] >= k, -gain[q], q))
     by_loss = sorted(losses, key=lambda q: (other[q] >= k, gain[q], q))
-    n_wins = max((n_queries + 1) // 2, n_queries - len(by_loss))  # one side short: the other fills the rest
-    shown = by_win[:n_wins]
+    shown = by_win[:max((n_queries + 1) // 2, n_queries - len(by_loss))]  # one side short: the other fills the rest
     return shown + by_loss[: n_queries - len(shown)]
 
 
@@ -161,64 +139,51 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
                      compare_features: EvalFeatures | None = None, batch_size: int = 64, device: Any = None,
                      thumbnail: int = 96, title: str | None = None, show_progress: bool = False,
                      index: Any = None) -> ReportResult:
-    """Write ``report.html``, ``report.png`` and ``report.json`` into ``out_dir`` (see the module doc).
+    """Write ``report.html``, ``report.png`` and ``report.json`` into ``out_dir`` (created; see the module doc).
 
     Args:
-        model: a CIR model (the CIRModel protocol), or None when ``features`` is given.
-        split: a Split with targets (its triplets, gallery_ids and images).
-        out_dir: folder for the three files (created).
-        compare: a second model (or None with ``compare_features``) shown beside the first.
-        names: labels of the two models.
+        model: a CIR model, or None when ``features`` is given. split: a Split with targets.
+        compare: a second model (or None with ``compare_features``) shown beside the first; names: their labels.
         k: candidates shown per query.
         n_queries: queries shown: with ``compare``, half the first model's biggest wins and half its biggest
-            losses; without, the best- and worst-ranked queries.
-        queries: explicit query indices to show instead.
-        protocol: "cirr" or "fashioniq" (default: the split's ``protocol``, else "cirr").
-        remove_reference: override the protocol's reference removal.
-        images: where to read the shown images (default: ``split.images``; an ImageStore's ``load_pil`` is
-            used, tensors are min-max scaled).
+            losses; without, the best- and worst-ranked queries. queries: explicit query indices instead.
+        protocol: "cirr" or "fashioniq" (default: the split's, else "cirr"); remove_reference overrides its removal.
+        images: where to read the shown images (default ``split.images``; tensors are min-max scaled).
         features / compare_features: precomputed EvalFeatures of the split (skip the embedding pass).
         thumbnail: side of the page's thumbnails in pixels.
-        index: a :class:`~cir_plugins.negatives.faiss_index.FaissIndex` over a bank of this split's gallery:
-            the first model's shown top-``k`` come from searching it (exact or compressed), its bank rows
-            mapped to gallery images by id; the target ranks (and so the wins and losses) stay exact.
+        index: a FaissIndex over a bank of this split's gallery: the first model's shown top-``k`` come from
+            searching it (bank rows mapped to gallery images by id); the target ranks stay exact.
     """
     check_positive_int("k", k, fix="e.g. k=5")
     check_positive_int("n_queries", n_queries, fix="e.g. 8")
     if model is None and features is None:
         raise ConfigError(explain("pass a model or its features", fix="retrieval_report(model, split, out_dir)"))
     protocol = protocol or getattr(split, "protocol", None) or "cirr"
-    if protocol not in ("cirr", "fashioniq"):
-        protocol = "cirr"
+    protocol = protocol if protocol in ("cirr", "fashioniq") else "cirr"
     with_compare = compare is not None or compare_features is not None
     features, top, ranks = _ranking(model, split, features, protocol, remove_reference, k, batch_size, device,
                                     show_progress, index)
-    other_top = other_ranks = None
+    other_top = other_ranks = other_np = None
     if with_compare:
         other_features, other_top, other_ranks = _ranking(compare, split, compare_features, protocol, remove_reference,
                                                           k, batch_size, device, show_progress)
         if other_features.gallery_ids != features.gallery_ids or len(other_features.triplets) != len(features.triplets):
             raise DataError(explain("the two models' features are not of the same split", fix="evaluate one split"))
+        other_np = other_ranks.cpu().numpy()
     rank_np = ranks.cpu().numpy()
-    other_np = other_ranks.cpu().numpy() if other_ranks is not None else None
-    wins = [int(q) for q in np.flatnonzero(rank_np < other_np)] if other_np is not None else []
-    losses = [int(q) for q in np.flatnonzero(rank_np > other_np)] if other_np is not None else []
+    wins, losses = ([], []) if other_np is None else (np.flatnonzero(rank_np < other_np).tolist(),
+                                                      np.flatnonzero(rank_np > other_np).tolist())
     shown = _pick_shown(len(rank_np), rank_np, other_np, wins, losses, n_queries, queries, k)
-
-    load = pil_loader(images if images is not None else split.images)
-    ids = features.gallery_ids
-    label = list(names) + ["compare"] * (2 - len(names))
-    entries = []
+    load, ids = pil_loader(images if images is not None else split.images), features.gallery_ids
+    label, entries = list(names) + ["compare"] * (2 - len(names)), []
     for q in shown:
         t = features.triplets[q]
         entry = {"query": q, "pair_id": t.pair_id, "reference": t.reference, "text": t.texts[0], "target": t.target,
                  "rank": int(rank_np[q]), "top": [ids[r] for r in top[q].tolist() if r >= 0]}
         if other_np is not None:
-            entry["compare_rank"] = int(other_np[q])
-            entry["compare_top"] = [ids[r] for r in other_top[q].tolist() if r >= 0]
-            entry["outcome"] = "win" if q in set(wins) else ("loss" if q in set(losses) else "tie")
+            entry.update(compare_rank=int(other_np[q]), compare_top=[ids[r] for r in other_top[q].tolist() if r >= 0],
+                         outcome="win" if q in wins else ("loss" if q in losses else "tie"))
         entries.append(entry)
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(explain("the report folder is a file", got=str(out),
@@ -230,17 +195,16 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
         summary.update({"compare_recall_at_k": float((other_np < k).mean() * 100), "wins": len(wins),
                         "losses": len(losses), "ties": len(rank_np) - len(wins) - len(losses)})
     png, page, record = out / "report.png", out / "report.html", out / "report.json"
-    data = {"summary": summary, "shown": entries, "ranks": rank_np.tolist(),
-            "compare_ranks": other_np.tolist() if other_np is not None else None, "wins": wins, "losses": losses}
-    # the three files are replaced together or not at all (a folder in the way, a full disk): never a mix
+    other_list = other_np.tolist() if other_np is not None else None
+    data = {"summary": summary, "shown": entries, "ranks": rank_np.tolist(), "compare_ranks": other_list, "wins": wins,
+            "losses": losses}
     counts = (f"\n{label[0]} ranks the target better on {summary['wins']} of {summary['n_queries']} queries, worse "
               f"on {summary['losses']}, equal on {summary['ties']}" if "wins" in summary else "")  # the PNG says it too
     atomic_write_files({png: _png_bytes(entries, load, label, k, heading + counts, with_compare),
                         page: _html_bytes(entries, load, label, k, heading, summary, wins, losses, features, thumbnail),
-                        record: json.dumps(data).encode("utf-8")}, make_parents=True)
-    return ReportResult(html=page, png=png, json=record, ranks=rank_np.tolist(),
-                        compare_ranks=other_np.tolist() if other_np is not None else None, wins=wins, losses=losses,
-                        shown=shown)
+                        record: json.dumps(data).encode("utf-8")}, make_parents=True)  # all three or none
+    return ReportResult(html=page, png=png, json=record, ranks=rank_np.tolist(), compare_ranks=other_list, wins=wins,
+                        losses=losses, shown=shown)
 
 
 def _rank_text(rank: int) -> str:
@@ -254,8 +218,7 @@ def _png_bytes(entries: list[dict], load, label, k: int, heading: str, with_comp
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    columns = 1 + k + (1 + k if with_compare else 0)
-    rows = max(1, len(entries))
+    columns, rows = 1 + k + (1 + k if with_compare else 0), max(1, len(entries))
     widths = [1.0] * (1 + k) + ([0.25] + [1.0] * k if with_compare else [])  # a narrow gap between the models
     fig, axes = plt.subplots(rows, columns, figsize=(1.1 * sum(widths), 1.45 * rows + 0.7), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
@@ -269,9 +232,8 @@ def _png_bytes(entries: list[dict], load, label, k: int, heading: str, with_comp
         tag = f"  [{entry['outcome']}]" if "outcome" in entry else ""
         ref_ax.text(0.0, -0.12, f"q{entry['query']}{tag}: \"{text}\"", transform=ref_ax.transAxes, fontsize=6,
                     va="top", ha="left", clip_on=False)
-        blocks = [(1, entry["top"], entry["rank"], label[0])]
-        if with_compare:
-            blocks.append((2 + k, entry["compare_top"], entry["compare_rank"], label[1]))
+        blocks = [(1, entry["top"], entry["rank"], label[0])] + (
+            [(2 + k, entry["compare_top"], entry["compare_rank"], label[1])] if with_compare else [])
         for start, top, rank, name in blocks:
             for j, image_id in enumerate(top[:k]):
                 ax = axes[r][start + j]
@@ -282,8 +244,7 @@ def _png_bytes(entries: list[dict], load, label, k: int, heading: str, with_comp
                     ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, lw=3,
                                            edgecolor=TARGET_COLOR, clip_on=False))
     fig.suptitle(f"{heading} (target outlined in green)", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=1 - 0.7 / (1.45 * rows + 0.7), wspace=0.08,
-                        hspace=0.55)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=1 - 0.7 / (1.45 * rows + 0.7), wspace=0.08, hspace=0.55)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)

@@ -1,23 +1,16 @@
 """Share a trained result: a folder a user can publish (:func:`save_trained`) and its upload (:func:`push_to_hub`).
 
-The folder holds what :func:`cir_plugins.load_trained` reads back, and what a reader needs to trust it::
-
-    weights.safetensors   the trainable weights (and a learned temperature), by parameter name
-    cir_plugins.json      format, stage, config, the bank's fingerprint, the evaluation table, the history, and
-                          what it was made with (the images' preprocessing, the results it goes on top of)
-    README.md             a model card: how to load it, the evaluation table, the recipe (config), the bank
-
-Only the weights training changed are saved, so the result is applied to the base model it was trained
-from (the same factory and pretrained weights); a stage-2 result trained on top of a stage-1 run
-saves both in one file with ``on_top_of=["runs/stage1"]``::
+The folder holds ``weights.safetensors`` (the trainable weights and a learned temperature, by name),
+``cir_plugins.json`` (format, stage, config, the bank's fingerprints, the evaluation table, the history, what it
+was made with, each file's size and SHA-256) and ``README.md`` (a model card). The weights go on the base model
+they were trained from; a stage-2 result on top of a stage-1 run saves both with ``on_top_of=["runs/stage1"]``::
 
     cp.save_trained("runs/stage2", "share/my-model", on_top_of=["runs/stage1"], bank=bank,
                     evaluation={"CIRR val": cp.evaluate(model, val)}, base_model="my_factory.py:build")
     cp.push_to_hub("share/my-model", "me/my-model")              # needs huggingface_hub and a token
     model = cp.load_trained(build(), "share/my-model")             # anyone, after downloading the folder
 
-``huggingface_hub`` is optional (``pip install "cir_plugins[hub]"``); nothing else here uses the network.
-"""
+``huggingface_hub`` is optional (``pip install "cir_plugins[hub]"``); nothing else here uses the network."""
 
 from __future__ import annotations
 
@@ -38,22 +31,20 @@ from ._atomic import atomic_write_bytes, atomic_write_json, folder_writer
 from .convert import safetensors_bytes
 from .errors import CheckpointError, ConfigError, HubError, explain
 from .trained import SHARED_FILE, SHARED_FORMAT, read_trained
-from .training.checkpoint import TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE
+from .training.checkpoint import TAU_NAME, TEMPERATURE_NAME, WEIGHTS_FILE, bank_fingerprint
 
 __all__ = ["save_trained", "push_to_hub", "model_card", "check_repo_id"]
 
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
-# a Hub repository id: [namespace/]name, each of letters, digits, '-', '_', '.', starting and ending with a letter
-# or digit, at most 96 characters, no '--' or '..'
+# a part of a Hub repository id [namespace/]name: letters, digits, '-_.', a letter or digit at both ends, <= 96
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#!])")
 
 
 def check_repo_id(repo_id: Any) -> str:
-    """``repo_id`` when it is a valid Hub repository id (``name`` or ``namespace/name``), else ConfigError:
-    checked before anything is written or sent."""
+    """``repo_id`` when it is a valid Hub repository id (``name`` or ``namespace/name``), else ConfigError."""
     parts = repo_id.split("/") if isinstance(repo_id, str) else []
     if not (1 <= len(parts) <= 2 and all(_REPO_PART.fullmatch(part) for part in parts)
             and "--" not in repo_id and ".." not in repo_id):
@@ -80,8 +71,7 @@ def _code(text: Any) -> str:
 def _from_trainer(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """(weights incl. temperature, info, bank or None) of a trainer after ``fit`` (its model's weights now)."""
     weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in trainer._named_state().items()}
-    tau = weights.pop(TAU_NAME, None)  # a tau learned as itself is shared in the one log form
-    if tau is not None:
+    if (tau := weights.pop(TAU_NAME, None)) is not None:  # a tau learned as itself is shared in the one log form
         weights[TEMPERATURE_NAME] = tau.double().log().float()
     info = {"stage": trainer.stage, "config": trainer.config.to_dict(), "history": list(trainer.history),
             "best_epoch": getattr(trainer, "best_epoch", None), "made_with": getattr(trainer, "made_with", None)}
@@ -95,21 +85,17 @@ def _from_path(path: str | os.PathLike, checkpoint: str | None) -> tuple[dict[st
         weights[TEMPERATURE_NAME] = torch.tensor(math.log(result.temperature), dtype=torch.float32)
     info = {key: result.info[key] for key in ("stage", "config", "history", "best_epoch", "bank", "evaluation",
                                              "base_model", "recipe") if key in result.info}
-    info["made_with"], info["fingerprint"] = result.made_with, result.fingerprint
-    fingerprints = result.info.get("fingerprints") or {}
-    if "bank" not in info and fingerprints.get("bank"):
-        info["bank"] = {"content_fingerprint": fingerprints["bank"]}
-    info["source"] = str(result.source)
+    info.update(made_with=result.made_with, fingerprint=result.fingerprint, source=str(result.source))
+    if "bank" not in info and (bank := (result.info.get("fingerprints") or {}).get("bank")):
+        info["bank"] = {"content_fingerprint": bank}
     return weights, info
 
 
 def _shared_made_with(made_with: Any, merged: list[dict[str, str]], source: Any) -> dict[str, Any] | None:
-    """What the shared folder records it was made with (``TrainedWeights.made_with``): the result's own record
-    (the images' preprocessing, the ``base`` it was trained on), less the base results ``on_top_of`` merged into
-    its weights, so that the folder alone loads as its base did. ConfigError when ``on_top_of`` is not the end of
-    the recorded base, in order (the merge would put the result on weights it was not trained on)."""
+    """The result's ``made_with`` less the base results ``on_top_of`` merged into its weights; ConfigError when
+    those are not the end of the recorded base, in order (the result would go on weights it was not trained on)."""
     if not isinstance(made_with, dict):
-        return None  # a result that recorded nothing: nothing to carry
+        return None
     if "base" not in made_with or not merged:
         return dict(made_with)
     base = [b for b in made_with.get("base") or () if isinstance(b, dict)]
@@ -123,8 +109,6 @@ def _shared_made_with(made_with: Any, merged: list[dict[str, str]], source: Any)
 
 
 def _bank_info(bank: Any) -> dict[str, Any]:
-    from .training.checkpoint import bank_fingerprint  # noqa: PLC0415 (the checkpoint's content hash, once)
-
     return {"fingerprint": str(bank.fingerprint), "content_fingerprint": bank_fingerprint(bank),
             "rows": int(bank.embeddings.shape[0]), "ids": len(bank.ids), "similarity": bank.similarity,
             "shape": list(bank.embeddings.shape[1:])}
@@ -135,24 +119,21 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _evaluation_table(evaluation: Mapping[str, Any] | None, info: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """name -> {metric: value}: the given evaluation (one flat dict is one row, "evaluation"), else the
-    selected (or last) epoch's validation metrics from the history."""
+    """name -> {metric: value}: the given evaluation (a flat dict is one row), else the selected (or last) epoch's
+    validation metrics from the history."""
     if evaluation:
         nested = all(isinstance(v, Mapping) for v in evaluation.values())
-        rows = dict(evaluation) if nested else {"evaluation": evaluation}
-        return {str(name): _numbers(metrics) for name, metrics in rows.items()}
+        return {str(k): _numbers(v) for k, v in (evaluation if nested else {"evaluation": evaluation}).items()}
     history = [e for e in info.get("history") or [] if e.get("metrics")]
     if not history:
         return {}
-    best = info.get("best_epoch")
-    entry = next((e for e in history if e.get("epoch") == best), history[-1])
+    entry = next((e for e in history if e.get("epoch") == info.get("best_epoch")), history[-1])
     return {f"validation during training (epoch {entry['epoch']})": _numbers(entry["metrics"])}
 
 
 def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
-    """The README.md of a shared folder, from its ``cir_plugins.json`` document. Every name and value taken from
-    the document (title, base model, table rows, settings) is escaped: it shows as written, never as Markdown or
-    HTML."""
+    """The README.md of a shared folder from its ``cir_plugins.json`` document; every name and value taken from it
+    is escaped (it shows as written, never as Markdown or HTML)."""
     title = title or document.get("name") or "A composed image retrieval model trained with cir_plugins"
     stage = str(document.get("stage") or "?")
     lines = ["---", "library_name: cir_plugins", "tags:", "- composed-image-retrieval", "- cir_plugins", "---", "",
@@ -192,8 +173,7 @@ def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
                   "(`NegativeBank.build(...).fingerprint`); another fingerprint means another base model."]
     else:
         lines.append("No bank was recorded (a stage-1 result trains against in-batch negatives).")
-    recipe = document.get("recipe")
-    config = document.get("config") or {}
+    recipe, config = document.get("recipe"), document.get("config") or {}
     lines += ["", "## Recipe", ""]
     if recipe:
         lines += ["```json", json.dumps(recipe, indent=1, sort_keys=True), "```", ""]
@@ -203,14 +183,13 @@ def model_card(document: Mapping[str, Any], *, title: str | None = None) -> str:
                   if key not in ("output_dir", "show_progress")]
     history = document.get("history") or []
     if history:
-        lines += ["", "## Training history", "", "| epoch | loss | steps | " +
-                  " | ".join(map(_md, _numbers(history[-1].get("metrics", {})))) + " |",
-                  "|---|---|---|" + "---|" * len(_numbers(history[-1].get("metrics", {})))]
+        names = _numbers(history[-1].get("metrics", {}))
+        lines += ["", "## Training history", "", "| epoch | loss | steps | " + " | ".join(map(_md, names)) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
         for entry in history:
             values = _numbers(entry.get("metrics", {}))
             lines.append(f"| {_md(entry.get('epoch'))} | {entry.get('loss', float('nan')):.4f} | "
-                         f"{_md(entry.get('steps'))} | "
-                         + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
+                         f"{_md(entry.get('steps'))} | " + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
         if document.get("best_epoch"):
             lines.append(f"\nThe weights are those of epoch {_md(document['best_epoch'])} (the best by the evaluator).")
     return "\n".join(lines) + "\n"
@@ -220,26 +199,22 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
                  bank: Any = None, evaluation: Mapping[str, Any] | None = None, base_model: str | None = None,
                  recipe: Mapping[str, Any] | None = None, name: str | None = None, checkpoint: str | None = None,
                  overwrite: bool = False) -> Path:
-    """Write a stage-1 / stage-2 result as a folder to publish (see the module doc); returns the folder.
+    """Write a stage-1 / stage-2 result as a folder to publish (see the module doc), atomically; returns it.
 
     Args:
-        source: a trainer after ``fit`` (its model's current weights: the best epoch's by default), or a
-            path :func:`cir_plugins.load_trained` accepts (a run's output folder, a checkpoint folder, ...).
+        source: a trainer after ``fit`` (its model's current weights), or a path :func:`cir_plugins.load_trained`
+            accepts (a run's output folder, a checkpoint folder, ...).
         folder: the folder to write (a new one; ``overwrite=True`` replaces an existing one).
-        on_top_of: earlier results this one was trained on (e.g. the stage-1 run under a stage-2 run):
-            their weights are merged under this result's, so one ``load_trained`` reproduces the model. The
-            folder records what the result was made with (preprocessing, base) less these merged results
-            (ConfigError when they are not the results it recorded it was trained on, in that order).
-        bank: the NegativeBank of a stage-2 result (a stage-2 trainer's own bank by default); its
-            fingerprints go in the JSON and the card.
-        evaluation: the evaluation table: ``{row name: cp.evaluate(...) dict}`` or one such dict; default:
-            the selected epoch's validation metrics from the history.
+        on_top_of: earlier results this one was trained on (e.g. the stage-1 run under a stage-2 run), merged
+            under its weights so one ``load_trained`` reproduces the model (ConfigError unless they are the
+            results it recorded it was trained on, in that order).
+        bank: the NegativeBank of a stage-2 result (default: a stage-2 trainer's own); its fingerprints are recorded.
+        evaluation: ``{row name: cp.evaluate(...) dict}`` or one such dict; default: the selected epoch's
+            validation metrics from the history.
         base_model: how to build the base model (e.g. "my_factory.py:build" or a Hub model id), for the card.
-        recipe: a JSON-ready description of how the result was made (e.g. a recipe's dict), for the card.
+        recipe: a JSON-ready description of how the result was made, for the card.
         name: the card's title.
         checkpoint: "best" or "last" when ``source`` is a run folder (default: best when present).
-
-    The folder is written under a temporary name and renamed into place, so it is never half-written.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -254,7 +229,7 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
         raise ConfigError(explain("save_trained needs a trainer or the path of a trained result",
                                   got=type(source).__name__, fix="pass the trainer after fit, or its output_dir"))
     merged: dict[str, torch.Tensor] = {}
-    merged_from: list[dict[str, str]] = []
+    merged_from = []
     for earlier in on_top_of:
         below, below_info = _from_path(earlier, None)
         below.pop(TEMPERATURE_NAME, None)  # the temperature is this result's own
@@ -294,11 +269,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
                 revision: str | None = None, commit_message: str | None = None) -> str:
     """Upload a folder written by :func:`save_trained` to the Hugging Face Hub; returns the commit's URL.
 
-    Needs ``huggingface_hub`` (``pip install "cir_plugins[hub]"``), a token (``token=``, ``HF_TOKEN`` or
-    ``huggingface-cli login``) and the network. The repository is created when missing (private by
-    default: publishing is a deliberate step). An invalid ``repo_id`` is a ConfigError before anything is sent;
-    whatever the Hub or the network answers instead of an upload (offline mode, no connection, no permission) is
-    a :class:`~cir_plugins.errors.HubError` that says so in one line.
+    Needs ``huggingface_hub``, a token (``token=``, ``HF_TOKEN`` or ``huggingface-cli login``) and the network. The
+    repository is created when missing (private by default). An invalid ``repo_id`` is a ConfigError before anything
+    is sent; any failure of the Hub or the network is a :class:`~cir_plugins.errors.HubError` in one line.
     """
     check_repo_id(repo_id)
     folder = Path(folder)

@@ -1,22 +1,15 @@
-"""A trained result on a model in one line: :func:`load_trained`; and a folder to share: :func:`save_trained`.
+"""A trained result on a model in one line: :func:`load_trained`.
 
-Training writes only the weights it changed (the trainable parameters, plus a learned temperature),
-so a result is always applied to the model it was trained from: build the same base model (the same
-factory, the same pretrained weights), then::
+Training writes only the weights it changed (the trainable parameters, plus a learned temperature), so a result
+goes on the model it was trained from (the same factory, the same pretrained weights)::
 
     model = cp.load_trained(make_model(), "runs/stage2")   # a run's output folder: its best checkpoint
 
-``path`` may be
-
-- a run's output folder (``config.output_dir``, ``cir-plugins stage1/stage2 --out``): the checkpoint
-  ``checkpoints/best`` when the run selected one, else ``checkpoints/last`` (``checkpoint=`` picks);
-- one checkpoint folder (``.../checkpoints/best``), or a folder written by :func:`save_trained`;
-- a ``.safetensors`` file of parameter names -> tensors.
-
-Every saved name must be a parameter of ``model`` with the same shape (a :class:`WrappedModel`'s
-``model.`` prefix is matched either way); anything else is a :class:`CheckpointError` naming the
-names, the shapes and the file. Parameters the file does not hold (the frozen side) are left as they
-are. Nothing is unpickled: the weights are safetensors, the rest JSON.
+``path`` may be a run's output folder (``config.output_dir``, ``--out``: ``checkpoints/best`` when the run
+selected one, else ``checkpoints/last``; ``checkpoint=`` picks), one checkpoint folder, a folder written by
+:func:`~cir_plugins.share.save_trained`, or a ``.safetensors`` file of parameter names -> tensors. Every saved name
+must be a parameter of ``model`` with the same shape (a WrappedModel's ``model.`` prefix is matched either way),
+else a CheckpointError names them; parameters the file does not hold (the frozen side) are left as they are.
 """
 
 from __future__ import annotations
@@ -43,16 +36,14 @@ __all__ = ["TrainedWeights", "read_trained", "load_trained", "apply_trained"]
 
 logger = logging.getLogger(__name__)
 
-# the JSON document of a shared folder (save_trained)
 SHARED_FILE = "cir_plugins.json"
 SHARED_FORMAT = "cir_plugins.trained"
 
 
 @dataclass
 class TrainedWeights:
-    """What a trained result holds: ``weights`` (parameter name -> tensor, the temperature removed),
-    ``temperature`` (the learned tau, or None), ``source`` (the weights file read), ``info`` (the
-    JSON beside it: the stage, the config, the history or evaluation table; empty for a bare file) and
+    """A trained result: ``weights`` (name -> tensor, the temperature removed), ``source`` (the weights file read),
+    ``temperature`` (the learned tau, or None), ``info`` (the JSON beside it; empty for a bare file) and
     ``unfinished`` (for a checkpoint of a run that has not finished its epochs, how far it got; else None)."""
 
     weights: dict[str, torch.Tensor]
@@ -63,8 +54,8 @@ class TrainedWeights:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the weights (names, shapes, dtypes, values, by name) and the temperature: the same for a
-        run's checkpoint and a :func:`save_trained` copy of it, different for any other weights."""
+        """A hash of the weights (names, shapes, dtypes, values) and the temperature: the same for a run's checkpoint
+        and a ``save_trained`` copy of it, different for any other weights."""
         named = sorted(self.weights.items())
         if self.temperature is not None:
             named.append((TEMPERATURE_NAME, torch.tensor(self.temperature, dtype=torch.float64)))
@@ -72,23 +63,19 @@ class TrainedWeights:
 
     @property
     def made_with(self) -> dict[str, Any] | None:
-        """What the result was trained with, as its trainer recorded it (None for a result written before
-        results recorded it, or a bare weights file): ``preprocessing`` (the image store's description:
+        """What the trainer recorded it was made with (None if nothing): ``preprocessing`` (the image store's
         transform ``kind``, ``size``, normalisation) and ``base`` (the results loaded onto the model before
-        training, in order: ``[{"path", "fingerprint"}, ...]``; empty for a result trained on the bare
-        model, e.g. stage 1)."""
+        training, in order: ``[{"path", "fingerprint"}, ...]``; empty on the bare model)."""
         value = self.info.get("made_with")
         return value if isinstance(value, dict) else None
 
 
 def _weights_file(path: Path, checkpoint: str | None) -> Path:
     """The weights file ``path`` points at (see the module doc), or CheckpointError saying what was found."""
-
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise CheckpointError(explain("a trained result is a .safetensors file or a folder", got=str(path),
-                                          fix="pass the run's output folder, a checkpoint folder or its "
-                                              "weights.safetensors"))
+            raise CheckpointError(explain("a trained result is a .safetensors file or a folder", got=str(path), fix=(
+                "pass the run's output folder, a checkpoint folder or its weights.safetensors")))
         return path
     if not path.is_dir():
         raise CheckpointError(explain("no trained result at this path", got=str(path),
@@ -104,8 +91,7 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
                                           fix="pass the run's output folder (it takes the newest complete copy), or "
                                               "copy the folder again"))
         return path / WEIGHTS_FILE
-    root = path / "checkpoints"
-    names = [checkpoint] if checkpoint is not None else ["best", "last"]
+    root, names = path / "checkpoints", [checkpoint] if checkpoint is not None else ["best", "last"]
     for name in names:
         found = find_checkpoint(root, name) if root.is_dir() else None
         if found is not None and (found / WEIGHTS_FILE).is_file():
@@ -116,7 +102,7 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
             raise CheckpointError(explain(f"the {name!r} checkpoint under {root} is incomplete or corrupt", got=name,
                                           fix="copy the run folder again" + (", or pass checkpoint='last'"
                                                                               if name == "best" else "")))
-    present = sorted(p.name for p in root.iterdir()) if root.is_dir() else sorted(p.name for p in path.iterdir())
+    present = sorted(p.name for p in (root if root.is_dir() else path).iterdir())
     raise CheckpointError(explain(f"no {' or '.join(repr(n) for n in names)} checkpoint with weights under {path}",
                                   got=present[:10],
                                   fix="train with output_dir set (cir-plugins stage1/stage2 --out DIR) and pass DIR, "
@@ -124,7 +110,7 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# the fields of cir_plugins.json that a reader uses -> the JSON types each may hold (None: null); others are kept
+# the fields of cir_plugins.json that a reader uses -> the JSON types each may hold; others are kept
 _SHARED_FIELDS: dict[str, tuple[type, ...]] = {
     "version": (int,), "library_version": (str, type(None)), "name": (str, type(None)), "stage": (str, type(None)),
     "trainable": (list,), "trainable_scalars": (int,), "on_top_of": (list,), "base_model": (str, type(None)),
@@ -139,8 +125,7 @@ def _bad_document(document: Path, problem: str, got: Any, expected: str) -> Chec
 
 
 def _read_document(document: Path) -> dict[str, Any]:
-    """The JSON object in ``document`` (state.json or cir_plugins.json); CheckpointError when it is unreadable,
-    not JSON, nested too deeply or not an object."""
+    """The JSON object in ``document`` (state.json or cir_plugins.json); CheckpointError otherwise."""
     try:
         info = json.loads(document.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
@@ -156,10 +141,9 @@ def _read_document(document: Path) -> dict[str, Any]:
 
 
 def _check_shared(folder: Path, document: Path, info: dict[str, Any]) -> None:
-    """Validate a folder's ``cir_plugins.json`` against its schema and the files it lists: the format, the
-    types of the fields a reader uses, and ``files`` (required, naming the weights file): every listed file a
-    regular file directly inside ``folder`` (no link, no path) whose size and SHA-256 match. CheckpointError
-    naming the field otherwise."""
+    """CheckpointError naming the field unless ``cir_plugins.json`` has the format, the types of ``_SHARED_FIELDS``
+    and ``files`` (naming the weights file), each a regular file directly inside ``folder`` of the recorded size
+    and SHA-256."""
     if info.get("format") != SHARED_FORMAT:
         raise _bad_document(document, "'format' is missing or not this library's", info.get("format"),
                             repr(SHARED_FORMAT))
@@ -199,8 +183,7 @@ def _check_shared(folder: Path, document: Path, info: dict[str, Any]) -> None:
 
 
 def _temperature(log_tau: torch.Tensor, source: Path) -> float:
-    """The temperature ``exp(log_tau)`` saved beside the weights; CheckpointError unless one finite number whose
-    exponential is a positive finite float."""
+    """The saved temperature ``exp(log_tau)``; CheckpointError unless it is one positive finite float."""
     value = float(log_tau.double().reshape(-1)[0]) if log_tau.numel() == 1 else None
     temperature = math.exp(value) if value is not None and -700.0 < value < 700.0 else 0.0
     if not 0.0 < temperature < math.inf:
@@ -212,22 +195,18 @@ def _temperature(log_tau: torch.Tensor, source: Path) -> float:
 
 
 def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> TrainedWeights:
-    """Read a trained result (see the module doc for the accepted paths) without touching a model.
-
-    ``checkpoint``: "best" or "last" for a run's output folder; None = "best" when present, else "last".
-    """
+    """Read a trained result (the paths of the module doc) without touching a model; ``checkpoint``: "best" or
+    "last" for a run's output folder (None: "best" when present, else "last")."""
     if checkpoint is not None and checkpoint not in ("best", "last"):
         raise CheckpointError(explain("unknown checkpoint name", got=checkpoint, expected=("best", "last", None)))
     source = _weights_file(Path(path), checkpoint)
     info: dict[str, Any] = {}
-    in_folder = source.name == WEIGHTS_FILE and Path(path).is_dir()
-    if in_folder and not stat.S_ISREG(source.lstat().st_mode):
+    if source.name == WEIGHTS_FILE and Path(path).is_dir() and not stat.S_ISREG(source.lstat().st_mode):
         raise CheckpointError(explain(f"{source} is not a regular file inside the folder (a link, a folder, ...)",
                                       got=stat.filemode(source.lstat().st_mode),
                                       fix="copy the weights file itself into the folder"))
     for name in ("state.json", SHARED_FILE):
-        document = source.parent / name
-        if source.name == WEIGHTS_FILE and document.is_file():
+        if source.name == WEIGHTS_FILE and (document := source.parent / name).is_file():
             info = _read_document(document)
             if name == SHARED_FILE:
                 _check_shared(source.parent, document, info)
@@ -242,26 +221,21 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
     if log_tau is None and tau is not None:  # a tau learned as itself: checked in the one log form
         log_tau = tau.double().log()
     temperature = _temperature(log_tau, source) if log_tau is not None else None
-    listed = info.get("trainable")
-    if listed is not None:
-        missing = [name for name in listed if name not in weights]
-        if missing:
-            raise CheckpointError(explain(f"the weights file lacks {len(missing)} of the parameters its run trained",
-                                          got=f"{source}: {missing[:10]}", fix="copy the checkpoint folder again"))
+    missing = [name for name in info.get("trainable") or () if name not in weights]
+    if missing:
+        raise CheckpointError(explain(f"the weights file lacks {len(missing)} of the parameters its run trained",
+                                      got=f"{source}: {missing[:10]}", fix="copy the checkpoint folder again"))
     if not weights:
         raise CheckpointError(explain("the weights file holds no parameter", got=str(source)))
-    unfinished = _unfinished(source)
-    if unfinished is not None:
+    if (unfinished := _unfinished(source)) is not None:
         logger.warning("%s comes from a run that has not finished (%s): its best epoch so far; resume the run to "
                        "finish it", source.parent, unfinished)
     return TrainedWeights(weights=weights, source=source, temperature=temperature, info=info, unfinished=unfinished)
 
 
 def _unfinished(source: Path) -> str | None:
-    """How far the run that wrote the checkpoint ``source`` (``.../checkpoints/{best,last}/weights...``) got, when
-    it has not finished all its epochs ("epoch 5 of 40 done", read from its newest ``last`` checkpoint); None
-    when it has, or when ``source`` is not a training checkpoint."""
-
+    """"epoch 5 of 40 done" when the run that wrote checkpoint ``source`` has not finished its epochs (its newest
+    ``last`` says), else None."""
     root = source.parent.parent
     if root.name != "checkpoints" or not root.is_dir():
         return None
@@ -271,15 +245,12 @@ def _unfinished(source: Path) -> str | None:
     except (OSError, ValueError):
         return None
     done, total = len(state.get("history") or []), (state.get("config") or {}).get("epochs")
-    if isinstance(total, int) and done < total:
-        return f"epoch {done} of {total} done"
-    return None
+    return f"epoch {done} of {total} done" if isinstance(total, int) and done < total else None
 
 
 def _name_map(saved: list[str], model_names: set[str]) -> dict[str, str] | None:
     """saved name -> model name: as saved, or across a WrappedModel's ``model.`` prefix; None if neither fits."""
-    candidates = (lambda n: n, lambda n: f"model.{n}", lambda n: n.removeprefix("model."))
-    for rename in candidates:
+    for rename in (lambda n: n, lambda n: f"model.{n}", lambda n: n.removeprefix("model.")):
         mapping = {name: rename(name) for name in saved}
         if all(target in model_names for target in mapping.values()):
             return mapping
@@ -291,13 +262,11 @@ def load_trained(model: Any, path: str | os.PathLike, *, checkpoint: str | None 
 
     Args:
         model: the base model the result was trained from (an ``nn.Module``, wrapped or not).
-        path: a run's output folder, a checkpoint folder, a folder from :func:`save_trained`, or a
-            ``.safetensors`` file (see the module doc).
+        path: a run's output folder, a checkpoint folder, a shared folder or a ``.safetensors`` file.
         checkpoint: "best" or "last" for a run's output folder; None = "best" when the run has one.
 
-    Raises CheckpointError naming the file and the parameters when a saved name is not a parameter
-    of ``model`` or its shape differs; nothing is copied then. Values are cast to each parameter's
-    dtype and device. The frozen side is not in the file and is left as it is.
+    A saved name that is not a parameter of ``model``, or another shape, is a CheckpointError naming the file and
+    the parameters, and nothing is copied; values are cast to each parameter's dtype and device.
     """
     _parameters_of(model, "load_trained")  # before reading the file
     return apply_trained(model, read_trained(path, checkpoint=checkpoint))
@@ -320,10 +289,8 @@ def apply_trained(model: Any, result: TrainedWeights) -> Any:
         unknown = [name for name in result.weights if name not in named]
         raise CheckpointError(explain(
             f"{len(unknown)} of the {len(result.weights)} saved parameters are not parameters of "
-            f"{type(model).__name__}", got=f"{result.source}: {unknown[:10]}",
-            expected=sorted(named)[:10],
+            f"{type(model).__name__}", got=f"{result.source}: {unknown[:10]}", expected=sorted(named)[:10],
             fix="build the model the result was trained from (the same factory; wrapped or not does not matter)"))
-
     copy_weights(result.weights, [(name, named[mapping[name]]) for name in result.weights], source=result.source,
                  fix="build the same model configuration the result was trained with")
     logger.info("loaded %d trained parameter tensors from %s", len(result.weights), result.source)

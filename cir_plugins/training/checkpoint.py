@@ -1,25 +1,15 @@
 """Training checkpoints: safetensors for tensors, JSON for everything else; nothing pickled.
 
-A checkpoint is a folder (``{output_dir}/checkpoints/last`` or ``.../best``) holding:
+A checkpoint is a folder (``{output_dir}/checkpoints/last`` or ``.../best``): ``weights.safetensors`` (the
+trainable parameters by name, plus the learned temperature), ``optimizer.safetensors`` (the optimiser's tensors,
+``state.<param index>.<key>``) and ``state.json`` (param groups and non-tensor optimiser state, scheduler and
+GradScaler states, the position: epoch, micro-batch, optimiser steps; the history, the RNG states, the config).
 
-- ``weights.safetensors``: the trainable parameters by name (plus ``__temperature__.log_tau`` when
-  the temperature is learned);
-- ``optimizer.safetensors``: every tensor of the optimiser state, named ``state.<param index>.<key>``;
-- ``state.json``: the optimiser's param groups and non-tensor state, the scheduler and GradScaler
-  states, the training position (epoch, micro-batch within it, optimiser steps), the history, the
-  RNG states (torch CPU / CUDA as base64, python ``random``, numpy) and the config.
-
-The folder is written under a temporary name ``.tmp-<name>-<pid>-<unique>``, every file fsynced,
-``state.json`` last (it records each file's size and SHA-256 and its own checksum), then swapped in
-by rename (the previous folder goes to ``.old-<name>-<pid>-<unique>`` for the moment between the two
-renames), so a kill at any moment leaves the previous checkpoint whole. The unique part means a
-process id repeated by a later run (containers) never meets a leftover of the same name.
-
-Reading (:func:`find_checkpoint`, :func:`load_checkpoint`) considers ``<name>`` and every leftover
-``.old-<name>-*`` / ``.tmp-<name>-*``, keeps the complete ones (state.json present, its checksum and
-every file's size and hash as recorded) and takes the one with the highest recorded position
-(optimiser step, then epoch and micro-batch; ``<name>`` itself wins a tie). Incomplete copies are
-logged and skipped, never half-read; a successful save removes every leftover of its name.
+It is written as ``.tmp-<name>-<pid>-<unique>``, every file fsynced, ``state.json`` last (recording each file's
+size and SHA-256 and its own checksum), then swapped in by rename (the previous folder is ``.old-<name>-...``
+between the two renames), so a kill at any moment leaves the previous checkpoint whole. Reading considers
+``<name>`` and every such leftover, keeps the complete ones and takes the highest recorded position (``<name>``
+wins a tie); incomplete copies are logged and skipped, and a successful save removes every leftover.
 """
 
 from __future__ import annotations
@@ -47,27 +37,24 @@ from .._utils import file_sha256
 from ..errors import CheckpointError, explain
 
 __all__ = ["Checkpoint", "copy_weights", "save_checkpoint", "load_checkpoint", "find_checkpoint", "has_checkpoint",
-           "capture_rng",
-           "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
+           "capture_rng", "restore_rng", "flatten_optimizer_state", "unflatten_optimizer_state", "restore_weights",
            "restore_optimizer", "triplets_fingerprint", "bank_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "cir_plugins.checkpoint"
 WEIGHTS_FILE = "weights.safetensors"
-# the learned log-temperature is saved beside the weights under this name (not a model parameter)
+# a learned temperature, saved beside the weights (not a model parameter): log tau, or tau itself (temperature_param)
 TEMPERATURE_NAME = "__temperature__.log_tau"
-# ... or, learned as tau itself (the training config's temperature_param "tau"), under this one
 TAU_NAME = "__temperature__.tau"
-# a checkpoint folder's files (the weights file is named as load_trained reads it)
 OPTIMIZER_FILE = "optimizer.safetensors"
+_RESTORE = "restore the checkpoint folder from a copy, or start the run again"
 STATE_FILE = "state.json"
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: ``weights`` name -> tensor, ``optimizer`` (a torch optimizer state dict),
-    ``state`` (the JSON document)."""
+    """A loaded checkpoint: ``weights`` name -> tensor, ``optimizer`` (a torch state dict), ``state`` (the JSON)."""
 
     path: Path
     weights: dict[str, torch.Tensor]
@@ -85,13 +72,9 @@ def _unb64(text: str) -> torch.Tensor:
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG state that training touches, as JSON-ready values."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {
-        "torch": _b64(torch.get_rng_state()),
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
+    np_state, py_state = np.random.get_state(), random.getstate()
+    out = {"torch": _b64(torch.get_rng_state()), "python": [py_state[0], list(py_state[1]), py_state[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return out
@@ -109,8 +92,7 @@ def restore_rng(state: dict[str, Any], *, source: object = "the checkpoint") -> 
             torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as error:
         raise CheckpointError(explain(f"the RNG state in {source} is malformed", got=f"{type(error).__name__}: {error}",
-                                      fix="restore the checkpoint folder from a copy, or start the run "
-                                          "again")) from error
+                                      fix=_RESTORE)) from error
 
 
 def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,12 +120,7 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str,
         state.setdefault(int(param_index), {})[key] = tensor
     for param_index, entry in index["scalars"].items():
         state.setdefault(int(param_index), {}).update(entry)
-    groups = []
-    for group in index["param_groups"]:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in index["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
@@ -155,9 +132,7 @@ def _document_checksum(document: dict[str, Any]) -> str:
 
 def _leftovers(root: Path, name: str) -> list[Path]:
     """Folders a killed or interrupted save of ``name`` may have left: ``.old-<name>-*``, ``.tmp-<name>-*``."""
-    if not root.is_dir():
-        return []
-    return sorted(p for kind in (".old", ".tmp") for p in root.glob(f"{kind}-{name}-*"))
+    return sorted(p for kind in (".old", ".tmp") for p in root.glob(f"{kind}-{name}-*")) if root.is_dir() else []
 
 
 def _remove_leftovers(root: Path, name: str) -> None:
@@ -170,33 +145,23 @@ def _remove_leftovers(root: Path, name: str) -> None:
 
 def save_checkpoint(root: str | os.PathLike, name: str, *, weights: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write ``{root}/{name}`` atomically (temp folder, fsync, rename) and return its path.
-
-    ``state.json`` is written last and records the size and SHA-256 of both tensor files and its own
-    checksum, so a folder is complete exactly when they all match. Leftovers of earlier interrupted
-    saves of ``name`` are removed once the new folder is in place.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    unique = f"{os.getpid()}-{time.time_ns():x}-{os.urandom(4).hex()}"  # never the name of a leftover
-    tmp = root / f".tmp-{name}-{unique}"
-    tmp.mkdir()
+    """Write ``{root}/{name}`` atomically (see the module doc) and return its path."""
+    root, unique = Path(root), f"{os.getpid()}-{time.time_ns():x}-{os.urandom(4).hex()}"  # never a leftover's name
+    (tmp := root / f".tmp-{name}-{unique}").mkdir(parents=True)
     opt_tensors, opt_index = flatten_optimizer_state(optimizer_state)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE),
-              metadata={"format": FORMAT})
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT})
     files = {}
-    for file_name in (WEIGHTS_FILE, OPTIMIZER_FILE):
+    for file_name, tensors in ((WEIGHTS_FILE, {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}),
+                               (OPTIMIZER_FILE, opt_tensors)):
+        save_file(tensors, str(tmp / file_name), metadata={"format": FORMAT})
         fsync_file(tmp / file_name)
         files[file_name] = {"bytes": (tmp / file_name).stat().st_size, "sha256": file_sha256(tmp / file_name)}
     document = dict(state, format=FORMAT, optimizer=opt_index, files=files)
     document["checksum"] = _document_checksum(document)
     atomic_write_bytes(tmp / STATE_FILE, json.dumps(document).encode("utf-8"))  # written last, fsynced
-    replace_folder(tmp, final, root / f".old-{name}-{unique}")  # the old folder is a leftover until removed
+    replace_folder(tmp, root / name, root / f".old-{name}-{unique}")  # the old folder is a leftover until removed
     _remove_leftovers(root, name)
-    logger.debug("checkpoint written: %s", final)
-    return final
+    logger.debug("checkpoint written: %s", root / name)
+    return root / name
 
 
 def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -216,8 +181,7 @@ def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(files, dict):
         return None, "state.json lists its files wrongly"
     for file_name, expected in files.items():
-        file_path = path / str(file_name)
-        if not file_path.is_file():
+        if not (file_path := path / str(file_name)).is_file():
             return None, f"{file_name} is missing"
         if expected is None:  # a checkpoint from before the sizes and hashes were recorded
             continue
@@ -229,18 +193,14 @@ def _inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _position(state: dict[str, Any]) -> tuple:
-    def number(key: str) -> int:
-        value = state.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else -1
-    return number("global_step"), number("epoch"), number("micro")
+    values = [state.get(key) for key in ("global_step", "epoch", "micro")]
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in values)
 
 
 def _select(root: Path, name: str) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """The newest complete copy of checkpoint ``name``: (path, state, the problems of the skipped copies)."""
-    candidates = ([root / name] if (root / name).exists() else []) + _leftovers(root, name)
-    best: tuple | None = None
-    problems = []
-    for path in candidates:
+    best, problems = None, []
+    for path in ([root / name] if (root / name).exists() else []) + _leftovers(root, name):
         state, problem = _inspect(path) if path.is_dir() else (None, "not a folder")
         if state is None:
             problems.append(f"{path.name}: {problem}")
@@ -260,13 +220,11 @@ def _select(root: Path, name: str) -> tuple[Path | None, dict[str, Any] | None, 
 
 def has_checkpoint(root: str | os.PathLike, name: str) -> bool:
     """Whether ``{root}/{name}`` or any leftover of an interrupted save of it exists (complete or not)."""
-    root = Path(root)
-    return (root / name).exists() or bool(_leftovers(root, name))
+    return (Path(root) / name).exists() or bool(_leftovers(Path(root), name))
 
 
 def find_checkpoint(root: str | os.PathLike, name: str) -> Path | None:
-    """The folder of the newest complete copy of checkpoint ``name`` under ``root`` (``name`` itself or a
-    leftover of an interrupted save), or None."""
+    """The folder of the newest complete copy of checkpoint ``name`` under ``root`` (itself or a leftover), or None."""
     return _select(Path(root), name)[0]
 
 
@@ -308,11 +266,8 @@ def _check_state(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any = "cpu") -> Checkpoint:
-    """Read the newest complete copy of checkpoint ``{root}/{name}`` (see the module doc).
-
-    Raises CheckpointError when there is none (naming each incomplete copy and why), or when its
-    state document is malformed.
-    """
+    """Read the newest complete copy of checkpoint ``{root}/{name}``; CheckpointError when there is none (naming
+    each incomplete copy and why) or its state document is malformed."""
     root = Path(root)
     path, state, problems = _select(root, name)
     if path is None:
@@ -324,8 +279,7 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
         raise CheckpointError(explain("no checkpoint to resume from", got=str(root / name),
                                       fix="run without resume, or point output_dir at a run that wrote checkpoints"))
     try:
-        weights = load_file(str(path / WEIGHTS_FILE), device=str(device))
-        opt_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
+        weights, opt_tensors = (load_file(str(path / f), device=str(device)) for f in (WEIGHTS_FILE, OPTIMIZER_FILE))
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a cut or edited file
         raise CheckpointError(explain("the checkpoint is incomplete or corrupt", got=f"{path}: {error}",
                                       fix="delete it and start again, or resume from 'best'")) from error
@@ -335,20 +289,15 @@ def load_checkpoint(root: str | os.PathLike, name: str = "last", *, device: Any 
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise CheckpointError(explain(f"{path / 'optimizer.safetensors'}: the optimiser state is malformed",
                                       got=f"{type(error).__name__}: {error}",
-                                      fix="restore the checkpoint folder from a copy, or start the run "
-                                          "again")) from error
+                                      fix=_RESTORE)) from error
     return Checkpoint(path=path, weights=weights, optimizer=optimizer, state=state)
 
 
 def copy_weights(weights: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]], *, source: Any,
                  fix: str) -> None:
-    """Copy ``weights[name]`` into each (name, parameter) pair of ``named``, after checking every one.
-
-    A name ``weights`` lacks, a shape that differs (no broadcasting) or a non-floating tensor is a
-    CheckpointError naming the parameter and ``source`` (the file read); nothing is copied then. Values
-    are cast to each parameter's dtype and device. The one checked copy: resume, ``load_weights`` and
-    :func:`cir_plugins.load_trained` use it.
-    """
+    """Copy ``weights[name]`` into each (name, parameter) of ``named``, cast to its dtype and device, after checking
+    every one: a missing name, another shape or a non-floating tensor is a CheckpointError naming the parameter and
+    ``source``, and nothing is copied. Resume, ``load_weights`` and :func:`cir_plugins.load_trained` use it."""
     problems = []
     for name, parameter in named:
         saved = weights.get(name)
@@ -367,21 +316,16 @@ def copy_weights(weights: dict[str, torch.Tensor], named: list[tuple[str, torch.
 
 
 def restore_weights(checkpoint: Checkpoint, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, after checking every one
-    (:func:`copy_weights`: a missing name, another shape or a non-floating tensor is a CheckpointError)."""
+    """Copy the checkpoint's tensors into ``named`` (name, parameter) pairs, checked (:func:`copy_weights`)."""
     copy_weights(checkpoint.weights, named, source=checkpoint.path / WEIGHTS_FILE,
                  fix="resume with the model the checkpoint was trained from, or start again")
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
-    """Load the checkpoint's optimiser state after checking it fits ``optimizer`` (CheckpointError else).
-
-    Each per-parameter tensor must be a scalar (``step``) or have its parameter's shape.
-    """
-    where = checkpoint.path / OPTIMIZER_FILE
+    """Load the checkpoint's optimiser state after checking it fits ``optimizer`` (CheckpointError else): each
+    per-parameter tensor a scalar (``step``) or of its parameter's shape."""
+    where, saved, problems = checkpoint.path / OPTIMIZER_FILE, checkpoint.optimizer, []
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved = checkpoint.optimizer
-    problems = []
     for index, entry in saved["state"].items():
         if not 0 <= index < len(params):
             problems.append(f"state of parameter {index}: no such parameter (the optimiser has {len(params)})")
@@ -391,14 +335,13 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
                 problems.append(f"state.{index}.{key}: saved {tuple(value.shape)}, parameter "
                                 f"{tuple(params[index].shape)}")
     if problems:
-        raise CheckpointError(explain(f"{where}: the optimiser state does not fit the parameters",
-                                      got=problems[:10],
+        raise CheckpointError(explain(f"{where}: the optimiser state does not fit the parameters", got=problems[:10],
                                       fix="restore the checkpoint folder from a copy, or start again"))
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise CheckpointError(explain(f"{where}: the optimiser state does not load", got=f"{type(error).__name__}: "
-                                      f"{error}",
+        raise CheckpointError(explain(f"{where}: the optimiser state does not load",
+                                      got=f"{type(error).__name__}: {error}",
                                       fix="restore the checkpoint folder from a copy, or start again")) from error
 
 
@@ -407,8 +350,7 @@ def _hash_json(value: Any) -> str:
 
 
 def triplets_fingerprint(triplets: list) -> str:
-    """SHA-256 over the ordered training triplets (reference, texts, target, source): what the sampler
-    positions index into."""
+    """SHA-256 over the ordered training triplets (reference, texts, target, source): what sampler positions index."""
     return _hash_json([[t.reference, list(t.texts), t.target, t.source] for t in triplets])
 
 

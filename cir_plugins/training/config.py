@@ -1,10 +1,8 @@
-"""Training configurations: dataclasses with a comment per field, validated, JSON round-trip.
+"""Training configurations: validated dataclasses with a help text per field, JSON round-trip.
 
-Optimiser defaults follow the CLIP4Cir fine-tuning code that the method's CLIP4Cir fork keeps:
-AdamW, lr 2e-5, betas (0.9, 0.999), eps 1e-7, and no weight_decay argument, i.e. torch's AdamW
-default of 0.01 (stated here as the default). The BLIP-based forks use weight_decay 0.05 and
-betas (0.9, 0.98): set them for those models. No schedule by default (the release uses
-none); ``schedule="cosine"`` uses transformers' ``get_cosine_schedule_with_warmup``.
+Optimiser defaults follow the CLIP4Cir fine-tuning code: AdamW, lr 2e-5, betas (0.9, 0.999), eps 1e-7 and torch's
+weight_decay default 0.01; the BLIP-based forks use weight_decay 0.05 and betas (0.9, 0.98). No schedule by
+default (as the release); ``schedule="cosine"`` is transformers' ``get_cosine_schedule_with_warmup``.
 """
 
 from __future__ import annotations
@@ -76,9 +74,7 @@ class TrainConfig(Config):
     show_progress: bool = option(True, "tqdm bar with loss and throughput")
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.temperature_range = tuple(self.temperature_range)
-
+        self.betas, self.temperature_range = tuple(self.betas), tuple(self.temperature_range)
         for name in ("epochs", "batch_size", "grad_accum_steps", "steps_per_epoch", "checkpoint_every"):
             check_positive_int(f"{type(self).__name__}.{name}", getattr(self, name),
                                allow_none=name in ("steps_per_epoch", "checkpoint_every"))
@@ -87,27 +83,22 @@ class TrainConfig(Config):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(explain(f"{name} must be a finite number > 0", got=value))
-        if not isinstance(self.weight_decay, (int, float)) or not math.isfinite(self.weight_decay) \
-                or self.weight_decay < 0:
+        if not isinstance(wd := self.weight_decay, (int, float)) or not math.isfinite(wd) or wd < 0:
             raise ConfigError(explain("weight_decay must be a finite number >= 0", got=self.weight_decay))
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(explain("betas must be two numbers in [0, 1)", got=self.betas))
-        low, high = (self.temperature_range + (None, None))[:2] if len(self.temperature_range) == 2 else (None, None)
+        low, high = self.temperature_range if len(self.temperature_range) == 2 else (None, None)
         if low is None or not (0 < low <= high):
             raise ConfigError(explain("temperature_range must be (min, max) with 0 < min <= max",
                                       got=self.temperature_range))
         if self.learn_temperature and not (low <= self.temperature <= high):
             raise ConfigError(explain("the initial temperature lies outside temperature_range",
                                       got=self.temperature, expected=self.temperature_range))
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(explain("unknown schedule", got=self.schedule, expected=SCHEDULES))
-        if self.temperature_param not in TEMPERATURE_PARAMS:
-            raise ConfigError(explain("unknown temperature_param", got=self.temperature_param,
-                                      expected=TEMPERATURE_PARAMS))
-        if self.amp not in AMP_MODES:
-            raise ConfigError(explain("unknown amp mode", got=self.amp, expected=AMP_MODES))
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
-                                                   and self.max_grad_norm > 0):
+        for name, choices in (("schedule", SCHEDULES), ("temperature_param", TEMPERATURE_PARAMS),
+                              ("amp mode", AMP_MODES)):
+            if (value := getattr(self, name.split()[0])) not in choices:
+                raise ConfigError(explain(f"unknown {name}", got=value, expected=choices))
+        if (norm := self.max_grad_norm) is not None and not (isinstance(norm, (int, float)) and norm > 0):
             raise ConfigError(explain("max_grad_norm must be > 0 or None", got=self.max_grad_norm))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
             raise ConfigError(explain(f"{type(self).__name__}.seed must be an int in [0, 2**32)", got=self.seed,

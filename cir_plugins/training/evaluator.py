@@ -8,11 +8,6 @@ One object carries the evaluation function and its primary metric, so the two ca
     trainer.fit()          # the best epoch's weights are on the model afterwards (config.restore_best)
 
 ``metric=None`` evaluates every epoch but selects nothing (the last epoch is kept).
-
-Training that does not move the metric can be called out: with ``min_change`` set (the training commands set
-1.0, ``--min-val-change``), ``fit`` also evaluates once before the first step, and when after :data:`STALL_SHARE`
-of the epochs the metric has moved less than ``min_change`` from that start, it logs a warning naming the learning
-rate (:meth:`Evaluator.stalled`).
 """
 
 from __future__ import annotations
@@ -36,12 +31,13 @@ class Evaluator:
     """``fn(model) -> {metric name: number}`` run after each epoch (eval mode, no_grad), and the primary metric.
 
     Attributes:
-        fn: the evaluation; its dict is stored in the epoch's history entry under ``metrics``.
-        metric: the key of that dict that picks the best epoch; None = no selection (keep the last epoch).
+        fn: the evaluation; its dict is the epoch's history entry's ``metrics``.
+        metric: the key that picks the best epoch; None = no selection (keep the last epoch).
         mode: "max" (recall-like) or "min" (loss-like).
-        min_change: the smallest change of ``metric`` from its value before training that counts as learning
-            (e.g. 1.0: one point of a recall in percent); ``fit`` then evaluates once before training too and warns
-            when, after :data:`STALL_SHARE` of the epochs, the metric has moved less. None (default): no check.
+        min_change: the smallest change of ``metric`` from before training that counts as learning (e.g. 1.0: one
+            point of a recall in percent; the training commands' ``--min-val-change``); ``fit`` then evaluates
+            before training too and warns, naming the learning rate, when after :data:`STALL_SHARE` of the epochs
+            the metric has moved less. None (default): no check.
     """
 
     fn: Callable[[Any], Mapping[str, Any]]
@@ -115,8 +111,8 @@ class Evaluator:
         return max(1, math.ceil(STALL_SHARE * epochs))
 
     def stalled(self, start: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
-        """``"Rmean 9.90 before training, 10.20 now"`` when the metric moved less than ``min_change`` between the
-        metrics ``start`` (before training) and ``now``; None when it moved enough (or nothing is checked)."""
+        """``"Rmean 9.90 before training, 10.20 now ..."`` when the metric moved less than ``min_change`` from
+        ``start`` to ``now``; None when it moved enough (or nothing is checked)."""
         if not self.checks_start:
             return None
         before, after = self.value(start), self.value(now)

@@ -1,31 +1,12 @@
-"""The one training loop both stages share; they differ only in where negatives come from.
+"""The one training loop both stages share: a step composes ``normalize(compose_query(reference, texts))`` for this
+rank's slice of the micro-batch and scores it against the negative source's ``(bank, target_rows, exclude_rows)``:
+:class:`BankNegatives` (stage 2) or :class:`~cir_plugins.training.stage1.InBatchNegatives` (stage 1).
 
-A step: take the micro-batch's slice for this rank, build the queries
-(``normalize(compose_query(reference, texts))``, the reference from a per-id cache or the images),
-ask the negative source for ``(bank, target_rows, exclude_rows)``, and call
-``bank_contrastive_loss``. Two sources:
-
-- :class:`BankNegatives` (stage 2): the static bank, every row a candidate; the reference row masked
-  (the reference side cached by :class:`~cir_plugins.training.stage2.ReferenceCache`).
-- :class:`~cir_plugins.training.stage1.InBatchNegatives` (stage 1): the batch's target embeddings computed
-  with gradient, one row per distinct target (duplicates of a target in the batch are one row, so never
-  its negatives).
-
-Distributed (torchrun / any initialised ``torch.distributed`` group, gloo or nccl): each rank takes
-a contiguous slice of each global micro-batch; its loss is the slice's mean scaled by
-``n_local * world / B``, and gradients are averaged across ranks by ``DistributedDataParallel``
-around :class:`QuerySide` (the trainable parameters and the log-temperature; its forward calls
-``compose_query``), which equals the gradient of the global batch mean (same result as one process
-to float rounding). A rank whose slice is empty (a last micro-batch smaller than the world) runs
-one stand-in sample at weight 0, so every rank takes part in every step's collectives. Stage 2
-shards the bank by default (``Stage2Config.shard_bank``): each rank keeps only its
-``N / world`` rows on its device (a bank on the CPU is never moved whole) and the loss combines
-the softmax statistics of all shards (:mod:`cir_plugins.negatives.distributed`); ``shard_bank=False``
-keeps a full copy per rank. Only rank 0 evaluates and writes checkpoints.
-
-Launch with torchrun; the trainer reads its environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``/``MASTER_PORT``) and initialises the process group itself when none is initialised
-(gloo on CPU, nccl when CUDA is available, the CUDA device set from ``LOCAL_RANK``)::
+Distributed (torchrun, gloo or nccl): each rank's slice loss is scaled by ``n_local * world / B`` and
+``DistributedDataParallel`` around :class:`QuerySide` averages the gradients, so a step equals one process's (to
+float rounding); a rank with an empty slice runs one stand-in sample at weight 0. Stage 2 shards the bank by
+default (``Stage2Config.shard_bank``, :mod:`cir_plugins.negatives.distributed`). Only rank 0 evaluates and writes
+checkpoints. The trainer joins the torchrun job itself (:func:`init_distributed`)::
 
     torchrun --nproc_per_node 2 train_stage2.py      # or: python -m torch.distributed.run ...
 
@@ -46,6 +27,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -73,33 +55,25 @@ __all__ = ["Trainer", "BankNegatives", "QuerySide", "init_distributed", "distrib
 
 logger = logging.getLogger(__name__)
 
+
 def _made_with(images: Mapping[str, Tensor], given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What every checkpoint records the result was made with (``TrainedWeights.made_with``): ``given`` (JSON-ready,
-    e.g. ``base``, the results loaded onto the model before training) and the images' ``preprocessing`` (an
-    ImageStore's description: transform, size, normalisation; absent for a plain mapping)."""
+    """``TrainedWeights.made_with`` of every checkpoint: ``given`` plus the images' ``preprocessing`` if described."""
     describe = getattr(images, "preprocessing", None)
-    recorded = {"preprocessing": describe()} if callable(describe) else {}
-    return {**recorded, **dict(given or {})}
+    return {**({"preprocessing": describe()} if callable(describe) else {}), **dict(given or {})}
 
 
 def init_distributed() -> torch.device:
-    """Join the torchrun job described by the environment, if any; the device this rank should use.
-
-    When ``WORLD_SIZE`` > 1 and no process group is initialised: sets the CUDA device from
-    ``LOCAL_RANK`` (when CUDA is available) and calls ``init_process_group`` (nccl on CUDA, gloo on
-    CPU, ``env://`` rendezvous). An already initialised group is used as it is. Returns
-    ``cuda:LOCAL_RANK`` when CUDA is available and a job is running, else ``cpu`` (one process: the
-    current CUDA device if any).
-    """
+    """Join the torchrun job of the environment (``WORLD_SIZE`` > 1 and no group yet: ``init_process_group``, nccl
+    on CUDA with the device from ``LOCAL_RANK``, gloo on CPU); returns the device this rank should use
+    (``cuda:LOCAL_RANK``, the current CUDA device in one process, or ``cpu``)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     cuda = torch.cuda.is_available()
     if world > 1 and dist.is_available() and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend, init_method="env://")
-        logger.info("joined torchrun job: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+        logger.info("joined torchrun job: rank %d of %d", dist.get_rank(), dist.get_world_size())
     if not cuda:
         return torch.device("cpu")
     return torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
@@ -113,18 +87,15 @@ def distributed_rank() -> tuple[int, int]:
 
 
 class BankNegatives:
-    """Stage 2: every query against the whole static bank (N, D) or (N, T, D).
+    """Stage 2: every query against the whole static bank (N, D) or (N, T, D), moved to ``device`` when given.
 
-    ``shard=True`` under an initialised process group of ``world`` > 1 ranks: this rank keeps only
-    the rows ``shard_rows(N, rank, world)`` on ``device`` and the loss is the sharded one (every rank
-    must call it each step). Otherwise the whole bank is used, moved to ``device`` when given.
+    ``shard=True`` under ``world`` > 1 ranks: this rank keeps only the rows ``shard_rows(N, rank, world)`` and the
+    loss is the sharded one (every rank must call it each step).
     """
 
     def __init__(self, bank: Any, *, mask_reference: bool = True, shard: bool = False,
                  device: torch.device | None = None) -> None:
-        self.bank = bank
-        self.mask_reference = mask_reference
-        self.similarity = bank.similarity
+        self.bank, self.mask_reference, self.similarity = bank, mask_reference, bank.similarity
         rank, world = distributed_rank()
         self.sharded = shard and world > 1
         self.n_total = len(bank)
@@ -156,22 +127,15 @@ class BankNegatives:
 
 
 class QuerySide(nn.Module):
-    """The trainable query side as one module for ``DistributedDataParallel``.
-
-    Registers only the given parameters (and the learned temperature parameter, when there is one), so DDP
-    averages exactly those; the model itself is held unregistered (no buffers to broadcast). The stage-2 query
-    side is what ``compose_query`` reached in the parameter probe, so every step uses all of it.
-    ``forward(reference, texts)`` returns ``(model.compose_query(reference, texts), tau or None)``: tau is
-    ``exp(temperature)`` when ``as_log``, else the parameter itself.
-    """
+    """The trainable query side as one module for ``DistributedDataParallel``: only the given parameters and the
+    learned temperature are registered (the model is not: no buffers to broadcast). ``forward(reference, texts)``
+    returns ``(compose_query(reference, texts), tau or None)``, tau = ``exp(temperature)`` when ``as_log``."""
 
     def __init__(self, model: Any, parameters: Sequence[nn.Parameter], temperature: nn.Parameter | None,
                  as_log: bool = True) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its frozen parts stay out of DDP
-        self.trainable = nn.ParameterList(parameters)
-        self.temperature = temperature
-        self.as_log = as_log
+        self.trainable, self.temperature, self.as_log = nn.ParameterList(parameters), temperature, as_log
 
     def forward(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor | None]:
         tau = None if self.temperature is None else self.temperature.exp() if self.as_log else self.temperature
@@ -181,10 +145,8 @@ class QuerySide(nn.Module):
 def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
     """Names of the tensors (e.g. gradients) that hold a NaN or an infinity, in the given order.
 
-    Fast path: one float32 sum per tensor and one host sync in all. NaN and +-inf propagate
-    through a sum (+inf meeting -inf gives NaN), so a finite sum proves the tensor finite; a
-    non-finite sum may also come from finite values overflowing float32, so only those tensors
-    are checked element-wise. Exact either way; reads each gradient once when all are finite.
+    One float32 sum per tensor and one host sync: a finite sum proves the tensor finite; only tensors with a
+    non-finite sum (which finite values overflowing float32 can also give) are checked element-wise.
     """
     if not named:
         return []
@@ -193,6 +155,10 @@ def non_finite_tensors(named: Sequence[tuple[str, Tensor]]) -> list[str]:
         return []
     suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
     return [named[k][0] for k in suspects if not bool(torch.isfinite(named[k][1].detach()).all())]
+
+
+def _new_stats() -> dict[str, float]:
+    return {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
 
 
 class Trainer(Checkpointing, abc.ABC):
@@ -209,9 +175,7 @@ class Trainer(Checkpointing, abc.ABC):
                                       expected="Stage1Config or Stage2Config"))
         protocol.require_protocol(model, type(self).__name__)
         self.evaluator = as_evaluator(evaluator)
-        self.model = model
-        self.images = images
-        self.config = config
+        self.model, self.images, self.config = model, images, config
         self.made_with = _made_with(images, made_with)
         self.rank, self.world = distributed_rank()
         self.triplets = self._check_triplets(list(triplets))
@@ -219,34 +183,28 @@ class Trainer(Checkpointing, abc.ABC):
         self.history: list[dict[str, Any]] = []
         self.log_tau: nn.Parameter | None = None  # the learned tau as log tau (config.temperature_param "log_tau")
         self.learned_tau: nn.Parameter | None = None  # the learned tau itself (config.temperature_param "tau")
-        self.reference_cache: Any = None  # stage 2: a ReferenceCache (stage2.py), ids -> reference features
+        self.reference_cache: Any = None  # stage 2: a ReferenceCache, ids -> reference features
         self.negatives: Any = None
-        self.trainable: list[tuple[str, nn.Parameter]] = []
+        self.trainable: list[tuple[str, nn.Parameter]] = []  # set by _setup
         self._setup()
         self._build_optimizer()
         self.sampler = EpochSampler(self.triplets, config.batch_size, seed=config.seed,
                                     annotated_fraction=config.annotated_fraction,
                                     steps_per_epoch=config.steps_per_epoch)
-        self.scheduler = self._build_scheduler()
-        self.amp_dtype = self._amp_dtype()
+        self.scheduler, self.amp_dtype = self._build_scheduler(), self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
-        self._epoch = 0
-        self._micro = 0
-        self._global_step = 0
-        self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
+        self._epoch = self._micro = self._global_step = 0
+        self._epoch_stats = _new_stats()
         self._best: float | None = None
         self.best_epoch: int | None = None  # 1-based epoch of the best evaluation (None: nothing selected)
         self._best_weights: dict[str, Tensor] | None = None  # CPU copy of the best epoch's trainable weights
         self.start_metrics: dict[str, Any] | None = None  # the evaluator's metrics before training (fit)
 
-    # ------------------------------------------------------------------------------------ set-up
     def _missing(self, triplet: Triplet) -> str | None:
         """Why this triplet cannot be trained on, or None."""
         if triplet.target is None:
             return "no target"
-        if triplet.reference not in self.images:
-            return "reference image missing"
-        return None
+        return "reference image missing" if triplet.reference not in self.images else None
 
     def _check_triplets(self, triplets: list[Triplet]) -> list[Triplet]:
         if not triplets:
@@ -291,12 +249,10 @@ class Trainer(Checkpointing, abc.ABC):
         config = self.config
         if config.schedule == "cosine":
             from transformers import get_cosine_schedule_with_warmup
-
             total = config.epochs * self._optimizer_steps_per_epoch()
             return get_cosine_schedule_with_warmup(self.optimizer, config.warmup_steps, total)
         if config.warmup_steps:
             from transformers import get_constant_schedule_with_warmup
-
             return get_constant_schedule_with_warmup(self.optimizer, config.warmup_steps)
         return None
 
@@ -311,7 +267,6 @@ class Trainer(Checkpointing, abc.ABC):
                                       fix="use amp='bf16' or 'off' on CPU"))
         return torch.bfloat16 if amp == "bf16" else torch.float16
 
-    # ------------------------------------------------------------------------------------ pieces
     def temperature(self) -> Tensor:
         """0-dim float32 tau: learned (the parameter itself, or exp of the log-temperature) or fixed."""
         if self.log_tau is not None:
@@ -326,26 +281,22 @@ class Trainer(Checkpointing, abc.ABC):
         return protocol.reference_input(self.model, stack_images(self.images, ids, self.device), texts)
 
     def _loss(self, triplets: Sequence[Triplet], texts: list[str]) -> Tensor:
-        reference = self._reference([t.reference for t in triplets], texts)
-        query, temperature = self._compose(reference, texts)
+        query, temperature = self._compose(self._reference([t.reference for t in triplets], texts), texts)
         if not torch.is_tensor(query) or query.dim() != 2 or query.shape[0] != len(triplets):
-            raise ShapeError(explain("compose_query must return (B, D)",
-                                     got=getattr(query, "shape", type(query).__name__),
-                                     expected=f"({len(triplets)}, D)"))
-        query = F.normalize(query, dim=-1)  # (b, D) unit queries
+            raise ShapeError(explain("compose_query must return (B, D)", expected=f"({len(triplets)}, D)",
+                                     got=getattr(query, "shape", type(query).__name__)))
         bank, target_rows, exclude = self.negatives(self.model, triplets, self.images, self.device)
-        return self.negatives.loss(query, bank, target_rows, exclude, temperature)
+        return self.negatives.loss(F.normalize(query, dim=-1), bank, target_rows, exclude, temperature)
 
     def _compose(self, reference: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """(compose_query(reference, texts), temperature); under torchrun through DDP, which then averages
-        the gradients of the trainable parameters and the log-temperature across ranks in buckets."""
+        """(compose_query(reference, texts), temperature); under torchrun through DDP (:class:`QuerySide`)."""
         if self.world == 1:
             return protocol.compose(self.model, reference, texts), self.temperature()
         if getattr(self, "_ddp", None) is None:  # built at the first step, after any resume loaded the weights
-            device_ids = [self.device] if self.device.type == "cuda" else None
+            tau = self.log_tau if self.log_tau is not None else self.learned_tau
             self._ddp = nn.parallel.DistributedDataParallel(
-                QuerySide(self.model, [p for _, p in self.trainable], self.log_tau if self.log_tau is not None
-                          else self.learned_tau, as_log=self.log_tau is not None), device_ids=device_ids)
+                QuerySide(self.model, [p for _, p in self.trainable], tau, as_log=self.log_tau is not None),
+                device_ids=[self.device] if self.device.type == "cuda" else None)
         query, temperature = self._ddp(reference, texts)
         return query, (temperature if temperature is not None else self.temperature())
 
@@ -356,22 +307,16 @@ class Trainer(Checkpointing, abc.ABC):
         return {name: p.detach() for name, p in self._named_parameters()}
 
     def _named_parameters(self) -> list[tuple[str, Tensor]]:
-        """The trainable parameters by name, and the learned log-temperature when there is one."""
+        """The trainable parameters by name, and the learned temperature when there is one."""
         if self.log_tau is not None:
             return list(self.trainable) + [(TEMPERATURE_NAME, self.log_tau)]
         return list(self.trainable) + ([(TAU_NAME, self.learned_tau)] if self.learned_tau is not None else [])
 
-    # ------------------------------------------------------------------------------------ the loop
     def _check_gradients(self) -> None:
-        """NonFiniteError naming the parameters whose gradient holds NaN or inf (nothing applied).
-
-        A finite loss can still back-propagate a non-finite gradient; one AdamW step would then
-        turn the weights into NaN and the next checkpoint would keep them. Not called under a
-        GradScaler (fp16), which detects such steps itself and skips them.
-        """
-        named = self._named_parameters()
-        bad = non_finite_tensors([(name, p.grad) for name, p in named if p.grad is not None])
-        if bad:
+        """NonFiniteError naming the parameters whose gradient holds NaN or inf (nothing applied): a finite loss can
+        back-propagate one, and one AdamW step would turn the weights into NaN. A GradScaler (fp16) skips such
+        steps itself."""
+        if bad := non_finite_tensors([(name, p.grad) for name, p in self._named_parameters() if p.grad is not None]):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(explain(f"non-finite gradients in {len(bad)} parameter(s); the step was not applied",
                                          got=bad[:10]))
@@ -399,15 +344,8 @@ class Trainer(Checkpointing, abc.ABC):
                 self.learned_tau.clamp_(low, high)
         self._global_step += 1
 
-    def _micro_batch(self, samples: list) -> float:
-        """Forward + backward of one global micro-batch of sampler samples; returns its mean loss (all ranks)."""
-        return self._forward_backward([self.triplets[s.index] for s in samples],
-                                      [self.triplets[s.index].texts[s.text_index] for s in samples],
-                                      self.config.grad_accum_steps)
-
     def _forward_backward(self, batch: Sequence[Triplet], batch_texts: Sequence[str], accum: int) -> float:
-        """Forward + backward of one global micro-batch (gradients / ``accum`` added to ``.grad``); returns
-        its mean loss (all ranks)."""
+        """Forward + backward of one global micro-batch (gradients / ``accum``); returns its mean loss (all ranks)."""
         total = len(batch)
         start, stop = total * self.rank // self.world, total * (self.rank + 1) // self.world
         triplets, texts = list(batch[start:stop]), list(batch_texts[start:stop])
@@ -416,10 +354,7 @@ class Trainer(Checkpointing, abc.ABC):
             triplets, texts = list(batch[:1]), list(batch_texts[:1])
         loss_sum = 0.0
         if triplets:
-            if self.amp_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                    loss = self._loss(triplets, texts)
-            else:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
                 loss = self._loss(triplets, texts)
             value = float(loss.detach())  # the step's one host sync: the finite check and the reported loss
             loss_sum = value * weight
@@ -436,23 +371,18 @@ class Trainer(Checkpointing, abc.ABC):
         return loss_sum / total
 
     def train_step(self, batch: Sequence[Triplet], texts: Sequence[str] | None = None) -> float:
-        """One optimiser step on ``batch`` (forward, backward, optimiser, scheduler); returns its mean loss.
+        """One optimiser step on ``batch`` (no accumulation); returns its mean loss. A non-finite loss or gradient
+        is a NonFiniteError and nothing is applied.
 
         Args:
-            batch: B triplets (the global batch under torchrun: every rank passes the same list and takes
-                its slice); references (and stage-1 targets) must be in the trainer's images (stage 2:
-                targets in the bank).
+            batch: B triplets (under torchrun the global batch: each rank takes its slice); references (stage 1:
+                and targets) in the trainer's images, stage-2 targets in the bank.
             texts: B modification texts, one per triplet; default each triplet's ``texts[0]``.
-
-        The model is put in training mode (frozen modules stay in eval mode); no gradient accumulation
-        (``fit`` accumulates ``config.grad_accum_steps`` micro-batches itself). A non-finite loss or
-        gradient is a NonFiniteError and nothing is applied. ``fit`` is this step in a loop over the
-        sampler's micro-batches, with checkpoints, evaluation and the best epoch restored.
         """
         batch = list(batch)
         if not batch or not all(isinstance(t, Triplet) for t in batch):
-            raise DataError(explain("train_step needs a non-empty list of Triplet", got=[type(t).__name__
-                                                                                          for t in batch[:3]]))
+            raise DataError(explain("train_step needs a non-empty list of Triplet",
+                                    got=[type(t).__name__ for t in batch[:3]]))
         texts = [t.texts[0] for t in batch] if texts is None else list(texts)
         if len(texts) != len(batch) or not all(isinstance(x, str) for x in texts):
             raise DataError(explain("train_step needs one text string per triplet", got=(len(batch), len(texts))))
@@ -475,8 +405,8 @@ class Trainer(Checkpointing, abc.ABC):
                                                    "last good checkpoint is kept"))
 
     def _evaluate_epoch(self, entry: dict[str, Any]) -> bool:
-        """Run the evaluator (rank 0; eval mode, no_grad) into ``entry["metrics"]``; True when this epoch
-        is the best so far (the decision is broadcast, so every rank keeps the same best weights)."""
+        """Run the evaluator (rank 0) into ``entry["metrics"]``; True when this epoch is the best so far (broadcast,
+        so every rank keeps the same best weights)."""
         improved = False
         if self.evaluator is not None and self.rank == 0:
             with eval_mode(self.model), torch.no_grad():
@@ -494,19 +424,8 @@ class Trainer(Checkpointing, abc.ABC):
                 self._best_weights = {name: p.detach().to("cpu", copy=True) for name, p in self._named_parameters()}
         return improved
 
-    def _evaluate_start(self) -> None:
-        """The evaluator's metrics before training (rank 0), kept as ``start_metrics`` for :meth:`_warn_if_stalled`
-        (None when the evaluator checks nothing: no metric or ``min_change=None``)."""
-        self.start_metrics = None
-        if self.evaluator is None or not self.evaluator.checks_start or self.rank != 0:
-            return
-        with eval_mode(self.model), torch.no_grad():
-            self.start_metrics = self.evaluator(self.model)
-        logger.info("%s before training: %s", self.stage, format_values(self.start_metrics))
-
     def _warn_if_stalled(self, entry: dict[str, Any]) -> None:
-        """Warn, naming the learning rate, when after the evaluator's share of the epochs its metric has not moved
-        from its value before training (:meth:`Evaluator.stalled`)."""
+        """Warn, naming the learning rate, when the metric has not moved from ``start_metrics`` (Evaluator.stalled)."""
         start = self.start_metrics
         if start is None or not entry["metrics"] or entry["epoch"] != self.evaluator.stall_epoch(self.config.epochs):
             return
@@ -535,49 +454,50 @@ class Trainer(Checkpointing, abc.ABC):
     def fit(self, resume: bool = False, *, allow_data_change: bool = False) -> list[dict[str, Any]]:
         """Train for ``config.epochs`` epochs (continuing the last checkpoint with ``resume=True``).
 
-        Resuming refuses (CheckpointError) a checkpoint trained on other triplets or another bank
-        (fingerprints stored in the checkpoint); ``allow_data_change=True`` continues on the new data.
+        Resuming refuses (CheckpointError) a checkpoint trained on other triplets or another bank;
+        ``allow_data_change=True`` continues on the new data.
 
-        Returns the history: one dict per epoch with ``epoch``, ``steps`` (optimiser steps),
-        ``micro_batches``, ``loss`` (mean), ``time`` (s), ``samples_per_s``, ``temperature``, ``lr``
-        and ``metrics`` (the evaluator's dict, empty without one).
-
-        With an evaluator that has a metric, the best epoch is saved as ``checkpoints/best`` (with
-        ``output_dir``) and, with ``config.restore_best`` (the default), its weights are on the model when
-        ``fit`` returns (``trainer.best_epoch`` says which); ``restore_best=False`` keeps the last epoch's.
+        Returns the history: one dict per epoch with ``epoch``, ``steps`` (optimiser steps), ``micro_batches``,
+        ``loss`` (mean), ``time`` (s), ``samples_per_s``, ``temperature``, ``lr`` and ``metrics`` (the evaluator's
+        dict, empty without one). With an evaluator metric the best epoch is saved as ``checkpoints/best`` and, with
+        ``config.restore_best`` (default), its weights are on the model afterwards (``trainer.best_epoch``).
         """
         config = self.config
         resumed = self._resume(allow_data_change) if resume else False
-        if not resumed:  # before the seeds are set: an evaluation changes nothing the training draws
-            self._evaluate_start()
+        if not resumed:  # start_metrics (rank 0) before the seeds are set, so they change nothing training draws
+            self.start_metrics = None
+            if self.evaluator is not None and self.evaluator.checks_start and self.rank == 0:
+                with eval_mode(self.model), torch.no_grad():
+                    self.start_metrics = self.evaluator(self.model)
+                logger.info("%s before training: %s", self.stage, format_values(self.start_metrics))
             torch.manual_seed(config.seed)
             random.seed(config.seed)
             np.random.seed(config.seed % 2**32)
-        accum = config.grad_accum_steps
         while self._epoch < config.epochs:
             epoch = self._epoch
             plan = self.sampler.epoch_plan(epoch)
             self._train_mode()
-            bar = progress_bar(total=len(plan), initial=self._micro,
+            bar = progress_bar(total=len(plan), initial=self._micro, unit="batch",
                                desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
-                       show_progress=config.show_progress if self.rank == 0 else False, unit="batch")
-            started = time.perf_counter()
-            time_before = self._epoch_stats["time"]
+                               show_progress=config.show_progress and self.rank == 0)
+            started, stats = time.perf_counter(), self._epoch_stats
+            time_before = stats["time"]
             for micro in range(self._micro, len(plan)):
                 samples = plan[micro]
                 where = f"epoch {epoch + 1}, micro-batch {micro + 1}, optimiser step {self._global_step + 1}"
                 try:
-                    loss = self._micro_batch(samples)
+                    loss = self._forward_backward([self.triplets[s.index] for s in samples],
+                                                  [self.triplets[s.index].texts[s.text_index] for s in samples],
+                                                  config.grad_accum_steps)
                 except NonFiniteError as error:
                     raise self._non_finite("loss", where, error) from error
                 if not math.isfinite(loss):
                     raise self._non_finite("loss", where, got=loss)
-                stats = self._epoch_stats
                 stats["loss_sum"] += loss
                 stats["micro_batches"] += 1
                 stats["samples"] += len(samples)
                 self._micro = micro + 1
-                if self._micro % accum == 0 or self._micro == len(plan):
+                if self._micro % config.grad_accum_steps == 0 or self._micro == len(plan):
                     try:
                         self._optimizer_step()
                     except NonFiniteError as error:
@@ -592,29 +512,21 @@ class Trainer(Checkpointing, abc.ABC):
                 bar.set_postfix(loss=f"{stats['loss_sum'] / stats['micro_batches']:.4f}",
                                 samples_per_s=f"{stats['samples'] / max(elapsed, 1e-9):.1f}")
             bar.close()
-            stats = self._epoch_stats
             stats["time"] = time_before + time.perf_counter() - started
-            entry = {
-                "epoch": epoch + 1,
-                "steps": stats["steps"],
-                "micro_batches": stats["micro_batches"],
-                "loss": stats["loss_sum"] / max(stats["micro_batches"], 1),
-                "time": stats["time"],
-                "samples_per_s": stats["samples"] / max(stats["time"], 1e-9),
-                "temperature": float(self.temperature().detach()),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "metrics": {},
-            }
+            entry = {"epoch": epoch + 1, "steps": stats["steps"], "micro_batches": stats["micro_batches"],
+                     "loss": stats["loss_sum"] / max(stats["micro_batches"], 1), "time": stats["time"],
+                     "samples_per_s": stats["samples"] / max(stats["time"], 1e-9),
+                     "temperature": float(self.temperature().detach()), "lr": self.optimizer.param_groups[0]["lr"],
+                     "metrics": {}}
             improved = self._evaluate_epoch(entry)
             self._warn_if_stalled(entry)
             logger.info("%s epoch %d/%d: %s", self.stage, epoch + 1, config.epochs,
                         format_values({k: v for k, v in entry.items() if k not in ("epoch", "metrics")}, digits=4)
                         + (f"; {format_values(entry['metrics'])}" if entry["metrics"] else ""))
             self.history.append(entry)
-            self._epoch, self._micro = epoch + 1, 0
-            self._epoch_stats = {"loss_sum": 0.0, "micro_batches": 0, "steps": 0, "samples": 0, "time": 0.0}
-            if improved:  # 'best' first: a run stopped between the two saves resumes from a 'last' that a 'best'
-                self._save("best")  # it names exists for (the other order left 'last' naming a best never written)
+            self._epoch, self._micro, self._epoch_stats = epoch + 1, 0, _new_stats()
+            if improved:  # 'best' first: a run stopped between the saves resumes from a 'last' whose 'best' exists
+                self._save("best")
             self._save("last")
             if self.world > 1:
                 dist.barrier()

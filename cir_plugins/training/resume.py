@@ -1,9 +1,5 @@
-"""The trainer's checkpoints: writing ``last`` / ``best``, resuming ``last``, loading a checkpoint's weights.
-
-A mixin of :class:`cir_plugins.training.loop.Trainer` (the state it saves and restores is the trainer's:
-position, history, best metric, optimiser, scheduler, GradScaler, RNG, data fingerprints); the file
-format is :mod:`cir_plugins.training.checkpoint`'s.
-"""
+"""The trainer's checkpoints (a mixin of :class:`~cir_plugins.training.loop.Trainer`): writing ``last`` / ``best``,
+resuming ``last``, loading a checkpoint's weights; the format is :mod:`cir_plugins.training.checkpoint`'s."""
 
 from __future__ import annotations
 
@@ -12,18 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError, explain
-from .checkpoint import (
-    STATE_FILE,
-    bank_fingerprint,
-    capture_rng,
-    has_checkpoint,
-    load_checkpoint,
-    restore_optimizer,
-    restore_rng,
-    restore_weights,
-    save_checkpoint,
-    triplets_fingerprint,
-)
+from . import checkpoint as ckpt
+from .checkpoint import STATE_FILE, load_checkpoint
 from .config import RESUMABLE_CHANGES
 
 __all__ = ["Checkpointing"]
@@ -41,37 +27,27 @@ class Checkpointing:
         root = self._checkpoint_root()
         if root is None or self.rank != 0:
             return
-        state = {
-            "stage": self.stage,
-            "config": self.config.to_dict(),
-            "trainable": [name for name, _ in self.trainable],
-            "epoch": self._epoch,
-            "micro": self._micro,
-            "global_step": self._global_step,
-            "epoch_stats": dict(self._epoch_stats),
-            "history": self.history,
-            "best": self._best,
-            "best_epoch": self.best_epoch,
-            "rng": capture_rng(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "fingerprints": self._data_fingerprints(),
-            "made_with": self.made_with,
-        }
-        save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
+        state = {"stage": self.stage, "config": self.config.to_dict(), "trainable": [n for n, _ in self.trainable],
+                 "epoch": self._epoch, "micro": self._micro, "global_step": self._global_step,
+                 "epoch_stats": dict(self._epoch_stats), "history": self.history, "best": self._best,
+                 "best_epoch": self.best_epoch, "rng": ckpt.capture_rng(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "fingerprints": self._data_fingerprints(), "made_with": self.made_with}
+        ckpt.save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
                         state=state)
 
     def _data_fingerprints(self) -> dict[str, str | None]:
         """Hashes of the training triplets (in order) and of the bank (ids, rows, weights), computed once."""
         if getattr(self, "_fingerprints", None) is None:
             bank = getattr(self.negatives, "bank", None)
-            self._fingerprints = {"triplets": triplets_fingerprint(self.triplets),
-                                  "bank": bank_fingerprint(bank) if bank is not None else None}
+            self._fingerprints = {"triplets": ckpt.triplets_fingerprint(self.triplets),
+                                  "bank": ckpt.bank_fingerprint(bank) if bank is not None else None}
         return self._fingerprints
 
     def _check_resume_position(self, state: dict[str, Any], path: Path, data_changed: bool) -> None:
-        """CheckpointError unless the saved sampler position is one this run can reach (an edited or
-        foreign position would silently skip or repeat micro-batches)."""
+        """CheckpointError unless the saved position is one this run reaches (else micro-batches are skipped or
+        repeated)."""
         epoch, micro, step = state["epoch"], state["micro"], state["global_step"]
         plan, accum = len(self.sampler), self.config.grad_accum_steps
         expected_step = epoch * self._optimizer_steps_per_epoch() + micro // accum
@@ -91,15 +67,13 @@ class Checkpointing:
         try:
             checkpoint = load_checkpoint(root, "last", device=self.device)
         except CheckpointError:
-            if not has_checkpoint(root, "last"):
+            if not ckpt.has_checkpoint(root, "last"):
                 logger.info("no checkpoint under %s: starting from scratch", root)
                 return False
             raise
-        state = checkpoint.state
+        state, now = checkpoint.state, self.config.to_dict()
         saved = dict(state["config"])
-        now = self.config.to_dict()
-        differ = sorted(k for k in set(saved) | set(now)
-                        if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if state.get("stage") != self.stage or differ:
             raise CheckpointError(explain("the checkpoint was written with another configuration",
                                           got={k: (saved.get(k), now.get(k)) for k in differ} or state.get("stage"),
@@ -120,18 +94,16 @@ class Checkpointing:
         if changed:
             logger.warning("resuming %s on changed data (%s), as allowed", checkpoint.path, ", ".join(changed))
         self._check_resume_position(state, checkpoint.path, bool(changed))
-        restore_weights(checkpoint, self._named_parameters())
-        restore_optimizer(self.optimizer, checkpoint)
+        ckpt.restore_weights(checkpoint, self._named_parameters())
+        ckpt.restore_optimizer(self.optimizer, checkpoint)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self._epoch, self._micro, self._global_step = state["epoch"], state["micro"], state["global_step"]
-        self._epoch_stats = dict(state["epoch_stats"])
-        self.history = list(state["history"])
-        self._best = state["best"]
-        self.best_epoch = state.get("best_epoch")
-        restore_rng(state["rng"], source=checkpoint.path / STATE_FILE)
+        self._epoch_stats, self.history = dict(state["epoch_stats"]), list(state["history"])
+        self._best, self.best_epoch = state["best"], state.get("best_epoch")
+        ckpt.restore_rng(state["rng"], source=checkpoint.path / STATE_FILE)
         logger.info("resumed from %s at epoch %d, micro-batch %d", checkpoint.path, self._epoch + 1, self._micro)
         return True
 
@@ -140,5 +112,4 @@ class Checkpointing:
         root = self._checkpoint_root()
         if root is None:
             raise ConfigError(explain("no output_dir: there are no checkpoints", got=None))
-        checkpoint = load_checkpoint(root, name, device=self.device)
-        restore_weights(checkpoint, self._named_parameters())
+        ckpt.restore_weights(load_checkpoint(root, name, device=self.device), self._named_parameters())

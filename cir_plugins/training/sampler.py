@@ -1,20 +1,15 @@
 """The epoch sampler: which triplets, in which order, with which text, for every epoch.
 
-An epoch's plan is a pure function of (seed, epoch), so resuming needs only the epoch and the
-number of micro-batches already done: no sampler state beyond two integers.
-
-Mixing annotated and generated triplets (``annotated_fraction=f``): an epoch holds L samples
-(L = steps_per_epoch * batch_size, or the number of triplets when steps_per_epoch is None);
-round(f * L) of them are annotated and the rest generated. Each kind is drawn as successive
-shuffled passes over that kind (so a small annotated set is repeated evenly, and a large
-generated set is subsampled without repeats within the epoch), then both are shuffled together.
-With ``annotated_fraction=None`` every triplet is one sample (repeated passes if steps_per_epoch
-asks for more). Each sample also fixes which of the triplet's texts it uses, drawn uniformly.
+An epoch's plan is a pure function of (seed, epoch): resuming needs only the epoch and the micro-batches done.
+An epoch holds L samples (``steps_per_epoch * batch_size``, or the number of triplets). With
+``annotated_fraction=f``, round(f * L) are annotated and the rest generated, each kind drawn as successive
+shuffled passes over it (a small set repeated evenly, a large one subsampled without repeats), then shuffled
+together; with None every triplet is one sample (repeated passes if L asks for more). Each sample's text is
+drawn uniformly from its triplet's texts.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +19,6 @@ from ..data.triplet import Triplet
 from ..errors import ConfigError, explain
 
 __all__ = ["EpochSampler", "Sample"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,11 +34,8 @@ class EpochSampler:
 
     def __init__(self, triplets: Sequence[Triplet], batch_size: int, *, seed: int = 0,
                  annotated_fraction: float | None = None, steps_per_epoch: int | None = None) -> None:
-        self.triplets = list(triplets)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.annotated_fraction = annotated_fraction
-        self.steps_per_epoch = steps_per_epoch
+        self.triplets, self.batch_size, self.seed = list(triplets), int(batch_size), int(seed)
+        self.annotated_fraction, self.steps_per_epoch = annotated_fraction, steps_per_epoch
         self.annotated = [i for i, t in enumerate(self.triplets) if t.source == "annotated"]
         self.generated = [i for i, t in enumerate(self.triplets) if t.source != "annotated"]
         if not self.triplets:
@@ -60,20 +50,11 @@ class EpochSampler:
 
     @property
     def samples_per_epoch(self) -> int:
-        if self.steps_per_epoch is not None:
-            return self.steps_per_epoch * self.batch_size
-        return len(self.triplets)
+        return len(self.triplets) if self.steps_per_epoch is None else self.steps_per_epoch * self.batch_size
 
     def __len__(self) -> int:
         """Micro-batches per epoch."""
-        if self.steps_per_epoch is not None:
-            return self.steps_per_epoch
-        return -(-len(self.triplets) // self.batch_size)
-
-    def _generator(self, epoch: int) -> torch.Generator:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed * 1_000_003 + epoch)
-        return generator
+        return -(-len(self.triplets) // self.batch_size) if self.steps_per_epoch is None else self.steps_per_epoch
 
     @staticmethod
     def _draw(pool: list[int], count: int, generator: torch.Generator) -> list[int]:
@@ -86,7 +67,7 @@ class EpochSampler:
 
     def epoch_plan(self, epoch: int) -> list[list[Sample]]:
         """The micro-batches of ``epoch`` (0-based), each a list of at most batch_size samples."""
-        generator = self._generator(epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         total = self.samples_per_epoch
         if self.annotated_fraction is None:
             indices = self._draw(list(range(len(self.triplets))), total, generator)
@@ -97,9 +78,6 @@ class EpochSampler:
                 indices += self._draw(self.generated, total - n_annotated, generator)
             mix = torch.randperm(len(indices), generator=generator).tolist()
             indices = [indices[i] for i in mix]
-        samples = []
-        for index in indices:
-            n_texts = len(self.triplets[index].texts)
-            text_index = int(torch.randint(n_texts, (1,), generator=generator)) if n_texts > 1 else 0
-            samples.append(Sample(index, text_index))
+        samples = [Sample(i, int(torch.randint(n, (1,), generator=generator)) if n > 1 else 0)
+                   for i in indices for n in [len(self.triplets[i].texts)]]
         return [samples[i:i + self.batch_size] for i in range(0, len(samples), self.batch_size)]

@@ -1,11 +1,6 @@
-"""Stage 1: contrastive fine-tuning with in-batch negatives (the base models' own recipe).
-
-Used for baselines and for the zero-shot variant (training on generated triplets only). Both
-towers are trainable by default; ``trainable=`` narrows it (e.g. CLIP4Cir's Combiner-only stage:
-``trainable=["combiner"]``). The loop, checkpoints and resume are those of stage 2
-(:mod:`cir_plugins.training.loop`); only the negatives differ: the batch's target embeddings,
-computed with gradient, one row per distinct target (duplicates within a batch are never each
-other's negatives).
+"""Stage 1: contrastive fine-tuning with in-batch negatives (the base models' own recipe), for baselines and the
+zero-shot variant (generated triplets only). The loop is :mod:`cir_plugins.training.loop`'s; the negatives are the
+batch's targets, encoded with gradient, one row per distinct target (duplicates are never each other's negatives).
 """
 
 from __future__ import annotations
@@ -44,42 +39,32 @@ class InBatchNegatives:
 
     def __call__(self, model: Any, triplets: Sequence[Triplet], images: Mapping[str, Tensor],
                  device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.mask_duplicates:
-            # one row per duplicate group: a target's duplicates are its positive, never a negative
-            encode_ids, rows = group_rows([t.target for t in triplets], self.groups)
-        else:
-            encode_ids = [t.target for t in triplets]
-            rows = list(range(len(triplets)))
-        targets = model.encode_image(stack_images(images, encode_ids, device))  # (u, D) or (u, T, D)
-        targets = F.normalize(targets, dim=-1)
-        return targets, torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), None  # no blocking copy
+        ids = [t.target for t in triplets]
+        # one row per duplicate group: a target's duplicates are its positive, never a negative
+        encode_ids, rows = group_rows(ids, self.groups) if self.mask_duplicates else (ids, list(range(len(ids))))
+        targets = F.normalize(model.encode_image(stack_images(images, encode_ids, device)), dim=-1)  # (u, D)/(u, T, D)
+        return targets, torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True), None
 
     def loss(self, query: Tensor, targets: Tensor, target_rows: Tensor, exclude: Tensor | None,
              temperature: Tensor) -> Tensor:
-        """Cross-entropy over the batch's u distinct targets, differentiable in both towers.
-
-        query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u). The (b, u) matrix is
-        small (u <= b), so no chunking is needed.
-        """
+        """Cross-entropy over the batch's u <= b distinct targets, differentiable in both towers (no chunking needed):
+        query (b, D); targets (u, D) or (u, T, D); target_rows (b,) in [0, u)."""
         logits = similarity(query, targets, self.similarity, bf16=False)  # (b, u) float32, differentiable
         return F.cross_entropy(logits / temperature, target_rows)
-
-
 
 class Stage1Trainer(Trainer):
     """In-batch contrastive training of ``model`` on ``triplets``.
 
     Args:
-        model: a CIR model.
-        triplets: training triplets (targets required).
+        model: a CIR model. triplets: training triplets (targets required).
         images: id -> (C, H, W) images of references and targets.
         config: :class:`Stage1Config`.
-        evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch; its metric
-            picks the best epoch, whose weights ``fit`` restores (``config.restore_best``).
+        evaluator: an :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch; its metric picks
+            the best epoch, whose weights ``fit`` restores (``config.restore_best``).
         groups: id -> duplicate-group id; targets of one group in a batch are one row.
-        trainable: parameter names or dotted prefixes, a predicate ``(name, parameter) -> bool``, or the
-            parameters themselves (the rule of :func:`cir_plugins.protocol.select_trainable`, as for
-            ``wrap_model(trainable=...)``); None = every parameter that requires grad.
+        trainable: names or dotted prefixes, a predicate ``(name, parameter) -> bool`` or the parameters (the rule
+            of :func:`cir_plugins.protocol.select_trainable`; e.g. CLIP4Cir's Combiner-only stage
+            ``["combiner"]``); None = every parameter that requires grad.
         made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
             command line records ``base``: the results loaded onto the model before training).
     """
@@ -94,10 +79,8 @@ class Stage1Trainer(Trainer):
         config = Stage1Config() if config is None else config
         if not isinstance(config, Stage1Config):
             raise ConfigError(explain("Stage1Trainer needs a Stage1Config", got=type(config).__name__))
-        self._groups = groups
-        self._trainable_spec = trainable
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator,
-                         made_with=made_with)
+        self._groups, self._trainable_spec = groups, trainable
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, made_with=made_with)
         if self.world > 1:
             raise ConfigError(explain("Stage1Trainer runs in one process: in-batch negatives across ranks are not "
                                       "gathered", got=f"world size {self.world}",
@@ -105,17 +88,13 @@ class Stage1Trainer(Trainer):
 
     def _missing(self, triplet: Triplet) -> str | None:
         why = super()._missing(triplet)
-        if why is None and triplet.target not in self.images:
-            return "target image missing"
-        return why
+        return "target image missing" if why is None and triplet.target not in self.images else why
 
     def _setup(self) -> None:
         spec = self._trainable_spec
         named = list(self.model.named_parameters())
-        if spec is None:
-            chosen = {n for n, p in named if p.requires_grad}
-        else:
-            chosen = set(protocol.select_trainable(self.model, spec))  # the one rule for trainable= names
+        chosen = ({n for n, p in named if p.requires_grad} if spec is None
+                  else set(protocol.select_trainable(self.model, spec)))
         for name, p in named:
             p.requires_grad_(name in chosen)
         self.trainable = [(n, p) for n, p in named if n in chosen]

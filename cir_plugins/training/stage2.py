@@ -8,15 +8,12 @@ Typical use::
                                evaluator=cp.Evaluator.on_split(val_split, metric="Rmean"))
     history = trainer.fit()  # the best epoch's weights are on the model afterwards
 
-What the trainer does at construction: probes the model's parameter split
-(:func:`cir_plugins.protocol.parameter_split`), refuses a bank the model did not build
-(``bank.check_compatible``: similarity, embedding shape, target-side fingerprint), freezes the
-target side (``requires_grad=False``), and, when the model has ``encode_reference``, caches it
-once per reference id (once per (reference id, text) when the model declares
-``reference_uses_text``) so a step never runs the vision tower. Each step: queries
-``normalize(compose_query(cached_reference, texts))`` against every bank row with
-``bank_contrastive_loss``; the query's reference row is masked (``mask_reference=False`` keeps it,
-as the method's release does). See :mod:`cir_plugins.training.loop` for the loop itself.
+At construction the trainer probes the model's parameter split (:func:`cir_plugins.protocol.parameter_split`),
+refuses a bank the model did not build (``bank.check_compatible``: similarity, shape, target-side fingerprint),
+freezes the target side and caches ``encode_reference`` once per reference id (per (id, text) when the model
+declares ``reference_uses_text``), so a step never runs the vision tower. Each step's queries meet every bank row
+(the reference row masked; ``mask_reference=False`` keeps it, as the release does); the loop is
+:mod:`cir_plugins.training.loop`'s.
 """
 
 from __future__ import annotations
@@ -46,12 +43,9 @@ logger = logging.getLogger(__name__)
 
 
 class ReferenceCache:
-    """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device.
-
-    ``features`` is (R, ...) with one row per id; ``rows`` maps id -> row. With ``texts`` (one per id,
-    for a model with ``reference_uses_text``) the cache holds ``encode_reference(images, texts)`` once
-    per distinct (id, text) pair, ``rows`` maps (id, text) -> row, and lookups pass the texts too.
-    """
+    """``encode_reference`` computed once per reference id (no_grad, eval mode), kept on the device: ``features``
+    (R, ...) one row per id, ``rows`` id -> row. With ``texts`` (one per id, ``reference_uses_text``) one row per
+    distinct (id, text) pair, ``rows`` keyed by (id, text), and lookups pass the texts too."""
 
     def __init__(self, model: Any, ids: Sequence[str], images: Mapping[str, Tensor], device: torch.device,
                  *, texts: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True) -> None:
@@ -59,13 +53,11 @@ class ReferenceCache:
             raise ShapeError(explain("ReferenceCache needs one text per reference id", got=(len(ids), len(texts))))
         self.with_text = texts is not None
         keys = list(dict.fromkeys(zip(ids, texts) if self.with_text else ids))  # distinct ids or (id, text) pairs
-        ids = [k[0] for k in keys] if self.with_text else keys
-
         with eval_mode(model):
-            features = embed_images(model.encode_reference, ids, images, batch_size=batch_size, device=device,
-                                    texts=[k[1] for k in keys] if self.with_text else None,
-                                    show_progress=show_progress, desc="cache references")
-        self.features = features  # (R, ...) one row per reference id (or (id, text) pair)
+            self.features = embed_images(model.encode_reference, [k[0] for k in keys] if self.with_text else keys,
+                                         images, batch_size=batch_size, device=device, desc="cache references",
+                                         texts=[k[1] for k in keys] if self.with_text else None,
+                                         show_progress=show_progress)  # (R, ...)
         self.rows = {key: row for row, key in enumerate(keys)}
 
     def __call__(self, ids: Sequence[str], texts: Sequence[str] | None = None) -> Tensor:
@@ -75,21 +67,17 @@ class ReferenceCache:
             missing = [k for k, row in zip(keys, rows) if row is None]
             raise DataError(explain("references not in the reference cache", got=missing[:5],
                                     fix="build the cache over every (reference, text) the triplets hold"))
-        # built on the host and copied without a blocking copy (which would wait for the queued work)
-        index = torch.tensor(rows, dtype=torch.long).to(self.features.device, non_blocking=True)
+        index = torch.tensor(rows, dtype=torch.long).to(self.features.device, non_blocking=True)  # no blocking copy
         return self.features.index_select(0, index)  # (b, ...)
 
 
-
 def _check_bank_preprocessing(bank: NegativeBank, images: Mapping[str, Tensor], allow: bool) -> None:
-    """DataError (a warning with ``allow``) when ``images`` describe their preprocessing (an ImageStore) and it is
-    not what ``bank`` recorded for its images."""
+    """DataError (a warning with ``allow``) when ImageStore ``images`` preprocess otherwise than ``bank`` recorded."""
     describe = getattr(images, "preprocessing", None)
     if bank.preprocessing is None or not callable(describe):
         return
     here = describe()
-    differ = preprocessing_differences(here, bank.preprocessing)
-    if not differ:
+    if not (differ := preprocessing_differences(here, bank.preprocessing)):
         return
     message = explain("the training images are preprocessed otherwise than the bank's images were",
                       got=f"{ {k: here.get(k) for k in differ} } here, "
@@ -106,22 +94,16 @@ class Stage2Trainer(Trainer):
     """Fine-tune the query side of ``model`` against ``bank`` on ``triplets``.
 
     Args:
-        model: a CIR model (see :mod:`cir_plugins.protocol`), usually the stage-1 checkpoint.
+        model: a CIR model (see :mod:`cir_plugins.protocol`), usually the stage-1 result.
         bank: a :class:`NegativeBank` built by this model's target side (else BankMismatchError), or the path
             of a saved one: under torchrun (``shard_bank``) each rank then reads only its rows of the file.
-        triplets: training triplets; every target must be in the bank (else DataError naming them,
-            or dropped with ``config.skip_missing``).
+        triplets: training triplets; every target must be in the bank (else DataError naming them, or dropped
+            with ``config.skip_missing``).
         images: id -> (C, H, W) reference images (only references are read, once each when cached).
-        config: :class:`Stage2Config`.
-        evaluator: a :class:`~cir_plugins.training.evaluator.Evaluator` run after each epoch (eval mode,
-            no_grad); its metric picks the 'best' checkpoint, whose weights ``fit`` restores at the end
-            (``config.restore_best``; False keeps the last epoch's).
-        made_with: JSON-ready provenance recorded in every checkpoint beside the images' preprocessing (the
-            command line records ``base``: the stage-1 result this run starts from).
-        allow_preprocessing_mismatch: go on (with a warning) when ``images`` is an ImageStore preprocessing its
-            images otherwise than the bank recorded for its own (another transform or size: the queries would
-            be compared with rows of differently made images). Default: DataError naming both sides. A plain
-            mapping, or a bank that recorded nothing, is not checked.
+        config: :class:`Stage2Config`. evaluator, made_with: as for :class:`~cir_plugins.training.Stage1Trainer`
+            (the command line's ``base`` is the stage-1 result this run starts from).
+        allow_preprocessing_mismatch: go on (with a warning) when ``images`` is an ImageStore preprocessing
+            otherwise than the bank recorded (another transform or size). Default: DataError naming both sides.
     """
 
     stage = "stage2"
@@ -142,14 +124,11 @@ class Stage2Trainer(Trainer):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
         self.bank = bank
         _check_bank_preprocessing(bank, images, allow_preprocessing_mismatch)
-        super().__init__(model, triplets, images, config=config, evaluator=evaluator,
-                         made_with=made_with)
+        super().__init__(model, triplets, images, config=config, evaluator=evaluator, made_with=made_with)
 
     def _missing(self, triplet: Triplet) -> str | None:
         why = super()._missing(triplet)
-        if why is None and triplet.target not in self.bank:
-            return "target not in the bank"
-        return why
+        return "target not in the bank" if why is None and triplet.target not in self.bank else why
 
     def _setup(self) -> None:
         model, config = self.model, self.config
@@ -159,10 +138,9 @@ class Stage2Trainer(Trainer):
             self.bank = self.bank.to(self.device)
         probe = self.triplets[:2]
         reference_images = stack_images(self.images, [t.reference for t in probe], self.device)
-        fingerprint_split = probe_split(model, reference_images)
-        self.bank.check_compatible(model, sample=reference_images, split=fingerprint_split)
-        split = protocol.parameter_split(model, reference_images, [t.texts[0] for t in probe], reference_images)
-        self.split = split
+        self.bank.check_compatible(model, sample=reference_images, split=probe_split(model, reference_images))
+        split = self.split = protocol.parameter_split(model, reference_images, [t.texts[0] for t in probe],
+                                                      reference_images)
         if not split.query:
             raise ConfigError(explain("the model has no query-side parameter to train in stage 2",
                                       got=f"{len(split.target)} target-side, {len(split.unused)} unused",
@@ -191,12 +169,9 @@ class Stage2Trainer(Trainer):
 
     def _find_frozen_modules(self, target: set[str]) -> list[torch.nn.Module]:
         """Modules whose parameters are all target-side: kept in eval mode (no dropout, no BN updates)."""
-        frozen = []
-        for prefix, module in self.model.named_modules():
-            names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
-            if names and all(n in target for n in names):
-                frozen.append(module)
-        return frozen
+        return [module for prefix, module in self.model.named_modules()
+                if (names := [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()])
+                and all(n in target for n in names)]
 
     def _train_mode(self) -> None:
         self.model.train()
