@@ -1,17 +1,15 @@
-"""One validator per kind of input, shared by the metrics, the bank loss (single-process and sharded)
-and the fused kernel: query / candidate embeddings, row-index tensors, the temperature, chunk sizes,
-the k lists, and the similarity names (:data:`cir_plugins.protocol.SIMILARITIES`, declared once).
+"""One validator per kind of input, shared by the metrics, the bank loss (single-process and sharded) and the
+fused kernel; the similarity names are :data:`cir_plugins.protocol.SIMILARITIES`.
 
-Structural checks (type, shape, dtype, device) raise at once. Value checks (row ranges, finiteness,
-a query excluding its own target, the temperature's value) are returned as deferred checks, pairs of
-a 0-dim bool tensor that is True on failure and the error to raise then, and :func:`settle` reads a
-whole call's checks back in ONE host sync (the bank loss runs every training step); only a failing
-check computes its detailed message.
+Structural checks (type, shape, dtype, device) raise at once. Value checks (row ranges, finiteness, a query
+excluding its own target, the temperature's value) are returned as deferred checks, which :func:`settle`
+reads back in ONE host sync per call (the bank loss runs every training step); only a failing check
+computes its detailed message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 import torch
 
@@ -32,7 +30,7 @@ Check = tuple[torch.Tensor, Callable[[], Exception]]
 def settle(checks: Sequence[Check]) -> None:
     """Read every deferred check back in one host sync; raise the first failure's error."""
     if not checks:
-        return
+        return  # no host sync
     failed = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
     for bad, (_, error) in zip(failed, checks):
         if bad:
@@ -45,8 +43,7 @@ def check_similarity(similarity: str) -> None:
                                   fix="use 'dot' for (N, D) embeddings and 'max_token' for multi-vector (N, T, D)"))
 
 
-# Rows per piece of the finiteness check: no mask as large as the gallery is ever held.
-_FINITE_ROWS_STEP = 65536
+_FINITE_ROWS_STEP = 65536  # rows per piece of the finiteness check: no mask as large as the gallery is held
 
 
 def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +52,6 @@ def _non_finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bad_rows(what: str, bad: torch.Tensor) -> Exception:
-    """bad (N,) bool from :func:`_non_finite_rows`."""
     rows = bad.nonzero().flatten()[:5].tolist()
     return NonFiniteError(explain(f"{what} contains NaN or infinity", got=f"{what} rows {rows}",
                                   fix="check the model output (learning rate, AMP overflow) or re-embed those images"))
@@ -63,11 +59,9 @@ def _bad_rows(what: str, bad: torch.Tensor) -> Exception:
 
 def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *, what: str = "gallery",
                      dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, finite_rows: bool = True) -> list[Check]:
-    """Query (Q, D) against ``what`` rows (N, D) for "dot" or (N, T, D) for "max_token".
-
-    Raises at once on a wrong type, similarity, layout, size, dtype or device; returns the deferred
-    finiteness checks (of the query, and of the rows when ``finite_rows``).
-    """
+    """Query (Q, D) against ``what`` rows (N, D) for "dot" or (N, T, D) for "max_token": raises at once on a
+    wrong type, similarity, layout, size, dtype or device; returns the deferred finiteness checks (of the
+    query, and of the rows when ``finite_rows``)."""
     check_similarity(similarity)
     for name, tensor in (("query", query), (what, rows)):
         if not isinstance(tensor, torch.Tensor):
@@ -79,9 +73,8 @@ def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *
     if query.dim() != 2:
         raise ShapeError(explain("query must be 2-D (Q, D)", got=tuple(query.shape),
                                  fix="stack the query embeddings into one (Q, D) tensor"))
-    want = 2 if similarity == "dot" else 3
+    want, layout = (2, "(N, D)") if similarity == "dot" else (3, "(N, T, D)")
     if rows.dim() != want:
-        layout = "(N, D)" if similarity == "dot" else "(N, T, D)"
         raise ShapeError(explain(f"a {what} for similarity {similarity!r} must be {want}-D {layout}",
                                  got=tuple(rows.shape),
                                  fix="use similarity='max_token' for multi-vector (N, T, D) rows and 'dot' for (N, D)"))
@@ -104,10 +97,8 @@ def check_embeddings(query: torch.Tensor, rows: torch.Tensor, similarity: str, *
 
 def check_rows(name: str, rows: torch.Tensor | None, n_queries: int, n_rows: int, device, *, padded: bool,
                queries: str = "Q") -> list[Check]:
-    """Row indices: (Q,) int64 in [0, n_rows), or (Q, K) with -1 padding when ``padded``; None passes.
-
-    Raises at once on a wrong type, shape or device; returns the deferred range check.
-    """
+    """Row indices: (Q,) int64 in [0, n_rows), or (Q, K) with -1 padding when ``padded``; None passes. Raises
+    at once on a wrong type, shape or device; returns the deferred range check."""
     if rows is None:
         return []
     if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64:
@@ -145,11 +136,8 @@ def check_not_excluded(target_rows: torch.Tensor, exclude_rows: torch.Tensor | N
 
 
 def as_temperature(temperature, query: torch.Tensor) -> tuple[torch.Tensor, list[Check]]:
-    """A python float or 0-dim float tensor -> (0-dim tensor in the query's compute dtype, deferred value check).
-
-    The compute dtype is float64 for a float64 query, float32 otherwise; a tensor stays attached to
-    the caller's graph.
-    """
+    """A python float or 0-dim float tensor -> (0-dim tensor in the compute dtype: float64 for a float64 query,
+    float32 otherwise; a tensor stays in the caller's graph, deferred value check)."""
     cdtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
@@ -223,10 +211,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_ks(name: str, ks: Sequence[int]) -> tuple[int, ...]:
-    try:
-        values = tuple(ks)
-    except TypeError:
-        values = ()
+    values = tuple(ks) if isinstance(ks, Iterable) else ()
     if not values or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in values):
         raise ConfigError(explain(f"{name} must be a non-empty sequence of positive ints", got=ks,
                                   fix="e.g. (1, 5, 10, 50)"))
@@ -235,7 +220,6 @@ def check_ks(name: str, ks: Sequence[int]) -> tuple[int, ...]:
 
 def require_images(images: Container[str], ids: Sequence[str]) -> None:
     """DataError naming the ids that the image mapping ``images`` lacks (all checked before any work)."""
-    missing = [i for i in ids if i not in images]
-    if missing:
+    if missing := [i for i in ids if i not in images]:
         raise DataError(explain(f"{len(missing)} image ids have no image", got=missing[:10],
                                 fix="pass an image mapping (e.g. the split's images) that covers every id"))

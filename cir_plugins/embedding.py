@@ -1,12 +1,4 @@
-"""Embedding images and composing queries: the one place every layer above runs a model's towers.
-
-- :func:`stack_images`: ids -> a (n, C, H, W) batch from any mapping (an ImageStore reads from disk).
-- :func:`embed_images`: the package's one batched image-embedding loop (evaluation, pairing, the stage-2
-  reference cache); the bank's resumable multi-worker build is its own.
-- :func:`compose_batch`: (n, C, H, W) references and n texts -> (n, D) queries through the protocol.
-- :func:`compose_triplets`: every query of a triplet list, references encoded once per distinct id
-  when the model's ``encode_reference`` does not read the text.
-"""
+"""Embedding images and composing queries: where every layer above runs a model's towers (bar the bank's build)."""
 
 from __future__ import annotations
 
@@ -35,14 +27,12 @@ def reference_encoder(model: Any) -> Callable | None:
 
 def stack_images(images: Mapping[str, torch.Tensor], ids: Sequence[str],
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """(n, C, H, W) tensor of ``ids`` from any Mapping (ImageStore.batch when it returns one row per id),
-    moved to ``device`` when given."""
+    """(n, C, H, W) tensor of ``ids`` from any Mapping (an ImageStore reads from disk), moved to ``device``
+    when given."""
     batch = getattr(images, "batch", None)
     # an ImageStore in skip mode returns (tensor, kept ids) from .batch: one row per id is needed here
-    if callable(batch) and getattr(images, "on_error", "error") == "error":
-        pixels = batch(list(ids))
-    else:
-        pixels = torch.stack([images[i] for i in ids])  # (n, C, H, W)
+    use_batch = callable(batch) and getattr(images, "on_error", "error") == "error"
+    pixels = batch(list(ids)) if use_batch else torch.stack([images[i] for i in ids])  # (n, C, H, W)
     return pixels if device is None else pixels.to(device, non_blocking=True)
 
 
@@ -51,19 +41,16 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
                  device: torch.device | str | None = None, output_device: torch.device | str | None = None,
                  pool_tokens: bool = False, texts: Sequence[str] | None = None, show_progress: bool = True,
                  desc: str = "embed images") -> torch.Tensor:
-    """Run ``encoder`` (e.g. ``model.encode_image``) over ``image_ids`` in batches, under no_grad.
-
-    The package's one image-embedding loop (the bank's resumable, multi-worker build aside): evaluation,
-    pairing, generation and the training reference cache use it. The caller chooses eval mode
-    (:func:`cir_plugins._utils.eval_mode`).
+    """Run ``encoder`` (e.g. ``model.encode_image``) over ``image_ids`` in batches, under no_grad; the package's
+    one image-embedding loop (evaluation, pairing, generation, the training reference cache). The caller
+    chooses eval mode. The argument order is that of ``NegativeBank.build`` and ``pair_images``.
 
     Args:
         encoder: images (n, C, H, W) -> (n, ...) tensor, one row per image; with ``texts``,
-            ``encoder(images, texts)`` (a reference side that reads the text: protocol.reference_uses_text).
-        image_ids: the ids to embed, in output order.
-        images: id -> (C, H, W) tensor (any Mapping; an ImageStore reads from disk).
-        device: where each batch goes; None = the encoder's device (the module of a bound method such
-            as ``model.encode_image``), or left where it is for a plain function or offloaded (meta) weights.
+            ``encoder(images, texts)`` (protocol.reference_uses_text).
+        image_ids: the ids to embed, in output order; images: id -> (C, H, W) tensor (any Mapping).
+        device: where each batch goes; None = the encoder's device (the module of a bound method), or left
+            where it is for a plain function or offloaded (meta) weights.
         output_device: where each output batch is moved before concatenation (e.g. "cpu"); None = kept.
         pool_tokens: mean-pool multi-vector outputs (n, T, D) -> (n, D); then outputs must be 2-D or 3-D.
         texts: one text per id (ids may then repeat), passed batch by batch beside the images.
@@ -71,8 +58,6 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
 
     Returns (len(image_ids), ...) in the encoder's dtype; (0, 0) for no ids. A missing id is a DataError,
     a wrong row count a ModelProtocolError, a NaN or infinity a NonFiniteError naming the images.
-
-    The argument order (encoder, image_ids, images) is that of ``NegativeBank.build`` and ``pair_images``.
     """
     check_positive_int("batch_size", batch_size)
     if not callable(encoder):
@@ -86,8 +71,7 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
     outputs = []
     with torch.no_grad():
         for start in progress_bar(range(0, len(image_ids), batch_size), desc=desc, show_progress=show_progress,
-                                  leave=False,
-                          unit="batch"):
+                                  leave=False, unit="batch"):
             ids = image_ids[start:start + batch_size]
             pixels = stack_images(images, ids, device)  # (n, C, H, W)
             out = encoder(pixels) if texts is None else encoder(pixels, list(texts[start:start + batch_size]))
@@ -107,9 +91,7 @@ def embed_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Seq
                                              got=bad[:10], expected="finite embeddings",
                                              fix="check those images (corrupt or constant pixels) or the model"))
             outputs.append(out.detach() if output_device is None else out.detach().to(output_device))
-    if not outputs:
-        return torch.zeros(0, 0)
-    return torch.cat(outputs)
+    return torch.cat(outputs) if outputs else torch.zeros(0, 0)
 
 
 def _checked_queries(out: Any, n: int) -> torch.Tensor:
@@ -121,8 +103,8 @@ def _checked_queries(out: Any, n: int) -> torch.Tensor:
 
 
 def compose_batch(model: Any, pixels: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-    """Raw composed queries (n, D) of n reference images (n, C, H, W) and their texts (no grad handling,
-    no normalisation: the caller chooses both)."""
+    """Raw composed queries (n, D) of n reference images (n, C, H, W) and their texts (the caller chooses grad
+    mode and normalisation)."""
     texts = list(texts)
     return _checked_queries(compose(model, reference_input(model, pixels, texts), texts), len(texts))
 
@@ -140,10 +122,8 @@ def compose_triplets(model: Any, images: Mapping[str, torch.Tensor], triplets: S
         first = encode_reference(stack_images(images, head, device))
         if isinstance(first, torch.Tensor) and first.dim() >= 1 and first.shape[0] == len(head):
             rest = unique[batch_size:]
-            parts = [first]
-            if rest:
-                parts.append(embed_images(encode_reference, rest, images, batch_size=batch_size, device=device,
-                                          show_progress=show_progress, desc="evaluate: references"))
+            parts = [first] + ([embed_images(encode_reference, rest, images, batch_size=batch_size, device=device,
+                                             show_progress=show_progress, desc="evaluate: references")] if rest else [])
             cached = (torch.cat(parts), {r: i for i, r in enumerate(unique)})  # (R, ...) one row per reference id
         else:  # structured (non-tensor) features cannot be indexed by row: encode per query batch
             logger.debug("encode_reference returned %s; encoding references per query batch", type(first).__name__)
@@ -154,8 +134,8 @@ def compose_triplets(model: Any, images: Mapping[str, torch.Tensor], triplets: S
         texts = [t.texts[0] for t in chunk]
         if cached is None:
             outputs.append(compose_batch(model, stack_images(images, [t.reference for t in chunk], device), texts))
-            continue
-        feats, index = cached
-        reference = feats[torch.tensor([index[t.reference] for t in chunk], device=feats.device)]
-        outputs.append(_checked_queries(compose(model, reference, texts), len(chunk)))
+        else:
+            feats, index = cached
+            reference = feats[torch.tensor([index[t.reference] for t in chunk], device=feats.device)]
+            outputs.append(_checked_queries(compose(model, reference, texts), len(chunk)))
     return torch.cat(outputs)  # (Q, D)

@@ -1,26 +1,19 @@
 """Exact FashionIQ / CIRR evaluation of any CIR model (the CIRR test-server files: :mod:`cir_plugins.submission`).
 
-Protocols (see docs/method.md section 5):
+Protocols (docs/method.md section 5):
 
-- **CIRR** (also the synthetic world): gallery = every image of the split; the reference image is
-  removed from each query's ranking; R@1/5/10/50; Recall_subset@1/2/3 ranks only the query's
-  ``img_set.members`` minus the reference; Rmean = (R@5 + Rs@1) / 2.
-- **FashionIQ** (per category): gallery = every image of the category split; query text is
-  ``triplet.texts[0]`` ("c0 and c1"); R@10, R@50. The standard protocol keeps the reference in
-  the gallery (``remove_reference=False``, default; the original CLIP4Cir code does too);
-  ``remove_reference=True`` is how the method's release evaluated its CLIP4Cir and zero-shot rows
-  (it kept the reference for SPRC, BLIP4CIR and TG-CIR; each recipe in cir_plugins/recipes says which). Given the three
-  category splits, also "Avg R@10", "Avg R@50" and
-  Rmean = (Avg R@10 + Avg R@50) / 2.
+- **CIRR** (also the synthetic world): gallery = every image of the split; the reference image is removed
+  from each query's ranking; R@1/5/10/50; Recall_subset@1/2/3 ranks only the query's ``img_set.members``
+  minus the reference; Rmean = (R@5 + Rs@1) / 2.
+- **FashionIQ** (per category): gallery = every image of the category split; query text ``triplet.texts[0]``
+  ("c0 and c1"); R@10, R@50. The standard protocol (and the original CLIP4Cir code) keeps the reference in
+  the gallery (``remove_reference=False``, default); the method's release removed it for its CLIP4Cir and
+  zero-shot rows and kept it for SPRC, BLIP4CIR and TG-CIR (each recipe in cir_plugins/recipes says which).
+  Given the three category splits, also "Avg R@10", "Avg R@50" and Rmean = (Avg R@10 + Avg R@50) / 2.
 
-Every result dict carries ``result["protocol"] = {"name", "reference_removed", "similarity", ...}``
-so a reported number says how it was obtained. The library does not print; examples do.
-
-Features: each gallery image is embedded once (``encode_image``, batched, no_grad, eval mode
-restored afterwards); query references use ``encode_reference`` features when the model has that
-method (computed once per distinct reference id), else the reference images. Queries and gallery
-are L2-normalised along the last dim; ranking uses :mod:`cir_plugins.metrics` (cosine, or max over
-tokens for (N, T, D) galleries).
+Every result carries ``result["protocol"] = {"name", "reference_removed", "similarity", ...}`` so a number
+says how it was obtained. Gallery images and references are embedded once (:mod:`cir_plugins.embedding`);
+queries and gallery are L2-normalised along the last dim. The library does not print; examples do.
 """
 
 from __future__ import annotations
@@ -54,22 +47,14 @@ PROTOCOLS = ("cirr", "fashioniq")
 
 @dataclass
 class EvalFeatures:
-    """Normalised features of one split.
+    """Normalised features of one split."""
 
-    Fields:
-        query: (Q, D) L2-normalised composed queries, in ``triplets`` order.
-        gallery: (N, D) or (N, T, D) L2-normalised gallery embeddings, in ``gallery_ids`` order.
-        gallery_ids: the gallery's image ids (row i of ``gallery``).
-        triplets: the queries.
-        similarity: "dot" or "max_token".
-    """
-
-    query: torch.Tensor
-    gallery: torch.Tensor
+    query: torch.Tensor  # (Q, D) L2-normalised composed queries, in ``triplets`` order
+    gallery: torch.Tensor  # (N, D) or (N, T, D) L2-normalised gallery embeddings, row i is gallery_ids[i]
     gallery_ids: list[str]
-    triplets: list
-    similarity: str
-    row_of: dict[str, int] = field(default_factory=dict)
+    triplets: list  # the queries
+    similarity: str  # "dot" or "max_token"
+    row_of: dict[str, int] = field(default_factory=dict)  # gallery id -> row
 
     def __post_init__(self) -> None:
         if not self.row_of:
@@ -81,13 +66,10 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
     """Embed the split's gallery once and compose every query (no_grad; eval mode restored).
 
     Args:
-        model: meets the CIRModel protocol (encode_image, compose_query, optional encode_reference).
-        split: a Split (``.triplets``, ``.gallery_ids``, ``.images``).
-        batch_size: images / queries per forward call.
+        model: a CIRModel; split: a Split (``.triplets``, ``.gallery_ids``, ``.images``).
+        batch_size: images / queries per forward call; show_progress: tqdm bars.
         device: where to run; None = the model's parameter device (CPU for parameter-less models).
-        show_progress: tqdm bars.
-    Returns:
-        EvalFeatures with query (Q, D) and gallery (N, D) or (N, T, D), both L2-normalised.
+    Returns EvalFeatures with query (Q, D) and gallery (N, D) or (N, T, D), both L2-normalised.
     """
     check_positive_int("batch_size", batch_size)
     require_protocol(model, "evaluation")
@@ -120,13 +102,9 @@ def extract_features(model: Any, split: Any, *, batch_size: int = 64, device: to
                         similarity=similarity)
 
 
-# --------------------------------------------------------------------------------------------
-# metrics
-
-
 def gallery_rows(features: EvalFeatures, ids: Sequence[str], what: str) -> torch.Tensor:
-    missing = [i for i in ids if i not in features.row_of]
-    if missing:
+    """(len(ids),) int64 gallery rows of ``ids``; a DataError naming ``what`` when one is not in the gallery."""
+    if missing := [i for i in ids if i not in features.row_of]:
         raise DataError(explain(f"{what} not in the gallery", got=missing[:5],
                                 fix="every reference, target and group member must be a gallery image"))
     return torch.tensor([features.row_of[i] for i in ids], dtype=torch.int64, device=features.query.device)
@@ -134,18 +112,13 @@ def gallery_rows(features: EvalFeatures, ids: Sequence[str], what: str) -> torch
 
 @dataclass
 class ProtocolRows:
-    """The gallery rows a protocol scores for each query of an :class:`EvalFeatures`.
+    """The gallery rows a protocol scores for each query of an :class:`EvalFeatures`."""
 
-    ``target``: (Q,) target rows; ``exclude``: (Q, 1) reference rows removed from the candidates
-    (-1 where the reference is the target, which stays), or None when the reference is kept;
-    ``subset``: (Q, S) the CIRR ``img_set`` members minus the reference, -1 padded, or None.
-    """
-
-    target: torch.Tensor
-    exclude: torch.Tensor | None
-    subset: torch.Tensor | None
+    target: torch.Tensor  # (Q,) target rows
+    exclude: torch.Tensor | None  # (Q, 1) reference rows removed (-1 where reference == target), None if kept
+    subset: torch.Tensor | None  # (Q, S) CIRR img_set members minus the reference, -1 padded, or None
     reference_removed: bool
-    reference_equals_target: int
+    reference_equals_target: int  # queries whose reference is their target
 
 
 def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bool | None = None) -> ProtocolRows:
@@ -153,17 +126,13 @@ def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bo
     if protocol not in PROTOCOLS:
         raise ConfigError(explain("unknown evaluation protocol", got=protocol, expected=PROTOCOLS))
     triplets = features.triplets
-    no_target = [i for i, t in enumerate(triplets) if t.target is None]
-    if no_target:
+    if no_target := [i for i, t in enumerate(triplets) if t.target is None]:
         raise DataError(explain("queries without targets cannot be scored locally", got=f"{len(no_target)} queries",
                                 fix="use rank_cirr / submit_cirr for the CIRR test split"))
     remove = (protocol == "cirr") if remove_reference is None else bool(remove_reference)
     target_rows = gallery_rows(features, [t.target for t in triplets], "target images")  # (Q,)
     ref_rows = gallery_rows(features, [t.reference for t in triplets], "reference images")  # (Q,)
-    same = int((ref_rows == target_rows).sum())
-    exclude = None
-    if remove:
-        exclude = ref_rows.masked_fill(ref_rows == target_rows, -1)[:, None]  # (Q, 1), -1 = keep
+    exclude = ref_rows.masked_fill(ref_rows == target_rows, -1)[:, None] if remove else None  # (Q, 1), -1 = keep
     subset = None
     if protocol == "cirr" and triplets and all(t.members for t in triplets):
         width = max(len(t.members) for t in triplets)
@@ -174,7 +143,7 @@ def protocol_rows(features: EvalFeatures, *, protocol: str, remove_reference: bo
                 raise DataError(explain(f"query {i} (pair {t.pair_id}): the target is not in img_set.members",
                                         got=t.target, fix="fix the annotation's img_set"))
             subset[i, :len(others)] = gallery_rows(features, others, "img_set members")  # (S,) padded with -1
-    return ProtocolRows(target_rows, exclude, subset, remove, same)
+    return ProtocolRows(target_rows, exclude, subset, remove, int((ref_rows == target_rows).sum()))
 
 
 def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_reference: bool | None = None,
@@ -183,30 +152,21 @@ def metrics_from_features(features: EvalFeatures, *, protocol: str, remove_refer
     rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
     if rows.reference_removed and rows.reference_equals_target:
         logger.warning("%d queries have reference == target; their reference is kept", rows.reference_equals_target)
-    ks = CIRR_KS if protocol == "cirr" else FASHIONIQ_KS
-    result = retrieval_metrics(features.query, features.gallery, rows.target, ks=ks, exclude_rows=rows.exclude,
-                               subset_rows=rows.subset, subset_ks=CIRR_SUBSET_KS, chunk_size=chunk_size,
-                               similarity=features.similarity)
-    result["n_queries"] = len(features.triplets)
-    result["n_gallery"] = len(features.gallery_ids)
-    result["protocol"] = {"name": protocol, "reference_removed": rows.reference_removed,
-                          "similarity": features.similarity, "subset": rows.subset is not None,
-                          "reference_equals_target": rows.reference_equals_target}
-    return result
-
-
-def _split_info(split: Any) -> dict:
-    return {"dataset": getattr(split, "dataset", None), "split": getattr(split, "split", None),
-            "category": getattr(split, "category", None)}
+    result = retrieval_metrics(features.query, features.gallery, rows.target, exclude_rows=rows.exclude,
+                               ks=CIRR_KS if protocol == "cirr" else FASHIONIQ_KS, subset_rows=rows.subset,
+                               subset_ks=CIRR_SUBSET_KS, chunk_size=chunk_size, similarity=features.similarity)
+    return {**result, "n_queries": len(features.triplets), "n_gallery": len(features.gallery_ids),
+            "protocol": {"name": protocol, "reference_removed": rows.reference_removed,
+                         "similarity": features.similarity, "subset": rows.subset is not None,
+                         "reference_equals_target": rows.reference_equals_target}}
 
 
 def evaluate(model: Any, split: Any, *, protocol: str | None = None, batch_size: int = 64,
              device: torch.device | str | None = None, show_progress: bool = True,
              remove_reference: bool | None = None, chunk_size: int | None = None) -> dict:
-    """Evaluate ``model`` on a split with the exact protocol (module docstring).
+    """Evaluate ``model`` (a CIRModel) on a split with the exact protocol (module docstring).
 
     Args:
-        model: CIRModel (encode_image, compose_query, optional encode_reference / similarity).
         split: a Split; or a list/tuple of FashionIQ category Splits (then per-category results plus
             "Avg R@10", "Avg R@50", "Rmean").
         protocol: "cirr" or "fashioniq"; None takes ``split.protocol``.
@@ -229,16 +189,13 @@ def evaluate(model: Any, split: Any, *, protocol: str | None = None, batch_size:
         categories = [s.category for s in split]
         if len(set(categories)) != len(categories):
             raise ConfigError(explain("each FashionIQ category may appear once", got=categories))
-        out: dict[str, Any] = {}
-        for s in split:
-            out[s.category] = evaluate(model, s, protocol="fashioniq", batch_size=batch_size, device=device,
-                                       show_progress=show_progress, remove_reference=remove_reference,
-                                       chunk_size=chunk_size)
-        for k in FASHIONIQ_KS:
-            out[f"Avg R@{k}"] = sum(out[c][f"R@{k}"] for c in categories) / len(categories)
+        out: dict[str, Any] = {s.category: evaluate(model, s, protocol="fashioniq", batch_size=batch_size,
+                                                    device=device, show_progress=show_progress,
+                                                    remove_reference=remove_reference, chunk_size=chunk_size)
+                               for s in split}
+        out.update({f"Avg R@{k}": sum(out[c][f"R@{k}"] for c in categories) / len(categories) for k in FASHIONIQ_KS})
         out["Rmean"] = (out["Avg R@10"] + out["Avg R@50"]) / 2.0
-        first = out[categories[0]]["protocol"]
-        out["protocol"] = {**first, "categories": categories, "split": split[0].split}
+        out["protocol"] = {**out[categories[0]]["protocol"], "categories": categories, "split": split[0].split}
         return out
     name = protocol if protocol is not None else getattr(split, "protocol", None)
     if name not in PROTOCOLS:
@@ -246,6 +203,6 @@ def evaluate(model: Any, split: Any, *, protocol: str | None = None, batch_size:
                                   fix="pass protocol='cirr' or 'fashioniq'"))
     features = extract_features(model, split, batch_size=batch_size, device=device, show_progress=show_progress)
     result = metrics_from_features(features, protocol=name, remove_reference=remove_reference, chunk_size=chunk_size)
-    result["protocol"].update(_split_info(split))
+    result["protocol"].update({key: getattr(split, key, None) for key in ("dataset", "split", "category")})
     logger.info("evaluated %s: %s", split, format_values(result))
     return result

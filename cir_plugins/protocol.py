@@ -1,19 +1,12 @@
 """The model protocol: what a CIR model must offer, how to wrap one, and how to check it.
 
-A model meets :class:`CIRModel` when it has two methods:
-
-* ``encode_image(images (N, C, H, W)) -> (N, D)`` or ``(N, T, D)``: the target side, frozen in stage 2;
-* ``compose_query(reference, texts: list[str]) -> (B, D)``: the composed query.
-
-Optionally ``encode_reference(images (B, C, H, W)) -> Tensor``: frozen reference-side features that
-``compose_query`` consumes. When present, ``compose_query`` receives ``encode_reference(images)``
-(see :func:`reference_input`) and stage 2 computes it once per image id. A model whose frozen
-reference side also reads the text (e.g. SPRC's fusion pass) declares ``reference_uses_text = True``
-and offers ``encode_reference(images (B, C, H, W), texts: list[str]) -> Tensor``; stage 2 then caches it
-once per (image id, text) pair (:func:`reference_uses_text`). An optional attribute
-``similarity`` ("dot" or "max_token") says how a query meets a gallery row; "dot" by default.
-
-Nothing here subclasses anything: :func:`wrap_model` adapts any object in one call.
+A model meets :class:`CIRModel` when it has ``encode_image(images (N, C, H, W)) -> (N, D) or (N, T, D)``
+(the target side, frozen in stage 2) and ``compose_query(reference, texts: list[str]) -> (B, D)``.
+Optional: ``encode_reference(images (B, C, H, W)) -> Tensor``, frozen reference-side features that
+``compose_query`` then receives (:func:`reference_input`), computed once per image id in stage 2; with
+``reference_uses_text = True`` it is ``encode_reference(images, texts)`` (e.g. SPRC's fusion pass), cached
+per (image id, text) pair; ``similarity`` ("dot", default, or "max_token") says how a query meets a
+gallery row. Nothing subclasses anything: :func:`wrap_model` adapts any object in one call.
 """
 
 from __future__ import annotations
@@ -29,24 +22,9 @@ from torch import Tensor, nn
 from ._utils import eval_mode, tensors_digest
 from .errors import CIRPluginsError, ConfigError, ModelProtocolError, explain
 
-__all__ = [
-    "CIRModel",
-    "SIMILARITIES",
-    "CheckReport",
-    "ParameterSplit",
-    "WrappedModel",
-    "as_texts",
-    "check_model",
-    "compose",
-    "compose_input_hint",
-    "parameter_split",
-    "reference_input",
-    "reference_uses_text",
-    "select_trainable",
-    "similarity_of",
-    "target_fingerprint",
-    "wrap_model",
-]
+__all__ = ["CIRModel", "SIMILARITIES", "CheckReport", "ParameterSplit", "WrappedModel", "as_texts", "check_model",
+           "compose", "compose_input_hint", "parameter_split", "reference_input", "reference_uses_text",
+           "select_trainable", "similarity_of", "target_fingerprint", "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +37,15 @@ class CIRModel(Protocol):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """images (N, C, H, W) -> target embeddings (N, D) or multi-vector (N, T, D)."""
-        ...
 
     def compose_query(self, reference: Any, texts: list[str]) -> Tensor:
         """reference features or images for B queries, B texts -> query embeddings (B, D)."""
-        ...
-
-
-def _conforms(model: Any) -> bool:
-    return callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))
 
 
 def require_protocol(model: Any, where: str, methods: Sequence[str] = ("encode_image", "compose_query")) -> None:
     """Raise :class:`ModelProtocolError` naming each of ``methods`` that ``model`` lacks and the fix
-    (:func:`wrap_model`); ``where`` names the caller. The one check every entry point makes
-    (check_model, NegativeBank.build, the trainers, evaluation), so a model that does not meet the
-    protocol gets the same error wherever it is first used."""
-    missing = [m for m in methods if not callable(getattr(model, m, None))]
-    if missing:
+    (:func:`wrap_model`); ``where`` names the caller. Every entry point makes this one check."""
+    if missing := [m for m in methods if not callable(getattr(model, m, None))]:
         arguments = ", ".join(f"{m}=..." for m in missing)
         raise ModelProtocolError(explain(
             f"{where} needs a CIR model, but {type(model).__name__} has no {' and no '.join(missing)} method",
@@ -117,9 +86,8 @@ def reference_uses_text(model: Any) -> bool:
 
 
 def reference_input(model: Any, images: Tensor, texts: Sequence[str] | None = None) -> Any:
-    """What ``compose_query`` receives for these reference images (and their B texts):
-    ``encode_reference(images)`` when the model has it, ``encode_reference(images, texts)`` when it also
-    declares ``reference_uses_text``, else the images themselves."""
+    """What ``compose_query`` receives: ``encode_reference(images)`` when the model has it (with the B
+    ``texts`` when it declares ``reference_uses_text``), else the images themselves."""
     encode_reference = getattr(model, "encode_reference", None)
     if not callable(encode_reference):
         return images
@@ -134,8 +102,8 @@ def reference_input(model: Any, images: Tensor, texts: Sequence[str] | None = No
 
 
 def compose_input_hint(model: Any, reference: Any) -> str:
-    """What ``compose_query`` was given and why: a sentence for errors raised inside it, since a wrong
-    input (images where features were expected, or the reverse) is the usual cause of a shape error."""
+    """A sentence saying what ``compose_query`` was given and why, for errors raised inside it (images where
+    features were expected, or the reverse, is the usual cause of a shape error)."""
     shape = tuple(reference.shape) if torch.is_tensor(reference) else type(reference).__name__
     if callable(getattr(model, "encode_reference", None)):
         return (f"compose_query was given encode_reference's output {shape}, not the images: a model with "
@@ -148,9 +116,8 @@ def compose_input_hint(model: Any, reference: Any) -> str:
 
 
 def compose(model: Any, reference: Any, texts: list[str]) -> Any:
-    """``model.compose_query(reference, texts)``, the one call the library makes. An exception raised inside
-    the model passes through unchanged but carries a note (shown under its traceback) saying what
-    compose_query was given and why (:func:`compose_input_hint`), the usual cause of a shape error."""
+    """``model.compose_query(reference, texts)``, the one call the library makes; an exception raised inside
+    passes through with a note (under its traceback) from :func:`compose_input_hint`."""
     try:
         return model.compose_query(reference, texts)
     except Exception as error:
@@ -159,40 +126,27 @@ def compose(model: Any, reference: Any, texts: list[str]) -> Any:
         raise
 
 
-# --------------------------------------------------------------------------------------------------
-# wrapping
-
 TrainableSpec = Sequence[str] | Callable[[str, nn.Parameter], bool] | Iterable[nn.Parameter] | None
 
 
 class WrappedModel(nn.Module):
-    """A model adapted to :class:`CIRModel`; every other attribute is forwarded to the wrapped model.
-
-    The wrapped model is the submodule ``model``, so parameter names carry a ``model.`` prefix.
-    Build it with :func:`wrap_model`.
-    """
+    """A model adapted to :class:`CIRModel` by :func:`wrap_model`; every other attribute is forwarded to the
+    wrapped model, the submodule ``model`` (so parameter names carry a ``model.`` prefix)."""
 
     def __init__(self, model: Any, *, compose_query, encode_image, encode_reference, similarity: str,
                  trainable: TrainableSpec, reference_uses_text: bool | None = None) -> None:
         super().__init__()
-        if isinstance(model, nn.Module):
-            self.model = model
-        else:
-            self.__dict__["model"] = model
-        self.__dict__["_methods"] = {
-            "compose_query": self._resolve(model, "compose_query", compose_query, required=True),
-            "encode_image": self._resolve(model, "encode_image", encode_image, required=True),
-            "encode_reference": self._resolve(model, "encode_reference", encode_reference, required=False),
-        }
-        self.__dict__["similarity"] = similarity
-        self.__dict__["trainable_spec"] = trainable
+        self.model = model  # a submodule when it is an nn.Module, else a plain attribute
+        roles = {"compose_query": compose_query, "encode_image": encode_image, "encode_reference": encode_reference}
+        self.__dict__["_methods"] = {role: self._resolve(model, role, spec, required=role != "encode_reference")
+                                     for role, spec in roles.items()}
+        self.__dict__.update(similarity=similarity, trainable_spec=trainable)
         if reference_uses_text is not None:
             self.__dict__["reference_uses_text"] = reference_uses_text
 
     @staticmethod
     def _resolve(model: Any, role: str, spec: Any, *, required: bool):
-        if spec is None:
-            spec = role if callable(getattr(model, role, None)) else None
+        spec = role if spec is None and callable(getattr(model, role, None)) else spec
         if spec is None:
             if required:
                 raise ModelProtocolError(explain(
@@ -238,29 +192,26 @@ class WrappedModel(nn.Module):
 def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_reference=None,
                similarity: str | None = None, trainable: TrainableSpec = None,
                reference_uses_text: bool | None = None) -> Any:
-    """Adapt ``model`` to :class:`CIRModel`.
+    """Adapt ``model`` (any object, usually an ``nn.Module``) to :class:`CIRModel`; one that already conforms
+    and needs no override is returned as is.
 
     Args:
-        model: any object, usually an ``nn.Module``.
         compose_query, encode_image, encode_reference: a method name of ``model`` or a callable taking
             the protocol method's arguments; default: the model's method of that name, if any.
-        similarity: "dot" (single-vector targets) or "max_token" (multi-vector targets); default: the
-            model's ``similarity`` attribute, else "dot".
-        trainable: which parameters stage 2 trains: parameter-name prefixes (relative to ``model``),
-            a predicate ``(name, parameter) -> bool``, or the parameters themselves. Default: found by
-            a probe (:func:`parameter_split`).
-        reference_uses_text: True when ``encode_reference`` takes ``(images, texts)`` (a frozen fusion of
-            the reference with the text, cached per (image id, text) in stage 2); default: the model's
-            ``reference_uses_text`` attribute, else False.
-
-    A model that already conforms and needs no override is returned as is.
+        similarity: "dot" (single-vector targets) or "max_token" (multi-vector); default: the model's
+            ``similarity`` attribute, else "dot".
+        trainable: which parameters stage 2 trains (:func:`select_trainable`: name prefixes relative to
+            ``model``, a predicate or the parameters); default: found by a probe (:func:`parameter_split`).
+        reference_uses_text: True when ``encode_reference`` takes ``(images, texts)`` (module docstring);
+            default: the model's ``reference_uses_text`` attribute, else False.
     """
     if similarity is not None and similarity not in SIMILARITIES:
         raise ConfigError(explain("similarity is unknown", got=similarity, expected=SIMILARITIES))
     if reference_uses_text is not None and not isinstance(reference_uses_text, bool):
         raise ConfigError(explain("reference_uses_text must be a bool or None", got=reference_uses_text))
     overrides = (compose_query, encode_image, encode_reference, similarity, trainable, reference_uses_text)
-    if _conforms(model) and all(value is None for value in overrides):
+    conforms = callable(getattr(model, "encode_image", None)) and callable(getattr(model, "compose_query", None))
+    if conforms and all(value is None for value in overrides):
         similarity_of(model)  # validates a declared similarity
         return model
     declared = getattr(model, "similarity", None)
@@ -270,18 +221,10 @@ def wrap_model(model: Any, *, compose_query=None, encode_image=None, encode_refe
                         trainable=trainable, reference_uses_text=reference_uses_text)
 
 
-# --------------------------------------------------------------------------------------------------
-# the trainable / frozen split
-
-
 @dataclass(frozen=True)
 class ParameterSplit:
-    """Parameter names of a model, by role in stage 2.
-
-    query: trained in stage 2 (reached by compose_query, not by encode_image / encode_reference).
-    target: frozen in stage 2 (reached by encode_image or encode_reference).
-    unused: reached by neither probe (or frozen by the user beforehand); left frozen.
-    """
+    """Parameter names by role in stage 2. query: trained (reached by compose_query only); target: frozen
+    (reached by encode_image or encode_reference); unused: reached by neither (or frozen beforehand), frozen."""
 
     query: tuple[str, ...]
     target: tuple[str, ...]
@@ -291,12 +234,9 @@ class ParameterSplit:
     def apply(self, model: nn.Module) -> list[nn.Parameter]:
         """Set requires_grad: True on the query side, False elsewhere. Returns the query parameters."""
         query = set(self.query)
-        trainable = []
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name in query)
-            if name in query:
-                trainable.append(parameter)
-        return trainable
+        return [parameter for name, parameter in model.named_parameters() if name in query]
 
     def counts(self, model: nn.Module) -> dict[str, int]:
         """Number of scalar parameters in each role."""
@@ -309,16 +249,13 @@ def _named_parameters(model: Any) -> list[tuple[str, nn.Parameter]]:
 
 
 def select_trainable(model: Any, spec: TrainableSpec) -> tuple[str, ...]:
-    """The names of the parameters ``spec`` selects, in the model's order: the one rule for ``trainable=``
-    (``wrap_model(trainable=...)`` and ``Stage1Trainer(trainable=...)``).
+    """The names of the parameters ``spec`` selects, in the model's order (the one rule for ``trainable=``).
 
-    ``spec`` is parameter-name patterns, a predicate ``(name, parameter) -> bool`` or the parameters
-    themselves. A pattern selects every parameter whose name equals it or starts with it followed by a
-    dot ("fuse" selects "fuse.weight" and "fuse.proj.bias", never "fuser.weight"); a trailing dot is
-    ignored. Names are the user's own: for a :class:`WrappedModel` a pattern may be relative to the
-    wrapped model ("fuse") or carry the wrapper's prefix ("model.fuse"), and a predicate receives the
-    relative name. A pattern that selects nothing, a foreign parameter, or an empty selection is a
-    ConfigError naming it.
+    ``spec``: parameter-name patterns, a predicate ``(name, parameter) -> bool`` or the parameters. A pattern
+    selects the names equal to it or starting with it plus a dot ("fuse" selects "fuse.weight", never
+    "fuser.weight"; a trailing dot is ignored); for a :class:`WrappedModel` it may be relative ("fuse") or
+    carry the ``model.`` prefix, and a predicate receives the relative name. A pattern that selects nothing,
+    a foreign parameter or an empty selection is a ConfigError naming it.
     """
     named = _named_parameters(model)
     wrapped = isinstance(model, WrappedModel)
@@ -336,8 +273,7 @@ def select_trainable(model: Any, spec: TrainableSpec) -> tuple[str, ...]:
         items = [spec] if isinstance(spec, (str, nn.Parameter)) else list(spec)
         if items and all(isinstance(item, str) for item in items):
             chosen = {name for name, _ in named if any(selects(p, name) for p in items)}
-            unmatched = [p for p in items if not any(selects(p, name) for name, _ in named)]
-            if unmatched:
+            if unmatched := [p for p in items if not any(selects(p, name) for name, _ in named)]:
                 raise ConfigError(explain("trainable names match no parameter", got=unmatched,
                                           expected=sorted({own(n).split(".")[0] for n, _ in named}),
                                           fix="use names or dotted prefixes of the model's parameter names"))
@@ -357,15 +293,9 @@ def select_trainable(model: Any, spec: TrainableSpec) -> tuple[str, ...]:
     return tuple(name for name, _ in named if name in chosen)
 
 
-def _split_from_override(model: WrappedModel, spec: TrainableSpec) -> ParameterSplit:
-    query = set(select_trainable(model, spec))
-    return ParameterSplit(query=tuple(n for n, _ in _named_parameters(model) if n in query),
-                          target=tuple(n for n, _ in _named_parameters(model) if n not in query), how="override")
-
-
 def _reached(output: Any, named: list[tuple[str, nn.Parameter]]) -> set[str]:
-    tensors = [t for t in (output if isinstance(output, (tuple, list)) else [output]) if torch.is_tensor(t)]
-    tensors = [t for t in tensors if t.requires_grad]
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    tensors = [t for t in outputs if torch.is_tensor(t) and t.requires_grad]
     if not tensors or not named:
         return set()
     total = sum(t.float().sum() for t in tensors)
@@ -374,22 +304,19 @@ def _reached(output: Any, named: list[tuple[str, nn.Parameter]]) -> set[str]:
 
 
 def parameter_split(model: Any, reference_images: Tensor, texts: list[str], target_images: Tensor) -> ParameterSplit:
-    """Find which parameters stage 2 trains (the query side) and which it freezes (the target side).
+    """Which parameters stage 2 trains (the query side) and freezes (the target side), from a few
+    reference_images (B, C, H, W), their B texts and target_images (N, C, H, W).
 
-    With a ``trainable`` override given to :func:`wrap_model`, the override decides. Otherwise a probe
-    runs each method once in eval mode and follows the gradient: parameters ``encode_image`` or
-    ``encode_reference`` reach are the target side; the others ``compose_query`` reaches are the
-    query side. Parameters with ``requires_grad=False`` beforehand count as unused (never trained).
+    A ``trainable`` override given to :func:`wrap_model` decides; otherwise a probe runs each method once
+    in eval mode and follows the gradient: what ``encode_image`` or ``encode_reference`` reach is the
+    target side, what else ``compose_query`` reaches the query side; parameters already frozen are unused.
     Model modes, parameter flags, ``.grad`` and the RNG are left as they were.
-
-    Args:
-        reference_images: (B, C, H, W) a few reference images.
-        texts: B modification texts.
-        target_images: (N, C, H, W) a few target images.
     """
     spec = getattr(model, "trainable_spec", None) if isinstance(model, WrappedModel) else None
     if spec is not None:
-        return _split_from_override(model, spec)
+        query = select_trainable(model, spec)
+        return ParameterSplit(query=query, target=tuple(n for n, _ in _named_parameters(model) if n not in query),
+                              how="override")
     require_protocol(model, "parameter_split")
     texts = as_texts(texts, "parameter_split")
     named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
@@ -402,24 +329,18 @@ def parameter_split(model: Any, reference_images: Tensor, texts: list[str], targ
             reference = reference.detach() if torch.is_tensor(reference) else reference
         composed = _reached(model.compose_query(reference, list(texts)), named)
     names = [n for n, _ in named]
-    query = tuple(n for n in names if n in composed and n not in target)
-    target_names = tuple(n for n in names if n in target)
-    unused = tuple(n for n in names if n not in composed and n not in target) + frozen_before
-    return ParameterSplit(query=query, target=target_names, unused=unused)
+    return ParameterSplit(query=tuple(n for n in names if n in composed and n not in target),
+                          target=tuple(n for n in names if n in target),
+                          unused=tuple(n for n in names if n not in composed and n not in target) + frozen_before)
 
 
 def target_fingerprint(model: nn.Module, split: ParameterSplit) -> str:
-    """A hash of the target-side weights (names, shapes, dtypes, values) and of the buffers of the
-    modules that hold them (e.g. batch-norm statistics). Two models give the same fingerprint only
-    if their target side would embed images identically."""
+    """A hash of the target-side weights (names, shapes, dtypes, values) and their modules' buffers (e.g.
+    batch-norm statistics): equal only for target sides that would embed images identically."""
     params = dict(model.named_parameters())
     owners = {name.rsplit(".", 1)[0] for name in split.target if "." in name}
     buffers = [(n, b) for n, b in model.named_buffers() if "." in n and n.rsplit(".", 1)[0] in owners]
     return tensors_digest(sorted([(n, params[n]) for n in split.target] + buffers, key=lambda item: item[0]))
-
-
-# --------------------------------------------------------------------------------------------------
-# the dry run
 
 
 @dataclass
@@ -477,21 +398,14 @@ def _check_tensor(report: CheckReport, what: str, value: Any, *, ranks: tuple[in
 
 
 def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Tensor) -> CheckReport:
-    """Dry-run a model on a few inputs and name every problem in words a user can act on.
+    """Dry-run a model on reference (B, C, H, W) images, B texts and targets (N, C, H, W); name every problem
+    in words a user can act on.
 
-    Args:
-        reference: (B, C, H, W) reference images.
-        texts: B modification texts.
-        targets: (N, C, H, W) target images.
-
-    Raises :class:`ModelProtocolError` when the model lacks a protocol method (naming it and
-    :func:`wrap_model`), when ``texts`` is not a list of non-empty strings, or when the model raises
-    (naming the method, and for compose_query what it was given: :func:`compose_input_hint`).
-
-    Returns a :class:`CheckReport` (call ``.raise_if_failed()`` to turn problems into an error). It
-    checks types, dtypes, ranks, batch sizes, finiteness, devices, the query/gallery dimension match,
-    the similarity against the target rank, that the query is differentiable, and that stage 2 would
-    train at least one parameter (with the trainable and frozen counts).
+    Raises :class:`ModelProtocolError` when the model lacks a protocol method, ``texts`` is not a list of
+    non-empty strings, or the model raises (naming the method and, for compose_query, what it was given).
+    Returns a :class:`CheckReport` (``.raise_if_failed()`` turns problems into an error) on types, dtypes,
+    ranks, batch sizes, finiteness, devices, the query/gallery dimension, the similarity against the target
+    rank, a differentiable query, and that stage 2 trains at least one parameter (trainable/frozen counts).
     """
     require_protocol(model, "check_model")
     texts = as_texts(texts, "check_model")
@@ -522,10 +436,8 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
         if stage == "compose_query":
             cause += ". " + compose_input_hint(model, ref)
         raise ModelProtocolError(cause) from error
-    if image is not None:
-        report.image_shape = tuple(image.shape)
-    if query is not None:
-        report.query_shape = tuple(query.shape)
+    report.image_shape = tuple(image.shape) if image is not None else None
+    report.query_shape = tuple(query.shape) if query is not None else None
     if image is not None and query is not None and image.dim() in (2, 3) and query.dim() == 2:
         if image.shape[-1] != query.shape[-1]:
             report.problems.append(f"the query dimension {query.shape[-1]} differs from the image dimension "
@@ -544,10 +456,8 @@ def check_model(model: Any, reference: Tensor, texts: Sequence[str], targets: Te
                                    "Fix: remove torch.no_grad()/detach() from the query path.")
     if isinstance(model, nn.Module) and not report.problems:
         split = parameter_split(model, reference, texts, targets)
-        counts = split.counts(model)
-        report.split = split
-        report.trainable_parameters = counts["query"]
-        report.frozen_parameters = counts["target"] + counts["unused"]
+        counts, report.split = split.counts(model), split
+        report.trainable_parameters, report.frozen_parameters = counts["query"], counts["target"] + counts["unused"]
         if not split.query:
             report.problems.append("no parameter is on the query side: everything compose_query reaches is also "
                                    "reached by encode_image. Fix: pass trainable=... to wrap_model.")

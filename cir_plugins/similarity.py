@@ -1,17 +1,17 @@
 """Scoring primitives: the one place that turns queries and embedding rows into similarity scores.
 
-``"dot"`` is the inner product of (Q, D) queries with (C, D) rows; ``"max_token"`` is the maximum over T
-of the inner products with (C, T, D) rows (multi-vector targets). The library L2-normalises embeddings
-before scoring, so "dot" is the cosine. Metrics, the loss backends, stage 1, submission files and the
-search server all score through :func:`similarity` (or its paired form :func:`scores_of_rows`).
+``"dot"`` is the inner product of (Q, D) queries with (C, D) rows; ``"max_token"`` the maximum over T of the
+inner products with (C, T, D) rows (multi-vector targets). Embeddings are L2-normalised before scoring, so
+"dot" is the cosine. Metrics, the loss backends, stage 1, submission files and the search server all score
+through :func:`similarity` (or its paired form :func:`scores_of_rows`).
 
-On CUDA a bfloat16 gallery is scored in bfloat16 on tensor cores with float32 output: the float32
-query is split exactly into three bfloat16 parts (:func:`split_bf16`, hi + mid + lo == query), and one
-matrix product against the repeated rows accumulates in float32. Each bf16 x bf16 product is exact in
-float32, so the scores equal the upcast path's up to the summation order.
-
-Chunk sizes: :func:`chunk_rows` sizes a (queries, chunk, T) float32 score block from
-``SCORE_BUDGET_BYTES`` on CPU and from free memory on CUDA (a quarter, clamped to ``CUDA_SCORE_BUDGET_MAX``).
+On CUDA a bfloat16 gallery is scored in bfloat16 on tensor cores with float32 output: the float32 query is
+split exactly into three bfloat16 parts (:func:`split_bf16`), and one matrix product against the repeated
+rows accumulates in float32. Each bf16 x bf16 product is exact in float32, so the scores equal the upcast
+path's up to the summation order. Other galleries (float16, float32; bf16 on CPU) are upcast to float32.
+:func:`chunk_rows` sizes a (queries, chunk, T) float32 score block from ``SCORE_BUDGET_BYTES`` on CPU and
+from free memory on CUDA (a quarter, clamped to ``CUDA_SCORE_BUDGET_MAX``: 4k queries x 1M rows in ~16
+chunks instead of ~500).
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from .checks import check_chunk_size
 __all__ = ["similarity", "scores_of_rows", "split_bf16", "mm_fp32_out", "mask_rows_", "use_bf16_scoring",
            "chunk_rows", "score_budget", "SCORE_BUDGET_BYTES", "CUDA_SCORE_BUDGET_MAX"]
 
-# Bytes of one (query block, chunk, T) float32 score block.
-SCORE_BUDGET_BYTES = 32 << 20
-# Upper bound of the CUDA score block (bytes); the CUDA budget is a quarter of free memory, clamped.
-CUDA_SCORE_BUDGET_MAX = 1 << 30
+SCORE_BUDGET_BYTES = 32 << 20  # bytes of one (query block, chunk, T) float32 score block
+CUDA_SCORE_BUDGET_MAX = 1 << 30  # upper bound of the CUDA score block (bytes)
 MIN_CHUNK = 16
 
 
@@ -54,12 +52,8 @@ def use_bf16_scoring(query: torch.Tensor, gallery: torch.Tensor) -> bool:
 
 
 def split_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Exact three-way bfloat16 split of a float32 tensor: (..., D) -> (..., 3D) = [hi, mid, lo].
-
-    hi + mid + lo == x exactly (float32 has 24 significant bits, each bf16 part carries 8) for
-    normal values; the parts are concatenated along the last dim so one matrix product sums them.
-    A tensor that is already split (last dim 3D, bf16) is not split again: see :func:`similarity`.
-    """
+    """Exact three-way bfloat16 split of a float32 tensor: (..., D) -> (..., 3D) = [hi, mid, lo], concatenated
+    so one matrix product sums them; hi + mid + lo == x exactly for normal values (24 significant bits, 8 each)."""
     x = x.float()
     hi = x.to(torch.bfloat16)
     rest = x - hi.float()  # exact in float32: x and hi agree in their leading bits
@@ -69,10 +63,8 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) bf16 @ (K, N) bf16 -> (M, N) float32 with float32 accumulation.
-
-    On CUDA one cuBLAS bf16 GEMM with float32 output; elsewhere (tests) the same products in float32.
-    """
+    """(M, K) bf16 @ (K, N) bf16 -> (M, N) float32 with float32 accumulation: one cuBLAS bf16 GEMM with
+    float32 output on CUDA, elsewhere (tests) the same products in float32."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # bf16 values are exact in float32, so are their products
@@ -81,11 +73,8 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def similarity(query: torch.Tensor, rows: torch.Tensor, kind: str = "dot", *, bf16: bool | None = None,
                split_query: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Scores of every query against every row: query (Q, D), rows (C, D) for "dot" or (C, T, D) for
-    "max_token" -> (Q, C) in ``dtype`` (float32; float64 for a float64 reference computation).
-
-    ``bf16`` (None: CUDA with a bf16 gallery) scores float32-exact products on bf16 tensor cores;
-    ``split_query`` is ``split_bf16(query)`` when the caller scores many chunks with one query block.
-    """
+    "max_token" -> (Q, C) in ``dtype`` (float64 for a reference computation). ``bf16`` (None: CUDA with a bf16
+    gallery) scores on bf16 tensor cores; ``split_query`` is ``split_bf16(query)``, reused over many chunks."""
     if bf16 is None:
         bf16 = use_bf16_scoring(query, rows)
     if bf16:
@@ -105,32 +94,21 @@ def scores_of_rows(query: torch.Tensor, gallery: torch.Tensor, rows: torch.Tenso
                    bf16: bool = False) -> torch.Tensor:
     """Paired scores: query i against gallery rows ``rows[i, j]``. query (Q, D); rows (Q, S) valid rows
     -> (Q, S) float32, the same products as :func:`similarity` (split query with ``bf16``)."""
+    q, g = (split_bf16(query) if bf16 else query).float(), gallery[rows].float()  # (Q, [3]D), (Q, S, [T,] D)
     if bf16:
-        q = split_bf16(query).float()  # (Q, 3D)
-        g = gallery[rows].float()
         g = g.repeat(*([1] * (g.dim() - 1)), 3)  # (Q, S, 3D) or (Q, S, T, 3D)
-    else:
-        q = query.float()
-        g = gallery[rows].float()  # (Q, S, D) or (Q, S, T, D)
     if kind == "dot":
         return torch.einsum("qd,qsd->qs", q, g)
     return torch.einsum("qd,qstd->qst", q, g).amax(dim=2)
 
 
 def mask_rows_(scores: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
-    """Set scores[i, rows[i, j] - start] to the lowest value for rows inside the chunk; in place, no host sync.
-
-    scores (Qb, C) float (-inf) or int64 order keys (int64 min); rows (Qb, K) int64, -1 padded, any
-    gallery rows. Rows outside [start, start + C) scatter the highest value into an amin: no change.
-    """
-    c = scores.shape[1]
-    local = rows - start  # (Qb, K)
+    """Set scores[i, rows[i, j] - start] to the lowest value (-inf, or int64 min for order keys) for rows inside
+    the chunk; in place, no host sync. scores (Qb, C); rows (Qb, K) int64, -1 padded, any gallery rows (rows
+    outside [start, start + C) scatter the highest value into an amin: no change)."""
+    c, local = scores.shape[1], rows - start  # local (Qb, K)
     inside = (rows >= 0) & (local >= 0) & (local < c)
-    index = local.clamp(0, c - 1)
-    if scores.is_floating_point():
-        low, high = float("-inf"), float("inf")
-    else:
-        low, high = torch.iinfo(scores.dtype).min, torch.iinfo(scores.dtype).max
-    src = torch.full(rows.shape, high, dtype=scores.dtype, device=scores.device)
-    src.masked_fill_(inside, low)
-    return scores.scatter_reduce_(1, index, src, reduce="amin")
+    info = None if scores.is_floating_point() else torch.iinfo(scores.dtype)
+    low, high = (float("-inf"), float("inf")) if info is None else (info.min, info.max)
+    src = torch.full(rows.shape, high, dtype=scores.dtype, device=scores.device).masked_fill_(inside, low)
+    return scores.scatter_reduce_(1, local.clamp(0, c - 1), src, reduce="amin")

@@ -1,10 +1,8 @@
-"""The CIRR test-server files: per-query rankings, their validation, and the two JSON files written as a pair.
-
-The test1 split has no targets, so nothing here computes a metric: :func:`rank_cirr` ranks each query
-(reference removed; ``img_set.members`` minus the reference for the subset list) with the features
-:func:`cir_plugins.evaluation.extract_features` computes, :func:`validate_cirr_submission` rejects
-whatever the server would, :func:`write_cirr_submission` writes the two files atomically with a
-manifest, and :func:`check_cirr_submission` tells a complete pair from an interrupted write.
+"""The CIRR test-server files. The test1 split has no targets, so nothing here computes a metric:
+:func:`rank_cirr` ranks each query (reference removed; ``img_set.members`` minus the reference for the
+subset list), :func:`validate_cirr_submission` rejects whatever the server would, :func:`write_cirr_submission`
+writes the two JSON files atomically with a manifest, and :func:`check_cirr_submission` tells a complete pair
+from an interrupted write.
 """
 
 from __future__ import annotations
@@ -37,17 +35,11 @@ SUBMISSION_FORMAT = "cir_plugins.cirr_submission"
 
 @dataclass
 class CIRRRanking:
-    """Per-query rankings for the CIRR server.
-
-    Fields:
-        pair_ids: the queries' pair ids, in split order.
-        recall_names: per query, the ``k`` best gallery names (reference excluded), best first.
-        subset_names: per query, the ``subset_k`` best names among img_set.members minus the reference.
-    """
+    """Per-query rankings for the CIRR server, in split order, best first."""
 
     pair_ids: list[int]
-    recall_names: list[list[str]]
-    subset_names: list[list[str]]
+    recall_names: list[list[str]]  # per query, the k best gallery names (reference excluded)
+    subset_names: list[list[str]]  # per query, the subset_k best of img_set.members minus the reference
 
 
 def _subset_order(features: EvalFeatures, query_index: int, rows: list[int]) -> list[int]:
@@ -85,10 +77,6 @@ def rank_cirr(model: Any, split: Any, *, k: int = 50, subset_k: int = 3, batch_s
     return ranking_from_features(features, k=k, subset_k=subset_k)
 
 
-def _is_pair_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Sequence[str]],
                              subset_names: Sequence[Sequence[str]], *, split: Any = None, k: int = 50,
                              subset_k: int = 3) -> None:
@@ -101,7 +89,7 @@ def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Seq
              got=(len(pair_ids), len(recall_names), len(subset_names)), expected="three equal lengths")
     seen: set[int] = set()
     for pid in pair_ids:
-        if not _is_pair_id(pid):
+        if not isinstance(pid, int) or isinstance(pid, bool):
             fail("a pair id is not an int", got=pid)
         if pid in seen:
             fail("a pair id appears twice", got=pid, expected="each test pair exactly once")
@@ -126,12 +114,10 @@ def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Seq
                        "group membership and gallery names were not checked")
         return
     by_pair = {t.pair_id: t for t in split.triplets}
-    missing = sorted(set(by_pair) - seen)
-    extra = sorted(seen - set(by_pair))
-    if missing:
+    if missing := sorted(set(by_pair) - seen):
         fail("test pairs are missing from the submission", got=f"{len(missing)} missing, e.g. {missing[:5]}",
              expected=f"all {len(by_pair)} pairs of {getattr(split, 'split', 'the split')}")
-    if extra:
+    if extra := sorted(seen - set(by_pair)):
         fail("the submission has pair ids that are not in the split", got=extra[:5])
     gallery = set(split.gallery_ids)
     for pid, recall, subset in zip(pair_ids, recall_names, subset_names):
@@ -140,12 +126,10 @@ def validate_cirr_submission(pair_ids: Sequence[int], recall_names: Sequence[Seq
             if triplet.reference in names:
                 fail(f"{label} of pair {pid} contains the reference image", got=triplet.reference,
                      expected="the reference excluded")
-            unknown = [n for n in names if n not in gallery]
-            if unknown:
+            if unknown := [n for n in names if n not in gallery]:
                 fail(f"{label} of pair {pid} names images not in the gallery", got=unknown[:3])
         allowed = set(triplet.members) - {triplet.reference}
-        outside = [n for n in subset if n not in allowed]
-        if outside:
+        if outside := [n for n in subset if n not in allowed]:
             fail(f"recall_subset of pair {pid} names images outside img_set.members minus the reference",
                  got=outside, expected=sorted(allowed))
 
@@ -156,31 +140,25 @@ def write_cirr_submission(out_dir: str | os.PathLike, pair_ids: Sequence[int], r
     """Validate and write the two CIRR server files; returns (path_recall, path_subset).
 
     Files: ``{out_dir}/recall_submission_{name}.json`` = {"version": version, "metric": "recall",
-    "<pairid>": [50 names]} and ``{out_dir}/recall_subset_submission_{name}.json`` = {"version":
-    version, "metric": "recall_subset", "<pairid>": [3 names]}; keys are str(pairid).
+    "<pairid>": [50 names]} and ``recall_subset_submission_{name}.json`` (metric "recall_subset", 3 names).
 
-    Validation (SubmissionError, nothing written): equal lengths, int pair ids each once, 50 / 3
-    unique non-empty names without extensions; with ``split`` (the test1 Split) also: every pair of
-    the split present exactly once and no other, the reference excluded from both lists, names in
-    the gallery, subset names from img_set.members minus the reference. Without ``split`` those
-    cross-checks are skipped (logged as a warning).
+    Validation (SubmissionError, nothing written): equal lengths, int pair ids each once, 50 / 3 unique
+    non-empty names without extensions; with ``split`` (the test1 Split) also every pair of the split
+    exactly once and no other, the reference excluded, names in the gallery, subset names from
+    img_set.members minus the reference (without ``split`` these are skipped, with a warning).
 
-    The two files are written as a pair: each atomically, with the manifest
-    ``{out_dir}/submission_{name}.manifest.json`` (the SHA-256 of both) removed before the first
-    and written after the second. After an interruption a reader finds either the complete new pair
-    with its manifest, or no manifest (possibly a new recall file beside an old subset file):
-    :func:`check_cirr_submission` tells the two apart; re-running the same call completes the pair.
+    Each file is written atomically; the manifest ``submission_{name}.manifest.json`` (the SHA-256 of both)
+    is removed before the first and written after the second, so after an interruption
+    :func:`check_cirr_submission` tells a complete pair from a partial one; re-running completes the pair.
     """
     validate_cirr_submission(pair_ids, recall_names, subset_names, split=split)
     if not isinstance(version, str) or not version:
         raise SubmissionError(explain("version must be a non-empty string", got=version, expected="rc2"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recall = {"version": version, "metric": "recall"}
-    subset = {"version": version, "metric": "recall_subset"}
-    for pid, names_r, names_s in zip(pair_ids, recall_names, subset_names):
-        recall[str(pid)] = list(names_r)
-        subset[str(pid)] = list(names_s)
+    recall = {"version": version, "metric": "recall", **{str(p): list(n) for p, n in zip(pair_ids, recall_names)}}
+    subset = {"version": version, "metric": "recall_subset",
+              **{str(p): list(n) for p, n in zip(pair_ids, subset_names)}}
     path_recall, path_subset, manifest = _submission_paths(out, name)
     if manifest.exists():  # from here until the new manifest is written, the pair is not one to upload
         manifest.unlink()
@@ -202,12 +180,9 @@ def _submission_paths(out: Path, name: str) -> tuple[Path, Path, Path]:
 
 
 def check_cirr_submission(out_dir: str | os.PathLike, *, name: str = "cirr") -> tuple[Path, Path]:
-    """The two files of a submission written whole by :func:`write_cirr_submission`, as a pair.
-
-    Raises SubmissionError when the manifest is missing (an interrupted write: the files may be a new
-    recall file beside an old subset file), unreadable, or when a file is missing or differs from
-    the SHA-256 the manifest recorded. Returns (path_recall, path_subset).
-    """
+    """(path_recall, path_subset) of a submission written whole by :func:`write_cirr_submission`; a
+    SubmissionError when the manifest is missing (an interrupted write: maybe a new recall file beside an old
+    subset file) or unreadable, or a file is missing or differs from the SHA-256 the manifest recorded."""
     out = Path(out_dir)
     path_recall, path_subset, manifest = _submission_paths(out, name)
     fix = "write the submission again (cir-plugins submit / write_cirr_submission); it completes the pair"
