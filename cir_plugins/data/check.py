@@ -60,11 +60,8 @@ COUNTS_SOURCE = {
 #: Official counts per split: "images" = names in the split file, "triplets" = records in the captions file.
 #: Keys: the split for CIRR, "category/split" for FashionIQ.
 OFFICIAL_COUNTS: dict[str, dict[str, dict[str, int]]] = {
-    "cirr": {
-        "train": {"images": 16939, "triplets": 28225},
-        "val": {"images": 2297, "triplets": 4181},
-        "test1": {"images": 2315, "triplets": 4148},
-    },
+    "cirr": {"train": {"images": 16939, "triplets": 28225}, "val": {"images": 2297, "triplets": 4181},
+             "test1": {"images": 2315, "triplets": 4148}},
     "fashioniq": {
         "dress/train": {"images": 11452, "triplets": 5985}, "dress/val": {"images": 3817, "triplets": 2017},
         "dress/test": {"images": 3818, "triplets": 2024},
@@ -90,7 +87,6 @@ class _Image:
 
     path: Path | None  # None: the path in the split file does not resolve under the root
     names: list[str] = field(default_factory=list)
-    units: list[str] = field(default_factory=list)
     store: Any = None  # an ImageStore that knows one of the names (full decode goes through it)
     status: str = "ok"  # "ok" or one of _KINDS
     error: str | None = None
@@ -152,21 +148,17 @@ class DataCheckReport:
                          f"{len(unit['bad_images'])} bad images, {len(unit['broken_triplets'])} broken triplets, "
                          f"{len(unit['broken_gallery'])} broken gallery entries")
         for kind in _KINDS:
-            entries = self.images.get(kind, [])
-            if entries:
+            if entries := self.images.get(kind, []):
                 shown = ", ".join(", ".join(e["names"]) for e in entries[:_SHOWN])
                 more = f" and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else ""
                 cause = f" (first: {entries[0]['error']})" if kind in ("bad_path", "too_large") else ""
                 lines.append(f"  {kind.replace('_', ' ')} ({len(entries)}): {shown}{more}{cause}")
-        duplicates = self.images.get("duplicates", [])
-        if duplicates:
+        if duplicates := self.images.get("duplicates", []):
             shown = "; ".join(" = ".join(group["names"]) for group in duplicates[:_SHOWN])
             more = f" and {len(duplicates) - _SHOWN} more groups" if len(duplicates) > _SHOWN else ""
             lines.append(f"  duplicates ({len(duplicates)} groups): {shown}{more}")
-        lines += [f"problem: {p}" for p in self.problems]
-        lines += [f"warning: {w}" for w in self.warnings]
-        lines += [f"to do: {a}" for a in self.advice]
-        return "\n".join(lines)
+        lines += [f"problem: {p}" for p in self.problems] + [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines + [f"to do: {a}" for a in self.advice])
 
 
 def _units(dataset: str, splits: Iterable[str] | None,
@@ -185,8 +177,7 @@ def _units(dataset: str, splits: Iterable[str] | None,
             raise ConfigError(explain("CIRR has no categories", got=categories, fix="leave categories unset"))
         return [(split, None, split) for split in names]
     cats = tuple(categories) if categories is not None else CATEGORIES
-    unknown = [c for c in cats if c not in CATEGORIES]
-    if unknown or not cats:
+    if (unknown := [c for c in cats if c not in CATEGORIES]) or not cats:
         raise ConfigError(explain("unknown FashionIQ categories", got=unknown or cats, expected=CATEGORIES))
     return [(f"{cat}/{split}", cat, split) for cat in cats for split in names]
 
@@ -360,7 +351,6 @@ def check_dataset(root: str | os.PathLike, dataset: str, *, decode: bool = False
                 entry = bad_paths.setdefault(image_id, _Image(path=None, status="bad_path", error=str(error)))
             if image_id not in entry.names:
                 entry.names.append(image_id)
-            entry.units.append(name)
         loaded.append((unit, data))
     entries = list(files.values())
     for entry in progress_bar(entries, desc=f"check-data: {report.mode} check of the images",

@@ -126,15 +126,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "I" and array.max(initial=0) > 65535:
             top = int(array.max())
         array = np.clip(array, 0, top) * (255.0 / top)
-        return Image.fromarray(np.round(array).astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
+    elif mode == "F":
         array = np.asarray(image, dtype=np.float64)
         scale = 255.0 if np.nanmax(array, initial=0.0) <= 1.0 else 1.0
         array = np.clip(np.nan_to_num(array) * scale, 0, 255)
-        return Image.fromarray(np.round(array).astype(np.uint8), "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+    else:
+        return (image.convert("RGBA") if mode == "P" and "transparency" in image.info else image).convert("RGB")
+    return Image.fromarray(np.round(array).astype(np.uint8), "L").convert("RGB")
 
 
 def open_image_file(path: str | os.PathLike, *, what: str, fix: str = _FIX_FILE):
@@ -277,8 +275,7 @@ class OwnPixelLimit:
         with self._lock:
             if OwnPixelLimit._depth == 0:
                 OwnPixelLimit._saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
-                Image.MAX_IMAGE_PIXELS = None
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
             OwnPixelLimit._depth += 1
 
     def __exit__(self, *exc) -> None:
@@ -305,8 +302,7 @@ class ClipTransform:
             raise ConfigError(explain("target_ratio must be a number >= 1", got=target_ratio, fix="e.g. 1.25"))
         check_positive_int("max_pixels", max_pixels, allow_none=True)
         self.kind, self.size, self.target_ratio, self.max_pixels = kind, size, float(target_ratio), max_pixels
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(v) for v in std)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
         self._mean_np = np.asarray(self.mean, dtype=np.float32)
         self._inv_std_np = (1.0 / np.asarray(self.std, dtype=np.float64)).astype(np.float32)
 

@@ -63,6 +63,7 @@ from typing import Any
 
 from .._atomic import atomic_write_json
 from .._console import progress_bar
+from ..checks import check_positive_int
 from ..errors import ConfigError, explain
 from .synthetic_scenes import (  # re-exported
     BACKGROUND,
@@ -85,11 +86,9 @@ from .synthetic_scenes import (  # re-exported
     seed_of,
 )
 
-__all__ = [
-    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES",
-    "WorldConfig", "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner",
-    "SyntheticRewriter", "load_scenes", "position_name", "BACKGROUND", "world_record",
-]
+__all__ = ["SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES", "WorldConfig",
+           "make_world", "describe_scene", "parse_caption", "render_scene", "SyntheticCaptioner", "SyntheticRewriter",
+           "load_scenes", "position_name", "BACKGROUND", "world_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +118,7 @@ class WorldConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in ("int", int):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ConfigError(explain(f"WorldConfig.{f.name} must be a non-negative int", got=value))
+                check_positive_int(f"WorldConfig.{f.name}", value, minimum=0)
             elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(explain(f"WorldConfig.{f.name} must be a non-negative number", got=value))
         if not 1 <= self.min_objects <= self.max_objects <= 9:
@@ -152,11 +150,8 @@ class WorldConfig:
         return cls(**dict(data))
 
 
-PRESETS = {
-    "default": {},
-    "quick": dict(n_train_triplets=120, n_train_unlabelled=300, n_val_queries=40, n_val_distractors=60,
-                  n_test_queries=40, n_test_distractors=60),
-}
+PRESETS = {"default": {}, "quick": dict(n_train_triplets=120, n_train_unlabelled=300, n_val_queries=40,
+                                        n_val_distractors=60, n_test_queries=40, n_test_distractors=60)}
 
 
 def _config_of(size: str | Mapping[str, Any] | WorldConfig, image_size: int | None) -> WorldConfig:
@@ -312,20 +307,17 @@ class _Builder:
 
     def one_edit(self, scene: list[dict], avoid: set[tuple], kinds: Sequence[str] = EDIT_TYPES):
         for _ in range(200):
-            kind = self.rng.choice(kinds)
-            result = _edit(scene, kind, self.rng, self.config)
-            if result is not None and _signature(result[0]) not in self.used and _signature(result[0]) not in avoid:
+            result = _edit(scene, kind := self.rng.choice(kinds), self.rng, self.config)
+            if result is not None and (sig := _signature(result[0])) not in self.used and sig not in avoid:
                 return kind, result[0], result[1]
         return None
 
     def query(self, split: str, index: int) -> dict | None:
         """A reference, a target one or two edits away, and 4 near variants; None if stuck."""
-        cfg, rng = self.config, self.rng
-        reference = self.fresh_scene()
+        rng, reference = self.rng, self.fresh_scene()
         sig_ref = _signature(reference)
-        n_edits = 2 if rng.random() < cfg.two_edit_rate else 1
         scene, phrases, kinds = reference, [], []
-        for _ in range(n_edits):
+        for _ in range(2 if rng.random() < self.config.two_edit_rate else 1):
             if (step := self.one_edit(scene, {sig_ref})) is None:
                 return None
             kind, scene, phrase = step
@@ -341,13 +333,11 @@ class _Builder:
                 return None
             variants.append(step[1])
             taken.add(_signature(step[1]))
-        base = f"syn-{split}-{index:05d}"
-        names = [f"{base}-img{k}" for k in range(6)]
+        names = [f"syn-{split}-{index:05d}-img{k}" for k in range(6)]
         order = list(range(6))
         rng.shuffle(order)  # member k holds scene order[k]; scene 0 = reference, 1 = target
-        scenes = [reference, target] + variants
         for name, which in zip(names, order):
-            self.add(name, scenes[which])
+            self.add(name, ([reference, target] + variants)[which])
         for kind in kinds:
             self.edit_counts[kind] += 1
         ref_name, target_name = names[order.index(0)], names[order.index(1)]
@@ -390,13 +380,12 @@ def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[st
         image_size: overrides ``WorldConfig.image_size`` when given (40 by default).
         overwrite: regenerate even when a complete world with these parameters exists.
         show_progress: a tqdm bar over the images being rendered.
-        workers: processes that render images (default: the CPU count); worlds of at most 2000
-            images render in-process. The files do not depend on it.
+        workers: processes that render images (default: the CPU count; worlds of at most 2000 images render
+            in-process). The files do not depend on it.
 
-    A complete world with the same parameters is reused (nothing is written). Otherwise the old
-    world's files (only ``cirr/``, ``synthetic/``, ``train/``, ``val/``, ``test/``) are removed and
-    a new one is written; a root holding other files that is not a world raises ConfigError
-    unless ``overwrite=True``.
+    A complete world with the same parameters is reused (nothing is written). Otherwise the old world's files (only
+    ``cirr/``, ``synthetic/``, ``train/``, ``val/``, ``test/``) are removed and a new one is written; a root holding
+    other files that is not a world raises ConfigError unless ``overwrite=True``.
     """
     config = _config_of(size, image_size)
     if not isinstance(seed, int) or isinstance(seed, bool):

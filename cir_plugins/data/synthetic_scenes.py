@@ -23,11 +23,9 @@ from PIL import Image, ImageDraw
 from ..checks import check_positive_int, check_probability
 from ..errors import ConfigError, DataError, explain
 
-__all__ = [
-    "SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES", "BACKGROUND",
-    "describe_scene", "parse_caption", "render_scene", "position_name", "load_scenes", "SyntheticCaptioner",
-    "SyntheticRewriter",
-]
+__all__ = ["SHAPES", "COLORS", "COLOR_RGB", "SIZES", "ROWS", "COLS", "POSITIONS", "EDIT_TYPES", "BACKGROUND",
+           "describe_scene", "parse_caption", "render_scene", "position_name", "load_scenes", "SyntheticCaptioner",
+           "SyntheticRewriter"]
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
@@ -153,7 +151,7 @@ def load_scenes(root: str | os.PathLike) -> dict[str, dict]:
     path = Path(root) / "synthetic" / "scenes.json"
     if not path.is_file():
         raise DataError(explain("no synthetic world here (scenes.json missing)", got=str(path),
-                                fix="run make_world(root) or `python -m cir_plugins.data.synthetic --root DIR`"))
+                                fix="run make_world(root) or `cir-plugins world --root DIR`"))
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -217,23 +215,17 @@ _OBJECT = re.compile(r"^an? (?:(?P<size>{sizes}) )?(?:(?P<color>{colors}) )?(?P<
 
 
 def parse_caption(caption: str) -> list[dict] | None:
-    """Objects of a caption written like :func:`describe_scene` (attributes may be missing), or None.
-
-    The inverse of ``describe_scene``: ``{"shape", "color", "size", "row", "col"}`` per object, None for
-    an attribute the caption does not state. Returns None when any part is not an object phrase.
-    """
+    """The inverse of :func:`describe_scene`: ``{"shape", "color", "size", "row", "col"}`` per object, None for an
+    attribute the caption does not state; None when any part is not an object phrase."""
     text = caption.strip()
     if text == "an empty grey picture":
         return []
     head, _, last = text.rpartition(" and ")
-    parts = (head.split(", ") if head else []) + [last]
     objects = []
-    for part in parts:
-        match = _OBJECT.match(part.strip())
-        if match is None:
+    for part in (head.split(", ") if head else []) + [last]:
+        if (match := _OBJECT.match(part.strip())) is None:
             return None
-        where = match["where"]
-        cell = POSITIONS.index(where) if where else None
+        cell = POSITIONS.index(match["where"]) if match["where"] else None
         objects.append({"shape": None if match["shape"] == "shape" else match["shape"], "color": match["color"],
                         "size": match["size"], "row": None if cell is None else cell // 3,
                         "col": None if cell is None else cell % 3})
