@@ -1,7 +1,6 @@
 """cir_plugins: scale the positives and negatives of any Composed Image Retrieval model.
 
-Public names resolve lazily (PEP 562), so ``import cir_plugins`` stays cheap and a submodule is
-imported only when one of its names is first used.
+Public names resolve lazily (PEP 562): a submodule is imported only when one of its names is first used.
 """
 
 import importlib as _importlib
@@ -10,43 +9,17 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _WHERE = {
-    # model
-    "CIRModel": "protocol",
-    "wrap_model": "protocol",
-    "check_model": "protocol",
-    "reference_input": "protocol",
-    # data
-    "Triplet": "data.triplet",
-    "ImageStore": "data.images",
-    "load_cirr": "data.cirr",
-    "load_fashioniq": "data.fashioniq",
-    "make_world": "data.synthetic",
-    # positives
-    "TripletAugmenter": "positives.augmenter",
-    "AugmentConfig": "positives.augmenter",
-    "AugmentResult": "positives.augmenter",
-    "LLMRewriter": "positives.rewriters",
-    # negatives
-    "NegativeBank": "negatives.bank",
-    "bank_contrastive_loss": "negatives.loss",
-    # training
-    "Stage1Trainer": "training.stage1",
-    "Stage2Trainer": "training.stage2",
-    "Stage1Config": "training.config",
-    "Stage2Config": "training.config",
-    "Evaluator": "training.evaluator",
-    # evaluation
-    "retrieval_metrics": "metrics",
-    "evaluate": "evaluation",
-    "write_cirr_submission": "submission",
-    # results
-    "load_trained": "trained",
-    "save_trained": "share",
-    "push_to_hub": "share",
-    "load_recipe": "recipes",
-    "reproduce": "recipes.run",
-    # errors
-    "CIRPluginsError": "errors",
+    "CIRModel": "protocol", "wrap_model": "protocol", "check_model": "protocol", "reference_input": "protocol",
+    "Triplet": "data.triplet", "ImageStore": "data.images", "load_cirr": "data.cirr",
+    "load_fashioniq": "data.fashioniq", "make_world": "data.synthetic",
+    "TripletAugmenter": "positives.augmenter", "AugmentConfig": "positives.augmenter",
+    "AugmentResult": "positives.augmenter", "LLMRewriter": "positives.rewriters",
+    "NegativeBank": "negatives.bank", "bank_contrastive_loss": "negatives.loss",
+    "Stage1Trainer": "training.stage1", "Stage2Trainer": "training.stage2", "Stage1Config": "training.config",
+    "Stage2Config": "training.config", "Evaluator": "training.evaluator",
+    "retrieval_metrics": "metrics", "evaluate": "evaluation", "write_cirr_submission": "submission",
+    "load_trained": "trained", "save_trained": "share", "push_to_hub": "share", "load_recipe": "recipes",
+    "reproduce": "recipes.run", "CIRPluginsError": "errors",
 }
 
 # the public contract: these names and nothing else (``__version__`` is an attribute, not a name to import)
@@ -54,11 +27,10 @@ __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
-        value = getattr(_importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(_importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    return value
 
 
 def __dir__() -> list[str]:

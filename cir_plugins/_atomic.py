@@ -1,23 +1,18 @@
 """The package's one atomic file writer (private): banks, checkpoints, annotations, submissions, the world.
 
-A write goes to ``path.tmp-<pid>`` in the same folder, is flushed and fsynced, then ``os.replace``d
-over ``path`` and the folder fsynced, so a kill at any moment leaves the old file or the new one,
-never a torn one. :func:`atomic_write_json` is the same write for a JSON document; :func:`atomic_write_files`
-writes several files that belong together (all replaced, or none); :func:`replace_folder` swaps a whole folder
-written under a temporary name into place (training checkpoints), and :func:`folder_writer` is the whole
-write of such a folder (``.name.tmp-<pid>``, removed again when the write fails).
-
-What a killed write leaves (``name.tmp-<pid>`` files, ``.name.tmp-<pid>`` / ``.name.old-<pid>`` folders of a
-process that no longer runs) is cleaned by the next write to the same place (:func:`remove_leftovers`).
-A path that is an existing folder is refused before anything is written (IsADirectoryError naming it). The
-folders a write creates for its file (``make_parents``, :func:`folder_writer`) are removed again, while empty,
-when the write fails: nothing of a failed write is left.
+A write goes to ``path.tmp-<pid>`` beside ``path``, is fsynced, then ``os.replace``d over it and the folder
+fsynced: a kill at any moment leaves the old file or the new one, never a torn one. :func:`atomic_write_files`
+replaces several files together (all or none); :func:`folder_writer` writes a whole folder under a temporary
+name (``.name.tmp-<pid>``) and swaps it into place (:func:`replace_folder`). What killed writes leave is cleaned
+by the next write to the same place (:func:`remove_leftovers`). A path that is an existing folder is refused
+before anything is written, and the folders a failed write created are removed again while empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import re
@@ -39,84 +34,53 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a folder's entries (a rename into it). Filesystems that cannot open a folder are skipped:
-    the rename itself is still atomic there."""
-    try:
+    """Persist a folder's entries (a rename into it); skipped where a folder cannot be opened (the rename is
+    still atomic there)."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (see the module doc) and return the path.
+    """Write ``data`` to ``path`` atomically and return the path; ``make_parents`` creates missing folders first
+    (else a missing folder is the OSError it is). A failed write leaves ``path`` as it was."""
+    return atomic_write_files({path: data}, make_parents=make_parents)[0]
 
-    ``make_parents``: create missing folders first (else a missing folder is the OSError it is). A
-    failed write removes its temporary file and leaves ``path`` as it was.
-    """
-    path = Path(path)
-    created = _make_parents([path]) if make_parents else []
-    try:
-        tmp = _write_temporary(path, data)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
-        os.replace(tmp, path)
-    finally:
-        _unlink(tmp)
-    fsync_dir(path.parent)
-    return path
+
+def _refuse_folder(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
 
 
 def _make_parents(paths: list[Path]) -> list[Path]:
     """Create the missing folders above ``paths``; returns those created, deepest first (for :func:`_remove_empty`)."""
     created: list[Path] = []
-    for path in paths:
-        missing = []
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            missing.append(folder)
-            folder = folder.parent
-        try:
-            for folder in reversed(missing):
-                try:
+    try:
+        for path in paths:
+            for folder in reversed(list(itertools.takewhile(lambda f: not f.exists(), path.parents))):
+                with contextlib.suppress(FileExistsError):  # made meanwhile by another writer: not ours to remove
                     folder.mkdir()
-                except FileExistsError:  # made meanwhile by another writer: not ours to remove
-                    continue
-                created.insert(0, folder)
-        except BaseException:
-            _remove_empty(created)
-            raise
+                    created.insert(0, folder)
+    except BaseException:
+        _remove_empty(created)
+        raise
     return created
 
 
 def _remove_empty(folders: list[Path]) -> None:
     """Remove the folders a failed write created (deepest first), each only while it is still empty."""
     for folder in folders:
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()
-        except OSError:
-            pass
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in ``path.tmp-<pid>``, flushed and fsynced (removed again if that fails); an existing folder at
-    ``path`` is refused first, and the leftovers of killed writes to ``path`` are removed."""
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    """``data`` in ``path.tmp-<pid>``, flushed and fsynced (removed again if that fails), after refusing a folder
+    at ``path`` and removing the leftovers of killed writes to it."""
+    _refuse_folder(path)
     remove_leftovers(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -124,23 +88,21 @@ def _write_temporary(path: Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as error:  # name the file being written, not its temporary name
-        _unlink(tmp)
-        raise type(error)(error.errno, error.strerror, str(path)) from error
-    except BaseException:
-        _unlink(tmp)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # name the file being written, not its temporary name
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
     return tmp
 
 
 def atomic_write_files(files: Mapping[str | os.PathLike, bytes], *, make_parents: bool = False) -> list[Path]:
-    """Write several files that belong together (a report's page, picture and data): every file is first
-    written and fsynced under its temporary name, and only then are they all renamed into place, so a failure
-    while writing (a full disk, a folder in the way) leaves every old file as it was. Returns the paths."""
+    """Write several files that belong together (a report's page, picture and data): all are written and
+    fsynced under their temporary names before any is renamed into place, so a failure while writing (a full
+    disk, a folder in the way) leaves every old file as it was. Returns the paths."""
     paths = [Path(p) for p in files]
     for path in paths:  # refuse before writing anything
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+        _refuse_folder(path)
     created = _make_parents(paths) if make_parents else []
     written: list[Path] = []
     try:
@@ -148,31 +110,27 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes], *, make_parents
             written.append(_write_temporary(path, data))
     except BaseException:
         for tmp in written:
-            _unlink(tmp)
-        _remove_empty(created)  # a failed write leaves no new empty folder either
+            tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     try:
         for tmp, path in zip(written, paths):
             os.replace(tmp, path)
     finally:
         for tmp in written:
-            _unlink(tmp)
+            tmp.unlink(missing_ok=True)
     for folder in dict.fromkeys(path.parent for path in paths):
         fsync_dir(folder)
     return paths
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Find out now, before a long computation, whether a file can be written at ``path`` later: an OSError naming
-    ``path`` (a folder in the way, a file where a folder is needed, a read-only or refused folder) when not.
-    Probes the nearest existing folder with a temporary file of the writer's own name, removed at once; creates
-    nothing else. Returns ``path``."""
+    """Find out now, before a long computation, whether a file can be written at ``path`` later: an OSError
+    naming ``path`` (a folder in the way, a file where a folder is needed, a read-only folder) when not. Probes
+    the nearest existing folder with a temporary file of the writer's own name, removed at once. Returns ``path``."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    _refuse_folder(path)
+    folder = next((f for f in path.parents if f.exists()), path.parents[-1])
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder", str(path))
     probe = folder / f"{path.name}.tmp-{os.getpid()}"
@@ -182,44 +140,41 @@ def check_writable(path: str | os.PathLike) -> Path:
         return path
     except OSError as error:
         raise type(error)(error.errno, error.strerror, str(path)) from error
-    _unlink(probe)
+    probe.unlink(missing_ok=True)
     return path
 
 
 def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (this process does; a process of another user counts as running)."""
-    if pid == os.getpid():
-        return True
+    """Whether process ``pid`` runs (this one does; a process of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # PermissionError: it runs, as someone else
-        return True
+        pass
     return True
 
 
 def remove_leftovers(path: str | os.PathLike) -> list[Path]:
-    """Remove what killed writes to ``path`` left beside it, for processes that no longer run: the files
-    ``name.tmp-<pid>`` (:func:`atomic_write_bytes`) and the folders ``.name.tmp-<pid>`` (:func:`folder_writer`);
-    a ``.name.old-<pid>`` folder (the previous folder set aside by :func:`replace_folder`) is put back at ``path``
-    when ``path`` is missing, else removed. Returns what was removed; one that cannot be removed is left."""
+    """Remove what killed writes to ``path`` left beside it, for processes that no longer run: files
+    ``name.tmp-<pid>``, folders ``.name.tmp-<pid>``; a ``.name.old-<pid>`` folder (set aside by
+    :func:`replace_folder`) is put back at ``path`` when ``path`` is missing, else removed. Returns what was
+    removed; what cannot be removed is left."""
     path = Path(path)
     removed: list[Path] = []
     try:
-        siblings = list(path.parent.iterdir())
+        siblings = sorted(path.parent.iterdir())
     except OSError:  # a missing or unreadable folder holds no leftovers we could remove
         return removed
-    for entry in sorted(siblings):
-        name = entry.name
-        match = _LEFTOVER.search(name)
+    for entry in siblings:
+        match = _LEFTOVER.search(entry.name)
         if match is None or _running(int(match.group(2))):
             continue
-        stem = name[: match.start()]
-        if match.group(1) == "tmp" and stem == path.name and not entry.is_dir():
-            _unlink(entry)
+        stem, kind = entry.name[: match.start()], match.group(1)
+        if kind == "tmp" and stem == path.name and not entry.is_dir():
+            entry.unlink(missing_ok=True)
         elif stem == f".{path.name}" and entry.is_dir() and not entry.is_symlink():
-            if match.group(1) == "old" and not path.exists():
+            if kind == "old" and not path.exists():
                 os.replace(entry, path)  # killed between replace_folder's two renames: the old folder comes back
                 continue
             shutil.rmtree(entry, ignore_errors=True)
@@ -231,23 +186,21 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
 
 def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = None, ensure_ascii: bool = True,
                       trailing_newline: bool = False, make_parents: bool = False) -> Path:
-    """Write ``data`` as UTF-8 JSON (the bytes of ``json.dumps(data, indent=indent, ensure_ascii=...)``, plus a
-    final newline when asked) atomically. ``make_parents`` creates the missing folders first."""
+    """Write ``json.dumps(data, indent=indent, ensure_ascii=ensure_ascii)`` (plus a final newline when asked) as
+    UTF-8, atomically; ``make_parents`` creates the missing folders first."""
     text = json.dumps(data, indent=indent, ensure_ascii=ensure_ascii) + ("\n" if trailing_newline else "")
     return atomic_write_bytes(path, text.encode("utf-8"), make_parents=make_parents)
 
 
 def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike, aside: str | os.PathLike) -> Path | None:
-    """Swap the finished folder ``tmp`` into ``final`` by rename; an existing ``final`` is first renamed to
-    ``aside``. Returns ``aside`` when it now holds the previous folder (the caller removes it once nothing
-    can need it), else None. ``tmp``'s entries and both renames are fsynced, so after a kill either the old
-    folder (at ``final`` or ``aside``) or the new one is whole."""
+    """Swap the finished folder ``tmp`` into ``final`` by rename, an existing ``final`` first renamed to ``aside``
+    (returned then, for the caller to remove once nothing can need it; else None). Both renames are fsynced:
+    after a kill either the old folder (at ``final`` or ``aside``) or the new one is whole."""
     tmp, final, aside = Path(tmp), Path(final), Path(aside)
     fsync_dir(tmp)
-    moved = None
-    if final.exists():
+    moved = aside if final.exists() else None
+    if moved is not None:
         os.replace(final, aside)
-        moved = aside
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return moved
@@ -256,9 +209,7 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike, aside: str 
 @contextlib.contextmanager
 def folder_writer(final: str | os.PathLike) -> Iterator[Path]:
     """``with folder_writer(final) as tmp:`` write the files into ``tmp`` (``.name.tmp-<pid>`` beside ``final``);
-    when the block ends without an error the folder replaces ``final`` (:func:`replace_folder`, the old one
-    removed), and when it raises, ``tmp`` is removed and ``final`` is left as it was. Leftovers of killed
-    writes of ``final`` are removed first."""
+    a block that ends without an error replaces ``final`` (the old one removed), one that raises leaves it."""
     final = Path(final)
     created = _make_parents([final])
     remove_leftovers(final)

@@ -1,9 +1,7 @@
 """The base of every settings dataclass (training configs, AugmentConfig): help text per field, JSON round-trip.
 
-Each field is declared with :func:`option`, ``name: type = option(default, "what it means")``: the text is the
-field's ``metadata["help"]``, which the class docstring's Attributes section and the command line's ``--help``
-both read. Subclasses validate in ``__post_init__``.
-"""
+Fields are ``name: type = option(default, "what it means")``; the class docstring's Attributes section and
+``--help`` read that text. Subclasses validate in ``__post_init__``."""
 
 from __future__ import annotations
 
@@ -48,7 +46,6 @@ class Config:
     def from_dict(cls, data: dict[str, Any]):
         """Inverse of :meth:`to_dict`; unknown keys are a ConfigError naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
+        if unknown := sorted(set(data) - names):
             raise ConfigError(explain(f"unknown {cls.__name__} fields", got=unknown, expected=sorted(names)))
         return cls(**data)

@@ -1,11 +1,8 @@
-"""What the library shows on a console, decided in one place: progress bars and rounded numbers in logs.
+"""What the library shows on a console: progress bars and rounded numbers in logs.
 
-- :func:`progress_bar`: every tqdm bar of the package. ``show_progress`` False = no bar; True = a bar
-  only when stderr is a terminal (a redirected stderr gets none, not thousands of lines); "always" =
-  a bar even when stderr is redirected, redrawn there at most once a minute (:data:`REDIRECTED_INTERVAL_S`:
-  a log file gets a line a minute, not one per step).
-- :func:`format_values`: ``{"R@1": 57.49999999999999, "n_queries": 40}`` -> ``"R@1 57.50, n_queries 40"``
-  for log lines; nested mappings (a protocol description) and other non-numbers are left out.
+:func:`progress_bar` makes every tqdm bar: ``show_progress`` False = none; True = one only when stderr is a
+terminal; "always" = one even on a redirected stderr, redrawn there at most every :data:`REDIRECTED_INTERVAL_S`.
+:func:`format_values`: ``{"R@1": 57.49999999999999, "n_queries": 40}`` -> ``"R@1 57.50, n_queries 40"``.
 """
 
 from __future__ import annotations
@@ -53,9 +50,9 @@ def _stderr_is_terminal() -> bool:
 
 
 def _format(value: Any, digits: int) -> str | None:
-    if isinstance(value, bool) or value is None:
-        return None if value is None else str(value)
-    if isinstance(value, int):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):  # bool included
         return str(value)
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
@@ -63,17 +60,10 @@ def _format(value: Any, digits: int) -> str | None:
         if value != 0 and abs(value) < 10 ** -digits:
             return f"{value:.2g}"
         return f"{value:.{digits}f}"
-    if isinstance(value, str):
-        return value
     return None
 
 
 def format_values(values: Mapping[str, Any], digits: int = 2) -> str:
     """``"key value, ..."`` with floats rounded to ``digits`` places (small ones in 2 significant digits,
     whole ones as integers); values that are not numbers or short strings are left out."""
-    parts = []
-    for key, value in values.items():
-        text = _format(value, digits)
-        if text is not None:
-            parts.append(f"{key} {text}")
-    return ", ".join(parts)
+    return ", ".join(f"{key} {text}" for key, value in values.items() if (text := _format(value, digits)) is not None)

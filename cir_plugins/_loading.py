@@ -1,4 +1,5 @@
-"""Load a user's model factory from a command-line spec (``file.py:function`` or ``pkg.mod:function``)."""
+"""Load a user's model factory from a command-line spec (``file.py:function`` or ``pkg.mod:function``), or an
+image encoder by its library's model name (``open_clip:...``, ``hf:...``)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,6 @@ IMAGE_ENCODER_PREFIXES = ("open_clip:", "hf:")
 _FACTORY_FOLDERS: list[str] = []
 
 
-def _same_file(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
-
-
 def _folder_of(module: Any) -> str | None:
     """The folder a top-level module was imported from (a package's parent folder), or None."""
     where = getattr(module, "__file__", None)
@@ -35,8 +32,7 @@ def _folder_of(module: Any) -> str | None:
 
 def _forget_if_stale(name: str) -> None:
     """Drop the module ``name`` (and its submodules) from ``sys.modules`` when an import of it now would find
-    another file than the one it was loaded from (another working directory's or factory folder's module of the
-    same name, or one no longer on the path), so the import finds the file the path names now."""
+    another file than the one it was loaded from (e.g. another working directory's module of that name)."""
     cached = sys.modules.get(name)
     loaded_from = getattr(cached, "__file__", None)
     if loaded_from is None:  # not loaded, or not from a file (built in, a namespace package)
@@ -47,15 +43,15 @@ def _forget_if_stale(name: str) -> None:
         found = find(name, None) if callable(find) else None
         if found is not None:
             break
-    if not _same_file(getattr(found, "origin", None), loaded_from):
+    origin = getattr(found, "origin", None)
+    if origin is None or os.path.realpath(origin) != os.path.realpath(loaded_from):
         for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             del sys.modules[module]
 
 
 def _import_module(where: str, spec: str) -> Any:
-    """``where`` imported as a module, the working directory first on the path (a console script's
-    own folder is ``sys.path[0]``, not the folder the user runs it from), the folders earlier factory files
-    left on the path not searched, and a module of that name loaded from elsewhere before not reused."""
+    """``where`` imported with the working directory first on the path (a console script's ``sys.path[0]`` is
+    its own folder), not from the folders earlier factory files left there, nor reusing a stale module."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
@@ -86,11 +82,9 @@ def _import_module(where: str, spec: str) -> Any:
 
 
 def _exec_file(path: Path, spec: str) -> Any:
-    """The file ``path`` executed as a fresh module, as ``python path`` would run it: its folder first on the
-    path while it runs, so its own imports find their siblings first. Afterwards the folder stays on the path,
-    last, so that an import the file makes later (inside its factory, when called) still finds its siblings
-    without any sibling shadowing an installed module. A sibling of the same name that an earlier factory file
-    in another folder imported is not reused: the file gets its own."""
+    """The file ``path`` executed as a fresh module, as ``python path`` would: its folder first on the path
+    while it runs, then last (its factory's later imports find its siblings, which shadow no installed module);
+    a same-named sibling an earlier factory file in another folder imported is not reused."""
     module_name = f"_cir_plugins_factory_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -115,13 +109,9 @@ def _exec_file(path: Path, spec: str) -> Any:
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
-    """Return the callable named by ``spec``.
-
-    ``spec`` is ``path/to/file.py:name`` (a file is imported as a fresh module) or
-    ``package.module:name`` (imported normally, the working directory searched first). The callable
-    usually builds a CIR model. Every failure (bad spec, missing file or module, the module raising
-    on import, no such name) is one :class:`ConfigError` naming the spec and the fix.
-    """
+    """The callable (usually building a CIR model) named by ``spec``: ``path/to/file.py:name`` (the file run as a
+    fresh module) or ``package.module:name`` (imported, the working directory first). Every failure (bad spec,
+    missing file or module, the module raising on import, no such name) is one ConfigError naming spec and fix."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ConfigError(explain("a factory spec must look like 'file.py:function' or 'pkg.module:function'",
                                   got=spec, fix="name the file or module, a colon, and the function"))
@@ -142,10 +132,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
 
 
 class ImageEncoder:
-    """A general image encoder by name, for ranking partner images: ``encode_image(images (N, C, H, W)) ->
-    (N, D)`` on images preprocessed by its own ``image_transform`` (PIL image -> (C, H, W) tensor).
-
-    Built by :func:`load_image_encoder`; ``name`` is the spec it was loaded from (recorded with a run)."""
+    """A general image encoder for ranking partner images (:func:`load_image_encoder`; ``name``: its spec):
+    ``encode_image(images (N, C, H, W)) -> (N, D)`` on images preprocessed by ``image_transform`` (PIL -> (C, H, W))."""
 
     def __init__(self, name: str, encode: Callable[[Any], Any], image_transform: Callable[[Any], Any],
                  device: Any) -> None:
@@ -174,15 +162,11 @@ def _features(output: Any) -> Any:
 
 
 def load_image_encoder(spec: str, *, device: Any = None, trust_remote_code: bool = False) -> ImageEncoder:
-    """An image encoder named by its library's own model name, with that model's own preprocessing:
-
-    - ``open_clip:MODEL`` or ``open_clip:MODEL:PRETRAINED`` (``open_clip.create_model_and_transforms``, e.g.
-      ``open_clip:ViT-L-14:openai``; the ``open_clip`` extra);
-    - ``hf:NAME_OR_PATH``: a transformers vision model and its image processor (``get_image_features`` when the
-      model has it, as CLIP and SigLIP do; else its pooled output or first token, as ViT and DINOv2).
-
-    The release ranked partners with Unicom ViT-L/14, which is not on PyPI; any general encoder named here
-    stands in for it. Every failure is one :class:`ConfigError` naming the spec and the fix."""
+    """An image encoder by its library's model name, with that model's own preprocessing:
+    ``open_clip:MODEL[:PRETRAINED]`` (e.g. ``open_clip:ViT-L-14:openai``; the ``open_clip`` extra) or
+    ``hf:NAME_OR_PATH`` (a transformers vision model and its image processor: ``get_image_features`` as CLIP and
+    SigLIP have, else the pooled output or first token, as ViT and DINOv2). It stands in for the release's Unicom
+    ViT-L/14 (not on PyPI). Every failure is one ConfigError naming the spec and the fix."""
     import torch
 
     if not isinstance(spec, str) or not spec.startswith(IMAGE_ENCODER_PREFIXES) or not spec.split(":", 1)[1]:
@@ -206,11 +190,10 @@ def load_image_encoder(spec: str, *, device: Any = None, trust_remote_code: bool
         model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code).to(device).eval()
         processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
         get_features = getattr(model, "get_image_features", None)
+        forward = get_features if callable(get_features) else model
 
         def encode(pixels: Any) -> Any:
-            if callable(get_features):
-                return _features(get_features(pixel_values=pixels))
-            return _features(model(pixel_values=pixels))
+            return _features(forward(pixel_values=pixels))
 
         def transform(image: Any) -> Any:  # PIL -> (C, H, W), the model's own resize / crop / normalisation
             return processor(images=image, return_tensors="pt")["pixel_values"][0]

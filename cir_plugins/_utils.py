@@ -1,10 +1,5 @@
-"""Small helpers every module shares (private): eval-mode switching, the model's device, a file's SHA-256, a
-hash of named tensors.
-
-One implementation each; atomic file writes are in :mod:`cir_plugins._atomic`, image embedding is
-:func:`cir_plugins.evaluation.embed_images`, trainable-name resolution is
-:func:`cir_plugins.protocol.select_trainable`.
-"""
+"""Small private helpers every module shares: eval-mode switching, the model's device, a file's SHA-256, a hash
+of named tensors, a rank's rows (atomic writes are in :mod:`cir_plugins._atomic`)."""
 
 from __future__ import annotations
 
@@ -24,12 +19,8 @@ __all__ = ["eval_mode", "model_device", "file_sha256", "tensors_digest", "shard_
 
 @contextmanager
 def eval_mode(model: Any) -> Iterator[Any]:
-    """Every module of ``model`` in eval mode inside the block; each module's own flag restored after.
-
-    Module by module rather than ``model.train(flag)``, which would also flip submodules deliberately
-    left in eval mode (a frozen batch-norm backbone inside a wrapper in train mode). A model that is
-    not an ``nn.Module`` (no ``modules()``) passes through untouched.
-    """
+    """Every module of ``model`` in eval mode inside the block, each one's own flag restored after (not
+    ``model.train(flag)``, which would flip submodules left in eval mode on purpose); a non-module passes."""
     modules = list(model.modules()) if callable(getattr(model, "modules", None)) else []
     modes = [m.training for m in modules]
     try:
@@ -42,20 +33,14 @@ def eval_mode(model: Any) -> Iterator[Any]:
 
 
 def model_device(model: Any, default: Any = "cpu") -> torch.device | None:
-    """The device of ``model``'s first parameter (else first buffer).
-
-    ``model`` may be a module or a bound method of one (``model.encode_image``). Returns ``default``
-    (as a ``torch.device``; None stays None) when there is no module, it holds no tensor, or its
-    tensors are on ``meta`` (weights offloaded: the model's own hooks place the inputs).
-    """
+    """The device of ``model``'s (a module, or a bound method of one) first parameter, else first buffer;
+    ``default`` (a ``torch.device``, or None) without a module or tensor, or on ``meta`` (offloaded weights)."""
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", model)
     default = torch.device(default) if default is not None else None
-    parameters = getattr(module, "parameters", None)
-    buffers = getattr(module, "buffers", None)
+    parameters, buffers = getattr(module, "parameters", None), getattr(module, "buffers", None)
     if not callable(parameters):
         return default
-    tensors = itertools.chain(parameters(), buffers() if callable(buffers) else ())
-    for tensor in tensors:
+    for tensor in itertools.chain(parameters(), buffers() if callable(buffers) else ()):
         return default if tensor.device.type == "meta" else tensor.device
     return default
 
@@ -82,11 +67,8 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of ``n`` rows (a bank, a list of images) held by ``rank`` out of ``world``.
-
-    Contiguous, balanced: the first ``n % world`` ranks hold one extra row. Ranks beyond ``n``
-    hold an empty slice.
-    """
+    """Rows ``[start, stop)`` of ``n`` held by ``rank`` of ``world``: contiguous, the first ``n % world`` ranks
+    one row more, ranks beyond ``n`` an empty slice."""
     for name, value in (("n", n), ("rank", rank), ("world", world)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(explain(f"{name} must be an int", got=type(value).__name__, fix="pass ints"))

@@ -1,49 +1,24 @@
 """The library's errors: one small hierarchy.
 
-Every error says three things: the value received, what was expected, and what to do next.
-Each class also subclasses the builtin a caller would naturally catch (ValueError, TypeError,
-FileNotFoundError, ...), so ``except ValueError`` keeps working for code that does not know us.
-
-Build messages with :func:`explain` so they all read the same way.
+Every error says the value received, what was expected and what to do next (build messages with
+:func:`explain`). Each class also subclasses the builtin a caller would naturally catch (ValueError,
+TypeError, FileNotFoundError, ...), so ``except ValueError`` keeps working for code that does not know us.
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "CIRPluginsError",
-    "ConfigError",
-    "ShapeError",
-    "DTypeError",
-    "DeviceError",
-    "ModelProtocolError",
-    "DataError",
-    "AnnotationError",
-    "ImageLoadError",
-    "UnsafePathError",
-    "BankMismatchError",
-    "CheckpointError",
-    "NonFiniteError",
-    "SubmissionError",
-    "HubError",
-    "explain",
-]
+__all__ = ["CIRPluginsError", "ConfigError", "ShapeError", "DTypeError", "DeviceError", "ModelProtocolError",
+           "DataError", "AnnotationError", "ImageLoadError", "UnsafePathError", "BankMismatchError", "CheckpointError",
+           "NonFiniteError", "SubmissionError", "HubError", "explain"]
 
 
 def explain(problem: str, *, got: object = None, expected: object = None, fix: str | None = None) -> str:
-    """Format an error message: ``problem; got X; expected Y. Fix: ...``.
-
-    ``got`` and ``expected`` are shown with ``repr`` for strings and ``str`` otherwise, so a stray
-    space or an empty string is visible.
-    """
-
-    def show(value: object) -> str:
-        return repr(value) if isinstance(value, str) else str(value)
-
+    """Format an error message: ``problem; got X; expected Y. Fix: ...``. ``got`` and ``expected`` are shown
+    with ``repr`` for strings (a stray space or an empty string stays visible), ``str`` otherwise."""
     parts = [problem.rstrip(".")]
-    if got is not None:
-        parts.append(f"got {show(got)}")
-    if expected is not None:
-        parts.append(f"expected {show(expected)}")
+    for word, value in (("got", got), ("expected", expected)):
+        if value is not None:
+            parts.append(f"{word} {value!r}" if isinstance(value, str) else f"{word} {value!s}")
     message = "; ".join(parts) + "."
     if fix:
         message += f" Fix: {fix.rstrip('.')}."

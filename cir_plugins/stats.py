@@ -1,12 +1,6 @@
-"""Confidence intervals for paired differences between two systems, by a two-level bootstrap.
-
-A comparison such as "+P+N minus the baseline" is measured on several runs (a run = one world or
-dataset and one training seed); inside a run both systems answer the same queries, so the
-difference is paired query by query. :func:`paired_bootstrap` resamples the runs with replacement
-and, inside each drawn run, its queries with replacement, and returns the mean difference with a
-percentile interval. With one run it is the ordinary bootstrap over queries; with many runs of few
-queries it approaches the bootstrap over runs.
-"""
+"""Confidence intervals for paired differences between two systems (e.g. "+P+N minus the baseline"), measured
+on several runs (a run = one world or dataset and one training seed) whose queries both systems answer:
+:func:`paired_bootstrap`, a two-level bootstrap (one run: the ordinary bootstrap over queries)."""
 
 from __future__ import annotations
 
@@ -35,26 +29,22 @@ class BootstrapResult:
     n_boot: int
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["run_means"] = list(self.run_means)
-        return out
+        return {**asdict(self), "run_means": list(self.run_means)}
 
 
 def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 2000, level: float = 0.95,
                      seed: int = 0) -> BootstrapResult:
-    """Two-level bootstrap of the mean of paired per-query differences.
+    """Two-level bootstrap of the mean of paired per-query differences: each replicate draws the runs with
+    replacement and, inside each drawn run, its queries with replacement; its statistic is the mean over the
+    drawn runs of their resampled query means.
 
     Args:
-        differences: one sequence per run: the per-query differences (system minus reference) of that
-            run's queries, e.g. 100 * (hit of +P+N - hit of the baseline). Runs may differ in length.
-        n_boot: bootstrap replicates.
-        level: the interval's coverage (0.95: the 2.5th and 97.5th percentiles).
-        seed: the resampling's seed (the result is deterministic for a seed).
+        differences: per run, the per-query differences (system minus reference), e.g. 100 * (hit of +P+N -
+            hit of the baseline). Runs may differ in length.
+        n_boot: bootstrap replicates. level: the interval's coverage (0.95: the 2.5th and 97.5th percentiles).
+        seed: the resampling's seed (deterministic for a seed).
 
-    Each replicate draws as many runs as there are, with replacement, and for each drawn run as many of
-    its queries as it has, with replacement; its statistic is the mean over the drawn runs of their
-    resampled query means. Returns the observed statistic (mean over runs of the per-run means) and
-    the replicates' percentile interval.
+    Returns the observed statistic (mean over runs of the per-run means) and the replicates' percentile interval.
     """
     runs = [np.asarray(d, dtype=np.float64).reshape(-1) for d in differences]
     if not runs:
@@ -68,8 +58,7 @@ def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 20
     check_positive_int("n_boot", n_boot, fix="e.g. 2000")
     if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
         raise ConfigError(explain("level must be in (0, 1)", got=level, fix="e.g. 0.95"))
-    rng = np.random.default_rng(seed)
-    n_runs = len(runs)
+    rng, n_runs = np.random.default_rng(seed), len(runs)
     # per run, n_boot x n_runs independent resampled query means: column j serves the j-th draw of a replicate,
     # so a run drawn twice in one replicate gets two independent query resamples
     boot_means = np.empty((n_runs, n_boot, n_runs))
@@ -78,8 +67,7 @@ def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 20
         boot_means[r] = values[picks].mean(axis=2)
     drawn = rng.integers(0, n_runs, size=(n_boot, n_runs))  # (B, R) which run fills each draw
     stats = boot_means[drawn, np.arange(n_boot)[:, None], np.arange(n_runs)[None, :]].mean(axis=1)  # (B,)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(stats, [tail, 1.0 - tail])
+    low, high = np.quantile(stats, [(1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0])
     run_means = tuple(float(r.mean()) for r in runs)
     spread = float(np.std(run_means, ddof=1)) if n_runs > 1 else 0.0
     return BootstrapResult(mean=float(np.mean(run_means)), low=float(low), high=float(high), level=float(level),

@@ -1,11 +1,6 @@
-"""The ``cir-plugins`` console entry point.
-
-The package owns argparse and the console: one module per command under ``cir_plugins/cli/``, each
-exposing ``configure(parser: argparse.ArgumentParser) -> None`` and ``run(args: argparse.Namespace) -> int``
-(or ``configure_<name>`` / ``run_<name>`` when one module serves two commands), registered in
-:data:`COMMANDS`. Flags used by several commands are declared once in :mod:`cir_plugins.cli._common`.
-This file only dispatches and configures logging; no library module imports argparse.
-"""
+"""The ``cir-plugins`` console entry point: it dispatches and configures logging (no library module imports
+argparse). Each command is a module registered in :data:`COMMANDS` with ``configure(parser)`` and ``run(args) ->
+int`` (``configure_<name>`` / ``run_<name>`` where one module serves two); shared flags are in ``_common``."""
 
 from __future__ import annotations
 
@@ -65,8 +60,8 @@ def _functions(name: str) -> tuple[Callable, Callable]:
 
 
 def build_parser(prog: str = "cir-plugins", *, only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with ``only``, the options of that command alone are declared (the others are
-    listed by name and help), so ``cir-plugins COMMAND`` imports one command's module, not every one."""
+    """The whole command line; with ``only``, that command's options alone are declared (the others by name and
+    help), so ``cir-plugins COMMAND`` imports one command's module."""
     parser = argparse.ArgumentParser(prog=prog, description="Scale the positives and negatives of a CIR model.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -83,13 +78,10 @@ def _dispatch(name: str, args: argparse.Namespace, verbose: bool) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(_functions(name)[1](args) or 0)
-    except CIRPluginsError as error:
+    except (CIRPluginsError, OSError) as error:  # OSError: a read-only or full folder, a missing path
         logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
-        print(f"cir-plugins {name}: error: {cli_spelling(str(error))}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a file the command reads or writes: a read-only or full folder, a missing path
-        logging.getLogger(__name__).debug("the error's traceback (shown with -v)", exc_info=True)
-        print(f"cir-plugins {name}: error: {os_error_text(error)}", file=sys.stderr)
+        text = cli_spelling(str(error)) if isinstance(error, CIRPluginsError) else os_error_text(error)
+        print(f"cir-plugins {name}: error: {text}", file=sys.stderr)
         return 2
 
 
@@ -119,8 +111,7 @@ def os_error_text(error: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``cir-plugins COMMAND ...``: parse, configure logging, run; a library error is one line and exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((word for word in argv if not word.startswith("-")), "")  # the first word that is no option
-    args = build_parser(only=command).parse_args(argv)
+    args = build_parser(only=next((word for word in argv if not word.startswith("-")), "")).parse_args(argv)
     return _dispatch(args.command, args, args.verbose)
 
 

@@ -1,22 +1,15 @@
-"""Flags and helpers shared by the command modules, each declared once.
-
-- :func:`add_model_arguments`: ``--model`` (a factory spec), ``--factory-kwargs``, ``--trained``,
-  ``--device``, ``--allow-provenance-mismatch``; :func:`build_model` builds, loads and places the model they
-  name, each ``--trained`` result checked to sit on the results it was trained on (:func:`trained_sources`).
-- :func:`add_dataset_arguments`: ``--dataset``, ``--root``, ``--split``, ``--category``, ``--transform``,
-  ``--image-size``, ``--on-bad-record``, ``--skip-unreadable``; :func:`load_dataset` reads the split
-  they name, with the preprocessing the ``--trained`` results and ``--bank`` recorded unless the flags say
-  otherwise, and refuses preprocessing other than the recorded one.
-- :func:`add_transform_arguments`: ``--transform`` and ``--image-size`` alone (check-data: clip / 224).
-- :func:`add_groups_arguments` / :func:`read_groups`: duplicate groups (``--groups`` / ``--dedup``).
-- :func:`add_progress_argument` / :func:`show_progress`: ``--progress`` (and ``--no-progress``).
-"""
+"""Flags and helpers shared by the command modules, each declared once: the model (:func:`add_model_arguments`,
+:func:`build_model`, each ``--trained`` result checked against what it was trained on and with), the dataset
+(:func:`add_dataset_arguments`, :func:`load_dataset`), duplicate groups, ``--progress`` and the training flags."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +27,6 @@ FACTORY_FIX = 'pass a JSON object, e.g. \'{"dim": 64}\''
 DEFAULT_TRANSFORM, DEFAULT_IMAGE_SIZE = "clip", 224  # when neither the flags nor a --trained result / --bank say
 OVERRIDE_FLAG = "--allow-provenance-mismatch"
 
-
-# --- model -------------------------------------------------------------------------------------------
 
 def add_factory_arguments(parser: argparse.ArgumentParser, *, flag: str = "--model",
                           help: str = "factory spec 'file.py:function' or 'pkg.module:function' returning "
@@ -103,8 +94,7 @@ def model_from_factory(args: argparse.Namespace, spec: str | None = None) -> Any
 
 
 def build_model(args: argparse.Namespace) -> Any:
-    """The factory's model with each ``--trained`` result loaded in order, wrapped to the protocol, on
-    ``--device``."""
+    """The factory's model with each ``--trained`` result loaded in order, wrapped to the protocol, on ``--device``."""
     from ..protocol import wrap_model
     from ..trained import apply_trained
 
@@ -112,12 +102,8 @@ def build_model(args: argparse.Namespace) -> Any:
     for result in _read_trained_in_order(args, keep_weights=True):
         model = apply_trained(model, result)  # logs what it loaded from where
     model = wrap_model(model)
-    if args.device is not None:
-        model = model.to(args.device)
-    return model
+    return model if args.device is None else model.to(args.device)
 
-
-# --- provenance: what a trained result and a bank were made with --------------------------------------
 
 def _mismatch(args: argparse.Namespace, error: type, message: str) -> None:
     """``error(message)``, or a warning with ``--allow-provenance-mismatch``."""
@@ -134,9 +120,8 @@ def _named(sources: list[dict[str, Any]]) -> str:
 
 
 def _read_trained_in_order(args: argparse.Namespace, *, keep_weights: bool) -> list[Any]:
-    """The ``--trained`` results read in order (with their weights when ``keep_weights``, else summaries
-    ``{"path", "fingerprint", "made_with"}``), each checked to be loaded on top of the results it was trained
-    on, in the same order (its recorded ``base``). The summaries are kept on ``args`` for :func:`trained_sources`."""
+    """The ``--trained`` results in order (with their weights when ``keep_weights``, else the summaries
+    :func:`trained_sources` returns, kept on ``args``), each checked to go on the results it was trained on."""
     from ..trained import read_trained
 
     paths = [str(p) for p in getattr(args, "trained", None) or ()]
@@ -173,8 +158,7 @@ def trained_sources(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def made_with(args: argparse.Namespace) -> dict[str, Any]:
-    """What a training command records its result was trained on (``Trainer(made_with=...)``): ``base``, the
-    ``--trained`` results loaded before training, in order (the images' preprocessing the trainer adds)."""
+    """``Trainer(made_with=...)`` of a training command: ``base``, the ``--trained`` results it started from."""
     return {"base": [{"path": s["path"], "fingerprint": s["fingerprint"]} for s in trained_sources(args)]}
 
 
@@ -202,8 +186,7 @@ def _as_flags(preprocessing: dict[str, Any]) -> str:
 
 def resolve_preprocessing(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     """Fill ``--transform`` / ``--image-size`` when not given: from the first ``--trained`` result or ``--bank``
-    that recorded a named transform, else clip / 224. Returns the recorded preprocessing (see
-    :func:`_recorded_preprocessing`) for :func:`check_preprocessing`."""
+    that recorded a named transform, else clip / 224. Returns what was recorded, for :func:`check_preprocessing`."""
     recorded = _recorded_preprocessing(args)
     if getattr(args, "transform", None) is None or getattr(args, "image_size", None) is None:
         where, found = next(((w, p) for w, p in recorded if p.get("kind") in TRANSFORM_NAMES), (None, {}))
@@ -224,8 +207,7 @@ def check_preprocessing(args: argparse.Namespace, images: Any, recorded: list[tu
     describe = getattr(images, "preprocessing", None)
     here = describe() if callable(describe) else None
     for where, theirs in recorded:
-        differ = preprocessing_differences(here, theirs) if here is not None else []
-        if not differ:
+        if here is None or not (differ := preprocessing_differences(here, theirs)):
             continue
         _mismatch(args, DataError, explain(
             f"the images here are preprocessed otherwise than {where} recorded",
@@ -233,8 +215,6 @@ def check_preprocessing(args: argparse.Namespace, images: Any, recorded: list[tu
             fix=f"leave out --transform and --image-size to use the recorded preprocessing, pass "
                 f"{_as_flags(theirs)}, or {OVERRIDE_FLAG} to go on anyway"))
 
-
-# --- data ---------------------------------------------------------------------------------------------
 
 def add_transform_arguments(parser: argparse.ArgumentParser, *, recorded: bool = True) -> None:
     """``--transform`` and ``--image-size``: None until :func:`resolve_preprocessing` fills them from what the
@@ -280,11 +260,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, default_split: str
 
 
 def load_dataset(args: argparse.Namespace, split: str | None = None, category: str | None = None) -> Any:
-    """The :class:`~cir_plugins.data.split.Split` the dataset flags name (``split`` overrides ``--split``).
-
-    With ``--skip-unreadable`` every image is decoded once here; the unreadable ones leave the gallery,
-    and the queries whose reference or target is one of them leave the triplets. Their ids are in
-    ``split.info["unreadable"]`` (a list, empty when none; absent without the flag)."""
+    """The :class:`~cir_plugins.data.split.Split` the dataset flags name (``split`` overrides ``--split``), less
+    its unreadable images and their queries with ``--skip-unreadable`` (ids in ``split.info["unreadable"]``)."""
     from ..data.fashioniq import load_split
 
     if category is None and isinstance(getattr(args, "category", None), str):
@@ -297,10 +274,7 @@ def load_dataset(args: argparse.Namespace, split: str | None = None, category: s
 
 
 def without_unreadable(split: Any) -> Any:
-    """``split`` less its unreadable images and the triplets that use them as reference, target or subset
-    member (see :func:`load_dataset`)."""
-    import dataclasses
-
+    """``split`` less its unreadable images and the triplets that use them (reference, target, subset member)."""
     def used(t: Triplet) -> list[str]:  # the images a query needs: reference, target, CIRR subset members
         return [i for i in (t.reference, t.target, *(t.members or ())) if i is not None]
 
@@ -331,14 +305,12 @@ def add_groups_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", default=None, help="JSON object image id -> duplicate-group id")
     parser.add_argument("--dedup", action="store_true",
                         help="group pixel-identical images (the default unless --groups is given; overrides --groups)")
-    parser.add_argument("--no-dedup", action="store_true",
-                        help="one row per image id: pixel-identical copies stay separate rows "
-                             "(negatives of each other)")
+    parser.add_argument("--no-dedup", action="store_true", help="one row per image id: pixel-identical copies stay "
+                                                                "separate rows (negatives of each other)")
 
 
 def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> dict[str, str] | None:
-    """Duplicate groups: found (pixel-identical images) by default and with ``--dedup``, read from
-    ``--groups``, None (one row per id) with ``--no-dedup``."""
+    """Duplicate groups: pixel-identical images (default, ``--dedup``), ``--groups``, or None with ``--no-dedup``."""
     if args.dedup and args.no_dedup:
         raise ConfigError(explain("--dedup and --no-dedup contradict each other", fix="pass one of them"))
     if args.dedup or (args.groups is None and not args.no_dedup):
@@ -355,8 +327,6 @@ def read_groups(args: argparse.Namespace, split: Any, show_progress: bool) -> di
     return groups
 
 
-# --- console ------------------------------------------------------------------------------------------
-
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     """``--progress auto|always|never`` and its short form ``--no-progress``."""
     parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
@@ -366,22 +336,15 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def show_progress(args: argparse.Namespace) -> bool | str:
-    """The library's ``show_progress`` for ``--progress``: True (a bar when stderr is a terminal),
-    "always" or False."""
+    """The library's ``show_progress`` for ``--progress``: True (a bar on a terminal), "always" or False."""
     return {"auto": True, "always": "always", "never": False}[args.progress]
 
 
-# --- training (stage1, stage2) ------------------------------------------------------------------------
-
-# config fields that other flags set: --out, --progress, --val-split
-_NOT_FLAGS = ("output_dir", "show_progress")
+_NOT_FLAGS = ("output_dir", "show_progress")  # config fields that other flags set: --out, --progress
 
 
 def _parser_of(kind: Any) -> tuple[Any, int | None]:
     """(argparse ``type``, ``nargs``) for a config field of type ``kind``; 'none' reads as None for Optional fields."""
-    import types
-    import typing
-
     args = typing.get_args(kind)
     optional = type(None) in args
     if optional:
@@ -399,11 +362,8 @@ def _parser_of(kind: Any) -> tuple[Any, int | None]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per field of ``config_cls`` (a training config dataclass), its help the field's documentation
-    (:func:`cir_plugins.training.config.field_docs`) and default; bool fields get ``--x`` / ``--no-x``."""
-    import dataclasses
-    import typing
-
+    """One flag per field of a training config dataclass, its help the field's (``field_docs``) and default; bool
+    fields get ``--x`` / ``--no-x``."""
     from ..training.config import AMP_MODES, SCHEDULES, field_docs
 
     choices = {"schedule": SCHEDULES, "amp": AMP_MODES}
@@ -426,16 +386,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
 
 def config_from_args(config_cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     """``config_cls`` from the flags :func:`add_config_arguments` declared, with ``fixed`` fields set."""
-    import dataclasses
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
               if f.name not in _NOT_FLAGS and hasattr(args, f.name)}
     return config_cls(**{**values, **fixed})
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """The flags both training commands share: model, dataset, ``--generated``, ``--out``, ``--resume``,
-    ``--val-split``, the config's fields and ``--progress``."""
+    """The flags both training commands share: model, dataset, ``--generated``, ``--out``, validation, the
+    config's fields, ``--progress``."""
     add_model_arguments(parser)
     add_dataset_arguments(parser)
     parser.add_argument("--generated", action="append", default=None, metavar="FILE",
@@ -445,9 +403,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) ->
     parser.add_argument("--resume", action="store_true", help="continue from {out}/checkpoints/last")
     parser.add_argument("--allow-data-change", action="store_true",
                         help="with --resume: continue although the triplets or the bank differ from the checkpoint's")
-    parser.add_argument("--val-split", default=None,
-                        help="split to evaluate after each epoch (e.g. val); the best epoch by --select-metric is "
-                             "kept as {out}/checkpoints/best")
+    parser.add_argument("--val-split", default=None, help="split to evaluate after each epoch (e.g. val); the best "
+                                                          "epoch by --select-metric is kept as {out}/checkpoints/best")
     parser.add_argument("--select-metric", default="Rmean",
                         help="with --val-split: the metric that picks the best epoch (a key of the evaluation's "
                              "result, default: Rmean)")
@@ -480,10 +437,42 @@ def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool =
                                 fix="pass --generated FILE (from cir-plugins augment) or a split with triplets"))
     return triplets
 
+LONG_TEXT = ("target", "truncate", "keep")
+
+
+def add_long_text_argument(parser: argparse.ArgumentParser) -> None:
+    """``--long-text``: a generated text the CIR model's tokenizer cannot take is replaced by the target caption
+    alone (the release's rule, default), cut to its leading words that fit, or left to the tokenizer's own cut
+    (which can fall inside the target's description); annotated texts are never changed."""
+    parser.add_argument("--long-text", default="target", choices=LONG_TEXT,
+                        help="a generated text longer than the model's tokenizer limit: 'target' = replaced by the "
+                             "target caption alone, as the release does (default), 'truncate' = its leading words "
+                             "that fit, 'keep' = cut by the tokenizer")
+
+
+def fit_generated(args: argparse.Namespace, model: Any, triplets: list) -> list:
+    """``triplets`` with the generated texts over the model's limit (``text_limit_of``) handled by ``--long-text``;
+    prints the count."""
+    from ..positives.templates import fit_generated_texts, text_limit_of
+
+    policy = getattr(args, "long_text", "target")
+    if policy == "keep" or not any(t.source == "generated" for t in triplets):
+        return triplets
+    limit = text_limit_of(model)
+    if not limit:
+        logger.info("the model exposes no tokenizer limit (max_text_tokens / count_text_tokens, or a tokenizer with "
+                    "max_length): generated texts are used as they are")
+        return triplets
+    fitted, counts = fit_generated_texts(triplets, fallback=policy, **limit)
+    what = "replaced by the target caption" if policy == "target" else "truncated"
+    print(f"generated texts over the model's {limit['max_tokens']}-token limit: {counts['fallbacks']} of "
+          f"{counts['texts']} {what}"
+          + (f"; {counts['no_caption']} without a target caption kept as they are" if counts["no_caption"] else ""))
+    return fitted
+
 
 def val_evaluator(args: argparse.Namespace) -> Any:
-    """The :class:`~cir_plugins.Evaluator` of ``--val-split`` selecting on ``--select-metric`` /
-    ``--select-mode`` (None without ``--val-split``: the last epoch is kept)."""
+    """The :class:`~cir_plugins.Evaluator` of ``--val-split`` by ``--select-metric`` / ``--select-mode`` (or None)."""
     if not args.val_split:
         return None
     from ..training.evaluator import Evaluator
@@ -497,9 +486,9 @@ def fit_and_report(trainer: Any, args: argparse.Namespace) -> int:
     """``trainer.fit``, ``{out}/history.json``, one rounded line per epoch."""
     from .._atomic import atomic_write_json, check_writable
 
-    check_writable(Path(args.out) / "history.json")  # a read-only --out: now, not after the first epoch
+    path = check_writable(Path(args.out) / "history.json")  # a read-only --out: now, not after the first epoch
     history = trainer.fit(resume=args.resume, allow_data_change=getattr(args, "allow_data_change", False))
-    atomic_write_json(Path(args.out) / "history.json", history, indent=1, make_parents=True)
+    atomic_write_json(path, history, indent=1, make_parents=True)
     for entry in history:
         metrics = format_values(entry.get("metrics", {}))
         print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f} ({entry['time']:.1f} s)"

@@ -2,43 +2,22 @@
 
     cir-plugins augment --dataset cirr --root data/CIRR --split train \\
         --captioner hf:llava-hf/llava-1.5-7b-hf --pair-encoder my_model.py:build --out generated.json
-    # the paper's settings instead (its release's window, refer-only on FashionIQ, equal captions kept):
-    cir-plugins augment ... --recipe clip4cir-cirr
-    # texts rewritten by a chat model (cp.LLMRewriter):
-    cir-plugins augment ... --rewriter hf:Qwen/Qwen2.5-1.5B-Instruct
+    cir-plugins augment ... --recipe clip4cir-cirr  # the paper's settings, as its release runs them
+    cir-plugins augment ... --rewriter hf:Qwen/Qwen2.5-1.5B-Instruct  # texts rewritten by cp.LLMRewriter
 
-Captioner specs: ``hf:<hub name or local path>``, ``file:<captions.json|.jsonl>``,
-``synthetic[:noise]`` (the synthetic world's scene captions, from ``--root``). The pair encoder is a
-factory spec (``file.py:function`` or ``pkg.module:function``) returning a callable images
-(n, C, H, W) -> (n, D) or a model with ``encode_image``. The output is in the dataset's annotation
-schema (CIRR for cirr/synthetic, FashionIQ for fashioniq); a ``<out>.summary.json`` holds the run's
-summary, which is also printed.
+Captioners: ``hf:<hub name or local path>``, ``file:<captions.json|.jsonl>``, ``synthetic[:noise]`` (the
+synthetic world's scene captions, from ``--root``). The pair encoder is a factory spec returning a callable
+images (n, C, H, W) -> (n, D) or a model with ``encode_image``. The output is in the dataset's annotation
+schema (CIRR for cirr/synthetic, FashionIQ for fashioniq); ``<out>.summary.json`` holds the printed summary.
 
-The defaults are this library's recommended recipe, "ours, no rewrite": a partner from the nearest 1% of
-each image's ranking by the pair encoder (``--rank-window 0.0,0.01``), one partner per image for every
-training image, the dataset's templates (CIRR: the two CIRR ones; FashionIQ: ``"{target}"``), pairs with
-equal captions dropped, and a text longer than the CIR model's tokenizer takes replaced by the target
-caption alone (the limit is read from the pair encoder when it is the CIR model: see
-:func:`cir_plugins.positives.templates.text_limit_of`; ``--long-text truncate`` cuts instead). The caption
-word budget is the dataset's recipe's. ``--recipe NAME`` takes every generation setting from a recipe
-instead (the paper's, as its release runs them: ``cir-plugins recipe list``), its partner pool included: the
-images the annotated training triplets name, as the release ranks (its window's fractions are shares of that
-pool, as in ``recipe run``; the summary's ``pool`` says which images were ranked). FashionIQ generates over its
-three categories' training images together, as the method's release does (with absolute ranks inside one
-category, whose size differs, the same window would fall elsewhere in the ranking); each image is captioned
-with its own category in the prompt. ``--category`` restricts a run to one category.
-
-``--rewriter hf:<name or local path>`` (or a local model folder) rewrites each pair's template texts into
-one relative text with a chat model (:class:`cir_plugins.LLMRewriter`; answers cached beside the captions);
-a pair whose answer is unusable keeps its template texts, and the summary counts both.
-
-Under torchrun (``torchrun --nproc_per_node 2 -m cir_plugins.cli augment ...``, same arguments on every rank)
-the work is shared out rank by rank: each rank embeds a share of the images, draws the partners of a share of
-the query rows, and captions a share of the images the cache lacks into its own file beside the cache
-(``captions-<name>.rank<r>-of-<w>.jsonl``); rank 0 merges those files into the cache, then alone rewrites,
-writes the file and the summary, and prints, exactly as one process with the same arguments would. A run
-killed on any rank resumes from the caches when run again (with any number of ranks). The ranks must see the
-same cache folder (``--cache-dir``); ``--device cuda`` is each rank's own GPU.
+The defaults are the recommended recipe, "ours, no rewrite" (the README says what each setting is);
+``--recipe NAME`` takes every generation setting from a recipe instead, its partner pool included (the images
+the annotated triplets name, as the release ranks; the summary's ``pool``). FashionIQ ranks its three
+categories' training images together, as the release does (``--category`` restricts a run to one), each
+captioned with its own category in the prompt. Under torchrun (same arguments on every rank, one
+``--cache-dir``; ``--device cuda`` is each rank's GPU) each rank embeds, pairs and captions a share (into
+``captions-<name>.rank<r>-of-<w>.jsonl`` beside the cache); rank 0 merges, rewrites and writes exactly what one
+process would. A killed run resumes from the caches, with any number of ranks.
 """
 
 from __future__ import annotations
@@ -51,6 +30,7 @@ from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, DataError, explain
 from ..positives.augmenter import RECOMMENDED_RANK_WINDOW
 from ._common import (
+    LONG_TEXT,
     add_dataset_arguments,
     add_device_argument,
     add_factory_arguments,
@@ -59,18 +39,13 @@ from ._common import (
     model_from_factory,
     show_progress,
 )
-from ._long_text import LONG_TEXT
 
 __all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RANK_WINDOWS", "RECOMMENDED"]
 
 
-
 def _recipe_defaults() -> dict[str, dict[str, Any]]:
-    """Per dataset, the defaults of the dataset's recipe (cir_plugins/recipes, CLIP4Cir's row): the rank window
-    as fractions of N (the release's absolute window over the size of the pool it ranked in, the images its
-    annotated train triplets name, so the same share of the ranking is used whatever the data set's size),
-    refer-only and the caption word budget. The synthetic world
-    (CIRR layout, no paper recipe) takes CIRR's."""
+    """Per dataset, its default recipe's rank window (as fractions of the pool the release ranked in),
+    refer-only and caption word budget; the synthetic world takes CIRR's."""
     from ..recipes import default_recipe
 
     out = {}
@@ -127,19 +102,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="only images that are references of annotated triplets get partners (default: off, "
                              "every image gets a partner; with --recipe the recipe's: on for FashionIQ's)")
     parser.add_argument("--keep-equal-captions", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep pairs whose two captions are equal, as the release does (with FashionIQ's "
-                             "'{target}' template the text is still valid) (default: dropped and counted; with "
-                             "--recipe kept, as the release)")
+                        help="keep pairs whose two captions are equal, as the release does (FashionIQ's '{target}' "
+                             "text is still valid) (default: dropped and counted; with --recipe kept)")
     parser.add_argument("--max-triplets", type=int, default=None,
                         help="subsample to at most this many triplets (default: all, or the recipe's)")
     parser.add_argument("--near-duplicate-threshold", type=float, default=None,
                         help="also merge images whose pair-encoder cosine is at least this")
     parser.add_argument("--no-dedup", action="store_true", help="do not merge pixel-identical images")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="longest text, in the tokens of the pair encoder's tokenizer when it has one, else in "
-                             "whitespace words (default: the tokenizer's own limit when the pair encoder exposes one: "
-                             "a tokenizer attribute with max_text_length / max_length, or max_text_tokens and "
-                             "count_text_tokens; else no limit here, and stage1/stage2 apply it with the CIR model)")
+                        help="longest text, in the pair encoder's tokenizer's tokens when it has one, else in words "
+                             "(default: the limit the pair encoder exposes, as text_limit_of reads it; else none here, "
+                             "and stage1/stage2 apply the CIR model's)")
     parser.add_argument("--long-text", default=None, choices=LONG_TEXT,
                         help="a text over the limit: 'target' = the target caption alone, as the release does "
                              "(default), 'truncate' = its leading words that fit, 'keep' = no limit")
@@ -156,7 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def add_captioner_arguments(parser: argparse.ArgumentParser) -> None:
-    """The captioner flags :func:`build_captioner` reads besides the spec (augment and recipe run declare them here)."""
+    """The captioner flags :func:`build_captioner` reads besides the spec (for augment and recipe run)."""
     parser.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner call (hf:)")
     parser.add_argument("--max-new-tokens", type=int, default=30, help="captioner generation length (hf:)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
@@ -193,8 +166,8 @@ def build_rewriter(spec: str, args: argparse.Namespace, examples: Any = None) ->
 
 
 def _rewriter_examples(args: argparse.Namespace, captioner: Any, pool: Any, cache_path: Any) -> Any:
-    """``--rewriter-examples K``: K annotated triplets of the pool (drawn with ``--seed``), their images
-    captioned by the run's captioner (into its cache), as in-context examples; None = the built-in ones."""
+    """``--rewriter-examples K`` annotated triplets (drawn with ``--seed``, captioned into the run's cache) as
+    in-context examples; None = the built-in ones."""
     import random
 
     from ..positives.captioners import caption_images
@@ -243,12 +216,9 @@ def _length_policy(args: argparse.Namespace, encoder: Any, long_text: str) -> di
     if long_text == "keep":
         return {}
     found = text_limit_of(encoder)
-    policy = {"fallback": long_text}
     if args.max_tokens is not None:
-        return {**policy, "max_tokens": args.max_tokens, "count_tokens": found.get("count_tokens")}
-    if found:
-        return {**policy, **found}
-    return {}
+        return {"fallback": long_text, "max_tokens": args.max_tokens, "count_tokens": found.get("count_tokens")}
+    return {"fallback": long_text, **found} if found else {}
 
 
 def build_captioner(spec: str, args: argparse.Namespace) -> Any:
@@ -262,9 +232,8 @@ def build_captioner(spec: str, args: argparse.Namespace) -> Any:
         category = getattr(args, "categories", None) or (args.category if fashion else None)
         return HFCaptioner(rest, domain="fashion" if fashion else "general", category=category,
                            prompt=getattr(args, "prompt", None), k=args.words, device=args.device or "cpu",
-                           dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.caption_batch_size, skip_empty=args.skip_empty,
-                           trust_remote_code=args.trust_remote_code)
+                           dtype=args.dtype, max_new_tokens=args.max_new_tokens, batch_size=args.caption_batch_size,
+                           skip_empty=args.skip_empty, trust_remote_code=args.trust_remote_code)
     if kind == "file" and rest:
         from ..positives.captioners import PrecomputedCaptioner
 
@@ -314,10 +283,8 @@ def run(args: argparse.Namespace) -> int:
     keep_equal = defaults["keep_equal_captions"] if args.keep_equal_captions is None else args.keep_equal_captions
     long_text = args.long_text or defaults["long_text"]
     rewriter_spec = args.rewriter or defaults["rewriter"]
-    if args.words is None:
-        args.words = defaults["words"]
-    # FashionIQ: the three categories' training images are one pool (partners ranked over all of them, as the
-    # release does); --category restricts the run to one
+    args.words = defaults["words"] if args.words is None else args.words
+    # FashionIQ: the three categories' training images are one pool, as the release ranks them
     categories = [args.category] if not fashion or args.category else list(CATEGORIES)
     splits = [load_dataset(args, category=c) for c in categories]
     pool = training_pool(splits)
@@ -345,8 +312,7 @@ def run(args: argparse.Namespace) -> int:
                                  count_tokens=length.get("count_tokens"), cache_dir=cache_dir,
                                  show_progress=show_progress(args) and rank == 0)
     unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
-    # the images paired and ranked: every training image, or with --recipe the recipe's pool (the release's: the
-    # images the annotated triplets name), the same pool reproduce ranks in and the window's fractions refer to
+    # the images ranked: every training image, or the recipe's pool (the one its window's fractions refer to)
     ranked = pool.image_ids if defaults["recipe"] is None else pool_ids(defaults["recipe"], pool)
     result = augmenter.augment(ranked, pool.images, pool.triplets, shard=(rank, world) if world > 1 else None)
     if result is None:  # not rank 0: its share is in the merged cache; rank 0 writes everything
@@ -377,8 +343,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"{s['text_fallbacks']} ({'replaced by the target caption' if limit['fallback'] == 'target' else 'cut'}; "
              f"limit {limit['max_tokens']} tokens)" if limit else
              "not checked (no tokenizer limit known: pass --max-tokens, or stage1/stage2 apply the CIR model's)"))
-    if s["rewrite"] is not None:
-        r = s["rewrite"]
+    if (r := s["rewrite"]) is not None:
         print(f"rewrite ({r['rewriter']}): {r['rewritten']} pairs rewritten, {r['fallback']} kept their template "
               f"texts {r['reasons'] or ''} | answers {r['new']} new, {r['cached']} cached")
     print("seconds: " + ", ".join(f"{step} {sec:.2f}" for step, sec in s["seconds"].items()))

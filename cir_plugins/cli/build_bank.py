@@ -1,20 +1,15 @@
 """``cir-plugins build-bank``: encode every image of a split once into a negative bank file.
 
-Example::
+    cir-plugins build-bank --model my_model.py:build --dataset cirr --root /data/cirr --out runs/bank.safetensors
 
-    cir-plugins build-bank --model my_model.py:build --dataset cirr --root /data/cirr --split train \
-        --out runs/bank.safetensors
-
-Pixel-identical images share one row by default (:func:`cir_plugins.data.dedup.find_duplicates`), so
-a copy of a query's target is never its negative; ``--groups groups.json`` (a JSON object id -> group id)
-gives the groups instead, ``--no-dedup`` keeps one row per image id. ``--cache-dir``
-makes the build resumable: rerun the same command after a kill and finished chunks are reused.
+Pixel-identical images share one row by default, so a copy of a query's target is never its negative
+(``--groups`` gives the groups instead, ``--no-dedup`` keeps one row per id). With ``--cache-dir`` a rerun after
+a kill reuses the finished chunks.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ._common import (
     add_dataset_arguments,
@@ -28,8 +23,6 @@ from ._common import (
 )
 
 __all__ = ["configure", "run"]
-
-logger = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

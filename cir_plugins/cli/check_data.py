@@ -1,9 +1,6 @@
 """``cir-plugins check-data``: check a CIRR or FashionIQ download, or the synthetic world (see
-:mod:`cir_plugins.data.check`).
-
-Prints the short report; ``--report FILE`` also writes it as JSON. Exit code 0 when the tree is
-complete, 1 when it is not (with ``--strict``, duplicate images count as incomplete too).
-"""
+:mod:`cir_plugins.data.check`). Prints the report (``--report FILE``: also as JSON); exit code 0 when the tree is
+complete, else 1 (with ``--strict``, duplicate images count as incomplete too)."""
 
 from __future__ import annotations
 
@@ -22,9 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", default=None, help="also write the report as JSON to this file")
     parser.add_argument("--decode", action="store_true",
                         help="decode every image fully (default: headers and end markers only, much faster)")
-    parser.add_argument("--splits", default=None,
-                        help="comma-separated split names (default: train,val,test1 for cirr; train,val,test for "
-                             "fashioniq and synthetic)")
+    parser.add_argument("--splits", default=None, help="comma-separated split names (default: train,val,test1 for "
+                                                       "cirr; train,val,test for fashioniq and synthetic)")
     parser.add_argument("--category", action="append", default=None,
                         help="FashionIQ category to check (repeatable; default: all three)")
     parser.add_argument("--counts", default="official",
@@ -54,5 +50,4 @@ def run(args: argparse.Namespace) -> int:
     print(report.format())
     if args.report:
         print(f"report written to {report.write_json(args.report)}")
-    failed = not report.ok or (args.strict and bool(report.images["duplicates"]))
-    return 1 if failed else 0
+    return 1 if not report.ok or (args.strict and report.images["duplicates"]) else 0

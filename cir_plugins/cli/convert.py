@@ -1,9 +1,7 @@
-"""``cir-plugins convert``: a ``torch.save`` checkpoint -> one safetensors file, read weights-only.
+"""``cir-plugins convert``: a ``torch.save`` checkpoint -> one safetensors file, read weights-only (nothing in it
+runs: :func:`cir_plugins.convert.read_torch_checkpoint`); the tensors keep their names.
 
     cir-plugins convert tuned_clip_best.pt clip.safetensors --key CLIP
-
-The tensors keep their names (a model's own converter renames them; see the examples); nothing in
-the input is executed (:func:`cir_plugins.convert.read_torch_checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,9 +17,8 @@ from ..errors import ConfigError, explain
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="the .pt/.pth file written by torch.save")
     parser.add_argument("output", help="the .safetensors file to write")
-    parser.add_argument("--key", default=None,
-                        help="the entry that holds the state dict (e.g. CLIP, Combiner, model); default: the file "
-                             "is a state dict or holds exactly one")
+    parser.add_argument("--key", default=None, help="the entry that holds the state dict (e.g. CLIP, Combiner, model); "
+                                                    "default: the file is a state dict or holds exactly one")
 
 
 def run(args: argparse.Namespace) -> int:

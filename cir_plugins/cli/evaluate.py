@@ -1,20 +1,12 @@
 """``cir-plugins evaluate`` and ``cir-plugins submit``: the console side of :mod:`cir_plugins.evaluation`.
 
-The model is named by a factory spec (``file.py:function`` or ``pkg.module:function``) whose
-function returns a CIR model; ``--factory-kwargs`` passes it JSON keyword arguments.
-
-Examples::
-
-    cir-plugins evaluate --model my_model.py:build --dataset cirr --root /data/cirr --split val
     cir-plugins evaluate --model my_model.py:build --dataset fashioniq --root /data/fiq --category all
-    cir-plugins evaluate --model my_model.py:build --dataset synthetic --root /data/world --split test
     cir-plugins submit --model my_model.py:build --root /data/cirr --out-dir submission/
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +24,6 @@ from ._common import (
 
 __all__ = ["configure_evaluate", "run_evaluate", "configure_submit", "run_submit"]
 
-logger = logging.getLogger(__name__)
-
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
@@ -42,7 +32,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``cir-plugins evaluate``."""
     add_dataset_arguments(parser, default_split="val", many_categories=True)
     _common(parser)
     parser.add_argument("--remove-reference", choices=("auto", "yes", "no"), default="auto",
@@ -52,7 +41,6 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_submit(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``cir-plugins submit``."""
     add_dataset_arguments(parser, default_split="test1", default_dataset="cirr")
     _common(parser)
     parser.add_argument("--out-dir", required=True, help="folder for the two server files")
@@ -92,8 +80,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model, split, batch_size=args.batch_size, device=args.device,
                       show_progress=show_progress(args), remove_reference=remove)
     protocol = result["protocol"]
-    print(f"{args.dataset} {args.split}: protocol {protocol['name']}, reference removed: "
-          f"{protocol['reference_removed']}")
+    print(f"{args.dataset} {args.split}: protocol {protocol['name']}, "
+          f"reference removed: {protocol['reference_removed']}")
     if isinstance(split, list):
         for category in protocol["categories"]:
             print(f"[{category}]\n{_table(result[category])}")

@@ -5,23 +5,15 @@
     cir-plugins recipe run clip4cir-cirr --model my_clip4cir.py:build --trained runs/stage1 --root DATA/cirr \\
         --captioner hf:llava-hf/llava-1.5-7b-hf --out runs/clip4cir-cirr
 
-``run`` goes through every step with the library's own pieces (:func:`cir_plugins.recipes.run.reproduce`):
-generate (or ``--generated FILE``: an ``augment`` output or the release's own ``cap.*extend*`` file, which
-skips captioning), build the bank, stage 2 with the recipe's settings (best epoch by validation Rmean;
-FashionIQ: the three categories together, selected on their average), evaluate with the recipe's
-protocol; then prints the measured table beside the published one and writes ``{out}/results.json``.
-``--release`` uses the release's value of each deliberate difference (reference row kept as a negative,
-bank over the images the triplets name); ``--precision release`` trains as the release does (fp16 autocast, a
-GradScaler, a float32 bank; CUDA). The rank window is the recipe's absolute one (the release's, right for the
-full data sets); ``--rank-window fractions`` scales it to the data set's size (a share of the images the
-release ranked among). ``--resume`` continues a stopped run in ``--out``: the generated triplets, the bank's
-shard cache and the stage-1 / stage-2 checkpoints are reused; a folder made by another recipe or other
-settings is refused.
+``run`` goes through every step (:func:`cir_plugins.recipes.run.reproduce`): generate (or ``--generated FILE``,
+an ``augment`` output or the release's ``cap.*extend*`` file), build the bank, stage 2 with the recipe's
+settings, evaluate with its protocol, then print the measured table beside the published one and write
+``{out}/results.json``. ``--release``, ``--precision release`` and ``--rank-window fractions`` choose the
+release's side of a difference (``--help``); ``--resume`` continues a stopped run in ``--out``.
 
-``recipe list`` prints, under each recipe, the commands that reproduce it on the full data set: the conversion
-of the release's starting checkpoint (where one is needed) and the ``recipe run`` line. Words in capitals and
-the ``runs/`` folders are yours to fill: ``DATA/<dataset>`` is the dataset root, ``YOUR_<MODEL>.py`` your model
-factory where this repository has no example model.
+``recipe list`` prints under each recipe the commands that reproduce it on the full data set (the conversion of
+the release's checkpoint where one is needed, then ``recipe run``); words in capitals and the ``runs/`` folders
+are yours to fill (``DATA/<dataset>``: the dataset root, ``YOUR_<MODEL>.py``: your model factory).
 """
 
 from __future__ import annotations
@@ -62,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="the image encoder that ranks partners: open_clip:MODEL[:PRETRAINED] (e.g. "
                          "open_clip:ViT-L-14:openai), hf:NAME_OR_PATH (a transformers vision model), or a factory spec "
                          "file.py:function; default: the model's own encode_image (the release used Unicom ViT-L/14, "
-                         "not on PyPI)"),
+                         "not on PyPI)")
     go.add_argument("--precision", default="ours", choices=("ours", "release"),
                     help="ours: bf16 autocast and a bf16 bank on CUDA (float32 on CPU); release: fp16 autocast with "
                          "a GradScaler and a float32 bank, as the release trains (CUDA only)")
@@ -119,8 +111,7 @@ def _list() -> int:
 
 
 def _captioner(args: argparse.Namespace, recipe: Any, categories: dict | None) -> Any:
-    """The captioner of ``--captioner``, with the recipe's prompt and word budget (and, on FashionIQ, each
-    image's own category in the prompt)."""
+    """The captioner of ``--captioner`` with the recipe's prompt and word budget (FashionIQ: each image's category)."""
     spec = argparse.Namespace(**vars(args))
     spec.dataset, spec.category, spec.categories = recipe.dataset, None, categories
     spec.words, spec.prompt = recipe.generation.words, recipe.generation.prompt
@@ -147,10 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     transform = None if args.transform == "none" else args.transform
     captioner = None
     if args.captioner is not None:
-        categories = None
-        if recipe.dataset == "fashioniq":  # the prompt names each image's own category
-            categories = load_training_data("fashioniq", args.root, transform=transform,
-                                            size=args.image_size).categories
+        categories = None if recipe.dataset != "fashioniq" else load_training_data(  # the prompt names each category
+            "fashioniq", args.root, transform=transform, size=args.image_size).categories
         captioner = _captioner(args, recipe, categories)
     pair_encoder = None
     if args.pair_encoder and args.pair_encoder.startswith(IMAGE_ENCODER_PREFIXES):

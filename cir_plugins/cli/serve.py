@@ -1,19 +1,15 @@
 """``cir-plugins serve``: a local web page over a saved bank and its split's images (see :mod:`cir_plugins.serve`).
 
-    cir-plugins build-bank --model my_model.py:build --trained runs/stage2 --dataset cirr --root data \\
-        --split val --out runs/bank_val.safetensors
     cir-plugins serve --model my_model.py:build --trained runs/stage2 --bank runs/bank_val.safetensors \\
         --dataset cirr --root data --split val [--faiss runs/bank.faiss | --faiss-export auto] [--port 8000]
 
-The bank must cover the images of ``--split`` (a bank of another split is refused, naming it). Binds
-127.0.0.1 unless ``--host`` says otherwise. The model must be the one whose target side made the bank
-(checked by fingerprint on two gallery images unless ``--no-bank-check``).
+The bank must cover the images of ``--split``, made by this model's target side (checked by fingerprint on two
+gallery images unless ``--no-bank-check``). Binds 127.0.0.1 unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 
 from .._utils import model_device
@@ -21,8 +17,6 @@ from ..errors import ConfigError, explain
 from ._common import add_dataset_arguments, add_model_arguments, build_model, load_dataset
 
 __all__ = ["configure", "run"]
-
-logger = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -95,14 +89,12 @@ def build_searcher(args: argparse.Namespace):
         sample_ids = [i for i in bank.ids if i in split.images][:2]
         if sample_ids:
             bank.check_compatible(model, sample=split.images.batch(sample_ids))
+    from ..negatives.faiss_index import FaissIndex, build_faiss_index
+
     index = None
     if args.faiss_export is not None:
-        from ..negatives.faiss_index import build_faiss_index
-
         index = build_faiss_index(bank, args.faiss_export)
     elif args.faiss:
-        from ..negatives.faiss_index import FaissIndex
-
         index = FaissIndex.load(args.faiss)
     if index is not None and args.nprobe is not None:
         index.set_nprobe(args.nprobe)

@@ -1,15 +1,12 @@
 """``cir-plugins share``: a trained result as a folder to publish (:func:`cir_plugins.share.save_trained`).
 
-Example::
-
     cir-plugins share --trained runs/stage2 --on-top-of runs/stage1 --bank runs/bank.safetensors \
         --evaluation "CIRR val=runs/val.json" --base-model my_model:build --out share/my-model \
         --push me/my-model
 
-``--evaluation`` takes ``[NAME=]FILE`` (repeatable): a JSON file ``cir-plugins evaluate --output`` wrote,
-one row of the model card's table (NAME defaults to the file's stem). ``--push`` uploads the folder with
-huggingface_hub (``pip install -e ".[hub]"``; a token from ``HF_TOKEN`` or ``huggingface-cli login``);
-the repository is private unless ``--public``.
+Each ``--evaluation [NAME=]FILE`` (``evaluate --output``; NAME defaults to the file's stem) is a row of the model
+card's table. ``--push`` uploads the folder with huggingface_hub (the ``hub`` extra; a token from ``HF_TOKEN`` or
+``huggingface-cli login``), private unless ``--public``.
 """
 
 from __future__ import annotations
@@ -23,9 +20,8 @@ __all__ = ["configure", "run"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trained", required=True,
-                        help="the result to share: a stage-1/stage-2 output folder (its best checkpoint) or a "
-                             "checkpoint folder")
+    parser.add_argument("--trained", required=True, help="the result to share: a stage-1/stage-2 output folder (its "
+                                                         "best checkpoint) or a checkpoint folder")
     parser.add_argument("--on-top-of", action="append", default=[], metavar="RESULT",
                         help="an earlier result this one was trained on (e.g. the stage-1 folder), merged under it "
                              "so one load reproduces the model (repeatable, in training order)")
@@ -45,10 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _evaluation(specs: list[str]) -> dict[str, dict]:
     table = {}
     for spec in specs:
-        name, _, file = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = Path(file)
-        table[name or path.stem] = read_json_file(path, "the evaluation file", expected="a JSON object of metrics",
-                                                  fix="pass a JSON file written by cir-plugins evaluate --output")
+        name, _, file = spec.rpartition("=")
+        table[name or Path(file).stem] = read_json_file(
+            file, "the evaluation file", expected="a JSON object of metrics",
+            fix="pass a JSON file written by cir-plugins evaluate --output")
     return table
 
 
@@ -57,17 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.push is not None:
         check_repo_id(args.push)  # before anything is written
-    bank = None
-    if args.bank:
-        from ..negatives.bank import NegativeBank
+    from ..negatives.bank import NegativeBank
 
-        bank = NegativeBank.load(args.bank)
+    bank = NegativeBank.load(args.bank) if args.bank else None
     folder = save_trained(args.trained, args.out, on_top_of=args.on_top_of, bank=bank,
                           evaluation=_evaluation(args.evaluation) or None, base_model=args.base_model,
                           name=args.name, checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"wrote {folder} (weights.safetensors, cir_plugins.json, README.md); "
           f"load it with --trained {folder} or cp.load_trained(model, {str(folder)!r})")
     if args.push is not None:
-        url = push_to_hub(folder, args.push, private=not args.public)
-        print(f"uploaded to {url}")
+        print(f"uploaded to {push_to_hub(folder, args.push, private=not args.public)}")
     return 0

@@ -1,15 +1,8 @@
-"""``cir-plugins show``: what a model retrieves on a split, as an HTML page and a PNG grid.
+"""``cir-plugins show``: what a model retrieves on a split (CIRR, FashionIQ with one ``--category``, the synthetic
+world), as an HTML page and a PNG grid (:func:`cir_plugins.report.retrieval_report`): per query the reference, the
+text, the top-``k`` (the target outlined) and the target's rank; ``--compare`` (a second factory) or
+``--compare-trained`` (other weights) puts a second model beside it, with the queries the first wins and loses.
 
-Per shown query: the reference image, the modification text, the top-``k`` candidates (the target
-outlined) and the target's rank; ``--compare`` (a second factory) or ``--compare-trained`` (other
-weights on the same factory) puts a second model beside the first and lists the queries the first
-wins and loses. The library side is :func:`cir_plugins.report.retrieval_report` (the quickstart's
-picture is the same code). Works on CIRR, FashionIQ (one ``--category``) and the synthetic world.
-
-Examples::
-
-    cir-plugins show --model my_model.py:build --trained runs/stage2 --dataset cirr --root /data/cirr \\
-        --split val --out show/
     cir-plugins show --model my_model.py:build --trained runs/stage2 --compare-trained runs/stage1 \\
         --dataset fashioniq --category dress --root /data/fiq --out show/
 """
@@ -17,7 +10,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from ..data.fashioniq import CATEGORIES
@@ -33,11 +25,8 @@ from ._common import (
 
 __all__ = ["configure", "run"]
 
-logger = logging.getLogger(__name__)
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``cir-plugins show``."""
     add_dataset_arguments(parser, default_split="val")
     add_model_arguments(parser)
     parser.add_argument("--compare", default=None, metavar="SPEC",
@@ -77,11 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compare or args.compare_trained:
         other = build_model(argparse.Namespace(**{**vars(args), "model": args.compare or args.model,
                                                   "trained": args.compare_trained}))
-    index = None
-    if args.faiss:
-        from ..negatives.faiss_index import FaissIndex
+    from ..negatives.faiss_index import FaissIndex
 
-        index = FaissIndex.load(args.faiss)
+    index = FaissIndex.load(args.faiss) if args.faiss else None
     names = tuple(args.names) if args.names else ("model", "compare")
     result = retrieval_report(model, split, Path(args.out), compare=other, names=names, k=args.k,
                               n_queries=args.queries, queries=args.query_index, batch_size=args.batch_size,

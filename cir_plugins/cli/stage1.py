@@ -1,29 +1,25 @@
-"""``cir-plugins stage1``: contrastive fine-tuning with in-batch negatives (the base model's own recipe).
+"""``cir-plugins stage1``: contrastive fine-tuning with in-batch negatives (the base model's own recipe; the
+README's command sequence shows it with the other steps).
 
-Example::
-
-    cir-plugins stage1 --model my_model.py:build --dataset cirr --root /data/cirr --out runs/stage1 \
-        --val-split val --epochs 3 [--generated runs/generated.json] [--generated-only]
-
-Both towers train unless ``--trainable PREFIX`` names the parameters (repeatable). ``--dedup`` (or
-``--groups``) makes pixel-identical targets of a batch one row. ``--generated-only`` trains on the
-generated triplets alone (the zero-shot variant). Every :class:`~cir_plugins.Stage1Config` field is a
-flag. Then: ``cir-plugins build-bank --model ... --trained runs/stage1`` and ``cir-plugins stage2
---model ... --trained runs/stage1``.
+Both towers train unless ``--trainable PREFIX`` (repeatable) names the parameters; pixel-identical targets of a
+batch are one row (``--groups`` / ``--no-dedup`` otherwise); ``--generated-only`` trains on the generated
+triplets alone (the zero-shot variant); every :class:`~cir_plugins.Stage1Config` field is a flag. Then
+``build-bank`` and ``stage2`` with ``--trained runs/stage1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ..training.config import Stage1Config
 from ._common import (
     add_groups_arguments,
+    add_long_text_argument,
     add_training_arguments,
     build_model,
     config_from_args,
     fit_and_report,
+    fit_generated,
     load_dataset,
     made_with,
     read_groups,
@@ -31,11 +27,8 @@ from ._common import (
     training_triplets,
     val_evaluator,
 )
-from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]
-
-logger = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,40 +1,31 @@
-"""``cir-plugins stage2``: fine-tune the query side of a model against a saved bank.
+"""``cir-plugins stage2``: fine-tune the query side of a model against a saved bank (the README's command sequence).
 
-Example::
-
-    cir-plugins stage2 --model my_model.py:build --trained runs/stage1 --bank runs/bank.safetensors \
-        --dataset cirr --root /data/cirr --generated runs/generated.json --out runs/stage2 --epochs 3
-
-``--trained`` puts a stage-1 result on the model first (build the bank from the same model).
-``--generated`` names a JSON file of generated triplets (:func:`cir_plugins.positives.annotations.read_generated`).
-With ``--val-split`` the model is evaluated after every epoch and the best epoch (``--select-metric``)
-is kept as ``{out}/checkpoints/best``. ``--resume`` continues ``{out}/checkpoints/last``. Every
-:class:`~cir_plugins.Stage2Config` field is a flag (``--help`` lists them with their meaning). Evaluate
-the result with ``cir-plugins evaluate --model ... --trained runs/stage1 --trained runs/stage2``.
+``--trained`` puts a stage-1 result on the model first (build the bank from the same model). With ``--val-split``
+the best epoch (``--select-metric``) is kept as ``{out}/checkpoints/best``; ``--resume`` continues
+``{out}/checkpoints/last``; every :class:`~cir_plugins.Stage2Config` field is a flag. Evaluate the result with
+``--trained runs/stage1 --trained runs/stage2``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from ..training.config import Stage2Config
 from ._common import (
+    add_long_text_argument,
     add_training_arguments,
     build_model,
     config_from_args,
     fit_and_report,
+    fit_generated,
     load_dataset,
     made_with,
     show_progress,
     training_triplets,
     val_evaluator,
 )
-from ._long_text import add_long_text_argument, fit_generated
 
 __all__ = ["configure", "run"]
-
-logger = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,7 @@
 
     cir-plugins world --root runs/world [--seed 0] [--quick] [--image-size 40] [--config JSON]
 
-Prints a short summary (images and queries per
-split, duplicates, edit kinds); the full statistics are in ``{root}/synthetic/world.json``.
+Prints a short summary; the full statistics are in ``{root}/synthetic/world.json``.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(stats: dict[str, Any], root: Path, marker: Path) -> str:
-    """A few lines about the world: images and queries per split, duplicates, edit kinds, objects per image,
-    and where the full statistics are."""
+    """A few lines about the world: images and queries per split, duplicates, edit kinds, objects per image."""
     lines = [f"synthetic world at {root}:"]
     for split, count in stats.get("images", {}).items():
         lines.append(f"  {split}: {count} images, {stats.get('queries', {}).get(split, 0)} queries")

@@ -1,10 +1,8 @@
 """A local web page over a saved bank: composed search in a browser (``cir-plugins serve``).
 
-:class:`GallerySearcher` (no web dependency) composes a query from a gallery image or an upload and a
-text, and searches the bank exactly or through a FAISS index; :func:`create_app` (Starlette, the
-``serve`` extra) puts a page and a JSON endpoint in front of it; :func:`serve` runs it with uvicorn
-on 127.0.0.1 unless told otherwise, each request's headers and body under a deadline
-(:func:`server_config`).
+:class:`GallerySearcher` (no web dependency) searches the bank for a reference image and a text;
+:func:`create_app` (Starlette, the ``serve`` extra) puts a page and a JSON endpoint in front of it; :func:`serve`
+runs it with uvicorn on 127.0.0.1 unless told otherwise, each request under a deadline (:func:`server_config`).
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import ConfigError, explain
 from .searcher import GallerySearcher, decode_image_bytes
 
 __all__ = ["GallerySearcher", "create_app", "decode_image_bytes", "serve", "server_config", "DEFAULT_REQUEST_TIMEOUT"]
@@ -30,8 +29,6 @@ def create_app(searcher: GallerySearcher, **kwargs: Any):
 
 
 def _uvicorn():
-    from ..errors import ConfigError, explain
-
     try:
         import uvicorn
     except ImportError as error:
@@ -41,10 +38,9 @@ def _uvicorn():
 
 
 def _deadline_protocol(request_timeout: float):
-    """uvicorn's h11 protocol with a deadline on receiving each request: its headers and body must arrive within
-    ``request_timeout`` seconds of the connection opening or of the previous answer, else the connection is
-    closed (a client that sends a byte every few seconds no longer holds a connection, and its buffers, for ever).
-    The time the app then takes to answer is not limited here."""
+    """uvicorn's h11 protocol with a deadline: a request's headers and body must arrive within ``request_timeout``
+    seconds of the connection opening or of the previous answer, else the connection is closed (a client sending a
+    byte every few seconds holds no connection for ever). The app's time to answer is not limited."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class DeadlineH11Protocol(H11Protocol):
@@ -87,15 +83,13 @@ def server_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_le
                   request_timeout: float = DEFAULT_REQUEST_TIMEOUT, **uvicorn_kwargs: Any):
     """The ``uvicorn.Config`` :func:`serve` runs ``app`` with: the h11 protocol with the request deadline, and a
     5 s keep-alive. ``uvicorn.Server(server_config(app, port=0)).run()`` in a thread serves it in tests."""
-    from ..errors import ConfigError, explain
-
     uvicorn = _uvicorn()
     if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) \
             or not 0 < request_timeout < float("inf"):
         raise ConfigError(explain("request_timeout must be a positive number of seconds", got=request_timeout))
-    options = {"timeout_keep_alive": 5, **uvicorn_kwargs}
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          http=_deadline_protocol(float(request_timeout)), **options)
+    http = _deadline_protocol(float(request_timeout))
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=http,
+                          **{"timeout_keep_alive": 5, **uvicorn_kwargs})
 
 
 def serve(searcher: GallerySearcher, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

@@ -1,38 +1,20 @@
-"""The web page and JSON endpoints over a :class:`GallerySearcher` (Starlette; served by uvicorn).
+"""The web page and JSON endpoints over a :class:`GallerySearcher` (Starlette, the ``serve`` extra; served by uvicorn).
 
-Routes:
+Routes: ``GET /`` the page (script and style under ``/static/``: pick a gallery image or upload one, type a text,
+see the top-k); ``GET /api/info`` (gallery size, index, limits); ``GET /api/gallery?q=&offset=&limit=`` (ids
+filtered by substring); ``GET /image/{id}`` (a gallery image by id only, through the store's checked open);
+``POST /api/search``, JSON only: ``{"text", "k", and one of "image_id" | "reference_path" (relative to the image
+root) | "image" (the uploaded bytes, base64)}`` -> ``{"index", "results": [{"rank", "id", "ids", "score", "url"}]}``.
+Every refusal is a JSON ``{"error": message}`` with a 4xx status and no absolute path in it, or 503 when the
+worker pool is full; the server keeps serving.
 
-- ``GET /``: the page (its script and style at ``/static/page.js`` and ``/static/page.css``): pick a
-  gallery image (filterable thumbnails) or upload one, type a modification text, see the top-k.
-- ``GET /api/info``: gallery size, index, limits.
-- ``GET /api/gallery?q=&offset=&limit=``: gallery ids (filtered by substring).
-- ``GET /image/{id}``: a gallery image, by id only, read through the image store's checked open (root,
-  symlinks, regular files only) and sent with the content type of the format in its header.
-- ``POST /api/search``: JSON only (``Content-Type: application/json``)::
-
-      {"text": str, "k": int, and one of
-       "image_id": a gallery id | "reference_path": a path relative to the image root |
-       "image": the bytes of an uploaded image, base64}
-
-  answers ``{"index", "results": [{"rank", "id", "ids", "score", "url"}]}``.
-
-Every refusal is a JSON ``{"error": message}`` with a 4xx status (no absolute path in it), or 503 when
-the worker pool is full; the server keeps serving. Requires the ``serve`` extra
-(``pip install "cir-plugins[serve]"``).
-
-Defences (each one a setting of :func:`create_app`):
-
-- Decoding, preprocessing and the model run in a bounded pool of worker threads, off the event loop;
-  ``workers`` run, ``queue`` more wait, and a search beyond that is answered 503 at once.
-- Uploads: at most ``max_upload_bytes`` (413), decoded only by the PIL decoders of
-  :data:`~cir_plugins.serve.searcher.UPLOAD_FORMATS` (else 415), within the searcher's pixel limit (413),
-  checked from the header before decoding.
-- A request whose ``Host`` is not one of ``allowed_hosts`` (127.0.0.1, localhost, ::1 and the address
-  served) is refused (DNS rebinding), and so is a POST whose ``Origin`` is another site; a foreign page
-  cannot send a JSON POST without a CORS preflight, which this server never grants.
-- Every answer carries ``X-Content-Type-Options: nosniff`` and a Content-Security-Policy that allows only
-  this server's own script, style and images.
-- The headers and body of each request must arrive within a deadline (``serve(request_timeout=)``).
+Defences (settings of :func:`create_app`): decoding and the model run in a bounded thread pool off the event loop
+(``workers`` run, ``queue`` wait, more are answered 503); uploads are size-limited (413), decoded only by the PIL
+decoders of :data:`~cir_plugins.serve.searcher.UPLOAD_FORMATS` (else 415) within the pixel limit checked from
+the header (413); a ``Host`` outside ``allowed_hosts`` (DNS rebinding) and a POST from another site's ``Origin``
+are refused (no CORS preflight is ever granted); every answer carries ``nosniff`` and a Content-Security-Policy
+allowing only this server's own script, style and images; each request must arrive within a deadline
+(``serve(request_timeout=)``).
 """
 
 from __future__ import annotations
@@ -159,8 +141,8 @@ class _Guard:
 def create_app(searcher: GallerySearcher, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_k: int = 100,
                default_k: int = 10, title: str = "cir_plugins gallery search", workers: int = DEFAULT_WORKERS,
                queue: int = DEFAULT_QUEUE, allowed_hosts: tuple[str, ...] = LOCAL_HOSTS):
-    """A Starlette app serving ``searcher`` (see the module doc). Test it with ``starlette.testclient``
-    (``TestClient(app, base_url="http://127.0.0.1")``: the default "testserver" is not an allowed host).
+    """A Starlette app serving ``searcher`` (see the module doc); test it with
+    ``TestClient(app, base_url="http://127.0.0.1")`` (the default "testserver" is not an allowed host).
 
     Args:
         max_upload_bytes: largest uploaded image (bytes, before base64).
@@ -177,17 +159,13 @@ def create_app(searcher: GallerySearcher, *, max_upload_bytes: int = DEFAULT_MAX
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    def positive_int(name, value):
+    for name, value in (("max_upload_bytes", max_upload_bytes), ("workers", workers), ("max_k", max_k),
+                        ("default_k", default_k)):
         check_positive_int(name, value)
-
-    positive_int("max_upload_bytes", max_upload_bytes)
-    positive_int("workers", workers)
     check_positive_int("queue", queue, minimum=0)
     if isinstance(allowed_hosts, str) or not all(isinstance(h, str) and h for h in allowed_hosts):
         raise ConfigError(explain("allowed_hosts must be a tuple of host names", got=allowed_hosts,
                                   fix="e.g. ('127.0.0.1', 'localhost')"))
-    positive_int("max_k", max_k)
-    positive_int("default_k", default_k)
     if default_k > max_k:
         raise ConfigError(explain("default_k must be in 1..max_k", got=default_k, expected=f"1..{max_k}"))
     max_k = min(max_k, len(searcher.bank))  # a small gallery: at most every row
@@ -322,10 +300,8 @@ def create_app(searcher: GallerySearcher, *, max_upload_bytes: int = DEFAULT_MAX
                                       expected="Content-Type: application/json with {text, k, image_id | "
                                                "reference_path | image (base64)}"))
         with busy_lock:
-            if busy >= capacity:
-                full = True
-            else:
-                full, busy = False, busy + 1
+            full = busy >= capacity
+            busy += 0 if full else 1
         if full:
             return error(503, explain("the server is busy: every worker is taken and the queue is full",
                                       got=f"{capacity} searches in progress", fix="retry in a moment"),
@@ -403,8 +379,8 @@ _STYLE = """ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;backg
  .row{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
  .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.8em;margin:.6em 0}
  #thumbs{display:grid;grid-template-columns:repeat(auto-fill,72px);gap:6px;max-width:640px;max-height:260px;overflow:auto}
- # thumbs img{width:72px;height:72px;object-fit:cover;border:3px solid transparent;cursor:pointer;image-
- # rendering:pixelated}
+ #thumbs img{width:72px;height:72px;object-fit:cover;border:3px solid transparent;cursor:pointer;
+  image-rendering:pixelated}
  #thumbs img.selected{border-color:#1565c0}
  #chosen img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc;image-rendering:pixelated}
  #results{display:grid;grid-template-columns:repeat(auto-fill,150px);gap:10px}

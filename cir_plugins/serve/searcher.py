@@ -1,21 +1,15 @@
 """Composed search over a saved bank, without any web framework: :class:`GallerySearcher`.
 
-A query is a reference image (a gallery id, or an uploaded image) plus a modification text; the
-model composes it (the library's one composition, :func:`cir_plugins.embedding.compose_batch`),
-the query is L2-normalised and the bank is searched exactly (:func:`cir_plugins.metrics.topk_rows`)
-or through a FAISS index exported from the same bank
-(:class:`cir_plugins.negatives.faiss_index.FaissIndex`, checked with its ``check_bank``). Results
-name every image id of a bank row that the image store can show (duplicates share a row).
-
-Every file is read through the image store's checked open (root, symlinks, regular files only), the
-bytes served for a gallery id included (:meth:`GallerySearcher.image_file`), whose content type comes
-from the format in the file's header, never from its name.
+A query is a reference image (a gallery id, or an uploaded image) plus a modification text, composed by the
+model (:func:`cir_plugins.embedding.compose_batch`), L2-normalised and searched exactly
+(:func:`cir_plugins.metrics.topk_rows`) or through a FAISS index exported from the same bank. Every file is read
+through the image store's checked open (root, symlinks, regular files only); a served file's content type comes
+from the format in its header, never from its name.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import threading
 from typing import Any
 
@@ -31,8 +25,6 @@ from ..errors import ConfigError, DataError, ImageLoadError, explain
 from ..metrics import topk_rows
 
 __all__ = ["GallerySearcher", "decode_image_bytes", "UPLOAD_FORMATS", "DEFAULT_UPLOAD_PIXELS", "MIME_TYPES"]
-
-logger = logging.getLogger(__name__)
 
 #: the PIL decoders an uploaded image may reach (the formats browsers show); nothing else is tried
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -103,9 +95,8 @@ class GallerySearcher:
         return image_id in self._gallery
 
     def image_file(self, image_id: str) -> tuple[bytes, str]:
-        """The file of a gallery id to serve: (bytes, content type). Read through the store's checked open (a
-        file swapped for a symlink leading out is refused); the content type is the one of the format in the
-        file's header. A gallery file in a format browsers do not show is decoded (pixel-limited) and sent as PNG."""
+        """The file of a gallery id to serve: (bytes, content type of the format in its header); a format browsers
+        do not show is decoded (pixel-limited) and sent as PNG."""
         if image_id not in self._gallery:
             raise DataError(explain("unknown gallery image id", got=image_id, fix="pick an id from the gallery list"))
         data, kind = self.images.read_file(image_id)
@@ -116,8 +107,7 @@ class GallerySearcher:
         return out.getvalue(), MIME_TYPES["PNG"]
 
     def open_relative(self, relative: str) -> Image.Image:
-        """An image file given by a path relative to the store's root, with the store's checks (UnsafePathError if
-        it leaves the root) and this searcher's pixel limit."""
+        """An image file by a path relative to the store's root (UnsafePathError if it leaves it), pixel-limited."""
         return self.images.load_relative(relative, what=f"reference_path {relative!r}", max_pixels=self.max_pixels)
 
     def _pixels(self, image_id: str | None, image: Image.Image | None) -> torch.Tensor:
