@@ -106,7 +106,6 @@ def safetensors_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
     """``tensors`` as one safetensors file with string ``metadata`` (on the CPU, contiguous; tensors sharing storage
     are copied, since safetensors refuses tied or viewed weights)."""
     from safetensors.torch import save
-
     seen, out = set(), {}  # storages already written
     for name, tensor in tensors.items():
         check_savable(name, tensor)

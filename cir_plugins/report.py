@@ -55,7 +55,6 @@ def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_refere
 
 def _thumbnail(image, side: int):
     from PIL import Image
-
     image = to_pil(image)
     scale = side / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
@@ -213,11 +212,9 @@ def _rank_text(rank: int) -> str:
 
 def _png_bytes(entries: list[dict], load, label, k: int, heading: str, with_compare: bool) -> bytes:
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-
     columns, rows = 1 + k + (1 + k if with_compare else 0), max(1, len(entries))
     widths = [1.0] * (1 + k) + ([0.25] + [1.0] * k if with_compare else [])  # a narrow gap between the models
     fig, axes = plt.subplots(rows, columns, figsize=(1.1 * sum(widths), 1.45 * rows + 0.7), squeeze=False,

@@ -228,12 +228,10 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
     else:
         raise ConfigError(explain("save_trained needs a trainer or the path of a trained result",
                                   got=type(source).__name__, fix="pass the trainer after fit, or its output_dir"))
-    merged: dict[str, torch.Tensor] = {}
-    merged_from = []
+    merged, merged_from = {}, []
     for earlier in on_top_of:
         below, below_info = _from_path(earlier, None)
-        below.pop(TEMPERATURE_NAME, None)  # the temperature is this result's own
-        merged.update(below)
+        merged.update({k: v for k, v in below.items() if k != TEMPERATURE_NAME})  # the temperature is this result's
         merged_from.append({"path": str(earlier), "fingerprint": below_info["fingerprint"]})
     made_with = _shared_made_with(info.get("made_with"), merged_from, info.get("source", "the trainer's result"))
     merged.update(weights)
@@ -256,11 +254,10 @@ def save_trained(source: Any, folder: str | os.PathLike, *, on_top_of: Sequence[
                                   fix="pass plain dicts, lists, strings and numbers")) from error
     data = safetensors_bytes(merged, metadata={"format": SHARED_FORMAT})  # tied weights copied, not refused
     document["files"] = {WEIGHTS_FILE: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
-    card = model_card(document, title=name).encode("utf-8")
     with folder_writer(folder) as tmp:  # a failed write leaves no temporary folder and the old folder as it was
         atomic_write_bytes(tmp / WEIGHTS_FILE, data)
         atomic_write_json(tmp / SHARED_FILE, document, indent=1)
-        atomic_write_bytes(tmp / CARD_FILE, card)
+        atomic_write_bytes(tmp / CARD_FILE, model_card(document, title=name).encode("utf-8"))
     logger.info("saved a %s result (%d tensors) to %s", document["stage"], len(parameters), folder)
     return folder
 
@@ -284,8 +281,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
     except ImportError as error:
         raise ConfigError(explain("push_to_hub needs the huggingface_hub package", got=str(error),
                                   fix='pip install "cir_plugins[hub]"')) from error
-    token = token or huggingface_hub.get_token()
-    if not token:
+    if not (token := token or huggingface_hub.get_token()):
         raise ConfigError(explain("no Hugging Face token", got=None,
                                   fix="pass token=..., set HF_TOKEN, or run `huggingface-cli login`"))
     api = huggingface_hub.HfApi()

@@ -111,6 +111,7 @@ def _weights_file(path: Path, checkpoint: str | None) -> Path:
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # the fields of cir_plugins.json that a reader uses -> the JSON types each may hold; others are kept
+_JSON_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object", type(None): "null"}
 _SHARED_FIELDS: dict[str, tuple[type, ...]] = {
     "version": (int,), "library_version": (str, type(None)), "name": (str, type(None)), "stage": (str, type(None)),
     "trainable": (list,), "trainable_scalars": (int,), "on_top_of": (list,), "base_model": (str, type(None)),
@@ -150,9 +151,8 @@ def _check_shared(folder: Path, document: Path, info: dict[str, Any]) -> None:
     for key, kinds in _SHARED_FIELDS.items():
         value = info.get(key, None if type(None) in kinds else kinds[0]())
         if not isinstance(value, kinds) or isinstance(value, bool):
-            names = " or ".join("null" if k is type(None) else {int: "an integer", str: "a string", list: "a list",
-                                                                 dict: "an object"}[k] for k in kinds)
-            raise _bad_document(document, f"field {key!r} has the wrong type", type(value).__name__, names)
+            raise _bad_document(document, f"field {key!r} has the wrong type", type(value).__name__,
+                                " or ".join(_JSON_NAMES[k] for k in kinds))
     files = info.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise _bad_document(document, "'files' must record the size and SHA-256 of each file, the weights included",

@@ -124,10 +124,13 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], index: dict[str,
     return {"state": state, "param_groups": groups}
 
 
+def _hash_json(value: Any, sort_keys: bool = False) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=sort_keys, separators=(",", ":")).encode()).hexdigest()
+
+
 def _document_checksum(document: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``document`` without its ``checksum`` key (as read back from JSON)."""
-    body = {k: v for k, v in json.loads(json.dumps(document)).items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return _hash_json({k: v for k, v in json.loads(json.dumps(document)).items() if k != "checksum"}, sort_keys=True)
 
 
 def _leftovers(root: Path, name: str) -> list[Path]:
@@ -343,10 +346,6 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) 
         raise CheckpointError(explain(f"{where}: the optimiser state does not load",
                                       got=f"{type(error).__name__}: {error}",
                                       fix="restore the checkpoint folder from a copy, or start again")) from error
-
-
-def _hash_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
 
 
 def triplets_fingerprint(triplets: list) -> str:

@@ -63,7 +63,6 @@ class Evaluator:
         """Evaluate with :func:`cir_plugins.evaluate` on ``split`` (its keyword arguments pass through),
         selecting on ``metric`` ("Rmean" is the CIRR protocol's; a FashionIQ split reports e.g. "R@10")."""
         from ..evaluation import evaluate  # noqa: PLC0415 (evaluation imports metrics; keep training light)
-
         protocol = evaluate_kwargs.get("protocol") or getattr(split, "protocol", None)
         if metric == "Rmean" and protocol == "fashioniq" and not isinstance(split, (list, tuple)):
             # fail now, not after the first epoch: one category reports R@10 and R@50 only

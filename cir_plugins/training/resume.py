@@ -24,8 +24,7 @@ class Checkpointing:
         return Path(self.config.output_dir) / "checkpoints" if self.config.output_dir else None
 
     def _save(self, name: str) -> None:
-        root = self._checkpoint_root()
-        if root is None or self.rank != 0:
+        if (root := self._checkpoint_root()) is None or self.rank != 0:
             return
         state = {"stage": self.stage, "config": self.config.to_dict(), "trainable": [n for n, _ in self.trainable],
                  "epoch": self._epoch, "micro": self._micro, "global_step": self._global_step,
@@ -35,7 +34,7 @@ class Checkpointing:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "fingerprints": self._data_fingerprints(), "made_with": self.made_with}
         ckpt.save_checkpoint(root, name, weights=self._named_state(), optimizer_state=self.optimizer.state_dict(),
-                        state=state)
+                             state=state)
 
     def _data_fingerprints(self) -> dict[str, str | None]:
         """Hashes of the training triplets (in order) and of the bank (ids, rows, weights), computed once."""
@@ -46,8 +45,7 @@ class Checkpointing:
         return self._fingerprints
 
     def _check_resume_position(self, state: dict[str, Any], path: Path, data_changed: bool) -> None:
-        """CheckpointError unless the saved position is one this run reaches (else micro-batches are skipped or
-        repeated)."""
+        """CheckpointError unless the saved position is one this run reaches (else micro-batches are skipped)."""
         epoch, micro, step = state["epoch"], state["micro"], state["global_step"]
         plan, accum = len(self.sampler), self.config.grad_accum_steps
         expected_step = epoch * self._optimizer_steps_per_epoch() + micro // accum
@@ -60,8 +58,7 @@ class Checkpointing:
                 fix="resume with the same data and config, or restore the checkpoint folder from a copy"))
 
     def _resume(self, allow_data_change: bool = False) -> bool:
-        root = self._checkpoint_root()
-        if root is None:
+        if (root := self._checkpoint_root()) is None:
             raise ConfigError(explain("resume needs config.output_dir", got=None,
                                       fix="set output_dir to the folder of the run to continue"))
         try:
@@ -109,7 +106,6 @@ class Checkpointing:
 
     def load_weights(self, name: str = "best") -> None:
         """Load the trainable weights (and temperature) of checkpoint ``name`` into the model."""
-        root = self._checkpoint_root()
-        if root is None:
+        if (root := self._checkpoint_root()) is None:
             raise ConfigError(explain("no output_dir: there are no checkpoints", got=None))
         ckpt.restore_weights(load_checkpoint(root, name, device=self.device), self._named_parameters())

@@ -151,13 +151,14 @@ class Stage2Trainer(Trainer):
         for name, p in model.named_parameters():
             if name not in query:
                 p.grad = None
-        self._frozen_modules = self._find_frozen_modules(set(split.target))
+        target = set(split.target)  # modules whose parameters are all target-side stay in eval mode (no dropout, BN)
+        self._frozen_modules = [module for prefix, module in model.named_modules()
+                                if (names := [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()])
+                                and all(n in target for n in names)]
         if config.cache_reference and callable(getattr(model, "encode_reference", None)):
-            if protocol.reference_uses_text(model):  # a frozen fusion of reference and text: one row per pair
-                pairs = [(t.reference, text) for t in self.triplets for text in t.texts]
-                ids, texts = [r for r, _ in pairs], [text for _, text in pairs]
-            else:
-                ids, texts = [t.reference for t in self.triplets], None
+            with_text = protocol.reference_uses_text(model)  # a frozen fusion of reference and text: a row per pair
+            ids = [t.reference for t in self.triplets for _ in (t.texts if with_text else [None])]
+            texts = [x for t in self.triplets for x in t.texts] if with_text else None
             self.reference_cache = ReferenceCache(model, ids, self.images, self.device, texts=texts,
                                                   batch_size=max(config.batch_size, 64),
                                                   show_progress=config.show_progress)
@@ -166,12 +167,6 @@ class Stage2Trainer(Trainer):
         counts = split.counts(model)
         logger.info("stage 2: training %d query-side scalars, %d frozen target-side; bank %r",
                     counts["query"], counts["target"], self.bank)
-
-    def _find_frozen_modules(self, target: set[str]) -> list[torch.nn.Module]:
-        """Modules whose parameters are all target-side: kept in eval mode (no dropout, no BN updates)."""
-        return [module for prefix, module in self.model.named_modules()
-                if (names := [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()])
-                and all(n in target for n in names)]
 
     def _train_mode(self) -> None:
         self.model.train()
