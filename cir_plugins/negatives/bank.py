@@ -266,14 +266,11 @@ class NegativeBank:
             images: id -> preprocessed image (C, H, W).
             groups: id -> duplicate-group id (data.dedup, e.g. the augmenter's groups); a group's ids share a row,
                 encoded from its first id; ids absent from ``groups`` are their own group.
-            dedup: when ``groups`` is None, group pixel-identical images here
-                (:func:`cir_plugins.data.dedup.find_duplicates`); default on (the method de-duplicates before
-                stage 2); False = one row per id.
-            batch_size: images per encoder call.
-            device: where the encoder runs and the bank lives; default the model's device.
-            dtype: bank dtype; default bf16 on CUDA, float32 elsewhere.
-            num_workers: DataLoader workers reading images.
-            show_progress: a tqdm bar.
+            dedup: when ``groups`` is None, group pixel-identical images here (data.dedup.find_duplicates);
+                default on (the method de-duplicates before stage 2); False = one row per id.
+            batch_size, num_workers, show_progress: images per encoder call, DataLoader workers, a tqdm bar.
+            device: where the encoder runs and the bank lives (default the model's device).
+            dtype: bank dtype (default bf16 on CUDA, float32 elsewhere).
             cache_dir: a folder of finished chunks (:class:`~cir_plugins.negatives.bank_format.ShardCache`), so
                 a killed build resumes; None: no cache.
             split: the model's parameter split (default: probed on the first image).
@@ -307,7 +304,7 @@ class NegativeBank:
         done = shards.load(device) if shards is not None else {}
         todo = [r for r in range(len(representatives)) if r not in done]
         out: dict[int, Tensor] = dict(done)
-        use_cuda = device.type == "cuda"
+        use_cuda, row_dims = device.type == "cuda", "D" if similarity == "dot" else "T, D"
         autocast = use_cuda and dtype in (torch.bfloat16, torch.float16)
         loader = DataLoader(_IdDataset([representatives[r] for r in todo], images), batch_size=batch_size,
                             shuffle=False, num_workers=num_workers, pin_memory=use_cuda)
@@ -319,13 +316,11 @@ class NegativeBank:
             for positions, batch in _prefetch_to(batches, device):
                 with torch.autocast(device.type, dtype=dtype) if autocast else contextlib.nullcontext():
                     emb = model.encode_image(batch)
-                if not torch.is_tensor(emb) or emb.dim() != (2 if similarity == "dot" else 3) \
-                        or emb.shape[0] != batch.shape[0]:
-                    raise ShapeError(explain(
-                        "encode_image returned a tensor of the wrong shape",
-                        got=getattr(emb, "shape", type(emb).__name__),
-                        expected=f"({batch.shape[0]}, D)" if similarity == "dot" else f"({batch.shape[0]}, T, D)",
-                        fix="match the model's similarity attribute to its encode_image output"))
+                if not torch.is_tensor(emb) or emb.dim() != 2 + (similarity != "dot") or emb.shape[0] != batch.shape[0]:
+                    raise ShapeError(explain("encode_image returned a tensor of the wrong shape",
+                                             got=getattr(emb, "shape", type(emb).__name__),
+                                             expected=f"({batch.shape[0]}, {row_dims})",
+                                             fix="match the model's similarity attribute to its encode_image output"))
                 finite = torch.isfinite(emb.reshape(emb.shape[0], -1)).all(dim=1)  # (b,) per image
                 if shards is None:
                     deferred.append((positions, finite))

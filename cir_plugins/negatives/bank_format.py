@@ -1,17 +1,15 @@
 """The negative bank's on-disk side: its file format, the checks every stored row passes, and the shard cache.
 
 A bank file (:meth:`NegativeBank.save <cir_plugins.negatives.bank.NegativeBank.save>`) is one safetensors file with
-one tensor ``embeddings`` ((N, D) or (N, T, D)) and string metadata: ``format`` ("cir_plugins.bank"), ``version``,
-``ids`` (JSON list of every covered id), ``rows`` (JSON list, the row of each id), ``dtype``, ``similarity``,
-``shape`` (JSON list), ``fingerprint``, optionally ``preprocessing`` (:func:`bank_preprocessing`), and the checksums
-of :func:`checksummed_metadata`: ``checksum`` (SHA-256 over the tensor's bytes and every other entry),
-``block_rows`` (:data:`BLOCK_ROWS`), ``block_checksums`` (SHA-256 of each block of rows) and ``header_checksum``
-(every entry but the two checksums), so that a reader of rows ``[start, stop)`` verifies the header and the blocks
-it touches, not the whole file. :func:`read_bank_file` refuses a file that fails its checksum, lacks a metadata
-key, or has a row off unit length (:data:`UNIT_TOLERANCE`; a multi-vector row's tokens are each unit length or
-all-zero padding, at least one real); a build checks its rows the same way. A file without block checksums read
-in part is verified whole, streamed from disk, with a warning to re-save it. :class:`ShardCache` holds the finished
-chunks of a resumable build.
+one tensor ``embeddings`` ((N, D) or (N, T, D)) and string metadata: ``format``, ``version``, ``ids`` (JSON list of
+every covered id), ``rows`` (JSON list, the row of each id), ``dtype``, ``similarity``, ``shape`` (JSON list),
+``fingerprint``, optionally ``preprocessing`` (:func:`bank_preprocessing`), and the checksums of
+:func:`checksummed_metadata`: ``checksum`` (SHA-256 over the tensor's bytes and every other entry), ``block_rows``,
+``block_checksums`` (SHA-256 of each block of rows) and ``header_checksum`` (every entry but the two checksums), so
+that a reader of rows ``[start, stop)`` verifies the header and the blocks it touches only. :func:`read_bank_file`
+refuses a file that fails its checksum, lacks a key, or has a row off unit length (:data:`UNIT_TOLERANCE`; a
+multi-vector row's tokens are each unit length or all-zero padding, one real at least), as a build does; a file
+without block checksums read in part is verified whole, streamed, with a warning to re-save it.
 """
 
 from __future__ import annotations
@@ -63,9 +61,8 @@ def resolve_bank_dtype(dtype: Any, device: torch.device) -> torch.dtype:
 def _feed(digest: Any, tensor: Tensor) -> Any:
     """``digest`` updated with ``tensor``'s bytes as stored, in chunks (no second copy of a large bank)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    step = 1 << 24
-    for start in range(0, flat.numel(), step):
-        digest.update(flat[start:start + step].view(torch.uint8).numpy())  # a view: no copy of the bytes
+    for start in range(0, flat.numel(), 1 << 24):
+        digest.update(flat[start:start + (1 << 24)].view(torch.uint8).numpy())  # a view: no copy of the bytes
     return digest
 
 
@@ -90,10 +87,8 @@ def _file_checksum(path: Path, meta: Mapping[str, str]) -> str:
 
 def checksummed_metadata(embeddings: Tensor, meta: Mapping[str, str], *,
                          block_rows: int = BLOCK_ROWS) -> dict[str, str]:
-    """``meta`` (a bank file's string metadata) with the checksums of the module doc (re)computed over
-    ``embeddings``, ``block_rows`` rows a block."""
-    meta = {k: v for k, v in meta.items() if k not in (*_BLOCK_KEYS, "checksum")}
-    meta["block_rows"] = str(block_rows)
+    """``meta`` with the module doc's checksums (re)computed over ``embeddings``, ``block_rows`` a block."""
+    meta = {k: v for k, v in meta.items() if k not in (*_BLOCK_KEYS, "checksum")} | {"block_rows": str(block_rows)}
     meta["block_checksums"] = json.dumps([_feed(hashlib.sha256(), embeddings[s:s + block_rows]).hexdigest()
                                           for s in range(0, embeddings.shape[0], block_rows)])
     meta["header_checksum"] = _meta_digest(meta, ("checksum", "header_checksum")).hexdigest()
@@ -176,20 +171,19 @@ def read_bank_file(path: str | os.PathLike, *, span: tuple[int, int] | None = No
                 raise DataError(explain(f"{path}: the bank metadata lacks required keys", got=missing,
                                         expected=list(_REQUIRED_META), fix="rebuild the bank")) from None
             embeddings, blocks = (handle.get_tensor("embeddings") if bounds is None else None), None
-            whole = "edited or corrupt: a changed row, id or metadata entry"
             if bounds is not None and any(key in meta for key in _BLOCK_KEYS):
                 blocks = _block_checksums(path, meta, shape[0])
             elif "checksum" not in meta:
                 logger.warning("%s was written before banks carried a checksum: its content cannot be verified; "
                                "re-save it (NegativeBank.load(path).save(path))", path)
-            elif bounds is None:
-                if checksum(embeddings, meta) != meta["checksum"]:
-                    raise _corrupt(path, whole, meta["checksum"][:16])
             else:
-                logger.warning("%s has no block checksums: verifying the whole file to read rows %s (re-save it "
-                               "to verify only the rows read: NegativeBank.load(path).save(path))", path, list(bounds))
-                if _file_checksum(path, meta) != meta["checksum"]:
-                    raise _corrupt(path, whole, meta["checksum"][:16])
+                if bounds is not None:
+                    logger.warning("%s has no block checksums: verifying the whole file to read rows %s (re-save "
+                                   "it to verify only the rows read: NegativeBank.load(path).save(path))", path,
+                                   list(bounds))
+                if (checksum(embeddings, meta) if bounds is None else _file_checksum(path, meta)) != meta["checksum"]:
+                    raise _corrupt(path, "edited or corrupt: a changed row, id or metadata entry",
+                                   meta["checksum"][:16])
             ids, rows, shape_meta = _parse(path, meta)
             if shape != shape_meta or dtype != meta.get("dtype"):
                 raise DataError(explain("the bank tensor disagrees with its metadata", got=(shape, dtype),
@@ -256,8 +250,7 @@ def _parse(path: Path, meta: Mapping[str, str]) -> tuple[list[str], list[int], l
 
 
 def read_bank_header(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of the bank file at ``path`` from its header alone (no rows, no checksum verified); DataError
-    when it is not a bank."""
+    """The metadata of the bank file at ``path``, header only (nothing verified); DataError if not a bank."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -301,10 +294,8 @@ class ShardCache:
     _NAME = re.compile(r"^rows-(\d+)-(\d+)-([0-9a-f]+)\.safetensors$")
 
     def __init__(self, folder: str | os.PathLike, key: dict[str, Any]) -> None:
-        self.folder = Path(folder)
+        self.folder, self.key, self.key_json = Path(folder), key, json.dumps(key, sort_keys=True)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.key = key
-        self.key_json = json.dumps(key, sort_keys=True)
         self.ids_hash = hashlib.blake2b(self.key_json.encode(), digest_size=8).hexdigest()
 
     @staticmethod
@@ -349,8 +340,7 @@ class ShardCache:
             except Exception as error:  # a torn file cannot exist (atomic writes) but a foreign one may
                 logger.warning("ignoring unreadable bank shard %s: %s", path, error)
                 continue
-            for row, emb in zip(tensors["rows"].tolist(), tensors["embeddings"]):
-                done[int(row)] = emb
+            done.update(zip(tensors["rows"].tolist(), tensors["embeddings"]))
         if done:
             logger.info("bank cache %s: %d rows already encoded", self.folder, len(done))
         return done

@@ -69,8 +69,7 @@ class BankStats:
 
 
 def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: int | None = None) -> int:
-    """Bank rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes`` (default:
-    CHUNK_BUDGET_BYTES, read at call time)."""
+    """Rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes`` (CHUNK_BUDGET_BYTES)."""
     budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
     return max(MIN_CHUNK, budget // (4 * max(1, batch) * max(1, tokens)))
 

@@ -35,10 +35,11 @@ def _require_group(group):
 
 
 def _gather_sizes(values, group, world, device):
+    """(world, len(values)) list: every rank's int ``values``."""
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
-    return torch.stack(everyone).cpu().tolist()  # (world, len(values))
+    return torch.stack(everyone).cpu().tolist()
 
 
 def _check_layout(query, local, row_offset, n_total, group, checks):
@@ -67,16 +68,14 @@ def _check_layout(query, local, row_offset, n_total, group, checks):
     if any(r[2] != n_total for r in table):
         raise ConfigError(explain("ranks disagree on n_total", got=[r[2] for r in table],
                                   fix="pass the full bank size"))
-    fix, expected_start = "give rank r the rows shard_rows(n_total, r, world)", 0
-    for off, n, *_ in sorted(table, key=lambda r: r[0]):
-        if off != expected_start:
-            raise ConfigError(explain("the bank shards do not tile the rows [0, n_total) without gaps or overlaps",
-                                      got=[(r[0], r[0] + r[1]) for r in table],
-                                      expected="contiguous slices from shard_rows(n_total, rank, world)", fix=fix))
-        expected_start = off + n
-    if expected_start != n_total:
-        raise ConfigError(explain("the bank shards do not cover n_total rows", got=expected_start,
-                                  expected=n_total, fix=fix))
+    fix, spans = "give rank r the rows shard_rows(n_total, r, world)", sorted((r[0], r[0] + r[1]) for r in table)
+    if [start for start, _ in spans] != [0] + [stop for _, stop in spans[:-1]]:
+        raise ConfigError(explain("the bank shards do not tile the rows [0, n_total) without gaps or overlaps",
+                                  got=[(r[0], r[0] + r[1]) for r in table],
+                                  expected="contiguous slices from shard_rows(n_total, rank, world)", fix=fix))
+    if spans[-1][1] != n_total:
+        raise ConfigError(explain("the bank shards do not cover n_total rows", got=spans[-1][1], expected=n_total,
+                                  fix=fix))
     return rank, world, [r[3] for r in table], max(r[5] for r in table)
 
 
@@ -114,8 +113,7 @@ class Exchange:
         return self._gather(query, 0), rows, excl
 
     def combine(self, stats: BankStats, s_y, g_y):
-        """Global statistics of this rank's queries: all-reduce of the max, then of the rescaled sums
-        with the owners' target terms (zeros on the other ranks)."""
+        """Global statistics of this rank's queries: all-reduce of the max, then of the rescaled sums and targets."""
         m = stats.m.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
         r = stats.rescaled(m)

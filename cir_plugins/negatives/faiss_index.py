@@ -6,15 +6,13 @@ Kinds (optional dependency: ``pip install "cir-plugins[faiss]"``, the ``faiss-cp
   fast, and an IVF index trained on few rows recalls little of the exact top-k).
 - ``"flat"``: ``IndexFlatIP``, exact inner product (cosine: the rows are unit length), results equal to
   :func:`cir_plugins.metrics.topk_rows`; N x D x 4 bytes.
-- ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``), inner product: ``nlist`` clusters, each row stored as
-  ``m`` codes of ``nbits`` bits (default D/8 bytes a row), ``nprobe`` lists visited per search. Approximate: its
-  recall@10 against exact search on seeded bank rows as queries (:meth:`FaissIndex.measure_recall`) is logged,
-  kept in ``index.recall`` and saved. Any other FAISS factory string is accepted with ``factory=``.
+- ``"ivfpq"``: ``IVF{nlist},PQ{m}x4fs`` (or ``x{nbits}``), inner product, approximate: its recall@10 against exact
+  search (:meth:`FaissIndex.measure_recall`) is logged, kept in ``index.recall`` and saved.
 
-Only single-vector (``"dot"``) banks export; a ``"max_token"`` bank raises ConfigError.
+Any FAISS factory string is accepted with ``factory=``. Only single-vector (``"dot"``) banks export.
 
-Files (:meth:`FaissIndex.save` / :meth:`FaissIndex.load`, written atomically): ``PATH``, the index in FAISS's
-binary format (``faiss.serialize_index``, not a pickle: nothing executes on load), and ``PATH.json``: format, kind,
+Files (:meth:`FaissIndex.save` / :meth:`FaissIndex.load`, written atomically): ``PATH``, the index in FAISS's binary
+format (``faiss.serialize_index``, not a pickle: nothing executes on load), and ``PATH.json``: format, kind,
 factory, dim, rows, the model fingerprint, the :func:`bank_checksum` of the bank it came from, the bank's ids/rows
 (so the index alone maps results to image ids), nprobe, the measured recall, and a blake2b digest over the index
 bytes and every other entry. Every entry is checked on load (a DataError names the bad one), and
@@ -55,10 +53,9 @@ RECALL_K, RECALL_QUERIES = 10, 256  # the recall measured when a compressed inde
 def faiss_available() -> bool:
     """True when the ``faiss`` module imports (``pip install "cir-plugins[faiss]"``)."""
     try:
-        import faiss  # noqa: F401
-    except ImportError:
+        return _faiss() is not None
+    except ConfigError:
         return False
-    return True
 
 
 def _faiss():
@@ -69,6 +66,14 @@ def _faiss():
         raise ConfigError(explain("FAISS is not installed", got="import faiss failed",
                                   fix='pip install "cir-plugins[faiss]" (the faiss-cpu wheel)')) from error
     return faiss
+
+
+def _is_ivf(index: Any) -> Any:
+    """The IVF part of a FAISS index, or None when it has none."""
+    try:
+        return _faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
 def _digest(data: bytes, meta: dict) -> str:
@@ -110,8 +115,7 @@ def _checked_meta(meta: dict, meta_path: Path) -> dict:
     rows, dim = need("rows", int, "an int"), need("dim", int, "an int")
     if rows < 1 or dim < 1:
         raise _bad_meta(meta_path, "rows" if rows < 1 else "dim", rows if rows < 1 else dim, "a positive int")
-    if meta.get("nprobe") is not None and (not isinstance(meta["nprobe"], int) or isinstance(meta["nprobe"], bool)
-                                           or meta["nprobe"] < 1):
+    if meta.get("nprobe") is not None and need("nprobe", int, "null or a positive int") < 1:
         raise _bad_meta(meta_path, "nprobe", meta["nprobe"], "null or a positive int")
     ids, id_rows = need("ids", list, "a list of image ids"), need("id_rows", list, "a list of rows")
     if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
@@ -134,8 +138,7 @@ class FaissIndex:
 
     def __init__(self, index: Any, *, kind: str, factory: str, ids: Sequence[str], rows: Sequence[int],
                  fingerprint: str, bank_checksum: str, nprobe: int | None = None, recall: dict | None = None) -> None:
-        self.index = index
-        self.kind, self.factory = kind, factory
+        self.index, self.kind, self.factory = index, kind, factory
         self.ids, self._rows = list(ids), [int(r) for r in rows]
         self._row_of = dict(zip(self.ids, self._rows))  # id -> row, as NegativeBank's (exclusion_rows reads it)
         self.fingerprint, self.bank_checksum = str(fingerprint), str(bank_checksum)
@@ -202,11 +205,9 @@ class FaissIndex:
     def set_nprobe(self, nprobe: int) -> None:
         """Lists visited per query (IVF indexes only; more = slower and closer to exact)."""
         check_positive_int("nprobe", nprobe, fix="e.g. nprobe=32")
-        try:
-            ivf = _faiss().extract_index_ivf(self.index)
-        except RuntimeError as error:
+        if (ivf := _is_ivf(self.index)) is None:
             raise ConfigError(explain("nprobe applies to IVF indexes only", got=self.factory,
-                                      fix="leave nprobe unset for this index")) from error
+                                      fix="leave nprobe unset for this index"))
         ivf.nprobe = min(nprobe, ivf.nlist)
         self.nprobe = int(ivf.nprobe)
 
@@ -261,8 +262,7 @@ class FaissIndex:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (FAISS binary, atomically) and ``path.json`` (metadata, atomically)."""
-        path = Path(path)
-        data = _faiss().serialize_index(self.index).tobytes()
+        path, data = Path(path), _faiss().serialize_index(self.index).tobytes()
         meta = {"format": FORMAT, "version": VERSION, "kind": self.kind, "factory": self.factory, "dim": self.dim,
                 "rows": len(self), "nprobe": self.nprobe, "fingerprint": self.fingerprint,
                 "bank_checksum": self.bank_checksum, "recall": self.recall, "ids": self.ids, "id_rows": self._rows}
@@ -326,12 +326,10 @@ def _default_ivfpq(n: int, dim: int, nlist: int | None, m: int | None, nbits: in
     if dim % m:
         raise ConfigError(explain("the PQ sub-quantizer count m must divide the embedding dim", got=(m, dim),
                                   fix=f"pick m among the divisors of {dim}"))
-    if nbits == 4:
-        if m % 2:
-            raise ConfigError(explain("4-bit (fast-scan) PQ needs an even sub-quantizer count m", got=m,
-                                      fix="pick an even m dividing the dim, or nbits=8"))
-        return f"IVF{nlist},PQ{m}x4fs"
-    return f"IVF{nlist},PQ{m}x{nbits}"
+    if nbits == 4 and m % 2:
+        raise ConfigError(explain("4-bit (fast-scan) PQ needs an even sub-quantizer count m", got=m,
+                                  fix="pick an even m dividing the dim, or nbits=8"))
+    return f"IVF{nlist},PQ{m}x4fs" if nbits == 4 else f"IVF{nlist},PQ{m}x{nbits}"
 
 
 def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = None, nlist: int | None = None,
@@ -344,9 +342,9 @@ def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = No
         kind: "auto", "flat" or "ivfpq" (module doc).
         factory: a FAISS factory string used instead of ``kind``'s (inner-product metric), e.g.
             "OPQ32,IVF1024,PQ32" or "HNSW32,PQ32"; ``kind`` then only names it in the metadata.
-        nlist, m, nbits: IVF lists (default ~4 sqrt(N), at most 4096 and at most N / 39), PQ sub-quantizers
-            (default D/4 for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way) and bits per code
-            (default 4: FAISS's fast-scan PQ, which trains and searches much faster than 8-bit codes on a CPU).
+        nlist, m, nbits: IVF clusters (default ~4 sqrt(N), at most 4096 and N / 39), PQ codes a row (default D/4
+            for 4-bit codes, D/8 for 8-bit ones: D/8 bytes a row either way), bits per code (default 4: FAISS's
+            fast-scan PQ, much faster than 8-bit codes on a CPU).
         nprobe: lists visited per search (IVF only).
         train_size: rows sampled (seeded) to train the quantizers; at least 39 * nlist is advised.
         recall_queries: bank rows searched to measure an approximate index's recall@10 against exact search
@@ -374,25 +372,19 @@ def build_faiss_index(bank: Any, kind: str = "auto", *, factory: str | None = No
         raise ConfigError(explain("FAISS does not understand this factory string", got=factory,
                                   fix="see the FAISS wiki's index factory page, e.g. 'IVF1024,PQ32'")) from error
     if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = x if n <= train_size else x[np.sort(rng.choice(n, size=train_size, replace=False))]
+        sample = x if n <= train_size else x[np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))]
         try:
             index.train(np.ascontiguousarray(sample))
         except RuntimeError as error:  # e.g. fewer training rows than clusters
             raise ConfigError(explain(f"FAISS could not train {factory!r} on {len(sample)} rows",
                                       got=str(error).strip().splitlines()[-1],
-                                      fix="use fewer lists (nlist) or codes (nbits), or kind='flat' for a small "
-                                          "bank")) from error
+                                      fix="use fewer lists (nlist) or codes (nbits), or kind='flat'")) from error
     index.add(x)
-    try:
-        faiss.extract_index_ivf(index)
-        is_ivf = True
-    except RuntimeError:
-        is_ivf = False
     ids = list(bank.ids)
     result = FaissIndex(index, kind=kind, factory=factory, ids=ids, rows=[bank.row_of(i) for i in ids],
-                        fingerprint=bank.fingerprint, bank_checksum=bank_checksum(bank),
-                        nprobe=nprobe if is_ivf else None)
+                        fingerprint=bank.fingerprint, bank_checksum=bank_checksum(bank))
+    if _is_ivf(index) is not None:
+        result.set_nprobe(nprobe)
     if factory != "Flat" and recall_queries:
         measured = result.measure_recall(embeddings, queries=recall_queries, seed=seed)
         logger.info("%s on %d rows: recall@%d %.3f against exact search (%d bank rows as queries, nprobe %s)",

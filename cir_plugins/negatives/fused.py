@@ -1,19 +1,16 @@
 """The Triton backend of the bank-softmax statistics (``bank_contrastive_loss(..., backend="triton")``), host side.
 
-The kernel (:mod:`cir_plugins.negatives.fused_kernels`) streams the bank once and returns, per query, the statistics
-of :class:`~cir_plugins.negatives.core.BankStats`. Each program owns a block of queries, one split of the bank rows
-(parallelism comes from splitting N: B is small, N huge) and one chunk of the embedding columns; the per-split
-partials are merged by ``BankStats.combine``. Row offsets are int64 (banks over 2**31 elements work). Multi-vector
-banks (N, T, D) loop over each tile's tokens, keep the best score and winning token per (query, row), and add the
-winning token to ``w``. Loss, target term and backward live in :mod:`cir_plugins.negatives.core`.
+The kernel (:mod:`cir_plugins.negatives.fused_kernels`) streams the bank once and returns, per query, the
+:class:`~cir_plugins.negatives.core.BankStats`. Each program owns a block of queries, one split of the bank rows (N
+is huge, B small) and one chunk of the embedding columns; ``BankStats.combine`` merges the splits. Row offsets are
+int64. A multi-vector bank (N, T, D) keeps the best token per (query, row) and adds that token to ``w``.
 
-Precision: logits and accumulators are float32; a float32 bank is multiplied in IEEE float32. For a bf16/fp16 bank:
-``"exact"`` (default) splits a float32 query (and the softmax weights in the ``w`` update) into ``hi + lo`` halves
-in the bank's dtype and multiplies both, as exact as a float32 matmul over the same bank values but on the half
-tensor cores; ``"fast"`` rounds them once to the bank's dtype; ``"two_pass"`` rounds like "fast" and computes each
-logit tile once per pass instead of once per column chunk of ``w``: pass 1 is the kernel without ``w``, pass 2
-(``softmax_weights_kernel``) writes each bank chunk's softmax weights ``exp(l - m)`` in the bank's dtype (a
-:data:`TWO_PASS_CHUNK_BYTES` block) and one float32-accumulating cuBLAS GEMM adds them up against the chunk.
+Precision: logits and accumulators are float32; a float32 bank is multiplied in IEEE float32. For a bf16/fp16 bank,
+``"exact"`` (default) splits a float32 query (and the softmax weights of the ``w`` update) into ``hi + lo`` halves
+in the bank's dtype and multiplies both (a float32 matmul's accuracy on the half tensor cores); ``"fast"`` rounds
+them once to the bank's dtype; ``"two_pass"`` rounds like "fast" and computes each logit tile once per pass instead
+of once per column chunk of ``w``: pass 1 is the kernel without ``w``, pass 2 (``softmax_weights_kernel``) writes
+each bank chunk's softmax weights in the bank's dtype and one float32-accumulating GEMM adds them up.
 
 ``CIR_PLUGINS_DISABLE_FUSED=1`` makes :func:`fused_available` return False (the torch backend is then used).
 """
@@ -82,17 +79,12 @@ def _check_tiles(tiles: dict) -> None:
     for key, value in tiles.items():
         if key == "num_stages" and value is None:
             continue
-        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        if key.startswith("BLOCK_"):
-            ok = ok and value >= 16 and value & (value - 1) == 0
-            expected = "a power of two >= 16"
-        elif key == "num_warps":
-            ok = ok and value <= 32 and value & (value - 1) == 0
-            expected = "1, 2, 4, 8, 16 or 32"
-        else:
-            expected = "an int >= 1" + (" or None" if key == "num_stages" else "")
-        if not ok:
-            raise ConfigError(explain(f"bad tile setting {key}", got=value, expected=expected))
+        block, warps = key.startswith("BLOCK_"), key == "num_warps"
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (16 if block else 1)
+        if not ok or ((block or warps) and value & (value - 1)) or (warps and value > 32):
+            expected = "a power of two >= 16" if block else "1, 2, 4, 8, 16 or 32" if warps else "an int >= 1"
+            raise ConfigError(explain(f"bad tile setting {key}", got=value,
+                                      expected=expected + (" or None" if key == "num_stages" else "")))
 
 
 def tile_config(b: int, n: int, d: int, device: torch.device, tiles: dict | None = None, need_w: bool = True) -> dict:
@@ -152,8 +144,7 @@ def _launch_partials(query, bank, temperature, exclude_rows, *, need_w: bool, pr
 
 
 def _query_halves(query, dtype, precision):
-    """The query in the bank's dtype (hi), its rounding residue (lo; hi again when unused) and whether lo is
-    used: only for precision "exact" with a float32 query over a half bank."""
+    """(hi, lo, split_q): the query in the bank's dtype and its rounding residue (used for "exact" only)."""
     q32 = query.detach().float()
     qh = q32.to(dtype).contiguous()  # (B, D)
     split_q = dtype != torch.float32 and precision == "exact" and query.dtype == torch.float32
@@ -212,8 +203,7 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> dict:
-    """Tiles of pass 2 (one program per (query block, BLOCK_N rows)); ``tiles`` overrides BLOCK_B, BLOCK_N,
-    BLOCK_K, num_warps, num_stages (the other keys mean nothing here)."""
+    """Pass 2's tiles (a program per query block and BLOCK_N rows); ``tiles`` overrides them."""
     tiles = dict(tiles or {})
     _check_tiles(tiles)
     if _interpreting() or device.type != "cuda":
@@ -226,8 +216,7 @@ def _weights_config(b: int, device: torch.device, tiles: dict | None = None) -> 
 
 
 def _two_pass_weighted_sum(query, bank, temperature, exclude_rows, m, *, tiles=None):
-    """Pass 2 of precision "two_pass": w = sum_j exp(l_j - m) g_j (B, D) float32, chunk by chunk of the bank;
-    ``m`` (B,) float32 is the max logit of pass 1 (same query rounding)."""
+    """Pass 2 of "two_pass": w (B, D) float32, chunk by chunk, from pass 1's max logit ``m`` (B,)."""
     bank, bsz, dim, n, tokens, excl, k, tau = _operands(query, bank, temperature, exclude_rows)
     cfg = _weights_config(bsz, bank.device, tiles)
     qh, _, _ = _query_halves(query, bank.dtype, "fast")

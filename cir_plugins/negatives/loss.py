@@ -77,14 +77,14 @@ def naive_bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_
     logits = scores(query, bank.detach(), similarity, bf16=False, dtype=tau.dtype) / tau  # (B, N)
     if exclude_rows is not None:
         query_index, k_index = (exclude_rows >= 0).nonzero(as_tuple=True)
-        logits = logits.index_put((query_index, exclude_rows[query_index, k_index]),
-                                  torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        logits = logits.index_put((query_index, exclude_rows[query_index, k_index]), logits.new_tensor(float("-inf")))
     loss = F.cross_entropy(logits, target_rows)
     check_finite_loss(loss)
     return loss
 
 
 def _check_options(backend: str, precision: str, chunk_size: int | None) -> None:
+    """ConfigError on an unknown backend or precision, a bad chunk size, or a chunk size for the triton backend."""
     if backend not in BACKENDS:
         raise ConfigError(explain("unknown backend", got=backend, expected=BACKENDS, fix="use 'auto' (default)"))
     if precision not in PRECISIONS:
@@ -92,8 +92,8 @@ def _check_options(backend: str, precision: str, chunk_size: int | None) -> None
                                   fix="use 'exact' (default), 'fast' or 'two_pass'"))
     check_chunk_size(chunk_size)
     if chunk_size is not None and backend == "triton":
-        raise ConfigError(explain("chunk_size is a setting of the torch backend", got=f"backend='triton', chunk_size="
-                                  f"{chunk_size}", fix="drop chunk_size, or use backend='torch'"))
+        raise ConfigError(explain("chunk_size is a setting of the torch backend", got=f"backend='triton', "
+                                  f"chunk_size={chunk_size}", fix="drop chunk_size, or use backend='torch'"))
 
 
 def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
@@ -104,17 +104,16 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
 
     Args:
         query: (B, D) float tensor, the composed queries (normalise them yourself).
-        bank: (N, D) for ``similarity="dot"`` or (N, T, D) for ``"max_token"`` (score = max over T of
-            <q, b_t>); float32, bfloat16 or float16 (float64 accepted for tests). Never receives a
-            gradient. With ``shard``, this rank's rows of the bank only.
+        bank: (N, D) for ``similarity="dot"`` or (N, T, D) for ``"max_token"`` (score = max over T of <q, b_t>);
+            float32, bfloat16 or float16 (float64 for tests); never receives a gradient. With ``shard``, this
+            rank's rows only.
         target_rows: (B,) int64, the bank row of each query's positive (global rows with ``shard``).
         temperature: python float or 0-dim tensor (may require grad: its gradient is computed).
-        exclude_rows: (B, K) int64, -1 padded: bank rows removed from query i's softmax
-            (false negatives such as its reference image). Excluding the target is an error.
-        similarity: "dot" or "max_token".
-        backend: "auto", "torch" or "triton"; precision: "exact", "fast" or "two_pass" (module doc).
-        shard: None for a whole bank, or this rank's :class:`BankShard` under torchrun (every rank
-            must call; B may differ between ranks).
+        exclude_rows: (B, K) int64, -1 padded: bank rows removed from query i's softmax (false negatives such as
+            its reference image); excluding the target is an error.
+        similarity, backend, precision: "dot" / "max_token"; "auto", "torch" or "triton"; "exact", "fast" or
+            "two_pass" (module doc).
+        shard: this rank's :class:`BankShard` under torchrun (every rank must call; B may differ between ranks).
         chunk_size: bank rows per chunk of the torch backend (None: from CHUNK_BUDGET_BYTES).
 
     Returns:
