@@ -287,8 +287,6 @@ def _html_bytes(entries, load, label, k, heading, summary, wins, losses, feature
         def listing(name: str, items: list[int]) -> str:
             ids = ", ".join(f"{q} (pair {esc(str(features.triplets[q].pair_id))})" for q in items)
             return f"<details><summary>{esc(name)} ({len(items)})</summary><p>{ids or 'none'}</p></details>"
-
-        parts.append(listing(f"queries {label[0]} wins", wins))
-        parts.append(listing(f"queries {label[0]} loses", losses))
+        parts += [listing(f"queries {label[0]} wins", wins), listing(f"queries {label[0]} loses", losses)]
     parts.append("</body></html>")
     return "\n".join(parts).encode("utf-8")

@@ -32,15 +32,12 @@ class TrainConfig(Config):
     """Fields shared by both stages (see Stage1Config / Stage2Config for the stage defaults)."""
 
     epochs: int = option(3, "passes over the (sampled) training triplets")
-    batch_size: int = option(32,
-        "triplets per optimiser micro-batch (the global batch under torchrun; each rank takes a slice)")
+    batch_size: int = option(32, "triplets per micro-batch (the global batch under torchrun; each rank takes a slice)")
     lr: float = option(2e-5, "AdamW learning rate (the release: 2e-5 for CLIP4Cir / TG-CIR); finite, in (0, 1]")
-    weight_decay: float = option(0.01,
-        "AdamW decoupled weight decay; 0.01 = torch's default, left in place by the CLIP4Cir / SPN code")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (torch's default, kept by CLIP4Cir / SPN code)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas (torch defaults)")
     eps: float = option(1e-7, "AdamW epsilon (1e-7 as in the CLIP4Cir / SPN fine-tuning code)")
-    temperature: float = option(0.02,
-        "softmax temperature tau (logits = similarity / tau); the initial value when learnable")
+    temperature: float = option(0.02, "softmax temperature tau (logits = similarity / tau); initial value if learned")
     learn_temperature: bool = option(False, "learn tau (BLIP4CIR / SPRC style)")
     temperature_param: str = option("log_tau",
         "what a learned tau is as a parameter: \"log_tau\" (log tau, kept out of weight decay: a step moves tau by a "
@@ -48,10 +45,8 @@ class TrainConfig(Config):
         "group, with their weight decay, as the BLIP4CIR / SPRC releases: a step moves tau by about lr); both clamped "
         "to temperature_range")
     temperature_range: tuple[float, float] = option((1e-3, 1.0), "a learnable tau is clamped to [min, max]")
-    schedule: str = option("constant",
-        "\"constant\" (no schedule, the release) or \"cosine\" (linear warmup then cosine decay to 0)")
-    warmup_steps: int = option(0,
-        "optimiser steps of linear warmup (used by \"cosine\"; with \"constant\" it is a linear warmup too)")
+    schedule: str = option("constant", "\"constant\" (none, the release) or \"cosine\" (warmup, cosine decay to 0)")
+    warmup_steps: int = option(0, "optimiser steps of linear warmup (with either schedule)")
     amp: str = option("auto",
         "mixed precision: \"auto\" (bf16 on CUDA when supported, else off), \"bf16\", \"fp16\" (GradScaler), \"off\"")
     grad_accum_steps: int = option(1,
@@ -59,16 +54,12 @@ class TrainConfig(Config):
         "shorter group keeps that divisor)")
     max_grad_norm: float | None = option(None, "clip the global gradient norm to this value; None = no clipping")
     seed: int = option(0, "seed for the sampler, text choice, and torch's RNG (dropout); an int in [0, 2**32)")
-    restore_best: bool = option(True,
-        "at the end of fit, put the best evaluated epoch's weights back on the model; False = keep the last epoch's")
+    restore_best: bool = option(True, "fit ends on the best evaluated epoch's weights; False = on the last epoch's")
     annotated_fraction: float | None = option(None,
         "share of annotated triplets in each epoch when generated ones are mixed in; None = natural mix")
-    steps_per_epoch: int | None = option(None,
-        "micro-batches per epoch; None = derived: ceil(number of triplets / batch_size)")
-    checkpoint_every: int | None = option(None,
-        "also write the 'last' checkpoint every N optimiser steps (mid-epoch); None = only per epoch")
-    output_dir: str | None = option(None,
-        "where checkpoints go ({output_dir}/checkpoints/{last,best}); None = no checkpoints")
+    steps_per_epoch: int | None = option(None, "micro-batches per epoch; None = ceil(number of triplets / batch_size)")
+    checkpoint_every: int | None = option(None, "also write 'last' every N optimiser steps; None = per epoch only")
+    output_dir: str | None = option(None, "where checkpoints go ({output_dir}/checkpoints/{last,best}); None = none")
     skip_missing: bool = option(False,
         "triplets whose target is not in the bank / images: False = DataError naming them, True = drop (logged)")
     show_progress: bool = option(True, "tqdm bar with loss and throughput")
@@ -118,8 +109,7 @@ class Stage2Config(TrainConfig):
 
     mask_reference: bool = option(True,
         "mask each query's reference row (and its duplicates) out of the softmax; False = the release")
-    cache_reference: bool = option(True,
-        "cache encode_reference once per reference id, so a step never runs the vision tower")
+    cache_reference: bool = option(True, "cache encode_reference per reference id: a step never runs the vision tower")
     shard_bank: bool = option(True,
         "under torchrun: each rank keeps only its N / world bank rows on its device and the loss combines the softmax "
         "statistics of all shards (a bank larger than one GPU trains on several); False = a full copy per rank")

@@ -56,12 +56,6 @@ __all__ = ["Trainer", "BankNegatives", "QuerySide", "init_distributed", "distrib
 logger = logging.getLogger(__name__)
 
 
-def _made_with(images: Mapping[str, Tensor], given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``TrainedWeights.made_with`` of every checkpoint: ``given`` plus the images' ``preprocessing`` if described."""
-    describe = getattr(images, "preprocessing", None)
-    return {**({"preprocessing": describe()} if callable(describe) else {}), **dict(given or {})}
-
-
 def init_distributed() -> torch.device:
     """Join the torchrun job of the environment (``WORLD_SIZE`` > 1 and no group yet: ``init_process_group``, nccl
     on CUDA with the device from ``LOCAL_RANK``, gloo on CPU); returns the device this rank should use
@@ -176,7 +170,8 @@ class Trainer(Checkpointing, abc.ABC):
         protocol.require_protocol(model, type(self).__name__)
         self.evaluator = as_evaluator(evaluator)
         self.model, self.images, self.config = model, images, config
-        self.made_with = _made_with(images, made_with)
+        describe = getattr(images, "preprocessing", None)  # what checkpoints record (TrainedWeights.made_with)
+        self.made_with = {**({"preprocessing": describe()} if callable(describe) else {}), **dict(made_with or {})}
         self.rank, self.world = distributed_rank()
         self.triplets = self._check_triplets(list(triplets))
         self.device = model_device(self.model)
@@ -463,8 +458,8 @@ class Trainer(Checkpointing, abc.ABC):
         ``config.restore_best`` (default), its weights are on the model afterwards (``trainer.best_epoch``).
         """
         config = self.config
-        resumed = self._resume(allow_data_change) if resume else False
-        if not resumed:  # start_metrics (rank 0) before the seeds are set, so they change nothing training draws
+        # start_metrics (rank 0) before the seeds are set, so they change nothing training draws
+        if not (resume and self._resume(allow_data_change)):
             self.start_metrics = None
             if self.evaluator is not None and self.evaluator.checks_start and self.rank == 0:
                 with eval_mode(self.model), torch.no_grad():
@@ -474,16 +469,13 @@ class Trainer(Checkpointing, abc.ABC):
             random.seed(config.seed)
             np.random.seed(config.seed % 2**32)
         while self._epoch < config.epochs:
-            epoch = self._epoch
-            plan = self.sampler.epoch_plan(epoch)
+            epoch, plan = self._epoch, self.sampler.epoch_plan(self._epoch)
             self._train_mode()
             bar = progress_bar(total=len(plan), initial=self._micro, unit="batch",
                                desc=f"{self.stage} epoch {epoch + 1}/{config.epochs}",
                                show_progress=config.show_progress and self.rank == 0)
-            started, stats = time.perf_counter(), self._epoch_stats
-            time_before = stats["time"]
-            for micro in range(self._micro, len(plan)):
-                samples = plan[micro]
+            started, stats, time_before = time.perf_counter(), self._epoch_stats, self._epoch_stats["time"]
+            for micro, samples in enumerate(plan[self._micro:], start=self._micro):
                 where = f"epoch {epoch + 1}, micro-batch {micro + 1}, optimiser step {self._global_step + 1}"
                 try:
                     loss = self._forward_backward([self.triplets[s.index] for s in samples],

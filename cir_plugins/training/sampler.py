@@ -72,12 +72,10 @@ class EpochSampler:
         if self.annotated_fraction is None:
             indices = self._draw(list(range(len(self.triplets))), total, generator)
         else:
-            n_annotated = int(round(self.annotated_fraction * total))
-            indices = self._draw(self.annotated, n_annotated, generator) if n_annotated else []
-            if total - n_annotated:
-                indices += self._draw(self.generated, total - n_annotated, generator)
-            mix = torch.randperm(len(indices), generator=generator).tolist()
-            indices = [indices[i] for i in mix]
+            n_annotated = int(round(self.annotated_fraction * total))  # a count of 0 draws nothing from the RNG
+            indices = (self._draw(self.annotated, n_annotated, generator)
+                       + self._draw(self.generated, total - n_annotated, generator))
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
         samples = [Sample(i, int(torch.randint(n, (1,), generator=generator)) if n > 1 else 0)
                    for i in indices for n in [len(self.triplets[i].texts)]]
         return [samples[i:i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
