@@ -13,26 +13,17 @@ FashionIQ (``cap.{category}.*.json`` shape)::
     {"candidate": id, "target": id, "captions": [c0, c1], "source": "generated",
      "texts": [every candidate text], "reference_caption": ..., "target_caption": ..., "templates": [...]}
 
-A generated pair has no 6-image set, so ``load_cirr(root, split, set_size=None)`` reads a CIRR file of
-generated records (its default insists on CIRR's 6 members). The FashionIQ loader expects exactly two
-``captions``; a triplet with one candidate text is written
-with ``captions = [t, t]`` (and with three or more, the first two), so ``load_fashioniq`` can read
-the file; the exact candidate texts are in ``texts``, which :func:`read_generated` uses.
-The dataset loaders ignore the extra fields. Files are written atomically (temp file in the same
-folder, fsync, ``os.replace``).
+A generated pair has no 6-image set: ``load_cirr(root, split, set_size=None)`` reads such a CIRR file. The
+FashionIQ loader expects exactly two ``captions``: one candidate text is written as ``[t, t]`` (three or more:
+the first two); the exact texts are in ``texts``, which :func:`read_generated` uses. The loaders ignore the
+extra fields. Files are written atomically (:mod:`cir_plugins._atomic`).
 
-Reading: both readers are for files of *generated* triplets, so a record without ``source`` is
-generated. They also read the method's release files as they are published, so captioning can be
-skipped (docs/method.md section 2):
-
-- CIRR ``cap.rc2.train.extend_{model}.json``: ``{"target_hard", "reference", "caption": [texts],
-  "pairid": 0, "img_set": {"members": [...]}, "caption1", "caption2"}``; ``caption`` is a list of
-  candidate texts (a string is one text);
-- FashionIQ ``cap.extend_{model}.train.json``: ``{"target", "candidate", "captions": [texts],
-  "caption1", "caption2"}``;
-
-``caption1`` / ``caption2`` (the reference and target captions) become ``meta["reference_caption"]``
-/ ``meta["target_caption"]``.
+Reading (:func:`read_generated`): a record without ``source`` is generated. The method's release files are read
+as published, so captioning can be skipped (docs/method.md section 2): CIRR ``cap.rc2.train.extend_{model}.json``
+(``{"target_hard", "reference", "caption": [texts] or one text, "pairid": 0, "img_set": {"members": [...]},
+"caption1", "caption2"}``) and FashionIQ ``cap.extend_{model}.train.json`` (``{"target", "candidate",
+"captions": [texts], "caption1", "caption2"}``); ``caption1`` / ``caption2`` (the reference and target
+captions) become ``meta["reference_caption"]`` / ``meta["target_caption"]``.
 """
 
 from __future__ import annotations
@@ -56,8 +47,7 @@ _META_KEYS = ("reference_caption", "target_caption", "templates")
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically, in this module's format (indent 1, non-ASCII kept, a
-    final newline); the package's one atomic writer (:mod:`cir_plugins._atomic`) does the write."""
+    """Write ``data`` as JSON to ``path`` atomically (indent 1, non-ASCII kept, a final newline)."""
     return _atomic.atomic_write_json(path, data, indent=1, ensure_ascii=False, trailing_newline=True,
                                      make_parents=True)
 
@@ -77,19 +67,10 @@ def _extra(triplet: Triplet) -> dict[str, Any]:
 def write_generated_cirr(triplets: Sequence[Triplet], path: str | os.PathLike, *, first_pair_id: int = 0) -> Path:
     """Write triplets as a CIRR ``cap.rc2`` list; pair ids count up from ``first_pair_id``."""
     _check_generated(triplets)
-    records = []
-    for offset, t in enumerate(triplets):
-        records.append({
-            "pairid": first_pair_id + offset,
-            "reference": t.reference,
-            "target_hard": t.target,
-            "target_soft": {t.target: 1.0},
-            "caption": t.texts[0],
-            "img_set": {"id": -1, "members": [t.reference, t.target], "reference_rank": 0, "target_rank": 1},
-            "source": t.source,
-            "captions": list(t.texts),
-            **_extra(t),
-        })
+    records = [{"pairid": first_pair_id + offset, "reference": t.reference, "target_hard": t.target,
+                "target_soft": {t.target: 1.0}, "caption": t.texts[0],
+                "img_set": {"id": -1, "members": [t.reference, t.target], "reference_rank": 0, "target_rank": 1},
+                "source": t.source, "captions": list(t.texts), **_extra(t)} for offset, t in enumerate(triplets)]
     logger.info("writing %d generated CIRR records to %s", len(records), path)
     return atomic_write_json(path, records)
 
@@ -97,17 +78,8 @@ def write_generated_cirr(triplets: Sequence[Triplet], path: str | os.PathLike, *
 def write_generated_fashioniq(triplets: Sequence[Triplet], path: str | os.PathLike) -> Path:
     """Write triplets as a FashionIQ ``cap.{category}`` list (see the module notes on ``captions``)."""
     _check_generated(triplets)
-    records = []
-    for t in triplets:
-        texts = list(t.texts)
-        records.append({
-            "candidate": t.reference,
-            "target": t.target,
-            "captions": [texts[0], texts[1] if len(texts) > 1 else texts[0]],
-            "source": t.source,
-            "texts": texts,
-            **_extra(t),
-        })
+    records = [{"candidate": t.reference, "target": t.target, "captions": [t.texts[0], t.texts[1 % len(t.texts)]],
+                "source": t.source, "texts": list(t.texts), **_extra(t)} for t in triplets]
     logger.info("writing %d generated FashionIQ records to %s", len(records), path)
     return atomic_write_json(path, records)
 
@@ -150,41 +122,29 @@ def _source(path: Path, index: int, record: dict) -> str:
     return source
 
 
+def _cirr_texts(path: Path, index: int, record: dict) -> tuple[str, ...]:
+    if "captions" in record:
+        return _texts(path, index, record, "captions")
+    caption = record.get("caption")
+    return _texts(path, index, {"caption": caption if isinstance(caption, list) else [caption]}, "caption")
+
+
 def _cirr_triplets(path: Path, records: list) -> list[Triplet]:
-    out = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
-        if "captions" in record:
-            texts = _texts(path, index, record, "captions")
-        else:
-            caption = record.get("caption")
-            texts = _texts(path, index, {"caption": caption if isinstance(caption, list) else [caption]}, "caption")
-        img_set = record.get("img_set") or {}
-        out.append(Triplet(reference=_name(path, index, record, "reference"), texts=texts,
-                           target=_name(path, index, record, "target_hard"), source=_source(path, index, record),
-                           pair_id=record.get("pairid"), members=tuple(img_set.get("members", ())),
-                           meta=_meta(record)))
-    return out
+    return [Triplet(texts=_cirr_texts(path, index, record), reference=_name(path, index, record, "reference"),
+                    target=_name(path, index, record, "target_hard"), source=_source(path, index, record),
+                    pair_id=record.get("pairid"), members=tuple((record.get("img_set") or {}).get("members", ())),
+                    meta=_meta(record)) for index, record in enumerate(records)]
 
 
 def _fashioniq_triplets(path: Path, records: list) -> list[Triplet]:
-    out = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
-        texts = _texts(path, index, record, "texts" if "texts" in record else "captions")
-        out.append(Triplet(reference=_name(path, index, record, "candidate"), texts=texts,
-                           target=_name(path, index, record, "target"), source=_source(path, index, record),
-                           meta=_meta(record)))
-    return out
+    return [Triplet(texts=_texts(path, index, record, "texts" if "texts" in record else "captions"),
+                    reference=_name(path, index, record, "candidate"), target=_name(path, index, record, "target"),
+                    source=_source(path, index, record), meta=_meta(record)) for index, record in enumerate(records)]
 
 
 def _plain_triplets(path: Path, records: list) -> list[Triplet]:
     out = []
     for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
         texts = record.get("texts", record.get("text"))
         texts = _texts(path, index, {"texts": [texts] if isinstance(texts, str) else texts}, "texts")
         out.append(Triplet(reference=_name(path, index, record, "reference"), texts=texts,
@@ -207,7 +167,10 @@ def read_generated(path: str | os.PathLike) -> list[Triplet]:
     if not isinstance(records, list):
         raise AnnotationError(explain(f"{path} must hold a JSON list of triplet records", got=type(data).__name__,
                                       fix="pass a file of generated triplets (a JSON list of records)"))
-    first = records[0] if records and isinstance(records[0], dict) else {}
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise AnnotationError(explain(f"{path}, record {index}: must be an object", got=type(record).__name__))
+    first = records[0] if records else {}
     if "target_hard" in first:
         return _cirr_triplets(path, records)
     if "candidate" in first:

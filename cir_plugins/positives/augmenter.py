@@ -5,46 +5,28 @@
     result = augmenter.augment(split.gallery_ids, split.images, annotated=split.triplets)
     result.triplets, result.groups, result.summary      # an AugmentResult
 
-Steps (timed in ``result.summary["seconds"]``):
-1. embed every image with the pair encoder (``pair_encoder.encode_image`` when it has one, else
-   the callable itself), images (n, C, H, W) -> (n, D) or (n, T, D) (tokens are mean-pooled);
-2. de-duplicate: decoded-pixel hash, plus embedding cosine >= ``near_duplicate_threshold``
-   when set; each group is represented by its first id (input order) and only representatives
-   are paired, so a group is one candidate row and never its own partner;
-3. pair: for each query (every representative, or with ``refer_only`` the representatives of the
-   annotated references) draw ``partners_per_image`` partners from the rank window;
-4. caption the images that occur in a pair (cached, resumable), as PIL images from
-   ``images.load_pil(id)`` when the mapping has it (an ImageStore), else converted back from the
-   tensor with a per-image min-max scaling (approximate colours: prefer an ImageStore);
-5. template: every triplet keeps all its candidate texts. A pair whose two captions are equal
-   carries no modification: by default it is skipped and counted; ``keep_equal_captions=True`` keeps
-   it, as the method's release does (with FashionIQ's ``"{target}"`` template its text is still a
-   valid description of the target);
-6. rewrite (with ``rewriter=``, e.g. :class:`~cir_plugins.positives.rewriters.LLMRewriter`, or a
-   callable text -> text): the template texts of all pairs go through the rewriter in batches (cached
-   beside the captions); a pair the rewriter cannot serve keeps its template texts;
-7. fit: a text longer than ``max_tokens`` (counted by ``count_tokens``; give the CIR model's with
-   ``**text_limit_of(model)``) is replaced by the target caption alone (``fallback="target"``, as the
-   release does), cut (``"truncate"``) or refused (``"error"``); ``summary["text_fallbacks"]`` counts
-   them. ``max_triplets`` then subsamples (seeded), keeping output order.
+Steps (timed in ``result.summary["seconds"]``): embed every image with the pair encoder (its ``encode_image``,
+else the callable; (n, D) or (n, T, D) tokens mean-pooled); de-duplicate (pixel hash, plus cosine >=
+``near_duplicate_threshold``; only each group's first id is paired, so a group is never its own partner); pair
+(pairing.py: every representative, or with ``refer_only`` those of the annotated references, draws partners
+from the rank window); caption the paired images (captioners.py; from ``images.load_pil(id)`` of an ImageStore,
+else from the tensor min-max scaled per image: approximate colours); template (templates.py; a pair with two
+equal captions carries no modification: skipped and counted unless ``keep_equal_captions``, the release's
+behaviour); rewrite (``rewriter=``, rewriters.py; a pair it cannot serve keeps its template texts); fit (a text
+over ``max_tokens`` gets the ``fallback``, counted in ``summary["text_fallbacks"]``); then the seeded
+``max_triplets`` subsample, keeping output order.
 
-The defaults are this library's recommended recipe, "ours, no rewrite": partners from the nearest 1%
-of the pair encoder's ranking (``rank_window=(0.0, 0.01)``), one partner per image, the dataset's
-templates, over-long texts replaced by the target caption. The paper's own settings per model and
-dataset are the recipes: ``cp.load_recipe(name).generation`` is an :class:`AugmentConfig`.
+The defaults are the recommended recipe, "ours, no rewrite" (nearest 1% of the pair encoder's ranking, one
+partner per image, the dataset's templates, over-long texts -> the target caption); the paper's settings per
+model and dataset: ``cp.load_recipe(name).generation``.
 
-Across ranks (torchrun; ``augment(..., shard=(rank, world))`` on every rank with the same arguments, as
-``cir-plugins augment`` does): each rank embeds its contiguous share of the images (shares start on a
-``batch_size`` boundary, so every batch is one a single process would run) and the embeddings are
-all-gathered; rank 0 de-duplicates and broadcasts the groups; each rank draws the partners of its share of
-the query rows (shares start on a ``chunk_size`` boundary: the same score blocks as one process) and the
-pairs are all-gathered; the images still missing from the caption cache are split among the ranks, each
-captioning its share into its own file beside the cache (:func:`~cir_plugins.positives.captioners.rank_cache_path`,
-resumable like the cache); rank 0 merges those files into the cache
-(:func:`~cir_plugins.positives.captioners.merge_rank_caches`), then alone fills the templates, rewrites and
-returns the result, which equals one process's for a deterministic pair encoder and captioner. Other ranks
-return None once the cache is merged. A run killed on any rank resumes: the next run (any number of ranks,
-or one process) first merges what the killed one cached. The ranks must share the cache folder.
+Across ranks (torchrun; ``augment(..., shard=(rank, world))`` on every rank with the same arguments): each rank
+embeds its share of the images (on ``batch_size`` boundaries) and draws the partners of its share of the queries
+(on ``chunk_size`` boundaries), both all-gathered; rank 0 de-duplicates and broadcasts the groups; the images
+missing from the caption cache are split among the ranks, each captioning into its own rank file, which rank 0
+merges into the cache; rank 0 alone then templates, rewrites and returns the one-process result (for a
+deterministic encoder and captioner), other ranks return None. A killed run resumes with any number of ranks.
+The ranks must share the cache folder.
 """
 
 from __future__ import annotations
@@ -53,7 +35,9 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,17 +111,14 @@ class AugmentConfig(Config):
     chunk_size: int = option(256, "query rows per similarity block in pairing")
 
     def __post_init__(self) -> None:
-        if isinstance(self.templates, list):
-            self.templates = tuple(self.templates)
+        self.templates, self.rank_window = (tuple(v) if isinstance(v, list) else v
+                                            for v in (self.templates, self.rank_window))
         resolve_templates(self.templates)  # ConfigError for an unknown preset or a bad template
-        if isinstance(self.rank_window, list):
-            self.rank_window = tuple(self.rank_window)
         if self.rank_window is not None:
             parse_rank_window(self.rank_window)
-        for name in ("partners_per_image", "batch_size", "caption_batch_size", "chunk_size"):
-            check_positive_int(f"AugmentConfig.{name}", getattr(self, name))
-        check_positive_int("AugmentConfig.max_triplets", self.max_triplets, allow_none=True)
-        check_positive_int("AugmentConfig.max_tokens", self.max_tokens, allow_none=True)
+        for name in ("partners_per_image", "batch_size", "caption_batch_size", "chunk_size", "max_triplets",
+                     "max_tokens"):
+            check_positive_int(f"AugmentConfig.{name}", getattr(self, name), allow_none=name.startswith("max_"))
         check_positive_int("AugmentConfig.seed", self.seed, minimum=0)
         if self.near_duplicate_threshold is not None:
             check_probability("AugmentConfig.near_duplicate_threshold", self.near_duplicate_threshold)
@@ -155,14 +136,9 @@ class AugmentConfig(Config):
 
 @dataclass
 class AugmentResult:
-    """What one :meth:`TripletAugmenter.augment` call produced.
-
-    Attributes:
-        triplets: the generated triplets (source="generated"), in output order.
-        groups: image id -> duplicate-group id (the group's first id) over every input image.
-        summary: counts (images, duplicates merged, pairs, captions new/cached, skips, triplets) and
-            ``seconds`` per step.
-    """
+    """What one :meth:`TripletAugmenter.augment` call produced: ``triplets`` (source="generated", in output
+    order), ``groups`` (image id -> its duplicate group's first id, over every input image) and ``summary``
+    (counts of images, duplicates merged, pairs, captions new/cached, skips, triplets; ``seconds`` per step)."""
 
     triplets: list[Triplet]
     groups: dict[str, str] = field(default_factory=dict)
@@ -186,12 +162,11 @@ class TripletAugmenter:
         captioner: callable (image_ids, PIL images) -> captions, with a ``name`` (see captioners.py).
         pair_encoder: a model with ``encode_image`` or a callable images (n, C, H, W) -> (n, D).
         config: an :class:`AugmentConfig` (default: the recommended recipe).
-        rewriter: a batched rewriter (``rewrite_pairs(pairs, texts)``, e.g. ``cp.LLMRewriter``), a spec such
-            as ``"hf:NAME"``, or a callable text -> text; None = the template texts.
-        count_tokens: what ``config.max_tokens`` counts in: a callable text -> int or a tokenizer
-            (default: words); ``**text_limit_of(model)`` gives the CIR model's.
-        cache_dir: folder for the caption cache (one JSONL file per captioner name) and the rewriter's
-            answers (one per rewriter name); None = no cache.
+        rewriter: a batched rewriter (``rewrite_pairs``, e.g. ``cp.LLMRewriter``), a spec such as ``"hf:NAME"``,
+            or a callable text -> text; None = the template texts.
+        count_tokens: the unit of ``config.max_tokens``: a callable text -> int or a tokenizer (default: words).
+        cache_dir: folder of the caption cache and the rewriter's answers (one JSONL file per captioner /
+            rewriter name); None = no cache.
         show_progress: tqdm bars.
     """
 
@@ -205,9 +180,8 @@ class TripletAugmenter:
         self.captioner = check_captioner(captioner)
         self.encoder = _encoder_of(pair_encoder)
         self.rewriter = as_rewriter(rewriter)
-        c = self.config
-        self.text_maker = TextMaker(c.templates, max_tokens=c.max_tokens, count_tokens=count_tokens,
-                                    fallback=c.fallback)
+        self.text_maker = TextMaker(self.config.templates, max_tokens=self.config.max_tokens,
+                                    count_tokens=count_tokens, fallback=self.config.fallback)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.show_progress = show_progress
 
@@ -219,13 +193,11 @@ class TripletAugmenter:
     @property
     def rewrite_cache_path(self) -> Path | None:
         """The rewriter's answer cache (None without ``cache_dir`` or rewriter)."""
-        if self.cache_dir is None or self.rewriter is None:
-            return None
-        return self.cache_dir / cache_file_name(self.rewriter.name, kind="rewrites")
+        if self.cache_dir is not None and self.rewriter is not None:
+            return self.cache_dir / cache_file_name(self.rewriter.name, kind="rewrites")
 
     def augment(self, image_ids: Sequence[str], images: Mapping[str, torch.Tensor],
-                annotated: Sequence[Triplet] | None = None, *,
-                groups: Mapping[str, Any] | None = None,
+                annotated: Sequence[Triplet] | None = None, *, groups: Mapping[str, Any] | None = None,
                 shard: tuple[int, int] | None = None) -> AugmentResult | None:
         """Generated triplets for ``image_ids`` (source="generated"), with the duplicate groups and a summary.
 
@@ -233,17 +205,15 @@ class TripletAugmenter:
             image_ids: the training images (all of them, not only annotated references), unique.
             images: id -> (C, H, W) tensor (an ImageStore or any Mapping).
             annotated: the annotated triplets; needed with ``refer_only``.
-            groups: optional id -> label; partners must share the query's label (FashionIQ
-                category), ranks counted within the label.
-            shard: ``(rank, world)`` of an initialised process group (``distributed_rank()`` under
-                torchrun): the work is shared out rank by rank (see the module doc); every rank must call
-                with the same arguments, and ``cache_dir`` (one folder all ranks see) is needed. None or
-                ``(0, 1)``: one process. The rewriter, if any, runs on rank 0 alone.
+            groups: optional id -> label; partners share the query's label (FashionIQ category), ranks
+                counted within it.
+            shard: ``(rank, world)`` of an initialised process group (``distributed_rank()`` under torchrun;
+                see the module doc): every rank calls with the same arguments and one ``cache_dir`` all ranks
+                see. None or ``(0, 1)``: one process. The rewriter runs on rank 0 alone.
 
-        Returns an :class:`AugmentResult` (``.triplets``, ``.groups``, ``.summary``); with ``shard`` on a
-        rank other than 0, None (rank 0 holds the result). Each triplet's ``meta``: reference_caption,
-        target_caption, templates (one per text: the template it was filled from, or
-        ``"rewrite:<rewriter name>"``), rank_window, seed, captioner, and rewriter when one ran.
+        Returns an :class:`AugmentResult`; None on a rank other than 0. Each triplet's ``meta``:
+        reference_caption, target_caption, templates (per text: its template, or ``"rewrite:<rewriter
+        name>"``), rank_window, seed, captioner, and rewriter when one ran.
         """
         ids = self._check(image_ids, images, annotated, groups)
         ranks = RankShare.of(shard)
@@ -251,7 +221,13 @@ class TripletAugmenter:
             raise ConfigError(explain("generation across ranks passes the captions through the cache folder",
                                       got="cache_dir=None", fix="pass cache_dir=, a folder every rank can read"))
         timings: dict[str, float] = {}
-        step = _Timer(timings)
+
+        @contextmanager
+        def step(name: str):
+            start = time.perf_counter()
+            yield
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
         with step("embed"):
             embeddings = self._embed(ids, images, ranks)  # (N, D) float32, tokens pooled
         with step("dedup"):
@@ -272,28 +248,16 @@ class TripletAugmenter:
                 filled, rewrite_summary = self._rewrite(kept, filled)
         with step("template"):  # filling and fitting; the rewrite is timed apart
             triplets, before_subsample = self._triplets(kept, filled)
-        reps = sum(1 for i in ids if dup[i] == i)
-        sizes: dict[str, int] = {}
-        for gid in dup.values():
-            sizes[gid] = sizes.get(gid, 0) + 1
+        reps, sizes, maker = sum(1 for i in ids if dup[i] == i), Counter(dup.values()), self.text_maker
         summary = {
-            "images": len(ids),
-            "unique_images": reps,
-            "duplicate_groups": sum(1 for n in sizes.values() if n > 1),
-            "duplicates_merged": len(ids) - reps,
-            "queries": queries,
-            "empty_windows": empty,
-            "pairs": len(pairs),
-            "captions": caption_counts,
-            **dropped,
-            "rewrite": rewrite_summary,
+            "images": len(ids), "unique_images": reps, "duplicate_groups": sum(1 for n in sizes.values() if n > 1),
+            "duplicates_merged": len(ids) - reps, "queries": queries, "empty_windows": empty, "pairs": len(pairs),
+            "captions": caption_counts, **dropped, "rewrite": rewrite_summary,
             # texts over max_tokens that the fallback policy replaced (by the target caption) or cut
-            "text_fallbacks": self.text_maker.fallbacks_used,
-            "text_limit": ({"max_tokens": self.text_maker.max_tokens, "fallback": self.text_maker.fallback}
-                           if self.text_maker.max_tokens is not None else None),
-            "triplets_before_subsample": before_subsample,
-            "triplets": len(triplets),
-            "ranks": ranks.world,
+            "text_fallbacks": maker.fallbacks_used,
+            "text_limit": ({"max_tokens": maker.max_tokens, "fallback": maker.fallback}
+                           if maker.max_tokens is not None else None),
+            "triplets_before_subsample": before_subsample, "triplets": len(triplets), "ranks": ranks.world,
             "seconds": {k: round(v, 3) for k, v in timings.items()},
         }
         logger.info("augment: %d triplets from %d images (%d pairs)", len(triplets), len(ids), len(pairs))
@@ -308,15 +272,13 @@ class TripletAugmenter:
         require_images(images, ids)
         if self.config.refer_only and annotated is None:
             raise ConfigError(explain("refer_only needs the annotated triplets", fix="pass annotated=split.triplets"))
-        if groups is not None:
-            lacking = [i for i in ids if i not in groups]
-            if lacking:
-                raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
+        lacking = [i for i in ids if i not in groups] if groups is not None else []
+        if lacking:
+            raise DataError(explain("groups has no label for some image ids", got=lacking[:5]))
         return ids
 
     def _embed(self, ids, images, ranks: RankShare) -> torch.Tensor:
-        """(N, D) float32 pair embeddings; across ranks each rank embeds its share of whole batches and
-        the shares are all-gathered (every rank then holds the same rows)."""
+        """(N, D) float32 pair embeddings; across ranks each embeds its share of whole batches, all-gathered."""
         size = self.config.batch_size
         start, stop = ranks.span(len(ids), size)
         local = pair_embeddings(self.encoder, ids[start:stop], images, batch_size=size,
@@ -334,8 +296,7 @@ class TripletAugmenter:
         return ranks.gather(local, len(ids), size)
 
     def _dedup(self, ids, images, embeddings, ranks: RankShare) -> dict[str, str]:
-        """id -> its duplicate group's first id (every id its own group without dedup); across ranks rank 0
-        finds the groups and broadcasts them, so every rank pairs the same representatives."""
+        """id -> its duplicate group's first id (itself without dedup); across ranks rank 0's, broadcast."""
         if not self.config.dedup:
             return {i: i for i in ids}
         found = None
@@ -352,10 +313,8 @@ class TripletAugmenter:
 
     def _pair(self, ids, dup, embeddings, annotated, groups,
               ranks: RankShare) -> tuple[int, list[tuple[str, str]], int]:
-        """(number of query images, (reference, target) pairs, queries with an empty window); only the
-        groups' representatives are ranked, so a group is one candidate and never its own partner. Across
-        ranks each rank draws the partners of its share of whole ``chunk_size`` blocks of query rows (the
-        draw depends on the seed, the row and the candidates only) and the shares are all-gathered."""
+        """(number of queries, (reference, target) pairs, queries with an empty window), over the groups'
+        representatives; across ranks each draws its share of whole ``chunk_size`` blocks, all-gathered."""
         reps = [i for i in ids if dup[i] == i]
         queries = reps
         if self.config.refer_only:
@@ -385,9 +344,8 @@ class TripletAugmenter:
         return len(queries), pairs, sum(1 for row in picks if not row)
 
     def _caption(self, needed, images, ranks: RankShare) -> tuple[dict[str, str] | None, dict[str, int]]:
-        """Captions of ``needed`` (id -> caption) and their counts; across ranks the ids the cache lacks are
-        split among the ranks, each captioning its share into its rank file, and rank 0 merges the files into
-        the cache (between barriers); other ranks get (None, {}) once the cache is merged."""
+        """Captions of ``needed`` (id -> caption) and their counts; across ranks each captions its share of the
+        uncached ids into its rank file, rank 0 merges them (between barriers), other ranks get (None, {})."""
         c, path, name = self.config, self.cache_path, self.captioner.name
         # first what a killed run's ranks left; across ranks rank 0 also opens the cache alone, so that it cuts
         # (and counts) a torn last line before the ranks read it
@@ -421,8 +379,7 @@ class TripletAugmenter:
                           "skipped": len(todo) - new, "torn_cache_lines": torn + merged.torn_lines}
 
     def _keep(self, pairs, captions) -> tuple[list[tuple[str, str, str, str]], dict[str, int]]:
-        """(reference, target, reference caption, target caption) of the pairs that carry a modification,
-        and what was dropped (or kept although equal)."""
+        """(reference, target, reference caption, target caption) of the kept pairs, and the drop counts."""
         kept, same, kept_same, missing = [], 0, 0, 0
         for reference, target in pairs:
             r_cap, t_cap = captions.get(reference), captions.get(target)
@@ -469,8 +426,8 @@ class TripletAugmenter:
 
 @dataclass(frozen=True)
 class RankShare:
-    """This process's place among the ranks generating together, and the collectives the augmenter needs
-    (no-ops in one process). Collectives run on the rank's CUDA device under nccl, else on CPU."""
+    """This process's place among the ranks generating together, and the augmenter's collectives (no-ops in one
+    process; on the rank's CUDA device under nccl, else on CPU)."""
 
     rank: int = 0
     world: int = 1
@@ -496,18 +453,16 @@ class RankShare:
         return cls(rank, world)
 
     def span(self, n: int, align: int = 1, rank: int | None = None) -> tuple[int, int]:
-        """Rows ``[start, stop)`` of ``n`` that ``rank`` (default: this one) takes: ``shard_rows`` over blocks of
-        ``align`` rows, so every share but the last ends on a block boundary."""
+        """Rows ``[start, stop)`` of ``n`` that ``rank`` (default: this one) takes, in whole blocks of ``align``."""
         start, stop = shard_rows(-(-n // align), self.rank if rank is None else rank, self.world)
         return min(start * align, n), min(stop * align, n)
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def gather(self, local: torch.Tensor, n: int, align: int) -> torch.Tensor:
-        """Every rank's ``span(n, align)`` rows, in rank order: ``local`` (m, ...) -> (n, ...) on CPU, alike on
-        every rank (shares are padded to the widest for the all-gather)."""
+        """Every rank's ``span(n, align)`` rows in rank order: ``local`` (m, ...) -> (n, ...) on CPU, on every rank."""
         if self.world == 1:
             return local
         spans = [self.span(n, align, r) for r in range(self.world)]
@@ -529,20 +484,3 @@ class RankShare:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-
-class _Timer:
-    """``with step("name"):`` adds the block's wall time to ``timings["name"]``."""
-
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
-
-    def __call__(self, name: str) -> _Timer:
-        self.name = name
-        return self
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start

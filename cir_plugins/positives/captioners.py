@@ -1,31 +1,16 @@
 """Captioners (images -> captions) and the resumable caption cache.
 
-A captioner is any callable ``captioner(image_ids: list[str], images: list[PIL.Image.Image]) ->
-list[str]`` with a ``name: str`` attribute; the name keys the cache. Provided here:
+A captioner is any callable ``captioner(image_ids: list[str], images: list[PIL.Image.Image]) -> list[str]`` with
+a ``name: str`` (it keys the cache): :class:`HFCaptioner`, :class:`PrecomputedCaptioner`, the synthetic world's.
 
-- :class:`HFCaptioner`: any image-to-text model in transformers (LLaVA, BLIP / BLIP-2, Qwen2-VL,
-  ...), loaded with ``AutoProcessor`` and ``AutoModelForImageTextToText``, greedy decoding.
-- :class:`PrecomputedCaptioner`: captions made elsewhere, read from JSON or JSONL.
-- the synthetic world's captioner (``cir_plugins.data.synthetic``) meets the same protocol.
-
-:func:`caption_images` runs a captioner over ids with a :class:`CaptionCache`: a JSONL file, one
-``{"id", "caption", "captioner"}`` line per caption, flushed and fsync'ed after every batch. A
-re-run skips ids already in the cache; a run killed half way loses at most the batch in flight; a
-torn last line (killed mid-write) is ignored, counted and cut off before the next append.
-
-One cache file holds one captioner's captions: opening it with another captioner name is a
-ConfigError (the augmenter names its cache file after the captioner, so they never collide). A
-:class:`PrecomputedCaptioner`'s name includes a hash of its file's captions, so editing or
-replacing the file (even under the same name) starts a fresh cache instead of returning the old
-captions. Processes sharing one cache take an exclusive lock (``<cache>.lock``, ``fcntl.flock``;
-POSIX only) to read, cut or append it, so an opener never cuts off a line another live process is
-still writing: a torn last line can only come from a dead writer. An empty cached caption is never
-returned: the line is ignored (counted in ``empty_lines``) and the image captioned again.
-
-Ranks that caption together (generation under torchrun) each append to their own file beside the cache,
-:func:`rank_cache_path` (``captions-<name>.rank<r>-of-<w>.jsonl``, the same format), so no two processes
-write one file; :func:`merge_rank_caches` folds every such file into the cache and deletes it, after the
-ranks finished or after a kill (the next run merges what the killed one wrote before captioning anything).
+:func:`caption_images` runs one with a :class:`CaptionCache`: JSONL, one ``{"id", "caption", "captioner"}`` line
+per caption, fsync'ed after every batch. A re-run skips cached ids; a killed run loses at most the batch in
+flight; a torn last line is ignored, counted and cut off. One file holds one captioner's captions (another name
+is a ConfigError); a PrecomputedCaptioner's name hashes its captions, so an edited file starts a fresh cache.
+Processes sharing a cache hold an exclusive ``<cache>.lock`` (``fcntl.flock``, POSIX only) to read, cut or
+append, so a torn line only comes from a dead writer. An empty cached caption is ignored (``empty_lines``) and
+the image captioned again. Ranks captioning together each append to their :func:`rank_cache_path` file;
+:func:`merge_rank_caches` folds those into the cache (after the ranks, or at the start of the next run).
 """
 
 from __future__ import annotations
@@ -50,6 +35,7 @@ try:
 except ImportError:  # not POSIX (Windows): the cache is then not locked against other processes
     fcntl = None
 
+from .._utils import shard_rows
 from ..checks import check_positive_int, check_positive_ints, dtype_from_name
 from ..data.images import pil_loader
 from ..errors import AnnotationError, ConfigError, DataError, ModelProtocolError, explain
@@ -67,11 +53,10 @@ _QUOTES = " \t\r\n\"'`\u201c\u201d\u2018\u2019"
 
 def default_prompt(domain: str = "general") -> str:
     """The method's prompt template for ``domain`` ("fashion" or "general")."""
-    if domain == "fashion":
-        return FASHION_PROMPT
-    if domain == "general":
-        return GENERAL_PROMPT
-    raise ConfigError(explain("unknown caption domain", got=domain, expected=["fashion", "general"]))
+    prompts = {"fashion": FASHION_PROMPT, "general": GENERAL_PROMPT}
+    if domain not in prompts:
+        raise ConfigError(explain("unknown caption domain", got=domain, expected=["fashion", "general"]))
+    return prompts[domain]
 
 
 def check_captioner(captioner: Any) -> Any:
@@ -87,27 +72,14 @@ def check_captioner(captioner: Any) -> Any:
 
 def _strip_prefix(text: str, prefix: str) -> str:
     """``text`` without a leading copy of ``prefix``, comparing case-insensitively and ignoring whitespace."""
-    want = [c.lower() for c in prefix if not c.isspace()]
-    if not want:
-        return text
-    matched, position = 0, 0
-    while position < len(text) and matched < len(want):
-        char = text[position]
-        if not char.isspace():
-            if char.lower() != want[matched]:
-                return text
-            matched += 1
-        position += 1
-    return text[position:] if matched == len(want) else text
+    chars = [re.escape(c) for c in prefix if not c.isspace()]
+    match = re.match(r"\s*" + r"\s*".join(chars), text, re.IGNORECASE) if chars else None
+    return text[match.end():] if match else text
 
 
 def clean_caption(text: str, *prompts: str | None) -> str:
-    """Strip whitespace/quotes and a leading copy of each prompt text (case and spacing ignored).
-
-    Models that echo their input (encoder-decoder or BLIP-style decoders) start the decoded text
-    with the prompt; ``prompts`` are tried in order (e.g. the chat-rendered text, then the plain
-    prompt).
-    """
+    """Strip whitespace/quotes and a leading copy of each prompt in turn (case and spacing ignored): models that
+    echo their input start the decoded text with it (e.g. the chat-rendered text, then the plain prompt)."""
     text = text.strip(_QUOTES)
     for prompt in prompts:
         if prompt:
@@ -127,34 +99,28 @@ def _image_text_model_class() -> Any:
     """The transformers auto class for image-to-text generation that this install has."""
     import transformers
 
-    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+    names = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
+    if cls := next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None):
+        return cls
     raise ConfigError(explain("this transformers install has no image-to-text auto class",
-                              got=transformers.__version__,
-                              expected="AutoModelForImageTextToText or AutoModelForVision2Seq",
-                              fix="upgrade transformers"))
+                              got=transformers.__version__, fix="upgrade transformers",
+                              expected="AutoModelForImageTextToText or AutoModelForVision2Seq"))
 
 
 def load_pretrained(model: Any, companion: Any, *, model_class: str | Callable[[], Any], companion_class: str,
                     companion_name: str, dtype: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
-    """A transformers model and its companion (processor or tokenizer): ``model`` a hub name or local path (both
-    loaded by ``from_pretrained``, the companion only when not given, the model in ``dtype``), or a loaded model
-    (its ``companion`` is then required, and ``dtype`` other than "auto" casts it). ``model_class`` /
-    ``companion_class``: the transformers auto classes by name (or a function returning the model's class);
-    transformers is imported only to load. Returns (model, companion, source: the name or path, or the loaded
-    model's class name)."""
+    """(model, companion, source) from ``model`` a hub name or local path (``from_pretrained`` of the auto classes
+    ``model_class`` (a name or a function returning the class) and ``companion_class``, the companion only when
+    not given), or a loaded model with its ``companion`` (cast to a ``dtype`` other than "auto"). ``source``: the
+    name or path, or the loaded model's class name."""
     if isinstance(model, (str, os.PathLike)):
         import transformers
 
         source = str(model)
+        trust = {"trust_remote_code": trust_remote_code}
         if not companion:
-            companion = getattr(transformers, companion_class).from_pretrained(source,
-                                                                               trust_remote_code=trust_remote_code)
-        load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype is not None:
-            load_kwargs["dtype"] = resolve_dtype(dtype)
+            companion = getattr(transformers, companion_class).from_pretrained(source, **trust)
+        load_kwargs = {**trust, **({"dtype": resolve_dtype(dtype)} if dtype is not None else {})}
         loader = getattr(transformers, model_class) if isinstance(model_class, str) else model_class()
         return loader.from_pretrained(source, **load_kwargs), companion, source
     if companion is None:
@@ -166,50 +132,29 @@ def load_pretrained(model: Any, companion: Any, *, model_class: str | Callable[[
 
 
 class HFCaptioner:
-    """Caption images with a transformers image-to-text model.
+    """Caption images with a transformers image-to-text model (LLaVA, BLIP / BLIP-2, Qwen2-VL, ...).
 
     Args:
-        model: hub name or local path (loaded with ``AutoProcessor`` and
-            ``AutoModelForImageTextToText``), or an already-loaded model (then pass ``processor``).
-        processor: an already-loaded processor (only with a loaded model).
-        domain: "general" or "fashion"; picks the default prompt.
-        prompt: template with optional ``{category}`` and ``{k}``; default the method's prompt.
-        k: the word count put into the prompt.
-        category: for "fashion": one category for every image, or a Mapping id -> category.
+        model: hub name or local path (``AutoProcessor`` + ``AutoModelForImageTextToText``), or a loaded model
+            (then pass ``processor``).
+        domain: "general" or "fashion" (the default prompt); prompt: a template with optional ``{category}`` and
+            ``{k}`` (k: its word count); category: one for every image, or a Mapping id -> category.
         device, dtype: where and in which dtype to run ("float16", "bfloat16", torch dtypes, "auto").
-        max_new_tokens: generation length; decoding is greedy (``do_sample=False``, one beam)
-            unless ``generate_kwargs`` says otherwise.
-        batch_size: images per ``generate`` call (images with the same prompt share a call).
-        use_chat_template: None = use the processor's chat template when it has one.
-        skip_empty: an empty caption is a DataError naming the id (False) or returned as "" and
-            counted in ``skipped`` (True).
+        max_new_tokens: generation length; greedy (``do_sample=False``, one beam) unless ``generate_kwargs``.
+        batch_size: images per ``generate`` call (same prompt); use_chat_template: None = when the processor has one.
+        skip_empty: an empty caption is a DataError naming the id (False) or "" counted in ``skipped`` (True).
         trust_remote_code: passed to ``from_pretrained``; off by default.
 
-    Attributes:
-        name: "hf:<model>:<hash of prompt and decoding settings>" (keys the caption cache).
-        generate_calls: number of ``generate`` calls so far; images_captioned; skipped.
-
-    Shapes: ``pixel_values`` (n, C, H, W) as the processor makes them; generated ids (n, L).
+    Attributes: ``name`` "hf:<model>:<hash of prompt and decoding settings>" (keys the caption cache);
+    ``generate_calls``, ``images_captioned``, ``skipped``. Shapes: ``pixel_values`` (n, C, H, W) as the
+    processor makes them; generated ids (n, L).
     """
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        processor: Any = None,
-        domain: str = "general",
-        prompt: str | None = None,
-        k: int = 10,
-        category: str | Mapping[str, str] | None = None,
-        device: str | torch.device = "cpu",
-        dtype: Any = None,
-        max_new_tokens: int = 30,
-        batch_size: int = 8,
-        use_chat_template: bool | None = None,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        skip_empty: bool = False,
-        trust_remote_code: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, *, processor: Any = None, domain: str = "general", prompt: str | None = None,
+                 k: int = 10, category: str | Mapping[str, str] | None = None, device: str | torch.device = "cpu",
+                 dtype: Any = None, max_new_tokens: int = 30, batch_size: int = 8,
+                 use_chat_template: bool | None = None, generate_kwargs: Mapping[str, Any] | None = None,
+                 skip_empty: bool = False, trust_remote_code: bool = False) -> None:
         self.prompt_template = prompt if prompt is not None else default_prompt(domain)
         if not isinstance(self.prompt_template, str) or not self.prompt_template.strip():
             raise ConfigError(explain("prompt must be a non-empty string", got=prompt))
@@ -230,9 +175,7 @@ class HFCaptioner:
         settings = json.dumps([self.prompt_template, k, max_new_tokens, self.use_chat_template,
                                sorted((str(a), str(b)) for a, b in self.generate_kwargs.items())])
         self.name = f"hf:{source}:{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"
-        self.generate_calls = 0
-        self.images_captioned = 0
-        self.skipped = 0
+        self.generate_calls = self.images_captioned = self.skipped = 0
 
     def prompt_for(self, image_id: str) -> str:
         """The plain prompt text for one image."""
@@ -244,14 +187,11 @@ class HFCaptioner:
             category = category[image_id]
         return self.prompt_template.format(category=category or "image", k=self.k)
 
-    def _model_text(self, prompt: str) -> str:
-        if not self.use_chat_template:
-            return prompt
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def _generate(self, prompt: str, images: list[Any]) -> list[str]:
-        text = self._model_text(prompt)
+        text = prompt
+        if self.use_chat_template:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
         inputs = {key: (value.to(self.device) if isinstance(value, torch.Tensor) else value)
                   for key, value in inputs.items()}
@@ -265,8 +205,7 @@ class HFCaptioner:
         prompt_ids = inputs.get("input_ids")
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         captions = []
-        for row in range(sequences.shape[0]):
-            ids = sequences[row]
+        for row, ids in enumerate(sequences):
             if (prompt_ids is not None and ids.shape[0] >= prompt_ids.shape[1]
                     and torch.equal(ids[:prompt_ids.shape[1]], prompt_ids[row])):
                 ids = ids[prompt_ids.shape[1]:]  # decoder-only: keep only the new tokens
@@ -299,9 +238,8 @@ class HFCaptioner:
 
 def _read_caption_file(path: Path) -> dict[str, str]:
     text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
     captions: dict[str, str] = {}
-    if stripped.startswith("{") and not path.suffix == ".jsonl":
+    if text.lstrip().startswith("{") and not path.suffix == ".jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -310,8 +248,7 @@ def _read_caption_file(path: Path) -> dict[str, str]:
             for key, value in data.items():
                 if not isinstance(value, str):
                     raise AnnotationError(explain(f"{path}: caption of {key!r} is not a string", got=value))
-                captions[str(key)] = value
-            return captions
+            return {str(key): value for key, value in data.items()}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -320,18 +257,15 @@ def _read_caption_file(path: Path) -> dict[str, str]:
         except json.JSONDecodeError as error:
             raise AnnotationError(explain(f"{path}:{number}: not a JSON line ({error.msg})", got=line[:80],
                                           expected='{"id": ..., "caption": ...}')) from None
-        if not isinstance(record, dict) or not isinstance(record.get("id"),
-                                                          str) or not isinstance(record.get("caption"), str):
+        if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("id", "caption"))):
             raise AnnotationError(explain(f"{path}:{number}: a record needs string 'id' and 'caption'", got=line[:80]))
         captions[record["id"]] = record["caption"]
     return captions
 
 
 class PrecomputedCaptioner:
-    """Captions made elsewhere: a JSON object ``{id: caption}`` or JSONL ``{"id", "caption"}`` lines.
-
-    A requested id missing from the file is a DataError naming it.
-    """
+    """Captions made elsewhere: a JSON object ``{id: caption}`` or JSONL ``{"id", "caption"}`` lines (a requested id
+    missing from the file is a DataError naming it)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -340,8 +274,7 @@ class PrecomputedCaptioner:
                                       fix="give a JSON {id: caption} or JSONL file"))
         self.captions = _read_caption_file(self.path)
         content = json.dumps(sorted(self.captions.items()), ensure_ascii=False).encode()
-        # the captions' hash keys the cache: another file of the same name never reuses these captions
-        self.name = f"file:{self.path.name}:{hashlib.blake2b(content, digest_size=6).hexdigest()}"
+        self.name = f"file:{self.path.name}:{hashlib.blake2b(content, digest_size=6).hexdigest()}"  # keys the cache
 
     def __call__(self, image_ids: list[str], images: list[Any]) -> list[str]:
         missing = [i for i in image_ids if i not in self.captions]
@@ -353,20 +286,17 @@ class PrecomputedCaptioner:
 
 
 def cache_file_name(captioner_name: str, kind: str = "captions") -> str:
-    """A file name for one captioner's cache: readable slug + short hash of the exact name.
-
-    ``kind`` starts the name ("captions"; the rewriters' cache of positives/rewriters.py uses "rewrites")."""
+    """A file name for one captioner's cache: ``kind`` ("captions"; the rewriters' "rewrites"), a readable slug
+    and a short hash of the exact name."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", captioner_name)[:60].strip("_") or "captioner"
     return f"{kind}-{slug}-{hashlib.blake2b(captioner_name.encode(), digest_size=4).hexdigest()}.jsonl"
 
 
 class _CacheLock:
-    """Exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``), held while a cache file is read, cut or
-    appended; released by the kernel when its process dies. A no-op where fcntl is missing."""
+    """Exclusive ``fcntl.flock`` on ``<path>.lock`` while a cache is read, cut or appended (no-op without fcntl)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name + ".lock")
-        self.fd: int | None = None
+        self.path, self.fd = path.with_name(path.name + ".lock"), None
 
     def __enter__(self) -> _CacheLock:
         if fcntl is not None:
@@ -377,24 +307,16 @@ class _CacheLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            os.close(self.fd)  # closing the descriptor releases its lock
             self.fd = None
 
 
 class CaptionCache:
-    """Append-only JSONL caption cache for one captioner.
+    """Append-only JSONL caption cache for one captioner (format and torn/empty lines: the module docstring).
 
-    Each line: ``{"id": str, "caption": str, "captioner": str}``. Opening reads every complete
-    line; a torn last line (no newline, unparsable) is counted in ``torn_lines`` and cut off so the
-    next append starts clean. A line with an empty caption is ignored and counted in
-    ``empty_lines`` (its image is captioned again). A malformed line elsewhere is an
-    AnnotationError; a line written by another captioner is a ConfigError. Reading and appending
-    hold :class:`_CacheLock`, so processes sharing the file never cut each other's lines.
-
-    The same file format caches any keyed text a model makes: with ``keep_empty`` an empty value is a
-    valid answer and is returned like any other (the rewriters' cache, where "the model said nothing" is
-    what a deterministic model will say again).
+    A malformed line before the last is an AnnotationError; another captioner's line a ConfigError. With
+    ``keep_empty`` an empty value is a valid answer, returned like any other (the rewriters' cache: "the model
+    said nothing" is what a deterministic model will say again).
     """
 
     def __init__(self, path: str | os.PathLike, captioner_name: str, *, keep_empty: bool = False) -> None:
@@ -402,17 +324,15 @@ class CaptionCache:
         self.captioner_name = captioner_name
         self.keep_empty = bool(keep_empty)
         self.captions: dict[str, str] = {}
-        self.torn_lines = 0
-        self.empty_lines = 0
+        self.torn_lines = self.empty_lines = 0
         self._lock = _CacheLock(self.path)
         if self.path.exists():
             with self._lock:
                 self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
         good_end = 0
-        lines = data.split(b"\n")
+        lines = self.path.read_bytes().split(b"\n")
         for number, raw in enumerate(lines, start=1):
             is_last = number == len(lines)
             if is_last and not raw:
@@ -423,8 +343,7 @@ class CaptionCache:
                          and isinstance(record.get("caption"), str) and isinstance(record.get("captioner"), str))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 valid = False
-            if is_last:
-                # no trailing newline: the write was cut short, even if it happens to parse
+            if is_last:  # no trailing newline: the write was cut short, even if it happens to parse
                 self.torn_lines += 1
                 logger.warning("caption cache %s: ignoring a torn last line (%d bytes)", self.path, len(raw))
                 break
@@ -467,8 +386,7 @@ class CaptionCache:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        for image_id, caption in items:
-            self.captions[image_id] = caption
+        self.captions.update(items)
 
 
 _RANK_SUFFIX = re.compile(r"\.rank(\d+)-of-(\d+)\.jsonl$")
@@ -479,52 +397,38 @@ def _stem(path: Path) -> str:
 
 
 def rank_cache_path(cache_path: str | os.PathLike, rank: int, world: int) -> Path:
-    """The file rank ``rank`` of ``world`` appends its captions to, beside ``cache_path``:
-    ``captions-<name>.rank<r>-of-<w>.jsonl`` for ``captions-<name>.jsonl`` (same format, same captioner)."""
-    check_positive_int("world", world)
-    check_positive_int("rank", rank, minimum=0)
-    if rank >= world:
-        raise ConfigError(explain("a rank cache needs 0 <= rank < world", got=(rank, world),
-                                  fix="pass torch.distributed.get_rank() and get_world_size()"))
+    """The file rank ``rank`` of ``world`` appends its captions to, beside ``cache_path``."""
+    shard_rows(0, rank, world)  # ConfigError unless ints with 0 <= rank < world
     path = Path(cache_path)
     return path.with_name(f"{_stem(path)}.rank{rank}-of-{world}.jsonl")
 
 
 def _rank_cache_files(cache_path: Path) -> list[Path]:
     """The rank files of ``cache_path`` that exist (any world size), by (world, rank)."""
-    stem = _stem(cache_path)
-    found = []
-    if cache_path.parent.is_dir():
-        for path in cache_path.parent.iterdir():
-            tail = path.name[len(stem):] if path.name.startswith(stem) else ""
-            match = _RANK_SUFFIX.fullmatch(tail)
-            if match and path.is_file():
-                found.append(((int(match.group(2)), int(match.group(1))), path))
+    stem, found = _stem(cache_path), []
+    for path in cache_path.parent.iterdir() if cache_path.parent.is_dir() else ():
+        match = _RANK_SUFFIX.fullmatch(path.name[len(stem):] if path.name.startswith(stem) else "")
+        if match and path.is_file():
+            found.append(((int(match.group(2)), int(match.group(1))), path))
     return [path for _, path in sorted(found)]
 
 
 def merge_rank_caches(cache_path: str | os.PathLike, captioner_name: str) -> CaptionCache | None:
-    """Fold the rank files of ``cache_path`` (:func:`rank_cache_path`, of any world size) into it, then delete
-    them; None when there is none (nothing is opened).
+    """Fold the rank files of ``cache_path`` (any world size) into it, then delete them; None when there is none.
 
-    Rank files are read in (world, rank) order and their captions appended (one flushed, fsync'ed write) in
-    that order, each id once; an id the cache already holds keeps its caption, so a merge cut short by a kill
-    is merged again without repeats. Returns the merged cache; its ``torn_lines`` also counts the torn last
-    lines cut from the rank files (captions a killed rank was writing). Only one process may merge at a time,
-    while no rank appends (the augmenter merges on rank 0 between barriers).
+    Read in (world, rank) order and appended in one fsync'ed write, each id once; an id the cache holds keeps
+    its caption, so a merge cut short by a kill is redone without repeats. The merged cache's ``torn_lines``
+    also counts the torn lines cut from the rank files. One process merges, while no rank appends.
     """
     path = Path(cache_path)
     files = _rank_cache_files(path)
     if not files:
         return None
-    cache = CaptionCache(path, captioner_name)
-    new: dict[str, str] = {}
+    cache, new = CaptionCache(path, captioner_name), {}
     for rank_file in files:
         part = CaptionCache(rank_file, captioner_name)
         cache.torn_lines += part.torn_lines
-        for image_id, caption in part.captions.items():
-            if image_id not in cache.captions:
-                new.setdefault(image_id, caption)
+        new.update({i: c for i, c in part.captions.items() if i not in cache.captions and i not in new})
     cache.append(list(new.items()))
     for rank_file in files:
         rank_file.unlink()
@@ -536,36 +440,28 @@ def merge_rank_caches(cache_path: str | os.PathLike, captioner_name: str) -> Cap
 
 @dataclass
 class CaptionRun:
-    """What :func:`caption_images` did: captions by id, and counts."""
+    """What :func:`caption_images` did: captions by id, and counts (``empty_lines``: empty cached captions
+    ignored, those images captioned again)."""
 
     captions: dict[str, str]
     cached: int = 0
     new: int = 0
     skipped: list[str] = field(default_factory=list)
     torn_lines: int = 0
-    # cache lines with an empty caption, ignored (those images were captioned again)
     empty_lines: int = 0
 
 
-def caption_images(
-    captioner: Any,
-    image_ids: Sequence[str],
-    images: Any,
-    *,
-    cache_path: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    skip_empty: bool = False,
-    show_progress: bool = True,
-) -> CaptionRun:
-    """Caption ``image_ids``, reusing and extending a cache.
+def caption_images(captioner: Any, image_ids: Sequence[str], images: Any, *,
+                   cache_path: str | os.PathLike | None = None, batch_size: int = 16, skip_empty: bool = False,
+                   show_progress: bool = True) -> CaptionRun:
+    """Caption ``image_ids`` with ``captioner`` (callable with ``name``), reusing and extending a cache.
 
     Args:
-        captioner: the captioner protocol (callable with ``name``).
-        images: an ImageStore (``load_pil``), a Mapping id -> PIL image or (C, H, W) tensor, or a
-            callable id -> PIL image; images are loaded only for ids not yet cached.
+        images: an ImageStore (``load_pil``), a Mapping id -> PIL image or (C, H, W) tensor, or a callable
+            id -> PIL image; loaded only for ids not yet cached.
         cache_path: JSONL cache (see :class:`CaptionCache`); None = no cache.
-        skip_empty: an empty/whitespace caption is a DataError naming the id (False), or skipped,
-            counted in ``skipped`` and not cached (True).
+        skip_empty: an empty/whitespace caption is a DataError naming the id (False), or skipped, counted in
+            ``skipped`` and not cached (True).
     """
     check_captioner(captioner)
     check_positive_int("batch_size", batch_size)
@@ -581,10 +477,9 @@ def caption_images(
         batch = todo[start:start + batch_size]
         captions = captioner(batch, [load(i) for i in batch])
         if not isinstance(captions, (list, tuple)) or len(captions) != len(batch):
+            got = len(captions) if isinstance(captions, (list, tuple)) else type(captions)
             raise ModelProtocolError(explain(f"captioner {captioner.name} returned the wrong number of captions",
-                                             got=len(captions) if isinstance(captions, (list,
-                                                                                        tuple)) else type(captions),
-                                             expected=len(batch)))
+                                             got=got, expected=len(batch)))
         keep = []
         for image_id, caption in zip(batch, captions):
             if not isinstance(caption, str) or not caption.strip():
@@ -600,10 +495,8 @@ def caption_images(
         run.new += len(keep)
         bar.update(len(batch))
     bar.close()
-    for image_id in ids:
-        if image_id in known:
-            run.captions.setdefault(image_id, known[image_id])
-    run.captions = {i: run.captions[i] for i in ids if i in run.captions}
+    found = {**known, **run.captions}
+    run.captions = {i: found[i] for i in ids if i in found}
     if run.skipped:
         logger.warning("captioning: skipped %d images with empty captions", len(run.skipped))
     return run

@@ -1,26 +1,21 @@
 """Pair each image with a moderately dissimilar partner drawn from a rank window.
 
-For every query image, all *candidate* images (every other image, minus the query's exact
-duplicates, and, with ``groups``, minus images of another group) are ranked by cosine similarity
-to the query, best first. Rank 0 is the most similar candidate. Partners are drawn uniformly,
-without replacement, from the ranks ``[a, b)`` of that ranking.
+For every query image, all *candidate* images (every other image, minus the query's exact duplicates, and,
+with ``groups``, minus images of another group) are ranked by cosine similarity to the query, best first (rank
+0 is the most similar). Partners are drawn uniformly, without replacement, from the ranks ``[a, b)``.
 
-Streams, for N up to 1e6: query rows are processed ``chunk_size`` at a time, each chunk holding one
-``(chunk, N)`` score block, never the N x N matrix, and never a top-b of width ~N. Per query row the
-window is found by order statistics: the scores at rank a and rank b - 1 (two selections) bound it,
-every score between them is a member, and a row holding more than b - a such scores (equal scores at a
-boundary) is resolved by the tie rule. Only the b - a members are hashed. CPU float32/float64 input:
-numpy's introselect per row, rows spread over ``torch.get_num_threads()`` threads; any other device or
-dtype: ``torch.kthvalue`` and a masked ``topk`` per block on the input's device. Both are exact and give
-the same draw (benchmarks/RESULTS.md: N = 200k on 2 CPU threads, and the estimate for 1e6 on a GPU).
+Streams, for N up to 1e6: ``chunk_size`` query rows at a time, one ``(chunk, N)`` score block each, never the
+N x N matrix nor a top-b of width ~N. Per row the scores at rank a and rank b - 1 (two selections) bound the
+window; a row with more than b - a scores between them (equal scores at a boundary) is resolved by the tie
+rule; only the b - a members are hashed. CPU float32/float64: numpy's introselect per row over
+``torch.get_num_threads()`` threads; any other device or dtype: ``torch.kthvalue`` and a masked ``topk`` per
+block. Both are exact and draw the same (benchmarks/RESULTS.md: N = 200k on 2 CPU threads, 1e6 on a GPU).
 
-Tie rule: candidates with equal cosine are ordered by their position in the input (earlier
-first).
+Tie rule: candidates with equal cosine are ordered by their position in the input (earlier first).
 
-Draw rule: query q's partners are the ``partners_per_image`` window members j with the smallest
-key ``splitmix64(seed * 2**40 + q * N + j)`` (a bijective hash, so keys never tie). This is a
-uniform draw without replacement that depends only on ``seed``, the query's row, the candidates'
-rows and the window, never on ``chunk_size`` or on topk's internal order.
+Draw rule: query q's partners are the ``partners_per_image`` window members j with the smallest key
+``splitmix64(seed * 2**40 + q * N + j)`` (bijective, so keys never tie): a uniform draw without replacement
+that depends only on ``seed``, the query's row, the candidates' rows and the window, never on ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -49,14 +44,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RankWindow:
-    """A rank window ``[start, stop)``.
-
-    ``start``/``stop`` are both ints (absolute ranks) or both floats in ``[0, 1]`` (fractions of the
-    query's candidate count M, resolved as ``floor(start * M)``, ``floor(stop * M)``; a fractional window
-    always holds at least the rank it starts at, so "the nearest 1%" of fewer than 100 candidates is the
-    nearest one rather than nothing). A negative
-    ``start`` means "any candidate" (the whole ranking; ``stop`` is then ignored).
-    """
+    """A rank window ``[start, stop)``: both ints (absolute ranks) or both floats in ``[0, 1]`` (fractions of the
+    query's candidate count M: ``floor(start * M)``, ``floor(stop * M)``, holding at least the rank it starts
+    at, so "the nearest 1%" of fewer than 100 candidates is the nearest one). A negative ``start`` means "any
+    candidate" (``stop`` is then ignored)."""
 
     start: int | float
     stop: int | float
@@ -92,9 +83,8 @@ def parse_rank_window(window: Any) -> RankWindow:
         except ValueError:
             values = None
         if values is None or len(values) not in (1, 2):
-            raise ConfigError(explain("cannot parse the rank window", got=window,
-                                      expected="'a,b' with ints (ranks) or floats in [0,1] (fractions), "
-                                               "or '-1' for any",
+            expected = "'a,b' with ints (ranks) or floats in [0,1] (fractions), or '-1' for any"
+            raise ConfigError(explain("cannot parse the rank window", got=window, expected=expected,
                                       fix="write e.g. '10000,15000' or '0.2,0.3'"))
         window = tuple(values) if len(values) == 2 else (values[0], values[0])
     if not isinstance(window, (tuple, list)) or len(window) != 2:
@@ -102,10 +92,8 @@ def parse_rank_window(window: Any) -> RankWindow:
                                   expected="(int, int) ranks or (float, float) fractions of N",
                                   fix="pass e.g. (10000, 15000) or (0.2, 0.3); a < 0 means any image"))
     a, b = window
-    for value in (a, b):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(explain("rank_window bounds must be numbers", got=window,
-                                      fix="pass two ints or two floats"))
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in (a, b)):
+        raise ConfigError(explain("rank_window bounds must be numbers", got=window, fix="pass two ints or two floats"))
     if a < 0:
         return RankWindow(-1, -1)
     if isinstance(a, int) and isinstance(b, int):
@@ -158,11 +146,8 @@ def _splitmix(z: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
 
 
 def _tie_window(block: torch.Tensor, a: int, b: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Exact window mask (r, N) of score rows ``block`` (r, N) whose rank-a score is hi (r,), rank-(b-1) lo (r,).
-
-    Scores strictly between lo and hi are members; a score equal to either has rank
-    ``#greater + (its position among the equal ones, by index)`` and is a member when that lies in [a, b).
-    """
+    """Exact window mask (r, N) of score rows ``block`` (r, N) whose rank-a score is hi (r,), rank-(b-1) lo (r,):
+    a score equal to either has rank ``#greater + (its position among the equal ones)``, a member in [a, b)."""
     lo, hi = lo[:, None], hi[:, None]
     inside = (block > lo) & (block < hi)
     for v in (lo, hi):
@@ -173,11 +158,8 @@ def _tie_window(block: torch.Tensor, a: int, b: int, lo: torch.Tensor, hi: torch
 
 
 def _row_partners(s: np.ndarray, a: int, b: int, offset: int, k: int) -> list[int]:
-    """The draw of one query row: scores s (N,) (-inf where excluded), window [a, b) with b <= candidates.
-
-    Ascending position N - 1 - t of a partitioned copy holds rank t. Two single-kth introselects: the
-    first at whichever boundary leaves the narrower side, the second within that side.
-    """
+    """The draw of one query row: scores s (N,) (-inf where excluded), window [a, b) with b <= candidates. Rank t
+    sits at ascending position N - 1 - t; two introselects, the first at the boundary with the narrower side."""
     n = s.size
     if a >= b:
         return []
@@ -220,36 +202,24 @@ def _block_partners(block: torch.Tensor, a: int, b: int, offsets: torch.Tensor, 
     return torch.topk(keys, min(k, b - a), dim=1, largest=False, sorted=True).indices.tolist()
 
 
-def select_partners(
-    embeddings: torch.Tensor,
-    *,
-    rank_window: Any,
-    partners_per_image: int = 1,
-    seed: int = 0,
-    groups: Sequence[Any] | None = None,
-    duplicates: Sequence[Any] | None = None,
-    query_rows: Sequence[int] | None = None,
-    chunk_size: int = 256,
-    normalize: bool = True,
-    show_progress: bool = False,
-) -> list[list[int]]:
+def select_partners(embeddings: torch.Tensor, *, rank_window: Any, partners_per_image: int = 1, seed: int = 0,
+                    groups: Sequence[Any] | None = None, duplicates: Sequence[Any] | None = None,
+                    query_rows: Sequence[int] | None = None, chunk_size: int = 256, normalize: bool = True,
+                    show_progress: bool = False) -> list[list[int]]:
     """Draw partners for each query row from its rank window (streaming: see the module docstring).
 
     Args:
         embeddings: (N, D) float; rows are L2-normalised here unless ``normalize=False``.
         rank_window: see :func:`parse_rank_window`.
-        partners_per_image: partners drawn per query, without replacement; a query whose window
-            holds fewer gets the whole window.
-        seed: the draw's seed.
-        groups: optional per-row labels (length N); candidates must share the query's label and
-            ranks (and fractions) count within the group.
-        duplicates: optional per-row duplicate-group ids (length N); rows sharing the query's id
-            are excluded (the query itself always is).
+        partners_per_image: drawn per query without replacement (a smaller window gives all its members).
+        groups: optional per-row labels (length N); candidates share the query's label, ranks (and fractions)
+            count within the group.
+        duplicates: optional per-row duplicate-group ids (length N); rows sharing the query's are excluded (the
+            query itself always is).
         query_rows: rows that get partners (default: all N), in the order returned.
         chunk_size: query rows per (chunk, N) score block.
 
-    Returns:
-        one list of partner row indices per query row (in draw order); empty if the window is empty.
+    Returns one list of partner row indices per query row, in draw order (empty for an empty window).
     """
     window = parse_rank_window(rank_window)
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
@@ -268,7 +238,7 @@ def select_partners(
     if rows_all.numel() and (int(rows_all.min()) < 0 or int(rows_all.max()) >= n):
         raise ConfigError(explain("query_rows out of range", got=(int(rows_all.min()), int(rows_all.max())),
                                   expected=f"0 <= row < {n}"))
-    # candidates per row from the labels: same group, not the row's duplicate group (itself included)
+    # candidates per row: same group, not the row's duplicate group (itself included)
     g_list = group.tolist() if group is not None else [0] * n
     d_list = dup.tolist() if dup is not None else list(range(n))
     g_size, gd_size = Counter(g_list), Counter(zip(g_list, d_list))
@@ -302,19 +272,16 @@ def select_partners(
             result.extend(picks)
             bar.update(c)
     bar.close()
-    empty = sum(1 for r in result if not r)
-    if empty:
+    if empty := sum(1 for r in result if not r):
         logger.info("pairing: %d of %d query images have an empty rank window", empty, len(result))
     return result
 
 
-def pair_embeddings(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
-                    images: Mapping[str, torch.Tensor], *, batch_size: int = 64,
-                    show_progress: bool = False) -> torch.Tensor:
+def pair_embeddings(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str], images: Mapping, *,
+                    batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
     """(N, D) float32 CPU pair embeddings through the package's one embedding loop (tokens mean-pooled)."""
-    return embed_images(encoder, image_ids, images, batch_size=batch_size, output_device="cpu",
-                        pool_tokens=True, show_progress=show_progress,
-                        desc="pairing: embedding images").float()  # (N, D)
+    return embed_images(encoder, image_ids, images, batch_size=batch_size, output_device="cpu", pool_tokens=True,
+                        show_progress=show_progress, desc="pairing: embedding images").float()
 
 
 @dataclass
@@ -326,47 +293,30 @@ class PairingResult:
     info: dict = field(default_factory=dict)
 
 
-def pair_images(
-    encoder: Callable[[torch.Tensor], torch.Tensor],
-    image_ids: Sequence[str],
-    images: Mapping[str, torch.Tensor],
-    *,
-    rank_window: Any,
-    partners_per_image: int = 1,
-    seed: int = 0,
-    groups: Mapping[str, Any] | None = None,
-    duplicates: Mapping[str, str] | None = None,
-    query_ids: Sequence[str] | None = None,
-    batch_size: int = 64,
-    chunk_size: int = 512,
-    show_progress: bool = False,
-) -> PairingResult:
-    """Embed ``image_ids`` and draw partners for ``query_ids`` (default all) among ``image_ids``.
-
-    ``groups``: id -> label constraint (e.g. FashionIQ category); ``duplicates``: id -> duplicate
-    group id (from :func:`cir_plugins.data.dedup.find_duplicates`), excluded as partners.
-    """
+def pair_images(encoder: Callable[[torch.Tensor], torch.Tensor], image_ids: Sequence[str],
+                images: Mapping[str, torch.Tensor], *, rank_window: Any, partners_per_image: int = 1, seed: int = 0,
+                groups: Mapping[str, Any] | None = None, duplicates: Mapping[str, str] | None = None,
+                query_ids: Sequence[str] | None = None, batch_size: int = 64, chunk_size: int = 512,
+                show_progress: bool = False) -> PairingResult:
+    """Embed ``image_ids`` and draw partners for ``query_ids`` (default all) among them: ``groups`` id -> label
+    constraint (e.g. FashionIQ category); ``duplicates`` id -> duplicate group id (from
+    :func:`cir_plugins.data.dedup.find_duplicates`), excluded as partners."""
     ids = list(image_ids)
     if len(set(ids)) != len(ids):
         raise DataError(explain("image_ids contain repeats", fix="pass each id once"))
     row_of = {i: r for r, i in enumerate(ids)}
     query = ids if query_ids is None else list(query_ids)
-    unknown = [i for i in query if i not in row_of]
-    if unknown:
+    if unknown := [i for i in query if i not in row_of]:
         raise DataError(explain("query ids are not among image_ids", got=unknown[:5]))
     for name, mapping in (("groups", groups), ("duplicates", duplicates)):
-        if mapping is not None:
-            lacking = [i for i in ids if i not in mapping]
-            if lacking:
-                raise DataError(explain(f"{name} has no entry for some image ids", got=lacking[:5],
-                                        fix=f"give every image id a {name} label"))
+        if mapping is not None and (lacking := [i for i in ids if i not in mapping]):
+            raise DataError(explain(f"{name} has no entry for some image ids", got=lacking[:5],
+                                    fix=f"give every image id a {name} label"))
     embeddings = pair_embeddings(encoder, ids, images, batch_size=batch_size, show_progress=show_progress)  # (N, D)
     picks = select_partners(
         embeddings, rank_window=rank_window, partners_per_image=partners_per_image, seed=seed,
         groups=[groups[i] for i in ids] if groups is not None else None,
         duplicates=[duplicates[i] for i in ids] if duplicates is not None else None,
-        query_rows=[row_of[i] for i in query], chunk_size=chunk_size, show_progress=show_progress,
-    )
-    partners = {qid: [ids[p] for p in row] for qid, row in zip(query, picks)}
-    return PairingResult(partners=partners, windows_empty=sum(1 for r in picks if not r),
-                         info={"images": len(ids), "queries": len(query)})
+        query_rows=[row_of[i] for i in query], chunk_size=chunk_size, show_progress=show_progress)
+    return PairingResult(partners={qid: [ids[p] for p in row] for qid, row in zip(query, picks)},
+                         windows_empty=sum(1 for r in picks if not r), info={"images": len(ids), "queries": len(query)})

@@ -1,39 +1,26 @@
 """Rewriters: turn the template texts of generated pairs into relative modification texts.
 
-A template text names both captions ("a white cat on a bed instead of a black cat on a chair"); what
-people type when they search is a relative request ("make the cat white and put it on a bed"). A
-rewriter takes the captioned pairs and their template texts together, as a batch:
+A template text names both captions ("a white cat on a bed instead of a black cat on a chair"); people search
+with a relative request ("make the cat white and put it on a bed"). A rewriter takes a batch of captioned pairs
+with their ``(template, text)`` candidates (:class:`~cir_plugins.positives.templates.TextMaker`'s):
 
     run = rewriter.rewrite_pairs(pairs, texts)   # pairs: [(reference caption, target caption)]
     run.texts                                    # per pair: [(origin, text), ...]
 
-``texts`` holds, per pair, the ``(template, text)`` candidates that :class:`~cir_plugins.positives.templates.TextMaker`
-filled; every output text comes with its origin (the template it was filled from, or ``"rewrite:<name>"``
-for a text the model wrote). The augmenter (``TripletAugmenter(..., rewriter=...)``) runs this step on
-every pair after captioning and before the text-length check. Two rewriters ship:
+Each output text has its origin: its template, or ``"rewrite:<name>"`` for a model's text. The augmenter runs
+this after captioning, before the text-length check. :class:`LLMRewriter`: a causal LM through its chat
+template, prompted with a few annotated examples (reference caption, target caption, the human's text); greedy,
+seeded, batched, cached (JSONL beside the captions, keyed by the rewriter's name and the two captions), with a
+word limit; an unusable answer (:func:`unusable_reason`) leaves the pair its template texts, counted in
+``run.fallback`` / ``run.reasons``. :class:`TextHookRewriter`: a per-text function ``text -> text`` (the
+``rewrite=`` hook; the synthetic world's ``SyntheticRewriter`` is one).
 
-- :class:`LLMRewriter`: a transformers causal language model used through its chat template. Its prompt
-  shows a few annotated examples (reference caption, target caption, the human's text) and asks for one
-  short relative text for the new pair. Greedy and seeded (the same pairs give the same texts), batched
-  with left padding, cached (a JSONL file beside the captions, keyed by a hash of the rewriter's name,
-  which holds the model and the prompt version, and the two captions), with a word limit. When the model
-  gives nothing usable (empty, only punctuation, a caption repeated verbatim, the prompt's own labels,
-  over the word limit) the pair keeps its template texts; ``run.rewritten`` / ``run.fallback`` count
-  both, and ``run.reasons`` says why each fallback happened.
-- :class:`TextHookRewriter`: any per-text function ``text -> text`` applied to each template text (the
-  ``rewrite=`` hook of TextMaker and TripletAugmenter is adapted to this, so there is one rewrite step).
-  The synthetic world's oracle, :class:`cir_plugins.data.synthetic.SyntheticRewriter`, is such a hook.
-
-Which model to pick. Any instruct (chat) model that ``AutoModelForCausalLM`` loads and whose tokenizer
-has a chat template works, e.g. ``Qwen/Qwen2.5-0.5B-Instruct`` or ``Qwen/Qwen2.5-1.5B-Instruct``,
-``HuggingFaceTB/SmolLM2-1.7B-Instruct``, ``meta-llama/Llama-3.2-1B-Instruct`` (gated on the Hub) or
-``microsoft/Phi-3.5-mini-instruct``. This project has not measured how well any of them rewrites or what
-their texts add to training; read a sample of ``run.texts`` (the generated file keeps both captions and
-every text) before training on them, and compare with the template texts on a validation split.
-
-Examples. :data:`DEFAULT_EXAMPLES` is a small set written for this library (everyday scenes and one
-garment, no dataset's own annotations). Better: a few of your own dataset's annotated triplets whose
-images you have captioned, :func:`examples_from_triplets`.
+Models: any instruct model ``AutoModelForCausalLM`` loads whose tokenizer has a chat template, e.g.
+``Qwen/Qwen2.5-0.5B-Instruct`` / ``-1.5B-Instruct``, ``HuggingFaceTB/SmolLM2-1.7B-Instruct``,
+``meta-llama/Llama-3.2-1B-Instruct`` (gated) or ``microsoft/Phi-3.5-mini-instruct``. This project has not
+measured how well any rewrites or what their texts add to training: read a sample of ``run.texts`` first and
+compare with the template texts on a validation split. Examples: :data:`DEFAULT_EXAMPLES` (written for this
+library, no dataset's annotations); better, a few of your own annotated triplets, :func:`examples_from_triplets`.
 """
 
 from __future__ import annotations
@@ -42,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,11 +80,9 @@ def _norm(text: str) -> str:
 
 
 def unusable_reason(text: str, reference: str, target: str, max_words: int) -> str | None:
-    """Why a model's ``text`` cannot serve as the pair's modification text, or None when it can.
-
-    Reasons: "empty" (no letter or digit), "echo" (one of the captions, or both, repeated: words compared
-    case-insensitively), "prompt" (it still holds the prompt's "Reference:" / "Target:" labels),
-    "too_long" (more than ``max_words`` words)."""
+    """Why a model's ``text`` cannot serve as the pair's modification text, or None when it can: "empty" (no letter
+    or digit), "echo" (one or both captions repeated, words compared case-insensitively), "prompt" (it holds the
+    prompt's "Reference:" / "Target:" labels), "too_long" (more than ``max_words`` words)."""
     words = _norm(text)
     if not words:
         return "empty"
@@ -120,49 +106,35 @@ def _check_examples(examples: Any) -> tuple[Example, ...]:
         raise ConfigError(explain("examples must be a non-empty list of (reference caption, target caption, text)",
                                   got=type(examples).__name__,
                                   fix="pass DEFAULT_EXAMPLES or examples_from_triplets(...)"))
-    out = []
     for index, example in enumerate(examples):
         if (not isinstance(example, (list, tuple)) or len(example) != 3
                 or not all(isinstance(x, str) and x.strip() for x in example)):
             raise ConfigError(explain(f"example #{index} is not three non-empty strings", got=example,
                                       expected="(reference caption, target caption, human text)"))
-        out.append(tuple(x.strip() for x in example))
-    return tuple(out)
+    return tuple(tuple(x.strip() for x in example) for example in examples)
 
 
 def examples_from_triplets(triplets: Sequence[Any], captions: Mapping[str, str], k: int = 4,
                            seed: int = 0) -> list[Example]:
-    """In-context examples from annotated triplets whose two images have captions.
-
-    Args:
-        triplets: annotated :class:`~cir_plugins.Triplet` objects (their first text is the human's).
-        captions: image id -> caption (e.g. ``caption_images(...).captions``, or a captions file).
-        k: how many examples (drawn with ``seed`` among the triplets whose both images are captioned).
-
-    Raises DataError when fewer than ``k`` triplets have both captions."""
-    import random
-
+    """``k`` in-context examples, drawn with ``seed`` among the annotated ``triplets`` (their first text is the
+    human's) whose two images have ``captions`` (id -> caption, e.g. ``caption_images(...).captions``); a
+    DataError when fewer than ``k`` have both."""
     check_positive_int("k", k)
     usable = [t for t in triplets if captions.get(t.reference, "").strip() and captions.get(t.target, "").strip()
               and t.texts and t.texts[0].strip()]
     if len(usable) < k:
         raise DataError(explain(f"only {len(usable)} annotated triplets have captions of both images", got=len(usable),
                                 expected=f">= {k}", fix="caption more of the annotated triplets' images or lower k"))
-    picked = random.Random(seed).sample(usable, k)
-    return [(captions[t.reference].strip(), captions[t.target].strip(), t.texts[0].strip()) for t in picked]
+    return [(captions[t.reference].strip(), captions[t.target].strip(), t.texts[0].strip())
+            for t in random.Random(seed).sample(usable, k)]
 
 
 @dataclass
 class RewriteRun:
-    """What one ``rewrite_pairs`` call did.
-
-    Attributes:
-        texts: per pair, the ``(origin, text)`` candidates (origin: a template, or ``"rewrite:<name>"``).
-        rewritten: pairs whose texts the rewriter wrote; fallback: pairs that kept their template texts.
-        reasons: fallback reason -> count (see :func:`unusable_reason`; "unchanged" for a hook that
-            returned its text).
-        cached / new: model answers read from the cache / generated now; model_calls: ``generate`` calls.
-        torn_lines: torn last lines of the cache file that were cut off.
+    """What one ``rewrite_pairs`` call did: ``texts`` (per pair, its ``(origin, text)`` candidates), ``rewritten``
+    / ``fallback`` (pairs whose texts the rewriter wrote / that kept their template texts), ``reasons`` (fallback
+    reason -> count: :func:`unusable_reason`, or "unchanged" for a hook that returned its text), ``cached`` /
+    ``new`` (answers read from the cache / generated now), ``model_calls`` and ``torn_lines`` (cut from the cache).
     """
 
     texts: list[list[tuple[str, str]]]
@@ -188,10 +160,8 @@ def _check_inputs(pairs: Sequence[tuple[str, str]], texts: Sequence[Sequence[tup
 
 
 class TextHookRewriter:
-    """A per-text function ``text -> text`` as a rewriter: each template text of each pair goes through it.
-
-    The hook must return a non-empty string (a DataError otherwise). A text that comes back unchanged
-    counts as a fallback ("unchanged"); a pair counts as rewritten when any of its texts changed."""
+    """A per-text function ``text -> text`` as a rewriter. The hook must return a non-empty string (a DataError
+    otherwise); a pair is rewritten when any of its texts changed, else a fallback ("unchanged")."""
 
     def __init__(self, hook: Callable[[str], str]) -> None:
         if not callable(hook):
@@ -224,8 +194,8 @@ class TextHookRewriter:
 
 
 def rewriter_from_spec(spec: str, **kwargs: Any) -> LLMRewriter:
-    """A rewriter from a spec: ``"hf:<hub name or local path>"``, or the path of a local model folder;
-    ``kwargs`` go to :class:`LLMRewriter` (device, batch_size, max_words, examples, ...)."""
+    """An :class:`LLMRewriter` (``kwargs``: device, batch_size, max_words, ...) from a spec:
+    ``"hf:<hub name or local path>"``, or the path of a local model folder."""
     kind, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == "hf" and rest.strip():
         return LLMRewriter(rest.strip(), **kwargs)
@@ -256,52 +226,27 @@ class LLMRewriter:
     """Relative modification texts from a chat language model (transformers ``AutoModelForCausalLM``).
 
     Args:
-        model: hub name or local path (``AutoModelForCausalLM`` + ``AutoTokenizer``), or a loaded model
-            (then pass ``tokenizer``).
-        tokenizer: a loaded tokenizer with a chat template (only with a loaded model).
-        examples: the in-context examples, ``(reference caption, target caption, human text)``; default
-            :data:`DEFAULT_EXAMPLES`; see :func:`examples_from_triplets`.
-        max_words: the word limit, stated in the prompt and checked on the answer.
-        long_output: an answer over ``max_words``: "fallback" (the pair keeps its template texts, default)
-            or "cut" (its first ``max_words`` words).
-        max_new_tokens: generation length.
-        batch_size: pairs per ``generate`` call (prompts left-padded).
-        device, dtype: where and in which dtype the model runs.
-        seed: torch is seeded with it around each ``generate`` call (decoding is greedy; the seed only
-            matters when ``generate_kwargs`` turns sampling on).
-        system_message: put the instructions in a system turn (True) or at the start of the first user
-            turn (False: for chat templates without a system role).
-        generate_kwargs: more ``generate`` arguments (default ``do_sample=False``, one beam).
-        trust_remote_code: passed to ``from_pretrained``; off by default.
+        model: hub name or local path (``AutoModelForCausalLM`` + ``AutoTokenizer``), or a loaded model (then
+            pass ``tokenizer``, one with a chat template).
+        examples: in-context ``(reference caption, target caption, human text)``; default :data:`DEFAULT_EXAMPLES`.
+        max_words, long_output: the word limit (in the prompt, checked on the answer); an answer over it: "fallback"
+            (the pair keeps its template texts, default) or "cut" (its first ``max_words`` words).
+        max_new_tokens: generation length; batch_size: pairs per ``generate`` call (prompts left-padded).
+        device, dtype, seed: where and in which dtype it runs; torch is seeded around each ``generate`` call.
+        system_message: the instructions in a system turn (True) or at the start of the first user turn (False:
+            for chat templates without a system role).
+        generate_kwargs, trust_remote_code: more ``generate`` arguments (default greedy); for ``from_pretrained``.
 
-    The tokenizer's padding side is set to "left" (and its pad token to its EOS token when it has none),
-    so that every prompt of a batch ends where generation starts.
-
-    Attributes:
-        name: ``"hf-rewrite:<model>:<hash of prompt version, instructions, examples, settings>"``; it keys
-            the cache, so a new prompt or new examples never reuse old answers.
-        generate_calls, pairs_generated: counts so far.
-
-    Shapes: input ids (n, L) left-padded; generated ids (n, L + new).
+    The tokenizer pads on the left (pad token = EOS when it has none), so every prompt ends where generation
+    starts. Attributes: ``name`` ``"hf-rewrite:<model>:<hash of prompt version, instructions, examples,
+    settings>"`` keys the cache (a new prompt or new examples never reuse old answers); ``generate_calls``,
+    ``pairs_generated``. Shapes: input ids (n, L) left-padded; generated ids (n, L + new).
     """
 
-    def __init__(
-        self,
-        model: Any,
-        *,
-        tokenizer: Any = None,
-        examples: Sequence[Example] | None = None,
-        max_words: int = 20,
-        long_output: str = "fallback",
-        max_new_tokens: int = 40,
-        batch_size: int = 8,
-        device: str | torch.device = "cpu",
-        dtype: Any = None,
-        seed: int = 0,
-        system_message: bool = True,
-        generate_kwargs: Mapping[str, Any] | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
+    def __init__(self, model: Any, *, tokenizer: Any = None, examples: Sequence[Example] | None = None,
+                 max_words: int = 20, long_output: str = "fallback", max_new_tokens: int = 40, batch_size: int = 8,
+                 device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0, system_message: bool = True,
+                 generate_kwargs: Mapping[str, Any] | None = None, trust_remote_code: bool = False) -> None:
         check_positive_ints(max_words=max_words, max_new_tokens=max_new_tokens, batch_size=batch_size)
         check_positive_int("seed", seed, minimum=0)
         if long_output not in LONG_OUTPUT:
@@ -326,10 +271,8 @@ class LLMRewriter:
                                max_new_tokens, self.system_message,
                                sorted((str(a), str(b)) for a, b in self.generate_kwargs.items())])
         self.name = f"hf-rewrite:{source}:{hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()}"
-        self.generate_calls = 0
-        self.pairs_generated = 0
+        self.generate_calls = self.pairs_generated = 0
 
-    # --- prompt ---------------------------------------------------------------------------------------
     def messages_for(self, reference: str, target: str) -> list[dict[str, str]]:
         """The chat: instructions, one user/assistant exchange per example, then the pair's question."""
         instructions = SYSTEM_PROMPT.format(max_words=self.max_words)
@@ -348,7 +291,6 @@ class LLMRewriter:
         return self.tokenizer.apply_chat_template(self.messages_for(reference, target), add_generation_prompt=True,
                                                   tokenize=False)
 
-    # --- generation -----------------------------------------------------------------------------------
     def _generate(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         prompts = [self.prompt_for(r, t) for r, t in pairs]
         # the template already holds the special tokens (BOS, turn markers): add none
@@ -367,26 +309,19 @@ class LLMRewriter:
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         """The model's cleaned answer for each (reference caption, target caption), in ``batch_size`` calls."""
-        out: list[str] = []
-        for start in range(0, len(pairs), self.batch_size):
-            out += self._generate(pairs[start:start + self.batch_size])
-        return out
+        size = self.batch_size
+        return [a for start in range(0, len(pairs), size) for a in self._generate(pairs[start:start + size])]
 
     def cache_key(self, reference: str, target: str) -> str:
-        """The cache record id of one pair: a hash of this rewriter's name (model, prompt version, examples,
-        settings) and the two captions."""
+        """The cache record id of one pair: a hash of this rewriter's name and the two captions."""
         payload = json.dumps([self.name, reference, target], ensure_ascii=False).encode()
         return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
     def rewrite_pairs(self, pairs: Sequence[tuple[str, str]], texts: Sequence[Sequence[tuple[str, str]]], *,
                       cache_path: str | os.PathLike | None = None, show_progress: bool | str = True) -> RewriteRun:
-        """One rewritten text per pair, or its template texts when the answer is unusable.
-
-        Args:
-            pairs: (reference caption, target caption) per pair.
-            texts: per pair, its ``(template, text)`` candidates (the fallback).
-            cache_path: JSONL cache of the model's answers (the caption cache's format); None = none.
-        """
+        """One rewritten text per pair (``pairs``: (reference caption, target caption)), or its ``texts`` (its
+        ``(template, text)`` candidates) when the answer is unusable; ``cache_path``: JSONL cache of the model's
+        answers (the caption cache's format), None = none."""
         _check_inputs(pairs, texts)
         cache = CaptionCache(cache_path, self.name, keep_empty=True) if cache_path is not None else None
         known = cache.captions if cache is not None else {}
@@ -404,8 +339,7 @@ class LLMRewriter:
             answers.update(made)
             bar.update(len(chunk))
         bar.close()
-        run.model_calls, run.new = self.generate_calls - calls, len(todo)
-        run.cached = len(set(keys)) - len(todo)
+        run.model_calls, run.new, run.cached = self.generate_calls - calls, len(todo), len(set(keys)) - len(todo)
         origin = f"rewrite:{self.name}"
         for key, (reference, target), candidates in zip(keys, pairs, texts):
             answer = answers[key]

@@ -1,16 +1,15 @@
 """Modification texts from the reference caption R and the target caption T, by templates.
 
-The method's three templates are ``"{target} instead of {reference}"``, ``"Unlike {reference}, I
-want {target}"`` and ``"{target}"``. Presets: ``"cirr"`` (the first two), ``"fashioniq"``
-(``"{target}"`` only) and ``"all"``. Any other template string may use the placeholders
-``{reference}`` and ``{target}`` (write ``{{`` / ``}}`` for literal braces); unknown placeholders
-are an error. Captions are substituted as values, so braces inside a caption stay as they are.
-
-A generated triplet keeps every candidate text; one is drawn per training step.
+The method's three templates are ``"{target} instead of {reference}"``, ``"Unlike {reference}, I want
+{target}"`` and ``"{target}"``. Presets: ``"cirr"`` (the first two), ``"fashioniq"`` (``"{target}"`` only) and
+``"all"``. Any other template may use ``{reference}`` and ``{target}`` (``{{`` / ``}}`` for literal braces;
+other placeholders are an error); braces inside a caption stay as they are. A generated triplet keeps every
+candidate text; one is drawn per training step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import string
 from collections.abc import Callable, Sequence
@@ -28,11 +27,8 @@ logger = logging.getLogger(__name__)
 INSTEAD = "{target} instead of {reference}"
 UNLIKE = "Unlike {reference}, I want {target}"
 TARGET = "{target}"
-PRESETS: dict[str, tuple[str, ...]] = {
-    "cirr": (INSTEAD, UNLIKE),
-    "fashioniq": (TARGET,),
-    "all": (INSTEAD, UNLIKE, TARGET),
-}
+PRESETS: dict[str, tuple[str, ...]] = {"cirr": (INSTEAD, UNLIKE), "fashioniq": (TARGET,),
+                                       "all": (INSTEAD, UNLIKE, TARGET)}
 PLACEHOLDERS = ("reference", "target")
 FALLBACKS = ("target", "truncate", "error")
 
@@ -75,12 +71,7 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     if not isinstance(templates, (list, tuple)) or not templates:
         raise ConfigError(explain("templates must be a preset name or a non-empty list of template strings",
                                   got=templates, expected=sorted(PRESETS)))
-    out: list[str] = []
-    for item in templates:
-        for template in resolve_templates(item):
-            if template not in out:
-                out.append(template)
-    return tuple(out)
+    return tuple(dict.fromkeys(template for item in templates for template in resolve_templates(item)))
 
 
 def _check_caption(caption: Any, role: str) -> str:
@@ -112,20 +103,13 @@ def _counter(count_tokens: Any) -> Callable[[str], int]:
 class TextMaker:
     """Turn (reference caption, target caption) into the candidate texts of one triplet.
 
-    Fields:
-        templates: preset name or template strings (see :func:`resolve_templates`).
-        max_tokens: longest allowed text, in ``count_tokens`` units; None = no limit.
-        count_tokens: callable text -> int, or a tokenizer (``len(tokenizer.encode(text))``);
-            default whitespace word count.
-        fallback: what to do with a text over ``max_tokens``: "target" (use the target caption
-            alone, cut to the limit if it is still too long), "truncate" (drop trailing words until
-            it fits) or "error" (raise DataError).
-        rewrite: optional hook text -> text, applied to each filled text before the length check
-            (through :class:`~cir_plugins.positives.rewriters.TextHookRewriter`, the rewrite step the
-            augmenter runs on whole batches); off by default.
-
-    ``maker(reference, target)`` is :meth:`fill`, the hook, then :meth:`finish`; the augmenter calls the
-    two halves itself, with a batched rewriter between them.
+    Fields: ``templates`` (preset name or template strings, :func:`resolve_templates`); ``max_tokens`` (longest
+    text in ``count_tokens`` units, None = no limit); ``count_tokens`` (callable text -> int, or a tokenizer:
+    ``len(tokenizer.encode(text))``; default words); ``fallback`` for a text over ``max_tokens`` ("target": the
+    target caption alone, cut to the limit if still too long; "truncate": drop trailing words until it fits;
+    "error": DataError); ``rewrite`` (optional hook text -> text before the length check, as a
+    :class:`~cir_plugins.positives.rewriters.TextHookRewriter`). ``maker(reference, target)`` is :meth:`fill`,
+    the hook, then :meth:`finish`; the augmenter calls the two halves itself, a batched rewriter between them.
     """
 
     templates: Any = "cirr"
@@ -156,24 +140,23 @@ class TextMaker:
 
     def fit(self, text: str, target: str) -> str:
         """``text`` if it fits ``max_tokens``, else what ``fallback`` makes of it (counted in ``fallbacks_used``)."""
-        if self.max_tokens is None or self._count(text) <= self.max_tokens:
+        if self.max_tokens is None or (tokens := self._count(text)) <= self.max_tokens:
             return text
         if self.fallback == "error":
-            raise DataError(explain("a generated text is longer than max_tokens",
-                                    got=f"{self._count(text)} tokens: {text[:80]!r}", expected=f"<= {self.max_tokens}",
+            raise DataError(explain("a generated text is longer than max_tokens", got=f"{tokens} tokens: {text[:80]!r}",
+                                    expected=f"<= {self.max_tokens}",
                                     fix="raise max_tokens, shorten the captions, or use fallback='target'"))
         self.fallbacks_used += 1
         if self.fallbacks_used == 1:  # warn once per maker; the rest are counted in fallbacks_used
             logger.warning("a generated text is over max_tokens=%d (%d tokens); applying fallback=%r "
-                           "(further cases are only counted)", self.max_tokens, self._count(text), self.fallback)
+                           "(further cases are only counted)", self.max_tokens, tokens, self.fallback)
         if self.fallback == "truncate":
             return self._truncate(text)
         return target if self._count(target) <= self.max_tokens else self._truncate(target)
 
     def fill(self, reference: str, target: str) -> list[tuple[str, str]]:
         """``[(template, text), ...]``: every template filled with the two (non-empty) captions."""
-        reference = _check_caption(reference, "reference")
-        target = _check_caption(target, "target")
+        reference, target = _check_caption(reference, "reference"), _check_caption(target, "target")
         return [(template, template.format(reference=reference, target=target)) for template in self.templates]
 
     def finish(self, texts: list[tuple[str, str]], target: str) -> list[tuple[str, str]]:
@@ -187,8 +170,7 @@ class TextMaker:
         return out
 
     def __call__(self, reference: str, target: str) -> list[tuple[str, str]]:
-        """Return ``[(template, text), ...]``: one per template (after the ``rewrite`` hook and the length
-        policy), identical texts kept once."""
+        """``[(template, text), ...]``: one per template, after the ``rewrite`` hook and the length policy."""
         filled = self.fill(reference, target)
         if self._hook is not None:
             filled = self._hook.rewrite_pairs([(reference, target)], [filled]).texts[0]
@@ -196,16 +178,14 @@ class TextMaker:
 
 
 def text_limit_of(model: Any) -> dict[str, Any]:
-    """The length policy of a CIR model's text side: ``{"max_tokens": L, "count_tokens": f}``, or ``{}``
-    when the model says nothing about it. Pass it to the augmenter (``AugmentConfig(max_tokens=...)`` and
-    ``TripletAugmenter(count_tokens=...)``) or
-    :func:`fit_generated_texts`.
+    """The length policy of a CIR model's text side: ``{"max_tokens": L, "count_tokens": f}``, or ``{}`` when the
+    model says nothing about it; for the augmenter (``AugmentConfig(max_tokens=...)``,
+    ``TripletAugmenter(count_tokens=...)``) or :func:`fit_generated_texts`.
 
-    Read from, in order: ``model.max_text_tokens`` with ``model.count_text_tokens(text) -> int`` (declare
-    these on your model to be exact); else ``model.tokenizer`` with the limit in ``model.max_text_length``,
-    ``model.max_length`` or ``tokenizer.model_max_length`` (the example models), tokens counted as
-    ``len(tokenizer(text, truncation=False)["input_ids"])``, special tokens included. A wrapped model
-    (``cp.wrap_model``) forwards these attributes."""
+    Read from, in order: ``model.max_text_tokens`` with ``model.count_text_tokens(text) -> int`` (declare these
+    to be exact); else ``model.tokenizer`` with the limit in ``model.max_text_length``, ``model.max_length`` or
+    ``tokenizer.model_max_length``, counted as ``len(tokenizer(text, truncation=False)["input_ids"])``, special
+    tokens included. A wrapped model (``cp.wrap_model``) forwards these attributes."""
     limit, count = getattr(model, "max_text_tokens", None), getattr(model, "count_text_tokens", None)
     if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 and callable(count):
         return {"max_tokens": limit, "count_tokens": count}
@@ -225,15 +205,11 @@ def text_limit_of(model: Any) -> dict[str, Any]:
 
 def fit_generated_texts(triplets: Sequence[Any], *, max_tokens: int, count_tokens: Any = None,
                         fallback: str = "target") -> tuple[list[Any], dict[str, int]]:
-    """Generated triplets with every text over ``max_tokens`` handled by ``fallback`` (TextMaker's policy:
-    "target" = the target caption alone, as the method's release does, "truncate", "error").
-
-    Annotated triplets (``source != "generated"``) pass unchanged. With "target", a generated triplet
-    without ``meta["target_caption"]`` cannot fall back: its long texts are kept (the model's tokenizer
-    cuts them) and counted in ``"no_caption"``. Returns the triplets and the counts
-    ``{"texts": generated texts checked, "fallbacks": texts replaced or cut, "no_caption": ...}``."""
-    import dataclasses
-
+    """Generated triplets with every text over ``max_tokens`` handled by ``fallback`` (:class:`TextMaker`'s policy;
+    "target" as the method's release). Annotated triplets pass unchanged. With "target", a generated triplet
+    without ``meta["target_caption"]`` keeps its long texts (the model's tokenizer cuts them), counted in
+    ``"no_caption"``. Returns the triplets and ``{"texts": generated texts checked, "fallbacks": texts replaced
+    or cut, "no_caption": ...}``."""
     maker = TextMaker("all", max_tokens=max_tokens, count_tokens=count_tokens, fallback=fallback)
     out, checked, no_caption = [], 0, 0
     for triplet in triplets:
@@ -243,11 +219,9 @@ def fit_generated_texts(triplets: Sequence[Any], *, max_tokens: int, count_token
         checked += len(triplet.texts)
         target = (triplet.meta or {}).get("target_caption")
         if not (isinstance(target, str) and target.strip()) and fallback == "target":
-            long = sum(maker._count(text) > max_tokens for text in triplet.texts)
-            no_caption += long
+            no_caption += sum(maker._count(text) > max_tokens for text in triplet.texts)
             out.append(triplet)
             continue
-        texts = [text for _, text in maker.finish([("", text) for text in triplet.texts], target or triplet.texts[0])]
-        out.append(triplet if tuple(texts) == tuple(triplet.texts) else dataclasses.replace(triplet,
-                                                                                            texts=tuple(texts)))
+        texts = tuple(text for _, text in maker.finish([("", t) for t in triplet.texts], target or triplet.texts[0]))
+        out.append(triplet if texts == tuple(triplet.texts) else dataclasses.replace(triplet, texts=texts))
     return out, {"texts": checked, "fallbacks": maker.fallbacks_used, "no_caption": no_caption}

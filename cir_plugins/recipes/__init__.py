@@ -6,59 +6,36 @@
     recipe.stage2_config(output_dir="runs/s2")    # a validated Stage2Config
     recipe.evaluation["remove_reference"]         # True: the release removed it for its CLIP4Cir rows
 
-``cir-plugins recipe list`` / ``recipe show NAME`` print them; ``cir-plugins recipe run NAME`` runs one
-end to end (:func:`cir_plugins.recipes.run.reproduce`).
+``cir-plugins recipe list`` / ``recipe show NAME`` print them; ``cir-plugins recipe run NAME`` runs one end to
+end (:func:`cir_plugins.recipes.run.reproduce`). A recipe file holds (:func:`load_recipe` checks every field;
+an unknown or missing key is a ConfigError naming the file and the key):
 
-A recipe file holds (every field is checked by :func:`load_recipe`; an unknown or missing key is a
-ConfigError naming the file and the key):
+- ``name`` (= the file name), ``model`` (:data:`MODELS`), ``model_label``, ``dataset`` (cirr, fashioniq),
+  ``stage1`` (the checkpoint the paper starts stage 2 from), ``trains`` (what stage 2 trains in the release;
+  the model's own wrap decides here), ``fusion`` (how the query is composed).
+- ``start``: the pieces of the printed command: ``checkpoint`` (the release's starting file), ``convert`` (the
+  command making a folder the factory reads; null when none is needed or exists), ``model`` (the factory spec;
+  ``YOUR_*.py`` where there is no example model), ``factory_kwargs``, ``trained`` (a stage-1 result for
+  ``--trained``; null when the factory loads the checkpoint) and ``args`` (further flags).
+- ``generation``: :class:`Generation` fields. ``rank_window`` null = any image; the release counts the image
+  itself as rank 0, ours starts at the most similar other image, so the same numbers sit one rank apart. On
+  FashionIQ the three categories are ranked together; ``annotated_texts`` "release" = the release's four texts,
+  "both_orders" = the loader's default two.
+- ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all" or "triplets").
+- ``stage2``: :class:`~cir_plugins.training.config.Stage2Config` fields; ``annotated_fraction`` is the release's
+  annotated share among the samples its commands produce (uniform over annotated + generated), derived in
+  ``sources["annotated_fraction"]`` (where the generated count is only bounded, the bound).
+- ``stage1_training`` (optional, the zero-shot rows): Stage1Config fields of the in-batch stage 1.
+- ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (CIRR always; on FashionIQ the standard protocol
+  keeps the reference, the release removed it for CLIP4Cir and zero-shot, kept it for SPRC, BLIP4CIR, TG-CIR).
+- ``published``: ``split`` and the ``before`` / ``after`` numbers of docs/method.md section 7 (null when none);
+  ``notes``, ``sources``: where each number comes from and what a reader should know.
 
-- ``name`` (= the file name), ``model`` (clip4cir, tgcir, blip4cir, sprc, zeroshot), ``model_label``,
-  ``dataset`` (cirr, fashioniq), ``stage1`` (the checkpoint the paper starts stage 2 from), ``trains`` (what
-  stage 2 trains, as the release trains it; the model's own wrap decides what actually trains), ``fusion``
-  (how the query is composed).
-- ``start``: how to get the starting model, the pieces of the printed command (``cir-plugins recipe list``):
-  ``checkpoint`` (which file the release started from), ``convert`` (the command that turns it into a folder
-  the factory reads; null when none is needed or none exists here), ``model`` (the factory spec; ``YOUR_*.py``
-  where this repository has no example model), ``factory_kwargs``, ``trained`` (a stage-1 result for
-  ``--trained``; null when the factory loads the checkpoint itself) and ``args`` (further flags).
-- ``generation``: ``annotated`` (train on the annotated triplets too; False = zero-shot), ``prompt`` (the
-  captioner's prompt with ``{k}``, and ``{category}`` on FashionIQ), ``words`` (k), ``rank_window`` ([a, b)
-  ranks of the pair encoder's ranking; null = any image, drawn uniformly; the release's ranking counts the
-  image itself as rank 0, ours starts at the most similar other image, so the same numbers sit one rank
-  apart), ``partners_per_image``,
-  ``refer_only``, ``max_triplets`` (K, null = all), ``templates`` (placeholders ``{reference}``/``{target}``),
-  ``pool`` (the images that are paired and ranked: "triplets" = the images the annotated training triplets
-  name, as the release's generation script does, 25,136 on FashionIQ; "all" = every training image) and
-  ``annotated_texts`` (FashionIQ: which texts an annotated triplet draws from in training, "release" = the
-  release's four, "c0 and c1", "c1 and c0", "c0", "c1"; "both_orders" = the loader's default two; null on CIRR).
-  Optional: ``rewriter`` (a text rewriter spec, ``"hf:<model name or path>"`` for
-  :class:`~cir_plugins.LLMRewriter`; null or absent = template texts, as the paper's rows).
-  On FashionIQ partners are ranked over the three categories' training images together.
-- ``bank``: ``dedup`` (one row per group of pixel-identical images) and ``images`` ("all": every training
-  image; "triplets": the images the training triplets name).
-- ``stage2``: :class:`~cir_plugins.training.config.Stage2Config` fields (batch_size, epochs, lr,
-  temperature, learn_temperature, temperature_param, betas, eps, weight_decay, mask_reference,
-  annotated_fraction). ``annotated_fraction`` is the release's annotated share: the share of annotated
-  triplets among the samples its own commands produce (uniform sampling over annotated + generated), derived
-  per recipe in ``sources["annotated_fraction"]``; where the generated count is only bounded, the bound.
-- ``stage1_training`` (optional, the zero-shot rows): :class:`~cir_plugins.training.config.Stage1Config`
-  fields of the in-batch stage 1 on generated triplets.
-- ``evaluation``: ``protocol``, ``split``, ``remove_reference`` (the reference image out of each ranking;
-  CIRR always. FashionIQ: the standard protocol, and the original CLIP4Cir code, keep it; the method's
-  release removed it in its CLIP4Cir and zero-shot evaluation and kept it for SPRC, BLIP4CIR and TG-CIR,
-  so the published rows were computed that way and each recipe says which).
-- ``published``: ``split`` and the ``before`` / ``after`` numbers of docs/method.md section 7 (null when none).
-- ``notes``, ``sources``: where each number comes from and what a reader should know.
-
-Where this project deliberately differs from the method's release, the recipe holds our value and
-:meth:`Recipe.as_release` gives the release's (see :data:`RELEASE_VALUES`):
-
-- ``stage2.mask_reference``: True here (the query's reference row is out of its softmax, as evaluation
-  removes it); the release keeps it as a negative (False).
-- ``bank.images``: "all" here (every training image is a negative); the release's bank holds the images its
-  training triplets name ("triplets").
-- Keying by image id: every feature, bank row and cache here is keyed by image id; the release keys by list
-  position. With consistent lists the two give the same numbers, so there is no option for it.
+Where this project deliberately differs from the release, the recipe holds our value and
+:meth:`Recipe.as_release` gives the release's (:data:`RELEASE_VALUES`): ``stage2.mask_reference`` True (the
+query's reference row out of its softmax, as evaluation removes it; the release keeps it as a negative) and
+``bank.images`` "all" (the release's bank holds the images its training triplets name). Everything here is keyed
+by image id, the release by list position; with consistent lists the numbers agree, so there is no option.
 """
 
 from __future__ import annotations
@@ -66,7 +43,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,37 +62,28 @@ RECIPE_DIR = Path(__file__).resolve().parent
 MODELS = ("clip4cir", "tgcir", "blip4cir", "sprc", "zeroshot")
 DATASETS = ("cirr", "fashioniq")
 BANK_IMAGES = ("all", "triplets")
+POOLS = ("triplets", "all")
+ANNOTATED_TEXTS = ("release", "both_orders")
 # the release's value of each deliberate difference (section, key) -> value
 RELEASE_VALUES: dict[tuple[str, str], Any] = {("stage2", "mask_reference"): False, ("bank", "images"): "triplets"}
-# the captioner of the printed commands: the release captioned with LLaVA
-CAPTIONER = "hf:llava-hf/llava-1.5-7b-hf"
-# the dataset's default recipe: where `cir-plugins augment` takes its per-dataset defaults from
+CAPTIONER = "hf:llava-hf/llava-1.5-7b-hf"  # the printed commands' captioner: the release captioned with LLaVA
+# where `cir-plugins augment` takes its per-dataset defaults from
 _DEFAULT_RECIPE = {"cirr": "clip4cir-cirr", "fashioniq": "clip4cir-fashioniq"}
-
 _TOP = {"name", "model", "model_label", "dataset", "stage1", "start", "fusion", "generation", "bank", "stage2",
         "trains", "evaluation", "published", "notes", "sources"}
-_OPTIONAL_TOP = {"stage1_training"}
 _GENERATION = {"annotated", "prompt", "words", "rank_window", "partners_per_image", "refer_only", "max_triplets",
                "templates", "pool", "annotated_texts"}
 _START = {"checkpoint", "convert", "model", "factory_kwargs", "trained", "args"}
-POOLS = ("triplets", "all")
-ANNOTATED_TEXTS = ("release", "both_orders")
-# how many training images each pool holds in the official files (what an absolute rank window is a share of):
-# "triplets" = the images the annotated train triplets name. FashionIQ: 25,136, counted in the official
-# cap.{dress,shirt,toptee}.train.json (github.com/XiaoxiaoGuo/fashion-iq, commit f71b16c). CIRR: the train
-# captions file is not counted here; its 16,939 training images bound the pool from above.
+# training images per pool in the official files (what an absolute rank window is a share of): "triplets" = the
+# images the annotated train triplets name: FashionIQ 25,136, counted in cap.{dress,shirt,toptee}.train.json
+# (github.com/XiaoxiaoGuo/fashion-iq, commit f71b16c); CIRR not counted, its 16,939 training images bound it.
 # "all" = every training image once: FashionIQ's three categories list 46,609 names, 1,180 of them twice.
 POOL_IMAGES = {("fashioniq", "triplets"): 25136, ("fashioniq", "all"): 45429,
                ("cirr", "triplets"): 16939, ("cirr", "all"): 16939}
-# distinct references of FashionIQ's 18,000 annotated train triplets (the same files): "refer" pairs only these
-FASHIONIQ_TRAIN_REFERENCES = 12525
-_BANK = {"dedup", "images"}
-_EVALUATION = {"protocol", "split", "remove_reference"}
 
 
 def _fail(path: Path, what: str, got: Any, expected: Any = None, fix: str | None = None) -> ConfigError:
-    return ConfigError(explain(f"recipe {path.name}: {what}", got=got, expected=expected,
-                               fix=fix or f"fix {path}"))
+    return ConfigError(explain(f"recipe {path.name}: {what}", got=got, expected=expected, fix=fix or f"fix {path}"))
 
 
 def _keys(path: Path, where: str, data: Any, required: set[str], optional: set[str] = frozenset()) -> dict:
@@ -138,14 +105,14 @@ def _bool(path: Path, where: str, value: Any) -> bool:
 
 @dataclass
 class Generation(AugmentConfig):
-    """A recipe's generation settings: the augmenter's :class:`~cir_plugins.positives.augmenter.AugmentConfig`
-    (``TripletAugmenter(captioner, encoder, config=recipe.generation)``) plus how the release made its inputs
-    (see the module docstring)."""
+    """A recipe's generation settings: an :class:`~cir_plugins.positives.augmenter.AugmentConfig` for
+    ``TripletAugmenter(..., config=recipe.generation)``, plus how the release made its inputs (module docstring)."""
 
     annotated: bool = option(True, "train on the annotated triplets too; False = zero-shot")
     prompt: str = option("Describe the image in {k} words.", "the captioner prompt, with {k} (and {category})")
     words: int = option(10, "k, the caption length the prompt asks for")
-    pool: str = option("triplets", "the images ranked for partners: \"triplets\" or \"all\" (POOLS)")
+    pool: str = option("triplets", "the images ranked for partners: \"triplets\" (those the annotated train triplets "
+                       "name, as the release's script) or \"all\" (every training image)")
     annotated_texts: str | None = option(None, "FashionIQ's training texts (ANNOTATED_TEXTS); None for CIRR")
     rewriter: str | None = option(None, "a text rewriter spec (\"hf:<model name or path>\"); None = templates")
 
@@ -172,16 +139,15 @@ class Generation(AugmentConfig):
         return self.rank_window if self.rank_window is not None else (-1, -1)
 
     def window_fractions(self, dataset: str) -> tuple[float, float] | None:
-        """The rank window as fractions of N: the release's absolute ranks over the number of images it ranked
-        among (:func:`release_pool_images` of this recipe's pool: FashionIQ 25,136, the images its annotated
-        train triplets name), so the same share of the ranking is used on a data set of any size. None = any
-        image."""
+        """The rank window as fractions of N (None = any image): the release's absolute ranks over the images it
+        ranked (:func:`release_pool_images` of this pool), the same share of the ranking on data of any size."""
         if self.rank_window is None:
             return None
-        if isinstance(self.rank_window[0], float):
-            return (float(self.rank_window[0]), float(self.rank_window[1]))
+        a, b = self.rank_window
+        if isinstance(a, float):
+            return (float(a), float(b))
         n = release_pool_images(dataset, self.pool)
-        return (round(self.rank_window[0] / n, 4), round(min(self.rank_window[1] / n, 1.0), 4))
+        return (round(a / n, 4), round(min(b / n, 1.0), 4))
 
     def prompt_for(self, category: str | None = None) -> str:
         """The captioner prompt with k filled in (and the FashionIQ category, when the prompt names one)."""
@@ -233,10 +199,9 @@ class Recipe:
         return Recipe(**{**self.__dict__, **sections})
 
     def commands(self) -> list[str]:
-        """The command lines that reproduce this recipe on the full data set, as ``cir-plugins recipe list``
-        prints them: the conversion of the starting checkpoint (when one is needed), then the ``recipe run``
-        line built from ``start`` (the factory, its keyword arguments, a stage-1 result, further flags).
-        ``DATA/<dataset>``, ``YOUR_<MODEL>.py`` and the ``runs/`` folders are the user's to fill."""
+        """The command lines that reproduce this recipe on the full data set (``cir-plugins recipe list``): the
+        checkpoint's conversion when needed, then the ``recipe run`` line built from ``start``. ``DATA/<dataset>``,
+        ``YOUR_<MODEL>.py`` and the ``runs/`` folders are the user's to fill."""
         start = self.start
         words = ["cir-plugins", "recipe", "run", self.name, "--model", start["model"]]
         if start["factory_kwargs"]:
@@ -245,13 +210,11 @@ class Recipe:
             words += ["--trained", start["trained"]]
         words += [*start["args"], "--root", f"DATA/{self.dataset}", "--captioner", CAPTIONER, "--out",
                   f"runs/{self.name}"]
-        run = " ".join(shlex.quote(w) for w in words)
-        return ([start["convert"]] if start["convert"] else []) + [run]
+        return ([start["convert"]] if start["convert"] else []) + [" ".join(shlex.quote(w) for w in words)]
 
     def describe(self) -> str:
-        """This recipe for a reader (Markdown): where it starts and how to convert it, the command, what trains,
-        the temperature, the annotated share and the partner pool with their derivations, and where the
-        library's defaults differ from the release with the option that restores the release's value."""
+        """This recipe for a reader (Markdown): start, commands, what trains, temperature, annotated share and
+        partner pool with their derivations, and the defaults that differ from the release (with the option)."""
         g, s2 = self.generation, self.stage2
         learned = (f"tau itself in the AdamW group (weight decay {s2['weight_decay']}), as the release"
                    if s2.get("temperature_param") == "tau" else "log tau")
@@ -286,9 +249,8 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
     def on_synthetic(self, rank_window: tuple[float, float]) -> Recipe:
-        """This CIRR recipe on the synthetic world (CIRR layout, a few thousand images): the same settings,
-        the rank window as fractions of N (the release's absolute ranks exceed the world's size), no
-        published numbers. Named ``<model>-synthetic``."""
+        """This CIRR recipe as ``<model>-synthetic``, on the synthetic world (CIRR layout, a few thousand images):
+        the rank window as fractions of N (the release's ranks exceed the world's size), no published numbers."""
         if self.dataset != "cirr":
             raise ConfigError(explain("the synthetic world has the CIRR layout and protocol: start from a CIRR "
                                       "recipe", got=self.name, fix=f"use {self.model}-cirr"))
@@ -298,17 +260,18 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as its JSON file holds it."""
+        def plain(section):
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items()}
+
         out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,
                "stage1": self.stage1, "start": copy.deepcopy(dict(self.start)), "fusion": self.fusion,
                "generation": {k: v for k, v in self.generation.to_dict().items() if k in _GENERATION | {"rewriter"}},
-               "bank": dict(self.bank), "stage2": {k: (list(v) if isinstance(v, tuple) else v)
-                                                   for k, v in self.stage2.items()},
-               "trains": self.trains, "evaluation": dict(self.evaluation),
+               "bank": dict(self.bank), "stage2": plain(self.stage2), "trains": self.trains,
+               "evaluation": dict(self.evaluation),
                "published": copy.deepcopy(dict(self.published)) if self.published is not None else None,
                "notes": list(self.notes), "sources": dict(self.sources)}
         if self.stage1_training is not None:
-            out["stage1_training"] = {k: (list(v) if isinstance(v, tuple) else v)
-                                      for k, v in self.stage1_training.items()}
+            out["stage1_training"] = plain(self.stage1_training)
         return out
 
 
@@ -322,14 +285,12 @@ def _generation(path: Path, data: Any) -> Generation:
 
 def _start(path: Path, data: Any) -> dict:
     s = _keys(path, "start", data, _START)
-    for key in ("checkpoint", "model"):
-        if not isinstance(s[key], str) or not s[key].strip():
-            raise _fail(path, f"start.{key} must be a non-empty string", s[key])
+    for key in ("checkpoint", "model", "convert", "trained"):
+        nullable = key in ("convert", "trained")
+        if not (nullable and s[key] is None) and (not isinstance(s[key], str) or not s[key].strip()):
+            raise _fail(path, f"start.{key} must be a non-empty string" + (" or null" if nullable else ""), s[key])
     if s["model"].count(":") != 1:
         raise _fail(path, "start.model must be a factory spec 'file.py:function' or 'pkg.module:function'", s["model"])
-    for key in ("convert", "trained"):
-        if s[key] is not None and (not isinstance(s[key], str) or not s[key].strip()):
-            raise _fail(path, f"start.{key} must be a non-empty string or null", s[key])
     if s["factory_kwargs"] is not None and not isinstance(s["factory_kwargs"], dict):
         raise _fail(path, "start.factory_kwargs must be a JSON object or null", s["factory_kwargs"])
     if not isinstance(s["args"], list) or not all(isinstance(a, str) for a in s["args"]):
@@ -341,8 +302,7 @@ def _numbers(path: Path, where: str, data: Any) -> dict[str, float]:
     if not isinstance(data, dict) or not data:
         raise _fail(path, f"{where} must be a non-empty object metric -> number", data)
     for key, value in data.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0 <= value <= 100:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 100):
             raise _fail(path, f"{where}[{key!r}] must be a percentage", value)
     return dict(data)
 
@@ -361,7 +321,7 @@ def _published(path: Path, data: Any) -> dict | None:
 def _parse(path: Path, data: Any) -> Recipe:
     from ..training.config import Stage1Config, Stage2Config
 
-    r = _keys(path, "the recipe", data, _TOP, _OPTIONAL_TOP)
+    r = _keys(path, "the recipe", data, _TOP, {"stage1_training"})
     if r["name"] != path.stem:
         raise _fail(path, "name must equal the file name", r["name"], expected=path.stem)
     if r["model"] not in MODELS:
@@ -377,7 +337,7 @@ def _parse(path: Path, data: Any) -> Recipe:
     if r["dataset"] != "fashioniq" and generation.annotated_texts is not None:
         raise _fail(path, "generation.annotated_texts is for FashionIQ (a CIRR triplet has one text): write null",
                     generation.annotated_texts)
-    bank = _keys(path, "bank", r["bank"], _BANK)
+    bank = _keys(path, "bank", r["bank"], {"dedup", "images"})
     _bool(path, "bank.dedup", bank["dedup"])
     if bank["images"] not in BANK_IMAGES:
         raise _fail(path, "bank.images is unknown", bank["images"], expected=BANK_IMAGES)
@@ -400,7 +360,7 @@ def _parse(path: Path, data: Any) -> Recipe:
     if "annotated_fraction" not in r["sources"]:
         raise _fail(path, "sources must say where stage2.annotated_fraction comes from (key 'annotated_fraction')",
                     sorted(r["sources"]))
-    evaluation = _keys(path, "evaluation", r["evaluation"], _EVALUATION)
+    evaluation = _keys(path, "evaluation", r["evaluation"], {"protocol", "split", "remove_reference"})
     if evaluation["protocol"] != r["dataset"]:
         raise _fail(path, "evaluation.protocol must be the dataset's", evaluation["protocol"], expected=r["dataset"])
     _bool(path, "evaluation.remove_reference", evaluation["remove_reference"])
@@ -447,9 +407,8 @@ def load_recipe(name: str, folder: str | Path | None = None) -> Recipe:
 
 
 def release_pool_images(dataset: str, pool: str = "triplets") -> int:
-    """How many images the release ranked partners among, in the official files (:data:`POOL_IMAGES`):
-    ``pool`` "triplets" (the release's: the images its annotated train triplets name; FashionIQ 25,136, CIRR
-    at most 16,939) or "all" (every training image once; FashionIQ 45,429, its three categories together)."""
+    """How many images the release ranked partners among in the official files, for ``pool`` "triplets" (the
+    release's) or "all" (:data:`POOL_IMAGES`)."""
     if (dataset, pool) not in POOL_IMAGES:
         raise ConfigError(explain("no release image count for this dataset and pool", got=(dataset, pool),
                                   expected=sorted(POOL_IMAGES)))
@@ -467,7 +426,6 @@ def recipes_page(folder: str | Path | None = None) -> str:
 
 
 def default_recipe(dataset: str) -> Recipe | None:
-    """The recipe a dataset's defaults come from (CLIP4Cir's, the paper's main row); None for other datasets
-    (the synthetic world has no paper recipe)."""
+    """The recipe a dataset's defaults come from (CLIP4Cir's, the paper's main row); None for other datasets."""
     name = _DEFAULT_RECIPE.get(dataset)
     return load_recipe(name) if name is not None else None

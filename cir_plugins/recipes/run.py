@@ -1,20 +1,15 @@
-"""Run a recipe end to end with the library's own pieces, nothing else: generate
-(:class:`~cir_plugins.positives.augmenter.TripletAugmenter`), bank
-(:meth:`~cir_plugins.negatives.bank.NegativeBank.build`), stage 2
-(:class:`~cir_plugins.training.stage2.Stage2Trainer`; the zero-shot rows first run
-:class:`~cir_plugins.training.stage1.Stage1Trainer` on the generated triplets), evaluate
-(:func:`~cir_plugins.evaluation.evaluate`).
+"""Run a recipe end to end with the library's own pieces: generate (``TripletAugmenter``), bank
+(``NegativeBank.build``), stage 2 (``Stage2Trainer``; the zero-shot rows first run ``Stage1Trainer`` on the
+generated triplets), evaluate (:func:`~cir_plugins.evaluation.evaluate`).
 
     result = reproduce(load_recipe("clip4cir-cirr"), model, "DATA/cirr", captioner=captioner,
                        output_dir="runs/clip4cir-cirr")
     result.rows()   # metric, published before / after, measured before / after
 
-FashionIQ: the three categories' training images are one pool (partners ranked over all of them, one
-bank), their triplets train together, and the best epoch is the one with the best average over the
-three validation categories (Rmean = (Avg R@10 + Avg R@50) / 2).
-
-Generated triplets come from the captioner, or from a file (``generated=``: what ``cir-plugins augment``
-writes, or the release's own ``cap.*extend*`` files), which skips captioning and pairing.
+FashionIQ: the three categories' training images are one pool (partners ranked over all, one bank), their
+triplets train together, and the best epoch has the best average over the three validation categories (Rmean =
+(Avg R@10 + Avg R@50) / 2). Generated triplets come from the captioner, or from a file (``generated=``: what
+``cir-plugins augment`` writes, or the release's ``cap.*extend*`` files), which skips captioning and pairing.
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import atomic_write_json
 from ..data.fashioniq import CATEGORIES
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, explain
@@ -43,14 +39,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingData:
-    """A dataset's training side as one pool.
-
-    Fields:
-        triplets: the annotated triplets that have a target (FashionIQ: the three categories').
-        image_ids: every training image, each once, in file order (FashionIQ: dress, shirt, toptee).
-        images: one ImageStore over ``image_ids``.
-        categories: FashionIQ: image id -> category (the captioner's prompt names it); None for CIRR.
-    """
+    """A dataset's training side as one pool: the annotated ``triplets`` that have a target, every training image
+    once in file order (``image_ids``; FashionIQ: dress, shirt, toptee), one ImageStore over them (``images``) and
+    ``categories`` (FashionIQ: image id -> category, for the captioner's prompt; None for CIRR)."""
 
     triplets: list[Triplet]
     image_ids: list[str]
@@ -59,9 +50,8 @@ class TrainingData:
 
 
 def training_pool(splits: Sequence[Any]) -> TrainingData:
-    """Several loaded training splits (FashionIQ's three categories) as one pool: their annotated triplets,
-    every image once (first listing wins), one ImageStore over all of them (the splits share a root), and
-    each image's category."""
+    """Loaded training splits (FashionIQ's three categories, sharing a root) as one pool; an image listed twice
+    keeps its first category."""
     from ..data.images import ImageStore
 
     if len(splits) == 1:
@@ -73,7 +63,7 @@ def training_pool(splits: Sequence[Any]) -> TrainingData:
     paths: dict[str, str] = {}
     for s in splits:
         for image_id in s.gallery_ids:
-            if image_id not in categories:  # an image listed by two categories keeps its first
+            if image_id not in categories:
                 categories[image_id] = s.category
                 paths[image_id] = s.images.path_of(image_id).relative_to(s.images.root).as_posix()
     first = splits[0].images
@@ -85,40 +75,33 @@ def training_pool(splits: Sequence[Any]) -> TrainingData:
 def load_training_data(dataset: str, root: str | os.PathLike, split: str = "train", *,
                        transform: Any = "clip", size: int = 224, on_bad_record: str = "error",
                        texts: str | None = None) -> TrainingData:
-    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq": its three categories together).
-    ``texts``: FashionIQ's training texts per annotated triplet (``load_fashioniq``'s ``texts``; None = its
-    default)."""
+    """The training pool of ``dataset`` ("cirr", "synthetic" or "fashioniq": its three categories together);
+    ``texts``: FashionIQ's training texts per annotated triplet (``load_fashioniq``'s; None = its default)."""
     from ..data.fashioniq import load_split
 
+    kwargs = {"transform": transform, "size": size, "on_bad_record": on_bad_record}
     if dataset == "fashioniq":
         extra = {"texts": texts} if texts is not None else {}
-        return training_pool([load_split(root, dataset, split, category, transform=transform, size=size,
-                                         on_bad_record=on_bad_record, **extra) for category in CATEGORIES])
-    return training_pool([load_split(root, dataset, split, transform=transform, size=size,
-                                     on_bad_record=on_bad_record)])
+        return training_pool([load_split(root, dataset, split, c, **kwargs, **extra) for c in CATEGORIES])
+    return training_pool([load_split(root, dataset, split, **kwargs)])
 
 
 def load_eval_splits(dataset: str, root: str | os.PathLike, split: str = "val", *, transform: Any = "clip",
                      size: int = 224) -> Any:
-    """What :func:`~cir_plugins.evaluation.evaluate` takes: one split (CIRR), or the three category splits
-    (FashionIQ: per-category numbers, their averages and Rmean)."""
+    """What :func:`~cir_plugins.evaluation.evaluate` takes: one split (CIRR), or the three category splits."""
     from ..data.fashioniq import load_split
 
     if dataset == "fashioniq":
-        return [load_split(root, dataset, split, category, transform=transform, size=size)
-                for category in CATEGORIES]
+        return [load_split(root, dataset, split, c, transform=transform, size=size) for c in CATEGORIES]
     return load_split(root, dataset, split, transform=transform, size=size)
 
 
 @dataclass
 class ReproduceResult:
-    """What :func:`reproduce` measured, beside what the recipe says was published.
-
-    Fields: ``recipe``; ``before`` / ``after`` (evaluate() results of the starting model and of the
-    selected stage-2 epoch); ``history`` (per-epoch stage-2 entries; ``stage1_history`` for zero-shot);
-    ``augment`` (the augmenter's summary, or the generated file's name and size); ``triplets`` (counts
-    by source); ``bank_shape``; ``output_dir``.
-    """
+    """What :func:`reproduce` measured, beside what the recipe says was published: ``before`` / ``after``
+    (evaluate() of the starting model and of the selected stage-2 epoch), ``history`` (per-epoch stage-2 entries;
+    ``stage1_history`` for zero-shot), ``augment`` (the augmenter's summary, or the generated file's name and
+    size), ``triplets`` (counts by source), ``bank_shape``, ``output_dir``."""
 
     recipe: Recipe
     before: dict | None
@@ -141,59 +124,45 @@ class ReproduceResult:
     def rows(self) -> list[tuple[str, float | None, float | None, float | None, float | None]]:
         """(metric, published before, published after, measured before, measured after); None = none."""
         published = self.recipe.published or {}
-
-        def get(values: Mapping | None, key: str) -> float | None:
-            value = (values or {}).get(key)
-            return float(value) if isinstance(value, (int, float)) else None
-
-        return [(k, get(published.get("before"), k), get(published.get("after"), k), get(self.before, k),
-                 get(self.after, k)) for k in self.metric_names()]
+        columns = (published.get("before"), published.get("after"), self.before, self.after)
+        return [(k, *(float(v) if isinstance(v := (values or {}).get(k), (int, float)) else None
+                      for values in columns)) for k in self.metric_names()]
 
     def table(self) -> str:
         """The measured numbers beside the published ones, one metric a line ("-" = none)."""
         recipe, published = self.recipe, self.recipe.published or {}
-
-        def number(value: float | None) -> str:
-            return f"{value:.2f}" if value is not None else "-"
-
         lines = [f"{recipe.name}: {recipe.model_label} on {recipe.dataset}; measured on {recipe.evaluation['split']} "
                  f"(reference {'removed' if recipe.evaluation['remove_reference'] else 'kept'}), published on "
                  f"{published.get('split', '-')}",
                  f"{'metric':<10}{'published':>11}{'':>9}{'measured':>11}",
                  f"{'':<10}{'before':>11}{'after':>9}{'before':>11}{'after':>9}"]
-        for name, p_before, p_after, m_before, m_after in self.rows():
-            lines.append(f"{name:<10}{number(p_before):>11}{number(p_after):>9}{number(m_before):>11}"
-                         f"{number(m_after):>9}")
+        for name, *values in self.rows():
+            cells = [f"{v:.2f}" if v is not None else "-" for v in values]
+            lines.append(f"{name:<10}{cells[0]:>11}{cells[1]:>9}{cells[2]:>11}{cells[3]:>9}")
         lines.append(f"triplets: {self.triplets['annotated']} annotated + {self.triplets['generated']} generated; "
                      f"bank {tuple(self.bank_shape)}; results in {self.output_dir}/results.json")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``results.json`` holds)."""
-        def plain(metrics):
-            return None if metrics is None else {k: v for k, v in metrics.items()}
-
-        return {"recipe": self.recipe.to_dict(), "before": plain(self.before), "after": plain(self.after),
+        return {"recipe": self.recipe.to_dict(), "before": None if self.before is None else dict(self.before),
+                "after": None if self.after is None else dict(self.after),
                 "history": self.history, "stage1_history": self.stage1_history, "augment": self.augment,
                 "triplets": self.triplets, "bank_shape": self.bank_shape, "output_dir": self.output_dir,
                 "rows": [list(r) for r in self.rows()], **self.extra}
 
 
-def _bank_ids(recipe: Recipe, data: TrainingData, triplets: Sequence[Triplet]) -> list[str]:
-    if recipe.bank["images"] == "all":
-        return list(data.image_ids)
-    # the release's bank: the images the training triplets name, in order of first mention
+def _named(triplets: Sequence[Triplet]) -> list[str]:
+    """The images ``triplets`` name, each once, in order of first mention (reference, then target)."""
     return list(dict.fromkeys(i for t in triplets for i in (t.reference, t.target)))
 
 
 def pool_ids(recipe: Recipe, data: TrainingData) -> list[str]:
-    """The images generation pairs and ranks (``recipe.generation.pool``): "triplets" = the images the annotated
-    training triplets name, each once in order of first mention (reference, then target), as the release's
-    generation script lists them; "all" = every training image."""
+    """The images generation pairs and ranks (``recipe.generation.pool``): "triplets" = those the annotated
+    training triplets name, in order of first mention (as the release's script lists them); "all" = every one."""
     if recipe.generation.pool == "all":
         return list(data.image_ids)
-    named = list(dict.fromkeys(i for t in data.triplets for i in (t.reference, t.target)))
-    if not named:
+    if not (named := _named(data.triplets)):
         raise DataError(explain(f"recipe {recipe.name}: the pool 'triplets' is the images the annotated train "
                                 "triplets name, and there is none", got=len(data.triplets),
                                 fix="check the dataset root (its train captions file)"))
@@ -214,12 +183,9 @@ def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
 
 
 def _open_run(out: Path, manifest: dict, resume: bool) -> dict:
-    """The run folder's state (what a killed run had finished), after checking the folder is this run's.
-
-    ``run.json`` records the recipe and every setting that changes a result. A folder that holds another run
-    is refused (ConfigError naming the differing keys); a folder of this run needs ``resume``."""
-    from .._atomic import atomic_write_json
-
+    """The run folder's state (what a killed run had finished). ``run.json`` records the recipe and every setting
+    that changes a result: a folder of another run is refused (naming the differing keys), one of this run needs
+    ``resume``."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         try:
@@ -246,8 +212,6 @@ def _open_run(out: Path, manifest: dict, resume: bool) -> dict:
 
 
 def _save_state(out: Path, state: dict) -> None:
-    from .._atomic import atomic_write_json
-
     atomic_write_json(out / STATE_FILE, state, indent=1)
 
 
@@ -262,47 +226,40 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     """Run ``recipe`` on ``model`` (its stage-1 checkpoint, wrapped to the protocol) and the dataset at ``root``.
 
     Args:
-        recipe: a :class:`Recipe` (``recipe.as_release()`` for the release's values of our deliberate
-            differences).
+        recipe: a :class:`Recipe` (``recipe.as_release()``: the release's values of our deliberate differences).
         model: the CIR model (protocol: encode_image, compose_query, ...); trained in place.
         root: the dataset root (CIRR rc2 or FashionIQ layout).
-        output_dir: ``run.json`` (the recipe and settings), ``generated.json`` (+ ``groups.json``),
-            ``bank.safetensors`` (and its shard cache ``bank_shards/``), ``stage2/`` (and ``stage1/``)
-            checkpoints, ``run_state.json`` (the steps done) and ``results.json`` (written last: a folder
-            without it holds a run that has not finished).
-        captioner: a captioner (see positives.captioners) for the generation step.
-        generated: a generated-triplet file to use instead of captioning (either schema, see
-            :func:`~cir_plugins.positives.annotations.read_generated`). With neither, stage 2 trains on the
-            annotated triplets alone (the "+N" row: more negatives, no generated positives).
+        output_dir: ``run.json`` (recipe and settings), ``generated.json`` (+ ``groups.json``), ``bank.safetensors``
+            (+ its shard cache ``bank_shards/``), ``stage2/`` (+ ``stage1/``) checkpoints, ``run_state.json`` (the
+            steps done) and ``results.json`` (written last: without it the run has not finished).
+        captioner: a captioner (positives.captioners) for the generation step, or ``generated``: a triplet file
+            instead (either schema, :func:`~cir_plugins.positives.annotations.read_generated`). With neither,
+            stage 2 trains on the annotated triplets alone (the "+N" row: more negatives, no generated positives).
         pair_encoder: the image encoder that ranks partners (default: ``model``; the release used Unicom
-            ViT-L/14); one with an ``image_transform`` (e.g. ``cir_plugins._loading.load_image_encoder``'s)
-            gets the images preprocessed by it.
+            ViT-L/14); one with an ``image_transform`` (e.g. ``load_image_encoder``'s) gets its preprocessing.
         transform, image_size: the ImageStore preprocessing of every split.
         rank_window: overrides the recipe's window (e.g. fractions of N on small data); None = the recipe's.
-        stage2_overrides / stage1_overrides: Stage2Config / Stage1Config fields over the recipe's
-            (e.g. ``epochs`` or ``steps_per_epoch`` for a smoke run).
-        train_stage1: run the recipe's in-batch stage 1 on the generated triplets first (default: when the
-            recipe has one, i.e. the zero-shot rows).
+        stage2_overrides / stage1_overrides: Stage2Config / Stage1Config fields over the recipe's.
+        train_stage1: run the recipe's in-batch stage 1 on the generated triplets first (default: when the recipe
+            has one, i.e. the zero-shot rows).
         evaluate_before: also evaluate the starting model ("measured before").
         seed: the partner draw, subsample and training seed.
         eval_batch_size: images per encoder call when building the bank and evaluating.
         caption_cache: the caption cache folder (default ``{output_dir}/captions``).
         text_length: a generated text longer than the model's tokenizer takes (``text_limit_of(model)``):
-            "target" (the default, as the release: replaced by the target caption alone) or "truncate" (cut
-            to the limit). A model that declares no limit leaves texts as they are (its tokenizer cuts them).
-        precision: "ours" (the trainer's ``amp="auto"``: bf16 autocast on CUDA, a bf16 bank there) or
-            "release" (fp16 autocast with a GradScaler and a float32 bank, as the release trains; CUDA only).
-        resume: continue the run in ``output_dir`` (see :func:`_open_run`): generation, the stage-1 and stage-2
-            checkpoints and the bank's shard cache are reused; a folder of other settings is refused.
-        settings: more JSON-ready settings that identify the run (the command line records the model spec);
-            a resumed run must have the same.
+            "target" (as the release: the target caption alone) or "truncate"; a model that declares no limit
+            keeps its texts (its tokenizer cuts them).
+        precision: "ours" (``amp="auto"``: bf16 autocast and a bf16 bank on CUDA) or "release" (fp16 autocast with
+            a GradScaler and a float32 bank, as the release trains; CUDA only).
+        resume: continue the run in ``output_dir``: generation, the checkpoints and the bank's shard cache are
+            reused; a folder of other settings is refused.
+        settings: more JSON-ready settings that identify the run (a resumed run must have the same).
         show_progress: tqdm bars.
 
-    Generation keeps generated pairs whose two captions are equal, as the release does. A recipe's
-    ``generation.rewriter`` (e.g. ``"hf:Qwen/Qwen2.5-1.5B-Instruct"``) rewrites the generated texts with
-    :class:`~cir_plugins.LLMRewriter` on the model's device, its answers cached beside the captions.
+    Generation keeps pairs with two equal captions, as the release does. A recipe's ``generation.rewriter``
+    rewrites the generated texts with :class:`~cir_plugins.LLMRewriter` on the model's device (cached beside the
+    captions).
     """
-    from .._atomic import atomic_write_json
     from .._utils import model_device
     from ..evaluation import evaluate
     from ..negatives.bank import NegativeBank
@@ -354,27 +311,28 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     remove_reference = recipe.evaluation["remove_reference"]
 
     def measure(m: Any) -> dict:
-        return evaluate(m, val, remove_reference=remove_reference, batch_size=eval_batch_size,
-                        show_progress=False)
+        return evaluate(m, val, remove_reference=remove_reference, batch_size=eval_batch_size, show_progress=False)
 
     selection = Evaluator(measure, metric="Rmean", mode="max")  # FashionIQ: Rmean of the categories' averages
     if "before" not in state:
         state["before"] = measure(model) if evaluate_before else None
         _save_state(out, state)
-    before = state["before"]
 
     # 1. more positives; the length policy: a text the model's tokenizer cannot take -> the target caption
     limit = text_limit_of(model)
     length = {**limit, "fallback": text_length} if limit else {}
     groups: dict[str, str] | None = None
     made: list[Triplet] = []
+
+    def generated_in(path: Any) -> list[Triplet]:
+        return [t for t in read_generated(path) if t.source == "generated"]
+
     if "augment" in state:  # generated (or read) before the run was stopped
-        made = [t for t in read_generated(out / "generated.json") if t.source == "generated"] \
-            if (out / "generated.json").is_file() else []
+        made = generated_in(out / "generated.json") if (out / "generated.json").is_file() else []
         groups = json.loads((out / "groups.json").read_text()) if (out / "groups.json").is_file() else None
         augment_info = state["augment"]
     elif generated is not None:
-        made = [t for t in read_generated(generated) if t.source == "generated"]
+        made = generated_in(generated)
         augment_info = {"file": str(generated), "triplets": len(made)}
         if limit:
             made, counts = fit_generated_texts(made, **length)
@@ -395,8 +353,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         pair_images = data.images.with_transform(own) if callable(own) else data.images
         augmenter = TripletAugmenter(captioner, encoder, config=config, rewriter=rewriter,
                                      count_tokens=length.get("count_tokens"),
-                                     cache_dir=caption_cache or out / "captions",
-                                     show_progress=show_progress)
+                                     cache_dir=caption_cache or out / "captions", show_progress=show_progress)
         augmented = augmenter.augment(pool, pair_images, annotated=list(data.triplets))
         made, groups, augment_info = list(augmented.triplets), dict(augmented.groups), dict(augmented.summary)
         augment_info["pool"] = {"kind": recipe.generation.pool, "images": len(pool)}
@@ -412,8 +369,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
         if made:
             writer = write_generated_fashioniq if recipe.dataset == "fashioniq" else write_generated_cirr
             writer(made, out / "generated.json")
-            # trained as read back, so that a resumed run trains on exactly these triplets
-            made = [t for t in read_generated(out / "generated.json") if t.source == "generated"]
+            made = generated_in(out / "generated.json")  # as read back: a resumed run trains on exactly these
         if groups is not None:
             atomic_write_json(out / "groups.json", groups)
         state["augment"] = augment_info
@@ -447,7 +403,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
 
     # 2. more negatives: the static bank (one row per group of identical images); its shard cache lets a
     # stopped build (or a resumed run) reuse every row already encoded
-    bank_ids = _bank_ids(recipe, data, triplets)
+    bank_ids = list(data.image_ids) if recipe.bank["images"] == "all" else _named(triplets)  # "triplets": the release's
     # the augmenter's groups cover only the images it paired (the recipe's pool): reuse them only when they cover
     # every bank image, else the bank finds the groups of all of them itself, so that no copy of a target outside
     # the pool becomes its negative
@@ -461,14 +417,11 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     # 3. stage 2 with the recipe's settings; the best epoch by the validation Rmean (FashionIQ: the average)
     config2 = recipe.stage2_config(**{"seed": seed, "output_dir": str(out / "stage2"),
                                       "show_progress": show_progress, **mix(stage2_overrides, recipe.stage2)})
-    history = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluator=selection).fit(
-        resume=resume)
+    history = Stage2Trainer(model, bank, triplets, data.images, config=config2, evaluator=selection).fit(resume=resume)
 
     # 4. evaluate with the recipe's protocol
-    after = measure(model)
-    result = ReproduceResult(recipe=recipe, before=before, after=after, history=history, augment=augment_info,
-                             triplets={"annotated": len(annotated), "generated": len(made)},
-                             bank_shape=list(bank.embeddings.shape), output_dir=str(out),
-                             stage1_history=stage1_history)
+    result = ReproduceResult(recipe=recipe, before=state["before"], after=measure(model), history=history,
+                             augment=augment_info, triplets={"annotated": len(annotated), "generated": len(made)},
+                             bank_shape=list(bank.embeddings.shape), output_dir=str(out), stage1_history=stage1_history)
     atomic_write_json(out / RESULTS_FILE, result.to_dict(), indent=1)
     return result
