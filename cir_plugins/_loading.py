@@ -37,12 +37,8 @@ def _forget_if_stale(name: str) -> None:
     loaded_from = getattr(cached, "__file__", None)
     if loaded_from is None:  # not loaded, or not from a file (built in, a namespace package)
         return
-    found = None
-    for finder in sys.meta_path:  # the import system's own search, without the module cache
-        find = getattr(finder, "find_spec", None)
-        found = find(name, None) if callable(find) else None
-        if found is not None:
-            break
+    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)  # the import search, no cache
+    found = next((spec for find in finders if callable(find) and (spec := find(name, None)) is not None), None)
     origin = getattr(found, "origin", None)
     if origin is None or os.path.realpath(origin) != os.path.realpath(loaded_from):
         for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:

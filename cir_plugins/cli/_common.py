@@ -107,10 +107,9 @@ def build_model(args: argparse.Namespace) -> Any:
 
 def _mismatch(args: argparse.Namespace, error: type, message: str) -> None:
     """``error(message)``, or a warning with ``--allow-provenance-mismatch``."""
-    if getattr(args, "allow_provenance_mismatch", False):
-        logger.warning("%s (going on: %s)", message, OVERRIDE_FLAG)
-        return
-    raise error(message)
+    if not getattr(args, "allow_provenance_mismatch", False):
+        raise error(message)
+    logger.warning("%s (going on: %s)", message, OVERRIDE_FLAG)
 
 
 def _named(sources: list[dict[str, Any]]) -> str:

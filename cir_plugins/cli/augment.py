@@ -331,10 +331,9 @@ def run(args: argparse.Namespace) -> int:
                "refer_only": refer, "keep_equal_captions": keep_equal, "long_text": long_text, "words": args.words,
                "unreadable_skipped": unreadable, **result.summary}
     atomic_write_json(f"{out}.summary.json", summary)
-    s = result.summary
+    s, c = result.summary, result.summary["captions"]
     print(f"images {s['images']} | duplicate groups {s['duplicate_groups']} ({s['duplicates_merged']} merged) | "
-          f"captions {s['captions']['new']} new, {s['captions']['cached']} cached, "
-          f"{s['captions']['skipped']} skipped | "
+          f"captions {c['new']} new, {c['cached']} cached, {c['skipped']} skipped | "
           f"pairs {s['pairs']} | same-caption skipped {s['skipped_same_caption']}, kept {s['kept_same_caption']} | "
           f"triplets {s['triplets']}" + (f" | ranks {world}" if world > 1 else ""))
     limit = s["text_limit"]

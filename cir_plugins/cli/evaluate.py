@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_json
@@ -64,8 +63,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.dataset == "fashioniq":
         wanted = args.category or ["all"]
         categories = list(CATEGORIES) if wanted == ["all"] else wanted
-        unknown = [c for c in categories if c not in CATEGORIES]
-        if unknown:
+        if unknown := [c for c in categories if c not in CATEGORIES]:
             raise ConfigError(explain("unknown FashionIQ category", got=unknown, expected=CATEGORIES + ("all",)))
         splits = [load_dataset(args, category=c) for c in categories]
         split: Any = splits if len(splits) > 1 else splits[0]
@@ -73,8 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if args.category:
             raise ConfigError(explain("--category is only for FashionIQ", got=args.category))
         split = load_dataset(args)
-    dropped = sum(s.info.get("queries_dropped", 0) for s in (split if isinstance(split, list) else [split]))
-    if dropped:
+    if dropped := sum(s.info.get("queries_dropped", 0) for s in (split if isinstance(split, list) else [split])):
         print(f"--skip-unreadable dropped {dropped} queries: these numbers are not comparable with the full split's")
     remove = {"auto": None, "yes": True, "no": False}[args.remove_reference]
     result = evaluate(model, split, batch_size=args.batch_size, device=args.device,
@@ -89,7 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(_table(result))
     if args.output:
-        atomic_write_json(Path(args.output), result, indent=1, make_parents=True)
+        atomic_write_json(args.output, result, indent=1, make_parents=True)
         print(f"wrote {args.output}")
     return 0
 
@@ -102,8 +99,7 @@ def run_submit(args: argparse.Namespace) -> int:
         raise ConfigError(explain("submit writes the CIRR test-server files", got="--dataset fashioniq",
                                   fix="use --dataset cirr (or synthetic); FashionIQ has no test server"))
     model = build_model(args)
-    split = load_dataset(args)
-    path_recall, path_subset = submit_cirr(model, split, args.out_dir, batch_size=args.batch_size,
+    path_recall, path_subset = submit_cirr(model, load_dataset(args), args.out_dir, batch_size=args.batch_size,
                                            device=args.device, show_progress=show_progress(args), name=args.name)
     print(f"wrote {path_recall}\nwrote {path_subset}")
     return 0

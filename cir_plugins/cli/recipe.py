@@ -91,8 +91,7 @@ def command_of(recipe: Any) -> str:
 
 
 def commands_of(recipe: Any) -> list[str]:
-    """What ``recipe list`` prints under ``recipe``: the conversion of its starting checkpoint (when it needs
-    one), then :func:`command_of` (:meth:`cir_plugins.recipes.Recipe.commands`)."""
+    """What ``recipe list`` prints under ``recipe`` (:meth:`cir_plugins.recipes.Recipe.commands`)."""
     return recipe.commands()
 
 
@@ -112,19 +111,16 @@ def _list() -> int:
 
 def _captioner(args: argparse.Namespace, recipe: Any, categories: dict | None) -> Any:
     """The captioner of ``--captioner`` with the recipe's prompt and word budget (FashionIQ: each image's category)."""
-    spec = argparse.Namespace(**vars(args))
-    spec.dataset, spec.category, spec.categories = recipe.dataset, None, categories
-    spec.words, spec.prompt = recipe.generation.words, recipe.generation.prompt
+    spec = argparse.Namespace(**{**vars(args), "dataset": recipe.dataset, "category": None, "categories": categories,
+                                 "words": recipe.generation.words, "prompt": recipe.generation.prompt})
     return build_captioner(args.captioner, spec)
 
 
 def _window(args: argparse.Namespace, recipe: Any) -> Any:
-    if args.rank_window is None:
-        return None
-    if args.rank_window == "fractions":
-        fractions = recipe.generation.window_fractions(recipe.dataset)
-        return fractions if fractions is not None else (-1, -1)
-    return args.rank_window
+    if args.rank_window != "fractions":
+        return args.rank_window  # None: the recipe's own
+    fractions = recipe.generation.window_fractions(recipe.dataset)
+    return fractions if fractions is not None else (-1, -1)
 
 
 def _run(args: argparse.Namespace) -> int:

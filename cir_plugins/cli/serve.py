@@ -79,18 +79,15 @@ def _check_flags(args: argparse.Namespace) -> None:
 def build_searcher(args: argparse.Namespace):
     """The model, split, bank (and FAISS index) the flags name, as a GallerySearcher."""
     from ..negatives.bank import NegativeBank
+    from ..negatives.faiss_index import FaissIndex, build_faiss_index
     from ..serve import GallerySearcher
 
     _check_flags(args)
     model = build_model(args)
     split = load_dataset(args)
     bank = NegativeBank.load(args.bank, device=model_device(model))
-    if not args.no_bank_check:
-        sample_ids = [i for i in bank.ids if i in split.images][:2]
-        if sample_ids:
-            bank.check_compatible(model, sample=split.images.batch(sample_ids))
-    from ..negatives.faiss_index import FaissIndex, build_faiss_index
-
+    if not args.no_bank_check and (sample_ids := [i for i in bank.ids if i in split.images][:2]):
+        bank.check_compatible(model, sample=split.images.batch(sample_ids))
     index = None
     if args.faiss_export is not None:
         index = build_faiss_index(bank, args.faiss_export)
@@ -116,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     searcher = build_searcher(args)
     print(f"serving {len(searcher.gallery_ids)} gallery images ({searcher.index_name}) at "
           f"http://{args.host}:{args.port}/  (Ctrl-C stops)")
+    hosts = tuple(dict.fromkeys((*LOCAL_HOSTS, args.host, *args.allow_host)))
     serve(searcher, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
           default_k=args.k, max_k=args.max_k, workers=args.workers, queue=args.queue,
-          request_timeout=args.request_timeout,
-          allowed_hosts=tuple(dict.fromkeys((*LOCAL_HOSTS, args.host, *args.allow_host))))
+          request_timeout=args.request_timeout, allowed_hosts=hosts)
     return 0

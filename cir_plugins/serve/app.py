@@ -74,8 +74,7 @@ def _starlette():
 
 def _public(message: str, root: str) -> str:
     """``message`` without any absolute path: the image root becomes "<image root>", other paths "<path>"."""
-    message = message.replace(root.rstrip("/\\"), "<image root>")
-    return _ABSOLUTE_PATH.sub("<path>", message)
+    return _ABSOLUTE_PATH.sub("<path>", message.replace(root.rstrip("/\\"), "<image root>"))
 
 
 def _status_of(error: Exception) -> int:

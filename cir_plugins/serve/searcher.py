@@ -69,9 +69,8 @@ class GallerySearcher:
             raise ConfigError(explain("images must be an ImageStore (the gallery's files are served from it)",
                                       got=type(images).__name__, fix="pass split.images of a loaded split"))
         check_positive_int("max_pixels", max_pixels, allow_none=True)
-        self.model, self.bank, self.images, self.index = model, bank, images, index
+        self.model, self.bank, self.images, self.index, self.max_pixels = model, bank, images, index, max_pixels
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.max_pixels = max_pixels
         self.gallery_ids = [i for i in bank.ids if i in images]
         if not self.gallery_ids:
             raise DataError(explain("no bank id is in the image store: the bank was built over another split",
@@ -148,9 +147,8 @@ class GallerySearcher:
         pixels = self._pixels(image_id, image)  # decoding and preprocessing outside the model's lock
         with self._lock:
             query = self._compose(text, pixels)
-            exclude = None
-            if exclude_reference and image_id is not None:
-                exclude = torch.tensor([[self.bank.row_of(image_id)]], dtype=torch.long)
+            keep_reference = not exclude_reference or image_id is None
+            exclude = None if keep_reference else torch.tensor([[self.bank.row_of(image_id)]], dtype=torch.long)
             if self.index is not None:
                 scores, rows = self.index.search(query, k, exclude_rows=exclude)
             else:
