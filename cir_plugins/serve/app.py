@@ -1,20 +1,11 @@
 """The web page and JSON endpoints over a :class:`GallerySearcher` (Starlette, the ``serve`` extra; served by uvicorn).
 
-Routes: ``GET /`` the page (script and style under ``/static/``: pick a gallery image or upload one, type a text,
-see the top-k); ``GET /api/info`` (gallery size, index, limits); ``GET /api/gallery?q=&offset=&limit=`` (ids
-filtered by substring); ``GET /image/{id}`` (a gallery image by id only, through the store's checked open);
-``POST /api/search``, JSON only: ``{"text", "k", and one of "image_id" | "reference_path" (relative to the image
-root) | "image" (the uploaded bytes, base64)}`` -> ``{"index", "results": [{"rank", "id", "ids", "score", "url"}]}``.
-Every refusal is a JSON ``{"error": message}`` with a 4xx status and no absolute path in it, or 503 when the
-worker pool is full; the server keeps serving.
-
-Defences (settings of :func:`create_app`): decoding and the model run in a bounded thread pool off the event loop
-(``workers`` run, ``queue`` wait, more are answered 503); uploads are size-limited (413), decoded only by the PIL
-decoders of :data:`~cir_plugins.serve.searcher.UPLOAD_FORMATS` (else 415) within the pixel limit checked from
-the header (413); a ``Host`` outside ``allowed_hosts`` (DNS rebinding) and a POST from another site's ``Origin``
-are refused (no CORS preflight is ever granted); every answer carries ``nosniff`` and a Content-Security-Policy
-allowing only this server's own script, style and images; each request must arrive within a deadline
-(``serve(request_timeout=)``).
+Routes: ``GET /`` (the page; its script and style under ``/static/``), ``GET /api/info``, ``GET /api/gallery``,
+``GET /image/{id}`` and ``POST /api/search`` (JSON only); the README's serve section has the API table, the error
+statuses (a JSON ``{"error": message}`` without any absolute path) and what the server guards against: a bounded
+worker pool (503 beyond it), upload size, format and pixel limits, the Host allow-list and Origin check, nosniff
+and a Content-Security-Policy, a deadline per request. Each guard is a setting of :func:`create_app` or
+:func:`~cir_plugins.serve.serve`.
 """
 
 from __future__ import annotations
