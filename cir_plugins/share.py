@@ -92,8 +92,7 @@ def _from_path(path: str | os.PathLike, checkpoint: str | None) -> tuple[dict[st
 
 
 def _shared_made_with(made_with: Any, merged: list[dict[str, str]], source: Any) -> dict[str, Any] | None:
-    """The result's ``made_with`` less the base results ``on_top_of`` merged into its weights; ConfigError when
-    those are not the end of the recorded base, in order (the result would go on weights it was not trained on)."""
+    """``made_with`` less the merged ``on_top_of`` results; ConfigError unless they end the recorded base, in order."""
     if not isinstance(made_with, dict):
         return None
     if "base" not in made_with or not merged:
@@ -119,8 +118,7 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _evaluation_table(evaluation: Mapping[str, Any] | None, info: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """name -> {metric: value}: the given evaluation (a flat dict is one row), else the selected (or last) epoch's
-    validation metrics from the history."""
+    """name -> {metric: value}: ``evaluation`` (a flat dict is one row), else the selected epoch's validation."""
     if evaluation:
         nested = all(isinstance(v, Mapping) for v in evaluation.values())
         return {str(k): _numbers(v) for k, v in (evaluation if nested else {"evaluation": evaluation}).items()}

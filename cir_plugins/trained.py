@@ -142,9 +142,7 @@ def _read_document(document: Path) -> dict[str, Any]:
 
 
 def _check_shared(folder: Path, document: Path, info: dict[str, Any]) -> None:
-    """CheckpointError naming the field unless ``cir_plugins.json`` has the format, the types of ``_SHARED_FIELDS``
-    and ``files`` (naming the weights file), each a regular file directly inside ``folder`` of the recorded size
-    and SHA-256."""
+    """CheckpointError naming the field unless the format, types and ``files`` (sizes, SHA-256) are as recorded."""
     if info.get("format") != SHARED_FORMAT:
         raise _bad_document(document, "'format' is missing or not this library's", info.get("format"),
                             repr(SHARED_FORMAT))
@@ -234,8 +232,7 @@ def read_trained(path: str | os.PathLike, *, checkpoint: str | None = None) -> T
 
 
 def _unfinished(source: Path) -> str | None:
-    """"epoch 5 of 40 done" when the run that wrote checkpoint ``source`` has not finished its epochs (its newest
-    ``last`` says), else None."""
+    """"epoch 5 of 40 done" when the run of checkpoint ``source`` has not finished (its newest ``last`` says)."""
     root = source.parent.parent
     if root.name != "checkpoints" or not root.is_dir():
         return None

@@ -308,9 +308,7 @@ class Trainer(Checkpointing, abc.ABC):
         return list(self.trainable) + ([(TAU_NAME, self.learned_tau)] if self.learned_tau is not None else [])
 
     def _check_gradients(self) -> None:
-        """NonFiniteError naming the parameters whose gradient holds NaN or inf (nothing applied): a finite loss can
-        back-propagate one, and one AdamW step would turn the weights into NaN. A GradScaler (fp16) skips such
-        steps itself."""
+        """NonFiniteError naming the parameters with a NaN/inf gradient, before AdamW spreads it (fp16: the scaler)."""
         if bad := non_finite_tensors([(name, p.grad) for name, p in self._named_parameters() if p.grad is not None]):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(explain(f"non-finite gradients in {len(bad)} parameter(s); the step was not applied",
@@ -400,8 +398,7 @@ class Trainer(Checkpointing, abc.ABC):
                                                    "last good checkpoint is kept"))
 
     def _evaluate_epoch(self, entry: dict[str, Any]) -> bool:
-        """Run the evaluator (rank 0) into ``entry["metrics"]``; True when this epoch is the best so far (broadcast,
-        so every rank keeps the same best weights)."""
+        """Evaluate (rank 0) into ``entry["metrics"]``; whether this epoch is the best so far (on all ranks)."""
         improved = False
         if self.evaluator is not None and self.rank == 0:
             with eval_mode(self.model), torch.no_grad():
