@@ -34,8 +34,7 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a folder's entries (a rename into it); skipped where a folder cannot be opened (the rename is
-    still atomic there)."""
+    """Persist a folder's entries (a rename into it); skipped where a folder cannot be opened."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -78,8 +77,7 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in ``path.tmp-<pid>``, flushed and fsynced (removed again if that fails), after refusing a folder
-    at ``path`` and removing the leftovers of killed writes to it."""
+    """``data`` in ``path.tmp-<pid>``, fsynced; refuses a folder at ``path``, removes killed writes' leftovers."""
     _refuse_folder(path)
     remove_leftovers(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

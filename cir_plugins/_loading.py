@@ -31,8 +31,7 @@ def _folder_of(module: Any) -> str | None:
 
 
 def _forget_if_stale(name: str) -> None:
-    """Drop the module ``name`` (and its submodules) from ``sys.modules`` when an import of it now would find
-    another file than the one it was loaded from (e.g. another working directory's module of that name)."""
+    """Drop module ``name`` (and its submodules) when importing it now would find another file."""
     cached = sys.modules.get(name)
     loaded_from = getattr(cached, "__file__", None)
     if loaded_from is None:  # not loaded, or not from a file (built in, a namespace package)
@@ -46,8 +45,7 @@ def _forget_if_stale(name: str) -> None:
 
 
 def _import_module(where: str, spec: str) -> Any:
-    """``where`` imported with the working directory first on the path (a console script's ``sys.path[0]`` is
-    its own folder), not from the folders earlier factory files left there, nor reusing a stale module."""
+    """``where`` imported from the working directory first, not from earlier factory folders nor stale."""
     cwd = os.getcwd()
     added = cwd not in sys.path
     if added:
@@ -146,13 +144,11 @@ class ImageEncoder:
 
 
 def _features(output: Any) -> Any:
-    """(N, D) image features from a transformers output: the tensor itself (``get_image_features`` in 4.x), an
-    output's ``image_embeds`` / ``pooler_output``, else the first token of ``last_hidden_state``."""
+    """(N, D) features of a transformers output: itself, ``image_embeds`` / ``pooler_output``, else token 0."""
     if hasattr(output, "shape"):
         return output
     for key in ("image_embeds", "pooler_output"):
-        value = getattr(output, key, None)
-        if value is not None:
+        if (value := getattr(output, key, None)) is not None:
             return value
     return output.last_hidden_state[:, 0]
 

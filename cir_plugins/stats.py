@@ -49,11 +49,9 @@ def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 20
     runs = [np.asarray(d, dtype=np.float64).reshape(-1) for d in differences]
     if not runs:
         raise DataError(explain("no runs to bootstrap", got=0, fix="pass one sequence of differences per run"))
-    empty = [i for i, r in enumerate(runs) if r.size == 0]
-    if empty:
+    if empty := [i for i, r in enumerate(runs) if r.size == 0]:
         raise DataError(explain("a run has no queries", got=f"runs {empty[:5]}", fix="drop empty runs"))
-    bad = [i for i, r in enumerate(runs) if not np.isfinite(r).all()]
-    if bad:
+    if bad := [i for i, r in enumerate(runs) if not np.isfinite(r).all()]:
         raise DataError(explain("differences must be finite", got=f"runs {bad[:5]}", fix="check the per-query scores"))
     check_positive_int("n_boot", n_boot, fix="e.g. 2000")
     if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:

@@ -119,8 +119,7 @@ def _named(sources: list[dict[str, Any]]) -> str:
 
 
 def _read_trained_in_order(args: argparse.Namespace, *, keep_weights: bool) -> list[Any]:
-    """The ``--trained`` results in order (with their weights when ``keep_weights``, else the summaries
-    :func:`trained_sources` returns, kept on ``args``), each checked to go on the results it was trained on."""
+    """The ``--trained`` results in order (or their summaries), each checked to go on what it was trained on."""
     from ..trained import read_trained
 
     paths = [str(p) for p in getattr(args, "trained", None) or ()]
@@ -169,8 +168,7 @@ def _recorded_preprocessing(args: argparse.Namespace) -> list[tuple[str, dict[st
     if isinstance(bank, str) and bank:
         from ..negatives.bank_format import bank_preprocessing, read_bank_header
 
-        found = bank_preprocessing(read_bank_header(bank), bank)
-        if found is not None:
+        if (found := bank_preprocessing(read_bank_header(bank), bank)) is not None:
             recorded.append((f"--bank {bank}", found))
     return recorded
 
@@ -361,8 +359,7 @@ def _parser_of(kind: Any) -> tuple[Any, int | None]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One flag per field of a training config dataclass, its help the field's (``field_docs``) and default; bool
-    fields get ``--x`` / ``--no-x``."""
+    """One flag per training-config field, help from its doc and default; bools get ``--x`` / ``--no-x``."""
     from ..training.config import AMP_MODES, SCHEDULES, field_docs
 
     choices = {"schedule": SCHEDULES, "amp": AMP_MODES}
@@ -391,8 +388,7 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **fixed: Any) -
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """The flags both training commands share: model, dataset, ``--generated``, ``--out``, validation, the
-    config's fields, ``--progress``."""
+    """The flags both training commands share: model, data, output, validation, config fields, progress."""
     add_model_arguments(parser)
     add_dataset_arguments(parser)
     parser.add_argument("--generated", action="append", default=None, metavar="FILE",
@@ -436,6 +432,7 @@ def training_triplets(args: argparse.Namespace, split: Any, *, annotated: bool =
                                 fix="pass --generated FILE (from cir-plugins augment) or a split with triplets"))
     return triplets
 
+
 LONG_TEXT = ("target", "truncate", "keep")
 
 
@@ -450,8 +447,7 @@ def add_long_text_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def fit_generated(args: argparse.Namespace, model: Any, triplets: list) -> list:
-    """``triplets`` with the generated texts over the model's limit (``text_limit_of``) handled by ``--long-text``;
-    prints the count."""
+    """``triplets`` with generated texts over the model's limit handled by ``--long-text``; prints the count."""
     from ..positives.templates import fit_generated_texts, text_limit_of
 
     policy = getattr(args, "long_text", "target")

@@ -44,8 +44,7 @@ __all__ = ["configure", "run", "build_captioner", "build_rewriter", "DEFAULT_RAN
 
 
 def _recipe_defaults() -> dict[str, dict[str, Any]]:
-    """Per dataset, its default recipe's rank window (as fractions of the pool the release ranked in),
-    refer-only and caption word budget; the synthetic world takes CIRR's."""
+    """Per dataset, its default recipe's window (fractions of its pool), refer-only and word budget."""
     from ..recipes import default_recipe
 
     out = {}
@@ -166,8 +165,7 @@ def build_rewriter(spec: str, args: argparse.Namespace, examples: Any = None) ->
 
 
 def _rewriter_examples(args: argparse.Namespace, captioner: Any, pool: Any, cache_path: Any) -> Any:
-    """``--rewriter-examples K`` annotated triplets (drawn with ``--seed``, captioned into the run's cache) as
-    in-context examples; None = the built-in ones."""
+    """``--rewriter-examples K`` annotated triplets (by ``--seed``, captioned into the cache), or None."""
     import random
 
     from ..positives.captioners import caption_images

@@ -32,10 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _counts(value: str):
-    if value == "official":
-        return "official"
-    if value == "none":
-        return None
+    if value in ("official", "none"):
+        return None if value == "none" else value
     return read_json_file(value, "the --counts file", error=ConfigError,
                           fix="pass 'official', 'none' or a JSON object {split: {\"images\": n, \"triplets\": m}}")
 

@@ -234,8 +234,7 @@ def create_app(searcher: GallerySearcher, *, max_upload_bytes: int = DEFAULT_MAX
         if not isinstance(fields, dict):
             raise _Refused(400, explain("the JSON body must be an object", got=type(fields).__name__,
                                         expected="{text, k, image_id | reference_path | image}"))
-        unknown = sorted(set(fields) - set(SEARCH_FIELDS))
-        if unknown:
+        if unknown := sorted(set(fields) - set(SEARCH_FIELDS)):
             raise _Refused(400, explain("unknown fields in the search request", got=unknown[:5],
                                         expected=list(SEARCH_FIELDS)))
         text = fields.get("text")
