@@ -118,10 +118,6 @@ class Generation(AugmentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rank_window is not None and self.window.is_any:
-            raise ConfigError(explain("generation.rank_window starts below 0, which means 'any image' (written null "
-                                      "in a recipe); a window needs 0 <= a < b: ints are ranks, floats fractions of "
-                                      "the images ranked, e.g. [0.2, 0.3]", got=self.rank_window))
         if not isinstance(self.prompt, str) or "{k}" not in self.prompt:
             raise ConfigError(explain("generation.prompt must be a string with {k}", got=self.prompt))
         if self.pool not in POOLS:
@@ -278,9 +274,14 @@ class Recipe:
 def _generation(path: Path, data: Any) -> Generation:
     g = _keys(path, "generation", data, _GENERATION, {f.name for f in dataclasses.fields(Generation)} - _GENERATION)
     try:
-        return Generation(**g)
+        generation = Generation(**g)
     except ConfigError as error:
         raise _fail(path, f"generation: {error}", g) from None
+    if generation.rank_window is not None and generation.window.is_any:  # a file writes "any image" as null
+        raise _fail(path, "generation.rank_window starts below 0, which means 'any image' (written null in a recipe); "
+                          "a window needs 0 <= a < b: ints are ranks, floats fractions of the images ranked, e.g. "
+                          "[0.2, 0.3]", g["rank_window"])
+    return generation
 
 
 def _start(path: Path, data: Any) -> dict:

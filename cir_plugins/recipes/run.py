@@ -265,7 +265,6 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
     from ..negatives.bank import NegativeBank
     from ..positives.annotations import read_generated, write_generated_cirr, write_generated_fashioniq
     from ..positives.augmenter import TripletAugmenter
-    from ..positives.pairing import parse_rank_window
     from ..positives.templates import fit_generated_texts, text_limit_of
     from ..training.evaluator import Evaluator
     from ..training.stage1 import Stage1Trainer
@@ -343,8 +342,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
             from ..positives.rewriters import rewriter_from_spec
 
             rewriter = rewriter_from_spec(recipe.generation.rewriter, device=model_device(model), seed=seed)
-        any_image = parse_rank_window(window).is_any  # a recipe writes 'any image' as null
-        config = dataclasses.replace(recipe.generation, rank_window=None if any_image else window, seed=seed,
+        config = dataclasses.replace(recipe.generation, rank_window=window, seed=seed,
                                      dedup=recipe.bank["dedup"], batch_size=eval_batch_size, keep_equal_captions=True,
                                      **{k: v for k, v in length.items() if k != "count_tokens"})
         encoder = pair_encoder if pair_encoder is not None else model
