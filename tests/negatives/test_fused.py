@@ -515,6 +515,18 @@ def test_explicit_tiles_that_run_out_of_resources_are_not_changed():
 # interpreter tiles are used), so these two run where a GPU is; the kernel is replaced by RecordingKernel.
 
 
+def _check_cuda_tile_choice(config):
+    """The built-in CUDA tiles for D = 768: ``config(b, tiles=None)`` -> the tile settings of a launch for b queries."""
+    pick = {b: config(b) for b in (8, 32, 64, 256)}
+    forced = config(32, {"BLOCK_B": 128})
+    forced_warps = config(256, {"num_warps": 2})
+    assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
+        [(16, 4), (32, 4), (64, 4), (128, 8)]
+    assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
+    assert (forced_warps["BLOCK_B"], forced_warps["num_warps"]) == (128, 2)
+    assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
+
+
 def test_cuda_tile_choice_and_warps_follow_the_query_tile_on_cpu(monkeypatch):
     """The CUDA branch of the tile choice, from a stand-in for the device's properties (132 SMs, an H100)."""
     from types import SimpleNamespace
@@ -522,14 +534,7 @@ def test_cuda_tile_choice_and_warps_follow_the_query_tile_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda")
-    pick = {b: fused.tile_config(b, 1_000_000, 768, cuda) for b in (8, 32, 64, 256)}
-    forced = fused.tile_config(32, 1_000_000, 768, cuda, {"BLOCK_B": 128})
-    forced_warps = fused.tile_config(256, 1_000_000, 768, cuda, {"num_warps": 2})
-    assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
-        [(16, 4), (32, 4), (64, 4), (128, 8)]
-    assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
-    assert (forced_warps["BLOCK_B"], forced_warps["num_warps"]) == (128, 2)
-    assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
+    _check_cuda_tile_choice(lambda b, tiles=None: fused.tile_config(b, 1_000_000, 768, cuda, tiles))
 
 
 @pytest.mark.gpu
@@ -546,14 +551,7 @@ def test_cuda_tile_choice_and_warps_follow_the_query_tile(monkeypatch):
         (cfg,) = kernel.launches
         return dict(cfg, num_qb=cfg["grid"][0] // cfg["NUM_DV"])
 
-    pick = {b: launch(b) for b in (8, 32, 64, 256)}
-    forced = launch(32, {"BLOCK_B": 128})
-    forced_warps = launch(256, {"num_warps": 2})
-    assert [(pick[b]["BLOCK_B"], pick[b]["num_warps"]) for b in (8, 32, 64, 256)] == \
-        [(16, 4), (32, 4), (64, 4), (128, 8)]
-    assert (forced["BLOCK_B"], forced["num_warps"]) == (128, 8)  # warps follow the overridden tile
-    assert (forced_warps["BLOCK_B"], forced_warps["num_warps"]) == (128, 2)
-    assert pick[256]["NUM_DV"] == 3 and pick[256]["num_qb"] == 2
+    _check_cuda_tile_choice(launch)
 
 
 @pytest.mark.gpu

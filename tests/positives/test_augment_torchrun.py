@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from _gloo import spawn_gloo
 from PIL import Image
+from test_positives_augmenter import Store
 from torch.multiprocessing.spawn import ProcessException
 
 from cir_plugins.cli import main
@@ -79,18 +79,6 @@ def test_rank_shares_are_whole_blocks_in_order():
 
 
 # --- the library on 2 gloo ranks ----------------------------------------------------------------------------------
-
-class Store(dict):
-    """id -> (3, H, W) tensor, plus the exact PIL image (like ImageStore.load_pil)."""
-
-    def __init__(self, pil):
-        super().__init__({k: torch.from_numpy(np.asarray(v, dtype=np.float32) / 255).permute(2, 0, 1)
-                          for k, v in pil.items()})
-        self.pil = pil
-
-    def load_pil(self, image_id):
-        return self.pil[image_id]
-
 
 def _store(n=61):
     rng = np.random.default_rng(5)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from test_positives_pairing import scalar_key
 
 import cir_plugins.positives.pairing as pairing
 from cir_plugins.errors import ConfigError, NonFiniteError, ShapeError
@@ -56,14 +57,6 @@ def test_query_rows_and_unnormalised_input_match(monkeypatch):
     assert select_partners(emb, **kwargs) == _torch_blocks(monkeypatch, emb, **kwargs)
 
 
-def _scalar_key(seed, q, n, j):
-    z = (seed * 2**40 + q * n + j + 0x9E3779B97F4A7C15) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    z ^= z >> 31
-    return z - 2**64 if z >= 2**63 else z
-
-
 def test_draw_is_the_smallest_keys_of_the_brute_force_window():
     # plain reference: every cosine of +-1 rows (D = 4) is exact, so the full sort by (-cosine, index) is the
     # ranking with its ties; the draw is the window members ordered by the scalar splitmix64 key
@@ -74,14 +67,14 @@ def test_draw_is_the_smallest_keys_of_the_brute_force_window():
         for q, row in enumerate(picks):
             ranked = sorted((j for j in range(n) if j != q), key=lambda j: (-cos[q, j], j))
             members = ranked[window[0]:window[1]]
-            assert row == sorted(members, key=lambda j: _scalar_key(seed, q, n, j))[:3]
+            assert row == sorted(members, key=lambda j: scalar_key(seed, q, n, j))[:3]
 
 
-def test_hash_forms_match_the_scalar_key():
+def test_hash_forms_match_thescalar_key():
     js = np.array([0, 1, 7, 99_999, 2**40], dtype=np.int64)
     for seed, q, n in [(0, 0, 10), (7, 5, 100_003), (2**31 + 5, 99_999, 100_003)]:
         offset = pairing._key_offset(seed, q, n)
-        want = [_scalar_key(seed, q, n, int(j)) for j in js]
+        want = [scalar_key(seed, q, n, int(j)) for j in js]
         assert pairing._splitmix(js.astype(np.uint64) + np.uint64(offset)).tolist() == want
         signed = offset - 2**64 if offset >= 2**63 else offset
         assert pairing._splitmix(torch.from_numpy(js) + signed).tolist() == want
@@ -116,7 +109,7 @@ def test_bad_inputs_are_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_the_inputs_device_with_the_same_partners():
-    emb = torch.randn(3001, 32, generator=torch.Generator().manual_seed(2)).cuda()
+    emb = torch.randn(3001, 32, generator=torch.Generator().manual_seed(2)).to("cuda")  # the device under test
     for window in [(0.590, 0.886), (10, 200)]:
         kwargs = dict(rank_window=window, partners_per_image=2, seed=5, groups=[i % 4 for i in range(3001)])
         assert select_partners(emb, **kwargs) == select_partners(emb.cpu(), **kwargs)

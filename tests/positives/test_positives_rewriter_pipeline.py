@@ -43,14 +43,11 @@ def tiny(tmp_path_factory):
 def test_augmenter_runs_the_llm_rewriter_once_per_pair_and_caches_it(tiny, tmp_path):
     store = make_store(n=12, duplicates=())
     rewriter = cp.LLMRewriter(tiny, max_new_tokens=6, max_words=6)
-    result = TripletAugmenter(
-        ColourCaptioner(),
-        encoder,
-        config=AugmentConfig(rank_window=(0, 3)),
-        rewriter=rewriter,
-        cache_dir=tmp_path,
-        show_progress=False,
-    ).augment(list(store), store)
+    def augment():
+        return TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3)), rewriter=rewriter,
+                                cache_dir=tmp_path, show_progress=False).augment(list(store), store)
+
+    result = augment()
     rewrite = result.summary["rewrite"]
     assert rewrite["rewritten"] + rewrite["fallback"] == len(result.triplets) == 12 and rewrite["new"] == 12
     assert "rewrite" in result.summary["seconds"]
@@ -61,14 +58,7 @@ def test_augmenter_runs_the_llm_rewriter_once_per_pair_and_caches_it(tiny, tmp_p
         else:
             assert list(t.meta["templates"]) == list(cp.positives.templates.PRESETS["cirr"])
     assert len(list(tmp_path.glob("rewrites-*.jsonl"))) == 1
-    again = TripletAugmenter(
-        ColourCaptioner(),
-        encoder,
-        config=AugmentConfig(rank_window=(0, 3)),
-        rewriter=rewriter,
-        cache_dir=tmp_path,
-        show_progress=False,
-    ).augment(list(store), store)
+    again = augment()
     assert again.summary["rewrite"]["cached"] == 12 and again.summary["rewrite"]["model_calls"] == 0
     assert [t.texts for t in again.triplets] == [t.texts for t in result.triplets]
 
