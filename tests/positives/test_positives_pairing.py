@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import cir_plugins.positives.pairing as pairing
 from cir_plugins.errors import ConfigError, NonFiniteError, ShapeError
 from cir_plugins.positives.pairing import pair_images, parse_rank_window, select_partners
 
@@ -139,14 +140,20 @@ def test_bad_windows_and_inputs_are_clear_errors():
     assert parse_rank_window("10000,15000").start == 10000
     assert parse_rank_window("0.2,0.3").is_fraction
     assert parse_rank_window((-1, 0)).is_any
-    with pytest.raises(ShapeError):
+    with pytest.raises(ConfigError, match="rank_window"):
+        select_partners(torch.randn(10, 3), rank_window=(5, 2))
+    with pytest.raises(ShapeError, match="2-D"):
         select_partners(torch.randn(5), rank_window=(0, 2))
+    with pytest.raises(ShapeError, match="groups"):
+        select_partners(torch.randn(10, 3), rank_window=(0, 2), groups=[0, 1])
     bad = torch.randn(5, 3)
     bad[2, 1] = float("nan")
     with pytest.raises(NonFiniteError):
         select_partners(bad, rank_window=(0, 2))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="partners_per_image"):
         select_partners(torch.randn(5, 3), rank_window=(0, 2), partners_per_image=0)
+    with pytest.raises(ConfigError, match="query_rows"):
+        select_partners(torch.randn(10, 3), rank_window=(0, 2), query_rows=[10])
 
 
 def test_non_finite_encoder_output_names_the_images():
@@ -194,48 +201,47 @@ def test_distinct_scores_match_the_reference():
         assert row == sorted(members, key=lambda j: scalar_key(2, q, 59, j))[:2]
 
 
-def _both_paths(monkeypatch, emb, **kwargs):
-    """(numpy per-row path, torch per-block path, as on a GPU) outputs of select_partners for the same arguments."""
-    import cir_plugins.positives.pairing as pairing
-
-    rows = select_partners(emb, **kwargs)
+def _torch_blocks(monkeypatch, emb, **kwargs):
+    """select_partners through its torch per-block path (the one a GPU takes), on the CPU."""
     monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", False)
-    blocks = select_partners(emb, **kwargs)
-    monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", True)
-    return rows, blocks
+    try:
+        return select_partners(emb, **kwargs)
+    finally:
+        monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", True)
 
 
-def _pairing_inputs():
+def _inputs():
     gen = torch.Generator().manual_seed(11)
     dup_rows = torch.randn(97, 5, generator=gen)
-    dup_rows[10:30] = dup_rows[3]  # exact duplicate embeddings: tied scores at many ranks
+    dup_rows[10:30] = dup_rows[3]  # duplicated rows: tied scores at many ranks
+    quantised = torch.round(torch.randn(89, 4, generator=gen) * 2) / 2  # few distinct cosines
     return [
         ("random f64", torch.randn(131, 7, generator=gen, dtype=torch.float64), {}),
         ("random f32", torch.randn(149, 4, generator=gen), {}),
         ("+-1 ties", (torch.randint(0, 2, (83, 3), generator=gen) * 2 - 1).float(), {}),
         ("integer ties", torch.randint(-2, 3, (101, 2), generator=gen).double(), {}),
         ("duplicate rows", dup_rows, {}),
+        ("quantised", quantised, {}),
         ("groups", torch.randn(121, 6, generator=gen), dict(groups=[i % 3 for i in range(121)])),
         ("groups+dups", torch.randn(113, 6, generator=gen),
          dict(groups=[i % 2 for i in range(113)], duplicates=[str(i // 5) for i in range(113)])),
+        ("dups, quantised", quantised, dict(duplicates=[i // 3 for i in range(89)])),
     ]
 
 
-@pytest.mark.parametrize("window", [(3, 29), (0, 9), (0.2, 0.45), (-1, 0), (12, 13), (0.5, 1.0)])
-def test_numpy_rows_path_equals_torch_blocks_path(monkeypatch, window):
-    # the two selection paths must give the very same partners, on random, tied, duplicated and grouped
-    # inputs (rows spread over 2 threads)
+@pytest.mark.parametrize("window", [(3, 29), (0, 1), (0, 9), (12, 13), (40, 1000), (0.2, 0.45), (0.5, 1.0),
+                                    (0.59, 0.886), (-1, 0)])
+def test_numpy_rows_and_torch_blocks_give_the_same_partners(monkeypatch, window):
+    # the two selection paths (numpy per row, rows spread over 2 threads; torch per block, as on a GPU) on
+    # random, tied, duplicated, quantised and grouped inputs at odd sizes, each with several seeds, chunk sizes, k
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    for name, emb, extra in _pairing_inputs():
-        for chunk_size in (5, 70):
-            new, old = _both_paths(monkeypatch, emb, rank_window=window, partners_per_image=3, seed=4,
-                                   chunk_size=chunk_size, **extra)
-            assert new == old, (name, chunk_size)
+    for name, emb, extra in _inputs():
+        for seed, chunk, k in [(4, 5, 3), (4, 70, 3), (0, 7, 1), (2**31 + 5, 256, 2)]:
+            kwargs = dict(rank_window=window, partners_per_image=k, seed=seed, chunk_size=chunk, **extra)
+            assert select_partners(emb, **kwargs) == _torch_blocks(monkeypatch, emb, **kwargs), (name, seed, chunk, k)
 
 
 def test_both_paths_match_the_brute_force_reference(monkeypatch):
-    import cir_plugins.positives.pairing as pairing
-
     for numpy_rows in (True, False):
         monkeypatch.setattr(pairing, "_NUMPY_ON_CPU", numpy_rows)
         emb = torch.randn(67, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
@@ -248,6 +254,54 @@ def test_both_paths_match_the_brute_force_reference(monkeypatch):
         picks = select_partners(emb, rank_window=(2, 9), partners_per_image=2, seed=1, chunk_size=40)
         for q, (row, members) in enumerate(zip(picks, windows)):  # tied boundaries: the tie rule
             assert row == sorted(members, key=lambda j: scalar_key(1, q, 40, j))[:2]
+
+
+def test_query_rows_and_unnormalised_input_match(monkeypatch):
+    emb = torch.randn(77, 5, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(rank_window=(0.1, 0.7), partners_per_image=2, seed=9, query_rows=[76, 3, 3, 40], chunk_size=3)
+    picks = select_partners(emb, **kwargs)
+    assert picks == _torch_blocks(monkeypatch, emb, **kwargs)
+    assert picks[1] == picks[2] == select_partners(emb, **{**kwargs, "query_rows": [3]})[0]  # rows are independent
+    kwargs = dict(rank_window=(4, 30), normalize=False)
+    assert select_partners(emb, **kwargs) == _torch_blocks(monkeypatch, emb, **kwargs)
+
+
+def test_large_seeds_and_wide_windows_follow_the_draw_rule():
+    # +-1 rows (D = 4): every cosine is exact, ties included; a seed past 2**40 and a window over most of the row
+    emb = (torch.randint(0, 2, (45, 4), generator=torch.Generator().manual_seed(6)) * 2 - 1).double()
+    for window, seed in [((2, 9), 1), ((0, 30), 2**40 + 3)]:
+        picks = select_partners(emb, rank_window=window, partners_per_image=3, seed=seed, chunk_size=8)
+        for q, (row, members) in enumerate(zip(picks, brute_force_windows(emb, window))):
+            assert row == sorted(members, key=lambda j: scalar_key(seed, q, 45, j))[:3]
+
+
+def test_hash_forms_match_the_scalar_key():
+    js = np.array([0, 1, 7, 99_999, 2**40], dtype=np.int64)
+    for seed, q, n in [(0, 0, 10), (7, 5, 100_003), (2**31 + 5, 99_999, 100_003)]:
+        offset = pairing._key_offset(seed, q, n)
+        want = [scalar_key(seed, q, n, int(j)) for j in js]
+        assert pairing._splitmix(js.astype(np.uint64) + np.uint64(offset)).tolist() == want
+        signed = offset - 2**64 if offset >= 2**63 else offset
+        assert pairing._splitmix(torch.from_numpy(js) + signed).tolist() == want
+
+
+def test_both_paths_agree_at_20k(monkeypatch):
+    # N = 20,000, the release window (0.590, 0.886); the equality with the selection this one replaced was
+    # measured at this size (benchmarks/pairing_streaming.json)
+    emb = torch.randn(20_000, 64, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(rank_window=(0.590, 0.886), partners_per_image=2, seed=3, query_rows=range(0, 20_000, 7))
+    got = select_partners(emb, **kwargs)
+    assert len(got) == len(range(0, 20_000, 7)) and all(len(row) == 2 for row in got)
+    assert got == _torch_blocks(monkeypatch, emb, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_the_inputs_device_with_the_same_partners():
+    emb = torch.randn(3001, 32, generator=torch.Generator().manual_seed(2)).to("cuda")  # the device under test
+    for window in [(0.590, 0.886), (10, 200)]:
+        kwargs = dict(rank_window=window, partners_per_image=2, seed=5, groups=[i % 4 for i in range(3001)])
+        assert select_partners(emb, **kwargs) == select_partners(emb.cpu(), **kwargs)
 
 
 class _DeviceCheckingEncoder(torch.nn.Module):
@@ -288,7 +342,6 @@ def test_embed_images_moves_batches_to_the_encoders_device():
 
 def test_pair_embeddings_pools_tokens_into_float32_cpu_rows():
     from cir_plugins import embedding
-    from cir_plugins.positives import pairing
 
     images = {f"i{k}": torch.rand(3, 4, 4) for k in range(5)}
 
