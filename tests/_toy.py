@@ -9,11 +9,22 @@ side), so the query side can learn the shifts exactly.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cir_plugins.data.triplet import Triplet
+
+
+def factory_source(*setup: str) -> str:
+    """The text of a factory file for the commands' ``--model FILE:build`` (or ``module:build``): ``build(seed=0)``
+    returns the toy model, after running each ``setup`` statement with ``model`` in scope."""
+    body = [f"    {line}" for line in setup]
+    return "\n".join([f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})",
+                      "from _toy import make_model", "", "", "def build(seed=0):", "    model = make_model(seed=seed)",
+                      *body, "    return model", ""])
+
 
 WORDS = ["red", "blue", "big", "small", "round", "square", "bright", "dark", "left", "right", "tall"]
 

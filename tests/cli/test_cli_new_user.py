@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _toy import factory_source
 from torch import nn
 
 import cir_plugins as cp
@@ -16,7 +17,6 @@ from cir_plugins.cli.augment import DEFAULT_RANK_WINDOWS
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import ConfigError, ModelProtocolError
 
-HERE = Path(__file__).resolve().parent
 CAPTIONS_AND_ENCODER = '''
 import torch
 
@@ -25,26 +25,24 @@ def build(dim=8):
         return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
     return encode
 '''
-FACTORY = f"""
-import sys
-sys.path.insert(0, {str(HERE.parent)!r})
-from _toy import make_model
+FACTORY = factory_source()
 
 
-def build(seed=0):
-    return make_model(seed=seed)
-"""
+def cirr_workspace(tmp_path, monkeypatch, caption="a photo number {k}", factory=FACTORY):
+    """A CIRR tree (train, val) and, in the working directory, captions.json (``caption`` per train image),
+    the pair encoder enc.py and the model factory tiny_cir.py."""
+    monkeypatch.chdir(tmp_path)
+    root = build_cirr_tree(tmp_path / "cirr", n_images=18, n_triplets=6, splits=("train", "val"))
+    ids = list(cp.load_cirr(root, "train").gallery_ids)
+    Path("captions.json").write_text(json.dumps({i: caption.format(k=k) for k, i in enumerate(ids)}))
+    Path("enc.py").write_text(CAPTIONS_AND_ENCODER)
+    Path("tiny_cir.py").write_text(factory)
+    return root
 
 
 @pytest.fixture()
 def cirr(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = build_cirr_tree(tmp_path / "cirr", n_images=18, n_triplets=6, splits=("train", "val"))
-    ids = list(cp.load_cirr(root, "train").gallery_ids)
-    Path("captions.json").write_text(json.dumps({i: f"a photo number {k}" for k, i in enumerate(ids)}))
-    Path("enc.py").write_text(CAPTIONS_AND_ENCODER)
-    Path("tiny_cir.py").write_text(FACTORY)
-    return root
+    return cirr_workspace(tmp_path, monkeypatch)
 
 
 def _augment(root, *extra):

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from _toy import factory_source
 
 import cir_plugins as cp
 from cir_plugins.cli import main
@@ -20,15 +21,7 @@ from cir_plugins.submission import submit_cirr
 HERE = Path(__file__).resolve().parent
 README = (HERE.parents[1] / "README.md").read_text()
 # the factory module the README names (my_model:build), in the working directory
-FACTORY = f"""
-import sys
-sys.path.insert(0, {str(HERE.parent)!r})
-from _toy import make_model
-
-
-def build(seed=0):
-    return make_model(seed=seed)
-"""
+FACTORY = factory_source()
 WORLD = json.dumps(dict(n_train_triplets=16, n_train_unlabelled=24, n_val_queries=8, n_val_distractors=8,
                         n_test_queries=8, n_test_distractors=8, duplicate_rate=0.0))
 # what differs from the README on the synthetic world: its dataset flags (a 4-pixel image for the tiny

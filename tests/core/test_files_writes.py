@@ -8,10 +8,10 @@ import errno
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _toy import factory_source
 from safetensors.torch import save_file
 from test_report import _random_features
 
@@ -22,8 +22,6 @@ from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.data.split import Split
 from cir_plugins.errors import ConfigError
 from cir_plugins.report import retrieval_report
-
-HERE = Path(__file__).resolve().parent
 
 
 def _dead_pid() -> int:
@@ -72,8 +70,7 @@ def test_a_full_disk_is_one_line_for_every_writing_command(tmp_path, monkeypatch
     root = build_cirr_tree(tmp_path / "data", splits=("val",))
     (tmp_path / "old.json").write_text("old")
     factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\nfrom _toy import make_model\n"
-                       "def build():\n    return make_model()\n")
+    factory.write_text(factory_source())
     data = ["--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",
             "--image-size", "4", "--no-progress"]
     _fill_disk(monkeypatch)
@@ -197,10 +194,7 @@ def test_build_bank_refuses_an_unwritable_out_before_encoding(tmp_path, capsys):
     root = build_cirr_tree(tmp_path / "data", splits=("val",))
     calls = tmp_path / "factory_called"
     factory = tmp_path / "factory.py"
-    factory.write_text(f"import pathlib, sys\nsys.path.insert(0, {str(HERE.parent)!r})\n"
-                       "from _toy import make_model\n"
-                       f"def build():\n    pathlib.Path({str(calls)!r}).write_text('called')\n"
-                       "    return make_model()\n")
+    factory.write_text(factory_source("import pathlib", f"pathlib.Path({str(calls)!r}).write_text('called')"))
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "a_folder").mkdir()
     common = ["build-bank", "--model", f"{factory}:build", "--dataset", "cirr", "--root", str(root), "--split", "val",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _toy import factory_source
 
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 from cir_plugins.data.split import Split
@@ -16,8 +16,6 @@ from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import ConfigError
 from cir_plugins.evaluation import EvalFeatures, metrics_from_features
 from cir_plugins.report import query_ranks, retrieval_report
-
-HERE = Path(__file__).resolve().parent
 
 
 def _random_features(n_gallery=30, n_queries=25, dim=6, seed=0) -> EvalFeatures:
@@ -116,9 +114,7 @@ def _show(argv) -> int:
 @pytest.fixture()
 def factory(tmp_path):
     path = tmp_path / "factory.py"
-    path.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\n"
-                    "from _toy import make_model\n"
-                    "def build(seed=0):\n    return make_model(seed=seed)\n")
+    path.write_text(factory_source())
     return path
 
 

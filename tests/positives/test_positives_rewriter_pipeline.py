@@ -8,31 +8,19 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli_new_user import CAPTIONS_AND_ENCODER as ENCODER  # the pair encoder file: pooled pixels, 8 dims
+from _toy import factory_source
+from test_cli_new_user import cirr_workspace  # enc.py there: pooled pixels, 8 dims
 from test_positives_augmenter import ColourCaptioner, encoder, make_store
 from test_positives_rewriter import build_tiny_chat_model
 
 import cir_plugins as cp
 from cir_plugins.cli import main
-from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import ConfigError
 from cir_plugins.positives.augmenter import AugmentConfig, TripletAugmenter
 from cir_plugins.positives.templates import fit_generated_texts, text_limit_of
 
-HERE = Path(__file__).resolve().parent
 # the toy CIR model of the training tests, declaring a text limit of 6 whitespace words
-FACTORY = f"""
-import sys
-sys.path.insert(0, {str(HERE.parent)!r})
-from _toy import make_model
-
-
-def build(seed=0):
-    model = make_model(seed=seed)
-    model.max_text_tokens = 6
-    model.count_text_tokens = lambda text: len(text.split())
-    return model
-"""
+FACTORY = factory_source("model.max_text_tokens = 6", "model.count_text_tokens = lambda text: len(text.split())")
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +112,8 @@ def test_text_limit_of_reads_a_tokenizer_and_fit_generated_texts_keeps_annotated
     assert counts == {"texts": 3, "fallbacks": 1, "no_caption": 1}
 
 
-def _tree(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    root = build_cirr_tree(tmp_path / "cirr", n_images=18, n_triplets=6, splits=("train", "val"))
-    ids = list(cp.load_cirr(root, "train").gallery_ids)
-    Path("captions.json").write_text(json.dumps({i: f"a photo with the number {k}" for k, i in enumerate(ids)}))
-    Path("enc.py").write_text(ENCODER)
-    Path("tiny_cir.py").write_text(FACTORY)
-    return root
+def _tree(tmp_path, monkeypatch):  # captions of 6 words: at the model's limit, so a long template overflows it
+    return cirr_workspace(tmp_path, monkeypatch, caption="a photo with the number {k}", factory=FACTORY)
 
 
 def test_augment_command_rewriter_and_stage1_long_text_fallback(tiny, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _toy import factory_source
 
 from cir_plugins.cli import run_command
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
@@ -136,8 +137,7 @@ def trees(tmp_path_factory):
     cirr = build_cirr_tree(base / "cirr", n_images=12, n_triplets=5, splits=("train", "val"))
     fiq = build_fashioniq_tree(base / "fiq", n_images=8, n_triplets=5, splits=("train", "val"))
     factory = base / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\nfrom _toy import make_model\n"
-                       "def build(seed=0):\n    return make_model(seed=seed)\n")
+    factory.write_text(factory_source())
     captions = {}
     for name in json.loads((cirr / "cirr" / "image_splits" / "split.rc2.train.json").read_text()):
         captions[name] = f"a photo number {len(captions)} of a thing"

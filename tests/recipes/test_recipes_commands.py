@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _toy import factory_source
 
 from cir_plugins.cli import recipe as recipe_command
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
@@ -28,7 +29,6 @@ from cir_plugins.errors import ConfigError
 from cir_plugins.recipes import list_recipes, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 for _path in (str(REPO), str(REPO / "examples")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
@@ -74,8 +74,7 @@ def stand_ins(tmp_path_factory):
         base / "tiny_clip", WORDS, seed=0, image_size=TINY_CLIP_SIZE, patch_size=8, width=32, projection_dim=16)
     # the user's own TG-CIR / BLIP4CIR factory and stage-1 result
     factory = base / "toy_factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\nfrom _toy import make_model\n"
-                       "def build(seed=0):\n    return make_model(seed=seed)\n")
+    factory.write_text(factory_source())
     made["YOUR_TGCIR.py:build"] = made["YOUR_BLIP4CIR.py:build"] = f"{factory}:build"
     toy = make_model(seed=0)
     stage1 = base / "toy_stage1.safetensors"

@@ -11,21 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _toy import factory_source
 
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.data.fashioniq import load_split
 
-HERE = Path(__file__).resolve().parent
-FACTORY = f"""
-import sys
-sys.path.insert(0, {str(HERE.parent)!r})
-from _toy import make_model
-
-
-def build(seed=0):
-    return make_model(seed=seed)
-"""
+FACTORY = factory_source()
 WORLD = json.dumps(dict(n_train_triplets=16, n_train_unlabelled=8, n_val_queries=8, n_val_distractors=8,
                         n_test_queries=4, n_test_distractors=4, duplicate_rate=0.0))
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _toy import factory_source
 
 pytest.importorskip("starlette", reason='the web page is an optional extra: pip install "cir-plugins[serve]"')
 uvicorn = pytest.importorskip("uvicorn", reason='serving is an optional extra: pip install "cir-plugins[serve]"')
@@ -24,15 +25,7 @@ from cir_plugins.serve.app import SEARCH_FIELDS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 README = (HERE.parents[1] / "README.md").read_text()
-FACTORY = f"""
-import sys
-sys.path.insert(0, {str(HERE)!r})
-from _toy import make_model
-
-
-def build():
-    return make_model(seed=0)
-"""
+FACTORY = factory_source()
 WORLD = json.dumps(dict(n_train_triplets=12, n_train_unlabelled=0, n_val_queries=6, n_val_distractors=6,
                         n_test_queries=4, n_test_distractors=4, duplicate_rate=0.0))
 DATA = "--dataset synthetic --root world --image-size 4"  # the synthetic world in place of data/CIRR

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from _toy import factory_source
 
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import BankMismatchError
 from cir_plugins.negatives.bank import NegativeBank
-
-HERE = Path(__file__).resolve().parent
 
 
 def main(argv):
@@ -32,9 +30,7 @@ def main(argv):
 def tree(tmp_path):
     root = build_cirr_tree(tmp_path / "cirr", n_images=12, n_triplets=6, splits=("train", "val"))
     factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\n"
-                       "from _toy import make_model\n"
-                       "def build(seed=0):\n    return make_model(seed=seed)\n")
+    factory.write_text(factory_source())
     return root, factory
 
 
