@@ -49,7 +49,6 @@ from .._config import Config, document, option
 from .._utils import shard_rows
 from ..checks import check_positive_int, check_probability, require_images
 from ..data.dedup import find_duplicates
-from ..data.images import pil_loader
 from ..data.triplet import Triplet
 from ..errors import ConfigError, DataError, ModelProtocolError, explain
 from .captioners import (
@@ -301,7 +300,7 @@ class TripletAugmenter:
             return {i: i for i in ids}
         found = None
         if ranks.rank == 0:
-            found = find_duplicates(ids, pil_loader(images), embeddings=embeddings,
+            found = find_duplicates(ids, images, embeddings=embeddings,
                                     near_duplicate_threshold=self.config.near_duplicate_threshold,
                                     show_progress=self.show_progress)
         if ranks.world == 1:
@@ -354,7 +353,7 @@ class TripletAugmenter:
             leftovers = CaptionCache(path, name)
         torn = leftovers.torn_lines if leftovers is not None else 0
         if ranks.world == 1:
-            run = caption_images(self.captioner, needed, pil_loader(images), cache_path=path,
+            run = caption_images(self.captioner, needed, images, cache_path=path,
                                  batch_size=c.caption_batch_size, skip_empty=c.skip_empty,
                                  show_progress=self.show_progress)
             return run.captions, {"needed": len(needed), "new": run.new, "cached": run.cached,
@@ -363,7 +362,7 @@ class TripletAugmenter:
         known = CaptionCache(path, name).captions
         todo = [i for i in needed if i not in known]
         start, stop = ranks.span(len(todo))
-        caption_images(self.captioner, todo[start:stop], pil_loader(images),
+        caption_images(self.captioner, todo[start:stop], images,
                        cache_path=rank_cache_path(path, ranks.rank, ranks.world), batch_size=c.caption_batch_size,
                        skip_empty=c.skip_empty, show_progress=self.show_progress and ranks.rank == 0)
         ranks.barrier()  # every share captioned

@@ -220,3 +220,19 @@ def test_bad_arguments():
         TripletAugmenter(
             ColourCaptioner(), encoder, config=AugmentConfig(refer_only=True), show_progress=False
         ).augment(list(store), store)
+
+
+def test_tensor_images_are_grouped_by_their_exact_values_as_the_bank_groups_them():
+    # a plain id -> tensor mapping: a tensor that is an affine copy of another looks the same once min-max scaled
+    # into a picture, but it is a different image; the augmenter groups as find_duplicates (and the bank) do
+    from cir_plugins.data.dedup import find_duplicates
+
+    gen = torch.Generator().manual_seed(0)
+    images = {f"i{k}": torch.rand(3, 6, 5, generator=gen) for k in range(12)}
+    images["twin"] = images["i0"] * 2 + 1  # other values, same picture after scaling
+    images["copy"] = images["i1"].clone()  # the same values: one group
+    augmenter = TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3)),
+                                 show_progress=False)
+    result = augmenter.augment(list(images), images)
+    assert result.groups["twin"] == "twin" and result.groups["copy"] == "i1"
+    assert result.groups == find_duplicates(list(images), images)
