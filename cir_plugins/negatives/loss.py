@@ -96,6 +96,22 @@ def _check_options(backend: str, precision: str, chunk_size: int | None) -> None
                                   f"chunk_size={chunk_size}", fix="drop chunk_size, or use backend='torch'"))
 
 
+def _resolve_backend(backend: str, query: torch.Tensor, bank: torch.Tensor, similarity: str,
+                     chunk_size: int | None) -> str:
+    """The backend that runs: "auto" through :func:`select_backend`; "triton" checked (a rank whose shard holds no
+    row has nothing to score, and runs the torch backend's empty statistics)."""
+    if backend == "auto" or (backend == "triton" and bank.shape[0] == 0):
+        return select_backend(query, bank, similarity, chunk_size)
+    if backend == "triton":
+        fused = _fused_module()
+        if fused is None or not fused.fused_available(query, bank, similarity):
+            raise ConfigError(explain("the triton backend cannot run on these tensors",
+                                      got=f"query {query.device} {query.dtype}, bank {bank.device} {bank.dtype}",
+                                      fix="use CUDA tensors in float32/bf16/fp16 with triton installed, or "
+                                      "backend='auto'"))
+    return backend
+
+
 def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: torch.Tensor,
                           temperature: Temperature, *, exclude_rows: torch.Tensor | None = None,
                           similarity: str = "dot", backend: str = "auto", precision: str = "exact",
@@ -124,26 +140,19 @@ def bank_contrastive_loss(query: torch.Tensor, bank: torch.Tensor, target_rows: 
     exchange = None
     if shard is None:
         tau = validate_loss_inputs(query, bank, target_rows, temperature, exclude_rows, similarity)
+        backend = _resolve_backend(backend, query, bank, similarity, chunk_size)
     else:
         holder = {}
 
-        def checks():
+        def checks():  # run inside the collective's layout check: a refusal on one rank is an error on all
             probe = bank if bank.shape[0] else bank.new_zeros(1, *bank.shape[1:])  # layout only
             holder["tau"] = validate_loss_inputs(query, probe, target_rows, temperature, exclude_rows, similarity,
                                                  n_rows=shard.n_total)
+            holder["backend"] = _resolve_backend(backend, query, bank, similarity, chunk_size)
             return 0 if exclude_rows is None else exclude_rows.shape[1]
 
         exchange = shard.join(query, bank, checks)
-        tau = holder["tau"]
-    if backend == "auto":
-        backend = select_backend(query, bank, similarity, chunk_size) if bank.shape[0] else "torch"
-    elif backend == "triton":
-        fused = _fused_module()
-        if fused is None or not fused.fused_available(query, bank, similarity):
-            raise ConfigError(explain("the triton backend cannot run on these tensors",
-                                      got=f"query {query.device} {query.dtype}, bank {bank.device} {bank.dtype}",
-                                      fix="use CUDA tensors in float32/bf16/fp16 with triton installed, or "
-                                      "backend='auto'"))
+        tau, backend = holder["tau"], holder["backend"]
     return _loss(query, tau, bank.detach(), target_rows, exclude_rows, similarity, backend=backend,
                  chunk_size=chunk_size, precision=precision, exchange=exchange)
 

@@ -101,9 +101,31 @@ def _refused_case(rank, world):
     return None
 
 
+def _triton_cases(rank, world):
+    """backend="triton" with a one-row bank under the interpreter (the worker starts with TRITON_INTERPRET=1, read
+    when triton is first imported): rank 1's empty shard has nothing for the kernel and still takes part. Then,
+    the interpreter off, "triton" on rank 0 only, on CPU tensors: rank 0 names the backend, rank 1 names rank 0,
+    neither waits for the other."""
+    bank = torch.nn.functional.normalize(torch.randn(1, 4, generator=torch.Generator().manual_seed(5)), dim=-1)
+    query = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    start, stop = shard_rows(1, rank, world)
+    loss = bank_contrastive_loss(query, bank[start:stop], torch.zeros(3, dtype=torch.int64), 0.1,
+                                 shard=BankShard(start, 1), backend="triton")
+    os.environ.pop("TRITON_INTERPRET")
+    start, stop = shard_rows(10, rank, world)
+    try:
+        bank_contrastive_loss(torch.randn(2, 4), torch.randn(10, 4)[start:stop], torch.tensor([0, 9]), 0.1,
+                              shard=BankShard(start, 10), backend="triton" if rank == 0 else "torch")
+        refused = None
+    except ConfigError as exc:
+        refused = str(exc)
+    return {"refused": refused, "empty_shard_loss": float(loss)}
+
+
 def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    os.environ["TRITON_INTERPRET"] = "1"  # for _triton_cases; the other cases' CPU tensors take the torch backend
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -123,6 +145,7 @@ def _worker(rank, world, port, out_dir):
                                               bdtype=torch.float64, n=1, d=4, t=1, bsizes=(2, 3), k=0, seed=6),
             "layout_error": _layout_error_case(rank, world),
             "refused": _refused_case(rank, world),
+            "triton": _triton_cases(rank, world),
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
@@ -174,6 +197,17 @@ def test_overlapping_shards_are_refused_on_every_rank(results):
 def test_bad_input_on_one_rank_is_an_error_on_every_rank(results):
     assert results[0]["refused"][0] == "NonFiniteError" and "query rows [1]" in results[0]["refused"][1]
     assert results[1]["refused"][0] == "ConfigError" and "rank(s) [0] refused" in results[1]["refused"][1]
+
+
+def test_a_backend_one_rank_cannot_run_is_an_error_on_every_rank(results):
+    assert "the triton backend cannot run" in results[0]["triton"]["refused"]
+    assert "rank(s) [0] refused" in results[1]["triton"]["refused"]
+
+
+def test_an_empty_shard_takes_part_in_the_triton_backend(results):
+    # a one-row bank holds the target of every query: the loss is -log(1) = 0 on both ranks
+    assert results[0]["triton"]["empty_shard_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert results[1]["triton"]["empty_shard_loss"] == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("n,world", [(0, 3), (1, 2), (10, 3), (23, 2), (1000, 7)])
