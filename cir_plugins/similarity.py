@@ -20,8 +20,8 @@ import torch
 
 from .checks import check_chunk_size
 
-__all__ = ["similarity", "scores_of_rows", "split_bf16", "mm_fp32_out", "mask_rows_", "use_bf16_scoring",
-           "chunk_rows", "score_budget", "SCORE_BUDGET_BYTES", "CUDA_SCORE_BUDGET_MAX"]
+__all__ = ["similarity", "scores_of_rows", "split_bf16", "mm_fp32_out", "GEMM_OUT_DTYPE", "mask_rows_",
+           "use_bf16_scoring", "chunk_rows", "score_budget", "SCORE_BUDGET_BYTES", "CUDA_SCORE_BUDGET_MAX"]
 
 SCORE_BUDGET_BYTES = 32 << 20  # bytes of one (query block, chunk, T) float32 score block
 CUDA_SCORE_BUDGET_MAX = 1 << 30  # upper bound of the CUDA score block (bytes)
@@ -62,10 +62,14 @@ def split_bf16(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([hi, mid, lo], dim=-1)
 
 
+# torch.mm / torch.bmm(..., out_dtype=) (torch >= 2.8); without them a half GEMM with float32 output is done in float32
+GEMM_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.bmm))
+
+
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) bf16 @ (K, N) bf16 -> (M, N) float32 with float32 accumulation: one cuBLAS bf16 GEMM with
-    float32 output on CUDA, elsewhere (tests) the same products in float32."""
-    if a.is_cuda:
+    float32 output on CUDA (torch with ``out_dtype``), elsewhere the same products in float32."""
+    if a.is_cuda and GEMM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()  # bf16 values are exact in float32, so are their products
 

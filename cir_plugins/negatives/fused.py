@@ -23,23 +23,18 @@ import os
 import torch
 
 from ..errors import ConfigError, explain
-from ..similarity import mm_fp32_out
+from ..similarity import GEMM_OUT_DTYPE, mm_fp32_out
 from .core import BankStats
-from .fused_kernels import OUT_OF_RESOURCES, triton
+from .fused_kernels import OUT_OF_RESOURCES, TRITON_ERROR, triton
 
 if triton is not None:  # the jit kernels exist only where triton imported
     from .fused_kernels import bank_partials_kernel, softmax_weights_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bank_partials", "fused_available", "tile_config", "triton_importable"]
+__all__ = ["bank_partials", "fused_available", "tile_config", "TRITON_ERROR"]
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def triton_importable() -> bool:
-    """True when ``triton`` imported cleanly in this process."""
-    return triton is not None
 
 
 def _interpreting() -> bool:
@@ -180,8 +175,6 @@ TWO_PASS_CHUNK_BYTES = 64 << 20
 # Columns per slice of that GEMM: the (B, chunk) x (chunk, D) product is cut along the chunk into slices multiplied
 # as one batched GEMM and summed (split-K), so the small (B, D) output spreads over every SM; 0 = one plain GEMM.
 TWO_PASS_GEMM_SLICE = 8192
-# torch.bmm(..., out_dtype=) exists in recent torch only; without it each chunk is one plain GEMM
-_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -190,7 +183,7 @@ def _weighted_chunk_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return p @ g
     size = TWO_PASS_GEMM_SLICE
     slices = p.shape[1] // size if size else 0
-    if slices < 2 or (p.is_cuda and not _BMM_OUT_DTYPE):
+    if slices < 2 or (p.is_cuda and not GEMM_OUT_DTYPE):
         return mm_fp32_out(p, g)
     whole = slices * size
     a = p[:, :whole].unflatten(1, (slices, size)).transpose(0, 1)  # (S, B, size), a strided view

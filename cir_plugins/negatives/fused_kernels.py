@@ -1,6 +1,6 @@
 """The Triton jit kernels of the fused bank-softmax statistics; :mod:`cir_plugins.negatives.fused` is their host
 side and describes the algorithm. Without triton it defines no kernels, ``triton`` is None and ``TRITON_ERROR``
-says why."""
+says why (the triton backend's refusal names it)."""
 
 from __future__ import annotations
 

@@ -105,8 +105,9 @@ def _resolve_backend(backend: str, query: torch.Tensor, bank: torch.Tensor, simi
     if backend == "triton":
         fused = _fused_module()
         if fused is None or not fused.fused_available(query, bank, similarity):
+            why = f"; triton did not import: {fused.TRITON_ERROR}" if fused is not None and fused.TRITON_ERROR else ""
             raise ConfigError(explain("the triton backend cannot run on these tensors",
-                                      got=f"query {query.device} {query.dtype}, bank {bank.device} {bank.dtype}",
+                                      got=f"query {query.device} {query.dtype}, bank {bank.device} {bank.dtype}{why}",
                                       fix="use CUDA tensors in float32/bf16/fp16 with triton installed, or "
                                       "backend='auto'"))
     return backend

@@ -351,7 +351,14 @@ def test_bad_inputs_raise_clear_errors():
     # valid inputs the kernel cannot take (CPU tensors here) are an error that says so, not a silent fallback
     with pytest.raises(ConfigError, match="the triton backend cannot run on these tensors") as info:
         triton_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), torch.tensor(0.1))
-    assert "Fix:" in str(info.value)
+    assert "Fix:" in str(info.value) and "did not import" not in str(info.value)
+
+
+def test_the_refusal_names_why_triton_did_not_import(monkeypatch):
+    monkeypatch.setattr(fused, "TRITON_ERROR", "ImportError: libcuda.so.1 not found")
+    monkeypatch.setattr(fused, "fused_available", lambda *args: False)  # as where triton failed to import
+    with pytest.raises(ConfigError, match="triton did not import: ImportError: libcuda.so.1 not found"):
+        loss.bank_contrastive_loss(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), 0.1, backend="triton")
 
 
 # ---------------------------------------------------------------- benchmark smoke run
@@ -509,6 +516,26 @@ def test_explicit_tiles_that_run_out_of_resources_are_not_changed():
     with mock.patch.object(fused, "bank_partials_kernel", kernel, create=True), pytest.raises(fused.OUT_OF_RESOURCES):
         fused.bank_partials(q, bank, tau, tiles={"BLOCK_B": 128})
     assert [(c["BLOCK_B"], c["num_warps"]) for c in kernel.launches] == [(128, 4)]
+
+
+def test_out_of_resources_falls_back_to_64_query_tiles_on_cpu(monkeypatch, caplog):
+    """The retry after OUT_OF_RESOURCES, on the CPU: the built-in choice stands in for the CUDA one (128 queries, 8
+    warps), the kernel for a GPU with less shared memory than the tuning one."""
+    real = fused.tile_config
+
+    def cuda_like(b, n, d, device, tiles=None, need_w=True):
+        if tiles is None:  # the built-in choice: CUDA's for more than 64 queries
+            return {**real(b, n, d, device, {"BLOCK_B": 128}, need_w), "num_warps": 8}
+        return real(b, n, d, device, tiles, need_w)
+
+    monkeypatch.setattr(fused, "tile_config", cuda_like)
+    kernel = RecordingKernel(fail_block_b=128)
+    q, bank, tau = torch.randn(70, 8), torch.randn(50, 8), torch.tensor(0.05)
+    with mock.patch.object(fused, "bank_partials_kernel", kernel, create=True):
+        stats = fused.bank_partials(q, bank, tau)
+    assert [(c["BLOCK_B"], c["num_warps"]) for c in kernel.launches] == [(128, 8), (64, 4)]
+    assert stats.m.shape == (70,) and stats.w.shape == (70, 8)
+    assert "falling back to 64-query tiles" in caplog.text
 
 
 # The built-in CUDA tile choice is made only for CUDA tensors (on the CPU and under the interpreter the small
