@@ -178,6 +178,7 @@ class Trainer(Checkpointing, abc.ABC):
         self.history: list[dict[str, Any]] = []
         self.log_tau: nn.Parameter | None = None  # the learned tau as log tau (config.temperature_param "log_tau")
         self.learned_tau: nn.Parameter | None = None  # the learned tau itself (config.temperature_param "tau")
+        self._fixed_tau: Tensor | None = None  # a fixed tau on the device, made once (a copy to the GPU syncs)
         self.reference_cache: Any = None  # stage 2: a ReferenceCache, ids -> reference features
         self.negatives: Any = None
         self.trainable: list[tuple[str, nn.Parameter]] = []  # set by _setup
@@ -268,7 +269,9 @@ class Trainer(Checkpointing, abc.ABC):
             return self.log_tau.exp()
         if self.learned_tau is not None:
             return self.learned_tau
-        return torch.tensor(self.config.temperature, dtype=torch.float32, device=self.device)
+        if self._fixed_tau is None:
+            self._fixed_tau = torch.tensor(self.config.temperature, dtype=torch.float32, device=self.device)
+        return self._fixed_tau
 
     def _reference(self, ids: Sequence[str], texts: Sequence[str]) -> Any:
         if self.reference_cache is not None:
