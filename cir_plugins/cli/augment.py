@@ -201,7 +201,7 @@ def _generation_defaults(args: argparse.Namespace) -> dict[str, Any]:
     window = generation.window_fractions(recipe.dataset)
     return {"name": recipe.name, "rank_window": f"{window[0]},{window[1]}" if window else "-1",
             "partners": generation.partners_per_image, "refer": generation.refer_only,
-            "keep_equal_captions": True,  # the release keeps pairs with equal captions
+            "keep_equal_captions": generation.keep_equal_captions,
             "long_text": "target", "rewriter": getattr(generation, "rewriter", None),
             "templates": list(generation.templates), "words": generation.words, "max_triplets": generation.max_triplets,
             "recipe": recipe}

@@ -73,6 +73,9 @@ _TOP = {"name", "model", "model_label", "dataset", "stage1", "start", "fusion", 
         "trains", "evaluation", "published", "notes", "sources"}
 _GENERATION = {"annotated", "prompt", "words", "rank_window", "partners_per_image", "refer_only", "max_triplets",
                "templates", "pool", "annotated_texts"}
+# what a recipe file may leave out; the other AugmentConfig fields are the run's (reproduce sets them), not the recipe's
+_GENERATION_OPTIONAL = {"rewriter"}
+_GENERATION_KEYS = _GENERATION | _GENERATION_OPTIONAL
 _START = {"checkpoint", "convert", "model", "factory_kwargs", "trained", "args"}
 # training images per pool in the official files (what an absolute rank window is a share of): "triplets" = the
 # images the annotated train triplets name: FashionIQ 25,136, counted in cap.{dress,shirt,toptee}.train.json
@@ -115,6 +118,7 @@ class Generation(AugmentConfig):
                        "name, as the release's script) or \"all\" (every training image)")
     annotated_texts: str | None = option(None, "FashionIQ's training texts (ANNOTATED_TEXTS); None for CIRR")
     rewriter: str | None = option(None, "a text rewriter spec (\"hf:<model name or path>\"); None = templates")
+    keep_equal_captions: bool = option(True, "keep pairs whose two captions are equal, as the release does")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,7 +265,7 @@ class Recipe:
 
         out = {"name": self.name, "model": self.model, "model_label": self.model_label, "dataset": self.dataset,
                "stage1": self.stage1, "start": copy.deepcopy(dict(self.start)), "fusion": self.fusion,
-               "generation": {k: v for k, v in self.generation.to_dict().items() if k in _GENERATION | {"rewriter"}},
+               "generation": {k: v for k, v in self.generation.to_dict().items() if k in _GENERATION_KEYS},
                "bank": dict(self.bank), "stage2": plain(self.stage2), "trains": self.trains,
                "evaluation": dict(self.evaluation),
                "published": copy.deepcopy(dict(self.published)) if self.published is not None else None,
@@ -272,7 +276,7 @@ class Recipe:
 
 
 def _generation(path: Path, data: Any) -> Generation:
-    g = _keys(path, "generation", data, _GENERATION, {f.name for f in dataclasses.fields(Generation)} - _GENERATION)
+    g = _keys(path, "generation", data, _GENERATION, _GENERATION_OPTIONAL)
     try:
         generation = Generation(**g)
     except ConfigError as error:

@@ -343,7 +343,7 @@ def reproduce(recipe: Recipe, model: Any, root: str | os.PathLike, *, output_dir
 
             rewriter = rewriter_from_spec(recipe.generation.rewriter, device=model_device(model), seed=seed)
         config = dataclasses.replace(recipe.generation, rank_window=window, seed=seed,
-                                     dedup=recipe.bank["dedup"], batch_size=eval_batch_size, keep_equal_captions=True,
+                                     dedup=recipe.bank["dedup"], batch_size=eval_batch_size,
                                      **{k: v for k, v in length.items() if k != "count_tokens"})
         encoder = pair_encoder if pair_encoder is not None else model
         own = getattr(encoder, "image_transform", None)  # a named encoder's own preprocessing

@@ -101,6 +101,8 @@ def test_a_bad_recipe_names_the_file_and_the_key(tmp_path):
     data = load_recipe("clip4cir-cirr").to_dict()
     cases = [("extra", lambda d: d.update(colour="red"), "unknown keys"),
              ("window", lambda d: d["generation"].update(rank_window=[5, 2]), "rank_window"),
+             # a setting of the run, not the recipe: refused, as to_dict() could not write it back
+             ("runkey", lambda d: d["generation"].update(near_duplicate_threshold=0.9), "generation has unknown keys"),
              ("lr", lambda d: d["stage2"].update(lr=-1), "stage2"),
              ("stage2key", lambda d: d["stage2"].update(momentum=0.9), "stage2"),
              ("keep", lambda d: d["evaluation"].update(remove_reference=False), "always removes"),
