@@ -8,7 +8,6 @@ Prints a short summary; the full statistics are in ``{root}/synthetic/world.json
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.synthetic import PRESETS, make_world, marker_path
+    from ..data.synthetic import PRESETS, make_world, world_record
 
     size: Any = "quick" if args.quick else "default"
     if args.config:
@@ -39,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         size = {**PRESETS[size], **overrides}
     root = make_world(args.root, seed=args.seed, size=size, image_size=args.image_size, overwrite=args.overwrite,
                       show_progress=show_progress(args))
-    marker = marker_path(root)
-    print(summary(json.loads(marker.read_text())["stats"], root, marker))
+    record = world_record(root)
+    print(summary(record["stats"], root, record["path"]))
     return 0
 
 

@@ -18,7 +18,6 @@ never prints; ``cir-plugins check-data`` prints :meth:`DataCheckReport.format` a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -32,6 +31,7 @@ from PIL import Image
 
 from .._atomic import atomic_write_json
 from .._console import progress_bar
+from .._utils import file_sha256
 from ..errors import AnnotationError, ConfigError, DataError, ImageLoadError, UnsafePathError, explain
 from .dedup import pixel_hash
 from .fashioniq import CATEGORIES, load_split
@@ -75,7 +75,6 @@ OFFICIAL_COUNTS: dict[str, dict[str, dict[str, int]]] = {
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 _TAIL_BYTES = 1024
-_HASH_BLOCK = 1 << 20
 _SHOWN = 10  # names listed per problem in the text report (the JSON lists every one)
 # what can be wrong with one image: its path (leaves the root, cannot be resolved), its file, its size
 _KINDS = ("bad_path", "missing", "empty", "truncated", "corrupt", "too_large")
@@ -203,14 +202,6 @@ def _official(dataset: str, counts: Any, root: Path) -> Mapping[str, Mapping[str
                               got=type(counts).__name__))
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Bad(Exception):
     """One image's problem: ``args`` = (status, error)."""
 
@@ -276,7 +267,7 @@ def _duplicate_groups(entries: list[_Image], decode: bool) -> list[dict]:
         for same_size in by_size.values():
             if len(same_size) > 1:
                 for entry in same_size:
-                    entry.digest = _file_digest(entry.path)
+                    entry.digest = file_sha256(entry.path)
     by_digest: dict[str, list[_Image]] = defaultdict(list)
     for entry in readable:
         if entry.digest is not None:
@@ -445,7 +436,7 @@ def _advise(report: DataCheckReport, dataset: str, decode: bool) -> None:
          "purpose)"),
         (images["duplicates"], "duplicates: a large group of one image is usually a placeholder saved for dead links "
          "(download those again); a few identical pairs can be genuine, and the library groups them "
-         "(positives/dedup.py, the bank's shared rows)"),
+         "(data/dedup.py, the bank's shared rows)"),
         (not decode and report.ok, "headers and end markers only were read: run with --decode once to decode every "
          "image"),
     ] if wanted]

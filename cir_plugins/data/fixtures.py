@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_write_json
+from .fashioniq import CATEGORIES
 
 __all__ = ["build_fashioniq_tree", "build_cirr_tree", "write_image"]
 
-CATEGORIES = ("dress", "shirt", "toptee")
 _FIQ_CAPTIONS = [
     (" is red and shorter.", "has no sleeves"), ("is more colorfull", " has a v-neck?"),
     ("is darker, ", "is longer and has a belt."), ("  has stripes", "is solid blue"),

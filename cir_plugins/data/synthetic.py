@@ -57,11 +57,12 @@ import os
 import random
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_json
+from .._config import Config
 from .._console import progress_bar
 from ..checks import check_positive_int
 from ..errors import ConfigError, explain
@@ -96,7 +97,7 @@ WORLD_FORMAT = 1
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(Config):
     """Parameters of a synthetic world (all of them go into the completion marker)."""
 
     n_train_triplets: int = 1000      # annotated train queries (each brings a 6-image group)
@@ -138,16 +139,6 @@ class WorldConfig:
                                       got=(self.two_edit_rate, self.position_jitter)))
         if self.n_train_triplets + self.n_val_queries + self.n_test_queries == 0:
             raise ConfigError(explain("a world needs at least one query", got=0, fix="set n_*_queries"))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> WorldConfig:
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ConfigError(explain("unknown WorldConfig fields", got=unknown, expected=sorted(known)))
-        return cls(**dict(data))
 
 
 PRESETS = {"default": {}, "quick": dict(n_train_triplets=120, n_train_unlabelled=300, n_val_queries=40,
@@ -347,7 +338,7 @@ class _Builder:
                             "target_rank": order.index(1)}}
 
 
-def marker_path(root: Path) -> Path:
+def _marker_path(root: Path) -> Path:
     return root / "synthetic" / "world.json"
 
 
@@ -355,7 +346,7 @@ def world_record(root: str | os.PathLike) -> dict[str, Any] | None:
     """What :func:`make_world` recorded about the world under ``root`` (``{root}/synthetic/world.json``):
     ``{"params": ..., "stats": {"images": {split: n}, "queries": {split: n}, ...}, "path": the file}``; None
     when ``root`` holds no finished synthetic world (or the record is unreadable)."""
-    marker = marker_path(Path(root))
+    marker = _marker_path(Path(root))
     if not marker.is_file() or (Path(root) / "synthetic" / "GENERATING").exists():
         return None
     try:
@@ -405,7 +396,7 @@ def make_world(root: str | os.PathLike, *, seed: int = 0, size: str | Mapping[st
     (root / "synthetic").mkdir(exist_ok=True)
     generating = root / "synthetic" / "GENERATING"
     generating.write_text(json.dumps(params))
-    marker_path(root).unlink(missing_ok=True)
+    _marker_path(root).unlink(missing_ok=True)
     for name in ("cirr", "train", "val", "test"):
         if (root / name).exists():
             shutil.rmtree(root / name)
@@ -499,6 +490,6 @@ def _generate(root: Path, config: WorldConfig, params: dict, show_progress: bool
              "duplicates": duplicates,
              "objects_per_image": {str(n): sum(1 for s in builder.scenes.values() if len(s["objects"]) == n)
                                    for n in range(config.min_objects, config.max_objects + 1)}}
-    atomic_write_json(marker_path(root), {"params": params, "stats": stats})
+    atomic_write_json(_marker_path(root), {"params": params, "stats": stats})
     logger.info("synthetic world written to %s: %d images, %d queries", root, sum(stats["images"].values()),
                 sum(stats["queries"].values()))
