@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         skip_empty=args.skip_empty, batch_size=args.batch_size, caption_batch_size=args.caption_batch_size)
     augmenter = TripletAugmenter(captioner, encoder, config=config, rewriter=rewriter,
                                  count_tokens=length.get("count_tokens"), cache_dir=cache_dir,
-                                 show_progress=show_progress(args) and rank == 0)
+                                 show_progress=show_progress(args))
     unreadable = [i for s in splits for i in s.info.get("unreadable", [])]
     # the images ranked: every training image, or the recipe's pool (the one its window's fractions refer to)
     ranked = pool.image_ids if defaults["recipe"] is None else pool_ids(defaults["recipe"], pool)

@@ -166,12 +166,12 @@ class TripletAugmenter:
         count_tokens: the unit of ``config.max_tokens``: a callable text -> int or a tokenizer (default: words).
         cache_dir: folder of the caption cache and the rewriter's answers (one JSONL file per captioner /
             rewriter name); None = no cache.
-        show_progress: tqdm bars.
+        show_progress: tqdm bars: True (on a terminal), "always" (also on a redirected stderr) or False; rank 0 only.
     """
 
     def __init__(self, captioner: Any, pair_encoder: Any, *, config: AugmentConfig | None = None, rewriter: Any = None,
                  count_tokens: Any = None, cache_dir: str | os.PathLike | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool | str = True) -> None:
         self.config = config if config is not None else AugmentConfig()
         if not isinstance(self.config, AugmentConfig):
             raise ConfigError(explain("config must be a cir_plugins.AugmentConfig", got=type(self.config).__name__,
@@ -183,6 +183,10 @@ class TripletAugmenter:
                                     count_tokens=count_tokens, fallback=self.config.fallback)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.show_progress = show_progress
+
+    def _progress(self, ranks: RankShare) -> bool | str:
+        """The bars' setting on this rank: rank 0 shows them, the others stay quiet."""
+        return self.show_progress if ranks.rank == 0 else False
 
     @property
     def cache_path(self) -> Path | None:
@@ -281,7 +285,7 @@ class TripletAugmenter:
         size = self.config.batch_size
         start, stop = ranks.span(len(ids), size)
         local = pair_embeddings(self.encoder, ids[start:stop], images, batch_size=size,
-                                show_progress=self.show_progress and ranks.rank == 0) if stop > start else None
+                                show_progress=self._progress(ranks)) if stop > start else None
         if ranks.world == 1:
             return local
         # rank 0 always holds the first batch: its width is the one every rank gathers
@@ -332,7 +336,7 @@ class TripletAugmenter:
             partners_per_image=self.config.partners_per_image, seed=self.config.seed,
             groups=[groups[i] for i in reps] if groups is not None else None,
             query_rows=[rep_row[q] for q in queries[start:stop]], chunk_size=chunk,
-            show_progress=self.show_progress and ranks.rank == 0)
+            show_progress=self._progress(ranks))
         if ranks.world > 1:
             k = self.config.partners_per_image
             local = torch.full((len(picks), k), -1, dtype=torch.int64)  # (q_local, k), -1 = no partner
@@ -364,7 +368,7 @@ class TripletAugmenter:
         start, stop = ranks.span(len(todo))
         caption_images(self.captioner, todo[start:stop], images,
                        cache_path=rank_cache_path(path, ranks.rank, ranks.world), batch_size=c.caption_batch_size,
-                       skip_empty=c.skip_empty, show_progress=self.show_progress and ranks.rank == 0)
+                       skip_empty=c.skip_empty, show_progress=self._progress(ranks))
         ranks.barrier()  # every share captioned
         captions: dict[str, str] | None = None
         if ranks.rank == 0:

@@ -236,3 +236,12 @@ def test_tensor_images_are_grouped_by_their_exact_values_as_the_bank_groups_them
     result = augmenter.augment(list(images), images)
     assert result.groups["twin"] == "twin" and result.groups["copy"] == "i1"
     assert result.groups == find_duplicates(list(images), images)
+
+
+def test_always_shows_the_bars_on_a_redirected_stderr(capsys):
+    # "always" (`--progress always`, e.g. a torchrun log file) reaches every bar of the run, not just True
+    store = make_store(n=12, duplicates=())
+    TripletAugmenter(ColourCaptioner(), encoder, config=AugmentConfig(rank_window=(0, 3)),
+                     show_progress="always").augment(list(store), store)
+    err = capsys.readouterr().err
+    assert "dedup: hashing pixels" in err and "captioning (colour-v1)" in err and "pairing" in err
