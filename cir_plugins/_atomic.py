@@ -77,8 +77,8 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in ``path.tmp-<pid>``, fsynced; refuses a folder at ``path``, removes killed writes' leftovers."""
-    _refuse_folder(path)
+    """``data`` in ``path.tmp-<pid>``, fsynced (the caller has refused a folder at ``path``); removes killed writes'
+    leftovers."""
     remove_leftovers(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:

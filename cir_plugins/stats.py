@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .checks import check_positive_int
-from .errors import ConfigError, DataError, explain
+from .checks import check_positive_int, check_probability
+from .errors import DataError, explain
 
 __all__ = ["BootstrapResult", "paired_bootstrap"]
 
@@ -54,8 +54,7 @@ def paired_bootstrap(differences: Sequence[Sequence[float]], *, n_boot: int = 20
     if bad := [i for i, r in enumerate(runs) if not np.isfinite(r).all()]:
         raise DataError(explain("differences must be finite", got=f"runs {bad[:5]}", fix="check the per-query scores"))
     check_positive_int("n_boot", n_boot, fix="e.g. 2000")
-    if not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
-        raise ConfigError(explain("level must be in (0, 1)", got=level, fix="e.g. 0.95"))
+    check_probability("level", level, open_low=True, open_high=True, fix="e.g. 0.95")
     rng, n_runs = np.random.default_rng(seed), len(runs)
     # per run, n_boot x n_runs independent resampled query means: column j serves the j-th draw of a replicate,
     # so a run drawn twice in one replicate gets two independent query resamples

@@ -14,7 +14,7 @@ other world, are only reported. ``--worlds`` runs the same command on worlds nob
 
 Steps (each prints its time; long ones show a progress bar):
   a. generate the synthetic world (cached under OUT/cache; 3% of its images are pixel-identical copies) and group
-     the train images' duplicates (positives.dedup): the bank has one row per group;
+     the train images' duplicates (data.dedup): the bank has one row per group;
   b. pretrain a tiny transformers CLIPModel on the world's image-caption pairs (scenes.json), standing in
      for a pretrained VLM; saved with save_pretrained (+ a word-level tokenizer and an image processor)
      and loaded back by path, like a real checkpoint (cached);

@@ -69,18 +69,17 @@ def parse_json_object(text: str, option: str, fix: str) -> dict:
     return value
 
 
-def read_json_file(path: str | Path, what: str, *, kind: type | tuple[type, ...] = dict, error: type = DataError,
-                   expected: str | None = None, fix: str | None = None) -> Any:
-    """The JSON document in ``path`` (``what`` names the file in messages): ``error`` when it cannot be read
-    or parsed, or when it is not a ``kind`` (dict: a JSON object, list: a JSON list, or a tuple of them)."""
+def read_json_file(path: str | Path, what: str, *, error: type = DataError, expected: str | None = None,
+                   fix: str | None = None) -> dict:
+    """The JSON object in ``path`` (``what`` names the file in messages): ``error`` when it cannot be read or
+    parsed, or when it is not a JSON object."""
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as problem:
         raise error(explain(f"cannot read {what}", got=f"{path}: {problem}", expected=expected, fix=fix)) from problem
-    if not isinstance(value, kind):
-        names = " or ".join({dict: "object", list: "list"}[k] for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise error(explain(f"{what} must hold a JSON {names}",
+    if not isinstance(value, dict):
+        raise error(explain(f"{what} must hold a JSON object",
                             got=f"{path}: {type(value).__name__}", expected=expected, fix=fix))
     return value
 

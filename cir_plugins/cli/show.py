@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--k", args.k), ("--queries", args.queries), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(explain(f"{flag} must be >= 1", got=value))
+    model = build_model(args)  # first: it reads the --trained results, which load_dataset then reuses
     split = load_dataset(args)
-    model = build_model(args)
     other = None
     if args.compare or args.compare_trained:
         other = build_model(argparse.Namespace(**{**vars(args), "model": args.compare or args.model,

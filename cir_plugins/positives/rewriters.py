@@ -12,8 +12,8 @@ this after captioning, before the text-length check. :class:`LLMRewriter`: a cau
 template, prompted with a few annotated examples (reference caption, target caption, the human's text); greedy,
 seeded, batched, cached (JSONL beside the captions, keyed by the rewriter's name and the two captions), with a
 word limit; an unusable answer (:func:`unusable_reason`) leaves the pair its template texts, counted in
-``run.fallback`` / ``run.reasons``. :class:`TextHookRewriter`: a per-text function ``text -> text`` (the
-``rewrite=`` hook; the synthetic world's ``SyntheticRewriter`` is one).
+``run.fallback`` / ``run.reasons``. :class:`TextHookRewriter`: a per-text function ``text -> text`` (what
+``TripletAugmenter(rewriter=callable)`` wraps; the synthetic world's ``SyntheticRewriter`` is one).
 
 Models: any instruct model ``AutoModelForCausalLM`` loads whose tokenizer has a chat template, e.g.
 ``Qwen/Qwen2.5-0.5B-Instruct`` / ``-1.5B-Instruct``, ``HuggingFaceTB/SmolLM2-1.7B-Instruct``,

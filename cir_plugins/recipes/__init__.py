@@ -149,10 +149,6 @@ class Generation(AugmentConfig):
         n = release_pool_images(dataset, self.pool)
         return (round(a / n, 4), round(min(b / n, 1.0), 4))
 
-    def prompt_for(self, category: str | None = None) -> str:
-        """The captioner prompt with k filled in (and the FashionIQ category, when the prompt names one)."""
-        return self.prompt.format(k=self.words, category=category or "image")
-
 
 @dataclass(frozen=True)
 class Recipe:
