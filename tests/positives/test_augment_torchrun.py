@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _gloo import spawn_gloo
-from PIL import Image
-from test_positives_augmenter import Store
+from test_positives_augmenter import ColourCaptioner, encoder, make_store
+from test_positives_command import ENCODER
 from torch.multiprocessing.spawn import ProcessException
 
 from cir_plugins.cli import main
@@ -24,16 +24,6 @@ from cir_plugins.data.triplet import Triplet
 from cir_plugins.errors import ConfigError
 from cir_plugins.positives.augmenter import AugmentConfig, RankShare, TripletAugmenter
 from cir_plugins.positives.captioners import CaptionCache, merge_rank_caches, rank_cache_path
-
-ENCODER = '''
-import torch
-
-def build(dim=12):
-    def encode(images):  # (n, C, H, W) -> (n, dim)
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
-    return encode
-'''
-
 
 # --- the caption cache's rank files -------------------------------------------------------------------------------
 
@@ -80,29 +70,8 @@ def test_rank_shares_are_whole_blocks_in_order():
 
 # --- the library on 2 gloo ranks ----------------------------------------------------------------------------------
 
-def _store(n=61):
-    rng = np.random.default_rng(5)
-    pil = {f"im{k}": Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8), "RGB") for k in range(n)}
-    for copy, original in (("d1", "im3"), ("d2", "im3"), ("d3", "im40")):
-        pil[copy] = pil[original].copy()
-    return Store(pil)
-
-
-class Recorder:
-    """Captions from pixels; records every id it captioned (``captioned``)."""
-
-    name = "pixels-v1"
-
-    def __init__(self):
-        self.captioned = []
-
-    def __call__(self, ids, images):
-        self.captioned.extend(ids)
-        return [f"red {img.getpixel((0, 0))[0]} green {img.getpixel((1, 1))[1]}" for img in images]
-
-
-def _encode(batch):
-    return batch.flatten(1)  # (n, 3*6*5)
+def _store():
+    return make_store(61, seed=5, duplicates=(("d1", "im3"), ("d2", "im3"), ("d3", "im40")))
 
 
 # small batches and chunks so that every rank embeds and pairs several uneven shares
@@ -120,8 +89,8 @@ def _augment(variant, cache_dir, shard=None):
     store = _store()
     ids = list(store)
     spec = VARIANTS[variant]
-    captioner = Recorder()
-    augmenter = TripletAugmenter(captioner, _encode, config=AugmentConfig(**spec["config"]), cache_dir=cache_dir,
+    captioner = ColourCaptioner()
+    augmenter = TripletAugmenter(captioner, encoder, config=AugmentConfig(**spec["config"]), cache_dir=cache_dir,
                                  show_progress=False)
     annotated = [Triplet(reference=i, texts=("an edit",), target=ids[0]) for i in ids[::3]]
     groups = {i: "ab"[k % 2] for k, i in enumerate(ids)} if spec.get("groups") else None
@@ -138,7 +107,7 @@ def _record(result):
 
 def _library_ranks(rank, world, folder):
     with pytest.raises(ConfigError, match="cache folder"):  # raised on every rank before any collective
-        TripletAugmenter(Recorder(), _encode, show_progress=False).augment(list(_store()), _store(),
+        TripletAugmenter(ColourCaptioner(), encoder, show_progress=False).augment(list(_store()), _store(),
                                                                              shard=(rank, world))
     for variant in VARIANTS:
         result, captioned = _augment(variant, f"{folder}/{variant}", shard=(rank, world))
