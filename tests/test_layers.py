@@ -81,23 +81,23 @@ def test_every_unit_has_a_layer():
     assert units - set(RANK) == set(), "give each new module or package a layer in LAYERS"
 
 
-def test_no_upward_or_sideways_import():
-    bad = [f"{a}:{line} imports {b}" for a, b, _, line in imports()
-           if unit_of(a) != unit_of(b) and RANK[unit_of(b)] >= RANK[unit_of(a)]]
-    assert bad == []
+def upward(found) -> list[str]:
+    """The imports of a unit at its own layer or above (sideways or upward)."""
+    return [f"{a}:{line} imports {b}" for a, b, _, line in found
+            if unit_of(a) != unit_of(b) and RANK[unit_of(b)] >= RANK[unit_of(a)]]
 
 
-def test_no_private_name_imported_across_modules():
-    bad = [f"{a}:{line} takes {b}.{name}" for a, b, name, line in imports() if _private(name)]
-    assert bad == []
+def private_imports(found) -> list[str]:
+    """The private names one module takes from another."""
+    return [f"{a}:{line} takes {b}.{name}" for a, b, name, line in found if _private(name)]
 
 
-def test_no_import_cycle():
+def cycles(found) -> list[list[str]]:
+    """The import cycles: Tarjan's strongly connected components of more than one module."""
     graph: dict[str, set[str]] = {}
-    for a, b, _, _ in imports():
+    for a, b, _, _ in found:
         graph.setdefault(a, set()).add(b)
-    # Tarjan's strongly connected components: a component of more than one module is a cycle
-    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
 
     def visit(v):
         index[v] = low[v] = len(index)
@@ -118,16 +118,28 @@ def test_no_import_cycle():
                 if w == v:
                     break
             if len(component) > 1:
-                cycles.append(sorted(component))
+                out.append(sorted(component))
 
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    assert cycles == []
+    return out
+
+
+def test_no_upward_or_sideways_import():
+    assert upward(imports()) == []
+
+
+def test_no_private_name_imported_across_modules():
+    assert private_imports(imports()) == []
+
+
+def test_no_import_cycle():
+    assert cycles(imports()) == []
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
-    """The walker itself: a planted cycle, upward import and private import are all found."""
+    """The walker and the three rules: a planted cycle, upward import and private import are all found."""
     pkg = tmp_path / "cir_plugins"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -138,8 +150,9 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     found = imports()
     assert ("cir_plugins.errors", "cir_plugins.data.x", "_hidden", 1) in found
     assert ("cir_plugins.data.x", "cir_plugins.errors", "*", 1) in found
-    upward = [f for f in found if unit_of(f[0]) != unit_of(f[1]) and RANK[unit_of(f[1])] >= RANK[unit_of(f[0])]]
-    assert [f[:2] for f in upward] == [("cir_plugins.errors", "cir_plugins.data.x")]
+    assert upward(found) == ["cir_plugins.errors:1 imports cir_plugins.data.x"]
+    assert private_imports(found) == ["cir_plugins.errors:1 takes cir_plugins.data.x._hidden"]
+    assert cycles(found) == [["cir_plugins.data.x", "cir_plugins.errors"]]
 
 
 if __name__ == "__main__":
