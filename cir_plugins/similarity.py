@@ -21,7 +21,8 @@ import torch
 from .checks import check_chunk_size
 
 __all__ = ["similarity", "scores_of_rows", "split_bf16", "mm_fp32_out", "GEMM_OUT_DTYPE", "mask_rows_",
-           "use_bf16_scoring", "chunk_rows", "score_budget", "SCORE_BUDGET_BYTES", "CUDA_SCORE_BUDGET_MAX"]
+           "use_bf16_scoring", "chunk_rows", "rows_in_budget", "score_budget", "SCORE_BUDGET_BYTES",
+           "CUDA_SCORE_BUDGET_MAX"]
 
 SCORE_BUDGET_BYTES = 32 << 20  # bytes of one (query block, chunk, T) float32 score block
 CUDA_SCORE_BUDGET_MAX = 1 << 30  # upper bound of the CUDA score block (bytes)
@@ -37,13 +38,17 @@ def score_budget(device: torch.device) -> int:
     return int(min(CUDA_SCORE_BUDGET_MAX, max(SCORE_BUDGET_BYTES, free // 4)))
 
 
+def rows_in_budget(budget_bytes: int, n_queries: int, tokens: int = 1, minimum: int = MIN_CHUNK) -> int:
+    """Rows whose (n_queries, rows, tokens) float32 score block fits ``budget_bytes``; at least ``minimum``."""
+    return max(minimum, budget_bytes // (4 * max(1, n_queries) * max(1, tokens)))
+
+
 def chunk_rows(n_queries: int, tokens: int, chunk_size: int | None, device: torch.device | None = None) -> int:
     """Rows scored at once: ``chunk_size`` when given, else as many as fit one score block."""
     check_chunk_size(chunk_size)
     if chunk_size is not None:
         return chunk_size
-    budget = score_budget(device if device is not None else torch.device("cpu"))
-    return max(MIN_CHUNK, budget // (4 * max(1, n_queries) * max(1, tokens)))
+    return rows_in_budget(score_budget(device if device is not None else torch.device("cpu")), n_queries, tokens)
 
 
 def use_bf16_scoring(query: torch.Tensor, gallery: torch.Tensor) -> bool:

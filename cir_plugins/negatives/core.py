@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError, explain
-from ..similarity import mask_rows_
+from ..similarity import mask_rows_, rows_in_budget
 
 __all__ = ["BankStats", "BankLoss", "torch_bank_stats", "target_term", "default_chunk_size", "check_finite_loss",
            "CHUNK_BUDGET_BYTES", "EMPTY_MAX", "PRECISIONS"]
@@ -68,10 +68,9 @@ class BankStats:
         return BankStats(*(None if values[0] is None else torch.stack(values) for values in fields))
 
 
-def default_chunk_size(batch: int, tokens: int = 1, budget_bytes: int | None = None) -> int:
-    """Rows per chunk so that one (batch, chunk, tokens) float32 block fits ``budget_bytes`` (CHUNK_BUDGET_BYTES)."""
-    budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    return max(MIN_CHUNK, budget // (4 * max(1, batch) * max(1, tokens)))
+def default_chunk_size(batch: int, tokens: int = 1) -> int:
+    """Rows per chunk so that one (batch, chunk, tokens) float32 block fits CHUNK_BUDGET_BYTES (read at call time)."""
+    return rows_in_budget(CHUNK_BUDGET_BYTES, batch, tokens, MIN_CHUNK)
 
 
 def chunk_stats(q_tau, q, chunk, exclude_rows, start, similarity, need_w, buffer) -> BankStats:

@@ -408,7 +408,7 @@ class TripletAugmenter:
     def _triplets(self, kept, filled) -> tuple[list[Triplet], int]:
         """The length rule on each pair's candidate texts, then the seeded ``max_triplets`` subsample."""
         c, window = self.config, self.config.window
-        span = (window.start, window.stop) if not window.is_any else (-1, -1)
+        span = (window.start, window.stop)  # (-1, -1) for any image: parse_rank_window normalises it
         self.text_maker.fallbacks_used = 0
         triplets = []
         for (reference, target, r_cap, t_cap), candidates in zip(kept, filled):
