@@ -112,16 +112,15 @@ class Stage2Trainer(Trainer):
                  images: Mapping[str, Tensor], *, config: Stage2Config | None = None,
                  evaluator: Evaluator | None = None, made_with: Mapping[str, Any] | None = None,
                  allow_preprocessing_mismatch: bool = False) -> None:
-        if isinstance(bank, (str, os.PathLike)):  # under torchrun each rank reads only its rows of the file
-            rank, world = distributed_rank()
-            sharded = (config.shard_bank if isinstance(config, Stage2Config) else True) and world > 1
-            bank = NegativeBank.load(bank, shard=(rank, world) if sharded else None)
-        if not isinstance(bank, NegativeBank):
-            raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
-                                      fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
         config = Stage2Config() if config is None else config
         if not isinstance(config, Stage2Config):
             raise ConfigError(explain("Stage2Trainer needs a Stage2Config", got=type(config).__name__))
+        if isinstance(bank, (str, os.PathLike)):  # under torchrun each rank reads only its rows of the file
+            rank, world = distributed_rank()
+            bank = NegativeBank.load(bank, shard=(rank, world) if config.shard_bank and world > 1 else None)
+        if not isinstance(bank, NegativeBank):
+            raise ConfigError(explain("bank must be a NegativeBank", got=type(bank).__name__,
+                                      fix="build one with cir_plugins.NegativeBank.build(...) or .load(path)"))
         self.bank = bank
         _check_bank_preprocessing(bank, images, allow_preprocessing_mismatch)
         super().__init__(model, triplets, images, config=config, evaluator=evaluator, made_with=made_with)
