@@ -29,7 +29,7 @@ from ._atomic import atomic_write_files
 from .checks import check_positive_int
 from .data.images import pil_loader, to_pil
 from .errors import ConfigError, DataError, explain
-from .evaluation import EvalFeatures, extract_features, protocol_rows
+from .evaluation import PROTOCOLS, EvalFeatures, extract_features, protocol_rows
 from .metrics import subset_ranks, target_ranks, topk_rows
 from .negatives.bank import exclusion_rows
 
@@ -45,12 +45,16 @@ def query_ranks(features: EvalFeatures, *, protocol: str = "cirr", remove_refere
     unless ``remove_reference`` says otherwise); ``subset_rank`` ranks it among the query's ``img_set`` members
     minus its reference (CIRR). So ``100 * mean(rank < K)`` is R@K and ``100 * mean(subset_rank < K)`` is Rs@K.
     """
-    rows = protocol_rows(features, protocol=protocol, remove_reference=remove_reference)
+    return _ranks(features, protocol_rows(features, protocol=protocol, remove_reference=remove_reference))
+
+
+def _ranks(features: EvalFeatures, rows, subset: bool = True) -> dict:
+    """:func:`query_ranks` from the protocol's rows (``subset=False``: the gallery ranks only)."""
     args = (features.query, features.gallery, rows.target)
     ranks = target_ranks(*args, exclude_rows=rows.exclude, similarity=features.similarity)
-    subset = (subset_ranks(*args, rows.subset, exclude_rows=rows.exclude, similarity=features.similarity)
-              if rows.subset is not None else None)
-    return {"rank": ranks, "subset_rank": subset}
+    subset_rank = (subset_ranks(*args, rows.subset, exclude_rows=rows.exclude, similarity=features.similarity)
+                   if subset and rows.subset is not None else None)
+    return {"rank": ranks, "subset_rank": subset_rank}
 
 
 def _thumbnail(image, side: int):
@@ -108,8 +112,7 @@ def _ranking(model, split, features, protocol, remove_reference, k, batch_size, 
     else:
         _, top = topk_rows(features.query, features.gallery, k, exclude_rows=rows.exclude,
                            similarity=features.similarity)  # (Q, k)
-    ranks = query_ranks(features, protocol=protocol, remove_reference=rows.reference_removed)["rank"]
-    return features, top, ranks
+    return features, top, _ranks(features, rows, subset=False)["rank"]
 
 
 def _pick_shown(n: int, ranks: np.ndarray, other: np.ndarray | None, wins: list[int], losses: list[int],
@@ -158,7 +161,7 @@ def retrieval_report(model: Any, split: Any, out_dir: str | os.PathLike, *, comp
     if model is None and features is None:
         raise ConfigError(explain("pass a model or its features", fix="retrieval_report(model, split, out_dir)"))
     protocol = protocol or getattr(split, "protocol", None) or "cirr"
-    protocol = protocol if protocol in ("cirr", "fashioniq") else "cirr"
+    protocol = protocol if protocol in PROTOCOLS else "cirr"
     with_compare = compare is not None or compare_features is not None
     features, top, ranks = _ranking(model, split, features, protocol, remove_reference, k, batch_size, device,
                                     show_progress, index)
