@@ -28,7 +28,7 @@ from typing import Any
 
 from ..data.fashioniq import CATEGORIES
 from ..errors import ConfigError, DataError, explain
-from ..positives.augmenter import RECOMMENDED_RANK_WINDOW
+from ..positives.augmenter import AugmentConfig
 from ._common import (
     LONG_TEXT,
     add_dataset_arguments,
@@ -59,9 +59,12 @@ def _recipe_defaults() -> dict[str, dict[str, Any]]:
 RECIPE_DEFAULTS = _recipe_defaults()
 # the release's --rank-window by dataset (what --recipe with the dataset's default recipe gives)
 RELEASE_RANK_WINDOWS = {dataset: d["rank_window"] for dataset, d in RECIPE_DEFAULTS.items()}
-# the library's recommended recipe, "ours, no rewrite": augment's defaults
-RECOMMENDED = {"name": "ours, no rewrite", "rank_window": ",".join(str(v) for v in RECOMMENDED_RANK_WINDOW),
-               "partners": 1, "refer": False, "keep_equal_captions": False, "long_text": "target", "rewriter": None}
+# the library's recommended recipe, "ours, no rewrite": augment's defaults, read from AugmentConfig's own
+_RECOMMENDED = AugmentConfig()
+RECOMMENDED = {"name": "ours, no rewrite", "rank_window": ",".join(str(v) for v in _RECOMMENDED.rank_window),
+               "partners": _RECOMMENDED.partners_per_image, "refer": _RECOMMENDED.refer_only,
+               "keep_equal_captions": _RECOMMENDED.keep_equal_captions, "long_text": _RECOMMENDED.fallback,
+               "rewriter": None}
 # --rank-window by dataset when no --recipe is given
 DEFAULT_RANK_WINDOWS = {dataset: RECOMMENDED["rank_window"] for dataset in RECIPE_DEFAULTS}
 
@@ -269,7 +272,7 @@ def _pair_encoder(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from .._atomic import atomic_write_json
     from ..positives.annotations import write_generated_cirr, write_generated_fashioniq
-    from ..positives.augmenter import AugmentConfig, TripletAugmenter
+    from ..positives.augmenter import TripletAugmenter
     from ..recipes.run import pool_ids, training_pool
     from ..training.loop import distributed_rank
 
