@@ -26,6 +26,14 @@ def factory_source(*setup: str) -> str:
                       *body, "    return model", ""])
 
 
+def pair_encoder_source(dim: int = 8) -> str:
+    """The text of a pair-encoder factory file (``--pair-encoder enc.py:build``): pixels pooled 2 x 2, ``dim``
+    values per image."""
+    return (f"import torch\n\n\ndef build(dim={dim}):\n    def encode(images):  # (n, C, H, W) -> (n, dim)\n"
+            "        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]\n"
+            "    return encode\n")
+
+
 WORDS = ["red", "blue", "big", "small", "round", "square", "bright", "dark", "left", "right", "tall"]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy import factory_source
+from _toy import factory_source, pair_encoder_source
 from torch import nn
 
 import cir_plugins as cp
@@ -17,14 +17,7 @@ from cir_plugins.cli.augment import DEFAULT_RANK_WINDOWS
 from cir_plugins.data.fixtures import build_cirr_tree
 from cir_plugins.errors import ConfigError, ModelProtocolError
 
-CAPTIONS_AND_ENCODER = '''
-import torch
-
-def build(dim=8):
-    def encode(images):  # (n, C, H, W) -> (n, dim)
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
-    return encode
-'''
+CAPTIONS_AND_ENCODER = pair_encoder_source(8)
 FACTORY = factory_source()
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 
 import pytest
+from _toy import pair_encoder_source
 
 from cir_plugins.cli import augment as augment_command
 from cir_plugins.cli import build_bank as bank_command
@@ -52,14 +53,7 @@ def test_augment_has_the_same_switch_defaulting_to_error():
         parser.parse_args(base + ["--on-bad-record", "ignore"])
 
 
-ENCODER = '''
-import torch
-
-def build(dim=8):
-    def encode(images):  # (n, C, H, W) -> (n, dim)
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
-    return encode
-'''
+ENCODER = pair_encoder_source(8)
 
 
 def test_augment_stops_on_an_unreadable_image_by_default_and_skips_it_on_request(tmp_path, capsys):

@@ -1,20 +1,14 @@
 import json
 
 import pytest
+from _toy import pair_encoder_source
 
 import cir_plugins as cp
 from cir_plugins.cli import main
 from cir_plugins.data.fixtures import build_cirr_tree, build_fashioniq_tree
 from cir_plugins.positives.annotations import read_generated
 
-ENCODER = '''
-import torch
-
-def build(dim=12):
-    def encode(images):  # (n, C, H, W) -> (n, dim)
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)[:, :dim]
-    return encode
-'''
+ENCODER = pair_encoder_source(12)
 
 
 def test_augment_command_cirr_with_captions_file(tmp_path, capsys):
